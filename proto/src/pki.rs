@@ -1,0 +1,324 @@
+//! The fleet PKI: one CA per fleet signs the orchestrator, every agent and every operator.
+//!
+//! Layout of a PKI directory: `ca.pem` and `ca-key.pem` (the CA), then `NAME.pem` and
+//! `NAME-key.pem` per issued identity. Private keys are written mode 0600; no file is ever
+//! overwritten.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::net::IpAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use time::{Duration, OffsetDateTime};
+
+use crate::identity::{validate_name, Role, FLEET_ORGANIZATION};
+
+/// CA certificate file name inside a PKI directory.
+pub const CA_CERT_FILE: &str = "ca.pem";
+/// CA private key file name inside a PKI directory.
+pub const CA_KEY_FILE: &str = "ca-key.pem";
+/// How long a fleet CA is valid.
+pub const CA_VALIDITY_DAYS: i64 = 3650;
+/// Default validity of an issued certificate.
+pub const DEFAULT_VALIDITY_DAYS: u32 = 397;
+
+/// What can go wrong making or using the fleet PKI.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    /// A file that would be written exists already.
+    #[error("{0} already exists: refusing to overwrite it (move it away first if you mean to replace it)")]
+    Exists(PathBuf),
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The CA files are missing or unreadable.
+    #[error("no usable fleet CA in {dir}: {detail} (run `bmctl fleet pki init --dir {dir}` first)")]
+    NoCa {
+        /// The PKI directory.
+        dir: PathBuf,
+        /// What was wrong.
+        detail: String,
+    },
+    /// The request is invalid (name, validity).
+    #[error("{0}")]
+    Invalid(String),
+    /// rcgen refused to build the certificate.
+    #[error("certificate generation failed: {0}")]
+    Rcgen(#[from] rcgen::Error),
+}
+
+/// A fleet CA held in memory, able to issue certificates.
+pub struct FleetCa {
+    cert_pem: String,
+    key_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+/// What to put in an issued certificate.
+#[derive(Debug, Clone)]
+pub struct IssueRequest {
+    /// The holder's fleet name (subject CN, and a DNS SAN).
+    pub name: String,
+    /// The holder's role (subject OU).
+    pub role: Role,
+    /// Extra DNS names.
+    pub dns: Vec<String>,
+    /// IP addresses.
+    pub ips: Vec<IpAddr>,
+    /// Start of validity.
+    pub not_before: OffsetDateTime,
+    /// End of validity.
+    pub not_after: OffsetDateTime,
+}
+
+impl IssueRequest {
+    /// A request valid from five minutes ago (clock skew) for `days` days.
+    pub fn new(name: &str, role: Role, days: u32) -> Self {
+        let now = OffsetDateTime::now_utc();
+        IssueRequest {
+            name: name.to_string(),
+            role,
+            dns: Vec::new(),
+            ips: Vec::new(),
+            not_before: now - Duration::minutes(5),
+            not_after: now + Duration::days(i64::from(days)),
+        }
+    }
+}
+
+/// A certificate and its private key, PEM-encoded.
+#[derive(Debug, Clone)]
+pub struct IssuedCert {
+    /// The certificate.
+    pub cert_pem: String,
+    /// The private key (PKCS#8).
+    pub key_pem: String,
+}
+
+impl FleetCa {
+    /// Makes a new CA (ECDSA P-256, valid ten years).
+    pub fn generate(common_name: &str) -> Result<Self, PkiError> {
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, common_name);
+        dn.push(DnType::OrganizationName, FLEET_ORGANIZATION);
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::minutes(5);
+        params.not_after = now + Duration::days(CA_VALIDITY_DAYS);
+        let key = KeyPair::generate()?;
+        let key_pem = key.serialize_pem();
+        let certified = CertifiedIssuer::self_signed(params, key)?;
+        let cert_pem = certified.pem();
+        Self::from_pem(&cert_pem, &key_pem)
+    }
+
+    /// Loads a CA from its certificate and key PEM.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
+        Ok(FleetCa {
+            cert_pem: cert_pem.to_string(),
+            key_pem: key_pem.to_string(),
+            issuer,
+        })
+    }
+
+    /// Loads the CA of a PKI directory.
+    pub fn load(dir: &Path) -> Result<Self, PkiError> {
+        let read = |file: &str| {
+            std::fs::read_to_string(dir.join(file)).map_err(|e| PkiError::NoCa {
+                dir: dir.to_path_buf(),
+                detail: format!("{file}: {e}"),
+            })
+        };
+        let (cert, key) = (read(CA_CERT_FILE)?, read(CA_KEY_FILE)?);
+        Self::from_pem(&cert, &key).map_err(|e| PkiError::NoCa {
+            dir: dir.to_path_buf(),
+            detail: e.to_string(),
+        })
+    }
+
+    /// The CA certificate, PEM.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// Issues a certificate for a fleet identity (server and client use, so agents can serve
+    /// and dial, and the orchestrator can serve bmctl and dial agents).
+    pub fn issue(&self, req: &IssueRequest) -> Result<IssuedCert, PkiError> {
+        validate_name(&req.name).map_err(PkiError::Invalid)?;
+        if req.not_after <= req.not_before {
+            return Err(PkiError::Invalid(
+                "the certificate would expire before it becomes valid".into(),
+            ));
+        }
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, req.name.as_str());
+        dn.push(DnType::OrganizationalUnitName, req.role.as_str());
+        dn.push(DnType::OrganizationName, FLEET_ORGANIZATION);
+        params.distinguished_name = dn;
+        let mut dns = vec![req.name.clone()];
+        dns.extend(req.dns.iter().filter(|d| **d != req.name).cloned());
+        for name in dns {
+            let ia5 = name
+                .clone()
+                .try_into()
+                .map_err(|_| PkiError::Invalid(format!("invalid DNS name '{name}'")))?;
+            params.subject_alt_names.push(SanType::DnsName(ia5));
+        }
+        params
+            .subject_alt_names
+            .extend(req.ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = req.not_before;
+        params.not_after = req.not_after;
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(IssuedCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Writes the CA into a new PKI directory (created if needed). Refuses if a CA is there.
+    pub fn write_new(&self, dir: &Path) -> Result<(), PkiError> {
+        std::fs::create_dir_all(dir).map_err(|source| PkiError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let (cert, key) = (dir.join(CA_CERT_FILE), dir.join(CA_KEY_FILE));
+        refuse_existing(&[&cert, &key])?;
+        write_new_file(&key, &self.key_pem, 0o600)?;
+        write_new_file(&cert, &self.cert_pem, 0o644)
+    }
+}
+
+/// The file paths of an identity issued into a PKI directory.
+#[derive(Debug, Clone)]
+pub struct IssuedFiles {
+    /// `NAME.pem`
+    pub cert: PathBuf,
+    /// `NAME-key.pem`, mode 0600
+    pub key: PathBuf,
+    /// `ca.pem`
+    pub ca: PathBuf,
+}
+
+/// `bmctl fleet pki init`: makes a fleet CA in `dir`, refusing to replace an existing one.
+pub fn init_dir(dir: &Path) -> Result<PathBuf, PkiError> {
+    refuse_existing(&[&dir.join(CA_CERT_FILE), &dir.join(CA_KEY_FILE)])?;
+    FleetCa::generate("bmfleet fleet CA")?.write_new(dir)?;
+    Ok(dir.join(CA_CERT_FILE))
+}
+
+/// `bmctl fleet pki issue`: issues a certificate with the CA of `dir` and writes it there,
+/// refusing to replace existing files.
+pub fn issue_into_dir(dir: &Path, req: &IssueRequest) -> Result<IssuedFiles, PkiError> {
+    validate_name(&req.name).map_err(PkiError::Invalid)?;
+    let files = IssuedFiles {
+        cert: dir.join(format!("{}.pem", req.name)),
+        key: dir.join(format!("{}-key.pem", req.name)),
+        ca: dir.join(CA_CERT_FILE),
+    };
+    refuse_existing(&[&files.cert, &files.key])?;
+    let issued = FleetCa::load(dir)?.issue(req)?;
+    write_new_file(&files.key, &issued.key_pem, 0o600)?;
+    write_new_file(&files.cert, &issued.cert_pem, 0o644)?;
+    Ok(files)
+}
+
+fn refuse_existing(paths: &[&Path]) -> Result<(), PkiError> {
+    match paths.iter().find(|p| p.exists()) {
+        Some(p) => Err(PkiError::Exists(p.to_path_buf())),
+        None => Ok(()),
+    }
+}
+
+/// Creates `path` exclusively (never replacing a file) with `mode`, and writes `contents`.
+fn write_new_file(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> {
+    let io = |source| PkiError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                PkiError::Exists(path.to_path_buf())
+            } else {
+                io(e)
+            }
+        })?;
+    file.write_all(contents.as_bytes()).map_err(io)?;
+    file.sync_all().map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::peer_identity;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn issued_certificate_carries_name_and_role() {
+        let ca = FleetCa::generate("test CA").unwrap();
+        let issued = ca
+            .issue(&IssueRequest::new("origin-1", Role::Agent, 30))
+            .unwrap();
+        let der = CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap();
+        let id = peer_identity(&der).unwrap();
+        assert_eq!(id.name, "origin-1");
+        assert_eq!(id.role, Role::Agent);
+    }
+
+    #[test]
+    fn init_then_issue_writes_private_keys_0600_and_never_overwrites() {
+        let dir = tempfile::tempdir().unwrap();
+        init_dir(dir.path()).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir.path().join(CA_KEY_FILE)), 0o600);
+        let before = std::fs::read(dir.path().join(CA_KEY_FILE)).unwrap();
+        assert!(matches!(init_dir(dir.path()), Err(PkiError::Exists(_))));
+        assert_eq!(std::fs::read(dir.path().join(CA_KEY_FILE)).unwrap(), before);
+
+        let req = IssueRequest::new("orchestrator", Role::Orchestrator, 10);
+        let files = issue_into_dir(dir.path(), &req).unwrap();
+        assert_eq!(mode(&files.key), 0o600);
+        assert!(matches!(
+            issue_into_dir(dir.path(), &req),
+            Err(PkiError::Exists(_))
+        ));
+    }
+
+    #[test]
+    fn issue_without_ca_says_to_run_init() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = issue_into_dir(dir.path(), &IssueRequest::new("a", Role::Agent, 1)).unwrap_err();
+        assert!(err.to_string().contains("bmctl fleet pki init"), "{err}");
+    }
+}

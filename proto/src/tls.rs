@@ -1,0 +1,430 @@
+//! Mutual TLS for every fleet connection.
+//!
+//! Servers ([`TlsAcceptor`]) accept only clients whose certificate the fleet CA signed and that
+//! is valid now; each service then checks the caller's *role* per call ([`require_role`]), so a
+//! refused caller learns exactly why. Clients ([`connect`]) check that the server's certificate
+//! carries the name and role they expect for that address, not merely that the CA signed it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use serde::Deserialize;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status};
+
+use crate::identity::{peer_identity, IdentityError, PeerIdentity, Role};
+
+/// How long a TLS handshake may take before the connection is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where a process finds its fleet identity: the CA bundle, its certificate and its key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// The fleet CA certificate(s), PEM (a bundle eases CA rotation).
+    pub ca: PathBuf,
+    /// This process's certificate, PEM.
+    pub cert: PathBuf,
+    /// This process's private key, PEM.
+    pub key: PathBuf,
+}
+
+/// Why a TLS identity or connection could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read or holds no PEM of the expected kind.
+    #[error("{path}: {detail}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        detail: String,
+    },
+    /// The certificate does not state a fleet identity.
+    #[error("{path}: {source}")]
+    Identity {
+        /// The certificate file.
+        path: PathBuf,
+        /// Why.
+        source: IdentityError,
+    },
+    /// The certificate states another role than this process needs.
+    #[error("{path} is a certificate for {identity}, but this process needs role {needed}: issue one with `bmctl fleet pki issue --role {needed}`")]
+    WrongRole {
+        /// The certificate file.
+        path: PathBuf,
+        /// What it says.
+        identity: PeerIdentity,
+        /// What was needed.
+        needed: Role,
+    },
+    /// rustls refused the configuration (key does not match certificate, bad CA…).
+    #[error("TLS configuration: {0}")]
+    Config(String),
+    /// The address is not usable for a connection.
+    #[error("invalid address '{address}': {detail}")]
+    Address {
+        /// The address given.
+        address: String,
+        /// Why.
+        detail: String,
+    },
+}
+
+/// A loaded identity: the fleet CA roots, this process's certificate chain and key.
+#[derive(Clone)]
+pub struct LocalIdentity {
+    roots: Arc<RootCertStore>,
+    chain: Vec<CertificateDer<'static>>,
+    key: Arc<PrivateKeyDer<'static>>,
+    identity: PeerIdentity,
+}
+
+impl std::fmt::Debug for LocalIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalIdentity")
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Reads every certificate of a PEM file as trust roots.
+pub fn load_roots(path: &Path) -> Result<Arc<RootCertStore>, TlsError> {
+    let file_err = |detail: String| TlsError::File {
+        path: path.to_path_buf(),
+        detail,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_err(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_err(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(file_err("no certificate in this file".into()));
+    }
+    let mut roots = RootCertStore::empty();
+    for cert in certs {
+        roots
+            .add(cert)
+            .map_err(|e| file_err(format!("not a usable CA certificate: {e}")))?;
+    }
+    Ok(Arc::new(roots))
+}
+
+impl LocalIdentity {
+    /// Loads the identity files and checks that the certificate is for `role`.
+    pub fn load(files: &TlsFiles, role: Role) -> Result<Self, TlsError> {
+        let roots = load_roots(&files.ca)?;
+        let file_err = |path: &Path, detail: String| TlsError::File {
+            path: path.to_path_buf(),
+            detail,
+        };
+        let chain = CertificateDer::pem_file_iter(&files.cert)
+            .map_err(|e| file_err(&files.cert, e.to_string()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| file_err(&files.cert, e.to_string()))?;
+        let leaf = chain
+            .first()
+            .ok_or_else(|| file_err(&files.cert, "no certificate in this file".into()))?;
+        let identity = peer_identity(leaf).map_err(|source| TlsError::Identity {
+            path: files.cert.clone(),
+            source,
+        })?;
+        if identity.role != role {
+            return Err(TlsError::WrongRole {
+                path: files.cert.clone(),
+                identity,
+                needed: role,
+            });
+        }
+        let key = PrivateKeyDer::from_pem_file(&files.key)
+            .map_err(|e| file_err(&files.key, format!("no usable private key: {e}")))?;
+        Ok(LocalIdentity {
+            roots,
+            chain,
+            key: Arc::new(key),
+            identity,
+        })
+    }
+
+    /// The name and role this identity's certificate states.
+    pub fn identity(&self) -> &PeerIdentity {
+        &self.identity
+    }
+
+    /// The fleet CA roots.
+    pub fn roots(&self) -> Arc<RootCertStore> {
+        self.roots.clone()
+    }
+
+    /// A server configuration that requires a client certificate signed by the fleet CA.
+    pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
+                .build()
+                .map_err(|e| TlsError::Config(e.to_string()))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(|e| TlsError::Config(format!("certificate and key do not match: {e}")))?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(config))
+    }
+
+    /// A client configuration presenting this identity, accepting only servers of `role`.
+    pub fn client_config(&self, role: Role) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+        client_config(self.roots.clone(), Some(self), role)
+    }
+}
+
+/// A client configuration trusting `roots`, presenting `identity` (or no certificate at all),
+/// and accepting only a server certificate of `server_role` whose name is the one dialled.
+pub fn client_config(
+    roots: Arc<RootCertStore>,
+    identity: Option<&LocalIdentity>,
+    server_role: Role,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let inner = WebPkiServerVerifier::builder_with_provider(roots, provider())
+        .build()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(FleetServerVerifier {
+            inner,
+            role: server_role,
+        }));
+    let mut config = match identity {
+        Some(id) => builder
+            .with_client_auth_cert(id.chain.clone(), id.key.clone_key())
+            .map_err(|e| TlsError::Config(format!("certificate and key do not match: {e}")))?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A server certificate that the CA signed but that is not the peer we meant to reach.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerMismatch {
+    /// The certificate's role is not the one expected at this address.
+    #[error("the server's certificate is for {found}, expected role {expected}")]
+    WrongRole {
+        /// What the certificate says.
+        found: PeerIdentity,
+        /// The role expected.
+        expected: Role,
+    },
+    /// The certificate names another peer.
+    #[error("the server's certificate names {found}, expected '{expected}' at this address")]
+    WrongName {
+        /// What the certificate says.
+        found: PeerIdentity,
+        /// The name expected.
+        expected: String,
+    },
+    /// The certificate states no fleet identity.
+    #[error("the server's certificate is not a fleet identity: {0}")]
+    NoIdentity(IdentityError),
+}
+
+/// Verifies a server certificate as WebPKI does for the dialled name, then checks that its
+/// subject names exactly that peer with the expected role.
+#[derive(Debug)]
+struct FleetServerVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    role: Role,
+}
+
+fn mismatch(e: PeerMismatch) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(e))))
+}
+
+impl ServerCertVerifier for FleetServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
+        let found = peer_identity(end_entity).map_err(|e| mismatch(PeerMismatch::NoIdentity(e)))?;
+        if found.role != self.role {
+            return Err(mismatch(PeerMismatch::WrongRole {
+                found,
+                expected: self.role,
+            }));
+        }
+        let expected = server_name.to_str();
+        if found.name != expected {
+            return Err(mismatch(PeerMismatch::WrongName {
+                found,
+                expected: expected.into_owned(),
+            }));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// A lazily connecting gRPC channel to `address` (host:port) over mutual TLS, accepting only a
+/// server whose certificate names `expected_name`. Connection errors surface on the first call.
+pub fn connect(
+    address: &str,
+    expected_name: &str,
+    config: Arc<rustls::ClientConfig>,
+    timeout: Duration,
+) -> Result<Channel, TlsError> {
+    let addr_err = |detail: String| TlsError::Address {
+        address: address.to_string(),
+        detail,
+    };
+    let server_name = ServerName::try_from(expected_name.to_string())
+        .map_err(|e| addr_err(format!("expected peer name '{expected_name}': {e}")))?;
+    let endpoint = Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|e| addr_err(e.to_string()))?
+        .connect_timeout(timeout)
+        .timeout(timeout);
+    let target = address.to_string();
+    let connector = tower::service_fn(move |_uri: tonic::transport::Uri| {
+        let (config, server_name, target) = (config.clone(), server_name.clone(), target.clone());
+        async move {
+            let tcp = TcpStream::connect(target.as_str()).await?;
+            tcp.set_nodelay(true)?;
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(server_name, tcp)
+                .await?;
+            Ok::<_, std::io::Error>(TokioIo::new(tls))
+        }
+    });
+    Ok(endpoint.connect_with_connector_lazy(connector))
+}
+
+/// Accepted TLS connections, ready for `tonic::transport::Server::serve_with_incoming`.
+pub type TlsIncoming = tokio_stream::wrappers::ReceiverStream<
+    Result<tokio_rustls::server::TlsStream<TcpStream>, std::io::Error>,
+>;
+
+/// Accepts TCP connections on `listener` and completes their TLS handshakes concurrently.
+/// Refused handshakes are logged with the peer's address and the reason, and dropped.
+pub fn accept_tls(listener: TcpListener, config: Arc<rustls::ServerConfig>) -> TlsIncoming {
+    let (tx, rx) = mpsc::channel(64);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                _ = tx.closed() => return,
+            };
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                let _ = tcp.set_nodelay(true);
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => log_refused(peer, &e),
+                    Err(_) => tracing::warn!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+fn log_refused(peer: SocketAddr, e: &std::io::Error) {
+    tracing::warn!(%peer, reason = %crate::error_chain::describe(e), "refused a TLS connection");
+}
+
+/// The fleet identity of the caller of a gRPC request, from its TLS client certificate.
+pub fn caller_identity<T>(request: &Request<T>) -> Result<PeerIdentity, Status> {
+    let certs = request
+        .peer_certs()
+        .ok_or_else(|| Status::unauthenticated("no client certificate on this connection"))?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| Status::unauthenticated("no client certificate on this connection"))?;
+    peer_identity(leaf).map_err(|e| Status::unauthenticated(e.to_string()))
+}
+
+/// The caller's identity if its role is `allowed`, else `PermissionDenied` saying who was
+/// refused and what `api` accepts.
+pub fn require_role<T>(
+    request: &Request<T>,
+    allowed: Role,
+    api: &str,
+) -> Result<PeerIdentity, Status> {
+    let who = caller_identity(request)?;
+    if who.role != allowed {
+        tracing::warn!(caller = %who, api, "refused a call: wrong role");
+        return Err(Status::permission_denied(format!(
+            "certificate {who} may not call the {api}: it accepts only role {allowed}"
+        )));
+    }
+    Ok(who)
+}
+
+/// A tonic interceptor admitting only callers of one role (used for the Agent API).
+#[derive(Debug, Clone, Copy)]
+pub struct RoleGate {
+    /// The only role admitted.
+    pub allowed: Role,
+    /// The API's name, for messages.
+    pub api: &'static str,
+}
+
+impl tonic::service::Interceptor for RoleGate {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        require_role(&request, self.allowed, self.api)?;
+        Ok(request)
+    }
+}
