@@ -1,0 +1,79 @@
+//! The bmfleet orchestrator: the central service that knows the fleet, checks its agents and
+//! answers operators.
+//!
+//! - [`config`]: the TOML configuration (Fleet API listener, agents, state database).
+//! - [`state`]: durable state in embedded SQLite (agents' health, audit log).
+//! - [`agents`]: one mutual-TLS client per agent, checking the agent's name and role.
+//! - [`health`]: the periodic health check of every agent.
+//! - [`fleet_api`]: the Fleet API for bmctl, audited.
+//! - [`clock`]: injected time.
+#![forbid(unsafe_code)]
+
+pub mod agents;
+pub mod clock;
+pub mod config;
+pub mod fleet_api;
+pub mod health;
+pub mod state;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bmfleet_proto::identity::Role;
+use bmfleet_proto::tls::{accept_tls, LocalIdentity};
+use bmfleet_proto::v1::fleet_server::FleetServer;
+use tokio::net::TcpListener;
+
+use crate::agents::AgentPool;
+use crate::clock::Clock;
+use crate::config::OrchestratorConfig;
+use crate::fleet_api::FleetApi;
+use crate::state::State;
+
+/// Why the orchestrator could not start or stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum OrchestratorError {
+    /// Identity files unusable.
+    #[error(transparent)]
+    Tls(#[from] bmfleet_proto::tls::TlsError),
+    /// The state database is unusable.
+    #[error(transparent)]
+    State(#[from] state::StateError),
+    /// The gRPC server failed.
+    #[error("serving the Fleet API: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// Runs the orchestrator: health checks in the background and the Fleet API on `listener`,
+/// until `shutdown` completes.
+pub async fn run(
+    config: OrchestratorConfig,
+    listener: TcpListener,
+    clock: Arc<dyn Clock>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), OrchestratorError> {
+    let identity = LocalIdentity::load(&config.tls, Role::Orchestrator)?;
+    let state = Arc::new(State::open(&config.state_db)?);
+    state.sync_agents(&config.agent)?;
+    let timeout = Duration::from_secs(config.rpc_timeout_secs);
+    let pool = Arc::new(AgentPool::new(&identity, &config.agent, timeout)?);
+    let health = tokio::spawn(health::run(
+        pool,
+        state.clone(),
+        clock.clone(),
+        Duration::from_secs(config.health_interval_secs),
+        Duration::from_secs(config.usage_interval_secs),
+        timeout,
+    ));
+    let name = identity.identity().name.clone();
+    tracing::info!(orchestrator = %name, address = ?listener.local_addr().ok(), agents = config.agent.len(), "orchestrator serving");
+    let api = FleetApi::new(state, clock, name);
+    let served = tonic::transport::Server::builder()
+        .add_service(FleetServer::new(api))
+        .serve_with_incoming_shutdown(accept_tls(listener, identity.server_config()?), shutdown)
+        .await;
+    health.abort();
+    served?;
+    Ok(())
+}

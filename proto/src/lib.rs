@@ -10,6 +10,7 @@
 pub mod error_chain;
 pub mod identity;
 pub mod pki;
+pub mod process;
 pub mod tls;
 
 /// Generated code of `proto/bmfleet.proto` (package `bmfleet.v1`).

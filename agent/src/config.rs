@@ -1,0 +1,305 @@
+//! The agent's configuration file (TOML).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use bmfleet_proto::tls::TlsFiles;
+use serde::Deserialize;
+
+/// The BlueMind data dirs of the seed procedure, synced from origin to target.
+pub const BLUEMIND_DATA_DIRS: [&str; 7] = [
+    "/var/spool/cyrus",
+    "/var/lib/cyrus",
+    "/var/spool/bm-hsm",
+    "/var/spool/sieve",
+    "/var/spool/bm-elasticsearch",
+    "/var/spool/bm-docs",
+    "/var/spool/bm-filehosting",
+];
+
+/// Everything `bmfleet-agent --config FILE` reads.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Address the Agent API listens on.
+    pub listen: SocketAddr,
+    /// Every BlueMind path is taken under this directory ("/" in production; the lab gives
+    /// each simulated host its own).
+    #[serde(default = "default_data_root")]
+    pub data_root: PathBuf,
+    /// Where the agent keeps its operation journal.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// The agent's identity (its certificate must have role `agent`).
+    pub tls: TlsFiles,
+    /// How facts are read.
+    #[serde(default)]
+    pub facts: FactsConfig,
+    /// The BlueMind services of this host.
+    #[serde(default)]
+    pub services: ServicesConfig,
+}
+
+/// How the agent reads its host's facts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FactsConfig {
+    /// Prints the BlueMind version on stdout.
+    pub bluemind_version_command: Vec<String>,
+    /// Prints the PostgreSQL server version on stdout.
+    pub postgresql_version_command: Vec<String>,
+    /// The BlueMind data dirs (absolute, taken under `data_root`).
+    pub data_dirs: Vec<PathBuf>,
+    /// Dirs synced in addition to `data_dirs`.
+    pub extra_data_dirs: Vec<PathBuf>,
+    /// Users that own the spool and must exist on a target host.
+    pub spool_users: Vec<String>,
+    /// How long a version command may run.
+    pub command_timeout_secs: u64,
+}
+
+impl Default for FactsConfig {
+    fn default() -> Self {
+        FactsConfig {
+            bluemind_version_command: argv(&["dpkg-query", "-W", "-f=${Version}", "bm-core"]),
+            postgresql_version_command: argv(&[
+                "runuser",
+                "-u",
+                "postgres",
+                "--",
+                "psql",
+                "-XAtc",
+                "SHOW server_version",
+            ]),
+            data_dirs: BLUEMIND_DATA_DIRS.iter().map(PathBuf::from).collect(),
+            extra_data_dirs: Vec::new(),
+            spool_users: vec!["cyrus".into(), "postfix".into()],
+            command_timeout_secs: 30,
+        }
+    }
+}
+
+/// The BlueMind services, each with its own commands (argv lists, never shell strings).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServicesConfig {
+    /// Stopped in this order, started in the reverse order.
+    pub service: Vec<ServiceCommands>,
+    /// How long one command may run before it is killed and reported as failed.
+    pub command_timeout_secs: u64,
+}
+
+impl Default for ServicesConfig {
+    fn default() -> Self {
+        let service = |name: &str, start: &[&str], stop: &[&str], status: &[&str]| {
+            ServiceCommands {
+                name: name.into(),
+                start: argv(start),
+                stop: argv(stop),
+                status: argv(status),
+            }
+        };
+        ServicesConfig {
+            service: vec![
+                service(
+                    "bluemind",
+                    &["bmctl", "start"],
+                    &["bmctl", "stop"],
+                    &["bmctl", "status"],
+                ),
+                service(
+                    "postfix",
+                    &["service", "postfix", "start"],
+                    &["service", "postfix", "stop"],
+                    &["service", "postfix", "status"],
+                ),
+            ],
+            command_timeout_secs: 600,
+        }
+    }
+}
+
+/// One service's start, stop and status commands.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceCommands {
+    /// Name shown in replies and logs.
+    pub name: String,
+    /// Starts the service.
+    pub start: Vec<String>,
+    /// Stops the service.
+    pub stop: Vec<String>,
+    /// Exits 0 when the service runs.
+    pub status: Vec<String>,
+}
+
+fn argv(words: &[&str]) -> Vec<String> {
+    words.iter().map(|w| w.to_string()).collect()
+}
+
+fn default_data_root() -> PathBuf {
+    PathBuf::from("/")
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/bmfleet-agent")
+}
+
+/// A configuration file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// TOML syntax or schema error (the message names line, column and field).
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// toml's message, with the line and the offending field.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("{path}: {field}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The field, as a TOML path.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl AgentConfig {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and checks configuration text; `path` is used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: AgentConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        config.check(path)?;
+        Ok(config)
+    }
+
+    fn check(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |field: String, message: &str| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            field,
+            message: message.to_string(),
+        };
+        if !self.data_root.is_absolute() {
+            return Err(invalid("data_root".into(), "must be an absolute path"));
+        }
+        for (i, dir) in self.all_data_dirs().enumerate() {
+            if !dir.is_absolute() || dir.components().any(|c| c.as_os_str() == "..") {
+                return Err(invalid(
+                    format!("facts.data_dirs[{i}]"),
+                    "must be an absolute path without '..'",
+                ));
+            }
+        }
+        for (i, s) in self.services.service.iter().enumerate() {
+            for (what, cmd) in [("start", &s.start), ("stop", &s.stop), ("status", &s.status)] {
+                if cmd.first().is_none_or(|c| c.is_empty()) {
+                    return Err(invalid(
+                        format!("services.service[{i}].{what}"),
+                        "must be a non-empty argv list, e.g. [\"bmctl\", \"stop\"]",
+                    ));
+                }
+            }
+        }
+        if self.services.command_timeout_secs == 0 || self.facts.command_timeout_secs == 0 {
+            return Err(invalid(
+                "command_timeout_secs".into(),
+                "must be at least 1 second",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The data dirs and extra data dirs, as BlueMind paths.
+    pub fn all_data_dirs(&self) -> impl Iterator<Item = &PathBuf> {
+        self.facts
+            .data_dirs
+            .iter()
+            .chain(self.facts.extra_data_dirs.iter())
+    }
+
+    /// Where a BlueMind path lives on this host: under `data_root`.
+    pub fn host_path(&self, bluemind_path: &Path) -> PathBuf {
+        let relative = bluemind_path.strip_prefix("/").unwrap_or(bluemind_path);
+        self.data_root.join(relative)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+listen = "127.0.0.1:7443"
+[tls]
+ca = "/pki/ca.pem"
+cert = "/pki/a.pem"
+key = "/pki/a-key.pem"
+"#;
+
+    #[test]
+    fn minimal_config_takes_bluemind_defaults() {
+        let c = AgentConfig::parse(MINIMAL, Path::new("agent.toml")).unwrap();
+        assert_eq!(c.data_root, PathBuf::from("/"));
+        assert_eq!(c.all_data_dirs().count(), 7);
+        let stop: Vec<_> = c.services.service.iter().map(|s| s.stop.join(" ")).collect();
+        assert_eq!(stop, ["bmctl stop", "service postfix stop"]);
+        assert_eq!(
+            c.host_path(Path::new("/var/spool/cyrus")),
+            PathBuf::from("/var/spool/cyrus")
+        );
+    }
+
+    #[test]
+    fn data_root_prefixes_bluemind_paths() {
+        let text = format!("data_root = \"/lab/origin-1\"\n{MINIMAL}");
+        let c = AgentConfig::parse(&text, Path::new("agent.toml")).unwrap();
+        assert_eq!(
+            c.host_path(Path::new("/etc/bm/bm.ini")),
+            PathBuf::from("/lab/origin-1/etc/bm/bm.ini")
+        );
+    }
+
+    #[test]
+    fn unknown_field_is_named_with_its_line() {
+        let text = format!("{MINIMAL}\n[services]\ncommand_timeout = 5\n");
+        let err = AgentConfig::parse(&text, Path::new("agent.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("command_timeout"), "{err}");
+        assert!(err.contains("line 9"), "{err}");
+    }
+
+    #[test]
+    fn empty_service_command_is_refused_with_its_field() {
+        let text = format!(
+            "{MINIMAL}\n[[services.service]]\nname = \"x\"\nstart = []\nstop = [\"a\"]\nstatus = [\"b\"]\n"
+        );
+        let err = AgentConfig::parse(&text, Path::new("agent.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("services.service[0].start"), "{err}");
+    }
+}

@@ -1,0 +1,170 @@
+//! What a host is: names, versions, data dirs and the users that own the spool.
+//! Read-only; feeds the orchestrator's preflight and health view.
+
+use std::collections::HashSet;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bmfleet_proto::v1::{DataDir, FactsReply, SpoolUser, VersionFact};
+use nix::sys::statvfs::statvfs;
+use nix::unistd::User;
+
+use crate::command;
+use crate::config::AgentConfig;
+
+/// Gathers the host's facts; `measure_usage` walks every data dir.
+pub async fn gather(config: &AgentConfig, agent_name: &str, measure_usage: bool) -> FactsReply {
+    let timeout = Duration::from_secs(config.facts.command_timeout_secs);
+    let (bluemind, postgresql) = tokio::join!(
+        version("BlueMind", &config.facts.bluemind_version_command, timeout),
+        version("PostgreSQL", &config.facts.postgresql_version_command, timeout),
+    );
+    let dirs: Vec<(PathBuf, PathBuf)> = config
+        .all_data_dirs()
+        .map(|d| (d.clone(), config.host_path(d)))
+        .collect();
+    let data_dirs = tokio::task::spawn_blocking(move || {
+        dirs.iter()
+            .map(|(path, host)| data_dir(path, host, measure_usage))
+            .collect()
+    })
+    .await
+    .unwrap_or_default();
+    FactsReply {
+        agent_name: agent_name.to_string(),
+        hostname: nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        data_root: config.data_root.display().to_string(),
+        bluemind: Some(bluemind),
+        postgresql: Some(postgresql),
+        data_dirs,
+        spool_users: config.facts.spool_users.iter().map(|u| spool_user(u)).collect(),
+    }
+}
+
+async fn version(what: &str, argv: &[String], timeout: Duration) -> VersionFact {
+    if argv.is_empty() {
+        return VersionFact {
+            version: String::new(),
+            error: format!("no command configured to read the {what} version"),
+        };
+    }
+    let result = command::run(what, argv, timeout).await;
+    let version = result.stdout_tail.trim().to_string();
+    if command::succeeded(&result) && !version.is_empty() {
+        VersionFact {
+            version,
+            error: String::new(),
+        }
+    } else if command::succeeded(&result) {
+        VersionFact {
+            version: String::new(),
+            error: format!("`{}` printed no version", argv.join(" ")),
+        }
+    } else {
+        VersionFact {
+            version: String::new(),
+            error: command::failure_summary(&result),
+        }
+    }
+}
+
+fn data_dir(path: &Path, host: &Path, measure_usage: bool) -> DataDir {
+    let mut dir = DataDir {
+        path: path.display().to_string(),
+        exists: host.is_dir(),
+        ..Default::default()
+    };
+    // A target host does not have the dirs yet: report the filesystem that will hold them.
+    match host.ancestors().find(|a| a.exists()).map(statvfs) {
+        Some(Ok(fs)) => {
+            let fragment = u64::from(fs.fragment_size());
+            dir.free_bytes = u64::from(fs.blocks_available()) * fragment;
+            dir.total_bytes = u64::from(fs.blocks()) * fragment;
+        }
+        Some(Err(e)) => dir.error = format!("statvfs {}: {e}", host.display()),
+        None => dir.error = format!("no existing ancestor of {}", host.display()),
+    }
+    if measure_usage && dir.exists {
+        match usage(host) {
+            Ok((bytes, entries)) => {
+                dir.used_bytes = bytes;
+                dir.entries = entries;
+                dir.usage_measured = true;
+            }
+            Err(e) => dir.error = format!("walking {}: {e}", host.display()),
+        }
+    }
+    dir
+}
+
+/// Apparent bytes of regular files (hard-linked inodes once) and number of entries below `root`.
+fn usage(root: &Path) -> Result<(u64, u64), walkdir::Error> {
+    let mut seen = HashSet::new();
+    let (mut bytes, mut entries) = (0u64, 0u64);
+    for entry in walkdir::WalkDir::new(root).min_depth(1) {
+        let entry = entry?;
+        entries += 1;
+        let meta = entry.metadata()?;
+        if meta.is_file() && (meta.nlink() == 1 || seen.insert((meta.dev(), meta.ino()))) {
+            bytes += meta.len();
+        }
+    }
+    Ok((bytes, entries))
+}
+
+fn spool_user(name: &str) -> SpoolUser {
+    match User::from_name(name) {
+        Ok(Some(u)) => SpoolUser {
+            name: name.to_string(),
+            exists: true,
+            uid: u.uid.as_raw(),
+            gid: u.gid.as_raw(),
+        },
+        _ => SpoolUser {
+            name: name.to_string(),
+            exists: false,
+            uid: 0,
+            gid: 0,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_counts_hard_links_once() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("a")).unwrap();
+        std::fs::write(dir.path().join("a/1."), vec![0u8; 1000]).unwrap();
+        std::fs::hard_link(dir.path().join("a/1."), dir.path().join("2.")).unwrap();
+        std::fs::write(dir.path().join("3."), vec![0u8; 10]).unwrap();
+        let (bytes, entries) = usage(dir.path()).unwrap();
+        assert_eq!(bytes, 1010);
+        assert_eq!(entries, 4);
+    }
+
+    #[test]
+    fn missing_dir_reports_free_space_of_its_filesystem() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = data_dir(
+            Path::new("/var/spool/cyrus"),
+            &dir.path().join("var/spool/cyrus"),
+            true,
+        );
+        assert!(!d.exists);
+        assert!(d.total_bytes > 0 && d.error.is_empty(), "{d:?}");
+        assert!(!d.usage_measured);
+    }
+
+    #[test]
+    fn root_exists_and_nobody_does_not() {
+        assert!(spool_user("root").exists);
+        assert!(!spool_user("no-such-user-bmfleet").exists);
+    }
+}

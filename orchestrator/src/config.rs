@@ -1,0 +1,186 @@
+//! The orchestrator's configuration file (TOML).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use bmfleet_proto::identity::validate_name;
+use bmfleet_proto::tls::TlsFiles;
+use serde::Deserialize;
+
+/// Everything `bmfleet-orchestrator --config FILE` reads.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrchestratorConfig {
+    /// Address the Fleet API (for bmctl) listens on.
+    pub listen: std::net::SocketAddr,
+    /// The embedded state database.
+    #[serde(default = "default_state_db")]
+    pub state_db: PathBuf,
+    /// Seconds between two health checks of every agent.
+    #[serde(default = "default_health_interval")]
+    pub health_interval_secs: u64,
+    /// Seconds between two measurements of the data dirs' usage (a full walk on the agent).
+    #[serde(default = "default_usage_interval")]
+    pub usage_interval_secs: u64,
+    /// Deadline of one Agent call made by a health check.
+    #[serde(default = "default_rpc_timeout")]
+    pub rpc_timeout_secs: u64,
+    /// The orchestrator's identity (role `orchestrator`).
+    pub tls: TlsFiles,
+    /// Every agent of the fleet.
+    #[serde(default)]
+    pub agent: Vec<AgentEntry>,
+}
+
+/// One agent: the name its certificate must carry and where it listens.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentEntry {
+    /// The agent's fleet name (its certificate's CN and DNS name).
+    pub name: String,
+    /// host:port of its Agent API.
+    pub address: String,
+}
+
+fn default_state_db() -> PathBuf {
+    PathBuf::from("/var/lib/bmfleet/orchestrator.db")
+}
+fn default_health_interval() -> u64 {
+    10
+}
+fn default_usage_interval() -> u64 {
+    300
+}
+fn default_rpc_timeout() -> u64 {
+    10
+}
+
+/// A configuration file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// TOML syntax or schema error (the message names line, column and field).
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// toml's message.
+        message: String,
+    },
+    /// A value is unusable.
+    #[error("{path}: {field}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The field, as a TOML path.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl OrchestratorConfig {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and checks configuration text; `path` is used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: OrchestratorConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let invalid = |field: String, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            field,
+            message,
+        };
+        for (field, value) in [
+            ("health_interval_secs", config.health_interval_secs),
+            ("usage_interval_secs", config.usage_interval_secs),
+            ("rpc_timeout_secs", config.rpc_timeout_secs),
+        ] {
+            if value == 0 {
+                return Err(invalid(field.into(), "must be at least 1".into()));
+            }
+        }
+        let mut names = HashMap::new();
+        let mut addresses = HashMap::new();
+        for (i, agent) in config.agent.iter().enumerate() {
+            validate_name(&agent.name).map_err(|m| invalid(format!("agent[{i}].name"), m))?;
+            if let Some(first) = names.insert(agent.name.as_str(), i) {
+                return Err(invalid(
+                    format!("agent[{i}].name"),
+                    format!("'{}' is already agent[{first}]", agent.name),
+                ));
+            }
+            if !agent.address.contains(':') {
+                return Err(invalid(
+                    format!("agent[{i}].address"),
+                    format!("'{}' needs a port (host:port)", agent.address),
+                ));
+            }
+            if let Some(first) = addresses.insert(agent.address.as_str(), i) {
+                return Err(invalid(
+                    format!("agent[{i}].address"),
+                    format!("{} is already the address of agent[{first}]", agent.address),
+                ));
+            }
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+listen = "127.0.0.1:7400"
+[tls]
+ca = "ca.pem"
+cert = "o.pem"
+key = "o-key.pem"
+[[agent]]
+name = "origin-1"
+address = "198.18.0.2:7443"
+"#;
+
+    #[test]
+    fn parses_agents_with_defaults() {
+        let c = OrchestratorConfig::parse(BASE, Path::new("o.toml")).unwrap();
+        assert_eq!(c.agent.len(), 1);
+        assert_eq!(c.health_interval_secs, 10);
+        assert_eq!(c.state_db, PathBuf::from("/var/lib/bmfleet/orchestrator.db"));
+    }
+
+    #[test]
+    fn duplicate_agent_is_refused_with_its_index() {
+        let text = format!("{BASE}[[agent]]\nname = \"origin-1\"\naddress = \"198.18.0.3:7443\"\n");
+        let err = OrchestratorConfig::parse(&text, Path::new("o.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("agent[1].name") && err.contains("agent[0]"), "{err}");
+    }
+
+    #[test]
+    fn unknown_field_names_line_and_field() {
+        let text = format!("{BASE}adress = \"x\"\n");
+        let err = OrchestratorConfig::parse(&text, Path::new("o.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("adress") && err.contains("line 10"), "{err}");
+    }
+}

@@ -1,0 +1,333 @@
+//! The orchestrator's durable state, in an embedded SQLite database: the agents and their
+//! last health check, and the audit log of every Fleet API call.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use bmfleet_proto::v1::{AgentStatus, AuditEntry, FactsReply};
+use prost::Message;
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::config::AgentEntry;
+
+/// A state database failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// SQLite failed.
+    #[error("state database {path}: {source}")]
+    Db {
+        /// The database file.
+        path: String,
+        /// Why.
+        source: rusqlite::Error,
+    },
+    /// The database's directory could not be created.
+    #[error("state database directory {path}: {source}")]
+    Dir {
+        /// The directory.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// The outcome of one health check of one agent.
+#[derive(Debug, Clone)]
+pub enum HealthCheck {
+    /// The agent answered with its facts.
+    Up(FactsReply),
+    /// The agent did not answer, or was refused; the reason.
+    Down(String),
+}
+
+/// What an audited Fleet API call did.
+#[derive(Debug, Clone)]
+pub struct AuditRecord {
+    /// The caller's certificate name ("-" when it presented none usable).
+    pub who: String,
+    /// The caller's role ("-" likewise).
+    pub role: String,
+    /// The Fleet method.
+    pub method: String,
+    /// The call's arguments, JSON.
+    pub arguments: String,
+    /// "ok", "denied" or "error".
+    pub outcome: String,
+    /// Details of a denial or error.
+    pub detail: String,
+}
+
+/// The state database.
+pub struct State {
+    conn: Mutex<Connection>,
+    path: String,
+}
+
+impl State {
+    /// Opens (creating it and its parent dir if needed) the state database.
+    pub fn open(path: &Path) -> Result<Self, StateError> {
+        let display = path.display().to_string();
+        let err = |source| StateError::Db {
+            path: display.clone(),
+            source,
+        };
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|source| StateError::Dir {
+                path: parent.display().to_string(),
+                source,
+            })?;
+        }
+        let conn = Connection::open(path).map_err(err)?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = FULL;
+             CREATE TABLE IF NOT EXISTS agents (
+                 name TEXT PRIMARY KEY,
+                 address TEXT NOT NULL,
+                 up INTEGER NOT NULL DEFAULT 0,
+                 last_seen_ms INTEGER NOT NULL DEFAULT 0,
+                 last_check_ms INTEGER NOT NULL DEFAULT 0,
+                 last_error TEXT NOT NULL DEFAULT '',
+                 facts BLOB
+             );
+             CREATE TABLE IF NOT EXISTS audit (
+                 id INTEGER PRIMARY KEY AUTOINCREMENT,
+                 at_ms INTEGER NOT NULL,
+                 who TEXT NOT NULL,
+                 role TEXT NOT NULL,
+                 method TEXT NOT NULL,
+                 arguments TEXT NOT NULL,
+                 outcome TEXT NOT NULL,
+                 detail TEXT NOT NULL
+             );",
+        )
+        .map_err(err)?;
+        Ok(State {
+            conn: Mutex::new(conn),
+            path: display,
+        })
+    }
+
+    fn err(&self, source: rusqlite::Error) -> StateError {
+        StateError::Db {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes the agents table match the configured agents: new ones are added, moved ones get
+    /// their new address, ones no longer configured are removed. Health history is kept.
+    pub fn sync_agents(&self, agents: &[AgentEntry]) -> Result<(), StateError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        {
+            let names: Vec<&str> = agents.iter().map(|a| a.name.as_str()).collect();
+            let existing: Vec<String> = tx
+                .prepare("SELECT name FROM agents")
+                .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+                .map_err(|e| self.err(e))?;
+            for gone in existing.iter().filter(|n| !names.contains(&n.as_str())) {
+                tx.execute("DELETE FROM agents WHERE name = ?1", params![gone])
+                    .map_err(|e| self.err(e))?;
+            }
+            for a in agents {
+                tx.execute(
+                    "INSERT INTO agents (name, address) VALUES (?1, ?2)
+                     ON CONFLICT (name) DO UPDATE SET address = excluded.address",
+                    params![a.name, a.address],
+                )
+                .map_err(|e| self.err(e))?;
+            }
+        }
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    /// The facts last stored for an agent.
+    pub fn last_facts(&self, name: &str) -> Result<Option<FactsReply>, StateError> {
+        let blob: Option<Option<Vec<u8>>> = self
+            .conn()
+            .query_row(
+                "SELECT facts FROM agents WHERE name = ?1",
+                params![name],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.err(e))?;
+        Ok(blob
+            .flatten()
+            .and_then(|b| FactsReply::decode(b.as_slice()).ok()))
+    }
+
+    /// Records a health check made at `now_ms`.
+    pub fn record_health(
+        &self,
+        name: &str,
+        check: &HealthCheck,
+        now_ms: i64,
+    ) -> Result<(), StateError> {
+        let conn = self.conn();
+        let result = match check {
+            HealthCheck::Up(facts) => conn.execute(
+                "UPDATE agents SET up = 1, last_seen_ms = ?2, last_check_ms = ?2,
+                 last_error = '', facts = ?3 WHERE name = ?1",
+                params![name, now_ms, facts.encode_to_vec()],
+            ),
+            HealthCheck::Down(reason) => conn.execute(
+                "UPDATE agents SET up = 0, last_check_ms = ?2, last_error = ?3 WHERE name = ?1",
+                params![name, now_ms, reason],
+            ),
+        };
+        result.map(|_| ()).map_err(|e| self.err(e))
+    }
+
+    /// Every agent's health, by name.
+    pub fn agents(&self) -> Result<Vec<AgentStatus>, StateError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT name, address, up, last_seen_ms, last_check_ms, last_error, facts
+                 FROM agents ORDER BY name",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                let facts: Option<Vec<u8>> = r.get(6)?;
+                Ok(AgentStatus {
+                    name: r.get(0)?,
+                    address: r.get(1)?,
+                    up: r.get(2)?,
+                    last_seen_unix_ms: r.get(3)?,
+                    last_check_unix_ms: r.get(4)?,
+                    last_error: r.get(5)?,
+                    facts: facts.and_then(|b| FactsReply::decode(b.as_slice()).ok()),
+                })
+            })
+            .and_then(|rows| rows.collect())
+            .map_err(|e| self.err(e))?;
+        Ok(rows)
+    }
+
+    /// Appends one entry to the audit log.
+    pub fn audit(&self, record: &AuditRecord, now_ms: i64) -> Result<(), StateError> {
+        self.conn()
+            .execute(
+                "INSERT INTO audit (at_ms, who, role, method, arguments, outcome, detail)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    now_ms,
+                    record.who,
+                    record.role,
+                    record.method,
+                    record.arguments,
+                    record.outcome,
+                    record.detail
+                ],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// The newest `limit` audit entries, oldest first.
+    pub fn audit_log(&self, limit: u32) -> Result<Vec<AuditEntry>, StateError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT id, at_ms, who, role, method, arguments, outcome, detail FROM
+                 (SELECT * FROM audit ORDER BY id DESC LIMIT ?1) ORDER BY id",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params![limit], |r| {
+                Ok(AuditEntry {
+                    id: r.get(0)?,
+                    at_unix_ms: r.get(1)?,
+                    who: r.get(2)?,
+                    role: r.get(3)?,
+                    method: r.get(4)?,
+                    arguments: r.get(5)?,
+                    outcome: r.get(6)?,
+                    detail: r.get(7)?,
+                })
+            })
+            .and_then(|rows| rows.collect())
+            .map_err(|e| self.err(e))?;
+        Ok(rows)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(name: &str, address: &str) -> AgentEntry {
+        AgentEntry {
+            name: name.into(),
+            address: address.into(),
+        }
+    }
+
+    #[test]
+    fn health_survives_reopening_and_down_keeps_last_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/state.db");
+        let state = State::open(&path).unwrap();
+        state
+            .sync_agents(&[entry("a", "198.18.0.2:1"), entry("b", "198.18.0.3:1")])
+            .unwrap();
+        let facts = FactsReply {
+            hostname: "host-a".into(),
+            ..Default::default()
+        };
+        state.record_health("a", &HealthCheck::Up(facts), 1000).unwrap();
+        state
+            .record_health("a", &HealthCheck::Down("refused".into()), 2000)
+            .unwrap();
+        drop(state);
+        let state = State::open(&path).unwrap();
+        let agents = state.agents().unwrap();
+        assert_eq!(agents.len(), 2);
+        let a = &agents[0];
+        assert!(!a.up);
+        assert_eq!((a.last_seen_unix_ms, a.last_check_unix_ms), (1000, 2000));
+        assert_eq!(a.last_error, "refused");
+        assert_eq!(a.facts.as_ref().unwrap().hostname, "host-a");
+        assert_eq!(agents[1].last_seen_unix_ms, 0);
+    }
+
+    #[test]
+    fn sync_agents_removes_unconfigured_and_updates_addresses() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(&dir.path().join("s.db")).unwrap();
+        state
+            .sync_agents(&[entry("a", "198.18.0.2:1"), entry("b", "198.18.0.3:1")])
+            .unwrap();
+        state.sync_agents(&[entry("a", "198.18.0.9:1")]).unwrap();
+        let agents = state.agents().unwrap();
+        assert_eq!(agents.len(), 1);
+        assert_eq!(agents[0].address, "198.18.0.9:1");
+    }
+
+    #[test]
+    fn audit_log_returns_newest_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(&dir.path().join("s.db")).unwrap();
+        for i in 0..5 {
+            let rec = AuditRecord {
+                who: "alice".into(),
+                role: "operator".into(),
+                method: format!("m{i}"),
+                arguments: "{}".into(),
+                outcome: "ok".into(),
+                detail: String::new(),
+            };
+            state.audit(&rec, i).unwrap();
+        }
+        let log = state.audit_log(2).unwrap();
+        let methods: Vec<_> = log.iter().map(|e| e.method.as_str()).collect();
+        assert_eq!(methods, ["m3", "m4"]);
+    }
+}
