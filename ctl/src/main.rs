@@ -1,1 +1,145 @@
-fn main(){}
+//! `bmctl`: the operator's command line for a bmfleet fleet.
+
+mod pki;
+mod status;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use bmfleet_proto::error_chain::describe_status;
+use bmfleet_proto::identity::Role;
+use bmfleet_proto::tls::{connect, LocalIdentity, TlsFiles};
+use bmfleet_proto::v1::fleet_client::FleetClient;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tonic::transport::Channel;
+
+/// Drive and watch a bmfleet migration fleet.
+#[derive(Parser)]
+#[command(name = "bmctl", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Top,
+}
+
+#[derive(Subcommand)]
+enum Top {
+    /// Fleet operations.
+    Fleet {
+        #[command(subcommand)]
+        command: FleetCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum FleetCommand {
+    /// The fleet PKI: make the CA, issue certificates.
+    Pki {
+        #[command(subcommand)]
+        command: pki::PkiCommand,
+    },
+    /// Every agent's health as the orchestrator sees it.
+    Status {
+        #[command(flatten)]
+        connection: Connection,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// The audit log of Fleet API calls.
+    Audit {
+        #[command(flatten)]
+        connection: Connection,
+        /// How many of the newest entries.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+}
+
+/// Table for people, JSON for tools.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Output {
+    /// Aligned columns.
+    Table,
+    /// One JSON document (schema documented in README.md).
+    Json,
+}
+
+/// How to reach the orchestrator's Fleet API.
+#[derive(Args)]
+struct Connection {
+    /// host:port of the Fleet API.
+    #[arg(long, env = "BMFLEET_ORCHESTRATOR", default_value = "127.0.0.1:7400")]
+    orchestrator: String,
+    /// The name the orchestrator's certificate must carry.
+    #[arg(long, env = "BMFLEET_ORCHESTRATOR_NAME", default_value = "orchestrator")]
+    orchestrator_name: String,
+    /// The fleet CA certificate.
+    #[arg(long, env = "BMFLEET_CA")]
+    ca: PathBuf,
+    /// Your operator certificate.
+    #[arg(long, env = "BMFLEET_CERT")]
+    cert: PathBuf,
+    /// Your operator private key.
+    #[arg(long, env = "BMFLEET_KEY")]
+    key: PathBuf,
+    /// Seconds to wait for the orchestrator.
+    #[arg(long, env = "BMFLEET_TIMEOUT", default_value_t = 10)]
+    timeout: u64,
+}
+
+impl Connection {
+    fn client(&self) -> anyhow::Result<FleetClient<Channel>> {
+        let files = TlsFiles {
+            ca: self.ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+        };
+        let identity = LocalIdentity::load(&files, Role::Operator)
+            .context("your operator identity is not usable")?;
+        let config = identity.client_config(Role::Orchestrator)?;
+        let channel = connect(
+            &self.orchestrator,
+            &self.orchestrator_name,
+            config,
+            Duration::from_secs(self.timeout),
+        )?;
+        Ok(FleetClient::new(channel))
+    }
+
+    /// Turns a failed Fleet call into an operator-readable error.
+    fn failed(&self, status: &tonic::Status) -> anyhow::Error {
+        anyhow::anyhow!(
+            "the orchestrator at {} did not answer: {}",
+            self.orchestrator,
+            describe_status(status)
+        )
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    bmfleet_proto::install_crypto_provider();
+    let cli = Cli::parse();
+    let Top::Fleet { command } = cli.command;
+    let result = match command {
+        FleetCommand::Pki { command } => pki::run(command),
+        FleetCommand::Status { connection, output } => status::status(&connection, output).await,
+        FleetCommand::Audit {
+            connection,
+            limit,
+            output,
+        } => status::audit(&connection, limit, output).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bmctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -6,10 +6,14 @@
 
 use std::error::Error;
 
-use rustls::{AlertDescription, CertificateError};
 
-/// Every message of the chain, outermost first, skipping ones already said.
+/// Every message of the chain, outermost first, skipping ones already said, behind a hint
+/// when TLS refused the connection.
 pub fn describe(err: &(dyn Error + 'static)) -> String {
+    with_hint(chain(err))
+}
+
+fn chain(err: &(dyn Error + 'static)) -> String {
     let mut parts: Vec<String> = Vec::new();
     let mut current = Some(err);
     while let Some(e) = current {
@@ -20,11 +24,14 @@ pub fn describe(err: &(dyn Error + 'static)) -> String {
         }
         current = e.source();
     }
-    let mut line = parts.join(": ");
-    if let Some(hint) = tls_hint(err) {
-        line = format!("{hint} ({line})");
+    parts.join(": ")
+}
+
+fn with_hint(line: String) -> String {
+    match tls_hint(&line) {
+        Some(hint) => format!("{hint} ({line})"),
+        None => line,
     }
-    line
 }
 
 /// Describes a failed gRPC call: the status message, its cause chain and a hint when TLS
@@ -37,7 +44,7 @@ pub fn describe_status(status: &tonic::Status) -> String {
         _ => status.message().to_string(),
     };
     if let Some(source) = status.source() {
-        let cause = describe(source);
+        let cause = chain(source);
         if !line.contains(&cause) {
             line = if line.is_empty() {
                 cause
@@ -49,67 +56,67 @@ pub fn describe_status(status: &tonic::Status) -> String {
     if line.is_empty() {
         line = format!("{:?}", status.code());
     }
-    line
+    with_hint(line)
 }
 
-/// The rustls error somewhere in the chain, also when wrapped in an `io::Error`.
-pub fn find_rustls_error<'a>(err: &'a (dyn Error + 'static)) -> Option<&'a rustls::Error> {
-    let mut current = Some(err);
-    while let Some(e) = current {
-        if let Some(r) = e.downcast_ref::<rustls::Error>() {
-            return Some(r);
-        }
-        if let Some(inner) = e
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-        {
-            if let Some(r) = inner.downcast_ref::<rustls::Error>() {
-                return Some(r);
-            }
-        }
-        current = e.source();
-    }
-    None
-}
+/// What a TLS failure means, by the text rustls puts in it. The text is all that survives:
+/// HTTP/2 keeps only the kind and message of an I/O error, not the rustls error itself.
+const TLS_HINTS: &[(&str, &str)] = &[
+    (
+        "received fatal alert: CertificateRequired",
+        "the peer requires a client certificate and we presented none",
+    ),
+    (
+        "received fatal alert: UnknownCA",
+        "the peer does not trust our certificate: it was not signed by its fleet CA",
+    ),
+    (
+        "received fatal alert: DecryptError",
+        "the peer could not verify our certificate: it was signed by another CA of the same name",
+    ),
+    (
+        "received fatal alert: CertificateExpired",
+        "the peer refused our certificate: it has expired (or is not valid yet)",
+    ),
+    (
+        "received fatal alert: BadCertificate",
+        "the peer refused our certificate as unusable",
+    ),
+    (
+        "received fatal alert: AccessDenied",
+        "the peer refused our certificate",
+    ),
+    (
+        "invalid peer certificate: UnknownIssuer",
+        "we refused the peer's certificate: it was not signed by our fleet CA",
+    ),
+    (
+        "invalid peer certificate: certificate expired",
+        "we refused the peer's certificate: it has expired",
+    ),
+    (
+        "invalid peer certificate",
+        "we refused the peer's certificate",
+    ),
+    (
+        "received fatal alert",
+        "the peer ended the TLS handshake",
+    ),
+];
 
 /// A sentence explaining a TLS refusal, by who refused and why.
-fn tls_hint(err: &(dyn Error + 'static)) -> Option<String> {
-    let hint = match find_rustls_error(err)? {
-        rustls::Error::AlertReceived(alert) => match alert {
-            AlertDescription::CertificateRequired => {
-                "the peer requires a client certificate and we presented none".to_string()
-            }
-            AlertDescription::UnknownCA => {
-                "the peer does not trust our certificate: it was not signed by its fleet CA"
-                    .to_string()
-            }
-            AlertDescription::CertificateExpired => {
-                "the peer refused our certificate: it has expired (or is not yet valid)"
-                    .to_string()
-            }
-            AlertDescription::BadCertificate | AlertDescription::UnsupportedCertificate => {
-                "the peer refused our certificate as malformed or unusable".to_string()
-            }
-            AlertDescription::AccessDenied => "the peer refused our certificate".to_string(),
-            other => format!("the peer ended the TLS handshake ({other:?})"),
-        },
-        rustls::Error::InvalidCertificate(cert) => match cert {
-            CertificateError::UnknownIssuer => {
-                "we refused the peer's certificate: not signed by our fleet CA".to_string()
-            }
-            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
-                "we refused the peer's certificate: it has expired".to_string()
-            }
-            other => format!("we refused the peer's certificate: {other}"),
-        },
-        other => format!("TLS failed: {other}"),
-    };
-    Some(hint)
+fn tls_hint(description: &str) -> Option<&'static str> {
+    TLS_HINTS
+        .iter()
+        .find(|(needle, _)| description.contains(needle))
+        .map(|(_, hint)| *hint)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use rustls::AlertDescription;
 
     #[test]
     fn finds_rustls_alert_inside_io_error() {

@@ -227,7 +227,13 @@ pub struct IssuedFiles {
 /// `bmctl fleet pki init`: makes a fleet CA in `dir`, refusing to replace an existing one.
 pub fn init_dir(dir: &Path) -> Result<PathBuf, PkiError> {
     refuse_existing(&[&dir.join(CA_CERT_FILE), &dir.join(CA_KEY_FILE)])?;
-    FleetCa::generate("bmfleet fleet CA")?.write_new(dir)?;
+    // A distinct name per CA: certificate paths are built by issuer name, so two fleets' CAs
+    // must never share one.
+    let name = format!(
+        "bmfleet fleet CA {}",
+        OffsetDateTime::now_utc().unix_timestamp_nanos()
+    );
+    FleetCa::generate(&name)?.write_new(dir)?;
     Ok(dir.join(CA_CERT_FILE))
 }
 

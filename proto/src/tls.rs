@@ -223,7 +223,7 @@ pub fn client_config(
 }
 
 /// A server certificate that the CA signed but that is not the peer we meant to reach.
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 pub enum PeerMismatch {
     /// The certificate's role is not the one expected at this address.
     #[error("the server's certificate is for {found}, expected role {expected}")]
@@ -244,6 +244,13 @@ pub enum PeerMismatch {
     /// The certificate states no fleet identity.
     #[error("the server's certificate is not a fleet identity: {0}")]
     NoIdentity(IdentityError),
+}
+
+// rustls prints the cause of a refused certificate with `Debug`: make that the sentence.
+impl std::fmt::Debug for PeerMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
 }
 
 /// Verifies a server certificate as WebPKI does for the dialled name, then checks that its

@@ -1,0 +1,271 @@
+//! Test harness for bmfleet's end-to-end tests: a throwaway fleet PKI, agents and
+//! orchestrators served in-process on loopback, and the real binaries as child processes.
+#![forbid(unsafe_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bmfleet_agent::config::{AgentConfig, FactsConfig, ServiceCommands, ServicesConfig};
+use bmfleet_proto::identity::Role;
+use bmfleet_proto::pki::{FleetCa, IssueRequest};
+use bmfleet_proto::tls::{client_config, connect, load_roots, LocalIdentity, TlsFiles};
+use bmfleet_proto::v1::agent_client::AgentClient;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+/// A fleet CA in a temporary directory, issuing identities as files.
+pub struct TestPki {
+    /// The directory holding every file.
+    pub dir: tempfile::TempDir,
+    ca: FleetCa,
+}
+
+impl TestPki {
+    /// A fresh fleet CA.
+    pub fn new() -> Self {
+        bmfleet_proto::install_crypto_provider();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca = FleetCa::generate(&format!("test fleet CA {}", unique_ca_suffix())).expect("CA");
+        std::fs::write(dir.path().join("ca.pem"), ca.cert_pem()).expect("write CA");
+        TestPki { dir, ca }
+    }
+
+    /// Issues `name` with `role`, valid now.
+    pub fn issue(&self, name: &str, role: Role) -> TlsFiles {
+        self.issue_with(IssueRequest::new(name, role, 30))
+    }
+
+    /// Issues a certificate that expired yesterday.
+    pub fn issue_expired(&self, name: &str, role: Role) -> TlsFiles {
+        let mut req = IssueRequest::new(name, role, 30);
+        req.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(10);
+        req.not_after = time::OffsetDateTime::now_utc() - time::Duration::days(1);
+        self.issue_with(req)
+    }
+
+    /// Issues any request; files are named after the name and a counter-free suffix.
+    pub fn issue_with(&self, req: IssueRequest) -> TlsFiles {
+        let issued = self.ca.issue(&req).expect("issue");
+        let stem = format!("{}-{}", req.name, unique());
+        let cert = self.dir.path().join(format!("{stem}.pem"));
+        let key = self.dir.path().join(format!("{stem}-key.pem"));
+        std::fs::write(&cert, issued.cert_pem).expect("write cert");
+        std::fs::write(&key, issued.key_pem).expect("write key");
+        TlsFiles {
+            ca: self.ca_path(),
+            cert,
+            key,
+        }
+    }
+
+    /// The CA certificate file.
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+}
+
+impl Default for TestPki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn unique_ca_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::SeqCst)
+}
+
+/// A server task on loopback, stopped when dropped.
+pub struct Served {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Served {
+    /// Stops the server and waits for it to finish.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+async fn serve_on_loopback<F, Fut, E>(run: F) -> Served
+where
+    F: FnOnce(TcpListener, oneshot::Receiver<()>) -> Fut,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stopped) = oneshot::channel();
+    let fut = run(listener, stopped);
+    let task = tokio::spawn(async move {
+        if let Err(e) = fut.await {
+            panic!("server failed: {e}");
+        }
+    });
+    Served {
+        addr,
+        stop: Some(stop),
+        task: Some(task),
+    }
+}
+
+/// An agent configuration for tests: `data_root` and state under `dir`, services as given.
+pub fn agent_config(tls: TlsFiles, dir: &Path, services: Vec<ServiceCommands>) -> AgentConfig {
+    AgentConfig {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        data_root: dir.join("root"),
+        state_dir: dir.join("state"),
+        tls,
+        facts: FactsConfig {
+            bluemind_version_command: argv(&["echo", "5.1.2"]),
+            postgresql_version_command: argv(&["echo", "15.18"]),
+            ..FactsConfig::default()
+        },
+        services: ServicesConfig {
+            service: services,
+            command_timeout_secs: 30,
+        },
+    }
+}
+
+/// Serves an agent in-process on a loopback port.
+pub async fn serve_agent(config: AgentConfig) -> Served {
+    serve_on_loopback(|listener, stopped| {
+        bmfleet_agent::server::serve(config, listener, async {
+            let _ = stopped.await;
+        })
+    })
+    .await
+}
+
+/// Serves an orchestrator in-process on a loopback port, with the system clock.
+pub async fn serve_orchestrator(config: bmfleet_orchestrator::config::OrchestratorConfig) -> Served {
+    serve_on_loopback(|listener, stopped| {
+        bmfleet_orchestrator::run(
+            config,
+            listener,
+            Arc::new(bmfleet_orchestrator::clock::SystemClock),
+            async {
+                let _ = stopped.await;
+            },
+        )
+    })
+    .await
+}
+
+/// An Agent API client presenting `identity` (or no certificate) and expecting the server to
+/// be agent `expected_name`.
+pub fn agent_client(
+    ca: &Path,
+    identity: Option<&TlsFiles>,
+    identity_role: Role,
+    addr: SocketAddr,
+    expected_name: &str,
+) -> AgentClient<Channel> {
+    let roots = load_roots(ca).expect("roots");
+    let local = identity.map(|files| LocalIdentity::load(files, identity_role).expect("identity"));
+    let config = client_config(roots, local.as_ref(), Role::Agent).expect("client config");
+    let channel = connect(
+        &addr.to_string(),
+        expected_name,
+        config,
+        Duration::from_secs(5),
+    )
+    .expect("channel");
+    AgentClient::new(channel)
+}
+
+/// Words to an argv.
+pub fn argv(words: &[&str]) -> Vec<String> {
+    words.iter().map(|w| w.to_string()).collect()
+}
+
+/// A stand-in service: its stop/start/status commands append "NAME ACTION" to `log`, and its
+/// stop fails with `fail_stop` as exit code and a message on stderr when set.
+pub fn stand_in_service(name: &str, log: &Path, fail_stop: Option<i32>) -> ServiceCommands {
+    let cmd = |action: &str, exit: i32| {
+        argv(&[
+            "sh",
+            "-c",
+            &format!(
+                "echo '{name} {action}' >> '{}'; [ {exit} -eq 0 ] || echo '{name} cannot {action}' >&2; exit {exit}",
+                log.display()
+            ),
+        ])
+    };
+    ServiceCommands {
+        name: name.to_string(),
+        start: cmd("start", 0),
+        stop: cmd("stop", fail_stop.unwrap_or(0)),
+        status: cmd("status", 0),
+    }
+}
+
+/// The path of a workspace binary built by `cargo build` (the test command builds them first).
+pub fn binary(name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let path = target.join("debug").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` before the tests (the README's test command does)",
+        path.display()
+    );
+    path
+}
+
+/// A child process killed (and reaped) when dropped, so a failing test leaves none behind.
+pub struct ChildGuard(pub Child);
+
+impl ChildGuard {
+    /// Starts `command`.
+    pub fn spawn(command: &mut Command) -> Self {
+        ChildGuard(command.spawn().expect("spawn"))
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A free loopback port (bound then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}

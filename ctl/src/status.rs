@@ -1,0 +1,259 @@
+//! `bmctl fleet status` and `bmctl fleet audit`: the orchestrator's view, as a table or JSON.
+
+use bmfleet_proto::v1::{AgentStatus, AuditEntry, AuditRequest, StatusRequest};
+use serde::Serialize;
+
+use crate::{Connection, Output};
+
+/// `bmctl fleet status --output json` (stable schema, see README.md).
+#[derive(Serialize)]
+struct StatusJson {
+    orchestrator: String,
+    generated_at_unix_ms: i64,
+    agents: Vec<AgentJson>,
+}
+
+#[derive(Serialize)]
+struct AgentJson {
+    name: String,
+    address: String,
+    up: bool,
+    last_seen_unix_ms: Option<i64>,
+    last_check_unix_ms: Option<i64>,
+    last_error: Option<String>,
+    hostname: Option<String>,
+    bluemind_version: Option<String>,
+    postgresql_version: Option<String>,
+    data_dirs: Vec<DataDirJson>,
+    missing_spool_users: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct DataDirJson {
+    path: String,
+    exists: bool,
+    used_bytes: Option<u64>,
+    entries: Option<u64>,
+    free_bytes: u64,
+}
+
+fn non_zero(v: i64) -> Option<i64> {
+    (v != 0).then_some(v)
+}
+
+fn non_empty(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_string())
+}
+
+impl From<&AgentStatus> for AgentJson {
+    fn from(a: &AgentStatus) -> Self {
+        let facts = a.facts.as_ref();
+        let version = |v: Option<&bmfleet_proto::v1::VersionFact>| {
+            v.and_then(|v| non_empty(&v.version))
+        };
+        AgentJson {
+            name: a.name.clone(),
+            address: a.address.clone(),
+            up: a.up,
+            last_seen_unix_ms: non_zero(a.last_seen_unix_ms),
+            last_check_unix_ms: non_zero(a.last_check_unix_ms),
+            last_error: non_empty(&a.last_error),
+            hostname: facts.and_then(|f| non_empty(&f.hostname)),
+            bluemind_version: version(facts.and_then(|f| f.bluemind.as_ref())),
+            postgresql_version: version(facts.and_then(|f| f.postgresql.as_ref())),
+            data_dirs: facts
+                .map(|f| {
+                    f.data_dirs
+                        .iter()
+                        .map(|d| DataDirJson {
+                            path: d.path.clone(),
+                            exists: d.exists,
+                            used_bytes: d.usage_measured.then_some(d.used_bytes),
+                            entries: d.usage_measured.then_some(d.entries),
+                            free_bytes: d.free_bytes,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            missing_spool_users: facts
+                .map(|f| {
+                    f.spool_users
+                        .iter()
+                        .filter(|u| !u.exists)
+                        .map(|u| u.name.clone())
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// "12s ago", "4m ago", "never".
+fn ago(now_ms: i64, then_ms: Option<i64>) -> String {
+    let Some(then) = then_ms else {
+        return "never".into();
+    };
+    let secs = (now_ms - then).max(0) / 1000;
+    match secs {
+        0..=119 => format!("{secs}s ago"),
+        120..=7199 => format!("{}m ago", secs / 60),
+        _ => format!("{}h ago", secs / 3600),
+    }
+}
+
+/// Left-aligned columns separated by two spaces.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut out = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        out.trim_end().to_string() + "\n"
+    };
+    let mut out = line(header.to_vec());
+    for row in rows {
+        out.push_str(&line(row.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+/// `bmctl fleet status`.
+pub async fn status(connection: &Connection, output: Output) -> anyhow::Result<()> {
+    let mut client = connection.client()?;
+    let reply = client
+        .status(StatusRequest {})
+        .await
+        .map_err(|s| connection.failed(&s))?
+        .into_inner();
+    let json = StatusJson {
+        orchestrator: reply.orchestrator.clone(),
+        generated_at_unix_ms: reply.generated_at_unix_ms,
+        agents: reply.agents.iter().map(AgentJson::from).collect(),
+    };
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&json)?),
+        Output::Table => {
+            let rows: Vec<Vec<String>> = json
+                .agents
+                .iter()
+                .map(|a| {
+                    vec![
+                        a.name.clone(),
+                        a.address.clone(),
+                        if a.up { "up" } else { "DOWN" }.into(),
+                        ago(json.generated_at_unix_ms, a.last_seen_unix_ms),
+                        a.bluemind_version.clone().unwrap_or_else(|| "-".into()),
+                        a.postgresql_version.clone().unwrap_or_else(|| "-".into()),
+                        a.last_error.clone().unwrap_or_default(),
+                    ]
+                })
+                .collect();
+            let up = json.agents.iter().filter(|a| a.up).count();
+            print!(
+                "{}",
+                table(
+                    &["AGENT", "ADDRESS", "STATE", "LAST SEEN", "BLUEMIND", "POSTGRESQL", "ERROR"],
+                    &rows
+                )
+            );
+            println!(
+                "{up}/{} agents up (orchestrator {})",
+                json.agents.len(),
+                json.orchestrator
+            );
+        }
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct AuditJson {
+    id: i64,
+    at_unix_ms: i64,
+    who: String,
+    role: String,
+    method: String,
+    arguments: String,
+    outcome: String,
+    detail: String,
+}
+
+impl From<&AuditEntry> for AuditJson {
+    fn from(e: &AuditEntry) -> Self {
+        AuditJson {
+            id: e.id,
+            at_unix_ms: e.at_unix_ms,
+            who: e.who.clone(),
+            role: e.role.clone(),
+            method: e.method.clone(),
+            arguments: e.arguments.clone(),
+            outcome: e.outcome.clone(),
+            detail: e.detail.clone(),
+        }
+    }
+}
+
+/// `bmctl fleet audit`.
+pub async fn audit(connection: &Connection, limit: u32, output: Output) -> anyhow::Result<()> {
+    let mut client = connection.client()?;
+    let reply = client
+        .audit(AuditRequest { limit })
+        .await
+        .map_err(|s| connection.failed(&s))?
+        .into_inner();
+    let entries: Vec<AuditJson> = reply.entries.iter().map(AuditJson::from).collect();
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&entries)?),
+        Output::Table => {
+            let rows: Vec<Vec<String>> = entries
+                .iter()
+                .map(|e| {
+                    vec![
+                        e.id.to_string(),
+                        e.at_unix_ms.to_string(),
+                        format!("{} ({})", e.who, e.role),
+                        e.method.clone(),
+                        e.outcome.clone(),
+                        e.detail.clone(),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table(&["ID", "AT (UNIX MS)", "WHO", "METHOD", "OUTCOME", "DETAIL"], &rows)
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_aligns_columns() {
+        let t = table(
+            &["A", "BB"],
+            &[vec!["xxx".into(), "y".into()], vec!["z".into(), "".into()]],
+        );
+        assert_eq!(t, "A    BB\nxxx  y\nz\n");
+    }
+
+    #[test]
+    fn ago_is_human() {
+        assert_eq!(ago(10_000, None), "never");
+        assert_eq!(ago(10_000, Some(7_000)), "3s ago");
+        assert_eq!(ago(1_000_000, Some(0)), "16m ago");
+    }
+}

@@ -1,0 +1,186 @@
+//! Mutual TLS over real loopback sockets: who may talk to whom, and what a refused peer is told.
+
+use bmfleet_proto::error_chain::describe_status;
+use bmfleet_proto::identity::Role;
+use bmfleet_proto::tls::{connect, LocalIdentity};
+use bmfleet_proto::v1::fleet_client::FleetClient;
+use bmfleet_proto::v1::{FactsRequest, StatusRequest};
+use bmfleet_tests::{agent_client, agent_config, serve_agent, serve_orchestrator, TestPki};
+use std::time::Duration;
+
+async fn facts_error(client: &mut bmfleet_proto::v1::agent_client::AgentClient<tonic::transport::Channel>) -> String {
+    let status = client
+        .facts(FactsRequest::default())
+        .await
+        .expect_err("the call must be refused");
+    describe_status(&status)
+}
+
+struct Fixture {
+    pki: TestPki,
+    _dir: tempfile::TempDir,
+    agent: bmfleet_tests::Served,
+}
+
+async fn agent_named(name: &str) -> Fixture {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let config = agent_config(pki.issue(name, Role::Agent), dir.path(), vec![]);
+    let agent = serve_agent(config).await;
+    Fixture {
+        pki,
+        _dir: dir,
+        agent,
+    }
+}
+
+#[tokio::test]
+async fn agent_answers_the_orchestrator() {
+    let f = agent_named("origin-1").await;
+    let orch = f.pki.issue("orchestrator", Role::Orchestrator);
+    let mut client = agent_client(&f.pki.ca_path(), Some(&orch), Role::Orchestrator, f.agent.addr, "origin-1");
+    let facts = client.facts(FactsRequest::default()).await.unwrap().into_inner();
+    assert_eq!(facts.agent_name, "origin-1");
+    assert_eq!(facts.bluemind.unwrap().version, "5.1.2");
+    assert_eq!(facts.postgresql.unwrap().version, "15.18");
+    assert_eq!(facts.data_dirs.len(), 7);
+}
+
+#[tokio::test]
+async fn agent_refuses_a_client_without_certificate() {
+    let f = agent_named("origin-1").await;
+    let mut client = agent_client(&f.pki.ca_path(), None, Role::Orchestrator, f.agent.addr, "origin-1");
+    let err = facts_error(&mut client).await;
+    assert!(err.contains("requires a client certificate"), "{err}");
+    assert!(err.contains("CertificateRequired"), "{err}");
+}
+
+#[tokio::test]
+async fn agent_refuses_a_certificate_from_another_ca() {
+    let f = agent_named("origin-1").await;
+    let other = TestPki::new();
+    let stranger = other.issue("orchestrator", Role::Orchestrator);
+    // Trust the real fleet CA for the server, but present the other fleet's certificate.
+    let files = bmfleet_proto::tls::TlsFiles {
+        ca: f.pki.ca_path(),
+        ..stranger
+    };
+    let mut client = agent_client(&f.pki.ca_path(), Some(&files), Role::Orchestrator, f.agent.addr, "origin-1");
+    let err = facts_error(&mut client).await;
+    assert!(err.contains("not signed by its fleet CA"), "{err}");
+    assert!(err.contains("UnknownCA"), "{err}");
+}
+
+#[tokio::test]
+async fn agent_refuses_an_expired_certificate() {
+    let f = agent_named("origin-1").await;
+    let expired = f.pki.issue_expired("orchestrator", Role::Orchestrator);
+    let mut client = agent_client(&f.pki.ca_path(), Some(&expired), Role::Orchestrator, f.agent.addr, "origin-1");
+    let err = facts_error(&mut client).await;
+    assert!(err.contains("has expired"), "{err}");
+    assert!(err.contains("CertificateExpired"), "{err}");
+}
+
+#[tokio::test]
+async fn agent_refuses_operator_and_agent_roles() {
+    let f = agent_named("origin-1").await;
+    for (name, role) in [("alice", Role::Operator), ("origin-2", Role::Agent)] {
+        let files = f.pki.issue(name, role);
+        let mut client = agent_client(&f.pki.ca_path(), Some(&files), role, f.agent.addr, "origin-1");
+        let status = client.facts(FactsRequest::default()).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+        let msg = status.message();
+        assert!(msg.contains(&format!("'{name}' (role {role})")), "{msg}");
+        assert!(msg.contains("accepts only role orchestrator"), "{msg}");
+    }
+}
+
+#[tokio::test]
+async fn orchestrator_refuses_an_agent_whose_certificate_names_another_agent() {
+    // The agent at this address presents origin-2's certificate, but we expect origin-1.
+    let f = agent_named("origin-2").await;
+    let orch = f.pki.issue("orchestrator", Role::Orchestrator);
+    let mut client = agent_client(&f.pki.ca_path(), Some(&orch), Role::Orchestrator, f.agent.addr, "origin-1");
+    let err = facts_error(&mut client).await;
+    assert!(err.contains("we refused the peer's certificate"), "{err}");
+    assert!(err.contains("origin-1"), "{err}");
+}
+
+#[tokio::test]
+async fn a_client_refuses_a_server_of_the_wrong_role() {
+    // A client that dials "origin-1" expecting an orchestrator must refuse the agent of that
+    // name: the check is by role as well as by name.
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let config = agent_config(pki.issue("origin-1", Role::Agent), dir.path(), vec![]);
+    let agent = serve_agent(config).await;
+    let orch = pki.issue("orchestrator", Role::Orchestrator);
+    let identity = LocalIdentity::load(&orch, Role::Orchestrator).unwrap();
+    let channel = connect(
+        &agent.addr.to_string(),
+        "origin-1",
+        identity.client_config(Role::Orchestrator).unwrap(),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let mut client = bmfleet_proto::v1::agent_client::AgentClient::new(channel);
+    let err = facts_error(&mut client).await;
+    assert!(err.contains("we refused the peer's certificate"), "{err}");
+    assert!(err.contains("is for 'origin-1' (role agent), expected role orchestrator"), "{err}");
+}
+
+#[tokio::test]
+async fn fleet_api_refuses_an_agent_certificate_and_audits_it() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let config = bmfleet_orchestrator::config::OrchestratorConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        state_db: dir.path().join("state.db"),
+        health_interval_secs: 3600,
+        usage_interval_secs: 3600,
+        rpc_timeout_secs: 5,
+        tls: pki.issue("orchestrator", Role::Orchestrator),
+        agent: vec![],
+    };
+    let orchestrator = serve_orchestrator(config).await;
+    let fleet_client = |files: &bmfleet_proto::tls::TlsFiles, role: Role| {
+        let identity = LocalIdentity::load(files, role).unwrap();
+        let channel = connect(
+            &orchestrator.addr.to_string(),
+            "orchestrator",
+            identity.client_config(Role::Orchestrator).unwrap(),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        FleetClient::new(channel)
+    };
+    let agent_files = pki.issue("origin-1", Role::Agent);
+    let status = fleet_client(&agent_files, Role::Agent)
+        .status(StatusRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    assert!(status.message().contains("'origin-1' (role agent) may not call the Fleet API"), "{}", status.message());
+
+    let operator = pki.issue("alice", Role::Operator);
+    let mut alice = fleet_client(&operator, Role::Operator);
+    alice.status(StatusRequest {}).await.unwrap();
+    let log = alice
+        .audit(bmfleet_proto::v1::AuditRequest { limit: 10 })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    let summary: Vec<_> = log
+        .iter()
+        .map(|e| (e.who.as_str(), e.role.as_str(), e.method.as_str(), e.outcome.as_str()))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("origin-1", "agent", "Status", "denied"),
+            ("alice", "operator", "Status", "ok"),
+        ]
+    );
+    assert!(log.iter().all(|e| e.at_unix_ms > 0));
+}
