@@ -91,14 +91,13 @@ pub struct ServicesConfig {
 
 impl Default for ServicesConfig {
     fn default() -> Self {
-        let service = |name: &str, start: &[&str], stop: &[&str], status: &[&str]| {
-            ServiceCommands {
+        let service =
+            |name: &str, start: &[&str], stop: &[&str], status: &[&str]| ServiceCommands {
                 name: name.into(),
                 start: argv(start),
                 stop: argv(stop),
                 status: argv(status),
-            }
-        };
+            };
         ServicesConfig {
             service: vec![
                 service(
@@ -214,7 +213,11 @@ impl AgentConfig {
             }
         }
         for (i, s) in self.services.service.iter().enumerate() {
-            for (what, cmd) in [("start", &s.start), ("stop", &s.stop), ("status", &s.status)] {
+            for (what, cmd) in [
+                ("start", &s.start),
+                ("stop", &s.stop),
+                ("status", &s.status),
+            ] {
                 if cmd.first().is_none_or(|c| c.is_empty()) {
                     return Err(invalid(
                         format!("services.service[{i}].{what}"),
@@ -264,7 +267,12 @@ key = "/pki/a-key.pem"
         let c = AgentConfig::parse(MINIMAL, Path::new("agent.toml")).unwrap();
         assert_eq!(c.data_root, PathBuf::from("/"));
         assert_eq!(c.all_data_dirs().count(), 7);
-        let stop: Vec<_> = c.services.service.iter().map(|s| s.stop.join(" ")).collect();
+        let stop: Vec<_> = c
+            .services
+            .service
+            .iter()
+            .map(|s| s.stop.join(" "))
+            .collect();
         assert_eq!(stop, ["bmctl stop", "service postfix stop"]);
         assert_eq!(
             c.host_path(Path::new("/var/spool/cyrus")),

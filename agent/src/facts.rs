@@ -18,7 +18,11 @@ pub async fn gather(config: &AgentConfig, agent_name: &str, measure_usage: bool)
     let timeout = Duration::from_secs(config.facts.command_timeout_secs);
     let (bluemind, postgresql) = tokio::join!(
         version("BlueMind", &config.facts.bluemind_version_command, timeout),
-        version("PostgreSQL", &config.facts.postgresql_version_command, timeout),
+        version(
+            "PostgreSQL",
+            &config.facts.postgresql_version_command,
+            timeout
+        ),
     );
     let dirs: Vec<(PathBuf, PathBuf)> = config
         .all_data_dirs()
@@ -41,7 +45,12 @@ pub async fn gather(config: &AgentConfig, agent_name: &str, measure_usage: bool)
         bluemind: Some(bluemind),
         postgresql: Some(postgresql),
         data_dirs,
-        spool_users: config.facts.spool_users.iter().map(|u| spool_user(u)).collect(),
+        spool_users: config
+            .facts
+            .spool_users
+            .iter()
+            .map(|u| spool_user(u))
+            .collect(),
     }
 }
 
@@ -80,6 +89,8 @@ fn data_dir(path: &Path, host: &Path, measure_usage: bool) -> DataDir {
     };
     // A target host does not have the dirs yet: report the filesystem that will hold them.
     match host.ancestors().find(|a| a.exists()).map(statvfs) {
+        // statvfs field types differ across platforms (u32 on some 32-bit ones).
+        #[allow(clippy::useless_conversion)]
         Some(Ok(fs)) => {
             let fragment = u64::from(fs.fragment_size());
             dir.free_bytes = u64::from(fs.blocks_available()) * fragment;

@@ -12,7 +12,11 @@ use clap::Parser;
 #[command(version, about)]
 struct Args {
     /// The agent's configuration file (TOML).
-    #[arg(long, env = "BMFLEET_AGENT_CONFIG", default_value = "/etc/bmfleet/agent.toml")]
+    #[arg(
+        long,
+        env = "BMFLEET_AGENT_CONFIG",
+        default_value = "/etc/bmfleet/agent.toml"
+    )]
     config: PathBuf,
 }
 

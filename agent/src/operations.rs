@@ -36,6 +36,15 @@ pub struct JournalError {
     source: rusqlite::Error,
 }
 
+/// A journal row.
+struct Recorded {
+    kind: String,
+    digest: String,
+    state: String,
+    reply: Option<Vec<u8>>,
+    started_at_ms: i64,
+}
+
 /// The operation journal of one agent.
 pub struct Journal {
     conn: Mutex<Connection>,
@@ -81,7 +90,9 @@ impl Journal {
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The lock serialising calls that carry `id`.
@@ -99,12 +110,20 @@ impl Journal {
         now_ms: i64,
     ) -> Result<Begin, JournalError> {
         let conn = self.conn();
-        let row: Option<(String, String, String, Option<Vec<u8>>, i64)> = conn
+        let row = conn
             .query_row(
                 "SELECT kind, request_digest, state, reply, started_at_ms
                  FROM operations WHERE id = ?1",
                 params![id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                |r| {
+                    Ok(Recorded {
+                        kind: r.get(0)?,
+                        digest: r.get(1)?,
+                        state: r.get(2)?,
+                        reply: r.get(3)?,
+                        started_at_ms: r.get(4)?,
+                    })
+                },
             )
             .optional()
             .map_err(|e| self.err(e))?;
@@ -118,11 +137,17 @@ impl Journal {
                 .map_err(|e| self.err(e))?;
                 Ok(Begin::Fresh)
             }
-            Some((k, digest, _, _, _)) if k != kind || digest != request_digest => {
-                Ok(Begin::Conflict { kind: k })
+            Some(r) if r.kind != kind || r.digest != request_digest => {
+                Ok(Begin::Conflict { kind: r.kind })
             }
-            Some((_, _, state, Some(reply), _)) if state == "done" => Ok(Begin::Done(reply)),
-            Some((_, _, _, _, started_at_ms)) => Ok(Begin::Interrupted { started_at_ms }),
+            Some(Recorded {
+                state,
+                reply: Some(reply),
+                ..
+            }) if state == "done" => Ok(Begin::Done(reply)),
+            Some(r) => Ok(Begin::Interrupted {
+                started_at_ms: r.started_at_ms,
+            }),
         }
     }
 
@@ -161,7 +186,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("journal.db");
         let journal = Journal::open(&path).unwrap();
-        assert_eq!(journal.begin("op-1", "stop", "d1", 1).unwrap(), Begin::Fresh);
+        assert_eq!(
+            journal.begin("op-1", "stop", "d1", 1).unwrap(),
+            Begin::Fresh
+        );
         journal.finish("op-1", b"reply", 2).unwrap();
         drop(journal);
         let journal = Journal::open(&path).unwrap();
@@ -175,7 +203,10 @@ mod tests {
     fn unfinished_and_conflicting_ids_are_told_apart() {
         let dir = tempfile::tempdir().unwrap();
         let journal = Journal::open(&dir.path().join("j.db")).unwrap();
-        assert_eq!(journal.begin("op-1", "stop", "d1", 7).unwrap(), Begin::Fresh);
+        assert_eq!(
+            journal.begin("op-1", "stop", "d1", 7).unwrap(),
+            Begin::Fresh
+        );
         assert_eq!(
             journal.begin("op-1", "stop", "d1", 8).unwrap(),
             Begin::Interrupted { started_at_ms: 7 }

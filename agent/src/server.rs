@@ -104,7 +104,11 @@ impl AgentService {
                 Ok((reply, false))
             }
             Begin::Done(bytes) => {
-                tracing::info!(operation_id = id, kind, "repeated operation id: replaying stored reply");
+                tracing::info!(
+                    operation_id = id,
+                    kind,
+                    "repeated operation id: replaying stored reply"
+                );
                 let reply = R::decode(bytes.as_slice())
                     .map_err(|e| Status::internal(format!("stored reply of {id}: {e}")))?;
                 Ok((reply, true))
@@ -139,7 +143,9 @@ impl Agent for AgentService {
         let action = ServiceAction::try_from(req.action)
             .ok()
             .filter(|a| *a != ServiceAction::Unspecified)
-            .ok_or_else(|| Status::invalid_argument("services: action must be STOP, START or STATUS"))?;
+            .ok_or_else(|| {
+                Status::invalid_argument("services: action must be STOP, START or STATUS")
+            })?;
         if action == ServiceAction::Status {
             let mut reply = services::run(&self.config.services, action).await;
             reply.operation_id = req.operation_id;

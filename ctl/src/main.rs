@@ -76,7 +76,11 @@ struct Connection {
     #[arg(long, env = "BMFLEET_ORCHESTRATOR", default_value = "127.0.0.1:7400")]
     orchestrator: String,
     /// The name the orchestrator's certificate must carry.
-    #[arg(long, env = "BMFLEET_ORCHESTRATOR_NAME", default_value = "orchestrator")]
+    #[arg(
+        long,
+        env = "BMFLEET_ORCHESTRATOR_NAME",
+        default_value = "orchestrator"
+    )]
     orchestrator_name: String,
     /// The fleet CA certificate.
     #[arg(long, env = "BMFLEET_CA")]

@@ -40,7 +40,8 @@ pub enum PkiCommand {
 }
 
 fn parse_role(s: &str) -> Result<Role, String> {
-    s.parse().map_err(|e: bmfleet_proto::identity::UnknownRole| e.to_string())
+    s.parse()
+        .map_err(|e: bmfleet_proto::identity::UnknownRole| e.to_string())
 }
 
 /// Runs a PKI subcommand.

@@ -48,9 +48,8 @@ fn non_empty(s: &str) -> Option<String> {
 impl From<&AgentStatus> for AgentJson {
     fn from(a: &AgentStatus) -> Self {
         let facts = a.facts.as_ref();
-        let version = |v: Option<&bmfleet_proto::v1::VersionFact>| {
-            v.and_then(|v| non_empty(&v.version))
-        };
+        let version =
+            |v: Option<&bmfleet_proto::v1::VersionFact>| v.and_then(|v| non_empty(&v.version));
         AgentJson {
             name: a.name.clone(),
             address: a.address.clone(),
@@ -99,6 +98,14 @@ fn ago(now_ms: i64, then_ms: Option<i64>) -> String {
         120..=7199 => format!("{}m ago", secs / 60),
         _ => format!("{}h ago", secs / 3600),
     }
+}
+
+/// A Unix-ms instant as RFC 3339 UTC, to the second.
+fn utc(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| ms.to_string())
 }
 
 /// Left-aligned columns separated by two spaces.
@@ -162,7 +169,15 @@ pub async fn status(connection: &Connection, output: Output) -> anyhow::Result<(
             print!(
                 "{}",
                 table(
-                    &["AGENT", "ADDRESS", "STATE", "LAST SEEN", "BLUEMIND", "POSTGRESQL", "ERROR"],
+                    &[
+                        "AGENT",
+                        "ADDRESS",
+                        "STATE",
+                        "LAST SEEN",
+                        "BLUEMIND",
+                        "POSTGRESQL",
+                        "ERROR"
+                    ],
                     &rows
                 )
             );
@@ -220,7 +235,7 @@ pub async fn audit(connection: &Connection, limit: u32, output: Output) -> anyho
                 .map(|e| {
                     vec![
                         e.id.to_string(),
-                        e.at_unix_ms.to_string(),
+                        utc(e.at_unix_ms),
                         format!("{} ({})", e.who, e.role),
                         e.method.clone(),
                         e.outcome.clone(),
@@ -230,7 +245,10 @@ pub async fn audit(connection: &Connection, limit: u32, output: Output) -> anyho
                 .collect();
             print!(
                 "{}",
-                table(&["ID", "AT (UNIX MS)", "WHO", "METHOD", "OUTCOME", "DETAIL"], &rows)
+                table(
+                    &["ID", "AT (UNIX MS)", "WHO", "METHOD", "OUTCOME", "DETAIL"],
+                    &rows
+                )
             );
         }
     }
@@ -248,6 +266,11 @@ mod tests {
             &[vec!["xxx".into(), "y".into()], vec!["z".into(), "".into()]],
         );
         assert_eq!(t, "A    BB\nxxx  y\nz\n");
+    }
+
+    #[test]
+    fn audit_times_are_rfc3339() {
+        assert_eq!(utc(1_000_500), "1970-01-01T00:16:40Z");
     }
 
     #[test]

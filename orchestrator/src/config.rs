@@ -163,7 +163,10 @@ address = "198.18.0.2:7443"
         let c = OrchestratorConfig::parse(BASE, Path::new("o.toml")).unwrap();
         assert_eq!(c.agent.len(), 1);
         assert_eq!(c.health_interval_secs, 10);
-        assert_eq!(c.state_db, PathBuf::from("/var/lib/bmfleet/orchestrator.db"));
+        assert_eq!(
+            c.state_db,
+            PathBuf::from("/var/lib/bmfleet/orchestrator.db")
+        );
     }
 
     #[test]
@@ -172,7 +175,10 @@ address = "198.18.0.2:7443"
         let err = OrchestratorConfig::parse(&text, Path::new("o.toml"))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("agent[1].name") && err.contains("agent[0]"), "{err}");
+        assert!(
+            err.contains("agent[1].name") && err.contains("agent[0]"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -12,12 +12,16 @@ use crate::clock::Clock;
 use crate::state::{HealthCheck, State};
 
 /// Checks one agent now; `measure_usage` asks it to walk its data dirs.
-pub async fn check_agent(agent: &AgentHandle, measure_usage: bool, timeout: Duration) -> HealthCheck {
+pub async fn check_agent(
+    agent: &AgentHandle,
+    measure_usage: bool,
+    timeout: Duration,
+) -> HealthCheck {
     let mut client = agent.client.clone();
     let mut request = tonic::Request::new(FactsRequest { measure_usage });
     request.set_timeout(timeout);
     match tokio::time::timeout(timeout, client.facts(request)).await {
-        Ok(Ok(reply)) => HealthCheck::Up(reply.into_inner()),
+        Ok(Ok(reply)) => HealthCheck::Up(Box::new(reply.into_inner())),
         Ok(Err(status)) => HealthCheck::Down(describe_status(&status)),
         Err(_) => HealthCheck::Down(format!(
             "no answer from {} within {}s",
@@ -68,7 +72,7 @@ pub async fn check_all(
         let check = match check {
             HealthCheck::Up(facts) => {
                 let previous = state.last_facts(&name).ok().flatten();
-                HealthCheck::Up(carry_usage(facts, previous))
+                HealthCheck::Up(Box::new(carry_usage(*facts, previous)))
             }
             HealthCheck::Down(reason) => {
                 tracing::warn!(agent = %name, %reason, "agent down");

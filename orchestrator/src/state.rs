@@ -35,7 +35,7 @@ pub enum StateError {
 #[derive(Debug, Clone)]
 pub enum HealthCheck {
     /// The agent answered with its facts.
-    Up(FactsReply),
+    Up(Box<FactsReply>),
     /// The agent did not answer, or was refused; the reason.
     Down(String),
 }
@@ -282,7 +282,9 @@ mod tests {
             hostname: "host-a".into(),
             ..Default::default()
         };
-        state.record_health("a", &HealthCheck::Up(facts), 1000).unwrap();
+        state
+            .record_health("a", &HealthCheck::Up(Box::new(facts)), 1000)
+            .unwrap();
         state
             .record_health("a", &HealthCheck::Down("refused".into()), 2000)
             .unwrap();

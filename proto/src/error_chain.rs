@@ -6,7 +6,6 @@
 
 use std::error::Error;
 
-
 /// Every message of the chain, outermost first, skipping ones already said, behind a hint
 /// when TLS refused the connection.
 pub fn describe(err: &(dyn Error + 'static)) -> String {
@@ -98,10 +97,7 @@ const TLS_HINTS: &[(&str, &str)] = &[
         "invalid peer certificate",
         "we refused the peer's certificate",
     ),
-    (
-        "received fatal alert",
-        "the peer ended the TLS handshake",
-    ),
+    ("received fatal alert", "the peer ended the TLS handshake"),
 ];
 
 /// A sentence explaining a TLS refusal, by who refused and why.
@@ -124,7 +120,10 @@ mod tests {
             AlertDescription::CertificateRequired,
         ));
         let text = describe(&io);
-        assert!(text.starts_with("the peer requires a client certificate"), "{text}");
+        assert!(
+            text.starts_with("the peer requires a client certificate"),
+            "{text}"
+        );
         assert!(text.contains("CertificateRequired"), "{text}");
     }
 

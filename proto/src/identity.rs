@@ -82,7 +82,9 @@ pub enum IdentityError {
     #[error("certificate subject has no common name (CN): it was not issued by bmctl fleet pki")]
     NoName,
     /// No organisational unit in the subject.
-    #[error("certificate '{0}' carries no role (subject OU): it was not issued by bmctl fleet pki")]
+    #[error(
+        "certificate '{0}' carries no role (subject OU): it was not issued by bmctl fleet pki"
+    )]
     NoRole(String),
     /// The organisational unit is not a role.
     #[error("certificate '{name}' carries an unknown role: {source}")]
@@ -123,8 +125,14 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     let ok_chars = name
         .chars()
         .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
-    let ends_ok = name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && name.chars().last().is_some_and(|c| c.is_ascii_alphanumeric());
+    let ends_ok = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .last()
+            .is_some_and(|c| c.is_ascii_alphanumeric());
     if name.is_empty() || name.len() > 63 || !ok_chars || !ends_ok || name.contains("..") {
         return Err(format!(
             "invalid name '{name}': use 1 to 63 lowercase letters, digits, '-' and '.', \

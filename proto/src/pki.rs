@@ -42,7 +42,9 @@ pub enum PkiError {
         source: std::io::Error,
     },
     /// The CA files are missing or unreadable.
-    #[error("no usable fleet CA in {dir}: {detail} (run `bmctl fleet pki init --dir {dir}` first)")]
+    #[error(
+        "no usable fleet CA in {dir}: {detail} (run `bmctl fleet pki init --dir {dir}` first)"
+    )]
     NoCa {
         /// The PKI directory.
         dir: PathBuf,

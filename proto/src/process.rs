@@ -1,11 +1,13 @@
 //! What every bmfleet daemon does at start and stop.
 
-/// Sets up logging (`RUST_LOG`, default `info`) and the ring crypto provider.
+/// Sets up logging to stderr (`RUST_LOG`, default `info`) and the ring crypto provider.
 pub fn init_daemon() {
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
     crate::install_crypto_provider();

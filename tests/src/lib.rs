@@ -169,7 +169,9 @@ pub async fn serve_agent(config: AgentConfig) -> Served {
 }
 
 /// Serves an orchestrator in-process on a loopback port, with the system clock.
-pub async fn serve_orchestrator(config: bmfleet_orchestrator::config::OrchestratorConfig) -> Served {
+pub async fn serve_orchestrator(
+    config: bmfleet_orchestrator::config::OrchestratorConfig,
+) -> Served {
     serve_on_loopback(|listener, stopped| {
         bmfleet_orchestrator::run(
             config,

@@ -8,7 +8,9 @@ use bmfleet_proto::v1::{FactsRequest, StatusRequest};
 use bmfleet_tests::{agent_client, agent_config, serve_agent, serve_orchestrator, TestPki};
 use std::time::Duration;
 
-async fn facts_error(client: &mut bmfleet_proto::v1::agent_client::AgentClient<tonic::transport::Channel>) -> String {
+async fn facts_error(
+    client: &mut bmfleet_proto::v1::agent_client::AgentClient<tonic::transport::Channel>,
+) -> String {
     let status = client
         .facts(FactsRequest::default())
         .await
@@ -38,8 +40,18 @@ async fn agent_named(name: &str) -> Fixture {
 async fn agent_answers_the_orchestrator() {
     let f = agent_named("origin-1").await;
     let orch = f.pki.issue("orchestrator", Role::Orchestrator);
-    let mut client = agent_client(&f.pki.ca_path(), Some(&orch), Role::Orchestrator, f.agent.addr, "origin-1");
-    let facts = client.facts(FactsRequest::default()).await.unwrap().into_inner();
+    let mut client = agent_client(
+        &f.pki.ca_path(),
+        Some(&orch),
+        Role::Orchestrator,
+        f.agent.addr,
+        "origin-1",
+    );
+    let facts = client
+        .facts(FactsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(facts.agent_name, "origin-1");
     assert_eq!(facts.bluemind.unwrap().version, "5.1.2");
     assert_eq!(facts.postgresql.unwrap().version, "15.18");
@@ -49,7 +61,13 @@ async fn agent_answers_the_orchestrator() {
 #[tokio::test]
 async fn agent_refuses_a_client_without_certificate() {
     let f = agent_named("origin-1").await;
-    let mut client = agent_client(&f.pki.ca_path(), None, Role::Orchestrator, f.agent.addr, "origin-1");
+    let mut client = agent_client(
+        &f.pki.ca_path(),
+        None,
+        Role::Orchestrator,
+        f.agent.addr,
+        "origin-1",
+    );
     let err = facts_error(&mut client).await;
     assert!(err.contains("requires a client certificate"), "{err}");
     assert!(err.contains("CertificateRequired"), "{err}");
@@ -65,7 +83,13 @@ async fn agent_refuses_a_certificate_from_another_ca() {
         ca: f.pki.ca_path(),
         ..stranger
     };
-    let mut client = agent_client(&f.pki.ca_path(), Some(&files), Role::Orchestrator, f.agent.addr, "origin-1");
+    let mut client = agent_client(
+        &f.pki.ca_path(),
+        Some(&files),
+        Role::Orchestrator,
+        f.agent.addr,
+        "origin-1",
+    );
     let err = facts_error(&mut client).await;
     assert!(err.contains("not signed by its fleet CA"), "{err}");
     assert!(err.contains("UnknownCA"), "{err}");
@@ -75,7 +99,13 @@ async fn agent_refuses_a_certificate_from_another_ca() {
 async fn agent_refuses_an_expired_certificate() {
     let f = agent_named("origin-1").await;
     let expired = f.pki.issue_expired("orchestrator", Role::Orchestrator);
-    let mut client = agent_client(&f.pki.ca_path(), Some(&expired), Role::Orchestrator, f.agent.addr, "origin-1");
+    let mut client = agent_client(
+        &f.pki.ca_path(),
+        Some(&expired),
+        Role::Orchestrator,
+        f.agent.addr,
+        "origin-1",
+    );
     let err = facts_error(&mut client).await;
     assert!(err.contains("has expired"), "{err}");
     assert!(err.contains("CertificateExpired"), "{err}");
@@ -86,7 +116,13 @@ async fn agent_refuses_operator_and_agent_roles() {
     let f = agent_named("origin-1").await;
     for (name, role) in [("alice", Role::Operator), ("origin-2", Role::Agent)] {
         let files = f.pki.issue(name, role);
-        let mut client = agent_client(&f.pki.ca_path(), Some(&files), role, f.agent.addr, "origin-1");
+        let mut client = agent_client(
+            &f.pki.ca_path(),
+            Some(&files),
+            role,
+            f.agent.addr,
+            "origin-1",
+        );
         let status = client.facts(FactsRequest::default()).await.unwrap_err();
         assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
         let msg = status.message();
@@ -100,7 +136,13 @@ async fn orchestrator_refuses_an_agent_whose_certificate_names_another_agent() {
     // The agent at this address presents origin-2's certificate, but we expect origin-1.
     let f = agent_named("origin-2").await;
     let orch = f.pki.issue("orchestrator", Role::Orchestrator);
-    let mut client = agent_client(&f.pki.ca_path(), Some(&orch), Role::Orchestrator, f.agent.addr, "origin-1");
+    let mut client = agent_client(
+        &f.pki.ca_path(),
+        Some(&orch),
+        Role::Orchestrator,
+        f.agent.addr,
+        "origin-1",
+    );
     let err = facts_error(&mut client).await;
     assert!(err.contains("we refused the peer's certificate"), "{err}");
     assert!(err.contains("origin-1"), "{err}");
@@ -126,7 +168,10 @@ async fn a_client_refuses_a_server_of_the_wrong_role() {
     let mut client = bmfleet_proto::v1::agent_client::AgentClient::new(channel);
     let err = facts_error(&mut client).await;
     assert!(err.contains("we refused the peer's certificate"), "{err}");
-    assert!(err.contains("is for 'origin-1' (role agent), expected role orchestrator"), "{err}");
+    assert!(
+        err.contains("is for 'origin-1' (role agent), expected role orchestrator"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -160,7 +205,13 @@ async fn fleet_api_refuses_an_agent_certificate_and_audits_it() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::PermissionDenied);
-    assert!(status.message().contains("'origin-1' (role agent) may not call the Fleet API"), "{}", status.message());
+    assert!(
+        status
+            .message()
+            .contains("'origin-1' (role agent) may not call the Fleet API"),
+        "{}",
+        status.message()
+    );
 
     let operator = pki.issue("alice", Role::Operator);
     let mut alice = fleet_client(&operator, Role::Operator);
@@ -173,7 +224,14 @@ async fn fleet_api_refuses_an_agent_certificate_and_audits_it() {
         .entries;
     let summary: Vec<_> = log
         .iter()
-        .map(|e| (e.who.as_str(), e.role.as_str(), e.method.as_str(), e.outcome.as_str()))
+        .map(|e| {
+            (
+                e.who.as_str(),
+                e.role.as_str(),
+                e.method.as_str(),
+                e.outcome.as_str(),
+            )
+        })
         .collect();
     assert_eq!(
         summary,

@@ -33,13 +33,31 @@ async fn stop_runs_in_order_start_in_reverse_and_status_touches_all() {
     let config = agent_config(pki.issue("origin-1", Role::Agent), dir.path(), services);
     let agent = serve_agent(config).await;
     let orch = pki.issue("orchestrator", Role::Orchestrator);
-    let mut client = agent_client(&pki.ca_path(), Some(&orch), Role::Orchestrator, agent.addr, "origin-1");
+    let mut client = agent_client(
+        &pki.ca_path(),
+        Some(&orch),
+        Role::Orchestrator,
+        agent.addr,
+        "origin-1",
+    );
 
-    let stop = client.services(request("m1/stop/1", ServiceAction::Stop)).await.unwrap().into_inner();
+    let stop = client
+        .services(request("m1/stop/1", ServiceAction::Stop))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(stop.ok && !stop.replayed);
-    let start = client.services(request("m1/start/1", ServiceAction::Start)).await.unwrap().into_inner();
+    let start = client
+        .services(request("m1/start/1", ServiceAction::Start))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(start.ok);
-    let status = client.services(request("", ServiceAction::Status)).await.unwrap().into_inner();
+    let status = client
+        .services(request("", ServiceAction::Status))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(status.ok);
     assert_eq!(status.commands.len(), 2);
     assert_eq!(
@@ -67,11 +85,25 @@ async fn a_failing_stop_is_reported_with_exit_code_and_stderr_and_stops_there() 
     let config = agent_config(pki.issue("origin-1", Role::Agent), dir.path(), services);
     let agent = serve_agent(config).await;
     let orch = pki.issue("orchestrator", Role::Orchestrator);
-    let mut client = agent_client(&pki.ca_path(), Some(&orch), Role::Orchestrator, agent.addr, "origin-1");
+    let mut client = agent_client(
+        &pki.ca_path(),
+        Some(&orch),
+        Role::Orchestrator,
+        agent.addr,
+        "origin-1",
+    );
 
-    let reply = client.services(request("m1/stop/1", ServiceAction::Stop)).await.unwrap().into_inner();
+    let reply = client
+        .services(request("m1/stop/1", ServiceAction::Stop))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(!reply.ok);
-    assert_eq!(reply.commands.len(), 1, "postfix must not be stopped after bluemind failed");
+    assert_eq!(
+        reply.commands.len(),
+        1,
+        "postfix must not be stopped after bluemind failed"
+    );
     let failed = &reply.commands[0];
     assert_eq!(failed.service, "bluemind");
     assert_eq!(failed.exit_code, 3);
@@ -90,9 +122,23 @@ async fn a_repeated_operation_id_does_not_run_twice_even_after_a_restart() {
 
     let config = agent_config(agent_files.clone(), dir.path(), services.clone());
     let agent = serve_agent(config).await;
-    let mut client = agent_client(&pki.ca_path(), Some(&orch), Role::Orchestrator, agent.addr, "origin-1");
-    let first = client.services(request("m1/stop/1", ServiceAction::Stop)).await.unwrap().into_inner();
-    let again = client.services(request("m1/stop/1", ServiceAction::Stop)).await.unwrap().into_inner();
+    let mut client = agent_client(
+        &pki.ca_path(),
+        Some(&orch),
+        Role::Orchestrator,
+        agent.addr,
+        "origin-1",
+    );
+    let first = client
+        .services(request("m1/stop/1", ServiceAction::Stop))
+        .await
+        .unwrap()
+        .into_inner();
+    let again = client
+        .services(request("m1/stop/1", ServiceAction::Stop))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(!first.replayed);
     assert!(again.replayed);
     assert_eq!(again.commands, first.commands);
@@ -102,15 +148,31 @@ async fn a_repeated_operation_id_does_not_run_twice_even_after_a_restart() {
     // A new agent process on the same state dir remembers the operation.
     let config = agent_config(agent_files, dir.path(), services);
     let agent = serve_agent(config).await;
-    let mut client = agent_client(&pki.ca_path(), Some(&orch), Role::Orchestrator, agent.addr, "origin-1");
-    let after_restart = client.services(request("m1/stop/1", ServiceAction::Stop)).await.unwrap().into_inner();
+    let mut client = agent_client(
+        &pki.ca_path(),
+        Some(&orch),
+        Role::Orchestrator,
+        agent.addr,
+        "origin-1",
+    );
+    let after_restart = client
+        .services(request("m1/stop/1", ServiceAction::Stop))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(after_restart.replayed);
     assert_eq!(after_restart.commands, first.commands);
     assert_eq!(log_lines(&log), ["bluemind stop"]);
 
     // A new id runs; the same id for another action is refused, not run.
-    client.services(request("m1/stop/2", ServiceAction::Stop)).await.unwrap();
-    let conflict = client.services(request("m1/stop/2", ServiceAction::Start)).await.unwrap_err();
+    client
+        .services(request("m1/stop/2", ServiceAction::Stop))
+        .await
+        .unwrap();
+    let conflict = client
+        .services(request("m1/stop/2", ServiceAction::Start))
+        .await
+        .unwrap_err();
     assert_eq!(conflict.code(), tonic::Code::AlreadyExists);
     assert_eq!(log_lines(&log), ["bluemind stop", "bluemind stop"]);
 }
@@ -127,8 +189,17 @@ async fn mutating_calls_without_an_operation_id_are_refused() {
     );
     let agent = serve_agent(config).await;
     let orch = pki.issue("orchestrator", Role::Orchestrator);
-    let mut client = agent_client(&pki.ca_path(), Some(&orch), Role::Orchestrator, agent.addr, "origin-1");
-    let err = client.services(request("", ServiceAction::Stop)).await.unwrap_err();
+    let mut client = agent_client(
+        &pki.ca_path(),
+        Some(&orch),
+        Role::Orchestrator,
+        agent.addr,
+        "origin-1",
+    );
+    let err = client
+        .services(request("", ServiceAction::Stop))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("operation_id"), "{}", err.message());
     assert!(!log.exists());
