@@ -281,6 +281,15 @@ key = "/pki/a-key.pem"
     }
 
     #[test]
+    fn the_shipped_example_parses_and_equals_the_defaults() {
+        let text = include_str!("../../deploy/examples/agent.toml");
+        let example = AgentConfig::parse(text, Path::new("agent.toml")).unwrap();
+        let minimal = AgentConfig::parse(MINIMAL, Path::new("agent.toml")).unwrap();
+        assert_eq!(format!("{:?}", example.facts), format!("{:?}", minimal.facts));
+        assert_eq!(format!("{:?}", example.services), format!("{:?}", minimal.services));
+    }
+
+    #[test]
     fn data_root_prefixes_bluemind_paths() {
         let text = format!("data_root = \"/lab/origin-1\"\n{MINIMAL}");
         let c = AgentConfig::parse(&text, Path::new("agent.toml")).unwrap();

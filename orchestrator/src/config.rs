@@ -170,6 +170,13 @@ address = "198.18.0.2:7443"
     }
 
     #[test]
+    fn the_shipped_example_parses() {
+        let text = include_str!("../../deploy/examples/orchestrator.toml");
+        let c = OrchestratorConfig::parse(text, Path::new("orchestrator.toml")).unwrap();
+        assert_eq!(c.agent.len(), 2);
+    }
+
+    #[test]
     fn duplicate_agent_is_refused_with_its_index() {
         let text = format!("{BASE}[[agent]]\nname = \"origin-1\"\naddress = \"198.18.0.3:7443\"\n");
         let err = OrchestratorConfig::parse(&text, Path::new("o.toml"))
