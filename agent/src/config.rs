@@ -285,8 +285,14 @@ key = "/pki/a-key.pem"
         let text = include_str!("../../deploy/examples/agent.toml");
         let example = AgentConfig::parse(text, Path::new("agent.toml")).unwrap();
         let minimal = AgentConfig::parse(MINIMAL, Path::new("agent.toml")).unwrap();
-        assert_eq!(format!("{:?}", example.facts), format!("{:?}", minimal.facts));
-        assert_eq!(format!("{:?}", example.services), format!("{:?}", minimal.services));
+        assert_eq!(
+            format!("{:?}", example.facts),
+            format!("{:?}", minimal.facts)
+        );
+        assert_eq!(
+            format!("{:?}", example.services),
+            format!("{:?}", minimal.services)
+        );
     }
 
     #[test]
