@@ -23,6 +23,10 @@ pub const BLUEMIND_DATA_DIRS: [&str; 7] = [
 pub struct AgentConfig {
     /// Address the Agent API listens on.
     pub listen: SocketAddr,
+    /// Address the data plane listens on (targets pull from here under a grant). None: this
+    /// host serves no pulls.
+    #[serde(default)]
+    pub data_listen: Option<SocketAddr>,
     /// Every BlueMind path is taken under this directory ("/" in production; the lab gives
     /// each simulated host its own).
     #[serde(default = "default_data_root")]
@@ -38,6 +42,116 @@ pub struct AgentConfig {
     /// The BlueMind services of this host.
     #[serde(default)]
     pub services: ServicesConfig,
+    /// How files move (rsync through the agents' tunnel).
+    #[serde(default)]
+    pub data_plane: DataPlaneConfig,
+    /// BlueMind's PostgreSQL on this host.
+    #[serde(default)]
+    pub postgresql: PostgresConfig,
+    /// The BlueMind configuration file set.
+    #[serde(default)]
+    pub config_set: ConfigSetConfig,
+}
+
+/// How files move between agents.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataPlaneConfig {
+    /// The rsync program, on both sides.
+    pub rsync: String,
+    /// The program rsync runs as its remote shell: this agent's binary in tunnel mode.
+    /// Empty: the running agent binary itself.
+    pub tunnel_program: Option<PathBuf>,
+    /// Deadline for connecting to an origin and being admitted.
+    pub connect_timeout_secs: u64,
+}
+
+impl Default for DataPlaneConfig {
+    fn default() -> Self {
+        DataPlaneConfig {
+            rsync: "rsync".into(),
+            tunnel_program: None,
+            connect_timeout_secs: 15,
+        }
+    }
+}
+
+/// BlueMind's PostgreSQL: how the origin dumps it and how the target restores it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    /// Directory of pg_dump, pg_restore, psql. Empty: the newest /usr/lib/postgresql/*/bin.
+    /// On an origin, its pg_dump must be at least as new as the target's server.
+    pub bin_dir: Option<PathBuf>,
+    /// Where BlueMind's user connects (host name, address or socket dir).
+    pub host: String,
+    /// Port of the server.
+    pub port: u16,
+    /// BlueMind's database user (owner of its databases).
+    pub user: String,
+    /// Its password when `/etc/bm/bm.ini` has none (BlueMind before 5.2 uses "bj").
+    pub password: String,
+    /// BlueMind's databases; those that do not exist on the origin are skipped
+    /// (bj-data exists from BlueMind 4 on).
+    pub databases: Vec<String>,
+    /// The administrator connection used on a target to re-create databases and restore.
+    pub admin_host: String,
+    /// Administrator's role.
+    pub admin_user: String,
+    /// Runs the administrator's commands as the OS user peer authentication expects.
+    pub admin_command_prefix: Vec<String>,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig {
+            bin_dir: None,
+            host: "localhost".into(),
+            port: 5432,
+            user: "bj".into(),
+            password: "bj".into(),
+            databases: vec!["bj".into(), "bj-data".into()],
+            admin_host: "/var/run/postgresql".into(),
+            admin_user: "postgres".into(),
+            admin_command_prefix: argv(&["runuser", "-u", "postgres", "--"]),
+        }
+    }
+}
+
+/// The BlueMind configuration file set copied at cold sync.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConfigSetConfig {
+    /// Absolute paths; `*` may appear in the last component. Dirs are copied whole.
+    pub patterns: Vec<String>,
+    /// Rebuilds one postfix map: the `-flat` file's path is appended. The resulting
+    /// `NAME-flat.db` is renamed `NAME.db`, as BlueMind does.
+    pub postmap_command: Vec<String>,
+}
+
+impl Default for ConfigSetConfig {
+    fn default() -> Self {
+        ConfigSetConfig {
+            patterns: [
+                "/etc/bm",
+                "/etc/bm-hps",
+                "/etc/ssl/certs/bm_cert.pem",
+                "/var/lib/bm-ca",
+                "/usr/share/bm-elasticsearch/config/elasticsearch.yml",
+                "/etc/imapd*",
+                "/etc/cyrus*",
+                "/etc/postfix/main.cf",
+                "/etc/postfix/master.cf",
+                "/etc/postfix/*-flat",
+                "/etc/postfix/*.db",
+                "/etc/bm-webmail",
+            ]
+            .iter()
+            .map(|p| p.to_string())
+            .collect(),
+            postmap_command: argv(&["postmap"]),
+        }
+    }
 }
 
 /// How the agent reads its host's facts.
@@ -224,6 +338,17 @@ impl AgentConfig {
                         "must be a non-empty argv list, e.g. [\"bmctl\", \"stop\"]",
                     ));
                 }
+            }
+        }
+        for (i, pattern) in self.config_set.patterns.iter().enumerate() {
+            let parent_has_glob = Path::new(pattern)
+                .parent()
+                .is_some_and(|p| p.to_string_lossy().contains('*'));
+            if !pattern.starts_with('/') || pattern.contains("..") || parent_has_glob {
+                return Err(invalid(
+                    format!("config_set.patterns[{i}]"),
+                    "must be an absolute path without '..', with '*' only in its last component",
+                ));
             }
         }
         if self.services.command_timeout_secs == 0 || self.facts.command_timeout_secs == 0 {

@@ -6,11 +6,22 @@
 //! - [`services`]: stopping and starting BlueMind's services.
 //! - [`operations`]: the journal that makes every mutating call run at most once per id.
 //! - [`server`]: the gRPC service and its mutual-TLS listener.
+//! - Data plane, origin side: [`grants`], [`rsync_args`], [`data_plane`].
+//! - Data plane, target side: [`tunnel`] (also the `bmfleet-agent tunnel` remote shell),
+//!   [`pull`] (data dirs), [`databases`], [`config_set`]; [`pg`] for PostgreSQL.
 #![forbid(unsafe_code)]
 
 pub mod command;
 pub mod config;
+pub mod config_set;
+pub mod data_plane;
+pub mod databases;
 pub mod facts;
+pub mod grants;
 pub mod operations;
+pub mod pg;
+pub mod pull;
+pub mod rsync_args;
 pub mod server;
 pub mod services;
+pub mod tunnel;

@@ -164,6 +164,64 @@ impl Journal {
     }
 }
 
+/// Runs `operation` once per operation id: a repeated id gets the stored reply and `true`.
+/// An id whose first run was cut short by an agent restart, or that was used for another
+/// request, is refused with a status saying what to do.
+pub async fn once<R, F>(
+    journal: &Journal,
+    id: &str,
+    kind: &str,
+    encoded_request: &[u8],
+    now_ms: impl Fn() -> i64,
+    operation: F,
+) -> Result<(R, bool), tonic::Status>
+where
+    R: prost::Message + Default,
+    F: std::future::Future<Output = R>,
+{
+    use tonic::Status;
+    if id.is_empty() {
+        return Err(Status::invalid_argument(format!(
+            "{kind} is a mutating call: it needs an operation_id"
+        )));
+    }
+    let lock = journal.lock_for(id);
+    let _guard = lock.lock().await;
+    let digest = request_digest(kind, encoded_request);
+    let internal = |e: JournalError| Status::internal(e.to_string());
+    match journal
+        .begin(id, kind, &digest, now_ms())
+        .map_err(internal)?
+    {
+        Begin::Fresh => {
+            let reply = operation.await;
+            journal
+                .finish(id, &reply.encode_to_vec(), now_ms())
+                .map_err(internal)?;
+            Ok((reply, false))
+        }
+        Begin::Done(bytes) => {
+            tracing::info!(
+                operation_id = id,
+                kind,
+                "repeated operation id: replaying stored reply"
+            );
+            let reply = R::decode(bytes.as_slice())
+                .map_err(|e| Status::internal(format!("stored reply of {id}: {e}")))?;
+            Ok((reply, true))
+        }
+        Begin::Interrupted { started_at_ms } => Err(Status::aborted(format!(
+            "operation {id} ({kind}) started at {started_at_ms} (Unix ms) in an earlier agent \
+             process that stopped before it finished: its outcome is unknown; check the host \
+             (e.g. a services STATUS call) and retry under a new operation id"
+        ))),
+        Begin::Conflict { kind: recorded } => Err(Status::already_exists(format!(
+            "operation id {id} was already used for a different {recorded} request; \
+             use a new id for a new operation"
+        ))),
+    }
+}
+
 /// A digest identifying a request's kind and content, to detect a reused id.
 pub fn request_digest(kind: &str, encoded_request: &[u8]) -> String {
     let mut hasher = Sha256::new();

@@ -1,21 +1,30 @@
-//! The Agent gRPC service: admits only the orchestrator, journals every mutating call.
+//! The Agent gRPC service: admits only the orchestrator, journals every mutating call, and
+//! (on an origin) serves the data plane to targets holding a grant.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use bmfleet_proto::identity::Role;
 use bmfleet_proto::tls::{accept_tls, LocalIdentity, RoleGate};
 use bmfleet_proto::v1::agent_server::{Agent, AgentServer};
-use bmfleet_proto::v1::{FactsReply, FactsRequest, ServiceAction, ServicesReply, ServicesRequest};
+use bmfleet_proto::v1::{
+    CopyConfigReply, CopyConfigRequest, DumpFormat, FactsReply, FactsRequest, GrantReply,
+    GrantRequest, MoveDatabasesReply, MoveDatabasesRequest, OriginEndpoint, PullEvent, PullRequest,
+    RevokeGrantRequest, ServiceAction, ServicesReply, ServicesRequest,
+};
 use prost::Message;
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
 use crate::config::AgentConfig;
-use crate::operations::{request_digest, Begin, Journal};
-use crate::{facts, services};
+use crate::data_plane::DataPlane;
+use crate::grants::{Grant, GrantStore};
+use crate::operations::{once, Journal};
+use crate::{config_set, databases, facts, pull, services};
 
-/// File name of the operation journal inside the state dir.
+/// File name of the agent's database (operation journal and grants) inside the state dir.
 pub const JOURNAL_FILE: &str = "operations.db";
 
 /// Why the agent could not start or stopped serving.
@@ -35,96 +44,81 @@ pub enum AgentError {
     /// The journal could not be opened.
     #[error(transparent)]
     Journal(#[from] crate::operations::JournalError),
+    /// The grant store could not be opened.
+    #[error(transparent)]
+    Grants(#[from] crate::grants::GrantStoreError),
+    /// The data-plane listener could not be bound.
+    #[error("cannot listen for the data plane on {address}: {source}")]
+    DataListen {
+        /// The address.
+        address: String,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The gRPC server failed.
     #[error("serving the Agent API: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
 
-/// The Agent API of one host.
-pub struct AgentService {
-    config: Arc<AgentConfig>,
-    name: String,
-    journal: Journal,
-}
-
-fn now_ms() -> i64 {
+/// Now, Unix milliseconds (the agent's only clock read, at its edge).
+pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
 }
 
+/// The Agent API of one host.
+pub struct AgentService {
+    config: Arc<AgentConfig>,
+    name: String,
+    journal: Arc<Journal>,
+    grants: Arc<GrantStore>,
+    /// This agent's identity as a client of another agent's data plane (a target pulling).
+    tunnel_tls: Arc<rustls::ClientConfig>,
+}
+
+fn origin_of(endpoint: Option<OriginEndpoint>) -> Result<OriginEndpoint, Status> {
+    let origin = endpoint.ok_or_else(|| Status::invalid_argument("origin is required"))?;
+    if origin.address.is_empty() || origin.name.is_empty() || origin.grant_id.is_empty() {
+        return Err(Status::invalid_argument(
+            "origin needs an address, a name and a grant_id",
+        ));
+    }
+    Ok(origin)
+}
+
 impl AgentService {
-    /// A service for `config`, answering as agent `name`, journaling into the state dir.
-    pub fn new(config: AgentConfig, name: String) -> Result<Self, AgentError> {
+    /// A service for `config`, answering as `identity`, keeping its journal and grants in
+    /// the state dir.
+    pub fn new(config: AgentConfig, identity: &LocalIdentity) -> Result<Self, AgentError> {
         std::fs::create_dir_all(&config.state_dir).map_err(|source| AgentError::StateDir {
             path: config.state_dir.display().to_string(),
             source,
         })?;
-        let journal = Journal::open(&config.state_dir.join(JOURNAL_FILE))?;
+        let db = config.state_dir.join(JOURNAL_FILE);
+        let journal = Journal::open(&db)?;
+        let grants = GrantStore::open(&db)?;
         Ok(AgentService {
             config: Arc::new(config),
-            name,
-            journal,
+            name: identity.identity().name.clone(),
+            journal: Arc::new(journal),
+            grants: Arc::new(grants),
+            tunnel_tls: identity.client_config(Role::Agent)?,
         })
     }
 
-    /// Runs `operation` once per operation id: a repeated id gets the stored reply with
-    /// `replayed` set by `mark_replayed`.
-    async fn once<R, F>(
-        &self,
-        id: &str,
-        kind: &str,
-        encoded_request: &[u8],
-        operation: F,
-    ) -> Result<(R, bool), Status>
-    where
-        R: Message + Default,
-        F: Future<Output = R>,
-    {
-        if id.is_empty() {
-            return Err(Status::invalid_argument(format!(
-                "{kind} is a mutating call: it needs an operation_id"
-            )));
-        }
-        let lock = self.journal.lock_for(id);
-        let _guard = lock.lock().await;
-        let digest = request_digest(kind, encoded_request);
-        let internal = |e: crate::operations::JournalError| Status::internal(e.to_string());
-        match self
-            .journal
-            .begin(id, kind, &digest, now_ms())
-            .map_err(internal)?
-        {
-            Begin::Fresh => {
-                let reply = operation.await;
-                self.journal
-                    .finish(id, &reply.encode_to_vec(), now_ms())
-                    .map_err(internal)?;
-                Ok((reply, false))
-            }
-            Begin::Done(bytes) => {
-                tracing::info!(
-                    operation_id = id,
-                    kind,
-                    "repeated operation id: replaying stored reply"
-                );
-                let reply = R::decode(bytes.as_slice())
-                    .map_err(|e| Status::internal(format!("stored reply of {id}: {e}")))?;
-                Ok((reply, true))
-            }
-            Begin::Interrupted { started_at_ms } => Err(Status::aborted(format!(
-                "operation {id} ({kind}) started at {started_at_ms} (Unix ms) in an earlier agent \
-                 process that stopped before it finished: its outcome is unknown; check the host \
-                 (e.g. a services STATUS call) and retry under a new operation id"
-            ))),
-            Begin::Conflict { kind: recorded } => Err(Status::already_exists(format!(
-                "operation id {id} was already used for a different {recorded} request; \
-                 use a new id for a new operation"
-            ))),
-        }
+    /// The data plane of this agent, sharing its grants.
+    pub fn data_plane(&self) -> Arc<DataPlane> {
+        Arc::new(DataPlane {
+            config: self.config.clone(),
+            grants: self.grants.clone(),
+        })
     }
 }
+
+/// The stream of a pull: progress events, then the final one.
+pub type PullStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<PullEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Agent for AgentService {
@@ -156,16 +150,214 @@ impl Agent for AgentService {
             tracing::info!(operation_id = %req.operation_id, action = action.as_str_name(), "services");
             services::run(&self.config.services, action).await
         };
-        let (mut reply, replayed) = self
-            .once(&req.operation_id, &kind, &req.encode_to_vec(), run)
-            .await?;
+        let (mut reply, replayed) = once(
+            &self.journal,
+            &req.operation_id,
+            &kind,
+            &req.encode_to_vec(),
+            now_ms,
+            run,
+        )
+        .await?;
+        reply.operation_id = req.operation_id;
+        reply.replayed = replayed;
+        Ok(Response::new(reply))
+    }
+
+    async fn grant(&self, request: Request<GrantRequest>) -> Result<Response<GrantReply>, Status> {
+        let req = request.into_inner();
+        let grant =
+            Grant::from_request(&req).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if self.config.data_listen.is_none() {
+            return Err(Status::failed_precondition(
+                "this agent has no data_listen address: it serves no pulls",
+            ));
+        }
+        self.grants
+            .put(&grant)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        tracing::info!(grant = %grant.id, target = %grant.target_name, migration = %grant.migration, paths = ?grant.paths, "grant registered");
+        Ok(Response::new(GrantReply { grant_id: grant.id }))
+    }
+
+    async fn revoke_grant(
+        &self,
+        request: Request<RevokeGrantRequest>,
+    ) -> Result<Response<GrantReply>, Status> {
+        let id = request.into_inner().grant_id;
+        self.grants
+            .revoke(&id)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        tracing::info!(grant = %id, "grant revoked");
+        Ok(Response::new(GrantReply { grant_id: id }))
+    }
+
+    type PullStream = PullStream;
+
+    async fn pull(&self, request: Request<PullRequest>) -> Result<Response<PullStream>, Status> {
+        let req = request.into_inner();
+        let origin = origin_of(req.origin.clone())?;
+        crate::rsync_args::clean_absolute(&req.path)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let (tx, rx) = mpsc::channel::<Result<PullEvent, Status>>(16);
+        let (config, journal) = (self.config.clone(), self.journal.clone());
+        tokio::spawn(async move {
+            let (progress_tx, mut progress_rx) = mpsc::channel::<PullEvent>(16);
+            let forward_tx = tx.clone();
+            // Forward progress; when the caller goes away, drop the progress receiver so that
+            // the pull sees it and kills rsync.
+            let forward = tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        event = progress_rx.recv() => match event {
+                            Some(e) => { let _ = forward_tx.send(Ok(e)).await; }
+                            None => break,
+                        },
+                        _ = forward_tx.closed() => break,
+                    }
+                }
+            });
+            let run = pull::pull(&config, &origin, &req.path, req.bwlimit_kib, &progress_tx);
+            let result = once(
+                &journal,
+                &req.operation_id,
+                "pull",
+                &req.encode_to_vec(),
+                now_ms,
+                run,
+            )
+            .await;
+            drop(progress_tx);
+            let _ = forward.await;
+            let _ = tx
+                .send(result.map(|(mut event, replayed)| {
+                    event.replayed = replayed;
+                    event
+                }))
+                .await;
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn move_databases(
+        &self,
+        request: Request<MoveDatabasesRequest>,
+    ) -> Result<Response<MoveDatabasesReply>, Status> {
+        let req = request.into_inner();
+        let origin = origin_of(req.origin.clone())?;
+        let format = DumpFormat::try_from(req.format).unwrap_or(DumpFormat::Plain);
+        let run = databases::move_databases(
+            &self.config,
+            self.tunnel_tls.clone(),
+            &origin,
+            format,
+            req.jobs,
+        );
+        let (mut reply, replayed) = once(
+            &self.journal,
+            &req.operation_id,
+            "move_databases",
+            &req.encode_to_vec(),
+            now_ms,
+            run,
+        )
+        .await?;
+        reply.operation_id = req.operation_id;
+        reply.replayed = replayed;
+        Ok(Response::new(reply))
+    }
+
+    async fn copy_config(
+        &self,
+        request: Request<CopyConfigRequest>,
+    ) -> Result<Response<CopyConfigReply>, Status> {
+        let req = request.into_inner();
+        let origin = origin_of(req.origin.clone())?;
+        let run = copy_config(&self.config, &origin);
+        let (mut reply, replayed) = once(
+            &self.journal,
+            &req.operation_id,
+            "copy_config",
+            &req.encode_to_vec(),
+            now_ms,
+            run,
+        )
+        .await?;
         reply.operation_id = req.operation_id;
         reply.replayed = replayed;
         Ok(Response::new(reply))
     }
 }
 
-/// Serves the Agent API on `listener` until `shutdown` completes.
+/// Copies the configuration file set in one transfer, then rebuilds the postfix maps.
+async fn copy_config(config: &AgentConfig, origin: &OriginEndpoint) -> CopyConfigReply {
+    let failed = |error: String| CopyConfigReply {
+        ok: false,
+        error,
+        ..Default::default()
+    };
+    let options: Vec<String> = [
+        "-a",
+        "-r",
+        "-R",
+        "--files-from=:bmfleet-config-set",
+        "--from0",
+        "--stats",
+        "--out-format=%i %l %n",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let dest = format!("{}/", config.data_root.display());
+    let run = match pull::rsync_through_tunnel(config, origin, &options, "origin:/", &dest) {
+        Ok(r) => r,
+        Err(e) => return failed(e),
+    };
+    // Nobody listens for progress of a config copy; keep the receiver so it is not cancelled.
+    let (progress, _keep) = mpsc::channel(1);
+    let outcome = match pull::run_rsync(run, &progress).await {
+        Ok(o) => o,
+        Err(e) => return failed(e),
+    };
+    if outcome.exit_code != 0 {
+        return CopyConfigReply {
+            stats: Some(outcome.stats),
+            ..failed(format!(
+                "rsync exited with {}: {}",
+                outcome.exit_code,
+                outcome.stderr.trim()
+            ))
+        };
+    }
+    let timeout = std::time::Duration::from_secs(config.services.command_timeout_secs);
+    match config_set::rebuild_postfix_maps(
+        &config.data_root,
+        &config.config_set.postmap_command,
+        timeout,
+    )
+    .await
+    {
+        Ok(maps) => CopyConfigReply {
+            ok: true,
+            files: config_set::list(&config.config_set.patterns, &config.data_root)
+                .into_iter()
+                .map(|f| format!("/{f}"))
+                .collect(),
+            maps_rebuilt: maps.iter().map(|m| m.db.display().to_string()).collect(),
+            stats: Some(outcome.stats),
+            ..Default::default()
+        },
+        Err(e) => CopyConfigReply {
+            stats: Some(outcome.stats),
+            ..failed(e)
+        },
+    }
+}
+
+/// Serves the Agent API on `listener` (and the data plane on `data_listen`, when configured)
+/// until `shutdown` completes.
 pub async fn serve(
     config: AgentConfig,
     listener: TcpListener,
@@ -173,16 +365,37 @@ pub async fn serve(
 ) -> Result<(), AgentError> {
     let identity = LocalIdentity::load(&config.tls, Role::Agent)?;
     let tls = identity.server_config()?;
+    let data_listen = config.data_listen;
+    let service = AgentService::new(config, &identity)?;
+    let data_plane = match data_listen {
+        Some(address) => {
+            let data_listener =
+                TcpListener::bind(address)
+                    .await
+                    .map_err(|source| AgentError::DataListen {
+                        address: address.to_string(),
+                        source,
+                    })?;
+            tracing::info!(address = ?data_listener.local_addr().ok(), "data plane serving");
+            Some(tokio::spawn(
+                service.data_plane().serve(data_listener, tls.clone()),
+            ))
+        }
+        None => None,
+    };
     let name = identity.identity().name.clone();
-    let service = AgentService::new(config, name.clone())?;
     tracing::info!(agent = %name, address = ?listener.local_addr().ok(), "agent serving");
     let gate = RoleGate {
         allowed: Role::Orchestrator,
         api: "Agent API",
     };
-    tonic::transport::Server::builder()
+    let served = tonic::transport::Server::builder()
         .add_service(AgentServer::with_interceptor(service, gate))
         .serve_with_incoming_shutdown(accept_tls(listener, tls), shutdown)
-        .await?;
+        .await;
+    if let Some(plane) = data_plane {
+        plane.abort();
+    }
+    served?;
     Ok(())
 }

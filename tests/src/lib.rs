@@ -9,7 +9,10 @@ use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bmfleet_agent::config::{AgentConfig, FactsConfig, ServiceCommands, ServicesConfig};
+use bmfleet_agent::config::{
+    AgentConfig, ConfigSetConfig, DataPlaneConfig, FactsConfig, PostgresConfig, ServiceCommands,
+    ServicesConfig,
+};
 use bmfleet_proto::identity::Role;
 use bmfleet_proto::pki::{FleetCa, IssueRequest};
 use bmfleet_proto::tls::{client_config, connect, load_roots, LocalIdentity, TlsFiles};
@@ -143,6 +146,7 @@ where
 pub fn agent_config(tls: TlsFiles, dir: &Path, services: Vec<ServiceCommands>) -> AgentConfig {
     AgentConfig {
         listen: "127.0.0.1:0".parse().expect("addr"),
+        data_listen: None,
         data_root: dir.join("root"),
         state_dir: dir.join("state"),
         tls,
@@ -155,6 +159,12 @@ pub fn agent_config(tls: TlsFiles, dir: &Path, services: Vec<ServiceCommands>) -
             service: services,
             command_timeout_secs: 30,
         },
+        data_plane: DataPlaneConfig {
+            tunnel_program: Some(binary("bmfleet-agent")),
+            ..DataPlaneConfig::default()
+        },
+        postgresql: PostgresConfig::default(),
+        config_set: ConfigSetConfig::default(),
     }
 }
 
@@ -270,4 +280,136 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("free port")
+}
+
+/// A directory the postgres user can traverse (tests run as root; PostgreSQL runs as postgres).
+pub fn open_tempdir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    dir
+}
+
+fn postgres_user() -> nix::unistd::User {
+    nix::unistd::User::from_name("postgres")
+        .ok()
+        .flatten()
+        .expect("the postgres user exists (deploy/setup.sh installs PostgreSQL)")
+}
+
+/// A real PostgreSQL cluster of its own: initdb in a temporary dir, a loopback TCP port with
+/// password (scram) authentication, a private socket dir with trust for the administrator.
+/// Stopped and removed when dropped.
+pub struct PgCluster {
+    dir: tempfile::TempDir,
+    /// TCP port on 127.0.0.1 (and the socket's port).
+    pub port: u16,
+    bin: PathBuf,
+}
+
+impl PgCluster {
+    /// Creates and starts a cluster.
+    pub fn start() -> Self {
+        let dir = open_tempdir();
+        let user = postgres_user();
+        let (data, run) = (dir.path().join("data"), dir.path().join("run"));
+        std::fs::create_dir(&run).expect("run dir");
+        nix::unistd::chown(dir.path(), Some(user.uid), Some(user.gid)).expect("chown");
+        nix::unistd::chown(&run, Some(user.uid), Some(user.gid)).expect("chown");
+        let bin = bmfleet_agent::pg::bin_dir(&PostgresConfig::default());
+        let as_postgres = |program: &str, args: &[&str]| {
+            let out = Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(bin.join(program))
+                .args(args)
+                .output()
+                .expect("run as postgres");
+            assert!(
+                out.status.success(),
+                "{program} {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let data_s = data.display().to_string();
+        as_postgres(
+            "initdb",
+            &[
+                "-D",
+                &data_s,
+                "-U",
+                "postgres",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "--no-sync",
+            ],
+        );
+        let port = free_port();
+        let options = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off",
+            run.display()
+        );
+        let log = dir.path().join("log").display().to_string();
+        as_postgres(
+            "pg_ctl",
+            &["-D", &data_s, "-l", &log, "-w", "-o", &options, "start"],
+        );
+        PgCluster { dir, port, bin }
+    }
+
+    /// The administrator's socket dir.
+    pub fn socket_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    /// Runs SQL as the administrator; returns psql's unaligned output.
+    pub fn sql(&self, database: &str, sql: &str) -> String {
+        use std::io::Write;
+        let mut child = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("psql"))
+            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h"])
+            .arg(self.socket_dir())
+            .args(["-p", &self.port.to_string(), "-d", database])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("psql");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(sql.as_bytes())
+            .expect("write SQL");
+        let out = child.wait_with_output().expect("psql");
+        assert!(
+            out.status.success(),
+            "psql: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The agent's PostgreSQL settings for this cluster.
+    pub fn agent_settings(&self) -> PostgresConfig {
+        PostgresConfig {
+            host: "127.0.0.1".into(),
+            port: self.port,
+            password: "not-the-password".into(),
+            admin_host: self.socket_dir().display().to_string(),
+            ..PostgresConfig::default()
+        }
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "immediate", "-w", "stop"])
+            .output();
+    }
 }

@@ -1,0 +1,384 @@
+//! The origin's data plane: serves pulls to target agents, each admitted by a grant.
+//!
+//! Every connection is mutual TLS under the fleet CA; the caller must hold an agent
+//! certificate whose name is the grant's target. What it may ask: rsync's sender half
+//! (argv checked by [`crate::rsync_args`], paths resolved inside the grant), a database dump
+//! (framed), or the databases' manifest.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bmfleet_proto::identity::{peer_identity, Role};
+use bmfleet_proto::tls::accept_tls;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::Command;
+use tokio_stream::StreamExt;
+
+use crate::config::AgentConfig;
+use crate::config_set;
+use crate::grants::{AdmitError, Grant, GrantStore};
+use crate::pg;
+use crate::rsync_args::parse_sender;
+use crate::tunnel::{
+    end_framed, read_json_line, send_framed, write_json_line, TunnelReply, TunnelRequest,
+};
+
+/// How long a client has to send its request line.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the data plane needs.
+pub struct DataPlane {
+    /// The agent's configuration.
+    pub config: Arc<AgentConfig>,
+    /// The grants.
+    pub grants: Arc<GrantStore>,
+}
+
+/// The manifest reply: every database's tables, and BlueMind's database credentials (sent
+/// only to the admitted target, which must give its own role the same password because the
+/// config copy brings the origin's bm.ini).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ManifestReply {
+    /// Databases present on the origin, with their tables.
+    pub databases: Vec<pg::DatabaseManifest>,
+    /// BlueMind's database user.
+    pub user: String,
+    /// Its password.
+    pub password: String,
+}
+
+type Stream = BufReader<tokio_rustls::server::TlsStream<TcpStream>>;
+
+impl DataPlane {
+    /// Serves the data plane on `listener` with the agent's TLS server configuration.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
+        let mut incoming = accept_tls(listener, tls);
+        while let Some(conn) = incoming.next().await {
+            let Ok(conn) = conn else { continue };
+            let plane = self.clone();
+            tokio::spawn(async move { plane.handle(conn).await });
+        }
+    }
+
+    async fn handle(&self, conn: tokio_rustls::server::TlsStream<TcpStream>) {
+        let peer = conn.get_ref().0.peer_addr().ok();
+        let caller = conn
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| peer_identity(c));
+        let mut stream = BufReader::new(conn);
+        let request: TunnelRequest =
+            match tokio::time::timeout(HEADER_TIMEOUT, read_json_line(&mut stream)).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => {
+                    tracing::warn!(?peer, error = %e, "data plane: bad request line");
+                    let _ = refuse(&mut stream, format!("bad request line: {e}")).await;
+                    return;
+                }
+                Err(_) => return,
+            };
+        let caller = match caller {
+            Some(Ok(id)) if id.role == Role::Agent => id,
+            Some(Ok(id)) => {
+                let _ = refuse(&mut stream, format!("certificate {id} is not an agent's")).await;
+                return;
+            }
+            _ => {
+                let _ = refuse(&mut stream, "no usable client certificate".into()).await;
+                return;
+            }
+        };
+        let grant_id = match &request {
+            TunnelRequest::Rsync { grant, .. }
+            | TunnelRequest::DumpDatabase { grant, .. }
+            | TunnelRequest::DatabaseManifest { grant } => grant.clone(),
+        };
+        let now = crate::server::now_ms();
+        let grant = match self.grants.admit(&grant_id, &caller.name, now) {
+            Ok(g) => g,
+            Err(e) => {
+                if let AdmitError::Store(_) = e {
+                    tracing::error!(error = %e, "grant store failed");
+                }
+                tracing::warn!(?peer, caller = %caller, error = %e, "data plane: refused");
+                let _ = refuse(&mut stream, e.to_string()).await;
+                return;
+            }
+        };
+        let outcome = match request {
+            TunnelRequest::Rsync { argv, .. } => self.rsync(&grant, &argv, &mut stream).await,
+            TunnelRequest::DumpDatabase {
+                database,
+                directory_jobs,
+                ..
+            } => {
+                self.dump(&grant, &database, directory_jobs, &mut stream)
+                    .await
+            }
+            TunnelRequest::DatabaseManifest { .. } => self.manifest(&grant, &mut stream).await,
+        };
+        match outcome {
+            Ok(()) => {
+                tracing::info!(?peer, caller = %caller.name, grant = %grant.id, "data plane: served")
+            }
+            Err(reason) => {
+                tracing::warn!(?peer, caller = %caller.name, grant = %grant.id, %reason, "data plane: refused or failed");
+                let _ = refuse(&mut stream, reason).await;
+            }
+        }
+    }
+
+    /// rsync's sender half. Refusals are returned before anything is admitted.
+    async fn rsync(
+        &self,
+        grant: &Grant,
+        argv: &[String],
+        stream: &mut Stream,
+    ) -> Result<(), String> {
+        let args = parse_sender(argv).map_err(|e| e.to_string())?;
+        let root = &self.config.data_root;
+        let list_file;
+        let (host_paths, list) = if args.config_set {
+            grant.require_config_set().map_err(|e| e.to_string())?;
+            if args.paths != ["/"] {
+                return Err("refused: the configuration file set is pulled from \"/\" only".into());
+            }
+            let entries = config_set::list(&self.config.config_set.patterns, root);
+            list_file = tempfile::NamedTempFile::new_in(&self.config.state_dir)
+                .map_err(|e| format!("cannot write the file list: {e}"))?;
+            std::fs::write(list_file.path(), config_set::list_text(&entries))
+                .map_err(|e| format!("cannot write the file list: {e}"))?;
+            (vec![format!("{}/", root.display())], Some(list_file.path()))
+        } else {
+            let paths = args
+                .paths
+                .iter()
+                .map(|p| grant.resolve(p, root))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| e.to_string())?;
+            (paths, None)
+        };
+        let server_argv = args.server_argv(&host_paths, list);
+        let mut child = Command::new(&self.config.data_plane.rsync)
+            .args(&server_argv[1..])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot start rsync on the origin: {e}"))?;
+        write_json_line(
+            stream,
+            &TunnelReply {
+                ok: true,
+                error: String::new(),
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let (Some(stdin), Some(stdout), Some(mut stderr)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            return Ok(());
+        };
+        let errors = tokio::spawn(async move {
+            let mut text = String::new();
+            let _ = stderr.read_to_string(&mut text).await;
+            text
+        });
+        // rsync's output ends when the transfer does (or rsync dies): that ends the relay.
+        // The client's input is relayed meanwhile; when the client goes away, rsync loses its
+        // input, ends, and so does the relay.
+        let copied = crate::tunnel::relay(stream, stdout, stdin).await;
+        let status = child.wait().await;
+        let stderr = errors.await.unwrap_or_default();
+        if let Err(e) = copied {
+            tracing::info!(error = %e, "rsync tunnel closed");
+        }
+        match status {
+            Ok(s) if s.success() => {}
+            Ok(s) => {
+                tracing::warn!(status = %s, stderr = %stderr.trim(), "origin rsync ended with an error")
+            }
+            Err(e) => tracing::warn!(error = %e, "origin rsync"),
+        }
+        Ok(())
+    }
+
+    fn bluemind_connection(&self) -> pg::Connection {
+        let pg_config = &self.config.postgresql;
+        let password = pg::bluemind_password(
+            &self.config.host_path(Path::new("/etc/bm/bm.ini")),
+            &pg_config.password,
+        );
+        pg::Connection::bluemind(pg_config, password)
+    }
+
+    async fn dump(
+        &self,
+        grant: &Grant,
+        database: &str,
+        directory_jobs: u32,
+        stream: &mut Stream,
+    ) -> Result<(), String> {
+        grant.require_databases().map_err(|e| e.to_string())?;
+        if !self
+            .config
+            .postgresql
+            .databases
+            .iter()
+            .any(|d| d == database)
+        {
+            return Err(format!(
+                "refused: {database} is not one of BlueMind's databases"
+            ));
+        }
+        let conn = self.bluemind_connection();
+        if directory_jobs == 0 {
+            let mut child = conn
+                .command("pg_dump", database)
+                .arg("--no-sync")
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .map_err(|e| format!("cannot start pg_dump: {e}"))?;
+            write_json_line(
+                stream,
+                &TunnelReply {
+                    ok: true,
+                    error: String::new(),
+                },
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            let mut stdout = child.stdout.take().ok_or("pg_dump has no stdout")?;
+            let sent = send_framed(&mut stdout, stream).await;
+            let out = child.wait_with_output().await;
+            let outcome = finish("pg_dump", sent.map(|_| ()), out);
+            end_framed(stream, &outcome)
+                .await
+                .map_err(|e| e.to_string())?;
+            return Ok(());
+        }
+        // Directory format: dump with N jobs into a private temporary dir, then stream a tar
+        // of it; the dir is removed when done.
+        let dir = tempfile::tempdir_in(&self.config.state_dir)
+            .map_err(|e| format!("cannot make a dump dir: {e}"))?;
+        let dump_dir = dir.path().join("dump");
+        let out = conn
+            .command("pg_dump", database)
+            .args([
+                "--no-sync",
+                "-F",
+                "d",
+                "-j",
+                &directory_jobs.to_string(),
+                "-f",
+            ])
+            .arg(&dump_dir)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(|e| format!("cannot start pg_dump: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "pg_dump -Fd failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let mut tar = Command::new("tar")
+            .arg("-C")
+            .arg(&dump_dir)
+            .args(["-cf", "-", "."])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot start tar: {e}"))?;
+        write_json_line(
+            stream,
+            &TunnelReply {
+                ok: true,
+                error: String::new(),
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let mut stdout = tar.stdout.take().ok_or("tar has no stdout")?;
+        let sent = send_framed(&mut stdout, stream).await;
+        let out = tar.wait_with_output().await;
+        let outcome = finish("tar", sent.map(|_| ()), out);
+        end_framed(stream, &outcome)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn manifest(&self, grant: &Grant, stream: &mut Stream) -> Result<(), String> {
+        grant.require_databases().map_err(|e| e.to_string())?;
+        let conn = self.bluemind_connection();
+        let existing = conn
+            .existing_databases(&self.config.postgresql.databases)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut databases = Vec::new();
+        for db in existing {
+            databases.push(conn.manifest(&db).await.map_err(|e| e.to_string())?);
+        }
+        let pg_config = &self.config.postgresql;
+        let reply = ManifestReply {
+            databases,
+            user: pg_config.user.clone(),
+            password: pg::bluemind_password(
+                &self.config.host_path(Path::new("/etc/bm/bm.ini")),
+                &pg_config.password,
+            ),
+        };
+        write_json_line(
+            stream,
+            &TunnelReply {
+                ok: true,
+                error: String::new(),
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        write_json_line(stream, &reply)
+            .await
+            .map_err(|e| e.to_string())?;
+        stream.shutdown().await.map_err(|e| e.to_string())
+    }
+}
+
+/// The end-frame outcome of a streamed child.
+fn finish(
+    program: &str,
+    sent: std::io::Result<()>,
+    out: std::io::Result<std::process::Output>,
+) -> TunnelReply {
+    let error = match (sent, out) {
+        (Err(e), _) => format!("streaming {program}'s output: {e}"),
+        (_, Err(e)) => format!("waiting for {program}: {e}"),
+        (Ok(()), Ok(out)) if !out.status.success() => format!(
+            "{program} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+        _ => String::new(),
+    };
+    TunnelReply {
+        ok: error.is_empty(),
+        error,
+    }
+}
+
+async fn refuse(stream: &mut Stream, error: String) -> std::io::Result<()> {
+    write_json_line(stream, &TunnelReply { ok: false, error }).await?;
+    stream.shutdown().await
+}

@@ -1,0 +1,392 @@
+//! Grants: the orchestrator's permission for one target to read a scope of this origin
+//! (data dirs, the config file set, the databases) until an expiry. The origin's data plane
+//! serves nothing without one. Grants arrive over the orchestrator's mutual-TLS channel, so
+//! their authenticity is that channel's; they are kept in SQLite across restarts.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use bmfleet_proto::v1::GrantRequest;
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::rsync_args::clean_absolute;
+
+/// A grant as the origin keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// Unguessable id.
+    pub id: String,
+    /// The only target agent allowed to use it.
+    pub target_name: String,
+    /// The migration it belongs to.
+    pub migration: String,
+    /// BlueMind data dirs that may be read (and everything below them).
+    pub paths: Vec<PathBuf>,
+    /// The configuration file set may be copied.
+    pub config_set: bool,
+    /// The databases may be dumped.
+    pub databases: bool,
+    /// Expiry, Unix ms.
+    pub expires_at_ms: i64,
+}
+
+/// Why the origin refuses to serve a request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The id is unknown (never granted, revoked, or forged).
+    #[error("refused: no grant {0} on this origin (never issued, revoked, or forged)")]
+    Unknown(String),
+    /// Past its expiry.
+    #[error("refused: grant {id} expired at {expired_at_ms} (Unix ms)")]
+    Expired {
+        /// The grant.
+        id: String,
+        /// When it expired.
+        expired_at_ms: i64,
+    },
+    /// Issued to another target.
+    #[error("refused: grant {id} was issued to '{granted}', not to '{caller}'")]
+    WrongTarget {
+        /// The grant.
+        id: String,
+        /// Its target.
+        granted: String,
+        /// Who presented it.
+        caller: String,
+    },
+    /// The grant does not cover what was asked.
+    #[error("refused: grant {id} does not cover {what}")]
+    OutOfScope {
+        /// The grant.
+        id: String,
+        /// What was asked.
+        what: String,
+    },
+}
+
+/// A grant store failure.
+#[derive(Debug, thiserror::Error)]
+#[error("grant store {path}: {source}")]
+pub struct GrantStoreError {
+    path: String,
+    source: rusqlite::Error,
+}
+
+/// An invalid grant request.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid grant: {0}")]
+pub struct InvalidGrant(pub String);
+
+impl Grant {
+    /// Checks and converts an orchestrator's grant request.
+    pub fn from_request(req: &GrantRequest) -> Result<Self, InvalidGrant> {
+        if req.grant_id.len() < 16
+            || !req
+                .grant_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
+            return Err(InvalidGrant(
+                "grant_id must be at least 16 characters of letters, digits and '-'".into(),
+            ));
+        }
+        bmfleet_proto::identity::validate_name(&req.target_name).map_err(InvalidGrant)?;
+        let paths = req
+            .paths
+            .iter()
+            .map(|p| clean_absolute(p).map_err(|e| InvalidGrant(e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Grant {
+            id: req.grant_id.clone(),
+            target_name: req.target_name.clone(),
+            migration: req.migration.clone(),
+            paths,
+            config_set: req.config_set,
+            databases: req.databases,
+            expires_at_ms: req.expires_at_unix_ms,
+        })
+    }
+
+    /// Checks that `caller` may use this grant at `now_ms`.
+    pub fn admit(&self, caller: &str, now_ms: i64) -> Result<(), Refusal> {
+        if now_ms >= self.expires_at_ms {
+            return Err(Refusal::Expired {
+                id: self.id.clone(),
+                expired_at_ms: self.expires_at_ms,
+            });
+        }
+        if caller != self.target_name {
+            return Err(Refusal::WrongTarget {
+                id: self.id.clone(),
+                granted: self.target_name.clone(),
+                caller: caller.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    fn out_of_scope(&self, what: String) -> Refusal {
+        Refusal::OutOfScope {
+            id: self.id.clone(),
+            what,
+        }
+    }
+
+    /// Checks the config-set scope.
+    pub fn require_config_set(&self) -> Result<(), Refusal> {
+        if self.config_set {
+            Ok(())
+        } else {
+            Err(self.out_of_scope("the configuration file set".into()))
+        }
+    }
+
+    /// Checks the databases scope.
+    pub fn require_databases(&self) -> Result<(), Refusal> {
+        if self.databases {
+            Ok(())
+        } else {
+            Err(self.out_of_scope("the databases".into()))
+        }
+    }
+
+    /// Maps a requested BlueMind path to its host path under `data_root`, refusing anything
+    /// outside the granted dirs — symlinks included: the resolved path must stay inside the
+    /// resolved granted dir. The trailing slash is kept (it means "the dir's content").
+    pub fn resolve(&self, requested: &str, data_root: &Path) -> Result<String, Refusal> {
+        let refuse = || self.out_of_scope(format!("path {requested:?}"));
+        let asked = clean_absolute(requested).map_err(|_| refuse())?;
+        let granted = self
+            .paths
+            .iter()
+            .find(|g| asked.starts_with(g))
+            .ok_or_else(refuse)?;
+        let under_root = |p: &Path| data_root.join(p.strip_prefix("/").unwrap_or(p));
+        let host = under_root(&asked);
+        let real = host.canonicalize().map_err(|e| Refusal::OutOfScope {
+            id: self.id.clone(),
+            what: format!("path {requested:?} ({e})"),
+        })?;
+        let real_granted = under_root(granted).canonicalize().map_err(|_| refuse())?;
+        if !real.starts_with(&real_granted) {
+            return Err(self.out_of_scope(format!(
+                "path {requested:?}: it resolves to {} outside the granted {}",
+                real.display(),
+                granted.display()
+            )));
+        }
+        let mut out = real.display().to_string();
+        if requested.ends_with('/') && !out.ends_with('/') {
+            out.push('/');
+        }
+        Ok(out)
+    }
+}
+
+/// The grants of one origin.
+pub struct GrantStore {
+    conn: Mutex<Connection>,
+    path: String,
+}
+
+impl GrantStore {
+    /// Opens (or creates) the grant table in the database at `path`.
+    pub fn open(path: &Path) -> Result<Self, GrantStoreError> {
+        let display = path.display().to_string();
+        let err = |source| GrantStoreError {
+            path: display.clone(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(err)?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             CREATE TABLE IF NOT EXISTS grants (
+                 id TEXT PRIMARY KEY,
+                 target_name TEXT NOT NULL,
+                 migration TEXT NOT NULL,
+                 paths TEXT NOT NULL,
+                 config_set INTEGER NOT NULL,
+                 databases INTEGER NOT NULL,
+                 expires_at_ms INTEGER NOT NULL
+             );",
+        )
+        .map_err(err)?;
+        Ok(GrantStore {
+            conn: Mutex::new(conn),
+            path: display,
+        })
+    }
+
+    fn err(&self, source: rusqlite::Error) -> GrantStoreError {
+        GrantStoreError {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records (or replaces) a grant.
+    pub fn put(&self, grant: &Grant) -> Result<(), GrantStoreError> {
+        let paths: Vec<String> = grant
+            .paths
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        self.conn()
+            .execute(
+                "INSERT OR REPLACE INTO grants
+                 (id, target_name, migration, paths, config_set, databases, expires_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    grant.id,
+                    grant.target_name,
+                    grant.migration,
+                    paths.join("\n"),
+                    grant.config_set,
+                    grant.databases,
+                    grant.expires_at_ms
+                ],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Removes a grant; true when it existed.
+    pub fn revoke(&self, id: &str) -> Result<bool, GrantStoreError> {
+        self.conn()
+            .execute("DELETE FROM grants WHERE id = ?1", params![id])
+            .map(|n| n > 0)
+            .map_err(|e| self.err(e))
+    }
+
+    /// The grant `id`, if any.
+    pub fn get(&self, id: &str) -> Result<Option<Grant>, GrantStoreError> {
+        self.conn()
+            .query_row(
+                "SELECT id, target_name, migration, paths, config_set, databases, expires_at_ms
+                 FROM grants WHERE id = ?1",
+                params![id],
+                |r| {
+                    let paths: String = r.get(3)?;
+                    Ok(Grant {
+                        id: r.get(0)?,
+                        target_name: r.get(1)?,
+                        migration: r.get(2)?,
+                        paths: paths
+                            .lines()
+                            .filter(|l| !l.is_empty())
+                            .map(PathBuf::from)
+                            .collect(),
+                        config_set: r.get(4)?,
+                        databases: r.get(5)?,
+                        expires_at_ms: r.get(6)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Finds the grant `id` and checks `caller` may use it now.
+    pub fn admit(&self, id: &str, caller: &str, now_ms: i64) -> Result<Grant, AdmitError> {
+        let grant = self
+            .get(id)?
+            .ok_or_else(|| Refusal::Unknown(id.to_string()))?;
+        grant.admit(caller, now_ms)?;
+        Ok(grant)
+    }
+}
+
+/// A failed admission: refused, or the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AdmitError {
+    /// The request is not allowed.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] GrantStoreError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grant(paths: &[&str]) -> Grant {
+        Grant {
+            id: "g-0123456789abcdef".into(),
+            target_name: "target-1".into(),
+            migration: "m1".into(),
+            paths: paths.iter().map(PathBuf::from).collect(),
+            config_set: false,
+            databases: false,
+            expires_at_ms: 1000,
+        }
+    }
+
+    #[test]
+    fn admission_checks_expiry_then_target() {
+        let g = grant(&["/var/spool/cyrus"]);
+        assert!(g.admit("target-1", 999).is_ok());
+        assert!(matches!(
+            g.admit("target-1", 1000),
+            Err(Refusal::Expired { .. })
+        ));
+        assert!(matches!(
+            g.admit("target-2", 10),
+            Err(Refusal::WrongTarget { .. })
+        ));
+        assert!(matches!(
+            g.require_databases(),
+            Err(Refusal::OutOfScope { .. })
+        ));
+    }
+
+    #[test]
+    fn paths_resolve_under_data_root_and_symlinks_cannot_escape() {
+        let root = tempfile::tempdir().unwrap();
+        let spool = root.path().join("var/spool/cyrus");
+        std::fs::create_dir_all(spool.join("user")).unwrap();
+        std::fs::create_dir_all(root.path().join("etc")).unwrap();
+        std::os::unix::fs::symlink(root.path().join("etc"), spool.join("escape")).unwrap();
+        let g = grant(&["/var/spool/cyrus"]);
+        let real_spool = spool.canonicalize().unwrap();
+        assert_eq!(
+            g.resolve("/var/spool/cyrus/", root.path()).unwrap(),
+            format!("{}/", real_spool.display())
+        );
+        assert!(g.resolve("/var/spool/cyrus/user", root.path()).is_ok());
+        for bad in [
+            "/var/spool/cyrus/escape/",
+            "/etc",
+            "/var/spool/cyrus/../../../etc",
+            "/var/spool/cyrusx",
+            "/var/spool/cyrus/missing",
+        ] {
+            assert!(
+                matches!(g.resolve(bad, root.path()), Err(Refusal::OutOfScope { .. })),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn grants_survive_reopening_and_revocation_removes_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.db");
+        let store = GrantStore::open(&path).unwrap();
+        let g = grant(&["/var/spool/cyrus", "/var/lib/cyrus"]);
+        store.put(&g).unwrap();
+        drop(store);
+        let store = GrantStore::open(&path).unwrap();
+        assert_eq!(store.get(&g.id).unwrap(), Some(g.clone()));
+        assert!(store.revoke(&g.id).unwrap());
+        assert!(matches!(
+            store.admit(&g.id, "target-1", 0),
+            Err(AdmitError::Refused(Refusal::Unknown(_)))
+        ));
+    }
+}

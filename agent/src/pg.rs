@@ -1,0 +1,295 @@
+//! BlueMind's PostgreSQL from the agent's side: where the client programs are, who connects
+//! (BlueMind's user with its password, or the administrator), and per-table manifests.
+//! Passwords travel only in the child's environment (PGPASSWORD), never in argv.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+
+use crate::config::PostgresConfig;
+
+/// The newest `/usr/lib/postgresql/N/bin`, or the configured dir.
+pub fn bin_dir(config: &PostgresConfig) -> PathBuf {
+    if let Some(dir) = &config.bin_dir {
+        return dir.clone();
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let major = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+            Some((major, e.path().join("bin")))
+        })
+        .collect();
+    versions.sort();
+    versions
+        .pop()
+        .map(|(_, p)| p)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin"))
+}
+
+/// BlueMind's database password: `password` in the origin's `/etc/bm/bm.ini` (generated from
+/// BlueMind 5.2 on), else the configured one.
+pub fn bluemind_password(bm_ini: &Path, fallback: &str) -> String {
+    std::fs::read_to_string(bm_ini)
+        .ok()
+        .and_then(|text| ini_value(&text, "password"))
+        .unwrap_or_else(|| fallback.to_string())
+}
+
+/// The value of `key` in INI text (first occurrence, any section), trimmed of quotes.
+pub fn ini_value(text: &str, key: &str) -> Option<String> {
+    text.lines().find_map(|line| {
+        let line = line.trim();
+        if line.starts_with(['#', ';', '[']) {
+            return None;
+        }
+        let (k, v) = line.split_once('=')?;
+        (k.trim() == key).then(|| v.trim().trim_matches('"').to_string())
+    })
+}
+
+/// A way to run PostgreSQL client programs: as BlueMind's user or as the administrator.
+#[derive(Clone)]
+pub struct Connection {
+    prefix: Vec<String>,
+    bin: PathBuf,
+    host: String,
+    port: u16,
+    user: String,
+    password: Option<String>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A PostgreSQL client program failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{program} {what}: {detail}")]
+pub struct PgError {
+    /// The program.
+    pub program: String,
+    /// What it was doing.
+    pub what: String,
+    /// Its stderr or the spawn error.
+    pub detail: String,
+}
+
+impl Connection {
+    /// BlueMind's user, with `password`.
+    pub fn bluemind(config: &PostgresConfig, password: String) -> Self {
+        Connection {
+            prefix: Vec::new(),
+            bin: bin_dir(config),
+            host: config.host.clone(),
+            port: config.port,
+            user: config.user.clone(),
+            password: Some(password),
+        }
+    }
+
+    /// The administrator (peer or trust authentication through the command prefix).
+    pub fn admin(config: &PostgresConfig) -> Self {
+        Connection {
+            prefix: config.admin_command_prefix.clone(),
+            bin: bin_dir(config),
+            host: config.admin_host.clone(),
+            port: config.port,
+            user: config.admin_user.clone(),
+            password: None,
+        }
+    }
+
+    /// A command running `program` (pg_dump, psql, pg_restore) against `database`.
+    pub fn command(&self, program: &str, database: &str) -> Command {
+        let exe = self.bin.join(program);
+        let mut argv: Vec<String> = self.prefix.clone();
+        argv.push(exe.display().to_string());
+        argv.extend([
+            "-h".into(),
+            self.host.clone(),
+            "-p".into(),
+            self.port.to_string(),
+            "-U".into(),
+            self.user.clone(),
+            "-d".into(),
+            database.to_string(),
+            "-w".into(),
+        ]);
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .kill_on_drop(true)
+            .env_remove("PGPASSWORD");
+        if let Some(pw) = &self.password {
+            cmd.env("PGPASSWORD", pw);
+        }
+        cmd
+    }
+
+    /// Runs SQL (given on stdin, so it never shows in argv) with psql; returns stdout.
+    pub async fn psql(&self, database: &str, sql: &str) -> Result<String, PgError> {
+        let err = |what: &str, detail: String| PgError {
+            program: "psql".into(),
+            what: format!("{what} ({database})"),
+            detail,
+        };
+        let mut child = self
+            .command("psql", database)
+            .args(["-X", "-q", "-A", "-t", "-F", "\t", "-v", "ON_ERROR_STOP=1"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| err("cannot start", e.to_string()))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(sql.as_bytes())
+                .await
+                .map_err(|e| err("writing SQL", e.to_string()))?;
+        }
+        let out = child
+            .wait_with_output()
+            .await
+            .map_err(|e| err("waiting", e.to_string()))?;
+        if !out.status.success() {
+            return Err(err(
+                "failed",
+                String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Which of `wanted` exist on the server.
+    pub async fn existing_databases(&self, wanted: &[String]) -> Result<Vec<String>, PgError> {
+        let out = self
+            .psql(
+                "postgres",
+                "SELECT datname FROM pg_database ORDER BY datname;",
+            )
+            .await?;
+        let present: Vec<&str> = out.lines().collect();
+        Ok(wanted
+            .iter()
+            .filter(|w| present.contains(&w.as_str()))
+            .cloned()
+            .collect())
+    }
+
+    /// Rows and a content checksum of every table of `database`.
+    pub async fn manifest(&self, database: &str) -> Result<DatabaseManifest, PgError> {
+        let tables = self
+            .psql(
+                database,
+                "SELECT n.nspname, c.relname FROM pg_class c
+                 JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE c.relkind = 'r'
+                   AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+                   AND n.nspname NOT LIKE 'pg_toast%'
+                 ORDER BY 1, 2;",
+            )
+            .await?;
+        let queries: Vec<String> = tables
+            .lines()
+            .filter_map(|l| l.split_once('\t'))
+            .map(|(schema, table)| {
+                format!(
+                    "SELECT {name}, count(*), md5(coalesce(string_agg(md5(t::text), ',' ORDER BY md5(t::text)), '')) FROM ONLY {s}.{t} t",
+                    name = literal(&format!("{schema}.{table}")),
+                    s = ident(schema),
+                    t = ident(table),
+                )
+            })
+            .collect();
+        let mut manifest = DatabaseManifest {
+            name: database.to_string(),
+            tables: Vec::new(),
+        };
+        if queries.is_empty() {
+            return Ok(manifest);
+        }
+        let out = self
+            .psql(database, &format!("{};", queries.join("\nUNION ALL\n")))
+            .await?;
+        for line in out.lines() {
+            let mut parts = line.split('\t');
+            if let (Some(table), Some(rows), Some(sum)) = (parts.next(), parts.next(), parts.next())
+            {
+                manifest.tables.push(TableManifest {
+                    table: table.to_string(),
+                    rows: rows.parse().unwrap_or(0),
+                    checksum: sum.to_string(),
+                });
+            }
+        }
+        manifest.tables.sort_by(|a, b| a.table.cmp(&b.table));
+        Ok(manifest)
+    }
+}
+
+/// A quoted SQL identifier.
+pub fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A quoted SQL string literal.
+pub fn literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+/// Rows and checksums of a database's tables.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatabaseManifest {
+    /// The database.
+    pub name: String,
+    /// Its tables, by name.
+    pub tables: Vec<TableManifest>,
+}
+
+/// One table's rows and checksum (md5 over the sorted md5s of its rows' text).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableManifest {
+    /// schema.table
+    pub table: String,
+    /// Row count.
+    pub rows: u64,
+    /// Content checksum.
+    pub checksum: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bm_ini_password_is_read_from_any_section() {
+        let ini = "[global]\nhost = 198.18.0.2\n# password = old\ndbtype = PGSQL\npassword = \"s3cr=t\"\n";
+        assert_eq!(ini_value(ini, "password").as_deref(), Some("s3cr=t"));
+        assert_eq!(ini_value(ini, "login"), None);
+    }
+
+    #[test]
+    fn missing_bm_ini_falls_back_to_the_configured_password() {
+        assert_eq!(
+            bluemind_password(Path::new("/nonexistent/bm.ini"), "bj"),
+            "bj"
+        );
+    }
+
+    #[test]
+    fn sql_quoting_doubles_quotes() {
+        assert_eq!(ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(literal("it's"), "'it''s'");
+    }
+}

@@ -1,0 +1,315 @@
+//! What the origin lets a target's rsync ask for: the argv of `rsync --server --sender`,
+//! parsed and checked against an allow-list, then rebuilt by the origin itself. Pure.
+//!
+//! rsync runs its remote half as `rsync --server [--sender] <flags> [long options] . <paths>`.
+//! Only the sender (a pull from this host) is served; every option that could write to the
+//! origin, read files outside the grant, or hide the paths from this check is refused.
+
+use std::path::{Component, Path, PathBuf};
+
+/// Short flags the sender may receive (before `e.` in the flag cluster).
+/// Refused among others: `L` and `k` (follow symlinks out of the tree), `s` (paths sent
+/// inside the protocol stream, out of this check's sight).
+const ALLOWED_FLAGS: &str = "lHogDtprRvcdzxnOJAXSWN";
+/// Protocol capability letters (after `e.`).
+const ALLOWED_CAPABILITIES: &str = "iLsfxCIvu";
+/// Long options the sender may receive, with whether they take a value.
+const ALLOWED_LONG: &[(&str, bool)] = &[
+    ("--bwlimit", true),
+    ("--timeout", true),
+    ("--numeric-ids", false),
+    ("--files-from", true),
+    ("--from0", false),
+    ("--size-only", false),
+    ("--ignore-times", false),
+    ("--compress-level", true),
+    ("--checksum-choice", true),
+    ("--compress-choice", true),
+];
+
+/// The `--files-from` value that asks for the BlueMind configuration file set, which the
+/// origin lists itself (the target never names an origin file).
+pub const CONFIG_SET_TOKEN: &str = "bmfleet-config-set";
+
+/// Why a sender invocation is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ArgError {
+    /// Not an rsync server command at all.
+    #[error("not an rsync server command: {0}")]
+    NotRsync(String),
+    /// `--server` without `--sender`: the client would push into the origin.
+    #[error("refused: rsync --server without --sender would write into the origin; only pulls are served")]
+    NotSender,
+    /// An option outside the allow-list.
+    #[error("refused: rsync option {0} is not allowed by the origin")]
+    Option(String),
+    /// A short flag outside the allow-list.
+    #[error("refused: rsync flag -{0} is not allowed by the origin")]
+    Flag(char),
+    /// A malformed option value.
+    #[error("refused: invalid value for {option}: {value}")]
+    Value {
+        /// The option.
+        option: String,
+        /// The value.
+        value: String,
+    },
+    /// No `.` separator or no path after it.
+    #[error("refused: no source path in the rsync command")]
+    NoPath,
+    /// A path that is not a clean absolute path.
+    #[error("refused: path {0:?} must be absolute, without '..', '\\\\' or NUL")]
+    Path(String),
+}
+
+/// A checked sender invocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SenderArgs {
+    /// The flag cluster and long options, as the origin will pass them.
+    pub options: Vec<String>,
+    /// The requested BlueMind paths, with the trailing slash kept as asked.
+    pub paths: Vec<String>,
+    /// `--files-from` named the configuration file set.
+    pub config_set: bool,
+}
+
+impl SenderArgs {
+    /// The full argv of the origin's `rsync --server --sender`, with `paths` replaced by
+    /// the host paths and the config-set token by the origin's own list file.
+    pub fn server_argv(&self, host_paths: &[String], config_list: Option<&Path>) -> Vec<String> {
+        let mut argv = vec!["rsync".into(), "--server".into(), "--sender".into()];
+        let mut options = self.options.iter();
+        while let Some(opt) = options.next() {
+            argv.push(opt.clone());
+            if opt == "--files-from" {
+                options.next();
+                argv.push(
+                    config_list
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default(),
+                );
+            }
+        }
+        argv.push(".".into());
+        argv.extend(host_paths.iter().cloned());
+        argv
+    }
+}
+
+/// Parses and checks the remote command rsync gave its remote shell.
+pub fn parse_sender(argv: &[String]) -> Result<SenderArgs, ArgError> {
+    let words: Vec<&str> = argv.iter().map(String::as_str).collect();
+    match words.as_slice() {
+        ["rsync", "--server", "--sender", rest @ ..] => parse_rest(rest),
+        ["rsync", "--server", ..] => Err(ArgError::NotSender),
+        _ => Err(ArgError::NotRsync(argv.join(" "))),
+    }
+}
+
+fn parse_rest(rest: &[&str]) -> Result<SenderArgs, ArgError> {
+    let mut options = Vec::new();
+    let mut config_set = false;
+    let mut i = 0;
+    while i < rest.len() && rest[i] != "." {
+        let word = rest[i];
+        if let Some(long) = word.strip_prefix("--") {
+            let (name, inline) = match long.split_once('=') {
+                Some((n, v)) => (format!("--{n}"), Some(v)),
+                None => (word.to_string(), None),
+            };
+            let takes_value = ALLOWED_LONG
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| *v)
+                .ok_or_else(|| ArgError::Option(name.clone()))?;
+            let value = match (takes_value, inline) {
+                (false, None) => None,
+                (false, Some(_)) => return Err(ArgError::Option(word.to_string())),
+                (true, Some(v)) => Some(v.to_string()),
+                (true, None) => {
+                    i += 1;
+                    Some(rest.get(i).ok_or(ArgError::NoPath)?.to_string())
+                }
+            };
+            if name == "--files-from" {
+                if value.as_deref() != Some(CONFIG_SET_TOKEN) {
+                    return Err(ArgError::Value {
+                        option: name,
+                        value: value.unwrap_or_default(),
+                    });
+                }
+                config_set = true;
+                options.push(name);
+                options.push(CONFIG_SET_TOKEN.to_string());
+            } else {
+                if let Some(v) = &value {
+                    if !v
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || ".,-_".contains(c))
+                    {
+                        return Err(ArgError::Value {
+                            option: name,
+                            value: v.clone(),
+                        });
+                    }
+                }
+                options.push(match value {
+                    Some(v) => format!("{name}={v}"),
+                    None => name,
+                });
+            }
+        } else if let Some(cluster) = word.strip_prefix('-') {
+            let (flags, capabilities) = match cluster.split_once("e.") {
+                Some((f, c)) => (f, Some(c)),
+                None => (cluster, None),
+            };
+            if let Some(bad) = flags.chars().find(|c| !ALLOWED_FLAGS.contains(*c)) {
+                return Err(ArgError::Flag(bad));
+            }
+            if let Some(bad) = capabilities
+                .unwrap_or("")
+                .chars()
+                .find(|c| !ALLOWED_CAPABILITIES.contains(*c))
+            {
+                return Err(ArgError::Option(format!("-e.{bad} (protocol capability)")));
+            }
+            options.push(word.to_string());
+        } else {
+            return Err(ArgError::Option(word.to_string()));
+        }
+        i += 1;
+    }
+    let paths: Vec<String> = rest
+        .get(i + 1..)
+        .unwrap_or(&[])
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
+    if i >= rest.len() || paths.is_empty() {
+        return Err(ArgError::NoPath);
+    }
+    for p in &paths {
+        clean_absolute(p)?;
+    }
+    Ok(SenderArgs {
+        options,
+        paths,
+        config_set,
+    })
+}
+
+/// Checks that `p` is absolute, free of `..`, backslashes and NUL, and returns it as a path.
+pub fn clean_absolute(p: &str) -> Result<PathBuf, ArgError> {
+    let path = Path::new(p);
+    let clean = path.is_absolute()
+        && !p.contains('\\')
+        && !p.contains('\0')
+        && path.components().all(|c| {
+            matches!(
+                c,
+                Component::RootDir | Component::Normal(_) | Component::CurDir
+            )
+        });
+    if clean {
+        Ok(path.to_path_buf())
+    } else {
+        Err(ArgError::Path(p.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn argv(s: &str) -> Vec<String> {
+        s.split(' ').map(str::to_string).collect()
+    }
+
+    #[test]
+    fn a_pull_as_rsync_sends_it_is_accepted_and_rebuilt() {
+        let parsed = parse_sender(&argv(
+            "rsync --server --sender -lHogDtpre.iLsfxCIvu --bwlimit=1000 . /var/spool/cyrus/",
+        ))
+        .unwrap();
+        assert_eq!(parsed.paths, ["/var/spool/cyrus/"]);
+        assert!(!parsed.config_set);
+        assert_eq!(
+            parsed.server_argv(&["/lab/o1/var/spool/cyrus/".into()], None),
+            argv("rsync --server --sender -lHogDtpre.iLsfxCIvu --bwlimit=1000 . /lab/o1/var/spool/cyrus/")
+        );
+    }
+
+    #[test]
+    fn the_config_set_is_named_by_token_and_replaced_by_the_origin_list() {
+        let parsed = parse_sender(&argv(
+            "rsync --server --sender -logDtpRe.LsfxCIvu --files-from bmfleet-config-set . /",
+        ))
+        .unwrap();
+        assert!(parsed.config_set);
+        assert_eq!(
+            parsed.server_argv(&["/lab/o1/".into()], Some(Path::new("/run/list"))),
+            argv("rsync --server --sender -logDtpRe.LsfxCIvu --files-from /run/list . /lab/o1/")
+        );
+    }
+
+    #[test]
+    fn refusals_name_what_was_refused() {
+        let cases: &[(&str, ArgError)] = &[
+            (
+                "rsync --server -lHogDtpre.iLsfxCIvu . /var/spool/cyrus/",
+                ArgError::NotSender,
+            ),
+            ("sh -c id", ArgError::NotRsync("sh -c id".into())),
+            (
+                "rsync --server --sender --remove-source-files -lr . /var/spool/cyrus/",
+                ArgError::Option("--remove-source-files".into()),
+            ),
+            (
+                "rsync --server --sender --log-file=/etc/passwd -lr . /x",
+                ArgError::Option("--log-file".into()),
+            ),
+            (
+                "rsync --server --sender --write-batch=/tmp/b -lr . /x",
+                ArgError::Option("--write-batch".into()),
+            ),
+            (
+                "rsync --server --sender -slHogDtpre.iLsfxCIvu",
+                ArgError::Flag('s'),
+            ),
+            (
+                "rsync --server --sender -Lre.iLsfxCIvu . /x",
+                ArgError::Flag('L'),
+            ),
+            (
+                "rsync --server --sender -kre.iLsfxCIvu . /x",
+                ArgError::Flag('k'),
+            ),
+            (
+                "rsync --server --sender -lre.iLsfxCIvu --files-from /etc/shadow . /",
+                ArgError::Value {
+                    option: "--files-from".into(),
+                    value: "/etc/shadow".into(),
+                },
+            ),
+            ("rsync --server --sender -lre.iLsfxCIvu .", ArgError::NoPath),
+            (
+                "rsync --server --sender -lre.iLsfxCIvu . /var/spool/cyrus/../../etc",
+                ArgError::Path("/var/spool/cyrus/../../etc".into()),
+            ),
+            (
+                "rsync --server --sender -lre.iLsfxCIvu . var/spool",
+                ArgError::Path("var/spool".into()),
+            ),
+            (
+                "rsync --server --sender -lre.iLsfxCIvu --timeout=1;id . /x",
+                ArgError::Value {
+                    option: "--timeout".into(),
+                    value: "1;id".into(),
+                },
+            ),
+        ];
+        for (cmd, expected) in cases {
+            assert_eq!(parse_sender(&argv(cmd)).unwrap_err(), *expected, "{cmd}");
+        }
+    }
+}

@@ -1,0 +1,332 @@
+//! The agents' data-plane wire: a target opens a mutual-TLS connection to the origin's data
+//! listener, sends one JSON line naming its grant and what it wants, and reads one JSON line
+//! back. After an admission, the connection carries rsync's own protocol (raw, both ways) or
+//! framed streams (dumps, manifests).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bmfleet_proto::v1::OriginEndpoint;
+use rustls::pki_types::ServerName;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+/// The longest header or reply line accepted.
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// What a target asks of the origin's data plane.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TunnelRequest {
+    /// Run `rsync --server --sender` with (a checked version of) this argv.
+    Rsync {
+        /// The grant id.
+        grant: String,
+        /// The remote command rsync gave its remote shell.
+        argv: Vec<String>,
+    },
+    /// Stream a dump of one database.
+    DumpDatabase {
+        /// The grant id.
+        grant: String,
+        /// The database.
+        database: String,
+        /// Directory format with this many jobs (tar-streamed), or plain SQL when 0.
+        directory_jobs: u32,
+    },
+    /// The databases' per-table manifest (and what the target needs to own them).
+    DatabaseManifest {
+        /// The grant id.
+        grant: String,
+    },
+}
+
+/// The origin's answer to a request line.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TunnelReply {
+    /// Admitted?
+    pub ok: bool,
+    /// Why not.
+    #[serde(default)]
+    pub error: String,
+}
+
+/// Why a tunnel could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    /// TCP or TLS failed.
+    #[error("cannot reach the origin {name} at {address}: {detail}")]
+    Connect {
+        /// Origin name.
+        name: String,
+        /// Origin address.
+        address: String,
+        /// Why.
+        detail: String,
+    },
+    /// The origin refused the request.
+    #[error("the origin {name} refused: {reason}")]
+    Refused {
+        /// Origin name.
+        name: String,
+        /// Its reason.
+        reason: String,
+    },
+    /// The origin broke the wire protocol.
+    #[error("protocol error with the origin: {0}")]
+    Protocol(String),
+}
+
+/// A connection to the origin's data plane after admission.
+pub type Tunnel = BufReader<tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// Opens a tunnel to `origin`, presenting the target's identity, and asks for `request`.
+pub async fn open(
+    origin: &OriginEndpoint,
+    tls: Arc<rustls::ClientConfig>,
+    request: &TunnelRequest,
+    timeout: Duration,
+) -> Result<Tunnel, TunnelError> {
+    let connect_err = |detail: String| TunnelError::Connect {
+        name: origin.name.clone(),
+        address: origin.address.clone(),
+        detail,
+    };
+    let server_name = ServerName::try_from(origin.name.clone())
+        .map_err(|e| connect_err(format!("invalid origin name: {e}")))?;
+    let admitted = async {
+        let tcp = TcpStream::connect(origin.address.as_str())
+            .await
+            .map_err(|e| connect_err(e.to_string()))?;
+        tcp.set_nodelay(true)
+            .map_err(|e| connect_err(e.to_string()))?;
+        let tls = tokio_rustls::TlsConnector::from(tls)
+            .connect(server_name, tcp)
+            .await
+            .map_err(|e| connect_err(bmfleet_proto::error_chain::describe(&e)))?;
+        let mut stream = BufReader::new(tls);
+        write_json_line(&mut stream, request)
+            .await
+            .map_err(|e| connect_err(bmfleet_proto::error_chain::describe(&e)))?;
+        let reply: TunnelReply = read_json_line(&mut stream).await.map_err(|e| match e {
+            LineError::Io(e) => connect_err(bmfleet_proto::error_chain::describe(&e)),
+            other => TunnelError::Protocol(other.to_string()),
+        })?;
+        if !reply.ok {
+            return Err(TunnelError::Refused {
+                name: origin.name.clone(),
+                reason: reply.error,
+            });
+        }
+        Ok(stream)
+    };
+    tokio::time::timeout(timeout, admitted)
+        .await
+        .map_err(|_| connect_err(format!("no admission within {}s", timeout.as_secs())))?
+}
+
+/// Relays a tunnel to a local pair of pipes until `source` (what flows into the tunnel)
+/// ends, then closes the tunnel's sending side. Meanwhile the tunnel's input is copied into
+/// `sink`, which is dropped (closed) as soon as that input ends. Returns the bytes sent.
+pub async fn relay<T, R, W>(tunnel: &mut T, mut source: R, mut sink: W) -> std::io::Result<u64>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let (mut from_tunnel, mut to_tunnel) = tokio::io::split(tunnel);
+    let inbound = async move {
+        let _ = tokio::io::copy(&mut from_tunnel, &mut sink).await;
+        let _ = sink.shutdown().await;
+        drop(sink);
+    };
+    let outbound = async move {
+        let sent = tokio::io::copy(&mut source, &mut to_tunnel).await;
+        let _ = to_tunnel.shutdown().await;
+        sent
+    };
+    tokio::pin!(inbound, outbound);
+    tokio::select! {
+        sent = &mut outbound => sent,
+        _ = &mut inbound => outbound.await,
+    }
+}
+
+/// A JSON line could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum LineError {
+    /// The connection failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The peer closed before a line.
+    #[error("connection closed before a complete line")]
+    Closed,
+    /// Over [`MAX_LINE`].
+    #[error("line longer than {MAX_LINE} bytes")]
+    TooLong,
+    /// Not the expected JSON.
+    #[error("malformed line: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// Reads one newline-terminated JSON value.
+pub async fn read_json_line<R, T>(reader: &mut R) -> Result<T, LineError>
+where
+    R: AsyncBufReadExt + Unpin,
+    T: for<'de> Deserialize<'de>,
+{
+    let mut line = Vec::new();
+    let n = (&mut *reader)
+        .take(MAX_LINE as u64 + 1)
+        .read_until(b'\n', &mut line)
+        .await?;
+    if n == 0 || line.last() != Some(&b'\n') {
+        return Err(if n > MAX_LINE {
+            LineError::TooLong
+        } else {
+            LineError::Closed
+        });
+    }
+    Ok(serde_json::from_slice(&line)?)
+}
+
+/// Writes one JSON value and a newline, and flushes.
+pub async fn write_json_line<W, T>(writer: &mut W, value: &T) -> std::io::Result<()>
+where
+    W: AsyncWrite + Unpin,
+    T: Serialize,
+{
+    let mut line = serde_json::to_vec(value).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    writer.write_all(&line).await?;
+    writer.flush().await
+}
+
+/// Frame kinds of a framed stream: data, then one end frame with a JSON [`TunnelReply`].
+const FRAME_DATA: u8 = 0;
+const FRAME_END: u8 = 1;
+/// Largest data frame.
+pub const FRAME_MAX: usize = 256 * 1024;
+
+/// Copies `source` to `sink` as data frames, then writes the end frame for `outcome`.
+/// Returns the number of payload bytes.
+pub async fn send_framed<R, W>(source: &mut R, sink: &mut W) -> std::io::Result<u64>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; FRAME_MAX];
+    let mut total = 0u64;
+    loop {
+        let n = source.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(total);
+        }
+        sink.write_u8(FRAME_DATA).await?;
+        sink.write_u32(n as u32).await?;
+        sink.write_all(&buf[..n]).await?;
+        total += n as u64;
+    }
+}
+
+/// Writes the end frame of a framed stream.
+pub async fn end_framed<W: AsyncWrite + Unpin>(
+    sink: &mut W,
+    outcome: &TunnelReply,
+) -> std::io::Result<()> {
+    let json = serde_json::to_vec(outcome).map_err(std::io::Error::other)?;
+    sink.write_u8(FRAME_END).await?;
+    sink.write_u32(json.len() as u32).await?;
+    sink.write_all(&json).await?;
+    sink.flush().await
+}
+
+/// Copies the data frames of `source` into `sink` until the end frame, which it returns
+/// with the payload byte count.
+pub async fn receive_framed<R, W>(
+    source: &mut R,
+    sink: &mut W,
+) -> std::io::Result<(TunnelReply, u64)>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; FRAME_MAX];
+    let mut total = 0u64;
+    loop {
+        let kind = source.read_u8().await?;
+        let len = source.read_u32().await? as usize;
+        if len > FRAME_MAX {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("frame of {len} bytes exceeds {FRAME_MAX}"),
+            ));
+        }
+        source.read_exact(&mut buf[..len]).await?;
+        match kind {
+            FRAME_DATA => {
+                sink.write_all(&buf[..len]).await?;
+                total += len as u64;
+            }
+            FRAME_END => {
+                sink.flush().await?;
+                let outcome = serde_json::from_slice(&buf[..len])
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+                return Ok((outcome, total));
+            }
+            other => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("unknown frame kind {other}"),
+                ))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn framed_streams_round_trip_with_their_outcome() {
+        let payload: Vec<u8> = (0..600_000u32).map(|i| (i % 251) as u8).collect();
+        let mut wire = Vec::new();
+        let sent = send_framed(&mut payload.as_slice(), &mut wire)
+            .await
+            .unwrap();
+        let outcome = TunnelReply {
+            ok: false,
+            error: "pg_dump exited with code 1".into(),
+        };
+        end_framed(&mut wire, &outcome).await.unwrap();
+        let mut out = Vec::new();
+        let (got, received) = receive_framed(&mut wire.as_slice(), &mut out)
+            .await
+            .unwrap();
+        assert_eq!((sent, received), (600_000, 600_000));
+        assert_eq!(out, payload);
+        assert_eq!(got, outcome);
+    }
+
+    #[tokio::test]
+    async fn a_truncated_stream_is_an_error_not_an_end() {
+        let mut wire = Vec::new();
+        send_framed(&mut &b"partial"[..], &mut wire).await.unwrap();
+        let mut out = Vec::new();
+        assert!(receive_framed(&mut wire.as_slice(), &mut out)
+            .await
+            .is_err());
+    }
+
+    #[tokio::test]
+    async fn json_lines_refuse_oversized_and_unterminated_input() {
+        let long = vec![b'a'; MAX_LINE + 10];
+        let r: Result<TunnelReply, _> = read_json_line(&mut BufReader::new(long.as_slice())).await;
+        assert!(matches!(r, Err(LineError::TooLong)));
+        let r: Result<TunnelReply, _> =
+            read_json_line(&mut BufReader::new(&b"{\"ok\":true}"[..])).await;
+        assert!(matches!(r, Err(LineError::Closed)));
+    }
+}

@@ -1,0 +1,997 @@
+//! The data plane on real rsync and real PostgreSQL over loopback: a target agent pulls from
+//! an origin agent through the grant-scoped mutual-TLS tunnel.
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bmfleet_agent::config::AgentConfig;
+use bmfleet_agent::tunnel::{self, TunnelError, TunnelRequest};
+use bmfleet_proto::identity::Role;
+use bmfleet_proto::tls::{LocalIdentity, TlsFiles};
+use bmfleet_proto::v1::agent_client::AgentClient;
+use bmfleet_proto::v1::{
+    CopyConfigRequest, DumpFormat, GrantRequest, MoveDatabasesRequest, OriginEndpoint, PullEvent,
+    PullRequest,
+};
+use bmfleet_tests::{
+    agent_client, agent_config, free_port, open_tempdir, serve_agent, PgCluster, Served, TestPki,
+};
+use sha2::{Digest, Sha256};
+use tonic::transport::Channel;
+
+const SPOOL: &str = "/var/spool/cyrus";
+
+struct Pair {
+    pki: TestPki,
+    dir: tempfile::TempDir,
+    origin_config: AgentConfig,
+    target_config: AgentConfig,
+    target_files: TlsFiles,
+    origin: AgentClient<Channel>,
+    target: AgentClient<Channel>,
+    data_address: String,
+    _agents: (Served, Served),
+}
+
+impl Pair {
+    async fn new(origin_pg: Option<&PgCluster>, target_pg: Option<&PgCluster>) -> Pair {
+        let pki = TestPki::new();
+        let dir = open_tempdir();
+        let origin_files = pki.issue("origin-1", Role::Agent);
+        let target_files = pki.issue("target-1", Role::Agent);
+        let mut origin_config = agent_config(origin_files, &dir.path().join("origin"), vec![]);
+        let data_address = format!("127.0.0.1:{}", free_port());
+        origin_config.data_listen = Some(data_address.parse().unwrap());
+        let mut target_config =
+            agent_config(target_files.clone(), &dir.path().join("target"), vec![]);
+        if let Some(pg) = origin_pg {
+            origin_config.postgresql = pg.agent_settings();
+        }
+        if let Some(pg) = target_pg {
+            target_config.postgresql = pg.agent_settings();
+        }
+        target_config.config_set.postmap_command = vec![
+            "sh".into(),
+            "-c".into(),
+            "printf 'rebuilt from %s\\n' \"$0\" > \"$0.db\"".into(),
+        ];
+        for c in [&origin_config, &target_config] {
+            std::fs::create_dir_all(&c.data_root).unwrap();
+            std::fs::create_dir_all(&c.state_dir).unwrap();
+            std::fs::set_permissions(
+                c.state_dir.parent().unwrap(),
+                std::fs::Permissions::from_mode(0o755),
+            )
+            .unwrap();
+        }
+        let origin_agent = serve_agent(origin_config.clone()).await;
+        let target_agent = serve_agent(target_config.clone()).await;
+        let orch = pki.issue("orchestrator", Role::Orchestrator);
+        let origin = agent_client(
+            &pki.ca_path(),
+            Some(&orch),
+            Role::Orchestrator,
+            origin_agent.addr,
+            "origin-1",
+        );
+        let target = agent_client(
+            &pki.ca_path(),
+            Some(&orch),
+            Role::Orchestrator,
+            target_agent.addr,
+            "target-1",
+        );
+        Pair {
+            pki,
+            dir,
+            origin_config,
+            target_config,
+            target_files,
+            origin,
+            target,
+            data_address,
+            _agents: (origin_agent, target_agent),
+        }
+    }
+
+    fn origin_root(&self) -> PathBuf {
+        self.origin_config.data_root.clone()
+    }
+
+    fn target_root(&self) -> PathBuf {
+        self.target_config.data_root.clone()
+    }
+
+    async fn grant(&mut self, id: &str, target: &str, paths: &[&str], expires_in_ms: i64) {
+        self.grant_with(GrantRequest {
+            grant_id: id.into(),
+            target_name: target.into(),
+            migration: "m1".into(),
+            paths: paths.iter().map(|p| p.to_string()).collect(),
+            config_set: false,
+            databases: false,
+            expires_at_unix_ms: bmfleet_agent::server::now_ms() + expires_in_ms,
+        })
+        .await;
+    }
+
+    async fn grant_with(&mut self, req: GrantRequest) {
+        self.origin.grant(req).await.expect("grant");
+    }
+
+    fn endpoint(&self, grant: &str) -> OriginEndpoint {
+        OriginEndpoint {
+            address: self.data_address.clone(),
+            name: "origin-1".into(),
+            grant_id: grant.into(),
+        }
+    }
+
+    /// Pulls and returns the final event (and how many progress events came before it).
+    async fn pull(&mut self, op: &str, grant: &str, bwlimit_kib: u32) -> (PullEvent, usize) {
+        let mut stream = self
+            .target
+            .pull(PullRequest {
+                operation_id: op.into(),
+                origin: Some(self.endpoint(grant)),
+                path: SPOOL.into(),
+                bwlimit_kib,
+            })
+            .await
+            .expect("pull")
+            .into_inner();
+        let mut progress = 0;
+        while let Some(event) = stream.message().await.expect("pull stream") {
+            if event.done {
+                return (event, progress);
+            }
+            progress += 1;
+        }
+        panic!("the pull stream ended without a final event");
+    }
+
+    /// Opens a tunnel to the origin as `who` (an identity file set and its role).
+    async fn tunnel_as(
+        &self,
+        who: &TlsFiles,
+        role: Role,
+        request: TunnelRequest,
+    ) -> Result<tunnel::Tunnel, TunnelError> {
+        let tls = LocalIdentity::load(who, role)
+            .unwrap()
+            .client_config(Role::Agent)
+            .unwrap();
+        tunnel::open(
+            &self.endpoint("unused"),
+            tls,
+            &request,
+            Duration::from_secs(10),
+        )
+        .await
+    }
+
+    async fn refused_rsync(&self, grant: &str, argv: &str) -> String {
+        let request = TunnelRequest::Rsync {
+            grant: grant.into(),
+            argv: argv.split(' ').map(str::to_string).collect(),
+        };
+        match self
+            .tunnel_as(&self.target_files, Role::Agent, request)
+            .await
+        {
+            Err(TunnelError::Refused { reason, .. }) => reason,
+            Err(other) => panic!("expected a refusal, got {other}"),
+            Ok(_) => panic!("the origin admitted: {argv}"),
+        }
+    }
+}
+
+// ------------------------------------------------------------------ trees
+
+fn write(path: &Path, content: &[u8], mode: u32) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, content).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+fn nobody() -> (u32, u32) {
+    let u = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    (u.uid.as_raw(), u.gid.as_raw())
+}
+
+fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407)
+        | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// A cyrus-like spool: hard links across mailboxes, nested folders, odd names, symlinks,
+/// empty dirs, files owned by another user.
+fn make_spool(root: &Path) {
+    let user = root.join("var/spool/cyrus/data/user");
+    let msg = |n: usize| {
+        format!(
+            "From: a@example.net\r\nSubject: {n}\r\n\r\n{}\r\n",
+            "x".repeat(n * 37)
+        )
+        .into_bytes()
+    };
+    for (i, name) in ["1.", "2.", "3."].iter().enumerate() {
+        write(&user.join("alice").join(name), &msg(i + 1), 0o600);
+    }
+    write(
+        &user.join("alice/cyrus.index"),
+        &pseudo_random(2048, 1),
+        0o600,
+    );
+    write(&user.join("alice/Sent/1."), &msg(9), 0o600);
+    write(&user.join("alice/Archives/2024/1."), &msg(11), 0o640);
+    // One message delivered to two mailboxes: a hard link, as cyrus's single-instance store.
+    std::fs::create_dir_all(user.join("bob")).unwrap();
+    std::fs::hard_link(user.join("alice/1."), user.join("bob/1.")).unwrap();
+    std::fs::hard_link(user.join("alice/1."), user.join("bob/Trash-1.")).unwrap();
+    write(&user.join("alice/with space/1."), &msg(4), 0o600);
+    write(&user.join("alice/new\nline"), &msg(5), 0o600);
+    write(
+        &user
+            .join("alice")
+            .join(OsStr::from_bytes(b"latin1-\xe9t\xe9")),
+        &msg(6),
+        0o600,
+    );
+    std::os::unix::fs::symlink("../bob", user.join("alice/to-bob")).unwrap();
+    std::os::unix::fs::symlink("/nonexistent/target", user.join("alice/dangling")).unwrap();
+    std::fs::create_dir_all(user.join("carol/Trash")).unwrap();
+    let (uid, gid) = nobody();
+    write(&user.join("dave/1."), &msg(7), 0o640);
+    for p in [user.join("dave"), user.join("dave/1.")] {
+        nix::unistd::chown(&p, Some(uid.into()), Some(gid.into())).unwrap();
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct Entry {
+    kind: &'static str,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: Option<(i64, i64)>,
+    content: Vec<u8>,
+    links: Vec<Vec<u8>>,
+}
+
+/// Everything rsync -aH must keep, keyed by path bytes: kind, mode, owners, file and dir
+/// mtimes, contents (sha256) or link targets, and hard-link groups.
+fn snapshot(root: &Path) -> BTreeMap<Vec<u8>, Entry> {
+    let mut groups: BTreeMap<(u64, u64), Vec<Vec<u8>>> = BTreeMap::new();
+    let mut out = BTreeMap::new();
+    for e in walkdir::WalkDir::new(root).min_depth(1).sort_by_file_name() {
+        let e = e.unwrap();
+        let rel = e
+            .path()
+            .strip_prefix(root)
+            .unwrap()
+            .as_os_str()
+            .as_bytes()
+            .to_vec();
+        if rel.starts_with(bmfleet_agent::pull::PARTIAL_DIR.as_bytes()) {
+            continue;
+        }
+        let m = e.path().symlink_metadata().unwrap();
+        let (kind, content, mtime) = if m.file_type().is_symlink() {
+            (
+                "symlink",
+                std::fs::read_link(e.path())
+                    .unwrap()
+                    .as_os_str()
+                    .as_bytes()
+                    .to_vec(),
+                None,
+            )
+        } else if m.is_dir() {
+            ("dir", Vec::new(), Some((m.mtime(), m.mtime_nsec())))
+        } else {
+            let content = Sha256::digest(std::fs::read(e.path()).unwrap()).to_vec();
+            ("file", content, Some((m.mtime(), m.mtime_nsec())))
+        };
+        if m.is_file() && m.nlink() > 1 {
+            groups
+                .entry((m.dev(), m.ino()))
+                .or_default()
+                .push(rel.clone());
+        }
+        out.insert(
+            rel,
+            Entry {
+                kind,
+                mode: m.mode(),
+                uid: m.uid(),
+                gid: m.gid(),
+                mtime,
+                content,
+                links: Vec::new(),
+            },
+        );
+    }
+    for group in groups.into_values() {
+        for member in &group {
+            if let Some(e) = out.get_mut(member) {
+                e.links = group.clone();
+            }
+        }
+    }
+    out
+}
+
+fn spool(root: &Path) -> PathBuf {
+    root.join("var/spool/cyrus")
+}
+
+// ------------------------------------------------------------------ pulls
+
+#[tokio::test]
+async fn a_pull_makes_identical_trees_and_the_next_moves_only_the_changes() {
+    let mut p = Pair::new(None, None).await;
+    make_spool(&p.origin_root());
+    p.grant("grant-0001-hot-sync", "target-1", &[SPOOL], 600_000)
+        .await;
+
+    let (first, _) = p.pull("m1/hot/1", "grant-0001-hot-sync", 0).await;
+    assert!(first.ok, "{first:?}");
+    assert_eq!(
+        snapshot(&spool(&p.target_root())),
+        snapshot(&spool(&p.origin_root()))
+    );
+    let stats = first.stats.unwrap();
+    assert!(stats.files_scanned >= 20, "{stats:?}");
+    assert_eq!(stats.entries_deleted, 0);
+
+    // A second pass with nothing changed moves no file data.
+    let (idle, _) = p.pull("m1/hot/2", "grant-0001-hot-sync", 0).await;
+    let idle_stats = idle.stats.unwrap();
+    assert_eq!(
+        (idle_stats.bytes_changed, idle_stats.files_changed),
+        (0, 0),
+        "{idle_stats:?}"
+    );
+
+    // Mail arrives, mail is expunged, flags change (cyrus rewrites its index), a mode changes.
+    let user = spool(&p.origin_root()).join("data/user");
+    write(&user.join("alice/4."), &pseudo_random(5000, 2), 0o600);
+    write(&user.join("bob/2."), &pseudo_random(3000, 3), 0o600);
+    std::fs::remove_file(user.join("alice/2.")).unwrap();
+    std::fs::remove_dir_all(user.join("alice/with space")).unwrap();
+    write(
+        &user.join("alice/cyrus.index"),
+        &pseudo_random(2048, 4),
+        0o600,
+    );
+    std::fs::set_permissions(
+        user.join("alice/3."),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+
+    let (second, _) = p.pull("m1/hot/3", "grant-0001-hot-sync", 0).await;
+    assert!(second.ok, "{second:?}");
+    assert_eq!(
+        snapshot(&spool(&p.target_root())),
+        snapshot(&spool(&p.origin_root()))
+    );
+    let stats = second.stats.unwrap();
+    assert_eq!(stats.bytes_changed, 5000 + 3000 + 2048, "{stats:?}");
+    // alice/2., alice/with space/1. and alice/with space/
+    assert_eq!(stats.entries_deleted, 3, "{stats:?}");
+    assert!(stats.literal_bytes <= 5000 + 3000 + 2048, "{stats:?}");
+    assert!(stats.files_changed <= 10, "{stats:?}");
+
+    // The same operation id again is answered from the journal, not run again.
+    let (replayed, _) = p.pull("m1/hot/3", "grant-0001-hot-sync", 0).await;
+    assert!(replayed.replayed);
+    assert_eq!(replayed.stats, Some(stats));
+}
+
+fn origin_rsync_servers(origin_root: &Path) -> usize {
+    let needle = spool(origin_root)
+        .canonicalize()
+        .unwrap()
+        .display()
+        .to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains("--sender") && c.contains(&needle))
+        .count()
+}
+
+#[tokio::test]
+async fn an_interrupted_pull_is_stopped_at_both_ends_and_the_next_converges() {
+    let mut p = Pair::new(None, None).await;
+    make_spool(&p.origin_root());
+    let big = spool(&p.origin_root()).join("data/user/erin");
+    for i in 0..3 {
+        write(
+            &big.join(format!("{i}.")),
+            &pseudo_random(8 << 20, 10 + i),
+            0o600,
+        );
+    }
+    p.grant("grant-0002-interrupt", "target-1", &[SPOOL], 600_000)
+        .await;
+
+    // Slow the pull down, then walk away from it after its first progress report.
+    let mut stream = p
+        .target
+        .pull(PullRequest {
+            operation_id: "m1/hot/1".into(),
+            origin: Some(p.endpoint("grant-0002-interrupt")),
+            path: SPOOL.into(),
+            bwlimit_kib: 2048,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert!(
+        !first.done,
+        "the pull finished before it could be interrupted: {first:?}"
+    );
+    assert!(origin_rsync_servers(&p.origin_root()) > 0);
+    drop(stream);
+
+    // Both ends stop: the origin's rsync server goes away.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while origin_rsync_servers(&p.origin_root()) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the origin's rsync kept running after the cancel"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_ne!(
+        snapshot(&spool(&p.target_root())),
+        snapshot(&spool(&p.origin_root()))
+    );
+
+    let (event, _) = p.pull("m1/hot/2", "grant-0002-interrupt", 0).await;
+    assert!(event.ok, "{event:?}");
+    assert_eq!(
+        snapshot(&spool(&p.target_root())),
+        snapshot(&spool(&p.origin_root()))
+    );
+}
+
+#[tokio::test]
+async fn the_bandwidth_limit_is_honoured() {
+    let mut p = Pair::new(None, None).await;
+    let size = 6 << 20;
+    write(
+        &spool(&p.origin_root()).join("big."),
+        &pseudo_random(size, 42),
+        0o600,
+    );
+    p.grant("grant-0003-bandwidth", "target-1", &[SPOOL], 600_000)
+        .await;
+    let limit_kib = 1536;
+    let started = Instant::now();
+    let (event, progress) = p.pull("m1/hot/1", "grant-0003-bandwidth", limit_kib).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    assert!(event.ok, "{event:?}");
+    let expected = size as f64 / (f64::from(limit_kib) * 1024.0);
+    eprintln!("bwlimit {limit_kib} KiB/s: {size} bytes in {elapsed:.2}s, expected {expected:.2}s (ratio {:.2})", elapsed / expected);
+    // A generous bound: the limit must clearly act, and not be wildly exceeded.
+    assert!(
+        elapsed >= expected * 0.8,
+        "too fast for the limit: {elapsed:.2}s < 0.8 × {expected:.2}s"
+    );
+    assert!(
+        elapsed <= expected * 1.5 + 2.0,
+        "far slower than the limit: {elapsed:.2}s"
+    );
+    assert!(
+        progress >= 2,
+        "progress was not streamed while running ({progress} events)"
+    );
+}
+
+// ------------------------------------------------------------------ refusals
+
+async fn refusal_pair() -> Pair {
+    let mut p = Pair::new(None, None).await;
+    make_spool(&p.origin_root());
+    std::fs::create_dir_all(p.origin_root().join("etc")).unwrap();
+    std::fs::write(p.origin_root().join("etc/shadow"), b"root:secret").unwrap();
+    std::os::unix::fs::symlink(
+        p.origin_root().join("etc"),
+        spool(&p.origin_root()).join("escape"),
+    )
+    .unwrap();
+    p.grant("grant-0004-refusals", "target-1", &[SPOOL], 600_000)
+        .await;
+    p
+}
+
+const PULL_ARGS: &str = "rsync --server --sender -lHogDtpre.iLsfxCIvu";
+
+#[tokio::test]
+async fn the_origin_refuses_a_pull_without_a_grant() {
+    let p = refusal_pair().await;
+    let reason = p
+        .refused_rsync("", &format!("{PULL_ARGS} . {SPOOL}/"))
+        .await;
+    assert!(reason.contains("no grant"), "{reason}");
+}
+
+#[tokio::test]
+async fn the_origin_refuses_a_forged_grant_through_real_rsync() {
+    let mut p = refusal_pair().await;
+    let (event, _) = p.pull("m1/hot/1", "grant-made-up-by-the-target", 0).await;
+    assert!(!event.ok);
+    assert!(
+        event.error.contains("no grant grant-made-up-by-the-target"),
+        "{}",
+        event.error
+    );
+    assert!(!spool(&p.target_root()).join("data").exists());
+}
+
+#[tokio::test]
+async fn the_origin_refuses_an_expired_grant() {
+    let mut p = refusal_pair().await;
+    p.grant("grant-0005-expired", "target-1", &[SPOOL], -1000)
+        .await;
+    let reason = p
+        .refused_rsync("grant-0005-expired", &format!("{PULL_ARGS} . {SPOOL}/"))
+        .await;
+    assert!(reason.contains("expired"), "{reason}");
+}
+
+#[tokio::test]
+async fn the_origin_refuses_another_targets_certificate() {
+    let p = refusal_pair().await;
+    let other = p.pki.issue("target-2", Role::Agent);
+    let request = TunnelRequest::Rsync {
+        grant: "grant-0004-refusals".into(),
+        argv: format!("{PULL_ARGS} . {SPOOL}/")
+            .split(' ')
+            .map(str::to_string)
+            .collect(),
+    };
+    match p.tunnel_as(&other, Role::Agent, request).await {
+        Err(TunnelError::Refused { reason, .. }) => {
+            assert!(
+                reason.contains("issued to 'target-1', not to 'target-2'"),
+                "{reason}"
+            )
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("admitted another target"),
+    }
+}
+
+#[tokio::test]
+async fn the_origin_refuses_an_orchestrator_certificate_on_the_data_plane() {
+    let p = refusal_pair().await;
+    let orch = p.pki.issue("orchestrator", Role::Orchestrator);
+    let request = TunnelRequest::DatabaseManifest {
+        grant: "grant-0004-refusals".into(),
+    };
+    match p.tunnel_as(&orch, Role::Orchestrator, request).await {
+        Err(TunnelError::Refused { reason, .. }) => {
+            assert!(reason.contains("not an agent's"), "{reason}")
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("admitted an orchestrator certificate"),
+    }
+}
+
+#[tokio::test]
+async fn the_origin_refuses_a_path_outside_the_grant() {
+    let p = refusal_pair().await;
+    let reason = p
+        .refused_rsync("grant-0004-refusals", &format!("{PULL_ARGS} . /etc/"))
+        .await;
+    assert!(reason.contains("does not cover path \"/etc/\""), "{reason}");
+}
+
+#[tokio::test]
+async fn the_origin_refuses_dot_dot() {
+    let p = refusal_pair().await;
+    let reason = p
+        .refused_rsync(
+            "grant-0004-refusals",
+            &format!("{PULL_ARGS} . {SPOOL}/../../../etc/"),
+        )
+        .await;
+    assert!(reason.contains("without '..'"), "{reason}");
+}
+
+#[tokio::test]
+async fn the_origin_refuses_a_symlink_escape() {
+    let p = refusal_pair().await;
+    let reason = p
+        .refused_rsync(
+            "grant-0004-refusals",
+            &format!("{PULL_ARGS} . {SPOOL}/escape/"),
+        )
+        .await;
+    assert!(reason.contains("outside the granted"), "{reason}");
+}
+
+#[tokio::test]
+async fn the_origin_refuses_a_push() {
+    let p = refusal_pair().await;
+    let before = snapshot(&spool(&p.origin_root()));
+    let reason = p
+        .refused_rsync(
+            "grant-0004-refusals",
+            &format!("rsync --server -lHogDtpre.iLsfxCIvu . {SPOOL}/"),
+        )
+        .await;
+    assert!(
+        reason.contains("without --sender would write into the origin"),
+        "{reason}"
+    );
+    assert_eq!(snapshot(&spool(&p.origin_root())), before);
+}
+
+#[tokio::test]
+async fn the_origin_refuses_remove_source_files() {
+    let p = refusal_pair().await;
+    let before = snapshot(&spool(&p.origin_root()));
+    let reason = p
+        .refused_rsync(
+            "grant-0004-refusals",
+            &format!("{PULL_ARGS} --remove-source-files . {SPOOL}/"),
+        )
+        .await;
+    assert!(
+        reason.contains("--remove-source-files is not allowed"),
+        "{reason}"
+    );
+    assert_eq!(snapshot(&spool(&p.origin_root())), before);
+}
+
+#[tokio::test]
+async fn the_origin_refuses_log_file() {
+    let p = refusal_pair().await;
+    let reason = p
+        .refused_rsync(
+            "grant-0004-refusals",
+            &format!("{PULL_ARGS} --log-file=/tmp/x . {SPOOL}/"),
+        )
+        .await;
+    assert!(reason.contains("--log-file is not allowed"), "{reason}");
+}
+
+#[tokio::test]
+async fn the_origin_refuses_write_batch() {
+    let p = refusal_pair().await;
+    let reason = p
+        .refused_rsync(
+            "grant-0004-refusals",
+            &format!("{PULL_ARGS} --write-batch=/tmp/b . {SPOOL}/"),
+        )
+        .await;
+    assert!(reason.contains("--write-batch is not allowed"), "{reason}");
+}
+
+#[tokio::test]
+async fn the_origin_refuses_the_config_set_and_databases_outside_the_grant() {
+    let p = refusal_pair().await;
+    let reason = p
+        .refused_rsync(
+            "grant-0004-refusals",
+            "rsync --server --sender -logDtpRe.LsfxCIvu --files-from bmfleet-config-set --from0 . /",
+        )
+        .await;
+    assert!(
+        reason.contains("does not cover the configuration file set"),
+        "{reason}"
+    );
+    let request = TunnelRequest::DumpDatabase {
+        grant: "grant-0004-refusals".into(),
+        database: "bj".into(),
+        directory_jobs: 0,
+    };
+    match p.tunnel_as(&p.target_files, Role::Agent, request).await {
+        Err(TunnelError::Refused { reason, .. }) => {
+            assert!(reason.contains("does not cover the databases"), "{reason}")
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("admitted a dump outside the grant"),
+    }
+}
+
+// ------------------------------------------------------------------ config set
+
+#[tokio::test]
+async fn the_config_set_is_copied_with_modes_and_owners_and_maps_are_rebuilt() {
+    let mut p = Pair::new(None, None).await;
+    let o = p.origin_root();
+    let (uid, gid) = nobody();
+    write(
+        &o.join("etc/bm/bm.ini"),
+        b"[global]\npassword = s3cret\n",
+        0o640,
+    );
+    write(&o.join("etc/bm/nodeclient_cert.pem"), b"cert", 0o600);
+    write(&o.join("etc/bm-hps/hps.ini"), b"x", 0o644);
+    write(
+        &o.join("etc/imapd.conf"),
+        b"partition-default: /var/spool/cyrus/data\n",
+        0o644,
+    );
+    write(&o.join("etc/cyrus.conf"), b"SERVICES {}\n", 0o644);
+    write(
+        &o.join("etc/postfix/main.cf"),
+        b"mynetworks = 198.18.0.0/24\n",
+        0o644,
+    );
+    write(
+        &o.join("etc/postfix/master.cf"),
+        b"smtp inet n - y - - smtpd\n",
+        0o644,
+    );
+    write(
+        &o.join("etc/postfix/transport-flat"),
+        b"example.net smtp:[198.18.0.9]\n",
+        0o644,
+    );
+    write(
+        &o.join("etc/postfix/transport.db"),
+        b"origin libdb bytes",
+        0o644,
+    );
+    write(
+        &o.join("etc/postfix/virtual_domains-flat"),
+        b"example.net OK\n",
+        0o644,
+    );
+    write(&o.join("etc/bm-webmail/webmail.conf"), b"w", 0o640);
+    nix::unistd::chown(
+        &o.join("etc/bm-webmail/webmail.conf"),
+        Some(uid.into()),
+        Some(gid.into()),
+    )
+    .unwrap();
+    write(&o.join("var/lib/bm-ca/cacert.pem"), b"ca", 0o644);
+    write(&o.join("etc/shadow"), b"root:not-part-of-the-set", 0o600);
+    p.grant_with(GrantRequest {
+        grant_id: "grant-0006-config".into(),
+        target_name: "target-1".into(),
+        migration: "m1".into(),
+        paths: vec![],
+        config_set: true,
+        databases: false,
+        expires_at_unix_ms: bmfleet_agent::server::now_ms() + 600_000,
+    })
+    .await;
+    let reply = p
+        .target
+        .copy_config(CopyConfigRequest {
+            operation_id: "m1/config/1".into(),
+            origin: Some(p.endpoint("grant-0006-config")),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(reply.ok, "{reply:?}");
+    let t = p.target_root();
+    for f in [
+        "etc/bm/bm.ini",
+        "etc/bm/nodeclient_cert.pem",
+        "etc/bm-hps/hps.ini",
+        "etc/imapd.conf",
+        "etc/cyrus.conf",
+        "etc/postfix/main.cf",
+        "etc/postfix/master.cf",
+        "etc/postfix/transport-flat",
+        "etc/postfix/virtual_domains-flat",
+        "etc/bm-webmail/webmail.conf",
+        "var/lib/bm-ca/cacert.pem",
+    ] {
+        let (a, b) = (o.join(f).metadata().unwrap(), t.join(f).metadata().unwrap());
+        assert_eq!(
+            std::fs::read(o.join(f)).unwrap(),
+            std::fs::read(t.join(f)).unwrap(),
+            "{f}"
+        );
+        assert_eq!(
+            (a.mode(), a.uid(), a.gid(), a.mtime()),
+            (b.mode(), b.uid(), b.gid(), b.mtime()),
+            "{f}"
+        );
+    }
+    assert!(
+        !t.join("etc/shadow").exists(),
+        "a file outside the config set was copied"
+    );
+    // The maps were rebuilt on the target, not carried over from the origin's libdb.
+    let transport = std::fs::read_to_string(t.join("etc/postfix/transport.db")).unwrap();
+    assert_eq!(
+        transport,
+        format!(
+            "rebuilt from {}\n",
+            t.join("etc/postfix/transport-flat").display()
+        )
+    );
+    assert!(t.join("etc/postfix/virtual_domains.db").exists());
+    assert_eq!(reply.maps_rebuilt.len(), 2);
+}
+
+// ------------------------------------------------------------------ databases
+
+const ORIGIN_SCHEMA: &str = "
+SET ROLE bj;
+CREATE TABLE t_domain (id serial PRIMARY KEY, name text NOT NULL, aliases text[]);
+CREATE TABLE t_mailbox (id bigserial PRIMARY KEY, domain_id int REFERENCES t_domain(id), login text, quota bigint, settings jsonb, avatar bytea);
+CREATE TABLE t_empty (id int);
+INSERT INTO t_domain (name, aliases) SELECT 'd' || i || '.example.net', ARRAY['a' || i] FROM generate_series(1, 20) i;
+INSERT INTO t_mailbox (domain_id, login, quota, settings, avatar)
+  SELECT 1 + i % 20, 'user' || i || E'\\tquote''s', i * 1024, jsonb_build_object('lang', 'fr', 'n', i), decode(md5(i::text), 'hex')
+  FROM generate_series(1, 5000) i;
+";
+
+const ORIGIN_DATA_SCHEMA: &str = "
+SET ROLE bj;
+CREATE SCHEMA IF NOT EXISTS data AUTHORIZATION bj;
+CREATE TABLE data.t_message_body (guid text PRIMARY KEY, size int, structure jsonb, preview text);
+INSERT INTO data.t_message_body SELECT md5(i::text), i % 100000, jsonb_build_object('parts', i % 7), repeat('é', i % 50)
+  FROM generate_series(1, 20000) i;
+";
+
+fn origin_databases(pg: &PgCluster, password: &str) {
+    pg.sql(
+        "postgres",
+        &format!("CREATE ROLE bj LOGIN PASSWORD '{password}'; CREATE DATABASE bj OWNER bj; CREATE DATABASE \"bj-data\" OWNER bj;"),
+    );
+    pg.sql("bj", ORIGIN_SCHEMA);
+    pg.sql("bj-data", ORIGIN_DATA_SCHEMA);
+}
+
+/// Every process command line seen while `running` is set, sampled every few milliseconds.
+fn watch_command_lines(
+    running: Arc<std::sync::atomic::AtomicBool>,
+    needle: String,
+) -> std::thread::JoinHandle<Vec<String>> {
+    std::thread::spawn(move || {
+        let mut hits = Vec::new();
+        while running.load(std::sync::atomic::Ordering::SeqCst) {
+            for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+                if let Ok(c) = std::fs::read(e.path().join("cmdline")) {
+                    let line = String::from_utf8_lossy(&c).replace('\0', " ");
+                    if line.contains(&needle) {
+                        hits.push(line);
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        hits
+    })
+}
+
+#[tokio::test]
+async fn both_databases_move_identically_in_both_formats_and_the_password_stays_hidden() {
+    let (origin_pg, target_pg) = (PgCluster::start(), PgCluster::start());
+    let password = format!("pw-{}-generated", bmfleet_agent::server::now_ms());
+    origin_databases(&origin_pg, &password);
+    let mut p = Pair::new(Some(&origin_pg), Some(&target_pg)).await;
+    write(
+        &p.origin_root().join("etc/bm/bm.ini"),
+        format!("[global]\nlogin = bj\npassword = {password}\n").as_bytes(),
+        0o600,
+    );
+    p.grant_with(GrantRequest {
+        grant_id: "grant-0007-databases".into(),
+        target_name: "target-1".into(),
+        migration: "m1".into(),
+        paths: vec![],
+        config_set: false,
+        databases: true,
+        expires_at_unix_ms: bmfleet_agent::server::now_ms() + 600_000,
+    })
+    .await;
+
+    let running = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let watcher = watch_command_lines(running.clone(), password.clone());
+    let mut timings = Vec::new();
+    for (n, format) in [DumpFormat::Plain, DumpFormat::Directory]
+        .into_iter()
+        .enumerate()
+    {
+        let started = Instant::now();
+        let reply = p
+            .target
+            .move_databases(MoveDatabasesRequest {
+                operation_id: format!("m1/db/{n}"),
+                origin: Some(p.endpoint("grant-0007-databases")),
+                format: format.into(),
+                jobs: 2,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        timings.push((format, started.elapsed()));
+        assert!(reply.ok, "{format:?}: {reply:?}");
+        let names: Vec<_> = reply.databases.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["bj", "bj-data"]);
+        let tables: Vec<_> = reply
+            .databases
+            .iter()
+            .flat_map(|d| d.tables.iter())
+            .collect();
+        assert_eq!(tables.len(), 4);
+        assert!(tables
+            .iter()
+            .all(|t| t.equal && t.origin_rows == t.target_rows));
+        // Independently of the agent's own comparison: the rows are the same.
+        for (db, query) in [
+            (
+                "bj",
+                "SELECT id, domain_id, login, quota, settings, avatar FROM t_mailbox ORDER BY id",
+            ),
+            ("bj-data", "SELECT * FROM data.t_message_body ORDER BY guid"),
+        ] {
+            assert_eq!(origin_pg.sql(db, query), target_pg.sql(db, query), "{db}");
+        }
+        assert_eq!(
+            target_pg.sql("bj", "SELECT count(*) FROM t_mailbox").trim(),
+            "5000"
+        );
+    }
+    running.store(false, std::sync::atomic::Ordering::SeqCst);
+    let hits = watcher.join().unwrap();
+    assert!(
+        hits.is_empty(),
+        "the password showed in a command line: {hits:?}"
+    );
+    for (format, took) in &timings {
+        eprintln!("database move {format:?}: {:.2}s", took.as_secs_f64());
+    }
+    // The target's role now has the origin's password (the copied bm.ini will say so).
+    let login =
+        std::process::Command::new(bmfleet_agent::pg::bin_dir(&Default::default()).join("psql"))
+            .args([
+                "-X",
+                "-A",
+                "-t",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &target_pg.port.to_string(),
+                "-U",
+                "bj",
+                "-d",
+                "bj",
+                "-c",
+                "SELECT current_user",
+            ])
+            .env("PGPASSWORD", &password)
+            .output()
+            .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&login.stdout).trim(),
+        "bj",
+        "{}",
+        String::from_utf8_lossy(&login.stderr)
+    );
+    let _ = &p.dir;
+}
