@@ -418,6 +418,18 @@ key = "/pki/a-key.pem"
             format!("{:?}", example.services),
             format!("{:?}", minimal.services)
         );
+        assert_eq!(
+            format!("{:?}", example.postgresql),
+            format!("{:?}", minimal.postgresql)
+        );
+        assert_eq!(
+            format!("{:?}", example.config_set),
+            format!("{:?}", minimal.config_set)
+        );
+        assert_eq!(
+            format!("{:?}", example.data_plane),
+            format!("{:?}", minimal.data_plane)
+        );
     }
 
     #[test]

@@ -115,13 +115,22 @@ impl Connection {
         Ok(FleetClient::new(channel))
     }
 
-    /// Turns a failed Fleet call into an operator-readable error.
-    fn failed(&self, status: &tonic::Status) -> anyhow::Error {
-        anyhow::anyhow!(
-            "the orchestrator at {} did not answer: {}",
-            self.orchestrator,
-            describe_status(status)
-        )
+    /// Awaits a Fleet call within the timeout; a failure becomes an operator-readable error.
+    async fn call<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, tonic::Status>>,
+    ) -> anyhow::Result<T> {
+        let failed = |why: String| {
+            anyhow::anyhow!(
+                "the orchestrator at {} did not answer: {why}",
+                self.orchestrator
+            )
+        };
+        match tokio::time::timeout(Duration::from_secs(self.timeout), call).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(status)) => Err(failed(describe_status(&status))),
+            Err(_) => Err(failed(format!("no answer within {}s", self.timeout))),
+        }
     }
 }
 

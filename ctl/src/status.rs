@@ -140,10 +140,9 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 /// `bmctl fleet status`.
 pub async fn status(connection: &Connection, output: Output) -> anyhow::Result<()> {
     let mut client = connection.client()?;
-    let reply = client
-        .status(StatusRequest {})
-        .await
-        .map_err(|s| connection.failed(&s))?
+    let reply = connection
+        .call(client.status(StatusRequest {}))
+        .await?
         .into_inner();
     let json = StatusJson {
         orchestrator: reply.orchestrator.clone(),
@@ -224,10 +223,9 @@ impl From<&AuditEntry> for AuditJson {
 /// `bmctl fleet audit`.
 pub async fn audit(connection: &Connection, limit: u32, output: Output) -> anyhow::Result<()> {
     let mut client = connection.client()?;
-    let reply = client
-        .audit(AuditRequest { limit })
-        .await
-        .map_err(|s| connection.failed(&s))?
+    let reply = connection
+        .call(client.audit(AuditRequest { limit }))
+        .await?
         .into_inner();
     let entries: Vec<AuditJson> = reply.entries.iter().map(AuditJson::from).collect();
     match output {

@@ -322,11 +322,13 @@ impl ServerCertVerifier for FleetServerVerifier {
 
 /// A lazily connecting gRPC channel to `address` (host:port) over mutual TLS, accepting only a
 /// server whose certificate names `expected_name`. Connection errors surface on the first call.
+/// `connect_timeout` bounds connecting; each call sets its own deadline (a database move
+/// takes minutes, a health check seconds).
 pub fn connect(
     address: &str,
     expected_name: &str,
     config: Arc<rustls::ClientConfig>,
-    timeout: Duration,
+    connect_timeout: Duration,
 ) -> Result<Channel, TlsError> {
     let addr_err = |detail: String| TlsError::Address {
         address: address.to_string(),
@@ -336,8 +338,7 @@ pub fn connect(
         .map_err(|e| addr_err(format!("expected peer name '{expected_name}': {e}")))?;
     let endpoint = Endpoint::from_shared(format!("http://{address}"))
         .map_err(|e| addr_err(e.to_string()))?
-        .connect_timeout(timeout)
-        .timeout(timeout);
+        .connect_timeout(connect_timeout);
     let target = address.to_string();
     let connector = tower::service_fn(move |_uri: tonic::transport::Uri| {
         let (config, server_name, target) = (config.clone(), server_name.clone(), target.clone());

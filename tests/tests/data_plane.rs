@@ -846,7 +846,7 @@ CREATE TABLE t_empty (id int);
 INSERT INTO t_domain (name, aliases) SELECT 'd' || i || '.example.net', ARRAY['a' || i] FROM generate_series(1, 20) i;
 INSERT INTO t_mailbox (domain_id, login, quota, settings, avatar)
   SELECT 1 + i % 20, 'user' || i || E'\\tquote''s', i * 1024, jsonb_build_object('lang', 'fr', 'n', i), decode(md5(i::text), 'hex')
-  FROM generate_series(1, 5000) i;
+  FROM generate_series(1, 5000 * SCALE) i;
 ";
 
 const ORIGIN_DATA_SCHEMA: &str = "
@@ -854,16 +854,27 @@ SET ROLE bj;
 CREATE SCHEMA IF NOT EXISTS data AUTHORIZATION bj;
 CREATE TABLE data.t_message_body (guid text PRIMARY KEY, size int, structure jsonb, preview text);
 INSERT INTO data.t_message_body SELECT md5(i::text), i % 100000, jsonb_build_object('parts', i % 7), repeat('é', i % 50)
-  FROM generate_series(1, 20000) i;
+  FROM generate_series(1, 20000 * SCALE) i;
 ";
+
+/// Rows are multiplied by `BMFLEET_TEST_DB_SCALE` (default 1) to compare the dump formats on
+/// a bigger database: `BMFLEET_TEST_DB_SCALE=40 cargo test -p bmfleet-tests --test data_plane
+/// both_databases -- --nocapture`.
+fn scale() -> u64 {
+    std::env::var("BMFLEET_TEST_DB_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1)
+}
 
 fn origin_databases(pg: &PgCluster, password: &str) {
     pg.sql(
         "postgres",
         &format!("CREATE ROLE bj LOGIN PASSWORD '{password}'; CREATE DATABASE bj OWNER bj; CREATE DATABASE \"bj-data\" OWNER bj;"),
     );
-    pg.sql("bj", ORIGIN_SCHEMA);
-    pg.sql("bj-data", ORIGIN_DATA_SCHEMA);
+    let scale = scale().to_string();
+    pg.sql("bj", &ORIGIN_SCHEMA.replace("SCALE", &scale));
+    pg.sql("bj-data", &ORIGIN_DATA_SCHEMA.replace("SCALE", &scale));
 }
 
 /// Every process command line seen while `running` is set, sampled every few milliseconds.
@@ -954,7 +965,7 @@ async fn both_databases_move_identically_in_both_formats_and_the_password_stays_
         }
         assert_eq!(
             target_pg.sql("bj", "SELECT count(*) FROM t_mailbox").trim(),
-            "5000"
+            (5000 * scale()).to_string()
         );
     }
     running.store(false, std::sync::atomic::Ordering::SeqCst);
@@ -963,8 +974,16 @@ async fn both_databases_move_identically_in_both_formats_and_the_password_stays_
         hits.is_empty(),
         "the password showed in a command line: {hits:?}"
     );
+    let size = origin_pg.sql(
+        "postgres",
+        "SELECT sum(pg_database_size(datname)) FROM pg_database WHERE datname LIKE 'bj%'",
+    );
     for (format, took) in &timings {
-        eprintln!("database move {format:?}: {:.2}s", took.as_secs_f64());
+        eprintln!(
+            "database move {format:?}: {:.2}s ({} bytes of databases)",
+            took.as_secs_f64(),
+            size.trim()
+        );
     }
     // The target's role now has the origin's password (the copied bm.ini will say so).
     let login =
