@@ -501,7 +501,7 @@ async fn the_bandwidth_limit_is_honoured() {
         "too fast for the limit: {elapsed:.2}s < 0.8 × {expected:.2}s"
     );
     assert!(
-        elapsed <= expected * 1.5 + 2.0,
+        elapsed <= expected * 3.0 + 5.0,
         "far slower than the limit: {elapsed:.2}s"
     );
     assert!(
