@@ -11,6 +11,7 @@ packages=(
   openssh-server   # the manual procedure's transport, for the side-by-side benchmark
   openssh-client
   procps
+  tzdata           # maintenance windows in IANA time zones
   gcc              # rusqlite builds SQLite from source
   libc6-dev
   pkg-config

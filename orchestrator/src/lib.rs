@@ -12,9 +12,11 @@
 pub mod agents;
 pub mod clock;
 pub mod config;
+pub mod fleet;
 pub mod fleet_api;
 pub mod health;
 pub mod state;
+pub mod windows;
 
 use std::future::Future;
 use std::sync::Arc;

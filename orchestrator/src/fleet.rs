@@ -1,0 +1,558 @@
+//! The fleet file (TOML): the fleet's policy and its instances. Every refusal names the file,
+//! the line and the field.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::Path;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::windows::Window;
+
+/// A fleet file that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}: {field}{sep}{message}", sep = if field.is_empty() { "" } else { ": " })]
+pub struct FleetFileError {
+    /// The file.
+    pub file: String,
+    /// 1-based line.
+    pub line: usize,
+    /// The field, as a TOML path (empty when the parser could not tell).
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    fleet: RawPolicy,
+    #[serde(default)]
+    instance: Vec<RawInstance>,
+}
+
+fn d_parallel() -> u32 {
+    10
+}
+fn d_files() -> u64 {
+    5_000
+}
+fn d_mib() -> u64 {
+    200
+}
+fn d_passes() -> u32 {
+    8
+}
+fn d_downtime() -> Spanned<u32> {
+    Spanned::new(0..0, 2)
+}
+fn d_stagger() -> u64 {
+    120
+}
+fn d_canary() -> u32 {
+    1
+}
+fn d_true() -> bool {
+    true
+}
+fn d_failures() -> u32 {
+    3
+}
+fn d_budget() -> u64 {
+    900
+}
+fn d_interface() -> String {
+    "eth0".into()
+}
+fn d_profile() -> Spanned<String> {
+    Spanned::new(0..0, "auto".into())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    name: Spanned<String>,
+    #[serde(default = "d_parallel")]
+    max_parallel_hot_syncs: u32,
+    #[serde(default)]
+    bandwidth_budget_mib: u32,
+    #[serde(default = "d_files")]
+    converge_max_files: u64,
+    #[serde(default = "d_mib")]
+    converge_max_mib: u64,
+    #[serde(default = "d_passes")]
+    max_passes: u32,
+    #[serde(default = "d_downtime")]
+    max_concurrent_downtime: Spanned<u32>,
+    #[serde(default = "d_stagger")]
+    min_stagger_secs: u64,
+    #[serde(default = "d_canary")]
+    canary_count: u32,
+    #[serde(default = "d_true")]
+    canary_approval: bool,
+    #[serde(default = "d_failures")]
+    failure_budget: u32,
+    #[serde(default = "d_budget")]
+    downtime_budget_secs: u64,
+    #[serde(default)]
+    windows: Vec<Spanned<RawWindow>>,
+    #[serde(default)]
+    rates: Rates,
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawWindow {
+    days: Vec<String>,
+    start: String,
+    end: String,
+    timezone: String,
+}
+
+/// Rates used to project downtime when nothing was measured yet.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Rates {
+    /// Entries rsync walks per second in the final pass (its scan).
+    pub scan_files_per_sec: f64,
+    /// Changed data moved per second, MiB.
+    pub transfer_mib_per_sec: f64,
+    /// Database restored per second, MiB.
+    pub restore_mib_per_sec: f64,
+}
+
+impl Default for Rates {
+    fn default() -> Self {
+        Rates {
+            scan_files_per_sec: 60_000.0,
+            transfer_mib_per_sec: 100.0,
+            restore_mib_per_sec: 25.0,
+        }
+    }
+}
+
+/// What an instance is expected to hold, for plans made before any measurement.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Estimate {
+    /// Entries in the data dirs.
+    pub files: u64,
+    /// Data changed between the last hot pass and the cold pass, MiB.
+    pub changed_mib: f64,
+    /// Size of the databases, MiB.
+    pub database_mib: f64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInstance {
+    name: Spanned<String>,
+    origin: Spanned<String>,
+    target: Spanned<String>,
+    service_ip: Spanned<String>,
+    #[serde(default = "d_interface")]
+    interface: String,
+    #[serde(default = "d_profile")]
+    bluemind: Spanned<String>,
+    #[serde(default)]
+    windows: Option<Vec<Spanned<RawWindow>>>,
+    #[serde(default)]
+    downtime_budget_secs: Option<u64>,
+    #[serde(default)]
+    mynetworks: Option<String>,
+    #[serde(default)]
+    extra_dirs: Vec<Spanned<String>>,
+    #[serde(default)]
+    estimate: Estimate,
+}
+
+/// The BlueMind version family of an instance: it decides the databases and API paths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    /// 3.5: one database, the old firewall path.
+    V3_5,
+    /// 4.x: bj and bj-data.
+    V4,
+    /// 5.x: bj and bj-data, password in bm.ini from 5.2, firewall on bm-core.
+    V5,
+    /// Read from the hosts at preflight.
+    Auto,
+}
+
+/// The fleet's policy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    /// Name of this migration (in operation ids and grants).
+    pub name: String,
+    /// Hot syncs running at once.
+    pub max_parallel_hot_syncs: u32,
+    /// Total bandwidth for hot syncs, MiB/s (0: no limit).
+    pub bandwidth_budget_mib: u32,
+    /// A pass changing at most this many files…
+    pub converge_max_files: u64,
+    /// …and at most this many MiB means the instance converged.
+    pub converge_max_mib: u64,
+    /// Passes before an instance is flagged "not converging".
+    pub max_passes: u32,
+    /// Instances down at once.
+    pub max_concurrent_downtime: u32,
+    /// Minimum seconds between two cold-sync starts.
+    pub min_stagger_secs: u64,
+    /// Instances migrated first, alone.
+    pub canary_count: u32,
+    /// Wait for `bmctl fleet approve` after the canaries.
+    pub canary_approval: bool,
+    /// Failed instances after which no new cold sync starts.
+    pub failure_budget: u32,
+    /// Default downtime budget, seconds.
+    pub downtime_budget_secs: u64,
+    /// Default maintenance windows.
+    pub windows: Vec<Window>,
+    /// Default rates for projections.
+    pub rates: Rates,
+}
+
+/// One instance to migrate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceSpec {
+    /// Unique name.
+    pub name: String,
+    /// Origin agent name.
+    pub origin: String,
+    /// Target agent name.
+    pub target: String,
+    /// The service IP and its prefix length.
+    pub service_ip: IpAddr,
+    /// Prefix length of the service IP.
+    pub prefix: u8,
+    /// Interface carrying the service IP.
+    pub interface: String,
+    /// BlueMind version family.
+    pub profile: Profile,
+    /// Maintenance windows (the fleet's unless overridden).
+    pub windows: Vec<Window>,
+    /// Downtime budget, seconds.
+    pub downtime_budget_secs: u64,
+    /// mynetworks value to set; None: replace the origin's address with the target's.
+    pub mynetworks: Option<String>,
+    /// Data dirs synced besides BlueMind's own.
+    pub extra_dirs: Vec<String>,
+    /// Expected sizes, for plans.
+    pub estimate: Estimate,
+}
+
+/// A checked fleet file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetFile {
+    /// The policy.
+    pub policy: Policy,
+    /// The instances, in file order (canaries are the first ones).
+    pub instances: Vec<InstanceSpec>,
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+impl FleetFile {
+    /// Reads and checks a fleet file.
+    pub fn load(path: &Path) -> Result<Self, FleetFileError> {
+        let text = std::fs::read_to_string(path).map_err(|e| FleetFileError {
+            file: path.display().to_string(),
+            line: 0,
+            field: String::new(),
+            message: format!("cannot read: {e}"),
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and checks fleet file text; `file` is used in messages.
+    pub fn parse(text: &str, file: &str) -> Result<Self, FleetFileError> {
+        let err = |span: std::ops::Range<usize>, field: String, message: String| FleetFileError {
+            file: file.to_string(),
+            line: line_of(text, span.start),
+            field,
+            message,
+        };
+        let raw: RawFile = toml::from_str(text).map_err(|e| {
+            err(
+                e.span().unwrap_or(0..0),
+                String::new(),
+                e.message().trim().to_string(),
+            )
+        })?;
+        let p = raw.fleet;
+        if p.name.get_ref().is_empty()
+            || !p
+                .name
+                .get_ref()
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(err(
+                p.name.span(),
+                "fleet.name".into(),
+                "use letters, digits, '-', '_' and '.'".into(),
+            ));
+        }
+        if *p.max_concurrent_downtime.get_ref() == 0 {
+            return Err(err(
+                p.max_concurrent_downtime.span(),
+                "fleet.max_concurrent_downtime".into(),
+                "must be at least 1, or no instance could ever be migrated".into(),
+            ));
+        }
+        let parse_windows =
+            |raw: &[Spanned<RawWindow>], field: &str| -> Result<Vec<Window>, FleetFileError> {
+                raw.iter()
+                    .enumerate()
+                    .map(|(i, w)| {
+                        let r = w.get_ref();
+                        Window::parse(&r.days, &r.start, &r.end, &r.timezone)
+                            .map_err(|e| err(w.span(), format!("{field}[{i}]"), e.to_string()))
+                    })
+                    .collect()
+            };
+        let policy = Policy {
+            name: p.name.into_inner(),
+            max_parallel_hot_syncs: p.max_parallel_hot_syncs.max(1),
+            bandwidth_budget_mib: p.bandwidth_budget_mib,
+            converge_max_files: p.converge_max_files,
+            converge_max_mib: p.converge_max_mib,
+            max_passes: p.max_passes.max(1),
+            max_concurrent_downtime: p.max_concurrent_downtime.into_inner(),
+            min_stagger_secs: p.min_stagger_secs,
+            canary_count: p.canary_count,
+            canary_approval: p.canary_approval,
+            failure_budget: p.failure_budget,
+            downtime_budget_secs: p.downtime_budget_secs,
+            windows: parse_windows(&p.windows, "fleet.windows")?,
+            rates: p.rates,
+        };
+        let mut names: HashMap<String, usize> = HashMap::new();
+        let mut agents: HashMap<String, (String, usize)> = HashMap::new();
+        let mut ips: HashMap<IpAddr, (String, usize)> = HashMap::new();
+        let mut instances = Vec::new();
+        for (i, r) in raw.instance.into_iter().enumerate() {
+            let field = |f: &str| format!("instance[{i}].{f}");
+            let name = r.name.get_ref().clone();
+            bmfleet_proto::identity::validate_name(&name)
+                .map_err(|m| err(r.name.span(), field("name"), m))?;
+            if let Some(line) = names.insert(name.clone(), line_of(text, r.name.span().start)) {
+                return Err(err(
+                    r.name.span(),
+                    field("name"),
+                    format!("'{name}' is already the name of the instance at line {line}"),
+                ));
+            }
+            if r.origin.get_ref() == r.target.get_ref() {
+                return Err(err(
+                    r.target.span(),
+                    field("target"),
+                    "origin and target must be different agents".into(),
+                ));
+            }
+            for (what, agent) in [("origin", &r.origin), ("target", &r.target)] {
+                let a = agent.get_ref().clone();
+                bmfleet_proto::identity::validate_name(&a)
+                    .map_err(|m| err(agent.span(), field(what), m))?;
+                if let Some((other, line)) =
+                    agents.insert(a.clone(), (name.clone(), line_of(text, agent.span().start)))
+                {
+                    return Err(err(
+                        agent.span(),
+                        field(what),
+                        format!("agent '{a}' is already used by instance '{other}' (line {line}): an agent serves one instance"),
+                    ));
+                }
+            }
+            let (ip, prefix) = parse_cidr(r.service_ip.get_ref())
+                .map_err(|m| err(r.service_ip.span(), field("service_ip"), m))?;
+            if let Some((other, line)) =
+                ips.insert(ip, (name.clone(), line_of(text, r.service_ip.span().start)))
+            {
+                return Err(err(
+                    r.service_ip.span(),
+                    field("service_ip"),
+                    format!("{ip} is already the service IP of instance '{other}' (line {line})"),
+                ));
+            }
+            let profile = match r.bluemind.get_ref().as_str() {
+                "3.5" => Profile::V3_5,
+                "4.x" | "4" => Profile::V4,
+                "5.x" | "5" => Profile::V5,
+                "auto" => Profile::Auto,
+                other => {
+                    return Err(err(
+                        r.bluemind.span(),
+                        field("bluemind"),
+                        format!("unknown profile '{other}': use 3.5, 4.x, 5.x or auto"),
+                    ))
+                }
+            };
+            let windows = match &r.windows {
+                Some(w) => parse_windows(w, &field("windows"))?,
+                None => policy.windows.clone(),
+            };
+            if windows.is_empty() {
+                return Err(err(
+                    r.name.span(),
+                    field("windows"),
+                    "no maintenance window: give the instance windows or the fleet default [[fleet.windows]]".into(),
+                ));
+            }
+            let mut extra_dirs = Vec::new();
+            for (j, d) in r.extra_dirs.iter().enumerate() {
+                let clean = Path::new(d.get_ref());
+                if !clean.is_absolute() || d.get_ref().contains("..") {
+                    return Err(err(
+                        d.span(),
+                        format!("instance[{i}].extra_dirs[{j}]"),
+                        "must be an absolute path without '..'".into(),
+                    ));
+                }
+                extra_dirs.push(d.get_ref().clone());
+            }
+            instances.push(InstanceSpec {
+                name,
+                origin: r.origin.into_inner(),
+                target: r.target.into_inner(),
+                service_ip: ip,
+                prefix,
+                interface: r.interface,
+                profile,
+                windows,
+                downtime_budget_secs: r
+                    .downtime_budget_secs
+                    .unwrap_or(policy.downtime_budget_secs),
+                mynetworks: r.mynetworks,
+                extra_dirs,
+                estimate: r.estimate,
+            });
+        }
+        Ok(FleetFile { policy, instances })
+    }
+}
+
+fn parse_cidr(text: &str) -> Result<(IpAddr, u8), String> {
+    let bad = || format!("'{text}' is not an address with its prefix length, e.g. 198.18.0.100/24");
+    let (ip, prefix) = text.split_once('/').ok_or_else(bad)?;
+    let ip: IpAddr = ip.parse().map_err(|_| bad())?;
+    let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    if prefix == 0 || prefix > max {
+        return Err(format!("prefix /{prefix} is out of range for {ip}"));
+    }
+    Ok((ip, prefix))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"[fleet]
+name = "night-1"
+max_concurrent_downtime = 2
+
+[[fleet.windows]]
+days = ["mon", "tue"]
+start = "22:00"
+end = "05:00"
+timezone = "Europe/Paris"
+
+[[instance]]
+name = "mail-01"
+origin = "origin-1"
+target = "target-1"
+service_ip = "198.18.0.101/24"
+"#;
+
+    fn with(extra: &str) -> Result<FleetFile, FleetFileError> {
+        FleetFile::parse(&format!("{BASE}{extra}"), "fleet.toml")
+    }
+
+    #[test]
+    fn a_valid_file_takes_the_fleet_defaults() {
+        let f = with("").unwrap();
+        assert_eq!(f.policy.name, "night-1");
+        let i = &f.instances[0];
+        assert_eq!(
+            (i.service_ip.to_string(), i.prefix),
+            ("198.18.0.101".into(), 24)
+        );
+        assert_eq!(i.windows.len(), 1);
+        assert_eq!(i.downtime_budget_secs, 900);
+        assert_eq!(i.profile, Profile::Auto);
+    }
+
+    #[test]
+    fn the_shipped_example_is_valid() {
+        let f = FleetFile::parse(
+            include_str!("../../deploy/fleet.example.toml"),
+            "fleet.example.toml",
+        )
+        .unwrap();
+        assert!(f.instances.len() >= 3);
+    }
+
+    fn refused(extra: &str) -> FleetFileError {
+        with(extra).unwrap_err()
+    }
+
+    #[test]
+    fn refusals_name_the_line_and_the_field() {
+        let second = |body: &str| format!("\n[[instance]]\n{body}\n");
+        let cases = [
+            (
+                second("name = \"mail-01\"\norigin = \"origin-2\"\ntarget = \"target-2\"\nservice_ip = \"198.18.0.102/24\""),
+                18,
+                "instance[1].name",
+                "already the name of the instance at line 12",
+            ),
+            (
+                second("name = \"mail-02\"\norigin = \"origin-2\"\ntarget = \"target-1\"\nservice_ip = \"198.18.0.102/24\""),
+                20,
+                "instance[1].target",
+                "agent 'target-1' is already used by instance 'mail-01'",
+            ),
+            (
+                second("name = \"mail-02\"\norigin = \"origin-2\"\ntarget = \"target-2\"\nservice_ip = \"198.18.0.101/24\""),
+                21,
+                "instance[1].service_ip",
+                "198.18.0.101 is already the service IP of instance 'mail-01'",
+            ),
+            (
+                second("name = \"mail-02\"\norigin = \"origin-2\"\ntarget = \"target-2\"\nservice_ip = \"198.18.0.102\""),
+                21,
+                "instance[1].service_ip",
+                "prefix length",
+            ),
+            (
+                second("name = \"mail-02\"\norigin = \"origin-2\"\ntarget = \"target-2\"\nservice_ip = \"198.18.0.102/24\"\n[[instance.windows]]\ndays = [\"mon\"]\nstart = \"23:00\"\nend = \"23:00\"\ntimezone = \"UTC\""),
+                22,
+                "instance[1].windows[0]",
+                "the window is empty",
+            ),
+            (
+                second("name = \"mail-02\"\norigin = \"origin-2\"\ntarget = \"target-2\"\nservice_ip = \"198.18.0.102/24\"\nbluemind = \"6\""),
+                22,
+                "instance[1].bluemind",
+                "unknown profile '6'",
+            ),
+        ];
+        for (extra, line, field, message) in cases {
+            let e = refused(&extra);
+            assert_eq!((e.line, e.field.as_str()), (line, field), "{e}");
+            assert!(e.message.contains(message), "{e}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_with_their_line() {
+        let e = refused("interfce = \"eth1\"\n");
+        assert_eq!(e.line, 16, "{e}");
+        assert!(e.message.contains("unknown field `interfce`"), "{e}");
+        assert!(e.to_string().starts_with("fleet.toml:16: "), "{e}");
+    }
+}
