@@ -15,6 +15,7 @@ pub mod config;
 pub mod fleet;
 pub mod fleet_api;
 pub mod health;
+pub mod machine;
 pub mod state;
 pub mod windows;
 
