@@ -1,12 +1,18 @@
-//! Time, injected: the orchestrator never reads the system clock directly, so schedules and
-//! deadlines can be tested with simulated time.
+//! Time, injected: the orchestrator never reads the system clock directly, so schedules,
+//! windows and deadlines are tested with simulated time instead of sleeps.
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::future::Future;
+use std::pin::Pin;
 
-/// A source of wall-clock time in Unix milliseconds.
+/// A sleep that completes after the clock moved on.
+pub type Sleep = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// A source of wall-clock time in Unix milliseconds, and of sleeps on that time.
 pub trait Clock: Send + Sync + 'static {
     /// Now, in milliseconds since the Unix epoch.
     fn now_ms(&self) -> i64;
+    /// Completes `ms` milliseconds from now.
+    fn sleep(&self, ms: u64) -> Sleep;
 }
 
 /// The system's real-time clock.
@@ -20,26 +26,37 @@ impl Clock for SystemClock {
             .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
             .unwrap_or(0)
     }
-}
 
-/// A clock that moves only when told to (tests and simulations).
-#[derive(Debug, Default)]
-pub struct ManualClock(AtomicI64);
-
-impl ManualClock {
-    /// A clock showing `start_ms`.
-    pub fn new(start_ms: i64) -> Self {
-        ManualClock(AtomicI64::new(start_ms))
-    }
-
-    /// Moves the clock forward by `ms`.
-    pub fn advance(&self, ms: i64) {
-        self.0.fetch_add(ms, Ordering::SeqCst);
+    fn sleep(&self, ms: u64) -> Sleep {
+        Box::pin(tokio::time::sleep(std::time::Duration::from_millis(ms)))
     }
 }
 
-impl Clock for ManualClock {
+/// Wall time that follows tokio's clock from a chosen start. Under a paused tokio runtime
+/// (`start_paused`) time jumps ahead whenever every task waits, so a simulated night of
+/// migrations runs in seconds.
+#[derive(Debug, Clone, Copy)]
+pub struct SimulatedClock {
+    start_ms: i64,
+    origin: tokio::time::Instant,
+}
+
+impl SimulatedClock {
+    /// A clock showing `start_ms` now.
+    pub fn starting_at(start_ms: i64) -> Self {
+        SimulatedClock {
+            start_ms,
+            origin: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl Clock for SimulatedClock {
     fn now_ms(&self) -> i64 {
-        self.0.load(Ordering::SeqCst)
+        self.start_ms + self.origin.elapsed().as_millis() as i64
+    }
+
+    fn sleep(&self, ms: u64) -> Sleep {
+        Box::pin(tokio::time::sleep(std::time::Duration::from_millis(ms)))
     }
 }

@@ -12,10 +12,13 @@
 pub mod agents;
 pub mod clock;
 pub mod config;
+pub mod engine;
 pub mod fleet;
 pub mod fleet_api;
 pub mod health;
 pub mod machine;
+pub mod scheduler;
+pub mod sim;
 pub mod state;
 pub mod windows;
 

@@ -9,6 +9,30 @@ use prost::Message;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::config::AgentEntry;
+use crate::machine::{Action, Event, Instance};
+use crate::scheduler::FleetState;
+
+/// One stored transition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransitionRow {
+    /// Sequence number.
+    pub id: i64,
+    /// When, Unix ms.
+    pub at_ms: i64,
+    /// Which instance.
+    pub instance: String,
+    /// The event (JSON).
+    pub event: String,
+    /// The phase after it.
+    pub phase: String,
+    /// The actions it started (JSON).
+    pub actions: String,
+}
+
+/// A stored value as JSON (these types always serialise).
+fn json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_default()
+}
 
 /// A state database failure.
 #[derive(Debug, thiserror::Error)]
@@ -80,7 +104,7 @@ impl State {
         let conn = Connection::open(path).map_err(err)?;
         conn.execute_batch(
             "PRAGMA journal_mode = WAL;
-             PRAGMA synchronous = FULL;
+             PRAGMA synchronous = NORMAL;
              CREATE TABLE IF NOT EXISTS agents (
                  name TEXT PRIMARY KEY,
                  address TEXT NOT NULL,
@@ -89,6 +113,28 @@ impl State {
                  last_check_ms INTEGER NOT NULL DEFAULT 0,
                  last_error TEXT NOT NULL DEFAULT '',
                  facts BLOB
+             );
+             CREATE TABLE IF NOT EXISTS fleet_file (
+                 id INTEGER PRIMARY KEY CHECK (id = 1),
+                 text TEXT NOT NULL,
+                 applied_ms INTEGER NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS fleet_state (
+                 id INTEGER PRIMARY KEY CHECK (id = 1),
+                 state TEXT NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS instances (
+                 name TEXT PRIMARY KEY,
+                 state TEXT NOT NULL,
+                 updated_ms INTEGER NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS transitions (
+                 id INTEGER PRIMARY KEY AUTOINCREMENT,
+                 at_ms INTEGER NOT NULL,
+                 instance TEXT NOT NULL,
+                 event TEXT NOT NULL,
+                 phase TEXT NOT NULL,
+                 actions TEXT NOT NULL
              );
              CREATE TABLE IF NOT EXISTS audit (
                  id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -204,6 +250,127 @@ impl State {
                     last_check_unix_ms: r.get(4)?,
                     last_error: r.get(5)?,
                     facts: facts.and_then(|b| FactsReply::decode(b.as_slice()).ok()),
+                })
+            })
+            .and_then(|rows| rows.collect())
+            .map_err(|e| self.err(e))?;
+        Ok(rows)
+    }
+
+    /// Stores the applied fleet file (replacing the previous one).
+    pub fn save_fleet_file(&self, text: &str, now_ms: i64) -> Result<(), StateError> {
+        self.conn()
+            .execute(
+                "INSERT OR REPLACE INTO fleet_file (id, text, applied_ms) VALUES (1, ?1, ?2)",
+                params![text, now_ms],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// The applied fleet file, if any.
+    pub fn fleet_file(&self) -> Result<Option<String>, StateError> {
+        self.conn()
+            .query_row("SELECT text FROM fleet_file WHERE id = 1", [], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// The fleet-wide scheduler state.
+    pub fn fleet_state(&self) -> Result<FleetState, StateError> {
+        let json: Option<String> = self
+            .conn()
+            .query_row("SELECT state FROM fleet_state WHERE id = 1", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(|e| self.err(e))?;
+        Ok(json
+            .and_then(|j| serde_json::from_str(&j).ok())
+            .unwrap_or_default())
+    }
+
+    /// Stores the fleet-wide scheduler state.
+    pub fn save_fleet_state(&self, fleet: &FleetState) -> Result<(), StateError> {
+        self.conn()
+            .execute(
+                "INSERT OR REPLACE INTO fleet_state (id, state) VALUES (1, ?1)",
+                params![json(fleet)],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Every stored instance state, by name.
+    pub fn instances(&self) -> Result<Vec<(String, Instance)>, StateError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT name, state FROM instances ORDER BY name")
+            .map_err(|e| self.err(e))?;
+        let rows: Vec<(String, String)> = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .and_then(|rows| rows.collect())
+            .map_err(|e| self.err(e))?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(name, json)| serde_json::from_str(&json).ok().map(|i| (name, i)))
+            .collect())
+    }
+
+    /// Writes one transition durably: the instance's new state, the event and the actions
+    /// about to run, and the fleet state, in one transaction. Called before the actions run.
+    pub fn save_transition(
+        &self,
+        name: &str,
+        event: &Event,
+        instance: &Instance,
+        actions: &[Action],
+        fleet: &FleetState,
+        now_ms: i64,
+    ) -> Result<(), StateError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        tx.execute(
+            "INSERT OR REPLACE INTO instances (name, state, updated_ms) VALUES (?1, ?2, ?3)",
+            params![name, json(instance), now_ms],
+        )
+        .map_err(|e| self.err(e))?;
+        tx.execute(
+            "INSERT INTO transitions (at_ms, instance, event, phase, actions) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![now_ms, name, json(event), format!("{:?}", instance.phase), json(&actions)],
+        )
+        .map_err(|e| self.err(e))?;
+        tx.execute(
+            "INSERT OR REPLACE INTO fleet_state (id, state) VALUES (1, ?1)",
+            params![json(fleet)],
+        )
+        .map_err(|e| self.err(e))?;
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    /// The newest `limit` transitions (of one instance, or all), oldest first.
+    pub fn transitions(
+        &self,
+        instance: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<TransitionRow>, StateError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT id, at_ms, instance, event, phase, actions FROM
+                 (SELECT * FROM transitions WHERE ?1 IS NULL OR instance = ?1 ORDER BY id DESC LIMIT ?2)
+                 ORDER BY id",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params![instance, limit], |r| {
+                Ok(TransitionRow {
+                    id: r.get(0)?,
+                    at_ms: r.get(1)?,
+                    instance: r.get(2)?,
+                    event: r.get(3)?,
+                    phase: r.get(4)?,
+                    actions: r.get(5)?,
                 })
             })
             .and_then(|rows| rows.collect())

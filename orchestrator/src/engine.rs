@@ -1,0 +1,374 @@
+//! The engine: the I/O edge around the pure state machine and scheduler. It asks the
+//! scheduler what may start, feeds events to the machine, writes every transition to SQLite
+//! before running its actions, runs actions through an [`AgentPort`], and on start re-attaches
+//! to the steps that were in flight (same operation ids, so agents answer from their journal).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use crate::clock::Clock;
+use crate::fleet::{FleetFile, InstanceSpec};
+use crate::machine::{self, Action, Event, Instance, PassStats, Phase, Rules, Step};
+use crate::scheduler::{self, FleetState, Grant};
+use crate::state::{State, StateError};
+
+/// One step for an agent to run.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// The migration's name.
+    pub migration: String,
+    /// The instance.
+    pub instance: InstanceSpec,
+    /// The step.
+    pub step: Step,
+    /// Its attempt.
+    pub attempt: u32,
+    /// `migration/instance/step/attempt`: the same on every retry of this attempt.
+    pub operation_id: String,
+    /// Bandwidth limit for sync steps, KiB/s (0: none).
+    pub bwlimit_kib: u32,
+}
+
+/// How a step ended.
+pub type StepResult = Result<Option<PassStats>, String>;
+
+/// The orchestrator's way of making agents do a step (gRPC to real agents, or a simulation).
+pub trait AgentPort: Send + Sync + 'static {
+    /// Runs `job` to its end.
+    fn run(&self, job: Job) -> Pin<Box<dyn Future<Output = StepResult> + Send>>;
+}
+
+/// An operator's command for the engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Hold one instance, or the fleet when None.
+    Pause(Option<String>),
+    /// Release one instance, or the fleet.
+    Resume(Option<String>),
+    /// Withdraw one instance (rolls back if it is down).
+    Abort(String),
+    /// Let the fleet go on after the canaries.
+    Approve,
+}
+
+/// What one transition looked like, for observers (metrics, tests).
+pub struct Transition<'a> {
+    /// When, Unix ms.
+    pub now_ms: i64,
+    /// Which instance.
+    pub instance: &'a InstanceSpec,
+    /// The event.
+    pub event: &'a Event,
+    /// Every instance's state after it.
+    pub instances: &'a [Instance],
+}
+
+/// Called after every transition.
+pub type Observer = Box<dyn FnMut(&Transition<'_>) + Send>;
+
+/// Why the engine returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Every instance is finished.
+    AllFinal,
+    /// Nothing can move any more: the failure budget is spent and nothing is in flight.
+    Stalled,
+    /// The transition limit given to `run` was reached.
+    TransitionLimit,
+    /// The command channel closed (shutdown).
+    Shutdown,
+}
+
+/// The engine of one fleet.
+pub struct Engine {
+    fleet: FleetFile,
+    instances: Vec<Instance>,
+    state: FleetState,
+    store: Arc<State>,
+    port: Arc<dyn AgentPort>,
+    clock: Arc<dyn Clock>,
+    rules: Rules,
+    results: (
+        mpsc::UnboundedSender<(usize, Event)>,
+        mpsc::UnboundedReceiver<(usize, Event)>,
+    ),
+    bwlimit: Vec<u32>,
+    observer: Option<Observer>,
+    tick_ms: u64,
+}
+
+/// Machine rules for a fleet's policy.
+pub fn rules_for(fleet: &FleetFile) -> Rules {
+    Rules {
+        timing: machine::Timing::default(),
+        convergence: machine::Convergence {
+            max_files: fleet.policy.converge_max_files,
+            max_bytes: fleet.policy.converge_max_mib * 1024 * 1024,
+            max_passes: fleet.policy.max_passes,
+        },
+    }
+}
+
+impl Engine {
+    /// An engine for `fleet`, resuming every instance from `store` where it stood.
+    pub fn open(
+        fleet: FleetFile,
+        store: Arc<State>,
+        port: Arc<dyn AgentPort>,
+        clock: Arc<dyn Clock>,
+        rules: Rules,
+    ) -> Result<Self, StateError> {
+        let stored = store.instances()?;
+        let instances = fleet
+            .instances
+            .iter()
+            .map(|spec| {
+                stored
+                    .iter()
+                    .find(|(name, _)| *name == spec.name)
+                    .map(|(_, i)| i.clone())
+                    .unwrap_or_default()
+            })
+            .collect();
+        let n = fleet.instances.len();
+        Ok(Engine {
+            fleet,
+            instances,
+            state: store.fleet_state()?,
+            store,
+            port,
+            clock,
+            rules,
+            results: mpsc::unbounded_channel(),
+            bwlimit: vec![0; n],
+            observer: None,
+            tick_ms: 30_000,
+        })
+    }
+
+    /// Calls `observer` after every transition.
+    pub fn observe(&mut self, observer: Observer) {
+        self.observer = Some(observer);
+    }
+
+    /// How often deadlines and windows are looked at when nothing happens.
+    pub fn set_tick_ms(&mut self, ms: u64) {
+        self.tick_ms = ms.max(1);
+    }
+
+    /// The instances' current states, in fleet-file order.
+    pub fn instances(&self) -> &[Instance] {
+        &self.instances
+    }
+
+    fn operation_id(&self, n: usize, step: Step, attempt: u32) -> String {
+        format!(
+            "{}/{}/{}/{}",
+            self.fleet.policy.name,
+            self.fleet.instances[n].name,
+            step.as_str(),
+            attempt
+        )
+    }
+
+    fn dispatch(&self, n: usize, step: Step, attempt: u32) {
+        let job = Job {
+            migration: self.fleet.policy.name.clone(),
+            instance: self.fleet.instances[n].clone(),
+            step,
+            attempt,
+            operation_id: self.operation_id(n, step, attempt),
+            bwlimit_kib: self.bwlimit[n],
+        };
+        let port = self.port.clone();
+        let tx = self.results.0.clone();
+        tokio::spawn(async move {
+            let event = match port.run(job).await {
+                Ok(stats) => Event::Succeeded {
+                    step,
+                    attempt,
+                    stats,
+                },
+                Err(error) => Event::Failed {
+                    step,
+                    attempt,
+                    error,
+                },
+            };
+            let _ = tx.send((n, event));
+        });
+    }
+
+    /// Feeds one event to instance `n`: persists the transition, then runs its actions.
+    /// Returns whether anything changed.
+    fn apply(&mut self, n: usize, event: Event) -> Result<bool, StateError> {
+        let now = self.clock.now_ms();
+        let outcome = machine::handle(&self.instances[n], &event, now, &self.rules);
+        if outcome.ignored.is_some() {
+            return Ok(false);
+        }
+        if let Event::GrantColdSync { .. } = event {
+            self.state.last_cold_start_ms = Some(now);
+        }
+        let spec = &self.fleet.instances[n];
+        self.store.save_transition(
+            &spec.name,
+            &event,
+            &outcome.instance,
+            &outcome.actions,
+            &self.state,
+            now,
+        )?;
+        if outcome.instance.phase != self.instances[n].phase {
+            tracing::info!(instance = %spec.name, from = ?self.instances[n].phase, to = ?outcome.instance.phase, "transition");
+        }
+        self.instances[n] = outcome.instance;
+        for Action::Run { step, attempt } in outcome.actions {
+            self.dispatch(n, step, attempt);
+        }
+        if let Some(observer) = self.observer.as_mut() {
+            observer(&Transition {
+                now_ms: now,
+                instance: &self.fleet.instances[n],
+                event: &event,
+                instances: &self.instances,
+            });
+        }
+        Ok(true)
+    }
+
+    fn command(&mut self, command: Command) -> Result<u64, StateError> {
+        let named = |name: &Option<String>| -> Vec<usize> {
+            self.fleet
+                .instances
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| name.as_ref().is_none_or(|n| *n == s.name))
+                .map(|(i, _)| i)
+                .collect()
+        };
+        let mut changed = 0;
+        match command {
+            Command::Pause(None) => self.state.paused = true,
+            Command::Resume(None) => self.state.paused = false,
+            Command::Approve => self.state.approved = true,
+            Command::Pause(name) => {
+                for n in named(&name) {
+                    changed += u64::from(self.apply(n, Event::Pause)?);
+                }
+            }
+            Command::Resume(name) => {
+                for n in named(&name) {
+                    changed += u64::from(self.apply(n, Event::Resume)?);
+                }
+            }
+            Command::Abort(name) => {
+                for n in named(&Some(name)) {
+                    changed += u64::from(self.apply(n, Event::Abort)?);
+                }
+            }
+        }
+        self.store.save_fleet_state(&self.state)?;
+        Ok(changed)
+    }
+
+    fn schedule(&mut self) -> Result<u64, StateError> {
+        let now = self.clock.now_ms();
+        let mut changed = 0;
+        let grants = scheduler::decide(
+            &self.fleet.policy,
+            &self.fleet.instances,
+            &self.instances,
+            &self.state,
+            now,
+        );
+        for grant in grants {
+            let (n, event) = match grant {
+                Grant::Begin(n) => (n, Event::Begin),
+                Grant::HotPass(n, kib) => {
+                    self.bwlimit[n] = kib;
+                    (n, Event::GrantHotPass)
+                }
+                Grant::ColdSync(n, end) => (n, Event::GrantColdSync { window_end_ms: end }),
+            };
+            changed += u64::from(self.apply(n, event)?);
+        }
+        for n in 0..self.instances.len() {
+            let due = self.instances[n]
+                .running
+                .values()
+                .any(|r| now >= r.deadline_ms);
+            if due {
+                changed += u64::from(self.apply(n, Event::Tick)?);
+            }
+        }
+        Ok(changed)
+    }
+
+    fn stop_reason(&self) -> Option<Stop> {
+        if self.instances.iter().all(|i| i.phase.is_final()) {
+            return Some(Stop::AllFinal);
+        }
+        let policy = &self.fleet.policy;
+        let failed = self
+            .instances
+            .iter()
+            .filter(|i| matches!(i.phase, Phase::Failed | Phase::RolledBack))
+            .count();
+        let budget_spent = policy.failure_budget > 0 && failed >= policy.failure_budget as usize;
+        let busy = self.instances.iter().any(|i| {
+            !i.running.is_empty()
+                || i.phase.is_down()
+                || matches!(
+                    i.phase,
+                    Phase::Pending | Phase::Preflight | Phase::HotSync | Phase::PreWindowPass
+                )
+        });
+        (budget_spent && !busy).then_some(Stop::Stalled)
+    }
+
+    /// Runs until every instance is finished, nothing can move, `max_transitions` transitions
+    /// were made, or `commands` closes.
+    pub async fn run(
+        &mut self,
+        mut commands: mpsc::UnboundedReceiver<Command>,
+        max_transitions: Option<u64>,
+    ) -> Result<Stop, StateError> {
+        // Re-attach: steps in flight when the orchestrator stopped run again under the same
+        // operation ids; agents answer a finished one from their journal.
+        for (n, i) in self.instances.iter().enumerate() {
+            for (step, r) in &i.running {
+                tracing::info!(instance = %self.fleet.instances[n].name, step = step.as_str(), attempt = r.attempt, "re-attaching");
+                self.dispatch(n, *step, r.attempt);
+            }
+        }
+        let mut transitions = 0u64;
+        let limit = max_transitions.unwrap_or(u64::MAX);
+        loop {
+            transitions += self.schedule()?;
+            if transitions >= limit {
+                return Ok(Stop::TransitionLimit);
+            }
+            if let Some(stop) = self.stop_reason() {
+                return Ok(stop);
+            }
+            let sleep = self.clock.sleep(self.tick_ms);
+            tokio::select! {
+                Some((n, event)) = self.results.1.recv() => {
+                    transitions += u64::from(self.apply(n, event)?);
+                }
+                command = commands.recv() => match command {
+                    Some(c) => transitions += self.command(c)?,
+                    None => return Ok(Stop::Shutdown),
+                },
+                _ = sleep => {}
+            }
+            if transitions >= limit {
+                return Ok(Stop::TransitionLimit);
+            }
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! Simulated agents: every step of every instance with scripted durations, pass sizes and
+//! failures, on tokio's clock (paused in tests, so a fleet of hundreds runs in seconds). Like
+//! real agents they run each operation id once and answer repeats from their journal, even
+//! while the first call still runs.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::OnceCell;
+
+use crate::engine::{AgentPort, Job, StepResult};
+use crate::machine::{PassStats, Step};
+
+/// When a simulated step fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Every attempt fails.
+    Always,
+    /// The first attempt fails, the next succeed.
+    Once,
+    /// Never answers (a stuck host): the step's deadline must act.
+    Hang,
+}
+
+/// What the simulated agents do.
+#[derive(Debug, Clone)]
+pub struct Script {
+    /// Duration of each step, ms (sync steps: see `pass_ms`).
+    pub step_ms: HashMap<Step, u64>,
+    /// Files changed by the first hot pass; each later pass changes a tenth of the previous.
+    pub first_pass_files: u64,
+    /// Bytes per changed file.
+    pub bytes_per_file: u64,
+    /// Scan time of a pass, ms.
+    pub scan_ms: u64,
+    /// Transfer time per changed file, ms.
+    pub ms_per_file: f64,
+    /// Injected failures by (instance, step).
+    pub failures: HashMap<(String, Step), Failure>,
+}
+
+impl Default for Script {
+    fn default() -> Self {
+        let step_ms = [
+            (Step::Preflight, 2_000),
+            (Step::StopOrigin, 20_000),
+            (Step::StopTarget, 5_000),
+            (Step::Databases, 120_000),
+            (Step::Config, 3_000),
+            (Step::OriginReleaseIp, 500),
+            (Step::TargetTakeIp, 2_000),
+            (Step::StartTarget, 40_000),
+            (Step::PostMigration, 30_000),
+            (Step::Verify, 20_000),
+        ]
+        .into_iter()
+        .collect();
+        Script {
+            step_ms,
+            first_pass_files: 200_000,
+            bytes_per_file: 50_000,
+            scan_ms: 4_000,
+            ms_per_file: 2.0,
+            failures: HashMap::new(),
+        }
+    }
+}
+
+/// The simulated agents of a whole fleet (cheap to clone: clones share the hosts).
+#[derive(Clone)]
+pub struct SimAgents {
+    inner: Arc<Hosts>,
+}
+
+struct Hosts {
+    script: Script,
+    operations: Mutex<HashMap<String, Arc<OnceCell<StepResult>>>>,
+    passes: Mutex<HashMap<String, u32>>,
+    executed: Mutex<Vec<String>>,
+}
+
+impl SimAgents {
+    /// Agents following `script`.
+    pub fn new(script: Script) -> Self {
+        SimAgents {
+            inner: Arc::new(Hosts {
+                script,
+                operations: Mutex::new(HashMap::new()),
+                passes: Mutex::new(HashMap::new()),
+                executed: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    /// Every operation id that actually ran (not answered from the journal), in order.
+    pub fn executed(&self) -> Vec<String> {
+        self.inner
+            .executed
+            .lock()
+            .map(|e| e.clone())
+            .unwrap_or_default()
+    }
+}
+
+impl Hosts {
+    fn pass(&self, job: &Job) -> (u64, PassStats) {
+        let s = &self.script;
+        let n = {
+            let mut passes = self.passes.lock().unwrap_or_else(|p| p.into_inner());
+            let n = passes.entry(job.instance.name.clone()).or_insert(0);
+            *n += 1;
+            *n
+        };
+        let files = s.first_pass_files / 10u64.pow(n.saturating_sub(1).min(9));
+        let transfer = (files as f64 * s.ms_per_file) as u64;
+        let stats = PassStats {
+            files_scanned: s.first_pass_files * 2,
+            files_changed: files,
+            bytes_changed: files * s.bytes_per_file,
+            scan_ms: s.scan_ms,
+            elapsed_ms: s.scan_ms + transfer,
+        };
+        (stats.elapsed_ms, stats)
+    }
+
+    async fn execute(&self, job: Job) -> StepResult {
+        if let Ok(mut e) = self.executed.lock() {
+            e.push(job.operation_id.clone());
+        }
+        let failure = self
+            .script
+            .failures
+            .get(&(job.instance.name.clone(), job.step))
+            .copied();
+        let (ms, stats) = match job.step {
+            Step::HotPass | Step::PreWindowPass | Step::FinalPass => {
+                let (ms, stats) = self.pass(&job);
+                (ms, Some(stats))
+            }
+            step => (
+                self.script.step_ms.get(&step).copied().unwrap_or(1_000),
+                None,
+            ),
+        };
+        match failure {
+            Some(Failure::Hang) => std::future::pending::<()>().await,
+            Some(Failure::Always) => {
+                tokio::time::sleep(Duration::from_millis(ms / 2)).await;
+                return Err(format!("simulated failure of {}", job.step.as_str()));
+            }
+            Some(Failure::Once) if job.attempt == 1 => {
+                tokio::time::sleep(Duration::from_millis(ms / 2)).await;
+                return Err(format!(
+                    "simulated transient failure of {}",
+                    job.step.as_str()
+                ));
+            }
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        Ok(stats)
+    }
+}
+
+impl AgentPort for SimAgents {
+    fn run(&self, job: Job) -> Pin<Box<dyn Future<Output = StepResult> + Send>> {
+        let cell = {
+            let mut ops = self
+                .inner
+                .operations
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            ops.entry(job.operation_id.clone()).or_default().clone()
+        };
+        let hosts = self.inner.clone();
+        // The operation runs on the "host" whether or not the caller waits for it, as a real
+        // agent's would; a repeated id waits for (or reads) the same result.
+        let run =
+            tokio::spawn(async move { cell.get_or_init(|| hosts.execute(job)).await.clone() });
+        Box::pin(async move {
+            run.await
+                .unwrap_or_else(|e| Err(format!("simulated agent: {e}")))
+        })
+    }
+}

@@ -1,0 +1,263 @@
+//! The engine against simulated agents, on simulated time (tokio's paused clock): whole fleets
+//! over several nights run in seconds, every transition is checked, and the orchestrator is
+//! stopped and restarted at every step boundary.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use bmfleet_orchestrator::clock::{Clock, SimulatedClock};
+use bmfleet_orchestrator::engine::{rules_for, Command, Engine, Stop};
+use bmfleet_orchestrator::fleet::FleetFile;
+use bmfleet_orchestrator::machine::{Event, Phase, Step};
+use bmfleet_orchestrator::sim::{Failure, Script, SimAgents};
+use bmfleet_orchestrator::state::State;
+use bmfleet_orchestrator::windows;
+use tokio::sync::mpsc;
+
+/// Monday 2026-12-07 12:00 UTC.
+const START: &str = "2026-12-07T12:00:00Z";
+
+fn start_ms() -> i64 {
+    START.parse::<jiff::Timestamp>().unwrap().as_millisecond()
+}
+
+fn fleet_text(n: usize, canaries: u32, failure_budget: u32, max_down: u32) -> String {
+    let mut text = format!(
+        r#"[fleet]
+name = "sim"
+max_parallel_hot_syncs = 40
+max_concurrent_downtime = {max_down}
+min_stagger_secs = 60
+canary_count = {canaries}
+canary_approval = true
+failure_budget = {failure_budget}
+downtime_budget_secs = 1800
+"#
+    );
+    for i in 0..n {
+        let (tz, start) = if i % 2 == 0 {
+            ("Europe/Paris", "22:00")
+        } else {
+            ("America/Montreal", "23:00")
+        };
+        text += &format!(
+            r#"
+[[instance]]
+name = "mail-{i:03}"
+origin = "origin-{i:03}"
+target = "target-{i:03}"
+service_ip = "198.18.{}.{}/16"
+[[instance.windows]]
+days = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+start = "{start}"
+end = "05:00"
+timezone = "{tz}"
+"#,
+            i / 250,
+            i % 250 + 1
+        );
+    }
+    text
+}
+
+fn counts(instances: &[bmfleet_orchestrator::machine::Instance]) -> BTreeMap<String, usize> {
+    let mut c = BTreeMap::new();
+    for i in instances {
+        *c.entry(format!("{:?}", i.phase)).or_insert(0) += 1;
+    }
+    c
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_hundred_instances_with_canaries_two_zones_and_failures() {
+    let n = 200;
+    let fleet = FleetFile::parse(&fleet_text(n, 2, 50, 2), "sim.toml").unwrap();
+    let mut script = Script::default();
+    let (mut rolled_back, mut failed) = (HashSet::new(), HashSet::new());
+    for i in 2..n {
+        let name = format!("mail-{i:03}");
+        if i % 29 == 3 {
+            script
+                .failures
+                .insert((name.clone(), Step::Databases), Failure::Always);
+            rolled_back.insert(name.clone());
+        } else if i % 37 == 6 {
+            // A stuck host: only the step's deadline gets the instance out of it.
+            script
+                .failures
+                .insert((name.clone(), Step::StopOrigin), Failure::Hang);
+            rolled_back.insert(name.clone());
+        } else if i % 31 == 4 {
+            script
+                .failures
+                .insert((name.clone(), Step::PostMigration), Failure::Always);
+            failed.insert(name.clone());
+        } else if i % 13 == 5 {
+            script
+                .failures
+                .insert((name.clone(), Step::HotPass), Failure::Once);
+        }
+    }
+    let agents = SimAgents::new(script);
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(State::open(&dir.path().join("state.db")).unwrap());
+    let clock = Arc::new(SimulatedClock::starting_at(start_ms()));
+    let rules = rules_for(&fleet);
+    let mut engine =
+        Engine::open(fleet.clone(), store, Arc::new(agents.clone()), clock, rules).unwrap();
+    let (commands, rx) = mpsc::unbounded_channel();
+    let violations = Arc::new(Mutex::new(Vec::<String>::new()));
+    let cold_starts = Arc::new(Mutex::new(0usize));
+    {
+        let (violations, cold_starts, commands) =
+            (violations.clone(), cold_starts.clone(), commands.clone());
+        let max_down = fleet.policy.max_concurrent_downtime as usize;
+        let mut approved = false;
+        engine.observe(Box::new(move |t| {
+            let down = t.instances.iter().filter(|i| i.phase.is_down()).count();
+            if down > max_down {
+                violations
+                    .lock()
+                    .unwrap()
+                    .push(format!("{down} instances down at {}", t.now_ms));
+            }
+            if let Event::GrantColdSync { .. } = t.event {
+                *cold_starts.lock().unwrap() += 1;
+                let now = jiff::Timestamp::from_millisecond(t.now_ms).unwrap();
+                if windows::open_at(&t.instance.windows, now).is_none() {
+                    violations
+                        .lock()
+                        .unwrap()
+                        .push(format!("{} started outside its window", t.instance.name));
+                }
+            }
+            // Canaries first, alone; an operator approves once both are done.
+            let canaries_done = t.instances[..2].iter().all(|i| i.phase == Phase::Done);
+            if !canaries_done && t.instances[2..].iter().any(|i| i.phase.is_down()) {
+                violations
+                    .lock()
+                    .unwrap()
+                    .push("a non-canary went down before the canaries were done".into());
+            }
+            if canaries_done && !approved {
+                approved = true;
+                let _ = commands.send(Command::Approve);
+            }
+        }));
+    }
+    let stop = engine.run(rx, None).await.unwrap();
+    assert_eq!(stop, Stop::AllFinal);
+    assert_eq!(*violations.lock().unwrap(), Vec::<String>::new());
+    let c = counts(engine.instances());
+    assert_eq!(
+        c.get("RolledBack").copied().unwrap_or(0),
+        rolled_back.len(),
+        "{c:?}"
+    );
+    assert_eq!(c.get("Failed").copied().unwrap_or(0), failed.len(), "{c:?}");
+    assert_eq!(
+        c.get("Done").copied().unwrap_or(0),
+        n - rolled_back.len() - failed.len(),
+        "{c:?}"
+    );
+    assert_eq!(*cold_starts.lock().unwrap(), n);
+    for i in engine.instances().iter().filter(|i| i.phase == Phase::Done) {
+        let (start, end) = (i.downtime_start_ms.unwrap(), i.downtime_end_ms.unwrap());
+        assert!(end > start);
+    }
+    let ops = agents.executed();
+    let unique: HashSet<_> = ops.iter().collect();
+    assert_eq!(unique.len(), ops.len(), "an operation ran twice");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_failure_budget_stops_new_cold_syncs() {
+    let n = 12;
+    let fleet = FleetFile::parse(&fleet_text(n, 0, 2, 1), "sim.toml").unwrap();
+    let mut script = Script::default();
+    for i in 0..n {
+        script
+            .failures
+            .insert((format!("mail-{i:03}"), Step::Databases), Failure::Always);
+    }
+    let agents = SimAgents::new(script);
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(State::open(&dir.path().join("state.db")).unwrap());
+    let clock = Arc::new(SimulatedClock::starting_at(start_ms()));
+    let mut engine = Engine::open(
+        fleet.clone(),
+        store,
+        Arc::new(agents),
+        clock,
+        rules_for(&fleet),
+    )
+    .unwrap();
+    let (_commands, rx) = mpsc::unbounded_channel();
+    let stop = engine.run(rx, None).await.unwrap();
+    assert_eq!(stop, Stop::Stalled);
+    let c = counts(engine.instances());
+    // One instance down at a time: the second failure spends the budget, nothing else starts.
+    assert_eq!(c.get("RolledBack").copied(), Some(2), "{c:?}");
+    assert_eq!(c.get("Converged").copied(), Some(n - 2), "{c:?}");
+}
+
+/// Runs one instance to its end, stopping and re-opening the engine after every transition.
+async fn run_with_restarts(script: Script, dir: &std::path::Path) -> (Phase, Vec<String>, usize) {
+    let fleet = FleetFile::parse(&fleet_text(1, 0, 3, 1), "sim.toml").unwrap();
+    let agents = SimAgents::new(script);
+    let clock: Arc<dyn Clock> = Arc::new(SimulatedClock::starting_at(start_ms()));
+    let db = dir.join("state.db");
+    let mut restarts = 0;
+    loop {
+        let store = Arc::new(State::open(&db).unwrap());
+        let mut engine = Engine::open(
+            fleet.clone(),
+            store,
+            Arc::new(agents.clone()),
+            clock.clone(),
+            rules_for(&fleet),
+        )
+        .unwrap();
+        let (_commands, rx) = mpsc::unbounded_channel();
+        match engine.run(rx, Some(1)).await.unwrap() {
+            Stop::TransitionLimit => restarts += 1,
+            Stop::AllFinal => return (engine.instances()[0].phase, agents.executed(), restarts),
+            other => panic!("unexpected stop {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restart_at_every_step_boundary_finishes_the_same_and_runs_nothing_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let (phase, executed, restarts) = run_with_restarts(Script::default(), dir.path()).await;
+    assert_eq!(phase, Phase::Done);
+    assert!(restarts >= 15, "only {restarts} step boundaries");
+    let unique: HashSet<_> = executed.iter().collect();
+    assert_eq!(
+        unique.len(),
+        executed.len(),
+        "an operation ran twice: {executed:?}"
+    );
+
+    // The same with a failing target start: the rollback survives restarts too.
+    let dir = tempfile::tempdir().unwrap();
+    let mut script = Script::default();
+    script
+        .failures
+        .insert(("mail-000".into(), Step::StartTarget), Failure::Always);
+    let (phase, executed, _) = run_with_restarts(script, dir.path()).await;
+    assert_eq!(phase, Phase::RolledBack);
+    assert!(
+        executed
+            .iter()
+            .any(|op| op.ends_with("rollback-start-origin/1")),
+        "{executed:?}"
+    );
+    let unique: HashSet<_> = executed.iter().collect();
+    assert_eq!(
+        unique.len(),
+        executed.len(),
+        "an operation ran twice: {executed:?}"
+    );
+}
