@@ -91,10 +91,8 @@ pub struct Engine {
     port: Arc<dyn AgentPort>,
     clock: Arc<dyn Clock>,
     rules: Rules,
-    results: (
-        mpsc::UnboundedSender<(usize, Event)>,
-        mpsc::UnboundedReceiver<(usize, Event)>,
-    ),
+    results_tx: mpsc::UnboundedSender<(usize, Event)>,
+    results_rx: mpsc::UnboundedReceiver<(usize, Event)>,
     bwlimit: Vec<u32>,
     observer: Option<Observer>,
     tick_ms: u64,
@@ -134,6 +132,7 @@ impl Engine {
             })
             .collect();
         let n = fleet.instances.len();
+        let (results_tx, results_rx) = mpsc::unbounded_channel();
         Ok(Engine {
             fleet,
             instances,
@@ -142,7 +141,8 @@ impl Engine {
             port,
             clock,
             rules,
-            results: mpsc::unbounded_channel(),
+            results_tx,
+            results_rx,
             bwlimit: vec![0; n],
             observer: None,
             tick_ms: 30_000,
@@ -184,7 +184,7 @@ impl Engine {
             bwlimit_kib: self.bwlimit[n],
         };
         let port = self.port.clone();
-        let tx = self.results.0.clone();
+        let tx = self.results_tx.clone();
         tokio::spawn(async move {
             let event = match port.run(job).await {
                 Ok(stats) => Event::Succeeded {
@@ -357,7 +357,7 @@ impl Engine {
             }
             let sleep = self.clock.sleep(self.tick_ms);
             tokio::select! {
-                Some((n, event)) = self.results.1.recv() => {
+                Some((n, event)) = self.results_rx.recv() => {
                     transitions += u64::from(self.apply(n, event)?);
                 }
                 command = commands.recv() => match command {
