@@ -1,6 +1,8 @@
 //! `bmctl`: the operator's command line for a bmfleet fleet.
 
+mod control;
 mod pki;
+mod plan;
 mod status;
 
 use std::path::PathBuf;
@@ -38,6 +40,69 @@ enum FleetCommand {
     Pki {
         #[command(subcommand)]
         command: pki::PkiCommand,
+    },
+    /// Check a fleet file and print its projected schedule (changes nothing).
+    Plan {
+        /// The fleet file.
+        file: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Start migrating the fleet of a fleet file.
+    Apply {
+        #[command(flatten)]
+        connection: Connection,
+        /// The fleet file.
+        file: PathBuf,
+    },
+    /// Hold one instance (or the whole fleet with --all): nothing new starts.
+    Pause {
+        #[command(flatten)]
+        connection: Connection,
+        /// The instance.
+        instance: Option<String>,
+        /// The whole fleet.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Release one instance (or the whole fleet with --all).
+    Resume {
+        #[command(flatten)]
+        connection: Connection,
+        /// The instance.
+        instance: Option<String>,
+        /// The whole fleet.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Withdraw one instance; during its downtime this rolls it back.
+    Abort {
+        #[command(flatten)]
+        connection: Connection,
+        /// The instance.
+        instance: String,
+    },
+    /// Let the fleet go on after its canaries.
+    Approve {
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Every transition of the fleet, or of one instance.
+    Events {
+        #[command(flatten)]
+        connection: Connection,
+        /// Only this instance.
+        instance: Option<String>,
+        /// How many of the newest.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Keep printing new ones.
+        #[arg(long)]
+        follow: bool,
+        /// Output format (json: one object per line).
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
     },
     /// Every agent's health as the orchestrator sees it.
     Status {
@@ -141,6 +206,30 @@ async fn main() -> ExitCode {
     let Top::Fleet { command } = cli.command;
     let result = match command {
         FleetCommand::Pki { command } => pki::run(command),
+        FleetCommand::Plan { file, output } => plan::run(&file, output),
+        FleetCommand::Apply { connection, file } => control::apply(&connection, &file).await,
+        FleetCommand::Pause {
+            connection,
+            instance,
+            all,
+        } => control::target(&connection, control::Verb::Pause, instance, all).await,
+        FleetCommand::Resume {
+            connection,
+            instance,
+            all,
+        } => control::target(&connection, control::Verb::Resume, instance, all).await,
+        FleetCommand::Abort {
+            connection,
+            instance,
+        } => control::target(&connection, control::Verb::Abort, Some(instance), false).await,
+        FleetCommand::Approve { connection } => control::approve(&connection).await,
+        FleetCommand::Events {
+            connection,
+            instance,
+            limit,
+            follow,
+            output,
+        } => control::events(&connection, instance, limit, follow, output).await,
         FleetCommand::Status { connection, output } => status::status(&connection, output).await,
         FleetCommand::Audit {
             connection,

@@ -11,6 +11,53 @@ struct StatusJson {
     orchestrator: String,
     generated_at_unix_ms: i64,
     agents: Vec<AgentJson>,
+    migration: Option<String>,
+    fleet_paused: bool,
+    approved: bool,
+    instances: Vec<InstanceJson>,
+}
+
+#[derive(Serialize)]
+struct InstanceJson {
+    name: String,
+    phase: String,
+    origin: String,
+    target: String,
+    hot_passes: u32,
+    last_changed_files: u64,
+    last_changed_bytes: u64,
+    not_converging: bool,
+    downtime_start_unix_ms: Option<i64>,
+    downtime_end_unix_ms: Option<i64>,
+    downtime_budget_secs: u64,
+    last_error: Option<String>,
+    running: Vec<String>,
+}
+
+impl From<&bmfleet_proto::v1::InstanceStatus> for InstanceJson {
+    fn from(i: &bmfleet_proto::v1::InstanceStatus) -> Self {
+        InstanceJson {
+            name: i.name.clone(),
+            phase: i.phase.clone(),
+            origin: i.origin.clone(),
+            target: i.target.clone(),
+            hot_passes: i.hot_passes,
+            last_changed_files: i.last_changed_files,
+            last_changed_bytes: i.last_changed_bytes,
+            not_converging: i.not_converging,
+            downtime_start_unix_ms: non_zero(i.downtime_start_unix_ms),
+            downtime_end_unix_ms: non_zero(i.downtime_end_unix_ms),
+            downtime_budget_secs: i.downtime_budget_secs,
+            last_error: non_empty(&i.last_error),
+            running: i.running.clone(),
+        }
+    }
+}
+
+/// Downtime so far (or in all) for an instance, seconds.
+fn downtime_secs(i: &InstanceJson, now_ms: i64) -> Option<i64> {
+    let start = i.downtime_start_unix_ms?;
+    Some((i.downtime_end_unix_ms.unwrap_or(now_ms) - start) / 1000)
 }
 
 #[derive(Serialize)]
@@ -101,7 +148,7 @@ fn ago(now_ms: i64, then_ms: Option<i64>) -> String {
 }
 
 /// A Unix-ms instant as RFC 3339 UTC, to the second.
-fn utc(ms: i64) -> String {
+pub fn utc(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))
         .ok()
         .and_then(|t| {
@@ -112,7 +159,7 @@ fn utc(ms: i64) -> String {
 }
 
 /// Left-aligned columns separated by two spaces.
-fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -148,6 +195,10 @@ pub async fn status(connection: &Connection, output: Output) -> anyhow::Result<(
         orchestrator: reply.orchestrator.clone(),
         generated_at_unix_ms: reply.generated_at_unix_ms,
         agents: reply.agents.iter().map(AgentJson::from).collect(),
+        migration: non_empty(&reply.migration),
+        fleet_paused: reply.fleet_paused,
+        approved: reply.approved,
+        instances: reply.instances.iter().map(InstanceJson::from).collect(),
     };
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&json)?),
@@ -188,6 +239,53 @@ pub async fn status(connection: &Connection, output: Output) -> anyhow::Result<(
                 json.agents.len(),
                 json.orchestrator
             );
+            if let Some(migration) = &json.migration {
+                let rows: Vec<Vec<String>> = json
+                    .instances
+                    .iter()
+                    .map(|i| {
+                        vec![
+                            i.name.clone(),
+                            i.phase.clone(),
+                            i.hot_passes.to_string(),
+                            format!(
+                                "{} files / {} B",
+                                i.last_changed_files, i.last_changed_bytes
+                            ),
+                            downtime_secs(i, json.generated_at_unix_ms)
+                                .map(|d| format!("{d}s / {}s", i.downtime_budget_secs))
+                                .unwrap_or_else(|| "-".into()),
+                            i.running.join(","),
+                            i.last_error.clone().unwrap_or_default(),
+                        ]
+                    })
+                    .collect();
+                println!();
+                print!(
+                    "{}",
+                    table(
+                        &[
+                            "INSTANCE",
+                            "PHASE",
+                            "PASSES",
+                            "LAST PASS CHANGED",
+                            "DOWNTIME/BUDGET",
+                            "RUNNING",
+                            "LAST ERROR"
+                        ],
+                        &rows
+                    )
+                );
+                println!(
+                    "fleet {migration}{}{}",
+                    if json.fleet_paused { ", paused" } else { "" },
+                    if json.approved {
+                        ", approved after canaries"
+                    } else {
+                        ""
+                    }
+                );
+            }
         }
     }
     Ok(())

@@ -18,6 +18,8 @@ pub struct AgentHandle {
     pub name: String,
     /// Where it listens.
     pub address: String,
+    /// Where its data plane listens, if it serves pulls.
+    pub data_address: Option<String>,
     /// The gRPC client (cheap to clone; shares the connection).
     pub client: AgentClient<Channel>,
 }
@@ -43,6 +45,7 @@ impl AgentPool {
                 AgentHandle {
                     name: entry.name.clone(),
                     address: entry.address.clone(),
+                    data_address: entry.data_address.clone(),
                     client: AgentClient::new(channel),
                 },
             );
@@ -53,5 +56,10 @@ impl AgentPool {
     /// Every agent, by name.
     pub fn iter(&self) -> impl Iterator<Item = &AgentHandle> {
         self.agents.values()
+    }
+
+    /// One agent by name.
+    pub fn get(&self, name: &str) -> Option<&AgentHandle> {
+        self.agents.get(name)
     }
 }

@@ -40,6 +40,9 @@ pub struct AgentEntry {
     pub name: String,
     /// host:port of its Agent API.
     pub address: String,
+    /// host:port of its data plane, where targets pull from it (origins only).
+    #[serde(default)]
+    pub data_address: Option<String>,
 }
 
 fn default_state_db() -> PathBuf {

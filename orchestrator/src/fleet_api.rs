@@ -6,10 +6,15 @@ use std::sync::Arc;
 use bmfleet_proto::identity::Role;
 use bmfleet_proto::tls::{caller_identity, require_role};
 use bmfleet_proto::v1::fleet_server::Fleet;
-use bmfleet_proto::v1::{AuditReply, AuditRequest, StatusReply, StatusRequest};
+use bmfleet_proto::v1::{
+    ApplyRequest, ApproveRequest, AuditReply, AuditRequest, CommandReply, EventsReply,
+    EventsRequest, FleetEvent, InstanceStatus, StatusReply, StatusRequest, TargetRequest,
+};
 use tonic::{Request, Response, Status};
 
 use crate::clock::Clock;
+use crate::conductor::{Conductor, ConductorError};
+use crate::engine::Command;
 use crate::state::{AuditRecord, State};
 
 /// Default and maximum number of audit entries returned.
@@ -20,17 +25,85 @@ const AUDIT_MAX: u32 = 10_000;
 pub struct FleetApi {
     state: Arc<State>,
     clock: Arc<dyn Clock>,
+    conductor: Arc<Conductor>,
     orchestrator_name: String,
 }
 
+fn refused(e: ConductorError) -> Status {
+    match e {
+        ConductorError::Invalid(_)
+        | ConductorError::UnknownAgents(_)
+        | ConductorError::NoInstance(_) => Status::invalid_argument(e.to_string()),
+        ConductorError::Busy(_) | ConductorError::NoFleet | ConductorError::Finished => {
+            Status::failed_precondition(e.to_string())
+        }
+        ConductorError::State(_) => Status::internal(e.to_string()),
+    }
+}
+
+fn target(req: &TargetRequest) -> Result<Option<String>, Status> {
+    match (req.instance.is_empty(), req.all) {
+        (false, false) => Ok(Some(req.instance.clone())),
+        (true, true) => Ok(None),
+        _ => Err(Status::invalid_argument(
+            "name one instance, or ask for --all",
+        )),
+    }
+}
+
 impl FleetApi {
-    /// A Fleet API over `state`, answering as `orchestrator_name`.
-    pub fn new(state: Arc<State>, clock: Arc<dyn Clock>, orchestrator_name: String) -> Self {
+    /// A Fleet API over `state` and `conductor`, answering as `orchestrator_name`.
+    pub fn new(
+        state: Arc<State>,
+        clock: Arc<dyn Clock>,
+        conductor: Arc<Conductor>,
+        orchestrator_name: String,
+    ) -> Self {
         FleetApi {
             state,
             clock,
+            conductor,
             orchestrator_name,
         }
+    }
+
+    fn instances(&self) -> Result<Vec<InstanceStatus>, Status> {
+        let Some(fleet) = self.conductor.fleet() else {
+            return Ok(Vec::new());
+        };
+        let stored = self.state.instances().map_err(Self::internal)?;
+        Ok(fleet
+            .instances
+            .iter()
+            .map(|spec| {
+                let i = stored
+                    .iter()
+                    .find(|(n, _)| *n == spec.name)
+                    .map(|(_, i)| i.clone())
+                    .unwrap_or_default();
+                InstanceStatus {
+                    name: spec.name.clone(),
+                    phase: format!("{:?}", i.phase),
+                    origin: spec.origin.clone(),
+                    target: spec.target.clone(),
+                    hot_passes: i.hot_passes,
+                    last_changed_files: i.last_pass.map_or(0, |p| p.files_changed),
+                    last_changed_bytes: i.last_pass.map_or(0, |p| p.bytes_changed),
+                    not_converging: i.not_converging,
+                    downtime_start_unix_ms: i.downtime_start_ms.unwrap_or(0),
+                    downtime_end_unix_ms: i.downtime_end_ms.unwrap_or(0),
+                    downtime_budget_secs: spec.downtime_budget_secs,
+                    last_error: i.last_error.clone().unwrap_or_default(),
+                    running: i.running.keys().map(|s| s.as_str().to_string()).collect(),
+                }
+            })
+            .collect())
+    }
+
+    fn command(&self, command: Command) -> Result<CommandReply, Status> {
+        let detail = format!("{command:?} accepted");
+        self.conductor.command(command).map_err(refused)?;
+        Ok(CommandReply { detail })
     }
 
     /// Checks the caller's role, runs `handler`, and audits the call whatever happens.
@@ -79,10 +152,125 @@ impl Fleet for FleetApi {
         request: Request<StatusRequest>,
     ) -> Result<Response<StatusReply>, Status> {
         self.audited(&request, "Status", "{}".into(), || {
+            let fleet_state = self.state.fleet_state().map_err(Self::internal)?;
             Ok(StatusReply {
                 orchestrator: self.orchestrator_name.clone(),
                 generated_at_unix_ms: self.clock.now_ms(),
                 agents: self.state.agents().map_err(Self::internal)?,
+                migration: self
+                    .conductor
+                    .fleet()
+                    .map(|f| f.policy.name)
+                    .unwrap_or_default(),
+                fleet_paused: fleet_state.paused,
+                approved: fleet_state.approved,
+                instances: self.instances()?,
+            })
+        })
+    }
+
+    async fn apply(
+        &self,
+        request: Request<ApplyRequest>,
+    ) -> Result<Response<CommandReply>, Status> {
+        let req = request.get_ref();
+        let arguments = format!(
+            "{{\"file\":{:?},\"bytes\":{}}}",
+            req.file_name,
+            req.fleet_file.len()
+        );
+        self.audited(&request, "Apply", arguments, || {
+            let fleet = self
+                .conductor
+                .apply(&req.fleet_file, &req.file_name)
+                .map_err(refused)?;
+            Ok(CommandReply {
+                detail: format!(
+                    "fleet {} applied: {} instances",
+                    fleet.policy.name,
+                    fleet.instances.len()
+                ),
+            })
+        })
+    }
+
+    async fn pause(
+        &self,
+        request: Request<TargetRequest>,
+    ) -> Result<Response<CommandReply>, Status> {
+        let arguments = format!(
+            "{{\"instance\":{:?},\"all\":{}}}",
+            request.get_ref().instance,
+            request.get_ref().all
+        );
+        self.audited(&request, "Pause", arguments, || {
+            self.command(Command::Pause(target(request.get_ref())?))
+        })
+    }
+
+    async fn resume(
+        &self,
+        request: Request<TargetRequest>,
+    ) -> Result<Response<CommandReply>, Status> {
+        let arguments = format!(
+            "{{\"instance\":{:?},\"all\":{}}}",
+            request.get_ref().instance,
+            request.get_ref().all
+        );
+        self.audited(&request, "Resume", arguments, || {
+            self.command(Command::Resume(target(request.get_ref())?))
+        })
+    }
+
+    async fn abort(
+        &self,
+        request: Request<TargetRequest>,
+    ) -> Result<Response<CommandReply>, Status> {
+        let arguments = format!("{{\"instance\":{:?}}}", request.get_ref().instance);
+        self.audited(&request, "Abort", arguments, || {
+            let name = target(request.get_ref())?
+                .ok_or_else(|| Status::invalid_argument("abort names one instance"))?;
+            self.command(Command::Abort(name))
+        })
+    }
+
+    async fn approve(
+        &self,
+        request: Request<ApproveRequest>,
+    ) -> Result<Response<CommandReply>, Status> {
+        self.audited(&request, "Approve", "{}".into(), || {
+            self.command(Command::Approve)
+        })
+    }
+
+    async fn events(
+        &self,
+        request: Request<EventsRequest>,
+    ) -> Result<Response<EventsReply>, Status> {
+        let req = request.get_ref();
+        let limit = match req.limit {
+            0 => AUDIT_DEFAULT,
+            n => n.min(AUDIT_MAX),
+        };
+        let instance = (!req.instance.is_empty()).then_some(req.instance.as_str());
+        let arguments = format!("{{\"instance\":{:?},\"limit\":{limit}}}", req.instance);
+        self.audited(&request, "Events", arguments, || {
+            let rows = self
+                .state
+                .transitions(instance, req.after_id, limit)
+                .map_err(Self::internal)?;
+            Ok(EventsReply {
+                events: rows
+                    .into_iter()
+                    .map(|r| FleetEvent {
+                        id: r.id,
+                        at_unix_ms: r.at_ms,
+                        instance: r.instance,
+                        event: r.event,
+                        phase: r.phase,
+                        actions: r.actions,
+                    })
+                    .collect(),
             })
         })
     }

@@ -9,14 +9,17 @@
 //! - [`clock`]: injected time.
 #![forbid(unsafe_code)]
 
+pub mod agent_steps;
 pub mod agents;
 pub mod clock;
+pub mod conductor;
 pub mod config;
 pub mod engine;
 pub mod fleet;
 pub mod fleet_api;
 pub mod health;
 pub mod machine;
+pub mod plan;
 pub mod scheduler;
 pub mod sim;
 pub mod state;
@@ -46,6 +49,9 @@ pub enum OrchestratorError {
     /// The state database is unusable.
     #[error(transparent)]
     State(#[from] state::StateError),
+    /// The stored fleet could not be resumed.
+    #[error("resuming the applied fleet: {0}")]
+    Resume(#[from] conductor::ConductorError),
     /// The gRPC server failed.
     #[error("serving the Fleet API: {0}")]
     Serve(#[from] tonic::transport::Error),
@@ -64,6 +70,14 @@ pub async fn run(
     state.sync_agents(&config.agent)?;
     let timeout = Duration::from_secs(config.rpc_timeout_secs);
     let pool = Arc::new(AgentPool::new(&identity, &config.agent, timeout)?);
+    let port = Arc::new(agent_steps::GrpcAgents::new(pool.clone(), clock.clone()));
+    let conductor = Arc::new(conductor::Conductor::new(
+        state.clone(),
+        clock.clone(),
+        port,
+        &pool,
+    ));
+    conductor.resume_stored()?;
     let health = tokio::spawn(health::run(
         pool,
         state.clone(),
@@ -74,7 +88,7 @@ pub async fn run(
     ));
     let name = identity.identity().name.clone();
     tracing::info!(orchestrator = %name, address = ?listener.local_addr().ok(), agents = config.agent.len(), "orchestrator serving");
-    let api = FleetApi::new(state, clock, name);
+    let api = FleetApi::new(state, clock, conductor, name);
     let served = tonic::transport::Server::builder()
         .add_service(FleetServer::new(api))
         .serve_with_incoming_shutdown(accept_tls(listener, identity.server_config()?), shutdown)

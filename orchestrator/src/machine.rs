@@ -397,7 +397,10 @@ impl Ctx<'_> {
     fn failed(&mut self, step: Step, error: String) {
         self.i.last_error = Some(format!("{}: {error}", step.as_str()));
         let attempts = self.i.attempts.get(&step).copied().unwrap_or(0);
-        let may_retry = step.retryable() && attempts <= self.rules.timing.retries;
+        // Stopping the origin again is only allowed while the window is still open.
+        let in_window =
+            step != Step::StopOrigin || self.i.window_end_ms.is_some_and(|end| self.now < end);
+        let may_retry = step.retryable() && attempts <= self.rules.timing.retries && in_window;
         if may_retry {
             self.run(step);
             return;

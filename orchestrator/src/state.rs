@@ -348,22 +348,25 @@ impl State {
         tx.commit().map_err(|e| self.err(e))
     }
 
-    /// The newest `limit` transitions (of one instance, or all), oldest first.
+    /// The newest `limit` transitions after `after_id` (of one instance, or all), oldest
+    /// first.
     pub fn transitions(
         &self,
         instance: Option<&str>,
+        after_id: i64,
         limit: u32,
     ) -> Result<Vec<TransitionRow>, StateError> {
         let conn = self.conn();
         let mut stmt = conn
             .prepare(
                 "SELECT id, at_ms, instance, event, phase, actions FROM
-                 (SELECT * FROM transitions WHERE ?1 IS NULL OR instance = ?1 ORDER BY id DESC LIMIT ?2)
+                 (SELECT * FROM transitions WHERE (?1 IS NULL OR instance = ?1) AND id > ?2
+                  ORDER BY id DESC LIMIT ?3)
                  ORDER BY id",
             )
             .map_err(|e| self.err(e))?;
         let rows = stmt
-            .query_map(params![instance, limit], |r| {
+            .query_map(params![instance, after_id, limit], |r| {
                 Ok(TransitionRow {
                     id: r.get(0)?,
                     at_ms: r.get(1)?,
@@ -434,6 +437,7 @@ mod tests {
         AgentEntry {
             name: name.into(),
             address: address.into(),
+            data_address: None,
         }
     }
 

@@ -1,0 +1,85 @@
+//! `bmctl fleet plan FILE`: checks a fleet file and prints the projected schedule. Works
+//! without an orchestrator (the file's estimates and rates); changes nothing.
+
+use std::path::Path;
+
+use bmfleet_orchestrator::fleet::FleetFile;
+use bmfleet_orchestrator::plan::plan;
+use serde::Serialize;
+
+use crate::status::table;
+use crate::Output;
+
+#[derive(Serialize)]
+struct PlanJson {
+    instance: String,
+    canary: bool,
+    start: Option<String>,
+    start_local: Option<String>,
+    projected_downtime_secs: i64,
+    downtime_budget_secs: u64,
+    note: String,
+}
+
+/// Prints the plan of `file`, or fails naming the line and field at fault.
+pub fn run(file: &Path, output: Output) -> anyhow::Result<()> {
+    let fleet = FleetFile::load(file)?;
+    let rows = plan(&fleet, jiff::Timestamp::now(), &[]);
+    let json: Vec<PlanJson> = rows
+        .iter()
+        .map(|r| PlanJson {
+            instance: r.instance.clone(),
+            canary: r.canary,
+            start: r.start.map(|t| t.to_string()),
+            start_local: r.start.and_then(|t| {
+                let tz = jiff::tz::TimeZone::get(&r.zone).ok()?;
+                Some(t.to_zoned(tz).strftime("%a %Y-%m-%d %H:%M %Z").to_string())
+            }),
+            projected_downtime_secs: r.projected_secs,
+            downtime_budget_secs: r.budget_secs,
+            note: r.note.clone(),
+        })
+        .collect();
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&json)?),
+        Output::Table => {
+            let cells: Vec<Vec<String>> = json
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.instance.clone(),
+                        if r.canary { "canary" } else { "" }.into(),
+                        r.start_local.clone().unwrap_or_else(|| "-".into()),
+                        r.start.clone().unwrap_or_else(|| "-".into()),
+                        format!("{}s", r.projected_downtime_secs),
+                        format!("{}s", r.downtime_budget_secs),
+                        r.note.clone(),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table(
+                    &[
+                        "INSTANCE",
+                        "",
+                        "COLD SYNC (LOCAL)",
+                        "START (UTC)",
+                        "PROJECTED",
+                        "BUDGET",
+                        "NOTE"
+                    ],
+                    &cells
+                )
+            );
+            println!(
+                "{} instances, policy {}: at most {} down at once, {}s between starts",
+                json.len(),
+                fleet.policy.name,
+                fleet.policy.max_concurrent_downtime,
+                fleet.policy.min_stagger_secs
+            );
+        }
+    }
+    Ok(())
+}

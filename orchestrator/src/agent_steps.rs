@@ -1,0 +1,320 @@
+//! How each step is done with real agents over gRPC: preflight from both hosts' facts, sync
+//! passes as grant-scoped pulls, services, the database move and the config copy. Steps the
+//! agents cannot do yet (moving the service IP, BlueMind's post-migration API, verification)
+//! fail with a clear reason, which makes the machine roll the instance back.
+
+use std::future::Future;
+use std::io::Read;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bmfleet_proto::error_chain::describe_status;
+use bmfleet_proto::v1::{
+    CopyConfigRequest, DumpFormat, FactsRequest, GrantRequest, MoveDatabasesRequest,
+    OriginEndpoint, PullRequest, ServiceAction, ServicesRequest,
+};
+
+use crate::agents::{AgentHandle, AgentPool};
+use crate::clock::Clock;
+use crate::engine::{AgentPort, Job, StepResult};
+use crate::machine::{PassStats, Step};
+
+/// BlueMind's data dirs, synced by every pass (plus each instance's extra dirs).
+pub const DATA_DIRS: [&str; 7] = [
+    "/var/spool/cyrus",
+    "/var/lib/cyrus",
+    "/var/spool/bm-hsm",
+    "/var/spool/sieve",
+    "/var/spool/bm-elasticsearch",
+    "/var/spool/bm-docs",
+    "/var/spool/bm-filehosting",
+];
+
+/// How long a grant for one step stays valid.
+const GRANT_MS: i64 = 24 * 3600 * 1000;
+
+/// Real agents, reached through the orchestrator's pool.
+pub struct GrpcAgents {
+    pool: Arc<AgentPool>,
+    clock: Arc<dyn Clock>,
+}
+
+impl GrpcAgents {
+    /// Steps over `pool`.
+    pub fn new(pool: Arc<AgentPool>, clock: Arc<dyn Clock>) -> Self {
+        GrpcAgents { pool, clock }
+    }
+}
+
+fn agent<'a>(pool: &'a AgentPool, name: &str) -> Result<&'a AgentHandle, String> {
+    pool.get(name)
+        .ok_or_else(|| format!("agent {name} is not in the orchestrator's configuration"))
+}
+
+fn random_id() -> Result<String, String> {
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|e| format!("cannot read /dev/urandom: {e}"))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+impl AgentPort for GrpcAgents {
+    fn run(&self, job: Job) -> Pin<Box<dyn Future<Output = StepResult> + Send>> {
+        let pool = self.pool.clone();
+        let now = self.clock.now_ms();
+        Box::pin(async move { run_step(&pool, job, now).await })
+    }
+}
+
+async fn run_step(pool: &AgentPool, job: Job, now_ms: i64) -> StepResult {
+    let origin = agent(pool, &job.instance.origin)?;
+    let target = agent(pool, &job.instance.target)?;
+    match job.step {
+        Step::Preflight => preflight(origin, target).await.map(|_| None),
+        Step::HotPass | Step::PreWindowPass | Step::FinalPass => sync_pass(origin, target, &job, now_ms).await.map(Some),
+        Step::StopOrigin => services(origin, &job, ServiceAction::Stop).await,
+        Step::StopTarget | Step::RollbackStopTarget => services(target, &job, ServiceAction::Stop).await,
+        Step::RollbackStartOrigin => services(origin, &job, ServiceAction::Start).await,
+        Step::StartTarget => services(target, &job, ServiceAction::Start).await,
+        Step::Databases => {
+            let endpoint = grant(origin, &job, now_ms, false, true).await?;
+            let reply = target
+                .client
+                .clone()
+                .move_databases(MoveDatabasesRequest {
+                    operation_id: job.operation_id.clone(),
+                    origin: Some(endpoint),
+                    format: DumpFormat::Plain.into(),
+                    jobs: 0,
+                })
+                .await
+                .map_err(|s| describe_status(&s))?
+                .into_inner();
+            if reply.ok { Ok(None) } else { Err(reply.error) }
+        }
+        Step::Config => {
+            let endpoint = grant(origin, &job, now_ms, true, false).await?;
+            let reply = target
+                .client
+                .clone()
+                .copy_config(CopyConfigRequest {
+                    operation_id: job.operation_id.clone(),
+                    origin: Some(endpoint),
+                })
+                .await
+                .map_err(|s| describe_status(&s))?
+                .into_inner();
+            if reply.ok { Ok(None) } else { Err(reply.error) }
+        }
+        Step::OriginReleaseIp
+        | Step::TargetTakeIp
+        | Step::RollbackTargetReleaseIp
+        | Step::RollbackOriginTakeIp
+        | Step::PostMigration
+        | Step::Verify => Err(format!(
+            "{}: this agent release cannot do it yet (IP cutover, BlueMind's post-migration API and verification arrive with the lab)",
+            job.step.as_str()
+        )),
+    }
+}
+
+/// Both agents answer, the BlueMind versions match, PostgreSQL answers on both, the target
+/// has room for the origin's data and the spool's users, and its services are stopped.
+async fn preflight(origin: &AgentHandle, target: &AgentHandle) -> Result<(), String> {
+    async fn facts(a: &AgentHandle, usage: bool) -> Result<bmfleet_proto::v1::FactsReply, String> {
+        a.client
+            .clone()
+            .facts(FactsRequest {
+                measure_usage: usage,
+            })
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| format!("{} does not answer: {}", a.name, describe_status(&s)))
+    }
+    let (o, t) = tokio::join!(facts(origin, true), facts(target, false));
+    let (o, t) = (o?, t?);
+    let mut problems = Vec::new();
+    let version = |f: &bmfleet_proto::v1::FactsReply| {
+        f.bluemind
+            .as_ref()
+            .map(|v| v.version.clone())
+            .unwrap_or_default()
+    };
+    let (ov, tv) = (version(&o), version(&t));
+    if ov.is_empty() || ov != tv {
+        problems.push(format!(
+            "BlueMind versions differ (origin {ov:?}, target {tv:?}): install the origin's version on the target"
+        ));
+    }
+    for (name, f) in [(&origin.name, &o), (&target.name, &t)] {
+        if let Some(pg) = &f.postgresql {
+            if pg.version.is_empty() {
+                problems.push(format!(
+                    "PostgreSQL does not answer on {name}: {}",
+                    pg.error
+                ));
+            }
+        }
+    }
+    let used: u64 = o.data_dirs.iter().map(|d| d.used_bytes).sum();
+    let free = t.data_dirs.iter().map(|d| d.free_bytes).min().unwrap_or(0);
+    if used > free {
+        problems.push(format!(
+            "the target has {free} bytes free for {used} bytes of data: grow its filesystem"
+        ));
+    }
+    for u in t.spool_users.iter().filter(|u| !u.exists) {
+        problems.push(format!(
+            "user {} does not exist on the target: install BlueMind's packages there",
+            u.name
+        ));
+    }
+    let status = target
+        .client
+        .clone()
+        .services(ServicesRequest {
+            operation_id: String::new(),
+            action: ServiceAction::Status.into(),
+        })
+        .await
+        .map_err(|s| format!("{}: {}", target.name, describe_status(&s)))?
+        .into_inner();
+    let running: Vec<_> = status
+        .commands
+        .iter()
+        .filter(|c| c.exit_code == 0)
+        .map(|c| c.service.clone())
+        .collect();
+    if !running.is_empty() {
+        problems.push(format!(
+            "services run on the target ({}): stop them before migrating",
+            running.join(", ")
+        ));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
+/// Registers a grant on the origin for this step and returns where the target pulls.
+async fn grant(
+    origin: &AgentHandle,
+    job: &Job,
+    now_ms: i64,
+    config_set: bool,
+    databases: bool,
+) -> Result<OriginEndpoint, String> {
+    let address = origin.data_address.clone().ok_or_else(|| {
+        format!(
+            "agent {} has no data_address in the orchestrator's configuration",
+            origin.name
+        )
+    })?;
+    let grant_id = random_id()?;
+    let mut paths: Vec<String> = DATA_DIRS.iter().map(|d| d.to_string()).collect();
+    paths.extend(job.instance.extra_dirs.iter().cloned());
+    origin
+        .client
+        .clone()
+        .grant(GrantRequest {
+            grant_id: grant_id.clone(),
+            target_name: job.instance.target.clone(),
+            migration: job.migration.clone(),
+            paths,
+            config_set,
+            databases,
+            expires_at_unix_ms: now_ms + GRANT_MS,
+        })
+        .await
+        .map_err(|s| format!("{} refused the grant: {}", origin.name, describe_status(&s)))?;
+    Ok(OriginEndpoint {
+        address,
+        name: origin.name.clone(),
+        grant_id,
+    })
+}
+
+/// Pulls every data dir and adds up the passes' statistics.
+async fn sync_pass(
+    origin: &AgentHandle,
+    target: &AgentHandle,
+    job: &Job,
+    now_ms: i64,
+) -> Result<PassStats, String> {
+    let endpoint = grant(origin, job, now_ms, false, false).await?;
+    let mut total = PassStats::default();
+    let dirs = DATA_DIRS
+        .iter()
+        .map(|d| d.to_string())
+        .chain(job.instance.extra_dirs.iter().cloned());
+    for dir in dirs {
+        let mut stream = target
+            .client
+            .clone()
+            .pull(PullRequest {
+                operation_id: format!("{}{dir}", job.operation_id),
+                origin: Some(endpoint.clone()),
+                path: dir.clone(),
+                bwlimit_kib: job.bwlimit_kib,
+            })
+            .await
+            .map_err(|s| describe_status(&s))?
+            .into_inner();
+        let mut last = None;
+        while let Some(event) = stream.message().await.map_err(|s| describe_status(&s))? {
+            if event.done {
+                last = Some(event);
+                break;
+            }
+        }
+        let event = last.ok_or_else(|| format!("the pull of {dir} ended without a result"))?;
+        if !event.ok {
+            return Err(format!("pulling {dir}: {}", event.error));
+        }
+        let s = event.stats.unwrap_or_default();
+        total.files_scanned += s.files_scanned;
+        total.files_changed += s.files_changed;
+        total.bytes_changed += s.bytes_changed;
+        total.scan_ms += s.scan_ms;
+        total.elapsed_ms += s.elapsed_ms;
+    }
+    Ok(total)
+}
+
+async fn services(agent: &AgentHandle, job: &Job, action: ServiceAction) -> StepResult {
+    let reply = agent
+        .client
+        .clone()
+        .services(ServicesRequest {
+            operation_id: job.operation_id.clone(),
+            action: action.into(),
+        })
+        .await
+        .map_err(|s| format!("{}: {}", agent.name, describe_status(&s)))?
+        .into_inner();
+    if reply.ok {
+        return Ok(None);
+    }
+    let failed = reply
+        .commands
+        .iter()
+        .find(|c| c.exit_code != 0 || !c.error.is_empty())
+        .map(|c| {
+            format!(
+                "`{}` exited {}: {}{}",
+                c.argv.join(" "),
+                c.exit_code,
+                c.error,
+                c.stderr_tail.trim()
+            )
+        })
+        .unwrap_or_default();
+    Err(format!(
+        "{} on {}: {failed}",
+        action.as_str_name(),
+        agent.name
+    ))
+}

@@ -1,0 +1,171 @@
+//! The conductor: hosts the engine of the applied fleet inside the orchestrator process,
+//! resumes it after a restart from the stored fleet file and states, and passes operators'
+//! commands to it.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::agents::AgentPool;
+use crate::clock::Clock;
+use crate::engine::{rules_for, AgentPort, Command, Engine};
+use crate::fleet::FleetFile;
+use crate::state::State;
+
+struct Applied {
+    fleet: FleetFile,
+    commands: mpsc::UnboundedSender<Command>,
+    task: JoinHandle<()>,
+}
+
+/// Why a fleet request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConductorError {
+    /// The fleet file is invalid (the message names the line and field).
+    #[error(transparent)]
+    Invalid(#[from] crate::fleet::FleetFileError),
+    /// The fleet names agents the orchestrator does not know.
+    #[error("the fleet file names agents that are not in the orchestrator's configuration: {0}")]
+    UnknownAgents(String),
+    /// A fleet is already being migrated.
+    #[error(
+        "fleet {0} is still being migrated: finish or abort its instances before applying another"
+    )]
+    Busy(String),
+    /// No fleet was applied.
+    #[error("no fleet was applied: run `bmctl fleet apply FILE` first")]
+    NoFleet,
+    /// No such instance.
+    #[error("no instance named '{0}' in the applied fleet")]
+    NoInstance(String),
+    /// The applied fleet's engine has stopped: every instance is finished.
+    #[error("the applied fleet has finished: nothing left to command")]
+    Finished,
+    /// Storage failed.
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+}
+
+/// The engine host.
+pub struct Conductor {
+    state: Arc<State>,
+    clock: Arc<dyn Clock>,
+    port: Arc<dyn AgentPort>,
+    agents: HashSet<String>,
+    applied: Mutex<Option<Applied>>,
+}
+
+impl Conductor {
+    /// A conductor running steps through `port`, for the agents of `pool`.
+    pub fn new(
+        state: Arc<State>,
+        clock: Arc<dyn Clock>,
+        port: Arc<dyn AgentPort>,
+        pool: &AgentPool,
+    ) -> Self {
+        Conductor {
+            state,
+            clock,
+            port,
+            agents: pool.iter().map(|a| a.name.clone()).collect(),
+            applied: Mutex::new(None),
+        }
+    }
+
+    fn applied(&self) -> std::sync::MutexGuard<'_, Option<Applied>> {
+        self.applied.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Resumes the stored fleet, if any (after an orchestrator restart).
+    pub fn resume_stored(&self) -> Result<(), ConductorError> {
+        if let Some(text) = self.state.fleet_file()? {
+            let fleet = FleetFile::parse(&text, "stored fleet file")?;
+            tracing::info!(migration = %fleet.policy.name, instances = fleet.instances.len(), "resuming the applied fleet");
+            self.start(fleet)?;
+        }
+        Ok(())
+    }
+
+    /// Checks and starts migrating a fleet file.
+    pub fn apply(&self, text: &str, file_name: &str) -> Result<FleetFile, ConductorError> {
+        let fleet = FleetFile::parse(text, file_name)?;
+        let unknown: Vec<String> = fleet
+            .instances
+            .iter()
+            .flat_map(|i| [&i.origin, &i.target])
+            .filter(|a| !self.agents.contains(*a))
+            .cloned()
+            .collect();
+        if !unknown.is_empty() {
+            return Err(ConductorError::UnknownAgents(unknown.join(", ")));
+        }
+        if let Some(current) = self.applied().as_ref() {
+            if !current.task.is_finished() {
+                return Err(ConductorError::Busy(current.fleet.policy.name.clone()));
+            }
+        }
+        self.state.save_fleet_file(text, self.clock.now_ms())?;
+        self.start(fleet.clone())?;
+        Ok(fleet)
+    }
+
+    fn start(&self, fleet: FleetFile) -> Result<(), ConductorError> {
+        let mut engine = Engine::open(
+            fleet.clone(),
+            self.state.clone(),
+            self.port.clone(),
+            self.clock.clone(),
+            rules_for(&fleet),
+        )?;
+        let (commands, rx) = mpsc::unbounded_channel();
+        let name = fleet.policy.name.clone();
+        let task = tokio::spawn(async move {
+            match engine.run(rx, None).await {
+                Ok(stop) => tracing::info!(migration = %name, ?stop, "fleet engine stopped"),
+                Err(e) => tracing::error!(migration = %name, error = %e, "fleet engine failed"),
+            }
+        });
+        if let Some(old) = self.applied().replace(Applied {
+            fleet,
+            commands,
+            task,
+        }) {
+            old.task.abort();
+        }
+        Ok(())
+    }
+
+    /// The applied fleet, if any.
+    pub fn fleet(&self) -> Option<FleetFile> {
+        self.applied().as_ref().map(|a| a.fleet.clone())
+    }
+
+    /// Passes an operator's command to the engine.
+    pub fn command(&self, command: Command) -> Result<(), ConductorError> {
+        let applied = self.applied();
+        let applied = applied.as_ref().ok_or(ConductorError::NoFleet)?;
+        let named = match &command {
+            Command::Pause(Some(n)) | Command::Resume(Some(n)) | Command::Abort(n) => Some(n),
+            _ => None,
+        };
+        if let Some(n) = named {
+            if !applied.fleet.instances.iter().any(|i| i.name == *n) {
+                return Err(ConductorError::NoInstance(n.clone()));
+            }
+        }
+        applied
+            .commands
+            .send(command)
+            .map_err(|_| ConductorError::Finished)
+    }
+}
+
+impl Drop for Conductor {
+    fn drop(&mut self) {
+        if let Some(a) = self.applied().take() {
+            a.task.abort();
+        }
+    }
+}

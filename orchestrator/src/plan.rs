@@ -1,0 +1,160 @@
+//! `bmctl fleet plan`: the projected schedule of a fleet file — which instance opens its cold
+//! sync when, in which window, with what projected downtime — from the file's estimates and
+//! rates (or measured passes), following the scheduler's rules. Changes nothing.
+
+use jiff::Timestamp;
+
+use crate::fleet::FleetFile;
+use crate::machine::Instance;
+use crate::scheduler::projected_downtime_ms;
+use crate::windows;
+
+/// One instance's projected cold sync.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedSync {
+    /// The instance.
+    pub instance: String,
+    /// Migrated alone before the others.
+    pub canary: bool,
+    /// When its cold sync starts, if it fits a window in the horizon.
+    pub start: Option<Timestamp>,
+    /// Projected downtime, seconds.
+    pub projected_secs: i64,
+    /// Its downtime budget, seconds.
+    pub budget_secs: u64,
+    /// The window's zone.
+    pub zone: String,
+    /// Why it has no start, or what it waits for.
+    pub note: String,
+}
+
+/// How far ahead the plan looks for windows.
+const HORIZON_OPENINGS: usize = 120;
+
+/// Plans every instance from `now`; `measured` gives instances' current states (last passes)
+/// when an orchestrator is reachable.
+pub fn plan(fleet: &FleetFile, now: Timestamp, measured: &[Instance]) -> Vec<PlannedSync> {
+    let policy = &fleet.policy;
+    let canaries = (policy.canary_count as usize).min(fleet.instances.len());
+    let stagger = policy.min_stagger_secs as i64 * 1000;
+    let mut planned: Vec<(i64, i64)> = Vec::new();
+    let mut after_canaries = now.as_millisecond();
+    let mut out = Vec::new();
+    for (n, spec) in fleet.instances.iter().enumerate() {
+        let state = measured.get(n).cloned().unwrap_or_default();
+        let projected = projected_downtime_ms(spec, &state, policy);
+        let canary = n < canaries;
+        let mut row = PlannedSync {
+            instance: spec.name.clone(),
+            canary,
+            start: None,
+            projected_secs: projected / 1000,
+            budget_secs: spec.downtime_budget_secs,
+            zone: spec
+                .windows
+                .first()
+                .map(|w| w.tz_name.clone())
+                .unwrap_or_default(),
+            note: String::new(),
+        };
+        if projected > spec.downtime_budget_secs as i64 * 1000 {
+            row.note = "projected downtime exceeds its budget: it will not be scheduled".into();
+            out.push(row);
+            continue;
+        }
+        let earliest = if canary {
+            planned
+                .iter()
+                .map(|(_, e)| *e)
+                .max()
+                .unwrap_or(now.as_millisecond())
+        } else {
+            after_canaries
+        };
+        let max_down = if canary {
+            1
+        } else {
+            policy.max_concurrent_downtime as usize
+        };
+        let mut from = earliest;
+        'openings: for _ in 0..HORIZON_OPENINGS {
+            let Some(opening) = Timestamp::from_millisecond(from)
+                .ok()
+                .and_then(|t| windows::next_opening(&spec.windows, t))
+            else {
+                break;
+            };
+            let (start, end) = (
+                opening.start.as_millisecond().max(from),
+                opening.end.as_millisecond(),
+            );
+            let mut t = start;
+            loop {
+                if t + projected > end {
+                    from = end;
+                    continue 'openings;
+                }
+                let overlapping: Vec<i64> = planned
+                    .iter()
+                    .filter(|(s, e)| *s < t + projected && t < *e)
+                    .map(|(_, e)| *e)
+                    .collect();
+                if overlapping.len() >= max_down {
+                    t = overlapping.into_iter().min().unwrap_or(t + 60_000);
+                    continue;
+                }
+                if let Some(s) = planned
+                    .iter()
+                    .map(|(s, _)| *s)
+                    .find(|s| (t - s).abs() < stagger)
+                {
+                    t = s + stagger;
+                    continue;
+                }
+                break;
+            }
+            planned.push((t, t + projected));
+            row.start = Timestamp::from_millisecond(t).ok();
+            if canary {
+                after_canaries = after_canaries.max(t + projected);
+            }
+            break;
+        }
+        if row.start.is_none() {
+            row.note = "no window in the horizon fits its projected downtime".into();
+        } else if !canary && canaries > 0 && policy.canary_approval {
+            row.note = "after the canaries and `bmctl fleet approve`".into();
+        }
+        out.push(row);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_plan_respects_windows_canaries_concurrency_and_stagger() {
+        let fleet =
+            FleetFile::parse(include_str!("../../deploy/fleet.example.toml"), "example").unwrap();
+        let now: Timestamp = "2026-12-07T12:00:00Z".parse().unwrap();
+        let rows = plan(&fleet, now, &[]);
+        assert_eq!(rows.len(), 3);
+        let starts: Vec<i64> = rows
+            .iter()
+            .map(|r| r.start.unwrap().as_millisecond())
+            .collect();
+        for (row, spec) in rows.iter().zip(&fleet.instances) {
+            let start = row.start.unwrap();
+            let opening = windows::open_at(&spec.windows, start).expect("starts inside a window");
+            assert!(
+                start.as_millisecond() + row.projected_secs * 1000 <= opening.end.as_millisecond()
+            );
+        }
+        // The canary (mail-01) ends before anyone else starts.
+        let canary_end = starts[0] + rows[0].projected_secs * 1000;
+        assert!(starts[1] >= canary_end && starts[2] >= canary_end);
+        assert!((starts[1] - starts[2]).abs() >= 120_000, "stagger");
+    }
+}
