@@ -280,3 +280,50 @@ address = "127.0.0.1:{p2}"
     );
     assert!(err.contains("onnection refused"), "{err}");
 }
+
+#[test]
+fn bmctl_plans_the_example_fleet_and_names_the_line_and_field_of_a_broken_one() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/fleet.example.toml");
+    let out = bmctl(
+        &[
+            "fleet",
+            "plan",
+            example.to_str().unwrap(),
+            "--output",
+            "json",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<_> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["instance"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["mail-01", "mail-02", "mail-03"]);
+    assert!(
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["start"].is_string()),
+        "{rows}"
+    );
+    assert_eq!(rows[0]["canary"], true);
+
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("fleet.toml");
+    std::fs::write(
+        &broken,
+        std::fs::read_to_string(&example).unwrap().replace(
+            "service_ip = \"198.18.0.102/24\"",
+            "service_ip = \"198.18.0.101/24\"",
+        ),
+    )
+    .unwrap();
+    let out = bmctl(&["fleet", "plan", broken.to_str().unwrap()], &[]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("fleet.toml:") && err.contains("instance[1].service_ip: 198.18.0.101 is already the service IP of instance 'mail-01'"), "{err}");
+}
