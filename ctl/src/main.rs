@@ -41,10 +41,13 @@ enum FleetCommand {
         #[command(subcommand)]
         command: pki::PkiCommand,
     },
-    /// Check a fleet file and print its projected schedule (changes nothing).
+    /// Check a fleet file and print its projected schedule (changes nothing). With connection
+    /// settings, the orchestrator's measured passes replace the file's estimates.
     Plan {
         /// The fleet file.
         file: PathBuf,
+        #[command(flatten)]
+        connection: OptionalConnection,
         /// Output format.
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
@@ -161,6 +164,47 @@ struct Connection {
     timeout: u64,
 }
 
+/// Connection settings that may be absent (`bmctl fleet plan` works without an orchestrator).
+#[derive(Args)]
+struct OptionalConnection {
+    /// host:port of the Fleet API.
+    #[arg(long, env = "BMFLEET_ORCHESTRATOR", default_value = "127.0.0.1:7400")]
+    orchestrator: String,
+    /// The name the orchestrator's certificate must carry.
+    #[arg(
+        long,
+        env = "BMFLEET_ORCHESTRATOR_NAME",
+        default_value = "orchestrator"
+    )]
+    orchestrator_name: String,
+    /// The fleet CA certificate.
+    #[arg(long, env = "BMFLEET_CA")]
+    ca: Option<PathBuf>,
+    /// Your operator certificate.
+    #[arg(long, env = "BMFLEET_CERT")]
+    cert: Option<PathBuf>,
+    /// Your operator private key.
+    #[arg(long, env = "BMFLEET_KEY")]
+    key: Option<PathBuf>,
+    /// Seconds to wait for the orchestrator.
+    #[arg(long, env = "BMFLEET_TIMEOUT", default_value_t = 5)]
+    timeout: u64,
+}
+
+impl OptionalConnection {
+    /// The connection, when the identity is given.
+    fn complete(self) -> Option<Connection> {
+        Some(Connection {
+            orchestrator: self.orchestrator,
+            orchestrator_name: self.orchestrator_name,
+            ca: self.ca?,
+            cert: self.cert?,
+            key: self.key?,
+            timeout: self.timeout,
+        })
+    }
+}
+
 impl Connection {
     fn client(&self) -> anyhow::Result<FleetClient<Channel>> {
         let files = TlsFiles {
@@ -206,7 +250,11 @@ async fn main() -> ExitCode {
     let Top::Fleet { command } = cli.command;
     let result = match command {
         FleetCommand::Pki { command } => pki::run(command),
-        FleetCommand::Plan { file, output } => plan::run(&file, output),
+        FleetCommand::Plan {
+            file,
+            connection,
+            output,
+        } => plan::run(&file, connection.complete(), output).await,
         FleetCommand::Apply { connection, file } => control::apply(&connection, &file).await,
         FleetCommand::Pause {
             connection,

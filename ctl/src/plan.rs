@@ -7,8 +7,10 @@ use bmfleet_orchestrator::fleet::FleetFile;
 use bmfleet_orchestrator::plan::plan;
 use serde::Serialize;
 
+use bmfleet_orchestrator::machine::{Instance, PassStats};
+
 use crate::status::table;
-use crate::Output;
+use crate::{Connection, Output};
 
 #[derive(Serialize)]
 struct PlanJson {
@@ -21,10 +23,60 @@ struct PlanJson {
     note: String,
 }
 
+/// The orchestrator's measured passes for the instances of `fleet`, in file order.
+async fn measured(connection: &Connection, fleet: &FleetFile) -> anyhow::Result<Vec<Instance>> {
+    let mut client = connection.client()?;
+    let status = connection
+        .call(client.status(bmfleet_proto::v1::StatusRequest {}))
+        .await?
+        .into_inner();
+    Ok(fleet
+        .instances
+        .iter()
+        .map(|spec| {
+            let mut i = Instance::default();
+            if let Some(s) = status
+                .instances
+                .iter()
+                .find(|s| s.name == spec.name && s.last_pass_elapsed_ms > 0)
+            {
+                i.last_pass = Some(PassStats {
+                    files_changed: s.last_changed_files,
+                    bytes_changed: s.last_changed_bytes,
+                    scan_ms: s.last_pass_scan_ms,
+                    elapsed_ms: s.last_pass_elapsed_ms,
+                    ..Default::default()
+                });
+            }
+            i
+        })
+        .collect())
+}
+
 /// Prints the plan of `file`, or fails naming the line and field at fault.
-pub fn run(file: &Path, output: Output) -> anyhow::Result<()> {
+pub async fn run(
+    file: &Path,
+    connection: Option<Connection>,
+    output: Output,
+) -> anyhow::Result<()> {
     let fleet = FleetFile::load(file)?;
-    let rows = plan(&fleet, jiff::Timestamp::now(), &[]);
+    let measured = match &connection {
+        Some(c) => match measured(c, &fleet).await {
+            Ok(m) => {
+                eprintln!(
+                    "using the passes measured by the orchestrator at {}",
+                    c.orchestrator
+                );
+                m
+            }
+            Err(e) => {
+                eprintln!("bmctl: {e:#}; planning from the file's estimates");
+                Vec::new()
+            }
+        },
+        None => Vec::new(),
+    };
+    let rows = plan(&fleet, jiff::Timestamp::now(), &measured);
     let json: Vec<PlanJson> = rows
         .iter()
         .map(|r| PlanJson {

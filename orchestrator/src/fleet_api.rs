@@ -95,6 +95,8 @@ impl FleetApi {
                     downtime_budget_secs: spec.downtime_budget_secs,
                     last_error: i.last_error.clone().unwrap_or_default(),
                     running: i.running.keys().map(|s| s.as_str().to_string()).collect(),
+                    last_pass_scan_ms: i.last_pass.map_or(0, |p| p.scan_ms),
+                    last_pass_elapsed_ms: i.last_pass.map_or(0, |p| p.elapsed_ms),
                 }
             })
             .collect())

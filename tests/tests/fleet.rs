@@ -201,7 +201,7 @@ async fn an_operator_applies_watches_pauses_and_aborts_a_fleet_across_an_orchest
     std::fs::write(
         &fleet,
         format!(
-            "[fleet]\nname = \"night-1\"\ncanary_count = 0\n{}\n[[instance]]\nname = \"mail-01\"\norigin = \"origin-1\"\ntarget = \"target-1\"\nservice_ip = \"198.18.0.101/24\"\n",
+            "[fleet]\nname = \"night-1\"\ncanary_count = 0\n{}\n[[instance]]\nname = \"mail-01\"\norigin = \"origin-1\"\ntarget = \"target-1\"\nservice_ip = \"198.18.0.101/24\"\nestimate = {{ files = 6000000 }}\n",
             far_window()
         ),
     )
@@ -223,6 +223,31 @@ async fn an_operator_applies_watches_pauses_and_aborts_a_fleet_across_an_orchest
         );
     }
     assert!(!log.exists(), "no service was touched outside a window");
+
+    // The plan from the file alone projects 60 s of services + 100 s scanning 6M files; with the
+    // orchestrator reachable, the measured pass (a few files) replaces that estimate.
+    let plan_of = |args: &[&str]| -> i64 {
+        let out = op.bmctl(args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        rows[0]["projected_downtime_secs"].as_i64().unwrap()
+    };
+    let measured = plan_of(&["fleet", "plan", fleet.to_str().unwrap(), "--output", "json"]);
+    let out = Command::new(binary("bmctl"))
+        .args(["fleet", "plan", fleet.to_str().unwrap(), "--output", "json"])
+        .env_remove("BMFLEET_CA")
+        .output()
+        .unwrap();
+    let estimated: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(estimated[0]["projected_downtime_secs"], 160);
+    assert!(
+        measured < 100,
+        "the plan ignored the measured pass: {measured}s"
+    );
 
     // The orchestrator dies; its successor resumes from its state database.
     let _ = nix::sys::signal::kill(
