@@ -51,6 +51,38 @@ pub struct AgentConfig {
     /// The BlueMind configuration file set.
     #[serde(default)]
     pub config_set: ConfigSetConfig,
+    /// Moving the service IP.
+    #[serde(default)]
+    pub network: NetworkConfig,
+}
+
+/// How the service IP is moved and announced.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkConfig {
+    /// The ip program (iproute2).
+    pub ip: String,
+    /// The arping program (Debian's arping).
+    pub arping: String,
+    /// Gratuitous ARP announcements after taking the IP…
+    pub announce_count: u32,
+    /// …spread over this many milliseconds (the first one right away).
+    pub announce_period_ms: u64,
+    /// Where the address is made persistent: "ifupdown" (Debian's
+    /// /etc/network/interfaces.d, under data_root) or "none".
+    pub persist: String,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        NetworkConfig {
+            ip: "ip".into(),
+            arping: "arping".into(),
+            announce_count: 5,
+            announce_period_ms: 10_000,
+            persist: "ifupdown".into(),
+        }
+    }
 }
 
 /// How files move between agents.
@@ -350,6 +382,12 @@ impl AgentConfig {
                     "must be an absolute path without '..', with '*' only in its last component",
                 ));
             }
+        }
+        if !["ifupdown", "none"].contains(&self.network.persist.as_str()) {
+            return Err(invalid(
+                "network.persist".into(),
+                "must be \"ifupdown\" or \"none\"",
+            ));
         }
         if self.services.command_timeout_secs == 0 || self.facts.command_timeout_secs == 0 {
             return Err(invalid(

@@ -14,6 +14,7 @@
 pub mod command;
 pub mod config;
 pub mod config_set;
+pub mod cutover;
 pub mod data_plane;
 pub mod databases;
 pub mod facts;

@@ -10,8 +10,8 @@ use bmfleet_proto::tls::{accept_tls, LocalIdentity, RoleGate};
 use bmfleet_proto::v1::agent_server::{Agent, AgentServer};
 use bmfleet_proto::v1::{
     CopyConfigReply, CopyConfigRequest, DumpFormat, FactsReply, FactsRequest, GrantReply,
-    GrantRequest, MoveDatabasesReply, MoveDatabasesRequest, OriginEndpoint, PullEvent, PullRequest,
-    RevokeGrantRequest, ServiceAction, ServicesReply, ServicesRequest,
+    GrantRequest, IpReply, IpRequest, MoveDatabasesReply, MoveDatabasesRequest, OriginEndpoint,
+    PullEvent, PullRequest, RevokeGrantRequest, ServiceAction, ServicesReply, ServicesRequest,
 };
 use prost::Message;
 use tokio::net::TcpListener;
@@ -22,7 +22,7 @@ use crate::config::AgentConfig;
 use crate::data_plane::DataPlane;
 use crate::grants::{Grant, GrantStore};
 use crate::operations::{once, Journal};
-use crate::{config_set, databases, facts, pull, services};
+use crate::{config_set, cutover, databases, facts, pull, services};
 
 /// File name of the agent's database (operation journal and grants) inside the state dir.
 pub const JOURNAL_FILE: &str = "operations.db";
@@ -269,6 +269,14 @@ impl Agent for AgentService {
         Ok(Response::new(reply))
     }
 
+    async fn release_ip(&self, request: Request<IpRequest>) -> Result<Response<IpReply>, Status> {
+        self.ip(request.into_inner(), false).await
+    }
+
+    async fn take_ip(&self, request: Request<IpRequest>) -> Result<Response<IpReply>, Status> {
+        self.ip(request.into_inner(), true).await
+    }
+
     async fn copy_config(
         &self,
         request: Request<CopyConfigRequest>,
@@ -286,6 +294,32 @@ impl Agent for AgentService {
         )
         .await?;
         reply.operation_id = req.operation_id;
+        reply.replayed = replayed;
+        Ok(Response::new(reply))
+    }
+}
+
+impl AgentService {
+    async fn ip(&self, req: IpRequest, take: bool) -> Result<Response<IpReply>, Status> {
+        let kind = if take { "take_ip" } else { "release_ip" };
+        let encoded = req.encode_to_vec();
+        let run = async {
+            if take {
+                cutover::take(&self.config, &req.address, &req.interface).await
+            } else {
+                cutover::release(&self.config, &req.address, &req.interface).await
+            }
+        };
+        let (mut reply, replayed) = once(
+            &self.journal,
+            &req.operation_id,
+            kind,
+            &encoded,
+            now_ms,
+            run,
+        )
+        .await?;
+        reply.operation_id = req.operation_id.clone();
         reply.replayed = replayed;
         Ok(Response::new(reply))
     }

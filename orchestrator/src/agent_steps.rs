@@ -1,7 +1,7 @@
 //! How each step is done with real agents over gRPC: preflight from both hosts' facts, sync
-//! passes as grant-scoped pulls, services, the database move and the config copy. Steps the
-//! agents cannot do yet (moving the service IP, BlueMind's post-migration API, verification)
-//! fail with a clear reason, which makes the machine roll the instance back.
+//! passes as grant-scoped pulls, services, the database move, the config copy and the service
+//! IP. Steps the agents cannot do yet (BlueMind's post-migration API, verification) fail with
+//! a clear reason: the instance then stops in Failed with the target serving.
 
 use std::future::Future;
 use std::io::Read;
@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use bmfleet_proto::error_chain::describe_status;
 use bmfleet_proto::v1::{
-    CopyConfigRequest, DumpFormat, FactsRequest, GrantRequest, MoveDatabasesRequest,
+    CopyConfigRequest, DumpFormat, FactsRequest, GrantRequest, IpRequest, MoveDatabasesRequest,
     OriginEndpoint, PullRequest, ServiceAction, ServicesRequest,
 };
 
@@ -107,13 +107,16 @@ async fn run_step(pool: &AgentPool, job: Job, now_ms: i64) -> StepResult {
                 .into_inner();
             if reply.ok { Ok(None) } else { Err(reply.error) }
         }
-        Step::OriginReleaseIp
-        | Step::TargetTakeIp
-        | Step::RollbackTargetReleaseIp
-        | Step::RollbackOriginTakeIp
-        | Step::PostMigration
-        | Step::Verify => Err(format!(
-            "{}: this agent release cannot do it yet (IP cutover, BlueMind's post-migration API and verification arrive with the lab)",
+        Step::OriginReleaseIp | Step::RollbackTargetReleaseIp => {
+            let host = if job.step == Step::OriginReleaseIp { origin } else { target };
+            service_ip(host, &job, false).await
+        }
+        Step::TargetTakeIp | Step::RollbackOriginTakeIp => {
+            let host = if job.step == Step::TargetTakeIp { target } else { origin };
+            service_ip(host, &job, true).await
+        }
+        Step::PostMigration | Step::Verify => Err(format!(
+            "{}: this agent release cannot do it yet (BlueMind's post-migration API and verification arrive with the lab)",
             job.step.as_str()
         )),
     }
@@ -282,6 +285,28 @@ async fn sync_pass(
         total.elapsed_ms += s.elapsed_ms;
     }
     Ok(total)
+}
+
+/// Moves the service IP on one host: take (add and announce) or release.
+async fn service_ip(host: &AgentHandle, job: &Job, take: bool) -> StepResult {
+    let request = IpRequest {
+        operation_id: job.operation_id.clone(),
+        address: format!("{}/{}", job.instance.service_ip, job.instance.prefix),
+        interface: job.instance.interface.clone(),
+    };
+    let mut client = host.client.clone();
+    let reply = if take {
+        client.take_ip(request).await
+    } else {
+        client.release_ip(request).await
+    }
+    .map_err(|s| format!("{}: {}", host.name, describe_status(&s)))?
+    .into_inner();
+    if reply.ok {
+        Ok(None)
+    } else {
+        Err(format!("{}: {}", host.name, reply.error))
+    }
 }
 
 async fn services(agent: &AgentHandle, job: &Job, action: ServiceAction) -> StepResult {

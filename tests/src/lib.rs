@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bmfleet_agent::config::{
-    AgentConfig, ConfigSetConfig, DataPlaneConfig, FactsConfig, PostgresConfig, ServiceCommands,
-    ServicesConfig,
+    AgentConfig, ConfigSetConfig, DataPlaneConfig, FactsConfig, NetworkConfig, PostgresConfig,
+    ServiceCommands, ServicesConfig,
 };
 use bmfleet_proto::identity::Role;
 use bmfleet_proto::pki::{FleetCa, IssueRequest};
@@ -165,6 +165,7 @@ pub fn agent_config(tls: TlsFiles, dir: &Path, services: Vec<ServiceCommands>) -
         },
         postgresql: PostgresConfig::default(),
         config_set: ConfigSetConfig::default(),
+        network: NetworkConfig::default(),
     }
 }
 
@@ -273,6 +274,8 @@ impl Drop for ChildGuard {
         let _ = self.0.wait();
     }
 }
+
+pub mod lab;
 
 /// A free loopback port (bound then released).
 pub fn free_port() -> u16 {

@@ -1,0 +1,260 @@
+//! Moving the service IP: the origin releases it, the target adds it, announces it with
+//! gratuitous ARP (repeated over a period, so every neighbour's table follows) and makes it
+//! persistent in its network configuration.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bmfleet_proto::v1::IpReply;
+
+use crate::command;
+use crate::config::AgentConfig;
+
+/// The persisted interfaces file, under data_root.
+pub const IFUPDOWN_FILE: &str = "etc/network/interfaces.d/bmfleet-service-ip";
+
+/// A checked `address/prefix` on an interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceIp {
+    /// The address.
+    pub ip: IpAddr,
+    /// Its prefix length.
+    pub prefix: u8,
+    /// The interface.
+    pub interface: String,
+}
+
+impl ServiceIp {
+    /// Parses `address/prefix` and checks the interface name.
+    pub fn parse(address: &str, interface: &str) -> Result<Self, String> {
+        let bad = || format!("'{address}' is not an address with its prefix length");
+        let (ip, prefix) = address.split_once('/').ok_or_else(bad)?;
+        let ip: IpAddr = ip.parse().map_err(|_| bad())?;
+        let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+        if prefix == 0 || prefix > if ip.is_ipv4() { 32 } else { 128 } {
+            return Err(bad());
+        }
+        let iface_ok = !interface.is_empty()
+            && interface.len() <= 15
+            && interface
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c));
+        if !iface_ok {
+            return Err(format!("invalid interface name '{interface}'"));
+        }
+        Ok(ServiceIp {
+            ip,
+            prefix,
+            interface: interface.to_string(),
+        })
+    }
+
+    fn cidr(&self) -> String {
+        format!("{}/{}", self.ip, self.prefix)
+    }
+}
+
+fn failed(error: String) -> IpReply {
+    IpReply {
+        ok: false,
+        error,
+        ..Default::default()
+    }
+}
+
+async fn run(argv: &[String]) -> Result<String, String> {
+    let r = command::run("network", argv, Duration::from_secs(30)).await;
+    if command::succeeded(&r) {
+        Ok(r.stdout_tail)
+    } else {
+        Err(command::failure_summary(&r))
+    }
+}
+
+/// Whether the interface carries the address now.
+async fn present(config: &AgentConfig, ip: &ServiceIp) -> Result<bool, String> {
+    let out = run(&[
+        config.network.ip.clone(),
+        "-o".into(),
+        "addr".into(),
+        "show".into(),
+        "dev".into(),
+        ip.interface.clone(),
+    ])
+    .await?;
+    let needle = format!(" {} ", ip.cidr());
+    Ok(out.lines().any(|l| format!("{l} ").contains(&needle)))
+}
+
+fn persisted_path(config: &AgentConfig) -> PathBuf {
+    config.data_root.join(IFUPDOWN_FILE)
+}
+
+/// The ifupdown stanza that brings the service IP up at boot.
+pub fn ifupdown_stanza(ip: &ServiceIp) -> String {
+    let family = if ip.ip.is_ipv4() { "inet" } else { "inet6" };
+    format!(
+        "# Written by bmfleet: the BlueMind service IP, moved here from the origin host.\n\
+         auto {iface}\n\
+         iface {iface} {family} static\n    address {cidr}\n",
+        iface = ip.interface,
+        cidr = ip.cidr()
+    )
+}
+
+/// Removes the service IP (and its persisted configuration). Idempotent.
+pub async fn release(config: &AgentConfig, address: &str, interface: &str) -> IpReply {
+    let ip = match ServiceIp::parse(address, interface) {
+        Ok(ip) => ip,
+        Err(e) => return failed(e),
+    };
+    let mut reply = IpReply {
+        ok: true,
+        ..Default::default()
+    };
+    match present(config, &ip).await {
+        Err(e) => return failed(e),
+        Ok(true) => {
+            let del = [
+                config.network.ip.clone(),
+                "addr".into(),
+                "del".into(),
+                ip.cidr(),
+                "dev".into(),
+                ip.interface.clone(),
+            ];
+            if let Err(e) = run(&del).await {
+                return failed(e);
+            }
+            reply.changed = true;
+        }
+        Ok(false) => {}
+    }
+    let file = persisted_path(config);
+    if file.exists() {
+        if let Err(e) = std::fs::remove_file(&file) {
+            return failed(format!("cannot remove {}: {e}", file.display()));
+        }
+    }
+    tracing::info!(address = %ip.cidr(), interface = %ip.interface, changed = reply.changed, "service IP released");
+    reply
+}
+
+/// Adds, announces and persists the service IP. Idempotent; the first announcement is sent
+/// before answering, the others follow over the configured period.
+pub async fn take(config: &AgentConfig, address: &str, interface: &str) -> IpReply {
+    let ip = match ServiceIp::parse(address, interface) {
+        Ok(ip) => ip,
+        Err(e) => return failed(e),
+    };
+    let mut reply = IpReply {
+        ok: true,
+        ..Default::default()
+    };
+    match present(config, &ip).await {
+        Err(e) => return failed(e),
+        Ok(false) => {
+            let mut add = vec![
+                config.network.ip.clone(),
+                "addr".into(),
+                "add".into(),
+                ip.cidr(),
+                "dev".into(),
+                ip.interface.clone(),
+            ];
+            if ip.ip.is_ipv6() {
+                add.push("nodad".into());
+            }
+            if let Err(e) = run(&add).await {
+                return failed(e);
+            }
+            reply.changed = true;
+        }
+        Ok(true) => {}
+    }
+    if config.network.persist == "ifupdown" {
+        let file = persisted_path(config);
+        let written = file
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|_| std::fs::write(&file, ifupdown_stanza(&ip)));
+        if let Err(e) = written {
+            return failed(format!("cannot write {}: {e}", file.display()));
+        }
+    }
+    if ip.ip.is_ipv4() {
+        if let Err(e) = announce(config, &ip).await {
+            return failed(format!("the address is up but was not announced: {e}"));
+        }
+        let (count, period) = (
+            config.network.announce_count,
+            config.network.announce_period_ms,
+        );
+        if count > 1 {
+            let (config, ip) = (config.clone(), ip.clone());
+            let gap = Duration::from_millis(period / u64::from(count));
+            tokio::spawn(async move {
+                for _ in 1..count {
+                    tokio::time::sleep(gap).await;
+                    if let Err(e) = announce(&config, &ip).await {
+                        tracing::warn!(error = %e, "repeated announcement failed");
+                    }
+                }
+            });
+        }
+    }
+    tracing::info!(address = %ip.cidr(), interface = %ip.interface, changed = reply.changed, "service IP taken");
+    reply
+}
+
+/// One gratuitous ARP (unsolicited, from and for the service IP).
+async fn announce(config: &AgentConfig, ip: &ServiceIp) -> Result<(), String> {
+    let addr = ip.ip.to_string();
+    run(&[
+        config.network.arping.clone(),
+        "-q".into(),
+        "-U".into(),
+        "-c".into(),
+        "1".into(),
+        "-i".into(),
+        ip.interface.clone(),
+        "-S".into(),
+        addr.clone(),
+        addr,
+    ])
+    .await
+    .map(|_| ())
+    // arping exits 1 when nobody answers, which an unsolicited announcement never expects.
+    .or_else(|e| {
+        if e.contains("exited with code 1") {
+            Ok(())
+        } else {
+            Err(e)
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_and_interfaces_are_checked() {
+        let ip = ServiceIp::parse("198.18.0.100/24", "eth0").unwrap();
+        assert_eq!(ip.cidr(), "198.18.0.100/24");
+        assert!(ServiceIp::parse("198.18.0.100", "eth0").is_err());
+        assert!(ServiceIp::parse("198.18.0.100/33", "eth0").is_err());
+        assert!(ServiceIp::parse("198.18.0.100/24", "eth0; rm -rf /").is_err());
+        assert!(ServiceIp::parse("2001:db8::1/64", "eth0").is_ok());
+    }
+
+    #[test]
+    fn the_persisted_stanza_is_debian_ifupdown() {
+        let ip = ServiceIp::parse("198.18.0.100/24", "eth0").unwrap();
+        assert_eq!(
+            ifupdown_stanza(&ip),
+            "# Written by bmfleet: the BlueMind service IP, moved here from the origin host.\nauto eth0\niface eth0 inet static\n    address 198.18.0.100/24\n"
+        );
+    }
+}

@@ -1,0 +1,199 @@
+//! The network lab: hosts are network namespaces on a bridge that lives in a namespace of its
+//! own ("the switch"), addressed from 198.18.0.0/24 (the benchmarking range, 198.18.0.0/15).
+//! Nothing is added to the root namespace. Every process started in the lab is killed and
+//! every namespace (with its links) deleted when the lab is dropped, also on a failed test.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::sync::Mutex;
+
+use crate::ChildGuard;
+
+/// One host of the lab.
+#[derive(Debug, Clone)]
+pub struct LabHost {
+    /// Its short name in the lab.
+    pub name: String,
+    /// Its network namespace.
+    pub ns: String,
+    /// Its address on eth0.
+    pub ip: Ipv4Addr,
+}
+
+/// A lab of hosts on one bridge.
+pub struct Lab {
+    switch: String,
+    hosts: Vec<LabHost>,
+    processes: Mutex<Vec<ChildGuard>>,
+}
+
+/// The switch's own address (so its neighbour table shows who holds which IP).
+pub const SWITCH_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
+
+fn ip(args: &[&str]) -> Output {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("ip (iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+impl Lab {
+    /// Creates the switch and one namespace per host name, host n at 198.18.0.(n+1)/24.
+    pub fn new(names: &[&str]) -> Lab {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let tag = format!(
+            "bmf{}x{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        );
+        let switch = format!("{tag}-sw");
+        let mut lab = Lab {
+            switch: switch.clone(),
+            hosts: Vec::new(),
+            processes: Mutex::new(Vec::new()),
+        };
+        ip(&["netns", "add", &switch]);
+        ip(&["-n", &switch, "link", "set", "lo", "up"]);
+        ip(&["-n", &switch, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &switch, "link", "set", "br0", "up"]);
+        ip(&[
+            "-n",
+            &switch,
+            "addr",
+            "add",
+            &format!("{SWITCH_IP}/24"),
+            "dev",
+            "br0",
+        ]);
+        for (n, name) in names.iter().enumerate() {
+            let ns = format!("{tag}-{name}");
+            ip(&["netns", "add", &ns]);
+            lab.hosts.push(LabHost {
+                name: name.to_string(),
+                ns: ns.clone(),
+                ip: Ipv4Addr::new(198, 18, 0, n as u8 + 1),
+            });
+            let port = format!("p{n}");
+            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+            ip(&[
+                "-n", &switch, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
+                "netns", &ns,
+            ]);
+            ip(&["-n", &switch, "link", "set", &port, "master", "br0", "up"]);
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("198.18.0.{}/24", n + 1),
+                "dev",
+                "eth0",
+            ]);
+            ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+        }
+        lab
+    }
+
+    /// A host by name.
+    pub fn host(&self, name: &str) -> &LabHost {
+        self.hosts
+            .iter()
+            .find(|h| h.name == name)
+            .unwrap_or_else(|| panic!("no host {name} in the lab"))
+    }
+
+    /// A command running `program` inside `host`'s namespace.
+    pub fn command(&self, host: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.host(host).ns])
+            .arg(program);
+        cmd
+    }
+
+    /// Starts a long-running process in the lab; it is killed with the lab.
+    pub fn spawn(&self, mut command: Command) {
+        let child = ChildGuard::spawn(&mut command);
+        self.processes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(child);
+    }
+
+    /// `ip ARGS` inside `host` (`"switch"` for the switch).
+    pub fn ip(&self, host: &str, args: &[&str]) -> String {
+        let ns = if host == "switch" {
+            self.switch.clone()
+        } else {
+            self.host(host).ns.clone()
+        };
+        let mut full = vec!["-n", &ns];
+        full.extend_from_slice(args);
+        String::from_utf8_lossy(&ip(&full).stdout).into_owned()
+    }
+
+    /// The MAC address of `host`'s eth0.
+    pub fn mac(&self, host: &str) -> String {
+        let out = self.ip(host, &["-o", "link", "show", "eth0"]);
+        out.split_whitespace()
+            .skip_while(|w| *w != "link/ether")
+            .nth(1)
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// The MAC the switch's neighbour table holds for `addr`, if any.
+    pub fn switch_neighbour(&self, addr: &str) -> Option<String> {
+        let out = self.ip("switch", &["neigh", "show", addr, "dev", "br0"]);
+        out.split_whitespace()
+            .skip_while(|w| *w != "lladdr")
+            .nth(1)
+            .map(str::to_string)
+    }
+
+    /// Runs `f` on a thread inside `host`'s network namespace (`"switch"` for the switch):
+    /// sockets it opens belong to that namespace.
+    pub fn run_in<R: Send>(&self, host: &str, f: impl FnOnce() -> R + Send) -> R {
+        let ns = if host == "switch" {
+            self.switch.clone()
+        } else {
+            self.host(host).ns.clone()
+        };
+        std::thread::scope(|scope| {
+            scope
+                .spawn(move || {
+                    let file = std::fs::File::open(Path::new("/var/run/netns").join(&ns))
+                        .expect("netns file");
+                    nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+                    f()
+                })
+                .join()
+                .expect("lab thread")
+        })
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.processes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        for ns in self
+            .hosts
+            .iter()
+            .map(|h| h.ns.clone())
+            .chain([self.switch.clone()])
+        {
+            let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        }
+    }
+}
