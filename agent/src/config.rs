@@ -54,6 +54,34 @@ pub struct AgentConfig {
     /// Moving the service IP.
     #[serde(default)]
     pub network: NetworkConfig,
+    /// BlueMind's API, for the post-migration steps.
+    #[serde(default)]
+    pub bluemind_api: BlueMindApiConfig,
+}
+
+/// How the agent reaches BlueMind's API on its own host.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BlueMindApiConfig {
+    /// bm-core's local HTTP endpoint.
+    pub url: String,
+    /// The bm-core token file (under data_root), used as X-BM-ApiKey.
+    pub token_file: PathBuf,
+    /// admin0@global.virt's password: when set, the agent logs in instead of using the token.
+    pub admin0_password: Option<String>,
+    /// Deadline of each long task, seconds.
+    pub task_timeout_secs: u64,
+}
+
+impl Default for BlueMindApiConfig {
+    fn default() -> Self {
+        BlueMindApiConfig {
+            url: "http://127.0.0.1:8090".into(),
+            token_file: PathBuf::from("/etc/bm/bm-core.tok"),
+            admin0_password: None,
+            task_timeout_secs: 300,
+        }
+    }
 }
 
 /// How the service IP is moved and announced.

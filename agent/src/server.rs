@@ -10,8 +10,9 @@ use bmfleet_proto::tls::{accept_tls, LocalIdentity, RoleGate};
 use bmfleet_proto::v1::agent_server::{Agent, AgentServer};
 use bmfleet_proto::v1::{
     CopyConfigReply, CopyConfigRequest, DumpFormat, FactsReply, FactsRequest, GrantReply,
-    GrantRequest, IpReply, IpRequest, MoveDatabasesReply, MoveDatabasesRequest, OriginEndpoint,
-    PullEvent, PullRequest, RevokeGrantRequest, ServiceAction, ServicesReply, ServicesRequest,
+    GrantRequest, IpReply, IpRequest, ManifestReply, ManifestRequest, MoveDatabasesReply,
+    MoveDatabasesRequest, OriginEndpoint, PostMigrationReply, PostMigrationRequest, PullEvent,
+    PullRequest, RevokeGrantRequest, ServiceAction, ServicesReply, ServicesRequest,
 };
 use prost::Message;
 use tokio::net::TcpListener;
@@ -267,6 +268,70 @@ impl Agent for AgentService {
         reply.operation_id = req.operation_id;
         reply.replayed = replayed;
         Ok(Response::new(reply))
+    }
+
+    async fn post_migration(
+        &self,
+        request: Request<PostMigrationRequest>,
+    ) -> Result<Response<PostMigrationReply>, Status> {
+        let req = request.into_inner();
+        let config = self.config.clone();
+        let encoded = req.encode_to_vec();
+        let id = req.operation_id.clone();
+        let run = async move {
+            let version = facts::gather(&config, "", false)
+                .await
+                .bluemind
+                .map(|v| v.version)
+                .unwrap_or_default();
+            tokio::task::spawn_blocking(move || crate::post_migration::run(&config, &req, &version))
+                .await
+                .unwrap_or_else(|e| PostMigrationReply {
+                    error: format!("post-migration task: {e}"),
+                    ..Default::default()
+                })
+        };
+        let (mut reply, replayed) =
+            once(&self.journal, &id, "post_migration", &encoded, now_ms, run).await?;
+        reply.operation_id = id;
+        reply.replayed = replayed;
+        Ok(Response::new(reply))
+    }
+
+    async fn manifest(
+        &self,
+        request: Request<ManifestRequest>,
+    ) -> Result<Response<ManifestReply>, Status> {
+        let req = request.into_inner();
+        let config = self.config.clone();
+        let paths: Vec<String> = if req.paths.is_empty() {
+            config
+                .all_data_dirs()
+                .map(|p| p.display().to_string())
+                .collect()
+        } else {
+            req.paths
+        };
+        for p in &paths {
+            crate::rsync_args::clean_absolute(p)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
+        let dirs = tokio::task::spawn_blocking(move || {
+            paths
+                .iter()
+                .map(|p| {
+                    crate::manifest::of_dir(
+                        p,
+                        &config.host_path(std::path::Path::new(p)),
+                        &[crate::pull::PARTIAL_DIR],
+                    )
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(Status::internal)?;
+        Ok(Response::new(ManifestReply { dirs }))
     }
 
     async fn release_ip(&self, request: Request<IpRequest>) -> Result<Response<IpReply>, Status> {

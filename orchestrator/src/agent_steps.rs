@@ -1,7 +1,8 @@
 //! How each step is done with real agents over gRPC: preflight from both hosts' facts, sync
 //! passes as grant-scoped pulls, services, the database move, the config copy and the service
-//! IP. Steps the agents cannot do yet (BlueMind's post-migration API, verification) fail with
-//! a clear reason: the instance then stops in Failed with the target serving.
+//! IP, BlueMind's post-migration API, and verification: the final pass ends by comparing both
+//! sides' manifests (services stopped), the database move compares every table, and Verify
+//! checks from the orchestrator that the service IP answers IMAP and SMTP.
 
 use std::future::Future;
 use std::io::Read;
@@ -10,8 +11,9 @@ use std::sync::Arc;
 
 use bmfleet_proto::error_chain::describe_status;
 use bmfleet_proto::v1::{
-    CopyConfigRequest, DumpFormat, FactsRequest, GrantRequest, IpRequest, MoveDatabasesRequest,
-    OriginEndpoint, PullRequest, ServiceAction, ServicesRequest,
+    CopyConfigRequest, DumpFormat, FactsRequest, GrantRequest, IpRequest, ManifestRequest,
+    MoveDatabasesRequest, OriginEndpoint, PostMigrationRequest, PullRequest, ServiceAction,
+    ServicesRequest,
 };
 
 use crate::agents::{AgentHandle, AgentPool};
@@ -72,9 +74,19 @@ async fn run_step(pool: &AgentPool, job: Job, now_ms: i64) -> StepResult {
     let target = agent(pool, &job.instance.target)?;
     match job.step {
         Step::Preflight => preflight(origin, target).await.map(|_| None),
-        Step::HotPass | Step::PreWindowPass | Step::FinalPass => sync_pass(origin, target, &job, now_ms).await.map(Some),
+        Step::HotPass | Step::PreWindowPass => {
+            sync_pass(origin, target, &job, now_ms).await.map(Some)
+        }
+        Step::FinalPass => {
+            let stats = sync_pass(origin, target, &job, now_ms).await?;
+            // Services are stopped on both sides: the trees must now be equal.
+            compare_manifests(origin, target, &job).await?;
+            Ok(Some(stats))
+        }
         Step::StopOrigin => services(origin, &job, ServiceAction::Stop).await,
-        Step::StopTarget | Step::RollbackStopTarget => services(target, &job, ServiceAction::Stop).await,
+        Step::StopTarget | Step::RollbackStopTarget => {
+            services(target, &job, ServiceAction::Stop).await
+        }
         Step::RollbackStartOrigin => services(origin, &job, ServiceAction::Start).await,
         Step::StartTarget => services(target, &job, ServiceAction::Start).await,
         Step::Databases => {
@@ -91,7 +103,11 @@ async fn run_step(pool: &AgentPool, job: Job, now_ms: i64) -> StepResult {
                 .await
                 .map_err(|s| describe_status(&s))?
                 .into_inner();
-            if reply.ok { Ok(None) } else { Err(reply.error) }
+            if reply.ok {
+                Ok(None)
+            } else {
+                Err(reply.error)
+            }
         }
         Step::Config => {
             let endpoint = grant(origin, &job, now_ms, true, false).await?;
@@ -105,20 +121,30 @@ async fn run_step(pool: &AgentPool, job: Job, now_ms: i64) -> StepResult {
                 .await
                 .map_err(|s| describe_status(&s))?
                 .into_inner();
-            if reply.ok { Ok(None) } else { Err(reply.error) }
+            if reply.ok {
+                Ok(None)
+            } else {
+                Err(reply.error)
+            }
         }
         Step::OriginReleaseIp | Step::RollbackTargetReleaseIp => {
-            let host = if job.step == Step::OriginReleaseIp { origin } else { target };
+            let host = if job.step == Step::OriginReleaseIp {
+                origin
+            } else {
+                target
+            };
             service_ip(host, &job, false).await
         }
         Step::TargetTakeIp | Step::RollbackOriginTakeIp => {
-            let host = if job.step == Step::TargetTakeIp { target } else { origin };
+            let host = if job.step == Step::TargetTakeIp {
+                target
+            } else {
+                origin
+            };
             service_ip(host, &job, true).await
         }
-        Step::PostMigration | Step::Verify => Err(format!(
-            "{}: this agent release cannot do it yet (BlueMind's post-migration API and verification arrive with the lab)",
-            job.step.as_str()
-        )),
+        Step::PostMigration => post_migration(origin, target, &job).await,
+        Step::Verify => verify(&job).await,
     }
 }
 
@@ -285,6 +311,109 @@ async fn sync_pass(
         total.elapsed_ms += s.elapsed_ms;
     }
     Ok(total)
+}
+
+/// The host part of an agent's address (`host:port`).
+fn host_of(address: &str) -> String {
+    address
+        .rsplit_once(':')
+        .map(|(h, _)| h.trim_matches(['[', ']']).to_string())
+        .unwrap_or_default()
+}
+
+fn profile_name(profile: crate::fleet::Profile) -> &'static str {
+    match profile {
+        crate::fleet::Profile::V3_5 => "3.5",
+        crate::fleet::Profile::V4 => "4.x",
+        crate::fleet::Profile::V5 => "5.x",
+        crate::fleet::Profile::Auto => "auto",
+    }
+}
+
+async fn post_migration(origin: &AgentHandle, target: &AgentHandle, job: &Job) -> StepResult {
+    let reply = target
+        .client
+        .clone()
+        .post_migration(PostMigrationRequest {
+            operation_id: job.operation_id.clone(),
+            profile: profile_name(job.instance.profile).into(),
+            origin_address: host_of(&origin.address),
+            target_address: host_of(&target.address),
+            mynetworks: job.instance.mynetworks.clone().unwrap_or_default(),
+        })
+        .await
+        .map_err(|s| format!("{}: {}", target.name, describe_status(&s)))?
+        .into_inner();
+    if reply.ok {
+        Ok(None)
+    } else {
+        Err(format!("BlueMind API on {}: {}", target.name, reply.error))
+    }
+}
+
+/// Both sides' data dirs are equal (entries, bytes, content checksum).
+async fn compare_manifests(
+    origin: &AgentHandle,
+    target: &AgentHandle,
+    job: &Job,
+) -> Result<(), String> {
+    let paths: Vec<String> = DATA_DIRS
+        .iter()
+        .map(|d| d.to_string())
+        .chain(job.instance.extra_dirs.iter().cloned())
+        .collect();
+    let manifest = |a: &AgentHandle| {
+        let (mut client, paths, name) = (a.client.clone(), paths.clone(), a.name.clone());
+        async move {
+            client
+                .manifest(ManifestRequest { paths })
+                .await
+                .map(|r| r.into_inner().dirs)
+                .map_err(|s| format!("manifest of {name}: {}", describe_status(&s)))
+        }
+    };
+    let (o, t) = tokio::join!(manifest(origin), manifest(target));
+    let (o, t) = (o?, t?);
+    let differ: Vec<String> = o
+        .iter()
+        .zip(&t)
+        .filter(|(a, b)| a != b)
+        .map(|(a, b)| {
+            format!(
+                "{} (origin {} entries/{} B, target {} entries/{} B)",
+                a.path, a.files, a.bytes, b.files, b.bytes
+            )
+        })
+        .collect();
+    if differ.is_empty() && o.len() == t.len() {
+        Ok(())
+    } else {
+        Err(format!(
+            "data differs after the final pass: {}",
+            differ.join("; ")
+        ))
+    }
+}
+
+/// The service IP answers IMAP and SMTP, seen from the orchestrator.
+async fn verify(job: &Job) -> StepResult {
+    use tokio::io::AsyncReadExt;
+    for (port, greeting) in [(143u16, "* OK"), (25, "220")] {
+        let address = std::net::SocketAddr::new(job.instance.service_ip, port);
+        let answer = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            let mut conn = tokio::net::TcpStream::connect(address).await?;
+            let mut buf = vec![0u8; 512];
+            let n = conn.read(&mut buf).await?;
+            Ok::<_, std::io::Error>(String::from_utf8_lossy(&buf[..n]).into_owned())
+        })
+        .await
+        .map_err(|_| format!("{address} did not answer within 10 s"))?
+        .map_err(|e| format!("{address}: {e}"))?;
+        if !answer.starts_with(greeting) {
+            return Err(format!("{address} answered {answer:?}, not {greeting:?}"));
+        }
+    }
+    Ok(None)
 }
 
 /// Moves the service IP on one host: take (add and announce) or release.

@@ -166,6 +166,7 @@ pub fn agent_config(tls: TlsFiles, dir: &Path, services: Vec<ServiceCommands>) -
         postgresql: PostgresConfig::default(),
         config_set: ConfigSetConfig::default(),
         network: NetworkConfig::default(),
+        bluemind_api: Default::default(),
     }
 }
 

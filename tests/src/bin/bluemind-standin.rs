@@ -1,0 +1,431 @@
+//! BlueMind stand-in for the lab (BlueMind itself cannot be installed here).
+//!
+//! `bluemind-standin --root DIR --name HOST --service bluemind|postfix start|stop|status|serve`
+//!
+//! - start: starts `serve` in the background (idempotent); refuses when
+//!   `DIR/etc/bm/standin-refuse-start` exists (injected failure).
+//! - stop: stops it and waits until it is gone (idempotent). status: exit 0 when running, 3 not.
+//! - serve, bluemind: IMAP banner on 143, HTTPS-port banner on 443, BlueMind's API on 8080 and
+//!   8090 (login, X-BM-ApiKey, tasks, firewall by version, mail-maintenance repair,
+//!   configuration/mynetworks), every call recorded in `DIR/var/log/standin-api.jsonl`.
+//! - serve, postfix: SMTP banner on 25, and mail keeps arriving: a message every
+//!   `--deliver-ms` into the cyrus spool (every fifth one hard-linked into a second mailbox),
+//!   each listed in `DIR/var/log/standin-delivered.log`.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+
+#[derive(Parser)]
+struct Args {
+    /// The host's data_root.
+    #[arg(long)]
+    root: PathBuf,
+    /// The host's name, shown in banners (so a client can tell who answers).
+    #[arg(long)]
+    name: String,
+    #[arg(long, value_enum)]
+    service: Service,
+    /// Milliseconds between two arriving messages (postfix; 0: none).
+    #[arg(long, default_value_t = 0)]
+    deliver_ms: u64,
+    #[arg(value_enum)]
+    action: Action,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Service {
+    Bluemind,
+    Postfix,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Action {
+    Start,
+    Stop,
+    Status,
+    Serve,
+}
+
+fn service_name(s: Service) -> &'static str {
+    match s {
+        Service::Bluemind => "bluemind",
+        Service::Postfix => "postfix",
+    }
+}
+
+fn pidfile(args: &Args) -> PathBuf {
+    args.root
+        .join(format!("run/standin-{}.pid", service_name(args.service)))
+}
+
+fn running_pid(args: &Args) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(pidfile(args))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    // Alive and not a zombie.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let state = stat.rsplit(')').next()?.split_whitespace().next()?;
+    (state != "Z").then_some(pid)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match args.action {
+        Action::Status => match running_pid(&args) {
+            Some(pid) => {
+                println!("{} running (pid {pid})", service_name(args.service));
+                ExitCode::SUCCESS
+            }
+            None => {
+                println!("{} stopped", service_name(args.service));
+                ExitCode::from(3)
+            }
+        },
+        Action::Start => start(&args),
+        Action::Stop => stop(&args),
+        Action::Serve => serve(&args),
+    }
+}
+
+fn start(args: &Args) -> ExitCode {
+    if running_pid(args).is_some() {
+        return ExitCode::SUCCESS;
+    }
+    if args.root.join("etc/bm/standin-refuse-start").exists() {
+        eprintln!(
+            "{}: refusing to start (injected failure)",
+            service_name(args.service)
+        );
+        return ExitCode::FAILURE;
+    }
+    let _ = std::fs::create_dir_all(args.root.join("run"));
+    let _ = std::fs::create_dir_all(args.root.join("var/log"));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(args.root.join(format!(
+            "var/log/standin-{}.log",
+            service_name(args.service)
+        )));
+    let Ok(exe) = std::env::current_exe() else {
+        return ExitCode::FAILURE;
+    };
+    let mut cmd = Command::new(exe);
+    cmd.arg("--root")
+        .arg(&args.root)
+        .args([
+            "--name",
+            &args.name,
+            "--service",
+            service_name(args.service),
+        ])
+        .args(["--deliver-ms", &args.deliver_ms.to_string(), "serve"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    match log {
+        Ok(f) => cmd.stderr(f),
+        Err(_) => cmd.stderr(Stdio::null()),
+    };
+    let child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let _ = std::fs::write(pidfile(args), child.id().to_string());
+    // Up when its ports answer.
+    let port = if args.service == Service::Bluemind {
+        143
+    } else {
+        25
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return ExitCode::SUCCESS;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("{} did not come up", service_name(args.service));
+    ExitCode::FAILURE
+}
+
+fn stop(args: &Args) -> ExitCode {
+    if let Some(pid) = running_pid(args) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while running_pid(args).is_some() {
+            if Instant::now() > deadline {
+                eprintln!("pid {pid} did not stop");
+                return ExitCode::FAILURE;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let _ = std::fs::remove_file(pidfile(args));
+    ExitCode::SUCCESS
+}
+
+fn banner(port: u16, text: String) -> std::io::Result<()> {
+    let listener = TcpListener::bind(("0.0.0.0", port))?;
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let _ = conn.write_all(text.as_bytes());
+        }
+    });
+    Ok(())
+}
+
+fn serve(args: &Args) -> ExitCode {
+    let name = args.name.clone();
+    let result = match args.service {
+        Service::Postfix => {
+            banner(25, format!("220 {name} ESMTP BlueMind stand-in\r\n")).map(|_| {
+                if args.deliver_ms > 0 {
+                    deliver(&args.root, Duration::from_millis(args.deliver_ms));
+                }
+            })
+        }
+        Service::Bluemind => banner(
+            143,
+            format!("* OK [CAPABILITY IMAP4rev1] {name} BlueMind stand-in ready\r\n"),
+        )
+        .and_then(|_| {
+            banner(
+                443,
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{name}",
+                    name.len()
+                ),
+            )
+        })
+        .and_then(|_| api(&args.root, 8090))
+        .and_then(|_| api(&args.root, 8080)),
+    };
+    if let Err(e) = result {
+        eprintln!("serve: {e}");
+        return ExitCode::FAILURE;
+    }
+    loop {
+        std::thread::park();
+    }
+}
+
+/// Mail keeps arriving while the service runs.
+fn deliver(root: &Path, every: Duration) -> ! {
+    let spool = root.join("var/spool/cyrus/data/user");
+    let log_path = root.join("var/log/standin-delivered.log");
+    let mut n = std::fs::read_to_string(&log_path)
+        .map(|t| t.lines().count())
+        .unwrap_or(0) as u64;
+    loop {
+        n += 1;
+        let user = ["alice", "bob", "carol"][(n % 3) as usize];
+        let rel = format!("var/spool/cyrus/data/user/{user}/standin-{n}.");
+        let body = format!("From: sender@example.net\r\nSubject: arrived #{n}\r\n\r\nbody {n}\r\n");
+        let path = root.join(&rel);
+        if std::fs::create_dir_all(spool.join(user)).is_ok() && std::fs::write(&path, body).is_ok()
+        {
+            let mut lines = rel.clone() + "\n";
+            if n % 5 == 0 {
+                // Delivered to two mailboxes: cyrus links them.
+                let other = format!("var/spool/cyrus/data/user/shared/standin-{n}.");
+                let _ = std::fs::create_dir_all(spool.join("shared"));
+                if std::fs::hard_link(&path, root.join(&other)).is_ok() {
+                    lines += &(other + "\n");
+                }
+            }
+            if let Ok(mut log) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_path)
+            {
+                let _ = log.write_all(lines.as_bytes());
+            }
+        }
+        std::thread::sleep(every);
+    }
+}
+
+struct ApiState {
+    root: PathBuf,
+    keys: Vec<String>,
+    tasks: HashMap<String, u32>,
+    next: u64,
+}
+
+fn read(root: &Path, rel: &str) -> String {
+    std::fs::read_to_string(root.join(rel))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// BlueMind's API, as far as the migration uses it.
+fn api(root: &Path, port: u16) -> std::io::Result<()> {
+    let server = tiny_http::Server::http(("0.0.0.0", port)).map_err(std::io::Error::other)?;
+    let state = Arc::new(Mutex::new(ApiState {
+        root: root.to_path_buf(),
+        keys: Vec::new(),
+        tasks: HashMap::new(),
+        next: 0,
+    }));
+    std::thread::spawn(move || {
+        for mut request in server.incoming_requests() {
+            let mut body = String::new();
+            let _ = request.as_reader().read_to_string(&mut body);
+            let key = request
+                .headers()
+                .iter()
+                .find(|h| h.field.equiv("X-BM-ApiKey"))
+                .map(|h| h.value.as_str().to_string())
+                .unwrap_or_default();
+            let method = request.method().as_str().to_string();
+            let url = request.url().to_string();
+            let (status, reply) = {
+                let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+                let answer = handle(&mut s, &method, &url, &key, &body);
+                let record = serde_json::json!({
+                    "port": port, "method": method, "url": url, "api_key_valid": s.keys.contains(&key) || key == read(&s.root, "etc/bm/bm-core.tok"),
+                    "body": body, "status": answer.0,
+                });
+                if let Ok(mut f) = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(s.root.join("var/log/standin-api.jsonl"))
+                {
+                    let _ = writeln!(f, "{record}");
+                }
+                answer
+            };
+            let header = tiny_http::Header::from_bytes("Content-Type", "application/json").ok();
+            let mut response =
+                tiny_http::Response::from_string(reply.to_string()).with_status_code(status);
+            if let Some(h) = header {
+                response.add_header(h);
+            }
+            let _ = request.respond(response);
+        }
+    });
+    Ok(())
+}
+
+fn error(status: u16, code: &str, message: &str) -> (u16, serde_json::Value) {
+    (
+        status,
+        serde_json::json!({"errorCode": code, "message": message}),
+    )
+}
+
+fn handle(
+    s: &mut ApiState,
+    method: &str,
+    url: &str,
+    key: &str,
+    body: &str,
+) -> (u16, serde_json::Value) {
+    let (path, query) = url.split_once('?').unwrap_or((url, ""));
+    if method == "POST" && path == "/api/auth/login" {
+        let password: String = serde_json::from_str(body).unwrap_or_default();
+        if query != "login=admin0@global.virt"
+            || password.is_empty()
+            || password != read(&s.root, "etc/bm/admin0.pw")
+        {
+            return error(403, "PERMISSION_DENIED", "Invalid credentials");
+        }
+        s.next += 1;
+        let auth_key = format!("key-{}", s.next);
+        s.keys.push(auth_key.clone());
+        return (
+            200,
+            serde_json::json!({"status": "Ok", "authKey": auth_key, "authUser": {"login": "admin0"}}),
+        );
+    }
+    if !(s.keys.iter().any(|k| k == key)
+        || (!key.is_empty() && key == read(&s.root, "etc/bm/bm-core.tok")))
+    {
+        return error(401, "AUTHENTICATION_FAIL", "missing or invalid X-BM-ApiKey");
+    }
+    let version = read(&s.root, "etc/bm/bm-core.version");
+    let new_firewall = version.starts_with('5');
+    let task = |s: &mut ApiState| {
+        s.next += 1;
+        let id = format!("task-{}", s.next);
+        s.tasks.insert(id.clone(), 0);
+        (200, serde_json::json!({"id": id}))
+    };
+    match (method, path) {
+        ("POST", "/api/system/security/_updatefirewallrules") if !new_firewall => task(s),
+        ("POST", "/internal-api/system/firewall/_updatefirewallrules") if new_firewall => task(s),
+        ("POST", "/api/system/maildelivery/mgmt/_repair") => task(s),
+        ("GET", p) if p.starts_with("/api/tasks/") => {
+            let id = p
+                .trim_start_matches("/api/tasks/")
+                .trim_end_matches("/status");
+            let fail = s.root.join("etc/bm/standin-task-fails").exists();
+            match s.tasks.get_mut(id) {
+                None => error(404, "NOT_FOUND", "no such task"),
+                Some(polls) => {
+                    *polls += 1;
+                    let state = match (*polls, fail) {
+                        (1, _) => "InProgress",
+                        (_, true) => "InError",
+                        _ => "Success",
+                    };
+                    (200, serde_json::json!({"state": state, "result": null}))
+                }
+            }
+        }
+        ("GET", "/api/configuration") => {
+            let stored = read(&s.root, "etc/bm/standin-configuration.json");
+            (
+                200,
+                serde_json::from_str(&stored)
+                    .unwrap_or_else(|_| serde_json::json!({"mynetworks": "127.0.0.0/8"})),
+            )
+        }
+        ("POST", "/api/configuration") => {
+            let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+            let Some(mynetworks) = v.get("mynetworks").and_then(|m| m.as_str()) else {
+                return error(400, "INVALID_PARAMETER", "mynetworks is missing");
+            };
+            let entries: Vec<&str> = mynetworks
+                .split([',', ' '])
+                .filter(|e| !e.is_empty())
+                .collect();
+            let valid = |e: &str| {
+                let (ip, prefix) = e.split_once('/').unwrap_or((e, "32"));
+                ip.parse::<std::net::IpAddr>().is_ok()
+                    && prefix.parse::<u8>().is_ok_and(|p| p <= 128)
+            };
+            if entries.is_empty() || !entries.iter().all(|e| valid(e)) {
+                return error(
+                    400,
+                    "INVALID_PARAMETER",
+                    &format!("invalid mynetworks: {mynetworks}"),
+                );
+            }
+            // BlueMind rewrites the stored value.
+            let stored = serde_json::json!({"mynetworks": entries.join(", ")});
+            let _ = std::fs::write(
+                s.root.join("etc/bm/standin-configuration.json"),
+                stored.to_string(),
+            );
+            (200, serde_json::Value::Null)
+        }
+        _ => error(404, "NOT_FOUND", &format!("{method} {path}")),
+    }
+}
