@@ -240,7 +240,7 @@ fn deliver(root: &Path, every: Duration) -> ! {
         if std::fs::create_dir_all(spool.join(user)).is_ok() && std::fs::write(&path, body).is_ok()
         {
             let mut lines = rel.clone() + "\n";
-            if n % 5 == 0 {
+            if n.is_multiple_of(5) {
                 // Delivered to two mailboxes: cyrus links them.
                 let other = format!("var/spool/cyrus/data/user/shared/standin-{n}.");
                 let _ = std::fs::create_dir_all(spool.join("shared"));
