@@ -97,6 +97,7 @@ impl FleetApi {
                     running: i.running.keys().map(|s| s.as_str().to_string()).collect(),
                     last_pass_scan_ms: i.last_pass.map_or(0, |p| p.scan_ms),
                     last_pass_elapsed_ms: i.last_pass.map_or(0, |p| p.elapsed_ms),
+                    bytes_moved: i.bytes_moved,
                 }
             })
             .collect())

@@ -204,6 +204,9 @@ pub struct Instance {
     pub hot_passes: u32,
     /// The last pass's statistics.
     pub last_pass: Option<PassStats>,
+    /// Bytes moved by every pass so far.
+    #[serde(default)]
+    pub bytes_moved: u64,
     /// Max passes reached without converging.
     pub not_converging: bool,
     /// End of the window granted for the cold sync, Unix ms.
@@ -229,6 +232,7 @@ impl Default for Instance {
             cold_done: BTreeSet::new(),
             hot_passes: 0,
             last_pass: None,
+            bytes_moved: 0,
             not_converging: false,
             window_end_ms: None,
             world: World::default(),
@@ -462,6 +466,7 @@ impl Ctx<'_> {
         }
         if let Some(s) = stats {
             self.i.last_pass = Some(s);
+            self.i.bytes_moved += s.bytes_changed;
         }
         match (self.i.phase, step) {
             (Phase::Preflight, Step::Preflight) => self.phase(Phase::HotSync),

@@ -181,12 +181,37 @@ impl Lab {
     }
 }
 
-impl Drop for Lab {
-    fn drop(&mut self) {
+impl Lab {
+    /// Kills every process running in the lab's namespaces (daemons that services started
+    /// included).
+    pub fn kill_all(&self) {
         self.processes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
+        for ns in self.hosts.iter().map(|h| &h.ns).chain([&self.switch]) {
+            if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
+                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    if let Ok(pid) = pid.parse::<i32>() {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The hosts, in creation order.
+    pub fn hosts(&self) -> &[LabHost] {
+        &self.hosts
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.kill_all();
         for ns in self
             .hosts
             .iter()

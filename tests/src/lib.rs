@@ -277,6 +277,7 @@ impl Drop for ChildGuard {
 }
 
 pub mod lab;
+pub mod lab_fleet;
 
 /// A free loopback port (bound then released).
 pub fn free_port() -> u16 {
@@ -314,6 +315,12 @@ pub struct PgCluster {
 impl PgCluster {
     /// Creates and starts a cluster.
     pub fn start() -> Self {
+        Self::start_in(None)
+    }
+
+    /// Creates and starts a cluster inside a network namespace (its 127.0.0.1 and port are the
+    /// namespace's own).
+    pub fn start_in(netns: Option<&str>) -> Self {
         let dir = open_tempdir();
         let user = postgres_user();
         let (data, run) = (dir.path().join("data"), dir.path().join("run"));
@@ -322,7 +329,15 @@ impl PgCluster {
         nix::unistd::chown(&run, Some(user.uid), Some(user.gid)).expect("chown");
         let bin = bmfleet_agent::pg::bin_dir(&PostgresConfig::default());
         let as_postgres = |program: &str, args: &[&str]| {
-            let out = Command::new("runuser")
+            let mut cmd = match netns {
+                Some(ns) => {
+                    let mut c = Command::new("ip");
+                    c.args(["netns", "exec", ns, "runuser"]);
+                    c
+                }
+                None => Command::new("runuser"),
+            };
+            let out = cmd
                 .args(["-u", "postgres", "--"])
                 .arg(bin.join(program))
                 .args(args)
@@ -347,7 +362,7 @@ impl PgCluster {
                 "--no-sync",
             ],
         );
-        let port = free_port();
+        let port = if netns.is_some() { 5432 } else { free_port() };
         let options = format!(
             "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off",
             run.display()
@@ -363,6 +378,11 @@ impl PgCluster {
     /// The administrator's socket dir.
     pub fn socket_dir(&self) -> PathBuf {
         self.dir.path().join("run")
+    }
+
+    /// The cluster's directory (data, socket, log).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     /// Runs SQL as the administrator; returns psql's unaligned output.

@@ -1,0 +1,529 @@
+//! A whole BlueMind fleet in the network lab: N origin/target pairs and an orchestrator, each
+//! host a namespace with the real agent, its own PostgreSQL cluster (bj and bj-data), synthetic
+//! BlueMind data, the BlueMind stand-ins, and the origin holding its service IP. Used by the
+//! end-to-end tests and by the demo (`bmfleet-lab`).
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use bmfleet_proto::identity::Role;
+use bmfleet_proto::tls::TlsFiles;
+
+use crate::lab::Lab;
+use crate::{binary, open_tempdir, PgCluster, TestPki};
+
+/// The BlueMind data dirs.
+pub const DATA_DIRS: [&str; 7] = [
+    "var/spool/cyrus",
+    "var/lib/cyrus",
+    "var/spool/bm-hsm",
+    "var/spool/sieve",
+    "var/spool/bm-elasticsearch",
+    "var/spool/bm-docs",
+    "var/spool/bm-filehosting",
+];
+
+/// Lab size and data size.
+#[derive(Debug, Clone, Copy)]
+pub struct LabParams {
+    /// Origin/target pairs.
+    pub pairs: usize,
+    /// Messages per origin spool.
+    pub messages: usize,
+    /// Rows of the biggest table per origin.
+    pub db_rows: u64,
+    /// A new message arrives on each running origin every this many ms.
+    pub deliver_ms: u64,
+}
+
+impl Default for LabParams {
+    fn default() -> Self {
+        LabParams {
+            pairs: 3,
+            messages: 300,
+            db_rows: 2000,
+            deliver_ms: 40,
+        }
+    }
+}
+
+/// The lab fleet. Fields drop in order: databases first, then the lab (every process in it is
+/// killed, every namespace deleted), then the files.
+pub struct LabFleet {
+    pgs: Vec<PgCluster>,
+    /// The network lab.
+    pub lab: Lab,
+    dir: tempfile::TempDir,
+    _pki: TestPki,
+    /// The operator's identity (bmctl).
+    pub operator: TlsFiles,
+    /// Size.
+    pub params: LabParams,
+}
+
+/// One instance's outcome, as `bmctl fleet status --output json` reports it.
+#[derive(Debug, Clone)]
+pub struct InstanceOutcome {
+    /// Instance name.
+    pub name: String,
+    /// Final phase.
+    pub phase: String,
+    /// Downtime, seconds.
+    pub downtime_seconds: f64,
+    /// Bytes moved by all passes.
+    pub bytes_moved: u64,
+}
+
+/// The service IP of pair `i` (1-based).
+pub fn service_ip(i: usize) -> String {
+    format!("198.18.0.{}", 100 + i)
+}
+
+fn write(path: &Path, content: impl AsRef<[u8]>) {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).expect("mkdir");
+    }
+    std::fs::write(path, content).expect("write");
+}
+
+const SCHEMA: &str = "
+SET ROLE bj;
+CREATE TABLE t_domain (id serial PRIMARY KEY, name text NOT NULL);
+CREATE TABLE t_mailbox (id bigserial PRIMARY KEY, domain_id int REFERENCES t_domain(id), login text, quota bigint, settings jsonb);
+CREATE TABLE t_calendar_event (id bigserial PRIMARY KEY, owner bigint, summary text, dtstart timestamptz);
+INSERT INTO t_domain (name) SELECT 'd' || i || '.example.net' FROM generate_series(1, 5) i;
+INSERT INTO t_mailbox (domain_id, login, quota, settings) SELECT 1 + i % 5, 'user' || i, i * 1024, jsonb_build_object('lang', 'fr') FROM generate_series(1, ROWS / 10) i;
+INSERT INTO t_calendar_event (owner, summary, dtstart) SELECT i % 100, 'meeting ' || i, '2026-01-01'::timestamptz + i * interval '1 hour' FROM generate_series(1, ROWS) i;
+";
+
+const DATA_SCHEMA: &str = "
+SET ROLE bj;
+CREATE TABLE t_message_body (guid text PRIMARY KEY, size int, preview text);
+INSERT INTO t_message_body SELECT md5(i::text), i % 100000, 'preview ' || i FROM generate_series(1, ROWS) i;
+";
+
+impl LabFleet {
+    /// Builds the lab: namespaces, databases, data, agents, stand-ins, orchestrator.
+    pub fn build(params: LabParams) -> LabFleet {
+        bmfleet_proto::install_crypto_provider();
+        let mut names = vec!["orch".to_string()];
+        for i in 1..=params.pairs {
+            names.push(format!("origin-{i}"));
+            names.push(format!("target-{i}"));
+        }
+        let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let lab = Lab::new(&name_refs);
+        let dir = open_tempdir();
+        let pki = TestPki::new();
+        let mut pgs = Vec::new();
+        let mut agents_toml = String::new();
+        for name in names.iter().skip(1) {
+            let host = lab.host(name).clone();
+            let origin = name.starts_with("origin");
+            let pair: usize = name
+                .rsplit('-')
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            let root = dir.path().join(name);
+            let pg = PgCluster::start_in(Some(&host.ns));
+            let password = format!("generated-{name}-{}", std::process::id());
+            seed_host(&root, name, origin, pair, &params, &password);
+            if origin {
+                pg.sql("postgres", &format!("CREATE ROLE bj LOGIN PASSWORD '{password}'; CREATE DATABASE bj OWNER bj; CREATE DATABASE \"bj-data\" OWNER bj;"));
+                let rows = params.db_rows.to_string();
+                pg.sql("bj", &SCHEMA.replace("ROWS", &rows));
+                pg.sql("bj-data", &DATA_SCHEMA.replace("ROWS", &rows));
+            }
+            let files = pki.issue(name, Role::Agent);
+            let config = dir.path().join(format!("{name}.toml"));
+            write(
+                &config,
+                agent_toml(&root, name, &files, &pg, origin, &params),
+            );
+            let mut cmd = lab.command(name, binary("bmfleet-agent"));
+            cmd.arg("--config")
+                .arg(&config)
+                .stdout(std::process::Stdio::null());
+            cmd.stderr(std::fs::File::create(dir.path().join(format!("{name}.log"))).expect("log"));
+            lab.spawn(cmd);
+            if origin {
+                // BlueMind runs on the origin, which holds the service IP.
+                lab.ip(
+                    name,
+                    &[
+                        "addr",
+                        "add",
+                        &format!("{}/24", service_ip(pair)),
+                        "dev",
+                        "eth0",
+                    ],
+                );
+                for service in ["postfix", "bluemind"] {
+                    let out = lab
+                        .command(name, binary("bluemind-standin"))
+                        .args(standin_args(&root, name, service, origin, &params))
+                        .arg("start")
+                        .output()
+                        .expect("stand-in");
+                    assert!(
+                        out.status.success(),
+                        "{name} {service}: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+            }
+            agents_toml += &format!(
+                "[[agent]]\nname = \"{name}\"\naddress = \"{ip}:7443\"\n",
+                ip = host.ip
+            );
+            if origin {
+                agents_toml += &format!("data_address = \"{}:7444\"\n", host.ip);
+            }
+            pgs.push(pg);
+        }
+        // The switch has talked to every service IP (as a router would have).
+        lab.run_in("switch", || {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("udp");
+            for i in 1..=params.pairs {
+                let _ = s.send_to(b"hello", format!("{}:9", service_ip(i)));
+            }
+        });
+        let orch = pki.issue("orchestrator", Role::Orchestrator);
+        let config = dir.path().join("orchestrator.toml");
+        write(
+            &config,
+            format!(
+                "listen = \"0.0.0.0:7400\"\nstate_db = \"{}\"\nhealth_interval_secs = 2\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n{agents_toml}",
+                dir.path().join("orchestrator/state.db").display(),
+                orch.ca.display(),
+                orch.cert.display(),
+                orch.key.display()
+            ),
+        );
+        let mut cmd = lab.command("orch", binary("bmfleet-orchestrator"));
+        cmd.arg("--config").arg(&config);
+        cmd.stderr(std::fs::File::create(dir.path().join("orchestrator.log")).expect("log"));
+        lab.spawn(cmd);
+        let operator = pki.issue("operator", Role::Operator);
+        LabFleet {
+            pgs,
+            lab,
+            dir,
+            _pki: pki,
+            operator,
+            params,
+        }
+    }
+
+    /// SQL as the administrator on a host's cluster (hosts in lab order, orchestrator excluded:
+    /// origin-1, target-1, origin-2, …).
+    pub fn sql(&self, host: &str, database: &str, sql: &str) -> String {
+        let index = self
+            .lab
+            .hosts()
+            .iter()
+            .skip(1)
+            .position(|h| h.name == host)
+            .unwrap_or_else(|| panic!("no database host {host}"));
+        self.pgs[index].sql(database, sql)
+    }
+
+    /// Files of the lab (configs, logs, hosts' data roots).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A host's data_root.
+    pub fn root(&self, host: &str) -> PathBuf {
+        self.dir.path().join(host)
+    }
+
+    /// Runs bmctl in the orchestrator's host.
+    pub fn bmctl(&self, args: &[&str]) -> Output {
+        self.lab
+            .command("orch", binary("bmctl"))
+            .args(args)
+            .env("BMFLEET_ORCHESTRATOR", "127.0.0.1:7400")
+            .env("BMFLEET_CA", &self.operator.ca)
+            .env("BMFLEET_CERT", &self.operator.cert)
+            .env("BMFLEET_KEY", &self.operator.key)
+            .output()
+            .expect("bmctl")
+    }
+
+    /// The fleet file of the lab: every pair, windows around the clock, one canary.
+    pub fn fleet_file(&self) -> String {
+        let mut text = String::from(
+            "[fleet]\nname = \"lab\"\nmax_concurrent_downtime = 2\nmin_stagger_secs = 1\ncanary_count = 1\ncanary_approval = false\n\
+             [[fleet.windows]]\ndays = [\"mon\",\"tue\",\"wed\",\"thu\",\"fri\",\"sat\",\"sun\"]\nstart = \"00:00\"\nend = \"12:00\"\ntimezone = \"UTC\"\n\
+             [[fleet.windows]]\ndays = [\"mon\",\"tue\",\"wed\",\"thu\",\"fri\",\"sat\",\"sun\"]\nstart = \"12:00\"\nend = \"00:00\"\ntimezone = \"UTC\"\n",
+        );
+        for i in 1..=self.params.pairs {
+            text += &format!(
+                "\n[[instance]]\nname = \"mail-{i}\"\norigin = \"origin-{i}\"\ntarget = \"target-{i}\"\nservice_ip = \"{}/24\"\nbluemind = \"5.x\"\n",
+                service_ip(i)
+            );
+        }
+        text
+    }
+
+    /// Applies the lab's fleet file and follows `bmctl fleet status` until every instance is
+    /// finished; `progress` gets each status table.
+    pub fn migrate(
+        &self,
+        timeout: Duration,
+        mut progress: impl FnMut(&str),
+    ) -> Result<Vec<InstanceOutcome>, String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.bmctl(&["fleet", "status"]).status.success() {
+            if Instant::now() > deadline {
+                return Err("the orchestrator did not come up".into());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let fleet = self.dir.path().join("fleet.toml");
+        write(&fleet, self.fleet_file());
+        let out = self.bmctl(&["fleet", "apply", &fleet.display().to_string()]);
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        let deadline = Instant::now() + timeout;
+        let mut last_table = String::new();
+        loop {
+            let table =
+                String::from_utf8_lossy(&self.bmctl(&["fleet", "status"]).stdout).into_owned();
+            if table != last_table {
+                progress(&table);
+                last_table = table;
+            }
+            let out = self.bmctl(&["fleet", "status", "--output", "json"]);
+            let v: serde_json::Value =
+                serde_json::from_slice(&out.stdout).map_err(|e| format!("status: {e}"))?;
+            let instances = v["instances"].as_array().cloned().unwrap_or_default();
+            let finished = |p: &str| matches!(p, "Done" | "RolledBack" | "Failed" | "Aborted");
+            if !instances.is_empty()
+                && instances
+                    .iter()
+                    .all(|i| finished(i["phase"].as_str().unwrap_or("")))
+            {
+                return Ok(instances
+                    .iter()
+                    .map(|i| {
+                        let (s, e) = (
+                            i["downtime_start_unix_ms"].as_i64(),
+                            i["downtime_end_unix_ms"].as_i64(),
+                        );
+                        InstanceOutcome {
+                            name: i["name"].as_str().unwrap_or_default().to_string(),
+                            phase: i["phase"].as_str().unwrap_or_default().to_string(),
+                            downtime_seconds: match (s, e) {
+                                (Some(s), Some(e)) => (e - s) as f64 / 1000.0,
+                                _ => 0.0,
+                            },
+                            bytes_moved: i["bytes_moved"].as_u64().unwrap_or(0),
+                        }
+                    })
+                    .collect());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "the migration did not finish in {}s:\n{last_table}",
+                    timeout.as_secs()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+fn standin_args(
+    root: &Path,
+    name: &str,
+    service: &str,
+    origin: bool,
+    params: &LabParams,
+) -> Vec<String> {
+    let mut args = vec![
+        "--root".to_string(),
+        root.display().to_string(),
+        "--name".into(),
+        name.into(),
+        "--service".into(),
+        service.into(),
+    ];
+    if origin && service == "postfix" {
+        args.extend(["--deliver-ms".into(), params.deliver_ms.to_string()]);
+    }
+    args
+}
+
+fn toml_list(words: &[String]) -> String {
+    let quoted: Vec<String> = words.iter().map(|w| format!("{w:?}")).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+fn agent_toml(
+    root: &Path,
+    name: &str,
+    files: &TlsFiles,
+    pg: &PgCluster,
+    origin: bool,
+    params: &LabParams,
+) -> String {
+    let standin = binary("bluemind-standin").display().to_string();
+    let service = |s: &str, action: &str| {
+        let mut argv = vec![standin.clone()];
+        argv.extend(standin_args(root, name, s, origin, params));
+        argv.push(action.into());
+        toml_list(&argv)
+    };
+    let socket = pg.dir().join("run").display().to_string();
+    let psql = bmfleet_agent::pg::bin_dir(&Default::default())
+        .join("psql")
+        .display()
+        .to_string();
+    format!(
+        r#"listen = "0.0.0.0:7443"
+data_listen = "0.0.0.0:7444"
+data_root = "{root}"
+state_dir = "{root}/var/lib/bmfleet-agent"
+[tls]
+ca = "{ca}"
+cert = "{cert}"
+key = "{key}"
+[facts]
+bluemind_version_command = ["cat", "{root}/etc/bm/bm-core.version"]
+postgresql_version_command = ["runuser", "-u", "postgres", "--", "{psql}", "-h", "{socket}", "-p", "5432", "-XAtc", "SHOW server_version"]
+spool_users = ["root"]
+[[services.service]]
+name = "bluemind"
+start = {bm_start}
+stop = {bm_stop}
+status = {bm_status}
+[[services.service]]
+name = "postfix"
+start = {pf_start}
+stop = {pf_stop}
+status = {pf_status}
+[postgresql]
+host = "127.0.0.1"
+port = 5432
+admin_host = "{socket}"
+[config_set]
+postmap_command = ["sh", "-c", "printf 'rebuilt from %s\n' \"$0\" > \"$0.db\""]
+[network]
+announce_count = 3
+announce_period_ms = 900
+"#,
+        root = root.display(),
+        ca = files.ca.display(),
+        cert = files.cert.display(),
+        key = files.key.display(),
+        bm_start = service("bluemind", "start"),
+        bm_stop = service("bluemind", "stop"),
+        bm_status = service("bluemind", "status"),
+        pf_start = service("postfix", "start"),
+        pf_stop = service("postfix", "stop"),
+        pf_status = service("postfix", "status"),
+    )
+}
+
+/// Synthetic BlueMind data and configuration on one host.
+fn seed_host(
+    root: &Path,
+    name: &str,
+    origin: bool,
+    pair: usize,
+    params: &LabParams,
+    password: &str,
+) {
+    for d in DATA_DIRS {
+        std::fs::create_dir_all(root.join(d)).expect("data dir");
+    }
+    write(&root.join("etc/bm/bm-core.version"), "5.1.2\n");
+    write(
+        &root.join("etc/bm/bm-core.tok"),
+        format!("token-of-{name}\n"),
+    );
+    write(&root.join("etc/bm/admin0.pw"), format!("admin-{name}\n"));
+    if !origin {
+        return;
+    }
+    write(
+        &root.join("etc/bm/bm.ini"),
+        format!(
+            "[global]\nhost = {}\ndbtype = PGSQL\nlogin = bj\npassword = {password}\n",
+            service_ip(pair)
+        ),
+    );
+    write(
+        &root.join("etc/bm/standin-configuration.json"),
+        format!("{{\"mynetworks\": \"127.0.0.0/8, 198.18.0.{}\"}}", 2 * pair),
+    );
+    write(
+        &root.join("etc/postfix/main.cf"),
+        format!("myhostname = mail-{pair}.example.net\n"),
+    );
+    write(
+        &root.join("etc/postfix/master.cf"),
+        "smtp inet n - y - - smtpd\n",
+    );
+    for map in [
+        "transport",
+        "virtual_domains",
+        "virtual_alias",
+        "virtual_mailbox",
+        "master_relay_transport",
+    ] {
+        write(
+            &root.join(format!("etc/postfix/{map}-flat")),
+            format!("example.net {map}\n"),
+        );
+        write(
+            &root.join(format!("etc/postfix/{map}.db")),
+            "origin libdb bytes",
+        );
+    }
+    write(
+        &root.join("etc/imapd.conf"),
+        "partition-default: /var/spool/cyrus/data\n",
+    );
+    write(&root.join("etc/cyrus.conf"), "SERVICES {}\n");
+    let spool = root.join("var/spool/cyrus/data/user");
+    for m in 0..params.messages {
+        let user = ["alice", "bob", "carol"][m % 3];
+        let path = spool.join(user).join(format!("{m}."));
+        write(
+            &path,
+            format!(
+                "From: a@example.net\r\nSubject: {m}\r\n\r\n{}\r\n",
+                "x".repeat(200 + m % 900)
+            ),
+        );
+        if m % 7 == 0 {
+            let shared = spool.join("shared");
+            std::fs::create_dir_all(&shared).expect("shared");
+            std::fs::hard_link(&path, shared.join(format!("{m}."))).expect("hard link");
+        }
+    }
+    write(&root.join("var/lib/cyrus/mailboxes.db"), vec![7u8; 4096]);
+    write(
+        &root.join("var/spool/sieve/alice/default.sieve"),
+        "require \"fileinto\";\nkeep;\n",
+    );
+    write(
+        &root.join("var/spool/bm-hsm/archive/1.bin"),
+        vec![1u8; 10_000],
+    );
+    write(
+        &root.join("var/spool/bm-elasticsearch/nodes/0/index"),
+        vec![2u8; 20_000],
+    );
+    write(&root.join("var/spool/bm-docs/doc.pdf"), vec![3u8; 5_000]);
+    write(
+        &root.join("var/spool/bm-filehosting/share/file.txt"),
+        "shared file\n",
+    );
+}
