@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 
 /// The manifest of one dir (`host` is its path on this host, `path` its BlueMind name).
 /// A missing dir has no entries.
-pub fn of_dir(path: &str, host: &Path, skip: &[&str]) -> Result<DirManifest, String> {
+pub fn of_dir(path: &str, host: &Path, skip: &[&str], list: bool) -> Result<DirManifest, String> {
     let mut manifest = DirManifest {
         path: path.to_string(),
         ..Default::default()
@@ -31,26 +31,30 @@ pub fn of_dir(path: &str, host: &Path, skip: &[&str]) -> Result<DirManifest, Str
             let rel = entry.path().strip_prefix(host).unwrap_or(entry.path());
             sum.update(rel.as_os_str().as_bytes());
             sum.update([0]);
-            sum.update(
-                format!(
-                    "{:o} {} {} {}",
-                    meta.mode(),
-                    meta.uid(),
-                    meta.gid(),
-                    meta.len()
-                )
-                .as_bytes(),
-            );
-            if meta.file_type().is_symlink() {
+            // A dir's size is the filesystem's business (it never shrinks on ext4, and rsync
+            // does not keep it): not part of the manifest.
+            let size = if meta.is_dir() { 0 } else { meta.len() };
+            let attributes = format!("{:o} {} {} {size}", meta.mode(), meta.uid(), meta.gid());
+            sum.update(attributes.as_bytes());
+            let digest: Vec<u8> = if meta.file_type().is_symlink() {
                 let target = std::fs::read_link(entry.path()).map_err(|e| e.to_string())?;
-                sum.update(target.as_os_str().as_bytes());
+                target.as_os_str().as_bytes().to_vec()
             } else if meta.is_file() {
                 let content = std::fs::read(entry.path())
                     .map_err(|e| format!("{}: {e}", entry.path().display()))?;
-                sum.update(Sha256::digest(&content));
                 manifest.bytes += meta.len();
-            }
+                Sha256::digest(&content).to_vec()
+            } else {
+                Vec::new()
+            };
+            sum.update(&digest);
             sum.update([0]);
+            if list {
+                let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+                manifest
+                    .entries
+                    .push(format!("{} {attributes} {hex}", rel.display()));
+            }
             manifest.files += 1;
         }
     }
@@ -69,9 +73,26 @@ mod tests {
             std::fs::create_dir_all(root.join("user/alice")).unwrap();
             std::fs::write(root.join("user/alice/1."), b"hello").unwrap();
         }
-        let m = |p: &Path| of_dir("/var/spool/cyrus", p, &[".bmfleet-partial"]).unwrap();
+        let m = |p: &Path| of_dir("/var/spool/cyrus", p, &[".bmfleet-partial"], false).unwrap();
         assert_eq!(m(a.path()), m(b.path()));
         assert_eq!((m(a.path()).files, m(a.path()).bytes), (3, 5));
+        // A dir that once held more entries is bigger on disk: not a difference.
+        for n in 0..200 {
+            std::fs::write(
+                b.path()
+                    .join(format!("user/alice/tmp-{n:03}-with-a-long-name")),
+                b"",
+            )
+            .unwrap();
+        }
+        for n in 0..200 {
+            std::fs::remove_file(
+                b.path()
+                    .join(format!("user/alice/tmp-{n:03}-with-a-long-name")),
+            )
+            .unwrap();
+        }
+        assert_eq!(m(a.path()), m(b.path()));
         std::fs::write(b.path().join("user/alice/1."), b"hellO").unwrap();
         assert_ne!(m(a.path()).checksum, m(b.path()).checksum);
     }

@@ -316,6 +316,7 @@ impl Agent for AgentService {
             crate::rsync_args::clean_absolute(p)
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
         }
+        let list = req.entries;
         let dirs = tokio::task::spawn_blocking(move || {
             paths
                 .iter()
@@ -324,6 +325,7 @@ impl Agent for AgentService {
                         p,
                         &config.host_path(std::path::Path::new(p)),
                         &[crate::pull::PARTIAL_DIR],
+                        list,
                     )
                 })
                 .collect::<Result<Vec<_>, _>>()

@@ -351,7 +351,8 @@ async fn post_migration(origin: &AgentHandle, target: &AgentHandle, job: &Job) -
     }
 }
 
-/// Both sides' data dirs are equal (entries, bytes, content checksum).
+/// Both sides' data dirs are equal (entries, bytes, content checksum); on a difference, the
+/// first differing entry is named.
 async fn compare_manifests(
     origin: &AgentHandle,
     target: &AgentHandle,
@@ -362,37 +363,50 @@ async fn compare_manifests(
         .map(|d| d.to_string())
         .chain(job.instance.extra_dirs.iter().cloned())
         .collect();
-    let manifest = |a: &AgentHandle| {
-        let (mut client, paths, name) = (a.client.clone(), paths.clone(), a.name.clone());
-        async move {
-            client
-                .manifest(ManifestRequest { paths })
-                .await
-                .map(|r| r.into_inner().dirs)
-                .map_err(|s| format!("manifest of {name}: {}", describe_status(&s)))
-        }
-    };
-    let (o, t) = tokio::join!(manifest(origin), manifest(target));
-    let (o, t) = (o?, t?);
-    let differ: Vec<String> = o
-        .iter()
-        .zip(&t)
-        .filter(|(a, b)| a != b)
-        .map(|(a, b)| {
-            format!(
-                "{} (origin {} entries/{} B, target {} entries/{} B)",
-                a.path, a.files, a.bytes, b.files, b.bytes
-            )
-        })
-        .collect();
-    if differ.is_empty() && o.len() == t.len() {
-        Ok(())
-    } else {
-        Err(format!(
-            "data differs after the final pass: {}",
-            differ.join("; ")
-        ))
+    async fn manifest(
+        a: &AgentHandle,
+        paths: Vec<String>,
+        entries: bool,
+    ) -> Result<Vec<bmfleet_proto::v1::DirManifest>, String> {
+        a.client
+            .clone()
+            .manifest(ManifestRequest { paths, entries })
+            .await
+            .map(|r| r.into_inner().dirs)
+            .map_err(|s| format!("manifest of {}: {}", a.name, describe_status(&s)))
     }
+    let (o, t) = tokio::join!(
+        manifest(origin, paths.clone(), false),
+        manifest(target, paths, false)
+    );
+    let (o, t) = (o?, t?);
+    let Some((a, _)) = o.iter().zip(&t).find(|(a, b)| a != b) else {
+        return if o.len() == t.len() {
+            Ok(())
+        } else {
+            Err("the manifests list different dirs".into())
+        };
+    };
+    let dir = vec![a.path.clone()];
+    let (o, t) = tokio::join!(
+        manifest(origin, dir.clone(), true),
+        manifest(target, dir, true)
+    );
+    let (o, t) = (o?, t?);
+    let (oe, te) = (
+        o.first().map(|d| d.entries.clone()).unwrap_or_default(),
+        t.first().map(|d| d.entries.clone()).unwrap_or_default(),
+    );
+    let first = oe
+        .iter()
+        .zip(&te)
+        .find(|(x, y)| x != y)
+        .map(|(x, y)| format!("origin `{x}`, target `{y}`"))
+        .unwrap_or_else(|| format!("origin {} entries, target {}", oe.len(), te.len()));
+    Err(format!(
+        "data differs after the final pass in {}: first difference: {first}",
+        a.path
+    ))
 }
 
 /// The service IP answers IMAP and SMTP, seen from the orchestrator.

@@ -98,6 +98,11 @@ pub struct Engine {
     tick_ms: u64,
 }
 
+/// How long attempt `attempt` of a step waits before it runs, ms.
+pub fn retry_backoff_ms(attempt: u32) -> u64 {
+    (2_000u64 << attempt.saturating_sub(2).min(5)).min(60_000)
+}
+
 /// Machine rules for a fleet's policy.
 pub fn rules_for(fleet: &FleetFile) -> Rules {
     Rules {
@@ -185,7 +190,13 @@ impl Engine {
         };
         let port = self.port.clone();
         let tx = self.results_tx.clone();
+        // A retry waits a little (2 s, 4 s, … up to a minute): a restarting agent gets the
+        // time to come back.
+        let backoff = (attempt > 1).then(|| self.clock.sleep(retry_backoff_ms(attempt)));
         tokio::spawn(async move {
+            if let Some(wait) = backoff {
+                wait.await;
+            }
             let event = match port.run(job).await {
                 Ok(stats) => Event::Succeeded {
                     step,

@@ -142,12 +142,7 @@ impl LabFleet {
                 &config,
                 agent_toml(&root, name, &files, &pg, origin, &params),
             );
-            let mut cmd = lab.command(name, binary("bmfleet-agent"));
-            cmd.arg("--config")
-                .arg(&config)
-                .stdout(std::process::Stdio::null());
-            cmd.stderr(std::fs::File::create(dir.path().join(format!("{name}.log"))).expect("log"));
-            lab.spawn(cmd);
+            start_agent(&lab, dir.path(), name);
             if origin {
                 // BlueMind runs on the origin, which holds the service IP.
                 lab.ip(
@@ -202,10 +197,7 @@ impl LabFleet {
                 orch.key.display()
             ),
         );
-        let mut cmd = lab.command("orch", binary("bmfleet-orchestrator"));
-        cmd.arg("--config").arg(&config);
-        cmd.stderr(std::fs::File::create(dir.path().join("orchestrator.log")).expect("log"));
-        lab.spawn(cmd);
+        start_orchestrator(&lab, dir.path());
         let operator = pki.issue("operator", Role::Operator);
         LabFleet {
             pgs,
@@ -274,8 +266,14 @@ impl LabFleet {
     pub fn migrate(
         &self,
         timeout: Duration,
-        mut progress: impl FnMut(&str),
+        progress: impl FnMut(&str),
     ) -> Result<Vec<InstanceOutcome>, String> {
+        self.apply()?;
+        self.follow(timeout, progress)
+    }
+
+    /// Waits for the orchestrator's Fleet API (after a start or restart).
+    pub fn wait_for_orchestrator(&self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(30);
         while !self.bmctl(&["fleet", "status"]).status.success() {
             if Instant::now() > deadline {
@@ -283,12 +281,53 @@ impl LabFleet {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
+        Ok(())
+    }
+
+    /// Applies the lab's fleet file.
+    pub fn apply(&self) -> Result<(), String> {
+        self.wait_for_orchestrator()?;
         let fleet = self.dir.path().join("fleet.toml");
         write(&fleet, self.fleet_file());
         let out = self.bmctl(&["fleet", "apply", &fleet.display().to_string()]);
         if !out.status.success() {
             return Err(String::from_utf8_lossy(&out.stderr).into_owned());
         }
+        Ok(())
+    }
+
+    /// The instances as `bmctl fleet status --output json` shows them.
+    pub fn instances(&self) -> Vec<serde_json::Value> {
+        let out = self.bmctl(&["fleet", "status", "--output", "json"]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .ok()
+            .and_then(|v| v["instances"].as_array().cloned())
+            .unwrap_or_default()
+    }
+
+    /// Kills the orchestrator (SIGKILL) and starts it again on the same state.
+    pub fn restart_orchestrator(&self) {
+        self.lab.kill_matching("orch", "bmfleet-orchestrator");
+        start_orchestrator(&self.lab, self.dir.path());
+    }
+
+    /// Kills a host's agent (SIGKILL).
+    pub fn kill_agent(&self, host: &str) {
+        self.lab.kill_matching(host, "bmfleet-agent");
+    }
+
+    /// Starts a host's agent again.
+    pub fn start_agent(&self, host: &str) {
+        start_agent(&self.lab, self.dir.path(), host);
+    }
+
+    /// Follows `bmctl fleet status` until every instance is finished.
+    pub fn follow(
+        &self,
+        timeout: Duration,
+        mut progress: impl FnMut(&str),
+    ) -> Result<Vec<InstanceOutcome>, String> {
+        self.wait_for_orchestrator()?;
         let deadline = Instant::now() + timeout;
         let mut last_table = String::new();
         loop {
@@ -336,6 +375,30 @@ impl LabFleet {
             std::thread::sleep(Duration::from_millis(500));
         }
     }
+}
+
+fn log_file(dir: &Path, name: &str) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("{name}.log")))
+        .expect("log")
+}
+
+fn start_agent(lab: &Lab, dir: &Path, name: &str) {
+    let mut cmd = lab.command(name, binary("bmfleet-agent"));
+    cmd.arg("--config")
+        .arg(dir.join(format!("{name}.toml")))
+        .stdout(std::process::Stdio::null());
+    cmd.stderr(log_file(dir, name));
+    lab.spawn(cmd);
+}
+
+fn start_orchestrator(lab: &Lab, dir: &Path) {
+    let mut cmd = lab.command("orch", binary("bmfleet-orchestrator"));
+    cmd.arg("--config").arg(dir.join("orchestrator.toml"));
+    cmd.stderr(log_file(dir, "orchestrator"));
+    lab.spawn(cmd);
 }
 
 fn standin_args(
@@ -414,8 +477,8 @@ admin_host = "{socket}"
 [config_set]
 postmap_command = ["sh", "-c", "printf 'rebuilt from %s\n' \"$0\" > \"$0.db\""]
 [network]
-announce_count = 3
-announce_period_ms = 900
+announce_count = 4
+announce_period_ms = 4000
 "#,
         root = root.display(),
         ca = files.ca.display(),

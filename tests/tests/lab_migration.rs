@@ -1,12 +1,167 @@
 //! Three BlueMind instances migrate in the network lab, end to end: real agents, rsync,
 //! PostgreSQL, iproute2 and arping, the BlueMind stand-ins, the orchestrator and bmctl.
 
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use bmfleet_tests::lab_fleet::{service_ip, LabFleet, LabParams};
 
+/// One lab at a time: each runs several PostgreSQL clusters and agents on two cores.
+static LAB: Mutex<()> = Mutex::new(());
+
+fn one_lab() -> std::sync::MutexGuard<'static, ()> {
+    LAB.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn banner(fleet: &LabFleet, i: usize) -> String {
+    fleet.lab.run_in("orch", || {
+        use std::io::Read;
+        let mut c = std::net::TcpStream::connect((service_ip(i).as_str(), 143)).unwrap();
+        let mut buf = [0u8; 256];
+        let n = c.read(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    })
+}
+
+/// Waits until the switch maps pair `i`'s service IP to `host`'s MAC (announcements repeat over
+/// a few seconds: the kernel ignores a new address within `locktime` of the last change).
+fn wait_for_neighbour(fleet: &LabFleet, i: usize, host: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mac = fleet.lab.mac(host);
+    while fleet.lab.switch_neighbour(&service_ip(i)).as_deref() != Some(mac.as_str()) {
+        assert!(
+            Instant::now() < deadline,
+            "the switch maps {} to {:?}, not {host}'s {mac}",
+            service_ip(i),
+            fleet.lab.switch_neighbour(&service_ip(i))
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits until some instance satisfies `pred`; returns it.
+fn wait_for(
+    fleet: &LabFleet,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(i) = fleet.instances().into_iter().find(|i| pred(i)) {
+            return i;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never saw {what}: {:?}",
+            fleet.instances()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn all_done(fleet: &LabFleet) {
+    let outcomes = fleet.follow(Duration::from_secs(300), |_| {}).unwrap();
+    let events =
+        String::from_utf8_lossy(&fleet.bmctl(&["fleet", "events", "--limit", "1000"]).stdout)
+            .into_owned();
+    for o in &outcomes {
+        assert_eq!(o.phase, "Done", "{o:?}\n{events}");
+    }
+}
+
+#[test]
+fn a_target_that_refuses_to_start_rolls_back_by_itself() {
+    let _one = one_lab();
+    let fleet = LabFleet::build(LabParams {
+        pairs: 2,
+        ..LabParams::default()
+    });
+    // mail-2 (not the canary, which must succeed for the fleet to go on) cannot start.
+    std::fs::write(
+        fleet.root("target-2").join("etc/bm/standin-refuse-start"),
+        b"",
+    )
+    .unwrap();
+    let outcomes = fleet.migrate(Duration::from_secs(300), |_| {}).unwrap();
+    let phases: Vec<(&str, &str)> = outcomes
+        .iter()
+        .map(|o| (o.name.as_str(), o.phase.as_str()))
+        .collect();
+    assert_eq!(phases, [("mail-1", "Done"), ("mail-2", "RolledBack")]);
+    // The origin holds the IP again and serves; the target let it go.
+    assert!(fleet
+        .lab
+        .ip("origin-2", &["-o", "addr"])
+        .contains(&format!("{}/24", service_ip(2))));
+    assert!(!fleet
+        .lab
+        .ip("target-2", &["-o", "addr"])
+        .contains(&service_ip(2)));
+    assert!(banner(&fleet, 2).contains("origin-2"));
+    wait_for_neighbour(&fleet, 2, "origin-2");
+    // Its data is untouched: every message it ever received is still there.
+    let origin = fleet.root("origin-2");
+    let delivered = std::fs::read_to_string(origin.join("var/log/standin-delivered.log")).unwrap();
+    for rel in delivered.lines() {
+        assert!(origin.join(rel).exists(), "{rel} vanished from the origin");
+    }
+    // The downtime ended when the origin served again.
+    assert!(outcomes[1].downtime_seconds > 0.0);
+}
+
+#[test]
+fn an_orchestrator_killed_during_a_cold_sync_finishes_the_migration() {
+    let _one = one_lab();
+    let fleet = LabFleet::build(LabParams {
+        pairs: 1,
+        db_rows: 300_000,
+        ..LabParams::default()
+    });
+    fleet.apply().unwrap();
+    wait_for(&fleet, "a cold sync", |i| i["phase"] == "ColdSync");
+    fleet.restart_orchestrator();
+    all_done(&fleet);
+    assert!(banner(&fleet, 1).contains("target-1"));
+    let log = std::fs::read_to_string(fleet.dir().join("orchestrator.log")).unwrap();
+    assert!(
+        log.contains("re-attaching"),
+        "the restarted orchestrator did not re-attach"
+    );
+}
+
+#[test]
+fn an_agent_killed_during_a_hot_pass_comes_back_and_the_migration_converges() {
+    let _one = one_lab();
+    let fleet = LabFleet::build(LabParams {
+        pairs: 1,
+        messages: 30_000,
+        ..LabParams::default()
+    });
+    fleet.apply().unwrap();
+    wait_for(&fleet, "a hot pass", |i| {
+        i["running"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|s| s == "hot-pass"))
+    });
+    fleet.kill_agent("target-1");
+    std::thread::sleep(Duration::from_millis(500));
+    fleet.start_agent("target-1");
+    all_done(&fleet);
+    let events = String::from_utf8_lossy(
+        &fleet
+            .bmctl(&["fleet", "events", "mail-1", "--limit", "1000"])
+            .stdout,
+    )
+    .into_owned();
+    assert!(
+        events.contains("\"Failed\":{\"step\":\"HotPass\""),
+        "the killed pass was not seen failing:\n{events}"
+    );
+}
+
 #[test]
 fn three_instances_migrate_with_no_mail_lost() {
+    let _one = one_lab();
     let fleet = LabFleet::build(LabParams::default());
     let started = std::time::Instant::now();
     let outcomes = fleet
@@ -50,23 +205,13 @@ fn three_instances_migrate_with_no_mail_lost() {
             );
         }
         // The service IP answers from the target, seen from another host.
-        let banner = fleet.lab.run_in("orch", || {
-            use std::io::Read;
-            let mut c = std::net::TcpStream::connect((service_ip(i).as_str(), 143)).unwrap();
-            let mut buf = [0u8; 256];
-            let n = c.read(&mut buf).unwrap();
-            String::from_utf8_lossy(&buf[..n]).into_owned()
-        });
+        let banner = banner(&fleet, i);
         assert!(
             banner.contains(&format!("target-{i}")),
             "pair {i}: {banner}"
         );
         // The switch's neighbour table follows the gratuitous ARP.
-        assert_eq!(
-            fleet.lab.switch_neighbour(&service_ip(i)),
-            Some(fleet.lab.mac(&format!("target-{i}"))),
-            "pair {i}"
-        );
+        wait_for_neighbour(&fleet, i, &format!("target-{i}"));
         // The databases moved.
         for (db, q) in [
             (
