@@ -479,7 +479,7 @@ postmap_command = ["sh", "-c", "printf 'rebuilt from %s\n' \"$0\" > \"$0.db\""]
 [network]
 announce_count = 4
 announce_period_ms = 4000
-"#,
+{api}"#,
         root = root.display(),
         ca = files.ca.display(),
         cert = files.cert.display(),
@@ -490,7 +490,22 @@ announce_period_ms = 4000
         pf_start = service("postfix", "start"),
         pf_stop = service("postfix", "stop"),
         pf_status = service("postfix", "status"),
+        api = api_auth(name),
     )
+}
+
+/// Even pairs' targets log in as admin0 (with the origin's password: BlueMind's database,
+/// and so admin0, comes from the origin); the others use the bm-core token.
+fn api_auth(name: &str) -> String {
+    match name
+        .strip_prefix("target-")
+        .and_then(|n| n.parse::<usize>().ok())
+    {
+        Some(n) if n % 2 == 0 => {
+            format!("[bluemind_api]\nadmin0_password = \"admin-origin-{n}\"\n")
+        }
+        _ => String::new(),
+    }
 }
 
 /// Synthetic BlueMind data and configuration on one host.

@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 
 use bmfleet_tests::lab_fleet::{service_ip, LabFleet, LabParams};
 
+const LOGIN: &str = "/api/auth/login?login=admin0@global.virt";
+
 /// One lab at a time: each runs several PostgreSQL clusters and agents on two cores.
 static LAB: Mutex<()> = Mutex::new(());
 
@@ -235,7 +237,7 @@ fn three_instances_migrate_with_no_mail_lost() {
                 .collect();
         let posted: Vec<(String, String)> = calls
             .iter()
-            .filter(|c| c["method"] == "POST")
+            .filter(|c| c["method"] == "POST" && c["url"] != LOGIN)
             .map(|c| {
                 (
                     c["url"].as_str().unwrap().to_string(),
@@ -257,8 +259,18 @@ fn three_instances_migrate_with_no_mail_lost() {
             format!("127.0.0.0/8, {target_host}"),
             "origin {origin_host} replaced"
         );
+        // Pair 2's agent logs in as admin0 with the password, the others use the bm-core
+        // token; every other call carries a valid X-BM-ApiKey.
+        let logins = calls
+            .iter()
+            .filter(|c| c["url"] == LOGIN && c["status"] == 200)
+            .count();
+        assert_eq!(logins, usize::from(i == 2), "pair {i}");
         assert!(
-            calls.iter().all(|c| c["api_key_valid"] == true),
+            calls
+                .iter()
+                .filter(|c| c["url"] != LOGIN)
+                .all(|c| c["api_key_valid"] == true),
             "{calls:?}"
         );
         // The target's network configuration holds the service IP.
