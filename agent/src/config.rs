@@ -3,19 +3,11 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use bmfleet_proto::config_file::{self, ConfigError};
 use bmfleet_proto::tls::TlsFiles;
 use serde::Deserialize;
 
-/// The BlueMind data dirs of the seed procedure, synced from origin to target.
-pub const BLUEMIND_DATA_DIRS: [&str; 7] = [
-    "/var/spool/cyrus",
-    "/var/lib/cyrus",
-    "/var/spool/bm-hsm",
-    "/var/spool/sieve",
-    "/var/spool/bm-elasticsearch",
-    "/var/spool/bm-docs",
-    "/var/spool/bm-filehosting",
-];
+pub use bmfleet_proto::BLUEMIND_DATA_DIRS;
 
 /// Everything `bmfleet-agent --config FILE` reads.
 #[derive(Debug, Clone, Deserialize)]
@@ -318,63 +310,21 @@ fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/bmfleet-agent")
 }
 
-/// A configuration file that cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// TOML syntax or schema error (the message names line, column and field).
-    #[error("{path}: {message}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// toml's message, with the line and the offending field.
-        message: String,
-    },
-    /// A value is out of range.
-    #[error("{path}: {field}: {message}")]
-    Invalid {
-        /// The file.
-        path: PathBuf,
-        /// The field, as a TOML path.
-        field: String,
-        /// What is wrong.
-        message: String,
-    },
-}
-
 impl AgentConfig {
     /// Reads and checks a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::parse(&text, path)
+        Self::parse(&config_file::read(path)?, path)
     }
 
     /// Parses and checks configuration text; `path` is used in messages.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let config: AgentConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        let config: AgentConfig = config_file::parse(text, path)?;
         config.check(path)?;
         Ok(config)
     }
 
     fn check(&self, path: &Path) -> Result<(), ConfigError> {
-        let invalid = |field: String, message: &str| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            field,
-            message: message.to_string(),
-        };
+        let invalid = |field: String, message: &str| config_file::invalid(path, field, message);
         if !self.data_root.is_absolute() {
             return Err(invalid("data_root".into(), "must be an absolute path"));
         }

@@ -21,16 +21,7 @@ use crate::clock::Clock;
 use crate::engine::{AgentPort, Job, StepResult};
 use crate::machine::{PassStats, Step};
 
-/// BlueMind's data dirs, synced by every pass (plus each instance's extra dirs).
-pub const DATA_DIRS: [&str; 7] = [
-    "/var/spool/cyrus",
-    "/var/lib/cyrus",
-    "/var/spool/bm-hsm",
-    "/var/spool/sieve",
-    "/var/spool/bm-elasticsearch",
-    "/var/spool/bm-docs",
-    "/var/spool/bm-filehosting",
-];
+use bmfleet_proto::BLUEMIND_DATA_DIRS as DATA_DIRS;
 
 /// How long a grant for one step stays valid.
 const GRANT_MS: i64 = 24 * 3600 * 1000;

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use bmfleet_proto::config_file::{self, ConfigError};
 use bmfleet_proto::identity::validate_name;
 use bmfleet_proto::tls::TlsFiles;
 use serde::Deserialize;
@@ -58,58 +59,16 @@ fn default_rpc_timeout() -> u64 {
     10
 }
 
-/// A configuration file that cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// TOML syntax or schema error (the message names line, column and field).
-    #[error("{path}: {message}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// toml's message.
-        message: String,
-    },
-    /// A value is unusable.
-    #[error("{path}: {field}: {message}")]
-    Invalid {
-        /// The file.
-        path: PathBuf,
-        /// The field, as a TOML path.
-        field: String,
-        /// What is wrong.
-        message: String,
-    },
-}
-
 impl OrchestratorConfig {
     /// Reads and checks a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::parse(&text, path)
+        Self::parse(&config_file::read(path)?, path)
     }
 
     /// Parses and checks configuration text; `path` is used in messages.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let config: OrchestratorConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-        let invalid = |field: String, message: String| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            field,
-            message,
-        };
+        let config: OrchestratorConfig = config_file::parse(text, path)?;
+        let invalid = |field: String, message: String| config_file::invalid(path, field, message);
         for (field, value) in [
             ("health_interval_secs", config.health_interval_secs),
             ("usage_interval_secs", config.usage_interval_secs),

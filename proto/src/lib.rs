@@ -7,6 +7,7 @@
 //! - [`error_chain`]: turning a failed call into a reason an operator can act on.
 #![forbid(unsafe_code)]
 
+pub mod config_file;
 pub mod error_chain;
 pub mod identity;
 pub mod pki;
@@ -18,6 +19,17 @@ pub mod tls;
 pub mod v1 {
     tonic::include_proto!("bmfleet.v1");
 }
+
+/// BlueMind's data dirs (the seed procedure's), synced from origin to target.
+pub const BLUEMIND_DATA_DIRS: [&str; 7] = [
+    "/var/spool/cyrus",
+    "/var/lib/cyrus",
+    "/var/spool/bm-hsm",
+    "/var/spool/sieve",
+    "/var/spool/bm-elasticsearch",
+    "/var/spool/bm-docs",
+    "/var/spool/bm-filehosting",
+];
 
 /// Installs ring as the process-wide rustls crypto provider. Call once at the start of every
 /// binary and test; repeated calls are harmless.

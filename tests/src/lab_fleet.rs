@@ -13,17 +13,6 @@ use bmfleet_proto::tls::TlsFiles;
 use crate::lab::Lab;
 use crate::{binary, open_tempdir, PgCluster, TestPki};
 
-/// The BlueMind data dirs.
-pub const DATA_DIRS: [&str; 7] = [
-    "var/spool/cyrus",
-    "var/lib/cyrus",
-    "var/spool/bm-hsm",
-    "var/spool/sieve",
-    "var/spool/bm-elasticsearch",
-    "var/spool/bm-docs",
-    "var/spool/bm-filehosting",
-];
-
 /// Lab size and data size.
 #[derive(Debug, Clone, Copy)]
 pub struct LabParams {
@@ -517,8 +506,8 @@ fn seed_host(
     params: &LabParams,
     password: &str,
 ) {
-    for d in DATA_DIRS {
-        std::fs::create_dir_all(root.join(d)).expect("data dir");
+    for d in bmfleet_proto::BLUEMIND_DATA_DIRS {
+        std::fs::create_dir_all(root.join(d.trim_start_matches('/'))).expect("data dir");
     }
     write(&root.join("etc/bm/bm-core.version"), "5.1.2\n");
     write(

@@ -13,16 +13,6 @@ use bmfleet_tests::{
     agent_config, argv, binary, free_port, open_tempdir, serve_agent, ChildGuard, TestPki,
 };
 
-const DATA_DIRS: [&str; 7] = [
-    "var/spool/cyrus",
-    "var/lib/cyrus",
-    "var/spool/bm-hsm",
-    "var/spool/sieve",
-    "var/spool/bm-elasticsearch",
-    "var/spool/bm-docs",
-    "var/spool/bm-filehosting",
-];
-
 struct Operator {
     orchestrator: String,
     files: TlsFiles,
@@ -131,8 +121,8 @@ async fn an_operator_applies_watches_pauses_and_aborts_a_fleet_across_an_orchest
         vec![service("bluemind", &log, false)],
     );
     target.facts.spool_users = vec!["root".into()];
-    for d in DATA_DIRS {
-        std::fs::create_dir_all(origin.data_root.join(d)).unwrap();
+    for d in bmfleet_proto::BLUEMIND_DATA_DIRS {
+        std::fs::create_dir_all(origin.data_root.join(d.trim_start_matches('/'))).unwrap();
     }
     std::fs::write(
         origin.data_root.join("var/spool/cyrus/1."),
