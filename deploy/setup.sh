@@ -12,6 +12,7 @@ packages=(
   openssh-client
   procps
   tzdata           # maintenance windows in IANA time zones
+  prometheus       # promtool (rules, metrics checks) and a real Prometheus for the tests
   gcc              # rusqlite builds SQLite from source
   libc6-dev
   pkg-config
@@ -26,6 +27,10 @@ if ((${#missing[@]})); then
   echo "setup: installing ${missing[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # The tests start their own Prometheus; none should keep running on its own.
+  if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+    systemctl disable --now prometheus >/dev/null 2>&1 || true
+  fi
 fi
 
 if ! command -v cargo >/dev/null 2>&1 && [ -f "$HOME/.cargo/env" ]; then

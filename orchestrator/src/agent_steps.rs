@@ -30,12 +30,21 @@ const GRANT_MS: i64 = 24 * 3600 * 1000;
 pub struct GrpcAgents {
     pool: Arc<AgentPool>,
     clock: Arc<dyn Clock>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl GrpcAgents {
-    /// Steps over `pool`.
-    pub fn new(pool: Arc<AgentPool>, clock: Arc<dyn Clock>) -> Self {
-        GrpcAgents { pool, clock }
+    /// Steps over `pool`, timing each in `metrics`.
+    pub fn new(
+        pool: Arc<AgentPool>,
+        clock: Arc<dyn Clock>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Self {
+        GrpcAgents {
+            pool,
+            clock,
+            metrics,
+        }
     }
 }
 
@@ -54,9 +63,17 @@ fn random_id() -> Result<String, String> {
 
 impl AgentPort for GrpcAgents {
     fn run(&self, job: Job) -> Pin<Box<dyn Future<Output = StepResult> + Send>> {
-        let pool = self.pool.clone();
+        let (pool, metrics) = (self.pool.clone(), self.metrics.clone());
         let now = self.clock.now_ms();
-        Box::pin(async move { run_step(&pool, job, now).await })
+        Box::pin(async move {
+            let (method, started) = (
+                format!("agent/{}", job.step.as_str()),
+                std::time::Instant::now(),
+            );
+            let result = run_step(&pool, job, now).await;
+            metrics.rpc(&method, result.is_ok(), started.elapsed().as_secs_f64());
+            result
+        })
     }
 }
 

@@ -55,6 +55,7 @@ pub struct Conductor {
     port: Arc<dyn AgentPort>,
     agents: HashSet<String>,
     applied: Mutex<Option<Applied>>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Conductor {
@@ -64,6 +65,7 @@ impl Conductor {
         clock: Arc<dyn Clock>,
         port: Arc<dyn AgentPort>,
         pool: &AgentPool,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Self {
         Conductor {
             state,
@@ -71,6 +73,7 @@ impl Conductor {
             port,
             agents: pool.iter().map(|a| a.name.clone()).collect(),
             applied: Mutex::new(None),
+            metrics,
         }
     }
 
@@ -119,6 +122,22 @@ impl Conductor {
             self.clock.clone(),
             rules_for(&fleet),
         )?;
+        let (metrics, observed) = (self.metrics.clone(), fleet.clone());
+        engine.observe(Box::new(move |t| {
+            metrics.transition(&observed, t.instances, &t.instance.name, t.event, t.now_ms);
+            let failed = t
+                .instances
+                .iter()
+                .filter(|i| {
+                    matches!(
+                        i.phase,
+                        crate::machine::Phase::Failed | crate::machine::Phase::RolledBack
+                    )
+                })
+                .count();
+            let budget = observed.policy.failure_budget as usize;
+            metrics.fleet(t.fleet.paused, budget > 0 && failed >= budget);
+        }));
         let (commands, rx) = mpsc::unbounded_channel();
         let name = fleet.policy.name.clone();
         let task = tokio::spawn(async move {

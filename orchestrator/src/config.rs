@@ -14,6 +14,9 @@ use serde::Deserialize;
 pub struct OrchestratorConfig {
     /// Address the Fleet API (for bmctl) listens on.
     pub listen: std::net::SocketAddr,
+    /// Where `/metrics` (Prometheus) is served; none when absent.
+    #[serde(default)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// The embedded state database.
     #[serde(default = "default_state_db")]
     pub state_db: PathBuf,

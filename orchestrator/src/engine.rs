@@ -64,6 +64,8 @@ pub struct Transition<'a> {
     pub event: &'a Event,
     /// Every instance's state after it.
     pub instances: &'a [Instance],
+    /// The fleet-wide state after it.
+    pub fleet: &'a FleetState,
 }
 
 /// Called after every transition.
@@ -246,6 +248,7 @@ impl Engine {
                 instance: &self.fleet.instances[n],
                 event: &event,
                 instances: &self.instances,
+                fleet: &self.state,
             });
         }
         Ok(true)

@@ -26,6 +26,7 @@ pub struct FleetApi {
     state: Arc<State>,
     clock: Arc<dyn Clock>,
     conductor: Arc<Conductor>,
+    metrics: Arc<crate::metrics::Metrics>,
     orchestrator_name: String,
 }
 
@@ -57,12 +58,14 @@ impl FleetApi {
         state: Arc<State>,
         clock: Arc<dyn Clock>,
         conductor: Arc<Conductor>,
+        metrics: Arc<crate::metrics::Metrics>,
         orchestrator_name: String,
     ) -> Self {
         FleetApi {
             state,
             clock,
             conductor,
+            metrics,
             orchestrator_name,
         }
     }
@@ -121,7 +124,13 @@ impl FleetApi {
             Ok(id) => (id.name, id.role.to_string()),
             Err(_) => ("-".to_string(), "-".to_string()),
         };
+        let started = std::time::Instant::now();
         let result = require_role(request, Role::Operator, "Fleet API").and_then(|_| handler());
+        self.metrics.rpc(
+            &format!("fleet/{method}"),
+            result.is_ok(),
+            started.elapsed().as_secs_f64(),
+        );
         let (outcome, detail) = match &result {
             Ok(_) => ("ok", String::new()),
             Err(s) if s.code() == tonic::Code::PermissionDenied => ("denied", s.message().into()),

@@ -9,6 +9,7 @@ use bmfleet_proto::v1::{FactsReply, FactsRequest};
 
 use crate::agents::{AgentHandle, AgentPool};
 use crate::clock::Clock;
+use crate::metrics::Metrics;
 use crate::state::{HealthCheck, State};
 
 /// Checks one agent now; `measure_usage` asks it to walk its data dirs.
@@ -53,6 +54,7 @@ fn carry_usage(mut facts: FactsReply, previous: Option<FactsReply>) -> FactsRepl
 /// Checks every agent concurrently and records the outcomes.
 pub async fn check_all(
     pool: &AgentPool,
+    metrics: &Metrics,
     state: &State,
     clock: &dyn Clock,
     measure_usage: bool,
@@ -69,6 +71,7 @@ pub async fn check_all(
         let Ok((name, check)) = joined else {
             continue;
         };
+        metrics.agent_up(&name, matches!(check, HealthCheck::Up(_)));
         let check = match check {
             HealthCheck::Up(facts) => {
                 let previous = state.last_facts(&name).ok().flatten();
@@ -89,6 +92,7 @@ pub async fn check_all(
 /// task is dropped.
 pub async fn run(
     pool: Arc<AgentPool>,
+    metrics: Arc<Metrics>,
     state: Arc<State>,
     clock: Arc<dyn Clock>,
     interval: Duration,
@@ -107,6 +111,6 @@ pub async fn run(
         if usage_due {
             last_usage = Some(now);
         }
-        check_all(&pool, &state, clock.as_ref(), usage_due, timeout).await;
+        check_all(&pool, &metrics, &state, clock.as_ref(), usage_due, timeout).await;
     }
 }

@@ -19,6 +19,7 @@ pub mod fleet;
 pub mod fleet_api;
 pub mod health;
 pub mod machine;
+pub mod metrics;
 pub mod plan;
 pub mod scheduler;
 pub mod sim;
@@ -49,6 +50,14 @@ pub enum OrchestratorError {
     /// The state database is unusable.
     #[error(transparent)]
     State(#[from] state::StateError),
+    /// The metrics listener could not be bound.
+    #[error("cannot serve metrics on {address}: {source}")]
+    Metrics {
+        /// The address.
+        address: String,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The stored fleet could not be resumed.
     #[error("resuming the applied fleet: {0}")]
     Resume(#[from] conductor::ConductorError),
@@ -70,16 +79,32 @@ pub async fn run(
     state.sync_agents(&config.agent)?;
     let timeout = Duration::from_secs(config.rpc_timeout_secs);
     let pool = Arc::new(AgentPool::new(&identity, &config.agent, timeout)?);
-    let port = Arc::new(agent_steps::GrpcAgents::new(pool.clone(), clock.clone()));
+    let metrics = Arc::new(metrics::Metrics::new());
+    if let Some(address) = config.metrics_listen {
+        let bound = metrics::serve(metrics.clone(), address).map_err(|source| {
+            OrchestratorError::Metrics {
+                address: address.to_string(),
+                source,
+            }
+        })?;
+        tracing::info!(address = %bound, "metrics serving");
+    }
+    let port = Arc::new(agent_steps::GrpcAgents::new(
+        pool.clone(),
+        clock.clone(),
+        metrics.clone(),
+    ));
     let conductor = Arc::new(conductor::Conductor::new(
         state.clone(),
         clock.clone(),
         port,
         &pool,
+        metrics.clone(),
     ));
     conductor.resume_stored()?;
     let health = tokio::spawn(health::run(
         pool,
+        metrics.clone(),
         state.clone(),
         clock.clone(),
         Duration::from_secs(config.health_interval_secs),
@@ -88,7 +113,7 @@ pub async fn run(
     ));
     let name = identity.identity().name.clone();
     tracing::info!(orchestrator = %name, address = ?listener.local_addr().ok(), agents = config.agent.len(), "orchestrator serving");
-    let api = FleetApi::new(state, clock, conductor, name);
+    let api = FleetApi::new(state, clock, conductor, metrics, name);
     let served = tonic::transport::Server::builder()
         .add_service(FleetServer::new(api))
         .serve_with_incoming_shutdown(accept_tls(listener, identity.server_config()?), shutdown)

@@ -72,6 +72,20 @@ impl Operator {
     }
 }
 
+/// GET /metrics from the orchestrator.
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
+    conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    conn.read_to_string(&mut response).unwrap();
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default()
+}
+
 fn service(name: &str, log: &Path, running: bool) -> ServiceCommands {
     let cmd = |action: &str| {
         argv(&[
@@ -141,11 +155,12 @@ async fn an_operator_applies_watches_pauses_and_aborts_a_fleet_across_an_orchest
 
     let orch = pki.issue("orchestrator", Role::Orchestrator);
     let port = free_port();
+    let metrics_port = free_port();
     let config = dir.path().join("orchestrator.toml");
     std::fs::write(
         &config,
         format!(
-            "listen = \"127.0.0.1:{port}\"\nstate_db = \"{}\"\nhealth_interval_secs = 1\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\
+            "listen = \"127.0.0.1:{port}\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\nstate_db = \"{}\"\nhealth_interval_secs = 1\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\
              [[agent]]\nname = \"origin-1\"\naddress = \"{}\"\ndata_address = \"127.0.0.1:{data_port}\"\n\
              [[agent]]\nname = \"target-1\"\naddress = \"{}\"\n",
             dir.path().join("state/orchestrator.db").display(),
@@ -213,6 +228,36 @@ async fn an_operator_applies_watches_pauses_and_aborts_a_fleet_across_an_orchest
         );
     }
     assert!(!log.exists(), "no service was touched outside a window");
+
+    // The metrics say the same, in a format promtool accepts.
+    let scrape = scrape(metrics_port);
+    assert!(
+        scrape.contains("bmfleet_instance_phase{instance=\"mail-01\",phase=\"Converged\"} 1"),
+        "{scrape}"
+    );
+    assert!(
+        scrape.contains("bmfleet_agent_up{agent=\"origin-1\"} 1"),
+        "{scrape}"
+    );
+    assert!(
+        scrape.contains("bmfleet_sync_passes_total{instance=\"mail-01\",kind=\"hot\"}"),
+        "{scrape}"
+    );
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (deploy/setup.sh installs prometheus)");
+    std::io::Write::write_all(&mut promtool.stdin.take().unwrap(), scrape.as_bytes()).unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
 
     // The plan from the file alone projects 60 s of services + 100 s scanning 6M files; with the
     // orchestrator reachable, the measured pass (a few files) replaces that estimate.

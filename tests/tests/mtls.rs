@@ -179,6 +179,7 @@ async fn fleet_api_refuses_an_agent_certificate_and_audits_it() {
     let pki = TestPki::new();
     let dir = tempfile::tempdir().unwrap();
     let config = bmfleet_orchestrator::config::OrchestratorConfig {
+        metrics_listen: None,
         listen: "127.0.0.1:0".parse().unwrap(),
         state_db: dir.path().join("state.db"),
         health_interval_secs: 3600,

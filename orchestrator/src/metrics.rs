@@ -1,0 +1,471 @@
+//! The orchestrator's Prometheus metrics (`/metrics`, OpenMetrics text), with the Prometheus
+//! project's own client. Names follow Prometheus conventions: `bmfleet_` prefix, base units,
+//! `_total` counters (added by the encoder).
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::fleet::FleetFile;
+use crate::machine::{Event, Instance, Phase, Step};
+use crate::scheduler::projected_downtime_ms;
+
+/// Every phase, for the per-phase gauges (absent phases are exported as 0).
+pub const PHASES: [Phase; 16] = [
+    Phase::Pending,
+    Phase::Preflight,
+    Phase::HotSync,
+    Phase::Converged,
+    Phase::PreWindowPass,
+    Phase::ColdSync,
+    Phase::Cutover,
+    Phase::StartServices,
+    Phase::PostMigration,
+    Phase::Verify,
+    Phase::Done,
+    Phase::RollingBack,
+    Phase::RolledBack,
+    Phase::Failed,
+    Phase::Paused,
+    Phase::Aborted,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabels {
+    phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InstanceLabels {
+    instance: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InstancePhaseLabels {
+    instance: String,
+    phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PassLabels {
+    instance: String,
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StepLabels {
+    step: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AgentLabels {
+    agent: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RpcLabels {
+    method: String,
+    outcome: String,
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+fn seconds_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 14))
+}
+
+fn rpc_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 4.0, 10))
+}
+
+/// The orchestrator's metrics.
+pub struct Metrics {
+    registry: Registry,
+    instances: Family<PhaseLabels, Gauge>,
+    instance_phase: Family<InstancePhaseLabels, Gauge>,
+    downtime: Histogram,
+    instance_downtime: Family<InstanceLabels, FloatGauge>,
+    instance_down: Family<InstanceLabels, Gauge>,
+    projected: Family<InstanceLabels, FloatGauge>,
+    window_end: Family<InstanceLabels, FloatGauge>,
+    budget: Family<InstanceLabels, FloatGauge>,
+    pass_bytes: Family<PassLabels, Counter>,
+    pass_files: Family<PassLabels, Counter>,
+    passes: Family<PassLabels, Counter>,
+    last_pass_bytes: Family<InstanceLabels, Gauge>,
+    last_pass_files: Family<InstanceLabels, Gauge>,
+    not_converging: Family<InstanceLabels, Gauge>,
+    failures: Family<StepLabels, Counter>,
+    agent_up: Family<AgentLabels, Gauge>,
+    rpc: Family<RpcLabels, Histogram, fn() -> Histogram>,
+    fleet_paused: Gauge,
+    fleet_budget_spent: Gauge,
+    // The last phase seen per instance, to count phase changes once.
+    seen: Mutex<Vec<(String, Phase)>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            instances: Family::default(),
+            instance_phase: Family::default(),
+            downtime: seconds_histogram(),
+            instance_downtime: Family::default(),
+            instance_down: Family::default(),
+            projected: Family::default(),
+            window_end: Family::default(),
+            budget: Family::default(),
+            pass_bytes: Family::default(),
+            pass_files: Family::default(),
+            passes: Family::default(),
+            last_pass_bytes: Family::default(),
+            last_pass_files: Family::default(),
+            not_converging: Family::default(),
+            failures: Family::default(),
+            agent_up: Family::default(),
+            rpc: Family::new_with_constructor(rpc_histogram),
+            fleet_paused: Gauge::default(),
+            fleet_budget_spent: Gauge::default(),
+            seen: Mutex::new(Vec::new()),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "bmfleet_instances",
+            "Instances per phase",
+            m.instances.clone(),
+        );
+        registry.register(
+            "bmfleet_instance_phase",
+            "1 for each instance's current phase",
+            m.instance_phase.clone(),
+        );
+        registry.register(
+            "bmfleet_downtime_seconds",
+            "Downtime of finished windows, across the fleet",
+            m.downtime.clone(),
+        );
+        registry.register(
+            "bmfleet_instance_downtime_seconds",
+            "Length of each instance's current or last downtime window",
+            m.instance_downtime.clone(),
+        );
+        registry.register(
+            "bmfleet_instance_down",
+            "1 while the instance is in its downtime window",
+            m.instance_down.clone(),
+        );
+        registry.register(
+            "bmfleet_instance_projected_downtime_seconds",
+            "Projected downtime of each instance",
+            m.projected.clone(),
+        );
+        registry.register(
+            "bmfleet_instance_downtime_budget_seconds",
+            "Downtime budget of each instance",
+            m.budget.clone(),
+        );
+        registry.register(
+            "bmfleet_instance_window_end_timestamp_seconds",
+            "End of the window granted for each instance's cold sync (Unix time)",
+            m.window_end.clone(),
+        );
+        registry.register(
+            "bmfleet_sync_pass_bytes",
+            "Bytes changed by sync passes",
+            m.pass_bytes.clone(),
+        );
+        registry.register(
+            "bmfleet_sync_pass_files",
+            "Files changed by sync passes",
+            m.pass_files.clone(),
+        );
+        registry.register(
+            "bmfleet_sync_passes",
+            "Sync passes completed",
+            m.passes.clone(),
+        );
+        registry.register(
+            "bmfleet_last_pass_changed_bytes",
+            "Bytes changed by each instance's last pass",
+            m.last_pass_bytes.clone(),
+        );
+        registry.register(
+            "bmfleet_last_pass_changed_files",
+            "Files changed by each instance's last pass",
+            m.last_pass_files.clone(),
+        );
+        registry.register(
+            "bmfleet_instance_not_converging",
+            "1 when the instance hit the maximum passes without converging",
+            m.not_converging.clone(),
+        );
+        registry.register(
+            "bmfleet_step_failures",
+            "Failed step attempts, by step",
+            m.failures.clone(),
+        );
+        registry.register(
+            "bmfleet_agent_up",
+            "1 when the agent answered its last health check",
+            m.agent_up.clone(),
+        );
+        registry.register(
+            "bmfleet_rpc_duration_seconds",
+            "Agent and Fleet RPC latency, by method and outcome",
+            m.rpc.clone(),
+        );
+        registry.register(
+            "bmfleet_fleet_paused",
+            "1 when the fleet is paused by an operator",
+            m.fleet_paused.clone(),
+        );
+        registry.register(
+            "bmfleet_fleet_failure_budget_spent",
+            "1 when the failure budget stops new cold syncs",
+            m.fleet_budget_spent.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Records an agent's health.
+    pub fn agent_up(&self, agent: &str, up: bool) {
+        self.agent_up
+            .get_or_create(&AgentLabels {
+                agent: agent.into(),
+            })
+            .set(i64::from(up));
+    }
+
+    /// Records one RPC's latency.
+    pub fn rpc(&self, method: &str, ok: bool, seconds: f64) {
+        let labels = RpcLabels {
+            method: method.into(),
+            outcome: if ok { "ok" } else { "error" }.into(),
+        };
+        self.rpc.get_or_create(&labels).observe(seconds);
+    }
+
+    /// Records the fleet-wide flags.
+    pub fn fleet(&self, paused: bool, budget_spent: bool) {
+        self.fleet_paused.set(i64::from(paused));
+        self.fleet_budget_spent.set(i64::from(budget_spent));
+    }
+
+    /// Updates every instance gauge after a transition of `changed` caused by `event`.
+    pub fn transition(
+        &self,
+        fleet: &FleetFile,
+        instances: &[Instance],
+        changed: &str,
+        event: &Event,
+        now_ms: i64,
+    ) {
+        for phase in PHASES {
+            let count = instances.iter().filter(|i| i.phase == phase).count();
+            self.instances
+                .get_or_create(&PhaseLabels {
+                    phase: format!("{phase:?}"),
+                })
+                .set(count as i64);
+        }
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        for (spec, i) in fleet.instances.iter().zip(instances) {
+            let name = spec.name.clone();
+            for phase in PHASES {
+                let labels = InstancePhaseLabels {
+                    instance: name.clone(),
+                    phase: format!("{phase:?}"),
+                };
+                self.instance_phase
+                    .get_or_create(&labels)
+                    .set(i64::from(i.phase == phase));
+            }
+            let labels = InstanceLabels {
+                instance: name.clone(),
+            };
+            let down = i.downtime_start_ms.is_some() && i.downtime_end_ms.is_none();
+            self.instance_down
+                .get_or_create(&labels)
+                .set(i64::from(down));
+            if let Some(start) = i.downtime_start_ms {
+                let end = i.downtime_end_ms.unwrap_or(now_ms);
+                self.instance_downtime
+                    .get_or_create(&labels)
+                    .set((end - start) as f64 / 1000.0);
+            }
+            let policy = &fleet.policy;
+            self.projected
+                .get_or_create(&labels)
+                .set(projected_downtime_ms(spec, i, policy) as f64 / 1000.0);
+            self.budget
+                .get_or_create(&labels)
+                .set(spec.downtime_budget_secs as f64);
+            if let Some(end) = i.window_end_ms {
+                self.window_end
+                    .get_or_create(&labels)
+                    .set(end as f64 / 1000.0);
+            }
+            if let Some(p) = i.last_pass {
+                self.last_pass_bytes
+                    .get_or_create(&labels)
+                    .set(p.bytes_changed as i64);
+                self.last_pass_files
+                    .get_or_create(&labels)
+                    .set(p.files_changed as i64);
+            }
+            self.not_converging
+                .get_or_create(&labels)
+                .set(i64::from(i.not_converging));
+            match seen.iter_mut().find(|(n, _)| *n == name) {
+                Some(entry) => {
+                    // A downtime window closes: one observation for the fleet histogram.
+                    if entry.1.is_down() && !i.phase.is_down() {
+                        if let (Some(s), Some(e)) = (i.downtime_start_ms, i.downtime_end_ms) {
+                            self.downtime.observe((e - s) as f64 / 1000.0);
+                        }
+                    }
+                    entry.1 = i.phase;
+                }
+                None => seen.push((name, i.phase)),
+            }
+        }
+        match event {
+            Event::Succeeded {
+                step,
+                stats: Some(s),
+                ..
+            } => {
+                let kind = if *step == Step::FinalPass {
+                    "cold"
+                } else {
+                    "hot"
+                };
+                let labels = PassLabels {
+                    instance: changed.into(),
+                    kind: kind.into(),
+                };
+                self.pass_bytes
+                    .get_or_create(&labels)
+                    .inc_by(s.bytes_changed);
+                self.pass_files
+                    .get_or_create(&labels)
+                    .inc_by(s.files_changed);
+                self.passes.get_or_create(&labels).inc();
+            }
+            Event::Failed { step, .. } => {
+                self.failures
+                    .get_or_create(&StepLabels {
+                        step: step.as_str().into(),
+                    })
+                    .inc();
+            }
+            _ => {}
+        }
+    }
+
+    /// The OpenMetrics exposition text.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// The same exposition in Prometheus's classic text format (0.0.4), for clients that do not
+/// ask for OpenMetrics (promtool, older scrapers): a counter family is named after its
+/// `_total` sample, and there is no `# EOF`.
+pub fn to_classic(openmetrics: &str) -> String {
+    let counters: Vec<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(&name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classic_format_names_counters_after_their_total() {
+        let om = "# HELP bmfleet_passes Passes.\n# TYPE bmfleet_passes counter\nbmfleet_passes_total{kind=\"hot\"} 3\n# HELP bmfleet_up Up.\n# TYPE bmfleet_up gauge\nbmfleet_up 1\n# EOF\n";
+        assert_eq!(
+            to_classic(om),
+            "# HELP bmfleet_passes_total Passes.\n# TYPE bmfleet_passes_total counter\nbmfleet_passes_total{kind=\"hot\"} 3\n# HELP bmfleet_up Up.\n# TYPE bmfleet_up gauge\nbmfleet_up 1\n"
+        );
+    }
+}
+
+/// Serves `/metrics` on `address` from a thread of its own: OpenMetrics when the client asks
+/// for it (Prometheus does), the classic text format otherwise.
+pub fn serve(metrics: Arc<Metrics>, address: SocketAddr) -> std::io::Result<SocketAddr> {
+    let server = tiny_http::Server::http(address).map_err(std::io::Error::other)?;
+    let bound = server
+        .server_addr()
+        .to_ip()
+        .ok_or_else(|| std::io::Error::other("metrics listener has no IP address"))?;
+    std::thread::spawn(move || {
+        for request in server.incoming_requests() {
+            let response = if request.url() == "/metrics" {
+                let openmetrics = request.headers().iter().any(|h| {
+                    h.field.equiv("Accept")
+                        && h.value.as_str().contains("application/openmetrics-text")
+                });
+                let (body, content_type) = if openmetrics {
+                    (
+                        metrics.encode(),
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )
+                } else {
+                    (
+                        to_classic(&metrics.encode()),
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )
+                };
+                let mut r = tiny_http::Response::from_string(body);
+                if let Ok(h) = tiny_http::Header::from_bytes("Content-Type", content_type) {
+                    r.add_header(h);
+                }
+                r
+            } else {
+                tiny_http::Response::from_string("not found: try /metrics").with_status_code(404)
+            };
+            let _ = request.respond(response);
+        }
+    });
+    Ok(bound)
+}
