@@ -416,20 +416,6 @@ pub fn to_classic(openmetrics: &str) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn classic_format_names_counters_after_their_total() {
-        let om = "# HELP bmfleet_passes Passes.\n# TYPE bmfleet_passes counter\nbmfleet_passes_total{kind=\"hot\"} 3\n# HELP bmfleet_up Up.\n# TYPE bmfleet_up gauge\nbmfleet_up 1\n# EOF\n";
-        assert_eq!(
-            to_classic(om),
-            "# HELP bmfleet_passes_total Passes.\n# TYPE bmfleet_passes_total counter\nbmfleet_passes_total{kind=\"hot\"} 3\n# HELP bmfleet_up Up.\n# TYPE bmfleet_up gauge\nbmfleet_up 1\n"
-        );
-    }
-}
-
 /// Serves `/metrics` on `address` from a thread of its own: OpenMetrics when the client asks
 /// for it (Prometheus does), the classic text format otherwise.
 pub fn serve(metrics: Arc<Metrics>, address: SocketAddr) -> std::io::Result<SocketAddr> {
@@ -468,4 +454,18 @@ pub fn serve(metrics: Arc<Metrics>, address: SocketAddr) -> std::io::Result<Sock
         }
     });
     Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classic_format_names_counters_after_their_total() {
+        let om = "# HELP bmfleet_passes Passes.\n# TYPE bmfleet_passes counter\nbmfleet_passes_total{kind=\"hot\"} 3\n# HELP bmfleet_up Up.\n# TYPE bmfleet_up gauge\nbmfleet_up 1\n# EOF\n";
+        assert_eq!(
+            to_classic(om),
+            "# HELP bmfleet_passes_total Passes.\n# TYPE bmfleet_passes_total counter\nbmfleet_passes_total{kind=\"hot\"} 3\n# HELP bmfleet_up Up.\n# TYPE bmfleet_up gauge\nbmfleet_up 1\n"
+        );
+    }
 }
