@@ -1,6 +1,7 @@
 //! The orchestrator's Prometheus metrics (`/metrics`, OpenMetrics text), with the Prometheus
 //! project's own client. Names follow Prometheus conventions: `bmfleet_` prefix, base units,
-//! `_total` counters (added by the encoder).
+//! `_total` counters (added by the encoder). A migrated BlueMind instance is the label
+//! `server`: `instance` is Prometheus's own target label.
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
@@ -45,18 +46,18 @@ struct PhaseLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct InstanceLabels {
-    instance: String,
+    server: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct InstancePhaseLabels {
-    instance: String,
+    server: String,
     phase: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PassLabels {
-    instance: String,
+    server: String,
     kind: String,
 }
 
@@ -289,7 +290,7 @@ impl Metrics {
             let name = spec.name.clone();
             for phase in PHASES {
                 let labels = InstancePhaseLabels {
-                    instance: name.clone(),
+                    server: name.clone(),
                     phase: format!("{phase:?}"),
                 };
                 self.instance_phase
@@ -297,7 +298,7 @@ impl Metrics {
                     .set(i64::from(i.phase == phase));
             }
             let labels = InstanceLabels {
-                instance: name.clone(),
+                server: name.clone(),
             };
             let down = i.downtime_start_ms.is_some() && i.downtime_end_ms.is_none();
             self.instance_down
@@ -357,7 +358,7 @@ impl Metrics {
                     "hot"
                 };
                 let labels = PassLabels {
-                    instance: changed.into(),
+                    server: changed.into(),
                     kind: kind.into(),
                 };
                 self.pass_bytes

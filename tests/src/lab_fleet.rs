@@ -179,7 +179,7 @@ impl LabFleet {
         write(
             &config,
             format!(
-                "listen = \"0.0.0.0:7400\"\nstate_db = \"{}\"\nhealth_interval_secs = 2\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n{agents_toml}",
+                "listen = \"0.0.0.0:7400\"\nmetrics_listen = \"0.0.0.0:9464\"\nstate_db = \"{}\"\nhealth_interval_secs = 2\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n{agents_toml}",
                 dir.path().join("orchestrator/state.db").display(),
                 orch.ca.display(),
                 orch.cert.display(),

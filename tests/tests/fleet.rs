@@ -232,7 +232,7 @@ async fn an_operator_applies_watches_pauses_and_aborts_a_fleet_across_an_orchest
     // The metrics say the same, in a format promtool accepts.
     let scrape = scrape(metrics_port);
     assert!(
-        scrape.contains("bmfleet_instance_phase{instance=\"mail-01\",phase=\"Converged\"} 1"),
+        scrape.contains("bmfleet_instance_phase{server=\"mail-01\",phase=\"Converged\"} 1"),
         "{scrape}"
     );
     assert!(
@@ -240,7 +240,7 @@ async fn an_operator_applies_watches_pauses_and_aborts_a_fleet_across_an_orchest
         "{scrape}"
     );
     assert!(
-        scrape.contains("bmfleet_sync_passes_total{instance=\"mail-01\",kind=\"hot\"}"),
+        scrape.contains("bmfleet_sync_passes_total{server=\"mail-01\",kind=\"hot\"}"),
         "{scrape}"
     );
     let mut promtool = Command::new("promtool")
