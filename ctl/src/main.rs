@@ -111,6 +111,11 @@ enum FleetCommand {
     Status {
         #[command(flatten)]
         connection: Connection,
+        /// One instance's step history with timings.
+        instance: Option<String>,
+        /// Refresh every 2 s in place (Ctrl-C to stop).
+        #[arg(long)]
+        watch: bool,
         /// Output format.
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
@@ -278,7 +283,12 @@ async fn main() -> ExitCode {
             follow,
             output,
         } => control::events(&connection, instance, limit, follow, output).await,
-        FleetCommand::Status { connection, output } => status::status(&connection, output).await,
+        FleetCommand::Status {
+            connection,
+            instance,
+            watch,
+            output,
+        } => status::status(&connection, output, instance, watch).await,
         FleetCommand::Audit {
             connection,
             limit,

@@ -14,6 +14,7 @@ struct StatusJson {
     migration: Option<String>,
     fleet_paused: bool,
     approved: bool,
+    fleet_eta_unix_ms: Option<i64>,
     instances: Vec<InstanceJson>,
 }
 
@@ -33,6 +34,9 @@ struct InstanceJson {
     downtime_budget_secs: u64,
     last_error: Option<String>,
     running: Vec<String>,
+    progress_percent: u32,
+    eta_unix_ms: Option<i64>,
+    window_end_unix_ms: Option<i64>,
 }
 
 impl From<&bmfleet_proto::v1::InstanceStatus> for InstanceJson {
@@ -52,6 +56,9 @@ impl From<&bmfleet_proto::v1::InstanceStatus> for InstanceJson {
             downtime_budget_secs: i.downtime_budget_secs,
             last_error: non_empty(&i.last_error),
             running: i.running.clone(),
+            progress_percent: i.progress_percent,
+            eta_unix_ms: non_zero(i.eta_unix_ms),
+            window_end_unix_ms: non_zero(i.window_end_unix_ms),
         }
     }
 }
@@ -187,107 +194,249 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 }
 
 /// `bmctl fleet status`.
-pub async fn status(connection: &Connection, output: Output) -> anyhow::Result<()> {
+/// "1h05m", "4m12s", "37s".
+fn duration(ms: i64) -> String {
+    let secs = ms.max(0) / 1000;
+    match secs {
+        0..=59 => format!("{secs}s"),
+        60..=3599 => format!("{}m{:02}s", secs / 60, secs % 60),
+        _ => format!("{}h{:02}m", secs / 3600, (secs % 3600) / 60),
+    }
+}
+
+async fn fetch(connection: &Connection) -> anyhow::Result<StatusJson> {
     let mut client = connection.client()?;
     let reply = connection
         .call(client.status(StatusRequest {}))
         .await?
         .into_inner();
-    let json = StatusJson {
+    Ok(StatusJson {
         orchestrator: reply.orchestrator.clone(),
         generated_at_unix_ms: reply.generated_at_unix_ms,
         agents: reply.agents.iter().map(AgentJson::from).collect(),
         migration: non_empty(&reply.migration),
         fleet_paused: reply.fleet_paused,
         approved: reply.approved,
+        fleet_eta_unix_ms: non_zero(reply.fleet_eta_unix_ms),
         instances: reply.instances.iter().map(InstanceJson::from).collect(),
+    })
+}
+
+/// The operator's view: agents, then one line per instance and the fleet's totals.
+fn render(json: &StatusJson) -> String {
+    let now = json.generated_at_unix_ms;
+    let rows: Vec<Vec<String>> = json
+        .agents
+        .iter()
+        .map(|a| {
+            vec![
+                a.name.clone(),
+                a.address.clone(),
+                if a.up { "up" } else { "DOWN" }.into(),
+                ago(now, a.last_seen_unix_ms),
+                a.bluemind_version.clone().unwrap_or_else(|| "-".into()),
+                a.postgresql_version.clone().unwrap_or_else(|| "-".into()),
+                a.last_error.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    let up = json.agents.iter().filter(|a| a.up).count();
+    let mut out = table(
+        &[
+            "AGENT",
+            "ADDRESS",
+            "STATE",
+            "LAST SEEN",
+            "BLUEMIND",
+            "POSTGRESQL",
+            "ERROR",
+        ],
+        &rows,
+    );
+    out += &format!(
+        "{up}/{} agents up (orchestrator {})\n",
+        json.agents.len(),
+        json.orchestrator
+    );
+    let Some(migration) = &json.migration else {
+        return out;
     };
+    let rows: Vec<Vec<String>> = json
+        .instances
+        .iter()
+        .map(|i| {
+            vec![
+                i.name.clone(),
+                i.phase.clone(),
+                format!("{}%", i.progress_percent),
+                i.hot_passes.to_string(),
+                format!(
+                    "{} files / {} B",
+                    i.last_changed_files, i.last_changed_bytes
+                ),
+                i.window_end_unix_ms
+                    .map(|w| format!("ends in {}", duration(w - now)))
+                    .unwrap_or_else(|| "-".into()),
+                downtime_secs(i, now)
+                    .map(|d| format!("{d}s / {}s", i.downtime_budget_secs))
+                    .unwrap_or_else(|| "-".into()),
+                match (i.phase.as_str(), i.eta_unix_ms) {
+                    ("Done" | "RolledBack" | "Failed" | "Aborted", _) => "-".into(),
+                    (_, Some(eta)) => format!("in {}", duration(eta - now)),
+                    (_, None) => "none in horizon".into(),
+                },
+                i.last_error.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    out += "\n";
+    out += &table(
+        &[
+            "INSTANCE",
+            "PHASE",
+            "PROGRESS",
+            "PASSES",
+            "LAST PASS CHANGED",
+            "WINDOW",
+            "DOWNTIME/BUDGET",
+            "ETA",
+            "LAST ERROR",
+        ],
+        &rows,
+    );
+    let count = |phases: &[&str]| {
+        json.instances
+            .iter()
+            .filter(|i| phases.contains(&i.phase.as_str()))
+            .count()
+    };
+    let moved: u64 = json.instances.iter().map(|i| i.bytes_moved).sum();
+    out += &format!(
+        "fleet {migration}: {} instances, {} done, {} down, {} rolled back, {} failed; {moved} B moved; {}{}{}\n",
+        json.instances.len(),
+        count(&["Done"]),
+        count(&["ColdSync", "Cutover", "StartServices", "RollingBack"]),
+        count(&["RolledBack"]),
+        count(&["Failed"]),
+        json.fleet_eta_unix_ms
+            .map(|e| format!("finished in {}", duration(e - now)))
+            .unwrap_or_else(|| "no ETA".into()),
+        if json.fleet_paused { ", paused" } else { "" },
+        if json.approved { ", approved after canaries" } else { "" },
+    );
+    out
+}
+
+/// `bmctl fleet status [INSTANCE] [--watch]`.
+pub async fn status(
+    connection: &Connection,
+    output: Output,
+    instance: Option<String>,
+    watch: bool,
+) -> anyhow::Result<()> {
+    if let Some(name) = instance {
+        return history(connection, &name, output).await;
+    }
+    loop {
+        let json = fetch(connection).await?;
+        match output {
+            Output::Json => println!("{}", serde_json::to_string_pretty(&json)?),
+            // Refresh in place: clear the screen, then draw.
+            Output::Table if watch => print!("\x1b[2J\x1b[H{}", render(&json)),
+            Output::Table => print!("{}", render(&json)),
+        }
+        if !watch {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    }
+}
+
+/// One step's run, from the transitions.
+#[derive(Serialize)]
+struct StepRun {
+    step: String,
+    attempt: u64,
+    started_unix_ms: i64,
+    ended_unix_ms: Option<i64>,
+    outcome: String,
+}
+
+/// `bmctl fleet status INSTANCE`: every step with its timing, from the transitions.
+async fn history(connection: &Connection, name: &str, output: Output) -> anyhow::Result<()> {
+    let mut client = connection.client()?;
+    let events = connection
+        .call(client.events(bmfleet_proto::v1::EventsRequest {
+            instance: name.to_string(),
+            limit: 10_000,
+            after_id: 0,
+        }))
+        .await?
+        .into_inner()
+        .events;
+    if events.is_empty() {
+        anyhow::bail!("no transitions for instance {name} (is it in the applied fleet?)");
+    }
+    let mut runs: Vec<StepRun> = Vec::new();
+    for e in &events {
+        let actions: serde_json::Value = serde_json::from_str(&e.actions).unwrap_or_default();
+        for a in actions.as_array().into_iter().flatten() {
+            runs.push(StepRun {
+                step: a["Run"]["step"].as_str().unwrap_or_default().to_string(),
+                attempt: a["Run"]["attempt"].as_u64().unwrap_or(0),
+                started_unix_ms: e.at_unix_ms,
+                ended_unix_ms: None,
+                outcome: "running".into(),
+            });
+        }
+        let event: serde_json::Value = serde_json::from_str(&e.event).unwrap_or_default();
+        for (key, outcome) in [("Succeeded", "ok"), ("Failed", "failed")] {
+            let ended = &event[key];
+            if let Some(step) = ended["step"].as_str() {
+                let attempt = ended["attempt"].as_u64().unwrap_or(0);
+                if let Some(run) = runs
+                    .iter_mut()
+                    .rev()
+                    .find(|r| r.step == step && r.attempt == attempt)
+                {
+                    run.ended_unix_ms = Some(e.at_unix_ms);
+                    run.outcome = match ended["error"].as_str() {
+                        Some(err) => format!("{outcome}: {err}"),
+                        None => outcome.into(),
+                    };
+                }
+            }
+        }
+    }
+    let phase = events.last().map(|e| e.phase.clone()).unwrap_or_default();
     match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&json)?),
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({ "instance": name, "phase": phase, "steps": runs })
+        ),
         Output::Table => {
-            let rows: Vec<Vec<String>> = json
-                .agents
+            let rows: Vec<Vec<String>> = runs
                 .iter()
-                .map(|a| {
+                .map(|r| {
                     vec![
-                        a.name.clone(),
-                        a.address.clone(),
-                        if a.up { "up" } else { "DOWN" }.into(),
-                        ago(json.generated_at_unix_ms, a.last_seen_unix_ms),
-                        a.bluemind_version.clone().unwrap_or_else(|| "-".into()),
-                        a.postgresql_version.clone().unwrap_or_else(|| "-".into()),
-                        a.last_error.clone().unwrap_or_default(),
+                        utc(r.started_unix_ms),
+                        r.step.clone(),
+                        r.attempt.to_string(),
+                        r.ended_unix_ms
+                            .map(|e| duration(e - r.started_unix_ms))
+                            .unwrap_or_else(|| "-".into()),
+                        r.outcome.clone(),
                     ]
                 })
                 .collect();
-            let up = json.agents.iter().filter(|a| a.up).count();
             print!(
                 "{}",
                 table(
-                    &[
-                        "AGENT",
-                        "ADDRESS",
-                        "STATE",
-                        "LAST SEEN",
-                        "BLUEMIND",
-                        "POSTGRESQL",
-                        "ERROR"
-                    ],
+                    &["STARTED (UTC)", "STEP", "ATTEMPT", "TOOK", "OUTCOME"],
                     &rows
                 )
             );
-            println!(
-                "{up}/{} agents up (orchestrator {})",
-                json.agents.len(),
-                json.orchestrator
-            );
-            if let Some(migration) = &json.migration {
-                let rows: Vec<Vec<String>> = json
-                    .instances
-                    .iter()
-                    .map(|i| {
-                        vec![
-                            i.name.clone(),
-                            i.phase.clone(),
-                            i.hot_passes.to_string(),
-                            format!(
-                                "{} files / {} B",
-                                i.last_changed_files, i.last_changed_bytes
-                            ),
-                            downtime_secs(i, json.generated_at_unix_ms)
-                                .map(|d| format!("{d}s / {}s", i.downtime_budget_secs))
-                                .unwrap_or_else(|| "-".into()),
-                            i.running.join(","),
-                            i.last_error.clone().unwrap_or_default(),
-                        ]
-                    })
-                    .collect();
-                println!();
-                print!(
-                    "{}",
-                    table(
-                        &[
-                            "INSTANCE",
-                            "PHASE",
-                            "PASSES",
-                            "LAST PASS CHANGED",
-                            "DOWNTIME/BUDGET",
-                            "RUNNING",
-                            "LAST ERROR"
-                        ],
-                        &rows
-                    )
-                );
-                println!(
-                    "fleet {migration}{}{}",
-                    if json.fleet_paused { ", paused" } else { "" },
-                    if json.approved {
-                        ", approved after canaries"
-                    } else {
-                        ""
-                    }
-                );
-            }
+            println!("{name}: {phase}");
         }
     }
     Ok(())

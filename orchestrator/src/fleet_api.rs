@@ -70,40 +70,58 @@ impl FleetApi {
         }
     }
 
-    fn instances(&self) -> Result<Vec<InstanceStatus>, Status> {
+    /// Every instance's status, and the fleet's expected finish (Unix ms, 0 unknown).
+    fn instances(&self) -> Result<(Vec<InstanceStatus>, i64), Status> {
         let Some(fleet) = self.conductor.fleet() else {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), 0));
         };
         let stored = self.state.instances().map_err(Self::internal)?;
-        Ok(fleet
+        let states: Vec<crate::machine::Instance> = fleet
             .instances
             .iter()
             .map(|spec| {
-                let i = stored
+                stored
                     .iter()
                     .find(|(n, _)| *n == spec.name)
                     .map(|(_, i)| i.clone())
-                    .unwrap_or_default();
-                InstanceStatus {
-                    name: spec.name.clone(),
-                    phase: format!("{:?}", i.phase),
-                    origin: spec.origin.clone(),
-                    target: spec.target.clone(),
-                    hot_passes: i.hot_passes,
-                    last_changed_files: i.last_pass.map_or(0, |p| p.files_changed),
-                    last_changed_bytes: i.last_pass.map_or(0, |p| p.bytes_changed),
-                    not_converging: i.not_converging,
-                    downtime_start_unix_ms: i.downtime_start_ms.unwrap_or(0),
-                    downtime_end_unix_ms: i.downtime_end_ms.unwrap_or(0),
-                    downtime_budget_secs: spec.downtime_budget_secs,
-                    last_error: i.last_error.clone().unwrap_or_default(),
-                    running: i.running.keys().map(|s| s.as_str().to_string()).collect(),
-                    last_pass_scan_ms: i.last_pass.map_or(0, |p| p.scan_ms),
-                    last_pass_elapsed_ms: i.last_pass.map_or(0, |p| p.elapsed_ms),
-                    bytes_moved: i.bytes_moved,
-                }
+                    .unwrap_or_default()
             })
-            .collect())
+            .collect();
+        let now = self.clock.now_ms();
+        let etas = crate::eta::finishes(&fleet, &states, now);
+        let fleet_eta = etas
+            .iter()
+            .copied()
+            .collect::<Option<Vec<_>>>()
+            .and_then(|e| e.into_iter().max());
+        let statuses = fleet
+            .instances
+            .iter()
+            .zip(states)
+            .zip(etas)
+            .map(|((spec, i), eta)| InstanceStatus {
+                progress_percent: u32::from(crate::eta::progress_percent(&i)),
+                eta_unix_ms: eta.unwrap_or(0),
+                window_end_unix_ms: i.window_end_ms.unwrap_or(0),
+                name: spec.name.clone(),
+                phase: format!("{:?}", i.phase),
+                origin: spec.origin.clone(),
+                target: spec.target.clone(),
+                hot_passes: i.hot_passes,
+                last_changed_files: i.last_pass.map_or(0, |p| p.files_changed),
+                last_changed_bytes: i.last_pass.map_or(0, |p| p.bytes_changed),
+                not_converging: i.not_converging,
+                downtime_start_unix_ms: i.downtime_start_ms.unwrap_or(0),
+                downtime_end_unix_ms: i.downtime_end_ms.unwrap_or(0),
+                downtime_budget_secs: spec.downtime_budget_secs,
+                last_error: i.last_error.clone().unwrap_or_default(),
+                running: i.running.keys().map(|s| s.as_str().to_string()).collect(),
+                last_pass_scan_ms: i.last_pass.map_or(0, |p| p.scan_ms),
+                last_pass_elapsed_ms: i.last_pass.map_or(0, |p| p.elapsed_ms),
+                bytes_moved: i.bytes_moved,
+            })
+            .collect();
+        Ok((statuses, fleet_eta.unwrap_or(0)))
     }
 
     fn command(&self, command: Command) -> Result<CommandReply, Status> {
@@ -165,6 +183,7 @@ impl Fleet for FleetApi {
     ) -> Result<Response<StatusReply>, Status> {
         self.audited(&request, "Status", "{}".into(), || {
             let fleet_state = self.state.fleet_state().map_err(Self::internal)?;
+            let (instances, fleet_eta_unix_ms) = self.instances()?;
             Ok(StatusReply {
                 orchestrator: self.orchestrator_name.clone(),
                 generated_at_unix_ms: self.clock.now_ms(),
@@ -176,7 +195,8 @@ impl Fleet for FleetApi {
                     .unwrap_or_default(),
                 fleet_paused: fleet_state.paused,
                 approved: fleet_state.approved,
-                instances: self.instances()?,
+                instances,
+                fleet_eta_unix_ms,
             })
         })
     }

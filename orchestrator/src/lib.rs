@@ -15,6 +15,7 @@ pub mod clock;
 pub mod conductor;
 pub mod config;
 pub mod engine;
+pub mod eta;
 pub mod fleet;
 pub mod fleet_api;
 pub mod health;

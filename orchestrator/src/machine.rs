@@ -219,6 +219,9 @@ pub struct Instance {
     pub downtime_end_ms: Option<i64>,
     /// Why the last failure happened.
     pub last_error: Option<String>,
+    /// When it reached a final phase, Unix ms.
+    #[serde(default)]
+    pub finished_ms: Option<i64>,
 }
 
 impl Default for Instance {
@@ -239,6 +242,7 @@ impl Default for Instance {
             downtime_start_ms: None,
             downtime_end_ms: None,
             last_error: None,
+            finished_ms: None,
         }
     }
 }
@@ -395,6 +399,9 @@ impl Ctx<'_> {
 
     fn phase(&mut self, phase: Phase) {
         self.i.phase = phase;
+        if phase.is_final() {
+            self.i.finished_ms = Some(self.now);
+        }
     }
 
     /// Retries `step` if allowed; else fails the instance as its phase requires.

@@ -72,6 +72,13 @@ struct AgentLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InstanceAgentLabels {
+    server: String,
+    agent: String,
+    role: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RpcLabels {
     method: String,
     outcome: String,
@@ -106,6 +113,7 @@ pub struct Metrics {
     not_converging: Family<InstanceLabels, Gauge>,
     failures: Family<StepLabels, Counter>,
     agent_up: Family<AgentLabels, Gauge>,
+    instance_agent: Family<InstanceAgentLabels, Gauge>,
     rpc: Family<RpcLabels, Histogram, fn() -> Histogram>,
     fleet_paused: Gauge,
     fleet_budget_spent: Gauge,
@@ -140,6 +148,7 @@ impl Metrics {
             not_converging: Family::default(),
             failures: Family::default(),
             agent_up: Family::default(),
+            instance_agent: Family::default(),
             rpc: Family::new_with_constructor(rpc_histogram),
             fleet_paused: Gauge::default(),
             fleet_budget_spent: Gauge::default(),
@@ -180,6 +189,11 @@ impl Metrics {
             "bmfleet_instance_downtime_budget_seconds",
             "Downtime budget of each instance",
             m.budget.clone(),
+        );
+        registry.register(
+            "bmfleet_instance_agent",
+            "1 for each instance's origin and target agent (joins agent health to instances)",
+            m.instance_agent.clone(),
         );
         registry.register(
             "bmfleet_instance_window_end_timestamp_seconds",
@@ -296,6 +310,14 @@ impl Metrics {
                 self.instance_phase
                     .get_or_create(&labels)
                     .set(i64::from(i.phase == phase));
+            }
+            for (agent, role) in [(&spec.origin, "origin"), (&spec.target, "target")] {
+                let labels = InstanceAgentLabels {
+                    server: name.clone(),
+                    agent: agent.clone(),
+                    role: role.into(),
+                };
+                self.instance_agent.get_or_create(&labels).set(1);
             }
             let labels = InstanceLabels {
                 server: name.clone(),

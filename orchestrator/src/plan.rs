@@ -7,7 +7,7 @@ use jiff::Timestamp;
 use crate::fleet::FleetFile;
 use crate::machine::Instance;
 use crate::scheduler::projected_downtime_ms;
-use crate::windows;
+use crate::windows::{self, Window};
 
 /// One instance's projected cold sync.
 #[derive(Debug, Clone, PartialEq)]
@@ -30,6 +30,52 @@ pub struct PlannedSync {
 
 /// How far ahead the plan looks for windows.
 const HORIZON_OPENINGS: usize = 120;
+
+/// The earliest start at or after `from` (Unix ms) inside one of `windows` where `projected`
+/// ms fit before the window closes, fewer than `max_down` of the `planned` intervals overlap,
+/// and no planned start is closer than `stagger` ms. None when nothing fits in the horizon.
+pub fn place(
+    windows: &[Window],
+    from: i64,
+    projected: i64,
+    planned: &[(i64, i64)],
+    max_down: usize,
+    stagger: i64,
+) -> Option<i64> {
+    let mut from = from;
+    'openings: for _ in 0..HORIZON_OPENINGS {
+        let opening = Timestamp::from_millisecond(from)
+            .ok()
+            .and_then(|t| windows::next_opening(windows, t))?;
+        let end = opening.end.as_millisecond();
+        let mut t = opening.start.as_millisecond().max(from);
+        loop {
+            if t + projected > end {
+                from = end;
+                continue 'openings;
+            }
+            let overlapping: Vec<i64> = planned
+                .iter()
+                .filter(|(s, e)| *s < t + projected && t < *e)
+                .map(|(_, e)| *e)
+                .collect();
+            if overlapping.len() >= max_down {
+                t = overlapping.into_iter().min().unwrap_or(t + 60_000);
+                continue;
+            }
+            if let Some(s) = planned
+                .iter()
+                .map(|(s, _)| *s)
+                .find(|s| (t - s).abs() < stagger)
+            {
+                t = s + stagger;
+                continue;
+            }
+            return Some(t);
+        }
+    }
+    None
+}
 
 /// Plans every instance from `now`; `measured` gives instances' current states (last passes)
 /// when an orchestrator is reachable.
@@ -76,49 +122,19 @@ pub fn plan(fleet: &FleetFile, now: Timestamp, measured: &[Instance]) -> Vec<Pla
         } else {
             policy.max_concurrent_downtime as usize
         };
-        let mut from = earliest;
-        'openings: for _ in 0..HORIZON_OPENINGS {
-            let Some(opening) = Timestamp::from_millisecond(from)
-                .ok()
-                .and_then(|t| windows::next_opening(&spec.windows, t))
-            else {
-                break;
-            };
-            let (start, end) = (
-                opening.start.as_millisecond().max(from),
-                opening.end.as_millisecond(),
-            );
-            let mut t = start;
-            loop {
-                if t + projected > end {
-                    from = end;
-                    continue 'openings;
-                }
-                let overlapping: Vec<i64> = planned
-                    .iter()
-                    .filter(|(s, e)| *s < t + projected && t < *e)
-                    .map(|(_, e)| *e)
-                    .collect();
-                if overlapping.len() >= max_down {
-                    t = overlapping.into_iter().min().unwrap_or(t + 60_000);
-                    continue;
-                }
-                if let Some(s) = planned
-                    .iter()
-                    .map(|(s, _)| *s)
-                    .find(|s| (t - s).abs() < stagger)
-                {
-                    t = s + stagger;
-                    continue;
-                }
-                break;
-            }
+        if let Some(t) = place(
+            &spec.windows,
+            earliest,
+            projected,
+            &planned,
+            max_down,
+            stagger,
+        ) {
             planned.push((t, t + projected));
             row.start = Timestamp::from_millisecond(t).ok();
             if canary {
                 after_canaries = after_canaries.max(t + projected);
             }
-            break;
         }
         if row.start.is_none() {
             row.note = "no window in the horizon fits its projected downtime".into();

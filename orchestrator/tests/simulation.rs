@@ -261,3 +261,57 @@ async fn a_restart_at_every_step_boundary_finishes_the_same_and_runs_nothing_twi
         "an operation ran twice: {executed:?}"
     );
 }
+
+/// Runs a fleet to its end (or `limit` transitions) and returns the engine and the times of
+/// its transitions.
+async fn simulate(
+    fleet: &FleetFile,
+    limit: Option<u64>,
+) -> (Engine, Arc<SimulatedClock>, Vec<i64>) {
+    let agents = SimAgents::new(Script::default());
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(State::open(&dir.path().join("state.db")).unwrap());
+    let clock = Arc::new(SimulatedClock::starting_at(start_ms()));
+    let mut engine = Engine::open(
+        fleet.clone(),
+        store,
+        Arc::new(agents),
+        clock.clone(),
+        rules_for(fleet),
+    )
+    .unwrap();
+    let times = Arc::new(Mutex::new(Vec::new()));
+    let seen = times.clone();
+    engine.observe(Box::new(move |t| seen.lock().unwrap().push(t.now_ms)));
+    let (_commands, rx) = mpsc::unbounded_channel();
+    engine.run(rx, limit).await.unwrap();
+    let times = times.lock().unwrap().clone();
+    (engine, clock, times)
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_eta_halfway_through_is_within_a_fifth_of_the_actual_remaining_time() {
+    let fleet = FleetFile::parse(&fleet_text(60, 0, 50, 2), "sim.toml").unwrap();
+    let (_, _, times) = simulate(&fleet, None).await;
+    let (first, last) = (times[0], *times.last().unwrap());
+    let half = first + (last - first) / 2;
+    let k = times.iter().position(|t| *t >= half).unwrap() as u64;
+    let (engine, clock, _) = simulate(&fleet, Some(k)).await;
+    let now = clock.now_ms();
+    let eta =
+        bmfleet_orchestrator::eta::fleet_finish(&fleet, engine.instances(), now).expect("an ETA");
+    let (estimated, actual) = ((eta - now) as f64, (last - now) as f64);
+    eprintln!(
+        "ETA check: estimated {:.1} min, actual {:.1} min",
+        estimated / 60_000.0,
+        actual / 60_000.0
+    );
+    assert!(
+        (estimated - actual).abs() <= 0.2 * actual,
+        "ETA {:.0} min from now, actually {:.0} min ({} of {} transitions)",
+        estimated / 60_000.0,
+        actual / 60_000.0,
+        k,
+        times.len()
+    );
+}

@@ -102,11 +102,11 @@ fn service(name: &str, log: &Path, running: bool) -> ServiceCommands {
     }
 }
 
-/// A window of one minute, twelve hours from now: the instance converges and waits.
+/// A window of ten minutes, twelve hours from now: the instance converges and waits.
 fn far_window() -> String {
     let at = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(12);
     let z = at.to_zoned(jiff::tz::TimeZone::UTC);
-    let end = z.clone() + jiff::SignedDuration::from_mins(1);
+    let end = z.clone() + jiff::SignedDuration::from_mins(10);
     let day = z.strftime("%a").to_string().to_lowercase();
     format!(
         "[[fleet.windows]]\ndays = [\"{day}\"]\nstart = \"{}\"\nend = \"{}\"\ntimezone = \"UTC\"\n",
@@ -229,6 +229,37 @@ async fn an_operator_applies_watches_pauses_and_aborts_a_fleet_across_an_orchest
     }
     assert!(!log.exists(), "no service was touched outside a window");
 
+    // The operator's view: progress, window, ETA, and the instance's step history.
+    let table = op.ok(&["fleet", "status"]);
+    assert!(
+        table.contains("PROGRESS") && table.contains("ETA"),
+        "{table}"
+    );
+    assert!(
+        table.contains("mail-01") && table.contains("40%"),
+        "{table}"
+    );
+    assert!(
+        table.contains("fleet night-1: 1 instances, 0 done"),
+        "{table}"
+    );
+    let status = op.instance();
+    let eta = status["eta_unix_ms"].as_i64().expect("an ETA");
+    let window_opens = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(11);
+    assert!(
+        eta > window_opens.as_millisecond(),
+        "the ETA must wait for the window 12 h away: {status}"
+    );
+    let history = op.ok(&["fleet", "status", "mail-01"]);
+    assert!(
+        history.contains("Preflight") && history.contains("HotPass") && history.contains(" ok"),
+        "{history}"
+    );
+    assert!(
+        history.trim_end().ends_with("mail-01: Converged"),
+        "{history}"
+    );
+
     // The metrics say the same, in a format promtool accepts.
     let scrape = scrape(metrics_port);
     assert!(
@@ -337,6 +368,7 @@ async fn an_operator_applies_watches_pauses_and_aborts_a_fleet_across_an_orchest
         .collect();
     let expected: Vec<(String, String)> = [
         ("Apply", "ok"),
+        ("Events", "ok"),
         ("Pause", "ok"),
         ("Resume", "ok"),
         ("Abort", "error"),
