@@ -1,6 +1,7 @@
-//! Moving the service IP: the origin releases it, the target adds it, announces it with
-//! gratuitous ARP (repeated over a period, so every neighbour's table follows) and makes it
-//! persistent in its network configuration.
+//! Moving the service IP: the origin releases it, the target adds it, announces it —
+//! gratuitous ARP for IPv4, an unsolicited neighbour advertisement for IPv6 — repeated over a
+//! period so every neighbour's table follows, and makes it persistent in its network
+//! configuration.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -183,7 +184,7 @@ pub async fn take(config: &AgentConfig, address: &str, interface: &str) -> IpRep
             return failed(format!("cannot write {}: {e}", file.display()));
         }
     }
-    if ip.ip.is_ipv4() {
+    {
         if let Err(e) = announce(config, &ip).await {
             return failed(format!("the address is up but was not announced: {e}"));
         }
@@ -208,8 +209,18 @@ pub async fn take(config: &AgentConfig, address: &str, interface: &str) -> IpRep
     reply
 }
 
-/// One gratuitous ARP (unsolicited, from and for the service IP).
+/// One announcement: a gratuitous ARP for IPv4, an unsolicited neighbour advertisement for
+/// IPv6.
 async fn announce(config: &AgentConfig, ip: &ServiceIp) -> Result<(), String> {
+    let IpAddr::V4(_) = ip.ip else {
+        let (ip, interface) = (ip.ip, ip.interface.clone());
+        return tokio::task::spawn_blocking(move || match ip {
+            IpAddr::V6(v6) => advertise_v6(v6, &interface),
+            IpAddr::V4(_) => Ok(()),
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    };
     let addr = ip.ip.to_string();
     run(&[
         config.network.arping.clone(),
@@ -235,6 +246,71 @@ async fn announce(config: &AgentConfig, ip: &ServiceIp) -> Result<(), String> {
     })
 }
 
+/// An unsolicited neighbour advertisement (RFC 4861 §7.2.6): ICMPv6 type 136 with the
+/// Override flag, the target address and its link-layer address. The kernel fills the checksum.
+pub fn neighbour_advertisement(target: std::net::Ipv6Addr, mac: [u8; 6]) -> Vec<u8> {
+    let mut packet = vec![136, 0, 0, 0, 0x20, 0, 0, 0];
+    packet.extend_from_slice(&target.octets());
+    packet.extend_from_slice(&[2, 1]);
+    packet.extend_from_slice(&mac);
+    packet
+}
+
+fn interface_fact(interface: &str, fact: &str) -> Result<String, String> {
+    let path = format!("/sys/class/net/{interface}/{fact}");
+    std::fs::read_to_string(&path)
+        .map(|s| s.trim().to_string())
+        .map_err(|e| format!("{path}: {e}"))
+}
+
+/// Sends one unsolicited neighbour advertisement for `target` to all nodes (ff02::1) on
+/// `interface`, from `target`, hop limit 255.
+fn advertise_v6(target: std::net::Ipv6Addr, interface: &str) -> Result<(), String> {
+    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+    let index: u32 = interface_fact(interface, "ifindex")?
+        .parse()
+        .map_err(|e| format!("ifindex of {interface}: {e}"))?;
+    let mut mac = [0u8; 6];
+    let text = interface_fact(interface, "address")?;
+    for (byte, hex) in mac.iter_mut().zip(text.split(':')) {
+        *byte = u8::from_str_radix(hex, 16).map_err(|e| format!("address of {interface}: {e}"))?;
+    }
+    let err = |what: &str, e: std::io::Error| format!("neighbour advertisement ({what}): {e}");
+    let socket = Socket::new_raw(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6))
+        .map_err(|e| err("socket", e))?;
+    socket
+        .bind_device(Some(interface.as_bytes()))
+        .map_err(|e| err("bind to device", e))?;
+    socket
+        .set_multicast_hops_v6(255)
+        .map_err(|e| err("hop limit", e))?;
+    socket
+        .set_multicast_if_v6(index)
+        .map_err(|e| err("interface", e))?;
+    let scope = if target.is_unicast_link_local() {
+        index
+    } else {
+        0
+    };
+    let source = std::net::SocketAddrV6::new(target, 0, 0, scope);
+    socket
+        .bind(&SockAddr::from(source))
+        .map_err(|e| err("bind to the service IP", e))?;
+    let all_nodes = std::net::SocketAddrV6::new(
+        std::net::Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1),
+        0,
+        0,
+        index,
+    );
+    socket
+        .send_to(
+            &neighbour_advertisement(target, mac),
+            &SockAddr::from(all_nodes),
+        )
+        .map_err(|e| err("send", e))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,6 +323,14 @@ mod tests {
         assert!(ServiceIp::parse("198.18.0.100/33", "eth0").is_err());
         assert!(ServiceIp::parse("198.18.0.100/24", "eth0; rm -rf /").is_err());
         assert!(ServiceIp::parse("2001:db8::1/64", "eth0").is_ok());
+    }
+
+    #[test]
+    fn a_neighbour_advertisement_overrides_and_carries_the_mac() {
+        let p = neighbour_advertisement("fe80::bf:100".parse().unwrap(), [2, 0, 0, 0, 0, 9]);
+        assert_eq!(p.len(), 32);
+        assert_eq!(&p[..8], &[136, 0, 0, 0, 0x20, 0, 0, 0]);
+        assert_eq!(&p[24..], &[2, 1, 2, 0, 0, 0, 0, 9]);
     }
 
     #[test]

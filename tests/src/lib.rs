@@ -52,7 +52,7 @@ impl TestPki {
         self.issue_with(req)
     }
 
-    /// Issues any request; files are named after the name and a counter-free suffix.
+    /// Issues any request into files named after the holder and a unique number.
     pub fn issue_with(&self, req: IssueRequest) -> TlsFiles {
         let issued = self.ca.issue(&req).expect("issue");
         let stem = format!("{}-{}", req.name, unique());
