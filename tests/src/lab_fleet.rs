@@ -64,6 +64,16 @@ pub struct InstanceOutcome {
     pub bytes_moved: u64,
 }
 
+/// The BlueMind version of pair `i`: every third pair runs 4.x (the old firewall call), the
+/// others 5.x.
+pub fn bluemind_version(i: usize) -> &'static str {
+    if i % 3 == 0 {
+        "4.9.3"
+    } else {
+        "5.1.2"
+    }
+}
+
 /// The service IP of pair `i` (1-based).
 pub fn service_ip(i: usize) -> String {
     format!("198.18.0.{}", 100 + i)
@@ -243,8 +253,9 @@ impl LabFleet {
         );
         for i in 1..=self.params.pairs {
             text += &format!(
-                "\n[[instance]]\nname = \"mail-{i}\"\norigin = \"origin-{i}\"\ntarget = \"target-{i}\"\nservice_ip = \"{}/24\"\nbluemind = \"5.x\"\n",
-                service_ip(i)
+                "\n[[instance]]\nname = \"mail-{i}\"\norigin = \"origin-{i}\"\ntarget = \"target-{i}\"\nservice_ip = \"{}/24\"\nbluemind = \"{}\"\n",
+                service_ip(i),
+                if bluemind_version(i).starts_with('5') { "5.x" } else { "4.x" }
             );
         }
         text
@@ -509,7 +520,10 @@ fn seed_host(
     for d in bmfleet_proto::BLUEMIND_DATA_DIRS {
         std::fs::create_dir_all(root.join(d.trim_start_matches('/'))).expect("data dir");
     }
-    write(&root.join("etc/bm/bm-core.version"), "5.1.2\n");
+    write(
+        &root.join("etc/bm/bm-core.version"),
+        format!("{}\n", bluemind_version(pair)),
+    );
     write(
         &root.join("etc/bm/bm-core.tok"),
         format!("token-of-{name}\n"),

@@ -4,7 +4,7 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use bmfleet_tests::lab_fleet::{service_ip, LabFleet, LabParams};
+use bmfleet_tests::lab_fleet::{bluemind_version, service_ip, LabFleet, LabParams};
 
 const LOGIN: &str = "/api/auth/login?login=admin0@global.virt";
 
@@ -245,10 +245,13 @@ fn three_instances_migrate_with_no_mail_lost() {
                 )
             })
             .collect();
-        assert_eq!(
-            posted[0].0, "/internal-api/system/firewall/_updatefirewallrules",
-            "5.x uses bm-core's firewall call"
-        );
+        // 5.x regenerates the firewall through bm-core's internal API, 4.x through the old call.
+        let firewall = if bluemind_version(i).starts_with('5') {
+            "/internal-api/system/firewall/_updatefirewallrules"
+        } else {
+            "/api/system/security/_updatefirewallrules"
+        };
+        assert_eq!(posted[0].0, firewall, "pair {i}");
         assert_eq!(posted[1].0, "/api/system/maildelivery/mgmt/_repair");
         assert_eq!(posted[2].0, "/api/configuration");
         let body: serde_json::Value = serde_json::from_str(&posted[2].1).unwrap();
