@@ -67,7 +67,7 @@ pub struct InstanceOutcome {
 /// The BlueMind version of pair `i`: every third pair runs 4.x (the old firewall call), the
 /// others 5.x.
 pub fn bluemind_version(i: usize) -> &'static str {
-    if i % 3 == 0 {
+    if i.is_multiple_of(3) {
         "4.9.3"
     } else {
         "5.1.2"
