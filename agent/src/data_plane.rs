@@ -241,31 +241,9 @@ impl DataPlane {
         }
         let conn = self.bluemind_connection();
         if directory_jobs == 0 {
-            let mut child = conn
-                .command("pg_dump", database)
-                .arg("--no-sync")
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .map_err(|e| format!("cannot start pg_dump: {e}"))?;
-            write_json_line(
-                stream,
-                &TunnelReply {
-                    ok: true,
-                    error: String::new(),
-                },
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-            let mut stdout = child.stdout.take().ok_or("pg_dump has no stdout")?;
-            let sent = send_framed(&mut stdout, stream).await;
-            let out = child.wait_with_output().await;
-            let outcome = finish("pg_dump", sent.map(|_| ()), out);
-            end_framed(stream, &outcome)
-                .await
-                .map_err(|e| e.to_string())?;
-            return Ok(());
+            let mut pg_dump = conn.command("pg_dump", database);
+            pg_dump.arg("--no-sync");
+            return stream_output("pg_dump", pg_dump, stream).await;
         }
         // Directory format: dump with N jobs into a private temporary dir, then stream a tar
         // of it; the dir is removed when done.
@@ -293,31 +271,12 @@ impl DataPlane {
                 String::from_utf8_lossy(&out.stderr).trim()
             ));
         }
-        let mut tar = Command::new("tar")
-            .arg("-C")
+        let mut tar = Command::new("tar");
+        tar.arg("-C")
             .arg(&dump_dir)
             .args(["-cf", "-", "."])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| format!("cannot start tar: {e}"))?;
-        write_json_line(
-            stream,
-            &TunnelReply {
-                ok: true,
-                error: String::new(),
-            },
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        let mut stdout = tar.stdout.take().ok_or("tar has no stdout")?;
-        let sent = send_framed(&mut stdout, stream).await;
-        let out = tar.wait_with_output().await;
-        let outcome = finish("tar", sent.map(|_| ()), out);
-        end_framed(stream, &outcome)
-            .await
-            .map_err(|e| e.to_string())
+            .kill_on_drop(true);
+        stream_output("tar", tar, stream).await
     }
 
     async fn manifest(&self, grant: &Grant, stream: &mut Stream) -> Result<(), String> {
@@ -354,6 +313,40 @@ impl DataPlane {
             .map_err(|e| e.to_string())?;
         stream.shutdown().await.map_err(|e| e.to_string())
     }
+}
+
+/// Starts `command`, admits the client, streams the command's stdout as data frames and ends
+/// with its outcome (exit status and stderr).
+async fn stream_output(
+    program: &str,
+    mut command: Command,
+    stream: &mut Stream,
+) -> Result<(), String> {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start {program}: {e}"))?;
+    write_json_line(
+        stream,
+        &TunnelReply {
+            ok: true,
+            error: String::new(),
+        },
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let mut stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| format!("{program} has no stdout"))?;
+    let sent = send_framed(&mut stdout, stream).await;
+    let out = child.wait_with_output().await;
+    let outcome = finish(program, sent.map(|_| ()), out);
+    end_framed(stream, &outcome)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// The end-frame outcome of a streamed child.
