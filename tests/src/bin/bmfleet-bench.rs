@@ -1,0 +1,162 @@
+//! `bmfleet-bench orchestrator [--pairs N]`: one orchestrator engine driving N instance pairs
+//! through every phase with simulated agents on simulated time (tokio's paused clock), as in the
+//! orchestrator's simulation tests. Reports wall time, CPU seconds, peak RSS, and the time to
+//! compute `bmctl fleet status` (every instance's state from SQLite, progress and ETA) sampled
+//! during the run. Not part of CI; see BENCHMARKS.md.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bmfleet_orchestrator::clock::{Clock, SimulatedClock};
+use bmfleet_orchestrator::engine::{rules_for, Engine};
+use bmfleet_orchestrator::fleet::FleetFile;
+use bmfleet_orchestrator::machine::Phase;
+use bmfleet_orchestrator::sim::{Script, SimAgents};
+use bmfleet_orchestrator::state::State;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about)]
+struct Args {
+    #[command(subcommand)]
+    command: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// One orchestrator, N simulated instance pairs, every phase.
+    Orchestrator {
+        /// Instance pairs.
+        #[arg(long, default_value_t = 1000)]
+        pairs: usize,
+        /// Instances down at once.
+        #[arg(long, default_value_t = 20)]
+        max_down: u32,
+    },
+}
+
+fn fleet_text(n: usize, max_down: u32) -> String {
+    let mut text = format!(
+        "[fleet]\nname = \"bench\"\nmax_parallel_hot_syncs = 100\nmax_concurrent_downtime = {max_down}\nmin_stagger_secs = 5\ncanary_count = 0\nfailure_budget = 0\ndowntime_budget_secs = 1800\n\
+         [[fleet.windows]]\ndays = [\"mon\",\"tue\",\"wed\",\"thu\",\"fri\",\"sat\",\"sun\"]\nstart = \"22:00\"\nend = \"05:00\"\ntimezone = \"Europe/Paris\"\n"
+    );
+    for i in 0..n {
+        text += &format!(
+            "\n[[instance]]\nname = \"mail-{i:04}\"\norigin = \"origin-{i:04}\"\ntarget = \"target-{i:04}\"\nservice_ip = \"198.{}.{}.{}/8\"\n",
+            18 + i / 62_500,
+            (i / 250) % 250,
+            i % 250 + 1
+        );
+    }
+    text
+}
+
+fn rusage() -> (f64, i64) {
+    match nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF) {
+        Ok(u) => {
+            let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+            (secs(u.user_time()) + secs(u.system_time()), u.max_rss())
+        }
+        Err(_) => (0.0, 0),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let Bench::Orchestrator { pairs, max_down } = Args::parse().command;
+    let fleet = FleetFile::parse(&fleet_text(pairs, max_down), "bench.toml")?;
+    let dir = tempfile::tempdir()?;
+    let store = Arc::new(State::open(&dir.path().join("state.db"))?);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()?;
+    let started = Instant::now();
+    let samples = Arc::new(Mutex::new(Vec::<f64>::new()));
+    let (stop, transitions, span_ms, instances) = runtime.block_on(async {
+        let start: i64 = "2026-12-07T12:00:00Z"
+            .parse::<jiff::Timestamp>()?
+            .as_millisecond();
+        let clock = Arc::new(SimulatedClock::starting_at(start));
+        let agents = SimAgents::new(Script::default());
+        let mut engine = Engine::open(
+            fleet.clone(),
+            store.clone(),
+            Arc::new(agents),
+            clock.clone(),
+            rules_for(&fleet),
+        )?;
+        let count = Arc::new(Mutex::new(0u64));
+        let (observed, seen, status_store, status_samples) =
+            (fleet.clone(), count.clone(), store.clone(), samples.clone());
+        engine.observe(Box::new(move |t| {
+            let mut n = seen.lock().unwrap_or_else(|p| p.into_inner());
+            *n += 1;
+            // Every 500 transitions: what `bmctl fleet status` costs the orchestrator.
+            if (*n).is_multiple_of(500) {
+                let timer = Instant::now();
+                let stored = status_store.instances().unwrap_or_default();
+                let states: Vec<_> = observed
+                    .instances
+                    .iter()
+                    .map(|s| {
+                        stored
+                            .iter()
+                            .find(|(n, _)| *n == s.name)
+                            .map(|(_, i)| i.clone())
+                            .unwrap_or_default()
+                    })
+                    .collect();
+                let _ = bmfleet_orchestrator::eta::finishes(&observed, &states, t.now_ms);
+                status_samples
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(timer.elapsed().as_secs_f64() * 1000.0);
+            }
+        }));
+        let (_commands, rx) = tokio::sync::mpsc::unbounded_channel();
+        let stop = engine.run(rx, None).await?;
+        let transitions = *count.lock().unwrap_or_else(|p| p.into_inner());
+        Ok::<_, anyhow::Error>((
+            stop,
+            transitions,
+            clock.now_ms() - start,
+            engine.instances().to_vec(),
+        ))
+    })?;
+    let wall = started.elapsed().as_secs_f64();
+    let (cpu, rss_kib) = rusage();
+    let mut s = samples.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| {
+        s.get(((s.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let done = instances.iter().filter(|i| i.phase == Phase::Done).count();
+    println!("pairs                 {pairs}");
+    println!("finished              {stop:?}, {done}/{pairs} Done");
+    println!("transitions           {transitions}");
+    println!(
+        "simulated span        {:.1} h",
+        span_ms as f64 / 3_600_000.0
+    );
+    println!("wall time             {wall:.2} s");
+    println!("CPU time              {cpu:.2} s");
+    println!("peak RSS              {:.1} MiB", rss_kib as f64 / 1024.0);
+    println!(
+        "status computation    p50 {:.1} ms, p95 {:.1} ms, max {:.1} ms ({} samples)",
+        pct(0.5),
+        pct(0.95),
+        pct(1.0),
+        s.len()
+    );
+    println!(
+        "{}",
+        serde_json::json!({
+            "pairs": pairs, "done": done, "stop": format!("{stop:?}"), "transitions": transitions,
+            "wall_seconds": wall, "cpu_seconds": cpu, "peak_rss_mib": rss_kib as f64 / 1024.0,
+            "status_ms": {"p50": pct(0.5), "p95": pct(0.95), "max": pct(1.0)},
+        })
+    );
+    Ok(())
+}
