@@ -257,15 +257,19 @@ impl State {
         Ok(rows)
     }
 
-    /// Stores the applied fleet file (replacing the previous one).
+    /// Stores a newly applied fleet file, replacing the previous one, and starts its
+    /// instances afresh (the previous fleet's states go; its transitions stay, for history).
     pub fn save_fleet_file(&self, text: &str, now_ms: i64) -> Result<(), StateError> {
-        self.conn()
-            .execute(
-                "INSERT OR REPLACE INTO fleet_file (id, text, applied_ms) VALUES (1, ?1, ?2)",
-                params![text, now_ms],
-            )
-            .map(|_| ())
-            .map_err(|e| self.err(e))
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        tx.execute(
+            "INSERT OR REPLACE INTO fleet_file (id, text, applied_ms) VALUES (1, ?1, ?2)",
+            params![text, now_ms],
+        )
+        .map_err(|e| self.err(e))?;
+        tx.execute_batch("DELETE FROM instances; DELETE FROM fleet_state;")
+            .map_err(|e| self.err(e))?;
+        tx.commit().map_err(|e| self.err(e))
     }
 
     /// The applied fleet file, if any.

@@ -341,6 +341,16 @@ async fn an_operator_applies_watches_pauses_and_aborts_a_fleet_across_an_orchest
     op.ok(&["fleet", "abort", "mail-01"]);
     op.wait_for_phase("Aborted");
 
+    // With every instance finished, the fleet can be applied again: it starts afresh.
+    op.ok(&["fleet", "apply", fleet.to_str().unwrap()]);
+    let again = op.wait_for_phase("Converged");
+    assert_eq!(
+        again["hot_passes"], 1,
+        "a new application starts from its first pass: {again}"
+    );
+    op.ok(&["fleet", "abort", "mail-01"]);
+    op.wait_for_phase("Aborted");
+
     let events = op.ok(&["fleet", "events", "mail-01", "--output", "json"]);
     let phases: Vec<String> = events
         .lines()
@@ -372,6 +382,8 @@ async fn an_operator_applies_watches_pauses_and_aborts_a_fleet_across_an_orchest
         ("Pause", "ok"),
         ("Resume", "ok"),
         ("Abort", "error"),
+        ("Abort", "ok"),
+        ("Apply", "ok"),
         ("Abort", "ok"),
         ("Events", "ok"),
     ]
