@@ -54,6 +54,14 @@ pub async fn gather(config: &AgentConfig, agent_name: &str, measure_usage: bool)
     }
 }
 
+/// The BlueMind version of this host (empty when it cannot be read).
+pub async fn bluemind_version(config: &AgentConfig) -> String {
+    let timeout = Duration::from_secs(config.facts.command_timeout_secs);
+    version("BlueMind", &config.facts.bluemind_version_command, timeout)
+        .await
+        .version
+}
+
 async fn version(what: &str, argv: &[String], timeout: Duration) -> VersionFact {
     if argv.is_empty() {
         return VersionFact {

@@ -151,18 +151,8 @@ impl Agent for AgentService {
             tracing::info!(operation_id = %req.operation_id, action = action.as_str_name(), "services");
             services::run(&self.config.services, action).await
         };
-        let (mut reply, replayed) = once(
-            &self.journal,
-            &req.operation_id,
-            &kind,
-            &req.encode_to_vec(),
-            now_ms,
-            run,
-        )
-        .await?;
-        reply.operation_id = req.operation_id;
-        reply.replayed = replayed;
-        Ok(Response::new(reply))
+        self.journaled(&req.operation_id, &kind, &req.encode_to_vec(), run)
+            .await
     }
 
     async fn grant(&self, request: Request<GrantRequest>) -> Result<Response<GrantReply>, Status> {
@@ -256,18 +246,13 @@ impl Agent for AgentService {
             format,
             req.jobs,
         );
-        let (mut reply, replayed) = once(
-            &self.journal,
+        self.journaled(
             &req.operation_id,
             "move_databases",
             &req.encode_to_vec(),
-            now_ms,
             run,
         )
-        .await?;
-        reply.operation_id = req.operation_id;
-        reply.replayed = replayed;
-        Ok(Response::new(reply))
+        .await
     }
 
     async fn post_migration(
@@ -279,11 +264,7 @@ impl Agent for AgentService {
         let encoded = req.encode_to_vec();
         let id = req.operation_id.clone();
         let run = async move {
-            let version = facts::gather(&config, "", false)
-                .await
-                .bluemind
-                .map(|v| v.version)
-                .unwrap_or_default();
+            let version = facts::bluemind_version(&config).await;
             tokio::task::spawn_blocking(move || crate::post_migration::run(&config, &req, &version))
                 .await
                 .unwrap_or_else(|e| PostMigrationReply {
@@ -291,11 +272,7 @@ impl Agent for AgentService {
                     ..Default::default()
                 })
         };
-        let (mut reply, replayed) =
-            once(&self.journal, &id, "post_migration", &encoded, now_ms, run).await?;
-        reply.operation_id = id;
-        reply.replayed = replayed;
-        Ok(Response::new(reply))
+        self.journaled(&id, "post_migration", &encoded, run).await
     }
 
     async fn manifest(
@@ -351,22 +328,49 @@ impl Agent for AgentService {
         let req = request.into_inner();
         let origin = origin_of(req.origin.clone())?;
         let run = copy_config(&self.config, &origin);
-        let (mut reply, replayed) = once(
-            &self.journal,
-            &req.operation_id,
-            "copy_config",
-            &req.encode_to_vec(),
-            now_ms,
-            run,
-        )
-        .await?;
-        reply.operation_id = req.operation_id;
-        reply.replayed = replayed;
-        Ok(Response::new(reply))
+        self.journaled(&req.operation_id, "copy_config", &req.encode_to_vec(), run)
+            .await
     }
 }
 
+/// A reply that says which operation it answers and whether it was replayed.
+trait Journaled {
+    fn mark(&mut self, operation_id: &str, replayed: bool);
+}
+
+macro_rules! journaled {
+    ($($reply:ty),*) => {$(
+        impl Journaled for $reply {
+            fn mark(&mut self, operation_id: &str, replayed: bool) {
+                self.operation_id = operation_id.to_string();
+                self.replayed = replayed;
+            }
+        }
+    )*};
+}
+
+journaled!(
+    ServicesReply,
+    MoveDatabasesReply,
+    CopyConfigReply,
+    PostMigrationReply,
+    IpReply
+);
+
 impl AgentService {
+    /// Runs `run` once per operation id (see [`once`]) and marks the reply with its id.
+    async fn journaled<R: Message + Default + Journaled>(
+        &self,
+        id: &str,
+        kind: &str,
+        encoded: &[u8],
+        run: impl Future<Output = R>,
+    ) -> Result<Response<R>, Status> {
+        let (mut reply, replayed) = once(&self.journal, id, kind, encoded, now_ms, run).await?;
+        reply.mark(id, replayed);
+        Ok(Response::new(reply))
+    }
+
     async fn ip(&self, req: IpRequest, take: bool) -> Result<Response<IpReply>, Status> {
         let kind = if take { "take_ip" } else { "release_ip" };
         let encoded = req.encode_to_vec();
@@ -377,18 +381,7 @@ impl AgentService {
                 cutover::release(&self.config, &req.address, &req.interface).await
             }
         };
-        let (mut reply, replayed) = once(
-            &self.journal,
-            &req.operation_id,
-            kind,
-            &encoded,
-            now_ms,
-            run,
-        )
-        .await?;
-        reply.operation_id = req.operation_id.clone();
-        reply.replayed = replayed;
-        Ok(Response::new(reply))
+        self.journaled(&req.operation_id, kind, &encoded, run).await
     }
 }
 

@@ -42,6 +42,11 @@ fn refused(e: ConductorError) -> Status {
     }
 }
 
+/// The audit record's arguments of a pause or resume.
+fn target_arguments(req: &TargetRequest) -> String {
+    format!("{{\"instance\":{:?},\"all\":{}}}", req.instance, req.all)
+}
+
 fn target(req: &TargetRequest) -> Result<Option<String>, Status> {
     match (req.instance.is_empty(), req.all) {
         (false, false) => Ok(Some(req.instance.clone())),
@@ -230,11 +235,7 @@ impl Fleet for FleetApi {
         &self,
         request: Request<TargetRequest>,
     ) -> Result<Response<CommandReply>, Status> {
-        let arguments = format!(
-            "{{\"instance\":{:?},\"all\":{}}}",
-            request.get_ref().instance,
-            request.get_ref().all
-        );
+        let arguments = target_arguments(request.get_ref());
         self.audited(&request, "Pause", arguments, || {
             self.command(Command::Pause(target(request.get_ref())?))
         })
@@ -244,11 +245,7 @@ impl Fleet for FleetApi {
         &self,
         request: Request<TargetRequest>,
     ) -> Result<Response<CommandReply>, Status> {
-        let arguments = format!(
-            "{{\"instance\":{:?},\"all\":{}}}",
-            request.get_ref().instance,
-            request.get_ref().all
-        );
+        let arguments = target_arguments(request.get_ref());
         self.audited(&request, "Resume", arguments, || {
             self.command(Command::Resume(target(request.get_ref())?))
         })
