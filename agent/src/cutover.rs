@@ -228,6 +228,10 @@ async fn announce(config: &AgentConfig, ip: &ServiceIp) -> Result<(), String> {
         "-U".into(),
         "-c".into(),
         "1".into(),
+        // Wait 50 ms for the (never coming) reply, not arping's default second: the
+        // announcement is on the downtime's critical path.
+        "-W".into(),
+        "0.05".into(),
         "-i".into(),
         ip.interface.clone(),
         "-S".into(),

@@ -45,6 +45,9 @@ pub struct DataPlane {
 pub struct ManifestReply {
     /// Databases present on the origin, with their tables.
     pub databases: Vec<pg::DatabaseManifest>,
+    /// The origin's PostgreSQL version (`server_version_num`): it decides the checksum.
+    #[serde(default)]
+    pub server_version_num: u32,
     /// BlueMind's database user.
     pub user: String,
     /// Its password.
@@ -97,7 +100,7 @@ impl DataPlane {
         let grant_id = match &request {
             TunnelRequest::Rsync { grant, .. }
             | TunnelRequest::DumpDatabase { grant, .. }
-            | TunnelRequest::DatabaseManifest { grant } => grant.clone(),
+            | TunnelRequest::DatabaseManifest { grant, .. } => grant.clone(),
         };
         let now = crate::server::now_ms();
         let grant = match self.grants.admit(&grant_id, &caller.name, now) {
@@ -121,7 +124,9 @@ impl DataPlane {
                 self.dump(&grant, &database, directory_jobs, &mut stream)
                     .await
             }
-            TunnelRequest::DatabaseManifest { .. } => self.manifest(&grant, &mut stream).await,
+            TunnelRequest::DatabaseManifest { names_only, .. } => {
+                self.manifest(&grant, names_only, &mut stream).await
+            }
         };
         match outcome {
             Ok(()) => {
@@ -279,20 +284,37 @@ impl DataPlane {
         stream_output("tar", tar, stream).await
     }
 
-    async fn manifest(&self, grant: &Grant, stream: &mut Stream) -> Result<(), String> {
+    async fn manifest(
+        &self,
+        grant: &Grant,
+        names_only: bool,
+        stream: &mut Stream,
+    ) -> Result<(), String> {
         grant.require_databases().map_err(|e| e.to_string())?;
         let conn = self.bluemind_connection();
         let existing = conn
             .existing_databases(&self.config.postgresql.databases)
             .await
             .map_err(|e| e.to_string())?;
+        let server_version_num = conn.server_version_num().await.map_err(|e| e.to_string())?;
+        let checksum = pg::Checksum::for_origin(server_version_num);
         let mut databases = Vec::new();
         for db in existing {
-            databases.push(conn.manifest(&db).await.map_err(|e| e.to_string())?);
+            databases.push(if names_only {
+                pg::DatabaseManifest {
+                    name: db,
+                    tables: Vec::new(),
+                }
+            } else {
+                conn.manifest(&db, checksum)
+                    .await
+                    .map_err(|e| e.to_string())?
+            });
         }
         let pg_config = &self.config.postgresql;
         let reply = ManifestReply {
             databases,
+            server_version_num,
             user: pg_config.user.clone(),
             password: pg::bluemind_password(
                 &self.config.host_path(Path::new("/etc/bm/bm.ini")),

@@ -14,7 +14,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::config::AgentConfig;
 use crate::data_plane::ManifestReply;
-use crate::pg::{ident, literal, Connection, DatabaseManifest};
+use crate::pg::{ident, literal, Checksum, Connection, DatabaseManifest};
 use crate::tunnel::{self, read_json_line, receive_framed, TunnelRequest};
 
 /// Moves every BlueMind database present on the origin. Never fails as a call: the reply
@@ -55,60 +55,136 @@ async fn run(
     format: DumpFormat,
     jobs: u32,
 ) -> Result<Vec<DatabaseMove>, String> {
+    // First what the move needs (database names, BlueMind's credentials): quick.
+    let names = origin_manifest(config, tls.clone(), origin, false).await?;
+    let admin = Connection::admin(&config.postgresql);
+    ensure_role(&admin, &names.user, &names.password).await?;
+    // Then every database moves at once, while the origin checksums its tables (read-only:
+    // BlueMind is stopped there).
+    let mut moving = tokio::task::JoinSet::new();
+    for (index, db) in names.databases.iter().enumerate() {
+        let (config, tls, origin) = (config.clone(), tls.clone(), origin.clone());
+        let (name, owner) = (db.name.clone(), names.user.clone());
+        let checksum = Checksum::for_origin(names.server_version_num);
+        moving.spawn(async move {
+            let how = Restore {
+                format,
+                jobs,
+                checksum,
+            };
+            let moved = move_one(&config, tls, &origin, &name, &owner, how).await;
+            (index, moved)
+        });
+    }
+    let checksums = origin_manifest(config, tls, origin, true).await;
+    let mut moved = Vec::new();
+    while let Some(done) = moving.join_next().await {
+        let (index, result) = done.map_err(|e| format!("a database move stopped: {e}"))?;
+        moved.push((index, result?));
+    }
+    let checksums = checksums?;
+    moved.sort_by_key(|(index, _)| *index);
+    Ok(moved
+        .into_iter()
+        .map(|(_, (mut m, target_db))| {
+            let empty = DatabaseManifest {
+                name: m.name.clone(),
+                tables: Vec::new(),
+            };
+            let origin_db = checksums
+                .databases
+                .iter()
+                .find(|d| d.name == m.name)
+                .unwrap_or(&empty);
+            m.tables = compare(origin_db, &target_db);
+            m
+        })
+        .collect())
+}
+
+/// The origin's databases: names and credentials, with every table's rows and checksum when
+/// `checksums`.
+async fn origin_manifest(
+    config: &AgentConfig,
+    tls: Arc<rustls::ClientConfig>,
+    origin: &OriginEndpoint,
+    checksums: bool,
+) -> Result<ManifestReply, String> {
     let timeout = Duration::from_secs(config.data_plane.connect_timeout_secs);
     let request = TunnelRequest::DatabaseManifest {
         grant: origin.grant_id.clone(),
+        names_only: !checksums,
     };
-    let mut stream = tunnel::open(origin, tls.clone(), &request, timeout)
+    let mut stream = tunnel::open(origin, tls, &request, timeout)
         .await
         .map_err(|e| e.to_string())?;
-    let before: ManifestReply = read_json_line(&mut stream)
+    read_json_line(&mut stream)
         .await
-        .map_err(|e| format!("reading the origin's manifest: {e}"))?;
-    drop(stream);
+        .map_err(|e| format!("reading the origin's database manifest: {e}"))
+}
+
+/// How one database is restored and checked.
+#[derive(Clone, Copy)]
+struct Restore {
+    format: DumpFormat,
+    jobs: u32,
+    checksum: Checksum,
+}
+
+/// Re-creates one database owned by `owner`, restores the origin's dump into it as it
+/// streams, and reads back its manifest.
+async fn move_one(
+    config: &AgentConfig,
+    tls: Arc<rustls::ClientConfig>,
+    origin: &OriginEndpoint,
+    name: &str,
+    owner: &str,
+    how: Restore,
+) -> Result<(DatabaseMove, DatabaseManifest), String> {
+    let started = Instant::now();
+    let timeout = Duration::from_secs(config.data_plane.connect_timeout_secs);
     let admin = Connection::admin(&config.postgresql);
-    ensure_role(&admin, &before.user, &before.password).await?;
-    let mut moves = Vec::new();
-    for origin_db in &before.databases {
-        let started = Instant::now();
-        let name = &origin_db.name;
-        admin
-            .psql(
-                "postgres",
-                &format!(
-                    "DROP DATABASE IF EXISTS {db} WITH (FORCE);\nCREATE DATABASE {db} OWNER {owner};\n",
-                    db = ident(name),
-                    owner = ident(&before.user)
-                ),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        let directory_jobs = match format {
-            DumpFormat::Plain => 0,
-            DumpFormat::Directory => jobs.max(1),
-        };
-        let request = TunnelRequest::DumpDatabase {
-            grant: origin.grant_id.clone(),
-            database: name.clone(),
-            directory_jobs,
-        };
-        let mut stream = tunnel::open(origin, tls.clone(), &request, timeout)
-            .await
-            .map_err(|e| e.to_string())?;
-        let dump_bytes = if directory_jobs == 0 {
-            restore_plain(&admin, name, &mut stream).await?
-        } else {
-            restore_directory(config, &admin, name, directory_jobs, &mut stream).await?
-        };
-        let target_db = admin.manifest(name).await.map_err(|e| e.to_string())?;
-        moves.push(DatabaseMove {
-            name: name.clone(),
+    admin
+        .psql(
+            "postgres",
+            &format!(
+                "DROP DATABASE IF EXISTS {db} WITH (FORCE);\nCREATE DATABASE {db} OWNER {owner};\n",
+                db = ident(name),
+                owner = ident(owner)
+            ),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let directory_jobs = match how.format {
+        DumpFormat::Plain => 0,
+        DumpFormat::Directory => how.jobs.max(1),
+    };
+    let request = TunnelRequest::DumpDatabase {
+        grant: origin.grant_id.clone(),
+        database: name.to_string(),
+        directory_jobs,
+    };
+    let mut stream = tunnel::open(origin, tls, &request, timeout)
+        .await
+        .map_err(|e| e.to_string())?;
+    let dump_bytes = if directory_jobs == 0 {
+        restore_plain(&admin, name, &mut stream).await?
+    } else {
+        restore_directory(config, &admin, name, directory_jobs, &mut stream).await?
+    };
+    let target_db = admin
+        .manifest(name, how.checksum)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((
+        DatabaseMove {
+            name: name.to_string(),
             dump_bytes,
             elapsed_ms: started.elapsed().as_millis() as u64,
-            tables: compare(origin_db, &target_db),
-        });
-    }
-    Ok(moves)
+            tables: Vec::new(),
+        },
+        target_db,
+    ))
 }
 
 /// Creates BlueMind's role if missing and gives it the origin's password (the copied bm.ini

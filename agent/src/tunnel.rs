@@ -39,6 +39,9 @@ pub enum TunnelRequest {
     DatabaseManifest {
         /// The grant id.
         grant: String,
+        /// Only the databases' names and the credentials, no table checksums.
+        #[serde(default)]
+        names_only: bool,
     },
 }
 

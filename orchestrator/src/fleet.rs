@@ -120,6 +120,8 @@ pub struct Rates {
     pub transfer_mib_per_sec: f64,
     /// Database restored per second, MiB.
     pub restore_mib_per_sec: f64,
+    /// Seconds to stop BlueMind on the origin and start it on the target (with the IP move).
+    pub services_secs: f64,
 }
 
 impl Default for Rates {
@@ -128,6 +130,7 @@ impl Default for Rates {
             scan_files_per_sec: 60_000.0,
             transfer_mib_per_sec: 100.0,
             restore_mib_per_sec: 25.0,
+            services_secs: 60.0,
         }
     }
 }

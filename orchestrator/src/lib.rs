@@ -67,12 +67,32 @@ pub enum OrchestratorError {
     Serve(#[from] tonic::transport::Error),
 }
 
+/// Who runs the migration steps.
+pub enum StepRunner {
+    /// The configured agents, over mutual-TLS gRPC (production).
+    Agents,
+    /// Simulated agents (tests and rehearsals: everything else, health checks of the
+    /// configured agents included, is real).
+    Simulated(sim::SimAgents),
+}
+
 /// Runs the orchestrator: health checks in the background and the Fleet API on `listener`,
 /// until `shutdown` completes.
 pub async fn run(
     config: OrchestratorConfig,
     listener: TcpListener,
     clock: Arc<dyn Clock>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), OrchestratorError> {
+    run_with(config, listener, clock, StepRunner::Agents, shutdown).await
+}
+
+/// [`run`], with the steps run by `steps`.
+pub async fn run_with(
+    config: OrchestratorConfig,
+    listener: TcpListener,
+    clock: Arc<dyn Clock>,
+    steps: StepRunner,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), OrchestratorError> {
     let identity = LocalIdentity::load(&config.tls, Role::Orchestrator)?;
@@ -90,11 +110,14 @@ pub async fn run(
         })?;
         tracing::info!(address = %bound, "metrics serving");
     }
-    let port = Arc::new(agent_steps::GrpcAgents::new(
-        pool.clone(),
-        clock.clone(),
-        metrics.clone(),
-    ));
+    let port: Arc<dyn engine::AgentPort> = match steps {
+        StepRunner::Agents => Arc::new(agent_steps::GrpcAgents::new(
+            pool.clone(),
+            clock.clone(),
+            metrics.clone(),
+        )),
+        StepRunner::Simulated(agents) => Arc::new(agents),
+    };
     let conductor = Arc::new(conductor::Conductor::new(
         state.clone(),
         clock.clone(),

@@ -57,7 +57,6 @@ pub enum Wait {
 /// the rates its last pass measured (the fleet's rates before any pass), plus the databases at
 /// the restore rate, plus stopping and starting services.
 pub fn projected_downtime_ms(spec: &InstanceSpec, instance: &Instance, policy: &Policy) -> i64 {
-    const SERVICES_MS: f64 = 60_000.0;
     let rates = policy.rates;
     let (scan_ms, transfer_ms) = match instance.last_pass {
         Some(p) if p.elapsed_ms > 0 => {
@@ -71,7 +70,7 @@ pub fn projected_downtime_ms(spec: &InstanceSpec, instance: &Instance, policy: &
     };
     let database_ms = spec.estimate.database_mib / rates.restore_mib_per_sec * 1000.0;
     // The final pass and the database move run in parallel.
-    (SERVICES_MS + (scan_ms + transfer_ms).max(database_ms)) as i64
+    (rates.services_secs * 1000.0 + (scan_ms + transfer_ms).max(database_ms)) as i64
 }
 
 fn running(instance: &Instance, step: Step) -> bool {

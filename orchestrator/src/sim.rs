@@ -3,7 +3,7 @@
 //! real agents they run each operation id once and answer repeats from their journal, even
 //! while the first call still runs.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -40,6 +40,9 @@ pub struct Script {
     pub ms_per_file: f64,
     /// Injected failures by (instance, step).
     pub failures: HashMap<(String, Step), Failure>,
+    /// Instances whose mail pours in as fast as passes copy it: every pass changes as many
+    /// files as the first, so they never converge.
+    pub churning: HashSet<String>,
 }
 
 impl Default for Script {
@@ -65,6 +68,7 @@ impl Default for Script {
             scan_ms: 4_000,
             ms_per_file: 2.0,
             failures: HashMap::new(),
+            churning: HashSet::new(),
         }
     }
 }
@@ -114,7 +118,11 @@ impl Hosts {
             *n += 1;
             *n
         };
-        let files = s.first_pass_files / 10u64.pow(n.saturating_sub(1).min(9));
+        let files = if s.churning.contains(&job.instance.name) {
+            s.first_pass_files
+        } else {
+            s.first_pass_files / 10u64.pow(n.saturating_sub(1).min(9))
+        };
         let transfer = (files as f64 * s.ms_per_file) as u64;
         let stats = PassStats {
             files_scanned: s.first_pass_files * 2,

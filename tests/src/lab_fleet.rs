@@ -4,9 +4,10 @@
 //! end-to-end tests and by the demo (`bmfleet-lab`).
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use bmfleet_orchestrator::config::AgentEntry;
 use bmfleet_proto::identity::Role;
 use bmfleet_proto::tls::TlsFiles;
 
@@ -47,6 +48,10 @@ pub struct LabFleet {
     _pki: TestPki,
     /// The operator's identity (bmctl).
     pub operator: TlsFiles,
+    /// The orchestrator's identity (for an engine run in-process, as the benchmark does).
+    pub orchestrator: TlsFiles,
+    /// Every agent as the orchestrator's configuration lists it.
+    pub agents: Vec<AgentEntry>,
     /// Size.
     pub params: LabParams,
 }
@@ -117,6 +122,7 @@ impl LabFleet {
         let pki = TestPki::new();
         let mut pgs = Vec::new();
         let mut agents_toml = String::new();
+        let mut agents = Vec::new();
         for name in names.iter().skip(1) {
             let host = lab.host(name).clone();
             let origin = name.starts_with("origin");
@@ -168,13 +174,19 @@ impl LabFleet {
                     );
                 }
             }
+            let entry = AgentEntry {
+                name: name.clone(),
+                address: format!("{}:7443", host.ip),
+                data_address: origin.then(|| format!("{}:7444", host.ip)),
+            };
             agents_toml += &format!(
-                "[[agent]]\nname = \"{name}\"\naddress = \"{ip}:7443\"\n",
-                ip = host.ip
+                "[[agent]]\nname = \"{name}\"\naddress = \"{}\"\n",
+                entry.address
             );
-            if origin {
-                agents_toml += &format!("data_address = \"{}:7444\"\n", host.ip);
+            if let Some(data) = &entry.data_address {
+                agents_toml += &format!("data_address = \"{data}\"\n");
             }
+            agents.push(entry);
             pgs.push(pg);
         }
         // The switch has talked to every service IP (as a router would have).
@@ -204,6 +216,8 @@ impl LabFleet {
             dir,
             _pki: pki,
             operator,
+            orchestrator: orch,
+            agents,
             params,
         }
     }
@@ -211,6 +225,11 @@ impl LabFleet {
     /// SQL as the administrator on a host's cluster (hosts in lab order, orchestrator excluded:
     /// origin-1, target-1, origin-2, …).
     pub fn sql(&self, host: &str, database: &str, sql: &str) -> String {
+        self.pg(host).sql(database, sql)
+    }
+
+    /// A host's PostgreSQL cluster.
+    pub fn pg(&self, host: &str) -> &PgCluster {
         let index = self
             .lab
             .hosts()
@@ -218,7 +237,31 @@ impl LabFleet {
             .skip(1)
             .position(|h| h.name == host)
             .unwrap_or_else(|| panic!("no database host {host}"));
-        self.pgs[index].sql(database, sql)
+        &self.pgs[index]
+    }
+
+    /// Runs a BlueMind stand-in service command (`start`, `stop`, `status`) on a host, as its
+    /// agent would.
+    pub fn service(&self, host: &str, service: &str, action: &str) -> Output {
+        let mut command = self.service_command(host, service, action);
+        self.lab
+            .run_in(host, move || command.output().expect("stand-in"))
+    }
+
+    /// The command line of a BlueMind stand-in service command on a host (to run inside the
+    /// host's namespace).
+    pub fn service_command(&self, host: &str, service: &str, action: &str) -> Command {
+        let mut command = Command::new(binary("bluemind-standin"));
+        command
+            .args(standin_args(
+                &self.root(host),
+                host,
+                service,
+                host.starts_with("origin"),
+                &self.params,
+            ))
+            .arg(action);
+        command
     }
 
     /// Files of the lab (configs, logs, hosts' data roots).
@@ -508,6 +551,114 @@ fn api_auth(name: &str) -> String {
     }
 }
 
+/// Messages per mailbox of a big spool.
+const MAILBOX_MESSAGES: usize = 500;
+
+/// The mailbox message `m` of a `messages`-message spool lives in: alice, bob and carol for
+/// small spools, then u0003, u0004, … so that no mailbox holds more than about 500 messages.
+fn mailbox(m: usize, messages: usize) -> String {
+    let mailboxes = (messages / MAILBOX_MESSAGES).max(3);
+    match m % mailboxes {
+        i @ 0..=2 => ["alice", "bob", "carol"][i].to_string(),
+        i => format!("u{i:04}"),
+    }
+}
+
+fn message(m: usize) -> String {
+    format!(
+        "From: a@example.net\r\nSubject: {m}\r\n\r\n{}\r\n",
+        "x".repeat(200 + m % 900)
+    )
+}
+
+/// A cyrus-like spool: `messages` messages spread over mailboxes, every seventh one also
+/// hard-linked into the shared mailbox (cyrus's single-instance store), and a `cyrus.index`
+/// per mailbox (64 bytes of flags per message).
+fn seed_spool(root: &Path, messages: usize) {
+    let spool = root.join("var/spool/cyrus/data/user");
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    for m in 0..messages {
+        let user = mailbox(m, messages);
+        let dir = spool.join(&user);
+        let count = counts.entry(user).or_insert(0);
+        if *count == 0 {
+            std::fs::create_dir_all(&dir).expect("mailbox");
+        }
+        *count += 1;
+        let path = dir.join(format!("{m}."));
+        std::fs::write(&path, message(m)).expect("message");
+        if m % 7 == 0 {
+            let shared = spool.join("shared");
+            std::fs::create_dir_all(&shared).expect("shared");
+            std::fs::hard_link(&path, shared.join(format!("{m}."))).expect("hard link");
+        }
+    }
+    for (user, count) in counts {
+        write(&spool.join(user).join("cyrus.index"), vec![0u8; 64 * count]);
+    }
+}
+
+/// What [`churn`] changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Churn {
+    /// New messages.
+    pub new: u64,
+    /// Deleted messages.
+    pub deleted: u64,
+    /// Messages whose flags changed (their mailbox's `cyrus.index` is rewritten).
+    pub flagged: u64,
+    /// Files written (new messages and rewritten indexes).
+    pub files_written: u64,
+    /// Bytes of the files written.
+    pub bytes_written: u64,
+}
+
+/// A day of mail on a seeded spool of `messages` messages, the same on every host given the
+/// same arguments: `fraction` of the messages change, half as new messages, a quarter deleted,
+/// a quarter with new flags (cyrus rewrites the mailbox's index, not the message).
+pub fn churn(root: &Path, messages: usize, fraction: f64) -> Churn {
+    let spool = root.join("var/spool/cyrus/data/user");
+    let changed = ((messages as f64 * fraction).round() as usize).max(4);
+    let mut out = Churn::default();
+    let mut flagged = std::collections::BTreeSet::new();
+    // Spread over every mailbox, the same messages on every host: k ↦ k·p mod messages with
+    // a prime p is one-to-one (unless p divides messages).
+    for k in 0..changed {
+        let m = (k * 1_000_003) % messages.max(1);
+        let user = mailbox(m, messages);
+        match k % 4 {
+            0 | 1 => {
+                let n = messages + k;
+                let body = message(n);
+                write(&spool.join(&user).join(format!("{n}.")), &body);
+                out.new += 1;
+                out.files_written += 1;
+                out.bytes_written += body.len() as u64;
+            }
+            2 => {
+                if std::fs::remove_file(spool.join(&user).join(format!("{m}."))).is_ok() {
+                    out.deleted += 1;
+                }
+            }
+            _ => {
+                out.flagged += 1;
+                flagged.insert(user);
+            }
+        }
+    }
+    for user in flagged {
+        let index = spool.join(&user).join("cyrus.index");
+        let mut bytes = std::fs::read(&index).unwrap_or_default();
+        for b in bytes.iter_mut().step_by(64) {
+            *b = b.wrapping_add(1);
+        }
+        out.files_written += 1;
+        out.bytes_written += bytes.len() as u64;
+        write(&index, bytes);
+    }
+    out
+}
+
 /// Synthetic BlueMind data and configuration on one host.
 fn seed_host(
     root: &Path,
@@ -572,23 +723,20 @@ fn seed_host(
         "partition-default: /var/spool/cyrus/data\n",
     );
     write(&root.join("etc/cyrus.conf"), "SERVICES {}\n");
-    let spool = root.join("var/spool/cyrus/data/user");
-    for m in 0..params.messages {
-        let user = ["alice", "bob", "carol"][m % 3];
-        let path = spool.join(user).join(format!("{m}."));
-        write(
-            &path,
-            format!(
-                "From: a@example.net\r\nSubject: {m}\r\n\r\n{}\r\n",
-                "x".repeat(200 + m % 900)
-            ),
-        );
-        if m % 7 == 0 {
-            let shared = spool.join("shared");
-            std::fs::create_dir_all(&shared).expect("shared");
-            std::fs::hard_link(&path, shared.join(format!("{m}."))).expect("hard link");
-        }
+    // The rest of the manual's configuration list.
+    for (file, text) in [
+        ("etc/bm-hps/hps.ini", "[hps]\nport = 8079\n"),
+        ("etc/ssl/certs/bm_cert.pem", "-----BEGIN CERTIFICATE-----\n"),
+        ("var/lib/bm-ca/cacert.pem", "-----BEGIN CERTIFICATE-----\n"),
+        (
+            "usr/share/bm-elasticsearch/config/elasticsearch.yml",
+            "cluster.name: bluemind\n",
+        ),
+        ("etc/bm-webmail/bm-webmail.ini", "[webmail]\n"),
+    ] {
+        write(&root.join(file), format!("{text}# {name}\n"));
     }
+    seed_spool(root, params.messages);
     write(&root.join("var/lib/cyrus/mailboxes.db"), vec![7u8; 4096]);
     write(
         &root.join("var/spool/sieve/alice/default.sieve"),

@@ -184,11 +184,20 @@ pub async fn serve_agent(config: AgentConfig) -> Served {
 pub async fn serve_orchestrator(
     config: bmfleet_orchestrator::config::OrchestratorConfig,
 ) -> Served {
+    serve_orchestrator_with(config, bmfleet_orchestrator::StepRunner::Agents).await
+}
+
+/// [`serve_orchestrator`] with the steps run by `steps` (simulated agents, for instance).
+pub async fn serve_orchestrator_with(
+    config: bmfleet_orchestrator::config::OrchestratorConfig,
+    steps: bmfleet_orchestrator::StepRunner,
+) -> Served {
     serve_on_loopback(|listener, stopped| {
-        bmfleet_orchestrator::run(
+        bmfleet_orchestrator::run_with(
             config,
             listener,
             Arc::new(bmfleet_orchestrator::clock::SystemClock),
+            steps,
             async {
                 let _ = stopped.await;
             },
@@ -245,15 +254,24 @@ pub fn stand_in_service(name: &str, log: &Path, fail_stop: Option<i32>) -> Servi
     }
 }
 
-/// The path of a workspace binary built by `cargo build` (the test command builds them first).
+/// The path of a workspace binary built by `cargo build` (the test command builds them first),
+/// of the running program's profile: release binaries for a release benchmark, debug ones for
+/// the tests.
 pub fn binary(name: &str) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let path = target.join("debug").join(name);
+    let release = std::env::current_exe()
+        .is_ok_and(|exe| exe.parent().is_some_and(|dir| dir.ends_with("release")));
+    let (profile, build) = if release {
+        ("release", "cargo build --release --workspace --bins")
+    } else {
+        ("debug", "cargo build --workspace --bins")
+    };
+    let path = target.join(profile).join(name);
     assert!(
         path.exists(),
-        "{} is missing: run `cargo build --workspace --bins` before the tests (the README's test command does)",
+        "{} is missing: run `{build}` first (the README's test command does)",
         path.display()
     );
     path
@@ -278,6 +296,7 @@ impl Drop for ChildGuard {
 
 pub mod lab;
 pub mod lab_fleet;
+pub mod prometheus;
 
 /// A free loopback port (bound then released).
 pub fn free_port() -> u16 {

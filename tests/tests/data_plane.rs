@@ -591,6 +591,7 @@ async fn the_origin_refuses_an_orchestrator_certificate_on_the_data_plane() {
     let orch = p.pki.issue("orchestrator", Role::Orchestrator);
     let request = TunnelRequest::DatabaseManifest {
         grant: "grant-0004-refusals".into(),
+        names_only: false,
     };
     match p.tunnel_as(&orch, Role::Orchestrator, request).await {
         Err(TunnelError::Refused { reason, .. }) => {
@@ -1013,4 +1014,38 @@ async fn both_databases_move_identically_in_both_formats_and_the_password_stays_
         String::from_utf8_lossy(&login.stderr)
     );
     let _ = &p.dir;
+}
+
+#[tokio::test]
+async fn table_checksums_ignore_row_order_and_tell_a_changed_row() {
+    use bmfleet_agent::pg::{Checksum, Connection};
+    let pg = PgCluster::start();
+    pg.sql("postgres", "CREATE DATABASE a; CREATE DATABASE b;");
+    let table = "CREATE TABLE t (id int, v text, f float8); \
+                 INSERT INTO t SELECT i, 'v' || i, i / 3.0 FROM generate_series(1, 20000) i ORDER BY ";
+    pg.sql("a", &format!("{table} i;"));
+    pg.sql("b", &format!("{table} random();"));
+    let admin = Connection::admin(&pg.agent_settings());
+    for checksum in [Checksum::Hash64, Checksum::Md5] {
+        let sum = |db: &'static str| {
+            let admin = admin.clone();
+            async move { admin.manifest(db, checksum).await.unwrap().tables[0].clone() }
+        };
+        let (a, b) = (sum("a").await, sum("b").await);
+        assert_eq!(a.rows, 20_000);
+        assert_eq!(a, b, "{checksum:?}: same rows in another order");
+        pg.sql("b", "UPDATE t SET v = 'changed' WHERE id = 777;");
+        let changed = sum("b").await;
+        assert_eq!(changed.rows, a.rows);
+        assert_ne!(
+            changed.checksum, a.checksum,
+            "{checksum:?}: one changed row"
+        );
+        pg.sql("b", "UPDATE t SET v = 'v777' WHERE id = 777;");
+    }
+    assert_ne!(
+        admin.manifest("a", Checksum::Hash64).await.unwrap().tables[0].checksum,
+        admin.manifest("a", Checksum::Md5).await.unwrap().tables[0].checksum,
+        "two methods never compare equal"
+    );
 }

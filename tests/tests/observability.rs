@@ -1,79 +1,31 @@
 //! A real Prometheus scrapes the orchestrator during a real lab migration; every expression of
 //! the Grafana dashboard returns series, every metric the alert rules use exists, and the
 //! downtime Prometheus saw matches the orchestrator's own record within the scrape interval.
+//! (That every alert rule returns series when things go wrong: `alerts_live.rs`.)
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bmfleet_tests::lab_fleet::{LabFleet, LabParams};
+use bmfleet_tests::prometheus;
 
 const SCRAPE_SECS: u64 = 1;
 
 /// The series `expr` returns now, or why Prometheus did not answer.
 fn try_query(fleet: &LabFleet, expr: &str) -> Result<Vec<serde_json::Value>, String> {
-    let expr = expr.to_string();
-    fleet.lab.run_in("orch", move || {
-        let answer: serde_json::Value = ureq::get("http://127.0.0.1:9090/api/v1/query")
-            .query("query", &expr)
-            .call()
-            .map_err(|e| format!("{expr}: {e}"))?
-            .into_json()
-            .map_err(|e| format!("{expr}: {e}"))?;
-        if answer["status"] != "success" {
-            return Err(format!("{expr}: {answer}"));
-        }
-        Ok(answer["data"]["result"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default())
-    })
+    fleet
+        .lab
+        .run_in("orch", || prometheus::query("127.0.0.1:9090", expr))
 }
 
 fn query(fleet: &LabFleet, expr: &str) -> Vec<serde_json::Value> {
     try_query(fleet, expr).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// Every `expr` in the dashboard (panels' targets and annotations).
-fn dashboard_expressions() -> Vec<String> {
-    let path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/bmfleet-dashboard.json");
-    let dashboard: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let mut out = Vec::new();
-    fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
-        match v {
-            serde_json::Value::Object(map) => {
-                for (k, v) in map {
-                    match (k.as_str(), v) {
-                        ("expr", serde_json::Value::String(e)) => out.push(e.clone()),
-                        _ => walk(v, out),
-                    }
-                }
-            }
-            serde_json::Value::Array(items) => items.iter().for_each(|i| walk(i, out)),
-            _ => {}
-        }
-    }
-    walk(&dashboard, &mut out);
-    out
-}
-
-/// Every alert rule's expression.
-fn alert_expressions() -> Vec<String> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus/alerts.yml");
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("expr:"))
-        .map(|e| e.trim().to_string())
-        .collect()
-}
-
 /// Every `bmfleet_…` metric name an alert rule uses.
 fn alert_metrics() -> Vec<String> {
-    let mut names: Vec<String> = alert_expressions()
+    let mut names: Vec<String> = prometheus::alert_rules()
         .iter()
-        .flat_map(|e| {
+        .flat_map(|(_, e)| {
             e.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
                 .filter(|w| w.starts_with("bmfleet_"))
                 .map(str::to_string)
@@ -92,24 +44,13 @@ fn prometheus_sees_the_migration_the_dashboard_and_the_alerts_need() {
         ..LabParams::default()
     });
     let config = fleet.dir().join("prometheus.yml");
-    std::fs::write(
+    std::fs::write(&config, prometheus::config("127.0.0.1:9464", SCRAPE_SECS)).unwrap();
+    fleet.lab.spawn(prometheus::command(
+        fleet.lab.command("orch", "prometheus"),
         &config,
-        format!(
-            "global:\n  scrape_interval: {SCRAPE_SECS}s\n  evaluation_interval: {SCRAPE_SECS}s\nscrape_configs:\n  - job_name: bmfleet\n    static_configs:\n      - targets: [\"127.0.0.1:9464\"]\n"
-        ),
-    )
-    .unwrap();
-    let mut prometheus = fleet.lab.command("orch", "prometheus");
-    prometheus
-        .arg(format!("--config.file={}", config.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            fleet.dir().join("tsdb").display()
-        ))
-        .arg("--web.listen-address=127.0.0.1:9090")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(fleet.dir().join("prometheus.log")).unwrap());
-    fleet.lab.spawn(prometheus);
+        fleet.dir(),
+        "127.0.0.1:9090",
+    ));
 
     // Prometheus is up and has scraped the orchestrator before the fleet is applied.
     fleet.wait_for_orchestrator().unwrap();
@@ -129,7 +70,7 @@ fn prometheus_sees_the_migration_the_dashboard_and_the_alerts_need() {
     // Let Prometheus scrape the final state.
     std::thread::sleep(Duration::from_secs(3 * SCRAPE_SECS));
 
-    for expr in dashboard_expressions() {
+    for expr in prometheus::dashboard_expressions() {
         let deadline = Instant::now() + Duration::from_secs(10);
         while query(&fleet, &expr).is_empty() {
             assert!(
@@ -139,9 +80,9 @@ fn prometheus_sees_the_migration_the_dashboard_and_the_alerts_need() {
             std::thread::sleep(Duration::from_millis(500));
         }
     }
-    // Alert expressions are valid against live data (they fire in alerts_test.yml; a clean
-    // migration fires none, so they may return nothing here) …
-    for expr in alert_expressions() {
+    // Alert expressions are valid against live data (a clean migration fires none: they
+    // fire in alerts_test.yml and alerts_live.rs) …
+    for (_, expr) in prometheus::alert_rules() {
         try_query(&fleet, &expr).unwrap_or_else(|e| panic!("alert expression refused: {e}"));
     }
     // … and every metric they use exists.
@@ -162,10 +103,30 @@ fn prometheus_sees_the_migration_the_dashboard_and_the_alerts_need() {
             .and_then(|s| s["value"][1].as_str())
             .and_then(|v| v.parse().ok())
             .unwrap_or(0.0);
+        // Sampling every interval, a window of d seconds is seen in ⌊d/T⌋ or ⌈d/T⌉ samples.
         let seen_secs = steps * SCRAPE_SECS as f64;
         assert!(
-            (seen_secs - o.downtime_seconds).abs() <= 2.0 * SCRAPE_SECS as f64,
+            (seen_secs - o.downtime_seconds).abs() <= SCRAPE_SECS as f64,
             "{}: Prometheus saw {seen_secs}s down, the orchestrator recorded {}s",
+            o.name,
+            o.downtime_seconds
+        );
+        // The window's length as the orchestrator published it.
+        let published = query(
+            &fleet,
+            &format!(
+                "max_over_time(bmfleet_instance_downtime_seconds{{server=\"{}\"}}[15m])",
+                o.name
+            ),
+        );
+        let published: f64 = published
+            .first()
+            .and_then(|s| s["value"][1].as_str())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(-1.0);
+        assert!(
+            (published - o.downtime_seconds).abs() < 0.01,
+            "{}: Prometheus holds a {published}s window, the orchestrator recorded {}s",
             o.name,
             o.downtime_seconds
         );

@@ -13,27 +13,6 @@ use bmfleet_orchestrator::fleet::FleetFile;
 use bmfleet_orchestrator::machine::Phase;
 use bmfleet_orchestrator::sim::{Script, SimAgents};
 use bmfleet_orchestrator::state::State;
-use clap::{Parser, Subcommand};
-
-#[derive(Parser)]
-#[command(about)]
-struct Args {
-    #[command(subcommand)]
-    command: Bench,
-}
-
-#[derive(Subcommand)]
-enum Bench {
-    /// One orchestrator, N simulated instance pairs, every phase.
-    Orchestrator {
-        /// Instance pairs.
-        #[arg(long, default_value_t = 1000)]
-        pairs: usize,
-        /// Instances down at once.
-        #[arg(long, default_value_t = 20)]
-        max_down: u32,
-    },
-}
 
 fn fleet_text(n: usize, max_down: u32) -> String {
     let mut text = format!(
@@ -61,8 +40,8 @@ fn rusage() -> (f64, i64) {
     }
 }
 
-fn main() -> anyhow::Result<()> {
-    let Bench::Orchestrator { pairs, max_down } = Args::parse().command;
+/// Runs the benchmark and prints its report.
+pub fn run(pairs: usize, max_down: u32) -> anyhow::Result<()> {
     let fleet = FleetFile::parse(&fleet_text(pairs, max_down), "bench.toml")?;
     let dir = tempfile::tempdir()?;
     let store = Arc::new(State::open(&dir.path().join("state.db"))?);

@@ -1,0 +1,500 @@
+//! `bmfleet-bench downtime`: two identical lab instances (same spool, same databases, same
+//! configuration, no mail arriving), each hot-synced to its target, then the same day of mail
+//! (`--churn` of the messages new, deleted or re-flagged) on both origins, then:
+//! (a) BlueMind's manual procedure on pair 1 ([`crate::manual`]);
+//! (b) bmfleet on pair 2: the orchestrator's own engine, run in this process against the real
+//!     agents, with the churn applied right after its pre-window pass, so that its cold sync
+//!     faces the same changes as the manual one.
+//!
+//! Also measured on the same machine: the link's raw TCP throughput between two lab hosts,
+//! the manual `psql` restore time (together the physical floor), and the hot sync of the
+//! whole tree through the agents' tunnel vs the manual rsync over ssh.
+
+use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
+use std::io::{Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bmfleet_orchestrator::agent_steps::GrpcAgents;
+use bmfleet_orchestrator::agents::AgentPool;
+use bmfleet_orchestrator::clock::{Clock, SystemClock};
+use bmfleet_orchestrator::conductor::Conductor;
+use bmfleet_orchestrator::engine::{AgentPort, Job, StepResult};
+use bmfleet_orchestrator::machine::{PassStats, Phase, Step};
+use bmfleet_orchestrator::metrics::Metrics;
+use bmfleet_orchestrator::state::State;
+use bmfleet_proto::identity::Role;
+use bmfleet_proto::tls::LocalIdentity;
+use bmfleet_proto::BLUEMIND_DATA_DIRS;
+use bmfleet_tests::lab_fleet::{churn, service_ip, Churn, LabFleet, LabParams};
+
+use crate::manual::{ColdRun, Manual, Timed};
+
+/// What to build.
+pub struct Params {
+    /// Messages per spool.
+    pub files: usize,
+    /// Rows of the biggest table of each database.
+    pub db_rows: u64,
+    /// Fraction of messages changed after the hot sync.
+    pub churn: f64,
+}
+
+/// The size of one instance's data.
+struct Size {
+    entries: u64,
+    regular_files: u64,
+    hard_linked: u64,
+    bytes: u64,
+    database_bytes: u64,
+}
+
+fn measure(fleet: &LabFleet, host: &str) -> Size {
+    let mut size = Size {
+        entries: 0,
+        regular_files: 0,
+        hard_linked: 0,
+        bytes: 0,
+        database_bytes: 0,
+    };
+    let mut inodes = HashSet::new();
+    for dir in BLUEMIND_DATA_DIRS {
+        let root = fleet.root(host).join(dir.trim_start_matches('/'));
+        for entry in walkdir::WalkDir::new(root).into_iter().flatten() {
+            size.entries += 1;
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_file() {
+                size.regular_files += 1;
+                if meta.nlink() > 1 {
+                    size.hard_linked += 1;
+                }
+                if inodes.insert(meta.ino()) {
+                    size.bytes += meta.len();
+                }
+            }
+        }
+    }
+    size.database_bytes = fleet
+        .sql(
+            host,
+            "postgres",
+            "SELECT pg_database_size('bj') + pg_database_size('bj-data')",
+        )
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    size
+}
+
+/// Every regular file and symlink of the data dirs, with size and mtime, by relative path.
+fn tree(root: &Path) -> BTreeMap<String, (u64, i64)> {
+    let mut out = BTreeMap::new();
+    for dir in BLUEMIND_DATA_DIRS {
+        let base = root.join(dir.trim_start_matches('/'));
+        for entry in walkdir::WalkDir::new(&base).into_iter().flatten() {
+            if let Ok(meta) = entry.path().symlink_metadata() {
+                if !meta.is_dir() {
+                    let rel = entry.path().strip_prefix(root).unwrap_or(entry.path());
+                    out.insert(rel.display().to_string(), (meta.len(), meta.mtime()));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The target holds what the origin holds: the same files (size, mtime) and the same rows.
+fn check_migrated(fleet: &LabFleet, origin: &str, target: &str) -> anyhow::Result<()> {
+    let (o, t) = (tree(&fleet.root(origin)), tree(&fleet.root(target)));
+    if o != t {
+        let differ = o.iter().filter(|(k, v)| t.get(*k) != Some(v)).count()
+            + t.keys().filter(|k| !o.contains_key(*k)).count();
+        bail!("{target} differs from {origin} in {differ} files");
+    }
+    let count =
+        "SELECT (SELECT count(*) FROM t_calendar_event) || ' ' || (SELECT count(*) FROM t_mailbox)";
+    let (oc, tc) = (
+        fleet.sql(origin, "bj", count),
+        fleet.sql(target, "bj", count),
+    );
+    if oc != tc {
+        bail!("bj differs: {origin} has {oc:?} rows, {target} {tc:?}");
+    }
+    let body = "SELECT count(*) FROM t_message_body";
+    let (ob, tb) = (
+        fleet.sql(origin, "bj-data", body),
+        fleet.sql(target, "bj-data", body),
+    );
+    if ob != tb {
+        bail!("bj-data differs: {origin} has {ob:?} rows, {target} {tb:?}");
+    }
+    Ok(())
+}
+
+/// Raw TCP throughput from `from` to `to` over the lab's link, bytes per second.
+fn link_throughput(fleet: &LabFleet, from: &str, to: &str) -> anyhow::Result<f64> {
+    const BYTES: usize = 2 << 30;
+    let address = format!("{}:9999", fleet.lab.host(from).ip);
+    let listener = fleet
+        .lab
+        .run_in(from, || std::net::TcpListener::bind(&address))?;
+    std::thread::scope(|scope| {
+        let sender = scope.spawn(move || -> std::io::Result<()> {
+            let (mut stream, _) = listener.accept()?;
+            let chunk = vec![7u8; 1 << 20];
+            for _ in 0..BYTES / chunk.len() {
+                stream.write_all(&chunk)?;
+            }
+            Ok(())
+        });
+        let secs = fleet.lab.run_in(to, || -> std::io::Result<f64> {
+            let mut stream = std::net::TcpStream::connect(&address)?;
+            let started = Instant::now();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut got = 0;
+            while got < BYTES {
+                match stream.read(&mut buf)? {
+                    0 => break,
+                    n => got += n,
+                }
+            }
+            Ok(started.elapsed().as_secs_f64())
+        })?;
+        sender
+            .join()
+            .map_err(|_| anyhow::anyhow!("sender thread"))??;
+        Ok(BYTES as f64 / secs)
+    })
+}
+
+/// The real agents, with the day's mail landing on the origin right after the pre-window
+/// pass (the engine then stops the origin: its cold sync faces exactly these changes).
+struct ChurnAfterPreWindowPass {
+    agents: GrpcAgents,
+    pending: Arc<Mutex<Option<ChurnJob>>>,
+    churned: Arc<Mutex<Option<Churn>>>,
+}
+
+/// The day of mail still to come: [`churn`]'s arguments.
+struct ChurnJob {
+    root: std::path::PathBuf,
+    messages: usize,
+    fraction: f64,
+}
+
+impl AgentPort for ChurnAfterPreWindowPass {
+    fn run(&self, job: Job) -> Pin<Box<dyn Future<Output = StepResult> + Send>> {
+        let step = job.step;
+        let run = self.agents.run(job);
+        let (pending, churned) = (self.pending.clone(), self.churned.clone());
+        Box::pin(async move {
+            let result = run.await;
+            if step == Step::PreWindowPass && result.is_ok() {
+                let job = pending.lock().unwrap_or_else(|p| p.into_inner()).take();
+                if let Some(j) = job {
+                    let day = move || churn(&j.root, j.messages, j.fraction);
+                    if let Ok(c) = tokio::task::spawn_blocking(day).await {
+                        *churned.lock().unwrap_or_else(|p| p.into_inner()) = Some(c);
+                    }
+                }
+            }
+            result
+        })
+    }
+}
+
+/// bmfleet's run on one pair.
+struct BmfleetRun {
+    phase: Phase,
+    downtime: f64,
+    steps: Vec<Timed>,
+    first_pass: PassStats,
+    final_pass: Option<PassStats>,
+    churn: Churn,
+}
+
+fn fleet_text(instance: &str, pair: usize) -> String {
+    format!(
+        "[fleet]\nname = \"bench\"\nmax_concurrent_downtime = 1\nmin_stagger_secs = 1\ncanary_count = 0\ncanary_approval = false\n\
+         [[fleet.windows]]\ndays = [\"mon\",\"tue\",\"wed\",\"thu\",\"fri\",\"sat\",\"sun\"]\nstart = \"00:00\"\nend = \"12:00\"\ntimezone = \"UTC\"\n\
+         [[fleet.windows]]\ndays = [\"mon\",\"tue\",\"wed\",\"thu\",\"fri\",\"sat\",\"sun\"]\nstart = \"12:00\"\nend = \"00:00\"\ntimezone = \"UTC\"\n\
+         [[instance]]\nname = \"{instance}\"\norigin = \"origin-{pair}\"\ntarget = \"target-{pair}\"\nservice_ip = \"{}/24\"\nbluemind = \"5.x\"\n",
+        service_ip(pair)
+    )
+}
+
+/// Step timings of one instance from its stored transitions: a step starts with the
+/// transition whose actions run it and ends with its `Succeeded` event.
+fn step_timings(
+    state: &State,
+    instance: &str,
+    downtime_start_ms: i64,
+) -> anyhow::Result<(Vec<Timed>, Option<PassStats>, Option<PassStats>)> {
+    let rows = state.transitions(Some(instance), 0, 100_000)?;
+    let (mut started, mut timed) = (BTreeMap::<String, i64>::new(), Vec::new());
+    let (mut first_pass, mut final_pass) = (None, None);
+    for row in rows {
+        let event: serde_json::Value = serde_json::from_str(&row.event)?;
+        if let Some(ok) = event.get("Succeeded") {
+            let step = ok["step"].as_str().unwrap_or_default().to_string();
+            let stats: Option<PassStats> = serde_json::from_value(ok["stats"].clone()).ok();
+            match step.as_str() {
+                "HotPass" if first_pass.is_none() => first_pass = stats,
+                "FinalPass" => final_pass = stats,
+                _ => {}
+            }
+            if let Some(start) = started.remove(&step) {
+                if row.at_ms >= downtime_start_ms {
+                    timed.push(Timed {
+                        name: step,
+                        start: (start - downtime_start_ms) as f64 / 1000.0,
+                        secs: (row.at_ms - start) as f64 / 1000.0,
+                    });
+                }
+            }
+        }
+        let actions: serde_json::Value = serde_json::from_str(&row.actions)?;
+        for action in actions.as_array().into_iter().flatten() {
+            if let Some(step) = action["Run"]["step"].as_str() {
+                started.insert(step.to_string(), row.at_ms);
+            }
+        }
+    }
+    timed.sort_by(|a, b| a.start.total_cmp(&b.start));
+    Ok((timed, first_pass, final_pass))
+}
+
+/// Runs the orchestrator's engine in this process (in the orchestrator's namespace) on pair
+/// `pair`, until the instance is finished.
+fn bmfleet(fleet: &LabFleet, pair: usize, params: &Params) -> anyhow::Result<BmfleetRun> {
+    let instance = format!("mail-{pair}");
+    let origin_root = fleet.root(&format!("origin-{pair}"));
+    let (messages, fraction) = (params.files, params.churn);
+    fleet.lab.run_in("orch", || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        runtime.block_on(async {
+            let identity = LocalIdentity::load(&fleet.orchestrator, Role::Orchestrator)?;
+            let pool = Arc::new(AgentPool::new(
+                &identity,
+                &fleet.agents,
+                Duration::from_secs(30),
+            )?);
+            let state = Arc::new(State::open(&fleet.dir().join("bench/state.db"))?);
+            let metrics = Arc::new(Metrics::new());
+            let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+            let churned = Arc::new(Mutex::new(None));
+            let port = Arc::new(ChurnAfterPreWindowPass {
+                agents: GrpcAgents::new(pool.clone(), clock.clone(), metrics.clone()),
+                pending: Arc::new(Mutex::new(Some(ChurnJob {
+                    root: origin_root,
+                    messages,
+                    fraction,
+                }))),
+                churned: churned.clone(),
+            });
+            let conductor = Conductor::new(state.clone(), clock, port, &pool, metrics);
+            conductor.apply(&fleet_text(&instance, pair), "bench-fleet.toml")?;
+            let deadline = Instant::now() + Duration::from_secs(3600);
+            let finished = loop {
+                let stored = state.instances()?;
+                if let Some((_, i)) = stored.into_iter().find(|(n, _)| *n == instance) {
+                    if matches!(
+                        i.phase,
+                        Phase::Done | Phase::Failed | Phase::RolledBack | Phase::Aborted
+                    ) {
+                        break i;
+                    }
+                }
+                if Instant::now() > deadline {
+                    bail!("bmfleet did not finish {instance} within an hour");
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            };
+            let (start, end) = (
+                finished.downtime_start_ms.unwrap_or(0),
+                finished.downtime_end_ms.unwrap_or(0),
+            );
+            let (steps, first_pass, final_pass) = step_timings(&state, &instance, start)?;
+            let churn = churned
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+                .context("the engine never ran a pre-window pass")?;
+            Ok(BmfleetRun {
+                phase: finished.phase,
+                downtime: (end - start) as f64 / 1000.0,
+                steps: steps
+                    .into_iter()
+                    .filter(|s| s.start + s.secs <= (end - start) as f64 / 1000.0 + 0.001)
+                    .collect(),
+                first_pass: first_pass.context("no hot pass recorded")?,
+                final_pass,
+                churn,
+            })
+        })
+    })
+}
+
+fn mib(bytes: f64) -> f64 {
+    bytes / (1024.0 * 1024.0)
+}
+
+fn print_steps(steps: &[Timed]) {
+    println!("| step | starts at | takes |");
+    println!("| --- | ---: | ---: |");
+    for s in steps {
+        println!("| {} | {:.2} s | {:.2} s |", s.name, s.start, s.secs);
+    }
+}
+
+/// Builds the lab, runs both procedures, prints the report (Markdown tables, then one JSON
+/// line).
+pub fn run(params: Params) -> anyhow::Result<()> {
+    if !nix::unistd::Uid::effective().is_root() {
+        bail!("run as root: the benchmark builds network namespaces");
+    }
+    println!(
+        "== building the lab: 2 identical instances, {} messages and {} rows per big table each",
+        params.files, params.db_rows
+    );
+    let built = Instant::now();
+    let fleet = LabFleet::build(LabParams {
+        pairs: 2,
+        messages: params.files,
+        db_rows: params.db_rows,
+        deliver_ms: 0,
+    });
+    // This process runs the engine itself; the lab's orchestrator would only add its health
+    // checks' walks of the data dirs to the measurements.
+    fleet.lab.kill_matching("orch", "bmfleet-orchestrator");
+    std::fs::create_dir_all(fleet.dir().join("bench"))?;
+    let size = measure(&fleet, "origin-1");
+    println!(
+        "   built in {:.0} s: {} entries, {} regular files ({} hard-linked), {:.1} MiB of files, {:.1} MiB of databases",
+        built.elapsed().as_secs_f64(),
+        size.entries,
+        size.regular_files,
+        size.hard_linked,
+        mib(size.bytes as f64),
+        mib(size.database_bytes as f64)
+    );
+    let link = link_throughput(&fleet, "origin-1", "target-1")?;
+    println!(
+        "== link: {:.0} MiB/s raw TCP between two lab hosts",
+        mib(link)
+    );
+
+    println!("== (a) manual procedure on pair 1: hot sync (7 × rsync -avH --delete over ssh)");
+    let manual = Manual::prepare(&fleet, "origin-1", "target-1")?;
+    let manual_hot = manual.hot_sync()?;
+    println!("   {manual_hot:.1} s");
+    let churn_a = churn(&fleet.root("origin-1"), params.files, params.churn);
+    println!("   churn: {churn_a:?}");
+    println!("   cold sync and server replacement");
+    let cold: ColdRun = manual.cold_sync_and_cutover(&service_ip(1))?;
+    println!("   downtime {:.2} s", cold.downtime);
+    check_migrated(&fleet, "origin-1", "target-1").context("the manual procedure")?;
+    drop(manual);
+
+    println!("== (b) bmfleet on pair 2: the orchestrator's engine against the real agents");
+    let b = bmfleet(&fleet, 2, &params)?;
+    if b.phase != Phase::Done {
+        bail!(
+            "bmfleet ended in {:?}: see {}",
+            b.phase,
+            fleet.dir().display()
+        );
+    }
+    if b.churn != churn_a {
+        bail!(
+            "the two origins did not get the same churn: {churn_a:?} vs {:?}",
+            b.churn
+        );
+    }
+    check_migrated(&fleet, "origin-2", "target-2").context("bmfleet")?;
+    println!("   downtime {:.2} s", b.downtime);
+
+    let transfer = churn_a.bytes_written as f64 / link;
+    let floor = transfer + cold.restore_secs;
+    let bmfleet_hot = b.first_pass.elapsed_ms as f64 / 1000.0;
+    println!(
+        "\n## Downtime, {} messages, {:.0} MiB of databases, {:.1}% churn\n",
+        params.files,
+        mib(size.database_bytes as f64),
+        params.churn * 100.0
+    );
+    println!("| | downtime |");
+    println!("| --- | ---: |");
+    println!("| (a) manual procedure | {:.2} s |", cold.downtime);
+    println!("| (b) bmfleet | {:.2} s |", b.downtime);
+    println!("| ratio (b)/(a) | {:.2} |", b.downtime / cold.downtime);
+    println!(
+        "| physical floor: {:.2} MiB changed at {:.0} MiB/s ({:.3} s) + psql restore ({:.2} s) | {floor:.2} s |",
+        mib(churn_a.bytes_written as f64),
+        mib(link),
+        transfer,
+        cold.restore_secs
+    );
+    println!("| ratio (b)/floor | {:.2} |", b.downtime / floor);
+    println!("\n### (a) manual, by step\n");
+    print_steps(&cold.steps);
+    println!("\n### (b) bmfleet, by step (final pass, databases and config run in parallel)\n");
+    print_steps(&b.steps);
+    if let Some(f) = &b.final_pass {
+        println!(
+            "\nfinal pass: {} files scanned, {} changed, {:.2} MiB, scan {:.2} s, total {:.2} s",
+            f.files_scanned,
+            f.files_changed,
+            mib(f.bytes_changed as f64),
+            f.scan_ms as f64 / 1000.0,
+            f.elapsed_ms as f64 / 1000.0
+        );
+    }
+    println!(
+        "\n## Hot sync of the whole tree ({:.1} MiB, {} entries)\n",
+        mib(size.bytes as f64),
+        size.entries
+    );
+    println!("| | time | throughput |");
+    println!("| --- | ---: | ---: |");
+    println!(
+        "| rsync over ssh (manual) | {manual_hot:.2} s | {:.1} MiB/s |",
+        mib(size.bytes as f64) / manual_hot
+    );
+    println!(
+        "| bmfleet tunnel (first hot pass) | {bmfleet_hot:.2} s | {:.1} MiB/s |",
+        mib(size.bytes as f64) / bmfleet_hot
+    );
+    println!(
+        "| ratio tunnel/ssh throughput | {:.2} | |",
+        manual_hot / bmfleet_hot
+    );
+    let steps_json = |steps: &[Timed]| {
+        steps
+            .iter()
+            .map(|s| serde_json::json!({"step": s.name, "start": s.start, "seconds": s.secs}))
+            .collect::<Vec<_>>()
+    };
+    println!(
+        "{}",
+        serde_json::json!({
+            "files": params.files, "entries": size.entries, "data_bytes": size.bytes,
+            "database_bytes": size.database_bytes, "churn": {
+                "new": churn_a.new, "deleted": churn_a.deleted, "flagged": churn_a.flagged,
+                "bytes": churn_a.bytes_written },
+            "link_bytes_per_second": link,
+            "manual": {"downtime": cold.downtime, "restore": cold.restore_secs, "hot_sync": manual_hot, "steps": steps_json(&cold.steps)},
+            "bmfleet": {"downtime": b.downtime, "hot_pass": bmfleet_hot, "steps": steps_json(&b.steps)},
+            "floor": floor,
+        })
+    );
+    Ok(())
+}

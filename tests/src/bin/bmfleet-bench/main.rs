@@ -1,0 +1,61 @@
+//! bmfleet's benchmarks (not part of CI; BENCHMARKS.md has the commands and the results).
+//!
+//! - `bmfleet-bench orchestrator [--pairs N]`: one orchestrator, N simulated pairs.
+//! - `bmfleet-bench downtime [--files N] [--db-rows N] [--churn F]`: the manual procedure vs
+//!   bmfleet on two identical lab instances, with the physical floor and the tunnel's
+//!   throughput against rsync over ssh.
+
+mod downtime;
+mod manual;
+mod orchestrator;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about)]
+struct Args {
+    #[command(subcommand)]
+    command: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// One orchestrator, N simulated instance pairs, every phase.
+    Orchestrator {
+        /// Instance pairs.
+        #[arg(long, default_value_t = 1000)]
+        pairs: usize,
+        /// Instances down at once.
+        #[arg(long, default_value_t = 20)]
+        max_down: u32,
+    },
+    /// The manual procedure vs bmfleet's cold sync and cutover on the same instance (run as
+    /// root: it builds the network lab).
+    Downtime {
+        /// Messages in each origin's cyrus spool (every seventh also hard-linked).
+        #[arg(long, default_value_t = 200_000)]
+        files: usize,
+        /// Rows of each of the two biggest tables (bj and bj-data); 1,200,000 rows make
+        /// about 250 MB of databases.
+        #[arg(long, default_value_t = 1_200_000)]
+        db_rows: u64,
+        /// Fraction of the messages that change between the hot sync and the cold sync.
+        #[arg(long, default_value_t = 0.01)]
+        churn: f64,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Args::parse().command {
+        Bench::Orchestrator { pairs, max_down } => orchestrator::run(pairs, max_down),
+        Bench::Downtime {
+            files,
+            db_rows,
+            churn,
+        } => downtime::run(downtime::Params {
+            files,
+            db_rows,
+            churn,
+        }),
+    }
+}

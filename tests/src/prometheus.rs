@@ -1,0 +1,94 @@
+//! A real Prometheus (the Debian package) for the observability tests: its configuration,
+//! its command line, queries through its HTTP API, and the PromQL expressions the project
+//! ships (Grafana dashboard, alert rules).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+fn deploy(file: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(file)
+}
+
+/// A scrape configuration: `target` (host:port of a `/metrics`) every `interval_secs`.
+pub fn config(target: &str, interval_secs: u64) -> String {
+    format!(
+        "global:\n  scrape_interval: {interval_secs}s\n  evaluation_interval: {interval_secs}s\nscrape_configs:\n  - job_name: bmfleet\n    static_configs:\n      - targets: [\"{target}\"]\n"
+    )
+}
+
+/// `prometheus` (`base`: `Command::new("prometheus")`, or the same inside a lab host) with the
+/// configuration at `config`, its database under `dir`, serving its API on `listen`; its log
+/// goes to `dir/prometheus.log`.
+pub fn command(base: Command, config: &Path, dir: &Path, listen: &str) -> Command {
+    let mut cmd = base;
+    cmd.arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("tsdb").display()
+        ))
+        .arg(format!("--web.listen-address={listen}"))
+        .stdout(Stdio::null());
+    if let Ok(log) = std::fs::File::create(dir.join("prometheus.log")) {
+        cmd.stderr(log);
+    }
+    cmd
+}
+
+/// The series `expr` returns now from the Prometheus at `address`, or why it did not answer.
+pub fn query(address: &str, expr: &str) -> Result<Vec<serde_json::Value>, String> {
+    let answer: serde_json::Value = ureq::get(&format!("http://{address}/api/v1/query"))
+        .query("query", expr)
+        .call()
+        .map_err(|e| format!("{expr}: {e}"))?
+        .into_json()
+        .map_err(|e| format!("{expr}: {e}"))?;
+    if answer["status"] != "success" {
+        return Err(format!("{expr}: {answer}"));
+    }
+    Ok(answer["data"]["result"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default())
+}
+
+/// Every `expr` of the Grafana dashboard (panels' targets and annotations).
+pub fn dashboard_expressions() -> Vec<String> {
+    let text = std::fs::read_to_string(deploy("grafana/bmfleet-dashboard.json"))
+        .expect("deploy/grafana/bmfleet-dashboard.json");
+    let dashboard: serde_json::Value = serde_json::from_str(&text).expect("dashboard JSON");
+    fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(map) => {
+                for (k, v) in map {
+                    match (k.as_str(), v) {
+                        ("expr", serde_json::Value::String(e)) => out.push(e.clone()),
+                        _ => walk(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|i| walk(i, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(&dashboard, &mut out);
+    out
+}
+
+/// Every alert rule as (name, expression).
+pub fn alert_rules() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(deploy("prometheus/alerts.yml"))
+        .expect("deploy/prometheus/alerts.yml");
+    let mut rules = Vec::new();
+    let mut name = String::new();
+    for line in text.lines().map(str::trim) {
+        if let Some(n) = line.strip_prefix("- alert:") {
+            name = n.trim().to_string();
+        } else if let Some(e) = line.strip_prefix("expr:") {
+            rules.push((name.clone(), e.trim().to_string()));
+        }
+    }
+    rules
+}
