@@ -1,6 +1,8 @@
 //! Manifests of the data dirs for verification: entries, bytes and one content checksum per
 //! dir, over every entry's relative path, kind, mode, owner, size and content (or link target),
-//! in path order — equal manifests mean equal trees.
+//! in path order — equal manifests mean equal trees. With a `content_since` time, regular
+//! files carry their modification time (to the ns) and only those modified since then are
+//! read: a stat per entry instead of reading the whole tree while services are down.
 
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
@@ -10,8 +12,15 @@ use bmfleet_proto::v1::DirManifest;
 use sha2::{Digest, Sha256};
 
 /// The manifest of one dir (`host` is its path on this host, `path` its BlueMind name).
-/// A missing dir has no entries.
-pub fn of_dir(path: &str, host: &Path, skip: &[&str], list: bool) -> Result<DirManifest, String> {
+/// A missing dir has no entries. `content_since_ms`: 0 reads every file; otherwise see the
+/// module's doc.
+pub fn of_dir(
+    path: &str,
+    host: &Path,
+    skip: &[&str],
+    list: bool,
+    content_since_ms: i64,
+) -> Result<DirManifest, String> {
     let mut manifest = DirManifest {
         path: path.to_string(),
         ..Default::default()
@@ -34,16 +43,24 @@ pub fn of_dir(path: &str, host: &Path, skip: &[&str], list: bool) -> Result<DirM
             // A dir's size is the filesystem's business (it never shrinks on ext4, and rsync
             // does not keep it): not part of the manifest.
             let size = if meta.is_dir() { 0 } else { meta.len() };
-            let attributes = format!("{:o} {} {} {size}", meta.mode(), meta.uid(), meta.gid());
+            let mut attributes = format!("{:o} {} {} {size}", meta.mode(), meta.uid(), meta.gid());
+            let mtime_ms = meta.mtime() * 1000 + meta.mtime_nsec() / 1_000_000;
+            if content_since_ms > 0 && meta.is_file() {
+                attributes += &format!(" {}.{:09}", meta.mtime(), meta.mtime_nsec());
+            }
             sum.update(attributes.as_bytes());
             let digest: Vec<u8> = if meta.file_type().is_symlink() {
                 let target = std::fs::read_link(entry.path()).map_err(|e| e.to_string())?;
                 target.as_os_str().as_bytes().to_vec()
             } else if meta.is_file() {
-                let content = std::fs::read(entry.path())
-                    .map_err(|e| format!("{}: {e}", entry.path().display()))?;
                 manifest.bytes += meta.len();
-                Sha256::digest(&content).to_vec()
+                if content_since_ms == 0 || mtime_ms >= content_since_ms {
+                    let content = std::fs::read(entry.path())
+                        .map_err(|e| format!("{}: {e}", entry.path().display()))?;
+                    Sha256::digest(&content).to_vec()
+                } else {
+                    b"not read".to_vec()
+                }
             } else {
                 Vec::new()
             };
@@ -73,7 +90,7 @@ mod tests {
             std::fs::create_dir_all(root.join("user/alice")).unwrap();
             std::fs::write(root.join("user/alice/1."), b"hello").unwrap();
         }
-        let m = |p: &Path| of_dir("/var/spool/cyrus", p, &[".bmfleet-partial"], false).unwrap();
+        let m = |p: &Path| of_dir("/var/spool/cyrus", p, &[".bmfleet-partial"], false, 0).unwrap();
         assert_eq!(m(a.path()), m(b.path()));
         assert_eq!((m(a.path()).files, m(a.path()).bytes), (3, 5));
         // A dir that once held more entries is bigger on disk: not a difference.
@@ -95,5 +112,55 @@ mod tests {
         assert_eq!(m(a.path()), m(b.path()));
         std::fs::write(b.path().join("user/alice/1."), b"hellO").unwrap();
         assert_ne!(m(a.path()).checksum, m(b.path()).checksum);
+    }
+
+    #[test]
+    fn with_a_since_time_old_files_are_compared_by_mtime_and_recent_ones_by_content() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let old = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        let since_ms = 1_750_000_000_000;
+        let put =
+            |root: &Path, name: &str, content: &[u8], mtime: Option<std::time::SystemTime>| {
+                std::fs::create_dir_all(root.join("user")).unwrap();
+                let path = root.join("user").join(name);
+                std::fs::write(&path, content).unwrap();
+                if let Some(t) = mtime {
+                    std::fs::File::options()
+                        .write(true)
+                        .open(&path)
+                        .unwrap()
+                        .set_modified(t)
+                        .unwrap();
+                }
+            };
+        for root in [a.path(), b.path()] {
+            put(root, "old.", b"old mail", Some(old));
+        }
+        let m = |p: &Path| of_dir("/var/spool/cyrus", p, &[], false, since_ms).unwrap();
+        assert_eq!(m(a.path()).checksum, m(b.path()).checksum);
+        // Same size and mtime, other content, older than the since time: not read, so equal
+        // (rsync's quick check would have skipped it too; its transfer was checksummed).
+        put(b.path(), "old.", b"OLD MAIL", Some(old));
+        assert_eq!(m(a.path()).checksum, m(b.path()).checksum);
+        // Read when every content is asked for.
+        let all = |p: &Path| of_dir("/var/spool/cyrus", p, &[], false, 0).unwrap();
+        assert_ne!(all(a.path()).checksum, all(b.path()).checksum);
+        // Another mtime differs, even for an old file.
+        put(
+            b.path(),
+            "old.",
+            b"old mail",
+            Some(old + std::time::Duration::from_nanos(1)),
+        );
+        assert_ne!(m(a.path()).checksum, m(b.path()).checksum);
+        // A recent file is read: same size, same mtime, other content differs.
+        put(b.path(), "old.", b"old mail", Some(old));
+        let recent =
+            std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_760_000_000);
+        put(a.path(), "new.", b"new mail", Some(recent));
+        put(b.path(), "new.", b"NEW MAIL", Some(recent));
+        assert_ne!(m(a.path()).checksum, m(b.path()).checksum);
+        put(b.path(), "new.", b"new mail", Some(recent));
+        assert_eq!(m(a.path()).checksum, m(b.path()).checksum);
     }
 }

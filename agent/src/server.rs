@@ -293,7 +293,7 @@ impl Agent for AgentService {
             crate::rsync_args::clean_absolute(p)
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
         }
-        let list = req.entries;
+        let (list, since) = (req.entries, req.content_since_unix_ms);
         let dirs = tokio::task::spawn_blocking(move || {
             paths
                 .iter()
@@ -303,6 +303,7 @@ impl Agent for AgentService {
                         &config.host_path(std::path::Path::new(p)),
                         &[crate::pull::PARTIAL_DIR],
                         list,
+                        since,
                     )
                 })
                 .collect::<Result<Vec<_>, _>>()

@@ -88,7 +88,7 @@ async fn run_step(pool: &AgentPool, job: Job, now_ms: i64) -> StepResult {
         Step::FinalPass => {
             let stats = sync_pass(origin, target, &job, now_ms).await?;
             // Services are stopped on both sides: the trees must now be equal.
-            compare_manifests(origin, target, &job).await?;
+            compare_manifests(origin, target, &job, now_ms - CONTENT_CHECK_MS).await?;
             Ok(Some(stats))
         }
         Step::StopOrigin => services(origin, &job, ServiceAction::Stop).await,
@@ -361,10 +361,19 @@ async fn post_migration(origin: &AgentHandle, target: &AgentHandle, job: &Job) -
 
 /// Both sides' data dirs are equal (entries, bytes, content checksum); on a difference, the
 /// first differing entry is named.
+/// The final pass's gate reads the content of files changed within this long before it
+/// started (everything the pre-window and final passes moved, with margin for clock skew);
+/// older files are compared by size and modification time to the nanosecond, as rsync's own
+/// quick check does, and rsync checksummed each of them when it transferred it.
+const CONTENT_CHECK_MS: i64 = 3_600_000;
+
+/// Both sides' manifests of the data dirs are equal; where not, the first differing entry is
+/// named. Files modified since `content_since_ms` are compared by content too.
 async fn compare_manifests(
     origin: &AgentHandle,
     target: &AgentHandle,
     job: &Job,
+    content_since_ms: i64,
 ) -> Result<(), String> {
     let paths: Vec<String> = DATA_DIRS
         .iter()
@@ -375,17 +384,22 @@ async fn compare_manifests(
         a: &AgentHandle,
         paths: Vec<String>,
         entries: bool,
+        since: i64,
     ) -> Result<Vec<bmfleet_proto::v1::DirManifest>, String> {
         a.client
             .clone()
-            .manifest(ManifestRequest { paths, entries })
+            .manifest(ManifestRequest {
+                paths,
+                entries,
+                content_since_unix_ms: since,
+            })
             .await
             .map(|r| r.into_inner().dirs)
             .map_err(|s| format!("manifest of {}: {}", a.name, describe_status(&s)))
     }
     let (o, t) = tokio::join!(
-        manifest(origin, paths.clone(), false),
-        manifest(target, paths, false)
+        manifest(origin, paths.clone(), false, content_since_ms),
+        manifest(target, paths, false, content_since_ms)
     );
     let (o, t) = (o?, t?);
     let Some((a, _)) = o.iter().zip(&t).find(|(a, b)| a != b) else {
@@ -397,8 +411,8 @@ async fn compare_manifests(
     };
     let dir = vec![a.path.clone()];
     let (o, t) = tokio::join!(
-        manifest(origin, dir.clone(), true),
-        manifest(target, dir, true)
+        manifest(origin, dir.clone(), true, content_since_ms),
+        manifest(target, dir, true, content_since_ms)
     );
     let (o, t) = (o?, t?);
     let (oe, te) = (

@@ -573,8 +573,11 @@ fn message(m: usize) -> String {
 
 /// A cyrus-like spool: `messages` messages spread over mailboxes, every seventh one also
 /// hard-linked into the shared mailbox (cyrus's single-instance store), and a `cyrus.index`
-/// per mailbox (64 bytes of flags per message).
+/// per mailbox (64 bytes of flags per message). Messages arrived over the past year (their
+/// modification times), as in a real spool.
 fn seed_spool(root: &Path, messages: usize) {
+    use std::io::Write;
+    let now = std::time::SystemTime::now();
     let spool = root.join("var/spool/cyrus/data/user");
     let mut counts = std::collections::BTreeMap::<String, usize>::new();
     for m in 0..messages {
@@ -586,7 +589,11 @@ fn seed_spool(root: &Path, messages: usize) {
         }
         *count += 1;
         let path = dir.join(format!("{m}."));
-        std::fs::write(&path, message(m)).expect("message");
+        let age = 365 * 86_400 * (messages - m) as u64 / messages as u64;
+        let mut file = std::fs::File::create(&path).expect("message");
+        file.write_all(message(m).as_bytes()).expect("message");
+        file.set_modified(now - Duration::from_secs(age))
+            .expect("mtime");
         if m % 7 == 0 {
             let shared = spool.join("shared");
             std::fs::create_dir_all(&shared).expect("shared");
