@@ -188,7 +188,13 @@ impl Engine {
             step,
             attempt,
             operation_id: self.operation_id(n, step, attempt),
-            bwlimit_kib: self.bwlimit[n],
+            // The bandwidth budget shares the live passes; the final pass runs in the
+            // downtime, at full speed.
+            bwlimit_kib: if step == Step::FinalPass {
+                0
+            } else {
+                self.bwlimit[n]
+            },
         };
         let port = self.port.clone();
         let tx = self.results_tx.clone();

@@ -84,6 +84,7 @@ struct Hosts {
     operations: Mutex<HashMap<String, Arc<OnceCell<StepResult>>>>,
     passes: Mutex<HashMap<String, u32>>,
     executed: Mutex<Vec<String>>,
+    limits: Mutex<Vec<(Step, u32)>>,
 }
 
 impl SimAgents {
@@ -95,6 +96,7 @@ impl SimAgents {
                 operations: Mutex::new(HashMap::new()),
                 passes: Mutex::new(HashMap::new()),
                 executed: Mutex::new(Vec::new()),
+                limits: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -105,6 +107,15 @@ impl SimAgents {
             .executed
             .lock()
             .map(|e| e.clone())
+            .unwrap_or_default()
+    }
+
+    /// The bandwidth limit (KiB/s, 0: none) of every sync step that ran, in order.
+    pub fn bandwidth_limits(&self) -> Vec<(Step, u32)> {
+        self.inner
+            .limits
+            .lock()
+            .map(|l| l.clone())
             .unwrap_or_default()
     }
 }
@@ -145,6 +156,9 @@ impl Hosts {
             .copied();
         let (ms, stats) = match job.step {
             Step::HotPass | Step::PreWindowPass | Step::FinalPass => {
+                if let Ok(mut l) = self.limits.lock() {
+                    l.push((job.step, job.bwlimit_kib));
+                }
                 let (ms, stats) = self.pass(&job);
                 (ms, Some(stats))
             }

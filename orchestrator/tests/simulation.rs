@@ -201,6 +201,50 @@ async fn the_failure_budget_stops_new_cold_syncs() {
     assert_eq!(c.get("Converged").copied(), Some(n - 2), "{c:?}");
 }
 
+#[tokio::test(start_paused = true)]
+async fn the_bandwidth_budget_throttles_the_live_passes_not_the_final_one() {
+    let text = fleet_text(3, 0, 0, 3).replace(
+        "downtime_budget_secs = 1800\n",
+        "downtime_budget_secs = 1800\nbandwidth_budget_mib = 80\n",
+    );
+    let fleet = FleetFile::parse(&text, "sim.toml").unwrap();
+    let agents = SimAgents::new(Script::default());
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(State::open(&dir.path().join("state.db")).unwrap());
+    let clock = Arc::new(SimulatedClock::starting_at(start_ms()));
+    let mut engine = Engine::open(
+        fleet.clone(),
+        store,
+        Arc::new(agents.clone()),
+        clock,
+        rules_for(&fleet),
+    )
+    .unwrap();
+    let (_commands, rx) = mpsc::unbounded_channel();
+    assert_eq!(engine.run(rx, None).await.unwrap(), Stop::AllFinal);
+    let limits = agents.bandwidth_limits();
+    // 80 MiB/s shared by at most 40 hot syncs: 2 MiB/s each.
+    for step in [Step::HotPass, Step::PreWindowPass] {
+        let of_step: Vec<u32> = limits
+            .iter()
+            .filter(|(s, _)| *s == step)
+            .map(|(_, k)| *k)
+            .collect();
+        assert!(!of_step.is_empty(), "{step:?} never ran");
+        assert!(of_step.iter().all(|k| *k == 2048), "{step:?}: {of_step:?}");
+    }
+    let final_passes: Vec<u32> = limits
+        .iter()
+        .filter(|(s, _)| *s == Step::FinalPass)
+        .map(|(_, k)| *k)
+        .collect();
+    assert_eq!(
+        final_passes,
+        [0, 0, 0],
+        "the downtime's pass runs at full speed"
+    );
+}
+
 /// Runs one instance to its end, stopping and re-opening the engine after every transition.
 async fn run_with_restarts(script: Script, dir: &std::path::Path) -> (Phase, Vec<String>, usize) {
     let fleet = FleetFile::parse(&fleet_text(1, 0, 3, 1), "sim.toml").unwrap();
