@@ -209,19 +209,8 @@ async fn the_bandwidth_budget_throttles_the_live_passes_not_the_final_one() {
     );
     let fleet = FleetFile::parse(&text, "sim.toml").unwrap();
     let agents = SimAgents::new(Script::default());
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(State::open(&dir.path().join("state.db")).unwrap());
-    let clock = Arc::new(SimulatedClock::starting_at(start_ms()));
-    let mut engine = Engine::open(
-        fleet.clone(),
-        store,
-        Arc::new(agents.clone()),
-        clock,
-        rules_for(&fleet),
-    )
-    .unwrap();
-    let (_commands, rx) = mpsc::unbounded_channel();
-    assert_eq!(engine.run(rx, None).await.unwrap(), Stop::AllFinal);
+    let (engine, _, _) = simulate(&fleet, None, agents.clone()).await;
+    assert!(engine.instances().iter().all(|i| i.phase == Phase::Done));
     let limits = agents.bandwidth_limits();
     // 80 MiB/s shared by at most 40 hot syncs: 2 MiB/s each.
     for step in [Step::HotPass, Step::PreWindowPass] {
@@ -311,8 +300,8 @@ async fn a_restart_at_every_step_boundary_finishes_the_same_and_runs_nothing_twi
 async fn simulate(
     fleet: &FleetFile,
     limit: Option<u64>,
+    agents: SimAgents,
 ) -> (Engine, Arc<SimulatedClock>, Vec<i64>) {
-    let agents = SimAgents::new(Script::default());
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(State::open(&dir.path().join("state.db")).unwrap());
     let clock = Arc::new(SimulatedClock::starting_at(start_ms()));
@@ -336,11 +325,11 @@ async fn simulate(
 #[tokio::test(start_paused = true)]
 async fn the_eta_halfway_through_is_within_a_fifth_of_the_actual_remaining_time() {
     let fleet = FleetFile::parse(&fleet_text(60, 0, 50, 2), "sim.toml").unwrap();
-    let (_, _, times) = simulate(&fleet, None).await;
+    let (_, _, times) = simulate(&fleet, None, SimAgents::new(Script::default())).await;
     let (first, last) = (times[0], *times.last().unwrap());
     let half = first + (last - first) / 2;
     let k = times.iter().position(|t| *t >= half).unwrap() as u64;
-    let (engine, clock, _) = simulate(&fleet, Some(k)).await;
+    let (engine, clock, _) = simulate(&fleet, Some(k), SimAgents::new(Script::default())).await;
     let now = clock.now_ms();
     let eta =
         bmfleet_orchestrator::eta::fleet_finish(&fleet, engine.instances(), now).expect("an ETA");
