@@ -282,78 +282,43 @@ async fn sync_pass(
     now_ms: i64,
 ) -> Result<PassStats, String> {
     let endpoint = grant(origin, job, now_ms, false, false).await?;
+    let mut total = PassStats::default();
     let dirs = DATA_DIRS
         .iter()
         .map(|d| d.to_string())
         .chain(job.instance.extra_dirs.iter().cloned());
-    let mut total = PassStats::default();
-    let mut add = |s: bmfleet_proto::v1::SyncStats, concurrent: bool| {
+    for dir in dirs {
+        let mut stream = target
+            .client
+            .clone()
+            .pull(PullRequest {
+                operation_id: format!("{}{dir}", job.operation_id),
+                origin: Some(endpoint.clone()),
+                path: dir.clone(),
+                bwlimit_kib: job.bwlimit_kib,
+            })
+            .await
+            .map_err(|s| describe_status(&s))?
+            .into_inner();
+        let mut last = None;
+        while let Some(event) = stream.message().await.map_err(|s| describe_status(&s))? {
+            if event.done {
+                last = Some(event);
+                break;
+            }
+        }
+        let event = last.ok_or_else(|| format!("the pull of {dir} ended without a result"))?;
+        if !event.ok {
+            return Err(format!("pulling {dir}: {}", event.error));
+        }
+        let s = event.stats.unwrap_or_default();
         total.files_scanned += s.files_scanned;
         total.files_changed += s.files_changed;
         total.bytes_changed += s.bytes_changed;
         total.scan_ms += s.scan_ms;
-        // Elapsed is the pass's wall time: the sum of one-after-the-other pulls, the longest
-        // of simultaneous ones.
-        total.elapsed_ms = if concurrent {
-            total.elapsed_ms.max(s.elapsed_ms)
-        } else {
-            total.elapsed_ms + s.elapsed_ms
-        };
-    };
-    if job.step == Step::FinalPass {
-        // In the downtime every dir is pulled at once: the small ones cost a tunnel set-up
-        // each, not a share of the bandwidth budget (the final pass has none).
-        let mut pulls = tokio::task::JoinSet::new();
-        for dir in dirs {
-            let (target, endpoint) = (target.clone(), endpoint.clone());
-            let operation_id = format!("{}{dir}", job.operation_id);
-            pulls.spawn(async move { pull_dir(&target, endpoint, operation_id, dir, 0).await });
-        }
-        while let Some(pulled) = pulls.join_next().await {
-            add(pulled.map_err(|e| format!("a pull stopped: {e}"))??, true);
-        }
-    } else {
-        for dir in dirs {
-            let operation_id = format!("{}{dir}", job.operation_id);
-            let s = pull_dir(target, endpoint.clone(), operation_id, dir, job.bwlimit_kib).await?;
-            add(s, false);
-        }
+        total.elapsed_ms += s.elapsed_ms;
     }
     Ok(total)
-}
-
-/// One data dir pulled by the target from the origin, to the end.
-async fn pull_dir(
-    target: &AgentHandle,
-    endpoint: OriginEndpoint,
-    operation_id: String,
-    dir: String,
-    bwlimit_kib: u32,
-) -> Result<bmfleet_proto::v1::SyncStats, String> {
-    let mut stream = target
-        .client
-        .clone()
-        .pull(PullRequest {
-            operation_id,
-            origin: Some(endpoint),
-            path: dir.clone(),
-            bwlimit_kib,
-        })
-        .await
-        .map_err(|s| describe_status(&s))?
-        .into_inner();
-    let mut last = None;
-    while let Some(event) = stream.message().await.map_err(|s| describe_status(&s))? {
-        if event.done {
-            last = Some(event);
-            break;
-        }
-    }
-    let event = last.ok_or_else(|| format!("the pull of {dir} ended without a result"))?;
-    if !event.ok {
-        return Err(format!("pulling {dir}: {}", event.error));
-    }
-    Ok(event.stats.unwrap_or_default())
 }
 
 /// The host part of an agent's address (`host:port`).
