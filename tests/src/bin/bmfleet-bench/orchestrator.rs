@@ -2,17 +2,22 @@
 //! through every phase with simulated agents on simulated time (tokio's paused clock), as in the
 //! orchestrator's simulation tests. Reports wall time, CPU seconds, peak RSS, and the time to
 //! compute `bmctl fleet status` (every instance's state from SQLite, progress and ETA) sampled
-//! during the run. Not part of CI; see BENCHMARKS.md.
+//! during the run. Then the latency of the real `bmctl fleet status` (process, mutual TLS,
+//! Fleet API) against the real orchestrator serving the same fleet stopped halfway through.
+//! Not part of CI; see BENCHMARKS.md.
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use bmfleet_orchestrator::clock::{Clock, SimulatedClock};
+use bmfleet_orchestrator::clock::{Clock, SimulatedClock, SystemClock};
+use bmfleet_orchestrator::config::OrchestratorConfig;
 use bmfleet_orchestrator::engine::{rules_for, Engine};
 use bmfleet_orchestrator::fleet::FleetFile;
 use bmfleet_orchestrator::machine::Phase;
 use bmfleet_orchestrator::sim::{Script, SimAgents};
 use bmfleet_orchestrator::state::State;
+use bmfleet_orchestrator::StepRunner;
+use bmfleet_proto::identity::Role;
 
 fn fleet_text(n: usize, max_down: u32) -> String {
     let mut text = format!(
@@ -38,6 +43,119 @@ fn rusage() -> (f64, i64) {
         }
         Err(_) => (0.0, 0),
     }
+}
+
+/// Milliseconds at the `p` quantile of sorted `samples`.
+fn quantile(samples: &[f64], p: f64) -> f64 {
+    samples
+        .get(((samples.len() as f64 - 1.0) * p).round() as usize)
+        .copied()
+        .unwrap_or(0.0)
+}
+
+/// Runs the fleet halfway (`transitions` of them, simulated time) into a state database,
+/// serves it with the real orchestrator (its steps still simulated, now on real time) and
+/// times `bmctl fleet status` (table, then JSON) `runs` times each. Returns the samples, ms.
+fn bmctl_latency(
+    text: &str,
+    transitions: u64,
+    runs: usize,
+) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    let fleet = FleetFile::parse(text, "bench.toml")?;
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("state.db");
+    let now = jiff::Timestamp::now().as_millisecond();
+    {
+        let store = Arc::new(State::open(&db)?);
+        store.save_fleet_file(text, now)?;
+        let paused = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()?;
+        paused.block_on(async {
+            let mut engine = Engine::open(
+                fleet.clone(),
+                store,
+                Arc::new(SimAgents::new(Script::default())),
+                Arc::new(SimulatedClock::starting_at(now)),
+                rules_for(&fleet),
+            )?;
+            let (_commands, rx) = tokio::sync::mpsc::unbounded_channel();
+            engine.run(rx, Some(transitions)).await?;
+            Ok::<_, anyhow::Error>(())
+        })?;
+    }
+    let pki = bmfleet_tests::TestPki::new();
+    let (orchestrator, operator) = (
+        pki.issue("orchestrator", Role::Orchestrator),
+        pki.issue("operator", Role::Operator),
+    );
+    let config = OrchestratorConfig::parse(
+        &format!(
+            "listen = \"127.0.0.1:0\"\nstate_db = \"{}\"\nhealth_interval_secs = 3600\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            db.display(),
+            orchestrator.ca.display(),
+            orchestrator.cert.display(),
+            orchestrator.key.display()
+        ),
+        &dir.path().join("orchestrator.toml"),
+    )?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+    let address = listener.local_addr()?.to_string();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = runtime.spawn(bmfleet_orchestrator::run_with(
+        config,
+        listener,
+        Arc::new(SystemClock),
+        StepRunner::Simulated(SimAgents::new(Script::default())),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let mut samples = (Vec::new(), Vec::new());
+    for json in [false, true] {
+        for _ in 0..runs {
+            let mut bmctl = std::process::Command::new(bmfleet_tests::binary("bmctl"));
+            bmctl
+                .args(["fleet", "status"])
+                .env("BMFLEET_ORCHESTRATOR", &address)
+                .env("BMFLEET_CA", &operator.ca)
+                .env("BMFLEET_CERT", &operator.cert)
+                .env("BMFLEET_KEY", &operator.key);
+            if json {
+                bmctl.args(["--output", "json"]);
+            }
+            let timer = Instant::now();
+            let out = bmctl.output()?;
+            let ms = timer.elapsed().as_secs_f64() * 1000.0;
+            if !out.status.success() {
+                anyhow::bail!(
+                    "bmctl fleet status: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            if json {
+                let status: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+                let listed = status["instances"].as_array().map_or(0, Vec::len);
+                anyhow::ensure!(
+                    listed == fleet.instances.len(),
+                    "bmctl listed {listed} instances"
+                );
+                samples.1.push(ms);
+            } else {
+                samples.0.push(ms);
+            }
+        }
+    }
+    let _ = stop.send(());
+    runtime.block_on(served)??;
+    samples.0.sort_by(|a, b| a.total_cmp(b));
+    samples.1.sort_by(|a, b| a.total_cmp(b));
+    Ok(samples)
 }
 
 /// Runs the benchmark and prints its report.
@@ -106,11 +224,9 @@ pub fn run(pairs: usize, max_down: u32) -> anyhow::Result<()> {
     let (cpu, rss_kib) = rusage();
     let mut s = samples.lock().unwrap_or_else(|p| p.into_inner()).clone();
     s.sort_by(|a, b| a.total_cmp(b));
-    let pct = |p: f64| {
-        s.get(((s.len() as f64 - 1.0) * p).round() as usize)
-            .copied()
-            .unwrap_or(0.0)
-    };
+    let pct = |p: f64| quantile(&s, p);
+    // Measured after the run above (CPU and RSS are the whole process's).
+    let (table, json) = bmctl_latency(&fleet_text(pairs, max_down), transitions / 2, 20)?;
     let done = instances.iter().filter(|i| i.phase == Phase::Done).count();
     println!("pairs                 {pairs}");
     println!("finished              {stop:?}, {done}/{pairs} Done");
@@ -129,12 +245,22 @@ pub fn run(pairs: usize, max_down: u32) -> anyhow::Result<()> {
         pct(1.0),
         s.len()
     );
+    for (what, samples) in [("table", &table), ("--output json", &json)] {
+        println!(
+            "bmctl fleet status    {what}: p50 {:.0} ms, p95 {:.0} ms ({} runs, halfway through)",
+            quantile(samples, 0.5),
+            quantile(samples, 0.95),
+            samples.len()
+        );
+    }
     println!(
         "{}",
         serde_json::json!({
             "pairs": pairs, "done": done, "stop": format!("{stop:?}"), "transitions": transitions,
             "wall_seconds": wall, "cpu_seconds": cpu, "peak_rss_mib": rss_kib as f64 / 1024.0,
             "status_ms": {"p50": pct(0.5), "p95": pct(0.95), "max": pct(1.0)},
+            "bmctl_status_ms": {"p50": quantile(&table, 0.5), "p95": quantile(&table, 0.95)},
+            "bmctl_status_json_ms": {"p50": quantile(&json, 0.5), "p95": quantile(&json, 0.95)},
         })
     );
     Ok(())
