@@ -19,6 +19,9 @@ pub struct AgentConfig {
     /// host serves no pulls.
     #[serde(default)]
     pub data_listen: Option<SocketAddr>,
+    /// Where the agent's own `/metrics` (Prometheus) is served; none when absent.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
     /// Every BlueMind path is taken under this directory ("/" in production; the lab gives
     /// each simulated host its own).
     #[serde(default = "default_data_root")]

@@ -36,6 +36,8 @@ pub struct DataPlane {
     pub config: Arc<AgentConfig>,
     /// The grants.
     pub grants: Arc<GrantStore>,
+    /// The agent's metrics (tunnel requests served and refused).
+    pub metrics: Arc<crate::metrics::AgentMetrics>,
 }
 
 /// The manifest reply: every database's tables, and BlueMind's database credentials (sent
@@ -81,18 +83,26 @@ impl DataPlane {
                 Ok(Ok(r)) => r,
                 Ok(Err(e)) => {
                     tracing::warn!(?peer, error = %e, "data plane: bad request line");
+                    self.metrics.tunnel("unknown", "refused");
                     let _ = refuse(&mut stream, format!("bad request line: {e}")).await;
                     return;
                 }
                 Err(_) => return,
             };
+        let kind = match &request {
+            TunnelRequest::Rsync { .. } => "rsync",
+            TunnelRequest::DumpDatabase { .. } => "dump",
+            TunnelRequest::DatabaseManifest { .. } => "manifest",
+        };
         let caller = match caller {
             Some(Ok(id)) if id.role == Role::Agent => id,
             Some(Ok(id)) => {
+                self.metrics.tunnel(kind, "refused");
                 let _ = refuse(&mut stream, format!("certificate {id} is not an agent's")).await;
                 return;
             }
             _ => {
+                self.metrics.tunnel(kind, "refused");
                 let _ = refuse(&mut stream, "no usable client certificate".into()).await;
                 return;
             }
@@ -110,6 +120,7 @@ impl DataPlane {
                     tracing::error!(error = %e, "grant store failed");
                 }
                 tracing::warn!(?peer, caller = %caller, error = %e, "data plane: refused");
+                self.metrics.tunnel(kind, "refused");
                 let _ = refuse(&mut stream, e.to_string()).await;
                 return;
             }
@@ -130,9 +141,11 @@ impl DataPlane {
         };
         match outcome {
             Ok(()) => {
+                self.metrics.tunnel(kind, "served");
                 tracing::info!(?peer, caller = %caller.name, grant = %grant.id, "data plane: served")
             }
             Err(reason) => {
+                self.metrics.tunnel(kind, "failed");
                 tracing::warn!(?peer, caller = %caller.name, grant = %grant.id, %reason, "data plane: refused or failed");
                 let _ = refuse(&mut stream, reason).await;
             }

@@ -5,7 +5,8 @@
 //! - [`facts`]: what the host is (versions, data dirs, users).
 //! - [`services`]: stopping and starting BlueMind's services.
 //! - [`operations`]: the journal that makes every mutating call run at most once per id.
-//! - [`server`]: the gRPC service and its mutual-TLS listener.
+//! - [`server`]: the gRPC service and its mutual-TLS listener; [`metrics`]: its own
+//!   Prometheus metrics.
 //! - Data plane, origin side: [`grants`], [`rsync_args`], [`data_plane`].
 //! - Data plane, target side: [`tunnel`] (also the `bmfleet-agent tunnel` remote shell),
 //!   [`pull`] (data dirs), [`databases`], [`config_set`]; [`pg`] for PostgreSQL.
@@ -20,6 +21,7 @@ pub mod databases;
 pub mod facts;
 pub mod grants;
 pub mod manifest;
+pub mod metrics;
 pub mod operations;
 pub mod pg;
 pub mod post_migration;

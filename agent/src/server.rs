@@ -22,6 +22,7 @@ use tonic::{Request, Response, Status};
 use crate::config::AgentConfig;
 use crate::data_plane::DataPlane;
 use crate::grants::{Grant, GrantStore};
+use crate::metrics::{AgentMetrics, Outcome};
 use crate::operations::{once, Journal};
 use crate::{config_set, cutover, databases, facts, pull, services};
 
@@ -56,6 +57,14 @@ pub enum AgentError {
         /// Why.
         source: std::io::Error,
     },
+    /// The metrics listener could not be bound.
+    #[error("cannot serve metrics on {address}: {source}")]
+    MetricsListen {
+        /// The address.
+        address: String,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The gRPC server failed.
     #[error("serving the Agent API: {0}")]
     Serve(#[from] tonic::transport::Error),
@@ -77,6 +86,7 @@ pub struct AgentService {
     grants: Arc<GrantStore>,
     /// This agent's identity as a client of another agent's data plane (a target pulling).
     tunnel_tls: Arc<rustls::ClientConfig>,
+    metrics: Arc<AgentMetrics>,
 }
 
 fn origin_of(endpoint: Option<OriginEndpoint>) -> Result<OriginEndpoint, Status> {
@@ -106,7 +116,13 @@ impl AgentService {
             journal: Arc::new(journal),
             grants: Arc::new(grants),
             tunnel_tls: identity.client_config(Role::Agent)?,
+            metrics: Arc::new(AgentMetrics::new()),
         })
+    }
+
+    /// This agent's metrics.
+    pub fn metrics(&self) -> Arc<AgentMetrics> {
+        self.metrics.clone()
     }
 
     /// The data plane of this agent, sharing its grants.
@@ -114,6 +130,7 @@ impl AgentService {
         Arc::new(DataPlane {
             config: self.config.clone(),
             grants: self.grants.clone(),
+            metrics: self.metrics.clone(),
         })
     }
 }
@@ -192,6 +209,7 @@ impl Agent for AgentService {
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let (tx, rx) = mpsc::channel::<Result<PullEvent, Status>>(16);
         let (config, journal) = (self.config.clone(), self.journal.clone());
+        let metrics = self.metrics.clone();
         tokio::spawn(async move {
             let (progress_tx, mut progress_rx) = mpsc::channel::<PullEvent>(16);
             let forward_tx = tx.clone();
@@ -208,7 +226,17 @@ impl Agent for AgentService {
                     }
                 }
             });
-            let run = pull::pull(&config, &origin, &req.path, req.bwlimit_kib, &progress_tx);
+            let counted = metrics.clone();
+            let run = async {
+                let running = counted.start("pull");
+                let event =
+                    pull::pull(&config, &origin, &req.path, req.bwlimit_kib, &progress_tx).await;
+                if let (true, Some(s)) = (event.ok, &event.stats) {
+                    counted.pulled(s.files_changed, s.bytes_changed);
+                }
+                running.end(event.ok);
+                event
+            };
             let result = once(
                 &journal,
                 &req.operation_id,
@@ -220,6 +248,11 @@ impl Agent for AgentService {
             .await;
             drop(progress_tx);
             let _ = forward.await;
+            match &result {
+                Ok((_, true)) => metrics.not_run("pull", Outcome::Replayed),
+                Err(_) => metrics.not_run("pull", Outcome::Refused),
+                Ok(_) => {}
+            }
             let _ = tx
                 .send(result.map(|(mut event, replayed)| {
                     event.replayed = replayed;
@@ -337,6 +370,7 @@ impl Agent for AgentService {
 /// A reply that says which operation it answers and whether it was replayed.
 trait Journaled {
     fn mark(&mut self, operation_id: &str, replayed: bool);
+    fn ok(&self) -> bool;
 }
 
 macro_rules! journaled {
@@ -345,6 +379,9 @@ macro_rules! journaled {
             fn mark(&mut self, operation_id: &str, replayed: bool) {
                 self.operation_id = operation_id.to_string();
                 self.replayed = replayed;
+            }
+            fn ok(&self) -> bool {
+                self.ok
             }
         }
     )*};
@@ -367,7 +404,21 @@ impl AgentService {
         encoded: &[u8],
         run: impl Future<Output = R>,
     ) -> Result<Response<R>, Status> {
-        let (mut reply, replayed) = once(&self.journal, id, kind, encoded, now_ms, run).await?;
+        let metrics = self.metrics.clone();
+        // The journal's kind may carry details ("services/…"): the metric keeps the family.
+        let family = kind.split('/').next().unwrap_or(kind);
+        let counted = async {
+            let running = metrics.start(family);
+            let reply = run.await;
+            running.end(reply.ok());
+            reply
+        };
+        let (mut reply, replayed) = once(&self.journal, id, kind, encoded, now_ms, counted)
+            .await
+            .inspect_err(|_| self.metrics.not_run(family, Outcome::Refused))?;
+        if replayed {
+            self.metrics.not_run(family, Outcome::Replayed);
+        }
         reply.mark(id, replayed);
         Ok(Response::new(reply))
     }
@@ -393,10 +444,13 @@ async fn copy_config(config: &AgentConfig, origin: &OriginEndpoint) -> CopyConfi
         error,
         ..Default::default()
     };
+    // --checksum: the target's freshly installed files may have the origin's size and
+    // modification time (to the second) with other content (admin0.pw…); the set is small.
     let options: Vec<String> = [
         "-a",
         "-r",
         "-R",
+        "--checksum",
         "--files-from=:bmfleet-config-set",
         "--from0",
         "--stats",
@@ -460,8 +514,17 @@ pub async fn serve(
 ) -> Result<(), AgentError> {
     let identity = LocalIdentity::load(&config.tls, Role::Agent)?;
     let tls = identity.server_config()?;
-    let data_listen = config.data_listen;
+    let (data_listen, metrics_listen) = (config.data_listen, config.metrics_listen);
     let service = AgentService::new(config, &identity)?;
+    if let Some(address) = metrics_listen {
+        let bound = crate::metrics::serve(service.metrics(), address).map_err(|source| {
+            AgentError::MetricsListen {
+                address: address.to_string(),
+                source,
+            }
+        })?;
+        tracing::info!(address = %bound, "metrics serving");
+    }
     let data_plane = match data_listen {
         Some(address) => {
             let data_listener =

@@ -10,6 +10,7 @@
 pub mod config_file;
 pub mod error_chain;
 pub mod identity;
+pub mod metrics_http;
 pub mod pki;
 pub mod process;
 pub mod tls;

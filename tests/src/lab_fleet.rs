@@ -67,6 +67,8 @@ pub struct InstanceOutcome {
     pub downtime_seconds: f64,
     /// Bytes moved by all passes.
     pub bytes_moved: u64,
+    /// Why it stopped, when it failed or rolled back.
+    pub last_error: String,
 }
 
 /// The BlueMind version of pair `i`: every third pair runs 4.x (the old firewall call), the
@@ -405,6 +407,7 @@ impl LabFleet {
                                 _ => 0.0,
                             },
                             bytes_moved: i["bytes_moved"].as_u64().unwrap_or(0),
+                            last_error: i["last_error"].as_str().unwrap_or_default().to_string(),
                         }
                     })
                     .collect());
@@ -493,6 +496,7 @@ fn agent_toml(
     format!(
         r#"listen = "0.0.0.0:7443"
 data_listen = "0.0.0.0:7444"
+metrics_listen = "0.0.0.0:9465"
 data_root = "{root}"
 state_dir = "{root}/var/lib/bmfleet-agent"
 [tls]

@@ -147,6 +147,7 @@ pub fn agent_config(tls: TlsFiles, dir: &Path, services: Vec<ServiceCommands>) -
     AgentConfig {
         listen: "127.0.0.1:0".parse().expect("addr"),
         data_listen: None,
+        metrics_listen: None,
         data_root: dir.join("root"),
         state_dir: dir.join("state"),
         tls,

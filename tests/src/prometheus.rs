@@ -11,11 +11,20 @@ fn deploy(file: &str) -> PathBuf {
         .join(file)
 }
 
-/// A scrape configuration: `target` (host:port of a `/metrics`) every `interval_secs`.
-pub fn config(target: &str, interval_secs: u64) -> String {
-    format!(
-        "global:\n  scrape_interval: {interval_secs}s\n  evaluation_interval: {interval_secs}s\nscrape_configs:\n  - job_name: bmfleet\n    static_configs:\n      - targets: [\"{target}\"]\n"
-    )
+/// A scrape configuration: the orchestrator's `/metrics` (host:port, job `bmfleet`) and the
+/// agents' (job `bmfleet-agent`), every `interval_secs`.
+pub fn config(orchestrator: &str, agents: &[String], interval_secs: u64) -> String {
+    let mut text = format!(
+        "global:\n  scrape_interval: {interval_secs}s\n  evaluation_interval: {interval_secs}s\nscrape_configs:\n  - job_name: bmfleet\n    static_configs:\n      - targets: [\"{orchestrator}\"]\n"
+    );
+    if !agents.is_empty() {
+        let quoted: Vec<String> = agents.iter().map(|a| format!("\"{a}\"")).collect();
+        text += &format!(
+            "  - job_name: bmfleet-agent\n    static_configs:\n      - targets: [{}]\n",
+            quoted.join(", ")
+        );
+    }
+    text
 }
 
 /// `prometheus` (`base`: `Command::new("prometheus")`, or the same inside a lab host) with the

@@ -148,7 +148,7 @@ fn every_alert_rule_returns_series_when_the_fleet_goes_wrong() {
 
     let api = format!("127.0.0.1:{}", free_port());
     let prometheus_config = dir.path().join("prometheus.yml");
-    std::fs::write(&prometheus_config, prometheus::config(&metrics, 1)).expect("config");
+    std::fs::write(&prometheus_config, prometheus::config(&metrics, &[], 1)).expect("config");
     let _prometheus = ChildGuard::spawn(&mut prometheus::command(
         std::process::Command::new("prometheus"),
         &prometheus_config,

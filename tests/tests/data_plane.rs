@@ -774,6 +774,23 @@ async fn the_config_set_is_copied_with_modes_and_owners_and_maps_are_rebuilt() {
     .unwrap();
     write(&o.join("var/lib/bm-ca/cacert.pem"), b"ca", 0o644);
     write(&o.join("etc/shadow"), b"root:not-part-of-the-set", 0o600);
+    // The target's freshly installed admin0.pw: same size and same mtime as the origin's,
+    // other content (rsync's quick check would skip it).
+    write(&o.join("etc/bm/admin0.pw"), b"admin-origin-1\n", 0o600);
+    write(
+        &p.target_root().join("etc/bm/admin0.pw"),
+        b"admin-target-1\n",
+        0o600,
+    );
+    let mtime = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_780_000_000);
+    for root in [o.clone(), p.target_root()] {
+        std::fs::File::options()
+            .write(true)
+            .open(root.join("etc/bm/admin0.pw"))
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+    }
     p.grant_with(GrantRequest {
         grant_id: "grant-0006-config".into(),
         target_name: "target-1".into(),
@@ -797,6 +814,7 @@ async fn the_config_set_is_copied_with_modes_and_owners_and_maps_are_rebuilt() {
     let t = p.target_root();
     for f in [
         "etc/bm/bm.ini",
+        "etc/bm/admin0.pw",
         "etc/bm/nodeclient_cert.pem",
         "etc/bm-hps/hps.ini",
         "etc/imapd.conf",

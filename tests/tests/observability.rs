@@ -44,7 +44,18 @@ fn prometheus_sees_the_migration_the_dashboard_and_the_alerts_need() {
         ..LabParams::default()
     });
     let config = fleet.dir().join("prometheus.yml");
-    std::fs::write(&config, prometheus::config("127.0.0.1:9464", SCRAPE_SECS)).unwrap();
+    let agents: Vec<String> = fleet
+        .lab
+        .hosts()
+        .iter()
+        .filter(|h| h.name != "orch")
+        .map(|h| format!("{}:9465", h.ip))
+        .collect();
+    std::fs::write(
+        &config,
+        prometheus::config("127.0.0.1:9464", &agents, SCRAPE_SECS),
+    )
+    .unwrap();
     fleet.lab.spawn(prometheus::command(
         fleet.lab.command("orch", "prometheus"),
         &config,
@@ -91,6 +102,28 @@ fn prometheus_sees_the_migration_the_dashboard_and_the_alerts_need() {
             !query(&fleet, &name).is_empty(),
             "the alert rules use {name}, which Prometheus never saw"
         );
+    }
+    // The agents' own metrics: every target pulled data, every origin served its tunnel.
+    for (expr, hosts) in [
+        ("bmfleet_agent_pulled_bytes_total > 0", "target"),
+        (
+            "bmfleet_agent_tunnel_requests_total{request=\"rsync\",outcome=\"served\"} > 0",
+            "origin",
+        ),
+    ] {
+        let expected: Vec<String> = fleet
+            .lab
+            .hosts()
+            .iter()
+            .filter(|h| h.name.starts_with(hosts))
+            .map(|h| format!("{}:9465", h.ip))
+            .collect();
+        let mut seen: Vec<String> = query(&fleet, expr)
+            .iter()
+            .filter_map(|s| s["metric"]["instance"].as_str().map(str::to_string))
+            .collect();
+        seen.sort();
+        assert_eq!(seen, expected, "{expr}");
     }
     // Downtime: the seconds Prometheus saw an instance down vs the orchestrator's record.
     for o in &outcomes {

@@ -204,3 +204,111 @@ async fn mutating_calls_without_an_operation_id_are_refused() {
     assert!(err.message().contains("operation_id"), "{}", err.message());
     assert!(!log.exists());
 }
+
+/// One sample's value from a classic-format scrape (None when absent).
+fn sample(scrape: &str, series: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[tokio::test]
+async fn the_agent_counts_its_operations_in_its_own_metrics() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("services.log");
+    let mut config = agent_config(
+        pki.issue("origin-1", Role::Agent),
+        dir.path(),
+        vec![stand_in_service("bluemind", &log, Some(3))],
+    );
+    let metrics = format!("127.0.0.1:{}", bmfleet_tests::free_port());
+    config.metrics_listen = Some(metrics.parse().unwrap());
+    let agent = serve_agent(config).await;
+    let orch = pki.issue("orchestrator", Role::Orchestrator);
+    let mut client = agent_client(
+        &pki.ca_path(),
+        Some(&orch),
+        Role::Orchestrator,
+        agent.addr,
+        "origin-1",
+    );
+    // Ran and succeeded; ran and failed (the stop command exits 3); answered from the journal;
+    // refused (an id reused for another request).
+    let start = client
+        .services(request("m1/start/1", ServiceAction::Start))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(start.ok);
+    let stop = client
+        .services(request("m1/stop/1", ServiceAction::Stop))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!stop.ok);
+    let again = client
+        .services(request("m1/start/1", ServiceAction::Start))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.replayed);
+    assert!(client
+        .services(request("m1/start/1", ServiceAction::Stop))
+        .await
+        .is_err());
+
+    let url = format!("http://{metrics}/metrics");
+    let scrape =
+        tokio::task::spawn_blocking(move || ureq::get(&url).call().unwrap().into_string().unwrap())
+            .await
+            .unwrap();
+    for (series, value) in [
+        (
+            r#"bmfleet_agent_operations_total{kind="services",outcome="ok"}"#,
+            1.0,
+        ),
+        (
+            r#"bmfleet_agent_operations_total{kind="services",outcome="failed"}"#,
+            1.0,
+        ),
+        (
+            r#"bmfleet_agent_operations_total{kind="services",outcome="replayed"}"#,
+            1.0,
+        ),
+        (
+            r#"bmfleet_agent_operations_total{kind="services",outcome="refused"}"#,
+            1.0,
+        ),
+        (
+            r#"bmfleet_agent_operation_duration_seconds_count{kind="services"}"#,
+            2.0,
+        ),
+        (
+            r#"bmfleet_agent_operations_in_flight{kind="services"}"#,
+            0.0,
+        ),
+        ("bmfleet_agent_pulled_bytes_total", 0.0),
+    ] {
+        assert_eq!(
+            sample(&scrape, series),
+            Some(value),
+            "{series} in:\n{scrape}"
+        );
+    }
+    // The scrape passes Prometheus's own linter.
+    let file = dir.path().join("scrape.prom");
+    std::fs::write(&file, &scrape).unwrap();
+    let out = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::fs::File::open(&file).unwrap())
+        .output()
+        .expect("promtool (deploy/setup.sh installs prometheus)");
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
