@@ -2,9 +2,12 @@
 //! failing command is reported with its exit code and stderr, and a repeated operation id
 //! never runs twice — not even across an agent restart.
 
+use bmfleet_agent::config::AgentConfig;
 use bmfleet_proto::identity::Role;
+use bmfleet_proto::v1::agent_client::AgentClient;
 use bmfleet_proto::v1::{ServiceAction, ServicesRequest};
-use bmfleet_tests::{agent_client, agent_config, serve_agent, stand_in_service, TestPki};
+use bmfleet_tests::{agent_client, agent_config, serve_agent, stand_in_service, Served, TestPki};
+use tonic::transport::Channel;
 
 fn log_lines(path: &std::path::Path) -> Vec<String> {
     std::fs::read_to_string(path)
@@ -12,6 +15,20 @@ fn log_lines(path: &std::path::Path) -> Vec<String> {
         .lines()
         .map(str::to_string)
         .collect()
+}
+
+/// An agent named origin-1 serving `config` on loopback, and the orchestrator's client of it.
+async fn agent_and_client(pki: &TestPki, config: AgentConfig) -> (Served, AgentClient<Channel>) {
+    let agent = serve_agent(config).await;
+    let orch = pki.issue("orchestrator", Role::Orchestrator);
+    let client = agent_client(
+        &pki.ca_path(),
+        Some(&orch),
+        Role::Orchestrator,
+        agent.addr,
+        "origin-1",
+    );
+    (agent, client)
 }
 
 fn request(id: &str, action: ServiceAction) -> ServicesRequest {
@@ -31,15 +48,7 @@ async fn stop_runs_in_order_start_in_reverse_and_status_touches_all() {
         stand_in_service("postfix", &log, None),
     ];
     let config = agent_config(pki.issue("origin-1", Role::Agent), dir.path(), services);
-    let agent = serve_agent(config).await;
-    let orch = pki.issue("orchestrator", Role::Orchestrator);
-    let mut client = agent_client(
-        &pki.ca_path(),
-        Some(&orch),
-        Role::Orchestrator,
-        agent.addr,
-        "origin-1",
-    );
+    let (_agent, mut client) = agent_and_client(&pki, config).await;
 
     let stop = client
         .services(request("m1/stop/1", ServiceAction::Stop))
@@ -83,15 +92,7 @@ async fn a_failing_stop_is_reported_with_exit_code_and_stderr_and_stops_there() 
         stand_in_service("postfix", &log, None),
     ];
     let config = agent_config(pki.issue("origin-1", Role::Agent), dir.path(), services);
-    let agent = serve_agent(config).await;
-    let orch = pki.issue("orchestrator", Role::Orchestrator);
-    let mut client = agent_client(
-        &pki.ca_path(),
-        Some(&orch),
-        Role::Orchestrator,
-        agent.addr,
-        "origin-1",
-    );
+    let (_agent, mut client) = agent_and_client(&pki, config).await;
 
     let reply = client
         .services(request("m1/stop/1", ServiceAction::Stop))
@@ -118,17 +119,9 @@ async fn a_repeated_operation_id_does_not_run_twice_even_after_a_restart() {
     let log = dir.path().join("services.log");
     let services = vec![stand_in_service("bluemind", &log, None)];
     let agent_files = pki.issue("origin-1", Role::Agent);
-    let orch = pki.issue("orchestrator", Role::Orchestrator);
 
     let config = agent_config(agent_files.clone(), dir.path(), services.clone());
-    let agent = serve_agent(config).await;
-    let mut client = agent_client(
-        &pki.ca_path(),
-        Some(&orch),
-        Role::Orchestrator,
-        agent.addr,
-        "origin-1",
-    );
+    let (agent, mut client) = agent_and_client(&pki, config).await;
     let first = client
         .services(request("m1/stop/1", ServiceAction::Stop))
         .await
@@ -147,14 +140,7 @@ async fn a_repeated_operation_id_does_not_run_twice_even_after_a_restart() {
 
     // A new agent process on the same state dir remembers the operation.
     let config = agent_config(agent_files, dir.path(), services);
-    let agent = serve_agent(config).await;
-    let mut client = agent_client(
-        &pki.ca_path(),
-        Some(&orch),
-        Role::Orchestrator,
-        agent.addr,
-        "origin-1",
-    );
+    let (_agent, mut client) = agent_and_client(&pki, config).await;
     let after_restart = client
         .services(request("m1/stop/1", ServiceAction::Stop))
         .await
@@ -187,15 +173,7 @@ async fn mutating_calls_without_an_operation_id_are_refused() {
         dir.path(),
         vec![stand_in_service("bluemind", &log, None)],
     );
-    let agent = serve_agent(config).await;
-    let orch = pki.issue("orchestrator", Role::Orchestrator);
-    let mut client = agent_client(
-        &pki.ca_path(),
-        Some(&orch),
-        Role::Orchestrator,
-        agent.addr,
-        "origin-1",
-    );
+    let (_agent, mut client) = agent_and_client(&pki, config).await;
     let err = client
         .services(request("", ServiceAction::Stop))
         .await
@@ -225,15 +203,7 @@ async fn the_agent_counts_its_operations_in_its_own_metrics() {
     );
     let metrics = format!("127.0.0.1:{}", bmfleet_tests::free_port());
     config.metrics_listen = Some(metrics.parse().unwrap());
-    let agent = serve_agent(config).await;
-    let orch = pki.issue("orchestrator", Role::Orchestrator);
-    let mut client = agent_client(
-        &pki.ca_path(),
-        Some(&orch),
-        Role::Orchestrator,
-        agent.addr,
-        "origin-1",
-    );
+    let (_agent, mut client) = agent_and_client(&pki, config).await;
     // Ran and succeeded; ran and failed (the stop command exits 3); answered from the journal;
     // refused (an id reused for another request).
     let start = client
