@@ -5,7 +5,7 @@
 use bmfleet_agent::config::AgentConfig;
 use bmfleet_proto::identity::Role;
 use bmfleet_proto::v1::agent_client::AgentClient;
-use bmfleet_proto::v1::{ServiceAction, ServicesRequest};
+use bmfleet_proto::v1::{ServiceAction, ServicesReply, ServicesRequest};
 use bmfleet_tests::{agent_client, agent_config, serve_agent, stand_in_service, Served, TestPki};
 use tonic::transport::Channel;
 
@@ -31,6 +31,15 @@ async fn agent_and_client(pki: &TestPki, config: AgentConfig) -> (Served, AgentC
     (agent, client)
 }
 
+/// A services call that must get an answer.
+async fn call(client: &mut AgentClient<Channel>, id: &str, action: ServiceAction) -> ServicesReply {
+    client
+        .services(request(id, action))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 fn request(id: &str, action: ServiceAction) -> ServicesRequest {
     ServicesRequest {
         operation_id: id.to_string(),
@@ -50,23 +59,11 @@ async fn stop_runs_in_order_start_in_reverse_and_status_touches_all() {
     let config = agent_config(pki.issue("origin-1", Role::Agent), dir.path(), services);
     let (_agent, mut client) = agent_and_client(&pki, config).await;
 
-    let stop = client
-        .services(request("m1/stop/1", ServiceAction::Stop))
-        .await
-        .unwrap()
-        .into_inner();
+    let stop = call(&mut client, "m1/stop/1", ServiceAction::Stop).await;
     assert!(stop.ok && !stop.replayed);
-    let start = client
-        .services(request("m1/start/1", ServiceAction::Start))
-        .await
-        .unwrap()
-        .into_inner();
+    let start = call(&mut client, "m1/start/1", ServiceAction::Start).await;
     assert!(start.ok);
-    let status = client
-        .services(request("", ServiceAction::Status))
-        .await
-        .unwrap()
-        .into_inner();
+    let status = call(&mut client, "", ServiceAction::Status).await;
     assert!(status.ok);
     assert_eq!(status.commands.len(), 2);
     assert_eq!(
@@ -94,11 +91,7 @@ async fn a_failing_stop_is_reported_with_exit_code_and_stderr_and_stops_there() 
     let config = agent_config(pki.issue("origin-1", Role::Agent), dir.path(), services);
     let (_agent, mut client) = agent_and_client(&pki, config).await;
 
-    let reply = client
-        .services(request("m1/stop/1", ServiceAction::Stop))
-        .await
-        .unwrap()
-        .into_inner();
+    let reply = call(&mut client, "m1/stop/1", ServiceAction::Stop).await;
     assert!(!reply.ok);
     assert_eq!(
         reply.commands.len(),
@@ -122,16 +115,8 @@ async fn a_repeated_operation_id_does_not_run_twice_even_after_a_restart() {
 
     let config = agent_config(agent_files.clone(), dir.path(), services.clone());
     let (agent, mut client) = agent_and_client(&pki, config).await;
-    let first = client
-        .services(request("m1/stop/1", ServiceAction::Stop))
-        .await
-        .unwrap()
-        .into_inner();
-    let again = client
-        .services(request("m1/stop/1", ServiceAction::Stop))
-        .await
-        .unwrap()
-        .into_inner();
+    let first = call(&mut client, "m1/stop/1", ServiceAction::Stop).await;
+    let again = call(&mut client, "m1/stop/1", ServiceAction::Stop).await;
     assert!(!first.replayed);
     assert!(again.replayed);
     assert_eq!(again.commands, first.commands);
@@ -141,11 +126,7 @@ async fn a_repeated_operation_id_does_not_run_twice_even_after_a_restart() {
     // A new agent process on the same state dir remembers the operation.
     let config = agent_config(agent_files, dir.path(), services);
     let (_agent, mut client) = agent_and_client(&pki, config).await;
-    let after_restart = client
-        .services(request("m1/stop/1", ServiceAction::Stop))
-        .await
-        .unwrap()
-        .into_inner();
+    let after_restart = call(&mut client, "m1/stop/1", ServiceAction::Stop).await;
     assert!(after_restart.replayed);
     assert_eq!(after_restart.commands, first.commands);
     assert_eq!(log_lines(&log), ["bluemind stop"]);
@@ -206,23 +187,11 @@ async fn the_agent_counts_its_operations_in_its_own_metrics() {
     let (_agent, mut client) = agent_and_client(&pki, config).await;
     // Ran and succeeded; ran and failed (the stop command exits 3); answered from the journal;
     // refused (an id reused for another request).
-    let start = client
-        .services(request("m1/start/1", ServiceAction::Start))
-        .await
-        .unwrap()
-        .into_inner();
+    let start = call(&mut client, "m1/start/1", ServiceAction::Start).await;
     assert!(start.ok);
-    let stop = client
-        .services(request("m1/stop/1", ServiceAction::Stop))
-        .await
-        .unwrap()
-        .into_inner();
+    let stop = call(&mut client, "m1/stop/1", ServiceAction::Stop).await;
     assert!(!stop.ok);
-    let again = client
-        .services(request("m1/start/1", ServiceAction::Start))
-        .await
-        .unwrap()
-        .into_inner();
+    let again = call(&mut client, "m1/start/1", ServiceAction::Start).await;
     assert!(again.replayed);
     assert!(client
         .services(request("m1/start/1", ServiceAction::Stop))
