@@ -328,6 +328,37 @@ impl Engine {
         Ok(changed)
     }
 
+    /// How long the loop may wait for an event: the tick, or less when a converged instance
+    /// waits only for the stagger to pass or for its window to open (a cold sync must not
+    /// lose up to a tick of its window).
+    fn sleep_ms(&self) -> u64 {
+        let now = self.clock.now_ms();
+        let mut wake = now + self.tick_ms as i64;
+        let waiting = self
+            .instances
+            .iter()
+            .enumerate()
+            .filter(|(_, i)| i.phase == Phase::Converged);
+        for (n, _) in waiting {
+            if let Some(last) = self.state.last_cold_start_ms {
+                let stagger_end = last + self.fleet.policy.min_stagger_secs as i64 * 1000;
+                if stagger_end > now {
+                    wake = wake.min(stagger_end);
+                }
+            }
+            let opening = jiff::Timestamp::from_millisecond(now)
+                .ok()
+                .and_then(|at| crate::windows::next_opening(&self.fleet.instances[n].windows, at));
+            if let Some(o) = opening {
+                let start = o.start.as_millisecond();
+                if start > now {
+                    wake = wake.min(start);
+                }
+            }
+        }
+        (wake - now).max(1) as u64
+    }
+
     fn stop_reason(&self) -> Option<Stop> {
         if self.instances.iter().all(|i| i.phase.is_final()) {
             return Some(Stop::AllFinal);
@@ -375,7 +406,7 @@ impl Engine {
             if let Some(stop) = self.stop_reason() {
                 return Ok(stop);
             }
-            let sleep = self.clock.sleep(self.tick_ms);
+            let sleep = self.clock.sleep(self.sleep_ms());
             tokio::select! {
                 Some((n, event)) = self.results_rx.recv() => {
                     transitions += u64::from(self.apply(n, event)?);

@@ -102,7 +102,7 @@ pub async fn run_with(
     let pool = Arc::new(AgentPool::new(&identity, &config.agent, timeout)?);
     let metrics = Arc::new(metrics::Metrics::new());
     if let Some(address) = config.metrics_listen {
-        let bound = metrics::serve(metrics.clone(), address).map_err(|source| {
+        let bound = metrics::serve(metrics.clone(), clock.clone(), address).map_err(|source| {
             OrchestratorError::Metrics {
                 address: address.to_string(),
                 source,

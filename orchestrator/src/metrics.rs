@@ -119,6 +119,9 @@ pub struct Metrics {
     fleet_budget_spent: Gauge,
     // The last phase seen per instance, to count phase changes once.
     seen: Mutex<Vec<(String, Phase)>>,
+    // When each instance that is down now went down, Unix ms: its downtime grows at every
+    // scrape, not only at transitions (a hung step makes none).
+    down_since: Mutex<std::collections::BTreeMap<String, i64>>,
 }
 
 impl Default for Metrics {
@@ -153,6 +156,7 @@ impl Metrics {
             fleet_paused: Gauge::default(),
             fleet_budget_spent: Gauge::default(),
             seen: Mutex::new(Vec::new()),
+            down_since: Mutex::new(std::collections::BTreeMap::new()),
             registry: Registry::default(),
         };
         registry.register(
@@ -326,6 +330,13 @@ impl Metrics {
             self.instance_down
                 .get_or_create(&labels)
                 .set(i64::from(down));
+            {
+                let mut since = self.down_since.lock().unwrap_or_else(|p| p.into_inner());
+                match i.downtime_start_ms {
+                    Some(start) if down => since.insert(name.clone(), start),
+                    _ => since.remove(&name),
+                };
+            }
             if let Some(start) = i.downtime_start_ms {
                 let end = i.downtime_end_ms.unwrap_or(now_ms);
                 self.instance_downtime
@@ -402,7 +413,19 @@ impl Metrics {
         }
     }
 
-    /// The OpenMetrics exposition text.
+    /// Brings the downtime of every instance that is down now to `now_ms`.
+    pub fn refresh(&self, now_ms: i64) {
+        let since = self.down_since.lock().unwrap_or_else(|p| p.into_inner());
+        for (server, start) in since.iter() {
+            self.instance_downtime
+                .get_or_create(&InstanceLabels {
+                    server: server.clone(),
+                })
+                .set((now_ms - start).max(0) as f64 / 1000.0);
+        }
+    }
+
+    /// The exposition, OpenMetrics text.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {
@@ -413,7 +436,18 @@ impl Metrics {
 }
 
 /// Serves `/metrics` on `address` from a thread of its own (see
-/// [`bmfleet_proto::metrics_http::serve`]).
-pub fn serve(metrics: Arc<Metrics>, address: SocketAddr) -> std::io::Result<SocketAddr> {
-    bmfleet_proto::metrics_http::serve(move || metrics.encode(), address)
+/// [`bmfleet_proto::metrics_http::serve`]); every scrape first brings the downtime of the
+/// instances that are down to `clock`'s now.
+pub fn serve(
+    metrics: Arc<Metrics>,
+    clock: Arc<dyn crate::clock::Clock>,
+    address: SocketAddr,
+) -> std::io::Result<SocketAddr> {
+    bmfleet_proto::metrics_http::serve(
+        move || {
+            metrics.refresh(clock.now_ms());
+            metrics.encode()
+        },
+        address,
+    )
 }

@@ -234,6 +234,38 @@ async fn the_bandwidth_budget_throttles_the_live_passes_not_the_final_one() {
     );
 }
 
+#[tokio::test(start_paused = true)]
+async fn the_next_cold_sync_starts_when_the_stagger_ends_not_at_the_next_tick() {
+    // Instances 0 and 2 share a window (1 is in another zone), 60 s of stagger (fleet_text),
+    // the engine's tick at 30 s: the second cold sync must start the moment the stagger
+    // allows it, not up to a tick later.
+    let fleet = FleetFile::parse(&fleet_text(3, 0, 0, 2), "sim.toml").unwrap();
+    let agents = SimAgents::new(Script::default());
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(State::open(&dir.path().join("state.db")).unwrap());
+    let clock = Arc::new(SimulatedClock::starting_at(start_ms()));
+    let mut engine = Engine::open(
+        fleet.clone(),
+        store,
+        Arc::new(agents),
+        clock,
+        rules_for(&fleet),
+    )
+    .unwrap();
+    let grants = Arc::new(Mutex::new(Vec::new()));
+    let seen = grants.clone();
+    engine.observe(Box::new(move |t| {
+        if let Event::GrantColdSync { .. } = t.event {
+            seen.lock().unwrap().push(t.now_ms);
+        }
+    }));
+    let (_commands, rx) = mpsc::unbounded_channel();
+    assert_eq!(engine.run(rx, None).await.unwrap(), Stop::AllFinal);
+    let grants = grants.lock().unwrap().clone();
+    assert_eq!(grants.len(), 3, "{grants:?}");
+    assert_eq!(grants[1] - grants[0], 60_000, "{grants:?}");
+}
+
 /// Runs one instance to its end, stopping and re-opening the engine after every transition.
 async fn run_with_restarts(script: Script, dir: &std::path::Path) -> (Phase, Vec<String>, usize) {
     let fleet = FleetFile::parse(&fleet_text(1, 0, 3, 1), "sim.toml").unwrap();

@@ -159,15 +159,17 @@ fn every_alert_rule_returns_series_when_the_fleet_goes_wrong() {
     let (start, end, end_unix) = window_closing_soon();
     let fleet = dir.path().join("fleet.toml");
     std::fs::write(&fleet, fleet_file(&start, &end)).expect("fleet file");
-    let applied = std::process::Command::new(binary("bmctl"))
-        .args(["fleet", "apply"])
-        .arg(&fleet)
-        .env("BMFLEET_ORCHESTRATOR", served.addr.to_string())
-        .env("BMFLEET_CA", &operator.ca)
-        .env("BMFLEET_CERT", &operator.cert)
-        .env("BMFLEET_KEY", &operator.key)
-        .output()
-        .expect("bmctl");
+    let bmctl = |args: &[&str]| {
+        std::process::Command::new(binary("bmctl"))
+            .args(args)
+            .env("BMFLEET_ORCHESTRATOR", served.addr.to_string())
+            .env("BMFLEET_CA", &operator.ca)
+            .env("BMFLEET_CERT", &operator.cert)
+            .env("BMFLEET_KEY", &operator.key)
+            .output()
+            .expect("bmctl")
+    };
+    let applied = bmctl(&["fleet", "apply", &fleet.display().to_string()]);
     assert!(
         applied.status.success(),
         "bmctl fleet apply: {}",
@@ -187,7 +189,9 @@ fn every_alert_rule_returns_series_when_the_fleet_goes_wrong() {
         }
         assert!(
             Instant::now() < deadline,
-            "these alert rules never returned a series: {waiting:?}"
+            "these alert rules never returned a series: {waiting:?}\n{}\n{}",
+            String::from_utf8_lossy(&bmctl(&["fleet", "status"]).stdout),
+            String::from_utf8_lossy(&bmctl(&["fleet", "events", "--limit", "200"]).stdout)
         );
         std::thread::sleep(Duration::from_millis(500));
     }
