@@ -180,22 +180,9 @@ async fn the_failure_budget_stops_new_cold_syncs() {
             .failures
             .insert((format!("mail-{i:03}"), Step::Databases), Failure::Always);
     }
-    let agents = SimAgents::new(script);
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(State::open(&dir.path().join("state.db")).unwrap());
-    let clock = Arc::new(SimulatedClock::starting_at(start_ms()));
-    let mut engine = Engine::open(
-        fleet.clone(),
-        store,
-        Arc::new(agents),
-        clock,
-        rules_for(&fleet),
-    )
-    .unwrap();
-    let (_commands, rx) = mpsc::unbounded_channel();
-    let stop = engine.run(rx, None).await.unwrap();
-    assert_eq!(stop, Stop::Stalled);
-    let c = counts(engine.instances());
+    let run = simulate(&fleet, None, SimAgents::new(script)).await;
+    assert_eq!(run.stop, Stop::Stalled);
+    let c = counts(run.engine.instances());
     // One instance down at a time: the second failure spends the budget, nothing else starts.
     assert_eq!(c.get("RolledBack").copied(), Some(2), "{c:?}");
     assert_eq!(c.get("Converged").copied(), Some(n - 2), "{c:?}");
@@ -209,8 +196,13 @@ async fn the_bandwidth_budget_throttles_the_live_passes_not_the_final_one() {
     );
     let fleet = FleetFile::parse(&text, "sim.toml").unwrap();
     let agents = SimAgents::new(Script::default());
-    let (engine, _, _) = simulate(&fleet, None, agents.clone()).await;
-    assert!(engine.instances().iter().all(|i| i.phase == Phase::Done));
+    let run = simulate(&fleet, None, agents.clone()).await;
+    assert_eq!(run.stop, Stop::AllFinal);
+    assert!(run
+        .engine
+        .instances()
+        .iter()
+        .all(|i| i.phase == Phase::Done));
     let limits = agents.bandwidth_limits();
     // 80 MiB/s shared by at most 40 hot syncs: 2 MiB/s each.
     for step in [Step::HotPass, Step::PreWindowPass] {
@@ -240,28 +232,14 @@ async fn the_next_cold_sync_starts_when_the_stagger_ends_not_at_the_next_tick() 
     // the engine's tick at 30 s: the second cold sync must start the moment the stagger
     // allows it, not up to a tick later.
     let fleet = FleetFile::parse(&fleet_text(3, 0, 0, 2), "sim.toml").unwrap();
-    let agents = SimAgents::new(Script::default());
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(State::open(&dir.path().join("state.db")).unwrap());
-    let clock = Arc::new(SimulatedClock::starting_at(start_ms()));
-    let mut engine = Engine::open(
-        fleet.clone(),
-        store,
-        Arc::new(agents),
-        clock,
-        rules_for(&fleet),
-    )
-    .unwrap();
-    let grants = Arc::new(Mutex::new(Vec::new()));
-    let seen = grants.clone();
-    engine.observe(Box::new(move |t| {
-        if let Event::GrantColdSync { .. } = t.event {
-            seen.lock().unwrap().push(t.now_ms);
-        }
-    }));
-    let (_commands, rx) = mpsc::unbounded_channel();
-    assert_eq!(engine.run(rx, None).await.unwrap(), Stop::AllFinal);
-    let grants = grants.lock().unwrap().clone();
+    let run = simulate(&fleet, None, SimAgents::new(Script::default())).await;
+    assert_eq!(run.stop, Stop::AllFinal);
+    let grants: Vec<i64> = run
+        .transitions
+        .iter()
+        .filter(|(_, e)| matches!(e, Event::GrantColdSync { .. }))
+        .map(|(t, _)| *t)
+        .collect();
     assert_eq!(grants.len(), 3, "{grants:?}");
     assert_eq!(grants[1] - grants[0], 60_000, "{grants:?}");
 }
@@ -327,13 +305,23 @@ async fn a_restart_at_every_step_boundary_finishes_the_same_and_runs_nothing_twi
     );
 }
 
-/// Runs a fleet to its end (or `limit` transitions) and returns the engine and the times of
-/// its transitions.
-async fn simulate(
-    fleet: &FleetFile,
-    limit: Option<u64>,
-    agents: SimAgents,
-) -> (Engine, Arc<SimulatedClock>, Vec<i64>) {
+/// A simulated run: the engine after it, its clock, every transition's time and event, and
+/// why it stopped.
+struct Run {
+    engine: Engine,
+    clock: Arc<SimulatedClock>,
+    transitions: Vec<(i64, Event)>,
+    stop: Stop,
+}
+
+impl Run {
+    fn times(&self) -> Vec<i64> {
+        self.transitions.iter().map(|(t, _)| *t).collect()
+    }
+}
+
+/// Runs a fleet to its end (or `limit` transitions).
+async fn simulate(fleet: &FleetFile, limit: Option<u64>, agents: SimAgents) -> Run {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(State::open(&dir.path().join("state.db")).unwrap());
     let clock = Arc::new(SimulatedClock::starting_at(start_ms()));
@@ -345,23 +333,33 @@ async fn simulate(
         rules_for(fleet),
     )
     .unwrap();
-    let times = Arc::new(Mutex::new(Vec::new()));
-    let seen = times.clone();
-    engine.observe(Box::new(move |t| seen.lock().unwrap().push(t.now_ms)));
+    let transitions = Arc::new(Mutex::new(Vec::new()));
+    let seen = transitions.clone();
+    engine.observe(Box::new(move |t| {
+        seen.lock().unwrap().push((t.now_ms, t.event.clone()))
+    }));
     let (_commands, rx) = mpsc::unbounded_channel();
-    engine.run(rx, limit).await.unwrap();
-    let times = times.lock().unwrap().clone();
-    (engine, clock, times)
+    let stop = engine.run(rx, limit).await.unwrap();
+    let transitions = transitions.lock().unwrap().clone();
+    Run {
+        engine,
+        clock,
+        transitions,
+        stop,
+    }
 }
 
 #[tokio::test(start_paused = true)]
 async fn the_eta_halfway_through_is_within_a_fifth_of_the_actual_remaining_time() {
     let fleet = FleetFile::parse(&fleet_text(60, 0, 50, 2), "sim.toml").unwrap();
-    let (_, _, times) = simulate(&fleet, None, SimAgents::new(Script::default())).await;
+    let times = simulate(&fleet, None, SimAgents::new(Script::default()))
+        .await
+        .times();
     let (first, last) = (times[0], *times.last().unwrap());
     let half = first + (last - first) / 2;
     let k = times.iter().position(|t| *t >= half).unwrap() as u64;
-    let (engine, clock, _) = simulate(&fleet, Some(k), SimAgents::new(Script::default())).await;
+    let Run { engine, clock, .. } =
+        simulate(&fleet, Some(k), SimAgents::new(Script::default())).await;
     let now = clock.now_ms();
     let eta =
         bmfleet_orchestrator::eta::fleet_finish(&fleet, engine.instances(), now).expect("an ETA");
