@@ -138,12 +138,9 @@ impl AgentMetrics {
         }
     }
 
-    /// Counts an operation that did not run (replayed or refused).
-    pub fn not_run(&self, kind: &str, outcome: Outcome) {
-        self.count(kind, outcome);
-    }
-
-    fn count(&self, kind: &str, outcome: Outcome) {
+    /// Counts one operation's outcome (a running one is counted by its [`Running`] guard; use
+    /// this for those that did not run: replayed or refused).
+    pub fn count(&self, kind: &str, outcome: Outcome) {
         self.operations
             .get_or_create(&OutcomeLabels {
                 kind: kind.into(),

@@ -249,8 +249,8 @@ impl Agent for AgentService {
             drop(progress_tx);
             let _ = forward.await;
             match &result {
-                Ok((_, true)) => metrics.not_run("pull", Outcome::Replayed),
-                Err(_) => metrics.not_run("pull", Outcome::Refused),
+                Ok((_, true)) => metrics.count("pull", Outcome::Replayed),
+                Err(_) => metrics.count("pull", Outcome::Refused),
                 Ok(_) => {}
             }
             let _ = tx
@@ -415,9 +415,9 @@ impl AgentService {
         };
         let (mut reply, replayed) = once(&self.journal, id, kind, encoded, now_ms, counted)
             .await
-            .inspect_err(|_| self.metrics.not_run(family, Outcome::Refused))?;
+            .inspect_err(|_| self.metrics.count(family, Outcome::Refused))?;
         if replayed {
-            self.metrics.not_run(family, Outcome::Replayed);
+            self.metrics.count(family, Outcome::Replayed);
         }
         reply.mark(id, replayed);
         Ok(Response::new(reply))

@@ -334,23 +334,35 @@ impl Engine {
     fn sleep_ms(&self) -> u64 {
         let now = self.clock.now_ms();
         let mut wake = now + self.tick_ms as i64;
-        let waiting = self
+        // The windows of the converged instances, each distinct list once (most instances
+        // share the fleet's): this runs at every turn of the loop.
+        let mut windows: Vec<&[crate::windows::Window]> = Vec::new();
+        for (spec, _) in self
+            .fleet
             .instances
             .iter()
-            .enumerate()
-            .filter(|(_, i)| i.phase == Phase::Converged);
-        for (n, _) in waiting {
-            if let Some(last) = self.state.last_cold_start_ms {
-                let stagger_end = last + self.fleet.policy.min_stagger_secs as i64 * 1000;
-                if stagger_end > now {
-                    wake = wake.min(stagger_end);
-                }
+            .zip(&self.instances)
+            .filter(|(_, i)| i.phase == Phase::Converged)
+        {
+            if !windows.contains(&spec.windows.as_slice()) {
+                windows.push(&spec.windows);
             }
-            let opening = jiff::Timestamp::from_millisecond(now)
-                .ok()
-                .and_then(|at| crate::windows::next_opening(&self.fleet.instances[n].windows, at));
-            if let Some(o) = opening {
-                let start = o.start.as_millisecond();
+        }
+        if windows.is_empty() {
+            return self.tick_ms;
+        }
+        if let Some(last) = self.state.last_cold_start_ms {
+            let stagger_end = last + self.fleet.policy.min_stagger_secs as i64 * 1000;
+            if stagger_end > now {
+                wake = wake.min(stagger_end);
+            }
+        }
+        if let Ok(at) = jiff::Timestamp::from_millisecond(now) {
+            for opening in windows
+                .iter()
+                .filter_map(|w| crate::windows::next_opening(w, at))
+            {
+                let start = opening.start.as_millisecond();
                 if start > now {
                     wake = wake.min(start);
                 }

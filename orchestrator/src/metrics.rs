@@ -304,6 +304,7 @@ impl Metrics {
                 .set(count as i64);
         }
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let mut since = self.down_since.lock().unwrap_or_else(|p| p.into_inner());
         for (spec, i) in fleet.instances.iter().zip(instances) {
             let name = spec.name.clone();
             for phase in PHASES {
@@ -330,13 +331,10 @@ impl Metrics {
             self.instance_down
                 .get_or_create(&labels)
                 .set(i64::from(down));
-            {
-                let mut since = self.down_since.lock().unwrap_or_else(|p| p.into_inner());
-                match i.downtime_start_ms {
-                    Some(start) if down => since.insert(name.clone(), start),
-                    _ => since.remove(&name),
-                };
-            }
+            match i.downtime_start_ms {
+                Some(start) if down => since.insert(name.clone(), start),
+                _ => since.remove(&name),
+            };
             if let Some(start) = i.downtime_start_ms {
                 let end = i.downtime_end_ms.unwrap_or(now_ms);
                 self.instance_downtime

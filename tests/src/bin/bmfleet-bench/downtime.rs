@@ -328,12 +328,14 @@ fn bmfleet(fleet: &LabFleet, pair: usize, params: &Params) -> anyhow::Result<Bmf
                 .unwrap_or_else(|p| p.into_inner())
                 .take()
                 .context("the engine never ran a pre-window pass")?;
+            let downtime = (end - start) as f64 / 1000.0;
             Ok(BmfleetRun {
                 phase: finished.phase,
-                downtime: (end - start) as f64 / 1000.0,
+                downtime,
+                // The downtime's steps (post-migration and verify come after it).
                 steps: steps
                     .into_iter()
-                    .filter(|s| s.start + s.secs <= (end - start) as f64 / 1000.0 + 0.001)
+                    .filter(|s| s.start + s.secs <= downtime + 0.001)
                     .collect(),
                 first_pass: first_pass.context("no hot pass recorded")?,
                 final_pass,
