@@ -93,6 +93,10 @@ fn write(path: &Path, content: impl AsRef<[u8]>) {
     std::fs::write(path, content).expect("write");
 }
 
+/// A customer's relay network in every lab instance's mynetworks: a string in BlueMind's
+/// configuration, never an address anything is sent to.
+pub const CUSTOMER_RELAY: &str = "198.19.42.0/24";
+
 const SCHEMA: &str = "
 SET ROLE bj;
 CREATE TABLE t_domain (id serial PRIMARY KEY, name text NOT NULL);
@@ -703,7 +707,13 @@ fn seed_host(
     );
     write(
         &root.join("etc/bm/standin-configuration.json"),
-        format!("{{\"mynetworks\": \"127.0.0.0/8, 198.18.0.{}\"}}", 2 * pair),
+        // BlueMind's systemconf table as the origin's sanitizer left it (its own /32 added) with
+        // a customer relay network, and a key of the table beside bm.ini's.
+        format!(
+            "{{\"mynetworks\": \"127.0.0.0/8, 198.18.0.{}/32, {CUSTOMER_RELAY}\", \
+             \"external_url\": \"mail-{pair}.example.net\"}}",
+            2 * pair
+        ),
     );
     write(
         &root.join("etc/postfix/main.cf"),

@@ -295,6 +295,7 @@ impl Drop for ChildGuard {
     }
 }
 
+pub mod bluemind_api;
 pub mod lab;
 pub mod lab_fleet;
 pub mod prometheus;

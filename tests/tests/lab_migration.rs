@@ -4,7 +4,7 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use bmfleet_tests::lab_fleet::{bluemind_version, service_ip, LabFleet, LabParams};
+use bmfleet_tests::lab_fleet::{bluemind_version, service_ip, LabFleet, LabParams, CUSTOMER_RELAY};
 
 const LOGIN: &str = "/api/auth/login?login=admin0@global.virt";
 
@@ -259,9 +259,33 @@ fn three_instances_migrate_with_no_mail_lost() {
         let target_host = format!("198.18.0.{}", 2 * i + 1);
         assert_eq!(
             body["mynetworks"],
-            format!("127.0.0.0/8, {target_host}"),
+            format!("127.0.0.0/8, {target_host}/32, {CUSTOMER_RELAY}"),
             "origin {origin_host} replaced"
         );
+        // What BlueMind kept after Done: the customer's relay network, the target's address,
+        // not the origin's.
+        let stored: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(target.join("etc/bm/standin-configuration.json")).unwrap(),
+        )
+        .unwrap();
+        let kept = bmfleet_agent::post_migration::networks(stored["mynetworks"].as_str().unwrap());
+        assert!(kept.contains(CUSTOMER_RELAY), "pair {i}: {kept:?}");
+        assert!(
+            kept.contains(&format!("{target_host}/32")),
+            "pair {i}: {kept:?}"
+        );
+        assert!(
+            !kept.contains(&format!("{origin_host}/32")),
+            "pair {i}: {kept:?}"
+        );
+        // BlueMind rebuilt the postfix maps on the target after the repair.
+        for map in bmfleet_tests::bluemind_api::POSTFIX_MAPS {
+            let db = std::fs::read_to_string(target.join(format!("etc/postfix/{map}.db"))).unwrap();
+            assert!(
+                db.starts_with(bmfleet_tests::bluemind_api::REBUILT_MAP_MARK),
+                "pair {i}: {map}.db: {db}"
+            );
+        }
         // Pair 2's agent logs in as admin0 with the password, the others use the bm-core
         // token; every other call carries a valid X-BM-ApiKey.
         let logins = calls

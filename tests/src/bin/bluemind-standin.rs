@@ -6,18 +6,16 @@
 //!   `DIR/etc/bm/standin-refuse-start` exists (injected failure).
 //! - stop: stops it and waits until it is gone (idempotent). status: exit 0 when running, 3 not.
 //! - serve, bluemind: IMAP banner on 143, HTTPS-port banner on 443, BlueMind's API on 8080 and
-//!   8090 (login, X-BM-ApiKey, tasks, firewall by version, mail-maintenance repair,
-//!   configuration/mynetworks), every call recorded in `DIR/var/log/standin-api.jsonl`.
+//!   8090 as BlueMind's sources define it (`bmfleet_tests::bluemind_api`), every call recorded
+//!   in `DIR/var/log/standin-api.jsonl`.
 //! - serve, postfix: SMTP banner on 25, and mail keeps arriving: a message every
 //!   `--deliver-ms` into the cyrus spool (every fifth one hard-linked into a second mailbox),
 //!   each listed in `DIR/var/log/standin-delivered.log`.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
@@ -260,172 +258,8 @@ fn deliver(root: &Path, every: Duration) -> ! {
     }
 }
 
-struct ApiState {
-    root: PathBuf,
-    keys: Vec<String>,
-    tasks: HashMap<String, u32>,
-    next: u64,
-}
-
-fn read(root: &Path, rel: &str) -> String {
-    std::fs::read_to_string(root.join(rel))
-        .unwrap_or_default()
-        .trim()
-        .to_string()
-}
-
-/// BlueMind's API, as far as the migration uses it.
+/// BlueMind's API on `port` of every address (bmfleet_tests::bluemind_api).
 fn api(root: &Path, port: u16) -> std::io::Result<()> {
-    let server = tiny_http::Server::http(("0.0.0.0", port)).map_err(std::io::Error::other)?;
-    let state = Arc::new(Mutex::new(ApiState {
-        root: root.to_path_buf(),
-        keys: Vec::new(),
-        tasks: HashMap::new(),
-        next: 0,
-    }));
-    std::thread::spawn(move || {
-        for mut request in server.incoming_requests() {
-            let mut body = String::new();
-            let _ = request.as_reader().read_to_string(&mut body);
-            let key = request
-                .headers()
-                .iter()
-                .find(|h| h.field.equiv("X-BM-ApiKey"))
-                .map(|h| h.value.as_str().to_string())
-                .unwrap_or_default();
-            let method = request.method().as_str().to_string();
-            let url = request.url().to_string();
-            let (status, reply) = {
-                let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
-                let answer = handle(&mut s, &method, &url, &key, &body);
-                let record = serde_json::json!({
-                    "port": port, "method": method, "url": url, "api_key_valid": s.keys.contains(&key) || key == read(&s.root, "etc/bm/bm-core.tok"),
-                    "body": body, "status": answer.0,
-                });
-                if let Ok(mut f) = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(s.root.join("var/log/standin-api.jsonl"))
-                {
-                    let _ = writeln!(f, "{record}");
-                }
-                answer
-            };
-            let header = tiny_http::Header::from_bytes("Content-Type", "application/json").ok();
-            let mut response =
-                tiny_http::Response::from_string(reply.to_string()).with_status_code(status);
-            if let Some(h) = header {
-                response.add_header(h);
-            }
-            let _ = request.respond(response);
-        }
-    });
-    Ok(())
-}
-
-fn error(status: u16, code: &str, message: &str) -> (u16, serde_json::Value) {
-    (
-        status,
-        serde_json::json!({"errorCode": code, "message": message}),
-    )
-}
-
-fn handle(
-    s: &mut ApiState,
-    method: &str,
-    url: &str,
-    key: &str,
-    body: &str,
-) -> (u16, serde_json::Value) {
-    let (path, query) = url.split_once('?').unwrap_or((url, ""));
-    if method == "POST" && path == "/api/auth/login" {
-        let password: String = serde_json::from_str(body).unwrap_or_default();
-        if query != "login=admin0@global.virt"
-            || password.is_empty()
-            || password != read(&s.root, "etc/bm/admin0.pw")
-        {
-            return error(403, "PERMISSION_DENIED", "Invalid credentials");
-        }
-        s.next += 1;
-        let auth_key = format!("key-{}", s.next);
-        s.keys.push(auth_key.clone());
-        return (
-            200,
-            serde_json::json!({"status": "Ok", "authKey": auth_key, "authUser": {"login": "admin0"}}),
-        );
-    }
-    if !(s.keys.iter().any(|k| k == key)
-        || (!key.is_empty() && key == read(&s.root, "etc/bm/bm-core.tok")))
-    {
-        return error(401, "AUTHENTICATION_FAIL", "missing or invalid X-BM-ApiKey");
-    }
-    let version = read(&s.root, "etc/bm/bm-core.version");
-    let new_firewall = version.starts_with('5');
-    let task = |s: &mut ApiState| {
-        s.next += 1;
-        let id = format!("task-{}", s.next);
-        s.tasks.insert(id.clone(), 0);
-        (200, serde_json::json!({"id": id}))
-    };
-    match (method, path) {
-        ("POST", "/api/system/security/_updatefirewallrules") if !new_firewall => task(s),
-        ("POST", "/internal-api/system/firewall/_updatefirewallrules") if new_firewall => task(s),
-        ("POST", "/api/system/maildelivery/mgmt/_repair") => task(s),
-        ("GET", p) if p.starts_with("/api/tasks/") => {
-            let id = p
-                .trim_start_matches("/api/tasks/")
-                .trim_end_matches("/status");
-            let fail = s.root.join("etc/bm/standin-task-fails").exists();
-            match s.tasks.get_mut(id) {
-                None => error(404, "NOT_FOUND", "no such task"),
-                Some(polls) => {
-                    *polls += 1;
-                    let state = match (*polls, fail) {
-                        (1, _) => "InProgress",
-                        (_, true) => "InError",
-                        _ => "Success",
-                    };
-                    (200, serde_json::json!({"state": state, "result": null}))
-                }
-            }
-        }
-        ("GET", "/api/configuration") => {
-            let stored = read(&s.root, "etc/bm/standin-configuration.json");
-            (
-                200,
-                serde_json::from_str(&stored)
-                    .unwrap_or_else(|_| serde_json::json!({"mynetworks": "127.0.0.0/8"})),
-            )
-        }
-        ("POST", "/api/configuration") => {
-            let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
-            let Some(mynetworks) = v.get("mynetworks").and_then(|m| m.as_str()) else {
-                return error(400, "INVALID_PARAMETER", "mynetworks is missing");
-            };
-            let entries: Vec<&str> = mynetworks
-                .split([',', ' '])
-                .filter(|e| !e.is_empty())
-                .collect();
-            let valid = |e: &str| {
-                let (ip, prefix) = e.split_once('/').unwrap_or((e, "32"));
-                ip.parse::<std::net::IpAddr>().is_ok()
-                    && prefix.parse::<u8>().is_ok_and(|p| p <= 128)
-            };
-            if entries.is_empty() || !entries.iter().all(|e| valid(e)) {
-                return error(
-                    400,
-                    "INVALID_PARAMETER",
-                    &format!("invalid mynetworks: {mynetworks}"),
-                );
-            }
-            // BlueMind rewrites the stored value.
-            let stored = serde_json::json!({"mynetworks": entries.join(", ")});
-            let _ = std::fs::write(
-                s.root.join("etc/bm/standin-configuration.json"),
-                stored.to_string(),
-            );
-            (200, serde_json::Value::Null)
-        }
-        _ => error(404, "NOT_FOUND", &format!("{method} {path}")),
-    }
+    let listener = TcpListener::bind(("0.0.0.0", port))?;
+    bmfleet_tests::bluemind_api::serve(root, listener, port)
 }
