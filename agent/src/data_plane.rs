@@ -183,8 +183,13 @@ impl DataPlane {
             (paths, None)
         };
         let server_argv = args.server_argv(&host_paths, list);
+        // rsync's "." and any relative path resolve against its working directory: an empty
+        // one of its own, never the agent's (`/` under systemd).
+        let workdir = tempfile::tempdir_in(&self.config.state_dir)
+            .map_err(|e| format!("cannot make rsync's working directory: {e}"))?;
         let mut child = Command::new(&self.config.data_plane.rsync)
             .args(&server_argv[1..])
+            .current_dir(workdir.path())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -57,6 +57,10 @@ pub enum ArgError {
     /// No `.` separator or no path after it.
     #[error("refused: no source path in the rsync command")]
     NoPath,
+    /// A word rsync would read as a path where this parser expects an option: a bare `-`
+    /// (popt's name for "not an option") or `--` (the end of options).
+    #[error("refused: rsync would read {0:?} as a path (rsync then serves its working directory); only absolute paths after '.' are served")]
+    Positional(String),
     /// A path that is not a clean absolute path.
     #[error("refused: path {0:?} must be absolute, without '..', '\\\\' or NUL")]
     Path(String),
@@ -112,6 +116,9 @@ fn parse_rest(rest: &[&str]) -> Result<SenderArgs, ArgError> {
     let mut i = 0;
     while i < rest.len() && rest[i] != "." {
         let word = rest[i];
+        if word == "-" || word == "--" {
+            return Err(ArgError::Positional(word.to_string()));
+        }
         if let Some(long) = word.strip_prefix("--") {
             let (name, inline) = match long.split_once('=') {
                 Some((n, v)) => (format!("--{n}"), Some(v)),
@@ -250,6 +257,106 @@ mod tests {
             parsed.server_argv(&["/lab/o1/".into()], Some(Path::new("/run/list"))),
             argv("rsync --server --sender -logDtpRe.LsfxCIvu --files-from /run/list . /lab/o1/")
         );
+    }
+
+    #[test]
+    fn a_bare_dash_is_refused_by_name() {
+        // rsync reads "-" as its directory argument and "." as a path: the agent's cwd.
+        assert_eq!(
+            parse_sender(&argv(
+                "rsync --server --sender -logDtprRe.iLsfxCIvu - . /var/spool/cyrus/"
+            ))
+            .unwrap_err(),
+            ArgError::Positional("-".into())
+        );
+        assert_eq!(
+            parse_sender(&argv("rsync --server --sender -lr -- . /var/spool/cyrus/")).unwrap_err(),
+            ArgError::Positional("--".into())
+        );
+    }
+
+    /// What rsync itself reads as paths from a server argv, modelled on popt as rsync uses it,
+    /// independently of the parser: `--` ends options; `-` alone and words not starting with
+    /// `-` are arguments; a long option's value is inline (`=`) or the next word; in a short
+    /// cluster, a letter taking a value (`e`, `B`, `T`, `f`, `M`, `@`) takes the cluster's
+    /// rest or the next word. The first argument is a directory (rsync chdirs into it without
+    /// -R), the others the paths sent; with none, rsync sends ".".
+    fn rsync_reads(argv: &[String]) -> Vec<String> {
+        const LONG_WITH_VALUE: &[&str] = &[
+            "--bwlimit",
+            "--timeout",
+            "--files-from",
+            "--compress-level",
+            "--checksum-choice",
+            "--compress-choice",
+            "--log-file",
+            "--write-batch",
+        ];
+        let mut positional = Vec::new();
+        let mut words = argv.iter().skip(1);
+        while let Some(w) = words.next() {
+            if w == "--" {
+                positional.extend(words.by_ref().cloned());
+            } else if let Some(long) = w.strip_prefix("--") {
+                if !long.contains('=') && LONG_WITH_VALUE.contains(&w.as_str()) {
+                    words.next();
+                }
+            } else if w.len() > 1 && w.starts_with('-') {
+                let cluster: Vec<char> = w[1..].chars().collect();
+                for (k, c) in cluster.iter().enumerate() {
+                    if "eBTfM@".contains(*c) {
+                        if k + 1 == cluster.len() {
+                            words.next();
+                        }
+                        break;
+                    }
+                }
+            } else {
+                positional.push(w.clone());
+            }
+        }
+        let mut reads: Vec<String> = positional.into_iter().collect();
+        if reads.len() == 1 {
+            reads.push(".".into());
+        }
+        reads
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2048))]
+        /// Random and hostile argv: whatever the parser accepts, rsync reads "." as its
+        /// directory and, as paths, exactly the clean absolute paths the parser checked.
+        #[test]
+        fn accepted_argv_lists_only_checked_paths(
+            options in proptest::collection::vec(proptest::sample::select(vec![
+                "-", "--", "-lHogDtprRe.iLsfxCIvu", "-lre", "-e.iLsfxCIvu", "-e", "-lr", "-R",
+                "-L", "-ve.", "--bwlimit", "--bwlimit=100", "--timeout", "--timeout=30",
+                "--files-from", "--files-from=bmfleet-config-set", "bmfleet-config-set",
+                "--from0", "--numeric-ids", "--numeric-ids=1", "--log-file", "100", ".",
+            ]), 0..6),
+            separator in proptest::sample::select(vec![".", "-", "--", "/etc", "x"]),
+            paths in proptest::collection::vec(proptest::sample::select(vec![
+                "/var/spool/cyrus/", "/var/spool/cyrus/sub", "/etc", "/", ".", "-", "--",
+                "/var/spool/cyrus/../../etc", "x", "-lr", "--bwlimit", "--files-from",
+            ]), 0..4),
+        ) {
+            let mut full = argv("rsync --server --sender");
+            full.extend(options.iter().map(|w| w.to_string()));
+            full.push(separator.to_string());
+            full.extend(paths.iter().map(|w| w.to_string()));
+            if let Ok(args) = parse_sender(&full) {
+                let server = args.server_argv(&args.paths, None);
+                let reads = rsync_reads(&server[..]);
+                proptest::prop_assert_eq!(&reads[0], ".");
+                proptest::prop_assert_eq!(&reads[1..], &args.paths[..]);
+                for p in &args.paths {
+                    proptest::prop_assert!(clean_absolute(p).is_ok(), "{}", p);
+                }
+                // And what the target sent reads the same paths, whatever rsync made of it.
+                let sent = rsync_reads(&full[..]);
+                proptest::prop_assert_eq!(&sent[1..], &args.paths[..]);
+            }
+        }
     }
 
     #[test]

@@ -624,6 +624,20 @@ async fn the_origin_refuses_dot_dot() {
 }
 
 #[tokio::test]
+async fn the_origin_refuses_a_bare_dash_that_would_serve_its_working_directory() {
+    // rsync reads "-" as its directory argument and "." as a path: before the fix, this argv
+    // under a spool grant handed over the agent's working directory (/ under systemd).
+    let p = refusal_pair().await;
+    let reason = p
+        .refused_rsync(
+            "grant-0004-refusals",
+            &format!("rsync --server --sender -logDtprRe.iLsfxCIvu - . {SPOOL}/"),
+        )
+        .await;
+    assert!(reason.contains("would read \"-\" as a path"), "{reason}");
+}
+
+#[tokio::test]
 async fn the_origin_refuses_a_symlink_escape() {
     let p = refusal_pair().await;
     let reason = p
