@@ -75,6 +75,151 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
     remaining.len() >= last.len() && remaining.ends_with(last)
 }
 
+/// Where a relative path stands against the configuration patterns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Coverage {
+    /// A pattern names it, or it lies inside a directory a pattern names.
+    Inside,
+    /// A directory on the way to a pattern (`etc`, `etc/postfix`): created when missing, never
+    /// given the sender's attributes.
+    Ancestor,
+    /// Neither.
+    Outside,
+}
+
+/// Where `rel` (relative to the data root, `/`-separated) stands against `patterns`.
+pub fn coverage(patterns: &[String], rel: &str) -> Coverage {
+    let mut ancestor = false;
+    for pattern in patterns {
+        let pattern = pattern.trim_matches('/');
+        if pattern.is_empty() {
+            continue;
+        }
+        let (parent, last) = match pattern.rsplit_once('/') {
+            Some((p, l)) => (p, l),
+            None => ("", pattern),
+        };
+        // A glob names entries of `parent`; anything below a named entry is inside it.
+        let inside = if last.contains('*') {
+            let rest = if parent.is_empty() {
+                Some(rel)
+            } else {
+                rel.strip_prefix(parent).and_then(|r| r.strip_prefix('/'))
+            };
+            rest.is_some_and(|r| glob_match(last, r.split('/').next().unwrap_or(r)))
+        } else {
+            rel == pattern || rel.starts_with(&format!("{pattern}/"))
+        };
+        if inside {
+            return Coverage::Inside;
+        }
+        if pattern.starts_with(&format!("{rel}/")) || parent == rel {
+            ancestor = true;
+        }
+    }
+    if ancestor {
+        Coverage::Ancestor
+    } else {
+        Coverage::Outside
+    }
+}
+
+/// What a config set received from an origin holds, screened by this host's own patterns.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Screened {
+    /// Entries to install (relative paths, parents before children).
+    pub accepted: Vec<String>,
+    /// Directories on the way to them.
+    pub ancestors: Vec<String>,
+    /// Entries outside every pattern (their content is not looked at).
+    pub refused: Vec<String>,
+}
+
+/// Walks a received tree (`staging`) without following symlinks and sorts each entry by this
+/// host's `patterns`: what an origin sends beyond them never lands.
+pub fn screen(patterns: &[String], staging: &Path) -> Result<Screened, String> {
+    let mut screened = Screened::default();
+    let mut walk = walkdir::WalkDir::new(staging)
+        .min_depth(1)
+        .sort_by_file_name()
+        .into_iter();
+    while let Some(entry) = walk.next() {
+        let entry = entry.map_err(|e| format!("reading the received config set: {e}"))?;
+        let rel = entry
+            .path()
+            .strip_prefix(staging)
+            .map_err(|e| e.to_string())?;
+        let Some(rel) = rel.to_str() else {
+            screened.refused.push(rel.to_string_lossy().into_owned());
+            if entry.file_type().is_dir() {
+                walk.skip_current_dir();
+            }
+            continue;
+        };
+        match coverage(patterns, rel) {
+            Coverage::Inside => screened.accepted.push(rel.to_string()),
+            Coverage::Ancestor if entry.file_type().is_dir() => {
+                screened.ancestors.push(rel.to_string())
+            }
+            _ => {
+                screened.refused.push(rel.to_string());
+                if entry.file_type().is_dir() {
+                    walk.skip_current_dir();
+                }
+            }
+        }
+    }
+    Ok(screened)
+}
+
+/// Installs the screened entries from `staging` into the host's data root: missing
+/// ancestors created (0755, root), the accepted entries copied by a local rsync with their
+/// attributes and owners but without setuid/setgid bits, contents compared by checksum (a
+/// freshly installed file can have the origin's size and mtime with other content). Nothing
+/// is deleted; an ancestor that exists keeps its own attributes.
+pub async fn install(
+    config: &crate::config::AgentConfig,
+    staging: &Path,
+    screened: &Screened,
+    timeout: Duration,
+) -> Result<(), String> {
+    if screened.accepted.is_empty() {
+        return Ok(());
+    }
+    let root = &config.data_root;
+    for dir in &screened.ancestors {
+        let target = root.join(dir);
+        if target.symlink_metadata().is_err() {
+            std::fs::create_dir_all(&target)
+                .map_err(|e| format!("cannot create {}: {e}", target.display()))?;
+        }
+    }
+    let list = tempfile::NamedTempFile::new_in(&config.state_dir)
+        .map_err(|e| format!("cannot write the install list: {e}"))?;
+    std::fs::write(list.path(), list_text(&screened.accepted))
+        .map_err(|e| format!("cannot write the install list: {e}"))?;
+    let argv: Vec<String> = vec![
+        config.data_plane.rsync.clone(),
+        "-a".into(),
+        "--checksum".into(),
+        "--no-implied-dirs".into(),
+        "--chmod=u-s,g-s".into(),
+        "--from0".into(),
+        format!("--files-from={}", list.path().display()),
+        format!("{}/", staging.display()),
+        format!("{}/", root.display()),
+    ];
+    let result = command::run("config-install", &argv, timeout).await;
+    if command::succeeded(&result) {
+        Ok(())
+    } else {
+        Err(format!(
+            "installing the config set: {}",
+            command::failure_summary(&result)
+        ))
+    }
+}
+
 /// One rebuilt postfix map.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RebuiltMap {
@@ -85,7 +230,8 @@ pub struct RebuiltMap {
 }
 
 /// Rebuilds every `/etc/postfix/*-flat` map under `root` with `postmap` (the flat file's path
-/// appended), then renames `NAME-flat.db` to `NAME.db`.
+/// appended), then renames `NAME-flat.db` to `NAME.db`. Only regular files: a symlinked map
+/// would have postmap read whatever it names.
 pub async fn rebuild_postfix_maps(
     root: &Path,
     postmap: &[String],
@@ -98,7 +244,7 @@ pub async fn rebuild_postfix_maps(
         .flatten()
         .map(|e| e.path())
         .filter(|p| {
-            p.is_file()
+            p.symlink_metadata().is_ok_and(|m| m.is_file())
                 && p.file_name()
                     .and_then(|n| n.to_str())
                     .is_some_and(|n| n.ends_with("-flat"))
@@ -144,6 +290,81 @@ mod tests {
         assert!(glob_match("*.db", "transport.db"));
         assert!(glob_match("a*b*c", "axxbyyc"));
         assert!(!glob_match("a*b*c", "axxc"));
+    }
+
+    fn manual_patterns() -> Vec<String> {
+        [
+            "/etc/bm",
+            "/etc/imapd*",
+            "/etc/postfix/main.cf",
+            "/etc/postfix/*-flat",
+            "/etc/ssl/certs/bm_cert.pem",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    #[test]
+    fn coverage_follows_the_patterns_only() {
+        let p = manual_patterns();
+        for inside in [
+            "etc/bm",
+            "etc/bm/bm.ini",
+            "etc/bm/sub/deep",
+            "etc/imapd.conf",
+            "etc/imapd.d/x",
+            "etc/postfix/main.cf",
+            "etc/postfix/transport-flat",
+            "etc/ssl/certs/bm_cert.pem",
+        ] {
+            assert_eq!(coverage(&p, inside), Coverage::Inside, "{inside}");
+        }
+        for ancestor in ["etc", "etc/postfix", "etc/ssl", "etc/ssl/certs"] {
+            assert_eq!(coverage(&p, ancestor), Coverage::Ancestor, "{ancestor}");
+        }
+        for outside in [
+            "etc/cron.d",
+            "etc/cron.d/evil",
+            "root/.ssh/authorized_keys",
+            "root",
+            "etc/bmx",
+            "etc/postfix/transport-flat.db",
+            "etc/postfix/master.cf",
+            "etc/ssl/certs/other.pem",
+            "etc/shadow",
+        ] {
+            assert_eq!(coverage(&p, outside), Coverage::Outside, "{outside}");
+        }
+    }
+
+    #[test]
+    fn screening_keeps_what_the_patterns_name_and_reports_the_rest() {
+        let staging = tempfile::tempdir().unwrap();
+        for f in [
+            "etc/bm/bm.ini",
+            "etc/postfix/main.cf",
+            "etc/cron.d/evil",
+            "root/.ssh/authorized_keys",
+        ] {
+            let p = staging.path().join(f);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, b"x").unwrap();
+        }
+        // A symlinked dir is an entry, never walked into.
+        std::os::unix::fs::symlink("/root", staging.path().join("etc/imapd.d")).unwrap();
+        let s = screen(&manual_patterns(), staging.path()).unwrap();
+        assert_eq!(
+            s.accepted,
+            [
+                "etc/bm",
+                "etc/bm/bm.ini",
+                "etc/imapd.d",
+                "etc/postfix/main.cf"
+            ]
+        );
+        assert_eq!(s.ancestors, ["etc", "etc/postfix"]);
+        assert_eq!(s.refused, ["etc/cron.d", "root"]);
     }
 
     #[test]

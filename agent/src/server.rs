@@ -444,13 +444,17 @@ async fn copy_config(config: &AgentConfig, origin: &OriginEndpoint) -> CopyConfi
         error,
         ..Default::default()
     };
-    // --checksum: the target's freshly installed files may have the origin's size and
-    // modification time (to the second) with other content (admin0.pw…); the set is small.
+    // The origin lists the set; it lands in a private staging dir first, and only what this
+    // host's own patterns name is installed from there (a hostile origin's /etc/cron.d or
+    // /root/.ssh stays in staging, reported, and is deleted with it).
+    let staging = match tempfile::tempdir_in(&config.state_dir) {
+        Ok(d) => d,
+        Err(e) => return failed(format!("cannot make the config staging dir: {e}")),
+    };
     let options: Vec<String> = [
         "-a",
         "-r",
         "-R",
-        "--checksum",
         "--files-from=:bmfleet-config-set",
         "--from0",
         "--stats",
@@ -459,7 +463,7 @@ async fn copy_config(config: &AgentConfig, origin: &OriginEndpoint) -> CopyConfi
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let dest = format!("{}/", config.data_root.display());
+    let dest = format!("{}/", staging.path().display());
     let run = match pull::rsync_through_tunnel(config, origin, &options, "origin:/", &dest) {
         Ok(r) => r,
         Err(e) => return failed(e),
@@ -480,7 +484,24 @@ async fn copy_config(config: &AgentConfig, origin: &OriginEndpoint) -> CopyConfi
             ))
         };
     }
+    let stats = Some(outcome.stats);
+    let screened = match config_set::screen(&config.config_set.patterns, staging.path()) {
+        Ok(s) => s,
+        Err(e) => return CopyConfigReply { stats, ..failed(e) },
+    };
+    if !screened.refused.is_empty() {
+        tracing::warn!(
+            origin = %origin.name,
+            refused = ?screened.refused,
+            "the origin sent config entries outside this host's config_set patterns: not installed"
+        );
+    }
     let timeout = std::time::Duration::from_secs(config.services.command_timeout_secs);
+    if let Err(e) = config_set::install(config, staging.path(), &screened, timeout).await {
+        return CopyConfigReply { stats, ..failed(e) };
+    }
+    let refused: Vec<String> = screened.refused.iter().map(|f| format!("/{f}")).collect();
+    let files: Vec<String> = screened.accepted.iter().map(|f| format!("/{f}")).collect();
     match config_set::rebuild_postfix_maps(
         &config.data_root,
         &config.config_set.postmap_command,
@@ -490,16 +511,15 @@ async fn copy_config(config: &AgentConfig, origin: &OriginEndpoint) -> CopyConfi
     {
         Ok(maps) => CopyConfigReply {
             ok: true,
-            files: config_set::list(&config.config_set.patterns, &config.data_root)
-                .into_iter()
-                .map(|f| format!("/{f}"))
-                .collect(),
+            files,
+            refused,
             maps_rebuilt: maps.iter().map(|m| m.db.display().to_string()).collect(),
-            stats: Some(outcome.stats),
+            stats,
             ..Default::default()
         },
         Err(e) => CopyConfigReply {
-            stats: Some(outcome.stats),
+            stats,
+            refused,
             ..failed(e)
         },
     }

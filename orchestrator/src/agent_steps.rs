@@ -129,6 +129,15 @@ async fn run_step(pool: &AgentPool, job: Job, now_ms: i64) -> StepResult {
                 .await
                 .map_err(|s| describe_status(&s))?
                 .into_inner();
+            if !reply.refused.is_empty() {
+                tracing::warn!(
+                    instance = %job.instance.name,
+                    origin = %origin.name,
+                    refused = ?reply.refused,
+                    "the origin sent config entries outside the target's config_set patterns; \
+                     the target did not install them"
+                );
+            }
             if reply.ok {
                 Ok(None)
             } else {

@@ -869,6 +869,104 @@ async fn the_config_set_is_copied_with_modes_and_owners_and_maps_are_rebuilt() {
     assert_eq!(reply.maps_rebuilt.len(), 2);
 }
 
+#[tokio::test]
+async fn a_hostile_origin_cannot_write_outside_the_targets_config_patterns() {
+    // The origin's agent.toml is the origin's: a compromised host lists /etc/cron.d and
+    // /root/.ssh in its own patterns. The target installs only what its patterns name.
+    let mut p = Pair::new(None, None).await;
+    let mut hostile = p.origin_config.clone();
+    hostile.state_dir = p.dir.path().join("hostile-state");
+    std::fs::create_dir_all(&hostile.state_dir).unwrap();
+    hostile.config_set.patterns = vec![
+        "/etc/bm".into(),
+        "/etc/cron.d".into(),
+        "/root/.ssh".into(),
+        "/etc".into(),
+    ];
+    let hostile_data = format!("127.0.0.1:{}", free_port());
+    hostile.data_listen = Some(hostile_data.parse().unwrap());
+    hostile.listen = "127.0.0.1:0".parse().unwrap();
+    let hostile_agent = serve_agent(hostile.clone()).await;
+    let orch = p.pki.issue("orchestrator-2", Role::Orchestrator);
+    let mut hostile_client = bmfleet_tests::agent_client(
+        &p.pki.ca_path(),
+        Some(&orch),
+        Role::Orchestrator,
+        hostile_agent.addr,
+        "origin-1",
+    );
+    let o = p.origin_root();
+    write(&o.join("etc/bm/bm.ini"), b"[global]\n", 0o640);
+    write(&o.join("etc/bm/bm-tool"), b"#!/bin/sh\n", 0o4755);
+    write(&o.join("etc/cron.d/evil"), b"* * * * * root id\n", 0o4755);
+    write(
+        &o.join("root/.ssh/authorized_keys"),
+        b"ssh-ed25519 AAAA evil\n",
+        0o600,
+    );
+    write(&o.join("etc/passwd"), b"evil::0:0::/:/bin/sh\n", 0o644);
+    let t = p.target_root();
+    write(&t.join("etc/passwd"), b"root:x:0:0::/root:/bin/sh\n", 0o644);
+    std::fs::set_permissions(t.join("etc"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(o.join("etc"), std::fs::Permissions::from_mode(0o777)).unwrap();
+    hostile_client
+        .grant(GrantRequest {
+            grant_id: "grant-0007-config".into(),
+            target_name: "target-1".into(),
+            migration: "m1".into(),
+            paths: vec![],
+            config_set: true,
+            databases: false,
+            expires_at_unix_ms: bmfleet_agent::server::now_ms() + 600_000,
+        })
+        .await
+        .unwrap();
+    let reply = p
+        .target
+        .copy_config(CopyConfigRequest {
+            operation_id: "m1/config/hostile".into(),
+            origin: Some(OriginEndpoint {
+                address: hostile_data,
+                name: "origin-1".into(),
+                grant_id: "grant-0007-config".into(),
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(reply.ok, "{reply:?}");
+    assert!(!t.join("etc/cron.d").exists(), "etc/cron.d landed");
+    assert!(!t.join("root/.ssh").exists(), "root/.ssh landed");
+    assert_eq!(
+        std::fs::read(t.join("etc/passwd")).unwrap(),
+        b"root:x:0:0::/root:/bin/sh\n"
+    );
+    // An ancestor keeps the target's own attributes.
+    assert_eq!(t.join("etc").metadata().unwrap().mode() & 0o7777, 0o755);
+    // What the patterns name arrives, without its setuid bit.
+    assert_eq!(
+        std::fs::read(t.join("etc/bm/bm.ini")).unwrap(),
+        b"[global]\n"
+    );
+    assert_eq!(
+        t.join("etc/bm/bm-tool").metadata().unwrap().mode() & 0o7777,
+        0o755
+    );
+    for refused in ["/etc/cron.d", "/etc/passwd", "/root"] {
+        assert!(
+            reply.refused.iter().any(|r| r == refused),
+            "{refused} not reported: {:?}",
+            reply.refused
+        );
+    }
+    assert!(
+        reply.files.iter().all(|f| f.starts_with("/etc/bm")),
+        "{:?}",
+        reply.files
+    );
+    drop(hostile_agent);
+}
+
 // ------------------------------------------------------------------ databases
 
 const ORIGIN_SCHEMA: &str = "
