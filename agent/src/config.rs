@@ -331,11 +331,47 @@ impl AgentConfig {
         if !self.data_root.is_absolute() {
             return Err(invalid("data_root".into(), "must be an absolute path"));
         }
-        for (i, dir) in self.all_data_dirs().enumerate() {
-            if !dir.is_absolute() || dir.components().any(|c| c.as_os_str() == "..") {
+        // The agent's own state and identity are never a data dir, nor inside one.
+        let own: Vec<PathBuf> = [
+            Some(self.state_dir.clone()),
+            self.tls.ca.parent().map(Path::to_path_buf),
+            self.tls.cert.parent().map(Path::to_path_buf),
+            self.tls.key.parent().map(Path::to_path_buf),
+        ]
+        .into_iter()
+        .flatten()
+        .filter(|p| !p.as_os_str().is_empty())
+        .collect();
+        let dirs = self
+            .facts
+            .data_dirs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (format!("facts.data_dirs[{i}]"), d))
+            .chain(
+                self.facts
+                    .extra_data_dirs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| (format!("facts.extra_data_dirs[{i}]"), d)),
+            );
+        for (field, dir) in dirs {
+            let text = dir.to_string_lossy();
+            if let Some(reason) = bmfleet_proto::refuse_data_dir(&text) {
+                return Err(invalid(field, &reason));
+            }
+            let host = self.host_path(dir);
+            if let Some(p) = own
+                .iter()
+                .find(|p| host.starts_with(p) || p.starts_with(&host))
+            {
                 return Err(invalid(
-                    format!("facts.data_dirs[{i}]"),
-                    "must be an absolute path without '..'",
+                    field,
+                    &format!(
+                        "{} overlaps the agent's own state or certificates ({})",
+                        host.display(),
+                        p.display()
+                    ),
                 ));
             }
         }
@@ -387,6 +423,19 @@ impl AgentConfig {
             .chain(self.facts.extra_data_dirs.iter())
     }
 
+    /// Why this host refuses to grant or write `path` (a BlueMind path), if it does: only its
+    /// data dirs (BlueMind's and `facts.extra_data_dirs`) and what lies inside them.
+    pub fn refuse_data_path(&self, path: &Path) -> Option<String> {
+        if self.all_data_dirs().any(|d| path.starts_with(d)) {
+            return None;
+        }
+        Some(format!(
+            "{} is not a data dir of this host: it serves and receives only BlueMind's data dirs \
+             and its facts.extra_data_dirs",
+            path.display()
+        ))
+    }
+
     /// Where a BlueMind path lives on this host: under `data_root`.
     pub fn host_path(&self, bluemind_path: &Path) -> PathBuf {
         let relative = bluemind_path.strip_prefix("/").unwrap_or(bluemind_path);
@@ -405,6 +454,38 @@ ca = "/pki/ca.pem"
 cert = "/pki/a.pem"
 key = "/pki/a-key.pem"
 "#;
+
+    #[test]
+    fn system_trees_and_the_agents_own_dirs_are_never_data_dirs() {
+        for (extra, reason) in [
+            ("\"/\"", "whole host"),
+            ("\"/etc\"", "inside the system tree /etc"),
+            ("\"/root/.ssh\"", "inside the system tree /root"),
+            (
+                "\"/pki\"",
+                "overlaps the agent's own state or certificates (/pki)",
+            ),
+            ("\"/srv/state/sub\"", "overlaps the agent's own state"),
+        ] {
+            let text = format!(
+                "state_dir = \"/srv/state\"\n{MINIMAL}[facts]\nextra_data_dirs = [{extra}]\n"
+            );
+            let e = AgentConfig::parse(&text, Path::new("agent.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("facts.extra_data_dirs[0]"), "{e}");
+            assert!(e.contains(reason), "{extra}: {e}");
+        }
+        let ok = format!("{MINIMAL}[facts]\nextra_data_dirs = [\"/var/spool/bm-custom\"]\n");
+        let c = AgentConfig::parse(&ok, Path::new("agent.toml")).unwrap();
+        assert_eq!(
+            c.refuse_data_path(Path::new("/var/spool/bm-custom/a")),
+            None
+        );
+        assert_eq!(c.refuse_data_path(Path::new("/var/spool/cyrus")), None);
+        assert!(c.refuse_data_path(Path::new("/etc")).is_some());
+        assert!(c.refuse_data_path(Path::new("/var/spool")).is_some());
+    }
 
     #[test]
     fn minimal_config_takes_bluemind_defaults() {

@@ -45,6 +45,13 @@ pub async fn gather(config: &AgentConfig, agent_name: &str, measure_usage: bool)
         bluemind: Some(bluemind),
         postgresql: Some(postgresql),
         data_dirs,
+        interfaces: nix::net::if_::if_nameindex()
+            .map(|list| {
+                list.iter()
+                    .map(|i| i.name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default(),
         spool_users: config
             .facts
             .spool_users

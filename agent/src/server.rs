@@ -176,6 +176,16 @@ impl Agent for AgentService {
         let req = request.into_inner();
         let grant =
             Grant::from_request(&req).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if let Some(reason) = grant
+            .paths
+            .iter()
+            .find_map(|p| self.config.refuse_data_path(p))
+        {
+            return Err(Status::permission_denied(format!(
+                "grant {} refused: {reason}",
+                grant.id
+            )));
+        }
         if self.config.data_listen.is_none() {
             return Err(Status::failed_precondition(
                 "this agent has no data_listen address: it serves no pulls",
@@ -205,8 +215,11 @@ impl Agent for AgentService {
     async fn pull(&self, request: Request<PullRequest>) -> Result<Response<PullStream>, Status> {
         let req = request.into_inner();
         let origin = origin_of(req.origin.clone())?;
-        crate::rsync_args::clean_absolute(&req.path)
+        let path = crate::rsync_args::clean_absolute(&req.path)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if let Some(reason) = self.config.refuse_data_path(&path) {
+            return Err(Status::permission_denied(format!("pull refused: {reason}")));
+        }
         let (tx, rx) = mpsc::channel::<Result<PullEvent, Status>>(16);
         let (config, journal) = (self.config.clone(), self.journal.clone());
         let metrics = self.metrics.clone();

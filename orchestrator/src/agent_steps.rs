@@ -81,7 +81,7 @@ async fn run_step(pool: &AgentPool, job: Job, now_ms: i64) -> StepResult {
     let origin = agent(pool, &job.instance.origin)?;
     let target = agent(pool, &job.instance.target)?;
     match job.step {
-        Step::Preflight => preflight(origin, target).await.map(|_| None),
+        Step::Preflight => preflight(origin, target, &job).await.map(|_| None),
         Step::HotPass | Step::PreWindowPass => {
             sync_pass(origin, target, &job, now_ms).await.map(Some)
         }
@@ -167,7 +167,7 @@ async fn run_step(pool: &AgentPool, job: Job, now_ms: i64) -> StepResult {
 
 /// Both agents answer, the BlueMind versions match, PostgreSQL answers on both, the target
 /// has room for the origin's data and the spool's users, and its services are stopped.
-async fn preflight(origin: &AgentHandle, target: &AgentHandle) -> Result<(), String> {
+async fn preflight(origin: &AgentHandle, target: &AgentHandle, job: &Job) -> Result<(), String> {
     async fn facts(a: &AgentHandle, usage: bool) -> Result<bmfleet_proto::v1::FactsReply, String> {
         a.client
             .clone()
@@ -209,6 +209,25 @@ async fn preflight(origin: &AgentHandle, target: &AgentHandle) -> Result<(), Str
         problems.push(format!(
             "the target has {free} bytes free for {used} bytes of data: grow its filesystem"
         ));
+    }
+    let interface = &job.instance.interface;
+    if !t.interfaces.iter().any(|i| i == interface) {
+        problems.push(format!(
+            "the target has no interface {interface} for the service IP (it has {}): set the \
+             instance's interface in the fleet file",
+            t.interfaces.join(", ")
+        ));
+    }
+    // Each agent is the last word on its disk: an extra dir it does not list is refused.
+    for dir in &job.instance.extra_dirs {
+        for (name, f) in [(&origin.name, &o), (&target.name, &t)] {
+            if !f.data_dirs.iter().any(|d| &d.path == dir) {
+                problems.push(format!(
+                    "{name} does not list {dir} among its data dirs: add it to \
+                     facts.extra_data_dirs in its agent.toml, or remove it from the instance"
+                ));
+            }
+        }
     }
     for u in t.spool_users.iter().filter(|u| !u.exists) {
         problems.push(format!(

@@ -154,8 +154,7 @@ struct RawInstance {
     origin: Spanned<String>,
     target: Spanned<String>,
     service_ip: Spanned<String>,
-    #[serde(default = "d_interface")]
-    interface: String,
+    interface: Option<Spanned<String>>,
     #[serde(default = "d_profile")]
     bluemind: Spanned<String>,
     #[serde(default)]
@@ -370,6 +369,14 @@ impl FleetFile {
                     ));
                 }
             }
+            let interface = match &r.interface {
+                Some(i) => {
+                    validate_interface(i.get_ref())
+                        .map_err(|m| err(i.span(), field("interface"), m))?;
+                    i.get_ref().clone()
+                }
+                None => d_interface(),
+            };
             let (ip, prefix) = parse_cidr(r.service_ip.get_ref())
                 .map_err(|m| err(r.service_ip.span(), field("service_ip"), m))?;
             if let Some((other, line)) =
@@ -407,12 +414,11 @@ impl FleetFile {
             }
             let mut extra_dirs = Vec::new();
             for (j, d) in r.extra_dirs.iter().enumerate() {
-                let clean = Path::new(d.get_ref());
-                if !clean.is_absolute() || d.get_ref().contains("..") {
+                if let Some(reason) = bmfleet_proto::refuse_data_dir(d.get_ref()) {
                     return Err(err(
                         d.span(),
                         format!("instance[{i}].extra_dirs[{j}]"),
-                        "must be an absolute path without '..'".into(),
+                        reason,
                     ));
                 }
                 extra_dirs.push(d.get_ref().clone());
@@ -423,7 +429,7 @@ impl FleetFile {
                 target: r.target.into_inner(),
                 service_ip: ip,
                 prefix,
-                interface: r.interface,
+                interface,
                 profile,
                 windows,
                 downtime_budget_secs: r
@@ -436,6 +442,28 @@ impl FleetFile {
         }
         Ok(FleetFile { policy, instances })
     }
+}
+
+/// Linux's rules for an interface name (dev_valid_name: 1-15 bytes, not `.` or `..`, no `/`,
+/// `:` or whitespace), and no leading `-` (it would read as an option to `ip`).
+pub fn validate_interface(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 15 {
+        return Err(format!(
+            "'{name}' is not an interface name: 1 to 15 characters"
+        ));
+    }
+    if name == "." || name == ".." || name.starts_with('-') {
+        return Err(format!("'{name}' is not an interface name"));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| *c == '/' || *c == ':' || c.is_whitespace() || c.is_control())
+    {
+        return Err(format!(
+            "'{name}' is not an interface name: it contains {c:?}"
+        ));
+    }
+    Ok(())
 }
 
 fn parse_cidr(text: &str) -> Result<(IpAddr, u8), String> {
@@ -547,6 +575,52 @@ service_ip = "198.18.0.101/24"
         for (extra, line, field, message) in cases {
             let e = refused(&extra);
             assert_eq!((e.line, e.field.as_str()), (line, field), "{e}");
+            assert!(e.message.contains(message), "{e}");
+        }
+    }
+
+    #[test]
+    fn system_trees_and_bad_interfaces_are_refused_with_their_line() {
+        let cases = [
+            (
+                "extra_dirs = [\"/\"]\n",
+                "instance[0].extra_dirs[0]",
+                "whole host",
+            ),
+            (
+                "extra_dirs = [\"/var/spool/x\", \"/etc\"]\n",
+                "instance[0].extra_dirs[1]",
+                "inside the system tree /etc",
+            ),
+            (
+                "extra_dirs = [\"/root/.ssh\"]\n",
+                "instance[0].extra_dirs[0]",
+                "inside the system tree /root",
+            ),
+            (
+                "extra_dirs = [\"/var\"]\n",
+                "instance[0].extra_dirs[0]",
+                "contains the system tree /var/lib/bmfleet",
+            ),
+            (
+                "interface = \"-eth0\"\n",
+                "instance[0].interface",
+                "not an interface name",
+            ),
+            (
+                "interface = \"eth0 up\"\n",
+                "instance[0].interface",
+                "contains ' '",
+            ),
+            (
+                "interface = \"a-very-long-name0\"\n",
+                "instance[0].interface",
+                "1 to 15",
+            ),
+        ];
+        for (extra, field, message) in cases {
+            let e = refused(extra);
+            assert_eq!((e.line, e.field.as_str()), (16, field), "{e}");
             assert!(e.message.contains(message), "{e}");
         }
     }

@@ -32,8 +32,89 @@ pub const BLUEMIND_DATA_DIRS: [&str; 7] = [
     "/var/spool/bm-filehosting",
 ];
 
+/// Trees no data dir may be, contain or lie inside: a slip here would copy a host's system
+/// onto another (`/` contains them all).
+pub const SYSTEM_TREES: [&str; 14] = [
+    "/etc",
+    "/root",
+    "/usr",
+    "/boot",
+    "/proc",
+    "/sys",
+    "/dev",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib64",
+    "/run",
+    "/home",
+    "/var/lib/bmfleet",
+];
+
+/// Why `dir` may not be synced between hosts as a data dir, if it may not: not a clean
+/// absolute path, `/`, or overlapping a system tree (equal to it, inside it or containing it).
+pub fn refuse_data_dir(dir: &str) -> Option<String> {
+    let path = std::path::Path::new(dir);
+    let clean = path.is_absolute() && !dir.split('/').any(|c| c == "." || c == "..");
+    if !clean || dir.contains('\\') || dir.contains('\0') {
+        return Some("must be an absolute path without '.', '..', '\\' or NUL".into());
+    }
+    if path.parent().is_none() {
+        return Some("'/' is the whole host: only data dirs are synced".into());
+    }
+    SYSTEM_TREES.iter().find_map(|tree| {
+        let tree = std::path::Path::new(tree);
+        if path.starts_with(tree) {
+            Some(format!(
+                "{} is inside the system tree {}",
+                dir,
+                tree.display()
+            ))
+        } else if tree.starts_with(path) {
+            Some(format!(
+                "{} contains the system tree {}",
+                dir,
+                tree.display()
+            ))
+        } else {
+            None
+        }
+    })
+}
+
 /// Installs ring as the process-wide rustls crypto provider. Call once at the start of every
 /// binary and test; repeated calls are harmless.
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn system_trees_and_root_are_never_data_dirs() {
+        for refused in [
+            "/",
+            "/etc",
+            "/etc/",
+            "/etc/cron.d",
+            "/root/.ssh",
+            "/usr",
+            "/var/lib/bmfleet/state",
+            "/var/lib",
+            "/var",
+            "relative",
+            "/var/spool/../../etc",
+            "/var/./spool",
+        ] {
+            assert!(refuse_data_dir(refused).is_some(), "{refused}");
+        }
+        for allowed in BLUEMIND_DATA_DIRS
+            .iter()
+            .chain(&["/var/spool/bm-custom", "/srv/mail"])
+        {
+            assert_eq!(refuse_data_dir(allowed), None, "{allowed}");
+        }
+    }
 }

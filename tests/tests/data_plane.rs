@@ -612,6 +612,51 @@ async fn the_origin_refuses_a_path_outside_the_grant() {
 }
 
 #[tokio::test]
+async fn an_agent_grants_and_receives_only_its_data_dirs() {
+    // The agent is the last word on its own disk: whatever the orchestrator asks, an origin
+    // grants and a target writes only BlueMind's data dirs and its own extra_data_dirs.
+    let mut p = refusal_pair().await;
+    for paths in [
+        vec!["/"],
+        vec![SPOOL, "/etc"],
+        vec!["/root/.ssh"],
+        vec!["/var/spool"],
+    ] {
+        let e = p
+            .origin
+            .grant(GrantRequest {
+                grant_id: "grant-0009-system-trees".into(),
+                target_name: "target-1".into(),
+                migration: "m1".into(),
+                paths: paths.iter().map(|s| s.to_string()).collect(),
+                config_set: false,
+                databases: false,
+                expires_at_unix_ms: bmfleet_agent::server::now_ms() + 600_000,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{paths:?}");
+        assert!(
+            e.message().contains("is not a data dir of this host"),
+            "{e}"
+        );
+    }
+    let e = p
+        .target
+        .pull(PullRequest {
+            operation_id: "m1/hot/etc".into(),
+            origin: Some(p.endpoint("grant-0004-refusals")),
+            path: "/etc".into(),
+            bwlimit_kib: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    assert!(e.message().contains("/etc is not a data dir"), "{e}");
+    assert!(!p.target_root().join("etc").exists());
+}
+
+#[tokio::test]
 async fn the_origin_refuses_dot_dot() {
     let p = refusal_pair().await;
     let reason = p

@@ -206,7 +206,7 @@ async fn an_operator_applies_watches_pauses_and_aborts_a_fleet_across_an_orchest
     std::fs::write(
         &fleet,
         format!(
-            "[fleet]\nname = \"night-1\"\ncanary_count = 0\n{}\n[[instance]]\nname = \"mail-01\"\norigin = \"origin-1\"\ntarget = \"target-1\"\nservice_ip = \"198.18.0.101/24\"\nestimate = {{ files = 6000000 }}\n",
+            "[fleet]\nname = \"night-1\"\ncanary_count = 0\n{}\n[[instance]]\nname = \"mail-01\"\norigin = \"origin-1\"\ntarget = \"target-1\"\nservice_ip = \"198.18.0.101/24\"\ninterface = \"lo\"\nestimate = {{ files = 6000000 }}\n",
             far_window()
         ),
     )
