@@ -155,6 +155,10 @@ pub struct PostgresConfig {
     pub admin_user: String,
     /// Runs the administrator's commands as the OS user peer authentication expects.
     pub admin_command_prefix: Vec<String>,
+    /// The extensions a target's administrator may create before a restore (BlueMind's need
+    /// a superuser; the restore itself runs as `user`): only those the origin's database has,
+    /// in its schema when that is `public` or `pg_catalog`.
+    pub extensions: Vec<String>,
 }
 
 impl Default for PostgresConfig {
@@ -169,6 +173,7 @@ impl Default for PostgresConfig {
             admin_host: "/var/run/postgresql".into(),
             admin_user: "postgres".into(),
             admin_command_prefix: argv(&["runuser", "-u", "postgres", "--"]),
+            extensions: argv(&["hstore", "btree_gin", "ltree", "unaccent"]),
         }
     }
 }

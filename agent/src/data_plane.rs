@@ -50,10 +50,14 @@ pub struct ManifestReply {
     /// The origin's PostgreSQL version (`server_version_num`): it decides the checksum.
     #[serde(default)]
     pub server_version_num: u32,
-    /// BlueMind's database user.
+    /// BlueMind's database user (the target uses its own configured one: informative).
     pub user: String,
     /// Its password.
     pub password: String,
+    /// The extensions of each database (names only: the target creates those of its own fixed
+    /// list, never what an origin names).
+    #[serde(default)]
+    pub extensions: Vec<pg::Extension>,
 }
 
 type Stream = BufReader<tokio_rustls::server::TlsStream<TcpStream>>;
@@ -127,13 +131,8 @@ impl DataPlane {
         };
         let outcome = match request {
             TunnelRequest::Rsync { argv, .. } => self.rsync(&grant, &argv, &mut stream).await,
-            TunnelRequest::DumpDatabase {
-                database,
-                directory_jobs,
-                ..
-            } => {
-                self.dump(&grant, &database, directory_jobs, &mut stream)
-                    .await
+            TunnelRequest::DumpDatabase { database, .. } => {
+                self.dump(&grant, &database, &mut stream).await
             }
             TunnelRequest::DatabaseManifest { names_only, .. } => {
                 self.manifest(&grant, names_only, &mut stream).await
@@ -243,13 +242,10 @@ impl DataPlane {
         pg::Connection::bluemind(pg_config, password)
     }
 
-    async fn dump(
-        &self,
-        grant: &Grant,
-        database: &str,
-        directory_jobs: u32,
-        stream: &mut Stream,
-    ) -> Result<(), String> {
+    /// Streams one database as a custom-format archive (`pg_dump -Fc`): an archive carries
+    /// SQL for the server only, never client commands, and the target restores it with
+    /// pg_restore as the database's owner.
+    async fn dump(&self, grant: &Grant, database: &str, stream: &mut Stream) -> Result<(), String> {
         grant.require_databases().map_err(|e| e.to_string())?;
         if !self
             .config
@@ -262,44 +258,9 @@ impl DataPlane {
                 "refused: {database} is not one of BlueMind's databases"
             ));
         }
-        let conn = self.bluemind_connection();
-        if directory_jobs == 0 {
-            let mut pg_dump = conn.command("pg_dump", database);
-            pg_dump.arg("--no-sync");
-            return stream_output("pg_dump", pg_dump, stream).await;
-        }
-        // Directory format: dump with N jobs into a private temporary dir, then stream a tar
-        // of it; the dir is removed when done.
-        let dir = tempfile::tempdir_in(&self.config.state_dir)
-            .map_err(|e| format!("cannot make a dump dir: {e}"))?;
-        let dump_dir = dir.path().join("dump");
-        let out = conn
-            .command("pg_dump", database)
-            .args([
-                "--no-sync",
-                "-F",
-                "d",
-                "-j",
-                &directory_jobs.to_string(),
-                "-f",
-            ])
-            .arg(&dump_dir)
-            .stdin(Stdio::null())
-            .output()
-            .await
-            .map_err(|e| format!("cannot start pg_dump: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "pg_dump -Fd failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        let mut tar = Command::new("tar");
-        tar.arg("-C")
-            .arg(&dump_dir)
-            .args(["-cf", "-", "."])
-            .kill_on_drop(true);
-        stream_output("tar", tar, stream).await
+        let mut pg_dump = self.bluemind_connection().command("pg_dump", database);
+        pg_dump.args(["--no-sync", "-F", "c"]);
+        stream_output("pg_dump", pg_dump, stream).await
     }
 
     async fn manifest(
@@ -317,7 +278,9 @@ impl DataPlane {
         let server_version_num = conn.server_version_num().await.map_err(|e| e.to_string())?;
         let checksum = pg::Checksum::for_origin(server_version_num);
         let mut databases = Vec::new();
+        let mut extensions = Vec::new();
         for db in existing {
+            extensions.extend(conn.extensions(&db).await.map_err(|e| e.to_string())?);
             databases.push(if names_only {
                 pg::DatabaseManifest {
                     name: db,
@@ -333,6 +296,7 @@ impl DataPlane {
         let reply = ManifestReply {
             databases,
             server_version_num,
+            extensions,
             user: pg_config.user.clone(),
             password: pg::bluemind_password(
                 &self.config.host_path(Path::new("/etc/bm/bm.ini")),

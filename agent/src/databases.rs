@@ -1,9 +1,13 @@
-//! The target's side of the database move: the origin dumps (it runs only read-only
-//! pg_dump under the grant), the target drops and re-creates each database owned by
-//! BlueMind's user and restores the stream, then both sides' tables are compared.
+//! The target's side of the database move. The origin dumps (it runs only a read-only
+//! `pg_dump -Fc` under the grant); the target trusts nothing from it but data: the database
+//! names and the owner role are the target's own configuration, the administrator only drops
+//! and re-creates those databases and creates extensions from a fixed list, and the archive
+//! is restored by pg_restore **as the owner role** (never a superuser: a superuser owner is
+//! demoted for the restore and given its attributes back after), `--no-owner
+//! --no-privileges`, with `search_path` pinned to `pg_catalog`. The origin's password is set
+//! on the owner as a SCRAM verifier computed here, never as SQL text. Then both sides'
+//! tables are compared.
 
-use std::path::Path;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -55,24 +59,63 @@ async fn run(
     format: DumpFormat,
     jobs: u32,
 ) -> Result<Vec<DatabaseMove>, String> {
-    // First what the move needs (database names, BlueMind's credentials): quick.
-    let names = origin_manifest(config, tls.clone(), origin, false).await?;
-    let admin = Connection::admin(&config.postgresql);
-    ensure_role(&admin, &names.user, &names.password).await?;
+    // First what the move needs (which databases exist there, the password): quick.
+    let found = origin_manifest(config, tls.clone(), origin, false).await?;
+    let pg_config = &config.postgresql;
+    // The target's own names; the origin only says which of them it has.
+    let names: Vec<String> = pg_config
+        .databases
+        .iter()
+        .filter(|d| found.databases.iter().any(|o| &o.name == *d))
+        .cloned()
+        .collect();
+    let admin = Connection::admin(pg_config);
+    let owner = &pg_config.user;
+    let verifier = crate::pg::scram_verifier(&found.password)?;
+    let demoted = prepare_owner(&admin, owner, &verifier).await?;
+    let moved = move_all(config, tls, origin, &found, &names, format, jobs).await;
+    if let Some(attributes) = demoted {
+        // The owner's own attributes come back whatever the restore did.
+        admin
+            .psql(
+                "postgres",
+                &format!("ALTER ROLE {} WITH {attributes};\n", ident(owner)),
+            )
+            .await
+            .map_err(|e| format!("giving {owner} its attributes back ({attributes}): {e}"))?;
+    }
+    moved
+}
+
+async fn move_all(
+    config: &AgentConfig,
+    tls: Arc<rustls::ClientConfig>,
+    origin: &OriginEndpoint,
+    found: &ManifestReply,
+    names: &[String],
+    format: DumpFormat,
+    jobs: u32,
+) -> Result<Vec<DatabaseMove>, String> {
     // Then every database moves at once, while the origin checksums its tables (read-only:
     // BlueMind is stopped there).
     let mut moving = tokio::task::JoinSet::new();
-    for (index, db) in names.databases.iter().enumerate() {
+    for (index, name) in names.iter().enumerate() {
         let (config, tls, origin) = (config.clone(), tls.clone(), origin.clone());
-        let (name, owner) = (db.name.clone(), names.user.clone());
-        let checksum = Checksum::for_origin(names.server_version_num);
+        let how = Restore {
+            format,
+            jobs,
+            checksum: Checksum::for_origin(found.server_version_num),
+            password: found.password.clone(),
+            extensions: found
+                .extensions
+                .iter()
+                .filter(|e| &e.database == name)
+                .map(|e| (e.name.clone(), e.schema.clone()))
+                .collect(),
+        };
+        let name = name.clone();
         moving.spawn(async move {
-            let how = Restore {
-                format,
-                jobs,
-                checksum,
-            };
-            let moved = move_one(&config, tls, &origin, &name, &owner, how).await;
+            let moved = move_one(&config, tls, &origin, &name, how).await;
             (index, moved)
         });
     }
@@ -123,56 +166,144 @@ async fn origin_manifest(
         .map_err(|e| format!("reading the origin's database manifest: {e}"))
 }
 
+/// Makes the owner role ready to restore: created if missing (LOGIN, nothing more), its
+/// password set from a verifier, and no power beyond its own databases. A superuser,
+/// CREATEROLE, REPLICATION or BYPASSRLS owner (BlueMind's installer may make `bj` a superuser)
+/// loses those for the restore; the attributes to give back are returned. A member of a role
+/// with such powers is refused: a restore could `SET ROLE` to it.
+async fn prepare_owner(
+    admin: &Connection,
+    owner: &str,
+    verifier: &str,
+) -> Result<Option<String>, String> {
+    let role = ident(owner);
+    let name = literal(owner);
+    let sql = format!(
+        "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = {name}) THEN CREATE ROLE {role} LOGIN; END IF; END $$;\n\
+         SELECT rolsuper, rolcreaterole, rolreplication, rolbypassrls FROM pg_catalog.pg_roles WHERE rolname = {name};\n\
+         WITH RECURSIVE m(roleid) AS ( \
+           SELECT a.roleid FROM pg_catalog.pg_auth_members a JOIN pg_catalog.pg_roles o ON o.oid = a.member WHERE o.rolname = {name} \
+           UNION SELECT a.roleid FROM pg_catalog.pg_auth_members a JOIN m ON a.member = m.roleid) \
+         SELECT string_agg(r.rolname, ', ' ORDER BY r.rolname) FROM m JOIN pg_catalog.pg_roles r ON r.oid = m.roleid \
+           WHERE r.rolsuper OR r.rolcreaterole OR r.rolname IN ('pg_execute_server_program', 'pg_read_server_files', 'pg_write_server_files');\n"
+    );
+    let out = admin
+        .psql("postgres", &sql)
+        .await
+        .map_err(|e| format!("preparing the role {owner} on the target: {e}"))?;
+    let mut lines = out.lines();
+    let flags: Vec<bool> = lines
+        .next()
+        .unwrap_or_default()
+        .split('\t')
+        .map(|f| f == "t")
+        .collect();
+    if let Some(powerful) = lines.next().filter(|l| !l.trim().is_empty()) {
+        return Err(format!(
+            "the role {owner} is a member of {powerful} on the target: a restore as {owner} could \
+             act as them; revoke that membership (REVOKE … FROM {owner})"
+        ));
+    }
+    let powers = ["SUPERUSER", "CREATEROLE", "REPLICATION", "BYPASSRLS"];
+    let held: Vec<&str> = powers
+        .iter()
+        .zip(flags.iter().chain(std::iter::repeat(&false)))
+        .filter(|(_, on)| **on)
+        .map(|(p, _)| *p)
+        .collect();
+    let dropped: Vec<String> = held.iter().map(|p| format!("NO{p}")).collect();
+    let mut alter = format!(
+        "ALTER ROLE {role} WITH LOGIN PASSWORD {}",
+        literal(verifier)
+    );
+    for d in &dropped {
+        alter.push(' ');
+        alter.push_str(d);
+    }
+    admin
+        .psql("postgres", &format!("{alter};\n"))
+        .await
+        .map_err(|e| format!("setting {owner}'s password and attributes on the target: {e}"))?;
+    Ok((!held.is_empty()).then(|| held.join(" ")))
+}
+
 /// How one database is restored and checked.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Restore {
     format: DumpFormat,
     jobs: u32,
     checksum: Checksum,
+    /// The owner's password (the origin's, now set on the target's owner role).
+    password: String,
+    /// The origin database's extensions (name, schema).
+    extensions: Vec<(String, String)>,
 }
 
-/// Re-creates one database owned by `owner`, restores the origin's dump into it as it
-/// streams, and reads back its manifest.
+/// Re-creates one database owned by the owner role, creates its extensions (those of the
+/// target's list), restores the origin's archive as the owner, and reads back its manifest.
 async fn move_one(
     config: &AgentConfig,
     tls: Arc<rustls::ClientConfig>,
     origin: &OriginEndpoint,
     name: &str,
-    owner: &str,
     how: Restore,
 ) -> Result<(DatabaseMove, DatabaseManifest), String> {
     let started = Instant::now();
     let timeout = Duration::from_secs(config.data_plane.connect_timeout_secs);
-    let admin = Connection::admin(&config.postgresql);
+    let pg_config = &config.postgresql;
+    let admin = Connection::admin(pg_config);
     admin
         .psql(
             "postgres",
             &format!(
                 "DROP DATABASE IF EXISTS {db} WITH (FORCE);\nCREATE DATABASE {db} OWNER {owner};\n",
                 db = ident(name),
-                owner = ident(owner)
+                owner = ident(&pg_config.user)
             ),
         )
         .await
         .map_err(|e| e.to_string())?;
-    let directory_jobs = match how.format {
-        DumpFormat::Plain => 0,
-        DumpFormat::Directory => how.jobs.max(1),
-    };
+    let mut extensions = String::new();
+    for (extension, schema) in &how.extensions {
+        let Some(allowed) = pg_config.extensions.iter().find(|e| *e == extension) else {
+            return Err(format!(
+                "{name} on the origin uses the extension {extension:?}, which is not in this \
+                 target's postgresql.extensions: add it there if BlueMind needs it"
+            ));
+        };
+        let Some(schema) = ["public", "pg_catalog"].iter().find(|s| *s == schema) else {
+            return Err(format!(
+                "{name} on the origin has the extension {allowed} in schema {schema:?}: only \
+                 public and pg_catalog are accepted"
+            ));
+        };
+        extensions.push_str(&format!(
+            "CREATE EXTENSION IF NOT EXISTS {} SCHEMA {};\n",
+            ident(allowed),
+            ident(schema)
+        ));
+    }
+    if !extensions.is_empty() {
+        admin
+            .psql(name, &extensions)
+            .await
+            .map_err(|e| format!("creating the extensions of {name}: {e}"))?;
+    }
     let request = TunnelRequest::DumpDatabase {
         grant: origin.grant_id.clone(),
         database: name.to_string(),
-        directory_jobs,
     };
     let mut stream = tunnel::open(origin, tls, &request, timeout)
         .await
         .map_err(|e| e.to_string())?;
-    let dump_bytes = if directory_jobs == 0 {
-        restore_plain(&admin, name, &mut stream).await?
-    } else {
-        restore_directory(config, &admin, name, directory_jobs, &mut stream).await?
+    let owner = Connection::owner(pg_config, how.password.clone());
+    let dump_bytes = match how.format {
+        DumpFormat::Streamed => restore_streamed(&owner, name, &mut stream).await?,
+        DumpFormat::Parallel => {
+            restore_parallel(config, &owner, name, how.jobs.max(1), &mut stream).await?
+        }
     };
-    let target_db = admin
+    let target_db = owner
         .manifest(name, how.checksum)
         .await
         .map_err(|e| e.to_string())?;
@@ -187,112 +318,86 @@ async fn move_one(
     ))
 }
 
-/// Creates BlueMind's role if missing and gives it the origin's password (the copied bm.ini
-/// will hold that one). The SQL goes through stdin, never argv.
-async fn ensure_role(admin: &Connection, user: &str, password: &str) -> Result<(), String> {
-    let sql = format!(
-        "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = {name}) THEN CREATE ROLE {role} LOGIN; END IF; END $$;\n\
-         ALTER ROLE {role} WITH LOGIN PASSWORD {password};\n",
-        name = literal(user),
-        role = ident(user),
-        password = literal(password),
-    );
-    admin.psql("postgres", &sql).await.map(|_| ()).map_err(|e| {
-        // The statement holds the password: report the failure without it.
-        format!(
-            "cannot create or update the role {user} on the target: {}",
-            e.detail.replace(password, "***")
-        )
-    })
-}
+/// pg_restore's options: objects owned by whoever restores (the owner), no GRANT/REVOKE, no
+/// comments (COMMENT ON EXTENSION needs the extension's owner), stop at the first error.
+const RESTORE_OPTIONS: [&str; 4] = [
+    "--no-owner",
+    "--no-privileges",
+    "--no-comments",
+    "--exit-on-error",
+];
 
-async fn restore_plain(
-    admin: &Connection,
+/// Streams the archive into pg_restore as it arrives, in one transaction.
+async fn restore_streamed(
+    owner: &Connection,
     db: &str,
     stream: &mut tunnel::Tunnel,
 ) -> Result<u64, String> {
-    let mut psql = admin
-        .command("psql", db)
-        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+    let mut restore = owner
+        .command("pg_restore", db)
+        .args(RESTORE_OPTIONS)
+        .arg("--single-transaction")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()
-        .map_err(|e| format!("cannot start psql: {e}"))?;
-    let mut stdin = psql.stdin.take().ok_or("psql has no stdin")?;
+        .map_err(|e| format!("cannot start pg_restore: {e}"))?;
+    let mut stdin = restore.stdin.take().ok_or("pg_restore has no stdin")?;
     let received = receive_framed(stream, &mut stdin).await;
     let _ = stdin.shutdown().await;
     drop(stdin);
-    let out = psql
+    let out = restore
         .wait_with_output()
         .await
-        .map_err(|e| format!("waiting for psql: {e}"))?;
-    let (outcome, bytes) = received.map_err(|e| format!("receiving the dump of {db}: {e}"))?;
-    if !outcome.ok {
-        return Err(format!("dumping {db} on the origin: {}", outcome.error));
-    }
-    if !out.status.success() {
-        return Err(format!(
-            "restoring {db}: psql {}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(bytes)
+        .map_err(|e| format!("waiting for pg_restore: {e}"))?;
+    finish_restore(db, received, &out)
 }
 
-async fn restore_directory(
+/// Writes the archive to a private file, then restores it with `jobs` workers.
+async fn restore_parallel(
     config: &AgentConfig,
-    admin: &Connection,
+    owner: &Connection,
     db: &str,
     jobs: u32,
     stream: &mut tunnel::Tunnel,
 ) -> Result<u64, String> {
     let dir = tempfile::tempdir_in(&config.state_dir)
         .map_err(|e| format!("cannot make a restore dir: {e}"))?;
-    give_to_admin(&config.postgresql.admin_command_prefix, dir.path());
-    let prefix = &config.postgresql.admin_command_prefix;
-    let mut argv: Vec<String> = prefix.clone();
-    argv.extend([
-        "tar".into(),
-        "-C".into(),
-        dir.path().display().to_string(),
-        "-xf".into(),
-        "-".into(),
-    ]);
-    let mut tar = tokio::process::Command::new(&argv[0])
-        .args(&argv[1..])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| format!("cannot start tar: {e}"))?;
-    let mut stdin = tar.stdin.take().ok_or("tar has no stdin")?;
-    let received = receive_framed(stream, &mut stdin).await;
-    let _ = stdin.shutdown().await;
-    drop(stdin);
-    let out = tar
-        .wait_with_output()
+    let path = dir.path().join("archive");
+    let mut file = tokio::fs::File::create(&path)
         .await
-        .map_err(|e| format!("waiting for tar: {e}"))?;
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    let received = receive_framed(stream, &mut file).await;
+    file.flush()
+        .await
+        .map_err(|e| format!("writing {}: {e}", path.display()))?;
+    drop(file);
+    if let Ok((outcome, _)) = &received {
+        if !outcome.ok {
+            return Err(format!("dumping {db} on the origin: {}", outcome.error));
+        }
+    }
+    let out = owner
+        .command("pg_restore", db)
+        .args(RESTORE_OPTIONS)
+        .args(["-j", &jobs.to_string()])
+        .arg(&path)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(|e| format!("cannot start pg_restore: {e}"))?;
+    finish_restore(db, received, &out)
+}
+
+fn finish_restore(
+    db: &str,
+    received: std::io::Result<(tunnel::TunnelReply, u64)>,
+    out: &std::process::Output,
+) -> Result<u64, String> {
     let (outcome, bytes) = received.map_err(|e| format!("receiving the dump of {db}: {e}"))?;
     if !outcome.ok {
         return Err(format!("dumping {db} on the origin: {}", outcome.error));
     }
-    if !out.status.success() {
-        return Err(format!(
-            "unpacking the dump of {db}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let out = admin
-        .command("pg_restore", db)
-        .args(["--exit-on-error", "-j", &jobs.to_string()])
-        .arg(dir.path())
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .map_err(|e| format!("cannot start pg_restore: {e}"))?;
     if !out.status.success() {
         return Err(format!(
             "restoring {db}: pg_restore {}: {}",
@@ -301,17 +406,6 @@ async fn restore_directory(
         ));
     }
     Ok(bytes)
-}
-
-/// Lets the OS user of the administrator prefix (`runuser -u USER --`) own `dir`.
-fn give_to_admin(prefix: &[String], dir: &Path) {
-    let user = prefix
-        .windows(2)
-        .find(|w| w[0] == "-u")
-        .map(|w| w[1].as_str());
-    if let Some(Ok(Some(u))) = user.map(nix::unistd::User::from_name) {
-        let _ = nix::unistd::chown(dir, Some(u.uid), Some(u.gid));
-    }
 }
 
 /// Table by table: rows and checksums on both sides; a table missing on one side differs.

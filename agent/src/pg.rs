@@ -62,6 +62,8 @@ pub struct Connection {
     port: u16,
     user: String,
     password: Option<String>,
+    /// Session settings (PGOPTIONS), e.g. a pinned search_path.
+    options: Option<String>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -96,6 +98,17 @@ impl Connection {
             port: config.port,
             user: config.user.clone(),
             password: Some(password),
+            options: None,
+        }
+    }
+
+    /// BlueMind's user in a database that came from another host: `search_path` pinned to
+    /// `pg_catalog`, so that the SQL the agent runs there (restore, checksums) resolves only
+    /// PostgreSQL's own functions and operators, never ones the database brought along.
+    pub fn owner(config: &PostgresConfig, password: String) -> Self {
+        Connection {
+            options: Some("-c search_path=pg_catalog".into()),
+            ..Self::bluemind(config, password)
         }
     }
 
@@ -108,6 +121,7 @@ impl Connection {
             port: config.port,
             user: config.admin_user.clone(),
             password: None,
+            options: None,
         }
     }
 
@@ -134,6 +148,10 @@ impl Connection {
         if let Some(pw) = &self.password {
             cmd.env("PGPASSWORD", pw);
         }
+        match &self.options {
+            Some(o) => cmd.env("PGOPTIONS", o),
+            None => cmd.env_remove("PGOPTIONS"),
+        };
         cmd
     }
 
@@ -184,6 +202,27 @@ impl Connection {
             .iter()
             .filter(|w| present.contains(&w.as_str()))
             .cloned()
+            .collect())
+    }
+
+    /// The extensions installed in `database`, with their schemas.
+    pub async fn extensions(&self, database: &str) -> Result<Vec<Extension>, PgError> {
+        let out = self
+            .psql(
+                database,
+                "SELECT e.extname, n.nspname FROM pg_catalog.pg_extension e
+                 JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace
+                 WHERE e.extname <> 'plpgsql' ORDER BY 1;",
+            )
+            .await?;
+        Ok(out
+            .lines()
+            .filter_map(|l| l.split_once('\t'))
+            .map(|(name, schema)| Extension {
+                database: database.to_string(),
+                name: name.to_string(),
+                schema: schema.to_string(),
+            })
             .collect())
     }
 
@@ -253,6 +292,40 @@ impl Connection {
     }
 }
 
+/// A SCRAM-SHA-256 verifier of `password` (RFC 7677, as PostgreSQL stores it and as psql's
+/// `\password` computes it client-side): `ALTER ROLE … PASSWORD 'SCRAM-SHA-256$…'` then sets
+/// the password without the password itself ever being in SQL text (statement logs). The
+/// password is used as bytes (PostgreSQL applies SASLprep first, which changes only
+/// non-ASCII passwords).
+pub fn scram_verifier(password: &str) -> Result<String, String> {
+    use base64::Engine;
+    use ring::{digest, hmac, pbkdf2, rand::SecureRandom};
+    const ITERATIONS: u32 = 4096;
+    let mut salt = [0u8; 16];
+    ring::rand::SystemRandom::new()
+        .fill(&mut salt)
+        .map_err(|_| "no randomness for a password salt".to_string())?;
+    let mut salted = [0u8; 32];
+    pbkdf2::derive(
+        pbkdf2::PBKDF2_HMAC_SHA256,
+        std::num::NonZeroU32::new(ITERATIONS).ok_or("iterations")?,
+        &salt,
+        password.as_bytes(),
+        &mut salted,
+    );
+    let key = hmac::Key::new(hmac::HMAC_SHA256, &salted);
+    let client_key = hmac::sign(&key, b"Client Key");
+    let stored_key = digest::digest(&digest::SHA256, client_key.as_ref());
+    let server_key = hmac::sign(&key, b"Server Key");
+    let b64 = base64::engine::general_purpose::STANDARD;
+    Ok(format!(
+        "SCRAM-SHA-256${ITERATIONS}:{}${}:{}",
+        b64.encode(salt),
+        b64.encode(stored_key.as_ref()),
+        b64.encode(server_key.as_ref())
+    ))
+}
+
 /// A quoted SQL identifier.
 pub fn ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
@@ -307,6 +380,17 @@ impl Checksum {
     }
 }
 
+/// An extension installed in a database.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Extension {
+    /// The database.
+    pub database: String,
+    /// The extension.
+    pub name: String,
+    /// The schema holding its objects.
+    pub schema: String,
+}
+
 /// One table's rows and checksum (see [`Checksum`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TableManifest {
@@ -335,6 +419,18 @@ mod tests {
             bluemind_password(Path::new("/nonexistent/bm.ini"), "bj"),
             "bj"
         );
+    }
+
+    #[test]
+    fn scram_verifiers_are_salted_and_carry_no_password() {
+        let a = scram_verifier("it's a secret").unwrap();
+        let b = scram_verifier("it's a secret").unwrap();
+        assert_ne!(a, b);
+        assert!(a.starts_with("SCRAM-SHA-256$4096:"), "{a}");
+        assert!(!a.contains("secret") && !a.contains('\''), "{a}");
+        assert!(a
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "$:+/=-".contains(c)));
     }
 
     #[test]

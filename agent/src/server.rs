@@ -284,7 +284,7 @@ impl Agent for AgentService {
     ) -> Result<Response<MoveDatabasesReply>, Status> {
         let req = request.into_inner();
         let origin = origin_of(req.origin.clone())?;
-        let format = DumpFormat::try_from(req.format).unwrap_or(DumpFormat::Plain);
+        let format = DumpFormat::try_from(req.format).unwrap_or(DumpFormat::Streamed);
         let run = databases::move_databases(
             &self.config,
             self.tunnel_tls.clone(),

@@ -32,8 +32,6 @@ pub enum TunnelRequest {
         grant: String,
         /// The database.
         database: String,
-        /// Directory format with this many jobs (tar-streamed), or plain SQL when 0.
-        directory_jobs: u32,
     },
     /// The databases' per-table manifest (and what the target needs to own them).
     DatabaseManifest {

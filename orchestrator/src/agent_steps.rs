@@ -105,7 +105,7 @@ async fn run_step(pool: &AgentPool, job: Job, now_ms: i64) -> StepResult {
                 .move_databases(MoveDatabasesRequest {
                     operation_id: job.operation_id.clone(),
                     origin: Some(endpoint),
-                    format: DumpFormat::Plain.into(),
+                    format: DumpFormat::Streamed.into(),
                     jobs: 0,
                 })
                 .await

@@ -175,6 +175,42 @@ impl Pair {
         .await
     }
 
+    /// A second origin agent serving the origin's host with a configuration of the attacker's
+    /// choosing (a compromised host controls its own agent.toml), holding the real origin
+    /// certificate; a grant is registered on it for `target-1`.
+    async fn hostile_origin(
+        &self,
+        configure: impl FnOnce(&mut AgentConfig),
+        grant: GrantRequest,
+    ) -> (Served, OriginEndpoint) {
+        let mut hostile = self.origin_config.clone();
+        hostile.state_dir = self.dir.path().join("hostile-state");
+        std::fs::create_dir_all(&hostile.state_dir).unwrap();
+        let data = format!("127.0.0.1:{}", free_port());
+        hostile.data_listen = Some(data.parse().unwrap());
+        hostile.listen = "127.0.0.1:0".parse().unwrap();
+        configure(&mut hostile);
+        let agent = serve_agent(hostile).await;
+        let orch = self.pki.issue("orchestrator-2", Role::Orchestrator);
+        let mut client = bmfleet_tests::agent_client(
+            &self.pki.ca_path(),
+            Some(&orch),
+            Role::Orchestrator,
+            agent.addr,
+            "origin-1",
+        );
+        let grant_id = grant.grant_id.clone();
+        client.grant(grant).await.unwrap();
+        (
+            agent,
+            OriginEndpoint {
+                address: data,
+                name: "origin-1".into(),
+                grant_id,
+            },
+        )
+    }
+
     async fn refused_rsync(&self, grant: &str, argv: &str) -> String {
         let request = TunnelRequest::Rsync {
             grant: grant.into(),
@@ -768,7 +804,6 @@ async fn the_origin_refuses_the_config_set_and_databases_outside_the_grant() {
     let request = TunnelRequest::DumpDatabase {
         grant: "grant-0004-refusals".into(),
         database: "bj".into(),
-        directory_jobs: 0,
     };
     match p.tunnel_as(&p.target_files, Role::Agent, request).await {
         Err(TunnelError::Refused { reason, .. }) => {
@@ -919,27 +954,27 @@ async fn a_hostile_origin_cannot_write_outside_the_targets_config_patterns() {
     // The origin's agent.toml is the origin's: a compromised host lists /etc/cron.d and
     // /root/.ssh in its own patterns. The target installs only what its patterns name.
     let mut p = Pair::new(None, None).await;
-    let mut hostile = p.origin_config.clone();
-    hostile.state_dir = p.dir.path().join("hostile-state");
-    std::fs::create_dir_all(&hostile.state_dir).unwrap();
-    hostile.config_set.patterns = vec![
-        "/etc/bm".into(),
-        "/etc/cron.d".into(),
-        "/root/.ssh".into(),
-        "/etc".into(),
-    ];
-    let hostile_data = format!("127.0.0.1:{}", free_port());
-    hostile.data_listen = Some(hostile_data.parse().unwrap());
-    hostile.listen = "127.0.0.1:0".parse().unwrap();
-    let hostile_agent = serve_agent(hostile.clone()).await;
-    let orch = p.pki.issue("orchestrator-2", Role::Orchestrator);
-    let mut hostile_client = bmfleet_tests::agent_client(
-        &p.pki.ca_path(),
-        Some(&orch),
-        Role::Orchestrator,
-        hostile_agent.addr,
-        "origin-1",
-    );
+    let (hostile, endpoint) = p
+        .hostile_origin(
+            |c| {
+                c.config_set.patterns = vec![
+                    "/etc/bm".into(),
+                    "/etc/cron.d".into(),
+                    "/root/.ssh".into(),
+                    "/etc".into(),
+                ]
+            },
+            GrantRequest {
+                grant_id: "grant-0007-config".into(),
+                target_name: "target-1".into(),
+                migration: "m1".into(),
+                paths: vec![],
+                config_set: true,
+                databases: false,
+                expires_at_unix_ms: bmfleet_agent::server::now_ms() + 600_000,
+            },
+        )
+        .await;
     let o = p.origin_root();
     write(&o.join("etc/bm/bm.ini"), b"[global]\n", 0o640);
     write(&o.join("etc/bm/bm-tool"), b"#!/bin/sh\n", 0o4755);
@@ -954,27 +989,11 @@ async fn a_hostile_origin_cannot_write_outside_the_targets_config_patterns() {
     write(&t.join("etc/passwd"), b"root:x:0:0::/root:/bin/sh\n", 0o644);
     std::fs::set_permissions(t.join("etc"), std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(o.join("etc"), std::fs::Permissions::from_mode(0o777)).unwrap();
-    hostile_client
-        .grant(GrantRequest {
-            grant_id: "grant-0007-config".into(),
-            target_name: "target-1".into(),
-            migration: "m1".into(),
-            paths: vec![],
-            config_set: true,
-            databases: false,
-            expires_at_unix_ms: bmfleet_agent::server::now_ms() + 600_000,
-        })
-        .await
-        .unwrap();
     let reply = p
         .target
         .copy_config(CopyConfigRequest {
             operation_id: "m1/config/hostile".into(),
-            origin: Some(OriginEndpoint {
-                address: hostile_data,
-                name: "origin-1".into(),
-                grant_id: "grant-0007-config".into(),
-            }),
+            origin: Some(endpoint),
         })
         .await
         .unwrap()
@@ -1009,13 +1028,16 @@ async fn a_hostile_origin_cannot_write_outside_the_targets_config_patterns() {
         "{:?}",
         reply.files
     );
-    drop(hostile_agent);
+    drop(hostile);
 }
 
 // ------------------------------------------------------------------ databases
 
 const ORIGIN_SCHEMA: &str = "
+CREATE EXTENSION hstore SCHEMA pg_catalog;
 SET ROLE bj;
+CREATE TABLE t_settings (id int PRIMARY KEY, value pg_catalog.hstore);
+INSERT INTO t_settings SELECT i, pg_catalog.hstore('k' || i, 'v' || i) FROM generate_series(1, 50) i;
 CREATE TABLE t_domain (id serial PRIMARY KEY, name text NOT NULL, aliases text[]);
 CREATE TABLE t_mailbox (id bigserial PRIMARY KEY, domain_id int REFERENCES t_domain(id), login text, quota bigint, settings jsonb, avatar bytea);
 CREATE TABLE t_empty (id int);
@@ -1080,6 +1102,9 @@ async fn both_databases_move_identically_in_both_formats_and_the_password_stays_
     let (origin_pg, target_pg) = (PgCluster::start(), PgCluster::start());
     let password = format!("pw-{}-generated", bmfleet_agent::server::now_ms());
     origin_databases(&origin_pg, &password);
+    // BlueMind's installer makes bj a superuser: the restore runs without that, and bj gets it
+    // back after.
+    target_pg.sql("postgres", "CREATE ROLE bj LOGIN SUPERUSER;");
     let mut p = Pair::new(Some(&origin_pg), Some(&target_pg)).await;
     write(
         &p.origin_root().join("etc/bm/bm.ini"),
@@ -1100,7 +1125,7 @@ async fn both_databases_move_identically_in_both_formats_and_the_password_stays_
     let running = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let watcher = watch_command_lines(running.clone(), password.clone());
     let mut timings = Vec::new();
-    for (n, format) in [DumpFormat::Plain, DumpFormat::Directory]
+    for (n, format) in [DumpFormat::Streamed, DumpFormat::Parallel]
         .into_iter()
         .enumerate()
     {
@@ -1125,7 +1150,7 @@ async fn both_databases_move_identically_in_both_formats_and_the_password_stays_
             .iter()
             .flat_map(|d| d.tables.iter())
             .collect();
-        assert_eq!(tables.len(), 4);
+        assert_eq!(tables.len(), 5);
         assert!(tables
             .iter()
             .all(|t| t.equal && t.origin_rows == t.target_rows));
@@ -1136,9 +1161,30 @@ async fn both_databases_move_identically_in_both_formats_and_the_password_stays_
                 "SELECT id, domain_id, login, quota, settings, avatar FROM t_mailbox ORDER BY id",
             ),
             ("bj-data", "SELECT * FROM data.t_message_body ORDER BY guid"),
+            ("bj", "SELECT * FROM t_settings ORDER BY id"),
         ] {
             assert_eq!(origin_pg.sql(db, query), target_pg.sql(db, query), "{db}");
         }
+        // Every object the restore made belongs to bj, and bj is a superuser again.
+        assert_eq!(
+            target_pg
+                .sql(
+                    "bj",
+                    "SELECT DISTINCT pg_get_userbyid(relowner) FROM pg_class c \
+                     JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'public'",
+                )
+                .trim(),
+            "bj"
+        );
+        assert_eq!(
+            target_pg
+                .sql(
+                    "postgres",
+                    "SELECT rolsuper FROM pg_roles WHERE rolname = 'bj'"
+                )
+                .trim(),
+            "t"
+        );
         assert_eq!(
             target_pg.sql("bj", "SELECT count(*) FROM t_mailbox").trim(),
             (5000 * scale()).to_string()
@@ -1189,6 +1235,173 @@ async fn both_databases_move_identically_in_both_formats_and_the_password_stays_
         String::from_utf8_lossy(&login.stderr)
     );
     let _ = &p.dir;
+}
+
+/// What a hostile origin's databases try on the target, and what the test checks.
+struct Attack {
+    /// Written by COPY … TO PROGRAM (a shell as the postgres user), never to be created.
+    marker: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Attack {
+    fn new() -> Attack {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        Attack {
+            marker: dir.path().join("pwned"),
+            _dir: dir,
+        }
+    }
+
+    /// SQL that, run by a superuser, runs a shell, gives `postgres` a password and grants bj
+    /// every power.
+    fn payload(&self) -> String {
+        format!(
+            "COPY (SELECT 1) TO PROGRAM 'touch {m}'; ALTER ROLE postgres PASSWORD 'owned'; \
+             ALTER ROLE bj SUPERUSER CREATEROLE;",
+            m = self.marker.display()
+        )
+    }
+
+    /// The target's state the attack must not have changed.
+    fn assert_target_untouched(&self, target: &PgCluster) {
+        assert!(!self.marker.exists(), "a shell ran on the target");
+        assert_eq!(
+            target
+                .sql(
+                    "postgres",
+                    "SELECT rolpassword IS NULL FROM pg_authid WHERE rolname = 'postgres'"
+                )
+                .trim(),
+            "t",
+            "postgres got a password"
+        );
+        assert_eq!(
+            target.sql("victim", "SELECT secret FROM precious").trim(),
+            "still here"
+        );
+        assert_eq!(
+            target
+                .sql(
+                    "postgres",
+                    "SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = 'bj'"
+                )
+                .trim(),
+            "f"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_hostile_origin_cannot_run_code_or_touch_other_databases_on_the_target() {
+    let (origin_pg, target_pg) = (PgCluster::start(), PgCluster::start());
+    let attack = Attack::new();
+    let password = "pw-hostile";
+    origin_pg.sql(
+        "postgres",
+        &format!(
+            "CREATE ROLE bj LOGIN PASSWORD '{password}'; CREATE DATABASE bj OWNER bj; \
+                  CREATE DATABASE victim OWNER bj; ALTER ROLE postgres PASSWORD '{password}';"
+        ),
+    );
+    // A check constraint whose function attacks when it is evaluated on the target's port
+    // (restoring the rows evaluates it); on the origin it does nothing.
+    origin_pg.sql(
+        "bj",
+        &format!(
+            "CREATE FUNCTION public.evil(x int) RETURNS int LANGUAGE plpgsql AS $f$ \
+             BEGIN IF current_setting('port') = '{port}' THEN EXECUTE {payload}; END IF; RETURN x; END $f$; \
+             ALTER FUNCTION public.evil(int) OWNER TO bj; \
+             SET ROLE bj; CREATE TABLE t (id int CHECK (public.evil(id) > 0)); INSERT INTO t VALUES (1);",
+            port = target_pg.port,
+            payload = bmfleet_agent::pg::literal(&attack.payload()),
+        ),
+    );
+    target_pg.sql("postgres", "CREATE ROLE bj LOGIN; CREATE DATABASE victim; ");
+    target_pg.sql(
+        "victim",
+        "CREATE TABLE precious (secret text); INSERT INTO precious VALUES ('still here');",
+    );
+    let p = Pair::new(Some(&origin_pg), Some(&target_pg)).await;
+    write(
+        &p.origin_root().join("etc/bm/bm.ini"),
+        format!("[global]\npassword = {password}\n").as_bytes(),
+        0o600,
+    );
+    let grant = |id: &str| GrantRequest {
+        grant_id: id.into(),
+        target_name: "target-1".into(),
+        migration: "m1".into(),
+        paths: vec![],
+        config_set: false,
+        databases: true,
+        expires_at_unix_ms: bmfleet_agent::server::now_ms() + 600_000,
+    };
+    let moved = |endpoint: OriginEndpoint, op: &'static str| {
+        let mut target = p.target.clone();
+        async move {
+            target
+                .move_databases(MoveDatabasesRequest {
+                    operation_id: op.into(),
+                    origin: Some(endpoint),
+                    format: DumpFormat::Streamed.into(),
+                    jobs: 1,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+
+    // 1. The origin's manifest names the target's other database and the postgres role; its
+    // archive holds an index that attacks when restored.
+    let (hostile, endpoint) = p
+        .hostile_origin(
+            |c| {
+                c.postgresql.databases = vec!["bj".into(), "victim".into()];
+                c.postgresql.user = "postgres".into();
+            },
+            grant("grant-0010-hostile-databases"),
+        )
+        .await;
+    let reply = moved(endpoint, "m1/db/hostile").await;
+    assert!(!reply.ok, "{reply:?}");
+    assert!(
+        reply.error.contains("must be superuser")
+            && reply.error.contains("pg_execute_server_program"),
+        "the attack fails as bj: {}",
+        reply.error
+    );
+    attack.assert_target_untouched(&target_pg);
+    drop(hostile);
+
+    // 2. A "pg_dump" of the origin's choosing serves plain SQL with psql meta-commands.
+    let bin = p.dir.path().join("hostile-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let real = bmfleet_agent::pg::bin_dir(&Default::default());
+    std::os::unix::fs::symlink(real.join("psql"), bin.join("psql")).unwrap();
+    write(
+        &bin.join("pg_dump"),
+        format!(
+            "#!/bin/sh\ncat <<'EOF'\n\\! touch {m}\nDROP DATABASE victim;\n{payload}\nEOF\n",
+            m = attack.marker.display(),
+            payload = attack.payload()
+        )
+        .as_bytes(),
+        0o755,
+    );
+    let (hostile, endpoint) = p
+        .hostile_origin(
+            |c| c.postgresql.bin_dir = Some(bin.clone()),
+            grant("grant-0011-plain-sql"),
+        )
+        .await;
+    let reply = moved(endpoint, "m1/db/plain").await;
+    assert!(!reply.ok, "{reply:?}");
+    assert!(reply.error.contains("pg_restore"), "{}", reply.error);
+    attack.assert_target_untouched(&target_pg);
+    drop(hostile);
 }
 
 #[tokio::test]
