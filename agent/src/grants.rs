@@ -254,6 +254,30 @@ impl GrantStore {
             .map_err(|e| self.err(e))
     }
 
+    /// Deletes every grant issued to `target_name` for `migration`; returns how many.
+    pub fn revoke_issued(
+        &self,
+        target_name: &str,
+        migration: &str,
+    ) -> Result<usize, GrantStoreError> {
+        self.conn()
+            .execute(
+                "DELETE FROM grants WHERE target_name = ?1 AND migration = ?2",
+                params![target_name, migration],
+            )
+            .map_err(|e| self.err(e))
+    }
+
+    /// Deletes every grant that expired before `now_ms`; returns how many.
+    pub fn purge_expired(&self, now_ms: i64) -> Result<usize, GrantStoreError> {
+        self.conn()
+            .execute(
+                "DELETE FROM grants WHERE expires_at_ms <= ?1",
+                params![now_ms],
+            )
+            .map_err(|e| self.err(e))
+    }
+
     /// Removes a grant; true when it existed.
     pub fn revoke(&self, id: &str) -> Result<bool, GrantStoreError> {
         self.conn()
@@ -288,6 +312,19 @@ impl GrantStore {
             )
             .optional()
             .map_err(|e| self.err(e))
+    }
+
+    /// The ids of the grants still valid at `now_ms`.
+    pub fn valid(&self, now_ms: i64) -> Result<Vec<String>, GrantStoreError> {
+        let conn = self.conn();
+        let mut statement = conn
+            .prepare("SELECT id FROM grants WHERE expires_at_ms > ?1 ORDER BY id")
+            .map_err(|e| self.err(e))?;
+        let ids = statement
+            .query_map(params![now_ms], |r| r.get(0))
+            .and_then(|rows| rows.collect::<Result<Vec<String>, _>>())
+            .map_err(|e| self.err(e));
+        ids
     }
 
     /// Finds the grant `id` and checks `caller` may use it now.

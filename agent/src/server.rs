@@ -192,22 +192,42 @@ impl Agent for AgentService {
             ));
         }
         self.grants
-            .put(&grant)
+            .purge_expired(now_ms())
+            .and_then(|_| self.grants.put(&grant))
             .map_err(|e| Status::internal(e.to_string()))?;
         tracing::info!(grant = %grant.id, target = %grant.target_name, migration = %grant.migration, paths = ?grant.paths, "grant registered");
-        Ok(Response::new(GrantReply { grant_id: grant.id }))
+        Ok(Response::new(GrantReply {
+            grant_id: grant.id,
+            revoked: 0,
+        }))
     }
 
     async fn revoke_grant(
         &self,
         request: Request<RevokeGrantRequest>,
     ) -> Result<Response<GrantReply>, Status> {
-        let id = request.into_inner().grant_id;
-        self.grants
-            .revoke(&id)
-            .map_err(|e| Status::internal(e.to_string()))?;
-        tracing::info!(grant = %id, "grant revoked");
-        Ok(Response::new(GrantReply { grant_id: id }))
+        let req = request.into_inner();
+        let revoked = if req.grant_id.is_empty() {
+            if req.target_name.is_empty() || req.migration.is_empty() {
+                return Err(Status::invalid_argument(
+                    "name a grant_id, or both target_name and migration",
+                ));
+            }
+            self.grants
+                .revoke_issued(&req.target_name, &req.migration)
+                .map_err(|e| Status::internal(e.to_string()))?
+        } else {
+            usize::from(
+                self.grants
+                    .revoke(&req.grant_id)
+                    .map_err(|e| Status::internal(e.to_string()))?,
+            )
+        };
+        tracing::info!(grant = %req.grant_id, target = %req.target_name, migration = %req.migration, revoked, "grants revoked");
+        Ok(Response::new(GrantReply {
+            grant_id: req.grant_id,
+            revoked: u32::try_from(revoked).unwrap_or(u32::MAX),
+        }))
     }
 
     type PullStream = PullStream;

@@ -5,26 +5,26 @@
 //! checks from the orchestrator that the service IP answers IMAP and SMTP.
 
 use std::future::Future;
-use std::io::Read;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use bmfleet_proto::error_chain::describe_status;
 use bmfleet_proto::v1::{
     CopyConfigRequest, DumpFormat, FactsRequest, GrantRequest, IpRequest, ManifestRequest,
-    MoveDatabasesRequest, OriginEndpoint, PostMigrationRequest, PullRequest, ServiceAction,
-    ServicesRequest,
+    MoveDatabasesRequest, OriginEndpoint, PostMigrationRequest, PullRequest, RevokeGrantRequest,
+    ServiceAction, ServicesRequest,
 };
 
 use crate::agents::{AgentHandle, AgentPool};
 use crate::clock::Clock;
 use crate::engine::{AgentPort, Job, StepResult};
+use crate::fleet::InstanceSpec;
 use crate::machine::{PassStats, Step};
 
 use bmfleet_proto::BLUEMIND_DATA_DIRS as DATA_DIRS;
 
-/// How long a grant for one step stays valid.
-const GRANT_MS: i64 = 24 * 3600 * 1000;
+/// How long the grant of a step without a known deadline stays valid.
+const FALLBACK_GRANT_MS: i64 = 10 * 60 * 1000;
 
 /// Real agents, reached through the orchestrator's pool.
 pub struct GrpcAgents {
@@ -53,15 +53,38 @@ fn agent<'a>(pool: &'a AgentPool, name: &str) -> Result<&'a AgentHandle, String>
         .ok_or_else(|| format!("agent {name} is not in the orchestrator's configuration"))
 }
 
-fn random_id() -> Result<String, String> {
-    let mut bytes = [0u8; 16];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .map_err(|e| format!("cannot read /dev/urandom: {e}"))?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
-}
-
 impl AgentPort for GrpcAgents {
+    /// Every grant the instance's target holds on its origin for this migration goes.
+    fn end_instance(
+        &self,
+        migration: String,
+        instance: InstanceSpec,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        let pool = self.pool.clone();
+        Box::pin(async move {
+            let Some(origin) = pool.get(&instance.origin) else {
+                return;
+            };
+            let done = origin
+                .client
+                .clone()
+                .revoke_grant(RevokeGrantRequest {
+                    grant_id: String::new(),
+                    target_name: instance.target.clone(),
+                    migration,
+                })
+                .await;
+            match done {
+                Ok(r) => {
+                    tracing::info!(instance = %instance.name, revoked = r.into_inner().revoked, "grants withdrawn at the instance's end")
+                }
+                Err(s) => {
+                    tracing::warn!(instance = %instance.name, error = %describe_status(&s), "withdrawing the instance's grants failed; they expire with their steps")
+                }
+            }
+        })
+    }
+
     fn run(&self, job: Job) -> Pin<Box<dyn Future<Output = StepResult> + Send>> {
         let (pool, metrics) = (self.pool.clone(), self.metrics.clone());
         let now = self.clock.now_ms();
@@ -83,10 +106,17 @@ async fn run_step(pool: &AgentPool, job: Job, now_ms: i64) -> StepResult {
     match job.step {
         Step::Preflight => preflight(origin, target, &job).await.map(|_| None),
         Step::HotPass | Step::PreWindowPass => {
-            sync_pass(origin, target, &job, now_ms).await.map(Some)
+            granted(origin, &job, now_ms, Scope::DataDirs, |endpoint| async {
+                sync_pass(target, &job, endpoint).await.map(Some)
+            })
+            .await
         }
         Step::FinalPass => {
-            let stats = sync_pass(origin, target, &job, now_ms).await?;
+            let stats = granted(origin, &job, now_ms, Scope::DataDirs, |endpoint| async {
+                sync_pass(target, &job, endpoint).await.map(Some)
+            })
+            .await?
+            .unwrap_or_default();
             // Services are stopped on both sides: the trees must now be equal.
             compare_manifests(origin, target, &job, now_ms - CONTENT_CHECK_MS).await?;
             Ok(Some(stats))
@@ -98,51 +128,16 @@ async fn run_step(pool: &AgentPool, job: Job, now_ms: i64) -> StepResult {
         Step::RollbackStartOrigin => services(origin, &job, ServiceAction::Start).await,
         Step::StartTarget => services(target, &job, ServiceAction::Start).await,
         Step::Databases => {
-            let endpoint = grant(origin, &job, now_ms, false, true).await?;
-            let reply = target
-                .client
-                .clone()
-                .move_databases(MoveDatabasesRequest {
-                    operation_id: job.operation_id.clone(),
-                    origin: Some(endpoint),
-                    format: DumpFormat::Streamed.into(),
-                    jobs: 0,
-                })
-                .await
-                .map_err(|s| describe_status(&s))?
-                .into_inner();
-            if reply.ok {
-                Ok(None)
-            } else {
-                Err(reply.error)
-            }
+            granted(origin, &job, now_ms, Scope::Databases, |endpoint| {
+                move_databases(target, &job, endpoint)
+            })
+            .await
         }
         Step::Config => {
-            let endpoint = grant(origin, &job, now_ms, true, false).await?;
-            let reply = target
-                .client
-                .clone()
-                .copy_config(CopyConfigRequest {
-                    operation_id: job.operation_id.clone(),
-                    origin: Some(endpoint),
-                })
-                .await
-                .map_err(|s| describe_status(&s))?
-                .into_inner();
-            if !reply.refused.is_empty() {
-                tracing::warn!(
-                    instance = %job.instance.name,
-                    origin = %origin.name,
-                    refused = ?reply.refused,
-                    "the origin sent config entries outside the target's config_set patterns; \
-                     the target did not install them"
-                );
-            }
-            if reply.ok {
-                Ok(None)
-            } else {
-                Err(reply.error)
-            }
+            granted(origin, &job, now_ms, Scope::ConfigSet, |endpoint| {
+                copy_config(origin, target, &job, endpoint)
+            })
+            .await
         }
         Step::OriginReleaseIp | Step::RollbackTargetReleaseIp => {
             let host = if job.step == Step::OriginReleaseIp {
@@ -162,6 +157,58 @@ async fn run_step(pool: &AgentPool, job: Job, now_ms: i64) -> StepResult {
         }
         Step::PostMigration => post_migration(origin, target, &job).await,
         Step::Verify => verify(&job).await,
+    }
+}
+
+async fn move_databases(target: &AgentHandle, job: &Job, endpoint: OriginEndpoint) -> StepResult {
+    let reply = target
+        .client
+        .clone()
+        .move_databases(MoveDatabasesRequest {
+            operation_id: job.operation_id.clone(),
+            origin: Some(endpoint),
+            format: DumpFormat::Streamed.into(),
+            jobs: 0,
+        })
+        .await
+        .map_err(|s| describe_status(&s))?
+        .into_inner();
+    if reply.ok {
+        Ok(None)
+    } else {
+        Err(reply.error)
+    }
+}
+
+async fn copy_config(
+    origin: &AgentHandle,
+    target: &AgentHandle,
+    job: &Job,
+    endpoint: OriginEndpoint,
+) -> StepResult {
+    let reply = target
+        .client
+        .clone()
+        .copy_config(CopyConfigRequest {
+            operation_id: job.operation_id.clone(),
+            origin: Some(endpoint),
+        })
+        .await
+        .map_err(|s| describe_status(&s))?
+        .into_inner();
+    if !reply.refused.is_empty() {
+        tracing::warn!(
+            instance = %job.instance.name,
+            origin = %origin.name,
+            refused = ?reply.refused,
+            "the origin sent config entries outside the target's config_set patterns; \
+             the target did not install them"
+        );
+    }
+    if reply.ok {
+        Ok(None)
+    } else {
+        Err(reply.error)
     }
 }
 
@@ -264,13 +311,51 @@ async fn preflight(origin: &AgentHandle, target: &AgentHandle, job: &Job) -> Res
     }
 }
 
-/// Registers a grant on the origin for this step and returns where the target pulls.
+/// What a step's grant lets the target take from the origin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// The instance's data dirs (sync passes).
+    DataDirs,
+    /// The configuration file set.
+    ConfigSet,
+    /// The databases.
+    Databases,
+}
+
+/// The grant id of one step attempt: derived from its operation id, so that a step re-sent
+/// after a restart is the identical request (the target answers it from its journal). It is
+/// useless with any certificate but the target's.
+fn grant_id(operation_id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("bmfleet-grant\0{operation_id}").as_bytes());
+    digest.iter().take(16).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Runs `body` under a grant of `scope` on the origin, registered for this step attempt
+/// only and living until the step's deadline, then revokes it whatever the outcome.
+async fn granted<F, Fut>(
+    origin: &AgentHandle,
+    job: &Job,
+    now_ms: i64,
+    scope: Scope,
+    body: F,
+) -> StepResult
+where
+    F: FnOnce(OriginEndpoint) -> Fut,
+    Fut: Future<Output = StepResult>,
+{
+    let endpoint = grant(origin, job, now_ms, scope).await?;
+    let result = body(endpoint.clone()).await;
+    revoke(origin, &endpoint.grant_id).await;
+    result
+}
+
+/// Registers the grant of this step attempt on the origin and returns where the target pulls.
 async fn grant(
     origin: &AgentHandle,
     job: &Job,
     now_ms: i64,
-    config_set: bool,
-    databases: bool,
+    scope: Scope,
 ) -> Result<OriginEndpoint, String> {
     let address = origin.data_address.clone().ok_or_else(|| {
         format!(
@@ -278,9 +363,22 @@ async fn grant(
             origin.name
         )
     })?;
-    let grant_id = random_id()?;
-    let mut paths: Vec<String> = DATA_DIRS.iter().map(|d| d.to_string()).collect();
-    paths.extend(job.instance.extra_dirs.iter().cloned());
+    let grant_id = grant_id(&job.operation_id);
+    let paths: Vec<String> = match scope {
+        Scope::DataDirs => DATA_DIRS
+            .iter()
+            .map(|d| d.to_string())
+            .chain(job.instance.extra_dirs.iter().cloned())
+            .collect(),
+        Scope::ConfigSet | Scope::Databases => Vec::new(),
+    };
+    // Until the step's deadline (a grant outliving its step is revoked when the step or the
+    // instance ends); a step without one gets the shortest step deadline.
+    let expires_at_unix_ms = if job.deadline_ms > now_ms {
+        job.deadline_ms
+    } else {
+        now_ms + FALLBACK_GRANT_MS
+    };
     origin
         .client
         .clone()
@@ -289,9 +387,9 @@ async fn grant(
             target_name: job.instance.target.clone(),
             migration: job.migration.clone(),
             paths,
-            config_set,
-            databases,
-            expires_at_unix_ms: now_ms + GRANT_MS,
+            config_set: scope == Scope::ConfigSet,
+            databases: scope == Scope::Databases,
+            expires_at_unix_ms,
         })
         .await
         .map_err(|s| format!("{} refused the grant: {}", origin.name, describe_status(&s)))?;
@@ -302,14 +400,27 @@ async fn grant(
     })
 }
 
+/// Withdraws one grant; a failure is logged (the grant still expires with its step).
+async fn revoke(origin: &AgentHandle, grant_id: &str) {
+    let done = origin
+        .client
+        .clone()
+        .revoke_grant(RevokeGrantRequest {
+            grant_id: grant_id.to_string(),
+            ..Default::default()
+        })
+        .await;
+    if let Err(s) = done {
+        tracing::warn!(agent = %origin.name, grant = grant_id, error = %describe_status(&s), "revoking a grant failed; it expires with its step");
+    }
+}
+
 /// Pulls every data dir and adds up the passes' statistics.
 async fn sync_pass(
-    origin: &AgentHandle,
     target: &AgentHandle,
     job: &Job,
-    now_ms: i64,
+    endpoint: OriginEndpoint,
 ) -> Result<PassStats, String> {
-    let endpoint = grant(origin, job, now_ms, false, false).await?;
     let mut total = PassStats::default();
     let dirs = DATA_DIRS
         .iter()

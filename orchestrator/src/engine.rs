@@ -30,6 +30,8 @@ pub struct Job {
     pub operation_id: String,
     /// Bandwidth limit for sync steps, KiB/s (0: none).
     pub bwlimit_kib: u32,
+    /// When the step must have answered, Unix ms (what a grant for it lives until).
+    pub deadline_ms: i64,
 }
 
 /// How a step ended.
@@ -39,6 +41,15 @@ pub type StepResult = Result<Option<PassStats>, String>;
 pub trait AgentPort: Send + Sync + 'static {
     /// Runs `job` to its end.
     fn run(&self, job: Job) -> Pin<Box<dyn Future<Output = StepResult> + Send>>;
+
+    /// The instance reached a final phase: whatever it was granted on its hosts is withdrawn.
+    fn end_instance(
+        &self,
+        _migration: String,
+        _instance: InstanceSpec,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        Box::pin(async {})
+    }
 }
 
 /// An operator's command for the engine.
@@ -195,6 +206,10 @@ impl Engine {
             } else {
                 self.bwlimit[n]
             },
+            deadline_ms: self.instances[n]
+                .running
+                .get(&step)
+                .map_or(0, |r| r.deadline_ms),
         };
         let port = self.port.clone();
         let tx = self.results_tx.clone();
@@ -244,7 +259,14 @@ impl Engine {
         if outcome.instance.phase != self.instances[n].phase {
             tracing::info!(instance = %spec.name, from = ?self.instances[n].phase, to = ?outcome.instance.phase, "transition");
         }
+        let ended = outcome.instance.phase.is_final() && !self.instances[n].phase.is_final();
         self.instances[n] = outcome.instance;
+        if ended {
+            let end = self
+                .port
+                .end_instance(self.fleet.policy.name.clone(), spec.clone());
+            tokio::spawn(end);
+        }
         for Action::Run { step, attempt } in outcome.actions {
             self.dispatch(n, step, attempt);
         }

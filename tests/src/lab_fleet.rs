@@ -280,6 +280,26 @@ impl LabFleet {
         self.dir.path().join(host)
     }
 
+    /// The grants still valid on `host`'s agent, waiting up to `wait` for them to go (the
+    /// orchestrator withdraws an instance's grants right after its last transition).
+    pub fn valid_grants(&self, host: &str, wait: Duration) -> Vec<String> {
+        let db = self
+            .root(host)
+            .join("var/lib/bmfleet-agent")
+            .join(bmfleet_agent::server::JOURNAL_FILE);
+        let store = bmfleet_agent::grants::GrantStore::open(&db).expect("grant store");
+        let until = std::time::Instant::now() + wait;
+        loop {
+            let valid = store
+                .valid(bmfleet_agent::server::now_ms())
+                .expect("grants");
+            if valid.is_empty() || std::time::Instant::now() > until {
+                return valid;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Runs bmctl in the orchestrator's host.
     pub fn bmctl(&self, args: &[&str]) -> Output {
         self.lab

@@ -66,6 +66,14 @@ fn all_done(fleet: &LabFleet) {
     let events =
         String::from_utf8_lossy(&fleet.bmctl(&["fleet", "events", "--limit", "1000"]).stdout)
             .into_owned();
+    for i in 1..=outcomes.len() {
+        let origin = format!("origin-{i}");
+        assert_eq!(
+            fleet.valid_grants(&origin, Duration::from_secs(10)),
+            Vec::<String>::new(),
+            "no grant outlives a finished migration on {origin}"
+        );
+    }
     for o in &outcomes {
         assert_eq!(o.phase, "Done", "{o:?}\n{events}");
     }
@@ -90,6 +98,14 @@ fn a_target_that_refuses_to_start_rolls_back_by_itself() {
         .map(|o| (o.name.as_str(), o.phase.as_str()))
         .collect();
     assert_eq!(phases, [("mail-1", "Done"), ("mail-2", "RolledBack")]);
+    // Nothing granted is left, on the finished instance's origin nor the rolled-back one's.
+    for origin in ["origin-1", "origin-2"] {
+        assert_eq!(
+            fleet.valid_grants(origin, Duration::from_secs(10)),
+            Vec::<String>::new(),
+            "{origin}"
+        );
+    }
     // The origin holds the IP again and serves; the target let it go.
     assert!(fleet
         .lab
@@ -180,6 +196,14 @@ fn three_instances_migrate_with_no_mail_lost() {
     let events =
         String::from_utf8_lossy(&fleet.bmctl(&["fleet", "events", "--limit", "1000"]).stdout)
             .into_owned();
+    for i in 1..=outcomes.len() {
+        let origin = format!("origin-{i}");
+        assert_eq!(
+            fleet.valid_grants(&origin, Duration::from_secs(10)),
+            Vec::<String>::new(),
+            "no grant outlives a finished migration on {origin}"
+        );
+    }
     for o in &outcomes {
         assert_eq!(o.phase, "Done", "{o:?}\n{events}");
         assert!(
