@@ -10,8 +10,9 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bmfleet_proto::admission::{Admission, Admitted, Limits};
 use bmfleet_proto::identity::{peer_identity, Role};
-use bmfleet_proto::tls::accept_tls;
+use bmfleet_proto::tls::{accept_tls, Policy};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -38,6 +39,8 @@ pub struct DataPlane {
     pub grants: Arc<GrantStore>,
     /// The agent's metrics (tunnel requests served and refused).
     pub metrics: Arc<crate::metrics::AgentMetrics>,
+    /// rsync and pg_dump children running, in all and per grant.
+    pub children: Admission<String>,
 }
 
 /// The manifest reply: every database's tables, and BlueMind's database credentials (sent
@@ -60,12 +63,20 @@ pub struct ManifestReply {
     pub extensions: Vec<pg::Extension>,
 }
 
-type Stream = BufReader<tokio_rustls::server::TlsStream<TcpStream>>;
+type Connection = Admitted<tokio_rustls::server::TlsStream<TcpStream>>;
+type Stream = BufReader<Connection>;
 
 impl DataPlane {
     /// Serves the data plane on `listener` with the agent's TLS server configuration.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
-        let mut incoming = accept_tls(listener, tls);
+        let mut incoming = accept_tls(
+            listener,
+            tls,
+            Policy {
+                limits: Limits::API,
+                role: None,
+            },
+        );
         while let Some(conn) = incoming.next().await {
             let Ok(conn) = conn else { continue };
             let plane = self.clone();
@@ -73,9 +84,10 @@ impl DataPlane {
         }
     }
 
-    async fn handle(&self, conn: tokio_rustls::server::TlsStream<TcpStream>) {
-        let peer = conn.get_ref().0.peer_addr().ok();
+    async fn handle(&self, conn: Connection) {
+        let peer = conn.get_ref().get_ref().0.peer_addr().ok();
         let caller = conn
+            .get_ref()
             .get_ref()
             .1
             .peer_certificates()
@@ -126,6 +138,16 @@ impl DataPlane {
                 tracing::warn!(?peer, caller = %caller, error = %e, "data plane: refused");
                 self.metrics.tunnel(kind, "refused");
                 let _ = refuse(&mut stream, e.to_string()).await;
+                return;
+            }
+        };
+        // Each request runs one child (rsync, pg_dump) or a query: bounded per grant and in all.
+        let _child = match self.children.admit(grant.id.clone()) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(?peer, caller = %caller, grant = %grant.id, reason = %e, "data plane: too many transfers");
+                self.metrics.tunnel(kind, "refused");
+                let _ = refuse(&mut stream, format!("busy: {e}; retry later")).await;
                 return;
             }
         };

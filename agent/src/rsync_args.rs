@@ -27,6 +27,10 @@ const ALLOWED_LONG: &[(&str, bool)] = &[
     ("--compress-choice", true),
 ];
 
+/// rsync's I/O timeout on both ends of a transfer, seconds: a peer that stops sending for this
+/// long ends the transfer (and frees its child) instead of holding it forever.
+pub const IO_TIMEOUT_SECS: u32 = 600;
+
 /// The `--files-from` value that asks for the BlueMind configuration file set, which the
 /// origin lists itself (the target never names an origin file).
 pub const CONFIG_SET_TOKEN: &str = "bmfleet-config-set";
@@ -84,6 +88,10 @@ impl SenderArgs {
         let mut argv = vec!["rsync".into(), "--server".into(), "--sender".into()];
         let mut options = self.options.iter();
         while let Some(opt) = options.next() {
+            // The origin sets its own I/O timeout, whatever the target asked.
+            if opt.starts_with("--timeout=") {
+                continue;
+            }
             argv.push(opt.clone());
             if opt == "--files-from" {
                 options.next();
@@ -94,6 +102,7 @@ impl SenderArgs {
                 );
             }
         }
+        argv.push(format!("--timeout={IO_TIMEOUT_SECS}"));
         argv.push(".".into());
         argv.extend(host_paths.iter().cloned());
         argv
@@ -242,7 +251,7 @@ mod tests {
         assert!(!parsed.config_set);
         assert_eq!(
             parsed.server_argv(&["/lab/o1/var/spool/cyrus/".into()], None),
-            argv("rsync --server --sender -lHogDtpre.iLsfxCIvu --bwlimit=1000 . /lab/o1/var/spool/cyrus/")
+            argv("rsync --server --sender -lHogDtpre.iLsfxCIvu --bwlimit=1000 --timeout=600 . /lab/o1/var/spool/cyrus/")
         );
     }
 
@@ -255,7 +264,7 @@ mod tests {
         assert!(parsed.config_set);
         assert_eq!(
             parsed.server_argv(&["/lab/o1/".into()], Some(Path::new("/run/list"))),
-            argv("rsync --server --sender -logDtpRe.LsfxCIvu --files-from /run/list . /lab/o1/")
+            argv("rsync --server --sender -logDtpRe.LsfxCIvu --files-from /run/list --timeout=600 . /lab/o1/")
         );
     }
 
@@ -348,6 +357,10 @@ mod tests {
                 let server = args.server_argv(&args.paths, None);
                 let reads = rsync_reads(&server[..]);
                 proptest::prop_assert_eq!(&reads[0], ".");
+                proptest::prop_assert_eq!(
+                    server.iter().filter(|w| w.starts_with("--timeout")).collect::<Vec<_>>(),
+                    vec!["--timeout=600"]
+                );
                 proptest::prop_assert_eq!(&reads[1..], &args.paths[..]);
                 for p in &args.paths {
                     proptest::prop_assert!(clean_absolute(p).is_ok(), "{}", p);

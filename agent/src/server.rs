@@ -5,8 +5,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use bmfleet_proto::admission::Limits;
 use bmfleet_proto::identity::Role;
-use bmfleet_proto::tls::{accept_tls, LocalIdentity, RoleGate};
+use bmfleet_proto::tls::{accept_tls, bounded_server, LocalIdentity, Policy, RoleGate};
 use bmfleet_proto::v1::agent_server::{Agent, AgentServer};
 use bmfleet_proto::v1::{
     CopyConfigReply, CopyConfigRequest, DumpFormat, FactsReply, FactsRequest, GrantReply,
@@ -131,6 +132,7 @@ impl AgentService {
             config: self.config.clone(),
             grants: self.grants.clone(),
             metrics: self.metrics.clone(),
+            children: bmfleet_proto::admission::Admission::new(Limits::CHILDREN),
         })
     }
 }
@@ -495,6 +497,7 @@ async fn copy_config(config: &AgentConfig, origin: &OriginEndpoint) -> CopyConfi
     ]
     .iter()
     .map(|s| s.to_string())
+    .chain([format!("--timeout={}", crate::rsync_args::IO_TIMEOUT_SECS)])
     .collect();
     let dest = format!("{}/", staging.path().display());
     let run = match pull::rsync_through_tunnel(config, origin, &options, "origin:/", &dest) {
@@ -600,9 +603,19 @@ pub async fn serve(
         allowed: Role::Orchestrator,
         api: "Agent API",
     };
-    let served = tonic::transport::Server::builder()
+    let served = bounded_server()
         .add_service(AgentServer::with_interceptor(service, gate))
-        .serve_with_incoming_shutdown(accept_tls(listener, tls), shutdown)
+        .serve_with_incoming_shutdown(
+            accept_tls(
+                listener,
+                tls,
+                Policy {
+                    limits: Limits::API,
+                    role: Some(Role::Orchestrator),
+                },
+            ),
+            shutdown,
+        )
         .await;
     if let Some(plane) = data_plane {
         plane.abort();

@@ -31,8 +31,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bmfleet_proto::admission::Limits;
 use bmfleet_proto::identity::Role;
-use bmfleet_proto::tls::{accept_tls, LocalIdentity};
+use bmfleet_proto::tls::{accept_tls, bounded_server, LocalIdentity, Policy};
 use bmfleet_proto::v1::fleet_server::FleetServer;
 use tokio::net::TcpListener;
 
@@ -138,9 +139,19 @@ pub async fn run_with(
     let name = identity.identity().name.clone();
     tracing::info!(orchestrator = %name, address = ?listener.local_addr().ok(), agents = config.agent.len(), "orchestrator serving");
     let api = FleetApi::new(state, clock, conductor, metrics, name);
-    let served = tonic::transport::Server::builder()
+    let served = bounded_server()
         .add_service(FleetServer::new(api))
-        .serve_with_incoming_shutdown(accept_tls(listener, identity.server_config()?), shutdown)
+        .serve_with_incoming_shutdown(
+            accept_tls(
+                listener,
+                identity.server_config()?,
+                Policy {
+                    limits: Limits::API,
+                    role: Some(Role::Operator),
+                },
+            ),
+            shutdown,
+        )
         .await;
     health.abort();
     served?;

@@ -7,6 +7,7 @@
 //! - [`error_chain`]: turning a failed call into a reason an operator can act on.
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod config_file;
 pub mod error_chain;
 pub mod identity;

@@ -1,50 +1,109 @@
 //! `/metrics` over HTTP for the orchestrator and the agents: OpenMetrics when the scraper asks
 //! for it (Prometheus does), Prometheus's classic text format otherwise (promtool, older
-//! scrapers), from a thread of its own.
+//! scrapers). Bounded: a few connections at once (more are closed on accept), a deadline for
+//! the request's headers and for the whole exchange, no keep-alive; an accept error (file
+//! descriptors exhausted) is waited out, never fatal.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+
+/// Scrape connections held at once, in all and per peer address; more are closed as they
+/// arrive (a flood from one address leaves room for the Prometheus server).
+pub const LIMITS: crate::admission::Limits = crate::admission::Limits {
+    max_connections: 64,
+    max_per_peer: 8,
+};
+/// Time a client has to send its request's headers.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time one connection may last in all.
+pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves `/metrics` on `address`, each scrape answered with `encode()` (OpenMetrics text, as
-/// prometheus-client writes it). Returns the bound address.
+/// prometheus-client writes it), on the current tokio runtime. Returns the bound address.
 pub fn serve(
-    encode: impl Fn() -> String + Send + 'static,
+    encode: impl Fn() -> String + Send + Sync + 'static,
     address: SocketAddr,
 ) -> std::io::Result<SocketAddr> {
-    let server = tiny_http::Server::http(address).map_err(std::io::Error::other)?;
-    let bound = server
-        .server_addr()
-        .to_ip()
-        .ok_or_else(|| std::io::Error::other("metrics listener has no IP address"))?;
-    std::thread::spawn(move || {
-        for request in server.incoming_requests() {
-            let response = if request.url() == "/metrics" {
-                let openmetrics = request.headers().iter().any(|h| {
-                    h.field.equiv("Accept")
-                        && h.value.as_str().contains("application/openmetrics-text")
-                });
-                let (body, content_type) = if openmetrics {
-                    (
-                        encode(),
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )
-                } else {
-                    (
-                        to_classic(&encode()),
-                        "text/plain; version=0.0.4; charset=utf-8",
-                    )
-                };
-                let mut r = tiny_http::Response::from_string(body);
-                if let Ok(h) = tiny_http::Header::from_bytes("Content-Type", content_type) {
-                    r.add_header(h);
+    let std_listener = std::net::TcpListener::bind(address)?;
+    std_listener.set_nonblocking(true)?;
+    let bound = std_listener.local_addr()?;
+    let listener = tokio::net::TcpListener::from_std(std_listener)?;
+    let encode = Arc::new(encode);
+    let admission = crate::admission::Admission::new(LIMITS);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics: accept failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
                 }
-                r
-            } else {
-                tiny_http::Response::from_string("not found: try /metrics").with_status_code(404)
             };
-            let _ = request.respond(response);
+            let slot = match admission.admit(peer.ip()) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::debug!(%peer, reason = %e, "metrics: connection closed on arrival");
+                    continue;
+                }
+            };
+            let encode = encode.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request: Request<_>| {
+                    let encode = encode.clone();
+                    async move { Ok::<_, Infallible>(answer(&request, &*encode)) }
+                });
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .keep_alive(false)
+                    .serve_connection(TokioIo::new(tcp), service);
+                let _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection).await;
+                drop(slot);
+            });
         }
     });
     Ok(bound)
+}
+
+fn answer<B>(request: &Request<B>, encode: &dyn Fn() -> String) -> Response<Full<Bytes>> {
+    if request.uri().path() != "/metrics" {
+        let mut r = Response::new(Full::new(Bytes::from_static(b"not found: try /metrics")));
+        *r.status_mut() = hyper::StatusCode::NOT_FOUND;
+        return r;
+    }
+    let openmetrics = request
+        .headers()
+        .get_all(hyper::header::ACCEPT)
+        .iter()
+        .any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.contains("application/openmetrics-text"))
+        });
+    let (body, content_type) = if openmetrics {
+        (
+            encode(),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )
+    } else {
+        (
+            to_classic(&encode()),
+            "text/plain; version=0.0.4; charset=utf-8",
+        )
+    };
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    r
 }
 
 /// The same exposition in Prometheus's classic text format (0.0.4): a counter family is named

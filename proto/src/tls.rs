@@ -356,14 +356,43 @@ pub fn connect(
 
 /// Accepted TLS connections, ready for `tonic::transport::Server::serve_with_incoming`.
 pub type TlsIncoming = tokio_stream::wrappers::ReceiverStream<
-    Result<tokio_rustls::server::TlsStream<TcpStream>, std::io::Error>,
+    Result<crate::admission::Admitted<tokio_rustls::server::TlsStream<TcpStream>>, std::io::Error>,
 >;
 
-/// Accepts TCP connections on `listener` and completes their TLS handshakes concurrently.
+/// A gRPC server builder with the fleet's bounds on every connection: HTTP/2 keepalive pings
+/// (a silent peer is dropped), and a cap on concurrent streams per connection.
+pub fn bounded_server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .max_concurrent_streams(Some(64))
+}
+
+/// How long a connection whose certificate has another role than the listener's lasts: long
+/// enough to be told why its calls are refused, not long enough to be held.
+pub const FOREIGN_ROLE_LIFETIME: Duration = Duration::from_secs(10);
+
+/// How a TLS listener admits connections.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    /// Connections held at once, in all and per peer address (checked before the handshake).
+    pub limits: crate::admission::Limits,
+    /// The role the listener serves: connections with another role's certificate are closed
+    /// after [`FOREIGN_ROLE_LIFETIME`].
+    pub role: Option<Role>,
+}
+
+/// Accepts TCP connections on `listener` within `policy`'s limits (others are closed at once)
+/// and completes their TLS handshakes concurrently, each within [`HANDSHAKE_TIMEOUT`].
 /// Refused handshakes are logged with the peer's address and the reason, and dropped.
-pub fn accept_tls(listener: TcpListener, config: Arc<rustls::ServerConfig>) -> TlsIncoming {
+pub fn accept_tls(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    policy: Policy,
+) -> TlsIncoming {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let admission = crate::admission::Admission::new(policy.limits);
     tokio::spawn(async move {
         loop {
             let (tcp, peer) = tokio::select! {
@@ -377,12 +406,30 @@ pub fn accept_tls(listener: TcpListener, config: Arc<rustls::ServerConfig>) -> T
                 },
                 _ = tx.closed() => return,
             };
+            let ticket = match admission.admit(peer.ip()) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::debug!(%peer, reason = %e, "connection closed on arrival");
+                    continue;
+                }
+            };
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
                 let _ = tcp.set_nodelay(true);
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(tls)).await;
+                        let role = tls
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .and_then(|c| peer_identity(c).ok())
+                            .map(|id| id.role);
+                        let mut conn = crate::admission::Admitted::new(tls, ticket);
+                        if policy.role.is_some() && role != policy.role {
+                            conn = conn.expire_after(FOREIGN_ROLE_LIFETIME);
+                        }
+                        let _ = tx.send(Ok(conn)).await;
                     }
                     Ok(Err(e)) => log_refused(peer, &e),
                     Err(_) => tracing::warn!(%peer, "TLS handshake timed out"),
