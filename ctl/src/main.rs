@@ -127,6 +127,9 @@ enum FleetCommand {
         /// How many of the newest entries.
         #[arg(long, default_value_t = 50)]
         limit: u32,
+        /// Only entries older than this id (the first ID of the page shown before).
+        #[arg(long, default_value_t = 0)]
+        before: i64,
         /// Output format.
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
@@ -292,8 +295,9 @@ async fn main() -> ExitCode {
         FleetCommand::Audit {
             connection,
             limit,
+            before,
             output,
-        } => status::audit(&connection, limit, output).await,
+        } => status::audit(&connection, limit, before, output).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

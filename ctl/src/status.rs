@@ -470,10 +470,15 @@ impl From<&AuditEntry> for AuditJson {
 }
 
 /// `bmctl fleet audit`.
-pub async fn audit(connection: &Connection, limit: u32, output: Output) -> anyhow::Result<()> {
+pub async fn audit(
+    connection: &Connection,
+    limit: u32,
+    before_id: i64,
+    output: Output,
+) -> anyhow::Result<()> {
     let mut client = connection.client()?;
     let reply = connection
-        .call(client.audit(AuditRequest { limit }))
+        .call(client.audit(AuditRequest { limit, before_id }))
         .await?
         .into_inner();
     let entries: Vec<AuditJson> = reply.entries.iter().map(AuditJson::from).collect();
@@ -500,6 +505,9 @@ pub async fn audit(connection: &Connection, limit: u32, output: Output) -> anyho
                     &rows
                 )
             );
+            if let (Some(first), true) = (entries.first(), entries.len() as u32 >= limit) {
+                println!("older entries: bmctl fleet audit --before {}", first.id);
+            }
         }
     }
     Ok(())

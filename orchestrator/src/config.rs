@@ -29,6 +29,9 @@ pub struct OrchestratorConfig {
     /// Deadline of one Agent call made by a health check.
     #[serde(default = "default_rpc_timeout")]
     pub rpc_timeout_secs: u64,
+    /// Audit entries older than this many days are deleted (checked hourly).
+    #[serde(default = "default_audit_retention")]
+    pub audit_retention_days: u32,
     /// The orchestrator's identity (role `orchestrator`).
     pub tls: TlsFiles,
     /// Every agent of the fleet.
@@ -47,6 +50,10 @@ pub struct AgentEntry {
     /// host:port of its data plane, where targets pull from it (origins only).
     #[serde(default)]
     pub data_address: Option<String>,
+}
+
+fn default_audit_retention() -> u32 {
+    400
 }
 
 fn default_state_db() -> PathBuf {

@@ -15,6 +15,8 @@ use tonic::{Request, Response, Status};
 use crate::clock::Clock;
 use crate::conductor::{Conductor, ConductorError};
 use crate::engine::Command;
+use std::collections::HashMap;
+
 use crate::state::{AuditRecord, State};
 
 /// Default and maximum number of audit entries returned.
@@ -28,6 +30,34 @@ pub struct FleetApi {
     conductor: Arc<Conductor>,
     metrics: Arc<crate::metrics::Metrics>,
     orchestrator_name: String,
+    audit_policy: AuditPolicy,
+    /// Refused calls written per caller in the current minute: (minute, written, skipped).
+    refusals: std::sync::Mutex<HashMap<String, (i64, u32, u32)>>,
+    last_prune_ms: std::sync::atomic::AtomicI64,
+}
+
+/// How the audit log stays readable and bounded.
+#[derive(Debug, Clone, Copy)]
+pub struct AuditPolicy {
+    /// Entries older than this are deleted (checked at most hourly).
+    pub retention_ms: i64,
+}
+
+/// An audited argument or detail longer than this is cut (its length is kept).
+pub const AUDIT_FIELD_MAX: usize = 2048;
+/// Refused calls itemized per caller and minute; more are counted in the next entry.
+pub const REFUSALS_PER_MINUTE: u32 = 20;
+
+/// `text` cut to [`AUDIT_FIELD_MAX`] bytes on a character boundary, saying how long it was.
+fn bounded(text: String) -> String {
+    if text.len() <= AUDIT_FIELD_MAX {
+        return text;
+    }
+    let mut end = AUDIT_FIELD_MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… (cut: {} bytes in all)", &text[..end], text.len())
 }
 
 fn refused(e: ConductorError) -> Status {
@@ -65,6 +95,7 @@ impl FleetApi {
         conductor: Arc<Conductor>,
         metrics: Arc<crate::metrics::Metrics>,
         orchestrator_name: String,
+        audit_policy: AuditPolicy,
     ) -> Self {
         FleetApi {
             state,
@@ -72,6 +103,53 @@ impl FleetApi {
             conductor,
             metrics,
             orchestrator_name,
+            audit_policy,
+            refusals: std::sync::Mutex::default(),
+            last_prune_ms: std::sync::atomic::AtomicI64::new(0),
+        }
+    }
+
+    /// Whether a refused call of `caller` at `now_ms` is itemized; when it is the first of a
+    /// new minute, how many of the previous minute were not.
+    fn itemize_refusal(&self, caller: &str, now_ms: i64) -> Option<u32> {
+        let minute = now_ms.div_euclid(60_000);
+        let mut refusals = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+        if refusals.len() > 10_000 {
+            refusals.retain(|_, (m, _, _)| *m == minute);
+        }
+        let entry = refusals.entry(caller.to_string()).or_insert((minute, 0, 0));
+        let mut skipped_before = 0;
+        if entry.0 != minute {
+            skipped_before = entry.2;
+            *entry = (minute, 0, 0);
+        }
+        if entry.1 >= REFUSALS_PER_MINUTE {
+            entry.2 += 1;
+            return None;
+        }
+        entry.1 += 1;
+        Some(skipped_before)
+    }
+
+    /// Deletes audit entries past their retention, at most once an hour.
+    fn prune_audit(&self, now_ms: i64) {
+        use std::sync::atomic::Ordering;
+        let last = self.last_prune_ms.load(Ordering::Relaxed);
+        if now_ms - last < 3_600_000
+            || self
+                .last_prune_ms
+                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        match self
+            .state
+            .prune_audit(now_ms - self.audit_policy.retention_ms)
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(deleted = n, "audit entries past their retention deleted"),
+            Err(e) => tracing::warn!(error = %e, "pruning the audit log failed"),
         }
     }
 
@@ -160,15 +238,28 @@ impl FleetApi {
             Err(s) if s.code() == tonic::Code::Unauthenticated => ("denied", s.message().into()),
             Err(s) => ("error", s.message().into()),
         };
+        let now = self.clock.now_ms();
+        let mut detail = detail;
+        if outcome == "denied" {
+            match self.itemize_refusal(&format!("{who} ({role})"), now) {
+                None => return result.map(Response::new),
+                Some(0) => {}
+                Some(skipped) => detail.push_str(&format!(
+                    " ({skipped} more refused calls of this caller in the previous minute were \
+                     not itemized)"
+                )),
+            }
+        }
         let record = AuditRecord {
             who,
             role,
             method: method.to_string(),
-            arguments,
+            arguments: bounded(arguments),
             outcome: outcome.to_string(),
-            detail,
+            detail: bounded(detail),
         };
-        if let Err(e) = self.state.audit(&record, self.clock.now_ms()) {
+        self.prune_audit(now);
+        if let Err(e) = self.state.audit(&record, now) {
             tracing::error!(error = %e, ?record, "cannot write the audit log");
             return Err(Status::internal(format!("audit log unavailable: {e}")));
         }
@@ -309,10 +400,14 @@ impl Fleet for FleetApi {
             0 => AUDIT_DEFAULT,
             n => n.min(AUDIT_MAX),
         };
-        let arguments = format!("{{\"limit\":{limit}}}");
+        let before_id = request.get_ref().before_id;
+        let arguments = format!("{{\"limit\":{limit},\"before_id\":{before_id}}}");
         self.audited(&request, "Audit", arguments, || {
             Ok(AuditReply {
-                entries: self.state.audit_log(limit).map_err(Self::internal)?,
+                entries: self
+                    .state
+                    .audit_log(limit, before_id)
+                    .map_err(Self::internal)?,
             })
         })
     }

@@ -138,7 +138,10 @@ pub async fn run_with(
     ));
     let name = identity.identity().name.clone();
     tracing::info!(orchestrator = %name, address = ?listener.local_addr().ok(), agents = config.agent.len(), "orchestrator serving");
-    let api = FleetApi::new(state, clock, conductor, metrics, name);
+    let audit = fleet_api::AuditPolicy {
+        retention_ms: i64::from(config.audit_retention_days) * 86_400_000,
+    };
+    let api = FleetApi::new(state, clock, conductor, metrics, name, audit);
     let served = bounded_server()
         .add_service(FleetServer::new(api))
         .serve_with_incoming_shutdown(

@@ -405,17 +405,26 @@ impl State {
             .map_err(|e| self.err(e))
     }
 
-    /// The newest `limit` audit entries, oldest first.
-    pub fn audit_log(&self, limit: u32) -> Result<Vec<AuditEntry>, StateError> {
+    /// Deletes the audit entries written before `before_ms`; returns how many.
+    pub fn prune_audit(&self, before_ms: i64) -> Result<usize, StateError> {
+        self.conn()
+            .execute("DELETE FROM audit WHERE at_ms < ?1", params![before_ms])
+            .map_err(|e| self.err(e))
+    }
+
+    /// The newest `limit` audit entries older than id `before_id` (0: the newest of all),
+    /// oldest first.
+    pub fn audit_log(&self, limit: u32, before_id: i64) -> Result<Vec<AuditEntry>, StateError> {
         let conn = self.conn();
         let mut stmt = conn
             .prepare(
                 "SELECT id, at_ms, who, role, method, arguments, outcome, detail FROM
-                 (SELECT * FROM audit ORDER BY id DESC LIMIT ?1) ORDER BY id",
+                 (SELECT * FROM audit WHERE ?2 = 0 OR id < ?2 ORDER BY id DESC LIMIT ?1)
+                 ORDER BY id",
             )
             .map_err(|e| self.err(e))?;
         let rows = stmt
-            .query_map(params![limit], |r| {
+            .query_map(params![limit, before_id], |r| {
                 Ok(AuditEntry {
                     id: r.get(0)?,
                     at_unix_ms: r.get(1)?,
@@ -503,8 +512,15 @@ mod tests {
             };
             state.audit(&rec, i).unwrap();
         }
-        let log = state.audit_log(2).unwrap();
+        let log = state.audit_log(2, 0).unwrap();
         let methods: Vec<_> = log.iter().map(|e| e.method.as_str()).collect();
         assert_eq!(methods, ["m3", "m4"]);
+        // The page before it.
+        let older = state.audit_log(2, log[0].id).unwrap();
+        let methods: Vec<_> = older.iter().map(|e| e.method.as_str()).collect();
+        assert_eq!(methods, ["m1", "m2"]);
+        // Retention: entries written before t=3 go.
+        assert_eq!(state.prune_audit(3).unwrap(), 3);
+        assert_eq!(state.audit_log(10, 0).unwrap().len(), 2);
     }
 }

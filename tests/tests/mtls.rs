@@ -185,6 +185,7 @@ async fn fleet_api_refuses_an_agent_certificate_and_audits_it() {
         health_interval_secs: 3600,
         usage_interval_secs: 3600,
         rpc_timeout_secs: 5,
+        audit_retention_days: 30,
         tls: pki.issue("orchestrator", Role::Orchestrator),
         agent: vec![],
     };
@@ -218,7 +219,10 @@ async fn fleet_api_refuses_an_agent_certificate_and_audits_it() {
     let mut alice = fleet_client(&operator, Role::Operator);
     alice.status(StatusRequest {}).await.unwrap();
     let log = alice
-        .audit(bmfleet_proto::v1::AuditRequest { limit: 10 })
+        .audit(bmfleet_proto::v1::AuditRequest {
+            limit: 10,
+            before_id: 0,
+        })
         .await
         .unwrap()
         .into_inner()
@@ -242,4 +246,51 @@ async fn fleet_api_refuses_an_agent_certificate_and_audits_it() {
         ]
     );
     assert!(log.iter().all(|e| e.at_unix_ms > 0));
+
+    // A flood of refused calls is itemized up to a bound per caller and minute, and huge
+    // arguments are cut: the audit log stays readable.
+    let mut intruder = fleet_client(&agent_files, Role::Agent);
+    for _ in 0..100 {
+        let _ = intruder.status(StatusRequest {}).await;
+    }
+    let huge = "x".repeat(3_900_000);
+    for _ in 0..10 {
+        let e = alice
+            .pause(bmfleet_proto::v1::TargetRequest {
+                instance: huge.clone(),
+                all: false,
+            })
+            .await
+            .unwrap_err();
+        assert_ne!(e.code(), tonic::Code::Ok);
+    }
+    let log = alice
+        .audit(bmfleet_proto::v1::AuditRequest {
+            limit: 1000,
+            before_id: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    let denied = log.iter().filter(|e| e.outcome == "denied").count();
+    assert_eq!(denied, 20, "itemized refusals of origin-1 in one minute");
+    let pauses: Vec<_> = log.iter().filter(|e| e.method == "Pause").collect();
+    assert_eq!(pauses.len(), 10);
+    assert!(
+        pauses
+            .iter()
+            .all(|e| e.arguments.len() < 3_000 && e.arguments.contains("cut: ")),
+        "{:?}",
+        pauses[0].arguments.len()
+    );
+    let db_size: u64 = ["state.db", "state.db-wal"]
+        .iter()
+        .filter_map(|f| std::fs::metadata(dir.path().join(f)).ok())
+        .map(|m| m.len())
+        .sum();
+    assert!(
+        db_size < 4_000_000,
+        "the state database grew to {db_size} bytes"
+    );
 }
