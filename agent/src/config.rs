@@ -52,6 +52,14 @@ pub struct AgentConfig {
     /// BlueMind's API, for the post-migration steps.
     #[serde(default)]
     pub bluemind_api: BlueMindApiConfig,
+    /// The orchestrator certificate names this agent obeys (role orchestrator and one of
+    /// these names); another orchestrator-role certificate is refused.
+    #[serde(default = "default_orchestrators")]
+    pub orchestrators: Vec<String>,
+}
+
+fn default_orchestrators() -> Vec<String> {
+    vec!["orchestrator".into()]
 }
 
 /// How the agent reaches BlueMind's API on its own host.

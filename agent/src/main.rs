@@ -95,6 +95,7 @@ async fn run_tunnel(command: Vec<String>) -> anyhow::Result<()> {
         ca: var(env::CA)?.into(),
         cert: var(env::CERT)?.into(),
         key: var(env::KEY)?.into(),
+        crl: std::env::var_os(env::CRL).map(Into::into),
     };
     let origin = OriginEndpoint {
         address: var(env::ADDRESS)?,

@@ -35,6 +35,8 @@ pub mod env {
     pub const KEY: &str = "BMFLEET_TUNNEL_KEY";
     /// Admission deadline, seconds.
     pub const TIMEOUT: &str = "BMFLEET_TUNNEL_TIMEOUT";
+    /// The fleet's revocation list, when the agent has one.
+    pub const CRL: &str = "BMFLEET_TUNNEL_CRL";
 }
 
 /// An rsync run through the tunnel, as a command ready to spawn.
@@ -78,6 +80,7 @@ pub fn rsync_through_tunnel(
         .env(env::CA, &tls.ca)
         .env(env::CERT, &tls.cert)
         .env(env::KEY, &tls.key)
+        .env_remove(env::CRL)
         .env(
             env::TIMEOUT,
             config.data_plane.connect_timeout_secs.to_string(),
@@ -86,6 +89,9 @@ pub fn rsync_through_tunnel(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
+    if let Some(crl) = &tls.crl {
+        command.env(env::CRL, crl);
+    }
     Ok(RsyncRun { command })
 }
 

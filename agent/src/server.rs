@@ -108,7 +108,22 @@ impl AgentService {
             path: config.state_dir.display().to_string(),
             source,
         })?;
+        let private = |path: &std::path::Path, mode: u32| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(
+                |source| AgentError::StateDir {
+                    path: path.display().to_string(),
+                    source,
+                },
+            )
+        };
+        // The agent's own state (journal, grants) is readable by root only.
+        private(&config.state_dir, 0o700)?;
         let db = config.state_dir.join(JOURNAL_FILE);
+        bmfleet_proto::private_file(&db).map_err(|source| AgentError::StateDir {
+            path: db.display().to_string(),
+            source,
+        })?;
         let journal = Journal::open(&db)?;
         let grants = GrantStore::open(&db)?;
         Ok(AgentService {
@@ -570,7 +585,9 @@ pub async fn serve(
 ) -> Result<(), AgentError> {
     let identity = LocalIdentity::load(&config.tls, Role::Agent)?;
     let tls = identity.server_config()?;
+    bmfleet_proto::process::reload_on_sighup(identity.trust());
     let (data_listen, metrics_listen) = (config.data_listen, config.metrics_listen);
+    let orchestrators = config.orchestrators.clone();
     let service = AgentService::new(config, &identity)?;
     if let Some(address) = metrics_listen {
         let bound = crate::metrics::serve(service.metrics(), address).map_err(|source| {
@@ -602,6 +619,7 @@ pub async fn serve(
     let gate = RoleGate {
         allowed: Role::Orchestrator,
         api: "Agent API",
+        names: Arc::new(orchestrators),
     };
     let served = bounded_server()
         .add_service(AgentServer::with_interceptor(service, gate))

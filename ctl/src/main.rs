@@ -219,6 +219,7 @@ impl Connection {
             ca: self.ca.clone(),
             cert: self.cert.clone(),
             key: self.key.clone(),
+            crl: None,
         };
         let identity = LocalIdentity::load(&files, Role::Operator)
             .context("your operator identity is not usable")?;

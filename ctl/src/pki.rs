@@ -1,10 +1,12 @@
-//! `bmctl fleet pki init|issue`.
+//! `bmctl fleet pki init|issue|revoke`.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
 
 use bmfleet_proto::identity::Role;
-use bmfleet_proto::pki::{init_dir, issue_into_dir, IssueRequest, DEFAULT_VALIDITY_DAYS};
+use bmfleet_proto::pki::{
+    init_dir, issue_into_dir, revoke_in_dir, IssueRequest, DEFAULT_VALIDITY_DAYS,
+};
 use clap::Subcommand;
 
 /// PKI subcommands.
@@ -37,6 +39,16 @@ pub enum PkiCommand {
         #[arg(long, default_value_t = DEFAULT_VALIDITY_DAYS, value_parser = clap::value_parser!(u32).range(1..=3650))]
         days: u32,
     },
+    /// Revoke NAME's certificate: adds it to DIR/crl.pem, which the orchestrator and every
+    /// agent read at start and on SIGHUP (copy it to their tls.crl, then `systemctl reload`).
+    Revoke {
+        /// The PKI directory.
+        #[arg(long, env = "BMFLEET_PKI_DIR")]
+        dir: PathBuf,
+        /// The holder whose certificate (DIR/NAME.pem) is revoked.
+        #[arg(long)]
+        name: String,
+    },
 }
 
 fn parse_role(s: &str) -> Result<Role, String> {
@@ -67,6 +79,14 @@ pub fn run(command: PkiCommand) -> anyhow::Result<()> {
                 "issued {name} (role {role}, {days} days): {} and {} (mode 0600)",
                 files.cert.display(),
                 files.key.display()
+            );
+        }
+        PkiCommand::Revoke { dir, name } => {
+            let (crl, count) = revoke_in_dir(&dir, &name)?;
+            println!(
+                "revoked {name}: {} now lists {count} certificate(s); copy it to every host's \
+                 tls.crl and send SIGHUP (systemctl reload) to the orchestrator and the agents",
+                crl.display()
             );
         }
     }

@@ -97,6 +97,7 @@ pub async fn run_with(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), OrchestratorError> {
     let identity = LocalIdentity::load(&config.tls, Role::Orchestrator)?;
+    bmfleet_proto::process::reload_on_sighup(identity.trust());
     let state = Arc::new(State::open(&config.state_db)?);
     state.sync_agents(&config.agent)?;
     let timeout = Duration::from_secs(config.rpc_timeout_secs);

@@ -101,6 +101,10 @@ impl State {
                 source,
             })?;
         }
+        bmfleet_proto::private_file(path).map_err(|source| StateError::Dir {
+            path: display.clone(),
+            source,
+        })?;
         let conn = Connection::open(path).map_err(err)?;
         conn.execute_batch(
             "PRAGMA journal_mode = WAL;

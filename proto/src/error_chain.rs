@@ -86,6 +86,14 @@ const TLS_HINTS: &[(&str, &str)] = &[
         "the peer refused our certificate",
     ),
     (
+        "received fatal alert: CertificateRevoked",
+        "the peer refused our certificate: it has been revoked (the fleet's revocation list names it)",
+    ),
+    (
+        "invalid peer certificate: Revoked",
+        "we refused the peer's certificate: it has been revoked (the fleet's revocation list names it)",
+    ),
+    (
         "invalid peer certificate: UnknownIssuer",
         "we refused the peer's certificate: it was not signed by our fleet CA",
     ),

@@ -83,6 +83,19 @@ pub fn refuse_data_dir(dir: &str) -> Option<String> {
     })
 }
 
+/// Makes `path` a file only its owner reads and writes (0600), creating it empty when missing:
+/// state databases hold grants, journals and the audit log. SQLite gives its -wal and -shm
+/// files the database file's mode.
+pub fn private_file(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+}
+
 /// Installs ring as the process-wide rustls crypto provider. Call once at the start of every
 /// binary and test; repeated calls are harmless.
 pub fn install_crypto_provider() {

@@ -1,13 +1,15 @@
 //! The fleet PKI: one CA per fleet signs the orchestrator, every agent and every operator.
 //!
-//! Layout of a PKI directory: `ca.pem` and `ca-key.pem` (the CA), then `NAME.pem` and
-//! `NAME-key.pem` per issued identity. Private keys are written mode 0600; no file is ever
-//! overwritten.
+//! Layout of a PKI directory: `ca.pem` (the CA's certificate), `crl.pem` (the fleet's
+//! revocation list), `private/ca-key.pem` (the CA's key, in a 0700 directory of its own, apart
+//! from the issued keys), then `NAME.pem` and `NAME-key.pem` per issued identity. Private keys
+//! are written mode 0600; no certificate or key is ever overwritten (the revocation list is
+//! replaced as a whole on each revocation).
 
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::net::IpAddr;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use rcgen::{
@@ -20,8 +22,10 @@ use crate::identity::{validate_name, Role, FLEET_ORGANIZATION};
 
 /// CA certificate file name inside a PKI directory.
 pub const CA_CERT_FILE: &str = "ca.pem";
-/// CA private key file name inside a PKI directory.
-pub const CA_KEY_FILE: &str = "ca-key.pem";
+/// CA private key file inside a PKI directory (in a 0700 directory of its own).
+pub const CA_KEY_FILE: &str = "private/ca-key.pem";
+/// The fleet's certificate revocation list inside a PKI directory.
+pub const CRL_FILE: &str = "crl.pem";
 /// How long a fleet CA is valid.
 pub const CA_VALIDITY_DAYS: i64 = 3650;
 /// Default validity of an issued certificate.
@@ -146,6 +150,15 @@ impl FleetCa {
                 detail: format!("{file}: {e}"),
             })
         };
+        if !dir.join(CA_KEY_FILE).exists() && dir.join("ca-key.pem").exists() {
+            return Err(PkiError::NoCa {
+                dir: dir.to_path_buf(),
+                detail: format!(
+                    "the CA key is beside the issued keys: move ca-key.pem to {CA_KEY_FILE} \
+                     (mkdir -m 0700 private; mv ca-key.pem {CA_KEY_FILE})"
+                ),
+            });
+        }
         let (cert, key) = (read(CA_CERT_FILE)?, read(CA_KEY_FILE)?);
         Self::from_pem(&cert, &key).map_err(|e| PkiError::NoCa {
             dir: dir.to_path_buf(),
@@ -202,17 +215,96 @@ impl FleetCa {
         })
     }
 
-    /// Writes the CA into a new PKI directory (created if needed). Refuses if a CA is there.
+    /// Writes the CA into a new PKI directory (created if needed), with an empty revocation
+    /// list. Refuses if a CA is there.
     pub fn write_new(&self, dir: &Path) -> Result<(), PkiError> {
-        std::fs::create_dir_all(dir).map_err(|source| PkiError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| PkiError::Io { path, source }
+        };
         let (cert, key) = (dir.join(CA_CERT_FILE), dir.join(CA_KEY_FILE));
-        refuse_existing(&[&cert, &key])?;
+        refuse_existing(&[&cert, &key, &dir.join("ca-key.pem")])?;
+        let private = dir.join("private");
+        std::fs::create_dir_all(&private).map_err(io(&private))?;
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700))
+            .map_err(io(&private))?;
         write_new_file(&key, &self.key_pem, 0o600)?;
-        write_new_file(&cert, &self.cert_pem, 0o644)
+        write_new_file(&cert, &self.cert_pem, 0o644)?;
+        self.write_crl(dir, &[])
     }
+
+    /// Signs a revocation list of `revoked` (serial, when) and writes it as the PKI
+    /// directory's `crl.pem`, replacing the previous one atomically.
+    fn write_crl(&self, dir: &Path, revoked: &[(Vec<u8>, OffsetDateTime)]) -> Result<(), PkiError> {
+        let now = OffsetDateTime::now_utc();
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: now,
+            next_update: now + Duration::days(CA_VALIDITY_DAYS),
+            crl_number: rcgen::SerialNumber::from_slice(&now.unix_timestamp().to_be_bytes()),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|(serial, at)| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from_slice(serial),
+                    revocation_time: *at,
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        let pem = params.signed_by(&self.issuer)?.pem()?;
+        let path = dir.join(CRL_FILE);
+        let temporary = dir.join(format!(".{CRL_FILE}.new"));
+        let _ = std::fs::remove_file(&temporary);
+        write_new_file(&temporary, &pem, 0o644)?;
+        std::fs::rename(&temporary, &path).map_err(|source| PkiError::Io { path, source })
+    }
+}
+
+/// `bmctl fleet pki revoke`: adds `name`'s certificate to the PKI directory's revocation list.
+/// Returns the list's path and how many certificates it now revokes.
+pub fn revoke_in_dir(dir: &Path, name: &str) -> Result<(PathBuf, usize), PkiError> {
+    validate_name(name).map_err(PkiError::Invalid)?;
+    let ca = FleetCa::load(dir)?;
+    let cert_path = dir.join(format!("{name}.pem"));
+    let pem = std::fs::read(&cert_path).map_err(|source| PkiError::Io {
+        path: cert_path.clone(),
+        source,
+    })?;
+    let invalid = |detail: String| PkiError::Invalid(format!("{}: {detail}", cert_path.display()));
+    let (_, parsed) = x509_parser::pem::parse_x509_pem(&pem).map_err(|e| invalid(e.to_string()))?;
+    let cert = parsed.parse_x509().map_err(|e| invalid(e.to_string()))?;
+    let serial = cert.raw_serial().to_vec();
+    let mut revoked = read_revoked(dir)?;
+    if !revoked.iter().any(|(s, _)| *s == serial) {
+        revoked.push((serial, OffsetDateTime::now_utc()));
+    }
+    ca.write_crl(dir, &revoked)?;
+    Ok((dir.join(CRL_FILE), revoked.len()))
+}
+
+/// The serials and revocation times the PKI directory's revocation list holds (none when it
+/// has no list yet).
+fn read_revoked(dir: &Path) -> Result<Vec<(Vec<u8>, OffsetDateTime)>, PkiError> {
+    let path = dir.join(CRL_FILE);
+    let pem = match std::fs::read(&path) {
+        Ok(p) => p,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(PkiError::Io { path, source }),
+    };
+    let invalid = |detail: String| PkiError::Invalid(format!("{}: {detail}", path.display()));
+    let (_, parsed) = x509_parser::pem::parse_x509_pem(&pem).map_err(|e| invalid(e.to_string()))?;
+    let (_, crl) =
+        x509_parser::parse_x509_crl(&parsed.contents).map_err(|e| invalid(e.to_string()))?;
+    Ok(crl
+        .iter_revoked_certificates()
+        .map(|r| {
+            let at = OffsetDateTime::from_unix_timestamp(r.revocation_date.timestamp())
+                .unwrap_or_else(|_| OffsetDateTime::now_utc());
+            (r.raw_serial().to_vec(), at)
+        })
+        .collect())
 }
 
 /// The file paths of an identity issued into a PKI directory.
@@ -328,5 +420,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let err = issue_into_dir(dir.path(), &IssueRequest::new("a", Role::Agent, 1)).unwrap_err();
         assert!(err.to_string().contains("bmctl fleet pki init"), "{err}");
+    }
+
+    #[test]
+    fn revocation_lists_each_certificate_once_and_keeps_earlier_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        init_dir(dir.path()).unwrap();
+        assert_eq!(read_revoked(dir.path()).unwrap().len(), 0);
+        for name in ["a", "b"] {
+            issue_into_dir(dir.path(), &IssueRequest::new(name, Role::Agent, 30)).unwrap();
+        }
+        assert_eq!(revoke_in_dir(dir.path(), "a").unwrap().1, 1);
+        assert_eq!(revoke_in_dir(dir.path(), "a").unwrap().1, 1);
+        assert_eq!(revoke_in_dir(dir.path(), "b").unwrap().1, 2);
+        assert!(matches!(
+            revoke_in_dir(dir.path(), "nobody"),
+            Err(PkiError::Io { .. })
+        ));
+        let private = std::fs::metadata(dir.path().join("private")).unwrap();
+        assert_eq!(private.permissions().mode() & 0o777, 0o700);
     }
 }

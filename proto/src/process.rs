@@ -30,3 +30,26 @@ pub async fn shutdown_signal() {
     }
     tracing::info!("shutting down");
 }
+
+/// Re-reads the revocation list of `trust` on every SIGHUP (`systemctl reload`), logging what
+/// it now revokes; a list that cannot be read leaves the one in force.
+pub fn reload_on_sighup(trust: std::sync::Arc<crate::tls::TrustStore>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangup = match signal(SignalKind::hangup()) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGHUP: the revocation list is read at start only");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            match trust.reload() {
+                Ok(revoked) => tracing::info!(revoked, "revocation list reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "revocation list not reloaded; the previous one stays in force")
+                }
+            }
+        }
+    });
+}

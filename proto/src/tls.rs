@@ -39,6 +39,10 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     /// This process's private key, PEM.
     pub key: PathBuf,
+    /// The fleet's certificate revocation list (`bmctl fleet pki revoke` writes it); read at
+    /// start and on SIGHUP. Absent: nothing is revoked.
+    #[serde(default)]
+    pub crl: Option<PathBuf>,
 }
 
 /// Why a TLS identity or connection could not be set up.
@@ -83,10 +87,156 @@ pub enum TlsError {
     },
 }
 
+/// What a process trusts: the fleet CA roots, less what the fleet's revocation list names.
+/// The list is re-read by [`TrustStore::reload`] (on SIGHUP); every handshake after that
+/// uses it.
+pub struct TrustStore {
+    roots: Arc<RootCertStore>,
+    crl: Option<PathBuf>,
+    current: std::sync::RwLock<Verifiers>,
+}
+
+struct Verifiers {
+    client: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    server: Arc<WebPkiServerVerifier>,
+    revoked: usize,
+}
+
+impl std::fmt::Debug for TrustStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrustStore")
+            .field("crl", &self.crl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TrustStore {
+    /// `roots`, less the certificates `crl` (a PEM file) revokes.
+    pub fn new(roots: Arc<RootCertStore>, crl: Option<PathBuf>) -> Result<Self, TlsError> {
+        let current = Self::verifiers(&roots, crl.as_deref())?;
+        Ok(TrustStore {
+            roots,
+            crl,
+            current: std::sync::RwLock::new(current),
+        })
+    }
+
+    fn verifiers(roots: &Arc<RootCertStore>, crl: Option<&Path>) -> Result<Verifiers, TlsError> {
+        let crls = match crl {
+            Some(path) => {
+                let file_err = |detail: String| TlsError::File {
+                    path: path.to_path_buf(),
+                    detail,
+                };
+                rustls::pki_types::CertificateRevocationListDer::pem_file_iter(path)
+                    .map_err(|e| file_err(format!("cannot read the revocation list: {e}")))?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| file_err(format!("not a revocation list: {e}")))?
+            }
+            None => Vec::new(),
+        };
+        let revoked = crls
+            .iter()
+            .filter_map(|c| {
+                x509_parser::parse_x509_crl(c)
+                    .ok()
+                    .map(|(_, l)| l.iter_revoked_certificates().count())
+            })
+            .sum();
+        let client = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+            .with_crls(crls.clone())
+            .only_check_end_entity_revocation()
+            .allow_unknown_revocation_status()
+            .build()
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        let server = WebPkiServerVerifier::builder_with_provider(roots.clone(), provider())
+            .with_crls(crls)
+            .only_check_end_entity_revocation()
+            .allow_unknown_revocation_status()
+            .build()
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        Ok(Verifiers {
+            client,
+            server,
+            revoked,
+        })
+    }
+
+    /// Re-reads the revocation list; returns how many certificates it revokes. On an error
+    /// the list in force stays.
+    pub fn reload(&self) -> Result<usize, TlsError> {
+        let fresh = Self::verifiers(&self.roots, self.crl.as_deref())?;
+        let revoked = fresh.revoked;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        Ok(revoked)
+    }
+
+    fn client(&self) -> Arc<dyn rustls::server::danger::ClientCertVerifier> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .client
+            .clone()
+    }
+
+    fn server(&self) -> Arc<WebPkiServerVerifier> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .server
+            .clone()
+    }
+}
+
+/// The client-certificate check of a server: the trust store's current one.
+#[derive(Debug)]
+struct FleetClientVerifier(Arc<TrustStore>);
+
+impl rustls::server::danger::ClientCertVerifier for FleetClientVerifier {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        // Fixed for the process's life (the roots never change): the first verifier's.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        self.0
+            .client()
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.client().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.client().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.client().supported_verify_schemes()
+    }
+}
+
 /// A loaded identity: the fleet CA roots, this process's certificate chain and key.
 #[derive(Clone)]
 pub struct LocalIdentity {
     roots: Arc<RootCertStore>,
+    trust: Arc<TrustStore>,
     chain: Vec<CertificateDer<'static>>,
     key: Arc<PrivateKeyDer<'static>>,
     identity: PeerIdentity,
@@ -154,7 +304,9 @@ impl LocalIdentity {
         }
         let key = PrivateKeyDer::from_pem_file(&files.key)
             .map_err(|e| file_err(&files.key, format!("no usable private key: {e}")))?;
+        let trust = Arc::new(TrustStore::new(roots.clone(), files.crl.clone())?);
         Ok(LocalIdentity {
+            trust,
             roots,
             chain,
             key: Arc::new(key),
@@ -172,11 +324,15 @@ impl LocalIdentity {
         self.roots.clone()
     }
 
-    /// A server configuration that requires a client certificate signed by the fleet CA.
+    /// What this identity trusts (reload its revocation list on SIGHUP).
+    pub fn trust(&self) -> Arc<TrustStore> {
+        self.trust.clone()
+    }
+
+    /// A server configuration that requires a client certificate signed by the fleet CA and
+    /// not revoked.
     pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
-            .build()
-            .map_err(|e| TlsError::Config(e.to_string()))?;
+        let verifier = Arc::new(FleetClientVerifier(self.trust.clone()));
         let mut config = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::Config(e.to_string()))?
@@ -189,7 +345,7 @@ impl LocalIdentity {
 
     /// A client configuration presenting this identity, accepting only servers of `role`.
     pub fn client_config(&self, role: Role) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-        client_config(self.roots.clone(), Some(self), role)
+        client_config_with(self.trust.clone(), Some(self), role)
     }
 }
 
@@ -200,15 +356,24 @@ pub fn client_config(
     identity: Option<&LocalIdentity>,
     server_role: Role,
 ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-    let inner = WebPkiServerVerifier::builder_with_provider(roots, provider())
-        .build()
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let trust = match identity {
+        Some(id) => id.trust.clone(),
+        None => Arc::new(TrustStore::new(roots, None)?),
+    };
+    client_config_with(trust, identity, server_role)
+}
+
+fn client_config_with(
+    trust: Arc<TrustStore>,
+    identity: Option<&LocalIdentity>,
+    server_role: Role,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(FleetServerVerifier {
-            inner,
+            trust,
             role: server_role,
         }));
     let mut config = match identity {
@@ -256,7 +421,7 @@ impl std::fmt::Debug for PeerMismatch {
 /// subject names exactly that peer with the expected role.
 #[derive(Debug)]
 struct FleetServerVerifier {
-    inner: Arc<WebPkiServerVerifier>,
+    trust: Arc<TrustStore>,
     role: Role,
 }
 
@@ -273,7 +438,7 @@ impl ServerCertVerifier for FleetServerVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.inner.verify_server_cert(
+        self.trust.server().verify_server_cert(
             end_entity,
             intermediates,
             server_name,
@@ -303,7 +468,9 @@ impl ServerCertVerifier for FleetServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        self.trust
+            .server()
+            .verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -312,11 +479,13 @@ impl ServerCertVerifier for FleetServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        self.trust
+            .server()
+            .verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.trust.server().supported_verify_schemes()
     }
 }
 
@@ -472,18 +641,36 @@ pub fn require_role<T>(
     Ok(who)
 }
 
-/// A tonic interceptor admitting only callers of one role (used for the Agent API).
-#[derive(Debug, Clone, Copy)]
+/// A tonic interceptor admitting only callers of one role (used for the Agent API), and, when
+/// `names` is set, only those certificate names of it (an agent accepts only the
+/// orchestrator(s) its configuration lists).
+#[derive(Debug, Clone)]
 pub struct RoleGate {
     /// The only role admitted.
     pub allowed: Role,
     /// The API's name, for messages.
     pub api: &'static str,
+    /// The names admitted; empty: any name of the role.
+    pub names: Arc<Vec<String>>,
 }
 
 impl tonic::service::Interceptor for RoleGate {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        require_role(&request, self.allowed, self.api)?;
+        let who = require_role(&request, self.allowed, self.api)?;
+        if !self.names.is_empty() && !self.names.contains(&who.name) {
+            tracing::warn!(caller = %who, api = self.api, "refused a call: not a listed name");
+            return Err(Status::permission_denied(format!(
+                "certificate {who} may not call the {api}: it accepts only {role} {names}",
+                api = self.api,
+                role = self.allowed,
+                names = self
+                    .names
+                    .iter()
+                    .map(|n| format!("'{n}'"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
         Ok(request)
     }
 }

@@ -64,6 +64,7 @@ impl TestPki {
             ca: self.ca_path(),
             cert,
             key,
+            crl: None,
         }
     }
 
@@ -168,6 +169,7 @@ pub fn agent_config(tls: TlsFiles, dir: &Path, services: Vec<ServiceCommands>) -
         config_set: ConfigSetConfig::default(),
         network: NetworkConfig::default(),
         bluemind_api: Default::default(),
+        orchestrators: vec!["orchestrator".into()],
     }
 }
 

@@ -191,7 +191,7 @@ impl Pair {
         hostile.listen = "127.0.0.1:0".parse().unwrap();
         configure(&mut hostile);
         let agent = serve_agent(hostile).await;
-        let orch = self.pki.issue("orchestrator-2", Role::Orchestrator);
+        let orch = self.pki.issue("orchestrator", Role::Orchestrator);
         let mut client = bmfleet_tests::agent_client(
             &self.pki.ca_path(),
             Some(&orch),

@@ -22,6 +22,7 @@ fn files(pki: &Path, name: &str) -> TlsFiles {
         ca: pki.join("ca.pem"),
         cert: pki.join(format!("{name}.pem")),
         key: pki.join(format!("{name}-key.pem")),
+        crl: None,
     }
 }
 

@@ -2,7 +2,8 @@
 
 use bmfleet_proto::error_chain::describe_status;
 use bmfleet_proto::identity::Role;
-use bmfleet_proto::tls::{connect, LocalIdentity};
+use bmfleet_proto::tls::{connect, LocalIdentity, TlsFiles};
+use bmfleet_proto::v1::agent_client::AgentClient;
 use bmfleet_proto::v1::fleet_client::FleetClient;
 use bmfleet_proto::v1::{FactsRequest, StatusRequest};
 use bmfleet_tests::{agent_client, agent_config, serve_agent, serve_orchestrator, TestPki};
@@ -292,5 +293,154 @@ async fn fleet_api_refuses_an_agent_certificate_and_audits_it() {
     assert!(
         db_size < 4_000_000,
         "the state database grew to {db_size} bytes"
+    );
+}
+
+#[tokio::test]
+async fn agent_obeys_only_the_orchestrator_names_it_lists() {
+    let f = agent_named("origin-1").await;
+    // Signed by the fleet CA, role orchestrator, but not the name the agent lists.
+    let rogue = f.pki.issue("orchestrator-rogue", Role::Orchestrator);
+    let mut client = agent_client(
+        &f.pki.ca_path(),
+        Some(&rogue),
+        Role::Orchestrator,
+        f.agent.addr,
+        "origin-1",
+    );
+    let e = client.facts(FactsRequest::default()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    assert!(
+        e.message()
+            .contains("'orchestrator-rogue' (role orchestrator) may not call the Agent API: it accepts only orchestrator 'orchestrator'"),
+        "{}",
+        e.message()
+    );
+}
+
+/// A PKI made by the real `bmctl fleet pki`, as operators make it.
+fn bmctl_pki(dir: &std::path::Path, names: &[(&str, &str)]) -> std::path::PathBuf {
+    let pki = dir.join("pki");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(bmfleet_tests::binary("bmctl"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let p = pki.to_str().unwrap();
+    run(&["fleet", "pki", "init", "--dir", p]);
+    for (name, role) in names {
+        run(&[
+            "fleet", "pki", "issue", "--dir", p, "--name", name, "--role", role,
+        ]);
+    }
+    pki
+}
+
+fn pki_files(pki: &std::path::Path, name: &str) -> TlsFiles {
+    TlsFiles {
+        ca: pki.join("ca.pem"),
+        cert: pki.join(format!("{name}.pem")),
+        key: pki.join(format!("{name}-key.pem")),
+        crl: Some(pki.join("crl.pem")),
+    }
+}
+
+#[tokio::test]
+async fn a_revoked_certificate_is_refused_after_a_reload_and_says_so() {
+    bmfleet_proto::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = bmctl_pki(
+        dir.path(),
+        &[("orchestrator", "orchestrator"), ("origin-1", "agent")],
+    );
+    let agent = serve_agent(agent_config(
+        pki_files(&pki, "origin-1"),
+        &dir.path().join("agent"),
+        vec![],
+    ))
+    .await;
+    let call = || {
+        let mut client = agent_client(
+            &pki.join("ca.pem"),
+            Some(&pki_files(&pki, "orchestrator")),
+            Role::Orchestrator,
+            agent.addr,
+            "origin-1",
+        );
+        async move { client.facts(FactsRequest::default()).await }
+    };
+    call().await.expect("valid before the revocation");
+    let out = std::process::Command::new(bmfleet_tests::binary("bmctl"))
+        .args([
+            "fleet",
+            "pki",
+            "revoke",
+            "--dir",
+            pki.to_str().unwrap(),
+            "--name",
+            "orchestrator",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The agent reads the list again on SIGHUP.
+    nix::sys::signal::raise(nix::sys::signal::Signal::SIGHUP).unwrap();
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    let refusal = loop {
+        match call().await {
+            Err(e) => break bmfleet_proto::error_chain::describe_status(&e),
+            Ok(_) if std::time::Instant::now() < until => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Ok(_) => panic!("the revoked certificate is still accepted"),
+        }
+    };
+    assert!(refusal.contains("it has been revoked"), "{refusal}");
+
+    // And a client with the list refuses a revoked server.
+    let out = std::process::Command::new(bmfleet_tests::binary("bmctl"))
+        .args([
+            "fleet",
+            "pki",
+            "revoke",
+            "--dir",
+            pki.to_str().unwrap(),
+            "--name",
+            "origin-1",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let orchestrator_files = TlsFiles {
+        cert: pki.join("orchestrator.pem"),
+        key: pki.join("orchestrator-key.pem"),
+        ..pki_files(&pki, "origin-1")
+    };
+    let orchestrator = LocalIdentity::load(&orchestrator_files, Role::Orchestrator).unwrap();
+    let channel = connect(
+        &agent.addr.to_string(),
+        "origin-1",
+        orchestrator.client_config(Role::Agent).unwrap(),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let e = AgentClient::new(channel)
+        .facts(FactsRequest::default())
+        .await
+        .unwrap_err();
+    let text = bmfleet_proto::error_chain::describe_status(&e);
+    assert!(
+        text.contains("we refused the peer's certificate: it has been revoked"),
+        "{text}"
     );
 }

@@ -42,8 +42,11 @@ fn pki_init_and_issue_write_0600_keys_and_never_overwrite() {
     let p = pki.to_str().unwrap();
     let out = bmctl(&["fleet", "pki", "init", "--dir", p], &[]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(mode(&pki.join("ca-key.pem")), 0o600);
-    let ca_key = std::fs::read(pki.join("ca-key.pem")).unwrap();
+    // The CA key lives apart from the issued keys.
+    assert_eq!(mode(&pki.join("private")), 0o700);
+    assert_eq!(mode(&pki.join("private/ca-key.pem")), 0o600);
+    assert!(!pki.join("ca-key.pem").exists());
+    let ca_key = std::fs::read(pki.join("private/ca-key.pem")).unwrap();
 
     let again = bmctl(&["fleet", "pki", "init", "--dir", p], &[]);
     assert!(!again.status.success());
@@ -52,7 +55,10 @@ fn pki_init_and_issue_write_0600_keys_and_never_overwrite() {
         "{}",
         text(&again.stderr)
     );
-    assert_eq!(std::fs::read(pki.join("ca-key.pem")).unwrap(), ca_key);
+    assert_eq!(
+        std::fs::read(pki.join("private/ca-key.pem")).unwrap(),
+        ca_key
+    );
 
     issue(
         &pki,
@@ -230,6 +236,13 @@ address = "127.0.0.1:{p2}"
         assert_eq!(a["postgresql_version"], "15.18");
         assert!(a["last_seen_unix_ms"].as_i64().unwrap() > 0);
     }
+    // State is readable by its owner only.
+    assert_eq!(mode(&dir.path().join("state/orchestrator.db")), 0o600);
+    assert_eq!(mode(&dir.path().join("origin-1/state")), 0o700);
+    assert_eq!(
+        mode(&dir.path().join("origin-1/state/operations.db")),
+        0o600
+    );
     // The first check measured the spool: one message of 22 bytes on origin-1.
     let cyrus = &agents[0]["data_dirs"][0];
     assert_eq!(cyrus["path"], "/var/spool/cyrus");
