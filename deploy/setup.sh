@@ -11,6 +11,8 @@ packages=(
   openssh-server   # the manual procedure's transport, for the side-by-side benchmark
   openssh-client
   procps
+  attr             # setfattr/getfattr: the tests' extended attributes
+  acl              # setfacl/getfacl: the tests' POSIX ACLs
   tzdata           # maintenance windows in IANA time zones
   prometheus       # promtool (rules, metrics checks) and a real Prometheus for the tests
   gcc              # rusqlite builds SQLite from source

@@ -200,7 +200,7 @@ pub async fn install(
         .map_err(|e| format!("cannot write the install list: {e}"))?;
     let argv: Vec<String> = vec![
         config.data_plane.rsync.clone(),
-        "-a".into(),
+        "-aAX".into(),
         "--checksum".into(),
         "--no-implied-dirs".into(),
         "--chmod=u-s,g-s".into(),

@@ -2,7 +2,9 @@
 //! dir, over every entry's relative path, kind, mode, owner, size and content (or link target),
 //! in path order — equal manifests mean equal trees. With a `content_since` time, regular
 //! files carry their modification time (to the ns) and only those modified since then are
-//! read: a stat per entry instead of reading the whole tree while services are down.
+//! read: a stat per entry instead of reading the whole tree while services are down. Extended
+//! attributes (POSIX ACLs included: `system.posix_acl_*`) are part of every entry. Contents
+//! are hashed as they are read, in constant memory.
 
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
@@ -44,6 +46,7 @@ pub fn of_dir(
             // does not keep it): not part of the manifest.
             let size = if meta.is_dir() { 0 } else { meta.len() };
             let mut attributes = format!("{:o} {} {} {size}", meta.mode(), meta.uid(), meta.gid());
+            attributes += &xattrs(entry.path())?;
             let mtime_ms = meta.mtime() * 1000 + meta.mtime_nsec() / 1_000_000;
             if content_since_ms > 0 && meta.is_file() {
                 attributes += &format!(" {}.{:09}", meta.mtime(), meta.mtime_nsec());
@@ -55,9 +58,7 @@ pub fn of_dir(
             } else if meta.is_file() {
                 manifest.bytes += meta.len();
                 if content_since_ms == 0 || mtime_ms >= content_since_ms {
-                    let content = std::fs::read(entry.path())
-                        .map_err(|e| format!("{}: {e}", entry.path().display()))?;
-                    Sha256::digest(&content).to_vec()
+                    content_digest(entry.path())?
                 } else {
                     b"not read".to_vec()
                 }
@@ -77,6 +78,54 @@ pub fn of_dir(
     }
     manifest.checksum = sum.finalize().iter().map(|b| format!("{b:02x}")).collect();
     Ok(manifest)
+}
+
+/// The SHA-256 of a file's content, read a block at a time.
+pub fn content_digest(path: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let err = |e: std::io::Error| format!("{}: {e}", path.display());
+    let mut file = std::fs::File::open(path).map_err(err)?;
+    let mut hasher = Sha256::new();
+    let mut block = vec![0u8; 1 << 20];
+    loop {
+        match file.read(&mut block) {
+            Ok(0) => break,
+            Ok(n) => hasher.update(&block[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(err(e)),
+        }
+    }
+    Ok(hasher.finalize().to_vec())
+}
+
+/// An entry's extended attributes (of the entry itself, not a symlink's target), sorted:
+/// ` xattr:NAME=HEXVALUE` each; empty when it has none or the filesystem keeps none. The
+/// `user.` and `trusted.` namespaces and POSIX ACLs travel with rsync -X -A; `security.`
+/// labels are the receiving system's own (its policy relabels) and are left out.
+fn xattrs(path: &Path) -> Result<String, String> {
+    let names = match xattr::list(path) {
+        Ok(n) => n,
+        Err(e) if e.raw_os_error() == Some(nix::libc::ENOTSUP) => return Ok(String::new()),
+        Err(e) => return Err(format!("{}: extended attributes: {e}", path.display())),
+    };
+    let mut names: Vec<_> = names
+        .filter(|n| {
+            let n = n.to_string_lossy();
+            n.starts_with("user.")
+                || n.starts_with("trusted.")
+                || n.starts_with("system.posix_acl_")
+        })
+        .collect();
+    names.sort();
+    let mut out = String::new();
+    for name in names {
+        let value = xattr::get(path, &name)
+            .map_err(|e| format!("{}: {}: {e}", path.display(), name.to_string_lossy()))?
+            .unwrap_or_default();
+        let hex: String = value.iter().map(|b| format!("{b:02x}")).collect();
+        out += &format!(" xattr:{}={hex}", name.to_string_lossy());
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -112,6 +161,27 @@ mod tests {
         assert_eq!(m(a.path()), m(b.path()));
         std::fs::write(b.path().join("user/alice/1."), b"hellO").unwrap();
         assert_ne!(m(a.path()).checksum, m(b.path()).checksum);
+    }
+
+    #[test]
+    fn extended_attributes_and_contents_read_in_blocks_are_covered() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        for root in [a.path(), b.path()] {
+            // Bigger than one read block.
+            std::fs::write(root.join("big"), vec![7u8; 3 << 20]).unwrap();
+            xattr::set(root.join("big"), "user.bmfleet", b"one").unwrap();
+        }
+        let m = |p: &Path| of_dir("/var/spool/cyrus", p, &[], true, 0).unwrap();
+        assert_eq!(m(a.path()).checksum, m(b.path()).checksum);
+        assert!(m(a.path()).entries[0].contains("xattr:user.bmfleet=6f6e65"));
+        xattr::set(b.path().join("big"), "user.bmfleet", b"two").unwrap();
+        assert_ne!(m(a.path()).checksum, m(b.path()).checksum);
+        xattr::remove(b.path().join("big"), "user.bmfleet").unwrap();
+        assert_ne!(m(a.path()).checksum, m(b.path()).checksum);
+        assert_eq!(
+            content_digest(&a.path().join("big")).unwrap(),
+            Sha256::digest(vec![7u8; 3 << 20]).to_vec()
+        );
     }
 
     #[test]

@@ -95,14 +95,14 @@ pub fn rsync_through_tunnel(
     Ok(RsyncRun { command })
 }
 
-/// The options of a data-dir pass: archive with hard links, deletions, owners mapped by
-/// name (no --numeric-ids), partial files kept aside, itemized output and statistics.
+/// The options of a data-dir pass: archive with hard links, POSIX ACLs, extended attributes
+/// and sparse files kept sparse, deletions, owners mapped by name (no --numeric-ids), partial files kept aside, itemized output and statistics.
 /// `--modify-window=-1` compares modification times to the nanosecond: a file rewritten
 /// with the same size within the second of the previous pass (a cyrus index after a flag
 /// change) is not skipped.
 pub fn pass_options(bwlimit_kib: u32) -> Vec<String> {
     let mut options: Vec<String> = [
-        "-aH",
+        "-aHAXS",
         "--delete",
         "--modify-window=-1",
         "--partial-dir",

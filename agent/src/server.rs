@@ -502,7 +502,7 @@ async fn copy_config(config: &AgentConfig, origin: &OriginEndpoint) -> CopyConfi
         Err(e) => return failed(format!("cannot make the config staging dir: {e}")),
     };
     let options: Vec<String> = [
-        "-a",
+        "-aAX",
         "-r",
         "-R",
         "--files-from=:bmfleet-config-set",

@@ -39,8 +39,11 @@ fn alert_metrics() -> Vec<String> {
 
 #[test]
 fn prometheus_sees_the_migration_the_dashboard_and_the_alerts_need() {
+    // Databases big enough that each downtime spans several scrapes (a ~1 s downtime could
+    // fall between two 1 s scrapes and never show as down).
     let fleet = LabFleet::build(LabParams {
         pairs: 2,
+        db_rows: 100_000,
         ..LabParams::default()
     });
     let config = fleet.dir().join("prometheus.yml");
