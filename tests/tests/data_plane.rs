@@ -441,6 +441,94 @@ async fn a_pull_makes_identical_trees_and_the_next_moves_only_the_changes() {
     assert_eq!(replayed.stats, Some(stats));
 }
 
+fn run(program: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e} (deploy/setup.sh installs it)"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn xattrs_acls_and_sparse_files_arrive_and_the_manifest_sees_them() {
+    let mut p = Pair::new(None, None).await;
+    let user = spool(&p.origin_root()).join("data/user/alice");
+    write(&user.join("1."), b"Subject: tagged\r\n\r\nhello\r\n", 0o600);
+    let mail = user.join("1.");
+    let mail = mail.to_str().unwrap();
+    run("setfattr", &["-n", "user.bmfleet.flag", "-v", "seen", mail]);
+    run("setfacl", &["-m", "u:nobody:r", mail]);
+    let shared = spool(&p.origin_root()).join("data/user/shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    run(
+        "setfacl",
+        &["-d", "-m", "u:nobody:rwx", shared.to_str().unwrap()],
+    );
+    // 64 MiB apparent, 4 KiB of data.
+    let sparse = spool(&p.origin_root()).join("data/index.sparse");
+    {
+        let f = std::fs::File::create(&sparse).unwrap();
+        f.set_len(64 << 20).unwrap();
+        use std::os::unix::fs::FileExt;
+        f.write_at(&[1u8; 4096], 32 << 20).unwrap();
+    }
+    p.grant("grant-0012-attributes", "target-1", &[SPOOL], 600_000)
+        .await;
+    let (event, _) = p
+        .pull("m1/hot/attributes", "grant-0012-attributes", 0)
+        .await;
+    assert!(event.ok, "{event:?}");
+    let (origin_root, target_root) = (p.origin_root(), p.target_root());
+    let on_target = |path: &Path| {
+        target_root
+            .join(path.strip_prefix(&origin_root).unwrap())
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
+    let t_mail = on_target(Path::new(mail));
+    assert_eq!(
+        run(
+            "getfattr",
+            &["--only-values", "-n", "user.bmfleet.flag", &t_mail]
+        ),
+        "seen"
+    );
+    let acl = |path: &str| run("getfacl", &["-p", "--omit-header", "-n", path]);
+    assert_eq!(acl(&t_mail), acl(mail));
+    assert!(acl(&t_mail).contains("user:65534:r--"), "{}", acl(&t_mail));
+    let t_shared = on_target(&shared);
+    assert_eq!(acl(&t_shared), acl(shared.to_str().unwrap()));
+    assert!(acl(&t_shared).contains("default:user:65534:rwx"));
+    let t_sparse = std::fs::metadata(on_target(&sparse)).unwrap();
+    assert_eq!(t_sparse.len(), 64 << 20);
+    assert!(
+        t_sparse.blocks() * 512 < 1 << 20,
+        "the sparse file arrived with {} bytes on disk",
+        t_sparse.blocks() * 512
+    );
+    // The verification manifest covers them: equal now, different without the ACL.
+    let manifest = |root: &Path| {
+        bmfleet_agent::manifest::of_dir(
+            SPOOL,
+            &spool(root),
+            &[bmfleet_agent::pull::PARTIAL_DIR],
+            false,
+            0,
+        )
+        .unwrap()
+        .checksum
+    };
+    assert_eq!(manifest(&p.origin_root()), manifest(&p.target_root()));
+    run("setfacl", &["-b", &t_mail]);
+    assert_ne!(manifest(&p.origin_root()), manifest(&p.target_root()));
+}
+
 fn origin_rsync_servers(origin_root: &Path) -> usize {
     let needle = spool(origin_root)
         .canonicalize()
