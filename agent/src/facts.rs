@@ -52,6 +52,22 @@ pub async fn gather(config: &AgentConfig, agent_name: &str, measure_usage: bool)
                     .collect()
             })
             .unwrap_or_default(),
+        addresses: nix::ifaddrs::getifaddrs()
+            .map(|list| {
+                let mut all: Vec<String> = list
+                    .filter_map(|a| a.address)
+                    .filter_map(|a| {
+                        a.as_sockaddr_in()
+                            .map(|v4| v4.ip().to_string())
+                            .or_else(|| a.as_sockaddr_in6().map(|v6| v6.ip().to_string()))
+                    })
+                    .collect();
+                all.sort();
+                all.dedup();
+                all
+            })
+            .unwrap_or_default(),
+        served: crate::served::get(&config.state_dir).is_some(),
         spool_users: config
             .facts
             .spool_users

@@ -27,6 +27,7 @@ pub mod pg;
 pub mod post_migration;
 pub mod pull;
 pub mod rsync_args;
+pub mod served;
 pub mod server;
 pub mod services;
 pub mod tunnel;

@@ -10,10 +10,11 @@ use bmfleet_proto::identity::Role;
 use bmfleet_proto::tls::{accept_tls, bounded_server, LocalIdentity, Policy, RoleGate};
 use bmfleet_proto::v1::agent_server::{Agent, AgentServer};
 use bmfleet_proto::v1::{
-    CopyConfigReply, CopyConfigRequest, DumpFormat, FactsReply, FactsRequest, GrantReply,
-    GrantRequest, IpReply, IpRequest, ManifestReply, ManifestRequest, MoveDatabasesReply,
-    MoveDatabasesRequest, OriginEndpoint, PostMigrationReply, PostMigrationRequest, PullEvent,
-    PullRequest, RevokeGrantRequest, ServiceAction, ServicesReply, ServicesRequest,
+    ClearServedReply, ClearServedRequest, CopyConfigReply, CopyConfigRequest, DumpFormat,
+    FactsReply, FactsRequest, GrantReply, GrantRequest, IpReply, IpRequest, ManifestReply,
+    ManifestRequest, MoveDatabasesReply, MoveDatabasesRequest, OriginEndpoint, PostMigrationReply,
+    PostMigrationRequest, PullEvent, PullRequest, RevokeGrantRequest, ServiceAction, ServicesReply,
+    ServicesRequest,
 };
 use prost::Message;
 use tokio::net::TcpListener;
@@ -25,7 +26,7 @@ use crate::data_plane::DataPlane;
 use crate::grants::{Grant, GrantStore};
 use crate::metrics::{AgentMetrics, Outcome};
 use crate::operations::{once, Journal};
-use crate::{config_set, cutover, databases, facts, pull, services};
+use crate::{config_set, cutover, databases, facts, pull, served, services};
 
 /// File name of the agent's database (operation journal and grants) inside the state dir.
 pub const JOURNAL_FILE: &str = "operations.db";
@@ -183,6 +184,21 @@ impl Agent for AgentService {
         let kind = format!("services/{}", action.as_str_name());
         let run = async {
             tracing::info!(operation_id = %req.operation_id, action = action.as_str_name(), "services");
+            if action == ServiceAction::Start {
+                // From the first start on, this host may take mail: it is never synced into
+                // again without an operator's re-migration.
+                if let Err(e) = served::set(&self.config.state_dir, &req.operation_id, now_ms()) {
+                    return ServicesReply {
+                        commands: vec![bmfleet_proto::v1::CommandResult {
+                            service: "bmfleet".into(),
+                            exit_code: -1,
+                            error: format!("cannot record that this host serves: {e}"),
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    };
+                }
+            }
             services::run(&self.config.services, action).await
         };
         self.journaled(&req.operation_id, &kind, &req.encode_to_vec(), run)
@@ -278,6 +294,14 @@ impl Agent for AgentService {
             });
             let counted = metrics.clone();
             let run = async {
+                if let Err(error) = served::refuse_sync(&config.state_dir, "a pull") {
+                    counted.count("pull", Outcome::Refused);
+                    return PullEvent {
+                        done: true,
+                        error,
+                        ..Default::default()
+                    };
+                }
                 let running = counted.start("pull");
                 let event =
                     pull::pull(&config, &origin, &req.path, req.bwlimit_kib, &progress_tx).await;
@@ -322,13 +346,16 @@ impl Agent for AgentService {
         let req = request.into_inner();
         let origin = origin_of(req.origin.clone())?;
         let format = DumpFormat::try_from(req.format).unwrap_or(DumpFormat::Streamed);
-        let run = databases::move_databases(
-            &self.config,
-            self.tunnel_tls.clone(),
-            &origin,
-            format,
-            req.jobs,
-        );
+        let (config, tls) = (self.config.clone(), self.tunnel_tls.clone());
+        let run = async move {
+            if let Err(error) = served::refuse_sync(&config.state_dir, "moving databases") {
+                return MoveDatabasesReply {
+                    error,
+                    ..Default::default()
+                };
+            }
+            databases::move_databases(&config, tls, &origin, format, req.jobs).await
+        };
         self.journaled(
             &req.operation_id,
             "move_databases",
@@ -411,9 +438,34 @@ impl Agent for AgentService {
     ) -> Result<Response<CopyConfigReply>, Status> {
         let req = request.into_inner();
         let origin = origin_of(req.origin.clone())?;
-        let run = copy_config(&self.config, &origin);
+        let config = self.config.clone();
+        let run = async move {
+            if let Err(error) = served::refuse_sync(&config.state_dir, "copying the configuration")
+            {
+                return CopyConfigReply {
+                    error,
+                    ..Default::default()
+                };
+            }
+            copy_config(&config, &origin).await
+        };
         self.journaled(&req.operation_id, "copy_config", &req.encode_to_vec(), run)
             .await
+    }
+
+    async fn clear_served(
+        &self,
+        request: Request<ClearServedRequest>,
+    ) -> Result<Response<ClearServedReply>, Status> {
+        let req = request.into_inner();
+        let was = served::clear(&self.config.state_dir)
+            .map_err(|e| Status::internal(format!("cannot clear the served marker: {e}")))?;
+        tracing::warn!(operation_id = %req.operation_id, reason = %req.reason, was = ?was, "served marker cleared: this host may be synced into again");
+        Ok(Response::new(ClearServedReply {
+            was_set: was.is_some(),
+            since_unix_ms: was.as_ref().map_or(0, |m| m.since_ms),
+            set_by: was.map(|m| m.operation_id).unwrap_or_default(),
+        }))
     }
 }
 

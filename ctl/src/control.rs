@@ -8,8 +8,13 @@ use bmfleet_proto::v1::{ApplyRequest, ApproveRequest, EventsRequest, TargetReque
 use crate::status::utc;
 use crate::{Connection, Output};
 
-/// `bmctl fleet apply FILE`: checks the file locally (line and field on error), then applies it.
-pub async fn apply(connection: &Connection, file: &Path) -> anyhow::Result<()> {
+/// `bmctl fleet apply FILE [--remigrate INSTANCE]…`: checks the file locally (line and field
+/// on error), then applies it.
+pub async fn apply(
+    connection: &Connection,
+    file: &Path,
+    remigrate: Vec<String>,
+) -> anyhow::Result<()> {
     bmfleet_orchestrator::fleet::FleetFile::load(file)?;
     let text = std::fs::read_to_string(file)?;
     let mut client = connection.client()?;
@@ -17,6 +22,7 @@ pub async fn apply(connection: &Connection, file: &Path) -> anyhow::Result<()> {
         .call(client.apply(ApplyRequest {
             fleet_file: text,
             file_name: file.display().to_string(),
+            remigrate,
         }))
         .await?
         .into_inner();

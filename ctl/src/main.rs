@@ -58,6 +58,10 @@ enum FleetCommand {
         connection: Connection,
         /// The fleet file.
         file: PathBuf,
+        /// Migrate this instance again although its target already served (audited; its
+        /// preflight proves the origin serves and holds the service IP). Repeatable.
+        #[arg(long, value_name = "INSTANCE")]
+        remigrate: Vec<String>,
     },
     /// Hold one instance (or the whole fleet with --all): nothing new starts.
     Pause {
@@ -264,7 +268,11 @@ async fn main() -> ExitCode {
             connection,
             output,
         } => plan::run(&file, connection.complete(), output).await,
-        FleetCommand::Apply { connection, file } => control::apply(&connection, &file).await,
+        FleetCommand::Apply {
+            connection,
+            file,
+            remigrate,
+        } => control::apply(&connection, &file, remigrate).await,
         FleetCommand::Pause {
             connection,
             instance,

@@ -10,9 +10,9 @@ use std::sync::Arc;
 
 use bmfleet_proto::error_chain::describe_status;
 use bmfleet_proto::v1::{
-    CopyConfigRequest, DumpFormat, FactsRequest, GrantRequest, IpRequest, ManifestRequest,
-    MoveDatabasesRequest, OriginEndpoint, PostMigrationRequest, PullRequest, RevokeGrantRequest,
-    ServiceAction, ServicesRequest,
+    ClearServedRequest, CopyConfigRequest, DumpFormat, FactsRequest, GrantRequest, IpRequest,
+    ManifestRequest, MoveDatabasesRequest, OriginEndpoint, PostMigrationRequest, PullRequest,
+    RevokeGrantRequest, ServiceAction, ServicesRequest,
 };
 
 use crate::agents::{AgentHandle, AgentPool};
@@ -304,11 +304,69 @@ async fn preflight(origin: &AgentHandle, target: &AgentHandle, job: &Job) -> Res
             running.join(", ")
         ));
     }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(problems.join("; "))
+    let service_ip = job.instance.service_ip.to_string();
+    if job.instance.remigrate {
+        // Migrating onto a host that served: prove the direction first (the origin serves
+        // and holds the service IP, the target holds neither).
+        if !o.addresses.contains(&service_ip) {
+            problems.push(format!(
+                "--remigrate: the origin {} does not hold the service IP {service_ip}: it is \
+                 not the side that serves; check which host has the newest mail",
+                origin.name
+            ));
+        }
+        if t.addresses.contains(&service_ip) {
+            problems.push(format!(
+                "--remigrate: the target {} holds the service IP {service_ip}: it serves; \
+                 nothing is synced over a serving host",
+                target.name
+            ));
+        }
+        let origin_status = origin
+            .client
+            .clone()
+            .services(ServicesRequest {
+                operation_id: String::new(),
+                action: ServiceAction::Status.into(),
+            })
+            .await
+            .map_err(|s| format!("{}: {}", origin.name, describe_status(&s)))?
+            .into_inner();
+        if !origin_status.ok {
+            problems.push(format!(
+                "--remigrate: services do not all run on the origin {}: it is not the side \
+                 that serves",
+                origin.name
+            ));
+        }
+    } else if t.served {
+        problems.push(format!(
+            "the target {} has served since bmfleet started its services: it is never synced \
+             into again; `bmctl fleet apply --remigrate {}` migrates onto it after proving \
+             the direction",
+            target.name, job.instance.name
+        ));
     }
+    if !problems.is_empty() {
+        return Err(problems.join("; "));
+    }
+    if job.instance.remigrate && t.served {
+        let cleared = target
+            .client
+            .clone()
+            .clear_served(ClearServedRequest {
+                operation_id: job.operation_id.clone(),
+                reason: format!(
+                    "operator re-migration of {} from {}",
+                    job.instance.name, origin.name
+                ),
+            })
+            .await
+            .map_err(|s| format!("{}: {}", target.name, describe_status(&s)))?
+            .into_inner();
+        tracing::warn!(instance = %job.instance.name, target = %target.name, since = cleared.since_unix_ms, set_by = %cleared.set_by, "re-migration: the target's served marker was cleared");
+    }
+    Ok(())
 }
 
 /// What a step's grant lets the target take from the origin.

@@ -12,7 +12,27 @@ use crate::agents::AgentPool;
 use crate::clock::Clock;
 use crate::engine::{rules_for, AgentPort, Command, Engine};
 use crate::fleet::FleetFile;
-use crate::state::State;
+use crate::state::{AppliedChoices, State};
+
+/// A fleet file as applied: what runs, and why instances were left out.
+#[derive(Debug, Clone)]
+pub struct AppliedFleet {
+    /// The instances that run (re-migrations marked).
+    pub fleet: FleetFile,
+    /// One sentence per instance left out.
+    pub skipped: Vec<String>,
+}
+
+/// `fleet` without the skipped instances, the re-migrated ones marked.
+fn with_choices(mut fleet: FleetFile, choices: &AppliedChoices) -> FleetFile {
+    fleet
+        .instances
+        .retain(|i| !choices.skipped.contains(&i.name));
+    for i in &mut fleet.instances {
+        i.remigrate = choices.remigrate.contains(&i.name);
+    }
+    fleet
+}
 
 struct Applied {
     fleet: FleetFile,
@@ -43,6 +63,12 @@ pub enum ConductorError {
     /// The applied fleet's engine has stopped: every instance is finished.
     #[error("the applied fleet has finished: nothing left to command")]
     Finished,
+    /// Every instance of the file was migrated already: nothing would run.
+    #[error("nothing to migrate: {0}")]
+    AllMigrated(String),
+    /// `--remigrate` names an instance the file does not have.
+    #[error("--remigrate names {0}, which the fleet file does not have")]
+    UnknownRemigrate(String),
     /// Storage failed.
     #[error(transparent)]
     State(#[from] crate::state::StateError),
@@ -81,18 +107,27 @@ impl Conductor {
         self.applied.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Resumes the stored fleet, if any (after an orchestrator restart).
+    /// Resumes the stored fleet, if any (after an orchestrator restart), with the choices made
+    /// when it was applied.
     pub fn resume_stored(&self) -> Result<(), ConductorError> {
         if let Some(text) = self.state.fleet_file()? {
             let fleet = FleetFile::parse(&text, "stored fleet file")?;
+            let fleet = with_choices(fleet, &self.state.applied_choices()?);
             tracing::info!(migration = %fleet.policy.name, instances = fleet.instances.len(), "resuming the applied fleet");
             self.start(fleet)?;
         }
         Ok(())
     }
 
-    /// Checks and starts migrating a fleet file.
-    pub fn apply(&self, text: &str, file_name: &str) -> Result<FleetFile, ConductorError> {
+    /// Checks and starts migrating a fleet file. An instance whose target already served (its
+    /// last outcome Done or Failed, in whatever earlier apply) is left out and named in
+    /// `Applied::skipped`, unless `remigrate` names it.
+    pub fn apply(
+        &self,
+        text: &str,
+        file_name: &str,
+        remigrate: &[String],
+    ) -> Result<AppliedFleet, ConductorError> {
         let fleet = FleetFile::parse(text, file_name)?;
         let unknown: Vec<String> = fleet
             .instances
@@ -104,14 +139,52 @@ impl Conductor {
         if !unknown.is_empty() {
             return Err(ConductorError::UnknownAgents(unknown.join(", ")));
         }
+        if let Some(name) = remigrate
+            .iter()
+            .find(|r| !fleet.instances.iter().any(|i| &i.name == *r))
+        {
+            return Err(ConductorError::UnknownRemigrate(name.clone()));
+        }
         if let Some(current) = self.applied().as_ref() {
             if !current.task.is_finished() {
                 return Err(ConductorError::Busy(current.fleet.policy.name.clone()));
             }
         }
-        self.state.save_fleet_file(text, self.clock.now_ms())?;
+        let history = self.state.last_outcomes()?;
+        let skipped: Vec<(String, String)> = fleet
+            .instances
+            .iter()
+            .filter(|i| !remigrate.contains(&i.name))
+            .filter_map(|i| {
+                let h = history.iter().find(|h| {
+                    h.instance == i.name && (h.outcome == "Done" || h.outcome == "Failed")
+                })?;
+                Some((
+                    i.name.clone(),
+                    format!(
+                        "{} ({} from {} to {}, migration {}, at {} ms): its target has served; \
+                         `bmctl fleet apply --remigrate {}` migrates it again",
+                        i.name, h.outcome, h.origin, h.target, h.migration, h.at_ms, i.name
+                    ),
+                ))
+            })
+            .collect();
+        if skipped.len() == fleet.instances.len() {
+            let why: Vec<&str> = skipped.iter().map(|(_, why)| why.as_str()).collect();
+            return Err(ConductorError::AllMigrated(why.join("; ")));
+        }
+        let choices = AppliedChoices {
+            skipped: skipped.iter().map(|(n, _)| n.clone()).collect(),
+            remigrate: remigrate.to_vec(),
+        };
+        self.state
+            .save_fleet_file(text, &choices, self.clock.now_ms())?;
+        let fleet = with_choices(fleet, &choices);
         self.start(fleet.clone())?;
-        Ok(fleet)
+        Ok(AppliedFleet {
+            fleet,
+            skipped: skipped.into_iter().map(|(_, why)| why).collect(),
+        })
     }
 
     fn start(&self, fleet: FleetFile) -> Result<(), ConductorError> {

@@ -13,7 +13,7 @@ use crate::clock::Clock;
 use crate::fleet::{FleetFile, InstanceSpec};
 use crate::machine::{self, Action, Event, Instance, PassStats, Phase, Rules, Step};
 use crate::scheduler::{self, FleetState, Grant};
-use crate::state::{State, StateError};
+use crate::state::{HistoryEntry, State, StateError};
 
 /// One step for an agent to run.
 #[derive(Debug, Clone)]
@@ -262,6 +262,15 @@ impl Engine {
         let ended = outcome.instance.phase.is_final() && !self.instances[n].phase.is_final();
         self.instances[n] = outcome.instance;
         if ended {
+            self.store.record_outcome(&HistoryEntry {
+                at_ms: now,
+                migration: self.fleet.policy.name.clone(),
+                instance: spec.name.clone(),
+                outcome: format!("{:?}", self.instances[n].phase),
+                origin: spec.origin.clone(),
+                target: spec.target.clone(),
+                service_ip: spec.service_ip.to_string(),
+            })?;
             let end = self
                 .port
                 .end_instance(self.fleet.policy.name.clone(), spec.clone());

@@ -240,6 +240,9 @@ pub struct InstanceSpec {
     pub mynetworks: Option<String>,
     /// Data dirs synced besides BlueMind's own.
     pub extra_dirs: Vec<String>,
+    /// Migrated again on an operator's `--remigrate`: its preflight proves the direction and
+    /// clears the target's served marker. Never set by the file itself.
+    pub remigrate: bool,
     /// Expected sizes, for plans.
     pub estimate: Estimate,
 }
@@ -437,6 +440,7 @@ impl FleetFile {
                     .unwrap_or(policy.downtime_budget_secs),
                 mynetworks: r.mynetworks,
                 extra_dirs,
+                remigrate: false,
                 estimate: r.estimate,
             });
         }

@@ -65,9 +65,11 @@ fn refused(e: ConductorError) -> Status {
         ConductorError::Invalid(_)
         | ConductorError::UnknownAgents(_)
         | ConductorError::NoInstance(_) => Status::invalid_argument(e.to_string()),
-        ConductorError::Busy(_) | ConductorError::NoFleet | ConductorError::Finished => {
-            Status::failed_precondition(e.to_string())
-        }
+        ConductorError::UnknownRemigrate(_) => Status::invalid_argument(e.to_string()),
+        ConductorError::Busy(_)
+        | ConductorError::NoFleet
+        | ConductorError::Finished
+        | ConductorError::AllMigrated(_) => Status::failed_precondition(e.to_string()),
         ConductorError::State(_) => Status::internal(e.to_string()),
     }
 }
@@ -303,22 +305,28 @@ impl Fleet for FleetApi {
     ) -> Result<Response<CommandReply>, Status> {
         let req = request.get_ref();
         let arguments = format!(
-            "{{\"file\":{:?},\"bytes\":{}}}",
+            "{{\"file\":{:?},\"bytes\":{},\"remigrate\":{:?}}}",
             req.file_name,
-            req.fleet_file.len()
+            req.fleet_file.len(),
+            req.remigrate
         );
         self.audited(&request, "Apply", arguments, || {
-            let fleet = self
+            let applied = self
                 .conductor
-                .apply(&req.fleet_file, &req.file_name)
+                .apply(&req.fleet_file, &req.file_name, &req.remigrate)
                 .map_err(refused)?;
-            Ok(CommandReply {
-                detail: format!(
-                    "fleet {} applied: {} instances",
-                    fleet.policy.name,
-                    fleet.instances.len()
-                ),
-            })
+            let mut detail = format!(
+                "fleet {} applied: {} instances",
+                applied.fleet.policy.name,
+                applied.fleet.instances.len()
+            );
+            if !req.remigrate.is_empty() {
+                detail += &format!("; migrated again on request: {}", req.remigrate.join(", "));
+            }
+            for why in &applied.skipped {
+                detail += &format!("\nskipped {why}");
+            }
+            Ok(CommandReply { detail })
         })
     }
 

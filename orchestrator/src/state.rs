@@ -64,6 +64,34 @@ pub enum HealthCheck {
     Down(String),
 }
 
+/// What the operator chose when a fleet file was applied.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AppliedChoices {
+    /// Instances left out: their target already served.
+    pub skipped: Vec<String>,
+    /// Instances migrated again on purpose.
+    pub remigrate: Vec<String>,
+}
+
+/// One instance's outcome, kept across every later apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryEntry {
+    /// When, Unix ms.
+    pub at_ms: i64,
+    /// The migration (fleet) name.
+    pub migration: String,
+    /// The instance.
+    pub instance: String,
+    /// Done, RolledBack, Failed or Aborted.
+    pub outcome: String,
+    /// The origin agent.
+    pub origin: String,
+    /// The target agent.
+    pub target: String,
+    /// The service IP.
+    pub service_ip: String,
+}
+
 /// What an audited Fleet API call did.
 #[derive(Debug, Clone)]
 pub struct AuditRecord {
@@ -139,6 +167,21 @@ impl State {
                  event TEXT NOT NULL,
                  phase TEXT NOT NULL,
                  actions TEXT NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS applied_choices (
+                 id INTEGER PRIMARY KEY CHECK (id = 1),
+                 skipped TEXT NOT NULL,
+                 remigrate TEXT NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS history (
+                 id INTEGER PRIMARY KEY AUTOINCREMENT,
+                 at_ms INTEGER NOT NULL,
+                 migration TEXT NOT NULL,
+                 instance TEXT NOT NULL,
+                 outcome TEXT NOT NULL,
+                 origin TEXT NOT NULL,
+                 target TEXT NOT NULL,
+                 service_ip TEXT NOT NULL
              );
              CREATE TABLE IF NOT EXISTS audit (
                  id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -263,12 +306,23 @@ impl State {
 
     /// Stores a newly applied fleet file, replacing the previous one, and starts its
     /// instances afresh (the previous fleet's states go; its transitions stay, for history).
-    pub fn save_fleet_file(&self, text: &str, now_ms: i64) -> Result<(), StateError> {
+    pub fn save_fleet_file(
+        &self,
+        text: &str,
+        choices: &AppliedChoices,
+        now_ms: i64,
+    ) -> Result<(), StateError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(|e| self.err(e))?;
         tx.execute(
             "INSERT OR REPLACE INTO fleet_file (id, text, applied_ms) VALUES (1, ?1, ?2)",
             params![text, now_ms],
+        )
+        .map_err(|e| self.err(e))?;
+        let json = |v: &[String]| serde_json::to_string(v).unwrap_or_else(|_| "[]".into());
+        tx.execute(
+            "INSERT OR REPLACE INTO applied_choices (id, skipped, remigrate) VALUES (1, ?1, ?2)",
+            params![json(&choices.skipped), json(&choices.remigrate)],
         )
         .map_err(|e| self.err(e))?;
         tx.execute_batch("DELETE FROM instances; DELETE FROM fleet_state;")
@@ -282,6 +336,73 @@ impl State {
             .query_row("SELECT text FROM fleet_file WHERE id = 1", [], |r| r.get(0))
             .optional()
             .map_err(|e| self.err(e))
+    }
+
+    /// What the operator chose when the stored fleet file was applied.
+    pub fn applied_choices(&self) -> Result<AppliedChoices, StateError> {
+        let row: Option<(String, String)> = self
+            .conn()
+            .query_row(
+                "SELECT skipped, remigrate FROM applied_choices WHERE id = 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(|e| self.err(e))?;
+        let list = |j: &str| serde_json::from_str(j).unwrap_or_default();
+        Ok(row
+            .map(|(s, r)| AppliedChoices {
+                skipped: list(&s),
+                remigrate: list(&r),
+            })
+            .unwrap_or_default())
+    }
+
+    /// Records an instance's outcome in the migration history, which no apply ever clears.
+    pub fn record_outcome(&self, entry: &HistoryEntry) -> Result<(), StateError> {
+        self.conn()
+            .execute(
+                "INSERT INTO history (at_ms, migration, instance, outcome, origin, target, service_ip)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    entry.at_ms,
+                    entry.migration,
+                    entry.instance,
+                    entry.outcome,
+                    entry.origin,
+                    entry.target,
+                    entry.service_ip
+                ],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Every instance's latest recorded outcome.
+    pub fn last_outcomes(&self) -> Result<Vec<HistoryEntry>, StateError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT at_ms, migration, instance, outcome, origin, target, service_ip
+                 FROM history h WHERE id = (SELECT max(id) FROM history WHERE instance = h.instance)
+                 ORDER BY instance",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(HistoryEntry {
+                    at_ms: r.get(0)?,
+                    migration: r.get(1)?,
+                    instance: r.get(2)?,
+                    outcome: r.get(3)?,
+                    origin: r.get(4)?,
+                    target: r.get(5)?,
+                    service_ip: r.get(6)?,
+                })
+            })
+            .and_then(|rows| rows.collect())
+            .map_err(|e| self.err(e));
+        rows
     }
 
     /// The fleet-wide scheduler state.

@@ -380,6 +380,17 @@ impl LabFleet {
         start_orchestrator(&self.lab, self.dir.path());
     }
 
+    /// Kills the orchestrator and starts it again with an empty state database (a new
+    /// orchestrator that remembers nothing of earlier migrations).
+    pub fn restart_orchestrator_forgetting(&self) {
+        self.lab.kill_matching("orch", "bmfleet-orchestrator");
+        let state = self.dir.path().join("orchestrator");
+        for f in ["state.db", "state.db-wal", "state.db-shm"] {
+            let _ = std::fs::remove_file(state.join(f));
+        }
+        start_orchestrator(&self.lab, self.dir.path());
+    }
+
     /// Kills a host's agent (SIGKILL).
     pub fn kill_agent(&self, host: &str) {
         self.lab.kill_matching(host, "bmfleet-agent");

@@ -781,6 +781,74 @@ async fn an_agent_grants_and_receives_only_its_data_dirs() {
 }
 
 #[tokio::test]
+async fn a_target_that_served_refuses_every_sync_until_the_marker_is_cleared() {
+    let mut p = refusal_pair().await;
+    // Starting the target's services marks it: from then on it may take mail.
+    p.target
+        .services(bmfleet_proto::v1::ServicesRequest {
+            operation_id: "m1/mail-01/start-target/1".into(),
+            action: bmfleet_proto::v1::ServiceAction::Start.into(),
+        })
+        .await
+        .unwrap();
+    let facts = p
+        .target
+        .facts(bmfleet_proto::v1::FactsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(facts.served);
+    let (event, _) = p.pull("m1/hot/after-start", "grant-0004-refusals", 0).await;
+    assert!(!event.ok);
+    assert!(
+        event.error.contains("this host has served"),
+        "{}",
+        event.error
+    );
+    assert!(event.error.contains("start-target/1"), "{}", event.error);
+    assert!(!spool(&p.target_root()).join("data").exists());
+    let config = p
+        .target
+        .copy_config(CopyConfigRequest {
+            operation_id: "m1/config/after-start".into(),
+            origin: Some(p.endpoint("grant-0004-refusals")),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        !config.ok && config.error.contains("this host has served"),
+        "{config:?}"
+    );
+    let databases = p
+        .target
+        .move_databases(MoveDatabasesRequest {
+            operation_id: "m1/db/after-start".into(),
+            origin: Some(p.endpoint("grant-0004-refusals")),
+            format: DumpFormat::Streamed.into(),
+            jobs: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!databases.ok && databases.error.contains("this host has served"));
+    // An explicit clear (the orchestrator's re-migration) lets it be synced into again.
+    let cleared = p
+        .target
+        .clear_served(bmfleet_proto::v1::ClearServedRequest {
+            operation_id: "m1/mail-01/preflight/2".into(),
+            reason: "test".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(cleared.was_set);
+    assert_eq!(cleared.set_by, "m1/mail-01/start-target/1");
+    let (event, _) = p.pull("m1/hot/after-clear", "grant-0004-refusals", 0).await;
+    assert!(event.ok, "{event:?}");
+}
+
+#[tokio::test]
 async fn the_origin_refuses_dot_dot() {
     let p = refusal_pair().await;
     let reason = p

@@ -331,3 +331,107 @@ fn three_instances_migrate_with_no_mail_lost() {
         assert!(persisted.contains(&format!("address {}/24", service_ip(i))));
     }
 }
+
+/// A target that served is never synced over: not by re-applying the same file (the
+/// orchestrator remembers the outcome), not by an orchestrator that remembers nothing (the
+/// target agent keeps its own marker).
+#[test]
+fn a_served_target_is_never_overwritten_by_a_reapply_or_a_forgetful_orchestrator() {
+    let _one = one_lab();
+    let fleet = LabFleet::build(LabParams {
+        pairs: 1,
+        ..LabParams::default()
+    });
+    let outcomes = fleet.migrate(Duration::from_secs(300), |_| {}).unwrap();
+    assert_eq!(outcomes[0].phase, "Done", "{outcomes:?}");
+    // The target serves and takes new mail; then its services stop (maintenance), which
+    // is when a stale origin could be pulled over it.
+    let target = fleet.root("target-1");
+    let newest = target.join("var/spool/cyrus/data/user/alice/after-cutover.");
+    std::fs::write(&newest, b"Subject: newest\r\n\r\nonly on the target\r\n").unwrap();
+    for service in ["postfix", "bluemind"] {
+        assert!(fleet.service("target-1", service, "stop").status.success());
+    }
+    let spool = |root: &std::path::Path| {
+        let mut files: Vec<String> = walk(&root.join("var/spool/cyrus"));
+        files.sort();
+        files
+    };
+    let before = spool(&target);
+
+    // 1. The same file again: refused, nothing runs.
+    let refused = fleet.apply().unwrap_err();
+    assert!(refused.contains("nothing to migrate"), "{refused}");
+    assert!(
+        refused.contains("mail-1 (Done from origin-1 to target-1"),
+        "{refused}"
+    );
+    assert!(refused.contains("--remigrate mail-1"), "{refused}");
+
+    // 2. An orchestrator with a fresh database: the target agent refuses to be synced into.
+    fleet.restart_orchestrator_forgetting();
+    let outcomes = fleet.migrate(Duration::from_secs(300), |_| {}).unwrap();
+    assert_ne!(outcomes[0].phase, "Done", "{outcomes:?}");
+    assert!(
+        outcomes[0].last_error.contains("has served"),
+        "{:?}",
+        outcomes[0].last_error
+    );
+    assert_eq!(spool(&target), before, "the target's spool changed");
+    assert!(newest.exists());
+
+    // 3. An explicit re-migration must prove the direction: here the target holds the
+    // service IP and the origin does not, so it is refused, and the marker stays.
+    let file = fleet.dir().join("fleet.toml");
+    let out = fleet.bmctl(&[
+        "fleet",
+        "apply",
+        file.to_str().unwrap(),
+        "--remigrate",
+        "mail-1",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let outcomes = fleet.follow(Duration::from_secs(300), |_| {}).unwrap();
+    assert_ne!(outcomes[0].phase, "Done", "{outcomes:?}");
+    assert!(
+        outcomes[0]
+            .last_error
+            .contains("does not hold the service IP"),
+        "{:?}",
+        outcomes[0].last_error
+    );
+    assert_eq!(spool(&target), before, "the target's spool changed");
+    assert!(target.join("var/lib/bmfleet-agent/served.json").exists());
+    // The operator's act is in the audit log.
+    let audit =
+        String::from_utf8_lossy(&fleet.bmctl(&["fleet", "audit", "--output", "json"]).stdout)
+            .into_owned();
+    assert!(audit.contains(r#"\"remigrate\":[\"mail-1\"]"#), "{audit}");
+    assert_eq!(
+        fleet.valid_grants("origin-1", Duration::from_secs(10)),
+        Vec::<String>::new()
+    );
+}
+
+/// Every file below `dir` with its size and content digest.
+fn walk(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else if let Ok(content) = std::fs::read(&p) {
+            out.push(format!(
+                "{} {} {:x}",
+                p.display(),
+                content.len(),
+                content.iter().map(|b| *b as u64).sum::<u64>()
+            ));
+        }
+    }
+    out
+}

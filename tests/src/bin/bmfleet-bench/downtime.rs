@@ -206,6 +206,14 @@ impl AgentPort for ChurnAfterPreWindowPass {
             result
         })
     }
+
+    fn end_instance(
+        &self,
+        migration: String,
+        instance: bmfleet_orchestrator::fleet::InstanceSpec,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        self.agents.end_instance(migration, instance)
+    }
 }
 
 /// bmfleet's run on one pair.
@@ -301,7 +309,7 @@ fn bmfleet(fleet: &LabFleet, pair: usize, params: &Params) -> anyhow::Result<Bmf
                 churned: churned.clone(),
             });
             let conductor = Conductor::new(state.clone(), clock, port, &pool, metrics);
-            conductor.apply(&fleet_text(&instance, pair), "bench-fleet.toml")?;
+            conductor.apply(&fleet_text(&instance, pair), "bench-fleet.toml", &[])?;
             let deadline = Instant::now() + Duration::from_secs(3600);
             let finished = loop {
                 let stored = state.instances()?;

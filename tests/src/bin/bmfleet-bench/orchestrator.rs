@@ -67,7 +67,7 @@ fn bmctl_latency(
     let now = jiff::Timestamp::now().as_millisecond();
     {
         let store = Arc::new(State::open(&db)?);
-        store.save_fleet_file(text, now)?;
+        store.save_fleet_file(text, &Default::default(), now)?;
         let paused = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .start_paused(true)
