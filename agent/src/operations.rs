@@ -151,6 +151,14 @@ impl Journal {
         }
     }
 
+    /// Forgets an operation that left nothing to remember: its id may run again.
+    pub fn forget(&self, id: &str) -> Result<(), JournalError> {
+        self.conn()
+            .execute("DELETE FROM operations WHERE id = ?1", params![id])
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
     /// Stores the reply of a finished operation.
     pub fn finish(&self, id: &str, reply: &[u8], now_ms: i64) -> Result<(), JournalError> {
         self.conn()
@@ -179,6 +187,35 @@ where
     R: prost::Message + Default,
     F: std::future::Future<Output = R>,
 {
+    once_unless(
+        journal,
+        id,
+        kind,
+        encoded_request,
+        now_ms,
+        operation,
+        |_| false,
+    )
+    .await
+}
+
+/// [`once`], except that a reply for which `undone` holds is not kept: the operation left
+/// nothing to remember (a pull cancelled because its caller went away), so the identical
+/// request, sent again under the same id (an orchestrator re-attaching after a restart), runs
+/// it again instead of replaying a cancellation.
+pub async fn once_unless<R, F>(
+    journal: &Journal,
+    id: &str,
+    kind: &str,
+    encoded_request: &[u8],
+    now_ms: impl Fn() -> i64,
+    operation: F,
+    undone: impl Fn(&R) -> bool,
+) -> Result<(R, bool), tonic::Status>
+where
+    R: prost::Message + Default,
+    F: std::future::Future<Output = R>,
+{
     use tonic::Status;
     if id.is_empty() {
         return Err(Status::invalid_argument(format!(
@@ -195,9 +232,13 @@ where
     {
         Begin::Fresh => {
             let reply = operation.await;
-            journal
-                .finish(id, &reply.encode_to_vec(), now_ms())
-                .map_err(internal)?;
+            if undone(&reply) {
+                journal.forget(id).map_err(internal)?;
+            } else {
+                journal
+                    .finish(id, &reply.encode_to_vec(), now_ms())
+                    .map_err(internal)?;
+            }
             Ok((reply, false))
         }
         Begin::Done(bytes) => {
@@ -275,5 +316,39 @@ mod tests {
                 kind: "stop".into()
             }
         );
+    }
+
+    #[tokio::test]
+    async fn an_undone_operation_runs_again_under_the_same_id() {
+        use bmfleet_proto::v1::PullEvent;
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(&dir.path().join("j.db")).unwrap();
+        let cancelled = || async {
+            PullEvent {
+                error: "cancelled".into(),
+                ..Default::default()
+            }
+        };
+        let undone = |e: &PullEvent| e.error == "cancelled";
+        let (first, replayed) =
+            once_unless(&journal, "op-1", "pull", b"r", || 1, cancelled(), undone)
+                .await
+                .unwrap();
+        assert!(!replayed && first.error == "cancelled");
+        let done = || async {
+            PullEvent {
+                ok: true,
+                ..Default::default()
+            }
+        };
+        let (second, replayed) = once_unless(&journal, "op-1", "pull", b"r", || 2, done(), undone)
+            .await
+            .unwrap();
+        assert!(!replayed && second.ok, "it ran again");
+        let (third, replayed) =
+            once_unless(&journal, "op-1", "pull", b"r", || 3, cancelled(), undone)
+                .await
+                .unwrap();
+        assert!(replayed && third.ok, "a finished one is replayed");
     }
 }

@@ -39,6 +39,9 @@ pub mod env {
     pub const CRL: &str = "BMFLEET_TUNNEL_CRL";
 }
 
+/// The error of a pull whose caller went away (rsync was stopped).
+pub const CANCELLED: &str = "cancelled by the caller";
+
 /// An rsync run through the tunnel, as a command ready to spawn.
 pub struct RsyncRun {
     /// The command (stdout and stderr piped).
@@ -292,7 +295,7 @@ pub async fn pull(
                 exit_code: outcome.exit_code,
                 ok,
                 error: if outcome.cancelled {
-                    "cancelled by the caller".into()
+                    CANCELLED.into()
                 } else if ok {
                     String::new()
                 } else {

@@ -25,7 +25,7 @@ use crate::config::AgentConfig;
 use crate::data_plane::DataPlane;
 use crate::grants::{Grant, GrantStore};
 use crate::metrics::{AgentMetrics, Outcome};
-use crate::operations::{once, Journal};
+use crate::operations::{once, once_unless, Journal};
 use crate::{config_set, cutover, databases, facts, pull, served, services};
 
 /// File name of the agent's database (operation journal and grants) inside the state dir.
@@ -311,13 +311,16 @@ impl Agent for AgentService {
                 running.end(event.ok);
                 event
             };
-            let result = once(
+            // A pull cut short because its caller went away is not remembered: the caller's
+            // identical request (an orchestrator re-attaching after a restart) runs it again.
+            let result = once_unless(
                 &journal,
                 &req.operation_id,
                 "pull",
                 &req.encode_to_vec(),
                 now_ms,
                 run,
+                |event: &PullEvent| event.error == pull::CANCELLED,
             )
             .await;
             drop(progress_tx);

@@ -149,19 +149,24 @@ impl Engine {
                     .unwrap_or_default()
             })
             .collect();
-        let n = fleet.instances.len();
+        let state = store.fleet_state()?;
+        let bwlimit = fleet
+            .instances
+            .iter()
+            .map(|i| state.hot_pass_kib.get(&i.name).copied().unwrap_or(0))
+            .collect();
         let (results_tx, results_rx) = mpsc::unbounded_channel();
         Ok(Engine {
             fleet,
             instances,
-            state: store.fleet_state()?,
+            state,
             store,
             port,
             clock,
             rules,
             results_tx,
             results_rx,
-            bwlimit: vec![0; n],
+            bwlimit,
             observer: None,
             tick_ms: 30_000,
         })
@@ -341,6 +346,10 @@ impl Engine {
                 Grant::Begin(n) => (n, Event::Begin),
                 Grant::HotPass(n, kib) => {
                     self.bwlimit[n] = kib;
+                    // Persisted with the transition that starts the pass.
+                    self.state
+                        .hot_pass_kib
+                        .insert(self.fleet.instances[n].name.clone(), kib);
                     (n, Event::GrantHotPass)
                 }
                 Grant::ColdSync(n, end) => (n, Event::GrantColdSync { window_end_ms: end }),

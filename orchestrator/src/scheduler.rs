@@ -17,6 +17,10 @@ pub struct FleetState {
     pub approved: bool,
     /// When the last cold sync started, Unix ms.
     pub last_cold_start_ms: Option<i64>,
+    /// The bandwidth limit each instance's running hot pass was granted (KiB/s): a pass
+    /// re-attached after a restart is sent with the same limit, so it is the identical request.
+    #[serde(default)]
+    pub hot_pass_kib: std::collections::BTreeMap<String, u32>,
 }
 
 /// What the scheduler lets happen now.

@@ -148,6 +148,43 @@ fn an_orchestrator_killed_during_a_cold_sync_finishes_the_migration() {
 }
 
 #[test]
+fn an_orchestrator_killed_during_a_hot_pass_costs_no_attempt() {
+    let _one = one_lab();
+    let fleet = LabFleet::build(LabParams {
+        pairs: 1,
+        messages: 30_000,
+        ..LabParams::default()
+    });
+    fleet.apply().unwrap();
+    wait_for(&fleet, "a hot pass", |i| {
+        i["running"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|s| s == "hot-pass"))
+    });
+    // SIGKILL in the middle of the pass: the restarted engine re-sends the identical request
+    // under the same operation id, and the target answers it (the pass still running, or
+    // from its journal).
+    fleet.restart_orchestrator();
+    all_done(&fleet);
+    let events = String::from_utf8_lossy(
+        &fleet
+            .bmctl(&["fleet", "events", "mail-1", "--limit", "1000"])
+            .stdout,
+    )
+    .into_owned();
+    assert!(
+        !events.contains("\"Failed\""),
+        "a step failed across the restart:\n{events}"
+    );
+    assert!(
+        events.contains("{\"Succeeded\":{\"step\":\"HotPass\",\"attempt\":1,"),
+        "{events}"
+    );
+    let log = std::fs::read_to_string(fleet.dir().join("orchestrator.log")).unwrap();
+    assert!(log.contains("re-attaching"), "nothing was re-attached");
+}
+
+#[test]
 fn an_agent_killed_during_a_hot_pass_comes_back_and_the_migration_converges() {
     let _one = one_lab();
     let fleet = LabFleet::build(LabParams {
