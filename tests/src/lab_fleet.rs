@@ -644,6 +644,42 @@ fn seed_spool(root: &Path, messages: usize) {
     }
 }
 
+/// Files whose attributes a migration must keep, in the origin's spool: a message with a
+/// `user.` extended attribute and an access ACL, a mailbox dir with a default ACL, a sparse
+/// file (64 MiB apparent, 4 KiB of data). The final pass's manifest gate compares them.
+pub const ODD_FILES: [&str; 3] = [
+    "var/spool/cyrus/data/user/odd/1.",
+    "var/spool/cyrus/data/user/odd",
+    "var/spool/cyrus/data/odd.sparse",
+];
+
+fn seed_odd_files(root: &Path) {
+    let [mail, dir, sparse] = ODD_FILES.map(|f| root.join(f));
+    write(&mail, "Subject: odd\r\n\r\nattributes\r\n");
+    let run = |program: &str, args: &[&str]| {
+        let out = Command::new(program)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("{program}: {e} (deploy/setup.sh installs it)"));
+        assert!(
+            out.status.success(),
+            "{program} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let text = |p: &Path| p.to_str().expect("path").to_string();
+    run(
+        "setfattr",
+        &["-n", "user.bmfleet.flag", "-v", "seen", &text(&mail)],
+    );
+    run("setfacl", &["-m", "u:nobody:r", &text(&mail)]);
+    run("setfacl", &["-d", "-m", "u:nobody:rwx", &text(&dir)]);
+    let file = std::fs::File::create(&sparse).expect("sparse file");
+    file.set_len(64 << 20).expect("sparse file");
+    use std::os::unix::fs::FileExt;
+    file.write_at(&[1u8; 4096], 32 << 20).expect("sparse file");
+}
+
 /// What [`churn`] changed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Churn {
@@ -789,6 +825,7 @@ fn seed_host(
         write(&root.join(file), format!("{text}# {name}\n"));
     }
     seed_spool(root, params.messages);
+    seed_odd_files(root);
     write(&root.join("var/lib/cyrus/mailboxes.db"), vec![7u8; 4096]);
     write(
         &root.join("var/spool/sieve/alice/default.sieve"),

@@ -1,6 +1,7 @@
 //! Three BlueMind instances migrate in the network lab, end to end: real agents, rsync,
 //! PostgreSQL, iproute2 and arping, the BlueMind stand-ins, the orchestrator and bmctl.
 
+use std::os::unix::fs::MetadataExt;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -289,6 +290,32 @@ fn three_instances_migrate_with_no_mail_lost() {
                 "pair {i} {db}"
             );
         }
+        // Attributes arrived (the final pass's manifest gate compared them too).
+        let [mail, dir, sparse] = bmfleet_tests::lab_fleet::ODD_FILES;
+        let getfacl = |root: &std::path::Path, f: &str| {
+            let out = std::process::Command::new("getfacl")
+                .args(["-p", "--omit-header", "-n"])
+                .arg(root.join(f))
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        for f in [mail, dir] {
+            assert_eq!(getfacl(&origin, f), getfacl(&target, f), "pair {i}: {f}");
+        }
+        assert!(getfacl(&target, dir).contains("default:user:65534:rwx"));
+        let attr = std::process::Command::new("getfattr")
+            .args(["--only-values", "-n", "user.bmfleet.flag"])
+            .arg(target.join(mail))
+            .output()
+            .unwrap();
+        assert_eq!(attr.stdout, b"seen", "pair {i}");
+        let sparse = std::fs::metadata(target.join(sparse)).unwrap();
+        assert!(
+            sparse.len() == 64 << 20 && sparse.blocks() * 512 < 1 << 20,
+            "pair {i}: the sparse file has {} bytes on disk",
+            sparse.blocks() * 512
+        );
         // The API stand-in on the target received the three steps with the right bodies.
         let calls: Vec<serde_json::Value> =
             std::fs::read_to_string(target.join("var/log/standin-api.jsonl"))
