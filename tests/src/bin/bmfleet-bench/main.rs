@@ -4,8 +4,10 @@
 //! - `bmfleet-bench downtime [--files N] [--db-rows N] [--churn F]`: the manual procedure vs
 //!   bmfleet on two identical lab instances, with the physical floor and the tunnel's
 //!   throughput against rsync over ssh.
+//! - `bmfleet-bench manifest [--gib N]`: the agent's peak memory hashing an N GiB file.
 
 mod downtime;
+mod manifest;
 mod manual;
 mod orchestrator;
 
@@ -43,11 +45,18 @@ enum Bench {
         #[arg(long, default_value_t = 0.01)]
         churn: f64,
     },
+    /// Peak memory of the manifest hashing one big file (and of reading it whole).
+    Manifest {
+        /// The file's size, GiB.
+        #[arg(long, default_value_t = 4)]
+        gib: u64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     match Args::parse().command {
         Bench::Orchestrator { pairs, max_down } => orchestrator::run(pairs, max_down),
+        Bench::Manifest { gib } => manifest::run(gib),
         Bench::Downtime {
             files,
             db_rows,
