@@ -109,22 +109,18 @@ impl AgentService {
             path: config.state_dir.display().to_string(),
             source,
         })?;
-        let private = |path: &std::path::Path, mode: u32| {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(
-                |source| AgentError::StateDir {
-                    path: path.display().to_string(),
-                    source,
-                },
-            )
-        };
         // The agent's own state (journal, grants) is readable by root only.
-        private(&config.state_dir, 0o700)?;
+        let state_err = |path: &std::path::Path| {
+            let path = path.display().to_string();
+            move |source| AgentError::StateDir { path, source }
+        };
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(state_err(&config.state_dir))?;
+        }
         let db = config.state_dir.join(JOURNAL_FILE);
-        bmfleet_proto::private_file(&db).map_err(|source| AgentError::StateDir {
-            path: db.display().to_string(),
-            source,
-        })?;
+        bmfleet_proto::private_file(&db).map_err(state_err(&db))?;
         let journal = Journal::open(&db)?;
         let grants = GrantStore::open(&db)?;
         Ok(AgentService {

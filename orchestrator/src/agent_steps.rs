@@ -282,16 +282,7 @@ async fn preflight(origin: &AgentHandle, target: &AgentHandle, job: &Job) -> Res
             u.name
         ));
     }
-    let status = target
-        .client
-        .clone()
-        .services(ServicesRequest {
-            operation_id: String::new(),
-            action: ServiceAction::Status.into(),
-        })
-        .await
-        .map_err(|s| format!("{}: {}", target.name, describe_status(&s)))?
-        .into_inner();
+    let status = service_status(target).await?;
     let running: Vec<_> = status
         .commands
         .iter()
@@ -322,17 +313,7 @@ async fn preflight(origin: &AgentHandle, target: &AgentHandle, job: &Job) -> Res
                 target.name
             ));
         }
-        let origin_status = origin
-            .client
-            .clone()
-            .services(ServicesRequest {
-                operation_id: String::new(),
-                action: ServiceAction::Status.into(),
-            })
-            .await
-            .map_err(|s| format!("{}: {}", origin.name, describe_status(&s)))?
-            .into_inner();
-        if !origin_status.ok {
+        if !service_status(origin).await?.ok {
             problems.push(format!(
                 "--remigrate: services do not all run on the origin {}: it is not the side \
                  that serves",
@@ -367,6 +348,20 @@ async fn preflight(origin: &AgentHandle, target: &AgentHandle, job: &Job) -> Res
         tracing::warn!(instance = %job.instance.name, target = %target.name, since = cleared.since_unix_ms, set_by = %cleared.set_by, "re-migration: the target's served marker was cleared");
     }
     Ok(())
+}
+
+/// The services' status on `agent` (read-only: no operation id).
+async fn service_status(agent: &AgentHandle) -> Result<bmfleet_proto::v1::ServicesReply, String> {
+    agent
+        .client
+        .clone()
+        .services(ServicesRequest {
+            operation_id: String::new(),
+            action: ServiceAction::Status.into(),
+        })
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|s| format!("{}: {}", agent.name, describe_status(&s)))
 }
 
 /// What a step's grant lets the target take from the origin.
