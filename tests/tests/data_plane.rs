@@ -849,6 +849,46 @@ async fn a_target_that_served_refuses_every_sync_until_the_marker_is_cleared() {
 }
 
 #[tokio::test]
+async fn an_origin_runs_a_bounded_number_of_rsync_children_per_grant() {
+    let p = refusal_pair().await;
+    let rsync = || TunnelRequest::Rsync {
+        grant: "grant-0004-refusals".into(),
+        argv: format!("{PULL_ARGS} . {SPOOL}/")
+            .split(' ')
+            .map(str::to_string)
+            .collect(),
+    };
+    // A target holding transfers open (rsync waits for it): four per grant, then "busy".
+    let mut held = Vec::new();
+    for _ in 0..bmfleet_proto::admission::Limits::CHILDREN.max_per_peer {
+        held.push(
+            p.tunnel_as(&p.target_files, Role::Agent, rsync())
+                .await
+                .expect("admitted"),
+        );
+    }
+    match p.tunnel_as(&p.target_files, Role::Agent, rsync()).await {
+        Err(TunnelError::Refused { reason, .. }) => {
+            assert!(reason.contains("busy"), "{reason}")
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a fifth rsync child was started for one grant"),
+    }
+    // Each child is the origin's own rsync, with its own I/O timeout.
+    let children = origin_rsync_servers(&p.origin_root());
+    assert_eq!(children, held.len());
+    let with_timeout = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains("--sender") && c.contains("--timeout=600"))
+        .count();
+    assert!(with_timeout >= held.len(), "{with_timeout}");
+    drop(held);
+}
+
+#[tokio::test]
 async fn the_origin_refuses_dot_dot() {
     let p = refusal_pair().await;
     let reason = p
