@@ -195,12 +195,18 @@ impl DataPlane {
                 .map_err(|e| format!("cannot write the file list: {e}"))?;
             (vec![format!("{}/", root.display())], Some(list_file.path()))
         } else {
-            let paths = args
-                .paths
-                .iter()
-                .map(|p| grant.resolve(p, root))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| e.to_string())?;
+            let mut paths = Vec::new();
+            for p in &args.paths {
+                let resolved = grant.resolve(p, root).map_err(|e| e.to_string())?;
+                // Relative (one run for several dirs): the path below the data root, marked
+                // with rsync's `/./`, so that it arrives at the same BlueMind path; checked
+                // above, resolved (symlinks followed) inside the grant.
+                paths.push(if args.relative {
+                    format!("{}/.{p}", root.display().to_string().trim_end_matches('/'))
+                } else {
+                    resolved
+                });
+            }
             (paths, None)
         };
         let server_argv = args.server_argv(&host_paths, list);

@@ -2,7 +2,7 @@
 //! agents' tunnel (`-e "bmfleet-agent tunnel"`), with pass statistics read from rsync's own
 //! itemized output and `--stats`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -48,13 +48,14 @@ pub struct RsyncRun {
     pub command: Command,
 }
 
-/// Builds the rsync command that pulls `source` (an rsync source spec such as
-/// `origin:/var/spool/cyrus/`) into `dest`, with `extra` options, through the tunnel.
+/// Builds the rsync command that pulls `sources` (rsync source specs such as
+/// `origin:/var/spool/cyrus/`, then `:/var/lib/cyrus/` for more from the same origin) into
+/// `dest`, with `extra` options, through the tunnel.
 pub fn rsync_through_tunnel(
     config: &AgentConfig,
     origin: &OriginEndpoint,
     extra: &[String],
-    source: &str,
+    sources: &[String],
     dest: &str,
 ) -> Result<RsyncRun, String> {
     let program = match &config.data_plane.tunnel_program {
@@ -75,7 +76,7 @@ pub fn rsync_through_tunnel(
         .args(extra)
         .arg("-e")
         .arg(format!("{program} tunnel"))
-        .arg(source)
+        .args(sources)
         .arg(dest)
         .env(env::ADDRESS, &origin.address)
         .env(env::NAME, &origin.name)
@@ -251,7 +252,7 @@ pub async fn run_rsync(
     })
 }
 
-/// Where a BlueMind data dir lives on this host, as an rsync destination (trailing slash).
+/// Where a BlueMind data dir lives on this host (created when missing).
 pub fn destination(config: &AgentConfig, path: &str) -> Result<PathBuf, String> {
     let clean = crate::rsync_args::clean_absolute(path).map_err(|e| e.to_string())?;
     let dest = config.host_path(&clean);
@@ -259,11 +260,54 @@ pub fn destination(config: &AgentConfig, path: &str) -> Result<PathBuf, String> 
     Ok(dest)
 }
 
-/// One pass pulling `path` from the origin. The final event has `done` set.
+/// The attributes of the directories above the data dirs (`/var`, `/var/spool`…), taken before
+/// a pass and put back after it: the pass asks the origin not to send them
+/// (`--no-implied-dirs`), and a hostile origin that sends them anyway changes nothing there.
+struct Ancestors(Vec<(PathBuf, u32, u32, u32)>);
+
+impl Ancestors {
+    fn record(config: &AgentConfig, paths: &[String]) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        let mut seen = std::collections::BTreeSet::new();
+        for p in paths {
+            let mut dir = Path::new(p).parent();
+            while let Some(d) = dir.filter(|d| d.parent().is_some()) {
+                seen.insert(config.host_path(d));
+                dir = d.parent();
+            }
+        }
+        Ancestors(
+            seen.into_iter()
+                .filter_map(|d| {
+                    let m = d.symlink_metadata().ok()?;
+                    m.is_dir().then(|| (d, m.mode() & 0o7777, m.uid(), m.gid()))
+                })
+                .collect(),
+        )
+    }
+
+    fn restore(&self) {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        for (dir, mode, uid, gid) in &self.0 {
+            let Ok(now) = dir.symlink_metadata() else {
+                continue;
+            };
+            if (now.mode() & 0o7777, now.uid(), now.gid()) != (*mode, *uid, *gid) {
+                tracing::warn!(dir = %dir.display(), "the origin changed a directory above the data dirs: restored");
+                let _ = std::os::unix::fs::lchown(dir, Some(*uid), Some(*gid));
+                let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(*mode));
+            }
+        }
+    }
+}
+
+/// One pass pulling the data dirs `paths` from the origin in one rsync run (relative to the
+/// data root, so that hard links across dirs are kept and one tunnel serves them all). The
+/// final event has `done` set.
 pub async fn pull(
     config: &AgentConfig,
     origin: &OriginEndpoint,
-    path: &str,
+    paths: &[String],
     bwlimit_kib: u32,
     progress: &mpsc::Sender<PullEvent>,
 ) -> PullEvent {
@@ -273,18 +317,33 @@ pub async fn pull(
         error,
         ..Default::default()
     };
-    let dest = match destination(config, path) {
-        Ok(d) => d,
-        Err(e) => return failed(e),
-    };
-    let source = format!("origin:{}/", path.trim_end_matches('/'));
-    let dest = format!("{}/", dest.display());
-    let run = match rsync_through_tunnel(config, origin, &pass_options(bwlimit_kib), &source, &dest)
-    {
+    if paths.is_empty() {
+        return failed("no data dir to pull".into());
+    }
+    for path in paths {
+        if let Err(e) = destination(config, path) {
+            return failed(e);
+        }
+    }
+    let ancestors = Ancestors::record(config, paths);
+    let sources: Vec<String> = paths
+        .iter()
+        .enumerate()
+        .map(|(k, p)| {
+            let host = if k == 0 { "origin:" } else { ":" };
+            format!("{host}{}/", p.trim_end_matches('/'))
+        })
+        .collect();
+    let dest = format!("{}/", config.data_root.display());
+    let mut options = pass_options(bwlimit_kib);
+    options.extend(["-R".to_string(), "--no-implied-dirs".to_string()]);
+    let run = match rsync_through_tunnel(config, origin, &options, &sources, &dest) {
         Ok(r) => r,
         Err(e) => return failed(e),
     };
-    match run_rsync(run, progress).await {
+    let outcome = run_rsync(run, progress).await;
+    ancestors.restore();
+    match outcome {
         Err(e) => failed(e),
         Ok(outcome) => {
             // 24: some files vanished on the origin during the pass (it is live): not an error.

@@ -25,6 +25,7 @@ const ALLOWED_LONG: &[(&str, bool)] = &[
     ("--compress-level", true),
     ("--checksum-choice", true),
     ("--compress-choice", true),
+    ("--no-implied-dirs", false),
 ];
 
 /// rsync's I/O timeout on both ends of a transfer, seconds: a peer that stops sending for this
@@ -66,7 +67,7 @@ pub enum ArgError {
     #[error("refused: rsync would read {0:?} as a path (rsync then serves its working directory); only absolute paths after '.' are served")]
     Positional(String),
     /// A path that is not a clean absolute path.
-    #[error("refused: path {0:?} must be absolute, without '..', '\\\\' or NUL")]
+    #[error("refused: path {0:?} must be absolute, without '.', '..', '\\\\' or NUL")]
     Path(String),
 }
 
@@ -79,6 +80,9 @@ pub struct SenderArgs {
     pub paths: Vec<String>,
     /// `--files-from` named the configuration file set.
     pub config_set: bool,
+    /// `-R`: the paths are sent relative (with their directories), so the origin passes
+    /// them as `ROOT/./PATH`.
+    pub relative: bool,
 }
 
 impl SenderArgs {
@@ -122,6 +126,7 @@ pub fn parse_sender(argv: &[String]) -> Result<SenderArgs, ArgError> {
 fn parse_rest(rest: &[&str]) -> Result<SenderArgs, ArgError> {
     let mut options = Vec::new();
     let mut config_set = false;
+    let mut relative = false;
     let mut i = 0;
     while i < rest.len() && rest[i] != "." {
         let word = rest[i];
@@ -182,6 +187,7 @@ fn parse_rest(rest: &[&str]) -> Result<SenderArgs, ArgError> {
             if let Some(bad) = flags.chars().find(|c| !ALLOWED_FLAGS.contains(*c)) {
                 return Err(ArgError::Flag(bad));
             }
+            relative |= flags.contains('R');
             if let Some(bad) = capabilities
                 .unwrap_or("")
                 .chars()
@@ -211,21 +217,21 @@ fn parse_rest(rest: &[&str]) -> Result<SenderArgs, ArgError> {
         options,
         paths,
         config_set,
+        relative,
     })
 }
 
-/// Checks that `p` is absolute, free of `..`, backslashes and NUL, and returns it as a path.
+/// Checks that `p` is absolute, free of `.` and `..` components (rsync reads `/./` as where a
+/// relative path starts), backslashes and NUL, and returns it as a path.
 pub fn clean_absolute(p: &str) -> Result<PathBuf, ArgError> {
     let path = Path::new(p);
     let clean = path.is_absolute()
         && !p.contains('\\')
         && !p.contains('\0')
-        && path.components().all(|c| {
-            matches!(
-                c,
-                Component::RootDir | Component::Normal(_) | Component::CurDir
-            )
-        });
+        && !p.split('/').any(|c| c == "." || c == "..")
+        && path
+            .components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
     if clean {
         Ok(path.to_path_buf())
     } else {

@@ -264,10 +264,17 @@ impl Agent for AgentService {
     async fn pull(&self, request: Request<PullRequest>) -> Result<Response<PullStream>, Status> {
         let req = request.into_inner();
         let origin = origin_of(req.origin.clone())?;
-        let path = crate::rsync_args::clean_absolute(&req.path)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if let Some(reason) = self.config.refuse_data_path(&path) {
-            return Err(Status::permission_denied(format!("pull refused: {reason}")));
+        let paths = if req.paths.is_empty() {
+            vec![req.path.clone()]
+        } else {
+            req.paths.clone()
+        };
+        for p in &paths {
+            let path = crate::rsync_args::clean_absolute(p)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            if let Some(reason) = self.config.refuse_data_path(&path) {
+                return Err(Status::permission_denied(format!("pull refused: {reason}")));
+            }
         }
         let (tx, rx) = mpsc::channel::<Result<PullEvent, Status>>(16);
         let (config, journal) = (self.config.clone(), self.journal.clone());
@@ -300,7 +307,7 @@ impl Agent for AgentService {
                 }
                 let running = counted.start("pull");
                 let event =
-                    pull::pull(&config, &origin, &req.path, req.bwlimit_kib, &progress_tx).await;
+                    pull::pull(&config, &origin, &paths, req.bwlimit_kib, &progress_tx).await;
                 if let (true, Some(s)) = (event.ok, &event.stats) {
                     counted.pulled(s.files_changed, s.bytes_changed);
                 }
@@ -566,7 +573,13 @@ async fn copy_config(config: &AgentConfig, origin: &OriginEndpoint) -> CopyConfi
     .chain([format!("--timeout={}", crate::rsync_args::IO_TIMEOUT_SECS)])
     .collect();
     let dest = format!("{}/", staging.path().display());
-    let run = match pull::rsync_through_tunnel(config, origin, &options, "origin:/", &dest) {
+    let run = match pull::rsync_through_tunnel(
+        config,
+        origin,
+        &options,
+        &["origin:/".to_string()],
+        &dest,
+    ) {
         Ok(r) => r,
         Err(e) => return failed(e),
     };

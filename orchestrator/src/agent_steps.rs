@@ -468,49 +468,50 @@ async fn revoke(origin: &AgentHandle, grant_id: &str) {
     }
 }
 
-/// Pulls every data dir and adds up the passes' statistics.
+/// Pulls every data dir of the instance in one rsync run (hard links across dirs kept, one
+/// tunnel) and returns the pass's statistics.
 async fn sync_pass(
     target: &AgentHandle,
     job: &Job,
     endpoint: OriginEndpoint,
 ) -> Result<PassStats, String> {
-    let mut total = PassStats::default();
-    let dirs = DATA_DIRS
+    let dirs: Vec<String> = DATA_DIRS
         .iter()
         .map(|d| d.to_string())
-        .chain(job.instance.extra_dirs.iter().cloned());
-    for dir in dirs {
-        let mut stream = target
-            .client
-            .clone()
-            .pull(PullRequest {
-                operation_id: format!("{}{dir}", job.operation_id),
-                origin: Some(endpoint.clone()),
-                path: dir.clone(),
-                bwlimit_kib: job.bwlimit_kib,
-            })
-            .await
-            .map_err(|s| describe_status(&s))?
-            .into_inner();
-        let mut last = None;
-        while let Some(event) = stream.message().await.map_err(|s| describe_status(&s))? {
-            if event.done {
-                last = Some(event);
-                break;
-            }
+        .chain(job.instance.extra_dirs.iter().cloned())
+        .collect();
+    let mut stream = target
+        .client
+        .clone()
+        .pull(PullRequest {
+            operation_id: job.operation_id.clone(),
+            origin: Some(endpoint),
+            path: String::new(),
+            bwlimit_kib: job.bwlimit_kib,
+            paths: dirs,
+        })
+        .await
+        .map_err(|s| describe_status(&s))?
+        .into_inner();
+    let mut last = None;
+    while let Some(event) = stream.message().await.map_err(|s| describe_status(&s))? {
+        if event.done {
+            last = Some(event);
+            break;
         }
-        let event = last.ok_or_else(|| format!("the pull of {dir} ended without a result"))?;
-        if !event.ok {
-            return Err(format!("pulling {dir}: {}", event.error));
-        }
-        let s = event.stats.unwrap_or_default();
-        total.files_scanned += s.files_scanned;
-        total.files_changed += s.files_changed;
-        total.bytes_changed += s.bytes_changed;
-        total.scan_ms += s.scan_ms;
-        total.elapsed_ms += s.elapsed_ms;
     }
-    Ok(total)
+    let event = last.ok_or("the pull ended without a result")?;
+    if !event.ok {
+        return Err(format!("pulling the data dirs: {}", event.error));
+    }
+    let s = event.stats.unwrap_or_default();
+    Ok(PassStats {
+        files_scanned: s.files_scanned,
+        files_changed: s.files_changed,
+        bytes_changed: s.bytes_changed,
+        scan_ms: s.scan_ms,
+        elapsed_ms: s.elapsed_ms,
+    })
 }
 
 /// The host part of an agent's address (`host:port`).
