@@ -178,12 +178,13 @@ impl Agent for AgentService {
             return Ok(Response::new(reply));
         }
         let kind = format!("services/{}", action.as_str_name());
-        let run = async {
-            tracing::info!(operation_id = %req.operation_id, action = action.as_str_name(), "services");
+        let (config, operation_id) = (self.config.clone(), req.operation_id.clone());
+        let run = async move {
+            tracing::info!(operation_id = %operation_id, action = action.as_str_name(), "services");
             if action == ServiceAction::Start {
                 // From the first start on, this host may take mail: it is never synced into
                 // again without an operator's re-migration.
-                if let Err(e) = served::set(&self.config.state_dir, &req.operation_id, now_ms()) {
+                if let Err(e) = served::set(&config.state_dir, &operation_id, now_ms()) {
                     return ServicesReply {
                         commands: vec![bmfleet_proto::v1::CommandResult {
                             service: "bmfleet".into(),
@@ -195,7 +196,7 @@ impl Agent for AgentService {
                     };
                 }
             }
-            services::run(&self.config.services, action).await
+            services::run(&config.services, action).await
         };
         self.journaled(&req.operation_id, &kind, &req.encode_to_vec(), run)
             .await
@@ -505,27 +506,51 @@ journaled!(
 
 impl AgentService {
     /// Runs `run` once per operation id (see [`once`]) and marks the reply with its id.
-    async fn journaled<R: Message + Default + Journaled>(
+    /// The operation runs in a task of its own: a caller that goes away (an orchestrator
+    /// killed mid-step) does not cut it short; its identical request, sent again, waits for it
+    /// and gets its reply from the journal.
+    async fn journaled<R: Message + Default + Journaled + Send + 'static>(
         &self,
         id: &str,
         kind: &str,
         encoded: &[u8],
-        run: impl Future<Output = R>,
+        run: impl Future<Output = R> + Send + 'static,
     ) -> Result<Response<R>, Status> {
         let metrics = self.metrics.clone();
         // The journal's kind may carry details ("services/…"): the metric keeps the family.
-        let family = kind.split('/').next().unwrap_or(kind);
-        let counted = async {
-            let running = metrics.start(family);
-            let reply = run.await;
-            running.end(reply.ok());
-            reply
+        let family = kind.split('/').next().unwrap_or(kind).to_string();
+        let counted = {
+            let (metrics, family) = (metrics.clone(), family.clone());
+            async move {
+                let running = metrics.start(&family);
+                let reply = run.await;
+                running.end(reply.ok());
+                reply
+            }
         };
-        let (mut reply, replayed) = once(&self.journal, id, kind, encoded, now_ms, counted)
+        let (journal, owned_id, owned_kind, owned_encoded) = (
+            self.journal.clone(),
+            id.to_string(),
+            kind.to_string(),
+            encoded.to_vec(),
+        );
+        let task = tokio::spawn(async move {
+            once(
+                &journal,
+                &owned_id,
+                &owned_kind,
+                &owned_encoded,
+                now_ms,
+                counted,
+            )
             .await
-            .inspect_err(|_| self.metrics.count(family, Outcome::Refused))?;
+        });
+        let (mut reply, replayed) = task
+            .await
+            .map_err(|e| Status::internal(format!("{kind} {id}: {e}")))?
+            .inspect_err(|_| self.metrics.count(&family, Outcome::Refused))?;
         if replayed {
-            self.metrics.count(family, Outcome::Replayed);
+            self.metrics.count(&family, Outcome::Replayed);
         }
         reply.mark(id, replayed);
         Ok(Response::new(reply))
@@ -534,11 +559,12 @@ impl AgentService {
     async fn ip(&self, req: IpRequest, take: bool) -> Result<Response<IpReply>, Status> {
         let kind = if take { "take_ip" } else { "release_ip" };
         let encoded = req.encode_to_vec();
-        let run = async {
+        let config = self.config.clone();
+        let run = async move {
             if take {
-                cutover::take(&self.config, &req.address, &req.interface).await
+                cutover::take(&config, &req.address, &req.interface).await
             } else {
-                cutover::release(&self.config, &req.address, &req.interface).await
+                cutover::release(&config, &req.address, &req.interface).await
             }
         };
         self.journaled(&req.operation_id, kind, &encoded, run).await

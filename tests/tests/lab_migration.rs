@@ -186,6 +186,66 @@ fn an_orchestrator_killed_during_a_hot_pass_costs_no_attempt() {
 }
 
 #[test]
+fn an_orchestrator_killed_as_each_step_runs_costs_no_attempt() {
+    let _one = one_lab();
+    let fleet = LabFleet::build(LabParams {
+        pairs: 1,
+        messages: 3_000,
+        db_rows: 50_000,
+        ..LabParams::default()
+    });
+    fleet.apply().unwrap();
+    // Every step seen running gets the orchestrator killed under it (SIGKILL) once.
+    let mut killed_under: Vec<String> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let instances = fleet.instances();
+        let Some(i) = instances.first() else {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        };
+        if matches!(
+            i["phase"].as_str(),
+            Some("Done" | "RolledBack" | "Failed" | "Aborted")
+        ) {
+            break;
+        }
+        let fresh: Vec<String> = i["running"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.as_str().map(str::to_string))
+            .filter(|s| !killed_under.contains(s))
+            .collect();
+        if !fresh.is_empty() {
+            fleet.restart_orchestrator();
+            killed_under.extend(fresh);
+            fleet.wait_for_orchestrator().unwrap();
+        }
+        assert!(Instant::now() < deadline, "never finished: {i}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let outcomes = fleet.follow(Duration::from_secs(60), |_| {}).unwrap();
+    let events = String::from_utf8_lossy(
+        &fleet
+            .bmctl(&["fleet", "events", "mail-1", "--limit", "1000"])
+            .stdout,
+    )
+    .into_owned();
+    assert_eq!(outcomes[0].phase, "Done", "{outcomes:?}\n{events}");
+    eprintln!("the orchestrator was killed under: {killed_under:?}");
+    assert!(
+        killed_under.len() >= 5,
+        "too few steps were caught running: {killed_under:?}"
+    );
+    assert!(
+        !events.contains("\"Failed\""),
+        "killed under {killed_under:?}, a step failed:\n{events}"
+    );
+    assert!(banner(&fleet, 1).contains("target-1"));
+}
+
+#[test]
 fn an_agent_killed_during_a_hot_pass_comes_back_and_the_migration_converges() {
     let _one = one_lab();
     let fleet = LabFleet::build(LabParams {
