@@ -301,6 +301,15 @@ impl Ancestors {
     }
 }
 
+/// How a pass moves data.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PassOptions {
+    /// Bandwidth limit, KiB/s (0: none).
+    pub bwlimit_kib: u32,
+    /// Compress on the wire.
+    pub compress: bool,
+}
+
 /// One pass pulling the data dirs `paths` from the origin in one rsync run (relative to the
 /// data root, so that hard links across dirs are kept and one tunnel serves them all). The
 /// final event has `done` set.
@@ -308,7 +317,7 @@ pub async fn pull(
     config: &AgentConfig,
     origin: &OriginEndpoint,
     paths: &[String],
-    bwlimit_kib: u32,
+    how: PassOptions,
     progress: &mpsc::Sender<PullEvent>,
 ) -> PullEvent {
     let failed = |error: String| PullEvent {
@@ -335,8 +344,13 @@ pub async fn pull(
         })
         .collect();
     let dest = format!("{}/", config.data_root.display());
-    let mut options = pass_options(bwlimit_kib);
+    let mut options = pass_options(how.bwlimit_kib);
     options.extend(["-R".to_string(), "--no-implied-dirs".to_string()]);
+    if how.compress {
+        // zlib level 1 where the origin's rsync predates zstd: zeros and mail compress well,
+        // for little CPU.
+        options.extend(["-z".to_string(), "--compress-level=1".to_string()]);
+    }
     let run = match rsync_through_tunnel(config, origin, &options, &sources, &dest) {
         Ok(r) => r,
         Err(e) => return failed(e),

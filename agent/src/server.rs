@@ -277,6 +277,10 @@ impl Agent for AgentService {
                 return Err(Status::permission_denied(format!("pull refused: {reason}")));
             }
         }
+        let how = pull::PassOptions {
+            bwlimit_kib: req.bwlimit_kib,
+            compress: req.compress,
+        };
         let (tx, rx) = mpsc::channel::<Result<PullEvent, Status>>(16);
         let (config, journal) = (self.config.clone(), self.journal.clone());
         let metrics = self.metrics.clone();
@@ -307,8 +311,7 @@ impl Agent for AgentService {
                     };
                 }
                 let running = counted.start("pull");
-                let event =
-                    pull::pull(&config, &origin, &paths, req.bwlimit_kib, &progress_tx).await;
+                let event = pull::pull(&config, &origin, &paths, how, &progress_tx).await;
                 if let (true, Some(s)) = (event.ok, &event.stats) {
                     counted.pulled(s.files_changed, s.bytes_changed);
                 }

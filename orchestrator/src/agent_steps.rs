@@ -489,6 +489,8 @@ async fn sync_pass(
             path: String::new(),
             bwlimit_kib: job.bwlimit_kib,
             paths: dirs,
+            // The live passes compress; the final pass, in the downtime, spends no CPU on it.
+            compress: job.step != Step::FinalPass,
         })
         .await
         .map_err(|s| describe_status(&s))?

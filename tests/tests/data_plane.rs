@@ -142,6 +142,7 @@ impl Pair {
                 path: SPOOL.into(),
                 bwlimit_kib,
                 paths: vec![],
+                compress: false,
             })
             .await
             .expect("pull")
@@ -486,6 +487,7 @@ async fn one_run_for_several_dirs_keeps_hard_links_across_them_and_touches_nothi
             path: String::new(),
             bwlimit_kib: 0,
             paths: vec![SPOOL.into(), lib.into()],
+            compress: false,
         })
         .await
         .unwrap()
@@ -523,6 +525,7 @@ async fn one_run_for_several_dirs_keeps_hard_links_across_them_and_touches_nothi
             path: String::new(),
             bwlimit_kib: 0,
             paths: vec![SPOOL.into(), lib.into()],
+            compress: false,
         })
         .await
         .unwrap()
@@ -555,10 +558,27 @@ async fn xattrs_acls_and_sparse_files_arrive_and_the_manifest_sees_them() {
     }
     p.grant("grant-0012-attributes", "target-1", &[SPOOL], 600_000)
         .await;
-    let (event, _) = p
-        .pull("m1/hot/attributes", "grant-0012-attributes", 0)
-        .await;
+    // A live pass compresses: the sparse file's zeros do not cross the link as 64 MiB.
+    let mut stream = p
+        .target
+        .pull(PullRequest {
+            operation_id: "m1/hot/attributes".into(),
+            origin: Some(p.endpoint("grant-0012-attributes")),
+            path: SPOOL.into(),
+            bwlimit_kib: 0,
+            paths: vec![],
+            compress: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut event = PullEvent::default();
+    while let Some(e) = stream.message().await.unwrap() {
+        event = e;
+    }
     assert!(event.ok, "{event:?}");
+    let received = event.stats.unwrap().bytes_received;
+    assert!(received < 4 << 20, "{received} bytes crossed the link");
     let (origin_root, target_root) = (p.origin_root(), p.target_root());
     let on_target = |path: &Path| {
         target_root
@@ -647,6 +667,7 @@ async fn an_interrupted_pull_is_stopped_at_both_ends_and_the_next_converges() {
             path: SPOOL.into(),
             bwlimit_kib: 2048,
             paths: vec![],
+            compress: false,
         })
         .await
         .unwrap()
@@ -853,6 +874,7 @@ async fn an_agent_grants_and_receives_only_its_data_dirs() {
             path: "/etc".into(),
             bwlimit_kib: 0,
             paths: vec![],
+            compress: false,
         })
         .await
         .unwrap_err();
