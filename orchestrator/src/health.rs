@@ -51,29 +51,35 @@ fn carry_usage(mut facts: FactsReply, previous: Option<FactsReply>) -> FactsRepl
     facts
 }
 
-/// Checks every agent concurrently and records the outcomes.
+/// Checks every agent concurrently and records the outcomes; `measure_usage` says which agents
+/// walk their data dirs this time. Returns the agents whose usage was measured.
 pub async fn check_all(
     pool: &AgentPool,
     metrics: &Metrics,
     state: &State,
     clock: &dyn Clock,
-    measure_usage: bool,
+    measure_usage: &(dyn Fn(&str) -> bool + Sync),
     timeout: Duration,
-) {
+) -> Vec<String> {
     let mut checks = tokio::task::JoinSet::new();
     for agent in pool.iter().cloned() {
+        let measure = measure_usage(&agent.name);
         checks.spawn(async move {
-            let check = check_agent(&agent, measure_usage, timeout).await;
-            (agent.name, check)
+            let check = check_agent(&agent, measure, timeout).await;
+            (agent.name, check, measure)
         });
     }
+    let mut measured = Vec::new();
     while let Some(joined) = checks.join_next().await {
-        let Ok((name, check)) = joined else {
+        let Ok((name, check, measure)) = joined else {
             continue;
         };
         metrics.agent_up(&name, matches!(check, HealthCheck::Up(_)));
         let check = match check {
             HealthCheck::Up(facts) => {
+                if measure {
+                    measured.push(name.clone());
+                }
                 let previous = state.last_facts(&name).ok().flatten();
                 HealthCheck::Up(Box::new(carry_usage(*facts, previous)))
             }
@@ -86,6 +92,7 @@ pub async fn check_all(
             tracing::error!(agent = %name, error = %e, "cannot record health");
         }
     }
+    measured
 }
 
 /// Runs health checks every `interval`, measuring usage every `usage_interval`, until the
@@ -99,18 +106,19 @@ pub async fn run(
     usage_interval: Duration,
     timeout: Duration,
 ) {
-    let mut last_usage: Option<i64> = None;
+    // When each agent's usage was last measured: an agent that was down when its walk was
+    // due is walked at its first answer, not an interval later.
+    let mut last_usage: std::collections::HashMap<String, i64> = Default::default();
+    let usage_ms = i64::try_from(usage_interval.as_millis()).unwrap_or(i64::MAX);
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
         let now = clock.now_ms();
-        let usage_due = last_usage.is_none_or(|t| {
-            now - t >= i64::try_from(usage_interval.as_millis()).unwrap_or(i64::MAX)
-        });
-        if usage_due {
-            last_usage = Some(now);
+        let due = |name: &str| last_usage.get(name).is_none_or(|t| now - t >= usage_ms);
+        let measured = check_all(&pool, &metrics, &state, clock.as_ref(), &due, timeout).await;
+        for name in measured {
+            last_usage.insert(name, now);
         }
-        check_all(&pool, &metrics, &state, clock.as_ref(), usage_due, timeout).await;
     }
 }
