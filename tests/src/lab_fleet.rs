@@ -678,6 +678,16 @@ fn seed_odd_files(root: &Path) {
     file.set_len(64 << 20).expect("sparse file");
     use std::os::unix::fs::FileExt;
     file.write_at(&[1u8; 4096], 32 << 20).expect("sparse file");
+    // Written a month ago, like the rest of the spool: the final pass's gate compares them by
+    // size, mtime and attributes, and reads only what changed within the hour.
+    let month_ago = std::time::SystemTime::now() - Duration::from_secs(30 * 86_400);
+    for f in [&mail, &sparse] {
+        std::fs::File::options()
+            .write(true)
+            .open(f)
+            .and_then(|f| f.set_modified(month_ago))
+            .expect("mtime");
+    }
 }
 
 /// What [`churn`] changed.
