@@ -157,6 +157,16 @@ impl Pair {
         panic!("the pull stream ended without a final event");
     }
 
+    /// Sends `request` to the target and returns the pull's final event.
+    async fn pull_request(&mut self, request: PullRequest) -> PullEvent {
+        let mut stream = self.target.pull(request).await.expect("pull").into_inner();
+        let mut last = None;
+        while let Some(e) = stream.message().await.expect("pull stream") {
+            last = Some(e);
+        }
+        last.expect("a final event")
+    }
+
     /// Opens a tunnel to the origin as `who` (an identity file set and its role).
     async fn tunnel_as(
         &self,
@@ -479,24 +489,17 @@ async fn one_run_for_several_dirs_keeps_hard_links_across_them_and_touches_nothi
     let lib = "/var/lib/cyrus";
     p.grant("grant-0013-two-dirs", "target-1", &[SPOOL, lib], 600_000)
         .await;
-    let mut stream = p
-        .target
-        .pull(PullRequest {
-            operation_id: "m1/hot/two-dirs".into(),
-            origin: Some(p.endpoint("grant-0013-two-dirs")),
-            path: String::new(),
-            bwlimit_kib: 0,
-            paths: vec![SPOOL.into(), lib.into()],
-            compress: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut last = None;
-    while let Some(e) = stream.message().await.unwrap() {
-        last = Some(e);
-    }
-    let event = last.unwrap();
+    let endpoint = p.endpoint("grant-0013-two-dirs");
+    let two_dirs = || PullRequest {
+        operation_id: "m1/hot/two-dirs".into(),
+        origin: Some(endpoint.clone()),
+        path: String::new(),
+        bwlimit_kib: 0,
+        paths: vec![SPOOL.into(), lib.into()],
+        compress: false,
+    };
+    let first = two_dirs();
+    let event = p.pull_request(first).await;
     assert!(event.ok, "{event:?}");
     let (a, b) = (
         std::fs::metadata(t.join("var/spool/cyrus/data/user/alice/1.")).unwrap(),
@@ -517,20 +520,8 @@ async fn one_run_for_several_dirs_keeps_hard_links_across_them_and_touches_nothi
         "the origin set the mode of the target's /var/spool"
     );
     // The same op id is answered from the journal.
-    let mut again = p
-        .target
-        .pull(PullRequest {
-            operation_id: "m1/hot/two-dirs".into(),
-            origin: Some(p.endpoint("grant-0013-two-dirs")),
-            path: String::new(),
-            bwlimit_kib: 0,
-            paths: vec![SPOOL.into(), lib.into()],
-            compress: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(again.message().await.unwrap().unwrap().replayed);
+    let again = two_dirs();
+    assert!(p.pull_request(again).await.replayed);
 }
 
 #[tokio::test]
@@ -559,9 +550,8 @@ async fn xattrs_acls_and_sparse_files_arrive_and_the_manifest_sees_them() {
     p.grant("grant-0012-attributes", "target-1", &[SPOOL], 600_000)
         .await;
     // A live pass compresses: the sparse file's zeros do not cross the link as 64 MiB.
-    let mut stream = p
-        .target
-        .pull(PullRequest {
+    let event = p
+        .pull_request(PullRequest {
             operation_id: "m1/hot/attributes".into(),
             origin: Some(p.endpoint("grant-0012-attributes")),
             path: SPOOL.into(),
@@ -569,13 +559,7 @@ async fn xattrs_acls_and_sparse_files_arrive_and_the_manifest_sees_them() {
             paths: vec![],
             compress: true,
         })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut event = PullEvent::default();
-    while let Some(e) = stream.message().await.unwrap() {
-        event = e;
-    }
+        .await;
     assert!(event.ok, "{event:?}");
     let received = event.stats.unwrap().bytes_received;
     assert!(received < 4 << 20, "{received} bytes crossed the link");
