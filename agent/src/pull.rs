@@ -117,7 +117,7 @@ pub fn pass_options(bwlimit_kib: u32) -> Vec<String> {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    options.push(format!("--timeout={}", crate::rsync_args::IO_TIMEOUT_SECS));
+    options.push(crate::rsync_args::timeout_option());
     if bwlimit_kib > 0 {
         options.push(format!("--bwlimit={bwlimit_kib}"));
     }

@@ -32,6 +32,11 @@ const ALLOWED_LONG: &[(&str, bool)] = &[
 /// long ends the transfer (and frees its child) instead of holding it forever.
 pub const IO_TIMEOUT_SECS: u32 = 600;
 
+/// rsync's `--timeout` option with [`IO_TIMEOUT_SECS`].
+pub fn timeout_option() -> String {
+    format!("--timeout={IO_TIMEOUT_SECS}")
+}
+
 /// The `--files-from` value that asks for the BlueMind configuration file set, which the
 /// origin lists itself (the target never names an origin file).
 pub const CONFIG_SET_TOKEN: &str = "bmfleet-config-set";
@@ -106,7 +111,7 @@ impl SenderArgs {
                 );
             }
         }
-        argv.push(format!("--timeout={IO_TIMEOUT_SECS}"));
+        argv.push(timeout_option());
         argv.push(".".into());
         argv.extend(host_paths.iter().cloned());
         argv

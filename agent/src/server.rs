@@ -519,11 +519,10 @@ impl AgentService {
         encoded: &[u8],
         run: impl Future<Output = R> + Send + 'static,
     ) -> Result<Response<R>, Status> {
-        let metrics = self.metrics.clone();
         // The journal's kind may carry details ("services/…"): the metric keeps the family.
         let family = kind.split('/').next().unwrap_or(kind).to_string();
         let counted = {
-            let (metrics, family) = (metrics.clone(), family.clone());
+            let (metrics, family) = (self.metrics.clone(), family.clone());
             async move {
                 let running = metrics.start(&family);
                 let reply = run.await;
@@ -599,7 +598,7 @@ async fn copy_config(config: &AgentConfig, origin: &OriginEndpoint) -> CopyConfi
     ]
     .iter()
     .map(|s| s.to_string())
-    .chain([format!("--timeout={}", crate::rsync_args::IO_TIMEOUT_SECS)])
+    .chain([crate::rsync_args::timeout_option()])
     .collect();
     let dest = format!("{}/", staging.path().display());
     let run = match pull::rsync_through_tunnel(

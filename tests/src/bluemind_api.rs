@@ -464,8 +464,8 @@ mod tests {
 
     #[test]
     fn parts_are_split_trimmed_and_unnegated() {
-        let parts = sanitized_parts(" 10.0.0.0/8,!192.0.2.1  ,, 2001:db8::/32");
-        let expected: HashSet<String> = ["10.0.0.0/8", "192.0.2.1", "2001:db8::/32"]
+        let parts = sanitized_parts(" 198.18.0.0/15,!192.0.2.1  ,, 2001:db8::/32");
+        let expected: HashSet<String> = ["198.18.0.0/15", "192.0.2.1", "2001:db8::/32"]
             .iter()
             .map(|s| s.to_string())
             .collect();

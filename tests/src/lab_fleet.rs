@@ -656,24 +656,13 @@ pub const ODD_FILES: [&str; 3] = [
 fn seed_odd_files(root: &Path) {
     let [mail, dir, sparse] = ODD_FILES.map(|f| root.join(f));
     write(&mail, "Subject: odd\r\n\r\nattributes\r\n");
-    let run = |program: &str, args: &[&str]| {
-        let out = Command::new(program)
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("{program}: {e} (deploy/setup.sh installs it)"));
-        assert!(
-            out.status.success(),
-            "{program} {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
     let text = |p: &Path| p.to_str().expect("path").to_string();
-    run(
+    crate::tool(
         "setfattr",
         &["-n", "user.bmfleet.flag", "-v", "seen", &text(&mail)],
     );
-    run("setfacl", &["-m", "u:nobody:r", &text(&mail)]);
-    run("setfacl", &["-d", "-m", "u:nobody:rwx", &text(&dir)]);
+    crate::tool("setfacl", &["-m", "u:nobody:r", &text(&mail)]);
+    crate::tool("setfacl", &["-d", "-m", "u:nobody:rwx", &text(&dir)]);
     let file = std::fs::File::create(&sparse).expect("sparse file");
     file.set_len(64 << 20).expect("sparse file");
     use std::os::unix::fs::FileExt;

@@ -297,6 +297,21 @@ impl Drop for ChildGuard {
     }
 }
 
+/// Runs a tool the project's setup installs (setfattr, getfacl…) and returns its stdout;
+/// panics, saying what failed, when it cannot run or fails.
+pub fn tool(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e} (deploy/setup.sh installs it)"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 pub mod bluemind_api;
 pub mod lab;
 pub mod lab_fleet;

@@ -19,7 +19,8 @@ use bmfleet_proto::v1::{
     PullRequest,
 };
 use bmfleet_tests::{
-    agent_client, agent_config, free_port, open_tempdir, serve_agent, PgCluster, Served, TestPki,
+    agent_client, agent_config, free_port, open_tempdir, serve_agent, tool, PgCluster, Served,
+    TestPki,
 };
 use sha2::{Digest, Sha256};
 use tonic::transport::Channel;
@@ -453,19 +454,6 @@ async fn a_pull_makes_identical_trees_and_the_next_moves_only_the_changes() {
     assert_eq!(replayed.stats, Some(stats));
 }
 
-fn run(program: &str, args: &[&str]) -> String {
-    let out = std::process::Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program}: {e} (deploy/setup.sh installs it)"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[tokio::test]
 async fn one_run_for_several_dirs_keeps_hard_links_across_them_and_touches_nothing_above() {
     let mut p = Pair::new(None, None).await;
@@ -531,11 +519,11 @@ async fn xattrs_acls_and_sparse_files_arrive_and_the_manifest_sees_them() {
     write(&user.join("1."), b"Subject: tagged\r\n\r\nhello\r\n", 0o600);
     let mail = user.join("1.");
     let mail = mail.to_str().unwrap();
-    run("setfattr", &["-n", "user.bmfleet.flag", "-v", "seen", mail]);
-    run("setfacl", &["-m", "u:nobody:r", mail]);
+    tool("setfattr", &["-n", "user.bmfleet.flag", "-v", "seen", mail]);
+    tool("setfacl", &["-m", "u:nobody:r", mail]);
     let shared = spool(&p.origin_root()).join("data/user/shared");
     std::fs::create_dir_all(&shared).unwrap();
-    run(
+    tool(
         "setfacl",
         &["-d", "-m", "u:nobody:rwx", shared.to_str().unwrap()],
     );
@@ -573,13 +561,13 @@ async fn xattrs_acls_and_sparse_files_arrive_and_the_manifest_sees_them() {
     };
     let t_mail = on_target(Path::new(mail));
     assert_eq!(
-        run(
+        tool(
             "getfattr",
             &["--only-values", "-n", "user.bmfleet.flag", &t_mail]
         ),
         "seen"
     );
-    let acl = |path: &str| run("getfacl", &["-p", "--omit-header", "-n", path]);
+    let acl = |path: &str| tool("getfacl", &["-p", "--omit-header", "-n", path]);
     assert_eq!(acl(&t_mail), acl(mail));
     assert!(acl(&t_mail).contains("user:65534:r--"), "{}", acl(&t_mail));
     let t_shared = on_target(&shared);
@@ -605,8 +593,19 @@ async fn xattrs_acls_and_sparse_files_arrive_and_the_manifest_sees_them() {
         .checksum
     };
     assert_eq!(manifest(&p.origin_root()), manifest(&p.target_root()));
-    run("setfacl", &["-b", &t_mail]);
+    tool("setfacl", &["-b", &t_mail]);
     assert_ne!(manifest(&p.origin_root()), manifest(&p.target_root()));
+}
+
+/// The command lines of every rsync sender running on this machine.
+fn sender_command_lines() -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains("--sender"))
+        .collect()
 }
 
 /// The origin's rsync senders serving its spool: named by their real path, or (a relative
@@ -618,12 +617,9 @@ fn origin_rsync_servers(origin_root: &Path) -> usize {
         .display()
         .to_string();
     let relative = format!("{}/./var/spool/cyrus", origin_root.display());
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-        .filter(|c| c.contains("--sender") && (c.contains(&real) || c.contains(&relative)))
+    sender_command_lines()
+        .iter()
+        .filter(|c| c.contains(&real) || c.contains(&relative))
         .count()
 }
 
@@ -964,12 +960,9 @@ async fn an_origin_runs_a_bounded_number_of_rsync_children_per_grant() {
     // Each child is the origin's own rsync, with its own I/O timeout.
     let children = origin_rsync_servers(&p.origin_root());
     assert_eq!(children, held.len());
-    let with_timeout = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-        .filter(|c| c.contains("--sender") && c.contains("--timeout=600"))
+    let with_timeout = sender_command_lines()
+        .iter()
+        .filter(|c| c.contains("--timeout=600"))
         .count();
     assert!(with_timeout >= held.len(), "{with_timeout}");
     drop(held);

@@ -353,23 +353,27 @@ fn three_instances_migrate_with_no_mail_lost() {
         // Attributes arrived (the final pass's manifest gate compared them too).
         let [mail, dir, sparse] = bmfleet_tests::lab_fleet::ODD_FILES;
         let getfacl = |root: &std::path::Path, f: &str| {
-            let out = std::process::Command::new("getfacl")
-                .args(["-p", "--omit-header", "-n"])
-                .arg(root.join(f))
-                .output()
-                .unwrap();
-            String::from_utf8_lossy(&out.stdout).into_owned()
+            let path = root.join(f);
+            bmfleet_tests::tool(
+                "getfacl",
+                &["-p", "--omit-header", "-n", path.to_str().unwrap()],
+            )
         };
         for f in [mail, dir] {
             assert_eq!(getfacl(&origin, f), getfacl(&target, f), "pair {i}: {f}");
         }
         assert!(getfacl(&target, dir).contains("default:user:65534:rwx"));
-        let attr = std::process::Command::new("getfattr")
-            .args(["--only-values", "-n", "user.bmfleet.flag"])
-            .arg(target.join(mail))
-            .output()
-            .unwrap();
-        assert_eq!(attr.stdout, b"seen", "pair {i}");
+        let mail_on_target = target.join(mail);
+        let attr = bmfleet_tests::tool(
+            "getfattr",
+            &[
+                "--only-values",
+                "-n",
+                "user.bmfleet.flag",
+                mail_on_target.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(attr, "seen", "pair {i}");
         let sparse = std::fs::metadata(target.join(sparse)).unwrap();
         assert!(
             sparse.len() == 64 << 20 && sparse.blocks() * 512 < 1 << 20,
