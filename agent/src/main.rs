@@ -1,6 +1,9 @@
 //! `bmfleet-agent --config FILE`: serves the Agent API (and data plane) of this host.
 //! `bmfleet-agent tunnel HOST COMMAND…`: rsync's remote shell on a target, connecting to an
 //! origin's data plane (settings from `BMFLEET_TUNNEL_*`, set by the pulling agent).
+//! `bmfleet-agent enroll …` / `configure …`: onboarding (see onboard.rs).
+
+mod onboard;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -42,6 +45,11 @@ enum Mode {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
     },
+    /// Get this host's certificate from the orchestrator with a one-time join token (read on
+    /// stdin); the private key is made here and never leaves the host.
+    Enroll(onboard::EnrollArgs),
+    /// Write agent.toml from a base file and what is found on this host.
+    Configure(onboard::ConfigureArgs),
 }
 
 fn main() -> ExitCode {
@@ -61,6 +69,11 @@ fn main() -> ExitCode {
             runtime.shutdown_background();
             result
         }
+        Some(Mode::Enroll(args)) => {
+            bmfleet_proto::install_crypto_provider();
+            runtime.block_on(onboard::enroll(args))
+        }
+        Some(Mode::Configure(args)) => onboard::configure(args),
         None => {
             init_daemon();
             runtime.block_on(serve(args.config))

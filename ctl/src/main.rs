@@ -1,6 +1,8 @@
 //! `bmctl`: the operator's command line for a bmfleet fleet.
 
+mod agents;
 mod control;
+mod enroll;
 mod pki;
 mod plan;
 mod status;
@@ -30,8 +32,43 @@ enum Top {
     /// Fleet operations.
     Fleet {
         #[command(subcommand)]
-        command: FleetCommand,
+        command: Box<FleetCommand>,
     },
+    /// Print a shell completion script (bash, zsh, fish, …) on stdout.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// Which hosts `enroll` and `decommission` work on.
+#[derive(Args)]
+struct Hosts {
+    /// An inventory file (TOML: [defaults] and [[host]] entries; see README "Onboard a fleet").
+    #[arg(long)]
+    inventory: Option<PathBuf>,
+    /// Hosts as DEST=NAME:origin|target (DEST: an ssh destination), besides the inventory's.
+    #[arg(value_name = "HOST")]
+    hosts: Vec<String>,
+    /// Only these agent names of the inventory. Repeatable.
+    #[arg(long = "only", value_name = "NAME")]
+    only: Vec<String>,
+    /// Hosts worked on at once.
+    #[arg(long, default_value_t = 16)]
+    parallel: usize,
+}
+
+impl Hosts {
+    fn inventory(&self) -> anyhow::Result<enroll::Inventory> {
+        let mut inventory = match &self.inventory {
+            Some(path) => enroll::Inventory::load(path)?,
+            None => enroll::Inventory::from_args(&[])?,
+        };
+        inventory
+            .host
+            .extend(enroll::Inventory::from_args(&self.hosts)?.host);
+        Ok(inventory)
+    }
 }
 
 #[derive(Subcommand)]
@@ -123,6 +160,34 @@ enum FleetCommand {
         /// Output format.
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
+    },
+    /// The orchestrator's agents: list, register, remove, issue join tokens.
+    Agents {
+        #[command(subcommand)]
+        command: agents::AgentsCommand,
+    },
+    /// Install, enroll (one-time join token; the key is made on the host), configure and start
+    /// the agent of every host over SSH, register it, and wait until the orchestrator reaches
+    /// it. Idempotent.
+    Enroll {
+        #[command(flatten)]
+        connection: Connection,
+        #[command(flatten)]
+        hosts: Hosts,
+    },
+    /// After Done: stop and remove the agents of an instance's hosts over SSH, revoke their
+    /// certificates and remove them from the orchestrator.
+    Decommission {
+        #[command(flatten)]
+        connection: Connection,
+        /// The instances (their origin and target hosts must be in the inventory).
+        #[arg(long = "instance", value_name = "INSTANCE")]
+        instances: Vec<String>,
+        /// Every Done instance.
+        #[arg(long)]
+        all_done: bool,
+        #[command(flatten)]
+        hosts: Hosts,
     },
     /// The audit log of Fleet API calls.
     Audit {
@@ -250,6 +315,22 @@ impl Connection {
         };
         match tokio::time::timeout(Duration::from_secs(self.timeout), call).await {
             Ok(Ok(reply)) => Ok(reply),
+            // It answered, and said no.
+            Ok(Err(status))
+                if !matches!(
+                    status.code(),
+                    tonic::Code::Unavailable
+                        | tonic::Code::Unknown
+                        | tonic::Code::DeadlineExceeded
+                        | tonic::Code::Cancelled
+                ) =>
+            {
+                Err(anyhow::anyhow!(
+                    "the orchestrator at {} refused: {}",
+                    self.orchestrator,
+                    describe_status(&status)
+                ))
+            }
             Ok(Err(status)) => Err(failed(describe_status(&status))),
             Err(_) => Err(failed(format!("no answer within {}s", self.timeout))),
         }
@@ -260,7 +341,14 @@ impl Connection {
 async fn main() -> ExitCode {
     bmfleet_proto::install_crypto_provider();
     let cli = Cli::parse();
-    let Top::Fleet { command } = cli.command;
+    let command = match cli.command {
+        Top::Fleet { command } => *command,
+        Top::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "bmctl", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+    };
     let result = match command {
         FleetCommand::Pki { command } => pki::run(command),
         FleetCommand::Plan {
@@ -307,6 +395,25 @@ async fn main() -> ExitCode {
             before,
             output,
         } => status::audit(&connection, limit, before, output).await,
+        FleetCommand::Agents { command } => agents::run(command).await,
+        FleetCommand::Enroll { connection, hosts } => match hosts.inventory() {
+            Ok(inventory) => {
+                enroll::enroll(connection, inventory, &hosts.only, hosts.parallel).await
+            }
+            Err(e) => Err(e),
+        },
+        FleetCommand::Decommission {
+            connection,
+            instances,
+            all_done,
+            hosts,
+        } => match hosts.inventory() {
+            Ok(inventory) => {
+                enroll::decommission(connection, inventory, &instances, all_done, hosts.parallel)
+                    .await
+            }
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

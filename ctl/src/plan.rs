@@ -23,14 +23,49 @@ struct PlanJson {
     note: String,
 }
 
-/// The orchestrator's measured passes for the instances of `fleet`, in file order.
-async fn measured(connection: &Connection, fleet: &FleetFile) -> anyhow::Result<Vec<Instance>> {
+/// What the orchestrator's agents lack for `fleet`: agents it does not know, origins without
+/// a data address.
+fn agent_problems(status: &bmfleet_proto::v1::StatusReply, fleet: &FleetFile) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for spec in &fleet.instances {
+        for (name, origin) in [(&spec.origin, true), (&spec.target, false)] {
+            if !seen.insert((name.clone(), origin)) {
+                continue;
+            }
+            match status.agents.iter().find(|a| &a.name == name) {
+                None => problems.push(format!(
+                    "instance {}: the orchestrator does not know agent {name} (register it: \
+                     `bmctl fleet enroll` or `bmctl fleet agents add`, or list it in its \
+                     configuration)",
+                    spec.name
+                )),
+                Some(a) if origin && a.data_address.is_empty() => problems.push(format!(
+                    "instance {}: origin agent {name} has no data_address (where its target \
+                     pulls from): add it to its [[agent]] entry or `bmctl fleet agents add \
+                     {name} {} --data-address HOST:PORT`",
+                    spec.name, a.address
+                )),
+                Some(_) => {}
+            }
+        }
+    }
+    problems
+}
+
+/// The orchestrator's measured passes for the instances of `fleet`, in file order, and what
+/// its agents lack for the fleet.
+async fn measured(
+    connection: &Connection,
+    fleet: &FleetFile,
+) -> anyhow::Result<(Vec<Instance>, Vec<String>)> {
     let mut client = connection.client()?;
     let status = connection
         .call(client.status(bmfleet_proto::v1::StatusRequest {}))
         .await?
         .into_inner();
-    Ok(fleet
+    let problems = agent_problems(&status, fleet);
+    let measured = fleet
         .instances
         .iter()
         .map(|spec| {
@@ -50,7 +85,8 @@ async fn measured(connection: &Connection, fleet: &FleetFile) -> anyhow::Result<
             }
             i
         })
-        .collect())
+        .collect();
+    Ok((measured, problems))
 }
 
 /// Prints the plan of `file`, or fails naming the line and field at fault.
@@ -60,7 +96,7 @@ pub async fn run(
     output: Output,
 ) -> anyhow::Result<()> {
     let fleet = FleetFile::load(file)?;
-    let measured = match &connection {
+    let (measured, problems) = match &connection {
         Some(c) => match measured(c, &fleet).await {
             Ok(m) => {
                 eprintln!(
@@ -71,10 +107,10 @@ pub async fn run(
             }
             Err(e) => {
                 eprintln!("bmctl: {e:#}; planning from the file's estimates");
-                Vec::new()
+                Default::default()
             }
         },
-        None => Vec::new(),
+        None => Default::default(),
     };
     let rows = plan(&fleet, jiff::Timestamp::now(), &measured);
     let json: Vec<PlanJson> = rows
@@ -132,6 +168,12 @@ pub async fn run(
                 fleet.policy.min_stagger_secs
             );
         }
+    }
+    if !problems.is_empty() {
+        anyhow::bail!(
+            "the fleet cannot run on this orchestrator as it is:\n  {}",
+            problems.join("\n  ")
+        );
     }
     Ok(())
 }

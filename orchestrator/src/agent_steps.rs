@@ -48,9 +48,10 @@ impl GrpcAgents {
     }
 }
 
-fn agent<'a>(pool: &'a AgentPool, name: &str) -> Result<&'a AgentHandle, String> {
-    pool.get(name)
-        .ok_or_else(|| format!("agent {name} is not in the orchestrator's configuration"))
+fn agent(pool: &AgentPool, name: &str) -> Result<AgentHandle, String> {
+    pool.get(name).ok_or_else(|| {
+        format!("agent {name} is neither in the orchestrator's configuration nor registered")
+    })
 }
 
 impl AgentPort for GrpcAgents {
@@ -101,8 +102,8 @@ impl AgentPort for GrpcAgents {
 }
 
 async fn run_step(pool: &AgentPool, job: Job, now_ms: i64) -> StepResult {
-    let origin = agent(pool, &job.instance.origin)?;
-    let target = agent(pool, &job.instance.target)?;
+    let origin = &agent(pool, &job.instance.origin)?;
+    let target = &agent(pool, &job.instance.target)?;
     match job.step {
         Step::Preflight => preflight(origin, target, &job).await.map(|_| None),
         Step::HotPass | Step::PreWindowPass => {
@@ -228,6 +229,13 @@ async fn preflight(origin: &AgentHandle, target: &AgentHandle, job: &Job) -> Res
     let (o, t) = tokio::join!(facts(origin, true), facts(target, false));
     let (o, t) = (o?, t?);
     let mut problems = Vec::new();
+    if origin.data_address.is_none() {
+        problems.push(format!(
+            "agent {} has no data_address (where targets pull from): add it to its [[agent]] \
+             entry, or register it with `bmctl fleet agents add {} ADDRESS --data-address HOST:PORT`",
+            origin.name, origin.name
+        ));
+    }
     let version = |f: &bmfleet_proto::v1::FactsReply| {
         f.bluemind
             .as_ref()

@@ -24,9 +24,12 @@ pub struct AgentHandle {
     pub client: AgentClient<Channel>,
 }
 
-/// Clients of every configured agent, by name.
+/// Clients of every agent, by name: those of the configuration file and those registered at
+/// run time (`bmctl fleet agents add`, an enrollment). Cheap to read from many tasks.
 pub struct AgentPool {
-    agents: BTreeMap<String, AgentHandle>,
+    config: std::sync::Arc<rustls::ClientConfig>,
+    timeout: Duration,
+    agents: std::sync::RwLock<BTreeMap<String, AgentHandle>>,
 }
 
 impl AgentPool {
@@ -36,30 +39,62 @@ impl AgentPool {
         entries: &[AgentEntry],
         timeout: Duration,
     ) -> Result<Self, TlsError> {
-        let config = identity.client_config(Role::Agent)?;
-        let mut agents = BTreeMap::new();
+        let pool = AgentPool {
+            config: identity.client_config(Role::Agent)?,
+            timeout,
+            agents: Default::default(),
+        };
         for entry in entries {
-            let channel = connect(&entry.address, &entry.name, config.clone(), timeout)?;
-            agents.insert(
-                entry.name.clone(),
-                AgentHandle {
-                    name: entry.name.clone(),
-                    address: entry.address.clone(),
-                    data_address: entry.data_address.clone(),
-                    client: AgentClient::new(channel),
-                },
-            );
+            pool.insert(entry)?;
         }
-        Ok(AgentPool { agents })
+        Ok(pool)
     }
 
-    /// Every agent, by name.
-    pub fn iter(&self) -> impl Iterator<Item = &AgentHandle> {
-        self.agents.values()
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, AgentHandle>> {
+        self.agents.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, AgentHandle>> {
+        self.agents.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds an agent, or replaces the client of one with that name (a new address).
+    pub fn insert(&self, entry: &AgentEntry) -> Result<(), TlsError> {
+        let channel = connect(
+            &entry.address,
+            &entry.name,
+            self.config.clone(),
+            self.timeout,
+        )?;
+        self.write().insert(
+            entry.name.clone(),
+            AgentHandle {
+                name: entry.name.clone(),
+                address: entry.address.clone(),
+                data_address: entry.data_address.clone(),
+                client: AgentClient::new(channel),
+            },
+        );
+        Ok(())
+    }
+
+    /// Forgets an agent; true when it was known.
+    pub fn remove(&self, name: &str) -> bool {
+        self.write().remove(name).is_some()
+    }
+
+    /// Every agent now, by name.
+    pub fn handles(&self) -> Vec<AgentHandle> {
+        self.read().values().cloned().collect()
+    }
+
+    /// Whether an agent of that name is known.
+    pub fn contains(&self, name: &str) -> bool {
+        self.read().contains_key(name)
     }
 
     /// One agent by name.
-    pub fn get(&self, name: &str) -> Option<&AgentHandle> {
-        self.agents.get(name)
+    pub fn get(&self, name: &str) -> Option<AgentHandle> {
+        self.read().get(name).cloned()
     }
 }

@@ -2,7 +2,6 @@
 //! resumes it after a restart from the stored fleet file and states, and passes operators'
 //! commands to it.
 
-use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
@@ -79,7 +78,7 @@ pub struct Conductor {
     state: Arc<State>,
     clock: Arc<dyn Clock>,
     port: Arc<dyn AgentPort>,
-    agents: HashSet<String>,
+    agents: Arc<AgentPool>,
     applied: Mutex<Option<Applied>>,
     metrics: Arc<crate::metrics::Metrics>,
 }
@@ -90,14 +89,14 @@ impl Conductor {
         state: Arc<State>,
         clock: Arc<dyn Clock>,
         port: Arc<dyn AgentPort>,
-        pool: &AgentPool,
+        pool: Arc<AgentPool>,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Self {
         Conductor {
             state,
             clock,
             port,
-            agents: pool.iter().map(|a| a.name.clone()).collect(),
+            agents: pool,
             applied: Mutex::new(None),
             metrics,
         }
@@ -133,7 +132,7 @@ impl Conductor {
             .instances
             .iter()
             .flat_map(|i| [&i.origin, &i.target])
-            .filter(|a| !self.agents.contains(*a))
+            .filter(|a| !self.agents.contains(a))
             .cloned()
             .collect();
         if !unknown.is_empty() {

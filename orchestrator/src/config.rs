@@ -34,9 +34,13 @@ pub struct OrchestratorConfig {
     pub audit_retention_days: u32,
     /// The orchestrator's identity (role `orchestrator`).
     pub tls: TlsFiles,
-    /// Every agent of the fleet.
+    /// Every agent known from the start (more may be registered at run time through the
+    /// Fleet API: `bmctl fleet agents add`, `bmctl fleet enroll`).
     #[serde(default)]
     pub agent: Vec<AgentEntry>,
+    /// Enrollment with one-time join tokens; absent: no enrollment listener.
+    #[serde(default)]
+    pub enrollment: Option<crate::enrollment::EnrollmentConfig>,
 }
 
 /// One agent: the name its certificate must carry and where it listens.
@@ -86,6 +90,23 @@ impl OrchestratorConfig {
         ] {
             if value == 0 {
                 return Err(invalid(field.into(), "must be at least 1".into()));
+            }
+        }
+        if let Some(e) = &config.enrollment {
+            if e.certificate_days == 0 {
+                return Err(invalid(
+                    "enrollment.certificate_days".into(),
+                    "must be at least 1".into(),
+                ));
+            }
+            if e.token_ttl_secs == 0 || e.token_ttl_secs > e.token_max_ttl_secs {
+                return Err(invalid(
+                    "enrollment.token_ttl_secs".into(),
+                    format!(
+                        "must be between 1 and token_max_ttl_secs ({})",
+                        e.token_max_ttl_secs
+                    ),
+                ));
             }
         }
         let mut names = HashMap::new();

@@ -7,14 +7,18 @@ use bmfleet_proto::identity::Role;
 use bmfleet_proto::tls::{caller_identity, require_role};
 use bmfleet_proto::v1::fleet_server::Fleet;
 use bmfleet_proto::v1::{
-    ApplyRequest, ApproveRequest, AuditReply, AuditRequest, CommandReply, EventsReply,
-    EventsRequest, FleetEvent, InstanceStatus, StatusReply, StatusRequest, TargetRequest,
+    AddAgentRequest, AgentStatus, ApplyRequest, ApproveRequest, AuditReply, AuditRequest,
+    CommandReply, EventsReply, EventsRequest, FleetEvent, InstanceStatus, IssueJoinTokenReply,
+    IssueJoinTokenRequest, RemoveAgentRequest, StatusReply, StatusRequest, TargetRequest,
 };
 use tonic::{Request, Response, Status};
 
+use crate::agents::AgentPool;
 use crate::clock::Clock;
 use crate::conductor::{Conductor, ConductorError};
+use crate::config::AgentEntry;
 use crate::engine::Command;
+use crate::enrollment::EnrollmentConfig;
 use std::collections::HashMap;
 
 use crate::state::{AuditRecord, State};
@@ -23,12 +27,33 @@ use crate::state::{AuditRecord, State};
 const AUDIT_DEFAULT: u32 = 100;
 const AUDIT_MAX: u32 = 10_000;
 
+/// What the Fleet API works on.
+pub struct Parts {
+    /// The state database.
+    pub state: Arc<State>,
+    /// Time.
+    pub clock: Arc<dyn Clock>,
+    /// The applied fleet's engine.
+    pub conductor: Arc<Conductor>,
+    /// Metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Every agent's client (agents registered here are added to it).
+    pub pool: Arc<AgentPool>,
+    /// The names of the configuration file's agents (not removable through the API).
+    pub configured: Vec<String>,
+    /// Enrollment, when configured (join tokens are issued only then).
+    pub enrollment: Option<EnrollmentConfig>,
+}
+
 /// The Fleet API.
 pub struct FleetApi {
     state: Arc<State>,
     clock: Arc<dyn Clock>,
     conductor: Arc<Conductor>,
     metrics: Arc<crate::metrics::Metrics>,
+    pool: Arc<AgentPool>,
+    configured: Vec<String>,
+    enrollment: Option<EnrollmentConfig>,
     orchestrator_name: String,
     audit_policy: AuditPolicy,
     /// Refused calls written per caller in the current minute: (minute, written, skipped).
@@ -90,20 +115,16 @@ fn target(req: &TargetRequest) -> Result<Option<String>, Status> {
 }
 
 impl FleetApi {
-    /// A Fleet API over `state` and `conductor`, answering as `orchestrator_name`.
-    pub fn new(
-        state: Arc<State>,
-        clock: Arc<dyn Clock>,
-        conductor: Arc<Conductor>,
-        metrics: Arc<crate::metrics::Metrics>,
-        orchestrator_name: String,
-        audit_policy: AuditPolicy,
-    ) -> Self {
+    /// A Fleet API over `parts`, answering as `orchestrator_name`.
+    pub fn new(parts: Parts, orchestrator_name: String, audit_policy: AuditPolicy) -> Self {
         FleetApi {
-            state,
-            clock,
-            conductor,
-            metrics,
+            state: parts.state,
+            clock: parts.clock,
+            conductor: parts.conductor,
+            metrics: parts.metrics,
+            pool: parts.pool,
+            configured: parts.configured,
+            enrollment: parts.enrollment,
             orchestrator_name,
             audit_policy,
             refusals: std::sync::Mutex::default(),
@@ -271,6 +292,68 @@ impl FleetApi {
     fn internal(e: crate::state::StateError) -> Status {
         Status::internal(e.to_string())
     }
+
+    /// Every agent's health, with where its entry comes from and its data address.
+    fn agent_statuses(&self) -> Result<Vec<AgentStatus>, Status> {
+        let mut agents = self.state.agents().map_err(Self::internal)?;
+        for agent in &mut agents {
+            agent.source = if self.configured.contains(&agent.name) {
+                "config"
+            } else {
+                "registered"
+            }
+            .into();
+            if let Some(handle) = self.pool.get(&agent.name) {
+                agent.data_address = handle.data_address.unwrap_or_default();
+            }
+        }
+        Ok(agents)
+    }
+
+    /// The unfinished instance of the applied fleet that uses `agent`, if any.
+    fn instance_using(&self, agent: &str) -> Result<Option<String>, Status> {
+        let Some(fleet) = self.conductor.fleet() else {
+            return Ok(None);
+        };
+        let finished: HashMap<String, bool> = self
+            .state
+            .instances()
+            .map_err(Self::internal)?
+            .into_iter()
+            .map(|(name, i)| (name, i.phase.is_final()))
+            .collect();
+        Ok(fleet
+            .instances
+            .iter()
+            .filter(|i| i.origin == agent || i.target == agent)
+            .find(|i| finished.get(&i.name) != Some(&true))
+            .map(|i| i.name.clone()))
+    }
+}
+
+/// Checks an agent entry given to `AddAgent`.
+fn agent_entry(req: &AddAgentRequest) -> Result<AgentEntry, Status> {
+    bmfleet_proto::identity::validate_name(&req.name)
+        .map_err(|m| Status::invalid_argument(format!("name: {m}")))?;
+    let address = |field: &str, value: &str| -> Result<(), Status> {
+        match value.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
+                Ok(())
+            }
+            _ => Err(Status::invalid_argument(format!(
+                "{field}: '{value}' is not host:port"
+            ))),
+        }
+    };
+    address("address", &req.address)?;
+    if !req.data_address.is_empty() {
+        address("data_address", &req.data_address)?;
+    }
+    Ok(AgentEntry {
+        name: req.name.clone(),
+        address: req.address.clone(),
+        data_address: (!req.data_address.is_empty()).then(|| req.data_address.clone()),
+    })
 }
 
 #[tonic::async_trait]
@@ -285,7 +368,7 @@ impl Fleet for FleetApi {
             Ok(StatusReply {
                 orchestrator: self.orchestrator_name.clone(),
                 generated_at_unix_ms: self.clock.now_ms(),
-                agents: self.state.agents().map_err(Self::internal)?,
+                agents: self.agent_statuses()?,
                 migration: self
                     .conductor
                     .fleet()
@@ -417,6 +500,166 @@ impl Fleet for FleetApi {
                     .audit_log(limit, before_id)
                     .map_err(Self::internal)?,
             })
+        })
+    }
+
+    async fn issue_join_token(
+        &self,
+        request: Request<IssueJoinTokenRequest>,
+    ) -> Result<Response<IssueJoinTokenReply>, Status> {
+        let req = request.get_ref();
+        let arguments = format!("{{\"name\":{:?},\"ttl_secs\":{}}}", req.name, req.ttl_secs);
+        self.audited(&request, "IssueJoinToken", arguments, || {
+            let config = self.enrollment.as_ref().ok_or_else(|| {
+                Status::failed_precondition(
+                    "enrollment is not configured: add an [enrollment] section (listen, \
+                     pki_dir) to the orchestrator's configuration",
+                )
+            })?;
+            bmfleet_proto::identity::validate_name(&req.name)
+                .map_err(|m| Status::invalid_argument(format!("name: {m}")))?;
+            let ttl = match req.ttl_secs {
+                0 => config.token_ttl_secs,
+                n if n > config.token_max_ttl_secs => {
+                    return Err(Status::invalid_argument(format!(
+                        "a join token lives at most {} s (enrollment.token_max_ttl_secs)",
+                        config.token_max_ttl_secs
+                    )))
+                }
+                n => n,
+            };
+            let by = caller_identity(&request).map_or_else(|_| "-".into(), |id| id.name);
+            let token = crate::enrollment::new_token(
+                &req.name,
+                &by,
+                self.clock.now_ms(),
+                i64::from(ttl) * 1000,
+            )?;
+            self.state
+                .store_join_token(&token.stored)
+                .map_err(Self::internal)?;
+            let ca_pem =
+                std::fs::read_to_string(config.pki_dir.join(bmfleet_proto::pki::CA_CERT_FILE))
+                    .map_err(|e| Status::internal(format!("reading the fleet CA: {e}")))?;
+            Ok(IssueJoinTokenReply {
+                token: token.text,
+                expires_unix_ms: token.stored.expires_ms,
+                enroll_address: config.enroll_address(),
+                ca_pem,
+            })
+        })
+    }
+
+    async fn add_agent(
+        &self,
+        request: Request<AddAgentRequest>,
+    ) -> Result<Response<CommandReply>, Status> {
+        let req = request.get_ref();
+        let arguments = format!(
+            "{{\"name\":{:?},\"address\":{:?},\"data_address\":{:?}}}",
+            req.name, req.address, req.data_address
+        );
+        self.audited(&request, "AddAgent", arguments, || {
+            let entry = agent_entry(req)?;
+            if self.configured.contains(&entry.name) {
+                return Err(Status::failed_precondition(format!(
+                    "agent {} is in the orchestrator's configuration file: change it there",
+                    entry.name
+                )));
+            }
+            if let Some(other) = self
+                .pool
+                .handles()
+                .into_iter()
+                .find(|a| a.address == entry.address && a.name != entry.name)
+            {
+                return Err(Status::already_exists(format!(
+                    "{} is already the address of agent {}",
+                    entry.address, other.name
+                )));
+            }
+            let moved = self.pool.get(&entry.name).is_some();
+            if moved {
+                if let Some(instance) = self.instance_using(&entry.name)? {
+                    return Err(Status::failed_precondition(format!(
+                        "agent {} is part of instance {instance}, not finished: it cannot move now",
+                        entry.name
+                    )));
+                }
+            }
+            let by = caller_identity(&request).map_or_else(|_| "-".into(), |id| id.name);
+            self.state
+                .register_agent(&entry, &by, self.clock.now_ms())
+                .map_err(Self::internal)?;
+            self.pool
+                .insert(&entry)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            Ok(CommandReply {
+                detail: format!(
+                    "agent {} {} at {}{}",
+                    entry.name,
+                    if moved { "moved" } else { "registered" },
+                    entry.address,
+                    entry
+                        .data_address
+                        .as_ref()
+                        .map(|d| format!(" (data plane {d})"))
+                        .unwrap_or_default()
+                ),
+            })
+        })
+    }
+
+    async fn remove_agent(
+        &self,
+        request: Request<RemoveAgentRequest>,
+    ) -> Result<Response<CommandReply>, Status> {
+        let req = request.get_ref();
+        let arguments = format!("{{\"name\":{:?},\"revoke\":{}}}", req.name, req.revoke);
+        self.audited(&request, "RemoveAgent", arguments, || {
+            if self.configured.contains(&req.name) {
+                return Err(Status::failed_precondition(format!(
+                    "agent {} is in the orchestrator's configuration file: remove it there \
+                     and restart",
+                    req.name
+                )));
+            }
+            if let Some(instance) = self.instance_using(&req.name)? {
+                return Err(Status::failed_precondition(format!(
+                    "agent {} is part of instance {instance}, not finished: abort or finish it first",
+                    req.name
+                )));
+            }
+            if !self
+                .state
+                .unregister_agent(&req.name)
+                .map_err(Self::internal)?
+            {
+                return Err(Status::not_found(format!(
+                    "no registered agent {}",
+                    req.name
+                )));
+            }
+            self.pool.remove(&req.name);
+            let mut detail = format!("agent {} removed", req.name);
+            if req.revoke {
+                let config = self.enrollment.as_ref().ok_or_else(|| {
+                    Status::failed_precondition(
+                        "removed, but not revoked: the orchestrator has no [enrollment] pki_dir \
+                         (run `bmctl fleet pki revoke` where the CA is)",
+                    )
+                })?;
+                let (crl, count) =
+                    bmfleet_proto::pki::revoke_in_dir(&config.pki_dir, &req.name).map_err(|e| {
+                        Status::failed_precondition(format!("removed, but not revoked: {e}"))
+                    })?;
+                detail += &format!(
+                    "; its certificate is revoked ({} lists {count}; reload the agents that \
+                     read it)",
+                    crl.display()
+                );
+            }
+            Ok(CommandReply { detail })
         })
     }
 }

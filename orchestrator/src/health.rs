@@ -62,7 +62,7 @@ pub async fn check_all(
     timeout: Duration,
 ) -> Vec<String> {
     let mut checks = tokio::task::JoinSet::new();
-    for agent in pool.iter().cloned() {
+    for agent in pool.handles() {
         let measure = measure_usage(&agent.name);
         checks.spawn(async move {
             let check = check_agent(&agent, measure, timeout).await;

@@ -15,6 +15,7 @@ pub mod clock;
 pub mod conductor;
 pub mod config;
 pub mod engine;
+pub mod enrollment;
 pub mod eta;
 pub mod fleet;
 pub mod fleet_api;
@@ -63,6 +64,14 @@ pub enum OrchestratorError {
     /// The stored fleet could not be resumed.
     #[error("resuming the applied fleet: {0}")]
     Resume(#[from] conductor::ConductorError),
+    /// The enrollment listener could not be bound.
+    #[error("cannot serve enrollment on {address}: {source}")]
+    Enrollment {
+        /// The address.
+        address: String,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The gRPC server failed.
     #[error("serving the Fleet API: {0}")]
     Serve(#[from] tonic::transport::Error),
@@ -99,9 +108,17 @@ pub async fn run_with(
     let identity = LocalIdentity::load(&config.tls, Role::Orchestrator)?;
     bmfleet_proto::process::reload_on_sighup(identity.trust());
     let state = Arc::new(State::open(&config.state_db)?);
-    state.sync_agents(&config.agent)?;
+    // The configuration's agents, and those registered at run time (a name in both is the
+    // configuration's).
+    let mut agents = config.agent.clone();
+    for registered in state.registered_agents()? {
+        if !agents.iter().any(|a| a.name == registered.name) {
+            agents.push(registered);
+        }
+    }
+    state.sync_agents(&agents)?;
     let timeout = Duration::from_secs(config.rpc_timeout_secs);
-    let pool = Arc::new(AgentPool::new(&identity, &config.agent, timeout)?);
+    let pool = Arc::new(AgentPool::new(&identity, &agents, timeout)?);
     let metrics = Arc::new(metrics::Metrics::new());
     if let Some(address) = config.metrics_listen {
         let bound = metrics::serve(metrics.clone(), clock.clone(), address).map_err(|source| {
@@ -124,12 +141,12 @@ pub async fn run_with(
         state.clone(),
         clock.clone(),
         port,
-        &pool,
+        pool.clone(),
         metrics.clone(),
     ));
     conductor.resume_stored()?;
     let health = tokio::spawn(health::run(
-        pool,
+        pool.clone(),
         metrics.clone(),
         state.clone(),
         clock.clone(),
@@ -142,7 +159,28 @@ pub async fn run_with(
     let audit = fleet_api::AuditPolicy {
         retention_ms: i64::from(config.audit_retention_days) * 86_400_000,
     };
-    let api = FleetApi::new(state, clock, conductor, metrics, name, audit);
+    let enrollment = match &config.enrollment {
+        Some(e) => Some(enrollment::serve(
+            e.clone(),
+            &identity,
+            state.clone(),
+            clock.clone(),
+        )?),
+        None => None,
+    };
+    let api = FleetApi::new(
+        fleet_api::Parts {
+            state,
+            clock,
+            conductor,
+            metrics,
+            pool,
+            configured: config.agent.iter().map(|a| a.name.clone()).collect(),
+            enrollment: config.enrollment.clone(),
+        },
+        name,
+        audit,
+    );
     let served = bounded_server()
         .add_service(FleetServer::new(api))
         .serve_with_incoming_shutdown(
@@ -158,6 +196,9 @@ pub async fn run_with(
         )
         .await;
     health.abort();
+    if let Some(e) = enrollment {
+        e.abort();
+    }
     served?;
     Ok(())
 }

@@ -92,6 +92,45 @@ pub struct HistoryEntry {
     pub service_ip: String,
 }
 
+/// A join token as stored: the secret only as its SHA-256.
+#[derive(Debug, Clone)]
+pub struct StoredToken {
+    /// The public part (`bmj1.ID.…`).
+    pub id: String,
+    /// SHA-256 of the secret part.
+    pub secret_sha256: [u8; 32],
+    /// The agent name it enrolls.
+    pub name: String,
+    /// When it was issued.
+    pub issued_ms: i64,
+    /// The operator's certificate name.
+    pub issued_by: String,
+    /// It is refused from then on.
+    pub expires_ms: i64,
+}
+
+/// Why a join token was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenRefusal {
+    /// No such token, or a wrong secret (the two are not told apart).
+    #[error("unknown join token (issue one with `bmctl fleet agents token NAME`)")]
+    Unknown,
+    /// Already redeemed.
+    #[error("this join token was already used (at {at_ms} Unix ms, from {from}); a token enrolls once: issue a new one")]
+    Used {
+        /// When.
+        at_ms: i64,
+        /// The caller's address.
+        from: String,
+    },
+    /// Past its lifetime.
+    #[error("this join token expired at {at_ms} Unix ms: issue a new one")]
+    Expired {
+        /// When.
+        at_ms: i64,
+    },
+}
+
 /// What an audited Fleet API call did.
 #[derive(Debug, Clone)]
 pub struct AuditRecord {
@@ -183,6 +222,23 @@ impl State {
                  target TEXT NOT NULL,
                  service_ip TEXT NOT NULL
              );
+             CREATE TABLE IF NOT EXISTS registered_agents (
+                 name TEXT PRIMARY KEY,
+                 address TEXT NOT NULL,
+                 data_address TEXT,
+                 registered_ms INTEGER NOT NULL,
+                 registered_by TEXT NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS join_tokens (
+                 id TEXT PRIMARY KEY,
+                 secret_sha256 BLOB NOT NULL,
+                 name TEXT NOT NULL,
+                 issued_ms INTEGER NOT NULL,
+                 issued_by TEXT NOT NULL,
+                 expires_ms INTEGER NOT NULL,
+                 used_ms INTEGER,
+                 used_from TEXT
+             );
              CREATE TABLE IF NOT EXISTS audit (
                  id INTEGER PRIMARY KEY AUTOINCREMENT,
                  at_ms INTEGER NOT NULL,
@@ -237,6 +293,141 @@ impl State {
             }
         }
         tx.commit().map_err(|e| self.err(e))
+    }
+
+    /// The agents registered through the Fleet API (not those of the configuration file).
+    pub fn registered_agents(&self) -> Result<Vec<AgentEntry>, StateError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT name, address, data_address FROM registered_agents ORDER BY name")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(AgentEntry {
+                    name: r.get(0)?,
+                    address: r.get(1)?,
+                    data_address: r.get(2)?,
+                })
+            })
+            .and_then(|rows| rows.collect())
+            .map_err(|e| self.err(e))?;
+        Ok(rows)
+    }
+
+    /// Registers an agent (or moves a registered one) and starts its health record.
+    pub fn register_agent(
+        &self,
+        entry: &AgentEntry,
+        by: &str,
+        now_ms: i64,
+    ) -> Result<(), StateError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        tx.execute(
+            "INSERT INTO registered_agents (name, address, data_address, registered_ms, registered_by)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (name) DO UPDATE SET address = excluded.address,
+                 data_address = excluded.data_address, registered_ms = excluded.registered_ms,
+                 registered_by = excluded.registered_by",
+            params![entry.name, entry.address, entry.data_address, now_ms, by],
+        )
+        .map_err(|e| self.err(e))?;
+        tx.execute(
+            "INSERT INTO agents (name, address) VALUES (?1, ?2)
+             ON CONFLICT (name) DO UPDATE SET address = excluded.address",
+            params![entry.name, entry.address],
+        )
+        .map_err(|e| self.err(e))?;
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    /// Forgets a registered agent and its health record; false when it was not registered.
+    pub fn unregister_agent(&self, name: &str) -> Result<bool, StateError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        let removed = tx
+            .execute(
+                "DELETE FROM registered_agents WHERE name = ?1",
+                params![name],
+            )
+            .map_err(|e| self.err(e))?;
+        if removed > 0 {
+            tx.execute("DELETE FROM agents WHERE name = ?1", params![name])
+                .map_err(|e| self.err(e))?;
+        }
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(removed > 0)
+    }
+
+    /// Stores a new join token (its secret only as a hash).
+    pub fn store_join_token(&self, token: &StoredToken) -> Result<(), StateError> {
+        self.conn()
+            .execute(
+                "INSERT INTO join_tokens (id, secret_sha256, name, issued_ms, issued_by, expires_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    token.id,
+                    token.secret_sha256.to_vec(),
+                    token.name,
+                    token.issued_ms,
+                    token.issued_by,
+                    token.expires_ms
+                ],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Redeems a join token: it must exist, hold this secret, be unused and unexpired. It is
+    /// marked used in the same transaction (a second redemption, even concurrent, is refused).
+    /// Returns the name it was issued for.
+    pub fn redeem_join_token(
+        &self,
+        id: &str,
+        secret_sha256: &[u8; 32],
+        from: &str,
+        now_ms: i64,
+    ) -> Result<Result<String, TokenRefusal>, StateError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        type TokenRow = (Vec<u8>, String, i64, Option<i64>, Option<String>);
+        let row: Option<TokenRow> = tx
+            .query_row(
+                "SELECT secret_sha256, name, expires_ms, used_ms, used_from FROM join_tokens WHERE id = ?1",
+                params![id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+            )
+            .optional()
+            .map_err(|e| self.err(e))?;
+        let Some((hash, name, expires_ms, used_ms, used_from)) = row else {
+            return Ok(Err(TokenRefusal::Unknown));
+        };
+        // Compared in constant time: the id is public, the secret is not.
+        let same = hash.len() == 32
+            && hash
+                .iter()
+                .zip(secret_sha256.iter())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if !same {
+            return Ok(Err(TokenRefusal::Unknown));
+        }
+        if let Some(at_ms) = used_ms {
+            return Ok(Err(TokenRefusal::Used {
+                at_ms,
+                from: used_from.unwrap_or_default(),
+            }));
+        }
+        if now_ms >= expires_ms {
+            return Ok(Err(TokenRefusal::Expired { at_ms: expires_ms }));
+        }
+        tx.execute(
+            "UPDATE join_tokens SET used_ms = ?2, used_from = ?3 WHERE id = ?1 AND used_ms IS NULL",
+            params![id, now_ms, from],
+        )
+        .map_err(|e| self.err(e))?;
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(Ok(name))
     }
 
     /// The facts last stored for an agent.
@@ -297,6 +488,8 @@ impl State {
                     last_check_unix_ms: r.get(4)?,
                     last_error: r.get(5)?,
                     facts: facts.and_then(|b| FactsReply::decode(b.as_slice()).ok()),
+                    data_address: String::new(),
+                    source: String::new(),
                 })
             })
             .and_then(|rows| rows.collect())

@@ -174,45 +174,38 @@ impl FleetCa {
     /// Issues a certificate for a fleet identity (server and client use, so agents can serve
     /// and dial, and the orchestrator can serve bmctl and dial agents).
     pub fn issue(&self, req: &IssueRequest) -> Result<IssuedCert, PkiError> {
-        validate_name(&req.name).map_err(PkiError::Invalid)?;
-        if req.not_after <= req.not_before {
-            return Err(PkiError::Invalid(
-                "the certificate would expire before it becomes valid".into(),
-            ));
-        }
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, req.name.as_str());
-        dn.push(DnType::OrganizationalUnitName, req.role.as_str());
-        dn.push(DnType::OrganizationName, FLEET_ORGANIZATION);
-        params.distinguished_name = dn;
-        let mut dns = vec![req.name.clone()];
-        dns.extend(req.dns.iter().filter(|d| **d != req.name).cloned());
-        for name in dns {
-            let ia5 = name
-                .clone()
-                .try_into()
-                .map_err(|_| PkiError::Invalid(format!("invalid DNS name '{name}'")))?;
-            params.subject_alt_names.push(SanType::DnsName(ia5));
-        }
-        params
-            .subject_alt_names
-            .extend(req.ips.iter().map(|ip| SanType::IpAddress(*ip)));
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
-        params.not_before = req.not_before;
-        params.not_after = req.not_after;
+        let params = certificate_params(req)?;
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(IssuedCert {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
         })
+    }
+
+    /// Signs the public key of a PKCS#10 request (PEM) whose subject CN is `req.name`. Only
+    /// the request's key is taken (its signature proves the holder has the private key):
+    /// names, role, usages and validity all come from `req`.
+    pub fn sign_request(&self, csr_pem: &str, req: &IssueRequest) -> Result<String, PkiError> {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| {
+            PkiError::Invalid(format!(
+                "the signing request is not a valid PKCS#10 request: {e}"
+            ))
+        })?;
+        let cn = csr
+            .params
+            .distinguished_name
+            .get(&DnType::CommonName)
+            .and_then(dn_text)
+            .unwrap_or_default();
+        if cn != req.name {
+            return Err(PkiError::Invalid(format!(
+                "the signing request names '{cn}', the token was issued for '{}'",
+                req.name
+            )));
+        }
+        let params = certificate_params(req)?;
+        Ok(params.signed_by(&csr.public_key, &self.issuer)?.pem())
     }
 
     /// Writes the CA into a new PKI directory (created if needed), with an empty revocation
@@ -260,6 +253,90 @@ impl FleetCa {
         write_new_file(&temporary, &pem, 0o644)?;
         std::fs::rename(&temporary, &path).map_err(|source| PkiError::Io { path, source })
     }
+}
+
+/// The text of a distinguished-name value, for the string kinds a request may use.
+fn dn_text(value: &rcgen::DnValue) -> Option<String> {
+    match value {
+        rcgen::DnValue::Utf8String(s) => Some(s.clone()),
+        rcgen::DnValue::PrintableString(s) => Some(s.as_str().to_string()),
+        rcgen::DnValue::Ia5String(s) => Some(s.as_str().to_string()),
+        _ => None,
+    }
+}
+
+/// The parameters of a fleet identity's certificate.
+fn certificate_params(req: &IssueRequest) -> Result<CertificateParams, PkiError> {
+    validate_name(&req.name).map_err(PkiError::Invalid)?;
+    if req.not_after <= req.not_before {
+        return Err(PkiError::Invalid(
+            "the certificate would expire before it becomes valid".into(),
+        ));
+    }
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, req.name.as_str());
+    dn.push(DnType::OrganizationalUnitName, req.role.as_str());
+    dn.push(DnType::OrganizationName, FLEET_ORGANIZATION);
+    params.distinguished_name = dn;
+    let mut dns = vec![req.name.clone()];
+    dns.extend(req.dns.iter().filter(|d| **d != req.name).cloned());
+    for name in dns {
+        let ia5 = name
+            .clone()
+            .try_into()
+            .map_err(|_| PkiError::Invalid(format!("invalid DNS name '{name}'")))?;
+        params.subject_alt_names.push(SanType::DnsName(ia5));
+    }
+    params
+        .subject_alt_names
+        .extend(req.ips.iter().map(|ip| SanType::IpAddress(*ip)));
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    params.not_before = req.not_before;
+    params.not_after = req.not_after;
+    Ok(params)
+}
+
+/// A new private key (PEM, PKCS#8) and a signing request for fleet name `name` (made where
+/// the key will live: only the request travels).
+pub fn signing_request(name: &str) -> Result<(String, String), PkiError> {
+    validate_name(name).map_err(PkiError::Invalid)?;
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, name);
+    params.distinguished_name = dn;
+    let csr = params.serialize_request(&key)?;
+    Ok((key.serialize_pem(), csr.pem()?))
+}
+
+/// The enrollment's signing: signs `csr_pem` for `req` with the CA of `dir` and writes the
+/// certificate there as `NAME.pem` (so that `pki revoke NAME` works on it). A previous
+/// certificate of that name is revoked first (the host re-keyed). Returns the certificate and
+/// whether an earlier one was revoked.
+pub fn sign_into_dir(
+    dir: &Path,
+    csr_pem: &str,
+    req: &IssueRequest,
+) -> Result<(String, bool), PkiError> {
+    let ca = FleetCa::load(dir)?;
+    let cert_pem = ca.sign_request(csr_pem, req)?;
+    let path = dir.join(format!("{}.pem", req.name));
+    let replaced = path.exists();
+    if replaced {
+        revoke_in_dir(dir, &req.name)?;
+    }
+    let temporary = dir.join(format!(".{}.pem.new", req.name));
+    let _ = std::fs::remove_file(&temporary);
+    write_new_file(&temporary, &cert_pem, 0o644)?;
+    std::fs::rename(&temporary, &path).map_err(|source| PkiError::Io { path, source })?;
+    Ok((cert_pem, replaced))
 }
 
 /// `bmctl fleet pki revoke`: adds `name`'s certificate to the PKI directory's revocation list.
@@ -413,6 +490,42 @@ mod tests {
             issue_into_dir(dir.path(), &req),
             Err(PkiError::Exists(_))
         ));
+    }
+
+    #[test]
+    fn a_signed_request_gets_the_requested_name_and_role_only() {
+        let dir = tempfile::tempdir().unwrap();
+        init_dir(dir.path()).unwrap();
+        let (key_pem, csr_pem) = signing_request("target-9").unwrap();
+        let req = IssueRequest::new("target-9", Role::Agent, 30);
+        let (cert_pem, replaced) = sign_into_dir(dir.path(), &csr_pem, &req).unwrap();
+        assert!(!replaced);
+        let der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap();
+        let id = peer_identity(&der).unwrap();
+        assert_eq!((id.name.as_str(), id.role), ("target-9", Role::Agent));
+        // The certificate carries the request's key (the pair works together in TLS).
+        let files = crate::tls::TlsFiles {
+            ca: dir.path().join(CA_CERT_FILE),
+            cert: dir.path().join("target-9.pem"),
+            key: dir.path().join("k.pem"),
+            crl: None,
+        };
+        std::fs::write(&files.key, &key_pem).unwrap();
+        let identity = crate::tls::LocalIdentity::load(&files, Role::Agent).unwrap();
+        identity.server_config().unwrap();
+        // A second enrollment of the name revokes the first certificate.
+        let (_, csr2) = signing_request("target-9").unwrap();
+        let (_, replaced) = sign_into_dir(dir.path(), &csr2, &req).unwrap();
+        assert!(replaced);
+        assert_eq!(read_revoked(dir.path()).unwrap().len(), 1);
+        // A request for another name, or garbage, is refused.
+        let (_, other) = signing_request("origin-1").unwrap();
+        let err = sign_into_dir(dir.path(), &other, &req)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("names 'origin-1'"), "{err}");
+        let tampered = csr_pem.replace("MII", "MIJ");
+        assert!(sign_into_dir(dir.path(), &tampered, &req).is_err());
     }
 
     #[test]

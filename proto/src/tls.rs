@@ -343,6 +343,19 @@ impl LocalIdentity {
         Ok(Arc::new(config))
     }
 
+    /// A server configuration asking no client certificate: only for the enrollment listener,
+    /// whose callers have none yet and prove themselves with a join token instead.
+    pub fn server_config_without_client_auth(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        let mut config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(|e| TlsError::Config(format!("certificate and key do not match: {e}")))?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(config))
+    }
+
     /// A client configuration presenting this identity, accepting only servers of `role`.
     pub fn client_config(&self, role: Role) -> Result<Arc<rustls::ClientConfig>, TlsError> {
         client_config_with(self.trust.clone(), Some(self), role)

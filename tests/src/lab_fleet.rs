@@ -25,6 +25,10 @@ pub struct LabParams {
     pub db_rows: u64,
     /// A new message arrives on each running origin every this many ms.
     pub deliver_ms: u64,
+    /// Agents are not installed: every host runs sshd instead, the orchestrator has none
+    /// configured and serves enrollment, and `enroll_inventory` describes the hosts for
+    /// `bmctl fleet enroll`.
+    pub enroll: bool,
 }
 
 impl Default for LabParams {
@@ -34,6 +38,7 @@ impl Default for LabParams {
             messages: 300,
             db_rows: 2000,
             deliver_ms: 40,
+            enroll: false,
         }
     }
 }
@@ -54,6 +59,8 @@ pub struct LabFleet {
     pub agents: Vec<AgentEntry>,
     /// Size.
     pub params: LabParams,
+    /// ssh into the hosts (enroll labs).
+    pub ssh: Option<crate::ssh::SshAccess>,
 }
 
 /// One instance's outcome, as `bmctl fleet status --output json` reports it.
@@ -126,6 +133,12 @@ impl LabFleet {
         let lab = Lab::new(&name_refs);
         let dir = open_tempdir();
         let pki = TestPki::new();
+        // Enrollment signs with a PKI directory's CA, as `bmctl fleet pki init` makes it.
+        let pki_dir = dir.path().join("pki");
+        let ssh = params.enroll.then(|| {
+            bmfleet_proto::pki::init_dir(&pki_dir).expect("pki init");
+            crate::ssh::SshAccess::new(&dir.path().join("ssh")).expect("ssh keys")
+        });
         let mut pgs = Vec::new();
         let mut agents_toml = String::new();
         let mut agents = Vec::new();
@@ -147,13 +160,21 @@ impl LabFleet {
                 pg.sql("bj", &SCHEMA.replace("ROWS", &rows));
                 pg.sql("bj-data", &DATA_SCHEMA.replace("ROWS", &rows));
             }
-            let files = pki.issue(name, Role::Agent);
-            let config = dir.path().join(format!("{name}.toml"));
-            write(
-                &config,
-                agent_toml(&root, name, &files, &pg, origin, &params),
-            );
-            start_agent(&lab, dir.path(), name);
+            let base = agent_base_toml(&root, name, &pg, origin, &params);
+            if let Some(ssh) = &ssh {
+                write(&dir.path().join(format!("{name}-base.toml")), base);
+                ssh.start(&lab, name, "orch").expect("sshd");
+            } else {
+                let files = pki.issue(name, Role::Agent);
+                let tls = format!(
+                    "[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                    files.ca.display(),
+                    files.cert.display(),
+                    files.key.display()
+                );
+                write(&dir.path().join(format!("{name}.toml")), base + &tls);
+                start_agent(&lab, dir.path(), name);
+            }
             if origin {
                 // BlueMind runs on the origin, which holds the service IP.
                 lab.ip(
@@ -185,12 +206,14 @@ impl LabFleet {
                 address: format!("{}:7443", host.ip),
                 data_address: origin.then(|| format!("{}:7444", host.ip)),
             };
-            agents_toml += &format!(
-                "[[agent]]\nname = \"{name}\"\naddress = \"{}\"\n",
-                entry.address
-            );
-            if let Some(data) = &entry.data_address {
-                agents_toml += &format!("data_address = \"{data}\"\n");
+            if !params.enroll {
+                agents_toml += &format!(
+                    "[[agent]]\nname = \"{name}\"\naddress = \"{}\"\n",
+                    entry.address
+                );
+                if let Some(data) = &entry.data_address {
+                    agents_toml += &format!("data_address = \"{data}\"\n");
+                }
             }
             agents.push(entry);
             pgs.push(pg);
@@ -202,12 +225,46 @@ impl LabFleet {
                 let _ = s.send_to(b"hello", format!("{}:9", service_ip(i)));
             }
         });
-        let orch = pki.issue("orchestrator", Role::Orchestrator);
+        let (orch, operator, enrollment) = if params.enroll {
+            let issue = |name: &str, role: Role| {
+                let files = bmfleet_proto::pki::issue_into_dir(
+                    &pki_dir,
+                    &bmfleet_proto::pki::IssueRequest::new(name, role, 30),
+                )
+                .expect("issue");
+                TlsFiles {
+                    ca: files.ca,
+                    cert: files.cert,
+                    key: files.key,
+                    crl: Some(pki_dir.join(bmfleet_proto::pki::CRL_FILE)),
+                }
+            };
+            (
+                issue("orchestrator", Role::Orchestrator),
+                issue("operator", Role::Operator),
+                format!(
+                    "[enrollment]\nlisten = \"0.0.0.0:7446\"\nadvertise = \"{}:7446\"\npki_dir = \"{}\"\n",
+                    lab.host("orch").ip,
+                    pki_dir.display()
+                ),
+            )
+        } else {
+            (
+                pki.issue("orchestrator", Role::Orchestrator),
+                pki.issue("operator", Role::Operator),
+                String::new(),
+            )
+        };
+        let crl = orch
+            .crl
+            .as_ref()
+            .map(|c| format!("crl = \"{}\"\n", c.display()))
+            .unwrap_or_default();
         let config = dir.path().join("orchestrator.toml");
         write(
             &config,
             format!(
-                "listen = \"0.0.0.0:7400\"\nmetrics_listen = \"0.0.0.0:9464\"\nstate_db = \"{}\"\nhealth_interval_secs = 2\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n{agents_toml}",
+                "listen = \"0.0.0.0:7400\"\nmetrics_listen = \"0.0.0.0:9464\"\nstate_db = \"{}\"\nhealth_interval_secs = 2\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n{crl}{enrollment}{agents_toml}",
                 dir.path().join("orchestrator/state.db").display(),
                 orch.ca.display(),
                 orch.cert.display(),
@@ -215,7 +272,6 @@ impl LabFleet {
             ),
         );
         start_orchestrator(&lab, dir.path());
-        let operator = pki.issue("operator", Role::Operator);
         LabFleet {
             pgs,
             lab,
@@ -225,7 +281,35 @@ impl LabFleet {
             orchestrator: orch,
             agents,
             params,
+            ssh,
         }
+    }
+
+    /// The inventory `bmctl fleet enroll` takes for this (enroll) lab: every host by its lab
+    /// address, its agent's files under its data root, no systemd (the lab's supervisor is the
+    /// lab itself), the lab's base settings (stand-in services, PostgreSQL socket…).
+    pub fn enroll_inventory(&self) -> String {
+        let ssh = self.ssh.as_ref().expect("an enroll lab");
+        let mut text = format!(
+            "[defaults]\nagent_binary = \"{}\"\nssh_config = \"{}\"\nsupervisor = \"none\"\n",
+            binary("bmfleet-agent").display(),
+            ssh.ssh_config.display()
+        );
+        for host in self.lab.hosts().iter().skip(1) {
+            let root = self.root(&host.name);
+            text += &format!(
+                "\n[[host]]\nssh = \"root@{ip}\"\nname = \"{name}\"\nrole = \"{role}\"\n\
+                 base = \"{base}\"\nbin_path = \"{root}/usr/local/bin/bmfleet-agent\"\n\
+                 config_dir = \"{root}/etc/bmfleet\"\nstate_dir = \"{root}/var/lib/bmfleet-agent\"\n\
+                 data_root = \"{root}\"\n",
+                ip = host.ip,
+                name = host.name,
+                role = if host.name.starts_with("origin") { "origin" } else { "target" },
+                base = self.dir.path().join(format!("{}-base.toml", host.name)).display(),
+                root = root.display(),
+            );
+        }
+        text
     }
 
     /// SQL as the administrator on a host's cluster (hosts in lab order, orchestrator excluded:
@@ -508,10 +592,10 @@ fn toml_list(words: &[String]) -> String {
     format!("[{}]", quoted.join(", "))
 }
 
-fn agent_toml(
+/// A lab host's agent settings, all but its identity ([tls] comes last, or from enrollment).
+fn agent_base_toml(
     root: &Path,
     name: &str,
-    files: &TlsFiles,
     pg: &PgCluster,
     origin: bool,
     params: &LabParams,
@@ -534,10 +618,6 @@ data_listen = "0.0.0.0:7444"
 metrics_listen = "0.0.0.0:9465"
 data_root = "{root}"
 state_dir = "{root}/var/lib/bmfleet-agent"
-[tls]
-ca = "{ca}"
-cert = "{cert}"
-key = "{key}"
 [facts]
 bluemind_version_command = ["cat", "{root}/etc/bm/bm-core.version"]
 postgresql_version_command = ["runuser", "-u", "postgres", "--", "{psql}", "-h", "{socket}", "-p", "5432", "-XAtc", "SHOW server_version"]
@@ -563,9 +643,6 @@ announce_count = 4
 announce_period_ms = 4000
 {api}"#,
         root = root.display(),
-        ca = files.ca.display(),
-        cert = files.cert.display(),
-        key = files.key.display(),
         bm_start = service("bluemind", "start"),
         bm_stop = service("bluemind", "stop"),
         bm_status = service("bluemind", "status"),

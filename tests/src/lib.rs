@@ -316,6 +316,7 @@ pub mod bluemind_api;
 pub mod lab;
 pub mod lab_fleet;
 pub mod prometheus;
+pub mod ssh;
 
 /// A free loopback port (bound then released).
 pub fn free_port() -> u16 {

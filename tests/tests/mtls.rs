@@ -189,6 +189,7 @@ async fn fleet_api_refuses_an_agent_certificate_and_audits_it() {
         audit_retention_days: 30,
         tls: pki.issue("orchestrator", Role::Orchestrator),
         agent: vec![],
+        enrollment: None,
     };
     let orchestrator = serve_orchestrator(config).await;
     let fleet_client = |files: &bmfleet_proto::tls::TlsFiles, role: Role| {

@@ -45,6 +45,7 @@ async fn a_missing_interface_or_an_unlisted_extra_dir_stops_the_instance_at_pref
             entry("origin-1", origin.addr),
             entry("target-1", target.addr),
         ],
+        enrollment: None,
     })
     .await;
     let operator =
@@ -93,6 +94,11 @@ async fn a_missing_interface_or_an_unlisted_extra_dir_stops_the_instance_at_pref
         "{error}"
     );
     assert!(error.contains("facts.extra_data_dirs"), "{error}");
+    // An origin the orchestrator knows no data address of is caught before any pass.
+    assert!(
+        error.contains("agent origin-1 has no data_address"),
+        "{error}"
+    );
     // Nothing was synced.
     assert!(!dir.path().join("t/root/var/spool/cyrus").exists());
 }

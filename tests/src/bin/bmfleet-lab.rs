@@ -1,4 +1,4 @@
-//! `bmfleet-lab demo [--pairs N] [--messages N] [--db-rows N]`: builds the network lab (N
+//! `bmfleet-lab demo [--pairs N] [--messages N] [--db-rows N] [--enroll]`: builds the network lab (N
 //! BlueMind origin/target pairs and an orchestrator), migrates the whole fleet with bmctl,
 //! prints a per-instance summary, tears the lab down, and exits 0 only if every instance is
 //! Done and verified. The last line of output is one JSON object.
@@ -32,6 +32,10 @@ enum Mode {
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 900)]
         timeout_secs: u64,
+        /// Start from hosts with sshd and no agent: `bmctl fleet enroll` installs, enrolls
+        /// and starts every agent first.
+        #[arg(long)]
+        enroll: bool,
     },
 }
 
@@ -41,6 +45,7 @@ fn main() -> ExitCode {
         messages,
         db_rows,
         timeout_secs,
+        enroll,
     } = Args::parse().command;
     println!("== building the lab: {pairs} origin/target pairs, {messages} messages and {db_rows} rows each");
     let fleet = LabFleet::build(LabParams {
@@ -48,7 +53,30 @@ fn main() -> ExitCode {
         messages,
         db_rows,
         deliver_ms: 40,
+        enroll,
     });
+    if enroll {
+        let inventory = fleet.dir().join("hosts.toml");
+        if let Err(e) = std::fs::write(&inventory, fleet.enroll_inventory()) {
+            eprintln!("demo: {e}");
+            return ExitCode::FAILURE;
+        }
+        println!("== bmctl fleet enroll --inventory {}", inventory.display());
+        let out = fleet.bmctl(&[
+            "fleet",
+            "enroll",
+            "--inventory",
+            &inventory.display().to_string(),
+        ]);
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+        if !out.status.success() {
+            eprintln!(
+                "demo: enrollment failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return ExitCode::FAILURE;
+        }
+    }
     println!("== fleet file\n{}", fleet.fleet_file());
     println!("== bmctl fleet apply, then bmctl fleet status until every instance is finished");
     let result = fleet.migrate(Duration::from_secs(timeout_secs), |table| {

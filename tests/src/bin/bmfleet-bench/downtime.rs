@@ -308,7 +308,7 @@ fn bmfleet(fleet: &LabFleet, pair: usize, params: &Params) -> anyhow::Result<Bmf
                 }))),
                 churned: churned.clone(),
             });
-            let conductor = Conductor::new(state.clone(), clock, port, &pool, metrics);
+            let conductor = Conductor::new(state.clone(), clock, port, pool.clone(), metrics);
             conductor.apply(&fleet_text(&instance, pair), "bench-fleet.toml", &[])?;
             let deadline = Instant::now() + Duration::from_secs(3600);
             let finished = loop {
@@ -377,6 +377,7 @@ pub fn run(params: Params) -> anyhow::Result<()> {
     );
     let built = Instant::now();
     let fleet = LabFleet::build(LabParams {
+        enroll: false,
         pairs: 2,
         messages: params.files,
         db_rows: params.db_rows,

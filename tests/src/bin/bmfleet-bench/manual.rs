@@ -9,11 +9,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context};
 use bmfleet_proto::BLUEMIND_DATA_DIRS;
 use bmfleet_tests::lab_fleet::LabFleet;
+use bmfleet_tests::ssh::SshAccess;
 
 /// The manual's configuration copies: (recursive, origin path, target path).
 const CONFIG_COPIES: &[(bool, &str, &str)] = &[
@@ -122,11 +123,7 @@ pub struct Manual<'a> {
     ssh_config: PathBuf,
     dir: PathBuf,
     password: String,
-    created_privsep_dir: bool,
 }
-
-/// sshd's privilege-separation directory.
-const PRIVSEP_DIR: &str = "/run/sshd";
 
 fn check(what: &str, cmd: &mut Command) -> anyhow::Result<std::process::Output> {
     let out = cmd
@@ -149,64 +146,10 @@ impl<'a> Manual<'a> {
     pub fn prepare(fleet: &'a LabFleet, origin: &str, target: &str) -> anyhow::Result<Self> {
         let dir = fleet.dir().join("manual");
         std::fs::create_dir_all(&dir)?;
-        for key in ["host_key", "root_key"] {
-            check(
-                "ssh-keygen",
-                Command::new("ssh-keygen")
-                    .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-                    .arg(dir.join(key)),
-            )?;
-        }
-        std::fs::copy(dir.join("root_key.pub"), dir.join("authorized_keys"))?;
+        let ssh = SshAccess::new(&dir).map_err(anyhow::Error::msg)?;
+        ssh.start(&fleet.lab, origin, target)
+            .map_err(anyhow::Error::msg)?;
         let origin_ip = fleet.lab.host(origin).ip.to_string();
-        std::fs::write(
-            dir.join("sshd_config"),
-            format!(
-                "ListenAddress {origin_ip}\nHostKey {host_key}\nAuthorizedKeysFile {keys}\n\
-                 PermitRootLogin prohibit-password\nPasswordAuthentication no\n\
-                 KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPidFile none\n\
-                 Subsystem sftp internal-sftp\n",
-                host_key = dir.join("host_key").display(),
-                keys = dir.join("authorized_keys").display(),
-            ),
-        )?;
-        let ssh_config = dir.join("ssh_config");
-        std::fs::write(
-            &ssh_config,
-            format!(
-                "Host *\n  IdentityFile {}\n  UserKnownHostsFile /dev/null\n  StrictHostKeyChecking no\n  BatchMode yes\n  LogLevel ERROR\n",
-                dir.join("root_key").display()
-            ),
-        )?;
-        let created_privsep_dir = !Path::new(PRIVSEP_DIR).exists();
-        if created_privsep_dir {
-            std::fs::create_dir(PRIVSEP_DIR)?;
-        }
-        let mut sshd = fleet.lab.command(origin, "/usr/sbin/sshd");
-        sshd.arg("-D")
-            .arg("-e")
-            .arg("-f")
-            .arg(dir.join("sshd_config"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("sshd.log"))?);
-        fleet.lab.spawn(sshd);
-        let address = format!("{origin_ip}:22");
-        let up = fleet.lab.run_in(target, || {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(a) = address.parse() {
-                    if std::net::TcpStream::connect_timeout(&a, Duration::from_millis(200)).is_ok()
-                    {
-                        return true;
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            false
-        });
-        if !up {
-            bail!("sshd did not come up on {origin} (see {})", dir.display());
-        }
         let bm_ini = std::fs::read_to_string(fleet.root(origin).join("etc/bm/bm.ini"))?;
         let password = bm_ini
             .lines()
@@ -234,10 +177,9 @@ impl<'a> Manual<'a> {
             origin: origin.into(),
             target: target.into(),
             origin_ip,
-            ssh_config,
+            ssh_config: ssh.ssh_config.clone(),
             dir,
             password,
-            created_privsep_dir,
         })
     }
 
@@ -441,9 +383,6 @@ impl<'a> Manual<'a> {
 impl Drop for Manual<'_> {
     fn drop(&mut self) {
         self.fleet.lab.kill_matching(&self.origin, "sshd");
-        if self.created_privsep_dir {
-            let _ = std::fs::remove_dir(PRIVSEP_DIR);
-        }
     }
 }
 
