@@ -543,6 +543,14 @@ key = "/pki/a-key.pem"
             format!("{:?}", example.data_plane),
             format!("{:?}", minimal.data_plane)
         );
+        assert_eq!(
+            format!("{:?}", example.network),
+            format!("{:?}", minimal.network)
+        );
+        assert_eq!(
+            format!("{:?}", example.bluemind_api),
+            format!("{:?}", minimal.bluemind_api)
+        );
     }
 
     #[test]

@@ -133,9 +133,33 @@ impl Inventory {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
         let inventory: Inventory = toml::from_str(&text).map_err(|e| {
-            let line = e
-                .span()
-                .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            let line_of = |at: usize| text[..at.min(text.len())].matches('\n').count() + 1;
+            // A host's settings are flattened into it: an unknown key's span is its whole
+            // table, so find the key's own line in it.
+            let unknown = e
+                .message()
+                .strip_prefix("unknown field `")
+                .and_then(|m| m.split('`').next());
+            let line = e.span().map(|span| {
+                let key_at = unknown.and_then(|key| {
+                    // From the table's header to the next header.
+                    let mut at = span.start.min(text.len());
+                    for (i, l) in text[at..].split_inclusive('\n').enumerate() {
+                        if i > 0 && l.trim_start().starts_with('[') {
+                            break;
+                        }
+                        let trimmed = l.trim_start();
+                        if trimmed.starts_with(key)
+                            && trimmed[key.len()..].trim_start().starts_with('=')
+                        {
+                            return Some(at);
+                        }
+                        at += l.len();
+                    }
+                    None
+                });
+                line_of(key_at.unwrap_or(span.start))
+            });
             anyhow::anyhow!(
                 "{}{}: {}",
                 path.display(),

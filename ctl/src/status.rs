@@ -37,6 +37,8 @@ struct InstanceJson {
     progress_percent: u32,
     eta_unix_ms: Option<i64>,
     window_end_unix_ms: Option<i64>,
+    paused: bool,
+    pause_pending: bool,
 }
 
 impl From<&bmfleet_proto::v1::InstanceStatus> for InstanceJson {
@@ -59,6 +61,8 @@ impl From<&bmfleet_proto::v1::InstanceStatus> for InstanceJson {
             progress_percent: i.progress_percent,
             eta_unix_ms: non_zero(i.eta_unix_ms),
             window_end_unix_ms: non_zero(i.window_end_unix_ms),
+            paused: i.paused,
+            pause_pending: i.pause_pending,
         }
     }
 }
@@ -267,7 +271,13 @@ fn render(json: &StatusJson) -> String {
         .map(|i| {
             vec![
                 i.name.clone(),
-                i.phase.clone(),
+                if i.pause_pending {
+                    format!("{} (pausing)", i.phase)
+                } else if i.paused && i.phase != "Paused" {
+                    format!("{} (held)", i.phase)
+                } else {
+                    i.phase.clone()
+                },
                 format!("{}%", i.progress_percent),
                 i.hot_passes.to_string(),
                 format!(
@@ -282,6 +292,7 @@ fn render(json: &StatusJson) -> String {
                     .unwrap_or_else(|| "-".into()),
                 match (i.phase.as_str(), i.eta_unix_ms) {
                     ("Done" | "RolledBack" | "Failed" | "Aborted", _) => "-".into(),
+                    _ if i.paused || i.pause_pending => "paused".into(),
                     (_, Some(eta)) => format!("in {}", duration(eta - now)),
                     (_, None) => "none in horizon".into(),
                 },
@@ -501,7 +512,7 @@ pub async fn audit(
             print!(
                 "{}",
                 table(
-                    &["ID", "AT (UNIX MS)", "WHO", "METHOD", "OUTCOME", "DETAIL"],
+                    &["ID", "AT (UTC)", "WHO", "METHOD", "OUTCOME", "DETAIL"],
                     &rows
                 )
             );
@@ -529,6 +540,50 @@ mod tests {
     #[test]
     fn audit_times_are_rfc3339() {
         assert_eq!(utc(1_000_500), "1970-01-01T00:16:40Z");
+    }
+
+    #[test]
+    fn a_pause_shows_in_the_phase_and_the_eta() {
+        let instance = |phase: &str, paused: bool, pause_pending: bool| {
+            InstanceJson::from(&bmfleet_proto::v1::InstanceStatus {
+                name: format!("mail-{phase}"),
+                phase: phase.into(),
+                eta_unix_ms: 2_000_000,
+                paused,
+                pause_pending,
+                ..Default::default()
+            })
+        };
+        let json = StatusJson {
+            orchestrator: "orchestrator".into(),
+            generated_at_unix_ms: 1_000_000,
+            agents: vec![],
+            migration: Some("night".into()),
+            fleet_paused: false,
+            approved: false,
+            fleet_eta_unix_ms: None,
+            instances: vec![
+                instance("HotSync", false, true),
+                instance("Converged", true, false),
+                instance("Pending", false, false),
+            ],
+        };
+        let text = render(&json);
+        let line = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(name))
+                .unwrap()
+                .to_string()
+        };
+        assert!(line("mail-HotSync").contains("HotSync (pausing)"), "{text}");
+        assert!(line("mail-HotSync").contains("paused"), "{text}");
+        assert!(
+            line("mail-Converged").contains("Converged (held)"),
+            "{text}"
+        );
+        assert!(!line("mail-Pending").contains("paused"), "{text}");
+        let value = serde_json::to_value(&json.instances[0]).unwrap();
+        assert_eq!(value["pause_pending"], true);
     }
 
     #[test]

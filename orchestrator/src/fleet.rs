@@ -564,10 +564,10 @@ service_ip = "198.18.0.101/24"
                 "prefix length",
             ),
             (
-                second("name = \"mail-02\"\norigin = \"origin-2\"\ntarget = \"target-2\"\nservice_ip = \"198.18.0.102/24\"\n[[instance.windows]]\ndays = [\"mon\"]\nstart = \"23:00\"\nend = \"23:00\"\ntimezone = \"UTC\""),
+                second("name = \"mail-02\"\norigin = \"origin-2\"\ntarget = \"target-2\"\nservice_ip = \"198.18.0.102/24\"\n[[instance.windows]]\ndays = [\"mon\"]\nstart = \"23:00\"\nend = \"23:60\"\ntimezone = \"UTC\""),
                 22,
                 "instance[1].windows[0]",
-                "the window is empty",
+                "invalid time '23:60'",
             ),
             (
                 second("name = \"mail-02\"\norigin = \"origin-2\"\ntarget = \"target-2\"\nservice_ip = \"198.18.0.102/24\"\nbluemind = \"6\""),

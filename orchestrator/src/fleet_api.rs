@@ -182,6 +182,7 @@ impl FleetApi {
             return Ok((Vec::new(), 0));
         };
         let stored = self.state.instances().map_err(Self::internal)?;
+        let fleet_paused = self.state.fleet_state().map_err(Self::internal)?.paused;
         let states: Vec<crate::machine::Instance> = fleet
             .instances
             .iter()
@@ -220,7 +221,15 @@ impl FleetApi {
                 downtime_start_unix_ms: i.downtime_start_ms.unwrap_or(0),
                 downtime_end_unix_ms: i.downtime_end_ms.unwrap_or(0),
                 downtime_budget_secs: spec.downtime_budget_secs,
-                last_error: i.last_error.clone().unwrap_or_default(),
+                // A Done instance's last error was retried away: the events keep it.
+                last_error: if i.phase == crate::machine::Phase::Done {
+                    String::new()
+                } else {
+                    i.last_error.clone().unwrap_or_default()
+                },
+                paused: !i.phase.is_final()
+                    && (i.phase == crate::machine::Phase::Paused || fleet_paused),
+                pause_pending: i.pause_requested,
                 running: i.running.keys().map(|s| s.as_str().to_string()).collect(),
                 last_pass_scan_ms: i.last_pass.map_or(0, |p| p.scan_ms),
                 last_pass_elapsed_ms: i.last_pass.map_or(0, |p| p.elapsed_ms),

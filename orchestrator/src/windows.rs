@@ -1,6 +1,7 @@
 //! Maintenance windows: on given weekdays, from a local start time to a local end time in an
 //! IANA time zone. A window whose end is not after its start runs across midnight (it belongs
-//! to the day it starts). Daylight-saving changes follow the zone's rules: a start inside a
+//! to the day it starts); an end equal to the start makes it 24 hours long (`00:00` to
+//! `00:00` every day: always open). Daylight-saving changes follow the zone's rules: a start inside a
 //! skipped hour moves to the hour's end, an ambiguous one takes the earlier instant.
 
 use jiff::civil::{Date, Time, Weekday};
@@ -43,9 +44,6 @@ pub enum WindowError {
     /// A time is not HH:MM.
     #[error("invalid time '{0}': use HH:MM, 00:00 to 23:59")]
     Time(String),
-    /// Start equals end: the window would be empty (or endless).
-    #[error("start and end are both {0}: the window is empty")]
-    Empty(String),
     /// Unknown time zone.
     #[error("unknown time zone '{0}': use an IANA name such as Europe/Paris")]
     Zone(String),
@@ -85,9 +83,6 @@ impl Window {
             .map(|d| weekday(d))
             .collect::<Result<Vec<_>, _>>()?;
         let (start_t, end_t) = (hhmm(start)?, hhmm(end)?);
-        if start_t == end_t {
-            return Err(WindowError::Empty(start.to_string()));
-        }
         let zone = TimeZone::get(tz).map_err(|_| WindowError::Zone(tz.to_string()))?;
         Ok(Window {
             days,
@@ -177,6 +172,34 @@ mod tests {
     }
 
     #[test]
+    fn an_end_equal_to_the_start_is_a_whole_day() {
+        let w = window(&["mon", "tue"], "00:00", "00:00", "UTC");
+        // Monday 2026-01-05.
+        assert_eq!(
+            w.open_at(ts("2026-01-05T13:00:00Z")),
+            Some(Opening {
+                start: ts("2026-01-05T00:00:00Z"),
+                end: ts("2026-01-06T00:00:00Z")
+            })
+        );
+        assert_eq!(
+            w.open_at(ts("2026-01-06T23:59:00Z")).map(|o| o.end),
+            Some(ts("2026-01-07T00:00:00Z"))
+        );
+        assert_eq!(
+            w.open_at(ts("2026-01-07T00:00:00Z")),
+            None,
+            "Wednesday is not"
+        );
+        let evening = window(&["fri"], "18:00", "18:00", "UTC");
+        assert_eq!(
+            evening.open_at(ts("2026-01-10T09:00:00Z")).map(|o| o.end),
+            Some(ts("2026-01-10T18:00:00Z")),
+            "Friday 18:00 to Saturday 18:00"
+        );
+    }
+
+    #[test]
     fn a_night_window_runs_across_midnight_and_belongs_to_its_start_day() {
         // Friday 22:00 to Saturday 05:00, Paris (UTC+1 in January).
         let w = window(&["fri"], "22:00", "05:00", "Europe/Paris");
@@ -260,10 +283,6 @@ mod tests {
         assert!(matches!(
             Window::parse(&days, "1:00", "02:00", "UTC"),
             Err(WindowError::Time(_))
-        ));
-        assert!(matches!(
-            Window::parse(&days, "02:00", "02:00", "UTC"),
-            Err(WindowError::Empty(_))
         ));
         assert!(matches!(
             Window::parse(&days, "01:00", "02:00", "Mars/Olympus"),
