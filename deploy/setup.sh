@@ -8,8 +8,9 @@ packages=(
   postgresql       # BlueMind's databases (bj, bj-data), dumped and restored for real
   iproute2         # ip netns / veth / bridge for the lab, service IP moves
   arping           # gratuitous ARP after the service IP moves
-  openssh-server   # the manual procedure's transport, for the side-by-side benchmark
-  openssh-client
+  openssh-server   # the lab hosts' sshd: enrollment and the manual procedure's transport
+  openssh-client   # bmctl fleet enroll drives the system ssh (openssh crate)
+  systemd          # systemd-analyze verify of the packaged units (not started here)
   procps
   attr             # setfattr/getfattr: the tests' extended attributes
   acl              # setfacl/getfacl: the tests' POSIX ACLs
@@ -42,4 +43,10 @@ fi
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: no Rust toolchain found: install one with rustup (Rust 1.85 or newer)" >&2
   exit 1
+fi
+
+# cargo-deb builds the Debian packages (deploy/packages.sh); pinned, as its flags are.
+if ! cargo deb --version 2>/dev/null | grep -q '3\.8\.0'; then
+  echo "setup: installing cargo-deb 3.8.0"
+  cargo install cargo-deb --locked --version 3.8.0 --quiet
 fi

@@ -371,17 +371,14 @@ fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
-/// The systemd unit of an enrolled agent.
+/// The systemd unit of an enrolled agent: the packaged unit, with the host's paths.
 fn unit(host: &Host) -> String {
-    format!(
-        "[Unit]\nDescription=bmfleet agent (BlueMind migration operations for this host)\n\
-         After=network-online.target\nWants=network-online.target\n\n[Service]\n\
-         ExecStart={bin} --config {config}/agent.toml\nExecReload=/bin/kill -HUP $MAINPID\n\
-         Restart=on-failure\nRestartSec=2\nStateDirectory=bmfleet-agent\n\n[Install]\n\
-         WantedBy=multi-user.target\n",
-        bin = host.bin_path,
-        config = host.config_dir
-    )
+    include_str!("../../deploy/systemd/bmfleet-agent.service")
+        .replace("/usr/bin/bmfleet-agent", &host.bin_path)
+        .replace(
+            "/etc/bmfleet/agent.toml",
+            &format!("{}/agent.toml", host.config_dir),
+        )
 }
 
 /// The pid file of an agent started without systemd.

@@ -73,6 +73,25 @@ fn six_hosts_enrolled_from_nothing_then_migrated_then_decommissioned() {
     });
     fleet.wait_for_orchestrator().unwrap();
     let scratch = fleet.dir().join("scratch");
+    // Before enrollment the orchestrator knows no agent: plan (with connection settings) and
+    // apply both say so, as refusals.
+    let fleet_file = fleet.dir().join("fleet.toml");
+    std::fs::write(&fleet_file, fleet.fleet_file()).unwrap();
+    let fleet_path = fleet_file.display().to_string();
+    let out = fleet.bmctl(&["fleet", "plan", &fleet_path]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("the orchestrator does not know agent origin-1"),
+        "{}",
+        text(&out)
+    );
+    let out = fleet.bmctl(&["fleet", "apply", &fleet_path]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("refused") && !text(&out).contains("did not answer"),
+        "{}",
+        text(&out)
+    );
     // Two hosts that cannot be enrolled: nothing listens on ssh at the orchestrator's
     // address; origin-1 answers ssh but systemd is not its PID 1.
     let mut inventory = fleet.enroll_inventory();
@@ -193,7 +212,9 @@ fn six_hosts_enrolled_from_nothing_then_migrated_then_decommissioned() {
         text(&audit)
     );
 
-    // The enrolled fleet migrates.
+    // The enrolled fleet plans cleanly, and migrates.
+    let out = fleet.bmctl(&["fleet", "plan", &fleet_path]);
+    assert!(out.status.success(), "{}", text(&out));
     let outcomes = fleet.migrate(Duration::from_secs(600), |_| {}).unwrap();
     for o in &outcomes {
         assert_eq!(o.phase, "Done", "{o:?}");

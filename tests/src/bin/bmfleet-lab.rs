@@ -1,5 +1,6 @@
-//! `bmfleet-lab demo [--pairs N] [--messages N] [--db-rows N] [--enroll]`: builds the network lab (N
-//! BlueMind origin/target pairs and an orchestrator), migrates the whole fleet with bmctl,
+//! `bmfleet-lab demo [--pairs N] [--messages N] [--db-rows N] [--preinstalled]`: builds the network lab (N
+//! BlueMind origin/target pairs and an orchestrator), enrolls every host's agent over SSH
+//! (`bmctl fleet enroll`), migrates the whole fleet with bmctl,
 //! prints a per-instance summary, tears the lab down, and exits 0 only if every instance is
 //! Done and verified. The last line of output is one JSON object.
 
@@ -32,10 +33,11 @@ enum Mode {
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 900)]
         timeout_secs: u64,
-        /// Start from hosts with sshd and no agent: `bmctl fleet enroll` installs, enrolls
-        /// and starts every agent first.
+        /// Start with every agent installed and listed in the orchestrator's configuration
+        /// (by default the hosts run only sshd, and `bmctl fleet enroll` installs, enrolls
+        /// and starts every agent first).
         #[arg(long)]
-        enroll: bool,
+        preinstalled: bool,
     },
 }
 
@@ -45,8 +47,9 @@ fn main() -> ExitCode {
         messages,
         db_rows,
         timeout_secs,
-        enroll,
+        preinstalled,
     } = Args::parse().command;
+    let enroll = !preinstalled;
     println!("== building the lab: {pairs} origin/target pairs, {messages} messages and {db_rows} rows each");
     let fleet = LabFleet::build(LabParams {
         pairs,
