@@ -71,9 +71,13 @@ fn main() -> ExitCode {
         }
         Some(Mode::Enroll(args)) => {
             bmfleet_proto::install_crypto_provider();
-            runtime.block_on(onboard::enroll(args))
+            match runtime.block_on(onboard::enroll(args)) {
+                Ok(onboard::Enrolled::Needed) => return ExitCode::from(onboard::NEEDS_ENROLLMENT),
+                Ok(onboard::Enrolled::Yes) => Ok(()),
+                Err(e) => Err(e),
+            }
         }
-        Some(Mode::Configure(args)) => onboard::configure(args),
+        Some(Mode::Configure(args)) => runtime.block_on(onboard::configure(args)),
         None => {
             init_daemon();
             runtime.block_on(serve(args.config))

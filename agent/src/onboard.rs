@@ -31,9 +31,9 @@ pub struct EnrollArgs {
     /// This agent's fleet name (the join token's).
     #[arg(long)]
     name: String,
-    /// host:port of the orchestrator's Enrollment service.
+    /// host:port of the orchestrator's Enrollment service (not needed with --check).
     #[arg(long)]
-    orchestrator: String,
+    orchestrator: Option<String>,
     /// The name the orchestrator's certificate must carry.
     #[arg(long, default_value = "orchestrator")]
     orchestrator_name: String,
@@ -44,6 +44,21 @@ pub struct EnrollArgs {
     /// Seconds to wait for the orchestrator.
     #[arg(long, default_value_t = 15)]
     timeout: u64,
+    /// Only say whether this host is enrolled (exit 0) or needs a token (exit 3); redeems
+    /// nothing.
+    #[arg(long)]
+    check: bool,
+}
+
+/// The exit status of `enroll --check` when the host needs enrolling.
+pub const NEEDS_ENROLLMENT: u8 = 3;
+
+/// What `enroll` did.
+pub enum Enrolled {
+    /// Enrolled now, or already.
+    Yes,
+    /// `--check`: not enrolled (the reason is printed).
+    Needed,
 }
 
 /// The identity files of an enrolled agent in `dir`.
@@ -109,7 +124,7 @@ fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<(
 }
 
 /// Runs `bmfleet-agent enroll`: the join token comes on stdin.
-pub async fn enroll(args: EnrollArgs) -> anyhow::Result<()> {
+pub async fn enroll(args: EnrollArgs) -> anyhow::Result<Enrolled> {
     bmfleet_proto::identity::validate_name(&args.name)
         .map_err(|m| anyhow::anyhow!("--name: {m}"))?;
     let files = identity_files(&args.dir);
@@ -126,11 +141,18 @@ pub async fn enroll(args: EnrollArgs) -> anyhow::Result<()> {
                 args.name,
                 files.cert.display()
             );
-            return Ok(());
+            return Ok(Enrolled::Yes);
+        }
+        Err(why) if args.check => {
+            println!("not enrolled: {why}");
+            return Ok(Enrolled::Needed);
         }
         Err(why) if files.cert.exists() => eprintln!("enrolling again: {why}"),
         Err(_) => {}
     }
+    let Some(orchestrator) = &args.orchestrator else {
+        bail!("--orchestrator HOST:PORT (its Enrollment service) is needed to enroll");
+    };
     let mut token = String::new();
     std::io::stdin()
         .take(4096)
@@ -147,7 +169,7 @@ pub async fn enroll(args: EnrollArgs) -> anyhow::Result<()> {
     let roots = load_roots(&files.ca)?;
     let tls = client_config(roots, None, Role::Orchestrator)?;
     let timeout = Duration::from_secs(args.timeout);
-    let channel = connect(&args.orchestrator, &args.orchestrator_name, tls, timeout)?;
+    let channel = connect(orchestrator, &args.orchestrator_name, tls, timeout)?;
     let mut client = EnrollmentClient::new(channel);
     let mut request = tonic::Request::new(EnrollRequest {
         token: token.to_string(),
@@ -160,7 +182,7 @@ pub async fn enroll(args: EnrollArgs) -> anyhow::Result<()> {
         .map_err(|s| {
             anyhow::anyhow!(
                 "the orchestrator's enrollment at {} refused or failed: {}",
-                args.orchestrator,
+                orchestrator,
                 bmfleet_proto::error_chain::describe_status(&s)
             )
         })?
@@ -185,7 +207,7 @@ pub async fn enroll(args: EnrollArgs) -> anyhow::Result<()> {
         reply.orchestrator,
         files.cert.display()
     );
-    Ok(())
+    Ok(Enrolled::Yes)
 }
 
 /// `bmfleet-agent configure`.
@@ -262,7 +284,7 @@ fn interfaces() -> Vec<String> {
 }
 
 /// Runs `bmfleet-agent configure`.
-pub fn configure(args: ConfigureArgs) -> anyhow::Result<()> {
+pub async fn configure(args: ConfigureArgs) -> anyhow::Result<()> {
     bmfleet_proto::identity::validate_name(&args.name)
         .map_err(|m| anyhow::anyhow!("--name: {m}"))?;
     if args.out.exists() && !args.force {
@@ -349,7 +371,14 @@ pub fn configure(args: ConfigureArgs) -> anyhow::Result<()> {
         out += &format!("# interface: {line}\n");
     }
     out += &toml::to_string(&table).context("cannot render the configuration")?;
-    AgentConfig::parse(&out, &args.out)?;
+    let config = AgentConfig::parse(&out, &args.out)?;
+    let version = bmfleet_agent::facts::bluemind_version(&config).await;
+    if version.is_empty() {
+        found.push("no BlueMind version (facts.bluemind_version_command found none)".into());
+    } else {
+        found.insert(0, format!("BlueMind {version}"));
+        out = format!("# BlueMind {version} found here.\n{out}");
+    }
     if let Some(parent) = args.out.parent() {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("cannot create {}", parent.display()))?;

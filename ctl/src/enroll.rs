@@ -451,37 +451,55 @@ async fn enroll_host(
             .await?;
         changed.push("agent installed");
     }
-    let token = crate::agents::token(&connection, &host.name, 0)
-        .await
-        .with_context(|| format!("{}: no join token", host.name))?;
     let tls_dir = format!("{}/tls", host.config_dir);
+    // The fleet CA is the operator's own (--ca): written when the host's differs.
+    let ca_pem = std::fs::read(&connection.ca)
+        .with_context(|| format!("cannot read {}", connection.ca.display()))?;
+    let d = quote(&tls_dir);
     remote
         .run(
             "writing the fleet CA",
             &format!(
-                "mkdir -p {d} && chmod 0700 {d} && cat > {d}/ca.pem.new && mv {d}/ca.pem.new {d}/ca.pem",
-                d = quote(&tls_dir)
+                "mkdir -p {d} && chmod 0700 {d} && cat > {d}/ca.pem.new && \
+                 if cmp -s {d}/ca.pem.new {d}/ca.pem; then rm {d}/ca.pem.new; \
+                 else mv {d}/ca.pem.new {d}/ca.pem; fi"
             ),
-            Some(token.ca_pem.as_bytes()),
+            Some(&ca_pem),
         )
         .await?;
-    progress(&host.name, "enrolling");
-    let enroll_address = host.enroll_address.clone().unwrap_or(token.enroll_address);
-    let enrolled = remote
+    let enroll = format!(
+        "{bin} enroll --name {name} --orchestrator-name {orch} --dir {d}",
+        name = quote(&host.name),
+        orch = quote(&connection.orchestrator_name),
+    );
+    // A token only for a host that needs one: `--check` exits 3 then.
+    let check = remote
         .run(
-            "enrolling",
-            &format!(
-                "{bin} enroll --name {name} --orchestrator {addr} --orchestrator-name {orch} --dir {d}",
-                name = quote(&host.name),
-                addr = quote(&enroll_address),
-                orch = quote(&connection.orchestrator_name),
-                d = quote(&tls_dir)
-            ),
-            Some(token.token.as_bytes()),
+            "checking its identity",
+            &format!("{enroll} --check; echo \"exit=$?\""),
+            None,
         )
         .await?;
-    if !enrolled.starts_with("already enrolled") {
+    if check.contains("exit=3") {
+        let token = crate::agents::token(&connection, &host.name, 0)
+            .await
+            .with_context(|| format!("{}: no join token", host.name))?;
+        progress(&host.name, "enrolling");
+        let address = host.enroll_address.clone().unwrap_or(token.enroll_address);
+        remote
+            .run(
+                "enrolling",
+                &format!("{enroll} --orchestrator {}", quote(&address)),
+                Some(token.token.as_bytes()),
+            )
+            .await?;
         changed.push("certificate issued");
+    } else if !check.contains("exit=0") {
+        bail!(
+            "{}: checking its identity failed: {}",
+            host.name,
+            check.trim()
+        );
     }
     let mut configure = format!(
         "{bin} configure --name {name} --out {out} --tls-dir {d} --orchestrator-name {orch} \

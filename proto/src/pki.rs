@@ -524,8 +524,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("names 'origin-1'"), "{err}");
-        let tampered = csr_pem.replace("MII", "MIJ");
-        assert!(sign_into_dir(dir.path(), &tampered, &req).is_err());
+        // One base64 character of the signature changed: the request no longer proves
+        // possession of its key.
+        let end = csr_pem.find("-----END").unwrap();
+        let mut at = csr_pem[..end].trim_end().len() - 8;
+        while !csr_pem.as_bytes()[at].is_ascii_alphanumeric() {
+            at -= 1;
+        }
+        let mut tampered = csr_pem.clone().into_bytes();
+        tampered[at] = if tampered[at] == b'A' { b'B' } else { b'A' };
+        let tampered = String::from_utf8(tampered).unwrap();
+        assert_ne!(tampered, csr_pem);
+        let err = sign_into_dir(dir.path(), &tampered, &req).unwrap_err();
+        assert!(err.to_string().contains("not a valid PKCS#10"), "{err}");
     }
 
     #[test]

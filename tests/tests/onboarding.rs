@@ -10,7 +10,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use bmfleet_tests::binary;
-use bmfleet_tests::lab_fleet::{service_ip, LabFleet, LabParams};
+use bmfleet_tests::lab_fleet::{bluemind_version, service_ip, LabFleet, LabParams};
 
 fn text(out: &Output) -> String {
     format!(
@@ -144,6 +144,18 @@ fn six_hosts_enrolled_from_nothing_then_migrated_then_decommissioned() {
         let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{}", key.display());
         assert!(fleet.dir().join(format!("pki/{host}.pem")).exists());
+        // agent.toml was written from the base and what the host has.
+        let written =
+            std::fs::read_to_string(fleet.root(host).join("etc/bmfleet/agent.toml")).unwrap();
+        let pair: usize = host.rsplit('-').next().unwrap().parse().unwrap();
+        assert!(
+            written.starts_with(&format!(
+                "# BlueMind {} found here.",
+                bluemind_version(pair)
+            )),
+            "{written}"
+        );
+        assert!(written.contains("# interface: eth0"), "{written}");
         assert!(!fleet.dir().join(format!("pki/{host}-key.pem")).exists());
     }
 
