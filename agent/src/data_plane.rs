@@ -5,7 +5,7 @@
 //! (argv checked by [`crate::rsync_args`], paths resolved inside the grant), a database dump
 //! (framed), or the databases' manifest.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::process::Command;
 use tokio_stream::StreamExt;
 
+use crate::change_journal::{self, ChangeJournals};
 use crate::config::AgentConfig;
 use crate::config_set;
 use crate::grants::{AdmitError, Grant, GrantStore};
@@ -41,7 +42,12 @@ pub struct DataPlane {
     pub metrics: Arc<crate::metrics::AgentMetrics>,
     /// rsync and pg_dump children running, in all and per grant.
     pub children: Admission<String>,
+    /// The change journals of the instances this origin serves.
+    pub changes: Arc<ChangeJournals>,
 }
+
+/// The most paths a journal-backed pass moves; more and the pass walks everything.
+pub const MAX_JOURNAL_PATHS: usize = 200_000;
 
 /// The manifest reply: every database's tables, and BlueMind's database credentials (sent
 /// only to the admitted target, which must give its own role the same password because the
@@ -109,6 +115,7 @@ impl DataPlane {
             TunnelRequest::Rsync { .. } => "rsync",
             TunnelRequest::DumpDatabase { .. } => "dump",
             TunnelRequest::DatabaseManifest { .. } => "manifest",
+            TunnelRequest::Changes { .. } => "changes",
         };
         let caller = match caller {
             Some(Ok(id)) if id.role == Role::Agent => id,
@@ -126,7 +133,8 @@ impl DataPlane {
         let grant_id = match &request {
             TunnelRequest::Rsync { grant, .. }
             | TunnelRequest::DumpDatabase { grant, .. }
-            | TunnelRequest::DatabaseManifest { grant, .. } => grant.clone(),
+            | TunnelRequest::DatabaseManifest { grant, .. }
+            | TunnelRequest::Changes { grant, .. } => grant.clone(),
         };
         let now = crate::server::now_ms();
         let grant = match self.grants.admit(&grant_id, &caller.name, now) {
@@ -152,7 +160,14 @@ impl DataPlane {
             }
         };
         let outcome = match request {
-            TunnelRequest::Rsync { argv, .. } => self.rsync(&grant, &argv, &mut stream).await,
+            TunnelRequest::Rsync {
+                argv,
+                journal_since,
+                ..
+            } => self.rsync(&grant, &argv, &journal_since, &mut stream).await,
+            TunnelRequest::Changes {
+                since, manifest, ..
+            } => self.changes(&grant, &since, manifest, &mut stream).await,
             TunnelRequest::DumpDatabase { database, .. } => {
                 self.dump(&grant, &database, &mut stream).await
             }
@@ -173,17 +188,158 @@ impl DataPlane {
         }
     }
 
+    /// The BlueMind paths the change journal of `grant`'s instance recorded since the full
+    /// pass of grant `since` began, sorted; or why the journal cannot tell. Only paths inside
+    /// the grant's dirs whose every directory below the data root is a real directory (no
+    /// symlink: rsync would follow it) are listed; anything else makes the journal unusable.
+    async fn journal_paths(&self, grant: &Grant, since: &str) -> Result<Vec<String>, String> {
+        grant.require_data_dirs().map_err(|e| e.to_string())?;
+        let journal = self
+            .changes
+            .get(&change_journal::key(&grant.migration, &grant.target_name))
+            .ok_or("no change journal runs for this instance (the agent restarted since?)")?;
+        let since = since.to_string();
+        let changed = tokio::task::spawn_blocking(move || journal.changes_since(&since))
+            .await
+            .map_err(|e| e.to_string())??;
+        if changed.len() > MAX_JOURNAL_PATHS {
+            return Err(format!(
+                "{} paths changed, more than a journal pass moves ({MAX_JOURNAL_PATHS})",
+                changed.len()
+            ));
+        }
+        let config = self.config.clone();
+        let granted = grant.paths.clone();
+        tokio::task::spawn_blocking(move || {
+            let root = &config.data_root;
+            let dirs: Vec<PathBuf> = granted.iter().map(|p| config.host_path(p)).collect();
+            let mut real_dirs = std::collections::HashSet::new();
+            let mut listed = Vec::with_capacity(changed.len());
+            for path in changed {
+                let Some(under) = dirs.iter().find(|d| path.starts_with(d)) else {
+                    return Err(format!("{} is outside the grant", path.display()));
+                };
+                let mut dir = path.parent().map(Path::to_path_buf);
+                while let Some(d) = dir.filter(|d| d.starts_with(under) && d != under) {
+                    if !real_dirs.contains(&d) {
+                        match std::fs::symlink_metadata(&d) {
+                            Ok(m) if m.file_type().is_symlink() => {
+                                return Err(format!("{} is a symbolic link", d.display()))
+                            }
+                            _ => {
+                                real_dirs.insert(d.clone());
+                            }
+                        }
+                    }
+                    dir = d.parent().map(Path::to_path_buf);
+                }
+                let below = path
+                    .strip_prefix(root)
+                    .map_err(|_| format!("{} is outside the data root", path.display()))?;
+                let below = below
+                    .to_str()
+                    .ok_or_else(|| format!("{} is not a UTF-8 name", path.display()))?;
+                listed.push(format!("/{below}"));
+            }
+            Ok(listed)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
+    /// Answers a `changes` request: the journal's paths (NUL-separated), or their states
+    /// (`manifest::PathState`, JSON), as data frames, then whether the journal is complete.
+    async fn changes(
+        &self,
+        grant: &Grant,
+        since: &str,
+        manifest: bool,
+        stream: &mut Stream,
+    ) -> Result<(), String> {
+        grant.require_data_dirs().map_err(|e| e.to_string())?;
+        let mut listed = self.journal_paths(grant, since).await;
+        if manifest {
+            if let Ok(paths) = listed {
+                let config = self.config.clone();
+                listed = tokio::task::spawn_blocking(move || {
+                    paths
+                        .iter()
+                        .map(|p| {
+                            let state =
+                                crate::manifest::path_state(p, &config.host_path(Path::new(p)))?;
+                            serde_json::to_string(&state).map_err(|e| e.to_string())
+                        })
+                        .collect::<Result<Vec<String>, String>>()
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            }
+        }
+        write_json_line(
+            stream,
+            &TunnelReply {
+                ok: true,
+                error: String::new(),
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let outcome = match listed {
+            Ok(paths) => {
+                let mut text = Vec::new();
+                for p in &paths {
+                    text.extend_from_slice(p.as_bytes());
+                    text.push(0);
+                }
+                crate::tunnel::send_framed(&mut text.as_slice(), stream)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                TunnelReply {
+                    ok: true,
+                    error: String::new(),
+                }
+            }
+            Err(why) => TunnelReply {
+                ok: false,
+                error: why,
+            },
+        };
+        crate::tunnel::end_framed(stream, &outcome)
+            .await
+            .map_err(|e| e.to_string())?;
+        stream.shutdown().await.map_err(|e| e.to_string())
+    }
+
     /// rsync's sender half. Refusals are returned before anything is admitted.
     async fn rsync(
         &self,
         grant: &Grant,
         argv: &[String],
+        journal_since: &str,
         stream: &mut Stream,
     ) -> Result<(), String> {
         let args = parse_sender(argv).map_err(|e| e.to_string())?;
         let root = &self.config.data_root;
         let list_file;
-        let (host_paths, list) = if args.config_set {
+        let (host_paths, list) = if args.journal {
+            if args.paths != ["/"] {
+                return Err("refused: the journal's paths are pulled from \"/\" only".into());
+            }
+            let paths = self
+                .journal_paths(grant, journal_since)
+                .await
+                .map_err(|why| format!("the change journal cannot list the changes: {why}"))?;
+            let mut text = String::new();
+            for p in &paths {
+                text.push_str(p.trim_start_matches('/'));
+                text.push('\0');
+            }
+            list_file = tempfile::NamedTempFile::new_in(&self.config.state_dir)
+                .map_err(|e| format!("cannot write the file list: {e}"))?;
+            std::fs::write(list_file.path(), text)
+                .map_err(|e| format!("cannot write the file list: {e}"))?;
+            (vec![format!("{}/", root.display())], Some(list_file.path()))
+        } else if args.config_set {
             grant.require_config_set().map_err(|e| e.to_string())?;
             if args.paths != ["/"] {
                 return Err("refused: the configuration file set is pulled from \"/\" only".into());
@@ -206,6 +362,14 @@ impl DataPlane {
                 } else {
                     resolved
                 });
+            }
+            // A full pass: the journal counts changes from its start (its walk sees older ones).
+            if let Some(journal) = self
+                .changes
+                .get(&change_journal::key(&grant.migration, &grant.target_name))
+            {
+                let id = grant.id.clone();
+                let _ = tokio::task::spawn_blocking(move || journal.mark(&id)).await;
             }
             (paths, None)
         };

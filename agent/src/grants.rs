@@ -141,6 +141,15 @@ impl Grant {
         }
     }
 
+    /// Checks the data dirs scope (some dirs granted).
+    pub fn require_data_dirs(&self) -> Result<(), Refusal> {
+        if self.paths.is_empty() {
+            Err(self.out_of_scope("the data dirs".into()))
+        } else {
+            Ok(())
+        }
+    }
+
     /// Checks the databases scope.
     pub fn require_databases(&self) -> Result<(), Refusal> {
         if self.databases {

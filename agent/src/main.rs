@@ -124,6 +124,7 @@ async fn run_tunnel(command: Vec<String>) -> anyhow::Result<()> {
     let request = TunnelRequest::Rsync {
         grant: origin.grant_id.clone(),
         argv: command,
+        journal_since: std::env::var(env::JOURNAL_SINCE).unwrap_or_default(),
     };
     let mut stream = tunnel::open(&origin, tls, &request, timeout).await?;
     let (mut input, mut output) = local_stdio()?;

@@ -80,6 +80,59 @@ pub fn of_dir(
     Ok(manifest)
 }
 
+/// One path's state, for a journal pass's verification: kind and mode, owner, size (not a
+/// dir's), modification time to the ns (files and dirs), extended attributes and ACLs, and
+/// the whole content's SHA-256 (or a link's target). `None` fields: the path does not exist.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PathState {
+    /// The BlueMind path.
+    pub path: String,
+    /// `mode uid gid size xattrs`, or empty when absent.
+    pub attributes: String,
+    /// Modification time (s, ns) of a file or dir.
+    pub mtime: Option<(i64, i64)>,
+    /// SHA-256 of a file's content, or a link's target, hex.
+    pub digest: String,
+    /// Whether it is a directory.
+    pub dir: bool,
+}
+
+/// The state of `bluemind_path`, found at `host` on this host.
+pub fn path_state(bluemind_path: &str, host: &Path) -> Result<PathState, String> {
+    let mut state = PathState {
+        path: bluemind_path.to_string(),
+        attributes: String::new(),
+        mtime: None,
+        digest: String::new(),
+        dir: false,
+    };
+    let meta = match host.symlink_metadata() {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(state),
+        Err(e) => return Err(format!("{}: {e}", host.display())),
+    };
+    let size = if meta.is_dir() { 0 } else { meta.len() };
+    state.attributes = format!("{:o} {} {} {size}", meta.mode(), meta.uid(), meta.gid());
+    state.attributes += &xattrs(host)?;
+    state.dir = meta.is_dir();
+    let digest = if meta.file_type().is_symlink() {
+        std::fs::read_link(host)
+            .map_err(|e| e.to_string())?
+            .as_os_str()
+            .as_bytes()
+            .to_vec()
+    } else if meta.is_file() {
+        content_digest(host)?
+    } else {
+        Vec::new()
+    };
+    if meta.is_file() || meta.is_dir() {
+        state.mtime = Some((meta.mtime(), meta.mtime_nsec()));
+    }
+    state.digest = digest.iter().map(|b| format!("{b:02x}")).collect();
+    Ok(state)
+}
+
 /// The SHA-256 of a file's content, read a block at a time.
 pub fn content_digest(path: &Path) -> Result<Vec<u8>, String> {
     use std::io::Read;

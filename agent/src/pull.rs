@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bmfleet_proto::tls::TlsFiles;
@@ -37,6 +38,8 @@ pub mod env {
     pub const TIMEOUT: &str = "BMFLEET_TUNNEL_TIMEOUT";
     /// The fleet's revocation list, when the agent has one.
     pub const CRL: &str = "BMFLEET_TUNNEL_CRL";
+    /// A journal pass: the full pass's grant id the journal counts from.
+    pub const JOURNAL_SINCE: &str = "BMFLEET_TUNNEL_JOURNAL_SINCE";
 }
 
 /// The error of a pull whose caller went away (rsync was stopped).
@@ -219,7 +222,7 @@ pub async fn run_rsync(
             _ = ticker.tick() => {
                 stats.elapsed_ms = started.elapsed().as_millis() as u64;
                 let _ = progress.try_send(PullEvent {
-                    stats: Some(stats),
+                    stats: Some(stats.clone()),
                     ..Default::default()
                 });
                 continue;
@@ -302,12 +305,274 @@ impl Ancestors {
 }
 
 /// How a pass moves data.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct PassOptions {
     /// Bandwidth limit, KiB/s (0: none).
     pub bwlimit_kib: u32,
     /// Compress on the wire.
     pub compress: bool,
+    /// Move only what the origin's change journal recorded since the full pass under this
+    /// grant id began (empty: walk everything).
+    pub journal_since: String,
+    /// The target's identity toward the origin's data plane (the journal's queries).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// The most bytes of journal data (paths or manifest lines) a target accepts.
+const MAX_JOURNAL_BYTES: u64 = 256 << 20;
+
+/// A writer that refuses to grow past a bound (what an origin sends is not trusted).
+struct Capped(Vec<u8>);
+
+impl tokio::io::AsyncWrite for Capped {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.0.len() as u64 + buf.len() as u64 > MAX_JOURNAL_BYTES {
+            return std::task::Poll::Ready(Err(std::io::Error::other(
+                "the origin's journal answer is too long",
+            )));
+        }
+        self.0.extend_from_slice(buf);
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// Asks the origin for its journal's paths since `since` (or their manifest lines): the
+/// items, or why the journal cannot give them.
+async fn journal_items(
+    config: &AgentConfig,
+    tls: Arc<rustls::ClientConfig>,
+    origin: &OriginEndpoint,
+    since: &str,
+    manifest: bool,
+) -> Result<Vec<String>, String> {
+    let timeout = Duration::from_secs(config.data_plane.connect_timeout_secs);
+    let request = crate::tunnel::TunnelRequest::Changes {
+        grant: origin.grant_id.clone(),
+        since: since.to_string(),
+        manifest,
+    };
+    let mut stream = crate::tunnel::open(origin, tls, &request, timeout)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut data = Capped(Vec::new());
+    let (outcome, _) = crate::tunnel::receive_framed(&mut stream, &mut data)
+        .await
+        .map_err(|e| format!("reading the origin's journal: {e}"))?;
+    if !outcome.ok {
+        return Err(outcome.error);
+    }
+    data.0
+        .split(|b| *b == 0)
+        .filter(|item| !item.is_empty())
+        .map(|item| {
+            String::from_utf8(item.to_vec())
+                .map_err(|_| "the origin's journal holds a path that is not UTF-8".to_string())
+        })
+        .collect()
+}
+
+/// Whether the journal's `paths` may be moved into this host: each inside one of the pulled
+/// data dirs, clean, and with no symbolic link between its data dir and it here (rsync would
+/// follow it out of the tree). Why not, otherwise.
+fn journal_paths_fit(
+    config: &AgentConfig,
+    dirs: &[String],
+    paths: &[String],
+) -> Result<(), String> {
+    let mut checked = std::collections::HashSet::new();
+    for path in paths {
+        let clean = crate::rsync_args::clean_absolute(path).map_err(|e| e.to_string())?;
+        let Some(dir) = dirs
+            .iter()
+            .map(|d| Path::new(d.trim_end_matches('/')))
+            .find(|d| clean.starts_with(d))
+        else {
+            return Err(format!("{path} is outside the pulled data dirs"));
+        };
+        let top = config.host_path(dir);
+        let mut ancestor = config.host_path(&clean).parent().map(Path::to_path_buf);
+        while let Some(a) = ancestor.filter(|a| a.starts_with(&top) && *a != top) {
+            if checked.insert(a.clone()) {
+                if let Ok(m) = std::fs::symlink_metadata(&a) {
+                    if m.file_type().is_symlink() {
+                        return Err(format!("{} is a symbolic link here", a.display()));
+                    }
+                }
+            }
+            ancestor = a.parent().map(Path::to_path_buf);
+        }
+    }
+    Ok(())
+}
+
+/// How a journal pass ended: its final event, or why the pass must walk everything.
+enum JournalPass {
+    Done(PullEvent),
+    Fallback(String),
+}
+
+/// A journal pass: the origin's journal paths moved (`--files-from`, deletions included,
+/// every listed file sent whatever its size and time), then each verified against the
+/// origin's own manifest line for it.
+async fn journal_pass(
+    config: &AgentConfig,
+    origin: &OriginEndpoint,
+    dirs: &[String],
+    how: &PassOptions,
+    progress: &mpsc::Sender<PullEvent>,
+) -> JournalPass {
+    let started = Instant::now();
+    let Some(tls) = how.tls.clone() else {
+        return JournalPass::Fallback("no identity to query the origin's journal".into());
+    };
+    let since = &how.journal_since;
+    let paths = match journal_items(config, tls.clone(), origin, since, false).await {
+        Ok(p) => p,
+        Err(why) => return JournalPass::Fallback(why),
+    };
+    if let Err(why) = journal_paths_fit(config, dirs, &paths) {
+        return JournalPass::Fallback(why);
+    }
+    let failed = |error: String, stats: Option<SyncStats>| {
+        JournalPass::Done(PullEvent {
+            done: true,
+            exit_code: -1,
+            error,
+            stats,
+            ..Default::default()
+        })
+    };
+    let mut stats = SyncStats::default();
+    if !paths.is_empty() {
+        let mut options: Vec<String> = [
+            "-aHAXS",
+            "--ignore-times",
+            "--files-from=:bmfleet-journal",
+            "--from0",
+            "--delete-missing-args",
+            "--force",
+            "--no-implied-dirs",
+            "--partial-dir",
+            PARTIAL_DIR,
+            "--stats",
+            "--out-format=%i %l %n",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        options.push(crate::rsync_args::timeout_option());
+        let dest = format!("{}/", config.data_root.display());
+        let mut run = match rsync_through_tunnel(
+            config,
+            origin,
+            &options,
+            &["origin:/".to_string()],
+            &dest,
+        ) {
+            Ok(r) => r,
+            Err(e) => return failed(e, None),
+        };
+        run.command.env(env::JOURNAL_SINCE, since);
+        let outcome = match run_rsync(run, progress).await {
+            Ok(o) => o,
+            Err(e) => return failed(e, None),
+        };
+        stats = outcome.stats;
+        if outcome.cancelled {
+            return failed(CANCELLED.into(), Some(stats));
+        }
+        if !matches!(outcome.exit_code, 0 | 24) {
+            return failed(
+                format!("journal pass: {}", outcome.stderr.trim()),
+                Some(stats),
+            );
+        }
+    }
+    // Verification: every journal path, here and on the origin (contents included). The
+    // dirs take the origin's modification times first (rsync without recursion sets a dir's
+    // time before the entries it then adds or deletes in it).
+    let theirs = match journal_items(config, tls, origin, since, true).await {
+        Ok(items) => items
+            .iter()
+            .map(|i| serde_json::from_str::<crate::manifest::PathState>(i))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("the origin's path states: {e}")),
+        Err(why) => Err(why),
+    };
+    let theirs = match theirs {
+        Ok(t) => t,
+        Err(why) => return failed(format!("verifying the journal pass: {why}"), Some(stats)),
+    };
+    let root = config.clone();
+    let listed = paths.clone();
+    let origin_dirs = theirs.clone();
+    let ours = tokio::task::spawn_blocking(move || {
+        // Only the listed paths (checked above), whatever else the origin names.
+        let allowed: std::collections::HashSet<&String> = listed.iter().collect();
+        for state in origin_dirs.iter().filter(|s| s.dir) {
+            if let (Some((secs, nanos)), true) = (state.mtime, allowed.contains(&state.path)) {
+                let host = root.host_path(Path::new(&state.path));
+                let time = std::time::UNIX_EPOCH
+                    + Duration::from_secs(u64::try_from(secs).unwrap_or(0))
+                    + Duration::from_nanos(u64::try_from(nanos).unwrap_or(0));
+                if let Ok(dir) = std::fs::File::open(&host) {
+                    let _ = dir.set_modified(time);
+                }
+            }
+        }
+        listed
+            .iter()
+            .map(|p| crate::manifest::path_state(p, &root.host_path(Path::new(p))))
+            .collect::<Result<Vec<_>, String>>()
+    })
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|r| r);
+    let ours = match ours {
+        Ok(states) => states,
+        Err(why) => return failed(format!("verifying the journal pass: {why}"), Some(stats)),
+    };
+    if ours != theirs {
+        let first = ours
+            .iter()
+            .zip(theirs.iter())
+            .find(|(a, b)| a != b)
+            .map(|(a, b)| format!("here {a:?}, on the origin {b:?}"))
+            .unwrap_or_else(|| {
+                format!("{} paths here, {} on the origin", ours.len(), theirs.len())
+            });
+        return failed(
+            format!("the journal pass left a difference: {first}"),
+            Some(stats),
+        );
+    }
+    stats.journal = true;
+    stats.journal_paths = paths.len() as u64;
+    stats.elapsed_ms = started.elapsed().as_millis() as u64;
+    JournalPass::Done(PullEvent {
+        stats: Some(stats),
+        done: true,
+        exit_code: 0,
+        ok: true,
+        error: String::new(),
+        replayed: false,
+    })
 }
 
 /// One pass pulling the data dirs `paths` from the origin in one rsync run (relative to the
@@ -332,6 +597,16 @@ pub async fn pull(
     for path in paths {
         if let Err(e) = destination(config, path) {
             return failed(e);
+        }
+    }
+    let mut fallback = String::new();
+    if !how.journal_since.is_empty() {
+        match journal_pass(config, origin, paths, &how, progress).await {
+            JournalPass::Done(event) => return event,
+            JournalPass::Fallback(why) => {
+                tracing::info!(origin = %origin.name, reason = %why, "the change journal cannot list the changes: walking everything");
+                fallback = why;
+            }
         }
     }
     let ancestors = Ancestors::record(config, paths);
@@ -362,8 +637,10 @@ pub async fn pull(
         Ok(outcome) => {
             // 24: some files vanished on the origin during the pass (it is live): not an error.
             let ok = !outcome.cancelled && matches!(outcome.exit_code, 0 | 24);
+            let mut stats = outcome.stats;
+            stats.journal_fallback = fallback;
             PullEvent {
-                stats: Some(outcome.stats),
+                stats: Some(stats),
                 done: true,
                 exit_code: outcome.exit_code,
                 ok,

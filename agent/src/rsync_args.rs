@@ -10,7 +10,8 @@ use std::path::{Component, Path, PathBuf};
 /// Short flags the sender may receive (before `e.` in the flag cluster).
 /// Refused among others: `L` and `k` (follow symlinks out of the tree), `s` (paths sent
 /// inside the protocol stream, out of this check's sight).
-const ALLOWED_FLAGS: &str = "lHogDtprRvcdzxnOJAXSWN";
+/// `I` (`--ignore-times`) only makes the sender send every listed file.
+const ALLOWED_FLAGS: &str = "lHogDtprRvcdzxnOJAXSWNI";
 /// Protocol capability letters (after `e.`).
 const ALLOWED_CAPABILITIES: &str = "iLsfxCIvu";
 /// Long options the sender may receive, with whether they take a value.
@@ -26,6 +27,7 @@ const ALLOWED_LONG: &[(&str, bool)] = &[
     ("--checksum-choice", true),
     ("--compress-choice", true),
     ("--no-implied-dirs", false),
+    ("--delete-missing-args", false),
 ];
 
 /// rsync's I/O timeout on both ends of a transfer, seconds: a peer that stops sending for this
@@ -41,6 +43,9 @@ pub fn timeout_option() -> String {
 /// origin lists itself (the target never names an origin file).
 pub const CONFIG_SET_TOKEN: &str = "bmfleet-config-set";
 
+/// The `--files-from` value that asks for the paths the origin's change journal recorded
+/// since a full pass (the origin lists them itself, from its own journal).
+pub const JOURNAL_TOKEN: &str = "bmfleet-journal";
 /// Why a sender invocation is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ArgError {
@@ -85,6 +90,8 @@ pub struct SenderArgs {
     pub paths: Vec<String>,
     /// `--files-from` named the configuration file set.
     pub config_set: bool,
+    /// `--files-from` named the change journal's paths.
+    pub journal: bool,
     /// `-R`: the paths are sent relative (with their directories), so the origin passes
     /// them as `ROOT/./PATH`.
     pub relative: bool,
@@ -92,8 +99,8 @@ pub struct SenderArgs {
 
 impl SenderArgs {
     /// The full argv of the origin's `rsync --server --sender`, with `paths` replaced by
-    /// the host paths and the config-set token by the origin's own list file.
-    pub fn server_argv(&self, host_paths: &[String], config_list: Option<&Path>) -> Vec<String> {
+    /// the host paths and the `--files-from` token by the origin's own list file.
+    pub fn server_argv(&self, host_paths: &[String], list: Option<&Path>) -> Vec<String> {
         let mut argv = vec!["rsync".into(), "--server".into(), "--sender".into()];
         let mut options = self.options.iter();
         while let Some(opt) = options.next() {
@@ -104,11 +111,7 @@ impl SenderArgs {
             argv.push(opt.clone());
             if opt == "--files-from" {
                 options.next();
-                argv.push(
-                    config_list
-                        .map(|p| p.display().to_string())
-                        .unwrap_or_default(),
-                );
+                argv.push(list.map(|p| p.display().to_string()).unwrap_or_default());
             }
         }
         argv.push(timeout_option());
@@ -131,6 +134,7 @@ pub fn parse_sender(argv: &[String]) -> Result<SenderArgs, ArgError> {
 fn parse_rest(rest: &[&str]) -> Result<SenderArgs, ArgError> {
     let mut options = Vec::new();
     let mut config_set = false;
+    let mut journal = false;
     let mut relative = false;
     let mut i = 0;
     while i < rest.len() && rest[i] != "." {
@@ -158,15 +162,24 @@ fn parse_rest(rest: &[&str]) -> Result<SenderArgs, ArgError> {
                 }
             };
             if name == "--files-from" {
-                if value.as_deref() != Some(CONFIG_SET_TOKEN) {
-                    return Err(ArgError::Value {
-                        option: name,
-                        value: value.unwrap_or_default(),
-                    });
-                }
-                config_set = true;
+                let token = match value.as_deref() {
+                    Some(CONFIG_SET_TOKEN) if !journal => {
+                        config_set = true;
+                        CONFIG_SET_TOKEN
+                    }
+                    Some(JOURNAL_TOKEN) if !config_set => {
+                        journal = true;
+                        JOURNAL_TOKEN
+                    }
+                    _ => {
+                        return Err(ArgError::Value {
+                            option: name,
+                            value: value.unwrap_or_default(),
+                        })
+                    }
+                };
                 options.push(name);
-                options.push(CONFIG_SET_TOKEN.to_string());
+                options.push(token.to_string());
             } else {
                 if let Some(v) = &value {
                     if !v
@@ -222,6 +235,7 @@ fn parse_rest(rest: &[&str]) -> Result<SenderArgs, ArgError> {
         options,
         paths,
         config_set,
+        journal,
         relative,
     })
 }
@@ -250,6 +264,24 @@ mod tests {
 
     fn argv(s: &str) -> Vec<String> {
         s.split(' ').map(str::to_string).collect()
+    }
+
+    #[test]
+    fn a_journal_pass_names_the_token_and_the_origin_lists_the_paths() {
+        let parsed = parse_sender(&argv(
+            "rsync --server --sender -lHogDtpAXIRSe.LsfxCIvu --delete-missing-args --files-from bmfleet-journal --from0 --no-implied-dirs . /",
+        ))
+        .unwrap();
+        assert!(parsed.journal && !parsed.config_set);
+        assert_eq!(
+            parsed.server_argv(&["/lab/o1/".into()], Some(Path::new("/run/list"))),
+            argv("rsync --server --sender -lHogDtpAXIRSe.LsfxCIvu --delete-missing-args --files-from /run/list --from0 --no-implied-dirs --timeout=600 . /lab/o1/")
+        );
+        // One list per run: a second --files-from is refused.
+        assert!(parse_sender(&argv(
+            "rsync --server --sender -Re.LsfxCIvu --files-from bmfleet-journal --files-from bmfleet-config-set . /",
+        ))
+        .is_err());
     }
 
     #[test]
@@ -352,6 +384,8 @@ mod tests {
                 "-", "--", "-lHogDtprRe.iLsfxCIvu", "-lre", "-e.iLsfxCIvu", "-e", "-lr", "-R",
                 "-L", "-ve.", "--bwlimit", "--bwlimit=100", "--timeout", "--timeout=30",
                 "--files-from", "--files-from=bmfleet-config-set", "bmfleet-config-set",
+                "--files-from=bmfleet-journal", "bmfleet-journal", "--delete-missing-args",
+                "-I", "-lHIe.iLsfxCIvu",
                 "--from0", "--numeric-ids", "--numeric-ids=1", "--log-file", "100", ".",
             ]), 0..6),
             separator in proptest::sample::select(vec![".", "-", "--", "/etc", "x"]),

@@ -89,6 +89,8 @@ pub struct AgentService {
     /// This agent's identity as a client of another agent's data plane (a target pulling).
     tunnel_tls: Arc<rustls::ClientConfig>,
     metrics: Arc<AgentMetrics>,
+    /// Origin side: the change journals of the instances it serves.
+    changes: Arc<crate::change_journal::ChangeJournals>,
 }
 
 fn origin_of(endpoint: Option<OriginEndpoint>) -> Result<OriginEndpoint, Status> {
@@ -130,6 +132,7 @@ impl AgentService {
             grants: Arc::new(grants),
             tunnel_tls: identity.client_config(Role::Agent)?,
             metrics: Arc::new(AgentMetrics::new()),
+            changes: Arc::default(),
         })
     }
 
@@ -145,6 +148,7 @@ impl AgentService {
             grants: self.grants.clone(),
             metrics: self.metrics.clone(),
             children: bmfleet_proto::admission::Admission::new(Limits::CHILDREN),
+            changes: self.changes.clone(),
         })
     }
 }
@@ -226,6 +230,18 @@ impl Agent for AgentService {
             .and_then(|_| self.grants.put(&grant))
             .map_err(|e| Status::internal(e.to_string()))?;
         tracing::info!(grant = %grant.id, target = %grant.target_name, migration = %grant.migration, paths = ?grant.paths, "grant registered");
+        if !grant.paths.is_empty() {
+            // From the first pass on, the instance's changes are journaled (the final pass
+            // moves only those).
+            let roots = grant
+                .paths
+                .iter()
+                .map(|p| self.config.host_path(p))
+                .collect();
+            let changes = self.changes.clone();
+            let key = crate::change_journal::key(&grant.migration, &grant.target_name);
+            let _ = tokio::task::spawn_blocking(move || changes.ensure(&key, roots)).await;
+        }
         Ok(Response::new(GrantReply {
             grant_id: grant.id,
             revoked: 0,
@@ -253,6 +269,13 @@ impl Agent for AgentService {
                     .map_err(|e| Status::internal(e.to_string()))?,
             )
         };
+        if req.grant_id.is_empty() {
+            // The instance ended: its journal stops.
+            self.changes.stop(&crate::change_journal::key(
+                &req.migration,
+                &req.target_name,
+            ));
+        }
         tracing::info!(grant = %req.grant_id, target = %req.target_name, migration = %req.migration, revoked, "grants revoked");
         Ok(Response::new(GrantReply {
             grant_id: req.grant_id,
@@ -280,6 +303,8 @@ impl Agent for AgentService {
         let how = pull::PassOptions {
             bwlimit_kib: req.bwlimit_kib,
             compress: req.compress,
+            journal_since: req.journal_since.clone(),
+            tls: Some(self.tunnel_tls.clone()),
         };
         let (tx, rx) = mpsc::channel::<Result<PullEvent, Status>>(16);
         let (config, journal) = (self.config.clone(), self.journal.clone());

@@ -25,6 +25,23 @@ pub enum TunnelRequest {
         grant: String,
         /// The remote command rsync gave its remote shell.
         argv: Vec<String>,
+        /// With `--files-from` the journal token: the grant id of the full pass whose start
+        /// the journal's paths are counted from.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        journal_since: String,
+    },
+    /// The paths the origin's change journal recorded since the full pass of grant `since`
+    /// began: NUL-separated BlueMind paths as data frames; the end frame says whether the
+    /// journal is complete (`ok`) or why not (`error`: walk everything instead).
+    Changes {
+        /// The grant id (data dirs).
+        grant: String,
+        /// The full pass's grant id.
+        since: String,
+        /// Each path's state (`manifest::PathState`, JSON) instead of its name: what the
+        /// target verifies its copy against.
+        #[serde(default)]
+        manifest: bool,
     },
     /// Stream a dump of one database.
     DumpDatabase {

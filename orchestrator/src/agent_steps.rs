@@ -118,8 +118,12 @@ async fn run_step(pool: &AgentPool, job: Job, now_ms: i64) -> StepResult {
             })
             .await?
             .unwrap_or_default();
-            // Services are stopped on both sides: the trees must now be equal.
-            compare_manifests(origin, target, &job, now_ms - CONTENT_CHECK_MS).await?;
+            // Services are stopped on both sides: the trees must now be equal. A journal pass
+            // was verified by the target against the origin, path by path (contents
+            // included); a walk is compared here.
+            if stats.journal_paths.is_none() {
+                compare_manifests(origin, target, &job, now_ms - CONTENT_CHECK_MS).await?;
+            }
             Ok(Some(stats))
         }
         Step::StopOrigin => services(origin, &job, ServiceAction::Stop).await,
@@ -499,6 +503,13 @@ async fn sync_pass(
             paths: dirs,
             // The live passes compress; the final pass, in the downtime, spends no CPU on it.
             compress: job.step != Step::FinalPass,
+            // The final pass moves what the origin's journal saw change since the pre-window
+            // pass began (that pass's grant marked it), and verifies it.
+            journal_since: job
+                .full_pass_operation
+                .as_deref()
+                .map(grant_id)
+                .unwrap_or_default(),
         })
         .await
         .map_err(|s| describe_status(&s))?
@@ -521,6 +532,8 @@ async fn sync_pass(
         bytes_changed: s.bytes_changed,
         scan_ms: s.scan_ms,
         elapsed_ms: s.elapsed_ms,
+        journal_paths: s.journal.then_some(s.journal_paths),
+        journal_fallback: s.journal_fallback,
     })
 }
 

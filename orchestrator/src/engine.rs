@@ -32,6 +32,9 @@ pub struct Job {
     pub bwlimit_kib: u32,
     /// When the step must have answered, Unix ms (what a grant for it lives until).
     pub deadline_ms: i64,
+    /// The final pass: the operation id of the full pass that preceded it (the pre-window
+    /// pass's last attempt), from whose start the origin's change journal counts.
+    pub full_pass_operation: Option<String>,
 }
 
 /// How a step ended.
@@ -215,6 +218,15 @@ impl Engine {
                 .running
                 .get(&step)
                 .map_or(0, |r| r.deadline_ms),
+            full_pass_operation: (step == Step::FinalPass)
+                .then(|| {
+                    self.instances[n]
+                        .attempts
+                        .get(&Step::PreWindowPass)
+                        .copied()
+                })
+                .flatten()
+                .map(|a| self.operation_id(n, Step::PreWindowPass, a)),
         };
         let port = self.port.clone();
         let tx = self.results_tx.clone();

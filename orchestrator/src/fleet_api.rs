@@ -215,8 +215,8 @@ impl FleetApi {
                 origin: spec.origin.clone(),
                 target: spec.target.clone(),
                 hot_passes: i.hot_passes,
-                last_changed_files: i.last_pass.map_or(0, |p| p.files_changed),
-                last_changed_bytes: i.last_pass.map_or(0, |p| p.bytes_changed),
+                last_changed_files: i.last_pass.as_ref().map_or(0, |p| p.files_changed),
+                last_changed_bytes: i.last_pass.as_ref().map_or(0, |p| p.bytes_changed),
                 not_converging: i.not_converging,
                 downtime_start_unix_ms: i.downtime_start_ms.unwrap_or(0),
                 downtime_end_unix_ms: i.downtime_end_ms.unwrap_or(0),
@@ -231,8 +231,8 @@ impl FleetApi {
                     && (i.phase == crate::machine::Phase::Paused || fleet_paused),
                 pause_pending: i.pause_requested,
                 running: i.running.keys().map(|s| s.as_str().to_string()).collect(),
-                last_pass_scan_ms: i.last_pass.map_or(0, |p| p.scan_ms),
-                last_pass_elapsed_ms: i.last_pass.map_or(0, |p| p.elapsed_ms),
+                last_pass_scan_ms: i.last_pass.as_ref().map_or(0, |p| p.scan_ms),
+                last_pass_elapsed_ms: i.last_pass.as_ref().map_or(0, |p| p.elapsed_ms),
                 bytes_moved: i.bytes_moved,
             })
             .collect();

@@ -138,7 +138,7 @@ impl Phase {
 }
 
 /// Statistics of a sync pass, as the agent measured them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct PassStats {
     /// Entries in the file list.
     pub files_scanned: u64,
@@ -150,6 +150,13 @@ pub struct PassStats {
     pub scan_ms: u64,
     /// Whole pass, ms.
     pub elapsed_ms: u64,
+    /// The final pass moved and verified only the paths the origin's change journal
+    /// recorded (this many), instead of walking everything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub journal_paths: Option<u64>,
+    /// Why the final pass walked everything although a journal was asked for.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub journal_fallback: String,
 }
 
 /// What the machine believes about the two hosts, from the steps that succeeded.
@@ -471,8 +478,8 @@ impl Ctx<'_> {
             Step::RollbackStartOrigin => w.origin_serving = true,
             _ => {}
         }
-        if let Some(s) = stats {
-            self.i.last_pass = Some(s);
+        if let Some(s) = &stats {
+            self.i.last_pass = Some(s.clone());
             self.i.bytes_moved += s.bytes_changed;
         }
         match (self.i.phase, step) {
@@ -480,7 +487,7 @@ impl Ctx<'_> {
             (Phase::HotSync, Step::HotPass) => {
                 self.i.hot_passes += 1;
                 let c = self.rules.convergence;
-                let converged = stats.is_some_and(|s| {
+                let converged = stats.as_ref().is_some_and(|s| {
                     s.files_changed <= c.max_files && s.bytes_changed <= c.max_bytes
                 });
                 if converged {
@@ -592,7 +599,7 @@ fn apply(c: &mut Ctx<'_>, event: &Event) -> Option<&'static str> {
                 return Some("not a step in flight (late or repeated result)");
             }
             c.i.running.remove(step);
-            c.succeeded(*step, *stats);
+            c.succeeded(*step, stats.clone());
         }
         Event::Failed {
             step,

@@ -353,7 +353,7 @@ impl Metrics {
                     .get_or_create(&labels)
                     .set(end as f64 / 1000.0);
             }
-            if let Some(p) = i.last_pass {
+            if let Some(p) = &i.last_pass {
                 self.last_pass_bytes
                     .get_or_create(&labels)
                     .set(p.bytes_changed as i64);

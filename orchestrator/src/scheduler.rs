@@ -62,7 +62,7 @@ pub enum Wait {
 /// the restore rate, plus stopping and starting services.
 pub fn projected_downtime_ms(spec: &InstanceSpec, instance: &Instance, policy: &Policy) -> i64 {
     let rates = policy.rates;
-    let (scan_ms, transfer_ms) = match instance.last_pass {
+    let (scan_ms, transfer_ms) = match &instance.last_pass {
         Some(p) if p.elapsed_ms > 0 => {
             let transfer = p.elapsed_ms.saturating_sub(p.scan_ms) as f64;
             (p.scan_ms as f64, transfer)

@@ -141,6 +141,7 @@ impl Hosts {
             bytes_changed: files * s.bytes_per_file,
             scan_ms: s.scan_ms,
             elapsed_ms: s.scan_ms + transfer,
+            ..Default::default()
         };
         (stats.elapsed_ms, stats)
     }

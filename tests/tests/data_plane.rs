@@ -144,6 +144,7 @@ impl Pair {
                 bwlimit_kib,
                 paths: vec![],
                 compress: false,
+                journal_since: String::new(),
             })
             .await
             .expect("pull")
@@ -228,6 +229,7 @@ impl Pair {
         let request = TunnelRequest::Rsync {
             grant: grant.into(),
             argv: argv.split(' ').map(str::to_string).collect(),
+            journal_since: String::new(),
         };
         match self
             .tunnel_as(&self.target_files, Role::Agent, request)
@@ -386,6 +388,22 @@ fn snapshot(root: &Path) -> BTreeMap<Vec<u8>, Entry> {
     out
 }
 
+/// The entries where two snapshots differ, named (empty: equal trees).
+fn differences(a: &BTreeMap<Vec<u8>, Entry>, b: &BTreeMap<Vec<u8>, Entry>) -> Vec<String> {
+    let keys: std::collections::BTreeSet<&Vec<u8>> = a.keys().chain(b.keys()).collect();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| {
+            format!(
+                "{}: {:?} vs {:?}",
+                String::from_utf8_lossy(k),
+                a.get(k),
+                b.get(k)
+            )
+        })
+        .collect()
+}
+
 fn spool(root: &Path) -> PathBuf {
     root.join("var/spool/cyrus")
 }
@@ -454,6 +472,125 @@ async fn a_pull_makes_identical_trees_and_the_next_moves_only_the_changes() {
     assert_eq!(replayed.stats, Some(stats));
 }
 
+/// A final pass asking for the origin's journal: only the paths changed since the previous
+/// full pass began are listed, moved (deletions and new trees included) and verified — a
+/// rewrite keeping size and modification time included, which rsync's quick check skips.
+#[tokio::test]
+async fn a_journal_pass_moves_only_what_changed_and_what_the_quick_check_misses() {
+    let mut p = Pair::new(None, None).await;
+    make_spool(&p.origin_root());
+    // A mailbox of 300 old messages nobody touches.
+    for m in 0..300 {
+        write(
+            &spool(&p.origin_root()).join(format!("data/user/dave/{m}.")),
+            &pseudo_random(100, m),
+            0o600,
+        );
+    }
+    p.grant("grant-0001-pre-window", "target-1", &[SPOOL], 600_000)
+        .await;
+    let (full, _) = p.pull("m1/pre/1", "grant-0001-pre-window", 0).await;
+    assert!(full.ok, "{full:?}");
+    let full = full.stats.unwrap();
+
+    // Services run on: mail arrives (one message in two mailboxes, hard-linked), a mailbox
+    // and a message go, a mailbox is created whole, an index is rewritten keeping its size
+    // and modification time, a mode changes, a message is renamed.
+    let user = spool(&p.origin_root()).join("data/user");
+    write(&user.join("alice/4."), &pseudo_random(5000, 2), 0o600);
+    std::fs::hard_link(user.join("alice/4."), user.join("bob/9.")).unwrap();
+    std::fs::remove_file(user.join("alice/2.")).unwrap();
+    std::fs::remove_dir_all(user.join("alice/with space")).unwrap();
+    std::fs::create_dir_all(user.join("carol/Sent")).unwrap();
+    write(&user.join("carol/Sent/1."), &pseudo_random(700, 5), 0o600);
+    let index = user.join("alice/cyrus.index");
+    let before = std::fs::metadata(&index).unwrap();
+    let mut rewritten = std::fs::read(&index).unwrap();
+    rewritten[0] ^= 0xff;
+    std::fs::write(&index, &rewritten).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&index)
+        .unwrap()
+        .set_modified(before.modified().unwrap())
+        .unwrap();
+    std::fs::set_permissions(
+        user.join("alice/3."),
+        std::fs::Permissions::from_mode(0o640),
+    )
+    .unwrap();
+    std::fs::rename(
+        user.join("alice/Archives/2024/1."),
+        user.join("alice/Archives/2024/1.old"),
+    )
+    .unwrap();
+
+    p.grant("grant-0002-final", "target-1", &[SPOOL], 600_000)
+        .await;
+    let journal_pass = |op: &str, since: &str| PullRequest {
+        operation_id: op.into(),
+        origin: Some(p.endpoint("grant-0002-final")),
+        path: String::new(),
+        bwlimit_kib: 0,
+        paths: vec![SPOOL.into()],
+        compress: false,
+        journal_since: since.into(),
+    };
+    let fallback = journal_pass("m1/final/0", "grant-never-marked");
+    let final_pass = journal_pass("m1/final/1", "grant-0001-pre-window");
+    let after_walk = journal_pass("m1/final/2", "grant-0002-final");
+    let last = p.pull_request(final_pass).await;
+    assert!(last.ok, "{last:?}");
+    let stats = last.stats.unwrap();
+    assert!(
+        stats.journal && stats.journal_fallback.is_empty(),
+        "{stats:?}"
+    );
+    assert!(
+        stats.journal_paths >= 10 && stats.journal_paths < 30 && full.files_scanned > 300,
+        "only the changes are listed: {stats:?} vs a full pass's {full:?}"
+    );
+    let diff = differences(
+        &snapshot(&spool(&p.target_root())),
+        &snapshot(&spool(&p.origin_root())),
+    );
+    assert!(
+        diff.is_empty(),
+        "equal trees (contents, modes, times, hard links, deletions):\n{}",
+        diff.join("\n")
+    );
+
+    // A journal that cannot tell (no full pass marked under that grant): the pass walks
+    // everything and says why.
+    let walked = p.pull_request(fallback).await;
+    assert!(walked.ok, "{walked:?}");
+    let stats = walked.stats.unwrap();
+    assert!(!stats.journal, "{stats:?}");
+    assert!(
+        stats
+            .journal_fallback
+            .contains("no full pass was journaled"),
+        "{stats:?}"
+    );
+    assert!(stats.files_scanned >= full.files_scanned / 2, "{stats:?}");
+
+    // One name of a message stored under three is renamed: moving the new name alone would
+    // split the link, so the journal says so and the pass walks everything.
+    std::fs::rename(user.join("bob/1."), user.join("bob/1.moved")).unwrap();
+    let walked = p.pull_request(after_walk).await;
+    assert!(walked.ok, "{walked:?}");
+    let stats = walked.stats.unwrap();
+    assert!(
+        !stats.journal && stats.journal_fallback.contains("has 3 names"),
+        "{stats:?}"
+    );
+    let diff = differences(
+        &snapshot(&spool(&p.target_root())),
+        &snapshot(&spool(&p.origin_root())),
+    );
+    assert!(diff.is_empty(), "{}", diff.join("\n"));
+}
+
 #[tokio::test]
 async fn one_run_for_several_dirs_keeps_hard_links_across_them_and_touches_nothing_above() {
     let mut p = Pair::new(None, None).await;
@@ -485,6 +622,7 @@ async fn one_run_for_several_dirs_keeps_hard_links_across_them_and_touches_nothi
         bwlimit_kib: 0,
         paths: vec![SPOOL.into(), lib.into()],
         compress: false,
+        journal_since: String::new(),
     };
     let first = two_dirs();
     let event = p.pull_request(first).await;
@@ -546,6 +684,7 @@ async fn xattrs_acls_and_sparse_files_arrive_and_the_manifest_sees_them() {
             bwlimit_kib: 0,
             paths: vec![],
             compress: true,
+            journal_since: String::new(),
         })
         .await;
     assert!(event.ok, "{event:?}");
@@ -648,6 +787,7 @@ async fn an_interrupted_pull_is_stopped_at_both_ends_and_the_next_converges() {
             bwlimit_kib: 2048,
             paths: vec![],
             compress: false,
+            journal_since: String::new(),
         })
         .await
         .unwrap()
@@ -777,6 +917,7 @@ async fn the_origin_refuses_another_targets_certificate() {
             .split(' ')
             .map(str::to_string)
             .collect(),
+        journal_since: String::new(),
     };
     match p.tunnel_as(&other, Role::Agent, request).await {
         Err(TunnelError::Refused { reason, .. }) => {
@@ -855,6 +996,7 @@ async fn an_agent_grants_and_receives_only_its_data_dirs() {
             bwlimit_kib: 0,
             paths: vec![],
             compress: false,
+            journal_since: String::new(),
         })
         .await
         .unwrap_err();
@@ -940,6 +1082,7 @@ async fn an_origin_runs_a_bounded_number_of_rsync_children_per_grant() {
             .split(' ')
             .map(str::to_string)
             .collect(),
+        journal_since: String::new(),
     };
     // A target holding transfers open (rsync waits for it): four per grant, then "busy".
     let mut held = Vec::new();
