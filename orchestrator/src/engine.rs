@@ -218,7 +218,7 @@ impl Engine {
                 .running
                 .get(&step)
                 .map_or(0, |r| r.deadline_ms),
-            full_pass_operation: (step == Step::FinalPass)
+            full_pass_operation: (step == Step::FinalPass && self.fleet.policy.final_pass_journal)
                 .then(|| {
                     self.instances[n]
                         .attempts

@@ -99,6 +99,8 @@ struct RawPolicy {
     windows: Vec<Spanned<RawWindow>>,
     #[serde(default)]
     rates: Rates,
+    #[serde(default = "d_true")]
+    final_pass_journal: bool,
 }
 
 #[derive(Deserialize, Clone)]
@@ -213,6 +215,9 @@ pub struct Policy {
     pub windows: Vec<Window>,
     /// Default rates for projections.
     pub rates: Rates,
+    /// The final pass moves only what the origin's change journal recorded since the
+    /// pre-window pass (when the journal can prove it is complete); false: it walks everything.
+    pub final_pass_journal: bool,
 }
 
 /// One instance to migrate.
@@ -332,6 +337,7 @@ impl FleetFile {
             canary_approval: p.canary_approval,
             failure_budget: p.failure_budget,
             downtime_budget_secs: p.downtime_budget_secs,
+            final_pass_journal: p.final_pass_journal,
             windows: parse_windows(&p.windows, "fleet.windows")?,
             rates: p.rates,
         };

@@ -226,9 +226,9 @@ struct BmfleetRun {
     churn: Churn,
 }
 
-fn fleet_text(instance: &str, pair: usize) -> String {
+fn fleet_text(instance: &str, pair: usize, journal: bool) -> String {
     format!(
-        "[fleet]\nname = \"bench\"\nmax_concurrent_downtime = 1\nmin_stagger_secs = 1\ncanary_count = 0\ncanary_approval = false\n\
+        "[fleet]\nname = \"bench\"\nmax_concurrent_downtime = 1\nmin_stagger_secs = 1\ncanary_count = 0\ncanary_approval = false\nfinal_pass_journal = {journal}\n\
          [[fleet.windows]]\ndays = [\"mon\",\"tue\",\"wed\",\"thu\",\"fri\",\"sat\",\"sun\"]\nstart = \"00:00\"\nend = \"12:00\"\ntimezone = \"UTC\"\n\
          [[fleet.windows]]\ndays = [\"mon\",\"tue\",\"wed\",\"thu\",\"fri\",\"sat\",\"sun\"]\nstart = \"12:00\"\nend = \"00:00\"\ntimezone = \"UTC\"\n\
          [[instance]]\nname = \"{instance}\"\norigin = \"origin-{pair}\"\ntarget = \"target-{pair}\"\nservice_ip = \"{}/24\"\nbluemind = \"5.x\"\n",
@@ -279,7 +279,12 @@ fn step_timings(
 
 /// Runs the orchestrator's engine in this process (in the orchestrator's namespace) on pair
 /// `pair`, until the instance is finished.
-fn bmfleet(fleet: &LabFleet, pair: usize, params: &Params) -> anyhow::Result<BmfleetRun> {
+fn bmfleet(
+    fleet: &LabFleet,
+    pair: usize,
+    params: &Params,
+    journal: bool,
+) -> anyhow::Result<BmfleetRun> {
     let instance = format!("mail-{pair}");
     let origin_root = fleet.root(&format!("origin-{pair}"));
     let (messages, fraction) = (params.files, params.churn);
@@ -295,7 +300,9 @@ fn bmfleet(fleet: &LabFleet, pair: usize, params: &Params) -> anyhow::Result<Bmf
                 &fleet.agents,
                 Duration::from_secs(30),
             )?);
-            let state = Arc::new(State::open(&fleet.dir().join("bench/state.db"))?);
+            let state = Arc::new(State::open(
+                &fleet.dir().join(format!("bench/state-{pair}.db")),
+            )?);
             let metrics = Arc::new(Metrics::new());
             let clock: Arc<dyn Clock> = Arc::new(SystemClock);
             let churned = Arc::new(Mutex::new(None));
@@ -309,7 +316,11 @@ fn bmfleet(fleet: &LabFleet, pair: usize, params: &Params) -> anyhow::Result<Bmf
                 churned: churned.clone(),
             });
             let conductor = Conductor::new(state.clone(), clock, port, pool.clone(), metrics);
-            conductor.apply(&fleet_text(&instance, pair), "bench-fleet.toml", &[])?;
+            conductor.apply(
+                &fleet_text(&instance, pair, journal),
+                "bench-fleet.toml",
+                &[],
+            )?;
             let deadline = Instant::now() + Duration::from_secs(3600);
             let finished = loop {
                 let stored = state.instances()?;
@@ -372,13 +383,13 @@ pub fn run(params: Params) -> anyhow::Result<()> {
         bail!("run as root: the benchmark builds network namespaces");
     }
     println!(
-        "== building the lab: 2 identical instances, {} messages and {} rows per big table each",
+        "== building the lab: 3 identical instances, {} messages and {} rows per big table each",
         params.files, params.db_rows
     );
     let built = Instant::now();
     let fleet = LabFleet::build(LabParams {
         enroll: false,
-        pairs: 2,
+        pairs: 3,
         messages: params.files,
         db_rows: params.db_rows,
         deliver_ms: 0,
@@ -416,22 +427,32 @@ pub fn run(params: Params) -> anyhow::Result<()> {
     drop(manual);
 
     println!("== (b) bmfleet on pair 2: the orchestrator's engine against the real agents");
-    let b = bmfleet(&fleet, 2, &params)?;
-    if b.phase != Phase::Done {
-        bail!(
-            "bmfleet ended in {:?}: see {}",
-            b.phase,
-            fleet.dir().display()
-        );
+    let b = bmfleet(&fleet, 2, &params, true)?;
+    println!(
+        "== (c) bmfleet on pair 3, the final pass walking everything (final_pass_journal = false)"
+    );
+    let c = bmfleet(&fleet, 3, &params, false)?;
+    for (run, pair) in [(&b, 2), (&c, 3)] {
+        if run.phase != Phase::Done {
+            bail!(
+                "bmfleet ended in {:?} on pair {pair}: see {}",
+                run.phase,
+                fleet.dir().display()
+            );
+        }
+        if run.churn != churn_a {
+            bail!(
+                "the origins did not get the same churn: {churn_a:?} vs {:?}",
+                run.churn
+            );
+        }
+        check_migrated(&fleet, &format!("origin-{pair}"), &format!("target-{pair}"))
+            .with_context(|| format!("bmfleet on pair {pair}"))?;
     }
-    if b.churn != churn_a {
-        bail!(
-            "the two origins did not get the same churn: {churn_a:?} vs {:?}",
-            b.churn
-        );
-    }
-    check_migrated(&fleet, "origin-2", "target-2").context("bmfleet")?;
-    println!("   downtime {:.2} s", b.downtime);
+    println!(
+        "   downtime {:.2} s (journal), {:.2} s (walk)",
+        b.downtime, c.downtime
+    );
 
     let transfer = churn_a.bytes_written as f64 / link;
     let floor = transfer + cold.restore_secs;
@@ -448,6 +469,11 @@ pub fn run(params: Params) -> anyhow::Result<()> {
     println!("| (b) bmfleet | {:.2} s |", b.downtime);
     println!("| ratio (b)/(a) | {:.2} |", b.downtime / cold.downtime);
     println!(
+        "| (c) bmfleet, final pass walking everything | {:.2} s |",
+        c.downtime
+    );
+    println!("| ratio (c)/(a) | {:.2} |", c.downtime / cold.downtime);
+    println!(
         "| physical floor: {:.2} MiB changed at {:.0} MiB/s ({:.3} s) + psql restore ({:.2} s) | {floor:.2} s |",
         mib(churn_a.bytes_written as f64),
         mib(link),
@@ -459,15 +485,47 @@ pub fn run(params: Params) -> anyhow::Result<()> {
     print_steps(&cold.steps);
     println!("\n### (b) bmfleet, by step (final pass, databases and config run in parallel)\n");
     print_steps(&b.steps);
-    if let Some(f) = &b.final_pass {
-        println!(
-            "\nfinal pass: {} files scanned, {} changed, {:.2} MiB, scan {:.2} s, total {:.2} s",
-            f.files_scanned,
-            f.files_changed,
-            mib(f.bytes_changed as f64),
-            f.scan_ms as f64 / 1000.0,
-            f.elapsed_ms as f64 / 1000.0
-        );
+    println!("\n### (c) bmfleet walking everything, by step\n");
+    print_steps(&c.steps);
+    let manual_files: f64 = cold
+        .steps
+        .iter()
+        .filter(|s| s.name.starts_with("rsync"))
+        .map(|s| s.secs)
+        .sum();
+    let step_secs = |run: &BmfleetRun| {
+        run.steps
+            .iter()
+            .find(|s| s.name == "FinalPass")
+            .map_or(0.0, |s| s.secs)
+    };
+    println!("\n### The files inside the downtime, same data\n");
+    println!("| | takes | |");
+    println!("| --- | ---: | --- |");
+    println!("| (a) manual: the rsyncs of the seven dirs | {manual_files:.2} s | |");
+    for (name, run) in [
+        ("(b) bmfleet final pass, journal", &b),
+        ("(c) bmfleet final pass, walk", &c),
+    ] {
+        let detail = run.final_pass.as_ref().map_or(String::new(), |f| {
+            format!(
+                "{} entries listed, {} changed, {:.2} MiB{}{}",
+                f.journal_paths.unwrap_or(f.files_scanned),
+                f.files_changed,
+                mib(f.bytes_changed as f64),
+                if f.journal_paths.is_some() {
+                    ", verified path by path"
+                } else {
+                    ", both trees' manifests compared"
+                },
+                if f.journal_fallback.is_empty() {
+                    String::new()
+                } else {
+                    format!(", fell back: {}", f.journal_fallback)
+                }
+            )
+        });
+        println!("| {name} | {:.2} s | {detail} |", step_secs(run));
     }
     println!(
         "\n## Hot sync of the whole tree ({:.1} MiB, {} entries)\n",
@@ -504,6 +562,7 @@ pub fn run(params: Params) -> anyhow::Result<()> {
             "link_bytes_per_second": link,
             "manual": {"downtime": cold.downtime, "restore": cold.restore_secs, "hot_sync": manual_hot, "steps": steps_json(&cold.steps)},
             "bmfleet": {"downtime": b.downtime, "hot_pass": bmfleet_hot, "steps": steps_json(&b.steps)},
+            "bmfleet_walk": {"downtime": c.downtime, "steps": steps_json(&c.steps)},
             "floor": floor,
         })
     );
