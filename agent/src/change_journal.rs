@@ -95,6 +95,8 @@ type Drain = mpsc::Sender<()>;
 /// One instance's journal: a reader thread over one inotify instance.
 pub struct ChangeJournal {
     roots: Vec<PathBuf>,
+    /// Data dirs that did not exist when it started (their parents are not watched).
+    absent: Vec<PathBuf>,
     state: Arc<Mutex<State>>,
     drain: Mutex<mpsc::Sender<Drain>>,
 }
@@ -246,6 +248,7 @@ impl ChangeJournal {
         let (tx, rx) = mpsc::channel();
         let journal = ChangeJournal {
             roots: roots.clone(),
+            absent: roots.iter().filter(|r| !r.is_dir()).cloned().collect(),
             state: state.clone(),
             drain: Mutex::new(tx),
         };
@@ -280,8 +283,9 @@ impl ChangeJournal {
         &self.roots
     }
 
-    /// Waits until every event queued so far is recorded.
-    fn drained(&self) {
+    /// Waits until every event queued so far is recorded; false if the reader could not
+    /// catch up (events keep coming faster than it reads) or is gone.
+    fn drained(&self) -> bool {
         let (tx, rx) = mpsc::channel();
         let sent = self
             .drain
@@ -289,14 +293,13 @@ impl ChangeJournal {
             .unwrap_or_else(|p| p.into_inner())
             .send(tx)
             .is_ok();
-        if sent {
-            let _ = rx.recv_timeout(Duration::from_secs(30));
-        }
+        sent && rx.recv_timeout(Duration::from_secs(30)).is_ok()
     }
 
     /// Marks the start of a full pass (its walk sees everything older) under `key`.
     pub fn mark(&self, key: &str) {
-        self.drained();
+        // Not drained: older events recorded after the mark only add paths.
+        let _ = self.drained();
         let mut state = self.lock();
         let seq = state.seq;
         state.marks.retain(|(k, _)| k != key);
@@ -310,7 +313,15 @@ impl ChangeJournal {
     /// The paths changed since the full pass marked `key` began, sorted; or why the journal
     /// cannot tell (then the pass must walk everything).
     pub fn changes_since(&self, key: &str) -> Changes {
-        self.drained();
+        if !self.drained() {
+            return Err("the journal could not catch up with the events queued".into());
+        }
+        if let Some(appeared) = self.absent.iter().find(|r| r.exists()) {
+            return Err(format!(
+                "the data dir {} appeared after the journal started",
+                appeared.display()
+            ));
+        }
         let state = self.lock();
         if let Some(why) = &state.broken {
             return Err(why.clone());
@@ -514,5 +525,13 @@ mod tests {
         std::fs::rename(&root, dir.path().join("moved")).unwrap();
         let err = journal.changes_since("q").unwrap_err();
         assert!(err.contains("itself was moved or deleted"), "{err}");
+        // A data dir absent at the start is not watched: if it appears, the journal says so.
+        let late = dir.path().join("late");
+        let journal = ChangeJournal::start(vec![late.clone()]);
+        journal.mark("p");
+        assert!(journal.changes_since("p").is_ok());
+        std::fs::create_dir(&late).unwrap();
+        let err = journal.changes_since("p").unwrap_err();
+        assert!(err.contains("appeared after the journal started"), "{err}");
     }
 }

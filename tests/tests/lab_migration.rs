@@ -310,6 +310,24 @@ fn three_instances_migrate_with_no_mail_lost() {
         );
         assert!(o.bytes_moved > 0, "{o:?}");
     }
+    // Each final pass asked for the origin's change journal: it moved the journal's paths, or
+    // says why it walked everything (mail arriving all along, a delivery straddling the
+    // pre-window pass's start may leave a hard link the journal did not see whole).
+    let final_passes: Vec<&str> = events
+        .lines()
+        .filter(|l| l.contains("{\"Succeeded\":{\"step\":\"FinalPass\""))
+        .collect();
+    assert_eq!(final_passes.len(), 3, "{events}");
+    assert!(
+        final_passes
+            .iter()
+            .all(|l| l.contains("journal_paths") || l.contains("journal_fallback")),
+        "{events}"
+    );
+    assert!(
+        final_passes.iter().any(|l| l.contains("journal_paths")),
+        "{events}"
+    );
     for i in 1..=3 {
         let (origin, target) = (
             fleet.root(&format!("origin-{i}")),
