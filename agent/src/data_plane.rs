@@ -275,15 +275,7 @@ impl DataPlane {
                 .map_err(|e| e.to_string())?;
             }
         }
-        write_json_line(
-            stream,
-            &TunnelReply {
-                ok: true,
-                error: String::new(),
-            },
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+        admit(stream).await?;
         let outcome = match listed {
             Ok(paths) => {
                 let mut text = Vec::new();
@@ -387,15 +379,7 @@ impl DataPlane {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| format!("cannot start rsync on the origin: {e}"))?;
-        write_json_line(
-            stream,
-            &TunnelReply {
-                ok: true,
-                error: String::new(),
-            },
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+        admit(stream).await?;
         let (Some(stdin), Some(stdout), Some(mut stderr)) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take())
         else {
@@ -497,20 +481,25 @@ impl DataPlane {
                 &pg_config.password,
             ),
         };
-        write_json_line(
-            stream,
-            &TunnelReply {
-                ok: true,
-                error: String::new(),
-            },
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+        admit(stream).await?;
         write_json_line(stream, &reply)
             .await
             .map_err(|e| e.to_string())?;
         stream.shutdown().await.map_err(|e| e.to_string())
     }
+}
+
+/// Tells the client its request is admitted (what follows is the answer).
+async fn admit(stream: &mut Stream) -> Result<(), String> {
+    write_json_line(
+        stream,
+        &TunnelReply {
+            ok: true,
+            error: String::new(),
+        },
+    )
+    .await
+    .map_err(|e| e.to_string())
 }
 
 /// Starts `command`, admits the client, streams the command's stdout as data frames and ends
@@ -526,15 +515,7 @@ async fn stream_output(
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot start {program}: {e}"))?;
-    write_json_line(
-        stream,
-        &TunnelReply {
-            ok: true,
-            error: String::new(),
-        },
-    )
-    .await
-    .map_err(|e| e.to_string())?;
+    admit(stream).await?;
     let mut stdout = child
         .stdout
         .take()

@@ -460,23 +460,23 @@ async fn journal_pass(
     };
     let mut stats = SyncStats::default();
     if !paths.is_empty() {
-        let mut options: Vec<String> = [
-            "-aHAXS",
-            "--ignore-times",
-            "--files-from=:bmfleet-journal",
-            "--from0",
-            "--delete-missing-args",
-            "--force",
-            "--no-implied-dirs",
-            "--partial-dir",
-            PARTIAL_DIR,
-            "--stats",
-            "--out-format=%i %l %n",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        options.push(crate::rsync_args::timeout_option());
+        // A pass's options, without the walk's (deletions come as missing args, every
+        // listed file is sent whatever its size and time).
+        let mut options: Vec<String> = pass_options(0)
+            .into_iter()
+            .filter(|o| o != "--delete" && o != "--modify-window=-1")
+            .collect();
+        options.extend(
+            [
+                "--ignore-times",
+                "--files-from=:bmfleet-journal",
+                "--from0",
+                "--delete-missing-args",
+                "--force",
+                "--no-implied-dirs",
+            ]
+            .map(String::from),
+        );
         let dest = format!("{}/", config.data_root.display());
         let mut run = match rsync_through_tunnel(
             config,
