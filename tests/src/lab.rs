@@ -206,6 +206,12 @@ impl Lab {
     /// Kills (SIGKILL) the processes of `host` whose command line contains `needle`, and
     /// waits until they are gone.
     pub fn kill_matching(&self, host: &str, needle: &str) {
+        self.signal_matching(host, needle, nix::sys::signal::Signal::SIGKILL);
+    }
+
+    /// Sends `signal` to the processes of `host` whose command line contains `needle`, and
+    /// waits (up to 10 s) until they are gone.
+    pub fn signal_matching(&self, host: &str, needle: &str, signal: nix::sys::signal::Signal) {
         let ns = self.host(host).ns.clone();
         let out = Command::new("ip")
             .args(["netns", "pids", &ns])
@@ -221,10 +227,7 @@ impl Lab {
             })
             .collect();
         for pid in &pids {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(*pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), signal);
         }
         for pid in pids {
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);

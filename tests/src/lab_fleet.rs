@@ -439,9 +439,14 @@ impl LabFleet {
 
     /// Applies the lab's fleet file.
     pub fn apply(&self) -> Result<(), String> {
+        self.apply_text(&self.fleet_file())
+    }
+
+    /// Applies a fleet file's text.
+    pub fn apply_text(&self, text: &str) -> Result<(), String> {
         self.wait_for_orchestrator()?;
         let fleet = self.dir.path().join("fleet.toml");
-        write(&fleet, self.fleet_file());
+        write(&fleet, text);
         let out = self.bmctl(&["fleet", "apply", &fleet.display().to_string()]);
         if !out.status.success() {
             return Err(String::from_utf8_lossy(&out.stderr).into_owned());
@@ -472,6 +477,11 @@ impl LabFleet {
         for f in ["state.db", "state.db-wal", "state.db-shm"] {
             let _ = std::fs::remove_file(state.join(f));
         }
+        start_orchestrator(&self.lab, self.dir.path());
+    }
+
+    /// Starts the orchestrator again on the same state (after it was stopped).
+    pub fn start_orchestrator(&self) {
         start_orchestrator(&self.lab, self.dir.path());
     }
 

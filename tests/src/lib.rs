@@ -313,6 +313,7 @@ pub fn tool(program: &str, args: &[&str]) -> String {
 }
 
 pub mod bluemind_api;
+pub mod chaos;
 pub mod fuzz;
 pub mod lab;
 pub mod lab_fleet;

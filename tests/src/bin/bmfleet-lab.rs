@@ -39,16 +39,72 @@ enum Mode {
         #[arg(long)]
         preinstalled: bool,
     },
+    /// The chaos campaign: pairs migrating while faults land at random moments (orchestrator
+    /// SIGKILL/SIGTERM, agent SIGKILL, partitions); invariants checked while it runs and at the
+    /// end. Exits 0 only with no violation.
+    Chaos {
+        /// Origin/target pairs.
+        #[arg(long, default_value_t = 20)]
+        pairs: usize,
+        /// The fault schedule's seed (a run replays it).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Faults to inject.
+        #[arg(long, default_value_t = 120)]
+        faults: usize,
+        /// Longest partition, seconds.
+        #[arg(long, default_value_t = 60)]
+        max_partition_secs: u64,
+        /// Messages per origin spool.
+        #[arg(long, default_value_t = 300)]
+        messages: usize,
+        /// Seconds between two cold syncs (the migration's length).
+        #[arg(long, default_value_t = 10)]
+        stagger_secs: u64,
+        /// Longest pause between two faults, ms.
+        #[arg(long, default_value_t = 3000)]
+        max_gap_ms: u64,
+    },
 }
 
 fn main() -> ExitCode {
-    let Mode::Demo {
-        pairs,
-        messages,
-        db_rows,
-        timeout_secs,
-        preinstalled,
-    } = Args::parse().command;
+    let (pairs, messages, db_rows, timeout_secs, preinstalled) = match Args::parse().command {
+        Mode::Demo {
+            pairs,
+            messages,
+            db_rows,
+            timeout_secs,
+            preinstalled,
+        } => (pairs, messages, db_rows, timeout_secs, preinstalled),
+        Mode::Chaos {
+            pairs,
+            seed,
+            faults,
+            max_partition_secs,
+            messages,
+            stagger_secs,
+            max_gap_ms,
+        } => {
+            let params = bmfleet_tests::chaos::ChaosParams {
+                pairs,
+                seed,
+                faults,
+                messages,
+                max_partition_secs,
+                stagger_secs,
+                max_gap_ms,
+                ..Default::default()
+            };
+            println!("== chaos: {pairs} pairs, {faults} faults, seed {seed}");
+            let report = bmfleet_tests::chaos::run(params, |line| println!("{line}"));
+            println!("{}", report.table(seed));
+            return if report.violations.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
+        }
+    };
     let enroll = !preinstalled;
     println!("== building the lab: {pairs} origin/target pairs, {messages} messages and {db_rows} rows each");
     let fleet = LabFleet::build(LabParams {

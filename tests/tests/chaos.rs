@@ -1,0 +1,26 @@
+//! A short, fixed-seed chaos campaign: two pairs migrate while the orchestrator and agents are
+//! killed and hosts are cut off; every invariant of the campaign must hold (the harness of
+//! `bmfleet-lab chaos` cannot rot).
+
+use bmfleet_tests::chaos::{run, ChaosParams};
+
+#[test]
+fn a_short_chaos_campaign_keeps_every_invariant() {
+    let params = ChaosParams {
+        pairs: 2,
+        seed: 20261129,
+        faults: 8,
+        messages: 3000,
+        max_partition_secs: 4,
+        max_gap_ms: 1500,
+        stagger_secs: 8,
+        deadline_secs: 600,
+        ..Default::default()
+    };
+    let report = run(params, |line| eprintln!("{line}"));
+    let table = report.table(params.seed);
+    assert!(report.violations.is_empty(), "{table}");
+    assert!(report.samples > 50, "{table}");
+    assert_eq!(report.phases.values().sum::<usize>(), 2, "{table}");
+    assert!(report.faults.len() >= 3, "{table}");
+}
