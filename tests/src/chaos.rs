@@ -78,6 +78,9 @@ pub struct ChaosReport {
     pub downtimes: Vec<f64>,
     /// Service-IP samples taken.
     pub samples: u64,
+    /// Samples that saw both hosts of a pair holding the IP, not confirmed by reading them
+    /// again at once in the other order (a cutover or rollback between two reads).
+    pub sample_races: u64,
 }
 
 impl ChaosReport {
@@ -102,9 +105,10 @@ impl ChaosReport {
                 .unwrap_or(0.0)
         };
         out += &format!(
-            "\n| invariant violations | {} |\n| service-IP samples | {} |\n| downtime min / median / max | {:.2} / {:.2} / {:.2} s |\n",
+            "\n| invariant violations | {} |\n| service-IP samples | {} ({} single-sample races) |\n| downtime min / median / max | {:.2} / {:.2} / {:.2} s |\n",
             self.violations.len(),
             self.samples,
+            self.sample_races,
             pick(0.0),
             pick(0.5),
             pick(1.0)
@@ -194,31 +198,47 @@ pub fn run(params: ChaosParams, mut progress: impl FnMut(&str)) -> ChaosReport {
     let stop = Arc::new(AtomicBool::new(false));
     let violations = Arc::new(Mutex::new(Vec::<String>::new()));
     let samples = std::thread::scope(|scope| {
-        // The service IP is never on both hosts of a pair, sampled 10 times a second.
+        // The service IP is never on both hosts of a pair, sampled 10 times a second. One
+        // sample reads the namespaces one after the other, not at one instant: a cutover
+        // between the origin's read and the target's would show both. So a pair seen on both
+        // is read again at once, target first then origin (a cutover releases on the origin
+        // before it takes on the target, a rollback the other way round): both again is a
+        // violation; otherwise it was a race between two reads, counted.
         let sampler = {
             let (stop, violations, fleet) = (stop.clone(), violations.clone(), &fleet);
             scope.spawn(move || {
-                let mut samples = 0u64;
+                let (mut samples, mut races) = (0u64, 0u64);
                 while !stop.load(Ordering::Relaxed) {
                     let held = holders(fleet);
                     samples += 1;
                     for i in 1..=params.pairs {
-                        if let Some(hosts) = held.get(&service_ip(i)) {
-                            if hosts.len() > 1 {
-                                if let Ok(mut v) = violations.lock() {
-                                    v.push(format!(
-                                        "{:.1} s: {} held by {}",
-                                        started.elapsed().as_secs_f64(),
-                                        service_ip(i),
-                                        hosts.join(" and ")
-                                    ));
-                                }
-                            }
+                        if held.get(&service_ip(i)).is_none_or(|h| h.len() < 2) {
+                            continue;
+                        }
+                        let on = |host: String| {
+                            let text = fleet
+                                .lab
+                                .ip(&host, &["-4", "-br", "addr", "show", "dev", "eth0"]);
+                            text.split_whitespace()
+                                .any(|w| w.split('/').next() == Some(service_ip(i).as_str()))
+                        };
+                        let target = on(format!("target-{i}"));
+                        let origin = on(format!("origin-{i}"));
+                        if !(target && origin) {
+                            races += 1;
+                            continue;
+                        }
+                        if let Ok(mut v) = violations.lock() {
+                            v.push(format!(
+                                "{:.1} s: {} held by origin-{i} and target-{i}",
+                                started.elapsed().as_secs_f64(),
+                                service_ip(i),
+                            ));
                         }
                     }
                     std::thread::sleep(Duration::from_millis(100));
                 }
-                samples
+                (samples, races)
             })
         };
         let mut rng = Rng(params.seed | 1);
@@ -284,14 +304,14 @@ pub fn run(params: ChaosParams, mut progress: impl FnMut(&str)) -> ChaosReport {
         }
         let outcomes = fleet.follow(Duration::from_secs(params.deadline_secs), |_| {});
         stop.store(true, Ordering::Relaxed);
-        let samples = sampler.join().unwrap_or(0);
+        let samples = sampler.join().unwrap_or((0, 0));
         match outcomes {
             Err(e) => report.violations.push(e),
             Ok(outcomes) => check_outcomes(&fleet, &outcomes, &mut report),
         }
         samples
     });
-    report.samples = samples;
+    (report.samples, report.sample_races) = samples;
     if let Ok(v) = violations.lock() {
         report.violations.extend(v.iter().cloned());
     }
