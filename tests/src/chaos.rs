@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::lab_fleet::{service_ip, LabFleet, LabParams};
+use crate::SeededRng;
 
 /// A campaign's size and seed.
 #[derive(Debug, Clone, Copy)]
@@ -120,26 +121,9 @@ impl ChaosReport {
     }
 }
 
-/// A small, seedable generator (xorshift64*).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 {
-            0
-        } else {
-            self.next() % n
-        }
-    }
-    fn millis(&mut self, from: u64, to: u64) -> Duration {
-        Duration::from_millis(from + self.below(to.saturating_sub(from) + 1))
-    }
+/// A pause between `from` and `to` ms, from the campaign's generator.
+fn millis(rng: &mut SeededRng, from: u64, to: u64) -> Duration {
+    Duration::from_millis(from + rng.below(to.saturating_sub(from) + 1))
 }
 
 /// Which lab hosts hold which service IPs now (one `ip` run over every namespace).
@@ -241,7 +225,7 @@ pub fn run(params: ChaosParams, mut progress: impl FnMut(&str)) -> ChaosReport {
                 (samples, races)
             })
         };
-        let mut rng = Rng(params.seed | 1);
+        let mut rng = SeededRng::new(params.seed);
         let hosts: Vec<String> = fleet
             .lab
             .hosts()
@@ -260,7 +244,7 @@ pub fn run(params: ChaosParams, mut progress: impl FnMut(&str)) -> ChaosReport {
                 })
         };
         while report.faults.len() < params.faults && !finished(&fleet) {
-            std::thread::sleep(rng.millis(params.max_gap_ms / 10, params.max_gap_ms));
+            std::thread::sleep(millis(&mut rng, params.max_gap_ms / 10, params.max_gap_ms));
             let at_secs = started.elapsed().as_secs_f64();
             let host = hosts[rng.below(hosts.len() as u64) as usize].clone();
             let (kind, target) = match rng.below(5) {
@@ -279,7 +263,7 @@ pub fn run(params: ChaosParams, mut progress: impl FnMut(&str)) -> ChaosReport {
                 }
                 2 | 3 => {
                     fleet.kill_agent(&host);
-                    std::thread::sleep(rng.millis(200, 2000));
+                    std::thread::sleep(millis(&mut rng, 200, 2000));
                     fleet.start_agent(&host);
                     ("agent SIGKILL", host)
                 }
@@ -290,7 +274,7 @@ pub fn run(params: ChaosParams, mut progress: impl FnMut(&str)) -> ChaosReport {
                         (host, "host partition")
                     };
                     fleet.lab.ip(&name, &["link", "set", "eth0", "down"]);
-                    std::thread::sleep(rng.millis(1000, params.max_partition_secs * 1000));
+                    std::thread::sleep(millis(&mut rng, 1000, params.max_partition_secs * 1000));
                     fleet.lab.ip(&name, &["link", "set", "eth0", "up"]);
                     (kind, name)
                 }

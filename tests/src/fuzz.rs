@@ -321,22 +321,15 @@ fn check_argv(argv: &[String]) {
     }
 }
 
-/// A small, seedable generator (xorshift64*): a campaign replays exactly from its seed.
-struct Rng(u64);
+/// The campaign's generator, on `usize` ranges.
+struct Rng(crate::SeededRng);
 
 impl Rng {
     fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        self.0.next_u64()
     }
     fn below(&mut self, n: usize) -> usize {
-        if n == 0 {
-            0
-        } else {
-            (self.next() % n as u64) as usize
-        }
+        self.0.below(n as u64) as usize
     }
 }
 
@@ -437,7 +430,7 @@ pub fn campaign(
     seed: u64,
     findings: &Path,
 ) -> Report {
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng(crate::SeededRng::new(seed));
     let started = Instant::now();
     let mut executions = 0u64;
     let quiet = std::panic::take_hook();

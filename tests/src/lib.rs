@@ -478,3 +478,31 @@ impl Drop for PgCluster {
             .output();
     }
 }
+
+/// A small, seedable generator (xorshift64*): the fuzz and chaos campaigns replay exactly
+/// from their seed.
+pub struct SeededRng(u64);
+
+impl SeededRng {
+    /// A generator from `seed` (any value).
+    pub fn new(seed: u64) -> Self {
+        SeededRng(seed | 1)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// A number in `0..n` (0 when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.next_u64() % n
+        }
+    }
+}
