@@ -278,11 +278,6 @@ impl ChangeJournal {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The data dirs it watches.
-    pub fn roots(&self) -> &[PathBuf] {
-        &self.roots
-    }
-
     /// Waits until every event queued so far is recorded; false if the reader could not
     /// catch up (events keep coming faster than it reads) or is gone.
     fn drained(&self) -> bool {

@@ -256,6 +256,7 @@ impl DataPlane {
         manifest: bool,
         stream: &mut Stream,
     ) -> Result<(), String> {
+        // Refused before admission, like every request outside its grant's scope.
         grant.require_data_dirs().map_err(|e| e.to_string())?;
         let mut listed = self.journal_paths(grant, since).await;
         if manifest {

@@ -42,19 +42,14 @@ pub fn of_dir(
             let rel = entry.path().strip_prefix(host).unwrap_or(entry.path());
             sum.update(rel.as_os_str().as_bytes());
             sum.update([0]);
-            // A dir's size is the filesystem's business (it never shrinks on ext4, and rsync
-            // does not keep it): not part of the manifest.
-            let size = if meta.is_dir() { 0 } else { meta.len() };
-            let mut attributes = format!("{:o} {} {} {size}", meta.mode(), meta.uid(), meta.gid());
-            attributes += &xattrs(entry.path())?;
+            let mut attributes = attributes(&meta, entry.path())?;
             let mtime_ms = meta.mtime() * 1000 + meta.mtime_nsec() / 1_000_000;
             if content_since_ms > 0 && meta.is_file() {
                 attributes += &format!(" {}.{:09}", meta.mtime(), meta.mtime_nsec());
             }
             sum.update(attributes.as_bytes());
             let digest: Vec<u8> = if meta.file_type().is_symlink() {
-                let target = std::fs::read_link(entry.path()).map_err(|e| e.to_string())?;
-                target.as_os_str().as_bytes().to_vec()
+                link_target(entry.path())?
             } else if meta.is_file() {
                 manifest.bytes += meta.len();
                 if content_since_ms == 0 || mtime_ms >= content_since_ms {
@@ -80,9 +75,23 @@ pub fn of_dir(
     Ok(manifest)
 }
 
+/// An entry's mode, owner, size and extended attributes, as a manifest compares them. A dir's
+/// size is the filesystem's business (it never shrinks on ext4, and rsync does not keep it):
+/// not part of it.
+fn attributes(meta: &std::fs::Metadata, path: &Path) -> Result<String, String> {
+    let size = if meta.is_dir() { 0 } else { meta.len() };
+    Ok(format!("{:o} {} {} {size}", meta.mode(), meta.uid(), meta.gid()) + &xattrs(path)?)
+}
+
+/// A symbolic link's target, as bytes.
+fn link_target(path: &Path) -> Result<Vec<u8>, String> {
+    let target = std::fs::read_link(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(target.as_os_str().as_bytes().to_vec())
+}
+
 /// One path's state, for a journal pass's verification: kind and mode, owner, size (not a
 /// dir's), modification time to the ns (files and dirs), extended attributes and ACLs, and
-/// the whole content's SHA-256 (or a link's target). `None` fields: the path does not exist.
+/// the whole content's SHA-256 (or a link's target). Empty attributes: the path does not exist.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PathState {
     /// The BlueMind path.
@@ -111,16 +120,10 @@ pub fn path_state(bluemind_path: &str, host: &Path) -> Result<PathState, String>
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(state),
         Err(e) => return Err(format!("{}: {e}", host.display())),
     };
-    let size = if meta.is_dir() { 0 } else { meta.len() };
-    state.attributes = format!("{:o} {} {} {size}", meta.mode(), meta.uid(), meta.gid());
-    state.attributes += &xattrs(host)?;
+    state.attributes = attributes(&meta, host)?;
     state.dir = meta.is_dir();
     let digest = if meta.file_type().is_symlink() {
-        std::fs::read_link(host)
-            .map_err(|e| e.to_string())?
-            .as_os_str()
-            .as_bytes()
-            .to_vec()
+        link_target(host)?
     } else if meta.is_file() {
         content_digest(host)?
     } else {

@@ -249,22 +249,6 @@ pub struct ConfigureArgs {
     force: bool,
 }
 
-/// The newest `/usr/lib/postgresql/*/bin` holding pg_dump.
-fn newest_pg_bin(root: &Path) -> Option<PathBuf> {
-    let dir = root.join("usr/lib/postgresql");
-    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir(dir)
-        .ok()?
-        .flatten()
-        .filter_map(|e| {
-            let major: u32 = e.file_name().to_str()?.parse().ok()?;
-            let bin = e.path().join("bin");
-            bin.join("pg_dump").exists().then_some((major, bin))
-        })
-        .collect();
-    versions.sort();
-    versions.pop().map(|(_, bin)| bin)
-}
-
 /// The host's interfaces with their IPv4/IPv6 addresses (`ip -brief address`), for the
 /// fleet file's `interface`.
 fn interfaces() -> Vec<String> {
@@ -339,7 +323,9 @@ pub async fn configure(args: ConfigureArgs) -> anyhow::Result<()> {
         .or_insert_with(|| toml::Value::Table(Default::default()));
     if let Some(pg) = postgresql.as_table_mut() {
         if !pg.contains_key("bin_dir") {
-            if let Some(bin) = newest_pg_bin(Path::new("/")) {
+            // The agent's own choice (the newest installed major), pinned in the file.
+            let bin = bmfleet_agent::pg::bin_dir(&Default::default());
+            if bin.join("pg_dump").exists() {
                 found.push(format!("PostgreSQL client programs in {}", bin.display()));
                 pg.insert("bin_dir".into(), path(&bin));
             }

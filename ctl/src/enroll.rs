@@ -95,7 +95,7 @@ pub struct HostEntry {
 }
 
 /// The inventory file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Inventory {
     /// Settings every host gets unless it says otherwise.
@@ -172,10 +172,7 @@ impl Inventory {
 
     /// Hosts given on the command line as `DEST=NAME:ROLE`.
     pub fn from_args(hosts: &[String]) -> anyhow::Result<Inventory> {
-        let mut inventory = Inventory {
-            defaults: HostSettings::default(),
-            host: Vec::new(),
-        };
+        let mut inventory = Inventory::default();
         for spec in hosts {
             let (ssh, rest) = spec
                 .split_once('=')
@@ -592,8 +589,8 @@ async fn wait_up(connection: &Connection, name: &str, timeout: Duration) -> anyh
     let since = jiff::Timestamp::now().as_millisecond();
     let deadline = tokio::time::Instant::now() + timeout;
     let mut last = String::from("not checked yet");
+    let mut client = connection.client()?;
     loop {
-        let mut client = connection.client()?;
         if let Ok(status) = connection
             .call(client.status(bmfleet_proto::v1::StatusRequest {}))
             .await

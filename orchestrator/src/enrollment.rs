@@ -176,11 +176,8 @@ impl EnrollmentApi {
                 tracing::error!(error = %e, "cannot reload the revocation list");
             }
         }
-        let ca_pem = std::fs::read_to_string(self.config.pki_dir.join(pki::CA_CERT_FILE))
-            .map_err(|e| Status::internal(format!("reading the fleet CA: {e}")))?;
         Ok(EnrollReply {
             cert_pem,
-            ca_pem,
             orchestrator: self.orchestrator_name.clone(),
         })
     }

@@ -547,14 +547,10 @@ impl Fleet for FleetApi {
             self.state
                 .store_join_token(&token.stored)
                 .map_err(Self::internal)?;
-            let ca_pem =
-                std::fs::read_to_string(config.pki_dir.join(bmfleet_proto::pki::CA_CERT_FILE))
-                    .map_err(|e| Status::internal(format!("reading the fleet CA: {e}")))?;
             Ok(IssueJoinTokenReply {
                 token: token.text,
                 expires_unix_ms: token.stored.expires_ms,
                 enroll_address: config.enroll_address(),
-                ca_pem,
             })
         })
     }

@@ -308,11 +308,11 @@ fn check_outcomes(
     outcomes: &[crate::lab_fleet::InstanceOutcome],
     report: &mut ChaosReport,
 ) {
+    let holders = holders(fleet);
     for (i, o) in outcomes.iter().enumerate() {
         let pair = i + 1;
         *report.phases.entry(o.phase.clone()).or_default() += 1;
         let (origin, target) = (format!("origin-{pair}"), format!("target-{pair}"));
-        let holders = holders(fleet);
         let held = holders.get(&service_ip(pair)).cloned().unwrap_or_default();
         match o.phase.as_str() {
             "Done" => {
