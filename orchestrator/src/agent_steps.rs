@@ -23,6 +23,9 @@ use crate::machine::{PassStats, Step};
 
 use bmfleet_proto::BLUEMIND_DATA_DIRS as DATA_DIRS;
 
+/// How long an instance's end keeps asking an unreachable origin to withdraw its grants.
+pub const END_INSTANCE_RETRY_MS: i64 = 10 * 60 * 1000;
+
 /// How long the grant of a step without a known deadline stays valid.
 const FALLBACK_GRANT_MS: i64 = 10 * 60 * 1000;
 
@@ -55,33 +58,43 @@ fn agent(pool: &AgentPool, name: &str) -> Result<AgentHandle, String> {
 }
 
 impl AgentPort for GrpcAgents {
-    /// Every grant the instance's target holds on its origin for this migration goes.
+    /// Every grant the instance's target holds on its origin for this migration goes. An
+    /// origin that does not answer (restarting, cut off) is asked again, with the steps'
+    /// retry back-off, for [`END_INSTANCE_RETRY_MS`]; after that its grants expire with their
+    /// steps.
     fn end_instance(
         &self,
         migration: String,
         instance: InstanceSpec,
     ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
-        let pool = self.pool.clone();
+        let (pool, clock) = (self.pool.clone(), self.clock.clone());
         Box::pin(async move {
             let Some(origin) = pool.get(&instance.origin) else {
                 return;
             };
-            let done = origin
-                .client
-                .clone()
-                .revoke_grant(RevokeGrantRequest {
+            let give_up = clock.now_ms() + END_INSTANCE_RETRY_MS;
+            for attempt in 1u32.. {
+                let mut request = tonic::Request::new(RevokeGrantRequest {
                     grant_id: String::new(),
                     target_name: instance.target.clone(),
-                    migration,
-                })
-                .await;
-            match done {
-                Ok(r) => {
-                    tracing::info!(instance = %instance.name, revoked = r.into_inner().revoked, "grants withdrawn at the instance's end")
+                    migration: migration.clone(),
+                });
+                request.set_timeout(std::time::Duration::from_secs(10));
+                let error = match origin.client.clone().revoke_grant(request).await {
+                    Ok(r) => {
+                        tracing::info!(instance = %instance.name, revoked = r.into_inner().revoked, "grants withdrawn at the instance's end");
+                        return;
+                    }
+                    Err(s) => describe_status(&s),
+                };
+                if clock.now_ms() >= give_up {
+                    tracing::warn!(instance = %instance.name, %error, "withdrawing the instance's grants failed; they expire with their steps");
+                    return;
                 }
-                Err(s) => {
-                    tracing::warn!(instance = %instance.name, error = %describe_status(&s), "withdrawing the instance's grants failed; they expire with their steps")
-                }
+                tracing::info!(instance = %instance.name, %error, attempt, "withdrawing the instance's grants failed; asking again");
+                clock
+                    .sleep(crate::engine::retry_backoff_ms(attempt + 1))
+                    .await;
             }
         })
     }

@@ -453,8 +453,14 @@ impl Engine {
         max_transitions: Option<u64>,
     ) -> Result<Stop, StateError> {
         // Re-attach: steps in flight when the orchestrator stopped run again under the same
-        // operation ids; agents answer a finished one from their journal.
+        // operation ids; agents answer a finished one from their journal. An instance that
+        // ended before the stop has its grants withdrawn again (the withdrawal may not have
+        // reached its origin; it is idempotent).
         for (n, i) in self.instances.iter().enumerate() {
+            if i.phase.is_final() {
+                let spec = self.fleet.instances[n].clone();
+                tokio::spawn(self.port.end_instance(self.fleet.policy.name.clone(), spec));
+            }
             for (step, r) in &i.running {
                 tracing::info!(instance = %self.fleet.instances[n].name, step = step.as_str(), attempt = r.attempt, "re-attaching");
                 self.dispatch(n, *step, r.attempt);
