@@ -167,6 +167,36 @@ pub struct PostgresConfig {
     /// a superuser; the restore itself runs as `user`): only those the origin's database has,
     /// in its schema when that is `public` or `pg_catalog`.
     pub extensions: Vec<String>,
+    /// The cluster's data directory (Debian: /var/lib/postgresql/N/main). Needed on a target
+    /// that becomes a physical standby of its origin; empty: it cannot.
+    pub data_dir: Option<PathBuf>,
+    /// Starts the cluster (Debian: `pg_ctlcluster N main start`); needed with `data_dir`.
+    pub server_start: Vec<String>,
+    /// Stops it (Debian: `pg_ctlcluster N main stop -m fast`).
+    pub server_stop: Vec<String>,
+    /// Where a standby's WAL receiver finds the agent's relay to the origin (a Unix socket
+    /// dir, owned by the cluster's user).
+    pub relay_dir: PathBuf,
+    /// On an origin whose `max_slot_wal_keep_size` is unlimited: the cap set while a standby
+    /// follows it (a vanished target must not fill the origin's disk), MB. Reset after.
+    pub replication_wal_cap_mb: u64,
+}
+
+impl PostgresConfig {
+    /// Why this host's cluster cannot become a physical standby, if it cannot.
+    pub fn standby_unavailable(&self) -> Option<String> {
+        let mut missing = Vec::new();
+        if self.data_dir.is_none() {
+            missing.push("postgresql.data_dir");
+        }
+        if self.server_start.is_empty() {
+            missing.push("postgresql.server_start");
+        }
+        if self.server_stop.is_empty() {
+            missing.push("postgresql.server_stop");
+        }
+        (!missing.is_empty()).then(|| format!("{} not set in agent.toml", missing.join(", ")))
+    }
 }
 
 impl Default for PostgresConfig {
@@ -182,6 +212,11 @@ impl Default for PostgresConfig {
             admin_user: "postgres".into(),
             admin_command_prefix: argv(&["runuser", "-u", "postgres", "--"]),
             extensions: argv(&["hstore", "btree_gin", "ltree", "unaccent"]),
+            data_dir: None,
+            server_start: Vec::new(),
+            server_stop: Vec::new(),
+            relay_dir: PathBuf::from("/run/bmfleet-agent/pg-relay"),
+            replication_wal_cap_mb: 8192,
         }
     }
 }

@@ -24,6 +24,7 @@ use crate::config::AgentConfig;
 use crate::config_set;
 use crate::grants::{AdmitError, Grant, GrantStore};
 use crate::pg;
+use crate::replication;
 use crate::rsync_args::parse_sender;
 use crate::tunnel::{
     end_framed, read_json_line, send_framed, write_json_line, TunnelReply, TunnelRequest,
@@ -111,12 +112,7 @@ impl DataPlane {
                 }
                 Err(_) => return,
             };
-        let kind = match &request {
-            TunnelRequest::Rsync { .. } => "rsync",
-            TunnelRequest::DumpDatabase { .. } => "dump",
-            TunnelRequest::DatabaseManifest { .. } => "manifest",
-            TunnelRequest::Changes { .. } => "changes",
-        };
+        let kind = request.kind();
         let caller = match caller {
             Some(Ok(id)) if id.role == Role::Agent => id,
             Some(Ok(id)) => {
@@ -130,12 +126,7 @@ impl DataPlane {
                 return;
             }
         };
-        let grant_id = match &request {
-            TunnelRequest::Rsync { grant, .. }
-            | TunnelRequest::DumpDatabase { grant, .. }
-            | TunnelRequest::DatabaseManifest { grant, .. }
-            | TunnelRequest::Changes { grant, .. } => grant.clone(),
-        };
+        let grant_id = request.grant().to_string();
         let now = crate::server::now_ms();
         let grant = match self.grants.admit(&grant_id, &caller.name, now) {
             Ok(g) => g,
@@ -174,6 +165,15 @@ impl DataPlane {
             TunnelRequest::DatabaseManifest { names_only, .. } => {
                 self.manifest(&grant, names_only, &mut stream).await
             }
+            TunnelRequest::BaseBackup { .. } => self.base_backup(&grant, &mut stream).await,
+            TunnelRequest::Replication { .. } => match grant.require_replication() {
+                Ok(()) => match admit(&mut stream).await {
+                    Ok(()) => replication::relay_to_server(&self.config, &mut stream).await,
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(e.to_string()),
+            },
+            TunnelRequest::WalPosition { .. } => self.wal_position(&grant, &mut stream).await,
         };
         match outcome {
             Ok(()) => {
@@ -439,7 +439,43 @@ impl DataPlane {
         // Uncompressed: the archive crosses the data plane once, and compressing it would
         // spend the origin's CPU inside the downtime.
         pg_dump.args(["--no-sync", "-F", "c", "-Z", "0"]);
-        stream_output("pg_dump", pg_dump, stream).await
+        stream_output("pg_dump", pg_dump, None, stream).await
+    }
+
+    /// Makes the replication role and slot of `grant`, sends their ticket, then streams a
+    /// base backup of the cluster (`pg_basebackup -Ft -D -`, taken by this host's own
+    /// administrator; WAL comes afterwards through the slot).
+    async fn base_backup(&self, grant: &Grant, stream: &mut Stream) -> Result<(), String> {
+        grant.require_replication().map_err(|e| e.to_string())?;
+        let ticket = replication::prepare(&self.config, &self.grants, grant).await?;
+        let mut pg_basebackup =
+            pg::Connection::admin(&self.config.postgresql).command("pg_basebackup", "");
+        pg_basebackup.args([
+            "-D",
+            "-",
+            "-F",
+            "t",
+            "-X",
+            "none",
+            "--checkpoint=fast",
+            "--no-manifest",
+        ]);
+        let ticket = serde_json::to_value(&ticket).map_err(|e| e.to_string())?;
+        stream_output("pg_basebackup", pg_basebackup, Some(ticket), stream).await
+    }
+
+    /// The WAL position of the origin now (its services are stopped: the standby promotes
+    /// once it has replayed up to it).
+    async fn wal_position(&self, grant: &Grant, stream: &mut Stream) -> Result<(), String> {
+        if grant.require_databases().is_err() {
+            grant.require_replication().map_err(|e| e.to_string())?;
+        }
+        let position = replication::wal_position(&self.config).await?;
+        admit(stream).await?;
+        write_json_line(stream, &position)
+            .await
+            .map_err(|e| e.to_string())?;
+        stream.shutdown().await.map_err(|e| e.to_string())
     }
 
     async fn manifest(
@@ -503,11 +539,13 @@ async fn admit(stream: &mut Stream) -> Result<(), String> {
     .map_err(|e| e.to_string())
 }
 
-/// Starts `command`, admits the client, streams the command's stdout as data frames and ends
-/// with its outcome (exit status and stderr).
+/// Starts `command`, admits the client (then sends `preamble` as a JSON line, if any),
+/// streams the command's stdout as data frames and ends with its outcome (exit status and
+/// stderr).
 async fn stream_output(
     program: &str,
     mut command: Command,
+    preamble: Option<serde_json::Value>,
     stream: &mut Stream,
 ) -> Result<(), String> {
     let mut child = command
@@ -517,6 +555,11 @@ async fn stream_output(
         .spawn()
         .map_err(|e| format!("cannot start {program}: {e}"))?;
     admit(stream).await?;
+    if let Some(preamble) = preamble {
+        write_json_line(stream, &preamble)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
     let mut stdout = child
         .stdout
         .take()

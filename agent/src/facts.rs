@@ -24,6 +24,17 @@ pub async fn gather(config: &AgentConfig, agent_name: &str, measure_usage: bool)
             timeout
         ),
     );
+    let admin = crate::pg::Connection::admin(&config.postgresql);
+    let server = tokio::time::timeout(timeout, async {
+        let version = admin.server_version_num().await.unwrap_or(0);
+        let wal_level = admin
+            .psql("postgres", "SHOW wal_level;")
+            .await
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        (version, wal_level)
+    });
+    let (postgresql_version_num, postgresql_wal_level) = server.await.unwrap_or_default();
     let dirs: Vec<(PathBuf, PathBuf)> = config
         .all_data_dirs()
         .map(|d| (d.clone(), config.host_path(d)))
@@ -68,12 +79,27 @@ pub async fn gather(config: &AgentConfig, agent_name: &str, measure_usage: bool)
             })
             .unwrap_or_default(),
         served: crate::served::get(&config.state_dir).is_some(),
+        libc_version: libc_version().await,
+        standby_unavailable: config.postgresql.standby_unavailable().unwrap_or_default(),
+        postgresql_version_num,
+        postgresql_wal_level,
         spool_users: config
             .facts
             .spool_users
             .iter()
             .map(|u| spool_user(u))
             .collect(),
+    }
+}
+
+/// The C library's version (`getconf GNU_LIBC_VERSION`, e.g. "glibc 2.36"); empty if unknown.
+async fn libc_version() -> String {
+    let argv = ["getconf".to_string(), "GNU_LIBC_VERSION".to_string()];
+    let out = command::run("getconf", &argv, Duration::from_secs(5)).await;
+    if command::succeeded(&out) {
+        out.stdout_tail.trim().to_string()
+    } else {
+        String::new()
     }
 }
 

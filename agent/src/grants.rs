@@ -26,6 +26,8 @@ pub struct Grant {
     pub config_set: bool,
     /// The databases may be dumped.
     pub databases: bool,
+    /// The cluster may be followed (base backup, then WAL streamed): a physical standby.
+    pub replication: bool,
     /// Expiry, Unix ms.
     pub expires_at_ms: i64,
 }
@@ -103,6 +105,7 @@ impl Grant {
             paths,
             config_set: req.config_set,
             databases: req.databases,
+            replication: req.replication,
             expires_at_ms: req.expires_at_unix_ms,
         })
     }
@@ -156,6 +159,15 @@ impl Grant {
             Ok(())
         } else {
             Err(self.out_of_scope("the databases".into()))
+        }
+    }
+
+    /// Checks the replication scope.
+    pub fn require_replication(&self) -> Result<(), Refusal> {
+        if self.replication {
+            Ok(())
+        } else {
+            Err(self.out_of_scope("following the cluster (replication)".into()))
         }
     }
 
@@ -217,9 +229,25 @@ impl GrantStore {
                  config_set INTEGER NOT NULL,
                  databases INTEGER NOT NULL,
                  expires_at_ms INTEGER NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS replication_leftovers (
+                 grant_id TEXT PRIMARY KEY,
+                 role TEXT NOT NULL,
+                 slot TEXT NOT NULL,
+                 cap_set INTEGER NOT NULL
              );",
         )
         .map_err(err)?;
+        // Grants stored before the replication scope existed.
+        let has_replication = conn
+            .prepare("SELECT replication FROM grants LIMIT 0")
+            .is_ok();
+        if !has_replication {
+            conn.execute_batch(
+                "ALTER TABLE grants ADD COLUMN replication INTEGER NOT NULL DEFAULT 0;",
+            )
+            .map_err(err)?;
+        }
         Ok(GrantStore {
             conn: Mutex::new(conn),
             path: display,
@@ -247,8 +275,9 @@ impl GrantStore {
         self.conn()
             .execute(
                 "INSERT OR REPLACE INTO grants
-                 (id, target_name, migration, paths, config_set, databases, expires_at_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                 (id, target_name, migration, paths, config_set, databases, expires_at_ms,
+                  replication)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 params![
                     grant.id,
                     grant.target_name,
@@ -256,7 +285,8 @@ impl GrantStore {
                     paths.join("\n"),
                     grant.config_set,
                     grant.databases,
-                    grant.expires_at_ms
+                    grant.expires_at_ms,
+                    grant.replication
                 ],
             )
             .map(|_| ())
@@ -299,7 +329,8 @@ impl GrantStore {
     pub fn get(&self, id: &str) -> Result<Option<Grant>, GrantStoreError> {
         self.conn()
             .query_row(
-                "SELECT id, target_name, migration, paths, config_set, databases, expires_at_ms
+                "SELECT id, target_name, migration, paths, config_set, databases, expires_at_ms,
+                        replication
                  FROM grants WHERE id = ?1",
                 params![id],
                 |r| {
@@ -316,6 +347,7 @@ impl GrantStore {
                         config_set: r.get(4)?,
                         databases: r.get(5)?,
                         expires_at_ms: r.get(6)?,
+                        replication: r.get(7)?,
                     })
                 },
             )
@@ -336,6 +368,71 @@ impl GrantStore {
         ids
     }
 
+    /// Records what a replication grant made in the cluster (its role, its slot, and whether
+    /// it capped the WAL slots keep), to be removed once the grant is gone.
+    pub fn put_leftover(&self, leftover: &Leftover) -> Result<(), GrantStoreError> {
+        self.conn()
+            .execute(
+                "INSERT OR REPLACE INTO replication_leftovers (grant_id, role, slot, cap_set)
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![
+                    leftover.grant_id,
+                    leftover.role,
+                    leftover.slot,
+                    leftover.cap_set
+                ],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// The leftovers of replication grants that no longer exist or expired before `now_ms`,
+    /// and whether any valid replication grant remains (the WAL cap stays while one does).
+    pub fn orphan_leftovers(&self, now_ms: i64) -> Result<(Vec<Leftover>, bool), GrantStoreError> {
+        let conn = self.conn();
+        let mut statement = conn
+            .prepare(
+                "SELECT l.grant_id, l.role, l.slot, l.cap_set,
+                        g.id IS NOT NULL AND g.expires_at_ms > ?1
+                 FROM replication_leftovers l LEFT JOIN grants g ON g.id = l.grant_id
+                 ORDER BY l.grant_id",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = statement
+            .query_map(params![now_ms], |r| {
+                Ok((
+                    Leftover {
+                        grant_id: r.get(0)?,
+                        role: r.get(1)?,
+                        slot: r.get(2)?,
+                        cap_set: r.get(3)?,
+                    },
+                    r.get::<_, bool>(4)?,
+                ))
+            })
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| self.err(e))?;
+        let live = rows.iter().any(|(_, live)| *live);
+        Ok((
+            rows.into_iter()
+                .filter(|(_, live)| !live)
+                .map(|(l, _)| l)
+                .collect(),
+            live,
+        ))
+    }
+
+    /// Forgets a leftover once it is removed from the cluster.
+    pub fn forget_leftover(&self, grant_id: &str) -> Result<(), GrantStoreError> {
+        self.conn()
+            .execute(
+                "DELETE FROM replication_leftovers WHERE grant_id = ?1",
+                params![grant_id],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
     /// Finds the grant `id` and checks `caller` may use it now.
     pub fn admit(&self, id: &str, caller: &str, now_ms: i64) -> Result<Grant, AdmitError> {
         let grant = self
@@ -344,6 +441,19 @@ impl GrantStore {
         grant.admit(caller, now_ms)?;
         Ok(grant)
     }
+}
+
+/// What a replication grant made in the origin's cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leftover {
+    /// The grant.
+    pub grant_id: String,
+    /// The replication role made for it.
+    pub role: String,
+    /// Its physical replication slot.
+    pub slot: String,
+    /// It set `max_slot_wal_keep_size` (unlimited before).
+    pub cap_set: bool,
 }
 
 /// A failed admission: refused, or the store failed.
@@ -369,6 +479,7 @@ mod tests {
             paths: paths.iter().map(PathBuf::from).collect(),
             config_set: false,
             databases: false,
+            replication: false,
             expires_at_ms: 1000,
         }
     }

@@ -125,7 +125,8 @@ impl Connection {
         }
     }
 
-    /// A command running `program` (pg_dump, psql, pg_restore) against `database`.
+    /// A command running `program` (pg_dump, psql, pg_restore) against `database` (none
+    /// when empty).
     pub fn command(&self, program: &str, database: &str) -> Command {
         let exe = self.bin.join(program);
         let mut argv: Vec<String> = self.prefix.clone();
@@ -137,10 +138,12 @@ impl Connection {
             self.port.to_string(),
             "-U".into(),
             self.user.clone(),
-            "-d".into(),
-            database.to_string(),
             "-w".into(),
         ]);
+        // pg_basebackup's -d is a connection string: it is given none.
+        if !database.is_empty() {
+            argv.extend(["-d".into(), database.to_string()]);
+        }
         let mut cmd = Command::new(&argv[0]);
         cmd.args(&argv[1..])
             .kill_on_drop(true)

@@ -11,10 +11,10 @@ use bmfleet_proto::tls::{accept_tls, bounded_server, LocalIdentity, Policy, Role
 use bmfleet_proto::v1::agent_server::{Agent, AgentServer};
 use bmfleet_proto::v1::{
     ClearServedReply, ClearServedRequest, CopyConfigReply, CopyConfigRequest, DumpFormat,
-    FactsReply, FactsRequest, GrantReply, GrantRequest, IpReply, IpRequest, ManifestReply,
-    ManifestRequest, MoveDatabasesReply, MoveDatabasesRequest, OriginEndpoint, PostMigrationReply,
-    PostMigrationRequest, PullEvent, PullRequest, RevokeGrantRequest, ServiceAction, ServicesReply,
-    ServicesRequest,
+    FactsReply, FactsRequest, FollowDatabasesReply, FollowDatabasesRequest, GrantReply,
+    GrantRequest, IpReply, IpRequest, ManifestReply, ManifestRequest, MoveDatabasesReply,
+    MoveDatabasesRequest, OriginEndpoint, PostMigrationReply, PostMigrationRequest, PullEvent,
+    PullRequest, RevokeGrantRequest, ServiceAction, ServicesReply, ServicesRequest,
 };
 use prost::Message;
 use tokio::net::TcpListener;
@@ -26,7 +26,7 @@ use crate::data_plane::DataPlane;
 use crate::grants::{Grant, GrantStore};
 use crate::metrics::{AgentMetrics, Outcome};
 use crate::operations::{once, once_unless, Journal};
-use crate::{config_set, cutover, databases, facts, pull, served, services};
+use crate::{config_set, cutover, databases, facts, pull, served, services, standby};
 
 /// File name of the agent's database (operation journal and grants) inside the state dir.
 pub const JOURNAL_FILE: &str = "operations.db";
@@ -91,6 +91,8 @@ pub struct AgentService {
     metrics: Arc<AgentMetrics>,
     /// Origin side: the change journals of the instances it serves.
     changes: Arc<crate::change_journal::ChangeJournals>,
+    /// Target side: the relay of a standby that follows its origin.
+    relay: Arc<standby::Relay>,
 }
 
 fn origin_of(endpoint: Option<OriginEndpoint>) -> Result<OriginEndpoint, Status> {
@@ -133,7 +135,23 @@ impl AgentService {
             tunnel_tls: identity.client_config(Role::Agent)?,
             metrics: Arc::new(AgentMetrics::new()),
             changes: Arc::default(),
+            relay: Arc::default(),
         })
+    }
+
+    /// What must run again after a restart: the relay of a standby that follows its origin,
+    /// and the removal of replication slots and roles whose grants are gone.
+    pub fn resume(&self) {
+        standby::resume(&self.config, self.tunnel_tls.clone(), &self.relay);
+        self.clean_replication();
+    }
+
+    /// Removes (in the background) what replication grants that are gone left in the cluster.
+    fn clean_replication(&self) {
+        let (config, grants) = (self.config.clone(), self.grants.clone());
+        tokio::spawn(async move {
+            crate::replication::clean_leftovers(&config, &grants, now_ms()).await;
+        });
     }
 
     /// This agent's metrics.
@@ -230,6 +248,7 @@ impl Agent for AgentService {
             .and_then(|_| self.grants.put(&grant))
             .map_err(|e| Status::internal(e.to_string()))?;
         tracing::info!(grant = %grant.id, target = %grant.target_name, migration = %grant.migration, paths = ?grant.paths, "grant registered");
+        self.clean_replication();
         if !grant.paths.is_empty() {
             // From the first pass on, the instance's changes are journaled (the final pass
             // moves only those).
@@ -277,6 +296,7 @@ impl Agent for AgentService {
             ));
         }
         tracing::info!(grant = %req.grant_id, target = %req.target_name, migration = %req.migration, revoked, "grants revoked");
+        self.clean_replication();
         Ok(Response::new(GrantReply {
             grant_id: req.grant_id,
             revoked: u32::try_from(revoked).unwrap_or(u32::MAX),
@@ -381,7 +401,11 @@ impl Agent for AgentService {
         let req = request.into_inner();
         let origin = origin_of(req.origin.clone())?;
         let format = DumpFormat::try_from(req.format).unwrap_or(DumpFormat::Streamed);
-        let (config, tls) = (self.config.clone(), self.tunnel_tls.clone());
+        let (config, tls, relay) = (
+            self.config.clone(),
+            self.tunnel_tls.clone(),
+            self.relay.clone(),
+        );
         let run = async move {
             if let Err(error) = served::refuse_sync(&config.state_dir, "moving databases") {
                 return MoveDatabasesReply {
@@ -389,11 +413,44 @@ impl Agent for AgentService {
                     ..Default::default()
                 };
             }
-            databases::move_databases(&config, tls, &origin, format, req.jobs).await
+            if req.promote {
+                standby::promote(&config, tls, &relay, &origin).await
+            } else {
+                databases::move_databases(&config, tls, &origin, format, req.jobs).await
+            }
         };
         self.journaled(
             &req.operation_id,
             "move_databases",
+            &req.encode_to_vec(),
+            run,
+        )
+        .await
+    }
+
+    async fn follow_databases(
+        &self,
+        request: Request<FollowDatabasesRequest>,
+    ) -> Result<Response<FollowDatabasesReply>, Status> {
+        let req = request.into_inner();
+        let origin = origin_of(req.origin.clone())?;
+        let (config, tls, relay) = (
+            self.config.clone(),
+            self.tunnel_tls.clone(),
+            self.relay.clone(),
+        );
+        let run = async move {
+            if let Err(error) = served::refuse_sync(&config.state_dir, "following databases") {
+                return FollowDatabasesReply {
+                    error,
+                    ..Default::default()
+                };
+            }
+            standby::follow(&config, tls, &relay, &origin).await
+        };
+        self.journaled(
+            &req.operation_id,
+            "follow_databases",
             &req.encode_to_vec(),
             run,
         )
@@ -527,6 +584,7 @@ macro_rules! journaled {
 journaled!(
     ServicesReply,
     MoveDatabasesReply,
+    FollowDatabasesReply,
     CopyConfigReply,
     PostMigrationReply,
     IpReply
@@ -706,6 +764,7 @@ pub async fn serve(
     let (data_listen, metrics_listen) = (config.data_listen, config.metrics_listen);
     let orchestrators = config.orchestrators.clone();
     let service = AgentService::new(config, &identity)?;
+    service.resume();
     if let Some(address) = metrics_listen {
         let bound = crate::metrics::serve(service.metrics(), address).map_err(|source| {
             AgentError::MetricsListen {

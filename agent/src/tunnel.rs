@@ -58,6 +58,50 @@ pub enum TunnelRequest {
         #[serde(default)]
         names_only: bool,
     },
+    /// Follow the cluster: a replication role and slot are made, their ticket sent as a JSON
+    /// line, then the base backup (tar) as data frames.
+    BaseBackup {
+        /// The grant id (replication).
+        grant: String,
+    },
+    /// A standby's connection to the origin's PostgreSQL, relayed byte for byte.
+    Replication {
+        /// The grant id (replication).
+        grant: String,
+    },
+    /// The origin's WAL position now (one JSON line).
+    WalPosition {
+        /// The grant id (databases).
+        grant: String,
+    },
+}
+
+impl TunnelRequest {
+    /// The grant the request is made under.
+    pub fn grant(&self) -> &str {
+        match self {
+            TunnelRequest::Rsync { grant, .. }
+            | TunnelRequest::Changes { grant, .. }
+            | TunnelRequest::DumpDatabase { grant, .. }
+            | TunnelRequest::DatabaseManifest { grant, .. }
+            | TunnelRequest::BaseBackup { grant }
+            | TunnelRequest::Replication { grant }
+            | TunnelRequest::WalPosition { grant } => grant,
+        }
+    }
+
+    /// The request's kind, for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TunnelRequest::Rsync { .. } => "rsync",
+            TunnelRequest::Changes { .. } => "changes",
+            TunnelRequest::DumpDatabase { .. } => "dump",
+            TunnelRequest::DatabaseManifest { .. } => "manifest",
+            TunnelRequest::BaseBackup { .. } => "base-backup",
+            TunnelRequest::Replication { .. } => "replication",
+            TunnelRequest::WalPosition { .. } => "wal-position",
+        }
+    }
 }
 
 /// The origin's answer to a request line.

@@ -10,16 +10,16 @@ use std::sync::Arc;
 
 use bmfleet_proto::error_chain::describe_status;
 use bmfleet_proto::v1::{
-    ClearServedRequest, CopyConfigRequest, DumpFormat, FactsRequest, GrantRequest, IpRequest,
-    ManifestRequest, MoveDatabasesRequest, OriginEndpoint, PostMigrationRequest, PullRequest,
-    RevokeGrantRequest, ServiceAction, ServicesRequest,
+    ClearServedRequest, CopyConfigRequest, DumpFormat, FactsRequest, FollowDatabasesRequest,
+    GrantRequest, IpRequest, ManifestRequest, MoveDatabasesRequest, OriginEndpoint,
+    PostMigrationRequest, PullRequest, RevokeGrantRequest, ServiceAction, ServicesRequest,
 };
 
 use crate::agents::{AgentHandle, AgentPool};
 use crate::clock::Clock;
-use crate::engine::{AgentPort, Job, StepResult};
+use crate::engine::{AgentPort, Job, StepOutput, StepResult};
 use crate::fleet::InstanceSpec;
-use crate::machine::{PassStats, Step};
+use crate::machine::{DbPlan, PassStats, Step};
 
 use bmfleet_proto::BLUEMIND_DATA_DIRS as DATA_DIRS;
 
@@ -118,18 +118,29 @@ async fn run_step(pool: &AgentPool, job: Job, now_ms: i64) -> StepResult {
     let origin = &agent(pool, &job.instance.origin)?;
     let target = &agent(pool, &job.instance.target)?;
     match job.step {
-        Step::Preflight => preflight(origin, target, &job).await.map(|_| None),
+        Step::Preflight => preflight(origin, target, &job)
+            .await
+            .map(|plan| StepOutput {
+                stats: None,
+                databases: Some(plan),
+            }),
+        Step::FollowDatabases => follow_databases(origin, target, &job, now_ms).await,
         Step::HotPass | Step::PreWindowPass => {
             granted(origin, &job, now_ms, Scope::DataDirs, |endpoint| async {
-                sync_pass(target, &job, endpoint).await.map(Some)
+                sync_pass(target, &job, endpoint)
+                    .await
+                    .map(StepOutput::from)
             })
             .await
         }
         Step::FinalPass => {
             let stats = granted(origin, &job, now_ms, Scope::DataDirs, |endpoint| async {
-                sync_pass(target, &job, endpoint).await.map(Some)
+                sync_pass(target, &job, endpoint)
+                    .await
+                    .map(StepOutput::from)
             })
             .await?
+            .stats
             .unwrap_or_default();
             // Services are stopped on both sides: the trees must now be equal. A journal pass
             // was verified by the target against the origin, path by path (contents
@@ -137,7 +148,7 @@ async fn run_step(pool: &AgentPool, job: Job, now_ms: i64) -> StepResult {
             if stats.journal_paths.is_none() {
                 compare_manifests(origin, target, &job, now_ms - CONTENT_CHECK_MS).await?;
             }
-            Ok(Some(stats))
+            Ok(stats.into())
         }
         Step::StopOrigin => services(origin, &job, ServiceAction::Stop).await,
         Step::StopTarget | Step::RollbackStopTarget => {
@@ -178,6 +189,45 @@ async fn run_step(pool: &AgentPool, job: Job, now_ms: i64) -> StepResult {
     }
 }
 
+/// How long a replication grant lives: the standby follows from the hot phase to the
+/// cutover (the instance's end revokes it; its expiry is the backstop).
+const REPLICATION_GRANT_MS: i64 = 14 * 24 * 3600 * 1000;
+
+/// The target's cluster becomes a standby of the origin's, under a replication grant that
+/// outlives the step (until the instance ends) and is revoked at once if the step fails.
+async fn follow_databases(
+    origin: &AgentHandle,
+    target: &AgentHandle,
+    job: &Job,
+    now_ms: i64,
+) -> StepResult {
+    let endpoint = grant(origin, job, now_ms, Scope::Replication).await?;
+    let reply = target
+        .client
+        .clone()
+        .follow_databases(FollowDatabasesRequest {
+            operation_id: job.operation_id.clone(),
+            origin: Some(endpoint.clone()),
+        })
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|s| describe_status(&s));
+    match reply {
+        Ok(r) if r.ok => {
+            tracing::info!(instance = %job.instance.name, bytes = r.base_backup_bytes, elapsed_ms = r.elapsed_ms, "the target's databases follow the origin");
+            Ok(StepOutput::default())
+        }
+        Ok(r) => {
+            revoke(origin, &endpoint.grant_id).await;
+            Err(r.error)
+        }
+        Err(e) => {
+            revoke(origin, &endpoint.grant_id).await;
+            Err(e)
+        }
+    }
+}
+
 async fn move_databases(target: &AgentHandle, job: &Job, endpoint: OriginEndpoint) -> StepResult {
     let reply = target
         .client
@@ -187,12 +237,13 @@ async fn move_databases(target: &AgentHandle, job: &Job, endpoint: OriginEndpoin
             origin: Some(endpoint),
             format: DumpFormat::Streamed.into(),
             jobs: 0,
+            promote: job.promote_databases,
         })
         .await
         .map_err(|s| describe_status(&s))?
         .into_inner();
     if reply.ok {
-        Ok(None)
+        Ok(StepOutput::default())
     } else {
         Err(reply.error)
     }
@@ -224,7 +275,7 @@ async fn copy_config(
         );
     }
     if reply.ok {
-        Ok(None)
+        Ok(StepOutput::default())
     } else {
         Err(reply.error)
     }
@@ -232,7 +283,12 @@ async fn copy_config(
 
 /// Both agents answer, the BlueMind versions match, PostgreSQL answers on both, the target
 /// has room for the origin's data and the spool's users, and its services are stopped.
-async fn preflight(origin: &AgentHandle, target: &AgentHandle, job: &Job) -> Result<(), String> {
+/// Returns how the databases will move (a standby when both hosts allow it).
+async fn preflight(
+    origin: &AgentHandle,
+    target: &AgentHandle,
+    job: &Job,
+) -> Result<DbPlan, String> {
     async fn facts(a: &AgentHandle, usage: bool) -> Result<bmfleet_proto::v1::FactsReply, String> {
         a.client
             .clone()
@@ -281,6 +337,10 @@ async fn preflight(origin: &AgentHandle, target: &AgentHandle, job: &Job) -> Res
         problems.push(format!(
             "the target has {free} bytes free for {used} bytes of data: grow its filesystem"
         ));
+    }
+    let plan = crate::db_sync::choose(job.instance.db_sync, &o, &t);
+    if let Err(e) = &plan {
+        problems.push(e.clone());
     }
     let interface = &job.instance.interface;
     if !t.interfaces.iter().any(|i| i == interface) {
@@ -372,7 +432,7 @@ async fn preflight(origin: &AgentHandle, target: &AgentHandle, job: &Job) -> Res
             .into_inner();
         tracing::warn!(instance = %job.instance.name, target = %target.name, since = cleared.since_unix_ms, set_by = %cleared.set_by, "re-migration: the target's served marker was cleared");
     }
-    Ok(())
+    plan
 }
 
 /// The services' status on `agent` (read-only: no operation id).
@@ -398,6 +458,8 @@ enum Scope {
     ConfigSet,
     /// The databases.
     Databases,
+    /// Following the cluster (base backup, WAL).
+    Replication,
 }
 
 /// The grant id of one step attempt: derived from its operation id, so that a step re-sent
@@ -448,11 +510,13 @@ async fn grant(
             .map(|d| d.to_string())
             .chain(job.instance.extra_dirs.iter().cloned())
             .collect(),
-        Scope::ConfigSet | Scope::Databases => Vec::new(),
+        Scope::ConfigSet | Scope::Databases | Scope::Replication => Vec::new(),
     };
     // Until the step's deadline (a grant outliving its step is revoked when the step or the
     // instance ends); a step without one gets the shortest step deadline.
-    let expires_at_unix_ms = if job.deadline_ms > now_ms {
+    let expires_at_unix_ms = if scope == Scope::Replication {
+        now_ms + REPLICATION_GRANT_MS
+    } else if job.deadline_ms > now_ms {
         job.deadline_ms
     } else {
         now_ms + FALLBACK_GRANT_MS
@@ -467,6 +531,7 @@ async fn grant(
             paths,
             config_set: scope == Scope::ConfigSet,
             databases: scope == Scope::Databases,
+            replication: scope == Scope::Replication,
             expires_at_unix_ms,
         })
         .await
@@ -582,7 +647,7 @@ async fn post_migration(origin: &AgentHandle, target: &AgentHandle, job: &Job) -
         .map_err(|s| format!("{}: {}", target.name, describe_status(&s)))?
         .into_inner();
     if reply.ok {
-        Ok(None)
+        Ok(StepOutput::default())
     } else {
         Err(format!("BlueMind API on {}: {}", target.name, reply.error))
     }
@@ -678,7 +743,7 @@ async fn verify(job: &Job) -> StepResult {
             return Err(format!("{address} answered {answer:?}, not {greeting:?}"));
         }
     }
-    Ok(None)
+    Ok(StepOutput::default())
 }
 
 /// Moves the service IP on one host: take (add and announce) or release.
@@ -697,7 +762,7 @@ async fn service_ip(host: &AgentHandle, job: &Job, take: bool) -> StepResult {
     .map_err(|s| format!("{}: {}", host.name, describe_status(&s)))?
     .into_inner();
     if reply.ok {
-        Ok(None)
+        Ok(StepOutput::default())
     } else {
         Err(format!("{}: {}", host.name, reply.error))
     }
@@ -715,7 +780,7 @@ async fn services(agent: &AgentHandle, job: &Job, action: ServiceAction) -> Step
         .map_err(|s| format!("{}: {}", agent.name, describe_status(&s)))?
         .into_inner();
     if reply.ok {
-        return Ok(None);
+        return Ok(StepOutput::default());
     }
     let failed = reply
         .commands

@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 
 use crate::clock::Clock;
 use crate::fleet::{FleetFile, InstanceSpec};
-use crate::machine::{self, Action, Event, Instance, PassStats, Phase, Rules, Step};
+use crate::machine::{self, Action, DbPlan, Event, Instance, PassStats, Phase, Rules, Step};
 use crate::scheduler::{self, FleetState, Grant};
 use crate::state::{HistoryEntry, State, StateError};
 
@@ -35,10 +35,31 @@ pub struct Job {
     /// The final pass: the operation id of the full pass that preceded it (the pre-window
     /// pass's last attempt), from whose start the origin's change journal counts.
     pub full_pass_operation: Option<String>,
+    /// The databases step promotes the standby that follows the origin (the preflight chose
+    /// streaming) instead of dumping.
+    pub promote_databases: bool,
+}
+
+/// What a step that succeeded reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StepOutput {
+    /// A sync pass's statistics.
+    pub stats: Option<PassStats>,
+    /// The preflight's choice of how the databases move.
+    pub databases: Option<DbPlan>,
+}
+
+impl From<PassStats> for StepOutput {
+    fn from(stats: PassStats) -> Self {
+        StepOutput {
+            stats: Some(stats),
+            databases: None,
+        }
+    }
 }
 
 /// How a step ended.
-pub type StepResult = Result<Option<PassStats>, String>;
+pub type StepResult = Result<StepOutput, String>;
 
 /// The orchestrator's way of making agents do a step (gRPC to real agents, or a simulation).
 pub trait AgentPort: Send + Sync + 'static {
@@ -227,6 +248,10 @@ impl Engine {
                 })
                 .flatten()
                 .map(|a| self.operation_id(n, Step::PreWindowPass, a)),
+            promote_databases: self.instances[n]
+                .databases
+                .as_ref()
+                .is_some_and(|d| d.stream),
         };
         let port = self.port.clone();
         let tx = self.results_tx.clone();
@@ -238,10 +263,11 @@ impl Engine {
                 wait.await;
             }
             let event = match port.run(job).await {
-                Ok(stats) => Event::Succeeded {
+                Ok(output) => Event::Succeeded {
                     step,
                     attempt,
-                    stats,
+                    stats: output.stats,
+                    databases: output.databases,
                 },
                 Err(error) => Event::Failed {
                     step,

@@ -101,6 +101,8 @@ struct RawPolicy {
     rates: Rates,
     #[serde(default = "d_true")]
     final_pass_journal: bool,
+    #[serde(default)]
+    db_sync: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Clone)]
@@ -168,7 +170,47 @@ struct RawInstance {
     #[serde(default)]
     extra_dirs: Vec<Spanned<String>>,
     #[serde(default)]
+    db_sync: Option<Spanned<String>>,
+    #[serde(default)]
     estimate: Estimate,
+}
+
+/// How an instance's databases reach its target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DbSync {
+    /// A physical standby when both hosts allow it (same PostgreSQL major, same C library,
+    /// the target configured for it, the origin's `wal_level` at least `replica`), else dump
+    /// and restore; decided at preflight, never midway.
+    #[default]
+    Auto,
+    /// A physical standby, or the preflight fails saying why not.
+    Stream,
+    /// Dump and restore in the downtime.
+    Dump,
+}
+
+impl DbSync {
+    fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "auto" => Ok(DbSync::Auto),
+            "stream" => Ok(DbSync::Stream),
+            "dump" => Ok(DbSync::Dump),
+            "logical" => Err(
+                "logical replication (different PostgreSQL majors) is not available in this                  version: use auto, stream or dump"
+                    .into(),
+            ),
+            other => Err(format!("unknown db_sync '{other}': use auto, stream or dump")),
+        }
+    }
+
+    /// The name used in the fleet file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DbSync::Auto => "auto",
+            DbSync::Stream => "stream",
+            DbSync::Dump => "dump",
+        }
+    }
 }
 
 /// The BlueMind version family of an instance: it decides the databases and API paths.
@@ -218,6 +260,8 @@ pub struct Policy {
     /// The final pass moves only what the origin's change journal recorded since the
     /// pre-window pass (when the journal can prove it is complete); false: it walks everything.
     pub final_pass_journal: bool,
+    /// How databases reach their targets (instances may say otherwise).
+    pub db_sync: DbSync,
 }
 
 /// One instance to migrate.
@@ -245,6 +289,8 @@ pub struct InstanceSpec {
     pub mynetworks: Option<String>,
     /// Data dirs synced besides BlueMind's own.
     pub extra_dirs: Vec<String>,
+    /// How its databases reach the target.
+    pub db_sync: DbSync,
     /// Migrated again on an operator's `--remigrate`: its preflight proves the direction and
     /// clears the target's served marker. Never set by the file itself.
     pub remigrate: bool,
@@ -338,6 +384,11 @@ impl FleetFile {
             failure_budget: p.failure_budget,
             downtime_budget_secs: p.downtime_budget_secs,
             final_pass_journal: p.final_pass_journal,
+            db_sync: match &p.db_sync {
+                Some(d) => DbSync::parse(d.get_ref())
+                    .map_err(|m| err(d.span(), "fleet.db_sync".into(), m))?,
+                None => DbSync::Auto,
+            },
             windows: parse_windows(&p.windows, "fleet.windows")?,
             rates: p.rates,
         };
@@ -446,6 +497,11 @@ impl FleetFile {
                     .unwrap_or(policy.downtime_budget_secs),
                 mynetworks: r.mynetworks,
                 extra_dirs,
+                db_sync: match &r.db_sync {
+                    Some(d) => DbSync::parse(d.get_ref())
+                        .map_err(|m| err(d.span(), field("db_sync"), m))?,
+                    None => policy.db_sync,
+                },
                 remigrate: false,
                 estimate: r.estimate,
             });

@@ -14,6 +14,7 @@ pub mod agents;
 pub mod clock;
 pub mod conductor;
 pub mod config;
+pub mod db_sync;
 pub mod engine;
 pub mod enrollment;
 pub mod eta;

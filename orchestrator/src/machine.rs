@@ -17,6 +17,9 @@ use serde::{Deserialize, Serialize};
 pub enum Step {
     /// Both agents' facts checked (versions, disk, users, services).
     Preflight,
+    /// The target's cluster becomes a streaming standby of the origin's (when the preflight
+    /// chose it), before the hot passes.
+    FollowDatabases,
     /// A live rsync pass of every data dir.
     HotPass,
     /// The fresh pass right before the window's cold sync.
@@ -27,7 +30,7 @@ pub enum Step {
     StopTarget,
     /// The last rsync pass, services stopped.
     FinalPass,
-    /// Dump and restore bj (and bj-data).
+    /// Dump and restore bj (and bj-data), or promote the standby that follows the origin.
     Databases,
     /// The configuration file set, maps rebuilt.
     Config,
@@ -62,6 +65,7 @@ impl Step {
     pub fn as_str(self) -> &'static str {
         match self {
             Step::Preflight => "preflight",
+            Step::FollowDatabases => "follow-databases",
             Step::HotPass => "hot-pass",
             Step::PreWindowPass => "pre-window-pass",
             Step::StopOrigin => "stop-origin",
@@ -159,6 +163,16 @@ pub struct PassStats {
     pub journal_fallback: String,
 }
 
+/// How an instance's databases move, decided at its preflight.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DbPlan {
+    /// The target follows the origin as a physical standby from the hot phase on and is
+    /// promoted in the downtime; false: dump and restore in the downtime.
+    pub stream: bool,
+    /// Why (what the preflight saw), for status and plan.
+    pub why: String,
+}
+
 /// What the machine believes about the two hosts, from the steps that succeeded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct World {
@@ -229,6 +243,12 @@ pub struct Instance {
     /// When it reached a final phase, Unix ms.
     #[serde(default)]
     pub finished_ms: Option<i64>,
+    /// How its databases move (set by the preflight).
+    #[serde(default)]
+    pub databases: Option<DbPlan>,
+    /// The target's databases follow the origin's (FollowDatabases succeeded).
+    #[serde(default)]
+    pub following: bool,
 }
 
 impl Default for Instance {
@@ -250,6 +270,8 @@ impl Default for Instance {
             downtime_end_ms: None,
             last_error: None,
             finished_ms: None,
+            databases: None,
+            following: false,
         }
     }
 }
@@ -275,6 +297,9 @@ pub enum Event {
         attempt: u32,
         /// Pass statistics, for sync steps.
         stats: Option<PassStats>,
+        /// The preflight's choice of how the databases move.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        databases: Option<DbPlan>,
     },
     /// A step's operation failed.
     Failed {
@@ -335,7 +360,7 @@ impl Timing {
     fn deadline(&self, step: Step) -> i64 {
         match step {
             Step::HotPass | Step::PreWindowPass | Step::FinalPass => self.sync_deadline_ms,
-            Step::Databases => self.databases_deadline_ms,
+            Step::Databases | Step::FollowDatabases => self.databases_deadline_ms,
             _ => self.step_deadline_ms,
         }
     }
@@ -467,7 +492,7 @@ impl Ctx<'_> {
         }
     }
 
-    fn succeeded(&mut self, step: Step, stats: Option<PassStats>) {
+    fn succeeded(&mut self, step: Step, stats: Option<PassStats>, databases: Option<DbPlan>) {
         let w = &mut self.i.world;
         match step {
             Step::StopOrigin => w.origin_serving = false,
@@ -483,7 +508,21 @@ impl Ctx<'_> {
             self.i.bytes_moved += s.bytes_changed;
         }
         match (self.i.phase, step) {
-            (Phase::Preflight, Step::Preflight) => self.phase(Phase::HotSync),
+            (Phase::Preflight, Step::Preflight) => {
+                let stream = databases.as_ref().is_some_and(|d| d.stream);
+                self.i.databases = databases;
+                self.phase(Phase::HotSync);
+                // The standby first: it takes as long as the databases' size, live.
+                if stream {
+                    self.run(Step::FollowDatabases);
+                }
+            }
+            (Phase::HotSync, Step::FollowDatabases) => {
+                self.i.following = true;
+                if self.i.pause_requested {
+                    self.pause_now();
+                }
+            }
             (Phase::HotSync, Step::HotPass) => {
                 self.i.hot_passes += 1;
                 let c = self.rules.convergence;
@@ -594,12 +633,13 @@ fn apply(c: &mut Ctx<'_>, event: &Event) -> Option<&'static str> {
             step,
             attempt,
             stats,
+            databases,
         } => {
             if c.i.running.get(step).map(|r| r.attempt) != Some(*attempt) {
                 return Some("not a step in flight (late or repeated result)");
             }
             c.i.running.remove(step);
-            c.succeeded(*step, stats.clone());
+            c.succeeded(*step, stats.clone(), databases.clone());
         }
         Event::Failed {
             step,

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::sync::OnceCell;
 
-use crate::engine::{AgentPort, Job, StepResult};
+use crate::engine::{AgentPort, Job, StepOutput, StepResult};
 use crate::machine::{PassStats, Step};
 
 /// When a simulated step fails.
@@ -184,7 +184,19 @@ impl Hosts {
             _ => {}
         }
         tokio::time::sleep(Duration::from_millis(ms)).await;
-        Ok(stats)
+        // A simulated pair streams its databases when the fleet file asks for it.
+        let databases = (job.step == Step::Preflight).then(|| {
+            let stream = job.instance.db_sync == crate::fleet::DbSync::Stream;
+            crate::machine::DbPlan {
+                stream,
+                why: if stream {
+                    "standby (simulated)".into()
+                } else {
+                    "dump and restore (simulated)".into()
+                },
+            }
+        });
+        Ok(StepOutput { stats, databases })
     }
 }
 

@@ -351,6 +351,8 @@ pub struct PgCluster {
     /// TCP port on 127.0.0.1 (and the socket's port).
     pub port: u16,
     bin: PathBuf,
+    /// The server's options (port, socket dir, listen address, durability).
+    options: String,
 }
 
 impl PgCluster {
@@ -413,7 +415,44 @@ impl PgCluster {
             "pg_ctl",
             &["-D", &data_s, "-l", &log, "-w", "-o", &options, "start"],
         );
-        PgCluster { dir, port, bin }
+        PgCluster {
+            dir,
+            port,
+            bin,
+            options,
+        }
+    }
+
+    /// `pg_ctl ACTION` of this cluster as the postgres user (argv; the options it started
+    /// with when starting).
+    pub fn pg_ctl_argv(&self, action: &str) -> Vec<String> {
+        let data = self.dir.path().join("data").display().to_string();
+        let mut argv: Vec<String> = ["runuser", "-u", "postgres", "--"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        argv.push(self.bin.join("pg_ctl").display().to_string());
+        argv.extend(["-D".into(), data, "-w".into()]);
+        if action == "start" {
+            let log = self.dir.path().join("log").display().to_string();
+            argv.extend(["-l".into(), log, "-o".into(), self.options.clone()]);
+        } else {
+            argv.extend(["-m".into(), "fast".into()]);
+        }
+        argv.push(action.into());
+        argv
+    }
+
+    /// The agent's settings for this cluster on a target that may follow its origin (data
+    /// dir, start and stop commands, a relay dir of its own).
+    pub fn standby_settings(&self) -> PostgresConfig {
+        PostgresConfig {
+            data_dir: Some(self.dir.path().join("data")),
+            server_start: self.pg_ctl_argv("start"),
+            server_stop: self.pg_ctl_argv("stop"),
+            relay_dir: self.dir.path().join("relay"),
+            ..self.agent_settings()
+        }
     }
 
     /// The administrator's socket dir.

@@ -9,14 +9,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bmfleet_agent::config::AgentConfig;
+use bmfleet_agent::config::{AgentConfig, PostgresConfig};
 use bmfleet_agent::tunnel::{self, TunnelError, TunnelRequest};
 use bmfleet_proto::identity::Role;
 use bmfleet_proto::tls::{LocalIdentity, TlsFiles};
 use bmfleet_proto::v1::agent_client::AgentClient;
 use bmfleet_proto::v1::{
-    CopyConfigRequest, DumpFormat, GrantRequest, MoveDatabasesRequest, OriginEndpoint, PullEvent,
-    PullRequest,
+    CopyConfigRequest, DumpFormat, FollowDatabasesReply, FollowDatabasesRequest, GrantRequest,
+    MoveDatabasesRequest, OriginEndpoint, PullEvent, PullRequest,
 };
 use bmfleet_tests::{
     agent_client, agent_config, free_port, open_tempdir, serve_agent, tool, PgCluster, Served,
@@ -41,6 +41,18 @@ struct Pair {
 
 impl Pair {
     async fn new(origin_pg: Option<&PgCluster>, target_pg: Option<&PgCluster>) -> Pair {
+        Pair::with_settings(
+            origin_pg.map(PgCluster::agent_settings),
+            target_pg.map(PgCluster::agent_settings),
+        )
+        .await
+    }
+
+    /// A pair whose agents use these PostgreSQL settings.
+    async fn with_settings(
+        origin_pg: Option<PostgresConfig>,
+        target_pg: Option<PostgresConfig>,
+    ) -> Pair {
         let pki = TestPki::new();
         let dir = open_tempdir();
         let origin_files = pki.issue("origin-1", Role::Agent);
@@ -51,10 +63,10 @@ impl Pair {
         let mut target_config =
             agent_config(target_files.clone(), &dir.path().join("target"), vec![]);
         if let Some(pg) = origin_pg {
-            origin_config.postgresql = pg.agent_settings();
+            origin_config.postgresql = pg;
         }
         if let Some(pg) = target_pg {
-            target_config.postgresql = pg.agent_settings();
+            target_config.postgresql = pg;
         }
         target_config.config_set.postmap_command = vec![
             "sh".into(),
@@ -116,6 +128,7 @@ impl Pair {
             paths: paths.iter().map(|p| p.to_string()).collect(),
             config_set: false,
             databases: false,
+            replication: false,
             expires_at_unix_ms: bmfleet_agent::server::now_ms() + expires_in_ms,
         })
         .await;
@@ -977,6 +990,7 @@ async fn an_agent_grants_and_receives_only_its_data_dirs() {
                 paths: paths.iter().map(|s| s.to_string()).collect(),
                 config_set: false,
                 databases: false,
+                replication: false,
                 expires_at_unix_ms: bmfleet_agent::server::now_ms() + 600_000,
             })
             .await
@@ -1052,6 +1066,7 @@ async fn a_target_that_served_refuses_every_sync_until_the_marker_is_cleared() {
             origin: Some(p.endpoint("grant-0004-refusals")),
             format: DumpFormat::Streamed.into(),
             jobs: 1,
+            promote: false,
         })
         .await
         .unwrap()
@@ -1311,6 +1326,7 @@ async fn the_config_set_is_copied_with_modes_and_owners_and_maps_are_rebuilt() {
         paths: vec![],
         config_set: true,
         databases: false,
+        replication: false,
         expires_at_unix_ms: bmfleet_agent::server::now_ms() + 600_000,
     })
     .await;
@@ -1390,6 +1406,7 @@ async fn a_hostile_origin_cannot_write_outside_the_targets_config_patterns() {
                 paths: vec![],
                 config_set: true,
                 databases: false,
+                replication: false,
                 expires_at_unix_ms: bmfleet_agent::server::now_ms() + 600_000,
             },
         )
@@ -1537,6 +1554,7 @@ async fn both_databases_move_identically_in_both_formats_and_the_password_stays_
         paths: vec![],
         config_set: false,
         databases: true,
+        replication: false,
         expires_at_unix_ms: bmfleet_agent::server::now_ms() + 600_000,
     })
     .await;
@@ -1556,6 +1574,7 @@ async fn both_databases_move_identically_in_both_formats_and_the_password_stays_
                 origin: Some(p.endpoint("grant-0007-databases")),
                 format: format.into(),
                 jobs: 2,
+                promote: false,
             })
             .await
             .unwrap()
@@ -1755,6 +1774,7 @@ async fn a_hostile_origin_cannot_run_code_or_touch_other_databases_on_the_target
         paths: vec![],
         config_set: false,
         databases: true,
+        replication: false,
         expires_at_unix_ms: bmfleet_agent::server::now_ms() + 600_000,
     };
     let moved = |endpoint: OriginEndpoint, op: &'static str| {
@@ -1766,6 +1786,7 @@ async fn a_hostile_origin_cannot_run_code_or_touch_other_databases_on_the_target
                     origin: Some(endpoint),
                     format: DumpFormat::Streamed.into(),
                     jobs: 1,
+                    promote: false,
                 })
                 .await
                 .unwrap()
@@ -1855,4 +1876,319 @@ async fn table_checksums_ignore_row_order_and_tell_a_changed_row() {
         admin.manifest("a", Checksum::Md5).await.unwrap().tables[0].checksum,
         "two methods never compare equal"
     );
+}
+
+/// A replication grant of the pair's migration.
+fn replication_grant(id: &str) -> GrantRequest {
+    GrantRequest {
+        grant_id: id.into(),
+        target_name: "target-1".into(),
+        migration: "m1".into(),
+        replication: true,
+        expires_at_unix_ms: bmfleet_agent::server::now_ms() + 600_000,
+        ..Default::default()
+    }
+}
+
+async fn follow(p: &mut Pair, operation: &str, grant: &str) -> FollowDatabasesReply {
+    p.target
+        .follow_databases(FollowDatabasesRequest {
+            operation_id: operation.into(),
+            origin: Some(p.endpoint(grant)),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Polls `sql` on `pg` until it prints `want` (10 s at most).
+fn wait_sql(pg: &PgCluster, db: &str, sql: &str, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = pg.sql(db, sql);
+        if got.trim() == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{sql}: {got:?}, not {want:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+// Multi-threaded: the agents serve while the test waits on blocking SQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_follows_writes_up_to_the_stop_and_is_promoted_equal_to_the_origin() {
+    let (origin_pg, target_pg) = (PgCluster::start(), PgCluster::start());
+    let password = format!("pw-{}-standby", bmfleet_agent::server::now_ms());
+    origin_databases(&origin_pg, &password);
+    origin_pg.sql(
+        "bj",
+        "SET ROLE bj; CREATE TABLE t_nopk (k int, v text); CREATE SEQUENCE s_ids; \
+         INSERT INTO t_nopk SELECT i, 'v' || i FROM generate_series(1, 1000) i;",
+    );
+    // A hostile origin's own settings travel in its data directory: none may reach the target.
+    origin_pg.sql(
+        "postgres",
+        "ALTER SYSTEM SET archive_command = 'touch /tmp/bmfleet-pwned'; \
+         ALTER SYSTEM SET shared_preload_libraries = 'pwned';",
+    );
+    // The target's empty BlueMind database is replaced; its own settings stay.
+    target_pg.sql("postgres", "CREATE DATABASE bj;");
+    let target_data = target_pg.dir().join("data");
+    let own_hba = std::fs::read(target_data.join("pg_hba.conf")).unwrap();
+    let mut p = Pair::with_settings(
+        Some(origin_pg.agent_settings()),
+        Some(target_pg.standby_settings()),
+    )
+    .await;
+    write(
+        &p.origin_root().join("etc/bm/bm.ini"),
+        format!("[global]\nlogin = bj\npassword = {password}\n").as_bytes(),
+        0o600,
+    );
+    p.grant_with(replication_grant("grant-0100-replication"))
+        .await;
+    let reply = follow(&mut p, "m1/follow/1", "grant-0100-replication").await;
+    assert!(reply.ok, "{}", reply.error);
+    assert!(reply.base_backup_bytes > 1_000_000, "{reply:?}");
+    assert_eq!(
+        origin_pg
+            .sql(
+                "postgres",
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'bmfleet_slot_%';"
+            )
+            .trim(),
+        "1"
+    );
+    assert_eq!(
+        target_pg
+            .sql("postgres", "SELECT pg_is_in_recovery();")
+            .trim(),
+        "t"
+    );
+    assert_eq!(
+        std::fs::read(target_data.join("pg_hba.conf")).unwrap(),
+        own_hba
+    );
+    let auto = std::fs::read_to_string(target_data.join("postgresql.auto.conf")).unwrap();
+    assert!(
+        !auto.contains("archive_command") && !auto.contains("pwned"),
+        "{auto}"
+    );
+    // The WAL arrives through the relay (the agents' tunnel), not a direct connection.
+    wait_sql(
+        &origin_pg,
+        "postgres",
+        "SELECT count(*) FROM pg_stat_replication WHERE application_name = 'bmfleet' AND state = 'streaming';",
+        "1",
+    );
+
+    // BlueMind writes while the standby follows, right up to the stop: inserts, updates and
+    // deletes on a table without a primary key (a physical standby needs none), sequences.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        let socket = origin_pg.socket_dir();
+        let port = origin_pg.port;
+        std::thread::spawn(move || {
+            let mut batches = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let i = batches;
+                let sql = format!(
+                    "SET ROLE bj; BEGIN; INSERT INTO t_nopk VALUES ({k}, 'new{i}'); \
+                     UPDATE t_nopk SET v = v || 'u' WHERE k % 13 = {m}; DELETE FROM t_nopk WHERE k = {i}; \
+                     SELECT nextval('s_ids'); \
+                     INSERT INTO t_mailbox (domain_id, login, quota) VALUES (1, 'w{i}', {i}); COMMIT;",
+                    k = 100_000 + i,
+                    m = i % 13
+                );
+                let out = std::process::Command::new("runuser")
+                    .args(["-u", "postgres", "--", "psql", "-X", "-q", "-h"])
+                    .arg(&socket)
+                    .args(["-p", &port.to_string(), "-d", "bj", "-c", &sql])
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                batches += 1;
+            }
+            batches
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let batches = writer.join().unwrap();
+    assert!(batches > 3, "{batches} write batches");
+
+    // The stop: catch up, promote, compare.
+    p.grant_with(GrantRequest {
+        grant_id: "grant-0101-databases".into(),
+        target_name: "target-1".into(),
+        migration: "m1".into(),
+        databases: true,
+        expires_at_unix_ms: bmfleet_agent::server::now_ms() + 600_000,
+        ..Default::default()
+    })
+    .await;
+    let moved = p
+        .target
+        .move_databases(MoveDatabasesRequest {
+            operation_id: "m1/db/promote".into(),
+            origin: Some(p.endpoint("grant-0101-databases")),
+            promote: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(moved.ok, "{}: {:?}", moved.error, moved.databases);
+    let names: Vec<&str> = moved.databases.iter().map(|d| d.name.as_str()).collect();
+    assert_eq!(names, ["bj", "bj-data"]);
+    let tables: usize = moved.databases.iter().map(|d| d.tables.len()).sum();
+    assert!(tables >= 5, "{tables} tables compared");
+    for sql in [
+        "SELECT count(*), md5(string_agg(k || v, ',' ORDER BY k, v)) FROM t_nopk;",
+        "SELECT count(*) FROM t_mailbox;",
+    ] {
+        assert_eq!(origin_pg.sql("bj", sql), target_pg.sql("bj", sql), "{sql}");
+    }
+    // A sequence is WAL-logged ahead of its use (32 values): the promoted copy goes on from
+    // at or past the origin's last value, never below it.
+    assert_eq!(
+        origin_pg.sql("bj", "SELECT last_value FROM s_ids;").trim(),
+        batches.to_string()
+    );
+    let next: u32 = target_pg
+        .sql("bj", "SELECT nextval('s_ids');")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        next > batches,
+        "nextval {next} after {batches} on the origin"
+    );
+    // Promoted: writable, its own settings back without the replication password.
+    assert_eq!(
+        target_pg
+            .sql("postgres", "SELECT pg_is_in_recovery();")
+            .trim(),
+        "f"
+    );
+    target_pg.sql("bj", "INSERT INTO t_nopk VALUES (-1, 'after');");
+    let auto = std::fs::read_to_string(target_data.join("postgresql.auto.conf")).unwrap();
+    assert!(!auto.contains("primary_conninfo"), "{auto}");
+    assert!(!target_pg.dir().join("data.bmfleet-target").exists());
+
+    // The instance ends: its grants go, and with them the slot and the role.
+    p.origin
+        .revoke_grant(bmfleet_proto::v1::RevokeGrantRequest {
+            target_name: "target-1".into(),
+            migration: "m1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    wait_sql(
+        &origin_pg,
+        "postgres",
+        "SELECT (SELECT count(*) FROM pg_replication_slots) + (SELECT count(*) FROM pg_roles WHERE rolname LIKE 'bmfleet_%');",
+        "0",
+    );
+    assert_eq!(
+        origin_pg
+            .sql("postgres", "SHOW max_slot_wal_keep_size;")
+            .trim(),
+        "-1",
+        "the WAL cap is reset"
+    );
+}
+
+#[tokio::test]
+async fn following_is_refused_out_of_scope_and_a_failed_follow_leaves_the_cluster_as_it_was() {
+    let (origin_pg, target_pg) = (PgCluster::start(), PgCluster::start());
+    origin_databases(&origin_pg, "pw");
+    target_pg.sql("postgres", "CREATE DATABASE bj;");
+    target_pg.sql(
+        "bj",
+        "CREATE TABLE kept (n int); INSERT INTO kept VALUES (42);",
+    );
+    let mut p = Pair::with_settings(
+        Some(origin_pg.agent_settings()),
+        Some(target_pg.standby_settings()),
+    )
+    .await;
+    let untouched = |target_pg: &PgCluster| {
+        assert_eq!(
+            target_pg
+                .sql("postgres", "SELECT pg_is_in_recovery();")
+                .trim(),
+            "f"
+        );
+        assert_eq!(target_pg.sql("bj", "SELECT n FROM kept;").trim(), "42");
+        assert!(!target_pg.dir().join("data.bmfleet-target").exists());
+    };
+    // A databases grant does not let the target follow, nor reach PostgreSQL through a relay.
+    p.grant_with(GrantRequest {
+        grant_id: "grant-0200-databases".into(),
+        target_name: "target-1".into(),
+        migration: "m1".into(),
+        databases: true,
+        expires_at_unix_ms: bmfleet_agent::server::now_ms() + 600_000,
+        ..Default::default()
+    })
+    .await;
+    let reply = follow(&mut p, "m1/follow/1", "grant-0200-databases").await;
+    assert!(
+        !reply.ok && reply.error.contains("does not cover"),
+        "{}",
+        reply.error
+    );
+    let identity = LocalIdentity::load(&p.target_files, Role::Agent).unwrap();
+    let tls = identity.client_config(Role::Agent).unwrap();
+    let relayed = tunnel::open(
+        &p.endpoint("grant-0200-databases"),
+        tls,
+        &TunnelRequest::Replication {
+            grant: "grant-0200-databases".into(),
+        },
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(
+        matches!(&relayed, Err(TunnelError::Refused { reason, .. }) if reason.contains("does not cover")),
+        "{:?}",
+        relayed.err()
+    );
+    untouched(&target_pg);
+    // A cluster holding other databases than BlueMind's is not replaced.
+    target_pg.sql("postgres", "CREATE DATABASE customer_crm;");
+    p.grant_with(replication_grant("grant-0201-replication"))
+        .await;
+    let reply = follow(&mut p, "m1/follow/2", "grant-0201-replication").await;
+    assert!(
+        !reply.ok && reply.error.contains("customer_crm"),
+        "{}",
+        reply.error
+    );
+    untouched(&target_pg);
+    // A follow that fails half-way (the origin has a tablespace: its backup cannot be
+    // unpacked inside the data dir) puts the target's cluster back and starts it.
+    target_pg.sql("postgres", "DROP DATABASE customer_crm;");
+    let space = p.dir.path().join("tablespace");
+    std::fs::create_dir(&space).unwrap();
+    let postgres = nix::unistd::User::from_name("postgres").unwrap().unwrap();
+    nix::unistd::chown(&space, Some(postgres.uid), Some(postgres.gid)).unwrap();
+    origin_pg.sql(
+        "postgres",
+        &format!(
+            "CREATE TABLESPACE elsewhere LOCATION '{}';",
+            space.display()
+        ),
+    );
+    let reply = follow(&mut p, "m1/follow/3", "grant-0201-replication").await;
+    assert!(!reply.ok, "{reply:?}");
+    assert!(reply.error.contains("back as it was"), "{}", reply.error);
+    untouched(&target_pg);
 }

@@ -22,7 +22,25 @@ fn ok(step: Step, attempt: u32) -> Event {
         step,
         attempt,
         stats: None,
+        databases: None,
     }
+}
+
+/// A preflight that chose how the databases move.
+fn preflight(stream: bool) -> Event {
+    Event::Succeeded {
+        step: Step::Preflight,
+        attempt: 1,
+        stats: None,
+        databases: Some(DbPlan {
+            stream,
+            why: "test".into(),
+        }),
+    }
+}
+
+fn to_following() -> Vec<Event> {
+    vec![Event::Begin, preflight(true)]
 }
 
 fn pass(step: Step, attempt: u32, files_changed: u64) -> Event {
@@ -34,6 +52,7 @@ fn pass(step: Step, attempt: u32, files_changed: u64) -> Event {
             bytes_changed: files_changed * 1000,
             ..Default::default()
         }),
+        databases: None,
     }
 }
 
@@ -151,6 +170,63 @@ fn every_transition() {
             vec![Event::Begin],
             ok(Step::Preflight, 1),
             HotSync,
+            vec![],
+        ),
+        row(
+            "preflight chose a standby: it follows first",
+            vec![Event::Begin],
+            preflight(true),
+            HotSync,
+            vec![run(Step::FollowDatabases, 1)],
+        ),
+        row(
+            "preflight chose a dump",
+            vec![Event::Begin],
+            preflight(false),
+            HotSync,
+            vec![],
+        ),
+        row(
+            "the standby follows: hot passes may begin",
+            to_following(),
+            ok(Step::FollowDatabases, 1),
+            HotSync,
+            vec![],
+        ),
+        row(
+            "following retried",
+            to_following(),
+            fail(Step::FollowDatabases, 1),
+            HotSync,
+            vec![run(Step::FollowDatabases, 2)],
+        ),
+        row(
+            "following fails: the origin never stopped",
+            {
+                let mut e = to_following();
+                e.push(fail(Step::FollowDatabases, 1));
+                e
+            },
+            fail(Step::FollowDatabases, 2),
+            Failed,
+            vec![],
+        ),
+        row(
+            "a pause asked while following holds after it",
+            {
+                let mut e = to_following();
+                e.push(Event::Pause);
+                e
+            },
+            ok(Step::FollowDatabases, 1),
+            Paused,
+            vec![],
+        ),
+        row(
+            "aborted while following",
+            to_following(),
+            Event::Abort,
+            Aborted,
             vec![],
         ),
         row(
@@ -539,6 +615,7 @@ fn events_that_do_not_fit_are_ignored_and_change_nothing() {
         ),
         (to_converged(), Event::GrantColdSync { window_end_ms: 500 }),
         (to_data(), ok(Step::Databases, 7)),
+        (to_following(), Event::GrantHotPass),
         (to_data(), Event::Pause),
         (to_post(), Event::Abort),
         (to_converged(), Event::Tick),
@@ -605,7 +682,9 @@ proptest! {
                 Pick::Cold(d) => Event::GrantColdSync { window_end_ms: now + d },
                 Pick::Succeed(n, files) if !running.is_empty() => {
                     let (step, attempt) = running[n % running.len()];
-                    Event::Succeeded { step, attempt, stats: Some(PassStats { files_changed: files, bytes_changed: files, ..Default::default() }) }
+                    // A preflight chooses a standby or a dump at random.
+                    let databases = (step == Step::Preflight).then(|| DbPlan { stream: files % 2 == 0, why: "x".into() });
+                    Event::Succeeded { step, attempt, stats: Some(PassStats { files_changed: files, bytes_changed: files, ..Default::default() }), databases }
                 }
                 Pick::Fail(n) if !running.is_empty() => {
                     let (step, attempt) = running[n % running.len()];
@@ -640,6 +719,10 @@ proptest! {
                     Step::TargetTakeIp => prop_assert!(hosts.origin_released),
                     // The origin takes it back only once the target has let it go.
                     Step::RollbackOriginTakeIp => prop_assert!(!o.instance.world.target_ip && !o.instance.running.contains_key(&Step::TargetTakeIp)),
+                    // No hot pass while the standby is being made; a standby is promoted only
+                    // once it follows.
+                    Step::HotPass => prop_assert!(!o.instance.running.contains_key(&Step::FollowDatabases)),
+                    Step::Databases => prop_assert!(!o.instance.databases.as_ref().is_some_and(|d| d.stream) || o.instance.following),
                     // Target services start only with databases and config (and files) in place.
                     Step::StartTarget => prop_assert!(COLD_DATA.iter().all(|d| hosts.data.contains(d))),
                     _ => {}

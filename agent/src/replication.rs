@@ -1,0 +1,312 @@
+//! The origin's side of a physical standby (same PostgreSQL major on both hosts).
+//!
+//! Under a grant with the replication scope, the origin makes what its target's standby
+//! needs in its own cluster, as its own administrator: a role with `LOGIN REPLICATION` and
+//! nothing more (a random password, set as a SCRAM verifier, valid until the grant expires)
+//! and a physical replication slot reserving WAL from before the base backup. While a slot
+//! exists, an unlimited `max_slot_wal_keep_size` is capped (`postgresql.
+//! replication_wal_cap_mb`): a target that vanishes cannot fill the origin's disk, its slot is
+//! lost instead. All of it is recorded before it is made and removed once the grant is gone
+//! (revoked, expired, or the agent restarted after it was): the walsender is stopped, the
+//! slot and the role dropped, the cap reset when no replication grant remains.
+//!
+//! The standby's connection reaches PostgreSQL only through [`relay_to_server`]: the data
+//! plane admits it with the target's certificate and the grant, then relays bytes to the
+//! cluster's own address (BlueMind's PostgreSQL listens on localhost; no port opens between
+//! hosts).
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::config::AgentConfig;
+use crate::grants::{Grant, GrantStore, Leftover};
+use crate::pg::{ident, literal, Connection};
+
+/// What the target needs to follow this origin (sent after admission, before the base
+/// backup's frames).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FollowTicket {
+    /// The replication role.
+    pub role: String,
+    /// Its password (the origin keeps only the verifier).
+    pub password: String,
+    /// The physical slot the standby streams from.
+    pub slot: String,
+    /// The origin's `server_version_num`.
+    pub server_version_num: u32,
+    /// BlueMind's database password (the standby's owner role has it: it is the origin's).
+    pub bluemind_password: String,
+}
+
+/// The origin's WAL position, asked once its services stopped.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WalPosition {
+    /// `pg_current_wal_insert_lsn()`.
+    pub lsn: String,
+    /// `wal_segment_size` in bytes.
+    pub segment_size: u64,
+}
+
+/// The role and slot names of a grant: `bmfleet_` and the grant id's first characters.
+pub fn names(grant_id: &str) -> (String, String) {
+    let id: String = grant_id
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .map(|c| c.to_ascii_lowercase())
+        .take(32)
+        .collect();
+    (format!("bmfleet_repl_{id}"), format!("bmfleet_slot_{id}"))
+}
+
+fn random_password() -> Result<String, String> {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 24];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| "no random bytes for the replication password".to_string())?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Makes (or re-makes) the role and slot of `grant` and returns the ticket. Recorded in the
+/// grant store first, so that nothing made here outlives the grant.
+pub async fn prepare(
+    config: &AgentConfig,
+    grants: &GrantStore,
+    grant: &Grant,
+) -> Result<FollowTicket, String> {
+    let pg_config = &config.postgresql;
+    let admin = Connection::admin(pg_config);
+    let server_version_num = admin
+        .server_version_num()
+        .await
+        .map_err(|e| e.to_string())?;
+    let wal_level = admin
+        .psql("postgres", "SHOW wal_level;")
+        .await
+        .map_err(|e| e.to_string())?;
+    if wal_level.trim() == "minimal" {
+        return Err(
+            "the origin's wal_level is minimal: a standby needs replica (PostgreSQL's default); \
+             use db_sync = \"dump\" for this instance"
+                .into(),
+        );
+    }
+    let (role, slot) = names(&grant.id);
+    let mut leftover = Leftover {
+        grant_id: grant.id.clone(),
+        role: role.clone(),
+        slot: slot.clone(),
+        cap_set: false,
+    };
+    grants.put_leftover(&leftover).map_err(|e| e.to_string())?;
+    let password = random_password()?;
+    let verifier = crate::pg::scram_verifier(&password)?;
+    let valid_until = time::OffsetDateTime::from_unix_timestamp(grant.expires_at_ms / 1000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .ok_or("the grant's expiry is not a date")?;
+    let sql = format!(
+        "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = {name}) THEN CREATE ROLE {role}; END IF; END $$;\n\
+         ALTER ROLE {role} WITH LOGIN REPLICATION NOSUPERUSER NOCREATEDB NOCREATEROLE NOBYPASSRLS NOINHERIT CONNECTION LIMIT 4 PASSWORD {verifier} VALID UNTIL {until};\n\
+         SELECT pg_catalog.pg_create_physical_replication_slot({slot}, true) WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots WHERE slot_name = {slot});\n\
+         SELECT pg_catalog.current_setting('max_slot_wal_keep_size');\n",
+        name = literal(&role),
+        role = ident(&role),
+        verifier = literal(&verifier),
+        until = literal(&valid_until),
+        slot = literal(&slot),
+    );
+    let out = admin
+        .psql("postgres", &sql)
+        .await
+        .map_err(|e| format!("preparing the replication role and slot: {e}"))?;
+    if out.lines().last().map(str::trim) == Some("-1") {
+        let cap = format!("{}MB", pg_config.replication_wal_cap_mb.max(1));
+        leftover.cap_set = true;
+        grants.put_leftover(&leftover).map_err(|e| e.to_string())?;
+        admin
+            .psql(
+                "postgres",
+                &format!(
+                    "ALTER SYSTEM SET max_slot_wal_keep_size = {};\nSELECT pg_catalog.pg_reload_conf();\n",
+                    literal(&cap)
+                ),
+            )
+            .await
+            .map_err(|e| format!("capping max_slot_wal_keep_size: {e}"))?;
+        tracing::info!(%cap, "max_slot_wal_keep_size was unlimited: capped while a standby follows");
+    }
+    tracing::info!(grant = %grant.id, target = %grant.target_name, %role, %slot, "replication role and slot ready");
+    Ok(FollowTicket {
+        role,
+        password,
+        slot,
+        server_version_num,
+        bluemind_password: crate::pg::bluemind_password(
+            &config.host_path(std::path::Path::new("/etc/bm/bm.ini")),
+            &pg_config.password,
+        ),
+    })
+}
+
+/// Removes from the cluster what replication grants that are gone made. A leftover whose
+/// removal fails is kept for the next call (at the next grant, revocation or start).
+pub async fn clean_leftovers(config: &AgentConfig, grants: &GrantStore, now_ms: i64) {
+    let (orphans, live) = match grants.orphan_leftovers(now_ms) {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::error!(error = %e, "reading the replication leftovers");
+            return;
+        }
+    };
+    let admin = Connection::admin(&config.postgresql);
+    for leftover in orphans {
+        match remove(&admin, &leftover, !live).await {
+            Ok(()) => {
+                tracing::info!(grant = %leftover.grant_id, role = %leftover.role, slot = %leftover.slot, "replication slot and role removed");
+                if let Err(e) = grants.forget_leftover(&leftover.grant_id) {
+                    tracing::error!(error = %e, "forgetting a replication leftover");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(grant = %leftover.grant_id, error = %e, "removing a replication slot and role failed; asked again later")
+            }
+        }
+    }
+}
+
+async fn remove(admin: &Connection, leftover: &Leftover, reset_cap: bool) -> Result<(), String> {
+    let (role, slot) = (literal(&leftover.role), literal(&leftover.slot));
+    // The walsender holds the slot: stop it (and any session of the role) first; its end
+    // takes a moment, so the drop is retried.
+    let terminate = format!(
+        "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity WHERE usename = {role};\n\
+         SELECT pg_catalog.pg_terminate_backend(active_pid) FROM pg_catalog.pg_replication_slots WHERE slot_name = {slot} AND active_pid IS NOT NULL;\n"
+    );
+    let drop = format!(
+        "SELECT pg_catalog.pg_drop_replication_slot(slot_name) FROM pg_catalog.pg_replication_slots WHERE slot_name = {slot};\n\
+         DROP ROLE IF EXISTS {};\n",
+        ident(&leftover.role)
+    );
+    let mut last = String::new();
+    for _ in 0..50 {
+        admin
+            .psql("postgres", &terminate)
+            .await
+            .map_err(|e| e.to_string())?;
+        match admin.psql("postgres", &drop).await {
+            Ok(_) => {
+                last.clear();
+                break;
+            }
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    if !last.is_empty() {
+        return Err(last);
+    }
+    if leftover.cap_set && reset_cap {
+        admin
+            .psql(
+                "postgres",
+                "ALTER SYSTEM RESET max_slot_wal_keep_size;\nSELECT pg_catalog.pg_reload_conf();\n",
+            )
+            .await
+            .map_err(|e| format!("resetting max_slot_wal_keep_size: {e}"))?;
+    }
+    Ok(())
+}
+
+/// The origin's WAL insert position (its services stopped: nothing more will be written).
+pub async fn wal_position(config: &AgentConfig) -> Result<WalPosition, String> {
+    let out = Connection::admin(&config.postgresql)
+        .psql(
+            "postgres",
+            "SELECT pg_catalog.pg_current_wal_insert_lsn(), pg_catalog.current_setting('wal_segment_size');\n",
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let (lsn, size) = out
+        .trim()
+        .split_once('\t')
+        .ok_or_else(|| format!("unexpected WAL position {out:?}"))?;
+    Ok(WalPosition {
+        lsn: lsn.to_string(),
+        segment_size: parse_size(size).ok_or_else(|| format!("wal_segment_size {size:?}"))?,
+    })
+}
+
+/// A PostgreSQL size setting as `current_setting` shows it ("16MB", "1GB", "8192").
+fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let number: u64 = text[..digits].parse().ok()?;
+    let unit = match &text[digits..] {
+        "" | "B" => 1,
+        "kB" => 1 << 10,
+        "MB" => 1 << 20,
+        "GB" => 1 << 30,
+        _ => return None,
+    };
+    number.checked_mul(unit)
+}
+
+/// Relays an admitted standby connection to the cluster's own address (`postgresql.host`:
+/// a socket dir when it starts with `/`) until either side closes.
+pub async fn relay_to_server<S>(config: &AgentConfig, stream: &mut S) -> Result<(), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let pg = &config.postgresql;
+    let copied = if pg.host.starts_with('/') {
+        let path = std::path::Path::new(&pg.host).join(format!(".s.PGSQL.{}", pg.port));
+        let mut server = tokio::net::UnixStream::connect(&path)
+            .await
+            .map_err(|e| format!("connecting to PostgreSQL at {}: {e}", path.display()))?;
+        tokio::io::copy_bidirectional(stream, &mut server).await
+    } else {
+        let mut server = tokio::net::TcpStream::connect((pg.host.as_str(), pg.port))
+            .await
+            .map_err(|e| format!("connecting to PostgreSQL at {}:{}: {e}", pg.host, pg.port))?;
+        let _ = server.set_nodelay(true);
+        tokio::io::copy_bidirectional(stream, &mut server).await
+    };
+    match copied {
+        Ok(_) => Ok(()),
+        // The walsender stopped (grant revoked) or the standby went: the relay's end.
+        Err(e) => {
+            tracing::info!(error = %e, "replication relay ended");
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_postgres_identifiers_of_the_grant() {
+        let (role, slot) = names("0123456789ABCDEF-xyz");
+        assert_eq!(role, "bmfleet_repl_0123456789abcdefxyz");
+        assert_eq!(slot, "bmfleet_slot_0123456789abcdefxyz");
+        let (role, _) = names(&"a".repeat(100));
+        assert!(role.len() <= 63);
+    }
+
+    #[test]
+    fn sizes_parse_as_postgres_shows_them() {
+        assert_eq!(parse_size("16MB"), Some(16 << 20));
+        assert_eq!(parse_size("1GB"), Some(1 << 30));
+        assert_eq!(parse_size("8192"), Some(8192));
+        assert_eq!(parse_size("64kB"), Some(64 << 10));
+        assert_eq!(parse_size("lots"), None);
+        assert_eq!(parse_size("16TB"), None);
+    }
+}

@@ -1,0 +1,834 @@
+//! The target's side of a physical standby: during the hot phase this host's cluster follows
+//! the origin's; at the cutover it catches up and is promoted, so the downtime holds no dump
+//! and no restore.
+//!
+//! Following: the origin makes a replication role and slot under the grant and streams a
+//! base backup (tar). The target stops its cluster, sets its own data directory aside, and
+//! unpacks the backup into a fresh one as *data only*: directories and regular files with
+//! plain relative names, owned by the cluster's user — a link, a device, a tablespace or a
+//! name that climbs out is refused. The origin's configuration files are not used: the
+//! target's own `postgresql.conf`, `pg_hba.conf`, `pg_ident.conf` and
+//! `postgresql.auto.conf` come back from the set-aside directory, and the standby settings
+//! are the agent's. The standby's WAL receiver connects to the agent's relay (a Unix socket
+//! in `postgresql.relay_dir`), which opens a tunnel to the origin's data plane under the
+//! grant: the replication connection rides the agents' mutual TLS, no port opens between
+//! hosts. Any failure puts the set-aside directory back and starts the cluster again.
+//!
+//! Promoting (MoveDatabases with `promote`, origin services stopped): the origin's WAL insert
+//! position is read through the data plane; the standby is polled (as BlueMind's owner role,
+//! `search_path` pinned: the cluster now holds the origin's roles and databases) until it has
+//! replayed up to it; `pg_ctl promote` (a signal, no SQL); the target's own
+//! `postgresql.auto.conf` is put back; then every table is compared with the origin's.
+//! A physical standby brings the origin's PostgreSQL roles along (accepted in DESIGN.md's
+//! trust boundaries); the agent runs no SQL as a superuser in it.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bmfleet_proto::v1::{DatabaseMove, FollowDatabasesReply, MoveDatabasesReply, OriginEndpoint};
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
+
+use crate::config::AgentConfig;
+use crate::pg::{literal, Connection};
+use crate::replication::{FollowTicket, WalPosition};
+use crate::tunnel::{self, read_json_line, receive_framed, TunnelRequest};
+
+/// The configuration files a cluster keeps in its data directory; the target's own are used.
+const OWN_FILES: [&str; 4] = [
+    "postgresql.conf",
+    "pg_hba.conf",
+    "pg_ident.conf",
+    "postgresql.auto.conf",
+];
+
+/// The port in the relay socket's name (`.s.PGSQL.5432`).
+const RELAY_PORT: u16 = 5432;
+
+/// What this host follows, kept in the state dir across restarts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Following {
+    /// The origin's data plane (address, name) and the replication grant.
+    pub address: String,
+    /// The origin's name.
+    pub name: String,
+    /// The replication grant.
+    pub grant_id: String,
+    /// BlueMind's database password (the owner role's, from the origin).
+    pub bluemind_password: String,
+}
+
+impl Following {
+    fn endpoint(&self) -> OriginEndpoint {
+        OriginEndpoint {
+            address: self.address.clone(),
+            name: self.name.clone(),
+            grant_id: self.grant_id.clone(),
+        }
+    }
+}
+
+fn state_path(config: &AgentConfig) -> PathBuf {
+    config.state_dir.join("standby.json")
+}
+
+/// What this host follows, if it does.
+pub fn following(config: &AgentConfig) -> Option<Following> {
+    let text = std::fs::read_to_string(state_path(config)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+fn set_following(config: &AgentConfig, state: Option<&Following>) -> Result<(), String> {
+    let path = state_path(config);
+    match state {
+        None => match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(format!("removing {}: {e}", path.display()))
+            }
+            _ => Ok(()),
+        },
+        Some(state) => {
+            let json = serde_json::to_vec(state).map_err(|e| e.to_string())?;
+            let tmp = path.with_extension("json.tmp");
+            std::fs::write(&tmp, json)
+                .and_then(|()| {
+                    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+                })
+                .and_then(|()| std::fs::rename(&tmp, &path))
+                .map_err(|e| format!("writing {}: {e}", path.display()))
+        }
+    }
+}
+
+/// The relay from the standby's WAL receiver to the origin (one listener at a time).
+#[derive(Default)]
+pub struct Relay {
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Relay {
+    /// Serves `state`'s origin on the relay socket, replacing any previous relay.
+    pub fn start(
+        &self,
+        config: &AgentConfig,
+        tls: Arc<rustls::ClientConfig>,
+        state: &Following,
+    ) -> Result<(), String> {
+        let dir = &config.postgresql.relay_dir;
+        let owner = cluster_owner(config)?;
+        std::fs::create_dir_all(dir)
+            .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
+            .and_then(|()| std::os::unix::fs::chown(dir, Some(owner.0), Some(owner.1)))
+            .map_err(|e| format!("preparing the relay dir {}: {e}", dir.display()))?;
+        let socket = dir.join(format!(".s.PGSQL.{RELAY_PORT}"));
+        let _ = std::fs::remove_file(&socket);
+        let listener = tokio::net::UnixListener::bind(&socket)
+            .map_err(|e| format!("listening on {}: {e}", socket.display()))?;
+        std::os::unix::fs::chown(&socket, Some(owner.0), Some(owner.1))
+            .and_then(|()| {
+                std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
+            })
+            .map_err(|e| format!("securing {}: {e}", socket.display()))?;
+        let origin = state.endpoint();
+        let timeout = Duration::from_secs(config.data_plane.connect_timeout_secs);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut local, _)) = listener.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                };
+                let (origin, tls) = (origin.clone(), tls.clone());
+                tokio::spawn(async move {
+                    let request = TunnelRequest::Replication {
+                        grant: origin.grant_id.clone(),
+                    };
+                    match tunnel::open(&origin, tls, &request, timeout).await {
+                        Ok(mut remote) => {
+                            let _ = tokio::io::copy_bidirectional(&mut local, &mut remote).await;
+                        }
+                        Err(e) => {
+                            tracing::warn!(origin = %origin.name, error = %e, "standby relay: the origin refused or cannot be reached")
+                        }
+                    }
+                });
+            }
+        });
+        if let Some(previous) = self.lock().replace(task) {
+            previous.abort();
+        }
+        Ok(())
+    }
+
+    /// Stops relaying.
+    pub fn stop(&self) {
+        if let Some(task) = self.lock().take() {
+            task.abort();
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<JoinHandle<()>>> {
+        self.task.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn data_dir(config: &AgentConfig) -> Result<PathBuf, String> {
+    if let Some(why) = config.postgresql.standby_unavailable() {
+        return Err(format!("this host cannot follow its origin: {why}"));
+    }
+    config
+        .postgresql
+        .data_dir
+        .clone()
+        .ok_or_else(|| "postgresql.data_dir is not set".into())
+}
+
+fn aside_dir(data_dir: &Path) -> PathBuf {
+    let mut name = data_dir.as_os_str().to_owned();
+    name.push(".bmfleet-target");
+    PathBuf::from(name)
+}
+
+/// The cluster's user and group: the owner of its data directory (or of the set-aside one).
+fn cluster_owner(config: &AgentConfig) -> Result<(u32, u32), String> {
+    let dir = data_dir(config)?;
+    let aside = aside_dir(&dir);
+    let meta = std::fs::metadata(&aside)
+        .or_else(|_| std::fs::metadata(&dir))
+        .map_err(|e| format!("reading {}: {e}", dir.display()))?;
+    Ok((meta.uid(), meta.gid()))
+}
+
+/// The major version in a data directory's `PG_VERSION` (e.g. 15).
+fn data_dir_major(dir: &Path) -> Result<u32, String> {
+    let path = dir.join("PG_VERSION");
+    std::fs::read_to_string(&path)
+        .map_err(|e| format!("reading {}: {e}", path.display()))?
+        .trim()
+        .parse()
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The major of a `server_version_num` (150004 → 15).
+fn major(server_version_num: u32) -> u32 {
+    server_version_num / 10_000
+}
+
+async fn server(config: &AgentConfig, start: bool) -> Result<(), String> {
+    let pg = &config.postgresql;
+    let (what, argv) = if start {
+        ("start", &pg.server_start)
+    } else {
+        ("stop", &pg.server_stop)
+    };
+    let result = crate::command::run("postgresql", argv, Duration::from_secs(300)).await;
+    if crate::command::succeeded(&result) {
+        Ok(())
+    } else {
+        Err(format!(
+            "the cluster did not {what}: {}",
+            crate::command::failure_summary(&result)
+        ))
+    }
+}
+
+/// Runs `pg_ctl ARGS -D data_dir` as the cluster's administrator (a signal or a file, no SQL).
+async fn pg_ctl(config: &AgentConfig, args: &[&str]) -> Result<(), String> {
+    let pg = &config.postgresql;
+    let dir = data_dir(config)?;
+    let mut argv = pg.admin_command_prefix.clone();
+    argv.push(crate::pg::bin_dir(pg).join("pg_ctl").display().to_string());
+    argv.extend(args.iter().map(|a| a.to_string()));
+    argv.extend(["-D".to_string(), dir.display().to_string()]);
+    let result = crate::command::run("postgresql", &argv, Duration::from_secs(300)).await;
+    if crate::command::succeeded(&result) {
+        Ok(())
+    } else {
+        Err(crate::command::failure_summary(&result))
+    }
+}
+
+/// Makes this host's cluster a standby of `origin` (grant with the replication scope).
+/// Never fails as a call: the reply says what happened.
+pub async fn follow(
+    config: &AgentConfig,
+    tls: Arc<rustls::ClientConfig>,
+    relay: &Relay,
+    origin: &OriginEndpoint,
+) -> FollowDatabasesReply {
+    let started = Instant::now();
+    match follow_inner(config, tls, relay, origin).await {
+        Ok(bytes) => FollowDatabasesReply {
+            ok: true,
+            base_backup_bytes: bytes,
+            elapsed_ms: started.elapsed().as_millis() as u64,
+            ..Default::default()
+        },
+        Err(error) => FollowDatabasesReply {
+            error,
+            elapsed_ms: started.elapsed().as_millis() as u64,
+            ..Default::default()
+        },
+    }
+}
+
+async fn follow_inner(
+    config: &AgentConfig,
+    tls: Arc<rustls::ClientConfig>,
+    relay: &Relay,
+    origin: &OriginEndpoint,
+) -> Result<u64, String> {
+    let dir = data_dir(config)?;
+    let aside = aside_dir(&dir);
+    let first = !aside.exists();
+    let own = if first { &dir } else { &aside };
+    let own_major = data_dir_major(own)?;
+    if first {
+        refuse_foreign_databases(config).await?;
+    }
+    let timeout = Duration::from_secs(config.data_plane.connect_timeout_secs);
+    let request = TunnelRequest::BaseBackup {
+        grant: origin.grant_id.clone(),
+    };
+    let mut stream = tunnel::open(origin, tls.clone(), &request, timeout)
+        .await
+        .map_err(|e| e.to_string())?;
+    let ticket: FollowTicket = read_json_line(&mut stream)
+        .await
+        .map_err(|e| format!("reading the origin's replication ticket: {e}"))?;
+    if major(ticket.server_version_num) != own_major {
+        return Err(format!(
+            "the origin runs PostgreSQL {} and this host {own_major}: a physical standby needs \
+             the same major (use db_sync = \"dump\")",
+            major(ticket.server_version_num)
+        ));
+    }
+    relay.stop();
+    let (uid, gid) = cluster_owner(config)?;
+    if std::fs::metadata(dir.join("postmaster.pid")).is_ok() {
+        server(config, false).await?;
+    }
+    if first {
+        std::fs::rename(&dir, &aside).map_err(|e| {
+            format!(
+                "setting the cluster's data dir {} aside: {e}",
+                dir.display()
+            )
+        })?;
+    } else if dir.exists() {
+        // A previous attempt's standby or partial copy: the target's own is the set-aside one.
+        std::fs::remove_dir_all(&dir).map_err(|e| format!("removing {}: {e}", dir.display()))?;
+    }
+    let state = Following {
+        address: origin.address.clone(),
+        name: origin.name.clone(),
+        grant_id: origin.grant_id.clone(),
+        bluemind_password: ticket.bluemind_password.clone(),
+    };
+    let installed = async {
+        let bytes = unpack(&mut stream, &dir, uid, gid).await?;
+        configure(
+            &dir,
+            &aside,
+            &ticket,
+            &config.postgresql.relay_dir,
+            uid,
+            gid,
+        )?;
+        set_following(config, Some(&state))?;
+        relay.start(config, tls.clone(), &state)?;
+        server(config, true).await?;
+        wait_standby(config, &ticket.bluemind_password).await?;
+        Ok::<u64, String>(bytes)
+    }
+    .await;
+    match installed {
+        Ok(bytes) => {
+            tracing::info!(origin = %origin.name, bytes, "the cluster follows the origin");
+            Ok(bytes)
+        }
+        Err(error) => {
+            // The target's own cluster comes back as it was.
+            relay.stop();
+            let _ = set_following(config, None);
+            if std::fs::metadata(dir.join("postmaster.pid")).is_ok() {
+                let _ = server(config, false).await;
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+            let restored = std::fs::rename(&aside, &dir)
+                .map_err(|e| e.to_string())
+                .and(server(config, true).await);
+            Err(match restored {
+                Ok(()) => format!("{error} (this host's cluster is back as it was)"),
+                Err(e) => format!("{error}; putting this host's cluster back failed: {e}"),
+            })
+        }
+    }
+}
+
+/// The agent is the last word on its disk: a cluster holding databases other than
+/// BlueMind's is not replaced.
+async fn refuse_foreign_databases(config: &AgentConfig) -> Result<(), String> {
+    let pg = &config.postgresql;
+    let out = Connection::admin(pg)
+        .psql(
+            "postgres",
+            "SELECT datname FROM pg_catalog.pg_database WHERE datname NOT IN ('postgres', 'template0', 'template1') ORDER BY 1;\n",
+        )
+        .await
+        .map_err(|e| format!("listing this host's databases: {e}"))?;
+    let foreign: Vec<&str> = out
+        .lines()
+        .filter(|d| !d.is_empty() && !pg.databases.iter().any(|b| b == d))
+        .collect();
+    if foreign.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "this host's cluster holds databases that are not BlueMind's ({}): a standby would \
+             replace them; move them elsewhere or use db_sync = \"dump\"",
+            foreign.join(", ")
+        ))
+    }
+}
+
+/// Receives the base backup's tar and unpacks it into `dir` (created here), data only.
+async fn unpack(
+    stream: &mut tunnel::Tunnel,
+    dir: &Path,
+    uid: u32,
+    gid: u32,
+) -> Result<u64, String> {
+    let (mut writer, reader) = tokio::io::duplex(1 << 20);
+    let reader = tokio_util::io::SyncIoBridge::new(reader);
+    let dir_owned = dir.to_path_buf();
+    let unpacking = tokio::task::spawn_blocking(move || unpack_tar(reader, &dir_owned, uid, gid));
+    let received = receive_framed(stream, &mut writer).await;
+    drop(writer);
+    // An entry refused stops the unpacking (and so the receiving): its reason comes first.
+    unpacking
+        .await
+        .map_err(|e| format!("unpacking the base backup stopped: {e}"))??;
+    let (outcome, bytes) = received.map_err(|e| format!("receiving the base backup: {e}"))?;
+    if !outcome.ok {
+        return Err(format!(
+            "the origin's base backup failed: {}",
+            outcome.error
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Unpacks a tar of a data directory: directories and regular files only, every name plain
+/// and relative, everything owned by `uid:gid` with modes 0700/0600.
+pub fn unpack_tar<R: std::io::Read>(
+    reader: R,
+    dir: &Path,
+    uid: u32,
+    gid: u32,
+) -> Result<(), String> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let mkdir = |path: &Path| -> Result<(), String> {
+        match std::fs::DirBuilder::new().mode(0o700).create(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(format!("creating {}: {e}", path.display()))
+            }
+            _ => {}
+        }
+        let meta =
+            std::fs::symlink_metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if !meta.is_dir() {
+            return Err(format!("{} is not a directory", path.display()));
+        }
+        std::os::unix::fs::lchown(path, Some(uid), Some(gid))
+            .map_err(|e| format!("chown {}: {e}", path.display()))
+    };
+    mkdir(dir)?;
+    let mut archive = tar::Archive::new(reader);
+    let entries = archive
+        .entries()
+        .map_err(|e| format!("reading the base backup: {e}"))?;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| format!("reading the base backup: {e}"))?;
+        let name = entry
+            .path()
+            .map_err(|e| format!("a base backup entry's name: {e}"))?
+            .into_owned();
+        let mut relative = PathBuf::new();
+        for component in name.components() {
+            match component {
+                Component::Normal(part) => relative.push(part),
+                Component::CurDir => {}
+                _ => {
+                    return Err(format!(
+                        "refused: the base backup names {}, outside the data directory",
+                        name.display()
+                    ))
+                }
+            }
+        }
+        if relative.as_os_str().is_empty() {
+            continue;
+        }
+        let kind = entry.header().entry_type();
+        let target = dir.join(&relative);
+        if kind.is_dir() {
+            // Parents first (a tar may list a file before its dir); none of them can be a
+            // link: nothing but dirs and files is ever created here.
+            let mut at = dir.to_path_buf();
+            for part in relative.components() {
+                at.push(part);
+                mkdir(&at)?;
+            }
+        } else if kind.is_file() {
+            if let Some(parent) = relative.parent() {
+                let mut at = dir.to_path_buf();
+                for part in parent.components() {
+                    at.push(part);
+                    mkdir(&at)?;
+                }
+            }
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(nix::libc::O_NOFOLLOW)
+                .open(&target)
+                .map_err(|e| format!("creating {}: {e}", target.display()))?;
+            std::io::copy(&mut entry, &mut file)
+                .map_err(|e| format!("writing {}: {e}", target.display()))?;
+            std::os::unix::fs::fchown(&file, Some(uid), Some(gid))
+                .map_err(|e| format!("chown {}: {e}", target.display()))?;
+        } else if relative.starts_with("pg_tblspc") {
+            return Err(
+                "refused: the origin's cluster has tablespaces (pg_tblspc/…): a standby \
+                 would write outside its data directory; use db_sync = \"dump\""
+                    .into(),
+            );
+        } else {
+            return Err(format!(
+                "refused: the base backup holds {} of type {:?}: only directories and \
+                 regular files are accepted",
+                name.display(),
+                kind
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The standby's settings: the target's own configuration files (from the set-aside dir),
+/// then the agent's lines for following the origin through the relay.
+fn configure(
+    dir: &Path,
+    aside: &Path,
+    ticket: &FollowTicket,
+    relay_dir: &Path,
+    uid: u32,
+    gid: u32,
+) -> Result<(), String> {
+    for name in OWN_FILES {
+        let (theirs, ours) = (dir.join(name), aside.join(name));
+        let _ = std::fs::remove_file(&theirs);
+        if ours.exists() {
+            copy_owned(&ours, &theirs, uid, gid)?;
+        }
+    }
+    let conninfo = format!(
+        "host={} port={RELAY_PORT} user={} password={} application_name=bmfleet",
+        conninfo_value(&relay_dir.display().to_string()),
+        conninfo_value(&ticket.role),
+        conninfo_value(&ticket.password),
+    );
+    let lines = format!(
+        "\n# bmfleet: this cluster follows its origin until the cutover\n\
+         primary_conninfo = {}\n\
+         primary_slot_name = {}\n",
+        literal(&conninfo),
+        literal(&ticket.slot)
+    );
+    let auto = dir.join("postgresql.auto.conf");
+    append_owned(&auto, &lines, uid, gid)?;
+    append_owned(&dir.join("standby.signal"), "", uid, gid)
+}
+
+/// A libpq connection-string value, quoted.
+fn conninfo_value(value: &str) -> String {
+    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+fn copy_owned(from: &Path, to: &Path, uid: u32, gid: u32) -> Result<(), String> {
+    std::fs::copy(from, to)
+        .and_then(|_| std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o600)))
+        .and_then(|()| std::os::unix::fs::lchown(to, Some(uid), Some(gid)))
+        .map_err(|e| format!("copying {} to {}: {e}", from.display(), to.display()))
+}
+
+fn append_owned(path: &Path, text: &str, uid: u32, gid: u32) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .and_then(|()| std::os::unix::fs::lchown(path, Some(uid), Some(gid)))
+        .map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
+/// Waits until the standby accepts connections (as the owner role) and is in recovery.
+async fn wait_standby(config: &AgentConfig, password: &str) -> Result<(), String> {
+    let owner = owner_connection(config, password);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let answer = owner
+            .psql("postgres", "SELECT pg_catalog.pg_is_in_recovery();\n")
+            .await;
+        match answer {
+            Ok(out) if out.trim() == "t" => return Ok(()),
+            Ok(out) => {
+                return Err(format!(
+                    "the cluster started but is not a standby (in recovery: {})",
+                    out.trim()
+                ))
+            }
+            Err(e) if Instant::now() >= deadline => {
+                return Err(format!("the standby does not answer: {e}"))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// BlueMind's owner role (the origin's password) with `search_path` pinned.
+fn owner_connection(config: &AgentConfig, password: &str) -> Connection {
+    Connection::owner(&config.postgresql, password.to_string())
+}
+
+/// An LSN ("16/B374D848") as a number.
+pub fn parse_lsn(text: &str) -> Option<u64> {
+    let (high, low) = text.trim().split_once('/')?;
+    let high = u64::from_str_radix(high, 16).ok()?;
+    let low = u64::from_str_radix(low, 16).ok()?;
+    (high <= u32::MAX as u64 && low <= u32::MAX as u64).then_some((high << 32) | low)
+}
+
+/// WAL pages (XLOG_BLCKSZ) and their headers' sizes (short, and long at a segment's start).
+const WAL_PAGE: u64 = 8192;
+const SHORT_PAGE_HEADER: u64 = 24;
+const LONG_PAGE_HEADER: u64 = 40;
+
+/// The replay position that proves a standby has everything the origin inserted before
+/// `insert_lsn`. An insert position right after a page header means the last record ended at
+/// the page's boundary (PostgreSQL's `XLogBytePosToRecPtr` skips the header), and a standby's
+/// replay position is a record's end: the boundary itself.
+pub fn caught_up_at(insert_lsn: u64, segment_size: u64) -> u64 {
+    if segment_size > 0 && insert_lsn % segment_size == LONG_PAGE_HEADER {
+        insert_lsn - LONG_PAGE_HEADER
+    } else if insert_lsn % WAL_PAGE == SHORT_PAGE_HEADER {
+        insert_lsn - SHORT_PAGE_HEADER
+    } else {
+        insert_lsn
+    }
+}
+
+/// Catches the standby up with the stopped origin, promotes it, and compares every table
+/// with the origin's. `origin` carries the databases grant of the step.
+pub async fn promote(
+    config: &AgentConfig,
+    tls: Arc<rustls::ClientConfig>,
+    relay: &Relay,
+    origin: &OriginEndpoint,
+) -> MoveDatabasesReply {
+    match promote_inner(config, tls, relay, origin).await {
+        Ok(databases) => {
+            let ok = databases.iter().all(|d| d.tables.iter().all(|t| t.equal));
+            MoveDatabasesReply {
+                ok,
+                error: if ok {
+                    String::new()
+                } else {
+                    "tables differ between origin and target after the promotion".into()
+                },
+                databases,
+                ..Default::default()
+            }
+        }
+        Err(error) => MoveDatabasesReply {
+            error,
+            ..Default::default()
+        },
+    }
+}
+
+async fn promote_inner(
+    config: &AgentConfig,
+    tls: Arc<rustls::ClientConfig>,
+    relay: &Relay,
+    origin: &OriginEndpoint,
+) -> Result<Vec<DatabaseMove>, String> {
+    let started = Instant::now();
+    let state = following(config).ok_or(
+        "this host does not follow an origin (FollowDatabases did not run or was undone): \
+         its databases cannot be promoted",
+    )?;
+    if state.name != origin.name {
+        return Err(format!(
+            "this host follows {}, not {}",
+            state.name, origin.name
+        ));
+    }
+    let timeout = Duration::from_secs(config.data_plane.connect_timeout_secs);
+    let request = TunnelRequest::WalPosition {
+        grant: origin.grant_id.clone(),
+    };
+    let mut stream = tunnel::open(origin, tls.clone(), &request, timeout)
+        .await
+        .map_err(|e| e.to_string())?;
+    let position: WalPosition = read_json_line(&mut stream)
+        .await
+        .map_err(|e| format!("reading the origin's WAL position: {e}"))?;
+    let insert = parse_lsn(&position.lsn)
+        .ok_or_else(|| format!("the origin's WAL position {:?} is not an LSN", position.lsn))?;
+    let wanted = caught_up_at(insert, position.segment_size);
+    let owner = owner_connection(config, &state.bluemind_password);
+    let mut last_seen = String::new();
+    loop {
+        let out = owner
+            .psql(
+                "postgres",
+                "SELECT pg_catalog.pg_is_in_recovery(), pg_catalog.pg_last_wal_replay_lsn();\n",
+            )
+            .await
+            .map_err(|e| format!("asking the standby how far it replayed: {e}"))?;
+        let (recovery, replayed) = out.trim().split_once('\t').unwrap_or((out.trim(), ""));
+        if recovery != "t" {
+            return Err("the cluster is no longer a standby before its promotion".into());
+        }
+        if parse_lsn(replayed).is_some_and(|r| r >= wanted) {
+            break;
+        }
+        if replayed != last_seen {
+            tracing::info!(replayed, wanted = %position.lsn, "the standby catches up");
+            last_seen = replayed.to_string();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    pg_ctl(config, &["promote", "-w", "-t", "300"]).await?;
+    relay.stop();
+    // The target's own settings back (the standby lines carried the replication password).
+    let dir = data_dir(config)?;
+    let aside = aside_dir(&dir);
+    let (uid, gid) = cluster_owner(config)?;
+    let auto = dir.join("postgresql.auto.conf");
+    let _ = std::fs::remove_file(&auto);
+    if aside.join("postgresql.auto.conf").exists() {
+        copy_owned(&aside.join("postgresql.auto.conf"), &auto, uid, gid)?;
+    }
+    pg_ctl(config, &["reload"]).await?;
+    set_following(config, None)?;
+    if let Err(e) = std::fs::remove_dir_all(&aside) {
+        tracing::warn!(dir = %aside.display(), error = %e, "removing the set-aside cluster failed");
+    }
+    let promoted_ms = started.elapsed().as_millis() as u64;
+    tracing::info!(origin = %origin.name, promoted_ms, "the standby is promoted");
+    crate::databases::compare_with_origin(config, tls, origin, &owner, promoted_ms).await
+}
+
+/// Whether `config`'s relay should run at start (this host follows an origin).
+pub fn resume(config: &AgentConfig, tls: Arc<rustls::ClientConfig>, relay: &Relay) {
+    if let Some(state) = following(config) {
+        match relay.start(config, tls, &state) {
+            Ok(()) => tracing::info!(origin = %state.name, "standby relay resumed"),
+            Err(e) => tracing::error!(error = %e, "the standby relay cannot resume"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsns_parse() {
+        assert_eq!(parse_lsn("0/3000148"), Some(0x0300_0148));
+        assert_eq!(parse_lsn("16/B374D848"), Some((0x16 << 32) | 0xB374_D848));
+        assert_eq!(parse_lsn("nope"), None);
+        assert_eq!(parse_lsn("1/"), None);
+    }
+
+    #[test]
+    fn an_insert_position_after_a_page_header_means_its_boundary() {
+        let seg = 16 << 20;
+        // Mid-page: exact.
+        assert_eq!(caught_up_at(0x0300_0148, seg), 0x0300_0148);
+        // Right after a short page header.
+        assert_eq!(caught_up_at(0x0300_2018, seg), 0x0300_2000);
+        // Right after a segment's long header.
+        assert_eq!(caught_up_at(0x0400_0028, seg), 0x0400_0000);
+        // Offset 40 in a page that does not start a segment is a real position.
+        assert_eq!(caught_up_at(0x0300_2028, seg), 0x0300_2028);
+    }
+
+    fn tar_of(entries: &[(&str, tar::EntryType, &[u8])]) -> Vec<u8> {
+        let mut builder = tar::Builder::new(Vec::new());
+        for (name, kind, data) in entries {
+            let mut header = tar::Header::new_gnu();
+            header.set_entry_type(*kind);
+            header.set_size(data.len() as u64);
+            header.set_mode(0o777);
+            if *kind == tar::EntryType::Symlink {
+                header.set_link_name("/etc").unwrap();
+            }
+            // Raw names: the builder's own checks would refuse the hostile ones.
+            let raw = &mut header.as_old_mut().name;
+            raw[..name.len()].copy_from_slice(name.as_bytes());
+            header.set_cksum();
+            builder.append(&header, *data).unwrap();
+        }
+        builder.into_inner().unwrap()
+    }
+
+    #[test]
+    fn a_base_backup_unpacks_as_data_only() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("data");
+        let (uid, gid) = (
+            nix::unistd::getuid().as_raw(),
+            nix::unistd::getgid().as_raw(),
+        );
+        let good = tar_of(&[
+            ("PG_VERSION", tar::EntryType::Regular, b"15\n"),
+            ("base/1/1259", tar::EntryType::Regular, b"page"),
+            ("pg_wal/", tar::EntryType::Directory, b""),
+        ]);
+        unpack_tar(&good[..], &dir, uid, gid).unwrap();
+        assert_eq!(std::fs::read(dir.join("base/1/1259")).unwrap(), b"page");
+        let mode = std::fs::metadata(dir.join("PG_VERSION")).unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(dir.join("pg_wal").is_dir());
+        for (hostile, kind, why) in [
+            ("../escape", tar::EntryType::Regular, "outside"),
+            ("/etc/passwd", tar::EntryType::Regular, "outside"),
+            ("pg_tblspc/16384", tar::EntryType::Symlink, "tablespaces"),
+            ("link", tar::EntryType::Symlink, "only directories"),
+            ("fifo", tar::EntryType::Fifo, "only directories"),
+            ("hard", tar::EntryType::Link, "only directories"),
+        ] {
+            let dir = root.path().join(format!("d{}", hostile.len()));
+            let bad = tar_of(&[(hostile, kind, b"x")]);
+            let error = unpack_tar(&bad[..], &dir, uid, gid).unwrap_err();
+            assert!(error.contains(why), "{hostile}: {error}");
+        }
+        assert!(!root.path().join("escape").exists());
+        // A file already there (say, planted) is never written through.
+        let dir = root.path().join("again");
+        std::fs::create_dir(&dir).unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", dir.join("PG_VERSION")).unwrap();
+        let error = unpack_tar(&good[..], &dir, uid, gid).unwrap_err();
+        assert!(error.contains("PG_VERSION"), "{error}");
+    }
+}
