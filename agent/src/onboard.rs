@@ -330,6 +330,33 @@ pub async fn configure(args: ConfigureArgs) -> anyhow::Result<()> {
                 pg.insert("bin_dir".into(), path(&bin));
             }
         }
+        // Debian's cluster of that major (`N/main`): what a standby needs on a target.
+        let major = pg
+            .get("bin_dir")
+            .and_then(|b| b.as_str())
+            .map(PathBuf::from)
+            .and_then(|b| Some(b.parent()?.file_name()?.to_string_lossy().into_owned()));
+        if let Some(major) = major.filter(|_| !pg.contains_key("data_dir")) {
+            let data = PathBuf::from(format!("/var/lib/postgresql/{major}/main"));
+            if root
+                .join(data.strip_prefix("/").unwrap_or(&data))
+                .join("PG_VERSION")
+                .exists()
+            {
+                found.push(format!("the cluster {major}/main ({})", data.display()));
+                let argv =
+                    |words: &[&str]| toml::Value::Array(words.iter().map(|w| text(w)).collect());
+                pg.insert("data_dir".into(), path(&data));
+                pg.insert(
+                    "server_start".into(),
+                    argv(&["pg_ctlcluster", &major, "main", "start"]),
+                );
+                pg.insert(
+                    "server_stop".into(),
+                    argv(&["pg_ctlcluster", &major, "main", "stop", "-m", "fast"]),
+                );
+            }
+        }
     }
     let facts = table
         .entry("facts")

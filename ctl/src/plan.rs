@@ -20,7 +20,40 @@ struct PlanJson {
     start_local: Option<String>,
     projected_downtime_secs: i64,
     downtime_budget_secs: u64,
+    /// "standby", "dump", or "auto"/"stream" still to be decided at preflight.
+    databases: String,
+    databases_why: String,
     note: String,
+}
+
+/// How `spec`'s databases would move, from the agents' last facts: ("standby" | "dump", why);
+/// a `stream` instance that cannot is a problem.
+fn databases_path(
+    status: &bmfleet_proto::v1::StatusReply,
+    spec: &bmfleet_orchestrator::fleet::InstanceSpec,
+    problems: &mut Vec<String>,
+) -> (String, String) {
+    let facts = |name: &str| {
+        status
+            .agents
+            .iter()
+            .find(|a| a.name == name)
+            .and_then(|a| a.facts.as_ref())
+    };
+    match (facts(&spec.origin), facts(&spec.target)) {
+        (Some(o), Some(t)) => match bmfleet_orchestrator::db_sync::choose(spec.db_sync, o, t) {
+            Ok(plan) if plan.stream => ("standby".into(), plan.why),
+            Ok(plan) => ("dump".into(), plan.why),
+            Err(e) => {
+                problems.push(format!("instance {}: {e}", spec.name));
+                ("refused".into(), e)
+            }
+        },
+        _ => (
+            spec.db_sync.as_str().into(),
+            "decided at preflight (no facts from both agents yet)".into(),
+        ),
+    }
 }
 
 /// What the orchestrator's agents lack for `fleet`: agents it does not know, origins without
@@ -58,13 +91,18 @@ fn agent_problems(status: &bmfleet_proto::v1::StatusReply, fleet: &FleetFile) ->
 async fn measured(
     connection: &Connection,
     fleet: &FleetFile,
-) -> anyhow::Result<(Vec<Instance>, Vec<String>)> {
+) -> anyhow::Result<(Vec<Instance>, Vec<String>, Vec<(String, String)>)> {
     let mut client = connection.client()?;
     let status = connection
         .call(client.status(bmfleet_proto::v1::StatusRequest {}))
         .await?
         .into_inner();
-    let problems = agent_problems(&status, fleet);
+    let mut problems = agent_problems(&status, fleet);
+    let databases = fleet
+        .instances
+        .iter()
+        .map(|spec| databases_path(&status, spec, &mut problems))
+        .collect();
     let measured = fleet
         .instances
         .iter()
@@ -86,7 +124,7 @@ async fn measured(
             i
         })
         .collect();
-    Ok((measured, problems))
+    Ok((measured, problems, databases))
 }
 
 /// Prints the plan of `file`, or fails naming the line and field at fault.
@@ -96,7 +134,7 @@ pub async fn run(
     output: Output,
 ) -> anyhow::Result<()> {
     let fleet = FleetFile::load(file)?;
-    let (measured, problems) = match &connection {
+    let (measured, problems, databases) = match &connection {
         Some(c) => match measured(c, &fleet).await {
             Ok(m) => {
                 eprintln!(
@@ -115,17 +153,28 @@ pub async fn run(
     let rows = plan(&fleet, jiff::Timestamp::now(), &measured);
     let json: Vec<PlanJson> = rows
         .iter()
-        .map(|r| PlanJson {
-            instance: r.instance.clone(),
-            canary: r.canary,
-            start: r.start.map(|t| t.to_string()),
-            start_local: r.start.and_then(|t| {
-                let tz = jiff::tz::TimeZone::get(&r.zone).ok()?;
-                Some(t.to_zoned(tz).strftime("%a %Y-%m-%d %H:%M %Z").to_string())
-            }),
-            projected_downtime_secs: r.projected_secs,
-            downtime_budget_secs: r.budget_secs,
-            note: r.note.clone(),
+        .map(|r| {
+            let spec = fleet.instances.iter().position(|s| s.name == r.instance);
+            let (databases, databases_why) = spec
+                .and_then(|n| databases.get(n).cloned())
+                .unwrap_or_else(|| {
+                    let chosen = spec.map_or("auto", |n| fleet.instances[n].db_sync.as_str());
+                    (chosen.into(), "decided at preflight".into())
+                });
+            PlanJson {
+                instance: r.instance.clone(),
+                canary: r.canary,
+                start: r.start.map(|t| t.to_string()),
+                start_local: r.start.and_then(|t| {
+                    let tz = jiff::tz::TimeZone::get(&r.zone).ok()?;
+                    Some(t.to_zoned(tz).strftime("%a %Y-%m-%d %H:%M %Z").to_string())
+                }),
+                projected_downtime_secs: r.projected_secs,
+                downtime_budget_secs: r.budget_secs,
+                databases,
+                databases_why,
+                note: r.note.clone(),
+            }
         })
         .collect();
     match output {
@@ -141,6 +190,7 @@ pub async fn run(
                         r.start.clone().unwrap_or_else(|| "-".into()),
                         format!("{}s", r.projected_downtime_secs),
                         format!("{}s", r.downtime_budget_secs),
+                        r.databases.clone(),
                         r.note.clone(),
                     ]
                 })
@@ -155,6 +205,7 @@ pub async fn run(
                         "START (UTC)",
                         "PROJECTED",
                         "BUDGET",
+                        "DB",
                         "NOTE"
                     ],
                     &cells

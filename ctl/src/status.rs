@@ -39,6 +39,8 @@ struct InstanceJson {
     window_end_unix_ms: Option<i64>,
     paused: bool,
     pause_pending: bool,
+    databases: Option<String>,
+    databases_why: Option<String>,
 }
 
 impl From<&bmfleet_proto::v1::InstanceStatus> for InstanceJson {
@@ -63,6 +65,8 @@ impl From<&bmfleet_proto::v1::InstanceStatus> for InstanceJson {
             window_end_unix_ms: non_zero(i.window_end_unix_ms),
             paused: i.paused,
             pause_pending: i.pause_pending,
+            databases: non_empty(&i.databases),
+            databases_why: non_empty(&i.databases_why),
         }
     }
 }
@@ -279,6 +283,7 @@ fn render(json: &StatusJson) -> String {
                     i.phase.clone()
                 },
                 format!("{}%", i.progress_percent),
+                i.databases.clone().unwrap_or_else(|| "-".into()),
                 i.hot_passes.to_string(),
                 format!(
                     "{} files / {} B",
@@ -306,6 +311,7 @@ fn render(json: &StatusJson) -> String {
             "INSTANCE",
             "PHASE",
             "PROGRESS",
+            "DB",
             "PASSES",
             "LAST PASS CHANGED",
             "WINDOW",

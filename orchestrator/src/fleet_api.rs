@@ -230,6 +230,16 @@ impl FleetApi {
                 paused: !i.phase.is_final()
                     && (i.phase == crate::machine::Phase::Paused || fleet_paused),
                 pause_pending: i.pause_requested,
+                databases: match &i.databases {
+                    Some(d) if d.stream => "standby".into(),
+                    Some(_) => "dump".into(),
+                    None => String::new(),
+                },
+                databases_why: i
+                    .databases
+                    .as_ref()
+                    .map(|d| d.why.clone())
+                    .unwrap_or_default(),
                 running: i.running.keys().map(|s| s.as_str().to_string()).collect(),
                 last_pass_scan_ms: i.last_pass.as_ref().map_or(0, |p| p.scan_ms),
                 last_pass_elapsed_ms: i.last_pass.as_ref().map_or(0, |p| p.elapsed_ms),

@@ -618,6 +618,7 @@ fn agent_base_toml(
         toml_list(&argv)
     };
     let socket = pg.dir().join("run").display().to_string();
+    let standby = pg.standby_settings();
     let psql = bmfleet_agent::pg::bin_dir(&Default::default())
         .join("psql")
         .display()
@@ -646,6 +647,10 @@ status = {pf_status}
 host = "127.0.0.1"
 port = 5432
 admin_host = "{socket}"
+data_dir = "{pg_data}"
+server_start = {pg_start}
+server_stop = {pg_stop}
+relay_dir = "{pg_relay}"
 [config_set]
 postmap_command = ["sh", "-c", "printf 'rebuilt from %s\n' \"$0\" > \"$0.db\""]
 [network]
@@ -660,6 +665,10 @@ announce_period_ms = 4000
         pf_stop = service("postfix", "stop"),
         pf_status = service("postfix", "status"),
         api = api_auth(name),
+        pg_data = standby.data_dir.unwrap_or_default().display(),
+        pg_start = toml_list(&standby.server_start),
+        pg_stop = toml_list(&standby.server_stop),
+        pg_relay = standby.relay_dir.display(),
     )
 }
 
@@ -825,6 +834,29 @@ pub fn churn(root: &Path, messages: usize, fraction: f64) -> Churn {
         write(&index, bytes);
     }
     out
+}
+
+/// A day of database changes on an origin, the same on every host with the same `rows`:
+/// `fraction` of the rows of bj-data's biggest table new, as many of bj's events updated and
+/// a tenth of that deleted, a few mailboxes added.
+pub fn churn_databases(pg: &PgCluster, rows: u64, fraction: f64) {
+    let changed = ((rows as f64 * fraction).round() as u64).max(10);
+    pg.sql(
+        "bj-data",
+        &format!(
+            "SET ROLE bj; INSERT INTO t_message_body SELECT md5('day' || i), i % 100000, 'new ' || i \
+             FROM generate_series(1, {changed}) i;"
+        ),
+    );
+    pg.sql(
+        "bj",
+        &format!(
+            "SET ROLE bj; UPDATE t_calendar_event SET summary = summary || ' (moved)' WHERE id <= {changed}; \
+             DELETE FROM t_calendar_event WHERE id > {rows} - {gone}; \
+             INSERT INTO t_mailbox (domain_id, login, quota) SELECT 1, 'day' || i, 0 FROM generate_series(1, 10) i;",
+            gone = changed / 10
+        ),
+    );
 }
 
 /// Synthetic BlueMind data and configuration on one host.

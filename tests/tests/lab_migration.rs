@@ -220,7 +220,14 @@ fn an_orchestrator_killed_as_each_step_runs_costs_no_attempt() {
         if !fresh.is_empty() {
             fleet.restart_orchestrator();
             killed_under.extend(fresh);
-            fleet.wait_for_orchestrator().unwrap();
+            if let Err(e) = fleet.wait_for_orchestrator() {
+                let log = std::fs::read_to_string(fleet.dir().join("orchestrator.log"))
+                    .unwrap_or_default();
+                panic!(
+                    "{e} (killed under {killed_under:?}); its log's tail:\n{}",
+                    log.lines().rev().take(30).collect::<Vec<_>>().join("\n")
+                );
+            }
         }
         assert!(Instant::now() < deadline, "never finished: {i}");
         std::thread::sleep(Duration::from_millis(20));
@@ -328,6 +335,37 @@ fn three_instances_migrate_with_no_mail_lost() {
         final_passes.iter().any(|l| l.contains("journal_paths")),
         "{events}"
     );
+    // Same PostgreSQL and C library on both hosts of every pair: the preflight chose a
+    // standby, which followed its origin before the hot passes and was promoted in the
+    // downtime; the instance's end removed the origin's slot and role.
+    let chosen = events
+        .lines()
+        .filter(|l| l.contains("\"databases\":{\"stream\":true"))
+        .count();
+    let followed = events
+        .lines()
+        .filter(|l| l.contains("{\"Succeeded\":{\"step\":\"FollowDatabases\""))
+        .count();
+    assert_eq!((chosen, followed), (3, 3), "{events}");
+    for i in 1..=3 {
+        let origin = format!("origin-{i}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = fleet.sql(
+                &origin,
+                "postgres",
+                "SELECT (SELECT count(*) FROM pg_replication_slots) + (SELECT count(*) FROM pg_roles WHERE rolname LIKE 'bmfleet_%')",
+            );
+            if left.trim() == "0" {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{origin}: {left} replication slots and roles left"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
     for i in 1..=3 {
         let (origin, target) = (
             fleet.root(&format!("origin-{i}")),

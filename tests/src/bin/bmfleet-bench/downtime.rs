@@ -31,7 +31,7 @@ use bmfleet_orchestrator::state::State;
 use bmfleet_proto::identity::Role;
 use bmfleet_proto::tls::LocalIdentity;
 use bmfleet_proto::BLUEMIND_DATA_DIRS;
-use bmfleet_tests::lab_fleet::{churn, service_ip, Churn, LabFleet, LabParams};
+use bmfleet_tests::lab_fleet::{churn, churn_databases, service_ip, Churn, LabFleet, LabParams};
 
 use crate::manual::{ColdRun, Manual, Timed};
 
@@ -41,8 +41,17 @@ pub struct Params {
     pub files: usize,
     /// Rows of the biggest table of each database.
     pub db_rows: u64,
-    /// Fraction of messages changed after the hot sync.
+    /// Fraction of messages (and of database rows) changed after the hot sync.
     pub churn: f64,
+    /// Drop the page cache right before each cold sync (as on a server whose data is not all
+    /// in memory).
+    pub cold_cache: bool,
+}
+
+/// Writes dirty pages and drops the page cache (root only).
+fn drop_page_cache() -> anyhow::Result<()> {
+    nix::unistd::sync();
+    std::fs::write("/proc/sys/vm/drop_caches", "3").context("dropping the page cache")
 }
 
 /// The size of one instance's data.
@@ -180,11 +189,14 @@ struct ChurnAfterPreWindowPass {
     churned: Arc<Mutex<Option<Churn>>>,
 }
 
-/// The day of mail still to come: [`churn`]'s arguments.
+/// The day of mail still to come: [`churn`]'s arguments, and the databases'.
 struct ChurnJob {
     root: std::path::PathBuf,
     messages: usize,
     fraction: f64,
+    /// The day's database changes on the origin's cluster ([`churn_databases`]).
+    databases: Arc<dyn Fn() + Send + Sync>,
+    cold_cache: bool,
 }
 
 impl AgentPort for ChurnAfterPreWindowPass {
@@ -197,7 +209,16 @@ impl AgentPort for ChurnAfterPreWindowPass {
             if step == Step::PreWindowPass && result.is_ok() {
                 let job = pending.lock().unwrap_or_else(|p| p.into_inner()).take();
                 if let Some(j) = job {
-                    let day = move || churn(&j.root, j.messages, j.fraction);
+                    let day = move || {
+                        (j.databases)();
+                        let c = churn(&j.root, j.messages, j.fraction);
+                        if j.cold_cache {
+                            if let Err(e) = drop_page_cache() {
+                                eprintln!("{e:#}");
+                            }
+                        }
+                        c
+                    };
                     if let Ok(c) = tokio::task::spawn_blocking(day).await {
                         *churned.lock().unwrap_or_else(|p| p.into_inner()) = Some(c);
                     }
@@ -226,9 +247,9 @@ struct BmfleetRun {
     churn: Churn,
 }
 
-fn fleet_text(instance: &str, pair: usize, journal: bool) -> String {
+fn fleet_text(instance: &str, pair: usize, db_sync: &str) -> String {
     format!(
-        "[fleet]\nname = \"bench\"\nmax_concurrent_downtime = 1\nmin_stagger_secs = 1\ncanary_count = 0\ncanary_approval = false\nfinal_pass_journal = {journal}\n\
+        "[fleet]\nname = \"bench\"\nmax_concurrent_downtime = 1\nmin_stagger_secs = 1\ncanary_count = 0\ncanary_approval = false\ndb_sync = \"{db_sync}\"\n\
          [[fleet.windows]]\ndays = [\"mon\",\"tue\",\"wed\",\"thu\",\"fri\",\"sat\",\"sun\"]\nstart = \"00:00\"\nend = \"12:00\"\ntimezone = \"UTC\"\n\
          [[fleet.windows]]\ndays = [\"mon\",\"tue\",\"wed\",\"thu\",\"fri\",\"sat\",\"sun\"]\nstart = \"12:00\"\nend = \"00:00\"\ntimezone = \"UTC\"\n\
          [[instance]]\nname = \"{instance}\"\norigin = \"origin-{pair}\"\ntarget = \"target-{pair}\"\nservice_ip = \"{}/24\"\nbluemind = \"5.x\"\n",
@@ -280,14 +301,18 @@ fn step_timings(
 /// Runs the orchestrator's engine in this process (in the orchestrator's namespace) on pair
 /// `pair`, until the instance is finished.
 fn bmfleet(
-    fleet: &LabFleet,
+    fleet: &Arc<LabFleet>,
     pair: usize,
     params: &Params,
-    journal: bool,
+    db_sync: &str,
 ) -> anyhow::Result<BmfleetRun> {
     let instance = format!("mail-{pair}");
     let origin_root = fleet.root(&format!("origin-{pair}"));
     let (messages, fraction) = (params.files, params.churn);
+    let databases = {
+        let (fleet, origin, rows) = (fleet.clone(), format!("origin-{pair}"), params.db_rows);
+        Arc::new(move || churn_databases(fleet.pg(&origin), rows, fraction))
+    };
     fleet.lab.run_in("orch", || {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -312,12 +337,14 @@ fn bmfleet(
                     root: origin_root,
                     messages,
                     fraction,
+                    databases,
+                    cold_cache: params.cold_cache,
                 }))),
                 churned: churned.clone(),
             });
             let conductor = Conductor::new(state.clone(), clock, port, pool.clone(), metrics);
             conductor.apply(
-                &fleet_text(&instance, pair, journal),
+                &fleet_text(&instance, pair, db_sync),
                 "bench-fleet.toml",
                 &[],
             )?;
@@ -387,13 +414,13 @@ pub fn run(params: Params) -> anyhow::Result<()> {
         params.files, params.db_rows
     );
     let built = Instant::now();
-    let fleet = LabFleet::build(LabParams {
+    let fleet = Arc::new(LabFleet::build(LabParams {
         enroll: false,
         pairs: 3,
         messages: params.files,
         db_rows: params.db_rows,
         deliver_ms: 0,
-    });
+    }));
     // This process runs the engine itself; the lab's orchestrator would only add its health
     // checks' walks of the data dirs to the measurements.
     fleet.lab.kill_matching("orch", "bmfleet-orchestrator");
@@ -418,20 +445,25 @@ pub fn run(params: Params) -> anyhow::Result<()> {
     let manual = Manual::prepare(&fleet, "origin-1", "target-1")?;
     let manual_hot = manual.hot_sync()?;
     println!("   {manual_hot:.1} s");
+    churn_databases(fleet.pg("origin-1"), params.db_rows, params.churn);
     let churn_a = churn(&fleet.root("origin-1"), params.files, params.churn);
     println!("   churn: {churn_a:?}");
+    if params.cold_cache {
+        drop_page_cache()?;
+    }
     println!("   cold sync and server replacement");
     let cold: ColdRun = manual.cold_sync_and_cutover(&service_ip(1))?;
     println!("   downtime {:.2} s", cold.downtime);
     check_migrated(&fleet, "origin-1", "target-1").context("the manual procedure")?;
     drop(manual);
 
-    println!("== (b) bmfleet on pair 2: the orchestrator's engine against the real agents");
-    let b = bmfleet(&fleet, 2, &params, true)?;
     println!(
-        "== (c) bmfleet on pair 3, the final pass walking everything (final_pass_journal = false)"
+        "== (b) bmfleet on pair 2: the orchestrator's engine against the real agents, the \
+         target's databases following the origin's (db_sync = stream)"
     );
-    let c = bmfleet(&fleet, 3, &params, false)?;
+    let b = bmfleet(&fleet, 2, &params, "stream")?;
+    println!("== (c) bmfleet on pair 3, the databases dumped and restored (db_sync = dump)");
+    let c = bmfleet(&fleet, 3, &params, "dump")?;
     for (run, pair) in [(&b, 2), (&c, 3)] {
         if run.phase != Phase::Done {
             bail!(
@@ -450,7 +482,7 @@ pub fn run(params: Params) -> anyhow::Result<()> {
             .with_context(|| format!("bmfleet on pair {pair}"))?;
     }
     println!(
-        "   downtime {:.2} s (journal), {:.2} s (walk)",
+        "   downtime {:.2} s (standby), {:.2} s (dump)",
         b.downtime, c.downtime
     );
 
@@ -458,18 +490,26 @@ pub fn run(params: Params) -> anyhow::Result<()> {
     let floor = transfer + cold.restore_secs;
     let bmfleet_hot = b.first_pass.elapsed_ms as f64 / 1000.0;
     println!(
-        "\n## Downtime, {} messages, {:.0} MiB of databases, {:.1}% churn\n",
+        "\n## Downtime, {} messages, {:.0} MiB of databases, {:.1}% churn, page cache {}\n",
         params.files,
         mib(size.database_bytes as f64),
-        params.churn * 100.0
+        params.churn * 100.0,
+        if params.cold_cache {
+            "dropped before the cold sync"
+        } else {
+            "warm"
+        }
     );
     println!("| | downtime |");
     println!("| --- | ---: |");
     println!("| (a) manual procedure | {:.2} s |", cold.downtime);
-    println!("| (b) bmfleet | {:.2} s |", b.downtime);
+    println!(
+        "| (b) bmfleet, databases following (standby) | {:.2} s |",
+        b.downtime
+    );
     println!("| ratio (b)/(a) | {:.2} |", b.downtime / cold.downtime);
     println!(
-        "| (c) bmfleet, final pass walking everything | {:.2} s |",
+        "| (c) bmfleet, databases dumped and restored | {:.2} s |",
         c.downtime
     );
     println!("| ratio (c)/(a) | {:.2} |", c.downtime / cold.downtime);
@@ -485,7 +525,7 @@ pub fn run(params: Params) -> anyhow::Result<()> {
     print_steps(&cold.steps);
     println!("\n### (b) bmfleet, by step (final pass, databases and config run in parallel)\n");
     print_steps(&b.steps);
-    println!("\n### (c) bmfleet walking everything, by step\n");
+    println!("\n### (c) bmfleet with a dump, by step\n");
     print_steps(&c.steps);
     let manual_files: f64 = cold
         .steps
@@ -504,8 +544,8 @@ pub fn run(params: Params) -> anyhow::Result<()> {
     println!("| --- | ---: | --- |");
     println!("| (a) manual: the rsyncs of the seven dirs | {manual_files:.2} s | |");
     for (name, run) in [
-        ("(b) bmfleet final pass, journal", &b),
-        ("(c) bmfleet final pass, walk", &c),
+        ("(b) bmfleet final pass (standby run)", &b),
+        ("(c) bmfleet final pass (dump run)", &c),
     ] {
         let detail = run.final_pass.as_ref().map_or(String::new(), |f| {
             format!(
@@ -562,7 +602,8 @@ pub fn run(params: Params) -> anyhow::Result<()> {
             "link_bytes_per_second": link,
             "manual": {"downtime": cold.downtime, "restore": cold.restore_secs, "hot_sync": manual_hot, "steps": steps_json(&cold.steps)},
             "bmfleet": {"downtime": b.downtime, "hot_pass": bmfleet_hot, "steps": steps_json(&b.steps)},
-            "bmfleet_walk": {"downtime": c.downtime, "steps": steps_json(&c.steps)},
+            "bmfleet_dump": {"downtime": c.downtime, "steps": steps_json(&c.steps)},
+            "cold_cache": params.cold_cache,
             "floor": floor,
         })
     );

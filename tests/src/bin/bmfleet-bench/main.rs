@@ -1,9 +1,9 @@
 //! bmfleet's benchmarks (not part of CI; BENCHMARKS.md has the commands and the results).
 //!
 //! - `bmfleet-bench orchestrator [--pairs N]`: one orchestrator, N simulated pairs.
-//! - `bmfleet-bench downtime [--files N] [--db-rows N] [--churn F]`: the manual procedure vs
-//!   bmfleet on two identical lab instances, with the physical floor and the tunnel's
-//!   throughput against rsync over ssh.
+//! - `bmfleet-bench downtime [--files N] [--db-rows N] [--churn F] [--cold-cache]`: the
+//!   manual procedure vs bmfleet (databases following the origin, and dumped) on identical
+//!   lab instances, with the physical floor and the tunnel's throughput against rsync over ssh.
 //! - `bmfleet-bench manifest [--gib N]`: the agent's peak memory hashing an N GiB file.
 
 mod downtime;
@@ -41,9 +41,13 @@ enum Bench {
         /// about 250 MB of databases.
         #[arg(long, default_value_t = 1_200_000)]
         db_rows: u64,
-        /// Fraction of the messages that change between the hot sync and the cold sync.
+        /// Fraction of the messages (and database rows) that change between the hot sync
+        /// and the cold sync.
         #[arg(long, default_value_t = 0.01)]
         churn: f64,
+        /// Drop the page cache right before each cold sync.
+        #[arg(long)]
+        cold_cache: bool,
     },
     /// Peak memory of the manifest hashing one big file (and of reading it whole).
     Manifest {
@@ -61,10 +65,12 @@ fn main() -> anyhow::Result<()> {
             files,
             db_rows,
             churn,
+            cold_cache,
         } => downtime::run(downtime::Params {
             files,
             db_rows,
             churn,
+            cold_cache,
         }),
     }
 }
