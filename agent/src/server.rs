@@ -11,10 +11,11 @@ use bmfleet_proto::tls::{accept_tls, bounded_server, LocalIdentity, Policy, Role
 use bmfleet_proto::v1::agent_server::{Agent, AgentServer};
 use bmfleet_proto::v1::{
     ClearServedReply, ClearServedRequest, CopyConfigReply, CopyConfigRequest, DumpFormat,
-    FactsReply, FactsRequest, FollowDatabasesReply, FollowDatabasesRequest, GrantReply,
-    GrantRequest, IpReply, IpRequest, ManifestReply, ManifestRequest, MoveDatabasesReply,
-    MoveDatabasesRequest, OriginEndpoint, PostMigrationReply, PostMigrationRequest, PullEvent,
-    PullRequest, RevokeGrantRequest, ServiceAction, ServicesReply, ServicesRequest,
+    EndFollowingReply, EndFollowingRequest, FactsReply, FactsRequest, FollowDatabasesReply,
+    FollowDatabasesRequest, GrantReply, GrantRequest, IpReply, IpRequest, ManifestReply,
+    ManifestRequest, MoveDatabasesReply, MoveDatabasesRequest, OriginEndpoint, PostMigrationReply,
+    PostMigrationRequest, PullEvent, PullRequest, RevokeGrantRequest, ServiceAction, ServicesReply,
+    ServicesRequest,
 };
 use prost::Message;
 use tokio::net::TcpListener;
@@ -455,6 +456,25 @@ impl Agent for AgentService {
             run,
         )
         .await
+    }
+
+    async fn end_following(
+        &self,
+        request: Request<EndFollowingRequest>,
+    ) -> Result<Response<EndFollowingReply>, Status> {
+        let req = request.into_inner();
+        let reply = match standby::end_following(&self.config, &self.relay, &req.origin_name).await
+        {
+            Ok(ended) => EndFollowingReply {
+                ended,
+                error: String::new(),
+            },
+            Err(error) => EndFollowingReply {
+                ended: false,
+                error,
+            },
+        };
+        Ok(Response::new(reply))
     }
 
     async fn post_migration(

@@ -348,22 +348,44 @@ async fn follow_inner(
             tracing::info!(origin = %origin.name, bytes, "the cluster follows the origin");
             Ok(bytes)
         }
-        Err(error) => {
-            // The target's own cluster comes back as it was.
-            relay.stop();
-            let _ = set_following(config, None);
-            if std::fs::metadata(dir.join("postmaster.pid")).is_ok() {
-                let _ = server(config, false).await;
-            }
-            let _ = std::fs::remove_dir_all(&dir);
-            let restored = std::fs::rename(&aside, &dir)
-                .map_err(|e| e.to_string())
-                .and(server(config, true).await);
-            Err(match restored {
-                Ok(()) => format!("{error} (this host's cluster is back as it was)"),
-                Err(e) => format!("{error}; putting this host's cluster back failed: {e}"),
-            })
+        Err(error) => Err(match put_back(config, relay).await {
+            Ok(()) => format!("{error} (this host's cluster is back as it was)"),
+            Err(e) => format!("{error}; putting this host's cluster back failed: {e}"),
+        }),
+    }
+}
+
+/// Stops following and puts this host's own cluster (the set-aside directory) back, started.
+async fn put_back(config: &AgentConfig, relay: &Relay) -> Result<(), String> {
+    let dir = data_dir(config)?;
+    let aside = aside_dir(&dir);
+    relay.stop();
+    set_following(config, None)?;
+    if std::fs::metadata(dir.join("postmaster.pid")).is_ok() {
+        server(config, false).await?;
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(|e| format!("removing {}: {e}", dir.display()))?;
+    }
+    std::fs::rename(&aside, &dir)
+        .map_err(|e| format!("putting {} back as {}: {e}", aside.display(), dir.display()))?;
+    server(config, true).await
+}
+
+/// The instance ended without a promotion: a standby of `origin_name` stops following and
+/// this host's own cluster comes back. Returns whether there was one.
+pub async fn end_following(
+    config: &AgentConfig,
+    relay: &Relay,
+    origin_name: &str,
+) -> Result<bool, String> {
+    match following(config) {
+        Some(state) if state.name == origin_name => {
+            put_back(config, relay).await?;
+            tracing::info!(origin = %origin_name, "the standby stopped following; this host's own cluster is back");
+            Ok(true)
         }
+        _ => Ok(false),
     }
 }
 
@@ -595,12 +617,27 @@ async fn wait_standby(config: &AgentConfig, password: &str) -> Result<(), String
                     out.trim()
                 ))
             }
-            Err(e) if Instant::now() >= deadline => {
-                return Err(format!("the standby does not answer: {e}"))
+            // Still starting (or replaying up to a consistent state): wait; anything else
+            // (a refused password, say) will not change by waiting.
+            Err(e) if Instant::now() < deadline && still_starting(&e.detail) => {
+                tokio::time::sleep(Duration::from_millis(200)).await
             }
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            Err(e) => return Err(format!("the standby does not answer: {e}")),
         }
     }
+}
+
+/// A connection error that a server still starting gives.
+fn still_starting(detail: &str) -> bool {
+    [
+        "starting up",
+        "not yet accepting connections",
+        "Connection refused",
+        "No such file or directory",
+        "consistent recovery state",
+    ]
+    .iter()
+    .any(|m| detail.contains(m))
 }
 
 /// BlueMind's owner role (the origin's password) with `search_path` pinned.

@@ -10,9 +10,10 @@ use std::sync::Arc;
 
 use bmfleet_proto::error_chain::describe_status;
 use bmfleet_proto::v1::{
-    ClearServedRequest, CopyConfigRequest, DumpFormat, FactsRequest, FollowDatabasesRequest,
-    GrantRequest, IpRequest, ManifestRequest, MoveDatabasesRequest, OriginEndpoint,
-    PostMigrationRequest, PullRequest, RevokeGrantRequest, ServiceAction, ServicesRequest,
+    ClearServedRequest, CopyConfigRequest, DumpFormat, EndFollowingRequest, FactsRequest,
+    FollowDatabasesRequest, GrantRequest, IpRequest, ManifestRequest, MoveDatabasesRequest,
+    OriginEndpoint, PostMigrationRequest, PullRequest, RevokeGrantRequest, ServiceAction,
+    ServicesRequest,
 };
 
 use crate::agents::{AgentHandle, AgentPool};
@@ -58,10 +59,11 @@ fn agent(pool: &AgentPool, name: &str) -> Result<AgentHandle, String> {
 }
 
 impl AgentPort for GrpcAgents {
-    /// Every grant the instance's target holds on its origin for this migration goes. An
-    /// origin that does not answer (restarting, cut off) is asked again, with the steps'
-    /// retry back-off, for [`END_INSTANCE_RETRY_MS`]; after that its grants expire with their
-    /// steps.
+    /// Every grant the instance's target holds on its origin for this migration goes (and
+    /// with a replication grant, the origin's slot and role); then a target standby that was
+    /// never promoted stops following and gets its own cluster back. A host that does not
+    /// answer (restarting, cut off) is asked again, with the steps' retry back-off, for
+    /// [`END_INSTANCE_RETRY_MS`]; after that its grants expire with their steps.
     fn end_instance(
         &self,
         migration: String,
@@ -69,33 +71,77 @@ impl AgentPort for GrpcAgents {
     ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
         let (pool, clock) = (self.pool.clone(), self.clock.clone());
         Box::pin(async move {
-            let Some(origin) = pool.get(&instance.origin) else {
-                return;
-            };
             let give_up = clock.now_ms() + END_INSTANCE_RETRY_MS;
-            for attempt in 1u32.. {
+            let revoke = || {
                 let mut request = tonic::Request::new(RevokeGrantRequest {
                     grant_id: String::new(),
                     target_name: instance.target.clone(),
                     migration: migration.clone(),
                 });
                 request.set_timeout(std::time::Duration::from_secs(10));
-                let error = match origin.client.clone().revoke_grant(request).await {
-                    Ok(r) => {
-                        tracing::info!(instance = %instance.name, revoked = r.into_inner().revoked, "grants withdrawn at the instance's end");
-                        return;
-                    }
-                    Err(s) => describe_status(&s),
-                };
-                if clock.now_ms() >= give_up {
-                    tracing::warn!(instance = %instance.name, %error, "withdrawing the instance's grants failed; they expire with their steps");
-                    return;
+                let origin = pool.get(&instance.origin);
+                let name = instance.name.clone();
+                async move {
+                    let Some(origin) = origin else {
+                        return Ok(());
+                    };
+                    origin
+                        .client
+                        .clone()
+                        .revoke_grant(request)
+                        .await
+                        .map(|r| {
+                            tracing::info!(instance = %name, revoked = r.into_inner().revoked, "grants withdrawn at the instance's end");
+                        })
+                        .map_err(|s| describe_status(&s))
                 }
-                tracing::info!(instance = %instance.name, %error, attempt, "withdrawing the instance's grants failed; asking again");
-                clock
-                    .sleep(crate::engine::retry_backoff_ms(attempt + 1))
-                    .await;
-            }
+            };
+            // A standby that never got promoted stops following and gives the target its own
+            // cluster back.
+            let unfollow = || {
+                let mut request = tonic::Request::new(EndFollowingRequest {
+                    origin_name: instance.origin.clone(),
+                });
+                request.set_timeout(std::time::Duration::from_secs(600));
+                let target = pool.get(&instance.target);
+                let name = instance.name.clone();
+                async move {
+                    let Some(target) = target else {
+                        return Ok(());
+                    };
+                    let reply = target
+                        .client
+                        .clone()
+                        .end_following(request)
+                        .await
+                        .map_err(|s| describe_status(&s))?
+                        .into_inner();
+                    if reply.ended {
+                        tracing::info!(instance = %name, "the target's standby stopped following; its own cluster is back");
+                    }
+                    if reply.error.is_empty() {
+                        Ok(())
+                    } else {
+                        Err(reply.error)
+                    }
+                }
+            };
+            retry_until(
+                &clock,
+                give_up,
+                &instance.name,
+                "withdrawing the instance's grants",
+                revoke,
+            )
+            .await;
+            retry_until(
+                &clock,
+                give_up,
+                &instance.name,
+                "ending the target's standby",
+                unfollow,
+            )
+            .await;
         })
     }
 
@@ -111,6 +157,32 @@ impl AgentPort for GrpcAgents {
             metrics.rpc(&method, result.is_ok(), started.elapsed().as_secs_f64());
             result
         })
+    }
+}
+
+/// Calls `call` until it succeeds or `give_up` (Unix ms) passes, with the steps' back-off.
+async fn retry_until<F, Fut>(
+    clock: &Arc<dyn Clock>,
+    give_up: i64,
+    instance: &str,
+    what: &str,
+    call: F,
+) where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    for attempt in 1u32.. {
+        let Err(error) = call().await else {
+            return;
+        };
+        if clock.now_ms() >= give_up {
+            tracing::warn!(%instance, %error, "{what} failed; giving up");
+            return;
+        }
+        tracing::info!(%instance, %error, attempt, "{what} failed; asking again");
+        clock
+            .sleep(crate::engine::retry_backoff_ms(attempt + 1))
+            .await;
     }
 }
 

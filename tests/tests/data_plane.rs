@@ -15,8 +15,9 @@ use bmfleet_proto::identity::Role;
 use bmfleet_proto::tls::{LocalIdentity, TlsFiles};
 use bmfleet_proto::v1::agent_client::AgentClient;
 use bmfleet_proto::v1::{
-    CopyConfigRequest, DumpFormat, FollowDatabasesReply, FollowDatabasesRequest, GrantRequest,
-    MoveDatabasesRequest, OriginEndpoint, PullEvent, PullRequest,
+    CopyConfigRequest, DumpFormat, EndFollowingRequest, FollowDatabasesReply,
+    FollowDatabasesRequest, GrantRequest, MoveDatabasesRequest, OriginEndpoint, PullEvent,
+    PullRequest,
 };
 use bmfleet_tests::{
     agent_client, agent_config, free_port, open_tempdir, serve_agent, tool, PgCluster, Served,
@@ -2119,6 +2120,11 @@ async fn following_is_refused_out_of_scope_and_a_failed_follow_leaves_the_cluste
         Some(target_pg.standby_settings()),
     )
     .await;
+    write(
+        &p.origin_root().join("etc/bm/bm.ini"),
+        b"[global]\nlogin = bj\npassword = pw\n",
+        0o600,
+    );
     let untouched = |target_pg: &PgCluster| {
         assert_eq!(
             target_pg
@@ -2191,4 +2197,34 @@ async fn following_is_refused_out_of_scope_and_a_failed_follow_leaves_the_cluste
     assert!(!reply.ok, "{reply:?}");
     assert!(reply.error.contains("back as it was"), "{}", reply.error);
     untouched(&target_pg);
+    // An instance that ends without a promotion (aborted, rolled back before its cutover):
+    // the standby stops following and the target's own cluster comes back.
+    origin_pg.sql("postgres", "DROP TABLESPACE elsewhere;");
+    let reply = follow(&mut p, "m1/follow/4", "grant-0201-replication").await;
+    assert!(reply.ok, "{}", reply.error);
+    assert_eq!(
+        target_pg
+            .sql("postgres", "SELECT pg_is_in_recovery();")
+            .trim(),
+        "t"
+    );
+    let end = |origin: &str| {
+        let mut target = p.target.clone();
+        let request = EndFollowingRequest {
+            origin_name: origin.to_string(),
+        };
+        async move { target.end_following(request).await.unwrap().into_inner() }
+    };
+    let other = end("origin-9").await;
+    assert!(!other.ended && other.error.is_empty(), "{other:?}");
+    assert_eq!(
+        target_pg
+            .sql("postgres", "SELECT pg_is_in_recovery();")
+            .trim(),
+        "t"
+    );
+    let reply = end("origin-1").await;
+    assert!(reply.ended, "{reply:?}");
+    untouched(&target_pg);
+    assert!(!end("origin-1").await.ended, "idempotent");
 }

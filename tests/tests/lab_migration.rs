@@ -62,6 +62,26 @@ fn wait_for(
     }
 }
 
+/// The instance's end removed the replication slot and role its standby used (20 s at most).
+fn no_replication_left(fleet: &LabFleet, origin: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = fleet.sql(
+            origin,
+            "postgres",
+            "SELECT (SELECT count(*) FROM pg_replication_slots) + (SELECT count(*) FROM pg_roles WHERE rolname LIKE 'bmfleet_%')",
+        );
+        if left.trim() == "0" {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{origin}: {left} replication slots and roles left"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn all_done(fleet: &LabFleet) {
     let outcomes = fleet.follow(Duration::from_secs(300), |_| {}).unwrap();
     let events =
@@ -99,13 +119,15 @@ fn a_target_that_refuses_to_start_rolls_back_by_itself() {
         .map(|o| (o.name.as_str(), o.phase.as_str()))
         .collect();
     assert_eq!(phases, [("mail-1", "Done"), ("mail-2", "RolledBack")]);
-    // Nothing granted is left, on the finished instance's origin nor the rolled-back one's.
+    // Nothing granted is left, on the finished instance's origin nor the rolled-back one's,
+    // and no replication slot or role either.
     for origin in ["origin-1", "origin-2"] {
         assert_eq!(
             fleet.valid_grants(origin, Duration::from_secs(10)),
             Vec::<String>::new(),
             "{origin}"
         );
+        no_replication_left(&fleet, origin);
     }
     // The origin holds the IP again and serves; the target let it go.
     assert!(fleet
@@ -348,23 +370,7 @@ fn three_instances_migrate_with_no_mail_lost() {
         .count();
     assert_eq!((chosen, followed), (3, 3), "{events}");
     for i in 1..=3 {
-        let origin = format!("origin-{i}");
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let left = fleet.sql(
-                &origin,
-                "postgres",
-                "SELECT (SELECT count(*) FROM pg_replication_slots) + (SELECT count(*) FROM pg_roles WHERE rolname LIKE 'bmfleet_%')",
-            );
-            if left.trim() == "0" {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{origin}: {left} replication slots and roles left"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        no_replication_left(&fleet, &format!("origin-{i}"));
     }
     for i in 1..=3 {
         let (origin, target) = (
