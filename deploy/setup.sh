@@ -50,3 +50,25 @@ if ! cargo deb --version 2>/dev/null | grep -q '3\.8\.0'; then
   echo "setup: installing cargo-deb 3.8.0"
   cargo install cargo-deb --locked --version 3.8.0 --quiet
 fi
+
+# A second PostgreSQL major for the cross-version tests: PostgreSQL 16 server binaries from
+# the PyPI wheel `pgserver` (Debian 12 ships only 15), unpacked whole (its programs find their
+# bundled libraries beside them), never on the PATH.
+PGSERVER=/opt/bmfleet-test/pgserver
+PG16=$PGSERVER/pgserver/pginstall
+if ! "$PG16/bin/postgres" --version 2>/dev/null | grep -q ' 16\.'; then
+  echo "setup: installing PostgreSQL 16 test binaries in $PG16 (PyPI pgserver 0.1.4)"
+  python3 -m pip --version >/dev/null 2>&1 || {
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3 python3-pip >/dev/null
+  }
+  wheel_dir=$(mktemp -d)
+  python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.11 \
+    --platform manylinux2014_x86_64 -d "$wheel_dir" pgserver==0.1.4
+  rm -rf "$PGSERVER"
+  mkdir -p "$PGSERVER"
+  python3 -m zipfile -e "$wheel_dir"/pgserver-0.1.4-*.whl "$PGSERVER"
+  chmod -R a+rX "$PGSERVER"
+  chmod a+x "$PG16"/bin/*
+  rm -rf "$wheel_dir"
+fi

@@ -145,62 +145,66 @@ async fn move_all(
         .collect())
 }
 
-/// After a promotion: every table of the origin's databases (BlueMind's, as this host names
-/// them) compared with this host's, both sides at once. `elapsed_ms` is the catch-up's.
-pub async fn compare_with_origin(
+/// Every table of this host's BlueMind databases (as its own configuration names them), as
+/// the owner role: the target's half of the comparison.
+pub async fn own_manifests(
     config: &AgentConfig,
-    tls: Arc<rustls::ClientConfig>,
-    origin: &OriginEndpoint,
     owner: &Connection,
-    elapsed_ms: u64,
-) -> Result<Vec<DatabaseMove>, String> {
+) -> Result<Vec<DatabaseManifest>, String> {
     let names = owner
         .existing_databases(&config.postgresql.databases)
         .await
         .map_err(|e| e.to_string())?;
-    let ours = async {
-        let checksum = Checksum::for_origin(
+    let checksum = Checksum::for_origin(
+        owner
+            .server_version_num()
+            .await
+            .map_err(|e| e.to_string())?,
+    );
+    let mut manifests = Vec::new();
+    for name in &names {
+        manifests.push(
             owner
-                .server_version_num()
+                .manifest(name, checksum)
                 .await
                 .map_err(|e| e.to_string())?,
         );
-        let mut manifests = Vec::new();
-        for name in &names {
-            manifests.push(
-                owner
-                    .manifest(name, checksum)
-                    .await
-                    .map_err(|e| e.to_string())?,
-            );
-        }
-        Ok::<_, String>(manifests)
-    };
-    let (theirs, ours) = tokio::join!(origin_manifest(config, tls, origin, true), ours);
-    let (theirs, ours) = (theirs?, ours?);
-    let mut moved = Vec::new();
-    for origin_db in &theirs.databases {
-        let empty = DatabaseManifest {
-            name: origin_db.name.clone(),
-            tables: Vec::new(),
-        };
-        let target_db = ours
-            .iter()
-            .find(|d| d.name == origin_db.name)
-            .unwrap_or(&empty);
-        moved.push(DatabaseMove {
-            name: origin_db.name.clone(),
-            dump_bytes: 0,
-            elapsed_ms,
-            tables: compare(origin_db, target_db),
-        });
     }
-    Ok(moved)
+    Ok(manifests)
+}
+
+/// The origin's tables compared with this host's, database by database (`elapsed_ms`: how
+/// long the move took).
+pub fn compare_all(
+    theirs: &ManifestReply,
+    ours: &[DatabaseManifest],
+    elapsed_ms: u64,
+) -> Vec<DatabaseMove> {
+    theirs
+        .databases
+        .iter()
+        .map(|origin_db| {
+            let empty = DatabaseManifest {
+                name: origin_db.name.clone(),
+                tables: Vec::new(),
+            };
+            let target_db = ours
+                .iter()
+                .find(|d| d.name == origin_db.name)
+                .unwrap_or(&empty);
+            DatabaseMove {
+                name: origin_db.name.clone(),
+                dump_bytes: 0,
+                elapsed_ms,
+                tables: compare(origin_db, target_db),
+            }
+        })
+        .collect()
 }
 
 /// The origin's databases: names and credentials, with every table's rows and checksum when
 /// `checksums`.
-async fn origin_manifest(
+pub async fn origin_manifest(
     config: &AgentConfig,
     tls: Arc<rustls::ClientConfig>,
     origin: &OriginEndpoint,

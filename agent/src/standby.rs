@@ -58,6 +58,9 @@ pub struct Following {
     pub grant_id: String,
     /// BlueMind's database password (the owner role's, from the origin).
     pub bluemind_password: String,
+    /// Promoted already (a repeated promotion only compares; the instance's end forgets it).
+    #[serde(default)]
+    pub promoted: bool,
 }
 
 impl Following {
@@ -325,6 +328,7 @@ async fn follow_inner(
         name: origin.name.clone(),
         grant_id: origin.grant_id.clone(),
         bluemind_password: ticket.bluemind_password.clone(),
+        promoted: false,
     };
     let installed = async {
         let bytes = unpack(&mut stream, &dir, uid, gid).await?;
@@ -380,6 +384,11 @@ pub async fn end_following(
     origin_name: &str,
 ) -> Result<bool, String> {
     match following(config) {
+        // Promoted: the cluster is the instance's now; only the record goes.
+        Some(state) if state.name == origin_name && state.promoted => {
+            set_following(config, None)?;
+            Ok(false)
+        }
         Some(state) if state.name == origin_name => {
             put_back(config, relay).await?;
             tracing::info!(origin = %origin_name, "the standby stopped following; this host's own cluster is back");
@@ -718,6 +727,22 @@ async fn promote_inner(
             state.name, origin.name
         ));
     }
+    let owner = owner_connection(config, &state.bluemind_password);
+    if state.promoted {
+        // A repeated request (the agent restarted after promoting): compare only.
+        let (theirs, ours) = tokio::join!(
+            crate::databases::origin_manifest(config, tls, origin, true),
+            crate::databases::own_manifests(config, &owner)
+        );
+        return Ok(crate::databases::compare_all(&theirs?, &ours?, 0));
+    }
+    // The origin is stopped: its half of the comparison starts now, beside the catch-up.
+    let theirs = {
+        let (config, tls, origin) = (config.clone(), tls.clone(), origin.clone());
+        tokio::spawn(
+            async move { crate::databases::origin_manifest(&config, tls, &origin, true).await },
+        )
+    };
     let timeout = Duration::from_secs(config.data_plane.connect_timeout_secs);
     let request = TunnelRequest::WalPosition {
         grant: origin.grant_id.clone(),
@@ -731,9 +756,8 @@ async fn promote_inner(
     let insert = parse_lsn(&position.lsn)
         .ok_or_else(|| format!("the origin's WAL position {:?} is not an LSN", position.lsn))?;
     let wanted = caught_up_at(insert, position.segment_size);
-    let owner = owner_connection(config, &state.bluemind_password);
     let mut last_seen = String::new();
-    loop {
+    let already_promoted = loop {
         let out = owner
             .psql(
                 "postgres",
@@ -742,21 +766,48 @@ async fn promote_inner(
             .await
             .map_err(|e| format!("asking the standby how far it replayed: {e}"))?;
         let (recovery, replayed) = out.trim().split_once('\t').unwrap_or((out.trim(), ""));
+        // Out of recovery: promoted by an earlier request that did not finish (it promotes
+        // only once caught up); the comparison below is the proof either way.
         if recovery != "t" {
-            return Err("the cluster is no longer a standby before its promotion".into());
+            break true;
         }
         if parse_lsn(replayed).is_some_and(|r| r >= wanted) {
-            break;
+            break false;
         }
         if replayed != last_seen {
             tracing::info!(replayed, wanted = %position.lsn, "the standby catches up");
             last_seen = replayed.to_string();
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let caught_up_ms = started.elapsed().as_millis() as u64;
+    // Replayed up to the origin's last write: the data is final. This host's checksums run
+    // beside the promotion (sessions outlive it).
+    let (promoted, ours) = tokio::join!(
+        promote_and_settle(config, relay, &state, already_promoted),
+        crate::databases::own_manifests(config, &owner)
+    );
+    promoted?;
+    let ours = ours?;
+    tracing::info!(origin = %origin.name, caught_up_ms, "the standby is promoted");
+    let theirs = theirs
+        .await
+        .map_err(|e| format!("the origin's checksums stopped: {e}"))??;
+    Ok(crate::databases::compare_all(&theirs, &ours, caught_up_ms))
+}
+
+/// Promotes the standby (`pg_ctl promote`, a signal), puts the target's own settings back
+/// (the standby lines carried the replication password) and records the promotion.
+async fn promote_and_settle(
+    config: &AgentConfig,
+    relay: &Relay,
+    state: &Following,
+    already_promoted: bool,
+) -> Result<(), String> {
+    if !already_promoted {
+        pg_ctl(config, &["promote", "-w", "-t", "300"]).await?;
     }
-    pg_ctl(config, &["promote", "-w", "-t", "300"]).await?;
     relay.stop();
-    // The target's own settings back (the standby lines carried the replication password).
     let dir = data_dir(config)?;
     let aside = aside_dir(&dir);
     let (uid, gid) = cluster_owner(config)?;
@@ -766,18 +817,22 @@ async fn promote_inner(
         copy_owned(&aside.join("postgresql.auto.conf"), &auto, uid, gid)?;
     }
     pg_ctl(config, &["reload"]).await?;
-    set_following(config, None)?;
+    set_following(
+        config,
+        Some(&Following {
+            promoted: true,
+            ..state.clone()
+        }),
+    )?;
     if let Err(e) = std::fs::remove_dir_all(&aside) {
         tracing::warn!(dir = %aside.display(), error = %e, "removing the set-aside cluster failed");
     }
-    let promoted_ms = started.elapsed().as_millis() as u64;
-    tracing::info!(origin = %origin.name, promoted_ms, "the standby is promoted");
-    crate::databases::compare_with_origin(config, tls, origin, &owner, promoted_ms).await
+    Ok(())
 }
 
 /// Whether `config`'s relay should run at start (this host follows an origin).
 pub fn resume(config: &AgentConfig, tls: Arc<rustls::ClientConfig>, relay: &Relay) {
-    if let Some(state) = following(config) {
+    if let Some(state) = following(config).filter(|s| !s.promoted) {
         match relay.start(config, tls, &state) {
             Ok(()) => tracing::info!(origin = %state.name, "standby relay resumed"),
             Err(e) => tracing::error!(error = %e, "the standby relay cannot resume"),

@@ -4,7 +4,7 @@
 
 use crate::fleet::FleetFile;
 use crate::machine::{Instance, Phase, Step};
-use crate::plan::place;
+use crate::plan::{place, Planned};
 use crate::scheduler::projected_downtime_ms;
 
 /// Post-migration and verification before anything was measured, ms.
@@ -67,15 +67,12 @@ pub fn finishes(fleet: &FleetFile, instances: &[Instance], now_ms: i64) -> Vec<O
             .unwrap_or_else(|| projected_downtime_ms(&fleet.instances[n], &instances[n], policy))
     };
     // Windows already running count against concurrency and stagger.
-    let mut planned: Vec<(i64, i64)> = instances
-        .iter()
-        .enumerate()
-        .filter(|(_, i)| i.phase.is_down())
-        .filter_map(|(n, i)| {
-            i.downtime_start_ms
-                .map(|s| (s, (s + downtime(n)).max(now_ms)))
-        })
-        .collect();
+    let mut planned = Planned::default();
+    for (n, i) in instances.iter().enumerate() {
+        if let (true, Some(s)) = (i.phase.is_down(), i.downtime_start_ms) {
+            planned.push(s, (s + downtime(n)).max(now_ms));
+        }
+    }
     let canaries = (policy.canary_count as usize).min(instances.len());
     let stagger = policy.min_stagger_secs as i64 * 1000;
     let mut out = vec![None; instances.len()];
@@ -104,7 +101,7 @@ pub fn finishes(fleet: &FleetFile, instances: &[Instance], now_ms: i64) -> Vec<O
                     stagger,
                 )
                 .map(|t| {
-                    planned.push((t, t + downtime(n)));
+                    planned.push(t, t + downtime(n));
                     t + downtime(n) + post
                 })
             }

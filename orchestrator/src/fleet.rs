@@ -124,6 +124,9 @@ pub struct Rates {
     pub transfer_mib_per_sec: f64,
     /// Database restored per second, MiB.
     pub restore_mib_per_sec: f64,
+    /// Database compared per second, MiB (both sides' table checksums), when the target's
+    /// databases follow the origin: the downtime holds the comparison, not a restore.
+    pub checksum_mib_per_sec: f64,
     /// Seconds to stop BlueMind on the origin and start it on the target (with the IP move).
     pub services_secs: f64,
 }
@@ -134,6 +137,7 @@ impl Default for Rates {
             scan_files_per_sec: 60_000.0,
             transfer_mib_per_sec: 100.0,
             restore_mib_per_sec: 25.0,
+            checksum_mib_per_sec: 100.0,
             services_secs: 60.0,
         }
     }

@@ -181,18 +181,17 @@ impl FleetApi {
         let Some(fleet) = self.conductor.fleet() else {
             return Ok((Vec::new(), 0));
         };
-        let stored = self.state.instances().map_err(Self::internal)?;
+        let mut stored: std::collections::HashMap<String, crate::machine::Instance> = self
+            .state
+            .instances()
+            .map_err(Self::internal)?
+            .into_iter()
+            .collect();
         let fleet_paused = self.state.fleet_state().map_err(Self::internal)?.paused;
         let states: Vec<crate::machine::Instance> = fleet
             .instances
             .iter()
-            .map(|spec| {
-                stored
-                    .iter()
-                    .find(|(n, _)| *n == spec.name)
-                    .map(|(_, i)| i.clone())
-                    .unwrap_or_default()
-            })
+            .map(|spec| stored.remove(&spec.name).unwrap_or_default())
             .collect();
         let now = self.clock.now_ms();
         let etas = crate::eta::finishes(&fleet, &states, now);

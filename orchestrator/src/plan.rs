@@ -31,14 +31,55 @@ pub struct PlannedSync {
 /// How far ahead the plan looks for windows.
 const HORIZON_OPENINGS: usize = 120;
 
+/// Downtime intervals already placed (start, end; Unix ms), indexed by start: placing one
+/// more looks only at the intervals near it, so a thousand instances place in milliseconds.
+#[derive(Debug, Clone, Default)]
+pub struct Planned {
+    by_start: std::collections::BTreeMap<i64, Vec<i64>>,
+    longest: i64,
+}
+
+impl Planned {
+    /// Adds the interval `[start, end)`.
+    pub fn push(&mut self, start: i64, end: i64) {
+        self.longest = self.longest.max(end - start);
+        self.by_start.entry(start).or_default().push(end);
+    }
+
+    /// The latest end of all intervals.
+    pub fn last_end(&self) -> Option<i64> {
+        self.by_start.values().flatten().copied().max()
+    }
+
+    /// The ends of the intervals overlapping `[from, until)`.
+    fn overlapping(&self, from: i64, until: i64) -> impl Iterator<Item = i64> + '_ {
+        self.by_start
+            .range(from.saturating_sub(self.longest)..until)
+            .flat_map(|(_, ends)| ends.iter().copied())
+            .filter(move |e| *e > from)
+    }
+
+    /// The latest start closer than `stagger` to `t`.
+    fn latest_start_near(&self, t: i64, stagger: i64) -> Option<i64> {
+        if stagger <= 0 {
+            return None;
+        }
+        self.by_start
+            .range(t - stagger + 1..t + stagger)
+            .next_back()
+            .map(|(s, _)| *s)
+    }
+}
+
 /// The earliest start at or after `from` (Unix ms) inside one of `windows` where `projected`
 /// ms fit before the window closes, fewer than `max_down` of the `planned` intervals overlap,
 /// and no planned start is closer than `stagger` ms. None when nothing fits in the horizon.
+/// Each move is exact: every start it skips breaks one of the rules.
 pub fn place(
     windows: &[Window],
     from: i64,
     projected: i64,
-    planned: &[(i64, i64)],
+    planned: &Planned,
     max_down: usize,
     stagger: i64,
 ) -> Option<i64> {
@@ -54,20 +95,16 @@ pub fn place(
                 from = end;
                 continue 'openings;
             }
-            let overlapping: Vec<i64> = planned
-                .iter()
-                .filter(|(s, e)| *s < t + projected && t < *e)
-                .map(|(_, e)| *e)
-                .collect();
-            if overlapping.len() >= max_down {
-                t = overlapping.into_iter().min().unwrap_or(t + 60_000);
+            // Until the first of the overlapping intervals ends, as many overlap.
+            let (count, first_end) = planned
+                .overlapping(t, t + projected)
+                .fold((0usize, i64::MAX), |(c, m), e| (c + 1, m.min(e)));
+            if count >= max_down {
+                t = first_end;
                 continue;
             }
-            if let Some(s) = planned
-                .iter()
-                .map(|(s, _)| *s)
-                .find(|s| (t - s).abs() < stagger)
-            {
+            // Every start before `s + stagger` is too close to `s`.
+            if let Some(s) = planned.latest_start_near(t, stagger) {
                 t = s + stagger;
                 continue;
             }
@@ -83,7 +120,7 @@ pub fn plan(fleet: &FleetFile, now: Timestamp, measured: &[Instance]) -> Vec<Pla
     let policy = &fleet.policy;
     let canaries = (policy.canary_count as usize).min(fleet.instances.len());
     let stagger = policy.min_stagger_secs as i64 * 1000;
-    let mut planned: Vec<(i64, i64)> = Vec::new();
+    let mut planned = Planned::default();
     let mut after_canaries = now.as_millisecond();
     let mut out = Vec::new();
     for (n, spec) in fleet.instances.iter().enumerate() {
@@ -109,11 +146,7 @@ pub fn plan(fleet: &FleetFile, now: Timestamp, measured: &[Instance]) -> Vec<Pla
             continue;
         }
         let earliest = if canary {
-            planned
-                .iter()
-                .map(|(_, e)| *e)
-                .max()
-                .unwrap_or(now.as_millisecond())
+            planned.last_end().unwrap_or(now.as_millisecond())
         } else {
             after_canaries
         };
@@ -130,7 +163,7 @@ pub fn plan(fleet: &FleetFile, now: Timestamp, measured: &[Instance]) -> Vec<Pla
             max_down,
             stagger,
         ) {
-            planned.push((t, t + projected));
+            planned.push(t, t + projected);
             row.start = Timestamp::from_millisecond(t).ok();
             if canary {
                 after_canaries = after_canaries.max(t + projected);
@@ -172,5 +205,81 @@ mod tests {
         let canary_end = starts[0] + rows[0].projected_secs * 1000;
         assert!(starts[1] >= canary_end && starts[2] >= canary_end);
         assert!((starts[1] - starts[2]).abs() >= 120_000, "stagger");
+    }
+
+    /// The placement as first written: every rule checked against every interval.
+    fn reference_place(
+        windows: &[Window],
+        from: i64,
+        projected: i64,
+        planned: &[(i64, i64)],
+        max_down: usize,
+        stagger: i64,
+    ) -> Option<i64> {
+        let mut from = from;
+        'openings: for _ in 0..HORIZON_OPENINGS {
+            let opening = Timestamp::from_millisecond(from)
+                .ok()
+                .and_then(|t| windows::next_opening(windows, t))?;
+            let end = opening.end.as_millisecond();
+            let mut t = opening.start.as_millisecond().max(from);
+            loop {
+                if t + projected > end {
+                    from = end;
+                    continue 'openings;
+                }
+                let overlapping: Vec<i64> = planned
+                    .iter()
+                    .filter(|(s, e)| *s < t + projected && t < *e)
+                    .map(|(_, e)| *e)
+                    .collect();
+                if overlapping.len() >= max_down {
+                    t = overlapping.into_iter().min().unwrap_or(t + 60_000);
+                    continue;
+                }
+                if let Some(s) = planned
+                    .iter()
+                    .map(|(s, _)| *s)
+                    .find(|s| (t - s).abs() < stagger)
+                {
+                    t = s + stagger;
+                    continue;
+                }
+                return Some(t);
+            }
+        }
+        None
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn indexed_placement_finds_what_checking_every_interval_finds(
+            fleet in proptest::collection::vec((0i64..3_600_000, 1i64..7_200_000), 0..60),
+            projected in 1i64..7_200_000,
+            from_offset in 0i64..86_400_000,
+            max_down in 1usize..4,
+            stagger in 0i64..1_800_000,
+        ) {
+            let days: Vec<String> = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+                .iter()
+                .map(|d| d.to_string())
+                .collect();
+            let windows = vec![Window::parse(&days, "22:00", "05:00", "Europe/Paris").unwrap()];
+            let base: i64 = 1_800_000_000_000;
+            // Intervals placed one after the other, as the planner does.
+            let mut planned = Planned::default();
+            let mut list = Vec::new();
+            for (offset, length) in fleet {
+                if let Some(t) = place(&windows, base + offset, length, &planned, max_down, stagger) {
+                    planned.push(t, t + length);
+                    list.push((t, t + length));
+                }
+            }
+            let from = base + from_offset;
+            proptest::prop_assert_eq!(
+                place(&windows, from, projected, &planned, max_down, stagger),
+                reference_place(&windows, from, projected, &list, max_down, stagger)
+            );
+        }
     }
 }

@@ -59,7 +59,8 @@ pub enum Wait {
 
 /// The downtime an instance is projected to need, ms: the final pass's scan and transfer at
 /// the rates its last pass measured (the fleet's rates before any pass), plus the databases at
-/// the restore rate, plus stopping and starting services.
+/// the restore rate (the comparison rate when they follow the origin), plus stopping and
+/// starting services.
 pub fn projected_downtime_ms(spec: &InstanceSpec, instance: &Instance, policy: &Policy) -> i64 {
     let rates = policy.rates;
     let (scan_ms, transfer_ms) = match &instance.last_pass {
@@ -72,7 +73,14 @@ pub fn projected_downtime_ms(spec: &InstanceSpec, instance: &Instance, policy: &
             spec.estimate.changed_mib / rates.transfer_mib_per_sec * 1000.0,
         ),
     };
-    let database_ms = spec.estimate.database_mib / rates.restore_mib_per_sec * 1000.0;
+    // A standby that follows the origin is only compared in the downtime; a dump is
+    // restored there.
+    let database_rate = if instance.databases.as_ref().is_some_and(|d| d.stream) {
+        rates.checksum_mib_per_sec
+    } else {
+        rates.restore_mib_per_sec
+    };
+    let database_ms = spec.estimate.database_mib / database_rate * 1000.0;
     // The final pass and the database move run in parallel.
     (rates.services_secs * 1000.0 + (scan_ms + transfer_ms).max(database_ms)) as i64
 }

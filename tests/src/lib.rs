@@ -343,6 +343,9 @@ fn postgres_user() -> nix::unistd::User {
         .expect("the postgres user exists (deploy/setup.sh installs PostgreSQL)")
 }
 
+/// PostgreSQL 16's server programs, the tests' second major (deploy/setup.sh installs them).
+pub const PG16_BIN: &str = "/opt/bmfleet-test/pgserver/pgserver/pginstall/bin";
+
 /// A real PostgreSQL cluster of its own: initdb in a temporary dir, a loopback TCP port with
 /// password (scram) authentication, a private socket dir with trust for the administrator.
 /// Stopped and removed when dropped.
@@ -364,13 +367,24 @@ impl PgCluster {
     /// Creates and starts a cluster inside a network namespace (its 127.0.0.1 and port are the
     /// namespace's own).
     pub fn start_in(netns: Option<&str>) -> Self {
+        Self::start_with(
+            netns,
+            bmfleet_agent::pg::bin_dir(&PostgresConfig::default()),
+        )
+    }
+
+    /// Creates and starts a cluster of the server programs in `bin` (another major).
+    pub fn start_from(bin: PathBuf) -> Self {
+        Self::start_with(None, bin)
+    }
+
+    fn start_with(netns: Option<&str>, bin: PathBuf) -> Self {
         let dir = open_tempdir();
         let user = postgres_user();
         let (data, run) = (dir.path().join("data"), dir.path().join("run"));
         std::fs::create_dir(&run).expect("run dir");
         nix::unistd::chown(dir.path(), Some(user.uid), Some(user.gid)).expect("chown");
         nix::unistd::chown(&run, Some(user.uid), Some(user.gid)).expect("chown");
-        let bin = bmfleet_agent::pg::bin_dir(&PostgresConfig::default());
         let as_postgres = |program: &str, args: &[&str]| {
             let mut cmd = match netns {
                 Some(ns) => {
@@ -497,6 +511,7 @@ impl PgCluster {
     /// The agent's PostgreSQL settings for this cluster.
     pub fn agent_settings(&self) -> PostgresConfig {
         PostgresConfig {
+            bin_dir: Some(self.bin.clone()),
             host: "127.0.0.1".into(),
             port: self.port,
             password: "not-the-password".into(),

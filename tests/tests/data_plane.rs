@@ -2228,3 +2228,124 @@ async fn following_is_refused_out_of_scope_and_a_failed_follow_leaves_the_cluste
     untouched(&target_pg);
     assert!(!end("origin-1").await.ended, "idempotent");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn across_majors_no_standby_is_made_and_the_dump_moves_the_databases() {
+    // PostgreSQL 15 (Debian's) on the origin, 16 on the target.
+    let origin_pg = PgCluster::start();
+    let target_pg = PgCluster::start_from(bmfleet_tests::PG16_BIN.into());
+    origin_pg.sql(
+        "postgres",
+        "CREATE ROLE bj LOGIN PASSWORD 'pw'; CREATE DATABASE bj OWNER bj; \
+         CREATE DATABASE \"bj-data\" OWNER bj;",
+    );
+    // No extension: the second major's binaries ship none.
+    origin_pg.sql(
+        "bj",
+        "SET ROLE bj; CREATE TABLE t_nopk (k int, v text); \
+         INSERT INTO t_nopk SELECT i, 'v' || i FROM generate_series(1, 5000) i; \
+         CREATE TABLE t_mailbox (id serial PRIMARY KEY, login text); \
+         INSERT INTO t_mailbox (login) SELECT 'user' || i FROM generate_series(1, 2000) i;",
+    );
+    origin_pg.sql(
+        "bj-data",
+        "SET ROLE bj; CREATE TABLE t_message_body (guid text PRIMARY KEY, size int); \
+         INSERT INTO t_message_body SELECT md5(i::text), i FROM generate_series(1, 10000) i;",
+    );
+    target_pg.sql("postgres", "CREATE DATABASE bj;");
+    let mut p = Pair::with_settings(
+        Some(origin_pg.agent_settings()),
+        Some(PostgresConfig {
+            extensions: Vec::new(),
+            ..target_pg.standby_settings()
+        }),
+    )
+    .await;
+    write(
+        &p.origin_root().join("etc/bm/bm.ini"),
+        b"[global]\nlogin = bj\npassword = pw\n",
+        0o600,
+    );
+    // The preflight's choice, from both agents' facts.
+    let facts = |mut c: AgentClient<Channel>| async move {
+        c.facts(bmfleet_proto::v1::FactsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    let (o, t) = (facts(p.origin.clone()).await, facts(p.target.clone()).await);
+    assert_eq!(
+        (
+            o.postgresql_version_num / 10_000,
+            t.postgresql_version_num / 10_000
+        ),
+        (15, 16)
+    );
+    assert!(
+        t.standby_unavailable.is_empty(),
+        "{}",
+        t.standby_unavailable
+    );
+    use bmfleet_orchestrator::db_sync::choose;
+    use bmfleet_orchestrator::fleet::DbSync;
+    let plan = choose(DbSync::Auto, &o, &t).unwrap();
+    assert!(!plan.stream, "{plan:?}");
+    assert!(
+        plan.why
+            .contains("PostgreSQL 15 on the origin, 16 on the target"),
+        "{}",
+        plan.why
+    );
+    let refused = choose(DbSync::Stream, &o, &t).unwrap_err();
+    assert!(refused.contains("same major"), "{refused}");
+    // Asked anyway, the target refuses by itself and keeps its cluster.
+    p.grant_with(replication_grant("grant-0300-replication"))
+        .await;
+    let reply = follow(&mut p, "m1/follow/x", "grant-0300-replication").await;
+    assert!(
+        !reply.ok && reply.error.contains("same major"),
+        "{}",
+        reply.error
+    );
+    assert_eq!(
+        target_pg
+            .sql("postgres", "SELECT pg_is_in_recovery();")
+            .trim(),
+        "f"
+    );
+    // The dump path moves both databases across the majors, every table compared.
+    p.grant_with(GrantRequest {
+        grant_id: "grant-0301-databases".into(),
+        target_name: "target-1".into(),
+        migration: "m1".into(),
+        databases: true,
+        expires_at_unix_ms: bmfleet_agent::server::now_ms() + 600_000,
+        ..Default::default()
+    })
+    .await;
+    let moved = p
+        .target
+        .move_databases(MoveDatabasesRequest {
+            operation_id: "m1/db/across".into(),
+            origin: Some(p.endpoint("grant-0301-databases")),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(moved.ok, "{}: {:?}", moved.error, moved.databases);
+    let tables: usize = moved.databases.iter().map(|d| d.tables.len()).sum();
+    assert_eq!(tables, 3);
+    for (db, sql) in [
+        (
+            "bj",
+            "SELECT count(*), md5(string_agg(k || v, ',' ORDER BY k)) FROM t_nopk;",
+        ),
+        ("bj-data", "SELECT count(*), sum(size) FROM t_message_body;"),
+    ] {
+        assert_eq!(origin_pg.sql(db, sql), target_pg.sql(db, sql), "{sql}");
+    }
+    assert!(target_pg
+        .sql("postgres", "SHOW server_version;")
+        .starts_with("16."));
+}
