@@ -4,7 +4,8 @@
 //! orchestrator (link down for a while). Invariants are checked while it runs (the service IP
 //! of every instance held by at most one host, sampled 10 times a second) and at the end (every
 //! instance finished; Done ones have every delivered message and the databases; rolled-back
-//! ones serve on the origin; no grant left valid, no rsync left running). `bmfleet-lab chaos`
+//! ones serve on the origin; no grant left valid, no replication slot or role on an origin,
+//! no standby left on a target, no rsync left running). `bmfleet-lab chaos`
 //! runs it; `tests/tests/chaos.rs` runs a short fixed-seed version.
 
 use std::collections::BTreeMap;
@@ -381,6 +382,10 @@ fn check_outcomes(
                 "{}: grants still valid on {origin}: {grants:?}",
                 o.name
             ));
+        }
+        // No replication slot or role on the origin, no standby left on the target.
+        if let Err(left) = fleet.wait_replication_gone(&origin, &target, Duration::from_secs(30)) {
+            report.violations.push(format!("{}: {left}", o.name));
         }
     }
     let rsync = Command::new("pgrep")

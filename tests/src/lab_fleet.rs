@@ -318,6 +318,37 @@ impl LabFleet {
         self.pg(host).sql(database, sql)
     }
 
+    /// Waits (up to `timeout`) until `origin`'s cluster holds no replication slot and no
+    /// bmfleet role, and `target`'s is not a standby: what an instance's end leaves. Says
+    /// what remains otherwise.
+    pub fn wait_replication_gone(
+        &self,
+        origin: &str,
+        target: &str,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = self.sql(
+                origin,
+                "postgres",
+                "SELECT (SELECT count(*) FROM pg_replication_slots) || ' slots, ' || (SELECT count(*) FROM pg_roles WHERE rolname LIKE 'bmfleet_%') || ' roles'",
+            );
+            let standby = self.sql(target, "postgres", "SELECT pg_is_in_recovery()");
+            if left.trim() == "0 slots, 0 roles" && standby.trim() == "f" {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{origin} keeps {}; {target} in recovery: {}",
+                    left.trim(),
+                    standby.trim()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// A host's PostgreSQL cluster.
     pub fn pg(&self, host: &str) -> &PgCluster {
         let index = self

@@ -46,6 +46,18 @@ impl Operator {
         status["instances"][0].clone()
     }
 
+    /// Waits until the orchestrator answers (it was just started).
+    fn wait_up(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.bmctl(&["fleet", "status"]).status.success() {
+            assert!(
+                Instant::now() < deadline,
+                "the orchestrator did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     fn wait_for_phase(&self, phase: &str) -> serde_json::Value {
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
@@ -190,6 +202,7 @@ async fn an_operator_applies_watches_pauses_and_aborts_a_fleet_across_an_orchest
         orchestrator: format!("127.0.0.1:{port}"),
         files: pki.issue("alice", Role::Operator),
     };
+    op.wait_up();
 
     // A broken fleet file is refused with its line and field, and nothing is applied.
     let bad = dir.path().join("bad.toml");

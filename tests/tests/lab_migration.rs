@@ -62,26 +62,6 @@ fn wait_for(
     }
 }
 
-/// The instance's end removed the replication slot and role its standby used (20 s at most).
-fn no_replication_left(fleet: &LabFleet, origin: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let left = fleet.sql(
-            origin,
-            "postgres",
-            "SELECT (SELECT count(*) FROM pg_replication_slots) + (SELECT count(*) FROM pg_roles WHERE rolname LIKE 'bmfleet_%')",
-        );
-        if left.trim() == "0" {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{origin}: {left} replication slots and roles left"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 fn all_done(fleet: &LabFleet) {
     let outcomes = fleet.follow(Duration::from_secs(300), |_| {}).unwrap();
     let events =
@@ -127,7 +107,10 @@ fn a_target_that_refuses_to_start_rolls_back_by_itself() {
             Vec::<String>::new(),
             "{origin}"
         );
-        no_replication_left(&fleet, origin);
+        let target = origin.replace("origin", "target");
+        fleet
+            .wait_replication_gone(origin, &target, Duration::from_secs(20))
+            .unwrap();
     }
     // The origin holds the IP again and serves; the target let it go.
     assert!(fleet
@@ -370,7 +353,13 @@ fn three_instances_migrate_with_no_mail_lost() {
         .count();
     assert_eq!((chosen, followed), (3, 3), "{events}");
     for i in 1..=3 {
-        no_replication_left(&fleet, &format!("origin-{i}"));
+        fleet
+            .wait_replication_gone(
+                &format!("origin-{i}"),
+                &format!("target-{i}"),
+                Duration::from_secs(20),
+            )
+            .unwrap();
     }
     for i in 1..=3 {
         let (origin, target) = (
