@@ -30,7 +30,12 @@ pub async fn move_databases(
     format: DumpFormat,
     jobs: u32,
 ) -> MoveDatabasesReply {
-    match run(config, tls, origin, format, jobs).await {
+    reply(run(config, tls, origin, format, jobs).await, "the move")
+}
+
+/// The reply for what moved (ok when every table matches), or why nothing could be compared.
+pub fn reply(moved: Result<Vec<DatabaseMove>, String>, what: &str) -> MoveDatabasesReply {
+    match moved {
         Ok(databases) => {
             let ok = databases.iter().all(|d| d.tables.iter().all(|t| t.equal));
             MoveDatabasesReply {
@@ -38,7 +43,7 @@ pub async fn move_databases(
                 error: if ok {
                     String::new()
                 } else {
-                    "tables differ between origin and target after the move".into()
+                    format!("tables differ between origin and target after {what}")
                 },
                 databases,
                 ..Default::default()

@@ -689,25 +689,10 @@ pub async fn promote(
     relay: &Relay,
     origin: &OriginEndpoint,
 ) -> MoveDatabasesReply {
-    match promote_inner(config, tls, relay, origin).await {
-        Ok(databases) => {
-            let ok = databases.iter().all(|d| d.tables.iter().all(|t| t.equal));
-            MoveDatabasesReply {
-                ok,
-                error: if ok {
-                    String::new()
-                } else {
-                    "tables differ between origin and target after the promotion".into()
-                },
-                databases,
-                ..Default::default()
-            }
-        }
-        Err(error) => MoveDatabasesReply {
-            error,
-            ..Default::default()
-        },
-    }
+    crate::databases::reply(
+        promote_inner(config, tls, relay, origin).await,
+        "the promotion",
+    )
 }
 
 async fn promote_inner(

@@ -1879,6 +1879,18 @@ async fn table_checksums_ignore_row_order_and_tell_a_changed_row() {
     );
 }
 
+/// A databases grant of the pair's migration.
+fn databases_grant(id: &str) -> GrantRequest {
+    GrantRequest {
+        grant_id: id.into(),
+        target_name: "target-1".into(),
+        migration: "m1".into(),
+        databases: true,
+        expires_at_unix_ms: bmfleet_agent::server::now_ms() + 600_000,
+        ..Default::default()
+    }
+}
+
 /// A replication grant of the pair's migration.
 fn replication_grant(id: &str) -> GrantRequest {
     GrantRequest {
@@ -2024,15 +2036,7 @@ async fn a_standby_follows_writes_up_to_the_stop_and_is_promoted_equal_to_the_or
     assert!(batches > 3, "{batches} write batches");
 
     // The stop: catch up, promote, compare.
-    p.grant_with(GrantRequest {
-        grant_id: "grant-0101-databases".into(),
-        target_name: "target-1".into(),
-        migration: "m1".into(),
-        databases: true,
-        expires_at_unix_ms: bmfleet_agent::server::now_ms() + 600_000,
-        ..Default::default()
-    })
-    .await;
+    p.grant_with(databases_grant("grant-0101-databases")).await;
     let moved = p
         .target
         .move_databases(MoveDatabasesRequest {
@@ -2136,15 +2140,7 @@ async fn following_is_refused_out_of_scope_and_a_failed_follow_leaves_the_cluste
         assert!(!target_pg.dir().join("data.bmfleet-target").exists());
     };
     // A databases grant does not let the target follow, nor reach PostgreSQL through a relay.
-    p.grant_with(GrantRequest {
-        grant_id: "grant-0200-databases".into(),
-        target_name: "target-1".into(),
-        migration: "m1".into(),
-        databases: true,
-        expires_at_unix_ms: bmfleet_agent::server::now_ms() + 600_000,
-        ..Default::default()
-    })
-    .await;
+    p.grant_with(databases_grant("grant-0200-databases")).await;
     let reply = follow(&mut p, "m1/follow/1", "grant-0200-databases").await;
     assert!(
         !reply.ok && reply.error.contains("does not cover"),
@@ -2314,15 +2310,7 @@ async fn across_majors_no_standby_is_made_and_the_dump_moves_the_databases() {
         "f"
     );
     // The dump path moves both databases across the majors, every table compared.
-    p.grant_with(GrantRequest {
-        grant_id: "grant-0301-databases".into(),
-        target_name: "target-1".into(),
-        migration: "m1".into(),
-        databases: true,
-        expires_at_unix_ms: bmfleet_agent::server::now_ms() + 600_000,
-        ..Default::default()
-    })
-    .await;
+    p.grant_with(databases_grant("grant-0301-databases")).await;
     let moved = p
         .target
         .move_databases(MoveDatabasesRequest {
