@@ -313,12 +313,18 @@ async fn follow_inner(
         server(config, false).await?;
     }
     if first {
-        std::fs::rename(&dir, &aside).map_err(|e| {
-            format!(
-                "setting the cluster's data dir {} aside: {e}",
-                dir.display()
-            )
-        })?;
+        if let Err(e) = std::fs::rename(&dir, &aside) {
+            // Nothing moved: the cluster starts again as it was.
+            let restarted = server(config, true).await;
+            return Err(format!(
+                "setting the cluster's data dir {} aside: {e}{}",
+                dir.display(),
+                restarted
+                    .err()
+                    .map(|r| format!("; starting it again failed: {r}"))
+                    .unwrap_or_default()
+            ));
+        }
     } else if dir.exists() {
         // A previous attempt's standby or partial copy: the target's own is the set-aside one.
         std::fs::remove_dir_all(&dir).map_err(|e| format!("removing {}: {e}", dir.display()))?;
@@ -363,6 +369,14 @@ async fn follow_inner(
 async fn put_back(config: &AgentConfig, relay: &Relay) -> Result<(), String> {
     let dir = data_dir(config)?;
     let aside = aside_dir(&dir);
+    // Without the set-aside cluster, the data dir may be the only copy: it stays.
+    if !aside.is_dir() {
+        return Err(format!(
+            "the set-aside cluster {} is missing: {} is left as it is",
+            aside.display(),
+            dir.display()
+        ));
+    }
     relay.stop();
     set_following(config, None)?;
     if std::fs::metadata(dir.join("postmaster.pid")).is_ok() {

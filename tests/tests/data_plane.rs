@@ -2204,8 +2204,9 @@ async fn following_is_refused_out_of_scope_and_a_failed_follow_leaves_the_cluste
             .trim(),
         "t"
     );
+    let target_agent = p.target.clone();
     let end = |origin: &str| {
-        let mut target = p.target.clone();
+        let mut target = target_agent.clone();
         let request = EndFollowingRequest {
             origin_name: origin.to_string(),
         };
@@ -2223,6 +2224,26 @@ async fn following_is_refused_out_of_scope_and_a_failed_follow_leaves_the_cluste
     assert!(reply.ended, "{reply:?}");
     untouched(&target_pg);
     assert!(!end("origin-1").await.ended, "idempotent");
+    // Without the set-aside cluster, the data dir may be the only copy: never deleted.
+    let reply = follow(&mut p, "m1/follow/5", "grant-0201-replication").await;
+    assert!(reply.ok, "{}", reply.error);
+    let aside = target_pg.dir().join("data.bmfleet-target");
+    let elsewhere = target_pg.dir().join("moved-away");
+    std::fs::rename(&aside, &elsewhere).unwrap();
+    let refused = end("origin-1").await;
+    assert!(
+        !refused.ended && refused.error.contains("is missing"),
+        "{refused:?}"
+    );
+    assert_eq!(
+        target_pg
+            .sql("postgres", "SELECT pg_is_in_recovery();")
+            .trim(),
+        "t"
+    );
+    std::fs::rename(&elsewhere, &aside).unwrap();
+    assert!(end("origin-1").await.ended);
+    untouched(&target_pg);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
