@@ -19,7 +19,7 @@ use tokio::io::AsyncWriteExt;
 use crate::config::AgentConfig;
 use crate::data_plane::ManifestReply;
 use crate::pg::{ident, literal, Checksum, Connection, DatabaseManifest};
-use crate::tunnel::{self, read_json_line, receive_framed, TunnelRequest};
+use crate::tunnel::{self, receive_framed, TunnelRequest};
 
 /// Moves every BlueMind database present on the origin. Never fails as a call: the reply
 /// says what moved and what did not.
@@ -220,12 +220,15 @@ pub async fn origin_manifest(
         grant: origin.grant_id.clone(),
         names_only: !checksums,
     };
-    let mut stream = tunnel::open(origin, tls, &request, timeout)
-        .await
-        .map_err(|e| e.to_string())?;
-    read_json_line(&mut stream)
-        .await
-        .map_err(|e| format!("reading the origin's database manifest: {e}"))
+    let (_, manifest) = tunnel::ask(
+        origin,
+        tls,
+        &request,
+        timeout,
+        "the origin's database manifest",
+    )
+    .await?;
+    Ok(manifest)
 }
 
 /// Makes the owner role ready to restore: created if missing (LOGIN, nothing more), its

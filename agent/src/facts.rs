@@ -24,17 +24,22 @@ pub async fn gather(config: &AgentConfig, agent_name: &str, measure_usage: bool)
             timeout
         ),
     );
+    // One psql for both (Facts runs at every health check).
     let admin = crate::pg::Connection::admin(&config.postgresql);
-    let server = tokio::time::timeout(timeout, async {
-        let version = admin.server_version_num().await.unwrap_or(0);
-        let wal_level = admin
-            .psql("postgres", "SHOW wal_level;")
-            .await
-            .map(|s| s.trim().to_string())
-            .unwrap_or_default();
-        (version, wal_level)
-    });
-    let (postgresql_version_num, postgresql_wal_level) = server.await.unwrap_or_default();
+    let server = tokio::time::timeout(
+        timeout,
+        admin.psql(
+            "postgres",
+            "SELECT current_setting('server_version_num'), current_setting('wal_level');",
+        ),
+    );
+    let (postgresql_version_num, postgresql_wal_level) = match server.await {
+        Ok(Ok(out)) => {
+            let (version, wal_level) = out.trim().split_once('\t').unwrap_or_default();
+            (version.parse().unwrap_or(0), wal_level.to_string())
+        }
+        _ => (0, String::new()),
+    };
     let dirs: Vec<(PathBuf, PathBuf)> = config
         .all_data_dirs()
         .map(|d| (d.clone(), config.host_path(d)))

@@ -34,7 +34,7 @@ use tokio::task::JoinHandle;
 use crate::config::AgentConfig;
 use crate::pg::{literal, Connection};
 use crate::replication::{FollowTicket, WalPosition};
-use crate::tunnel::{self, read_json_line, receive_framed, TunnelRequest};
+use crate::tunnel::{self, receive_framed, TunnelRequest};
 
 /// The configuration files a cluster keeps in its data directory; the target's own are used.
 const OWN_FILES: [&str; 4] = [
@@ -294,12 +294,14 @@ async fn follow_inner(
     let request = TunnelRequest::BaseBackup {
         grant: origin.grant_id.clone(),
     };
-    let mut stream = tunnel::open(origin, tls.clone(), &request, timeout)
-        .await
-        .map_err(|e| e.to_string())?;
-    let ticket: FollowTicket = read_json_line(&mut stream)
-        .await
-        .map_err(|e| format!("reading the origin's replication ticket: {e}"))?;
+    let (mut stream, ticket): (_, FollowTicket) = tunnel::ask(
+        origin,
+        tls.clone(),
+        &request,
+        timeout,
+        "the origin's replication ticket",
+    )
+    .await?;
     if major(ticket.server_version_num) != own_major {
         return Err(format!(
             "the origin runs PostgreSQL {} and this host {own_major}: a physical standby needs \
@@ -746,12 +748,14 @@ async fn promote_inner(
     let request = TunnelRequest::WalPosition {
         grant: origin.grant_id.clone(),
     };
-    let mut stream = tunnel::open(origin, tls.clone(), &request, timeout)
-        .await
-        .map_err(|e| e.to_string())?;
-    let position: WalPosition = read_json_line(&mut stream)
-        .await
-        .map_err(|e| format!("reading the origin's WAL position: {e}"))?;
+    let (_, position): (_, WalPosition) = tunnel::ask(
+        origin,
+        tls.clone(),
+        &request,
+        timeout,
+        "the origin's WAL position",
+    )
+    .await?;
     let insert = parse_lsn(&position.lsn)
         .ok_or_else(|| format!("the origin's WAL position {:?} is not an LSN", position.lsn))?;
     let wanted = caught_up_at(insert, position.segment_size);

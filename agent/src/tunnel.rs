@@ -188,6 +188,24 @@ pub async fn open(
         .map_err(|_| connect_err(format!("no admission within {}s", timeout.as_secs())))?
 }
 
+/// Opens a tunnel for `request` and reads the origin's JSON answer line (`what` names it in
+/// errors); the tunnel is returned for what follows the line (a base backup's frames).
+pub async fn ask<T: for<'de> Deserialize<'de>>(
+    origin: &OriginEndpoint,
+    tls: Arc<rustls::ClientConfig>,
+    request: &TunnelRequest,
+    timeout: Duration,
+    what: &str,
+) -> Result<(Tunnel, T), String> {
+    let mut stream = open(origin, tls, request, timeout)
+        .await
+        .map_err(|e| e.to_string())?;
+    let answer = read_json_line(&mut stream)
+        .await
+        .map_err(|e| format!("reading {what}: {e}"))?;
+    Ok((stream, answer))
+}
+
 /// Relays a tunnel to a local pair of pipes until `source` (what flows into the tunnel)
 /// ends, then closes the tunnel's sending side. Meanwhile the tunnel's input is copied into
 /// `sink`, which is dropped (closed) as soon as that input ends. Returns the bytes sent.
