@@ -159,13 +159,16 @@ impl DataPlane {
             TunnelRequest::Changes {
                 since, manifest, ..
             } => self.changes(&grant, &since, manifest, &mut stream).await,
-            TunnelRequest::DumpDatabase { database, .. } => {
-                self.dump(&grant, &database, &mut stream).await
-            }
+            TunnelRequest::DumpDatabase {
+                database,
+                schema_only,
+                ..
+            } => self.dump(&grant, &database, schema_only, &mut stream).await,
             TunnelRequest::DatabaseManifest { names_only, .. } => {
                 self.manifest(&grant, names_only, &mut stream).await
             }
             TunnelRequest::BaseBackup { .. } => self.base_backup(&grant, &mut stream).await,
+            TunnelRequest::Publish { .. } => self.publish(&grant, &mut stream).await,
             TunnelRequest::Replication { .. } => match grant.require_replication() {
                 Ok(()) => match admit(&mut stream).await {
                     Ok(()) => replication::relay_to_server(&self.config, &mut stream).await,
@@ -422,8 +425,17 @@ impl DataPlane {
     /// Streams one database as a custom-format archive (`pg_dump -Fc`): an archive carries
     /// SQL for the server only, never client commands, and the target restores it with
     /// pg_restore as the database's owner.
-    async fn dump(&self, grant: &Grant, database: &str, stream: &mut Stream) -> Result<(), String> {
-        grant.require_databases().map_err(|e| e.to_string())?;
+    async fn dump(
+        &self,
+        grant: &Grant,
+        database: &str,
+        schema_only: bool,
+        stream: &mut Stream,
+    ) -> Result<(), String> {
+        // A subscriber's schema comes under its replication grant; data only under databases.
+        if !(schema_only && grant.require_replication().is_ok()) {
+            grant.require_databases().map_err(|e| e.to_string())?;
+        }
         if !self
             .config
             .postgresql
@@ -439,6 +451,9 @@ impl DataPlane {
         // Uncompressed: the archive crosses the data plane once, and compressing it would
         // spend the origin's CPU inside the downtime.
         pg_dump.args(["--no-sync", "-F", "c", "-Z", "0"]);
+        if schema_only {
+            pg_dump.arg("--schema-only");
+        }
         stream_output("pg_dump", pg_dump, None, stream).await
     }
 
@@ -462,6 +477,17 @@ impl DataPlane {
         ]);
         let ticket = serde_json::to_value(&ticket).map_err(|e| e.to_string())?;
         stream_output("pg_basebackup", pg_basebackup, Some(ticket), stream).await
+    }
+
+    /// Publishes every BlueMind database for the grant's subscriber and sends the ticket.
+    async fn publish(&self, grant: &Grant, stream: &mut Stream) -> Result<(), String> {
+        grant.require_replication().map_err(|e| e.to_string())?;
+        let ticket = crate::publication::prepare(&self.config, &self.grants, grant).await?;
+        admit(stream).await?;
+        write_json_line(stream, &ticket)
+            .await
+            .map_err(|e| e.to_string())?;
+        stream.shutdown().await.map_err(|e| e.to_string())
     }
 
     /// The WAL position of the origin now (its services are stopped: the standby promotes
@@ -500,6 +526,7 @@ impl DataPlane {
                 pg::DatabaseManifest {
                     name: db,
                     tables: Vec::new(),
+                    sequences: Vec::new(),
                 }
             } else {
                 conn.manifest(&db, checksum)

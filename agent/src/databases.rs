@@ -138,6 +138,7 @@ async fn move_all(
             let empty = DatabaseManifest {
                 name: m.name.clone(),
                 tables: Vec::new(),
+                sequences: Vec::new(),
             };
             let origin_db = checksums
                 .databases
@@ -192,6 +193,7 @@ pub fn compare_all(
             let empty = DatabaseManifest {
                 name: origin_db.name.clone(),
                 tables: Vec::new(),
+                sequences: Vec::new(),
             };
             let target_db = ours
                 .iter()
@@ -236,7 +238,7 @@ pub async fn origin_manifest(
 /// CREATEROLE, REPLICATION or BYPASSRLS owner (BlueMind's installer may make `bj` a superuser)
 /// loses those for the restore; the attributes to give back are returned. A member of a role
 /// with such powers is refused: a restore could `SET ROLE` to it.
-async fn prepare_owner(
+pub async fn prepare_owner(
     admin: &Connection,
     owner: &str,
     verifier: &str,
@@ -304,17 +306,13 @@ struct Restore {
     extensions: Vec<(String, String)>,
 }
 
-/// Re-creates one database owned by the owner role, creates its extensions (those of the
-/// target's list), restores the origin's archive as the owner, and reads back its manifest.
-async fn move_one(
+/// Drops and re-creates database `name` owned by the owner role, with the origin's
+/// `extensions` (name, schema) that this target's list allows, created by the administrator.
+pub async fn recreate(
     config: &AgentConfig,
-    tls: Arc<rustls::ClientConfig>,
-    origin: &OriginEndpoint,
     name: &str,
-    how: Restore,
-) -> Result<(DatabaseMove, DatabaseManifest), String> {
-    let started = Instant::now();
-    let timeout = Duration::from_secs(config.data_plane.connect_timeout_secs);
+    extensions: &[(String, String)],
+) -> Result<(), String> {
     let pg_config = &config.postgresql;
     let admin = Connection::admin(pg_config);
     admin
@@ -328,8 +326,8 @@ async fn move_one(
         )
         .await
         .map_err(|e| e.to_string())?;
-    let mut extensions = String::new();
-    for (extension, schema) in &how.extensions {
+    let mut sql = String::new();
+    for (extension, schema) in extensions {
         let Some(allowed) = pg_config.extensions.iter().find(|e| *e == extension) else {
             return Err(format!(
                 "{name} on the origin uses the extension {extension:?}, which is not in this \
@@ -342,21 +340,38 @@ async fn move_one(
                  public and pg_catalog are accepted"
             ));
         };
-        extensions.push_str(&format!(
+        sql.push_str(&format!(
             "CREATE EXTENSION IF NOT EXISTS {} SCHEMA {};\n",
             ident(allowed),
             ident(schema)
         ));
     }
-    if !extensions.is_empty() {
+    if !sql.is_empty() {
         admin
-            .psql(name, &extensions)
+            .psql(name, &sql)
             .await
             .map_err(|e| format!("creating the extensions of {name}: {e}"))?;
     }
+    Ok(())
+}
+
+/// Re-creates one database owned by the owner role, creates its extensions (those of the
+/// target's list), restores the origin's archive as the owner, and reads back its manifest.
+async fn move_one(
+    config: &AgentConfig,
+    tls: Arc<rustls::ClientConfig>,
+    origin: &OriginEndpoint,
+    name: &str,
+    how: Restore,
+) -> Result<(DatabaseMove, DatabaseManifest), String> {
+    let started = Instant::now();
+    let timeout = Duration::from_secs(config.data_plane.connect_timeout_secs);
+    let pg_config = &config.postgresql;
+    recreate(config, name, &how.extensions).await?;
     let request = TunnelRequest::DumpDatabase {
         grant: origin.grant_id.clone(),
         database: name.to_string(),
+        schema_only: false,
     };
     let mut stream = tunnel::open(origin, tls, &request, timeout)
         .await
@@ -393,7 +408,7 @@ const RESTORE_OPTIONS: [&str; 4] = [
 ];
 
 /// Streams the archive into pg_restore as it arrives, in one transaction.
-async fn restore_streamed(
+pub async fn restore_streamed(
     owner: &Connection,
     db: &str,
     stream: &mut tunnel::Tunnel,
@@ -516,6 +531,7 @@ mod tests {
                     checksum: c.to_string(),
                 })
                 .collect(),
+            sequences: Vec::new(),
         }
     }
 

@@ -248,6 +248,16 @@ impl GrantStore {
             )
             .map_err(err)?;
         }
+        // Leftovers stored before logical replication existed.
+        if conn
+            .prepare("SELECT logical FROM replication_leftovers LIMIT 0")
+            .is_err()
+        {
+            conn.execute_batch(
+                "ALTER TABLE replication_leftovers ADD COLUMN logical TEXT NOT NULL DEFAULT '';",
+            )
+            .map_err(err)?;
+        }
         Ok(GrantStore {
             conn: Mutex::new(conn),
             path: display,
@@ -373,13 +383,14 @@ impl GrantStore {
     pub fn put_leftover(&self, leftover: &Leftover) -> Result<(), GrantStoreError> {
         self.conn()
             .execute(
-                "INSERT OR REPLACE INTO replication_leftovers (grant_id, role, slot, cap_set)
-                 VALUES (?1, ?2, ?3, ?4)",
+                "INSERT OR REPLACE INTO replication_leftovers (grant_id, role, slot, cap_set, logical)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![
                     leftover.grant_id,
                     leftover.role,
                     leftover.slot,
-                    leftover.cap_set
+                    leftover.cap_set,
+                    leftover.logical
                 ],
             )
             .map(|_| ())
@@ -392,7 +403,7 @@ impl GrantStore {
         let conn = self.conn();
         let mut statement = conn
             .prepare(
-                "SELECT l.grant_id, l.role, l.slot, l.cap_set,
+                "SELECT l.grant_id, l.role, l.slot, l.cap_set, l.logical,
                         g.id IS NOT NULL AND g.expires_at_ms > ?1
                  FROM replication_leftovers l LEFT JOIN grants g ON g.id = l.grant_id
                  ORDER BY l.grant_id",
@@ -406,8 +417,9 @@ impl GrantStore {
                         role: r.get(1)?,
                         slot: r.get(2)?,
                         cap_set: r.get(3)?,
+                        logical: r.get(4)?,
                     },
-                    r.get::<_, bool>(4)?,
+                    r.get::<_, bool>(5)?,
                 ))
             })
             .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
@@ -454,6 +466,9 @@ pub struct Leftover {
     pub slot: String,
     /// It set `max_slot_wal_keep_size` (unlimited before).
     pub cap_set: bool,
+    /// What logical replication made and changed in each database (JSON of
+    /// `publication::Published`; empty for a physical standby's).
+    pub logical: String,
 }
 
 /// A failed admission: refused, or the store failed.

@@ -269,9 +269,23 @@ impl Connection {
                 )
             })
             .collect();
+        let sequences = self
+            .psql(
+                database,
+                "SELECT schemaname || '.' || sequencename, last_value FROM pg_catalog.pg_sequences ORDER BY 1;",
+            )
+            .await?;
         let mut manifest = DatabaseManifest {
             name: database.to_string(),
             tables: Vec::new(),
+            sequences: sequences
+                .lines()
+                .filter_map(|l| l.split_once('\t'))
+                .map(|(name, value)| SequenceValue {
+                    name: name.to_string(),
+                    last_value: value.parse().ok(),
+                })
+                .collect(),
         };
         if queries.is_empty() {
             return Ok(manifest);
@@ -346,6 +360,19 @@ pub struct DatabaseManifest {
     pub name: String,
     /// Its tables, by name.
     pub tables: Vec<TableManifest>,
+    /// Its sequences' values (a subscriber takes them at the cutover: logical replication
+    /// does not carry them).
+    #[serde(default)]
+    pub sequences: Vec<SequenceValue>,
+}
+
+/// A sequence's value as `pg_sequences` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SequenceValue {
+    /// `schema.sequence`.
+    pub name: String,
+    /// Its last value; `None` when never used (or not readable).
+    pub last_value: Option<i64>,
 }
 
 /// How a table's rows are summed into its checksum. Both are order-free (a sum over rows, no

@@ -74,29 +74,83 @@ pub async fn prepare(
     grants: &GrantStore,
     grant: &Grant,
 ) -> Result<FollowTicket, String> {
-    let pg_config = &config.postgresql;
-    let admin = Connection::admin(pg_config);
-    let server_version_num = admin
-        .server_version_num()
-        .await
-        .map_err(|e| e.to_string())?;
-    let wal_level = admin
-        .psql("postgres", "SHOW wal_level;")
-        .await
-        .map_err(|e| e.to_string())?;
-    if wal_level.trim() == "minimal" {
+    let admin = Connection::admin(&config.postgresql);
+    if wal_level(&admin).await? == "minimal" {
         return Err(
             "the origin's wal_level is minimal: a standby needs replica (PostgreSQL's default); \
              use db_sync = \"dump\" for this instance"
                 .into(),
         );
     }
-    let (role, slot) = names(&grant.id);
-    let mut leftover = Leftover {
+    let (_, slot) = names(&grant.id);
+    let mut made = make_role(config, grants, grant, slot.clone(), String::new()).await?;
+    admin
+        .psql(
+            "postgres",
+            &format!(
+                "SELECT pg_catalog.pg_create_physical_replication_slot({slot}, true) WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots WHERE slot_name = {slot});\n",
+                slot = literal(&slot)
+            ),
+        )
+        .await
+        .map_err(|e| format!("preparing the replication slot: {e}"))?;
+    cap_wal(config, grants, &mut made.leftover).await?;
+    tracing::info!(grant = %grant.id, target = %grant.target_name, role = %made.role, %slot, "replication role and slot ready");
+    Ok(FollowTicket {
+        role: made.role,
+        password: made.password,
+        slot,
+        server_version_num: made.server_version_num,
+        bluemind_password: made.bluemind_password,
+    })
+}
+
+/// The origin's `wal_level`.
+pub async fn wal_level(admin: &Connection) -> Result<String, String> {
+    Ok(admin
+        .psql("postgres", "SHOW wal_level;")
+        .await
+        .map_err(|e| e.to_string())?
+        .trim()
+        .to_string())
+}
+
+/// The replication role of a grant, made (and recorded) for a standby or a subscription.
+pub struct Made {
+    /// The role.
+    pub role: String,
+    /// Its password (the cluster keeps only the verifier).
+    pub password: String,
+    /// The origin's `server_version_num`.
+    pub server_version_num: u32,
+    /// BlueMind's database password on this host.
+    pub bluemind_password: String,
+    /// The record of what the grant made.
+    pub leftover: Leftover,
+}
+
+/// Records `grant`'s leftover (`slot`, and `logical`'s JSON), then makes its role: `LOGIN
+/// REPLICATION` and nothing more, a random password set as a SCRAM verifier, valid until
+/// the grant expires.
+pub async fn make_role(
+    config: &AgentConfig,
+    grants: &GrantStore,
+    grant: &Grant,
+    slot: String,
+    logical: String,
+) -> Result<Made, String> {
+    let admin = Connection::admin(&config.postgresql);
+    let server_version_num = admin
+        .server_version_num()
+        .await
+        .map_err(|e| e.to_string())?;
+    let (role, _) = names(&grant.id);
+    let leftover = Leftover {
         grant_id: grant.id.clone(),
         role: role.clone(),
-        slot: slot.clone(),
+        slot,
         cap_set: false,
+        logical,
     };
     grants.put_leftover(&leftover).map_err(|e| e.to_string())?;
     let password = random_password()?;
@@ -110,46 +164,60 @@ pub async fn prepare(
         .ok_or("the grant's expiry is not a date")?;
     let sql = format!(
         "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = {name}) THEN CREATE ROLE {role}; END IF; END $$;\n\
-         ALTER ROLE {role} WITH LOGIN REPLICATION NOSUPERUSER NOCREATEDB NOCREATEROLE NOBYPASSRLS NOINHERIT CONNECTION LIMIT 4 PASSWORD {verifier} VALID UNTIL {until};\n\
-         SELECT pg_catalog.pg_create_physical_replication_slot({slot}, true) WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots WHERE slot_name = {slot});\n\
-         SELECT pg_catalog.current_setting('max_slot_wal_keep_size');\n",
+         ALTER ROLE {role} WITH LOGIN REPLICATION NOSUPERUSER NOCREATEDB NOCREATEROLE NOBYPASSRLS NOINHERIT CONNECTION LIMIT 8 PASSWORD {verifier} VALID UNTIL {until};\n",
         name = literal(&role),
         role = ident(&role),
         verifier = literal(&verifier),
         until = literal(&valid_until),
-        slot = literal(&slot),
     );
-    let out = admin
+    admin
         .psql("postgres", &sql)
         .await
-        .map_err(|e| format!("preparing the replication role and slot: {e}"))?;
-    if out.lines().last().map(str::trim) == Some("-1") {
-        let cap = format!("{}MB", pg_config.replication_wal_cap_mb.max(1));
-        leftover.cap_set = true;
-        grants.put_leftover(&leftover).map_err(|e| e.to_string())?;
-        admin
-            .psql(
-                "postgres",
-                &format!(
-                    "ALTER SYSTEM SET max_slot_wal_keep_size = {};\nSELECT pg_catalog.pg_reload_conf();\n",
-                    literal(&cap)
-                ),
-            )
-            .await
-            .map_err(|e| format!("capping max_slot_wal_keep_size: {e}"))?;
-        tracing::info!(%cap, "max_slot_wal_keep_size was unlimited: capped while a standby follows");
-    }
-    tracing::info!(grant = %grant.id, target = %grant.target_name, %role, %slot, "replication role and slot ready");
-    Ok(FollowTicket {
+        .map_err(|e| format!("preparing the replication role: {e}"))?;
+    Ok(Made {
         role,
         password,
-        slot,
         server_version_num,
         bluemind_password: crate::pg::bluemind_password(
             &config.host_path(std::path::Path::new("/etc/bm/bm.ini")),
-            &pg_config.password,
+            &config.postgresql.password,
         ),
+        leftover,
     })
+}
+
+/// While a slot exists, an unlimited `max_slot_wal_keep_size` is capped (recorded first).
+pub async fn cap_wal(
+    config: &AgentConfig,
+    grants: &GrantStore,
+    leftover: &mut Leftover,
+) -> Result<(), String> {
+    let admin = Connection::admin(&config.postgresql);
+    let out = admin
+        .psql(
+            "postgres",
+            "SELECT pg_catalog.current_setting('max_slot_wal_keep_size');\n",
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    if out.trim() != "-1" {
+        return Ok(());
+    }
+    let cap = format!("{}MB", config.postgresql.replication_wal_cap_mb.max(1));
+    leftover.cap_set = true;
+    grants.put_leftover(leftover).map_err(|e| e.to_string())?;
+    admin
+        .psql(
+            "postgres",
+            &format!(
+                "ALTER SYSTEM SET max_slot_wal_keep_size = {};\nSELECT pg_catalog.pg_reload_conf();\n",
+                literal(&cap)
+            ),
+        )
+        .await
+        .map_err(|e| format!("capping max_slot_wal_keep_size: {e}"))?;
+    tracing::info!(%cap, "max_slot_wal_keep_size was unlimited: capped while a replica follows");
+    Ok(())
 }
 
 /// Removes from the cluster what replication grants that are gone made. A leftover whose
@@ -164,7 +232,7 @@ pub async fn clean_leftovers(config: &AgentConfig, grants: &GrantStore, now_ms: 
     };
     let admin = Connection::admin(&config.postgresql);
     for leftover in orphans {
-        match remove(&admin, &leftover, !live).await {
+        match remove(config, &admin, &leftover, !live).await {
             Ok(()) => {
                 tracing::info!(grant = %leftover.grant_id, role = %leftover.role, slot = %leftover.slot, "replication slot and role removed");
                 if let Err(e) = grants.forget_leftover(&leftover.grant_id) {
@@ -178,8 +246,16 @@ pub async fn clean_leftovers(config: &AgentConfig, grants: &GrantStore, now_ms: 
     }
 }
 
-async fn remove(admin: &Connection, leftover: &Leftover, reset_cap: bool) -> Result<(), String> {
+async fn remove(
+    config: &AgentConfig,
+    admin: &Connection,
+    leftover: &Leftover,
+    reset_cap: bool,
+) -> Result<(), String> {
     let (role, slot) = (literal(&leftover.role), literal(&leftover.slot));
+    if !leftover.logical.is_empty() {
+        crate::publication::remove(config, leftover).await?;
+    }
     // The walsender holds the slot: stop it (and any session of the role) first; its end
     // takes a moment, so the drop is retried.
     let terminate = format!(

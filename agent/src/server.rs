@@ -447,7 +447,11 @@ impl Agent for AgentService {
                     ..Default::default()
                 };
             }
-            standby::follow(&config, tls, &relay, &origin).await
+            if req.logical {
+                crate::subscription::follow(&config, tls, &relay, &origin).await
+            } else {
+                standby::follow(&config, tls, &relay, &origin).await
+            }
         };
         self.journaled(
             &req.operation_id,

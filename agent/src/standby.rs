@@ -45,7 +45,7 @@ const OWN_FILES: [&str; 4] = [
 ];
 
 /// The port in the relay socket's name (`.s.PGSQL.5432`).
-const RELAY_PORT: u16 = 5432;
+pub const RELAY_PORT: u16 = 5432;
 
 /// What this host follows, kept in the state dir across restarts.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -61,6 +61,9 @@ pub struct Following {
     /// Promoted already (a repeated promotion only compares; the instance's end forgets it).
     #[serde(default)]
     pub promoted: bool,
+    /// Following by logical replication (subscriptions), not as a physical standby.
+    #[serde(default)]
+    pub logical: Option<crate::subscription::LogicalFollow>,
 }
 
 impl Following {
@@ -83,7 +86,8 @@ pub fn following(config: &AgentConfig) -> Option<Following> {
     serde_json::from_str(&text).ok()
 }
 
-fn set_following(config: &AgentConfig, state: Option<&Following>) -> Result<(), String> {
+/// Records (or, with `None`, forgets) what this host follows.
+pub fn set_following(config: &AgentConfig, state: Option<&Following>) -> Result<(), String> {
     let path = state_path(config);
     match state {
         None => match std::fs::remove_file(&path) {
@@ -120,7 +124,7 @@ impl Relay {
         state: &Following,
     ) -> Result<(), String> {
         let dir = &config.postgresql.relay_dir;
-        let owner = cluster_owner(config)?;
+        let owner = relay_owner(config)?;
         std::fs::create_dir_all(dir)
             .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
             .and_then(|()| std::os::unix::fs::chown(dir, Some(owner.0), Some(owner.1)))
@@ -203,6 +207,23 @@ fn cluster_owner(config: &AgentConfig) -> Result<(u32, u32), String> {
     Ok((meta.uid(), meta.gid()))
 }
 
+/// Who may use the relay socket: the cluster's user (its data directory's owner, else the
+/// `postgres` account: a subscriber needs no data directory configured).
+fn relay_owner(config: &AgentConfig) -> Result<(u32, u32), String> {
+    if let Ok(owner) = cluster_owner(config) {
+        return Ok(owner);
+    }
+    nix::unistd::User::from_name("postgres")
+        .ok()
+        .flatten()
+        .map(|u| (u.uid.as_raw(), u.gid.as_raw()))
+        .ok_or_else(|| {
+            "postgresql.data_dir is not set and there is no postgres account: who runs the \
+             cluster is unknown"
+                .into()
+        })
+}
+
 /// The major version in a data directory's `PG_VERSION` (e.g. 15).
 fn data_dir_major(dir: &Path) -> Result<u32, String> {
     let path = dir.join("PG_VERSION");
@@ -282,6 +303,12 @@ async fn follow_inner(
     relay: &Relay,
     origin: &OriginEndpoint,
 ) -> Result<u64, String> {
+    if let Some(state) = following(config).filter(|s| s.logical.is_some() && !s.promoted) {
+        return Err(format!(
+            "this host's databases subscribe to {}: it cannot be a standby as well",
+            state.name
+        ));
+    }
     let dir = data_dir(config)?;
     let aside = aside_dir(&dir);
     let first = !aside.exists();
@@ -337,6 +364,7 @@ async fn follow_inner(
         grant_id: origin.grant_id.clone(),
         bluemind_password: ticket.bluemind_password.clone(),
         promoted: false,
+        logical: None,
     };
     let installed = async {
         let bytes = unpack(&mut stream, &dir, uid, gid).await?;
@@ -404,6 +432,11 @@ pub async fn end_following(
         Some(state) if state.name == origin_name && state.promoted => {
             set_following(config, None)?;
             Ok(false)
+        }
+        Some(state) if state.name == origin_name && state.logical.is_some() => {
+            crate::subscription::end(config, relay, &state).await?;
+            tracing::info!(origin = %origin_name, "the subscriptions ended; this host's own databases are back");
+            Ok(true)
         }
         Some(state) if state.name == origin_name => {
             put_back(config, relay).await?;
@@ -727,6 +760,9 @@ async fn promote_inner(
             "this host follows {}, not {}",
             state.name, origin.name
         ));
+    }
+    if state.logical.is_some() {
+        return crate::subscription::promote(config, tls, relay, origin, state).await;
     }
     let owner = owner_connection(config, &state.bluemind_password);
     if state.promoted {

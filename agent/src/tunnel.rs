@@ -49,6 +49,10 @@ pub enum TunnelRequest {
         grant: String,
         /// The database.
         database: String,
+        /// Its schema only (a subscriber's tables before the initial copy; allowed under a
+        /// replication grant too).
+        #[serde(default)]
+        schema_only: bool,
     },
     /// The databases' per-table manifest (and what the target needs to own them).
     DatabaseManifest {
@@ -64,7 +68,14 @@ pub enum TunnelRequest {
         /// The grant id (replication).
         grant: String,
     },
-    /// A standby's connection to the origin's PostgreSQL, relayed byte for byte.
+    /// Publish every BlueMind database for a subscriber: a replication role, publications and
+    /// logical slots are made, their ticket sent as a JSON line.
+    Publish {
+        /// The grant id (replication).
+        grant: String,
+    },
+    /// A standby's (or subscriber's) connection to the origin's PostgreSQL, relayed byte for
+    /// byte.
     Replication {
         /// The grant id (replication).
         grant: String,
@@ -85,6 +96,7 @@ impl TunnelRequest {
             | TunnelRequest::DumpDatabase { grant, .. }
             | TunnelRequest::DatabaseManifest { grant, .. }
             | TunnelRequest::BaseBackup { grant }
+            | TunnelRequest::Publish { grant }
             | TunnelRequest::Replication { grant }
             | TunnelRequest::WalPosition { grant } => grant,
         }
@@ -98,6 +110,7 @@ impl TunnelRequest {
             TunnelRequest::DumpDatabase { .. } => "dump",
             TunnelRequest::DatabaseManifest { .. } => "manifest",
             TunnelRequest::BaseBackup { .. } => "base-backup",
+            TunnelRequest::Publish { .. } => "publish",
             TunnelRequest::Replication { .. } => "replication",
             TunnelRequest::WalPosition { .. } => "wal-position",
         }

@@ -280,6 +280,7 @@ async fn follow_databases(
         .follow_databases(FollowDatabasesRequest {
             operation_id: job.operation_id.clone(),
             origin: Some(endpoint.clone()),
+            logical: job.logical_databases,
         })
         .await
         .map(|r| r.into_inner())

@@ -38,6 +38,8 @@ pub struct Job {
     /// The databases step promotes the standby that follows the origin (the preflight chose
     /// streaming) instead of dumping.
     pub promote_databases: bool,
+    /// The databases follow by logical replication (FollowDatabases subscribes).
+    pub logical_databases: bool,
 }
 
 /// What a step that succeeded reports.
@@ -252,6 +254,10 @@ impl Engine {
                 .databases
                 .as_ref()
                 .is_some_and(|d| d.stream),
+            logical_databases: self.instances[n]
+                .databases
+                .as_ref()
+                .is_some_and(|d| d.logical),
         };
         let port = self.port.clone();
         let tx = self.results_tx.clone();

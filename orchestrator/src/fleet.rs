@@ -183,12 +183,18 @@ struct RawInstance {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DbSync {
     /// A physical standby when both hosts allow it (same PostgreSQL major, same C library,
-    /// the target configured for it, the origin's `wal_level` at least `replica`), else dump
-    /// and restore; decided at preflight, never midway.
+    /// the target configured for it, the origin's `wal_level` at least `replica`), else
+    /// logical replication when the origin's `wal_level` is already `logical` and the
+    /// target's major is the same or newer, else dump and restore; decided at preflight,
+    /// never midway.
     #[default]
     Auto,
     /// A physical standby, or the preflight fails saying why not.
     Stream,
+    /// Logical replication (a publication and a subscription per database; different
+    /// PostgreSQL majors), or the preflight fails saying why not. Needs `wal_level = logical`
+    /// on the origin, which only a restart of its PostgreSQL sets: the operator's to do.
+    Logical,
     /// Dump and restore in the downtime.
     Dump,
 }
@@ -199,11 +205,10 @@ impl DbSync {
             "auto" => Ok(DbSync::Auto),
             "stream" => Ok(DbSync::Stream),
             "dump" => Ok(DbSync::Dump),
-            "logical" => Err(
-                "logical replication (different PostgreSQL majors) is not available in this                  version: use auto, stream or dump"
-                    .into(),
-            ),
-            other => Err(format!("unknown db_sync '{other}': use auto, stream or dump")),
+            "logical" => Ok(DbSync::Logical),
+            other => Err(format!(
+                "unknown db_sync '{other}': use auto, stream, logical or dump"
+            )),
         }
     }
 
@@ -212,6 +217,7 @@ impl DbSync {
         match self {
             DbSync::Auto => "auto",
             DbSync::Stream => "stream",
+            DbSync::Logical => "logical",
             DbSync::Dump => "dump",
         }
     }

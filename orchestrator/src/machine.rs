@@ -166,9 +166,13 @@ pub struct PassStats {
 /// How an instance's databases move, decided at its preflight.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DbPlan {
-    /// The target follows the origin as a physical standby from the hot phase on and is
-    /// promoted in the downtime; false: dump and restore in the downtime.
+    /// The target follows the origin from the hot phase on and is promoted in the downtime;
+    /// false: dump and restore in the downtime.
     pub stream: bool,
+    /// It follows by logical replication (a subscription per database), not as a physical
+    /// standby.
+    #[serde(default)]
+    pub logical: bool,
     /// Why (what the preflight saw), for status and plan.
     pub why: String,
 }

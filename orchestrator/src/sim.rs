@@ -189,6 +189,7 @@ impl Hosts {
             let stream = job.instance.db_sync == crate::fleet::DbSync::Stream;
             crate::machine::DbPlan {
                 stream,
+                logical: false,
                 why: if stream {
                     "standby (simulated)".into()
                 } else {

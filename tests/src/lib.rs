@@ -457,6 +457,22 @@ impl PgCluster {
         argv
     }
 
+    /// Restarts the cluster (a setting that needs it, e.g. `wal_level`).
+    pub fn restart(&self) {
+        for action in ["stop", "start"] {
+            let argv = self.pg_ctl_argv(action);
+            let out = Command::new(&argv[0])
+                .args(&argv[1..])
+                .output()
+                .expect("pg_ctl");
+            assert!(
+                out.status.success(),
+                "pg_ctl {action}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
     /// The agent's settings for this cluster on a target that may follow its origin (data
     /// dir, start and stop commands, a relay dir of its own).
     pub fn standby_settings(&self) -> PostgresConfig {

@@ -1239,6 +1239,7 @@ async fn the_origin_refuses_the_config_set_and_databases_outside_the_grant() {
     let request = TunnelRequest::DumpDatabase {
         grant: "grant-0004-refusals".into(),
         database: "bj".into(),
+        schema_only: false,
     };
     match p.tunnel_as(&p.target_files, Role::Agent, request).await {
         Err(TunnelError::Refused { reason, .. }) => {
@@ -1908,6 +1909,7 @@ async fn follow(p: &mut Pair, operation: &str, grant: &str) -> FollowDatabasesRe
         .follow_databases(FollowDatabasesRequest {
             operation_id: operation.into(),
             origin: Some(p.endpoint(grant)),
+            logical: false,
         })
         .await
         .unwrap()
@@ -2357,4 +2359,412 @@ async fn across_majors_no_standby_is_made_and_the_dump_moves_the_databases() {
     assert!(target_pg
         .sql("postgres", "SHOW server_version;")
         .starts_with("16."));
+}
+
+/// An origin for logical replication (`wal_level = logical`, so restarted): BlueMind's two
+/// databases with what makes publishing hard — tables without a primary key (one with a
+/// unique index on non-null columns), a hash-partitioned table, sequences — and a hostile
+/// `ENABLE ALWAYS` trigger, which fires on the subscriber too: it tries to become a superuser
+/// and to run a program there, and says nothing when refused.
+fn logical_origin(password: &str) -> PgCluster {
+    let origin_pg = PgCluster::start();
+    origin_pg.sql("postgres", "ALTER SYSTEM SET wal_level = logical;");
+    origin_pg.restart();
+    origin_pg.sql(
+        "postgres",
+        &format!(
+            "CREATE ROLE bj LOGIN PASSWORD '{password}'; CREATE DATABASE bj OWNER bj; \
+             CREATE DATABASE \"bj-data\" OWNER bj;"
+        ),
+    );
+    origin_pg.sql(
+        "bj",
+        "SET ROLE bj; \
+         CREATE TABLE t_nopk (k int, v text); \
+         INSERT INTO t_nopk SELECT i, 'v' || i FROM generate_series(1, 3000) i; \
+         CREATE TABLE t_uniq (k int NOT NULL, v text); CREATE UNIQUE INDEX t_uniq_k ON t_uniq (k); \
+         INSERT INTO t_uniq SELECT i, 'u' || i FROM generate_series(1, 500) i; \
+         CREATE TABLE t_mailbox (id bigserial PRIMARY KEY, login text, quota bigint); \
+         INSERT INTO t_mailbox (login, quota) SELECT 'user' || i, i FROM generate_series(1, 2000) i; \
+         CREATE TABLE t_changeset (id bigint NOT NULL, item text) PARTITION BY HASH (id); \
+         CREATE TABLE t_changeset_0 PARTITION OF t_changeset FOR VALUES WITH (MODULUS 2, REMAINDER 0); \
+         CREATE TABLE t_changeset_1 PARTITION OF t_changeset FOR VALUES WITH (MODULUS 2, REMAINDER 1); \
+         INSERT INTO t_changeset SELECT i, 'c' || i FROM generate_series(1, 1000) i; \
+         CREATE SEQUENCE s_ids; \
+         CREATE FUNCTION grab() RETURNS trigger LANGUAGE plpgsql AS $f$ BEGIN \
+           BEGIN EXECUTE 'ALTER ROLE bj SUPERUSER'; EXCEPTION WHEN others THEN NULL; END; \
+           BEGIN EXECUTE 'COPY (SELECT 1) TO PROGRAM ''touch /tmp/bmfleet-logical-pwned'''; \
+             EXCEPTION WHEN others THEN NULL; END; \
+           RETURN NEW; END $f$; \
+         CREATE TRIGGER grab BEFORE INSERT ON t_mailbox FOR EACH ROW EXECUTE FUNCTION grab(); \
+         ALTER TABLE t_mailbox ENABLE ALWAYS TRIGGER grab;",
+    );
+    origin_pg.sql(
+        "bj-data",
+        "SET ROLE bj; CREATE TABLE t_message_body (guid text PRIMARY KEY, size int); \
+         INSERT INTO t_message_body SELECT md5(i::text), i FROM generate_series(1, 5000) i;",
+    );
+    origin_pg
+}
+
+/// A pair for logical replication: the origin's bm.ini holds BlueMind's password; the target
+/// has an empty BlueMind database of its own with a marker table, and no extension list (the
+/// second major's binaries ship none).
+async fn logical_pair(origin_pg: &PgCluster, target_pg: &PgCluster, password: &str) -> Pair {
+    target_pg.sql(
+        "postgres",
+        "CREATE ROLE bj LOGIN; CREATE DATABASE bj OWNER bj;",
+    );
+    target_pg.sql(
+        "bj",
+        "CREATE TABLE target_own (n int); INSERT INTO target_own VALUES (42);",
+    );
+    let p = Pair::with_settings(
+        Some(origin_pg.agent_settings()),
+        Some(PostgresConfig {
+            extensions: Vec::new(),
+            ..target_pg.standby_settings()
+        }),
+    )
+    .await;
+    write(
+        &p.origin_root().join("etc/bm/bm.ini"),
+        format!("[global]\nlogin = bj\npassword = {password}\n").as_bytes(),
+        0o600,
+    );
+    p
+}
+
+async fn follow_logically(p: &mut Pair, operation: &str, grant: &str) -> FollowDatabasesReply {
+    p.target
+        .follow_databases(FollowDatabasesRequest {
+            operation_id: operation.into(),
+            origin: Some(p.endpoint(grant)),
+            logical: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// The origin is clean once the grants are gone: no slot, publication or bmfleet role, every
+/// replica identity as it was, the WAL cap reset.
+async fn revoke_and_check_origin_clean(p: &mut Pair, origin_pg: &PgCluster) {
+    p.origin
+        .revoke_grant(bmfleet_proto::v1::RevokeGrantRequest {
+            target_name: "target-1".into(),
+            migration: "m1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    wait_sql(
+        origin_pg,
+        "postgres",
+        "SELECT (SELECT count(*) FROM pg_replication_slots) + (SELECT count(*) FROM pg_roles WHERE rolname LIKE 'bmfleet_%');",
+        "0",
+    );
+    for db in ["bj", "bj-data"] {
+        assert_eq!(
+            origin_pg
+                .sql(db, "SELECT count(*) FROM pg_publication;")
+                .trim(),
+            "0",
+            "{db}"
+        );
+    }
+    assert_eq!(
+        origin_pg
+            .sql(
+                "bj",
+                "SELECT string_agg(relname || '=' || relreplident::text, ',' ORDER BY relname) FROM pg_class \
+                 WHERE relname IN ('t_nopk', 't_uniq', 't_mailbox', 't_changeset_0');"
+            )
+            .trim(),
+        "t_changeset_0=d,t_mailbox=d,t_nopk=d,t_uniq=d"
+    );
+    assert_eq!(
+        origin_pg
+            .sql("postgres", "SHOW max_slot_wal_keep_size;")
+            .trim(),
+        "-1"
+    );
+}
+
+// Multi-threaded: the agents serve while the test waits on blocking SQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_across_majors_follows_writes_up_to_the_stop_and_takes_over_equal() {
+    let _ = std::fs::remove_file("/tmp/bmfleet-logical-pwned");
+    let password = format!("pw-{}-logical", bmfleet_agent::server::now_ms());
+    let origin_pg = logical_origin(&password);
+    let target_pg = PgCluster::start_from(bmfleet_tests::PG16_BIN.into());
+    let mut p = logical_pair(&origin_pg, &target_pg, &password).await;
+    p.grant_with(replication_grant("grant-0400-replication"))
+        .await;
+    let reply = follow_logically(&mut p, "m1/follow/l1", "grant-0400-replication").await;
+    assert!(reply.ok, "{}", reply.error);
+
+    // The origin publishes both databases; tables without a usable identity got one (a unique
+    // index on non-null columns when there is one), or BlueMind's updates would fail there.
+    assert_eq!(
+        origin_pg
+            .sql(
+                "postgres",
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_type = 'logical' AND slot_name LIKE 'bmfleet_slot_%';"
+            )
+            .trim(),
+        "2"
+    );
+    assert_eq!(
+        origin_pg
+            .sql(
+                "bj",
+                "SELECT string_agg(relname || '=' || relreplident::text, ',' ORDER BY relname) FROM pg_class \
+                 WHERE relname IN ('t_nopk', 't_uniq', 't_mailbox', 't_changeset_0');"
+            )
+            .trim(),
+        "t_changeset_0=f,t_mailbox=d,t_nopk=f,t_uniq=i"
+    );
+    // The target subscribes through a role that is no superuser; its own databases are aside.
+    assert_eq!(
+        target_pg
+            .sql(
+                "postgres",
+                "SELECT count(*), bool_or(r.rolsuper) FROM pg_subscription s JOIN pg_roles r ON r.oid = s.subowner;"
+            )
+            .trim(),
+        "2|f"
+    );
+    assert_eq!(
+        target_pg
+            .sql("bj.bmfleet-target", "SELECT n FROM target_own;")
+            .trim(),
+        "42"
+    );
+    // The initial copy is there.
+    assert_eq!(
+        target_pg.sql("bj", "SELECT count(*) FROM t_nopk;").trim(),
+        "3000"
+    );
+
+    // BlueMind writes right up to the stop: updates and deletes on tables without a primary
+    // key (they must not fail on the origin), a partitioned table, sequences, the trigger.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        let socket = origin_pg.socket_dir();
+        let port = origin_pg.port;
+        std::thread::spawn(move || {
+            let mut batches = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let i = batches;
+                let sql = format!(
+                    "SET ROLE bj; BEGIN; INSERT INTO t_nopk VALUES ({k}, 'new{i}'); \
+                     UPDATE t_nopk SET v = v || 'u' WHERE k % 97 = {m}; DELETE FROM t_nopk WHERE k = {d}; \
+                     UPDATE t_uniq SET v = v || 'x' WHERE k = {u}; DELETE FROM t_uniq WHERE k = {u2}; \
+                     INSERT INTO t_changeset VALUES ({k}, 'n{i}'); UPDATE t_changeset SET item = item || '!' WHERE id = {d}; \
+                     SELECT nextval('s_ids'); \
+                     INSERT INTO t_mailbox (login, quota) VALUES ('w{i}', {i}); COMMIT;",
+                    k = 100_000 + i,
+                    m = i % 97,
+                    d = i + 1,
+                    u = 1 + i % 400,
+                    u2 = 401 + i % 100,
+                );
+                let out = std::process::Command::new("runuser")
+                    .args(["-u", "postgres", "--", "psql", "-X", "-q", "-h"])
+                    .arg(&socket)
+                    .args(["-p", &port.to_string(), "-d", "bj", "-c", &sql])
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "BlueMind's write failed on the origin: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                batches += 1;
+            }
+            batches
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let batches = writer.join().unwrap();
+    assert!(batches > 3, "{batches} write batches");
+
+    // The stop: catch up, take the sequences, stop subscribing, compare.
+    p.grant_with(databases_grant("grant-0401-databases")).await;
+    let moved = p
+        .target
+        .move_databases(MoveDatabasesRequest {
+            operation_id: "m1/db/logical".into(),
+            origin: Some(p.endpoint("grant-0401-databases")),
+            promote: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(moved.ok, "{}: {:?}", moved.error, moved.databases);
+    let tables: usize = moved.databases.iter().map(|d| d.tables.len()).sum();
+    assert_eq!(tables, 6, "{:?}", moved.databases);
+    for (db, sql) in [
+        (
+            "bj",
+            "SELECT count(*), md5(string_agg(k || v, ',' ORDER BY k, v)) FROM t_nopk;",
+        ),
+        (
+            "bj",
+            "SELECT count(*), md5(string_agg(k || v, ',' ORDER BY k)) FROM t_uniq;",
+        ),
+        (
+            "bj",
+            "SELECT count(*), md5(string_agg(id || item, ',' ORDER BY id)) FROM t_changeset;",
+        ),
+        ("bj", "SELECT count(*), max(id) FROM t_mailbox;"),
+        ("bj-data", "SELECT count(*), sum(size) FROM t_message_body;"),
+        // Sequences exactly at the origin's values.
+        ("bj", "SELECT last_value, is_called FROM s_ids;"),
+        ("bj", "SELECT last_value FROM t_mailbox_id_seq;"),
+    ] {
+        assert_eq!(origin_pg.sql(db, sql), target_pg.sql(db, sql), "{sql}");
+    }
+    assert_eq!(
+        origin_pg.sql("bj", "SELECT last_value FROM s_ids;").trim(),
+        batches.to_string()
+    );
+    // The hostile trigger ran on the target as BlueMind's role: refused both times.
+    assert!(!Path::new("/tmp/bmfleet-logical-pwned").exists());
+    assert_eq!(
+        target_pg
+            .sql(
+                "postgres",
+                "SELECT rolsuper FROM pg_roles WHERE rolname = 'bj';"
+            )
+            .trim(),
+        "f"
+    );
+    // Standing alone: no subscription, role or set-aside database left; writable, and the
+    // next id follows the origin's.
+    assert_eq!(
+        target_pg
+            .sql(
+                "postgres",
+                "SELECT (SELECT count(*) FROM pg_subscription) + (SELECT count(*) FROM pg_roles WHERE rolname LIKE 'bmfleet_%') \
+                 + (SELECT count(*) FROM pg_database WHERE datname LIKE '%bmfleet-target');"
+            )
+            .trim(),
+        "0"
+    );
+    let next = target_pg.sql(
+        "bj",
+        "INSERT INTO t_mailbox (login) VALUES ('after') RETURNING id;",
+    );
+    let last: i64 = origin_pg
+        .sql("bj", "SELECT max(id) FROM t_mailbox;")
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(next.trim(), (last + 1).to_string());
+    assert!(target_pg
+        .sql("postgres", "SHOW server_version;")
+        .starts_with("16."));
+
+    revoke_and_check_origin_clean(&mut p, &origin_pg).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_ended_without_takeover_gives_the_target_its_own_databases_back() {
+    // The same major on both sides (PostgreSQL 15: its subscriptions are made by a superuser,
+    // which the role stops being before they are enabled).
+    let password = format!("pw-{}-logical15", bmfleet_agent::server::now_ms());
+    let origin_pg = logical_origin(&password);
+    let target_pg = PgCluster::start();
+    let mut p = logical_pair(&origin_pg, &target_pg, &password).await;
+    p.grant_with(replication_grant("grant-0500-replication"))
+        .await;
+    let reply = follow_logically(&mut p, "m1/follow/l2", "grant-0500-replication").await;
+    assert!(reply.ok, "{}", reply.error);
+    assert_eq!(
+        target_pg
+            .sql(
+                "postgres",
+                "SELECT count(*), bool_or(r.rolsuper) FROM pg_subscription s JOIN pg_roles r ON r.oid = s.subowner;"
+            )
+            .trim(),
+        "2|f"
+    );
+    origin_pg.sql("bj", "SET ROLE bj; INSERT INTO t_nopk VALUES (-5, 'late'); UPDATE t_nopk SET v = 'changed' WHERE k = 7;");
+    wait_sql(
+        &target_pg,
+        "bj",
+        "SELECT v FROM t_nopk WHERE k IN (-5, 7) ORDER BY k;",
+        "late\nchanged",
+    );
+    // A physical standby cannot be asked meanwhile.
+    p.grant_with(replication_grant("grant-0501-replication"))
+        .await;
+    let refused = follow(&mut p, "m1/follow/l2b", "grant-0501-replication").await;
+    assert!(
+        !refused.ok && refused.error.contains("subscribe"),
+        "{}",
+        refused.error
+    );
+
+    // The instance ends (rolled back, aborted): the target's own databases come back.
+    let ended = p
+        .target
+        .end_following(EndFollowingRequest {
+            origin_name: "origin-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ended.ended, "{}", ended.error);
+    assert_eq!(
+        target_pg.sql("bj", "SELECT n FROM target_own;").trim(),
+        "42"
+    );
+    assert_eq!(
+        target_pg
+            .sql(
+                "postgres",
+                "SELECT (SELECT count(*) FROM pg_subscription) + (SELECT count(*) FROM pg_roles WHERE rolname LIKE 'bmfleet_%') \
+                 + (SELECT count(*) FROM pg_database WHERE datname LIKE '%bmfleet-target');"
+            )
+            .trim(),
+        "0"
+    );
+    // "bj-data" did not exist on the target: the copy stays (nothing of the target's was there).
+    revoke_and_check_origin_clean(&mut p, &origin_pg).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_is_refused_without_wal_level_logical_and_changes_nothing() {
+    let origin_pg = PgCluster::start();
+    origin_databases(&origin_pg, "pw");
+    let target_pg = PgCluster::start();
+    let mut p = logical_pair(&origin_pg, &target_pg, "pw").await;
+    p.grant_with(replication_grant("grant-0600-replication"))
+        .await;
+    let reply = follow_logically(&mut p, "m1/follow/l3", "grant-0600-replication").await;
+    assert!(
+        !reply.ok && reply.error.contains("wal_level is replica"),
+        "{}",
+        reply.error
+    );
+    assert_eq!(
+        target_pg.sql("bj", "SELECT n FROM target_own;").trim(),
+        "42"
+    );
+    assert_eq!(
+        origin_pg
+            .sql(
+                "bj",
+                "SELECT (SELECT count(*) FROM pg_publication) + (SELECT count(*) FROM pg_roles WHERE rolname LIKE 'bmfleet_%') \
+                 + (SELECT count(*) FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relkind = 'r' AND relreplident <> 'd');"
+            )
+            .trim(),
+        "0"
+    );
 }

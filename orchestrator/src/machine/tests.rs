@@ -34,6 +34,7 @@ fn preflight(stream: bool) -> Event {
         stats: None,
         databases: Some(DbPlan {
             stream,
+            logical: false,
             why: "test".into(),
         }),
     }
@@ -683,7 +684,7 @@ proptest! {
                 Pick::Succeed(n, files) if !running.is_empty() => {
                     let (step, attempt) = running[n % running.len()];
                     // A preflight chooses a standby or a dump at random.
-                    let databases = (step == Step::Preflight).then(|| DbPlan { stream: files % 2 == 0, why: "x".into() });
+                    let databases = (step == Step::Preflight).then(|| DbPlan { stream: files % 2 == 0, logical: files % 4 == 0, why: "x".into() });
                     Event::Succeeded { step, attempt, stats: Some(PassStats { files_changed: files, bytes_changed: files, ..Default::default() }), databases }
                 }
                 Pick::Fail(n) if !running.is_empty() => {

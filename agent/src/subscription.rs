@@ -1,0 +1,740 @@
+//! The target's side of logical replication: during the hot phase each BlueMind database here
+//! subscribes to the origin's publication (across PostgreSQL majors: a distribution change
+//! usually is one); at the cutover it catches up, takes the origin's sequence values and
+//! stops subscribing, so the downtime holds no dump and no restore.
+//!
+//! Following: the origin publishes (`publication`), the target sets its own databases aside
+//! (renamed `<name>.bmfleet-target`, put back if the instance ends without a promotion),
+//! re-creates them owned by BlueMind's role with the extensions of its own list, restores the
+//! origin's *schema* as that role (pg_restore, as for a dump), and subscribes. The
+//! subscription belongs to a role of its own, `bmfleet_sub_<grant>` (LOGIN without a password:
+//! its workers log in as it): a member of BlueMind's role and nothing more (PostgreSQL 16 on: `pg_create_subscription`; before it, the role is a
+//! superuser only while `CREATE SUBSCRIPTION` runs, disabled, and loses it before the
+//! subscription is enabled). Its apply workers therefore run the origin's rows, triggers and
+//! constraints as BlueMind's role, never as a superuser. The statements the agent runs in a
+//! database that came from the origin run as that role or the subscription's, with
+//! `search_path` pinned to `pg_catalog`. The subscription connects to the agent's relay (the
+//! physical standby's), which reaches the origin through the data plane under the grant.
+//!
+//! Promoting (origin stopped): the origin's WAL insert position; every table ready and every
+//! subscription's reported position at or past it; the subscriptions disabled, detached from
+//! their slot (the origin drops it with the grant) and dropped; the origin's sequence values
+//! set; the set-aside databases dropped; every table compared.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bmfleet_proto::v1::{DatabaseMove, FollowDatabasesReply, OriginEndpoint};
+use serde::{Deserialize, Serialize};
+
+use crate::config::AgentConfig;
+use crate::pg::{ident, literal, Connection};
+use crate::publication::PublishTicket;
+use crate::replication::WalPosition;
+use crate::standby::{self, Following, Relay};
+use crate::tunnel::{self, TunnelRequest};
+
+/// A logical follow, kept with the standby state.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LogicalFollow {
+    /// The subscriptions' owner.
+    pub role: String,
+    /// (database, subscription).
+    pub subscriptions: Vec<(String, String)>,
+    /// The owner role's attributes taken away while it applies the origin's rows (given back
+    /// at the end).
+    #[serde(default)]
+    pub owner_attributes: Option<String>,
+}
+
+/// A database's name while the target's own copy is set aside.
+fn aside_name(database: &str) -> String {
+    format!("{database}.bmfleet-target")
+}
+
+/// The subscription role's and a subscription's names for a grant.
+fn names(grant_id: &str, database_index: usize) -> (String, String) {
+    let (role, _) = crate::replication::names(grant_id);
+    let id = role.trim_start_matches("bmfleet_repl_").to_string();
+    (
+        format!("bmfleet_sub_{id}"),
+        format!("bmfleet_sub_{id}_{database_index}"),
+    )
+}
+
+fn major(server_version_num: u32) -> u32 {
+    server_version_num / 10_000
+}
+
+/// Subscribes this host's BlueMind databases to the origin's publications (grant with the
+/// replication scope). Never fails as a call.
+pub async fn follow(
+    config: &AgentConfig,
+    tls: Arc<rustls::ClientConfig>,
+    relay: &Relay,
+    origin: &OriginEndpoint,
+) -> FollowDatabasesReply {
+    let started = Instant::now();
+    match follow_inner(config, tls, relay, origin).await {
+        Ok(bytes) => FollowDatabasesReply {
+            ok: true,
+            base_backup_bytes: bytes,
+            elapsed_ms: started.elapsed().as_millis() as u64,
+            ..Default::default()
+        },
+        Err(error) => FollowDatabasesReply {
+            error,
+            elapsed_ms: started.elapsed().as_millis() as u64,
+            ..Default::default()
+        },
+    }
+}
+
+async fn follow_inner(
+    config: &AgentConfig,
+    tls: Arc<rustls::ClientConfig>,
+    relay: &Relay,
+    origin: &OriginEndpoint,
+) -> Result<u64, String> {
+    match standby::following(config) {
+        Some(state) if state.logical.is_none() && !state.promoted => {
+            return Err(format!(
+                "this host's cluster is a standby of {}: it cannot subscribe as well",
+                state.name
+            ))
+        }
+        // A previous attempt's subscriptions go first (their databases stay set aside).
+        Some(state) if state.logical.is_some() && !state.promoted => {
+            unsubscribe(config, &state).await?;
+        }
+        _ => {}
+    }
+    let pg = &config.postgresql;
+    let admin = Connection::admin(pg);
+    let own_version = admin
+        .server_version_num()
+        .await
+        .map_err(|e| e.to_string())?;
+    let timeout = Duration::from_secs(config.data_plane.connect_timeout_secs);
+    let request = TunnelRequest::Publish {
+        grant: origin.grant_id.clone(),
+    };
+    let (_, ticket): (_, PublishTicket) = tunnel::ask(
+        origin,
+        tls.clone(),
+        &request,
+        timeout,
+        "the origin's publication ticket",
+    )
+    .await?;
+    if major(own_version) < major(ticket.server_version_num) {
+        return Err(format!(
+            "the origin runs PostgreSQL {} and this host {}: a subscriber must be the same \
+             major or newer",
+            major(ticket.server_version_num),
+            major(own_version)
+        ));
+    }
+    // The target's own names; the origin only says which of them it publishes.
+    let databases: Vec<(usize, &crate::publication::PublishedDatabase)> = pg
+        .databases
+        .iter()
+        .filter_map(|d| ticket.databases.iter().find(|p| &p.name == d))
+        .enumerate()
+        .collect();
+    let (role, _) = names(&origin.grant_id, 0);
+    let verifier = crate::pg::scram_verifier(&ticket.bluemind_password)?;
+    let owner_attributes = crate::databases::prepare_owner(&admin, &pg.user, &verifier).await?;
+    let state = Following {
+        address: origin.address.clone(),
+        name: origin.name.clone(),
+        grant_id: origin.grant_id.clone(),
+        bluemind_password: ticket.bluemind_password.clone(),
+        promoted: false,
+        logical: Some(LogicalFollow {
+            role: role.clone(),
+            subscriptions: databases
+                .iter()
+                .map(|(n, d)| (d.name.clone(), names(&origin.grant_id, *n).1))
+                .collect(),
+            owner_attributes,
+        }),
+    };
+    // Recorded first: whatever happens next, the instance's end undoes it.
+    standby::set_following(config, Some(&state))?;
+    let subscribed = async {
+        let mut schema_bytes = 0;
+        for (_, db) in &databases {
+            set_aside(&admin, &db.name).await?;
+            let extensions: Vec<(String, String)> = ticket
+                .extensions
+                .iter()
+                .filter(|e| e.database == db.name)
+                .map(|e| (e.name.clone(), e.schema.clone()))
+                .collect();
+            crate::databases::recreate(config, &db.name, &extensions).await?;
+            schema_bytes += restore_schema(config, tls.clone(), origin, &ticket, &db.name).await?;
+        }
+        relay.start(config, tls.clone(), &state)?;
+        subscribe(config, &state, &ticket, own_version).await?;
+        wait_ready(config, &state, own_version).await?;
+        Ok::<u64, String>(schema_bytes)
+    }
+    .await;
+    match subscribed {
+        Ok(bytes) => {
+            tracing::info!(origin = %origin.name, databases = databases.len(), "the databases subscribe to the origin's");
+            Ok(bytes)
+        }
+        Err(error) => Err(match end(config, relay, &state).await {
+            Ok(()) => format!("{error} (this host's databases are back as they were)"),
+            Err(e) => format!("{error}; putting this host's databases back failed: {e}"),
+        }),
+    }
+}
+
+/// The target's own database set aside (renamed) the first time; on a later attempt the
+/// set-aside one is the target's own and the database here a previous copy, which
+/// [`crate::databases::recreate`] replaces.
+async fn set_aside(admin: &Connection, database: &str) -> Result<(), String> {
+    let (db, aside) = (literal(database), literal(&aside_name(database)));
+    let sql = format!(
+        "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity WHERE datname = {db} AND pid <> pg_catalog.pg_backend_pid();\n\
+         DO $$ BEGIN\n\
+           IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_database WHERE datname = {aside})\n\
+              AND EXISTS (SELECT 1 FROM pg_catalog.pg_database WHERE datname = {db}) THEN\n\
+             EXECUTE 'ALTER DATABASE ' || pg_catalog.quote_ident({db}) || ' RENAME TO ' || pg_catalog.quote_ident({aside});\n\
+           END IF;\n\
+         END $$;\n"
+    );
+    let mut last = String::new();
+    for _ in 0..20 {
+        match admin.psql("postgres", &sql).await {
+            Ok(_) => return Ok(()),
+            // A BlueMind service of this host reconnected between the two statements.
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Err(format!("setting {database} aside: {last}"))
+}
+
+/// Restores the origin's schema of `database` as the owner role (as a dump is restored).
+async fn restore_schema(
+    config: &AgentConfig,
+    tls: Arc<rustls::ClientConfig>,
+    origin: &OriginEndpoint,
+    ticket: &PublishTicket,
+    database: &str,
+) -> Result<u64, String> {
+    let timeout = Duration::from_secs(config.data_plane.connect_timeout_secs);
+    let request = TunnelRequest::DumpDatabase {
+        grant: origin.grant_id.clone(),
+        database: database.to_string(),
+        schema_only: true,
+    };
+    let mut stream = tunnel::open(origin, tls, &request, timeout)
+        .await
+        .map_err(|e| e.to_string())?;
+    let owner = Connection::owner(&config.postgresql, ticket.bluemind_password.clone());
+    crate::databases::restore_streamed(&owner, database, &mut stream)
+        .await
+        .map_err(|e| format!("the schema of {database}: {e}"))
+}
+
+/// Makes the subscriptions' role and the (disabled) subscriptions, then enables them once
+/// the role holds no power beyond BlueMind's role.
+async fn subscribe(
+    config: &AgentConfig,
+    state: &Following,
+    ticket: &PublishTicket,
+    own_version: u32,
+) -> Result<(), String> {
+    let pg = &config.postgresql;
+    let admin = Connection::admin(pg);
+    let logical = state.logical.as_ref().ok_or("not a logical follow")?;
+    let role = ident(&logical.role);
+    let before_16 = major(own_version) < 16;
+    let mut sql = format!(
+        "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = {name}) THEN CREATE ROLE {role}; END IF; END $$;\n\
+         ALTER ROLE {role} WITH LOGIN PASSWORD NULL NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS {power};\n\
+         GRANT {owner} TO {role};\n",
+        name = literal(&logical.role),
+        owner = ident(&pg.user),
+        power = if before_16 { "SUPERUSER" } else { "NOSUPERUSER" },
+    );
+    if !before_16 {
+        sql.push_str(&format!("GRANT pg_create_subscription TO {role};\n"));
+    }
+    for (database, _) in &logical.subscriptions {
+        sql.push_str(&format!(
+            "GRANT CREATE ON DATABASE {} TO {role};\n",
+            ident(database)
+        ));
+    }
+    admin
+        .psql("postgres", &sql)
+        .await
+        .map_err(|e| format!("preparing the subscriptions' role: {e}"))?;
+    let created = async {
+        for (database, subscription) in &logical.subscriptions {
+            let published = ticket
+                .databases
+                .iter()
+                .find(|d| &d.name == database)
+                .ok_or_else(|| format!("the origin did not publish {database}"))?;
+            let conninfo = format!(
+                "host={} port={} dbname={} user={} password={} application_name=bmfleet sslmode=disable",
+                conninfo_value(&pg.relay_dir.display().to_string()),
+                standby::RELAY_PORT,
+                conninfo_value(database),
+                conninfo_value(&ticket.role),
+                conninfo_value(&ticket.password),
+            );
+            admin
+                .psql(
+                    database,
+                    &format!(
+                        "SET search_path = pg_catalog;\nSET ROLE {role};\n\
+                         CREATE SUBSCRIPTION {sub} CONNECTION {conninfo} PUBLICATION {publication} \
+                         WITH (create_slot = false, slot_name = {slot}, enabled = false, copy_data = true);\n",
+                        sub = ident(subscription),
+                        conninfo = literal(&conninfo),
+                        publication = ident(&published.publication),
+                        slot = literal(&published.slot),
+                    ),
+                )
+                .await
+                .map_err(|e| format!("subscribing {database}: {e}"))?;
+        }
+        Ok::<(), String>(())
+    }
+    .await;
+    if before_16 {
+        admin
+            .psql("postgres", &format!("ALTER ROLE {role} NOSUPERUSER;\n"))
+            .await
+            .map_err(|e| format!("taking the subscriptions' role's superuser back: {e}"))?;
+    }
+    created?;
+    for (database, subscription) in &logical.subscriptions {
+        as_subscriber(
+            &admin,
+            database,
+            &logical.role,
+            &format!("ALTER SUBSCRIPTION {} ENABLE;\n", ident(subscription)),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// A libpq connection-string value, quoted.
+fn conninfo_value(value: &str) -> String {
+    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+/// Runs `sql` in `database` as the subscriptions' role, `search_path` pinned.
+async fn as_subscriber(
+    admin: &Connection,
+    database: &str,
+    role: &str,
+    sql: &str,
+) -> Result<String, String> {
+    admin
+        .psql(
+            database,
+            &format!(
+                "SET search_path = pg_catalog;\nSET ROLE {};\n{sql}",
+                ident(role)
+            ),
+        )
+        .await
+        .map_err(|e| format!("{database}: {e}"))
+}
+
+/// How far the subscriptions are.
+#[derive(Debug, Default)]
+struct Progress {
+    /// Tables whose initial copy is not finished.
+    not_ready: u64,
+    /// The lowest position a subscription reported to the origin (0: one has none yet).
+    lowest: Option<u64>,
+    /// Errors copying or applying.
+    errors: u64,
+    /// Subscriptions without a running apply worker.
+    stopped: u64,
+}
+
+/// How long a subscription may stay without a running worker before following fails.
+const WORKER_GRACE: Duration = Duration::from_secs(30);
+
+impl Progress {
+    /// An error when the subscriptions cannot get anywhere (`stopped_since`: when their
+    /// workers were first seen stopped).
+    fn check(&self, stopped_since: &mut Option<Instant>) -> Result<(), String> {
+        if self.errors > 0 {
+            return Err(format!(
+                "the subscriptions met {} error(s) copying or applying the origin's rows (this \
+                 host's PostgreSQL log says which)",
+                self.errors
+            ));
+        }
+        if self.stopped == 0 {
+            *stopped_since = None;
+            return Ok(());
+        }
+        let since = *stopped_since.get_or_insert_with(Instant::now);
+        if since.elapsed() > WORKER_GRACE {
+            return Err(format!(
+                "{} subscription(s) have had no running worker for {} s (this host's PostgreSQL \
+                 log says why: max_logical_replication_workers, the relay, the origin)",
+                self.stopped,
+                WORKER_GRACE.as_secs()
+            ));
+        }
+        Ok(())
+    }
+}
+
+async fn progress(
+    owner: &Connection,
+    logical: &LogicalFollow,
+    own_version: u32,
+) -> Result<Progress, String> {
+    let mut p = Progress::default();
+    for (database, subscription) in &logical.subscriptions {
+        let sub = literal(subscription);
+        let error_count = if major(own_version) >= 15 {
+            format!("(SELECT apply_error_count + sync_error_count FROM pg_catalog.pg_stat_subscription_stats WHERE subname = {sub})")
+        } else {
+            "0".to_string()
+        };
+        let out = owner
+            .psql(
+                database,
+                &format!(
+                    "SELECT (SELECT count(*) FROM pg_catalog.pg_subscription_rel r JOIN pg_catalog.pg_subscription s ON s.oid = r.srsubid WHERE s.subname = {sub} AND r.srsubstate <> 'r'),\n\
+                            (SELECT latest_end_lsn FROM pg_catalog.pg_stat_subscription WHERE subname = {sub} AND relid IS NULL),\n\
+                            COALESCE({error_count}, 0),\n\
+                            (SELECT count(*) FROM pg_catalog.pg_stat_subscription WHERE subname = {sub} AND relid IS NULL AND pid IS NOT NULL);\n"
+                ),
+            )
+            .await
+            .map_err(|e| format!("asking {database}'s subscription how far it is: {e}"))?;
+        let fields: Vec<&str> = out.trim().split('\t').collect();
+        let number = |n: usize, default: u64| {
+            fields
+                .get(n)
+                .and_then(|f| f.parse().ok())
+                .unwrap_or(default)
+        };
+        p.not_ready += number(0, 1);
+        let position = fields
+            .get(1)
+            .and_then(|f| standby::parse_lsn(f))
+            .unwrap_or(0);
+        p.lowest = Some(p.lowest.map_or(position, |l| l.min(position)));
+        p.errors += number(2, 0);
+        if number(3, 0) == 0 {
+            p.stopped += 1;
+        }
+    }
+    Ok(p)
+}
+
+/// Waits until every table has had its initial copy.
+async fn wait_ready(
+    config: &AgentConfig,
+    state: &Following,
+    own_version: u32,
+) -> Result<(), String> {
+    let logical = state.logical.as_ref().ok_or("not a logical follow")?;
+    let owner = Connection::owner(&config.postgresql, state.bluemind_password.clone());
+    let mut stopped_since = None;
+    loop {
+        let progress = progress(&owner, logical, own_version).await?;
+        progress.check(&mut stopped_since)?;
+        if progress.not_ready == 0 {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Catches the subscriptions up with the stopped origin, detaches them, sets the origin's
+/// sequence values and compares every table (`origin`: the databases grant of the step).
+/// Called by [`standby::promote`] when what this host follows is a subscription.
+pub async fn promote(
+    config: &AgentConfig,
+    tls: Arc<rustls::ClientConfig>,
+    relay: &Relay,
+    origin: &OriginEndpoint,
+    state: Following,
+) -> Result<Vec<DatabaseMove>, String> {
+    let started = Instant::now();
+    let logical = state.logical.clone().ok_or("not a logical follow")?;
+    let owner = Connection::owner(&config.postgresql, state.bluemind_password.clone());
+    let theirs = {
+        let (config, tls, origin) = (config.clone(), tls.clone(), origin.clone());
+        tokio::spawn(
+            async move { crate::databases::origin_manifest(&config, tls, &origin, true).await },
+        )
+    };
+    if !state.promoted {
+        let own_version = owner
+            .server_version_num()
+            .await
+            .map_err(|e| e.to_string())?;
+        let timeout = Duration::from_secs(config.data_plane.connect_timeout_secs);
+        let request = TunnelRequest::WalPosition {
+            grant: origin.grant_id.clone(),
+        };
+        let (_, position): (_, WalPosition) = tunnel::ask(
+            origin,
+            tls.clone(),
+            &request,
+            timeout,
+            "the origin's WAL position",
+        )
+        .await?;
+        let insert = standby::parse_lsn(&position.lsn)
+            .ok_or_else(|| format!("the origin's WAL position {:?} is not an LSN", position.lsn))?;
+        let wanted = standby::caught_up_at(insert, position.segment_size);
+        let mut stopped_since = None;
+        loop {
+            let progress = progress(&owner, &logical, own_version).await?;
+            progress.check(&mut stopped_since)?;
+            if progress.not_ready == 0 && progress.lowest.is_some_and(|l| l >= wanted) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::info!(origin = %origin.name, caught_up_ms = started.elapsed().as_millis() as u64, "the subscriptions caught up");
+        // The data is final: detaching and this host's checksums run side by side.
+        let (detached, ours) = tokio::join!(
+            unsubscribe(config, &state),
+            crate::databases::own_manifests(config, &owner)
+        );
+        detached?;
+        let ours = ours?;
+        relay.stop();
+        let theirs_done = theirs
+            .await
+            .map_err(|e| format!("the origin's checksums stopped: {e}"))??;
+        set_sequences(&owner, &theirs_done).await?;
+        finish(config, &logical).await?;
+        standby::set_following(
+            config,
+            Some(&Following {
+                promoted: true,
+                ..state.clone()
+            }),
+        )?;
+        return Ok(crate::databases::compare_all(
+            &theirs_done,
+            &ours,
+            started.elapsed().as_millis() as u64,
+        ));
+    }
+    // A repeated request (the agent restarted after the promotion): compare only.
+    let ours = crate::databases::own_manifests(config, &owner).await?;
+    let theirs = theirs
+        .await
+        .map_err(|e| format!("the origin's checksums stopped: {e}"))??;
+    Ok(crate::databases::compare_all(&theirs, &ours, 0))
+}
+
+/// Sets every sequence the origin has (by name, found in this host's own catalog) to the
+/// origin's value. The origin's names and values are data: names are matched against this
+/// host's catalog, values are numbers.
+async fn set_sequences(
+    owner: &Connection,
+    theirs: &crate::data_plane::ManifestReply,
+) -> Result<(), String> {
+    for db in &theirs.databases {
+        let rows: Vec<String> = db
+            .sequences
+            .iter()
+            .filter_map(|s| {
+                let (schema, name) = s.name.split_once('.')?;
+                Some(format!(
+                    "({}, {}, {}::bigint, {})",
+                    literal(schema),
+                    literal(name),
+                    s.last_value?,
+                    true
+                ))
+            })
+            .collect();
+        if rows.is_empty() {
+            continue;
+        }
+        let sql = format!(
+            "SELECT pg_catalog.setval(c.oid, v.value, v.called) FROM (VALUES {}) AS v(nsp, rel, value, called)\n\
+             JOIN pg_catalog.pg_namespace n ON n.nspname = v.nsp\n\
+             JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = v.rel AND c.relkind = 'S';\n",
+            rows.join(", ")
+        );
+        owner
+            .psql(&db.name, &sql)
+            .await
+            .map_err(|e| format!("setting the sequences of {}: {e}", db.name))?;
+    }
+    Ok(())
+}
+
+/// Disables the subscriptions, detaches them from their slots (the origin drops those with
+/// the grant) and drops them.
+async fn unsubscribe(config: &AgentConfig, state: &Following) -> Result<(), String> {
+    let Some(logical) = &state.logical else {
+        return Ok(());
+    };
+    let admin = Connection::admin(&config.postgresql);
+    for (database, subscription) in &logical.subscriptions {
+        let exists = admin
+            .psql(
+                "postgres",
+                &format!(
+                    "SELECT count(*) FROM pg_catalog.pg_subscription s JOIN pg_catalog.pg_database d ON d.oid = s.subdbid WHERE s.subname = {} AND d.datname = {};\n",
+                    literal(subscription),
+                    literal(database)
+                ),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        if exists.trim() == "0" {
+            continue;
+        }
+        let sub = ident(subscription);
+        as_subscriber(
+            &admin,
+            database,
+            &logical.role,
+            &format!(
+                "ALTER SUBSCRIPTION {sub} DISABLE;\nALTER SUBSCRIPTION {sub} SET (slot_name = NONE);\nDROP SUBSCRIPTION {sub};\n"
+            ),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// After the subscriptions: the role dropped, the owner's attributes back.
+async fn drop_role(config: &AgentConfig, logical: &LogicalFollow) -> Result<(), String> {
+    let pg = &config.postgresql;
+    let admin = Connection::admin(pg);
+    let role = ident(&logical.role);
+    let mut sql = format!(
+        "DO $$ BEGIN IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = {}) THEN\n",
+        literal(&logical.role)
+    );
+    for (database, _) in &logical.subscriptions {
+        sql.push_str(&format!(
+            "  IF EXISTS (SELECT 1 FROM pg_catalog.pg_database WHERE datname = {}) THEN EXECUTE {}; END IF;\n",
+            literal(database),
+            literal(&format!("REVOKE CREATE ON DATABASE {} FROM {role}", ident(database)))
+        ));
+    }
+    sql.push_str(&format!(
+        "  EXECUTE {};\nEND IF; END $$;\n",
+        literal(&format!("DROP ROLE {role}"))
+    ));
+    if let Some(attributes) = &logical.owner_attributes {
+        sql.push_str(&format!(
+            "ALTER ROLE {} WITH {attributes};\n",
+            ident(&pg.user)
+        ));
+    }
+    admin
+        .psql("postgres", &sql)
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("removing the subscriptions' role: {e}"))
+}
+
+/// After a promotion: the role goes, the set-aside databases are dropped.
+async fn finish(config: &AgentConfig, logical: &LogicalFollow) -> Result<(), String> {
+    drop_role(config, logical).await?;
+    let admin = Connection::admin(&config.postgresql);
+    for (database, _) in &logical.subscriptions {
+        admin
+            .psql(
+                "postgres",
+                &format!(
+                    "DROP DATABASE IF EXISTS {} WITH (FORCE);\n",
+                    ident(&aside_name(database))
+                ),
+            )
+            .await
+            .map_err(|e| format!("dropping {database}'s set-aside copy: {e}"))?;
+    }
+    Ok(())
+}
+
+/// The instance ended without a promotion (or the follow failed): the subscriptions and
+/// their role go, and this host's own databases come back.
+pub async fn end(config: &AgentConfig, relay: &Relay, state: &Following) -> Result<(), String> {
+    let Some(logical) = &state.logical else {
+        return Ok(());
+    };
+    unsubscribe(config, state).await?;
+    relay.stop();
+    drop_role(config, logical).await?;
+    let admin = Connection::admin(&config.postgresql);
+    for (database, _) in &logical.subscriptions {
+        let aside = literal(&aside_name(database));
+        let present = admin
+            .psql(
+                "postgres",
+                &format!("SELECT count(*) FROM pg_catalog.pg_database WHERE datname = {aside};\n"),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        // Without the set-aside copy, the database here may be the only one: it stays.
+        if present.trim() != "1" {
+            continue;
+        }
+        admin
+            .psql(
+                "postgres",
+                &format!(
+                    "DROP DATABASE IF EXISTS {} WITH (FORCE);\n",
+                    ident(database)
+                ),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        admin
+            .psql(
+                "postgres",
+                &format!(
+                    "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity WHERE datname = {aside};\n\
+                     ALTER DATABASE {} RENAME TO {};\n",
+                    ident(&aside_name(database)),
+                    ident(database)
+                ),
+            )
+            .await
+            .map_err(|e| format!("putting {database} back: {e}"))?;
+    }
+    standby::set_following(config, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_values_are_quoted_for_libpq() {
+        assert_eq!(conninfo_value("bj-data"), "'bj-data'");
+        assert_eq!(conninfo_value("a b'c\\"), "'a b\\'c\\\\'");
+    }
+
+    #[test]
+    fn names_fit_postgres_identifiers() {
+        let (role, sub) = names(&"z".repeat(80), 1);
+        assert!(role.len() <= 63 && sub.len() <= 63);
+        assert!(sub.starts_with(&role) && sub.ends_with("_1"));
+    }
+}
