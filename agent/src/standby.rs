@@ -847,6 +847,16 @@ async fn promote_and_settle(
         pg_ctl(config, &["promote", "-w", "-t", "300"]).await?;
     }
     relay.stop();
+    // The copy holds the origin's catalog, with the replication role the origin made for this
+    // grant (LOGIN REPLICATION, a password the origin knows): it goes.
+    let (role, _) = crate::replication::names(&state.grant_id);
+    Connection::admin(&config.postgresql)
+        .psql(
+            "postgres",
+            &format!("DROP ROLE IF EXISTS {};\n", crate::pg::ident(&role)),
+        )
+        .await
+        .map_err(|e| format!("dropping the origin's replication role here: {e}"))?;
     let dir = data_dir(config)?;
     let aside = aside_dir(&dir);
     let (uid, gid) = cluster_owner(config)?;

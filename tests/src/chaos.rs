@@ -167,6 +167,7 @@ pub fn run(params: ChaosParams, mut progress: impl FnMut(&str)) -> ChaosReport {
         db_rows: params.db_rows,
         deliver_ms: 40,
         enroll: false,
+        ..LabParams::default()
     });
     let mut report = ChaosReport::default();
     let text = fleet.fleet_file().replace(

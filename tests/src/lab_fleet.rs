@@ -29,6 +29,9 @@ pub struct LabParams {
     /// configured and serves enrollment, and `enroll_inventory` describes the hosts for
     /// `bmctl fleet enroll`.
     pub enroll: bool,
+    /// The pair whose databases follow by logical replication (`db_sync = "logical"`; its
+    /// origin runs with `wal_level = logical`); the others take the standby.
+    pub logical_pair: Option<usize>,
 }
 
 impl Default for LabParams {
@@ -39,6 +42,7 @@ impl Default for LabParams {
             db_rows: 2000,
             deliver_ms: 40,
             enroll: false,
+            logical_pair: Some(3),
         }
     }
 }
@@ -154,6 +158,10 @@ impl LabFleet {
             let pg = PgCluster::start_in(Some(&host.ns));
             let password = format!("generated-{name}-{}", std::process::id());
             seed_host(&root, name, origin, pair, &params, &password);
+            if origin && params.logical_pair == Some(pair) {
+                pg.sql("postgres", "ALTER SYSTEM SET wal_level = logical;");
+                pg.restart();
+            }
             if origin {
                 pg.sql("postgres", &format!("CREATE ROLE bj LOGIN PASSWORD '{password}'; CREATE DATABASE bj OWNER bj; CREATE DATABASE \"bj-data\" OWNER bj;"));
                 let rows = params.db_rows.to_string();
@@ -318,9 +326,9 @@ impl LabFleet {
         self.pg(host).sql(database, sql)
     }
 
-    /// Waits (up to `timeout`) until `origin`'s cluster holds no replication slot and no
-    /// bmfleet role, and `target`'s is not a standby: what an instance's end leaves. Says
-    /// what remains otherwise.
+    /// Waits (up to `timeout`) until `origin`'s cluster holds no replication slot, bmfleet
+    /// role or publication, and `target`'s is not a standby and holds no subscription or
+    /// bmfleet role: what an instance's end leaves. Says what remains otherwise.
     pub fn wait_replication_gone(
         &self,
         origin: &str,
@@ -334,14 +342,24 @@ impl LabFleet {
                 "postgres",
                 "SELECT (SELECT count(*) FROM pg_replication_slots) || ' slots, ' || (SELECT count(*) FROM pg_roles WHERE rolname LIKE 'bmfleet_%') || ' roles'",
             );
-            let standby = self.sql(target, "postgres", "SELECT pg_is_in_recovery()");
-            if left.trim() == "0 slots, 0 roles" && standby.trim() == "f" {
+            let standby = self.sql(
+                target,
+                "postgres",
+                "SELECT pg_is_in_recovery() || ', ' || (SELECT count(*) FROM pg_subscription) || ' subscriptions, ' || (SELECT count(*) FROM pg_roles WHERE rolname LIKE 'bmfleet_%') || ' roles'",
+            );
+            let publications = self.sql(origin, "bj", "SELECT count(*) FROM pg_publication");
+            if left.trim() == "0 slots, 0 roles"
+                && standby.trim() == "false, 0 subscriptions, 0 roles"
+                && publications.trim() == "0"
+            {
                 return Ok(());
             }
             if Instant::now() > deadline {
                 return Err(format!(
-                    "{origin} keeps {}; {target} in recovery: {}",
+                    "{origin} keeps {} and {} publications; {target} in recovery, subscriptions, \
+                     roles: {}",
                     left.trim(),
+                    publications.trim(),
                     standby.trim()
                 ));
             }
@@ -441,6 +459,9 @@ impl LabFleet {
                 service_ip(i),
                 if bluemind_version(i).starts_with('5') { "5.x" } else { "4.x" }
             );
+            if self.params.logical_pair == Some(i) {
+                text += "db_sync = \"logical\"\n";
+            }
         }
         text
     }

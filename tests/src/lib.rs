@@ -356,6 +356,8 @@ pub struct PgCluster {
     bin: PathBuf,
     /// The server's options (port, socket dir, listen address, durability).
     options: String,
+    /// The network namespace it runs in.
+    netns: Option<String>,
 }
 
 impl PgCluster {
@@ -434,6 +436,7 @@ impl PgCluster {
             port,
             bin,
             options,
+            netns: netns.map(str::to_string),
         }
     }
 
@@ -460,7 +463,11 @@ impl PgCluster {
     /// Restarts the cluster (a setting that needs it, e.g. `wal_level`).
     pub fn restart(&self) {
         for action in ["stop", "start"] {
-            let argv = self.pg_ctl_argv(action);
+            let mut argv = self.pg_ctl_argv(action);
+            if let Some(ns) = &self.netns {
+                let prefix = ["ip", "netns", "exec", ns.as_str()];
+                argv.splice(0..0, prefix.iter().map(|s| s.to_string()));
+            }
             let out = Command::new(&argv[0])
                 .args(&argv[1..])
                 .output()

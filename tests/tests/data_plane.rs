@@ -2087,6 +2087,16 @@ async fn a_standby_follows_writes_up_to_the_stop_and_is_promoted_equal_to_the_or
     let auto = std::fs::read_to_string(target_data.join("postgresql.auto.conf")).unwrap();
     assert!(!auto.contains("primary_conninfo"), "{auto}");
     assert!(!target_pg.dir().join("data.bmfleet-target").exists());
+    // The origin's replication role came along in the copy of its catalog: it is gone.
+    assert_eq!(
+        target_pg
+            .sql(
+                "postgres",
+                "SELECT count(*) FROM pg_roles WHERE rolname LIKE 'bmfleet_%';"
+            )
+            .trim(),
+        "0"
+    );
 
     // The instance ends: its grants go, and with them the slot and the role.
     p.origin

@@ -83,8 +83,10 @@ fn all_done(fleet: &LabFleet) {
 #[test]
 fn a_target_that_refuses_to_start_rolls_back_by_itself() {
     let _one = one_lab();
+    // mail-2 follows by logical replication: its rollback leaves no publication behind.
     let fleet = LabFleet::build(LabParams {
         pairs: 2,
+        logical_pair: Some(2),
         ..LabParams::default()
     });
     // mail-2 (not the canary, which must succeed for the fleet to go on) cannot start.
@@ -342,7 +344,9 @@ fn three_instances_migrate_with_no_mail_lost() {
     );
     // Same PostgreSQL and C library on both hosts of every pair: the preflight chose a
     // standby, which followed its origin before the hot passes and was promoted in the
-    // downtime; the instance's end removed the origin's slot and role.
+    // downtime — except pair 3, whose fleet entry asks for logical replication (its origin
+    // runs with wal_level = logical); the instance's end removed the origin's slots, roles
+    // and publications, and the targets' subscriptions.
     let chosen = events
         .lines()
         .filter(|l| l.contains("\"databases\":{\"stream\":true"))
@@ -352,6 +356,11 @@ fn three_instances_migrate_with_no_mail_lost() {
         .filter(|l| l.contains("{\"Succeeded\":{\"step\":\"FollowDatabases\""))
         .count();
     assert_eq!((chosen, followed), (3, 3), "{events}");
+    let logical = events
+        .lines()
+        .filter(|l| l.contains("\"stream\":true,\"logical\":true"))
+        .count();
+    assert_eq!(logical, 1, "{events}");
     for i in 1..=3 {
         fleet
             .wait_replication_gone(

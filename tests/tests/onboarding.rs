@@ -70,6 +70,7 @@ fn six_hosts_enrolled_from_nothing_then_migrated_then_decommissioned() {
         db_rows: 2000,
         deliver_ms: 40,
         enroll: true,
+        logical_pair: None,
     });
     fleet.wait_for_orchestrator().unwrap();
     let scratch = fleet.dir().join("scratch");

@@ -113,6 +113,7 @@ fn main() -> ExitCode {
         db_rows,
         deliver_ms: 40,
         enroll,
+        ..LabParams::default()
     });
     if enroll {
         let inventory = fleet.dir().join("hosts.toml");

@@ -420,6 +420,7 @@ pub fn run(params: Params) -> anyhow::Result<()> {
         messages: params.files,
         db_rows: params.db_rows,
         deliver_ms: 0,
+        logical_pair: None,
     }));
     // This process runs the engine itself; the lab's orchestrator would only add its health
     // checks' walks of the data dirs to the measurements.
