@@ -116,6 +116,10 @@ CREATE TABLE t_calendar_event (id bigserial PRIMARY KEY, owner bigint, summary t
 INSERT INTO t_domain (name) SELECT 'd' || i || '.example.net' FROM generate_series(1, 5) i;
 INSERT INTO t_mailbox (domain_id, login, quota, settings) SELECT 1 + i % 5, 'user' || i, i * 1024, jsonb_build_object('lang', 'fr') FROM generate_series(1, ROWS / 10) i;
 INSERT INTO t_calendar_event (owner, summary, dtstart) SELECT i % 100, 'meeting ' || i, '2026-01-01'::timestamptz + i * interval '1 hour' FROM generate_series(1, ROWS) i;
+-- Like 44 of BlueMind's tables, no primary key (logical replication needs an identity).
+CREATE TABLE t_container_acl (container_id bigint NOT NULL, subject text, verb text);
+CREATE INDEX t_container_acl_container ON t_container_acl (container_id);
+INSERT INTO t_container_acl SELECT i / 3, 'user' || i % 1000, 'Read' FROM generate_series(1, ROWS / 10) i;
 ";
 
 const DATA_SCHEMA: &str = "
@@ -890,7 +894,8 @@ pub fn churn(root: &Path, messages: usize, fraction: f64) -> Churn {
 
 /// A day of database changes on an origin, the same on every host with the same `rows`:
 /// `fraction` of the rows of bj-data's biggest table new, as many of bj's events updated and
-/// a tenth of that deleted, a few mailboxes added.
+/// a tenth of that deleted, a few mailboxes added, `fraction` of the ACL rows (a table
+/// without a primary key) updated and a tenth of that deleted.
 pub fn churn_databases(pg: &PgCluster, rows: u64, fraction: f64) {
     let changed = ((rows as f64 * fraction).round() as u64).max(10);
     pg.sql(
@@ -905,8 +910,11 @@ pub fn churn_databases(pg: &PgCluster, rows: u64, fraction: f64) {
         &format!(
             "SET ROLE bj; UPDATE t_calendar_event SET summary = summary || ' (moved)' WHERE id <= {changed}; \
              DELETE FROM t_calendar_event WHERE id > {rows} - {gone}; \
-             INSERT INTO t_mailbox (domain_id, login, quota) SELECT 1, 'day' || i, 0 FROM generate_series(1, 10) i;",
-            gone = changed / 10
+             INSERT INTO t_mailbox (domain_id, login, quota) SELECT 1, 'day' || i, 0 FROM generate_series(1, 10) i; \
+             UPDATE t_container_acl SET verb = 'Write' WHERE container_id < {acl}; \
+             DELETE FROM t_container_acl WHERE container_id >= {rows} / 30 - {acl} / 10;",
+            gone = changed / 10,
+            acl = (changed / 30).max(1)
         ),
     );
 }

@@ -4,7 +4,10 @@
 //! (a) BlueMind's manual procedure on pair 1 ([`crate::manual`]);
 //! (b) bmfleet on pair 2: the orchestrator's own engine, run in this process against the real
 //!     agents, with the churn applied right after its pre-window pass, so that its cold sync
-//!     faces the same changes as the manual one.
+//!     faces the same changes as the manual one; the target's databases follow as a standby;
+//! (c) the same on pair 3 with the databases dumped and restored;
+//! (d) the same on pair 4 with the databases following by logical replication (its origin
+//!     runs with `wal_level = logical`).
 //!
 //! Also measured on the same machine: the link's raw TCP throughput between two lab hosts,
 //! the manual `psql` restore time (together the physical floor), and the hot sync of the
@@ -126,7 +129,8 @@ fn check_migrated(fleet: &LabFleet, origin: &str, target: &str) -> anyhow::Resul
         bail!("{target} differs from {origin} in {differ} files");
     }
     let count =
-        "SELECT (SELECT count(*) FROM t_calendar_event) || ' ' || (SELECT count(*) FROM t_mailbox)";
+        "SELECT (SELECT count(*) FROM t_calendar_event) || ' ' || (SELECT count(*) FROM t_mailbox) \
+         || ' ' || (SELECT count(*) || ':' || sum(hashtext(verb)) FROM t_container_acl)";
     let (oc, tc) = (
         fleet.sql(origin, "bj", count),
         fleet.sql(target, "bj", count),
@@ -410,17 +414,17 @@ pub fn run(params: Params) -> anyhow::Result<()> {
         bail!("run as root: the benchmark builds network namespaces");
     }
     println!(
-        "== building the lab: 3 identical instances, {} messages and {} rows per big table each",
+        "== building the lab: 4 identical instances, {} messages and {} rows per big table each",
         params.files, params.db_rows
     );
     let built = Instant::now();
     let fleet = Arc::new(LabFleet::build(LabParams {
         enroll: false,
-        pairs: 3,
+        pairs: 4,
         messages: params.files,
         db_rows: params.db_rows,
         deliver_ms: 0,
-        logical_pair: None,
+        logical_pair: Some(4),
     }));
     // This process runs the engine itself; the lab's orchestrator would only add its health
     // checks' walks of the data dirs to the measurements.
@@ -465,7 +469,11 @@ pub fn run(params: Params) -> anyhow::Result<()> {
     let b = bmfleet(&fleet, 2, &params, "stream")?;
     println!("== (c) bmfleet on pair 3, the databases dumped and restored (db_sync = dump)");
     let c = bmfleet(&fleet, 3, &params, "dump")?;
-    for (run, pair) in [(&b, 2), (&c, 3)] {
+    println!(
+        "== (d) bmfleet on pair 4, the databases following by logical replication (db_sync = logical)"
+    );
+    let d = bmfleet(&fleet, 4, &params, "logical")?;
+    for (run, pair) in [(&b, 2), (&c, 3), (&d, 4)] {
         if run.phase != Phase::Done {
             bail!(
                 "bmfleet ended in {:?} on pair {pair}: see {}",
@@ -483,8 +491,8 @@ pub fn run(params: Params) -> anyhow::Result<()> {
             .with_context(|| format!("bmfleet on pair {pair}"))?;
     }
     println!(
-        "   downtime {:.2} s (standby), {:.2} s (dump)",
-        b.downtime, c.downtime
+        "   downtime {:.2} s (standby), {:.2} s (dump), {:.2} s (logical)",
+        b.downtime, c.downtime, d.downtime
     );
 
     let transfer = churn_a.bytes_written as f64 / link;
@@ -515,6 +523,11 @@ pub fn run(params: Params) -> anyhow::Result<()> {
     );
     println!("| ratio (c)/(a) | {:.2} |", c.downtime / cold.downtime);
     println!(
+        "| (d) bmfleet, databases following (logical replication) | {:.2} s |",
+        d.downtime
+    );
+    println!("| ratio (d)/(a) | {:.2} |", d.downtime / cold.downtime);
+    println!(
         "| physical floor: {:.2} MiB changed at {:.0} MiB/s ({:.3} s) + psql restore ({:.2} s) | {floor:.2} s |",
         mib(churn_a.bytes_written as f64),
         mib(link),
@@ -528,6 +541,8 @@ pub fn run(params: Params) -> anyhow::Result<()> {
     print_steps(&b.steps);
     println!("\n### (c) bmfleet with a dump, by step\n");
     print_steps(&c.steps);
+    println!("\n### (d) bmfleet with logical replication, by step\n");
+    print_steps(&d.steps);
     let manual_files: f64 = cold
         .steps
         .iter()
@@ -547,6 +562,7 @@ pub fn run(params: Params) -> anyhow::Result<()> {
     for (name, run) in [
         ("(b) bmfleet final pass (standby run)", &b),
         ("(c) bmfleet final pass (dump run)", &c),
+        ("(d) bmfleet final pass (logical run)", &d),
     ] {
         let detail = run.final_pass.as_ref().map_or(String::new(), |f| {
             format!(
@@ -604,6 +620,7 @@ pub fn run(params: Params) -> anyhow::Result<()> {
             "manual": {"downtime": cold.downtime, "restore": cold.restore_secs, "hot_sync": manual_hot, "steps": steps_json(&cold.steps)},
             "bmfleet": {"downtime": b.downtime, "hot_pass": bmfleet_hot, "steps": steps_json(&b.steps)},
             "bmfleet_dump": {"downtime": c.downtime, "steps": steps_json(&c.steps)},
+            "bmfleet_logical": {"downtime": d.downtime, "steps": steps_json(&d.steps)},
             "cold_cache": params.cold_cache,
             "floor": floor,
         })
