@@ -74,6 +74,8 @@ pub struct BlueMindApiConfig {
     pub admin0_password: Option<String>,
     /// Deadline of each long task, seconds.
     pub task_timeout_secs: u64,
+    /// Deadline of each HTTP call, seconds (a hung core fails the step, which is retried).
+    pub request_timeout_secs: u64,
 }
 
 impl Default for BlueMindApiConfig {
@@ -83,6 +85,7 @@ impl Default for BlueMindApiConfig {
             token_file: PathBuf::from("/etc/bm/bm-core.tok"),
             admin0_password: None,
             task_timeout_secs: 300,
+            request_timeout_secs: 30,
         }
     }
 }

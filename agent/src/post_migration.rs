@@ -172,7 +172,7 @@ impl Api {
 fn open(config: &AgentConfig) -> Result<Api, ApiError> {
     let api_config = &config.bluemind_api;
     let agent = ureq::AgentBuilder::new()
-        .timeout(Duration::from_secs(30))
+        .timeout(Duration::from_secs(api_config.request_timeout_secs.max(1)))
         .build();
     let base = api_config.url.trim_end_matches('/').to_string();
     let Some(password) = &api_config.admin0_password else {

@@ -3,6 +3,7 @@
 //! `_total` counters (added by the encoder). A migrated BlueMind instance is the label
 //! `server`: `instance` is Prometheus's own target label.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -118,7 +119,7 @@ pub struct Metrics {
     fleet_paused: Gauge,
     fleet_budget_spent: Gauge,
     // The last phase seen per instance, to count phase changes once.
-    seen: Mutex<Vec<(String, Phase)>>,
+    seen: Mutex<HashMap<String, Phase>>,
     // When each instance that is down now went down, Unix ms: its downtime grows at every
     // scrape, not only at transitions (a hung step makes none).
     down_since: Mutex<std::collections::BTreeMap<String, i64>>,
@@ -155,7 +156,7 @@ impl Metrics {
             rpc: Family::new_with_constructor(rpc_histogram),
             fleet_paused: Gauge::default(),
             fleet_budget_spent: Gauge::default(),
-            seen: Mutex::new(Vec::new()),
+            seen: Mutex::new(HashMap::new()),
             down_since: Mutex::new(std::collections::BTreeMap::new()),
             registry: Registry::default(),
         };
@@ -286,7 +287,10 @@ impl Metrics {
         self.fleet_budget_spent.set(i64::from(budget_spent));
     }
 
-    /// Updates every instance gauge after a transition of `changed` caused by `event`.
+    /// Updates the gauges after a transition of `changed` caused by `event`: the phase counts,
+    /// and the instance gauges of `changed` only (and of instances never seen yet): a
+    /// transition changes no other instance, and a fleet of thousands makes hundreds of
+    /// thousands of them.
     pub fn transition(
         &self,
         fleet: &FleetFile,
@@ -295,88 +299,36 @@ impl Metrics {
         event: &Event,
         now_ms: i64,
     ) {
-        for phase in PHASES {
-            let count = instances.iter().filter(|i| i.phase == phase).count();
+        let mut counts = [0i64; PHASES.len()];
+        for i in instances {
+            if let Some(k) = PHASES.iter().position(|p| *p == i.phase) {
+                counts[k] += 1;
+            }
+        }
+        for (phase, count) in PHASES.iter().zip(counts) {
             self.instances
                 .get_or_create(&PhaseLabels {
                     phase: format!("{phase:?}"),
                 })
-                .set(count as i64);
+                .set(count);
         }
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         let mut since = self.down_since.lock().unwrap_or_else(|p| p.into_inner());
-        for (spec, i) in fleet.instances.iter().zip(instances) {
-            let name = spec.name.clone();
-            for phase in PHASES {
-                let labels = InstancePhaseLabels {
-                    server: name.clone(),
-                    phase: format!("{phase:?}"),
-                };
-                self.instance_phase
-                    .get_or_create(&labels)
-                    .set(i64::from(i.phase == phase));
-            }
-            for (agent, role) in [(&spec.origin, "origin"), (&spec.target, "target")] {
-                let labels = InstanceAgentLabels {
-                    server: name.clone(),
-                    agent: agent.clone(),
-                    role: role.into(),
-                };
-                self.instance_agent.get_or_create(&labels).set(1);
-            }
-            let labels = InstanceLabels {
-                server: name.clone(),
-            };
-            let down = i.downtime_start_ms.is_some() && i.downtime_end_ms.is_none();
-            self.instance_down
-                .get_or_create(&labels)
-                .set(i64::from(down));
-            match i.downtime_start_ms {
-                Some(start) if down => since.insert(name.clone(), start),
-                _ => since.remove(&name),
-            };
-            if let Some(start) = i.downtime_start_ms {
-                let end = i.downtime_end_ms.unwrap_or(now_ms);
-                self.instance_downtime
-                    .get_or_create(&labels)
-                    .set((end - start) as f64 / 1000.0);
-            }
-            let policy = &fleet.policy;
-            self.projected
-                .get_or_create(&labels)
-                .set(projected_downtime_ms(spec, i, policy) as f64 / 1000.0);
-            self.budget
-                .get_or_create(&labels)
-                .set(spec.downtime_budget_secs as f64);
-            if let Some(end) = i.window_end_ms {
-                self.window_end
-                    .get_or_create(&labels)
-                    .set(end as f64 / 1000.0);
-            }
-            if let Some(p) = &i.last_pass {
-                self.last_pass_bytes
-                    .get_or_create(&labels)
-                    .set(p.bytes_changed as i64);
-                self.last_pass_files
-                    .get_or_create(&labels)
-                    .set(p.files_changed as i64);
-            }
-            self.not_converging
-                .get_or_create(&labels)
-                .set(i64::from(i.not_converging));
-            match seen.iter_mut().find(|(n, _)| *n == name) {
-                Some(entry) => {
-                    // A downtime window closes: one observation for the fleet histogram.
-                    if entry.1.is_down() && !i.phase.is_down() {
-                        if let (Some(s), Some(e)) = (i.downtime_start_ms, i.downtime_end_ms) {
-                            self.downtime.observe((e - s) as f64 / 1000.0);
-                        }
-                    }
-                    entry.1 = i.phase;
-                }
-                None => seen.push((name, i.phase)),
+        // Instances never seen (a fleet just applied) get theirs too.
+        let fill = seen.len() < fleet.instances.len() || !seen.contains_key(changed);
+        let touched: Vec<usize> = fleet
+            .instances
+            .iter()
+            .enumerate()
+            .filter(|(_, spec)| spec.name == changed || (fill && !seen.contains_key(&spec.name)))
+            .map(|(n, _)| n)
+            .collect();
+        for n in touched {
+            if let (Some(spec), Some(i)) = (fleet.instances.get(n), instances.get(n)) {
+                self.instance_gauges(fleet, spec, i, now_ms, &mut seen, &mut since);
             }
         }
+        drop((seen, since));
         match event {
             Event::Succeeded {
                 step,
@@ -408,6 +360,84 @@ impl Metrics {
                     .inc();
             }
             _ => {}
+        }
+    }
+
+    /// One instance's gauges.
+    fn instance_gauges(
+        &self,
+        fleet: &FleetFile,
+        spec: &crate::fleet::InstanceSpec,
+        i: &Instance,
+        now_ms: i64,
+        seen: &mut HashMap<String, Phase>,
+        since: &mut std::collections::BTreeMap<String, i64>,
+    ) {
+        let name = spec.name.clone();
+        for phase in PHASES {
+            let labels = InstancePhaseLabels {
+                server: name.clone(),
+                phase: format!("{phase:?}"),
+            };
+            self.instance_phase
+                .get_or_create(&labels)
+                .set(i64::from(i.phase == phase));
+        }
+        for (agent, role) in [(&spec.origin, "origin"), (&spec.target, "target")] {
+            let labels = InstanceAgentLabels {
+                server: name.clone(),
+                agent: agent.clone(),
+                role: role.into(),
+            };
+            self.instance_agent.get_or_create(&labels).set(1);
+        }
+        let labels = InstanceLabels {
+            server: name.clone(),
+        };
+        let down = i.downtime_start_ms.is_some() && i.downtime_end_ms.is_none();
+        self.instance_down
+            .get_or_create(&labels)
+            .set(i64::from(down));
+        match i.downtime_start_ms {
+            Some(start) if down => since.insert(name.clone(), start),
+            _ => since.remove(&name),
+        };
+        if let Some(start) = i.downtime_start_ms {
+            let end = i.downtime_end_ms.unwrap_or(now_ms);
+            self.instance_downtime
+                .get_or_create(&labels)
+                .set((end - start) as f64 / 1000.0);
+        }
+        let policy = &fleet.policy;
+        self.projected
+            .get_or_create(&labels)
+            .set(projected_downtime_ms(spec, i, policy) as f64 / 1000.0);
+        self.budget
+            .get_or_create(&labels)
+            .set(spec.downtime_budget_secs as f64);
+        if let Some(end) = i.window_end_ms {
+            self.window_end
+                .get_or_create(&labels)
+                .set(end as f64 / 1000.0);
+        }
+        if let Some(p) = &i.last_pass {
+            self.last_pass_bytes
+                .get_or_create(&labels)
+                .set(p.bytes_changed as i64);
+            self.last_pass_files
+                .get_or_create(&labels)
+                .set(p.files_changed as i64);
+        }
+        self.not_converging
+            .get_or_create(&labels)
+            .set(i64::from(i.not_converging));
+        // A downtime window closes: one observation for the fleet histogram.
+        if let Some(before) = seen.insert(name, i.phase) {
+            if before.is_down() && !i.phase.is_down() {
+                if let (Some(s), Some(e)) = (i.downtime_start_ms, i.downtime_end_ms) {
+                    self.downtime.observe((e - s) as f64 / 1000.0);
+                }
+            }
         }
     }
 

@@ -136,13 +136,20 @@ pub fn decide(
         .iter()
         .filter(|i| i.phase.is_down() || i.phase == Phase::PreWindowPass)
         .count();
+    // What every converged instance's permission shares is read once: a fleet of thousands
+    // asks at every event.
+    let shared = Shared::new(policy, specs, instances);
     for (n, (spec, i)) in specs.iter().zip(instances).enumerate() {
         if i.phase != Phase::Converged {
             continue;
         }
-        if let Ok(opening) = cold_sync_allowed(
-            policy, specs, instances, fleet, n, spec, i, now_ms, down, last_start,
-        ) {
+        // Refused for every instance alike: none of the rest can open either.
+        if down >= policy.max_concurrent_downtime as usize || stagger(policy, last_start, now_ms) {
+            break;
+        }
+        if let Ok(opening) =
+            cold_sync_allowed(policy, fleet, &shared, n, spec, i, now_ms, down, last_start)
+        {
             grants.push(Grant::ColdSync(n, opening));
             down += 1;
             last_start = Some(now_ms);
@@ -151,13 +158,49 @@ pub fn decide(
     grants
 }
 
+/// Too soon after the previous cold-sync start.
+fn stagger(policy: &Policy, last_start: Option<i64>, now_ms: i64) -> bool {
+    last_start.is_some_and(|t| now_ms < t + policy.min_stagger_secs as i64 * 1000)
+}
+
+/// What every cold sync's permission depends on besides the instance itself.
+struct Shared {
+    /// Failed and rolled-back instances.
+    failed: usize,
+    /// How many canaries the fleet has.
+    canaries: usize,
+    /// Every canary is Done.
+    canaries_done: bool,
+    /// The first instance not finished (the fleet's length when all are).
+    first_unfinished: usize,
+}
+
+impl Shared {
+    fn new(policy: &Policy, specs: &[InstanceSpec], instances: &[Instance]) -> Self {
+        let canaries = (policy.canary_count as usize).min(specs.len());
+        Shared {
+            failed: instances
+                .iter()
+                .filter(|i| matches!(i.phase, Phase::Failed | Phase::RolledBack))
+                .count(),
+            canaries,
+            canaries_done: instances[..canaries.min(instances.len())]
+                .iter()
+                .all(|i| i.phase == Phase::Done),
+            first_unfinished: instances
+                .iter()
+                .position(|i| !i.phase.is_final())
+                .unwrap_or(instances.len()),
+        }
+    }
+}
+
 /// Whether instance `n` may open its cold sync now; Ok with the window's end.
 #[allow(clippy::too_many_arguments)]
-pub fn cold_sync_allowed(
+fn cold_sync_allowed(
     policy: &Policy,
-    specs: &[InstanceSpec],
-    instances: &[Instance],
     fleet: &FleetState,
+    shared: &Shared,
     n: usize,
     spec: &InstanceSpec,
     instance: &Instance,
@@ -168,31 +211,26 @@ pub fn cold_sync_allowed(
     if fleet.paused {
         return Err(Wait::FleetPaused);
     }
-    let failed = instances
-        .iter()
-        .filter(|i| matches!(i.phase, Phase::Failed | Phase::RolledBack))
-        .count();
-    if failed >= policy.failure_budget as usize && policy.failure_budget > 0 {
+    if shared.failed >= policy.failure_budget as usize && policy.failure_budget > 0 {
         return Err(Wait::FailureBudget);
     }
-    let canaries = (policy.canary_count as usize).min(specs.len());
-    if n < canaries {
+    if n < shared.canaries {
         // A canary goes alone, and after the canaries before it.
-        if down > 0 || instances[..n].iter().any(|i| !i.phase.is_final()) {
+        if down > 0 || shared.first_unfinished < n {
             return Err(Wait::Canaries);
         }
     } else {
-        if instances[..canaries].iter().any(|i| i.phase != Phase::Done) {
+        if !shared.canaries_done {
             return Err(Wait::Canaries);
         }
-        if canaries > 0 && policy.canary_approval && !fleet.approved {
+        if shared.canaries > 0 && policy.canary_approval && !fleet.approved {
             return Err(Wait::Approval);
         }
     }
     if down >= policy.max_concurrent_downtime as usize {
         return Err(Wait::Concurrency);
     }
-    if last_start.is_some_and(|t| now_ms < t + policy.min_stagger_secs as i64 * 1000) {
+    if stagger(policy, last_start, now_ms) {
         return Err(Wait::Stagger);
     }
     let now = Timestamp::from_millisecond(now_ms).map_err(|_| Wait::NoWindow)?;

@@ -15,7 +15,10 @@
 //! `standin-admin0-expired` (login answers Expired), `standin-firewall-host-fails` (the
 //! firewall task logs "Host … failed updated" and still ends Success), `standin-maps-stuck`
 //! (the repair's map rebuild never happens), `standin-maps-delay-ms` (how long the rebuild
-//! waits; BlueMind throttles it by 10 s).
+//! waits; BlueMind throttles it by 10 s), `standin-api-500` (a count: that many next calls
+//! answer HTTP 500 with a ServerFault, as BlueMind's REST layer does for an internal error),
+//! `standin-api-hang` (a count: that many next calls answer only after
+//! `standin-api-hang-ms`, 60 s by default: a core that hangs).
 //!
 //! Every call is recorded, one JSON object a line, in `var/log/standin-api.jsonl`.
 
@@ -73,47 +76,77 @@ pub fn serve(root: &Path, listener: TcpListener, port: u16) -> std::io::Result<(
         next: 0,
     }));
     std::thread::spawn(move || {
-        for mut request in server.incoming_requests() {
-            let mut body = String::new();
-            let _ = request.as_reader().read_to_string(&mut body);
-            let key = request
-                .headers()
-                .iter()
-                .find(|h| h.field.equiv("X-BM-ApiKey"))
-                .map(|h| h.value.as_str().to_string())
-                .unwrap_or_default();
-            let method = request.method().as_str().to_string();
-            let url = request.url().to_string();
-            let (status, reply) = {
-                let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
-                let key_valid = valid_key(&s, &key);
-                let answer = handle(&mut s, &method, &url, &key, &body);
-                let record = json!({
-                    "port": port, "method": method, "url": url, "api_key_valid": key_valid,
-                    "body": body, "status": answer.0,
-                });
-                if let Ok(mut f) = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(s.root.join("var/log/standin-api.jsonl"))
-                {
-                    let _ = writeln!(f, "{record}");
-                }
-                answer
-            };
-            let text = match &reply {
-                // A `void` method answers no body (ISystemConfiguration.updateMutableValues).
-                None => String::new(),
-                Some(v) => v.to_string(),
-            };
-            let mut response = tiny_http::Response::from_string(text).with_status_code(status);
-            if let Ok(h) = tiny_http::Header::from_bytes("Content-Type", "application/json") {
-                response.add_header(h);
-            }
-            let _ = request.respond(response);
+        for request in server.incoming_requests() {
+            // One thread a call: a hanging call does not hold up the others.
+            let state = state.clone();
+            std::thread::spawn(move || answer(&state, request, port));
         }
     });
     Ok(())
+}
+
+/// Takes one from the count in `etc/bm/NAME` (an injected failure); whether there was one.
+fn take_one(root: &Path, name: &str) -> bool {
+    let path = root.join("etc/bm").join(name);
+    let left: u64 = read(root, &format!("etc/bm/{name}")).parse().unwrap_or(0);
+    left > 0 && std::fs::write(&path, (left - 1).to_string()).is_ok()
+}
+
+fn answer(state: &Mutex<ApiState>, mut request: tiny_http::Request, port: u16) {
+    // Taken under the lock: concurrent calls never take the same one.
+    let (root, hang, injected_500) = {
+        let s = state.lock().unwrap_or_else(|p| p.into_inner());
+        let hang = take_one(&s.root, "standin-api-hang");
+        let failing = take_one(&s.root, "standin-api-500");
+        (s.root.clone(), hang, failing)
+    };
+    if hang {
+        let ms = read(&root, "etc/bm/standin-api-hang-ms")
+            .parse()
+            .unwrap_or(60_000);
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+    let mut body = String::new();
+    let _ = request.as_reader().read_to_string(&mut body);
+    let key = request
+        .headers()
+        .iter()
+        .find(|h| h.field.equiv("X-BM-ApiKey"))
+        .map(|h| h.value.as_str().to_string())
+        .unwrap_or_default();
+    let method = request.method().as_str().to_string();
+    let url = request.url().to_string();
+    let (status, reply) = {
+        let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+        let key_valid = valid_key(&s, &key);
+        let answer = if injected_500 {
+            fault(500, "FAILURE", "injected internal error")
+        } else {
+            handle(&mut s, &method, &url, &key, &body)
+        };
+        let record = json!({
+            "port": port, "method": method, "url": url, "api_key_valid": key_valid,
+            "body": body, "status": answer.0,
+        });
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(s.root.join("var/log/standin-api.jsonl"))
+        {
+            let _ = writeln!(f, "{record}");
+        }
+        answer
+    };
+    let text = match &reply {
+        // A `void` method answers no body (ISystemConfiguration.updateMutableValues).
+        None => String::new(),
+        Some(v) => v.to_string(),
+    };
+    let mut response = tiny_http::Response::from_string(text).with_status_code(status);
+    if let Ok(h) = tiny_http::Header::from_bytes("Content-Type", "application/json") {
+        response.add_header(h);
+    }
+    let _ = request.respond(response);
 }
 
 type Answer = (u16, Option<Value>);

@@ -1,7 +1,8 @@
 //! The chaos campaign: N BlueMind pairs migrate in the network lab while faults land at
 //! random moments from a seed (a run replays its fault schedule exactly): orchestrator SIGKILL
 //! and SIGTERM, agent SIGKILL on origins and targets, network partitions of one host or of the
-//! orchestrator (link down for a while). Invariants are checked while it runs (the service IP
+//! orchestrator (link down for a while), a target's BlueMind API answering 500 or hanging, a
+//! target's PostgreSQL crashing. Invariants are checked while it runs (the service IP
 //! of every instance held by at most one host, sampled 10 times a second) and at the end (every
 //! instance finished; Done ones have every delivered message and the databases; rolled-back
 //! ones serve on the origin; no grant left valid, no replication slot or role on an origin,
@@ -249,12 +250,13 @@ pub fn run(params: ChaosParams, mut progress: impl FnMut(&str)) -> ChaosReport {
             std::thread::sleep(millis(&mut rng, params.max_gap_ms / 10, params.max_gap_ms));
             let at_secs = started.elapsed().as_secs_f64();
             let host = hosts[rng.below(hosts.len() as u64) as usize].clone();
-            let (kind, target) = match rng.below(5) {
-                0 => {
+            let target_host = format!("target-{}", 1 + rng.below(params.pairs as u64));
+            let (kind, target) = match rng.below(10) {
+                0 | 1 => {
                     fleet.restart_orchestrator();
                     ("orchestrator SIGKILL", "orch".to_string())
                 }
-                1 => {
+                2 => {
                     fleet.lab.signal_matching(
                         "orch",
                         "bmfleet-orchestrator",
@@ -263,13 +265,13 @@ pub fn run(params: ChaosParams, mut progress: impl FnMut(&str)) -> ChaosReport {
                     fleet.start_orchestrator();
                     ("orchestrator SIGTERM", "orch".to_string())
                 }
-                2 | 3 => {
+                3..=5 => {
                     fleet.kill_agent(&host);
                     std::thread::sleep(millis(&mut rng, 200, 2000));
                     fleet.start_agent(&host);
                     ("agent SIGKILL", host)
                 }
-                _ => {
+                6 | 7 => {
                     let (name, kind) = if rng.below(4) == 0 {
                         ("orch".to_string(), "orchestrator partition")
                     } else {
@@ -279,6 +281,28 @@ pub fn run(params: ChaosParams, mut progress: impl FnMut(&str)) -> ChaosReport {
                     std::thread::sleep(millis(&mut rng, 1000, params.max_partition_secs * 1000));
                     fleet.lab.ip(&name, &["link", "set", "eth0", "up"]);
                     (kind, name)
+                }
+                8 => {
+                    // The target's core answers the next call with HTTP 500, or hangs on it
+                    // longer than the agent waits: the post-migration step retries.
+                    let bm = fleet.root(&target_host).join("etc/bm");
+                    let kind = if rng.below(2) == 0 {
+                        let _ = std::fs::write(bm.join("standin-api-500"), "1");
+                        "BlueMind API 500"
+                    } else {
+                        let _ = std::fs::write(bm.join("standin-api-hang"), "1");
+                        "BlueMind API hang"
+                    };
+                    (kind, target_host)
+                }
+                _ => {
+                    // The target's PostgreSQL crashes (restore, catch-up, promotion, or a
+                    // standby following) and comes back.
+                    let pause = millis(&mut rng, 200, 3000);
+                    if !fleet.pg(&target_host).crash_and_restart(pause) {
+                        continue;
+                    }
+                    ("target PostgreSQL crash", target_host)
                 }
             };
             progress(&format!("{at_secs:>7.1} s  {kind:<24} {target}"));

@@ -729,17 +729,18 @@ announce_period_ms = 4000
 }
 
 /// Even pairs' targets log in as admin0 (with the origin's password: BlueMind's database,
-/// and so admin0, comes from the origin); the others use the bm-core token.
+/// and so admin0, comes from the origin); the others use the bm-core token. A call that hangs
+/// fails after 5 s (the lab's injected hangs).
 fn api_auth(name: &str) -> String {
-    match name
+    let mut section = String::from("[bluemind_api]\nrequest_timeout_secs = 5\n");
+    if let Some(n) = name
         .strip_prefix("target-")
         .and_then(|n| n.parse::<usize>().ok())
+        .filter(|n| n % 2 == 0)
     {
-        Some(n) if n % 2 == 0 => {
-            format!("[bluemind_api]\nadmin0_password = \"admin-origin-{n}\"\n")
-        }
-        _ => String::new(),
+        section += &format!("admin0_password = \"admin-origin-{n}\"\n");
     }
+    section
 }
 
 /// Messages per mailbox of a big spool.

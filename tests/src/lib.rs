@@ -463,11 +463,7 @@ impl PgCluster {
     /// Restarts the cluster (a setting that needs it, e.g. `wal_level`).
     pub fn restart(&self) {
         for action in ["stop", "start"] {
-            let mut argv = self.pg_ctl_argv(action);
-            if let Some(ns) = &self.netns {
-                let prefix = ["ip", "netns", "exec", ns.as_str()];
-                argv.splice(0..0, prefix.iter().map(|s| s.to_string()));
-            }
+            let argv = self.pg_ctl_here(action);
             let out = Command::new(&argv[0])
                 .args(&argv[1..])
                 .output()
@@ -478,6 +474,39 @@ impl PgCluster {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
+    }
+
+    /// Crashes the cluster if it runs (an immediate shutdown: no checkpoint, crash recovery at
+    /// the next start) and starts it again after `pause`, as its service manager would;
+    /// whether it ran.
+    pub fn crash_and_restart(&self, pause: Duration) -> bool {
+        let status = self.pg_ctl_here("status");
+        let running = Command::new(&status[0])
+            .args(&status[1..])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !running {
+            return false;
+        }
+        let mut stop = self.pg_ctl_here("stop");
+        if let Some(m) = stop.iter().position(|a| a == "fast") {
+            stop[m] = "immediate".into();
+        }
+        let _ = Command::new(&stop[0]).args(&stop[1..]).output();
+        std::thread::sleep(pause);
+        let start = self.pg_ctl_here("start");
+        let _ = Command::new(&start[0]).args(&start[1..]).output();
+        true
+    }
+
+    /// `pg_ctl ACTION` as the tests run it: inside the cluster's namespace.
+    fn pg_ctl_here(&self, action: &str) -> Vec<String> {
+        let mut argv = self.pg_ctl_argv(action);
+        if let Some(ns) = &self.netns {
+            let prefix = ["ip", "netns", "exec", ns.as_str()];
+            argv.splice(0..0, prefix.iter().map(|s| s.to_string()));
+        }
+        argv
     }
 
     /// The agent's settings for this cluster on a target that may follow its origin (data

@@ -290,6 +290,48 @@ fn an_agent_killed_during_a_hot_pass_comes_back_and_the_migration_converges() {
 }
 
 #[test]
+fn a_bluemind_api_that_hangs_or_errs_is_retried_until_the_post_migration_succeeds() {
+    let _one = one_lab();
+    let fleet = LabFleet::build(LabParams {
+        pairs: 1,
+        logical_pair: None,
+        ..LabParams::default()
+    });
+    // The target's core hangs on the first call (the agent gives up after 5 s) and answers
+    // HTTP 500 to the first two.
+    let bm = fleet.root("target-1").join("etc/bm");
+    for (name, value) in [
+        ("standin-api-hang", "1"),
+        ("standin-api-hang-ms", "20000"),
+        ("standin-api-500", "2"),
+    ] {
+        std::fs::write(bm.join(name), value).unwrap();
+    }
+    fleet.apply().unwrap();
+    all_done(&fleet);
+    let events = String::from_utf8_lossy(
+        &fleet
+            .bmctl(&["fleet", "events", "mail-1", "--limit", "1000"])
+            .stdout,
+    )
+    .into_owned();
+    let failed: Vec<&str> = events
+        .lines()
+        .filter(|l| l.contains("\"Failed\":{\"step\":\"PostMigration\""))
+        .collect();
+    assert_eq!(failed.len(), 2, "{events}");
+    assert!(failed.iter().any(|l| l.contains("500")), "{events}");
+    // The third attempt did the work: BlueMind kept the target's address, not the origin's.
+    let stored: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(bm.join("standin-configuration.json")).unwrap(),
+    )
+    .unwrap();
+    let kept = bmfleet_agent::post_migration::networks(stored["mynetworks"].as_str().unwrap());
+    assert!(kept.contains("198.18.0.3/32"), "{kept:?}");
+    assert!(!kept.contains("198.18.0.2/32"), "{kept:?}");
+}
+
+#[test]
 fn three_instances_migrate_with_no_mail_lost() {
     let _one = one_lab();
     let fleet = LabFleet::build(LabParams::default());
