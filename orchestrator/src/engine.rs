@@ -428,7 +428,10 @@ impl Engine {
             .zip(&self.instances)
             .filter(|(_, i)| i.phase == Phase::Converged)
         {
-            if !windows.contains(&spec.windows.as_slice()) {
+            if !windows
+                .iter()
+                .any(|w| crate::windows::same(w, &spec.windows))
+            {
                 windows.push(&spec.windows);
             }
         }

@@ -263,8 +263,9 @@ pub struct Policy {
     pub failure_budget: u32,
     /// Default downtime budget, seconds.
     pub downtime_budget_secs: u64,
-    /// Default maintenance windows.
-    pub windows: Vec<Window>,
+    /// Default maintenance windows (shared by every instance that has none of its own: the
+    /// scheduler recognizes a list by its address, not by comparing time zones).
+    pub windows: std::sync::Arc<Vec<Window>>,
     /// Default rates for projections.
     pub rates: Rates,
     /// The final pass moves only what the origin's change journal recorded since the
@@ -292,7 +293,7 @@ pub struct InstanceSpec {
     /// BlueMind version family.
     pub profile: Profile,
     /// Maintenance windows (the fleet's unless overridden).
-    pub windows: Vec<Window>,
+    pub windows: std::sync::Arc<Vec<Window>>,
     /// Downtime budget, seconds.
     pub downtime_budget_secs: u64,
     /// mynetworks value to set; None: replace the origin's address with the target's.
@@ -399,7 +400,7 @@ impl FleetFile {
                     .map_err(|m| err(d.span(), "fleet.db_sync".into(), m))?,
                 None => DbSync::Auto,
             },
-            windows: parse_windows(&p.windows, "fleet.windows")?,
+            windows: std::sync::Arc::new(parse_windows(&p.windows, "fleet.windows")?),
             rates: p.rates,
         };
         let mut names: HashMap<String, usize> = HashMap::new();
@@ -472,7 +473,7 @@ impl FleetFile {
                 }
             };
             let windows = match &r.windows {
-                Some(w) => parse_windows(w, &field("windows"))?,
+                Some(w) => std::sync::Arc::new(parse_windows(w, &field("windows"))?),
                 None => policy.windows.clone(),
             };
             if windows.is_empty() {

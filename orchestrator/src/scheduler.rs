@@ -138,7 +138,7 @@ pub fn decide(
         .count();
     // What every converged instance's permission shares is read once: a fleet of thousands
     // asks at every event.
-    let shared = Shared::new(policy, specs, instances);
+    let mut shared = Shared::new(policy, specs, instances);
     for (n, (spec, i)) in specs.iter().zip(instances).enumerate() {
         if i.phase != Phase::Converged {
             continue;
@@ -147,9 +147,17 @@ pub fn decide(
         if down >= policy.max_concurrent_downtime as usize || stagger(policy, last_start, now_ms) {
             break;
         }
-        if let Ok(opening) =
-            cold_sync_allowed(policy, fleet, &shared, n, spec, i, now_ms, down, last_start)
-        {
+        if let Ok(opening) = cold_sync_allowed(
+            policy,
+            fleet,
+            &mut shared,
+            n,
+            spec,
+            i,
+            now_ms,
+            down,
+            last_start,
+        ) {
             grants.push(Grant::ColdSync(n, opening));
             down += 1;
             last_start = Some(now_ms);
@@ -164,7 +172,7 @@ fn stagger(policy: &Policy, last_start: Option<i64>, now_ms: i64) -> bool {
 }
 
 /// What every cold sync's permission depends on besides the instance itself.
-struct Shared {
+struct Shared<'a> {
     /// Failed and rolled-back instances.
     failed: usize,
     /// How many canaries the fleet has.
@@ -173,9 +181,12 @@ struct Shared {
     canaries_done: bool,
     /// The first instance not finished (the fleet's length when all are).
     first_unfinished: usize,
+    /// The window open now of each distinct list of windows (most instances share the
+    /// fleet's): time-zone arithmetic once per list, not once per instance.
+    open: Vec<(&'a [windows::Window], Option<windows::Opening>)>,
 }
 
-impl Shared {
+impl<'a> Shared<'a> {
     fn new(policy: &Policy, specs: &[InstanceSpec], instances: &[Instance]) -> Self {
         let canaries = (policy.canary_count as usize).min(specs.len());
         Shared {
@@ -191,18 +202,29 @@ impl Shared {
                 .iter()
                 .position(|i| !i.phase.is_final())
                 .unwrap_or(instances.len()),
+            open: Vec::new(),
         }
+    }
+
+    /// The window of `list` open at `now`.
+    fn open_at(&mut self, list: &'a [windows::Window], now: Timestamp) -> Option<windows::Opening> {
+        if let Some((_, opening)) = self.open.iter().find(|(l, _)| windows::same(l, list)) {
+            return *opening;
+        }
+        let opening = windows::open_at(list, now);
+        self.open.push((list, opening));
+        opening
     }
 }
 
 /// Whether instance `n` may open its cold sync now; Ok with the window's end.
 #[allow(clippy::too_many_arguments)]
-fn cold_sync_allowed(
+fn cold_sync_allowed<'a>(
     policy: &Policy,
     fleet: &FleetState,
-    shared: &Shared,
+    shared: &mut Shared<'a>,
     n: usize,
-    spec: &InstanceSpec,
+    spec: &'a InstanceSpec,
     instance: &Instance,
     now_ms: i64,
     down: usize,
@@ -234,7 +256,7 @@ fn cold_sync_allowed(
         return Err(Wait::Stagger);
     }
     let now = Timestamp::from_millisecond(now_ms).map_err(|_| Wait::NoWindow)?;
-    let opening = windows::open_at(&spec.windows, now).ok_or(Wait::NoWindow)?;
+    let opening = shared.open_at(&spec.windows, now).ok_or(Wait::NoWindow)?;
     let projected = projected_downtime_ms(spec, instance, policy);
     if projected > spec.downtime_budget_secs as i64 * 1000 {
         return Err(Wait::OverBudget);

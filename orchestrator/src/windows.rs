@@ -142,6 +142,12 @@ impl Window {
     }
 }
 
+/// Whether two lists of windows are the same: the same list (by address: instances share the
+/// fleet's), else equal (comparing time zones is slow).
+pub fn same(a: &[Window], b: &[Window]) -> bool {
+    std::ptr::eq(a, b) || a == b
+}
+
 /// The opening (of any of `windows`) that `at` falls in, the one closing last if several.
 pub fn open_at(windows: &[Window], at: Timestamp) -> Option<Opening> {
     windows
