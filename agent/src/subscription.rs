@@ -502,13 +502,16 @@ pub async fn promote(
             .ok_or_else(|| format!("the origin's WAL position {:?} is not an LSN", position.lsn))?;
         let wanted = standby::caught_up_at(insert, position.segment_size);
         let mut stopped_since = None;
-        loop {
+        // Subscriptions already gone: an earlier request caught up and detached them, then
+        // stopped (the agent restarted); the comparison below is the proof either way.
+        let mut waiting = subscribed(config, &logical).await?;
+        while waiting {
             let progress = progress(&owner, &logical, own_version).await?;
             progress.check(&mut stopped_since)?;
-            if progress.not_ready == 0 && progress.lowest.is_some_and(|l| l >= wanted) {
-                break;
+            waiting = progress.not_ready > 0 || progress.lowest.is_none_or(|l| l < wanted);
+            if waiting {
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         tracing::info!(origin = %origin.name, caught_up_ms = started.elapsed().as_millis() as u64, "the subscriptions caught up");
         // The data is final: detaching and this host's checksums run side by side.
@@ -582,6 +585,29 @@ async fn set_sequences(
             .map_err(|e| format!("setting the sequences of {}: {e}", db.name))?;
     }
     Ok(())
+}
+
+/// Whether any of the follow's subscriptions exists.
+async fn subscribed(config: &AgentConfig, logical: &LogicalFollow) -> Result<bool, String> {
+    let names: Vec<String> = logical
+        .subscriptions
+        .iter()
+        .map(|(_, s)| literal(s))
+        .collect();
+    if names.is_empty() {
+        return Ok(false);
+    }
+    let out = Connection::admin(&config.postgresql)
+        .psql(
+            "postgres",
+            &format!(
+                "SELECT count(*) FROM pg_catalog.pg_subscription WHERE subname IN ({});\n",
+                names.join(", ")
+            ),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(out.trim() != "0")
 }
 
 /// Disables the subscriptions, detaches them from their slots (the origin drops those with

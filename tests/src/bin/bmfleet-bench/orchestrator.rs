@@ -226,8 +226,6 @@ pub fn run(pairs: usize, max_down: u32) -> anyhow::Result<()> {
     let mut s = samples.lock().unwrap_or_else(|p| p.into_inner()).clone();
     s.sort_by(|a, b| a.total_cmp(b));
     let pct = |p: f64| quantile(&s, p);
-    // Measured after the run above (CPU and RSS are the whole process's).
-    let (table, json) = bmctl_latency(&fleet_text(pairs, max_down), transitions / 2, 20)?;
     let done = instances.iter().filter(|i| i.phase == Phase::Done).count();
     println!("pairs                 {pairs}");
     println!("finished              {stop:?}, {done}/{pairs} Done");
@@ -246,6 +244,14 @@ pub fn run(pairs: usize, max_down: u32) -> anyhow::Result<()> {
         pct(1.0),
         s.len()
     );
+    // Measured after the run above (CPU and RSS are the whole process's, printed first).
+    let (table, json) = match bmctl_latency(&fleet_text(pairs, max_down), transitions / 2, 20) {
+        Ok(samples) => samples,
+        Err(e) => {
+            println!("bmctl fleet status    failed: {e:#}");
+            (Vec::new(), Vec::new())
+        }
+    };
     for (what, samples) in [("table", &table), ("--output json", &json)] {
         println!(
             "bmctl fleet status    {what}: p50 {:.0} ms, p95 {:.0} ms ({} runs, halfway through)",
