@@ -43,6 +43,8 @@ pub struct DataPlane {
     pub metrics: Arc<crate::metrics::AgentMetrics>,
     /// rsync and pg_dump children running, in all and per grant.
     pub children: Admission<String>,
+    /// Replication connections relayed, in all and per grant.
+    pub relays: Admission<String>,
     /// The change journals of the instances this origin serves.
     pub changes: Arc<ChangeJournals>,
 }
@@ -141,7 +143,11 @@ impl DataPlane {
             }
         };
         // Each request runs one child (rsync, pg_dump) or a query: bounded per grant and in all.
-        let _child = match self.children.admit(grant.id.clone()) {
+        let admission = match request {
+            TunnelRequest::Replication { .. } => &self.relays,
+            _ => &self.children,
+        };
+        let _child = match admission.admit(grant.id.clone()) {
             Ok(t) => t,
             Err(e) => {
                 tracing::warn!(?peer, caller = %caller, grant = %grant.id, reason = %e, "data plane: too many transfers");

@@ -167,6 +167,7 @@ impl AgentService {
             grants: self.grants.clone(),
             metrics: self.metrics.clone(),
             children: bmfleet_proto::admission::Admission::new(Limits::CHILDREN),
+            relays: bmfleet_proto::admission::Admission::new(Limits::RELAYS),
             changes: self.changes.clone(),
         })
     }

@@ -366,30 +366,54 @@ struct Progress {
     stopped: u64,
 }
 
-/// How long a subscription may stay without a running worker before following fails.
+/// How long the subscriptions may go without a running worker, or keep meeting errors
+/// without getting anywhere, before following (or catching up) fails.
 const WORKER_GRACE: Duration = Duration::from_secs(30);
 
-impl Progress {
-    /// An error when the subscriptions cannot get anywhere (`stopped_since`: when their
-    /// workers were first seen stopped).
-    fn check(&self, stopped_since: &mut Option<Instant>) -> Result<(), String> {
-        if self.errors > 0 {
+/// Watches the subscriptions across polls: a transient error (the origin's agent restarting,
+/// a relay reconnecting) is retried by PostgreSQL and passes; errors that keep coming while
+/// nothing advances, or workers that stay stopped, fail.
+#[derive(Debug, Default)]
+struct Watch {
+    stopped_since: Option<Instant>,
+    failing_since: Option<Instant>,
+    errors: u64,
+    last: (u64, u64),
+}
+
+impl Watch {
+    fn check(&mut self, p: &Progress) -> Result<(), String> {
+        let now = Instant::now();
+        let position = (p.not_ready, p.lowest.unwrap_or(0));
+        let advanced = position != self.last;
+        self.last = position;
+        if p.errors > self.errors {
+            self.errors = p.errors;
+            self.failing_since.get_or_insert(now);
+        } else if advanced {
+            self.failing_since = None;
+        }
+        if self
+            .failing_since
+            .is_some_and(|since| since.elapsed() > WORKER_GRACE)
+        {
             return Err(format!(
-                "the subscriptions met {} error(s) copying or applying the origin's rows (this \
-                 host's PostgreSQL log says which)",
-                self.errors
+                "the subscriptions keep meeting errors copying or applying the origin's rows ({} \
+                 so far, nothing advanced for {} s; this host's PostgreSQL log says which)",
+                p.errors,
+                WORKER_GRACE.as_secs()
             ));
         }
-        if self.stopped == 0 {
-            *stopped_since = None;
+        if p.stopped == 0 {
+            self.stopped_since = None;
             return Ok(());
         }
-        let since = *stopped_since.get_or_insert_with(Instant::now);
+        let since = *self.stopped_since.get_or_insert(now);
         if since.elapsed() > WORKER_GRACE {
             return Err(format!(
                 "{} subscription(s) have had no running worker for {} s (this host's PostgreSQL \
                  log says why: max_logical_replication_workers, the relay, the origin)",
-                self.stopped,
+                p.stopped,
                 WORKER_GRACE.as_secs()
             ));
         }
@@ -451,10 +475,10 @@ async fn wait_ready(
 ) -> Result<(), String> {
     let logical = state.logical.as_ref().ok_or("not a logical follow")?;
     let owner = Connection::owner(&config.postgresql, state.bluemind_password.clone());
-    let mut stopped_since = None;
+    let mut watch = Watch::default();
     loop {
         let progress = progress(&owner, logical, own_version).await?;
-        progress.check(&mut stopped_since)?;
+        watch.check(&progress)?;
         if progress.not_ready == 0 {
             return Ok(());
         }
@@ -501,13 +525,13 @@ pub async fn promote(
         let insert = standby::parse_lsn(&position.lsn)
             .ok_or_else(|| format!("the origin's WAL position {:?} is not an LSN", position.lsn))?;
         let wanted = standby::caught_up_at(insert, position.segment_size);
-        let mut stopped_since = None;
+        let mut watch = Watch::default();
         // Subscriptions already gone: an earlier request caught up and detached them, then
         // stopped (the agent restarted); the comparison below is the proof either way.
         let mut waiting = subscribed(config, &logical).await?;
         while waiting {
             let progress = progress(&owner, &logical, own_version).await?;
-            progress.check(&mut stopped_since)?;
+            watch.check(&progress)?;
             waiting = progress.not_ready > 0 || progress.lowest.is_none_or(|l| l < wanted);
             if waiting {
                 tokio::time::sleep(Duration::from_millis(20)).await;

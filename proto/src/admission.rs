@@ -33,6 +33,13 @@ impl Limits {
         max_connections: 16,
         max_per_peer: 4,
     };
+    /// Replication connections an origin relays to its PostgreSQL at once, in all and per
+    /// grant: a subscriber opens one per database and its table-sync workers more (the
+    /// replication role's own connection limit is 8).
+    pub const RELAYS: Limits = Limits {
+        max_connections: 32,
+        max_per_peer: 8,
+    };
 }
 
 /// Counts a listener's connections (or any holder's places, keyed by `K`: a peer address, a

@@ -2512,7 +2512,12 @@ async fn a_subscription_across_majors_follows_writes_up_to_the_stop_and_takes_ov
     p.grant_with(replication_grant("grant-0400-replication"))
         .await;
     let reply = follow_logically(&mut p, "m1/follow/l1", "grant-0400-replication").await;
-    assert!(reply.ok, "{}", reply.error);
+    assert!(
+        reply.ok,
+        "{}\n{}",
+        reply.error,
+        std::fs::read_to_string(target_pg.dir().join("log")).unwrap_or_default()
+    );
 
     // The origin publishes both databases; tables without a usable identity got one (a unique
     // index on non-null columns when there is one), or BlueMind's updates would fail there.
