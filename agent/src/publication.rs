@@ -174,6 +174,18 @@ fn parse_tables(out: &str) -> Vec<TableInfo> {
         .collect()
 }
 
+/// BlueMind's own role on this host (it owns the tables), with its password from bm.ini.
+fn bluemind_role(config: &AgentConfig) -> Connection {
+    let pg_config = &config.postgresql;
+    Connection::bluemind(
+        pg_config,
+        crate::pg::bluemind_password(
+            &config.host_path(std::path::Path::new("/etc/bm/bm.ini")),
+            &pg_config.password,
+        ),
+    )
+}
+
 fn qualified(schema: &str, table: &str) -> String {
     format!("{}.{}", ident(schema), ident(table))
 }
@@ -195,13 +207,7 @@ pub async fn prepare(
              SET wal_level = logical, then a restart of its PostgreSQL), or use db_sync = \"dump\""
         ));
     }
-    let owner = Connection::bluemind(
-        pg_config,
-        crate::pg::bluemind_password(
-            &config.host_path(std::path::Path::new("/etc/bm/bm.ini")),
-            &pg_config.password,
-        ),
-    );
+    let owner = bluemind_role(config);
     let present = owner
         .existing_databases(&pg_config.databases)
         .await
@@ -400,13 +406,7 @@ pub async fn remove(config: &AgentConfig, leftover: &Leftover) -> Result<(), Str
         )
         .await
         .map_err(|e| e.to_string())?;
-    let owner = Connection::bluemind(
-        pg_config,
-        crate::pg::bluemind_password(
-            &config.host_path(std::path::Path::new("/etc/bm/bm.ini")),
-            &pg_config.password,
-        ),
-    );
+    let owner = bluemind_role(config);
     let present = admin
         .existing_databases(
             &record

@@ -235,7 +235,7 @@ fn data_dir_major(dir: &Path) -> Result<u32, String> {
 }
 
 /// The major of a `server_version_num` (150004 → 15).
-fn major(server_version_num: u32) -> u32 {
+pub fn major(server_version_num: u32) -> u32 {
     server_version_num / 10_000
 }
 
@@ -282,16 +282,22 @@ pub async fn follow(
     origin: &OriginEndpoint,
 ) -> FollowDatabasesReply {
     let started = Instant::now();
-    match follow_inner(config, tls, relay, origin).await {
+    follow_reply(started, follow_inner(config, tls, relay, origin).await)
+}
+
+/// The reply to a follow that started at `started`: the bytes copied, or why it failed.
+pub fn follow_reply(started: Instant, followed: Result<u64, String>) -> FollowDatabasesReply {
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    match followed {
         Ok(bytes) => FollowDatabasesReply {
             ok: true,
             base_backup_bytes: bytes,
-            elapsed_ms: started.elapsed().as_millis() as u64,
+            elapsed_ms,
             ..Default::default()
         },
         Err(error) => FollowDatabasesReply {
             error,
-            elapsed_ms: started.elapsed().as_millis() as u64,
+            elapsed_ms,
             ..Default::default()
         },
     }

@@ -62,10 +62,6 @@ fn names(grant_id: &str, database_index: usize) -> (String, String) {
     )
 }
 
-fn major(server_version_num: u32) -> u32 {
-    server_version_num / 10_000
-}
-
 /// Subscribes this host's BlueMind databases to the origin's publications (grant with the
 /// replication scope). Never fails as a call.
 pub async fn follow(
@@ -74,20 +70,10 @@ pub async fn follow(
     relay: &Relay,
     origin: &OriginEndpoint,
 ) -> FollowDatabasesReply {
-    let started = Instant::now();
-    match follow_inner(config, tls, relay, origin).await {
-        Ok(bytes) => FollowDatabasesReply {
-            ok: true,
-            base_backup_bytes: bytes,
-            elapsed_ms: started.elapsed().as_millis() as u64,
-            ..Default::default()
-        },
-        Err(error) => FollowDatabasesReply {
-            error,
-            elapsed_ms: started.elapsed().as_millis() as u64,
-            ..Default::default()
-        },
-    }
+    standby::follow_reply(
+        Instant::now(),
+        follow_inner(config, tls, relay, origin).await,
+    )
 }
 
 async fn follow_inner(
@@ -127,12 +113,12 @@ async fn follow_inner(
         "the origin's publication ticket",
     )
     .await?;
-    if major(own_version) < major(ticket.server_version_num) {
+    if standby::major(own_version) < standby::major(ticket.server_version_num) {
         return Err(format!(
             "the origin runs PostgreSQL {} and this host {}: a subscriber must be the same \
              major or newer",
-            major(ticket.server_version_num),
-            major(own_version)
+            standby::major(ticket.server_version_num),
+            standby::major(own_version)
         ));
     }
     // The target's own names; the origin only says which of them it publishes.
@@ -254,7 +240,7 @@ async fn subscribe(
     let admin = Connection::admin(pg);
     let logical = state.logical.as_ref().ok_or("not a logical follow")?;
     let role = ident(&logical.role);
-    let before_16 = major(own_version) < 16;
+    let before_16 = standby::major(own_version) < 16;
     let mut sql = format!(
         "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = {name}) THEN CREATE ROLE {role}; END IF; END $$;\n\
          ALTER ROLE {role} WITH LOGIN PASSWORD NULL NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS {power};\n\
@@ -429,7 +415,7 @@ async fn progress(
     let mut p = Progress::default();
     for (database, subscription) in &logical.subscriptions {
         let sub = literal(subscription);
-        let error_count = if major(own_version) >= 15 {
+        let error_count = if standby::major(own_version) >= 15 {
             format!("(SELECT apply_error_count + sync_error_count FROM pg_catalog.pg_stat_subscription_stats WHERE subname = {sub})")
         } else {
             "0".to_string()

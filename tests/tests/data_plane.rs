@@ -1929,6 +1929,35 @@ fn wait_sql(pg: &PgCluster, db: &str, sql: &str, want: &str) {
     }
 }
 
+/// BlueMind writing on `pg`'s bj as its role, batch after batch (`batch(n)`'s SQL) until
+/// `stop`: every batch must succeed. Returns how many ran.
+fn bluemind_writes(
+    pg: &PgCluster,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    batch: impl Fn(u32) -> String + Send + 'static,
+) -> std::thread::JoinHandle<u32> {
+    let socket = pg.socket_dir();
+    let port = pg.port;
+    std::thread::spawn(move || {
+        let mut batches = 0u32;
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let out = std::process::Command::new("runuser")
+                .args(["-u", "postgres", "--", "psql", "-X", "-q", "-h"])
+                .arg(&socket)
+                .args(["-p", &port.to_string(), "-d", "bj", "-c", &batch(batches)])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "BlueMind's write failed on the origin: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            batches += 1;
+        }
+        batches
+    })
+}
+
 // Multi-threaded: the agents serve while the test waits on blocking SQL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_follows_writes_up_to_the_stop_and_is_promoted_equal_to_the_origin() {
@@ -2000,38 +2029,16 @@ async fn a_standby_follows_writes_up_to_the_stop_and_is_promoted_equal_to_the_or
     // BlueMind writes while the standby follows, right up to the stop: inserts, updates and
     // deletes on a table without a primary key (a physical standby needs none), sequences.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = {
-        let stop = stop.clone();
-        let socket = origin_pg.socket_dir();
-        let port = origin_pg.port;
-        std::thread::spawn(move || {
-            let mut batches = 0u32;
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                let i = batches;
-                let sql = format!(
-                    "SET ROLE bj; BEGIN; INSERT INTO t_nopk VALUES ({k}, 'new{i}'); \
-                     UPDATE t_nopk SET v = v || 'u' WHERE k % 13 = {m}; DELETE FROM t_nopk WHERE k = {i}; \
-                     SELECT nextval('s_ids'); \
-                     INSERT INTO t_mailbox (domain_id, login, quota) VALUES (1, 'w{i}', {i}); COMMIT;",
-                    k = 100_000 + i,
-                    m = i % 13
-                );
-                let out = std::process::Command::new("runuser")
-                    .args(["-u", "postgres", "--", "psql", "-X", "-q", "-h"])
-                    .arg(&socket)
-                    .args(["-p", &port.to_string(), "-d", "bj", "-c", &sql])
-                    .output()
-                    .unwrap();
-                assert!(
-                    out.status.success(),
-                    "{}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                batches += 1;
-            }
-            batches
-        })
-    };
+    let writer = bluemind_writes(&origin_pg, stop.clone(), |i| {
+        format!(
+            "SET ROLE bj; BEGIN; INSERT INTO t_nopk VALUES ({k}, 'new{i}'); \
+             UPDATE t_nopk SET v = v || 'u' WHERE k % 13 = {m}; DELETE FROM t_nopk WHERE k = {i}; \
+             SELECT nextval('s_ids'); \
+             INSERT INTO t_mailbox (domain_id, login, quota) VALUES (1, 'w{i}', {i}); COMMIT;",
+            k = 100_000 + i,
+            m = i % 13
+        )
+    });
     std::thread::sleep(Duration::from_secs(2));
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let batches = writer.join().unwrap();
@@ -2565,43 +2572,21 @@ async fn a_subscription_across_majors_follows_writes_up_to_the_stop_and_takes_ov
     // BlueMind writes right up to the stop: updates and deletes on tables without a primary
     // key (they must not fail on the origin), a partitioned table, sequences, the trigger.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = {
-        let stop = stop.clone();
-        let socket = origin_pg.socket_dir();
-        let port = origin_pg.port;
-        std::thread::spawn(move || {
-            let mut batches = 0u32;
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                let i = batches;
-                let sql = format!(
-                    "SET ROLE bj; BEGIN; INSERT INTO t_nopk VALUES ({k}, 'new{i}'); \
-                     UPDATE t_nopk SET v = v || 'u' WHERE k % 97 = {m}; DELETE FROM t_nopk WHERE k = {d}; \
-                     UPDATE t_uniq SET v = v || 'x' WHERE k = {u}; DELETE FROM t_uniq WHERE k = {u2}; \
-                     INSERT INTO t_changeset VALUES ({k}, 'n{i}'); UPDATE t_changeset SET item = item || '!' WHERE id = {d}; \
-                     SELECT nextval('s_ids'); \
-                     INSERT INTO t_mailbox (login, quota) VALUES ('w{i}', {i}); COMMIT;",
-                    k = 100_000 + i,
-                    m = i % 97,
-                    d = i + 1,
-                    u = 1 + i % 400,
-                    u2 = 401 + i % 100,
-                );
-                let out = std::process::Command::new("runuser")
-                    .args(["-u", "postgres", "--", "psql", "-X", "-q", "-h"])
-                    .arg(&socket)
-                    .args(["-p", &port.to_string(), "-d", "bj", "-c", &sql])
-                    .output()
-                    .unwrap();
-                assert!(
-                    out.status.success(),
-                    "BlueMind's write failed on the origin: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                batches += 1;
-            }
-            batches
-        })
-    };
+    let writer = bluemind_writes(&origin_pg, stop.clone(), |i| {
+        format!(
+            "SET ROLE bj; BEGIN; INSERT INTO t_nopk VALUES ({k}, 'new{i}'); \
+             UPDATE t_nopk SET v = v || 'u' WHERE k % 97 = {m}; DELETE FROM t_nopk WHERE k = {d}; \
+             UPDATE t_uniq SET v = v || 'x' WHERE k = {u}; DELETE FROM t_uniq WHERE k = {u2}; \
+             INSERT INTO t_changeset VALUES ({k}, 'n{i}'); UPDATE t_changeset SET item = item || '!' WHERE id = {d}; \
+             SELECT nextval('s_ids'); \
+             INSERT INTO t_mailbox (login, quota) VALUES ('w{i}', {i}); COMMIT;",
+            k = 100_000 + i,
+            m = i % 97,
+            d = i + 1,
+            u = 1 + i % 400,
+            u2 = 401 + i % 100,
+        )
+    });
     std::thread::sleep(Duration::from_secs(2));
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let batches = writer.join().unwrap();
