@@ -83,13 +83,27 @@ pub fn place(
     max_down: usize,
     stagger: i64,
 ) -> Option<i64> {
+    place_after(windows, from, from, projected, planned, max_down, stagger)
+}
+
+/// [`place`], knowing that no start before `blocked_until` can fit (the horizon still counts
+/// from `from`).
+fn place_after(
+    windows: &[Window],
+    from: i64,
+    blocked_until: i64,
+    projected: i64,
+    planned: &Planned,
+    max_down: usize,
+    stagger: i64,
+) -> Option<i64> {
     let mut from = from;
     'openings: for _ in 0..HORIZON_OPENINGS {
         let opening = Timestamp::from_millisecond(from)
             .ok()
             .and_then(|t| windows::next_opening(windows, t))?;
         let end = opening.end.as_millisecond();
-        let mut t = opening.start.as_millisecond().max(from);
+        let mut t = opening.start.as_millisecond().max(from).max(blocked_until);
         loop {
             if t + projected > end {
                 from = end;
@@ -114,15 +128,62 @@ pub fn place(
     None
 }
 
+/// What earlier placements proved, per (window list, earliest start, concurrency): a start
+/// that did not fit a downtime `p` does not fit any longer one, nor later, once more is
+/// planned (every rule only gets stricter). So a placement of `p` may start its search where
+/// one of a shorter or equal downtime ended, and none fits if none fitted a shorter one. It
+/// keeps the ETA of thousands of waiting instances from scanning every planned interval for
+/// each of them.
+#[derive(Default)]
+struct Bounds {
+    /// Per key, each downtime searched and where its search ended (`None`: nothing fitted).
+    seen: std::collections::HashMap<BoundKey, Vec<(i64, Option<i64>)>>,
+}
+
+/// A window list (by address), an earliest start, a concurrency.
+type BoundKey = (usize, i64, usize);
+
+impl Bounds {
+    /// Where a search for `projected` may start (`None`: nothing can fit).
+    fn lower(&self, key: BoundKey, projected: i64) -> Option<i64> {
+        let mut lower = key.1;
+        for (p, found) in self.seen.get(&key).into_iter().flatten() {
+            if *p <= projected {
+                lower = lower.max((*found)?);
+            }
+        }
+        Some(lower)
+    }
+
+    fn record(&mut self, key: BoundKey, projected: i64, found: Option<i64>) {
+        let entries = self.seen.entry(key).or_default();
+        match entries.iter_mut().find(|(p, _)| *p == projected) {
+            Some(entry) => entry.1 = found,
+            None => entries.push((projected, found)),
+        }
+    }
+}
+
 /// Plans every instance from `now`; `measured` gives instances' current states (last passes)
 /// when an orchestrator is reachable.
 pub fn plan(fleet: &FleetFile, now: Timestamp, measured: &[Instance]) -> Vec<PlannedSync> {
+    plan_with(fleet, now, measured, true)
+}
+
+/// [`plan`], with or without what earlier placements proved (the test compares both).
+fn plan_with(
+    fleet: &FleetFile,
+    now: Timestamp,
+    measured: &[Instance],
+    use_bounds: bool,
+) -> Vec<PlannedSync> {
     let policy = &fleet.policy;
     let canaries = (policy.canary_count as usize).min(fleet.instances.len());
     let stagger = policy.min_stagger_secs as i64 * 1000;
     let mut planned = Planned::default();
     let mut after_canaries = now.as_millisecond();
     let mut out = Vec::new();
+    let mut bounds = Bounds::default();
     for (n, spec) in fleet.instances.iter().enumerate() {
         let state = measured.get(n).cloned().unwrap_or_default();
         let projected = projected_downtime_ms(spec, &state, policy);
@@ -155,14 +216,26 @@ pub fn plan(fleet: &FleetFile, now: Timestamp, measured: &[Instance]) -> Vec<Pla
         } else {
             policy.max_concurrent_downtime as usize
         };
-        if let Some(t) = place(
-            &spec.windows,
-            earliest,
-            projected,
-            &planned,
-            max_down,
-            stagger,
-        ) {
+        let key = (spec.windows.as_ptr() as usize, earliest, max_down);
+        let lower = if use_bounds {
+            bounds.lower(key, projected)
+        } else {
+            Some(earliest)
+        };
+        let placed = match lower {
+            Some(blocked_until) => place_after(
+                &spec.windows,
+                earliest,
+                blocked_until,
+                projected,
+                &planned,
+                max_down,
+                stagger,
+            ),
+            None => None,
+        };
+        bounds.record(key, projected, placed);
+        if let Some(t) = placed {
             planned.push(t, t + projected);
             row.start = Timestamp::from_millisecond(t).ok();
             if canary {
@@ -281,5 +354,38 @@ mod tests {
                 reference_place(&windows, from, projected, &list, max_down, stagger)
             );
         }
+    }
+
+    #[test]
+    fn what_earlier_placements_proved_changes_no_start() {
+        // Many instances, downtimes of a few sizes in any order, windows that fill up.
+        let mut text = String::from(
+            "[fleet]\nname = \"f\"\nmax_concurrent_downtime = 3\nmin_stagger_secs = 60\ncanary_count = 2\ndowntime_budget_secs = 14400\n\
+             [[fleet.windows]]\ndays = [\"mon\",\"wed\",\"sat\"]\nstart = \"22:00\"\nend = \"02:00\"\ntimezone = \"Europe/Paris\"\n",
+        );
+        for i in 0..300 {
+            let mib = [5.0, 90.0, 20.0, 400.0, 60.0][i % 5] * (1 + i % 3) as f64;
+            text += &format!(
+                "[[instance]]\nname = \"m{i}\"\norigin = \"o{i}\"\ntarget = \"t{i}\"\nservice_ip = \"198.18.{}.{}/24\"\n\
+                 estimate = {{ files = {}, changed_mib = {mib}, database_mib = {} }}\n",
+                i / 200,
+                1 + i % 200,
+                1000 * (1 + i % 7),
+                // 25 MiB/s: from seconds to three hours, so that long ones leave the ends
+                // of windows to shorter ones.
+                [10.0, 270_000.0, 1_000.0, 90_000.0, 180_000.0, 30_000.0][i % 6]
+            );
+            if i % 17 == 0 {
+                text += "[[instance.windows]]\ndays = [\"sun\"]\nstart = \"01:00\"\nend = \"05:00\"\ntimezone = \"UTC\"\n";
+            }
+        }
+        let fleet = FleetFile::parse(&text, "f").unwrap();
+        let now: Timestamp = "2026-12-07T12:00:00Z".parse().unwrap();
+        let starts = |rows: Vec<PlannedSync>| -> Vec<Option<Timestamp>> {
+            rows.into_iter().map(|r| r.start).collect()
+        };
+        let with = starts(plan_with(&fleet, now, &[], true));
+        assert_eq!(with, starts(plan_with(&fleet, now, &[], false)));
+        assert!(with.iter().filter(|s| s.is_some()).count() > 250);
     }
 }
