@@ -51,6 +51,20 @@ pub struct RsyncRun {
     pub command: Command,
 }
 
+/// The agent's own binary as rsync's remote shell. When a package upgrade replaced it while
+/// the agent runs, Linux names the running one `… (deleted)`: the new binary at the same path
+/// serves (its `tunnel` is the same wire), and the agent should be restarted.
+fn replaced_binary(exe: std::path::PathBuf) -> std::path::PathBuf {
+    let text = exe.display().to_string();
+    match text.strip_suffix(" (deleted)") {
+        Some(original) if std::path::Path::new(original).is_file() => {
+            tracing::warn!(binary = %original, "the agent's binary was replaced while it runs: restart the agent");
+            std::path::PathBuf::from(original)
+        }
+        _ => exe,
+    }
+}
+
 /// Builds the rsync command that pulls `sources` (rsync source specs such as
 /// `origin:/var/spool/cyrus/`, then `:/var/lib/cyrus/` for more from the same origin) into
 /// `dest`, with `extra` options, through the tunnel.
@@ -63,9 +77,9 @@ pub fn rsync_through_tunnel(
 ) -> Result<RsyncRun, String> {
     let program = match &config.data_plane.tunnel_program {
         Some(p) => p.clone(),
-        None => {
-            std::env::current_exe().map_err(|e| format!("cannot find the agent binary: {e}"))?
-        }
+        None => replaced_binary(
+            std::env::current_exe().map_err(|e| format!("cannot find the agent binary: {e}"))?,
+        ),
     };
     let program = program.display().to_string();
     if program.contains(['\'', '"', ' ']) {
@@ -659,6 +673,19 @@ pub async fn pull(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_binary_replaced_while_running_is_found_at_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = dir.path().join("bmfleet-agent");
+        let deleted = std::path::PathBuf::from(format!("{} (deleted)", agent.display()));
+        // Nothing at the path yet: the name is kept (and refused later for its space).
+        assert_eq!(replaced_binary(deleted.clone()), deleted);
+        std::fs::write(&agent, b"new binary").unwrap();
+        assert_eq!(replaced_binary(deleted), agent);
+        assert_eq!(replaced_binary(agent.clone()), agent);
+    }
+
     use super::*;
 
     #[test]
