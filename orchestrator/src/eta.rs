@@ -4,7 +4,7 @@
 
 use crate::fleet::FleetFile;
 use crate::machine::{Instance, Phase, Step};
-use crate::plan::{place, Planned};
+use crate::plan::{Bounds, Planned};
 use crate::scheduler::projected_downtime_ms;
 
 /// Post-migration and verification before anything was measured, ms.
@@ -77,6 +77,7 @@ pub fn finishes(fleet: &FleetFile, instances: &[Instance], now_ms: i64) -> Vec<O
     let stagger = policy.min_stagger_secs as i64 * 1000;
     let mut out = vec![None; instances.len()];
     let mut after_canaries = now_ms;
+    let mut bounds = Bounds::default();
     for (n, i) in instances.iter().enumerate() {
         let finish = match i.phase {
             p if p.is_final() => Some(i.finished_ms.unwrap_or(now_ms)),
@@ -92,18 +93,19 @@ pub fn finishes(fleet: &FleetFile, instances: &[Instance], now_ms: i64) -> Vec<O
                 } else {
                     policy.max_concurrent_downtime as usize
                 };
-                place(
-                    &spec.windows,
-                    from,
-                    downtime(n),
-                    &planned,
-                    max_down,
-                    stagger,
-                )
-                .map(|t| {
-                    planned.push(t, t + downtime(n));
-                    t + downtime(n) + post
-                })
+                bounds
+                    .place(
+                        &spec.windows,
+                        from,
+                        downtime(n),
+                        &planned,
+                        max_down,
+                        stagger,
+                    )
+                    .map(|t| {
+                        planned.push(t, t + downtime(n));
+                        t + downtime(n) + post
+                    })
             }
         };
         if n < canaries {

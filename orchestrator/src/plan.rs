@@ -135,7 +135,7 @@ fn place_after(
 /// keeps the ETA of thousands of waiting instances from scanning every planned interval for
 /// each of them.
 #[derive(Default)]
-struct Bounds {
+pub struct Bounds {
     /// Per key, each downtime searched and where its search ended (`None`: nothing fitted).
     seen: std::collections::HashMap<BoundKey, Vec<(i64, Option<i64>)>>,
 }
@@ -144,6 +144,33 @@ struct Bounds {
 type BoundKey = (usize, i64, usize);
 
 impl Bounds {
+    /// [`place`], starting from what earlier placements with this `Bounds` proved, and
+    /// recording what this one proves.
+    pub fn place(
+        &mut self,
+        windows: &[Window],
+        from: i64,
+        projected: i64,
+        planned: &Planned,
+        max_down: usize,
+        stagger: i64,
+    ) -> Option<i64> {
+        let key = (windows.as_ptr() as usize, from, max_down);
+        let placed = self.lower(key, projected).and_then(|blocked_until| {
+            place_after(
+                windows,
+                from,
+                blocked_until,
+                projected,
+                planned,
+                max_down,
+                stagger,
+            )
+        });
+        self.record(key, projected, placed);
+        placed
+    }
+
     /// Where a search for `projected` may start (`None`: nothing can fit).
     fn lower(&self, key: BoundKey, projected: i64) -> Option<i64> {
         let mut lower = key.1;
@@ -216,25 +243,25 @@ fn plan_with(
         } else {
             policy.max_concurrent_downtime as usize
         };
-        let key = (spec.windows.as_ptr() as usize, earliest, max_down);
-        let lower = if use_bounds {
-            bounds.lower(key, projected)
-        } else {
-            Some(earliest)
-        };
-        let placed = match lower {
-            Some(blocked_until) => place_after(
+        let placed = if use_bounds {
+            bounds.place(
                 &spec.windows,
                 earliest,
-                blocked_until,
                 projected,
                 &planned,
                 max_down,
                 stagger,
-            ),
-            None => None,
+            )
+        } else {
+            place(
+                &spec.windows,
+                earliest,
+                projected,
+                &planned,
+                max_down,
+                stagger,
+            )
         };
-        bounds.record(key, projected, placed);
         if let Some(t) = placed {
             planned.push(t, t + projected);
             row.start = Timestamp::from_millisecond(t).ok();
