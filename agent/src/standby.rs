@@ -736,6 +736,38 @@ pub fn caught_up_at(insert_lsn: u64, segment_size: u64) -> u64 {
     }
 }
 
+/// The stopped origin's half of the comparison, started at once (it runs beside the
+/// catch-up).
+pub fn origin_checksums(
+    config: &AgentConfig,
+    tls: Arc<rustls::ClientConfig>,
+    origin: &OriginEndpoint,
+) -> JoinHandle<Result<crate::data_plane::ManifestReply, String>> {
+    let (config, origin) = (config.clone(), origin.clone());
+    tokio::spawn(
+        async move { crate::databases::origin_manifest(&config, tls, &origin, true).await },
+    )
+}
+
+/// The stopped origin's WAL insert position, and the position a follower must reach to hold
+/// everything written before it ([`caught_up_at`]).
+pub async fn position_to_reach(
+    config: &AgentConfig,
+    tls: Arc<rustls::ClientConfig>,
+    origin: &OriginEndpoint,
+) -> Result<(WalPosition, u64), String> {
+    let timeout = Duration::from_secs(config.data_plane.connect_timeout_secs);
+    let request = TunnelRequest::WalPosition {
+        grant: origin.grant_id.clone(),
+    };
+    let (_, position): (_, WalPosition) =
+        tunnel::ask(origin, tls, &request, timeout, "the origin's WAL position").await?;
+    let insert = parse_lsn(&position.lsn)
+        .ok_or_else(|| format!("the origin's WAL position {:?} is not an LSN", position.lsn))?;
+    let wanted = caught_up_at(insert, position.segment_size);
+    Ok((position, wanted))
+}
+
 /// Catches the standby up with the stopped origin, promotes it, and compares every table
 /// with the origin's. `origin` carries the databases grant of the step.
 pub async fn promote(
@@ -780,27 +812,8 @@ async fn promote_inner(
         return Ok(crate::databases::compare_all(&theirs?, &ours?, 0));
     }
     // The origin is stopped: its half of the comparison starts now, beside the catch-up.
-    let theirs = {
-        let (config, tls, origin) = (config.clone(), tls.clone(), origin.clone());
-        tokio::spawn(
-            async move { crate::databases::origin_manifest(&config, tls, &origin, true).await },
-        )
-    };
-    let timeout = Duration::from_secs(config.data_plane.connect_timeout_secs);
-    let request = TunnelRequest::WalPosition {
-        grant: origin.grant_id.clone(),
-    };
-    let (_, position): (_, WalPosition) = tunnel::ask(
-        origin,
-        tls.clone(),
-        &request,
-        timeout,
-        "the origin's WAL position",
-    )
-    .await?;
-    let insert = parse_lsn(&position.lsn)
-        .ok_or_else(|| format!("the origin's WAL position {:?} is not an LSN", position.lsn))?;
-    let wanted = caught_up_at(insert, position.segment_size);
+    let theirs = origin_checksums(config, tls.clone(), origin);
+    let (position, wanted) = position_to_reach(config, tls.clone(), origin).await?;
     let mut last_seen = String::new();
     let already_promoted = loop {
         let out = owner

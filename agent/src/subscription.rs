@@ -30,7 +30,6 @@ use serde::{Deserialize, Serialize};
 use crate::config::AgentConfig;
 use crate::pg::{ident, literal, Connection};
 use crate::publication::PublishTicket;
-use crate::replication::WalPosition;
 use crate::standby::{self, Following, Relay};
 use crate::tunnel::{self, TunnelRequest};
 
@@ -485,32 +484,13 @@ pub async fn promote(
     let started = Instant::now();
     let logical = state.logical.clone().ok_or("not a logical follow")?;
     let owner = Connection::owner(&config.postgresql, state.bluemind_password.clone());
-    let theirs = {
-        let (config, tls, origin) = (config.clone(), tls.clone(), origin.clone());
-        tokio::spawn(
-            async move { crate::databases::origin_manifest(&config, tls, &origin, true).await },
-        )
-    };
+    let theirs = standby::origin_checksums(config, tls.clone(), origin);
     if !state.promoted {
         let own_version = owner
             .server_version_num()
             .await
             .map_err(|e| e.to_string())?;
-        let timeout = Duration::from_secs(config.data_plane.connect_timeout_secs);
-        let request = TunnelRequest::WalPosition {
-            grant: origin.grant_id.clone(),
-        };
-        let (_, position): (_, WalPosition) = tunnel::ask(
-            origin,
-            tls.clone(),
-            &request,
-            timeout,
-            "the origin's WAL position",
-        )
-        .await?;
-        let insert = standby::parse_lsn(&position.lsn)
-            .ok_or_else(|| format!("the origin's WAL position {:?} is not an LSN", position.lsn))?;
-        let wanted = standby::caught_up_at(insert, position.segment_size);
+        let (_, wanted) = standby::position_to_reach(config, tls.clone(), origin).await?;
         let mut watch = Watch::default();
         // Subscriptions already gone: an earlier request caught up and detached them, then
         // stopped (the agent restarted); the comparison below is the proof either way.
