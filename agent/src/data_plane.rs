@@ -535,9 +535,12 @@ impl DataPlane {
                     sequences: Vec::new(),
                 }
             } else {
-                conn.manifest(&db, checksum)
+                let mut manifest = conn
+                    .manifest(&db, checksum)
                     .await
-                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+                manifest.sequences = conn.sequences(&db).await.map_err(|e| e.to_string())?;
+                manifest
             });
         }
         let pg_config = &self.config.postgresql;

@@ -239,6 +239,25 @@ impl Connection {
         })
     }
 
+    /// Every sequence of `database` and its last value (the origin's, for a subscriber to take
+    /// at the cutover: logical replication does not carry them).
+    pub async fn sequences(&self, database: &str) -> Result<Vec<SequenceValue>, PgError> {
+        let out = self
+            .psql(
+                database,
+                "SELECT schemaname || '.' || sequencename, last_value FROM pg_catalog.pg_sequences ORDER BY 1;",
+            )
+            .await?;
+        Ok(out
+            .lines()
+            .filter_map(|l| l.split_once('\t'))
+            .map(|(name, value)| SequenceValue {
+                name: name.to_string(),
+                last_value: value.parse().ok(),
+            })
+            .collect())
+    }
+
     /// Rows and a content checksum (by `checksum`) of every table of `database`.
     pub async fn manifest(
         &self,
@@ -269,23 +288,10 @@ impl Connection {
                 )
             })
             .collect();
-        let sequences = self
-            .psql(
-                database,
-                "SELECT schemaname || '.' || sequencename, last_value FROM pg_catalog.pg_sequences ORDER BY 1;",
-            )
-            .await?;
         let mut manifest = DatabaseManifest {
             name: database.to_string(),
             tables: Vec::new(),
-            sequences: sequences
-                .lines()
-                .filter_map(|l| l.split_once('\t'))
-                .map(|(name, value)| SequenceValue {
-                    name: name.to_string(),
-                    last_value: value.parse().ok(),
-                })
-                .collect(),
+            sequences: Vec::new(),
         };
         if queries.is_empty() {
             return Ok(manifest);
@@ -360,8 +366,8 @@ pub struct DatabaseManifest {
     pub name: String,
     /// Its tables, by name.
     pub tables: Vec<TableManifest>,
-    /// Its sequences' values (a subscriber takes them at the cutover: logical replication
-    /// does not carry them).
+    /// Its sequences' values, in the origin's answer only (a subscriber takes them at the
+    /// cutover: logical replication does not carry them).
     #[serde(default)]
     pub sequences: Vec<SequenceValue>,
 }

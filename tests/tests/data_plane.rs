@@ -16,8 +16,8 @@ use bmfleet_proto::tls::{LocalIdentity, TlsFiles};
 use bmfleet_proto::v1::agent_client::AgentClient;
 use bmfleet_proto::v1::{
     CopyConfigRequest, DumpFormat, EndFollowingRequest, FollowDatabasesReply,
-    FollowDatabasesRequest, GrantRequest, MoveDatabasesRequest, OriginEndpoint, PullEvent,
-    PullRequest,
+    FollowDatabasesRequest, GrantRequest, MoveDatabasesReply, MoveDatabasesRequest, OriginEndpoint,
+    PullEvent, PullRequest,
 };
 use bmfleet_tests::{
     agent_client, agent_config, free_port, open_tempdir, serve_agent, tool, PgCluster, Served,
@@ -1916,6 +1916,22 @@ async fn follow(p: &mut Pair, operation: &str, grant: &str) -> FollowDatabasesRe
         .into_inner()
 }
 
+/// The origin stopped: the target catches up under a new databases grant `grant`, takes over
+/// and compares every table.
+async fn promote(p: &mut Pair, operation: &str, grant: &str) -> MoveDatabasesReply {
+    p.grant_with(databases_grant(grant)).await;
+    p.target
+        .move_databases(MoveDatabasesRequest {
+            operation_id: operation.into(),
+            origin: Some(p.endpoint(grant)),
+            promote: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 /// Polls `sql` on `pg` until it prints `want` (10 s at most).
 fn wait_sql(pg: &PgCluster, db: &str, sql: &str, want: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -2045,18 +2061,7 @@ async fn a_standby_follows_writes_up_to_the_stop_and_is_promoted_equal_to_the_or
     assert!(batches > 3, "{batches} write batches");
 
     // The stop: catch up, promote, compare.
-    p.grant_with(databases_grant("grant-0101-databases")).await;
-    let moved = p
-        .target
-        .move_databases(MoveDatabasesRequest {
-            operation_id: "m1/db/promote".into(),
-            origin: Some(p.endpoint("grant-0101-databases")),
-            promote: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let moved = promote(&mut p, "m1/db/promote", "grant-0101-databases").await;
     assert!(moved.ok, "{}: {:?}", moved.error, moved.databases);
     let names: Vec<&str> = moved.databases.iter().map(|d| d.name.as_str()).collect();
     assert_eq!(names, ["bj", "bj-data"]);
@@ -2593,18 +2598,7 @@ async fn a_subscription_across_majors_follows_writes_up_to_the_stop_and_takes_ov
     assert!(batches > 3, "{batches} write batches");
 
     // The stop: catch up, take the sequences, stop subscribing, compare.
-    p.grant_with(databases_grant("grant-0401-databases")).await;
-    let moved = p
-        .target
-        .move_databases(MoveDatabasesRequest {
-            operation_id: "m1/db/logical".into(),
-            origin: Some(p.endpoint("grant-0401-databases")),
-            promote: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let moved = promote(&mut p, "m1/db/logical", "grant-0401-databases").await;
     assert!(moved.ok, "{}: {:?}", moved.error, moved.databases);
     let tables: usize = moved.databases.iter().map(|d| d.tables.len()).sum();
     assert_eq!(tables, 6, "{:?}", moved.databases);

@@ -62,11 +62,17 @@ fn wait_for(
     }
 }
 
+/// The last 1,000 events (of `instance` when given), as `bmctl fleet events` prints them.
+fn events(fleet: &LabFleet, instance: &[&str]) -> String {
+    let mut args = vec!["fleet", "events"];
+    args.extend_from_slice(instance);
+    args.extend_from_slice(&["--limit", "1000"]);
+    String::from_utf8_lossy(&fleet.bmctl(&args).stdout).into_owned()
+}
+
 fn all_done(fleet: &LabFleet) {
     let outcomes = fleet.follow(Duration::from_secs(300), |_| {}).unwrap();
-    let events =
-        String::from_utf8_lossy(&fleet.bmctl(&["fleet", "events", "--limit", "1000"]).stdout)
-            .into_owned();
+    let events = events(fleet, &[]);
     for i in 1..=outcomes.len() {
         let origin = format!("origin-{i}");
         assert_eq!(
@@ -174,12 +180,7 @@ fn an_orchestrator_killed_during_a_hot_pass_costs_no_attempt() {
     // from its journal).
     fleet.restart_orchestrator();
     all_done(&fleet);
-    let events = String::from_utf8_lossy(
-        &fleet
-            .bmctl(&["fleet", "events", "mail-1", "--limit", "1000"])
-            .stdout,
-    )
-    .into_owned();
+    let events = events(&fleet, &["mail-1"]);
     assert!(
         !events.contains("\"Failed\""),
         "a step failed across the restart:\n{events}"
@@ -240,12 +241,7 @@ fn an_orchestrator_killed_as_each_step_runs_costs_no_attempt() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let outcomes = fleet.follow(Duration::from_secs(60), |_| {}).unwrap();
-    let events = String::from_utf8_lossy(
-        &fleet
-            .bmctl(&["fleet", "events", "mail-1", "--limit", "1000"])
-            .stdout,
-    )
-    .into_owned();
+    let events = events(&fleet, &["mail-1"]);
     assert_eq!(outcomes[0].phase, "Done", "{outcomes:?}\n{events}");
     eprintln!("the orchestrator was killed under: {killed_under:?}");
     assert!(
@@ -277,12 +273,7 @@ fn an_agent_killed_during_a_hot_pass_comes_back_and_the_migration_converges() {
     std::thread::sleep(Duration::from_millis(500));
     fleet.start_agent("target-1");
     all_done(&fleet);
-    let events = String::from_utf8_lossy(
-        &fleet
-            .bmctl(&["fleet", "events", "mail-1", "--limit", "1000"])
-            .stdout,
-    )
-    .into_owned();
+    let events = events(&fleet, &["mail-1"]);
     assert!(
         events.contains("\"Failed\":{\"step\":\"HotPass\""),
         "the killed pass was not seen failing:\n{events}"
@@ -309,12 +300,7 @@ fn a_bluemind_api_that_hangs_or_errs_is_retried_until_the_post_migration_succeed
     }
     fleet.apply().unwrap();
     all_done(&fleet);
-    let events = String::from_utf8_lossy(
-        &fleet
-            .bmctl(&["fleet", "events", "mail-1", "--limit", "1000"])
-            .stdout,
-    )
-    .into_owned();
+    let events = events(&fleet, &["mail-1"]);
     let failed: Vec<&str> = events
         .lines()
         .filter(|l| l.contains("\"Failed\":{\"step\":\"PostMigration\""))
@@ -347,9 +333,7 @@ fn three_instances_migrate_with_no_mail_lost() {
             )
         });
     let whole = started.elapsed().as_secs_f64();
-    let events =
-        String::from_utf8_lossy(&fleet.bmctl(&["fleet", "events", "--limit", "1000"]).stdout)
-            .into_owned();
+    let events = events(&fleet, &[]);
     for i in 1..=outcomes.len() {
         let origin = format!("origin-{i}");
         assert_eq!(
