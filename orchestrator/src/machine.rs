@@ -345,8 +345,17 @@ pub struct Timing {
     pub databases_deadline_ms: i64,
     /// Deadline of any other step, ms.
     pub step_deadline_ms: i64,
-    /// Extra attempts of a retryable step.
+    /// Extra attempts of a retryable step once the origin has stopped.
     pub retries: u32,
+    /// Extra attempts of a step of the hot phases (preflight, following, hot and pre-window
+    /// passes): the origin is untouched and serving, so an agent restarting or a host cut
+    /// off for a minute is waited for (with the engine's back-off: 2, 4, 8, 16, 32 s)
+    /// instead of failing the instance.
+    pub hot_retries: u32,
+    /// Extra attempts of a rollback step: the origin is down until the rollback ends, and
+    /// the only other way out is an operator, so a host that does not answer is waited for
+    /// (2, 4, 8, 16, 32 s, then every minute: about six minutes).
+    pub rollback_retries: u32,
 }
 
 impl Default for Timing {
@@ -356,6 +365,8 @@ impl Default for Timing {
             databases_deadline_ms: 2 * 3600 * 1000,
             step_deadline_ms: 10 * 60 * 1000,
             retries: 2,
+            hot_retries: 5,
+            rollback_retries: 10,
         }
     }
 }
@@ -447,7 +458,12 @@ impl Ctx<'_> {
         // Stopping the origin again is only allowed while the window is still open.
         let in_window =
             step != Step::StopOrigin || self.i.window_end_ms.is_some_and(|end| self.now < end);
-        let may_retry = step.retryable() && attempts <= self.rules.timing.retries && in_window;
+        let retries = if self.i.phase == Phase::RollingBack {
+            self.rules.timing.rollback_retries
+        } else {
+            self.rules.timing.retries
+        };
+        let may_retry = step.retryable() && attempts <= retries && in_window;
         if may_retry {
             self.run(step);
             return;
@@ -530,9 +546,13 @@ impl Ctx<'_> {
             (Phase::HotSync, Step::HotPass) => {
                 self.i.hot_passes += 1;
                 let c = self.rules.convergence;
-                let converged = stats.as_ref().is_some_and(|s| {
-                    s.files_changed <= c.max_files && s.bytes_changed <= c.max_bytes
-                });
+                // The first pass is the initial copy: what it moved says nothing of a day's
+                // changes, and its time would be the projection of the downtime (an instance
+                // small enough to "converge" at once could stay over its budget for ever).
+                let converged = self.i.hot_passes >= 2
+                    && stats.as_ref().is_some_and(|s| {
+                        s.files_changed <= c.max_files && s.bytes_changed <= c.max_bytes
+                    });
                 if converged {
                     self.phase(Phase::Converged);
                 } else if self.i.hot_passes >= c.max_passes {
@@ -718,7 +738,7 @@ fn fail(c: &mut Ctx<'_>, step: Step, error: String) {
         // Hot phases: the origin is untouched and serving; retry, else fail.
         Phase::Preflight | Phase::HotSync | Phase::PreWindowPass => {
             let attempts = c.i.attempts.get(&step).copied().unwrap_or(0);
-            if attempts <= c.rules.timing.retries {
+            if attempts <= c.rules.timing.hot_retries {
                 c.i.last_error = Some(format!("{}: {error}", step.as_str()));
                 c.run(step);
             } else {

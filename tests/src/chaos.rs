@@ -2,14 +2,18 @@
 //! random moments from a seed (a run replays its fault schedule exactly): orchestrator SIGKILL
 //! and SIGTERM, agent SIGKILL on origins and targets, network partitions of one host or of the
 //! orchestrator (link down for a while), a target's BlueMind API answering 500 or hanging, a
-//! target's PostgreSQL crashing. Invariants are checked while it runs (the service IP
-//! of every instance held by at most one host, sampled 10 times a second) and at the end (every
+//! target's PostgreSQL crashing, a target's disk full (its `/var/spool` is a small loop-mounted
+//! ext4), a slow link (tc `tbf`), a window closing during a cold sync (the pair cut off until
+//! past its end; every window is a minute long). A real Prometheus scrapes the orchestrator
+//! with the shipped alert rules. Invariants are checked while it runs (the service IP of every
+//! instance held by at most one host, sampled 10 times a second) and at the end (every
 //! instance finished; Done ones have every delivered message and the databases; rolled-back
 //! ones serve on the origin; no grant left valid, no replication slot or role on an origin,
-//! no standby left on a target, no rsync left running). `bmfleet-lab chaos`
-//! runs it; `tests/tests/chaos.rs` runs a short fixed-seed version.
+//! no standby left on a target, no rsync left running; every downtime over its budget or past
+//! its window was an alert). `bmfleet-lab chaos` runs it; `tests/tests/chaos.rs` runs a short
+//! fixed-seed version.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -39,6 +43,10 @@ pub struct ChaosParams {
     pub stagger_secs: u64,
     /// Every instance must be finished this long after the last fault.
     pub deadline_secs: u64,
+    /// Every instance's downtime budget, seconds (faults push some over it: an alert).
+    pub budget_secs: u64,
+    /// Size of each target's `/var/spool` filesystem, MiB.
+    pub spool_mib: u64,
 }
 
 impl Default for ChaosParams {
@@ -53,6 +61,8 @@ impl Default for ChaosParams {
             max_gap_ms: 3000,
             stagger_secs: 10,
             deadline_secs: 1800,
+            budget_secs: 20,
+            spool_mib: 256,
         }
     }
 }
@@ -84,6 +94,10 @@ pub struct ChaosReport {
     /// Samples that saw both hosts of a pair holding the IP, not confirmed by reading them
     /// again at once in the other order (a cutover or rollback between two reads).
     pub sample_races: u64,
+    /// Every Failed instance with its reason.
+    pub failures: Vec<String>,
+    /// Per alert rule: downtimes that had to raise it, and how many did.
+    pub alerts: BTreeMap<&'static str, (usize, usize)>,
 }
 
 impl ChaosReport {
@@ -116,6 +130,12 @@ impl ChaosReport {
             pick(0.5),
             pick(1.0)
         );
+        for (alert, (expected, seen)) in &self.alerts {
+            out += &format!("| {alert} raised | {seen} of {expected} downtimes |\n");
+        }
+        for f in &self.failures {
+            out += &format!("\nFailed: {f}");
+        }
         for v in &self.violations {
             out += &format!("\nVIOLATION: {v}");
         }
@@ -160,6 +180,156 @@ fn holders(fleet: &LabFleet) -> BTreeMap<String, Vec<String>> {
     held
 }
 
+/// Now, Unix ms.
+fn unix_ms() -> i64 {
+    jiff::Timestamp::now().as_millisecond()
+}
+
+/// Daily windows a minute long each, back to back, from the minute of `from` for `minutes`:
+/// every cold sync gets a window that closes within a minute.
+fn minute_windows(from: jiff::Timestamp, minutes: i64) -> Vec<(String, String)> {
+    let hhmm = |minute: i64| {
+        let minute = minute.rem_euclid(24 * 60);
+        format!("{:02}:{:02}", minute / 60, minute % 60)
+    };
+    let first = from.as_second().div_euclid(60);
+    (first..first + minutes.min(24 * 60))
+        .map(|m| (hhmm(m), hhmm(m + 1)))
+        .collect()
+}
+
+/// Cuts `hosts` off (their links down) for `pause`.
+fn partition(fleet: &LabFleet, hosts: &[String], pause: Duration) {
+    for h in hosts {
+        fleet.lab.ip(h, &["link", "set", "eth0", "down"]);
+    }
+    std::thread::sleep(pause);
+    for h in hosts {
+        fleet.lab.ip(h, &["link", "set", "eth0", "up"]);
+    }
+}
+
+/// The first instance seen in its cold sync within `wait`, with the later of its window's
+/// end and the end of its downtime budget (`budget_ms`), Unix ms.
+fn next_cold_sync(fleet: &LabFleet, wait: Duration, budget_ms: i64) -> Option<(String, i64)> {
+    let deadline = Instant::now() + wait;
+    while Instant::now() < deadline {
+        let found = fleet.instances().into_iter().find_map(|i| {
+            let end = i["window_end_unix_ms"].as_i64()?;
+            let over_budget = i["downtime_start_unix_ms"].as_i64()? + budget_ms;
+            (i["phase"] == "ColdSync" && end > unix_ms()).then(|| {
+                (
+                    i["name"].as_str().unwrap_or_default().to_string(),
+                    end.max(over_budget),
+                )
+            })
+        });
+        if found.is_some() {
+            return found;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    None
+}
+
+/// Where the campaign's Prometheus answers, inside the orchestrator's namespace.
+const PROMETHEUS: &str = "127.0.0.1:9090";
+
+/// A real Prometheus in the orchestrator's namespace (its links may go down; loopback stays),
+/// scraping the orchestrator every second with the shipped alert rules.
+fn start_prometheus(fleet: &LabFleet) -> Result<(), String> {
+    let dir = fleet.dir().join("prometheus");
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        crate::prometheus::alerting_config("127.0.0.1:9464", 1),
+    )
+    .map_err(|e| e.to_string())?;
+    fleet.lab.spawn(crate::prometheus::command(
+        fleet.lab.command("orch", "prometheus"),
+        &config,
+        &dir,
+        PROMETHEUS,
+    ));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fleet
+        .lab
+        .run_in("orch", || crate::prometheus::query(PROMETHEUS, "up"))
+        .is_err()
+    {
+        if Instant::now() > deadline {
+            return Err("Prometheus did not start (see its log in the lab dir)".into());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
+/// Every downtime over its budget (by more than a second) raised `BmfleetDowntimeOverBudget`,
+/// and every one still running 3 s past its window's end `BmfleetWindowRunningPastItsEnd`
+/// (Prometheus evaluates every second), as the orchestrator recorded them.
+fn check_alerts(fleet: &LabFleet, report: &mut ChaosReport) {
+    let instances = fleet.instances();
+    let mut expected: BTreeMap<&'static str, BTreeSet<String>> = BTreeMap::new();
+    for i in &instances {
+        let name = i["name"].as_str().unwrap_or_default().to_string();
+        let (Some(start), Some(end)) = (
+            i["downtime_start_unix_ms"].as_i64(),
+            i["downtime_end_unix_ms"].as_i64(),
+        ) else {
+            continue;
+        };
+        let budget_ms = i["downtime_budget_secs"].as_i64().unwrap_or(0) * 1000;
+        if end - start > budget_ms + 1000 {
+            expected
+                .entry("BmfleetDowntimeOverBudget")
+                .or_default()
+                .insert(name.clone());
+        }
+        if i["window_end_unix_ms"]
+            .as_i64()
+            .is_some_and(|w| end > w + 3000)
+        {
+            expected
+                .entry("BmfleetWindowRunningPastItsEnd")
+                .or_default()
+                .insert(name);
+        }
+    }
+    for alert in [
+        "BmfleetDowntimeOverBudget",
+        "BmfleetWindowRunningPastItsEnd",
+    ] {
+        let wanted = expected.remove(alert).unwrap_or_default();
+        // The last evaluation may still be on its way.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let seen = loop {
+            let expr =
+                format!("max_over_time(ALERTS{{alertname=\"{alert}\",alertstate=\"firing\"}}[6h])");
+            let seen: BTreeSet<String> = fleet
+                .lab
+                .run_in("orch", || crate::prometheus::query(PROMETHEUS, &expr))
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|s| s["metric"]["server"].as_str().map(str::to_string))
+                .collect();
+            if wanted.is_subset(&seen) || Instant::now() > deadline {
+                break seen;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        };
+        for missing in wanted.difference(&seen) {
+            report
+                .violations
+                .push(format!("{missing}: no {alert} alert in Prometheus"));
+        }
+        report
+            .alerts
+            .insert(alert, (wanted.len(), wanted.intersection(&seen).count()));
+    }
+}
+
 /// Runs a campaign.
 pub fn run(params: ChaosParams, mut progress: impl FnMut(&str)) -> ChaosReport {
     let fleet = LabFleet::build(LabParams {
@@ -168,13 +338,26 @@ pub fn run(params: ChaosParams, mut progress: impl FnMut(&str)) -> ChaosReport {
         db_rows: params.db_rows,
         deliver_ms: 40,
         enroll: false,
+        target_spool_mib: Some(params.spool_mib),
         ..LabParams::default()
     });
     let mut report = ChaosReport::default();
-    let text = fleet.fleet_file().replace(
+    if let Err(e) = start_prometheus(&fleet) {
+        report.violations.push(e);
+        return report;
+    }
+    let windows = minute_windows(jiff::Timestamp::now(), 180);
+    let windows: Vec<(&str, &str)> = windows
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    let text = fleet.fleet_file_with_windows(&windows).replace(
         "min_stagger_secs = 1\n",
-        &format!("min_stagger_secs = {}\n", params.stagger_secs),
-    );
+        &format!(
+            "min_stagger_secs = {}\ndowntime_budget_secs = {}\n",
+            params.stagger_secs, params.budget_secs
+        ),
+    ) + "\n[fleet.rates]\nservices_secs = 2.0\n";
     if let Err(e) = fleet.apply_text(&text) {
         report
             .violations
@@ -251,12 +434,12 @@ pub fn run(params: ChaosParams, mut progress: impl FnMut(&str)) -> ChaosReport {
             let at_secs = started.elapsed().as_secs_f64();
             let host = hosts[rng.below(hosts.len() as u64) as usize].clone();
             let target_host = format!("target-{}", 1 + rng.below(params.pairs as u64));
-            let (kind, target) = match rng.below(10) {
-                0 | 1 => {
+            let (kind, target) = match rng.below(16) {
+                0..=2 => {
                     fleet.restart_orchestrator();
                     ("orchestrator SIGKILL", "orch".to_string())
                 }
-                2 => {
+                3 => {
                     fleet.lab.signal_matching(
                         "orch",
                         "bmfleet-orchestrator",
@@ -265,24 +448,32 @@ pub fn run(params: ChaosParams, mut progress: impl FnMut(&str)) -> ChaosReport {
                     fleet.start_orchestrator();
                     ("orchestrator SIGTERM", "orch".to_string())
                 }
-                3..=5 => {
+                4..=7 => {
                     fleet.kill_agent(&host);
                     std::thread::sleep(millis(&mut rng, 200, 2000));
                     fleet.start_agent(&host);
                     ("agent SIGKILL", host)
                 }
-                6 | 7 => {
-                    let (name, kind) = if rng.below(4) == 0 {
-                        ("orch".to_string(), "orchestrator partition")
-                    } else {
-                        (host, "host partition")
+                8..=10 => {
+                    let pair = host.rsplit('-').next().unwrap_or_default().to_string();
+                    let (names, kind, target) = match rng.below(4) {
+                        0 => (
+                            vec!["orch".to_string()],
+                            "orchestrator partition",
+                            "orch".into(),
+                        ),
+                        1 => (
+                            vec![format!("origin-{pair}"), format!("target-{pair}")],
+                            "pair partition",
+                            format!("pair {pair}"),
+                        ),
+                        _ => (vec![host.clone()], "host partition", host),
                     };
-                    fleet.lab.ip(&name, &["link", "set", "eth0", "down"]);
-                    std::thread::sleep(millis(&mut rng, 1000, params.max_partition_secs * 1000));
-                    fleet.lab.ip(&name, &["link", "set", "eth0", "up"]);
-                    (kind, name)
+                    let pause = millis(&mut rng, 1000, params.max_partition_secs * 1000);
+                    partition(&fleet, &names, pause);
+                    (kind, target)
                 }
-                8 => {
+                11 => {
                     // The target's core answers the next call with HTTP 500, or hangs on it
                     // longer than the agent waits: the post-migration step retries.
                     let bm = fleet.root(&target_host).join("etc/bm");
@@ -295,7 +486,7 @@ pub fn run(params: ChaosParams, mut progress: impl FnMut(&str)) -> ChaosReport {
                     };
                     (kind, target_host)
                 }
-                _ => {
+                12 => {
                     // The target's PostgreSQL crashes (restore, catch-up, promotion, or a
                     // standby following) and comes back.
                     let pause = millis(&mut rng, 200, 3000);
@@ -303,6 +494,42 @@ pub fn run(params: ChaosParams, mut progress: impl FnMut(&str)) -> ChaosReport {
                         continue;
                     }
                     ("target PostgreSQL crash", target_host)
+                }
+                13 => {
+                    // The target's data disk fills up for a while (another process's files).
+                    if !fleet.fill_spool(&target_host) {
+                        continue;
+                    }
+                    std::thread::sleep(millis(&mut rng, 1000, params.max_partition_secs * 1000));
+                    fleet.free_spool(&target_host);
+                    ("target disk full", target_host)
+                }
+                14 => {
+                    let rate = ["1mbit", "4mbit", "16mbit"][rng.below(3) as usize];
+                    fleet.lab.shape(&host, Some(rate));
+                    std::thread::sleep(millis(&mut rng, 1000, params.max_partition_secs * 1000));
+                    fleet.lab.shape(&host, None);
+                    ("slow link", host)
+                }
+                _ => {
+                    // The next cold sync outlives its window and its downtime budget: its pair
+                    // is cut off until a few seconds past both.
+                    let overrun = millis(&mut rng, 3000, 8000);
+                    let Some((name, end_ms)) = next_cold_sync(
+                        &fleet,
+                        Duration::from_secs(120),
+                        params.budget_secs as i64 * 1000,
+                    ) else {
+                        continue;
+                    };
+                    let pair = name.trim_start_matches("mail-").to_string();
+                    let until = Duration::from_millis((end_ms - unix_ms()).max(0) as u64);
+                    partition(
+                        &fleet,
+                        &[format!("origin-{pair}"), format!("target-{pair}")],
+                        until + overrun,
+                    );
+                    ("window closes during a cold sync", name)
                 }
             };
             progress(&format!("{at_secs:>7.1} s  {kind:<24} {target}"));
@@ -317,7 +544,10 @@ pub fn run(params: ChaosParams, mut progress: impl FnMut(&str)) -> ChaosReport {
         let samples = sampler.join().unwrap_or((0, 0));
         match outcomes {
             Err(e) => report.violations.push(e),
-            Ok(outcomes) => check_outcomes(&fleet, &outcomes, &mut report),
+            Ok(outcomes) => {
+                check_outcomes(&fleet, &outcomes, &mut report);
+                check_alerts(&fleet, &mut report);
+            }
         }
         samples
     });
@@ -370,8 +600,21 @@ fn check_outcomes(
                     ),
                     ("bj-data", "SELECT count(*) FROM t_message_body"),
                 ] {
-                    if fleet.sql(&origin, db, q) != fleet.sql(&target, db, q) {
-                        report.violations.push(format!("{}: {db} differs", o.name));
+                    let (theirs, ours) = (
+                        fleet.pg(&origin).try_sql(db, q),
+                        fleet.pg(&target).try_sql(db, q),
+                    );
+                    match (theirs, ours) {
+                        (Ok(a), Ok(b)) if a == b => {}
+                        (Ok(_), Ok(_)) => {
+                            report.violations.push(format!("{}: {db} differs", o.name))
+                        }
+                        (a, b) => report.violations.push(format!(
+                            "{}: {db} not readable: origin {:?}, target {:?}",
+                            o.name,
+                            a.err(),
+                            b.err()
+                        )),
                     }
                 }
             }
@@ -391,6 +634,9 @@ fn check_outcomes(
                 }
             }
             "Failed" => {
+                report
+                    .failures
+                    .push(format!("{}: {}", o.name, o.last_error));
                 if o.last_error.is_empty() {
                     report
                         .violations

@@ -140,6 +140,29 @@ impl Lab {
         String::from_utf8_lossy(&ip(&full).stdout).into_owned()
     }
 
+    /// Slows `host`'s link both ways to `rate` (tc's `tbf`, e.g. "2mbit"), or with `None` gives
+    /// it its full speed back. A delay would need `netem`, which this kernel lacks.
+    pub fn shape(&self, host: &str, rate: Option<&str>) {
+        let index = self.hosts.iter().position(|h| h.name == host);
+        let Some(index) = index else { return };
+        let port = format!("p{index}");
+        for (ns, dev) in [
+            (&self.hosts[index].ns, "eth0"),
+            (&self.switch, port.as_str()),
+        ] {
+            let mut tc = Command::new("ip");
+            tc.args(["netns", "exec", ns, "tc", "qdisc"]);
+            match rate {
+                Some(rate) => tc.args([
+                    "replace", "dev", dev, "root", "tbf", "rate", rate, "burst", "32kbit",
+                    "latency", "400ms",
+                ]),
+                None => tc.args(["del", "dev", dev, "root"]),
+            };
+            let _ = tc.output();
+        }
+    }
+
     /// The MAC address of `host`'s eth0.
     pub fn mac(&self, host: &str) -> String {
         let out = self.ip(host, &["-o", "link", "show", "eth0"]);

@@ -32,6 +32,9 @@ pub struct LabParams {
     /// The pair whose databases follow by logical replication (`db_sync = "logical"`; its
     /// origin runs with `wal_level = logical`); the others take the standby.
     pub logical_pair: Option<usize>,
+    /// Each target's `/var/spool` (the spool and five more data dirs) is a filesystem of its
+    /// own this many MiB big (ext4 on a loop device), which the chaos campaign fills up.
+    pub target_spool_mib: Option<u64>,
 }
 
 impl Default for LabParams {
@@ -43,6 +46,7 @@ impl Default for LabParams {
             deliver_ms: 40,
             enroll: false,
             logical_pair: Some(3),
+            target_spool_mib: None,
         }
     }
 }
@@ -53,6 +57,8 @@ pub struct LabFleet {
     pgs: Vec<PgCluster>,
     /// The network lab.
     pub lab: Lab,
+    /// Loop-mounted spools, unmounted once the lab's processes are gone.
+    mounts: Vec<LoopMount>,
     dir: tempfile::TempDir,
     _pki: TestPki,
     /// The operator's identity (bmctl).
@@ -95,6 +101,68 @@ pub fn bluemind_version(i: usize) -> &'static str {
 /// The service IP of pair `i` (1-based).
 pub fn service_ip(i: usize) -> String {
     format!("198.18.0.{}", 100 + i)
+}
+
+/// The directory of the files that fill a target's spool filesystem.
+const FILLER: &str = "chaos-filler";
+
+/// A small ext4 filesystem on a loop device (util-linux's `mount -o loop`, released at
+/// unmount), mounted for the lab's life.
+struct LoopMount {
+    at: PathBuf,
+}
+
+impl LoopMount {
+    fn new(image: &Path, at: &Path, mib: u64) -> LoopMount {
+        std::fs::create_dir_all(at).expect("mount point");
+        let file = std::fs::File::create(image).expect("image");
+        file.set_len(mib << 20).expect("image size");
+        let run = |program: &str, args: &[&std::ffi::OsStr]| {
+            let out = Command::new(program).args(args).output().expect(program);
+            assert!(
+                out.status.success(),
+                "{program}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        // No blocks kept for root (the agent is root: the disk must really fill up).
+        run(
+            "mkfs.ext4",
+            &[
+                "-q".as_ref(),
+                "-m".as_ref(),
+                "0".as_ref(),
+                image.as_os_str(),
+            ],
+        );
+        run(
+            "mount",
+            &[
+                "-o".as_ref(),
+                "loop".as_ref(),
+                image.as_os_str(),
+                at.as_os_str(),
+            ],
+        );
+        LoopMount {
+            at: at.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for LoopMount {
+    fn drop(&mut self) {
+        let umount = |lazy: bool| {
+            let mut cmd = Command::new("umount");
+            if lazy {
+                cmd.arg("-l");
+            }
+            cmd.arg(&self.at).output().is_ok_and(|o| o.status.success())
+        };
+        if !umount(false) {
+            umount(true);
+        }
+    }
 }
 
 fn write(path: &Path, content: impl AsRef<[u8]>) {
@@ -148,6 +216,7 @@ impl LabFleet {
             crate::ssh::SshAccess::new(&dir.path().join("ssh")).expect("ssh keys")
         });
         let mut pgs = Vec::new();
+        let mut mounts = Vec::new();
         let mut agents_toml = String::new();
         let mut agents = Vec::new();
         for name in names.iter().skip(1) {
@@ -160,6 +229,10 @@ impl LabFleet {
                 .unwrap_or(0);
             let root = dir.path().join(name);
             let pg = PgCluster::start_in(Some(&host.ns));
+            if let (false, Some(mib)) = (origin, params.target_spool_mib) {
+                let image = dir.path().join(format!("{name}-spool.img"));
+                mounts.push(LoopMount::new(&image, &root.join("var/spool"), mib));
+            }
             let password = format!("generated-{name}-{}", std::process::id());
             seed_host(&root, name, origin, pair, &params, &password);
             if origin && params.logical_pair == Some(pair) {
@@ -287,6 +360,7 @@ impl LabFleet {
         LabFleet {
             pgs,
             lab,
+            mounts,
             dir,
             _pki: pki,
             operator,
@@ -452,11 +526,19 @@ impl LabFleet {
 
     /// The fleet file of the lab: every pair, windows around the clock, one canary.
     pub fn fleet_file(&self) -> String {
+        self.fleet_file_with_windows(&[("00:00", "12:00"), ("12:00", "00:00")])
+    }
+
+    /// The lab's fleet file with these daily windows ("HH:MM" start and end, UTC).
+    pub fn fleet_file_with_windows(&self, windows: &[(&str, &str)]) -> String {
         let mut text = String::from(
-            "[fleet]\nname = \"lab\"\nmax_concurrent_downtime = 2\nmin_stagger_secs = 1\ncanary_count = 1\ncanary_approval = false\n\
-             [[fleet.windows]]\ndays = [\"mon\",\"tue\",\"wed\",\"thu\",\"fri\",\"sat\",\"sun\"]\nstart = \"00:00\"\nend = \"12:00\"\ntimezone = \"UTC\"\n\
-             [[fleet.windows]]\ndays = [\"mon\",\"tue\",\"wed\",\"thu\",\"fri\",\"sat\",\"sun\"]\nstart = \"12:00\"\nend = \"00:00\"\ntimezone = \"UTC\"\n",
+            "[fleet]\nname = \"lab\"\nmax_concurrent_downtime = 2\nmin_stagger_secs = 1\ncanary_count = 1\ncanary_approval = false\n",
         );
+        for (start, end) in windows {
+            text += &format!(
+                "[[fleet.windows]]\ndays = [\"mon\",\"tue\",\"wed\",\"thu\",\"fri\",\"sat\",\"sun\"]\nstart = \"{start}\"\nend = \"{end}\"\ntimezone = \"UTC\"\n"
+            );
+        }
         for i in 1..=self.params.pairs {
             text += &format!(
                 "\n[[instance]]\nname = \"mail-{i}\"\norigin = \"origin-{i}\"\ntarget = \"target-{i}\"\nservice_ip = \"{}/24\"\nbluemind = \"{}\"\n",
@@ -517,6 +599,55 @@ impl LabFleet {
             .ok()
             .and_then(|v| v["instances"].as_array().cloned())
             .unwrap_or_default()
+    }
+
+    /// Fills a target's loop-mounted `/var/spool` (see [`LabParams::target_spool_mib`]) with
+    /// files outside every data dir, while the migration may be writing there; false when it
+    /// has none or could not.
+    pub fn fill_spool(&self, host: &str) -> bool {
+        use std::io::Write;
+        let spool = self.root(host).join("var/spool");
+        let Some(mount) = self.mounts.iter().find(|m| m.at == spool) else {
+            return false;
+        };
+        let dir = mount.at.join(FILLER);
+        if std::fs::create_dir_all(&dir).is_err() {
+            return false;
+        }
+        // Big files while there is room (what a pull writes meanwhile is left a margin)…
+        for n in 0..8 {
+            let Ok(stat) = nix::sys::statvfs::statvfs(&mount.at) else {
+                return false;
+            };
+            let free = stat.blocks_free() * stat.fragment_size();
+            if free < 4 << 20 {
+                break;
+            }
+            let _ = Command::new("fallocate")
+                .args(["-l", &(free - (2 << 20)).to_string()])
+                .arg(dir.join(n.to_string()))
+                .output();
+        }
+        // … then the last blocks, written until the disk says it is full.
+        let Ok(mut last) = std::fs::File::create(dir.join("last")) else {
+            return true;
+        };
+        let block = vec![0u8; 64 << 10];
+        for _ in 0..1024 {
+            if last
+                .write_all(&block)
+                .and_then(|()| last.sync_data())
+                .is_err()
+            {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Frees what [`LabFleet::fill_spool`] took.
+    pub fn free_spool(&self, host: &str) {
+        let _ = std::fs::remove_dir_all(self.root(host).join("var/spool").join(FILLER));
     }
 
     /// Kills the orchestrator (SIGKILL) and starts it again on the same state.

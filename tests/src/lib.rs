@@ -494,8 +494,20 @@ impl PgCluster {
         }
         let _ = Command::new(&stop[0]).args(&stop[1..]).output();
         std::thread::sleep(pause);
+        // As a service manager would: started again until it runs (the agent may be moving
+        // the data dir at that moment), five tries a second apart.
         let start = self.pg_ctl_here("start");
-        let _ = Command::new(&start[0]).args(&start[1..]).output();
+        for _ in 0..5 {
+            let started = Command::new(&start[0]).args(&start[1..]).output();
+            let running = Command::new(&status[0])
+                .args(&status[1..])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if running || started.is_ok_and(|o| o.status.success()) {
+                break;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
         true
     }
 
@@ -533,6 +545,12 @@ impl PgCluster {
 
     /// Runs SQL as the administrator; returns psql's unaligned output.
     pub fn sql(&self, database: &str, sql: &str) -> String {
+        self.try_sql(database, sql)
+            .unwrap_or_else(|e| panic!("psql: {e}"))
+    }
+
+    /// Runs SQL as the administrator: psql's unaligned output, or its error.
+    pub fn try_sql(&self, database: &str, sql: &str) -> Result<String, String> {
         use std::io::Write;
         let mut child = Command::new("runuser")
             .args(["-u", "postgres", "--"])
@@ -552,12 +570,10 @@ impl PgCluster {
             .write_all(sql.as_bytes())
             .expect("write SQL");
         let out = child.wait_with_output().expect("psql");
-        assert!(
-            out.status.success(),
-            "psql: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// The agent's PostgreSQL settings for this cluster.

@@ -27,6 +27,16 @@ pub fn config(orchestrator: &str, agents: &[String], interval_secs: u64) -> Stri
     text
 }
 
+/// A scrape configuration of the orchestrator alone (see [`config`]) that also evaluates the
+/// shipped alert rules (`deploy/prometheus/alerts.yml`) every `interval_secs`.
+pub fn alerting_config(orchestrator: &str, interval_secs: u64) -> String {
+    format!(
+        "rule_files:\n  - \"{}\"\n{}",
+        deploy("prometheus/alerts.yml").display(),
+        config(orchestrator, &[], interval_secs)
+    )
+}
+
 /// `prometheus` (`base`: `Command::new("prometheus")`, or the same inside a lab host) with the
 /// configuration at `config`, its database under `dir`, serving its API on `listen`; its log
 /// goes to `dir/prometheus.log`.

@@ -1,6 +1,7 @@
 //! A short, fixed-seed chaos campaign: two pairs migrate while the orchestrator and agents are
-//! killed and hosts are cut off; every invariant of the campaign must hold (the harness of
-//! `bmfleet-lab chaos` cannot rot).
+//! killed, a link slowed, a target's disk filled, a cold sync outlives its window and its
+//! budget, a pair is cut off; every invariant of the campaign must hold, alerts included (the
+//! harness of `bmfleet-lab chaos` cannot rot).
 
 use bmfleet_tests::chaos::{run, ChaosParams};
 
@@ -8,7 +9,7 @@ use bmfleet_tests::chaos::{run, ChaosParams};
 fn a_short_chaos_campaign_keeps_every_invariant() {
     let params = ChaosParams {
         pairs: 2,
-        seed: 20261129,
+        seed: 20261144,
         faults: 8,
         messages: 3000,
         max_partition_secs: 4,
@@ -19,8 +20,22 @@ fn a_short_chaos_campaign_keeps_every_invariant() {
     };
     let report = run(params, |line| eprintln!("{line}"));
     let table = report.table(params.seed);
+    eprintln!("{table}");
     assert!(report.violations.is_empty(), "{table}");
     assert!(report.samples > 50, "{table}");
     assert_eq!(report.phases.values().sum::<usize>(), 2, "{table}");
     assert!(report.faults.len() >= 3, "{table}");
+    // The seed's schedule: a slow link, a full disk, orchestrator and agent kills, a window
+    // closing during a cold sync, a pair cut off, a PostgreSQL crash.
+    for kind in [
+        "window closes during a cold sync",
+        "target disk full",
+        "slow link",
+    ] {
+        assert!(
+            report.faults.iter().any(|f| f.kind == kind),
+            "{kind}: {table}"
+        );
+    }
+    assert_eq!(report.alerts.len(), 2, "{table}");
 }

@@ -71,6 +71,7 @@ fn six_hosts_enrolled_from_nothing_then_migrated_then_decommissioned() {
         deliver_ms: 40,
         enroll: true,
         logical_pair: None,
+        ..LabParams::default()
     });
     fleet.wait_for_orchestrator().unwrap();
     let scratch = fleet.dir().join("scratch");

@@ -9,6 +9,8 @@ const RULES: Rules = Rules {
         databases_deadline_ms: 500_000,
         step_deadline_ms: 10_000,
         retries: 1,
+        hot_retries: 2,
+        rollback_retries: 2,
     },
     convergence: Convergence {
         max_files: 100,
@@ -86,7 +88,12 @@ fn to_hot() -> Vec<Event> {
 
 fn to_converged() -> Vec<Event> {
     let mut e = to_hot();
-    e.extend([Event::GrantHotPass, pass(Step::HotPass, 1, 5)]);
+    e.extend([
+        Event::GrantHotPass,
+        pass(Step::HotPass, 1, 500),
+        Event::GrantHotPass,
+        pass(Step::HotPass, 2, 5),
+    ]);
     e
 }
 
@@ -202,13 +209,27 @@ fn every_transition() {
             vec![run(Step::FollowDatabases, 2)],
         ),
         row(
-            "following fails: the origin never stopped",
+            "following retried again: the hot phases wait longer",
             {
                 let mut e = to_following();
                 e.push(fail(Step::FollowDatabases, 1));
                 e
             },
             fail(Step::FollowDatabases, 2),
+            HotSync,
+            vec![run(Step::FollowDatabases, 3)],
+        ),
+        row(
+            "following fails: the origin never stopped",
+            {
+                let mut e = to_following();
+                e.extend([
+                    fail(Step::FollowDatabases, 1),
+                    fail(Step::FollowDatabases, 2),
+                ]);
+                e
+            },
+            fail(Step::FollowDatabases, 3),
             Failed,
             vec![],
         ),
@@ -238,9 +259,20 @@ fn every_transition() {
             vec![run(Step::Preflight, 2)],
         ),
         row(
-            "preflight fails",
+            "preflight retried again: the hot phases wait longer",
             vec![Event::Begin, fail(Step::Preflight, 1)],
             fail(Step::Preflight, 2),
+            Preflight,
+            vec![run(Step::Preflight, 3)],
+        ),
+        row(
+            "preflight fails",
+            vec![
+                Event::Begin,
+                fail(Step::Preflight, 1),
+                fail(Step::Preflight, 2),
+            ],
+            fail(Step::Preflight, 3),
             Failed,
             vec![],
         ),
@@ -263,13 +295,28 @@ fn every_transition() {
             vec![],
         ),
         row(
-            "pass converged",
+            "the first pass (the initial copy) never converges",
             {
                 let mut e = to_hot();
                 e.push(Event::GrantHotPass);
                 e
             },
-            pass(Step::HotPass, 1, 100),
+            pass(Step::HotPass, 1, 5),
+            HotSync,
+            vec![],
+        ),
+        row(
+            "pass converged",
+            {
+                let mut e = to_hot();
+                e.extend([
+                    Event::GrantHotPass,
+                    pass(Step::HotPass, 1, 5),
+                    Event::GrantHotPass,
+                ]);
+                e
+            },
+            pass(Step::HotPass, 2, 100),
             Converged,
             vec![],
         ),
@@ -294,10 +341,14 @@ fn every_transition() {
             "hot pass fails",
             {
                 let mut e = to_hot();
-                e.extend([Event::GrantHotPass, fail(Step::HotPass, 1)]);
+                e.extend([
+                    Event::GrantHotPass,
+                    fail(Step::HotPass, 1),
+                    fail(Step::HotPass, 2),
+                ]);
                 e
             },
-            fail(Step::HotPass, 2),
+            fail(Step::HotPass, 3),
             Failed,
             vec![],
         ),
@@ -492,7 +543,7 @@ fn every_transition() {
             vec![],
         ),
         row(
-            "rollback step fails for good: operator",
+            "rollback step retried longer than a cold step",
             {
                 let mut e = to_data();
                 e.extend([
@@ -503,6 +554,22 @@ fn every_transition() {
                 e
             },
             fail(Step::RollbackStartOrigin, 2),
+            RollingBack,
+            vec![run(Step::RollbackStartOrigin, 3)],
+        ),
+        row(
+            "rollback step fails for good: operator",
+            {
+                let mut e = to_data();
+                e.extend([
+                    fail(Step::Databases, 1),
+                    fail(Step::Databases, 2),
+                    fail(Step::RollbackStartOrigin, 1),
+                    fail(Step::RollbackStartOrigin, 2),
+                ]);
+                e
+            },
+            fail(Step::RollbackStartOrigin, 3),
             Failed,
             vec![],
         ),

@@ -40,8 +40,10 @@ enum Mode {
         preinstalled: bool,
     },
     /// The chaos campaign: pairs migrating while faults land at random moments (orchestrator
-    /// SIGKILL/SIGTERM, agent SIGKILL, partitions); invariants checked while it runs and at the
-    /// end. Exits 0 only with no violation.
+    /// SIGKILL/SIGTERM, agent SIGKILL, partitions, BlueMind API errors, PostgreSQL crashes,
+    /// full disks, slow links, windows closing during a cold sync); invariants checked while
+    /// it runs and at the end, alerts in a real Prometheus included. Exits 0 only with no
+    /// violation.
     Chaos {
         /// Origin/target pairs.
         #[arg(long, default_value_t = 20)]
@@ -64,6 +66,9 @@ enum Mode {
         /// Longest pause between two faults, ms.
         #[arg(long, default_value_t = 3000)]
         max_gap_ms: u64,
+        /// Every instance's downtime budget, seconds.
+        #[arg(long, default_value_t = 20)]
+        budget_secs: u64,
     },
 }
 
@@ -84,6 +89,7 @@ fn main() -> ExitCode {
             messages,
             stagger_secs,
             max_gap_ms,
+            budget_secs,
         } => {
             let params = bmfleet_tests::chaos::ChaosParams {
                 pairs,
@@ -93,6 +99,7 @@ fn main() -> ExitCode {
                 max_partition_secs,
                 stagger_secs,
                 max_gap_ms,
+                budget_secs,
                 ..Default::default()
             };
             println!("== chaos: {pairs} pairs, {faults} faults, seed {seed}");

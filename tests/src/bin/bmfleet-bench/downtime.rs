@@ -425,6 +425,7 @@ pub fn run(params: Params) -> anyhow::Result<()> {
         db_rows: params.db_rows,
         deliver_ms: 0,
         logical_pair: Some(4),
+        target_spool_mib: None,
     }));
     // This process runs the engine itself; the lab's orchestrator would only add its health
     // checks' walks of the data dirs to the measurements.
