@@ -95,6 +95,7 @@ impl DataPlane {
 
     async fn handle(&self, conn: Connection) {
         let peer = conn.get_ref().get_ref().0.peer_addr().ok();
+        crate::tunnel::keep_alive(conn.get_ref().get_ref().0);
         let caller = conn
             .get_ref()
             .get_ref()

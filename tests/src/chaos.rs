@@ -659,15 +659,32 @@ fn check_outcomes(
             report.violations.push(format!("{}: {left}", o.name));
         }
     }
-    let rsync = Command::new("pgrep")
-        .args(["-f", "rsync --server"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
-    if !rsync.is_empty() {
-        report
-            .violations
-            .push(format!("rsync still running: pids {rsync}"));
+    // A transfer cut off with its pair ends once the data plane's keepalives give up (about
+    // 30 s): no `rsync --server` (origin side, or a tunnel carrying its argv) outlives that.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let left = loop {
+        let pids = Command::new("pgrep")
+            .args(["-f", "rsync --server"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        if pids.trim().is_empty() || Instant::now() > deadline {
+            break pids;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    for pid in left.split_whitespace() {
+        let host = Command::new("ip")
+            .args(["netns", "identify", pid])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default();
+        let argv = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+            .unwrap_or_default();
+        report.violations.push(format!(
+            "rsync still running a minute after the end: pid {pid} in {host}: {argv}"
+        ));
     }
     report.downtimes.sort_by(f64::total_cmp);
 }
