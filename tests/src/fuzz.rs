@@ -17,8 +17,31 @@ use std::time::{Duration, Instant};
 
 use bmfleet_agent::tunnel::TunnelRequest;
 
-/// An input slower than this is a finding (a hang in the making).
+/// An input that computes longer than this is a finding (a hang in the making).
 pub const SLOW: Duration = Duration::from_secs(2);
+
+/// The CPU time this thread has used so far.
+fn thread_cpu_time() -> Duration {
+    use nix::sys::resource::{getrusage, UsageWho};
+    getrusage(UsageWho::RUSAGE_THREAD)
+        .map(|u| {
+            let (user, system) = (u.user_time(), u.system_time());
+            Duration::from_micros(
+                (user.tv_sec() + system.tv_sec()) as u64 * 1_000_000
+                    + (user.tv_usec() + system.tv_usec()) as u64,
+            )
+        })
+        .unwrap_or_default()
+}
+
+/// How long `run` computes on `input`, in this thread's CPU time: an input that took long on
+/// the clock is timed again this way, so a busy machine (another campaign, a build) that
+/// only delayed it is not a finding.
+fn cpu_time_of(run: fn(&[u8]), input: &[u8]) -> Duration {
+    let before = thread_cpu_time();
+    run(input);
+    thread_cpu_time().saturating_sub(before)
+}
 
 /// One fuzz target: a name, its dictionary, and what it does with an input.
 pub struct Target {
@@ -462,7 +485,16 @@ pub fn campaign(
                     .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                     .unwrap_or_else(|| "a panic".into()),
             ),
-            Ok(()) if took > SLOW => Some(format!("slow: {} ms", took.as_millis())),
+            Ok(()) if took > SLOW => {
+                let cpu = cpu_time_of(target.run, &input);
+                (cpu > SLOW).then(|| {
+                    format!(
+                        "slow: {} ms ({} ms of CPU time)",
+                        took.as_millis(),
+                        cpu.as_millis()
+                    )
+                })
+            }
             Ok(()) => None,
         };
         if let Some(what) = what {

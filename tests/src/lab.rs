@@ -111,12 +111,47 @@ impl Lab {
             .unwrap_or_else(|| panic!("no host {name} in the lab"))
     }
 
-    /// A command running `program` inside `host`'s namespace.
+    /// A command running `program` inside `host`'s namespace (`"switch"` for the switch).
     pub fn command(&self, host: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let ns = if host == "switch" {
+            self.switch.clone()
+        } else {
+            self.host(host).ns.clone()
+        };
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.host(host).ns])
-            .arg(program);
+        cmd.args(["netns", "exec", &ns]).arg(program);
         cmd
+    }
+
+    /// The MACs that answer an ARP request for `addr` from the switch (three requests, 200 ms
+    /// apart): the hosts that would get its traffic.
+    pub fn arp_answers(&self, addr: &str) -> std::collections::BTreeSet<String> {
+        let out = self
+            .command("switch", "arping")
+            .args(["-c", "3", "-W", "0.2", "-i", "br0", addr])
+            .output();
+        let text = out
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        // "60 bytes from 02:…:ff (198.18.0.101): index=0 time=…"
+        text.lines()
+            .filter_map(|l| l.split(" bytes from ").nth(1))
+            .filter_map(|rest| rest.split_whitespace().next())
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The switch's neighbour table: address → MAC, for entries that have one.
+    pub fn switch_neighbours(&self) -> std::collections::BTreeMap<String, String> {
+        let out = self.ip("switch", &["neigh", "show", "dev", "br0"]);
+        out.lines()
+            .filter_map(|l| {
+                let mut words = l.split_whitespace();
+                let addr = words.next()?;
+                let mac = words.skip_while(|w| *w != "lladdr").nth(1)?;
+                Some((addr.to_string(), mac.to_string()))
+            })
+            .collect()
     }
 
     /// Starts a long-running process in the lab; it is killed with the lab.
