@@ -95,15 +95,6 @@ impl Api {
             .map_err(|e| ApiError(format!("GET {path}: {e}")))
     }
 
-    /// The task id of a TaskRef answer.
-    fn task_id(path: &str, started: &serde_json::Value) -> Result<String, ApiError> {
-        started
-            .get("id")
-            .and_then(|i| i.as_str())
-            .map(str::to_string)
-            .ok_or_else(|| ApiError(format!("POST {path}: no task id in {started}")))
-    }
-
     /// Polls a task to its end (ITask: GET /tasks/{id}); its final TaskStatus on Success.
     fn wait_task(
         &self,
@@ -200,50 +191,50 @@ fn open(config: &AgentConfig) -> Result<Api, ApiError> {
         .map_err(|e| call_error("POST", "/api/auth/login", e))?
         .into_json()
         .map_err(|e| ApiError(format!("POST /api/auth/login: {e}")))?;
-    let status = answer.get("status").and_then(|s| s.as_str());
-    let message = answer
-        .get("message")
-        .and_then(|m| m.as_str())
-        .unwrap_or_default();
-    match status {
-        Some("Ok") => {}
-        Some("Expired") => {
-            return Err(ApiError(format!(
-                "POST /api/auth/login: admin0@global.virt's password has expired (status \
-                 Expired{}): renew it in BlueMind's admin console, then set \
-                 bluemind_api.admin0_password",
-                if message.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {message}")
-                }
-            )))
-        }
-        _ => {
-            return Err(ApiError(format!(
-                "POST /api/auth/login: admin0@global.virt's login was refused (status {}{}): \
-                 check bluemind_api.admin0_password, or remove it to use the bm-core token",
-                status.unwrap_or("missing"),
-                if message.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {message}")
-                }
-            )))
-        }
-    }
-    let key = answer
-        .get("authKey")
-        .and_then(|k| k.as_str())
-        .filter(|k| !k.is_empty())
-        .ok_or_else(|| ApiError(format!("POST /api/auth/login: no authKey in {answer}")))?
-        .to_string();
+    let key = login_key(&answer)?;
     Ok(Api {
         base,
         key,
         credentials: Credentials::Login,
         agent,
     })
+}
+
+/// The session key of a LoginResponse (IAuthentication.login): `status` must be `Ok` and
+/// `authKey` present; `Expired` and any other status are refusals an operator can act on.
+pub fn login_key(answer: &serde_json::Value) -> Result<String, ApiError> {
+    let status = answer.get("status").and_then(|s| s.as_str());
+    let message = match answer.get("message").and_then(|m| m.as_str()) {
+        Some(m) if !m.is_empty() => format!(": {m}"),
+        _ => String::new(),
+    };
+    match status {
+        Some("Ok") => answer
+            .get("authKey")
+            .and_then(|k| k.as_str())
+            .filter(|k| !k.is_empty())
+            .map(str::to_string)
+            .ok_or_else(|| ApiError(format!("POST /api/auth/login: no authKey in {answer}"))),
+        Some("Expired") => Err(ApiError(format!(
+            "POST /api/auth/login: admin0@global.virt's password has expired (status \
+             Expired{message}): renew it in BlueMind's admin console, then set \
+             bluemind_api.admin0_password"
+        ))),
+        _ => Err(ApiError(format!(
+            "POST /api/auth/login: admin0@global.virt's login was refused (status {}{message}): \
+             check bluemind_api.admin0_password, or remove it to use the bm-core token",
+            status.unwrap_or("missing"),
+        ))),
+    }
+}
+
+/// The task id of a TaskRef answer.
+pub fn task_id(path: &str, started: &serde_json::Value) -> Result<String, ApiError> {
+    started
+        .get("id")
+        .and_then(|i| i.as_str())
+        .map(str::to_string)
+        .ok_or_else(|| ApiError(format!("POST {path}: no task id in {started}")))
 }
 
 /// The firewall's paths, the one the version suggests first: bm-core's internal API (5.x,
@@ -281,7 +272,7 @@ fn firewall(
             }
             Err(e) => return Err(call_error("POST", path, *e)),
         };
-        let id = Api::task_id(path, &started)?;
+        let id = task_id(path, &started)?;
         let status = api.wait_task(path, &id, deadline)?;
         let failed: Vec<String> = api
             .task_logs(&id, &status)?
@@ -335,7 +326,7 @@ fn mail_maintenance(api: &Api, postfix: &Path, deadline: Duration) -> Result<usi
         )));
     }
     let started = api.post(path, serde_json::Value::Null)?;
-    let id = Api::task_id(path, &started)?;
+    let id = task_id(path, &started)?;
     api.wait_task(path, &id, deadline)?;
     let until = Instant::now() + deadline;
     loop {
@@ -365,7 +356,11 @@ fn mail_maintenance(api: &Api, postfix: &Path, deadline: Duration) -> Result<usi
 /// mynetworks as BlueMind answers it: `values.mynetworks` of the SystemConf
 /// (ISystemConfiguration.getValues); missing or empty is an error, never an empty value.
 fn read_mynetworks(api: &Api) -> Result<String, ApiError> {
-    let conf = api.get("/api/configuration")?;
+    mynetworks_of(&api.get("/api/configuration")?)
+}
+
+/// `values.mynetworks` of a SystemConf answer; missing or empty is an error.
+pub fn mynetworks_of(conf: &serde_json::Value) -> Result<String, ApiError> {
     conf.get("values")
         .and_then(|v| v.get("mynetworks"))
         .and_then(|m| m.as_str())

@@ -301,6 +301,21 @@ pub fn targets() -> Vec<Target> {
             },
         },
         Target {
+            name: "bluemind_api",
+            dictionary: JSON_WORDS,
+            run: |input| {
+                // What the agent reads in BlueMind's answers: a LoginResponse, a TaskRef, a
+                // SystemConf (then its mynetworks value, as the "mynetworks" target does).
+                if let Ok(answer) = serde_json::from_slice::<serde_json::Value>(input) {
+                    let _ = bmfleet_agent::post_migration::login_key(&answer);
+                    let _ = bmfleet_agent::post_migration::task_id("/api/x", &answer);
+                    if let Ok(value) = bmfleet_agent::post_migration::mynetworks_of(&answer) {
+                        let _ = bmfleet_agent::post_migration::networks(&value);
+                    }
+                }
+            },
+        },
+        Target {
             name: "join_token",
             dictionary: &["bmj1", ".", "0", "f", "g", "\n", " "],
             run: |input| {
