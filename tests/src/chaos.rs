@@ -9,10 +9,10 @@
 //!
 //! Invariants are checked while it runs (the service IP of every instance held by at most one
 //! host, sampled 10 times a second, the switch's neighbour table beside) and at the end: every
-//! instance finished; Done ones have every delivered message and the databases; rolled-back
-//! ones serve on the origin; exactly the holder answers ARP for the service IP at the switch;
-//! no grant left valid, no replication slot or role on an origin, no standby left on a
-//! target, no rsync left running; every downtime over its budget or past its window was an
+//! instance finished; Done ones have every data dir equal (content and attributes), every
+//! delivered message and the databases; rolled-back ones serve on the origin; exactly the
+//! holder answers ARP for the service IP at the switch; no grant left valid, no replication
+//! slot or role on an origin, no standby left on a target, no rsync left running; every downtime over its budget or past its window was an
 //! alert. `bmfleet-lab chaos` runs it; `tests/tests/chaos.rs` runs a short fixed-seed version.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -623,6 +623,28 @@ fn check_outcomes(
                         "{}: Done but the service IP is on {held:?}",
                         o.name
                     ));
+                }
+                // Every data dir: same entries, content and attributes (mode, owner, xattrs
+                // and ACLs), read by the harness itself, not asked of the agents.
+                for dir in bmfleet_proto::BLUEMIND_DATA_DIRS {
+                    let rel = dir.trim_start_matches('/');
+                    let manifest = |host: &str| {
+                        bmfleet_agent::manifest::of_dir(
+                            dir,
+                            &fleet.root(host).join(rel),
+                            &[],
+                            false,
+                            0,
+                        )
+                        .map(|m| m.checksum)
+                    };
+                    match (manifest(&origin), manifest(&target)) {
+                        (Ok(a), Ok(b)) if a == b => {}
+                        (a, b) => report.violations.push(format!(
+                            "{}: {dir} differs between origin and target ({a:?} / {b:?})",
+                            o.name
+                        )),
+                    }
                 }
                 let delivered = std::fs::read_to_string(
                     fleet.root(&origin).join("var/log/standin-delivered.log"),
