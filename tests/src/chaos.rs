@@ -587,6 +587,12 @@ pub fn run(params: ChaosParams, mut progress: impl FnMut(&str)) -> ChaosReport {
     report
 }
 
+/// Every message the origin's stand-in ever delivered (relative paths, one a line).
+fn delivered(fleet: &LabFleet, origin: &str) -> String {
+    std::fs::read_to_string(fleet.root(origin).join("var/log/standin-delivered.log"))
+        .unwrap_or_default()
+}
+
 /// The end-state invariants.
 fn check_outcomes(
     fleet: &LabFleet,
@@ -646,10 +652,7 @@ fn check_outcomes(
                         )),
                     }
                 }
-                let delivered = std::fs::read_to_string(
-                    fleet.root(&origin).join("var/log/standin-delivered.log"),
-                )
-                .unwrap_or_default();
+                let delivered = delivered(fleet, &origin);
                 for rel in delivered.lines() {
                     let on_target = std::fs::read(fleet.root(&target).join(rel)).ok();
                     let on_origin = std::fs::read(fleet.root(&origin).join(rel)).ok();
@@ -696,6 +699,17 @@ fn check_outcomes(
                 if !status.status.success() {
                     report.violations.push(format!(
                         "{}: {} but the origin does not serve",
+                        o.name, o.phase
+                    ));
+                }
+                // All its mail, what arrived during the attempt included.
+                let delivered = delivered(fleet, &origin);
+                if let Some(rel) = delivered
+                    .lines()
+                    .find(|rel| !fleet.root(&origin).join(rel).exists())
+                {
+                    report.violations.push(format!(
+                        "{}: {} but {rel} is no longer on the origin",
                         o.name, o.phase
                     ));
                 }

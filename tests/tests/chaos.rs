@@ -25,14 +25,10 @@ fn a_short_chaos_campaign_keeps_every_invariant() {
     assert!(report.samples > 50, "{table}");
     assert_eq!(report.phases.values().sum::<usize>(), 2, "{table}");
     assert!(report.faults.len() >= 3, "{table}");
-    // The seed's schedule: a slow link, a full disk, a window closing during a cold sync, a
-    // PostgreSQL crash, an orchestrator SIGTERM, a host cut off, an agent killed, a pair cut
-    // off.
-    for kind in [
-        "window closes during a cold sync",
-        "target disk full",
-        "slow link",
-    ] {
+    // The seed's schedule starts with a slow link and a full disk (then a window closing, a
+    // PostgreSQL crash, kills and partitions: a fault that finds nothing to act on, such as
+    // no cold sync within 30 s for the window, is skipped, which shifts the rest).
+    for kind in ["slow link", "target disk full"] {
         assert!(
             report.faults.iter().any(|f| f.kind == kind),
             "{kind}: {table}"
