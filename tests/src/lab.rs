@@ -111,13 +111,18 @@ impl Lab {
             .unwrap_or_else(|| panic!("no host {name} in the lab"))
     }
 
-    /// A command running `program` inside `host`'s namespace (`"switch"` for the switch).
-    pub fn command(&self, host: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let ns = if host == "switch" {
+    /// The namespace of `host` (`"switch"` for the switch).
+    fn ns(&self, host: &str) -> String {
+        if host == "switch" {
             self.switch.clone()
         } else {
             self.host(host).ns.clone()
-        };
+        }
+    }
+
+    /// A command running `program` inside `host`'s namespace (`"switch"` for the switch).
+    pub fn command(&self, host: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let ns = self.ns(host);
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &ns]).arg(program);
         cmd
@@ -165,11 +170,7 @@ impl Lab {
 
     /// `ip ARGS` inside `host` (`"switch"` for the switch).
     pub fn ip(&self, host: &str, args: &[&str]) -> String {
-        let ns = if host == "switch" {
-            self.switch.clone()
-        } else {
-            self.host(host).ns.clone()
-        };
+        let ns = self.ns(host);
         let mut full = vec!["-n", &ns];
         full.extend_from_slice(args);
         String::from_utf8_lossy(&ip(&full).stdout).into_owned()
@@ -210,21 +211,13 @@ impl Lab {
 
     /// The MAC the switch's neighbour table holds for `addr`, if any.
     pub fn switch_neighbour(&self, addr: &str) -> Option<String> {
-        let out = self.ip("switch", &["neigh", "show", addr, "dev", "br0"]);
-        out.split_whitespace()
-            .skip_while(|w| *w != "lladdr")
-            .nth(1)
-            .map(str::to_string)
+        self.switch_neighbours().remove(addr)
     }
 
     /// Runs `f` on a thread inside `host`'s network namespace (`"switch"` for the switch):
     /// sockets it opens belong to that namespace.
     pub fn run_in<R: Send>(&self, host: &str, f: impl FnOnce() -> R + Send) -> R {
-        let ns = if host == "switch" {
-            self.switch.clone()
-        } else {
-            self.host(host).ns.clone()
-        };
+        let ns = self.ns(host);
         std::thread::scope(|scope| {
             scope
                 .spawn(move || {
