@@ -184,6 +184,31 @@ impl DataPlane {
                 Err(e) => Err(e.to_string()),
             },
             TunnelRequest::WalPosition { .. } => self.wal_position(&grant, &mut stream).await,
+            TunnelRequest::VerifiedPoint { .. } => match grant.require_replication() {
+                Ok(()) => {
+                    crate::verified_point::serve_hold(
+                        &self.config,
+                        &self.bluemind_connection(),
+                        &grant.id,
+                        &mut stream,
+                    )
+                    .await
+                }
+                Err(e) => Err(e.to_string()),
+            },
+            TunnelRequest::ChangedBlocks { since, tables, .. } => match grant.require_databases() {
+                Ok(()) => {
+                    crate::verified_point::serve_changed(
+                        &self.config,
+                        &self.bluemind_connection(),
+                        &since,
+                        &tables,
+                        &mut stream,
+                    )
+                    .await
+                }
+                Err(e) => Err(e.to_string()),
+            },
         };
         match outcome {
             Ok(()) => {

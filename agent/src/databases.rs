@@ -186,8 +186,16 @@ pub fn compare_all(
     ours: &[DatabaseManifest],
     elapsed_ms: u64,
 ) -> Vec<DatabaseMove> {
+    compare_manifests(&theirs.databases, ours, elapsed_ms)
+}
+
+/// The origin's databases compared with this host's, database by database.
+pub fn compare_manifests(
+    theirs: &[DatabaseManifest],
+    ours: &[DatabaseManifest],
+    elapsed_ms: u64,
+) -> Vec<DatabaseMove> {
     theirs
-        .databases
         .iter()
         .map(|origin_db| {
             let empty = DatabaseManifest {

@@ -36,3 +36,4 @@ pub mod services;
 pub mod standby;
 pub mod subscription;
 pub mod tunnel;
+pub mod verified_point;

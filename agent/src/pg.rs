@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncWriteExt;
-use tokio::process::Command;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
 use crate::config::PostgresConfig;
 
@@ -192,6 +192,32 @@ impl Connection {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// An interactive psql session on `database`: statements sent one at a time, each
+    /// answer read before the next is sent (a transaction held open between them).
+    pub async fn session(&self, database: &str) -> Result<Session, PgError> {
+        let err = |detail: String| PgError {
+            program: "psql".into(),
+            what: format!("cannot start ({database})"),
+            detail,
+        };
+        let mut child = self
+            .command("psql", database)
+            .args(["-X", "-q", "-A", "-t", "-F", "\t", "-v", "ON_ERROR_STOP=1"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| err(e.to_string()))?;
+        let stdin = child.stdin.take().ok_or_else(|| err("no stdin".into()))?;
+        let stdout = child.stdout.take().ok_or_else(|| err("no stdout".into()))?;
+        Ok(Session {
+            database: database.to_string(),
+            child,
+            stdin,
+            stdout: BufReader::new(stdout),
+        })
+    }
+
     /// Which of `wanted` exist on the server.
     pub async fn existing_databases(&self, wanted: &[String]) -> Result<Vec<String>, PgError> {
         let out = self
@@ -312,6 +338,86 @@ impl Connection {
         }
         manifest.tables.sort_by(|a, b| a.table.cmp(&b.table));
         Ok(manifest)
+    }
+}
+
+/// An interactive psql session ([`Connection::session`]). Dropping it kills psql, which ends
+/// (rolls back) any transaction it held.
+pub struct Session {
+    database: String,
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Session {
+    fn error(&self, what: &str, detail: String) -> PgError {
+        PgError {
+            program: "psql".into(),
+            what: format!("{what} ({})", self.database),
+            detail,
+        }
+    }
+
+    /// Sends `sql` (statements whose last one answers one row) and returns that row.
+    pub async fn line(&mut self, sql: &str) -> Result<String, PgError> {
+        self.stdin
+            .write_all(format!("{sql}\n").as_bytes())
+            .await
+            .map_err(|e| self.error("writing SQL", e.to_string()))?;
+        self.stdin
+            .flush()
+            .await
+            .map_err(|e| self.error("writing SQL", e.to_string()))?;
+        let mut line = String::new();
+        let read = self
+            .stdout
+            .read_line(&mut line)
+            .await
+            .map_err(|e| self.error("reading an answer", e.to_string()))?;
+        if read == 0 {
+            // psql stopped (ON_ERROR_STOP): its stderr says why.
+            let mut detail = String::new();
+            if let Some(mut stderr) = self.child.stderr.take() {
+                let _ = stderr.read_to_string(&mut detail).await;
+            }
+            return Err(self.error("failed", detail.trim().to_string()));
+        }
+        Ok(line.trim_end_matches('\n').to_string())
+    }
+
+    /// Sends `sql` as the session's last input and returns everything it printed.
+    pub async fn finish(mut self, sql: &str) -> Result<String, PgError> {
+        self.stdin
+            .write_all(sql.as_bytes())
+            .await
+            .map_err(|e| self.error("writing SQL", e.to_string()))?;
+        drop(self.stdin);
+        let mut out = String::new();
+        if let Err(e) = self.stdout.read_to_string(&mut out).await {
+            return Err(PgError {
+                program: "psql".into(),
+                what: format!("reading answers ({})", self.database),
+                detail: e.to_string(),
+            });
+        }
+        let mut detail = String::new();
+        if let Some(mut stderr) = self.child.stderr.take() {
+            let _ = stderr.read_to_string(&mut detail).await;
+        }
+        let status = self.child.wait().await.map_err(|e| PgError {
+            program: "psql".into(),
+            what: format!("waiting ({})", self.database),
+            detail: e.to_string(),
+        })?;
+        if !status.success() {
+            return Err(PgError {
+                program: "psql".into(),
+                what: format!("failed ({})", self.database),
+                detail: detail.trim().to_string(),
+            });
+        }
+        Ok(out)
     }
 }
 

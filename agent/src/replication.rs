@@ -263,9 +263,10 @@ async fn remove(
          SELECT pg_catalog.pg_terminate_backend(active_pid) FROM pg_catalog.pg_replication_slots WHERE slot_name = {slot} AND active_pid IS NOT NULL;\n"
     );
     let drop = format!(
-        "SELECT pg_catalog.pg_drop_replication_slot(slot_name) FROM pg_catalog.pg_replication_slots WHERE slot_name = {slot};\n\
+        "SELECT pg_catalog.pg_drop_replication_slot(slot_name) FROM pg_catalog.pg_replication_slots WHERE slot_name IN ({slot}, {gate});\n\
          DROP ROLE IF EXISTS {};\n",
-        ident(&leftover.role)
+        ident(&leftover.role),
+        gate = literal(&crate::verified_point::gate_slot(&leftover.grant_id)),
     );
     let mut last = String::new();
     for _ in 0..50 {

@@ -15,7 +15,7 @@ use bmfleet_proto::v1::{
     FollowDatabasesRequest, GrantReply, GrantRequest, IpReply, IpRequest, ManifestReply,
     ManifestRequest, MoveDatabasesReply, MoveDatabasesRequest, OriginEndpoint, PostMigrationReply,
     PostMigrationRequest, PullEvent, PullRequest, RevokeGrantRequest, ServiceAction, ServicesReply,
-    ServicesRequest,
+    ServicesRequest, VerifyFollowingReply, VerifyFollowingRequest,
 };
 use prost::Message;
 use tokio::net::TcpListener;
@@ -478,6 +478,45 @@ impl Agent for AgentService {
                 ended: false,
                 error,
             },
+        };
+        Ok(Response::new(reply))
+    }
+
+    async fn verify_following(
+        &self,
+        request: Request<VerifyFollowingRequest>,
+    ) -> Result<Response<VerifyFollowingReply>, Status> {
+        let req = request.into_inner();
+        let started = std::time::Instant::now();
+        let outcome = match standby::following(&self.config) {
+            Some(state) if state.name == req.origin_name => {
+                crate::verified_point::establish(&self.config, self.tunnel_tls.clone()).await
+            }
+            Some(state) => Err(format!(
+                "this host follows {}, not {}",
+                state.name, req.origin_name
+            )),
+            None => Err(format!("this host does not follow {}", req.origin_name)),
+        };
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        let reply = match outcome {
+            Ok(summary) => {
+                tracing::info!(origin = %req.origin_name, %summary, "verified point taken");
+                VerifyFollowingReply {
+                    ok: true,
+                    summary,
+                    elapsed_ms,
+                    ..Default::default()
+                }
+            }
+            Err(error) => {
+                tracing::warn!(origin = %req.origin_name, %error, "no verified point");
+                VerifyFollowingReply {
+                    error,
+                    elapsed_ms,
+                    ..Default::default()
+                }
+            }
         };
         Ok(Response::new(reply))
     }

@@ -64,10 +64,15 @@ pub struct Following {
     /// Following by logical replication (subscriptions), not as a physical standby.
     #[serde(default)]
     pub logical: Option<crate::subscription::LogicalFollow>,
+    /// The last verified point with the origin (a standby's, taken at the pre-window pass):
+    /// the downtime's gate compares only what changed since.
+    #[serde(default)]
+    pub verified: Option<crate::verified_point::VerifiedPoint>,
 }
 
 impl Following {
-    fn endpoint(&self) -> OriginEndpoint {
+    /// The origin's data plane under the replication grant.
+    pub fn endpoint(&self) -> OriginEndpoint {
         OriginEndpoint {
             address: self.address.clone(),
             name: self.name.clone(),
@@ -371,6 +376,7 @@ async fn follow_inner(
         bluemind_password: ticket.bluemind_password.clone(),
         promoted: false,
         logical: None,
+        verified: None,
     };
     let installed = async {
         let bytes = unpack(&mut stream, &dir, uid, gid).await?;
@@ -630,7 +636,11 @@ fn configure(
     let lines = format!(
         "\n# bmfleet: this cluster follows its origin until the cutover\n\
          primary_conninfo = {}\n\
-         primary_slot_name = {}\n",
+         primary_slot_name = {}\n\
+         # the verified point's checksums run on the standby: replay waits for them, and the\n\
+         # origin keeps the rows they read\n\
+         hot_standby_feedback = on\n\
+         max_standby_streaming_delay = -1\n",
         literal(&conninfo),
         literal(&ticket.slot)
     );
@@ -776,10 +786,14 @@ pub async fn promote(
     relay: &Relay,
     origin: &OriginEndpoint,
 ) -> MoveDatabasesReply {
-    crate::databases::reply(
-        promote_inner(config, tls, relay, origin).await,
-        "the promotion",
-    )
+    let (moved, gate) = match promote_inner(config, tls, relay, origin).await {
+        Ok((moved, gate)) => (Ok(moved), gate),
+        Err(e) => (Err(e), String::new()),
+    };
+    MoveDatabasesReply {
+        gate,
+        ..crate::databases::reply(moved, "the promotion")
+    }
 }
 
 async fn promote_inner(
@@ -787,7 +801,7 @@ async fn promote_inner(
     tls: Arc<rustls::ClientConfig>,
     relay: &Relay,
     origin: &OriginEndpoint,
-) -> Result<Vec<DatabaseMove>, String> {
+) -> Result<(Vec<DatabaseMove>, String), String> {
     let started = Instant::now();
     let state = following(config).ok_or(
         "this host does not follow an origin (FollowDatabases did not run or was undone): \
@@ -800,7 +814,9 @@ async fn promote_inner(
         ));
     }
     if state.logical.is_some() {
-        return crate::subscription::promote(config, tls, relay, origin, state).await;
+        return crate::subscription::promote(config, tls, relay, origin, state)
+            .await
+            .map(|moved| (moved, "every table compared (logical replication)".into()));
     }
     let owner = owner_connection(config, &state.bluemind_password);
     if state.promoted {
@@ -809,10 +825,27 @@ async fn promote_inner(
             crate::databases::origin_manifest(config, tls, origin, true),
             crate::databases::own_manifests(config, &owner)
         );
-        return Ok(crate::databases::compare_all(&theirs?, &ours?, 0));
+        return Ok((
+            crate::databases::compare_all(&theirs?, &ours?, 0),
+            "every table compared (a repeated request)".into(),
+        ));
     }
-    // The origin is stopped: its half of the comparison starts now, beside the catch-up.
-    let theirs = origin_checksums(config, tls.clone(), origin);
+    // The origin is stopped: its half of the comparison starts now, beside the catch-up —
+    // what changed since the verified point when there is one, else every table.
+    let gate = match &state.verified {
+        Some(verified) => {
+            let (config, tls, origin, verified) = (
+                config.clone(),
+                tls.clone(),
+                origin.clone(),
+                verified.clone(),
+            );
+            Gate::Changed(tokio::spawn(async move {
+                crate::verified_point::ask_changed(&config, tls, &origin, &verified).await
+            }))
+        }
+        None => Gate::Full(origin_checksums(config, tls.clone(), origin)),
+    };
     let (position, wanted) = position_to_reach(config, tls.clone(), origin).await?;
     let mut last_seen = String::new();
     let already_promoted = loop {
@@ -839,8 +872,46 @@ async fn promote_inner(
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let caught_up_ms = started.elapsed().as_millis() as u64;
-    // Replayed up to the origin's last write: the data is final. This host's checksums run
-    // beside the promotion (sessions outlive it).
+    // Replayed up to the origin's last write: the data is final.
+    let theirs = match gate {
+        Gate::Changed(asked) => {
+            let (promoted, compared) = tokio::join!(
+                promote_and_settle(config, relay, &state, already_promoted),
+                async {
+                    let (stream, selection) = asked
+                        .await
+                        .map_err(|e| format!("asking for the changed blocks stopped: {e}"))??;
+                    crate::verified_point::compare_selection(config, &owner, stream, selection)
+                        .await
+                }
+            );
+            promoted?;
+            tracing::info!(origin = %origin.name, caught_up_ms, "the standby is promoted");
+            match compared {
+                Ok((theirs, ours, covered)) => {
+                    tracing::info!(origin = %origin.name, %covered, "the databases' gate");
+                    return Ok((
+                        crate::databases::compare_manifests(&theirs, &ours, caught_up_ms),
+                        covered,
+                    ));
+                }
+                Err(why) => {
+                    tracing::warn!(origin = %origin.name, %why, "the gate on the changes since the verified point failed: every table is compared");
+                    let fallback = format!("every table compared: the changes since the verified point could not be ({why})");
+                    let (theirs, ours) = tokio::join!(
+                        crate::databases::origin_manifest(config, tls, origin, true),
+                        crate::databases::own_manifests(config, &owner)
+                    );
+                    return Ok((
+                        crate::databases::compare_all(&theirs?, &ours?, caught_up_ms),
+                        fallback,
+                    ));
+                }
+            }
+        }
+        Gate::Full(theirs) => theirs,
+    };
+    // This host's checksums run beside the promotion (sessions outlive it).
     let (promoted, ours) = tokio::join!(
         promote_and_settle(config, relay, &state, already_promoted),
         crate::databases::own_manifests(config, &owner)
@@ -851,7 +922,18 @@ async fn promote_inner(
     let theirs = theirs
         .await
         .map_err(|e| format!("the origin's checksums stopped: {e}"))??;
-    Ok(crate::databases::compare_all(&theirs, &ours, caught_up_ms))
+    Ok((
+        crate::databases::compare_all(&theirs, &ours, caught_up_ms),
+        "every table compared: no verified point".into(),
+    ))
+}
+
+/// The origin's half of the downtime's comparison, under way during the catch-up.
+enum Gate {
+    /// The blocks changed since the verified point (the tunnel then carries the sums).
+    Changed(JoinHandle<Result<(crate::tunnel::Tunnel, crate::verified_point::Selection), String>>),
+    /// Every table's checksum.
+    Full(JoinHandle<Result<crate::data_plane::ManifestReply, String>>),
 }
 
 /// Promotes the standby (`pg_ctl promote`, a signal), puts the target's own settings back

@@ -144,6 +144,7 @@ async fn follow_inner(
                 .collect(),
             owner_attributes,
         }),
+        verified: None,
     };
     // Recorded first: whatever happens next, the instance's end undoes it.
     standby::set_following(config, Some(&state))?;

@@ -85,6 +85,22 @@ pub enum TunnelRequest {
         /// The grant id (databases).
         grant: String,
     },
+    /// A verified point with the standby (`verified_point::establish`): the origin answers
+    /// `Held`, waits for the standby's `Taken`, answers `OriginSums`.
+    VerifiedPoint {
+        /// The grant id (replication).
+        grant: String,
+    },
+    /// The downtime's gate: the blocks the origin's WAL names since a verified point
+    /// (`Selection`), then the origin's sums of them (`SelectedSums`).
+    ChangedBlocks {
+        /// The grant id (databases).
+        grant: String,
+        /// The verified point's WAL position.
+        since: String,
+        /// Its tables' files.
+        tables: Vec<crate::verified_point::TableFile>,
+    },
 }
 
 impl TunnelRequest {
@@ -98,7 +114,9 @@ impl TunnelRequest {
             | TunnelRequest::BaseBackup { grant }
             | TunnelRequest::Publish { grant }
             | TunnelRequest::Replication { grant }
-            | TunnelRequest::WalPosition { grant } => grant,
+            | TunnelRequest::WalPosition { grant }
+            | TunnelRequest::VerifiedPoint { grant }
+            | TunnelRequest::ChangedBlocks { grant, .. } => grant,
         }
     }
 
@@ -113,6 +131,8 @@ impl TunnelRequest {
             TunnelRequest::Publish { .. } => "publish",
             TunnelRequest::Replication { .. } => "replication",
             TunnelRequest::WalPosition { .. } => "wal-position",
+            TunnelRequest::VerifiedPoint { .. } => "verified-point",
+            TunnelRequest::ChangedBlocks { .. } => "changed-blocks",
         }
     }
 }

@@ -13,7 +13,7 @@ use bmfleet_proto::v1::{
     ClearServedRequest, CopyConfigRequest, DumpFormat, EndFollowingRequest, FactsRequest,
     FollowDatabasesRequest, GrantRequest, IpRequest, ManifestRequest, MoveDatabasesRequest,
     OriginEndpoint, PostMigrationRequest, PullRequest, RevokeGrantRequest, ServiceAction,
-    ServicesRequest,
+    ServicesRequest, VerifyFollowingRequest,
 };
 
 use crate::agents::{AgentHandle, AgentPool};
@@ -197,13 +197,30 @@ async fn run_step(pool: &AgentPool, job: Job, now_ms: i64) -> StepResult {
                 databases: Some(plan),
             }),
         Step::FollowDatabases => follow_databases(origin, target, &job, now_ms).await,
-        Step::HotPass | Step::PreWindowPass => {
+        Step::HotPass => {
             granted(origin, &job, now_ms, Scope::DataDirs, |endpoint| async {
                 sync_pass(target, &job, endpoint)
                     .await
                     .map(StepOutput::from)
             })
             .await
+        }
+        Step::PreWindowPass => {
+            let mut output = granted(origin, &job, now_ms, Scope::DataDirs, |endpoint| async {
+                sync_pass(target, &job, endpoint)
+                    .await
+                    .map(StepOutput::from)
+            })
+            .await?;
+            // The last live moment: a standby's databases are compared in full here, so that
+            // the downtime's gate compares only what changed since.
+            if job.promote_databases && !job.logical_databases {
+                let verified = verify_following(target, &job).await;
+                if let Some(stats) = output.stats.as_mut() {
+                    stats.verified_point = verified;
+                }
+            }
+            Ok(output)
         }
         Step::FinalPass => {
             let stats = granted(origin, &job, now_ms, Scope::DataDirs, |endpoint| async {
@@ -301,6 +318,35 @@ async fn follow_databases(
     }
 }
 
+/// Asks the target for a verified point with the origin its standby follows; what it says
+/// (taken, or why not: then the downtime compares every table).
+async fn verify_following(target: &AgentHandle, job: &Job) -> String {
+    let reply = target
+        .client
+        .clone()
+        .verify_following(VerifyFollowingRequest {
+            operation_id: job.operation_id.clone(),
+            origin_name: job.instance.origin.clone(),
+        })
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|s| describe_status(&s));
+    match reply {
+        Ok(r) if r.ok => {
+            tracing::info!(instance = %job.instance.name, summary = %r.summary, "verified point taken");
+            r.summary
+        }
+        Ok(r) => {
+            tracing::warn!(instance = %job.instance.name, error = %r.error, "no verified point: the downtime compares every table");
+            format!("none: {}", r.error)
+        }
+        Err(e) => {
+            tracing::warn!(instance = %job.instance.name, error = %e, "no verified point: the downtime compares every table");
+            format!("none: {e}")
+        }
+    }
+}
+
 async fn move_databases(target: &AgentHandle, job: &Job, endpoint: OriginEndpoint) -> StepResult {
     let reply = target
         .client
@@ -315,6 +361,9 @@ async fn move_databases(target: &AgentHandle, job: &Job, endpoint: OriginEndpoin
         .await
         .map_err(|s| describe_status(&s))?
         .into_inner();
+    if !reply.gate.is_empty() {
+        tracing::info!(instance = %job.instance.name, gate = %reply.gate, "the databases' gate");
+    }
     if reply.ok {
         Ok(StepOutput::default())
     } else {
@@ -685,6 +734,7 @@ async fn sync_pass(
         elapsed_ms: s.elapsed_ms,
         journal_paths: s.journal.then_some(s.journal_paths),
         journal_fallback: s.journal_fallback,
+        verified_point: String::new(),
     })
 }
 

@@ -161,6 +161,10 @@ pub struct PassStats {
     /// Why the final pass walked everything although a journal was asked for.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub journal_fallback: String,
+    /// The pre-window pass of a standby: the verified point taken with the origin (what was
+    /// compared), or `none: …` and why (the downtime then compares every table).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub verified_point: String,
 }
 
 /// How an instance's databases move, decided at its preflight.

@@ -1248,6 +1248,32 @@ async fn the_origin_refuses_the_config_set_and_databases_outside_the_grant() {
         Err(e) => panic!("{e}"),
         Ok(_) => panic!("admitted a dump outside the grant"),
     }
+    // Nor a verified point (replication) or the changed blocks (databases) under a data-dirs
+    // grant.
+    for (request, scope) in [
+        (
+            TunnelRequest::VerifiedPoint {
+                grant: "grant-0004-refusals".into(),
+            },
+            "replication",
+        ),
+        (
+            TunnelRequest::ChangedBlocks {
+                grant: "grant-0004-refusals".into(),
+                since: "0/0".into(),
+                tables: Vec::new(),
+            },
+            "databases",
+        ),
+    ] {
+        match p.tunnel_as(&p.target_files, Role::Agent, request).await {
+            Err(TunnelError::Refused { reason, .. }) => {
+                assert!(reason.contains(scope), "{reason}")
+            }
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("admitted outside the grant's {scope}"),
+        }
+    }
 }
 
 // ------------------------------------------------------------------ config set
@@ -2132,6 +2158,219 @@ async fn a_standby_follows_writes_up_to_the_stop_and_is_promoted_equal_to_the_or
         "-1",
         "the WAL cap is reset"
     );
+}
+
+async fn verify(p: &mut Pair) -> bmfleet_proto::v1::VerifyFollowingReply {
+    p.target
+        .verify_following(bmfleet_proto::v1::VerifyFollowingRequest {
+            operation_id: "m1/prewindow/verify".into(),
+            origin_name: "origin-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// A standby following `origin_pg`'s databases (with `t_big`, 100,000 rows, and `t_other`),
+/// its relay streaming.
+async fn standby_pair(origin_pg: &PgCluster, target_pg: &PgCluster, tag: &str) -> Pair {
+    let password = format!("pw-{}-{tag}", bmfleet_agent::server::now_ms());
+    origin_databases(origin_pg, &password);
+    origin_pg.sql(
+        "bj",
+        "SET ROLE bj; CREATE TABLE t_big (k int, v text); CREATE TABLE t_other (k int); \
+         INSERT INTO t_big SELECT i, md5(i::text) FROM generate_series(1, 100000) i; \
+         INSERT INTO t_other SELECT generate_series(1, 100);",
+    );
+    target_pg.sql("postgres", "CREATE DATABASE bj;");
+    let mut p = Pair::with_settings(
+        Some(origin_pg.agent_settings()),
+        Some(target_pg.standby_settings()),
+    )
+    .await;
+    write(
+        &p.origin_root().join("etc/bm/bm.ini"),
+        format!("[global]\nlogin = bj\npassword = {password}\n").as_bytes(),
+        0o600,
+    );
+    p.grant_with(replication_grant("grant-0300-replication"))
+        .await;
+    let reply = follow(&mut p, "m1/follow/1", "grant-0300-replication").await;
+    assert!(reply.ok, "{}", reply.error);
+    wait_sql(
+        origin_pg,
+        "postgres",
+        "SELECT count(*) FROM pg_stat_replication WHERE application_name = 'bmfleet' AND state = 'streaming';",
+        "1",
+    );
+    p
+}
+
+fn table<'a>(moved: &'a MoveDatabasesReply, name: &str) -> &'a bmfleet_proto::v1::TableComparison {
+    moved
+        .databases
+        .iter()
+        .flat_map(|d| d.tables.iter())
+        .find(|t| t.table == name)
+        .unwrap_or_else(|| panic!("{name} not compared: {moved:?}"))
+}
+
+// Multi-threaded: the agents serve while the test waits on blocking SQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_verified_point_the_downtime_compares_only_the_changed_blocks() {
+    let (origin_pg, target_pg) = (PgCluster::start(), PgCluster::start());
+    let mut p = standby_pair(&origin_pg, &target_pg, "verified").await;
+
+    // BlueMind keeps writing while the point is taken: its tables are held for a moment,
+    // never refused (every batch must succeed).
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = bluemind_writes(&origin_pg, stop.clone(), |i| {
+        format!(
+            "SET ROLE bj; BEGIN; INSERT INTO t_other VALUES ({i}); \
+             INSERT INTO t_mailbox (domain_id, login, quota) VALUES (1, 'v{i}', {i}); COMMIT;"
+        )
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let verified = verify(&mut p).await;
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let batches = writer.join().unwrap();
+    assert!(verified.ok, "{}", verified.error);
+    assert!(batches > 2, "{batches} write batches");
+    assert!(
+        verified.summary.starts_with("verified point at "),
+        "{}",
+        verified.summary
+    );
+    assert_eq!(
+        origin_pg
+            .sql(
+                "postgres",
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'bmfleet_gate_%';"
+            )
+            .trim(),
+        "1",
+        "the WAL since the verified point is kept"
+    );
+
+    // The day's changes after the point: a few rows of the big table updated, deleted and
+    // inserted; a table emptied by TRUNCATE (a new file); a new table.
+    origin_pg.sql(
+        "bj",
+        "SET ROLE bj; UPDATE t_big SET v = 'changed' WHERE k IN (10, 50000, 99999); \
+         DELETE FROM t_big WHERE k = 20; INSERT INTO t_big VALUES (-1, 'new'); \
+         TRUNCATE t_other; INSERT INTO t_other VALUES (7); \
+         CREATE TABLE t_new AS SELECT generate_series(1, 10) AS k;",
+    );
+    let blocks_of_big: u64 = origin_pg
+        .sql("bj", "SELECT pg_relation_size('t_big') / 8192;")
+        .trim()
+        .parse()
+        .unwrap();
+
+    let moved = promote(&mut p, "m1/db/promote", "grant-0301-databases").await;
+    assert!(moved.ok, "{}: {:?}", moved.error, moved.databases);
+    assert!(
+        moved.gate.starts_with("changes since the verified point"),
+        "{}",
+        moved.gate
+    );
+    // The big table: only the named blocks (those of the changed rows, a handful), not its
+    // hundreds; the rewritten and the new table in full.
+    let big = table(&moved, "public.t_big");
+    assert!(big.equal);
+    let compared_blocks: u64 = big
+        .origin_checksum
+        .strip_prefix("h64 blocks ")
+        .and_then(|rest| rest.split(':').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{big:?}"));
+    assert!(
+        (3..=12).contains(&compared_blocks) && blocks_of_big > 500,
+        "{compared_blocks} of {blocks_of_big} blocks compared"
+    );
+    assert!(big.origin_rows >= 4 && big.origin_rows < 2_000, "{big:?}");
+    for full in ["public.t_other", "public.t_new"] {
+        let t = table(&moved, full);
+        assert!(
+            t.equal && t.origin_checksum.starts_with("h64 full"),
+            "{t:?}"
+        );
+        assert!(moved.gate.contains(&format!("bj.{full}")), "{}", moved.gate);
+    }
+    // And what the gate says holds: the databases are equal (counted here, in full).
+    for sql in [
+        "SELECT count(*), md5(string_agg(k || v, ',' ORDER BY k, v)) FROM t_big;",
+        "SELECT count(*), sum(k) FROM t_other;",
+        "SELECT count(*) FROM t_new;",
+        "SELECT count(*) FROM t_mailbox;",
+    ] {
+        assert_eq!(origin_pg.sql("bj", sql), target_pg.sql("bj", sql), "{sql}");
+    }
+    // The instance ends: the gate's slot goes with the others.
+    p.origin
+        .revoke_grant(bmfleet_proto::v1::RevokeGrantRequest {
+            target_name: "target-1".into(),
+            migration: "m1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    wait_sql(
+        &origin_pg,
+        "postgres",
+        "SELECT count(*) FROM pg_replication_slots;",
+        "0",
+    );
+}
+
+// Multi-threaded: the agents serve while the test waits on blocking SQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_wal_since_the_verified_point_is_gone_the_downtime_compares_every_table() {
+    let (origin_pg, target_pg) = (PgCluster::start(), PgCluster::start());
+    let mut p = standby_pair(&origin_pg, &target_pg, "gone").await;
+    // No verified point yet: the promotion would compare everything. Take one…
+    let verified = verify(&mut p).await;
+    assert!(verified.ok, "{}", verified.error);
+    // …then lose the WAL it needs: the slot dropped, segments switched and recycled.
+    origin_pg.sql(
+        "postgres",
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name LIKE 'bmfleet_gate_%';",
+    );
+    for i in 0..4 {
+        origin_pg.sql(
+            "bj",
+            &format!(
+                "SET ROLE bj; UPDATE t_big SET v = 'round{i}' WHERE k = {};",
+                1000 * (i + 1)
+            ),
+        );
+        origin_pg.sql("postgres", "SELECT pg_switch_wal();");
+    }
+    // The standby has it all (it streams); the origin's old segments go at its checkpoints.
+    wait_sql(
+        &origin_pg,
+        "postgres",
+        "SELECT count(*) FROM pg_stat_replication WHERE replay_lsn = pg_current_wal_lsn();",
+        "1",
+    );
+    origin_pg.sql("postgres", "CHECKPOINT;");
+    origin_pg.sql("postgres", "SELECT pg_switch_wal();");
+    origin_pg.sql("postgres", "CHECKPOINT;");
+
+    let moved = promote(&mut p, "m1/db/promote", "grant-0301-databases").await;
+    assert!(moved.ok, "{}: {:?}", moved.error, moved.databases);
+    assert!(
+        moved
+            .gate
+            .starts_with("every table compared: the changes since the verified point could not be"),
+        "{}",
+        moved.gate
+    );
+    let big = table(&moved, "public.t_big");
+    assert!(big.equal && big.origin_rows == 100_000, "{big:?}");
+    let sql = "SELECT count(*), md5(string_agg(k || v, ',' ORDER BY k, v)) FROM t_big;";
+    assert_eq!(origin_pg.sql("bj", sql), target_pg.sql("bj", sql));
 }
 
 #[tokio::test]

@@ -1,0 +1,1149 @@
+//! The databases' verified point, and the downtime's gate on what changed since it.
+//!
+//! A physical standby's checksum gate used to read every table on both sides inside the
+//! downtime, so its cost grew with the databases. Now the full comparison happens live, at the
+//! pre-window pass ([`establish`]):
+//!
+//! 1. The origin keeps its WAL from now on (a physical slot, `bmfleet_gate_…`), then locks
+//!    BlueMind's tables against writes (`SHARE` mode, each attempt bounded by a 100 ms lock
+//!    timeout and a 300 ms statement timeout, so a BlueMind transaction never waits long and
+//!    never deadlocks on it), exports a snapshot per database and reads its WAL position `L`.
+//! 2. The standby waits until it has replayed `L`, opens a repeatable-read transaction per
+//!    database and says so. Nothing wrote to BlueMind's tables between `L` and its snapshot
+//!    (the locks), so both snapshots hold the same rows.
+//! 3. The origin lets go of its locks (BlueMind's writes were held for a round trip) and both
+//!    sides checksum every table in their snapshots, at once. Equal everywhere: the standby
+//!    records the verified point (`L` and each table's file).
+//!
+//! In the downtime ([`compare_changed`]) the stopped origin reads its WAL from `L`
+//! (`pg_waldump`) for the heap blocks it names; each table is then compared on both sides in
+//! those blocks only (TID range scans), or in full when its file changed since `L` (TRUNCATE,
+//! VACUUM FULL, a new table). The gate reads what changed, not what the server holds. Any
+//! doubt (no verified point, the WAL gone, a parse error) and the gate compares everything,
+//! as before, and says why.
+//!
+//! What the target runs in its databases (which came from the origin) runs as the owner role
+//! with `search_path` pinned to `pg_catalog`; what the origin names (schemas, tables) reaches
+//! SQL only quoted, and block numbers only as numbers.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, BufReader};
+
+use crate::config::AgentConfig;
+use crate::pg::{ident, literal, Connection, DatabaseManifest, TableManifest};
+use crate::standby::{caught_up_at, parse_lsn};
+use crate::tunnel::{self, read_json_line, write_json_line, TunnelRequest};
+use bmfleet_proto::v1::OriginEndpoint;
+
+/// How long the origin holds BlueMind's tables for the standby's snapshot.
+const HOLD: Duration = Duration::from_secs(5);
+/// Attempts at locking BlueMind's tables (each gives up after 300 ms).
+const LOCK_ATTEMPTS: u32 = 20;
+/// TID ranges per statement of a block comparison.
+const RANGES_PER_STATEMENT: usize = 1000;
+
+/// One table's file when the verified point was taken.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableFile {
+    /// The database.
+    pub database: String,
+    /// Its schema.
+    pub schema: String,
+    /// The table.
+    pub table: String,
+    /// `pg_relation_filenode`.
+    pub filenode: u32,
+}
+
+/// The point both sides were found equal at: the origin's WAL position and its tables' files.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifiedPoint {
+    /// The origin's WAL insert position while its tables were locked.
+    pub lsn: String,
+    /// Every table's file then.
+    pub tables: Vec<TableFile>,
+}
+
+/// The origin's first answer: its tables are locked, its snapshots taken at `lsn`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Held {
+    /// `pg_current_wal_insert_lsn()` under the locks.
+    pub lsn: String,
+    /// `wal_segment_size` in bytes.
+    pub segment_size: u64,
+}
+
+/// The standby's answer: its snapshots are taken (at this replay position).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Taken {
+    /// `pg_last_wal_replay_lsn()` in the snapshot.
+    pub replayed: String,
+}
+
+/// The origin's last answer to a verified point (or why it failed: `error`).
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct OriginSums {
+    /// The standby's snapshot came while the tables were still locked.
+    #[serde(default)]
+    pub released_in_time: bool,
+    /// Every table's rows and checksum in the snapshot.
+    #[serde(default)]
+    pub databases: Vec<DatabaseManifest>,
+    /// Every table's file.
+    #[serde(default)]
+    pub tables: Vec<TableFile>,
+    /// Why it failed.
+    #[serde(default)]
+    pub error: String,
+}
+
+/// What the gate compares of one table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableSelection {
+    /// The database.
+    pub database: String,
+    /// Its schema.
+    pub schema: String,
+    /// The table.
+    pub table: String,
+    /// Block ranges `[start, end)` named by the WAL since the verified point; `None`: the
+    /// whole table (its file changed, or it is new).
+    pub blocks: Option<Vec<(u32, u32)>>,
+}
+
+/// The origin's first answer to [`TunnelRequest::ChangedBlocks`].
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Selection {
+    /// The WAL read: from the verified point…
+    pub since: String,
+    /// …to the stopped origin's position.
+    pub until: String,
+    /// Every table of BlueMind's databases, and what of it is compared.
+    pub tables: Vec<TableSelection>,
+    /// Why not (the origin's refusal arrives as this).
+    #[serde(default)]
+    pub error: String,
+}
+
+/// The origin's sums over a selection (or why not: `error`).
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct SelectedSums {
+    /// Rows and checksums of the selected parts, database by database.
+    #[serde(default)]
+    pub databases: Vec<DatabaseManifest>,
+    /// Why not.
+    #[serde(default)]
+    pub error: String,
+}
+
+/// One block a WAL record names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BlockRef {
+    /// Tablespace oid.
+    pub tablespace: u32,
+    /// Database oid.
+    pub database: u32,
+    /// Relation file node.
+    pub filenode: u32,
+    /// Block number (main fork).
+    pub block: u32,
+}
+
+/// The main-fork blocks one line of `pg_waldump` names (`blkref #0: rel 1663/5/16384 blk 7`;
+/// other forks say `fork fsm` or `fork vm` and are left out: they hold no rows).
+pub fn block_refs(line: &str) -> Vec<BlockRef> {
+    let mut found = Vec::new();
+    for part in line.split("blkref #").skip(1) {
+        let Some((_, rest)) = part.split_once(": rel ") else {
+            continue;
+        };
+        let mut words = rest.split_whitespace();
+        let Some(rel) = words.next() else { continue };
+        let ids: Vec<u32> = rel
+            .trim_end_matches(',')
+            .split('/')
+            .filter_map(|n| n.parse().ok())
+            .collect();
+        let [tablespace, database, filenode] = ids[..] else {
+            continue;
+        };
+        let (mut main, mut block) = (true, None);
+        while let Some(word) = words.next() {
+            match word {
+                "fork" => {
+                    main = words
+                        .next()
+                        .is_some_and(|f| f.trim_end_matches(',') == "main")
+                }
+                "blk" => {
+                    block = words
+                        .next()
+                        .and_then(|b| b.trim_end_matches(',').parse().ok());
+                    break;
+                }
+                _ => break,
+            }
+        }
+        if let (true, Some(block)) = (main, block) {
+            found.push(BlockRef {
+                tablespace,
+                database,
+                filenode,
+                block,
+            });
+        }
+    }
+    found
+}
+
+/// Sorted block numbers as `[start, end)` ranges of consecutive blocks.
+pub fn ranges(blocks: &BTreeSet<u32>) -> Vec<(u32, u32)> {
+    let mut out: Vec<(u32, u32)> = Vec::new();
+    for &b in blocks {
+        match out.last_mut() {
+            Some((_, end)) if *end == b => *end = b.saturating_add(1),
+            _ => out.push((b, b.saturating_add(1))),
+        }
+    }
+    out
+}
+
+/// A table as the origin's catalog shows it now, located for the WAL's block references.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CurrentTable {
+    /// Its file now.
+    pub file: TableFile,
+    /// Its database's oid.
+    pub database_oid: u32,
+    /// Its tablespace (the database's default resolved).
+    pub tablespace: u32,
+}
+
+/// What the gate compares: a table whose file is the verified point's, in the blocks `named`
+/// since; any other (rewritten, new) in full.
+pub fn select(
+    verified: &[TableFile],
+    current: &[CurrentTable],
+    named: &BTreeSet<BlockRef>,
+) -> Vec<TableSelection> {
+    let mut by_file: HashMap<(u32, u32, u32), BTreeSet<u32>> = HashMap::new();
+    for r in named {
+        by_file
+            .entry((r.tablespace, r.database, r.filenode))
+            .or_default()
+            .insert(r.block);
+    }
+    current
+        .iter()
+        .map(|c| {
+            let unchanged = verified.iter().any(|v| v == &c.file);
+            let blocks = unchanged.then(|| {
+                by_file
+                    .get(&(c.tablespace, c.database_oid, c.file.filenode))
+                    .map(ranges)
+                    .unwrap_or_default()
+            });
+            TableSelection {
+                database: c.file.database.clone(),
+                schema: c.file.schema.clone(),
+                table: c.file.table.clone(),
+                blocks,
+            }
+        })
+        .collect()
+}
+
+/// The SQL that sums the selected parts of one database's tables: one line per statement,
+/// `schema.table`, rows, sum (a table's block ranges may take several statements).
+pub fn selection_sql(tables: &[&TableSelection]) -> String {
+    let mut sql = String::new();
+    for t in tables {
+        let name = literal(&format!("{}.{}", t.schema, t.table));
+        let from = format!("ONLY {}.{} t", ident(&t.schema), ident(&t.table));
+        match &t.blocks {
+            None => sql.push_str(&format!(
+                "SELECT {name}, count(*), coalesce(sum(hashtextextended(t::text, 0)::numeric), 0) FROM {from};\n"
+            )),
+            Some(ranges) => {
+                for chunk in ranges.chunks(RANGES_PER_STATEMENT) {
+                    let parts: Vec<String> = chunk
+                        .iter()
+                        .map(|(lo, hi)| {
+                            format!(
+                                "SELECT hashtextextended(t::text, 0)::numeric AS h FROM {from} WHERE t.ctid >= '({lo},0)'::tid AND t.ctid < '({hi},0)'::tid"
+                            )
+                        })
+                        .collect();
+                    sql.push_str(&format!(
+                        "SELECT {name}, count(*), coalesce(sum(h), 0) FROM ({}) x;\n",
+                        parts.join(" UNION ALL ")
+                    ));
+                }
+            }
+        }
+    }
+    sql
+}
+
+/// Adds up [`selection_sql`]'s lines into one manifest per table (a selection's checksum is
+/// labelled with what it covers, so it never equals a whole-table one by accident).
+pub fn selection_manifest(
+    database: &str,
+    tables: &[&TableSelection],
+    out: &str,
+) -> Result<DatabaseManifest, String> {
+    let mut sums: BTreeMap<String, (u64, i128)> = BTreeMap::new();
+    for line in out.lines().filter(|l| !l.is_empty()) {
+        let mut parts = line.split('\t');
+        let (Some(table), Some(rows), Some(sum)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(format!("unexpected checksum line {line:?}"));
+        };
+        let rows: u64 = rows
+            .parse()
+            .map_err(|_| format!("unexpected row count in {line:?}"))?;
+        let sum: i128 = sum
+            .parse()
+            .map_err(|_| format!("unexpected sum in {line:?}"))?;
+        let entry = sums.entry(table.to_string()).or_default();
+        entry.0 += rows;
+        entry.1 += sum;
+    }
+    let mut manifest = DatabaseManifest {
+        name: database.to_string(),
+        tables: Vec::new(),
+        sequences: Vec::new(),
+    };
+    for t in tables {
+        let name = format!("{}.{}", t.schema, t.table);
+        let (rows, sum) = sums.get(&name).copied().unwrap_or_default();
+        let what = match &t.blocks {
+            None => "full".to_string(),
+            Some(r) => format!(
+                "blocks {}",
+                r.iter().map(|(a, b)| (b - a) as u64).sum::<u64>()
+            ),
+        };
+        manifest.tables.push(TableManifest {
+            table: name,
+            rows,
+            checksum: format!("h64 {what}: {sum}"),
+        });
+    }
+    manifest.tables.sort_by(|a, b| a.table.cmp(&b.table));
+    Ok(manifest)
+}
+
+/// The SQL listing every table of a database with its file and its database's oid and default
+/// tablespace, as one JSON line.
+const TABLES_SQL: &str = "SELECT pg_catalog.json_build_object('oid', d.oid::int8, 'tablespace', d.dattablespace::int8, 'tables', coalesce((\
+     SELECT pg_catalog.json_agg(pg_catalog.json_build_array(n.nspname, c.relname, pg_catalog.pg_relation_filenode(c.oid)::int8, c.reltablespace::int8) ORDER BY n.nspname, c.relname) \
+     FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+     WHERE c.relkind = 'r' AND c.relpersistence = 'p' AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%'), '[]')) \
+     FROM pg_catalog.pg_database d WHERE d.datname = pg_catalog.current_database();";
+
+#[derive(Deserialize)]
+struct TablesAnswer {
+    oid: u32,
+    tablespace: u32,
+    tables: Vec<(String, String, Option<u32>, u32)>,
+}
+
+fn current_tables(database: &str, json: &str) -> Result<Vec<CurrentTable>, String> {
+    let answer: TablesAnswer = serde_json::from_str(json.trim())
+        .map_err(|e| format!("reading {database}'s tables: {e}"))?;
+    Ok(answer
+        .tables
+        .into_iter()
+        .map(|(schema, table, filenode, tablespace)| CurrentTable {
+            file: TableFile {
+                database: database.to_string(),
+                schema,
+                table,
+                filenode: filenode.unwrap_or(0),
+            },
+            database_oid: answer.oid,
+            tablespace: if tablespace == 0 {
+                answer.tablespace
+            } else {
+                tablespace
+            },
+        })
+        .collect())
+}
+
+/// A whole-table checksum of every table, as [`crate::pg::Connection::manifest`] computes it,
+/// but generated by the server (`\gexec`) so that it runs inside a session's snapshot.
+const MANIFEST_GEXEC: &str = "SELECT pg_catalog.format('SELECT %L, count(*), ''h64:'' || coalesce(sum(hashtextextended(t::text, 0)::numeric), 0) FROM ONLY %I.%I t', n.nspname || '.' || c.relname, n.nspname, c.relname) \
+     FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+     WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%' ORDER BY 1 \\gexec\n";
+
+fn manifest_of(database: &str, out: &str) -> DatabaseManifest {
+    let mut tables: Vec<TableManifest> = out
+        .lines()
+        .filter_map(|line| {
+            let mut parts = line.split('\t');
+            Some(TableManifest {
+                table: parts.next()?.to_string(),
+                rows: parts.next()?.parse().ok()?,
+                checksum: parts.next()?.to_string(),
+            })
+        })
+        .collect();
+    tables.sort_by(|a, b| a.table.cmp(&b.table));
+    DatabaseManifest {
+        name: database.to_string(),
+        tables,
+        sequences: Vec::new(),
+    }
+}
+
+/// Every table's checksum in each session's snapshot (the sessions at once), each session's
+/// transaction ended.
+async fn checksum_all(
+    sessions: Vec<(String, crate::pg::Session)>,
+) -> Result<Vec<DatabaseManifest>, String> {
+    let running: Vec<_> = sessions
+        .into_iter()
+        .map(|(db, session)| {
+            tokio::spawn(async move {
+                let out = session
+                    .finish(&format!("{MANIFEST_GEXEC}COMMIT;\n"))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok::<_, String>(manifest_of(&db, &out))
+            })
+        })
+        .collect();
+    let mut manifests = Vec::new();
+    for task in running {
+        manifests.push(task.await.map_err(|e| e.to_string())??);
+    }
+    Ok(manifests)
+}
+
+/// The gate's replication slot for `grant_id` (kept WAL from the verified point on; dropped
+/// with the grant's other leftovers).
+pub fn gate_slot(grant_id: &str) -> String {
+    let (_, slot) = crate::replication::names(grant_id);
+    slot.replacen("bmfleet_slot_", "bmfleet_gate_", 1)
+}
+
+/// Origin side of [`establish`]: keeps the WAL, locks BlueMind's tables, takes the snapshots,
+/// then (admitted) answers [`Held`], waits for the standby's [`Taken`] (at most
+/// [`HOLD`]), lets go of the locks and answers [`OriginSums`].
+pub async fn serve_hold<S>(
+    config: &AgentConfig,
+    bluemind: &Connection,
+    grant_id: &str,
+    stream: &mut S,
+) -> Result<(), String>
+where
+    S: AsyncBufRead + AsyncWrite + Unpin,
+{
+    let admin = Connection::admin(&config.postgresql);
+    if bluemind
+        .server_version_num()
+        .await
+        .map_err(|e| e.to_string())?
+        < 140_000
+    {
+        return Err(
+            "the origin's PostgreSQL is older than 14 (no TID range scans): no verified point, \
+             the downtime compares every table"
+                .into(),
+        );
+    }
+    let slot = literal(&gate_slot(grant_id));
+    admin
+        .psql(
+            "postgres",
+            &format!(
+                "SELECT pg_catalog.pg_drop_replication_slot(slot_name) FROM pg_catalog.pg_replication_slots WHERE slot_name = {slot};\n\
+                 SELECT pg_catalog.pg_create_physical_replication_slot({slot}, true);\n"
+            ),
+        )
+        .await
+        .map_err(|e| format!("keeping the WAL for the gate: {e}"))?;
+    let databases = bluemind
+        .existing_databases(&config.postgresql.databases)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut lockers = Vec::new();
+    let mut readers = Vec::new();
+    let mut files = Vec::new();
+    for db in &databases {
+        let (locker, snapshot, tables) = lock(bluemind, db).await?;
+        let mut reader = bluemind.session(db).await.map_err(|e| e.to_string())?;
+        reader
+            .line(&format!(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ; SET TRANSACTION SNAPSHOT {}; SELECT 1;",
+                literal(&snapshot)
+            ))
+            .await
+            .map_err(|e| format!("importing {db}'s snapshot: {e}"))?;
+        files.extend(tables.into_iter().map(|t| t.file));
+        lockers.push(locker);
+        readers.push((db.clone(), reader));
+    }
+    let position = crate::replication::wal_position(config).await?;
+    let held_at = Instant::now();
+    admit(stream).await?;
+    write_json_line(
+        stream,
+        &Held {
+            lsn: position.lsn.clone(),
+            segment_size: position.segment_size,
+        },
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let taken = tokio::time::timeout(HOLD, read_json_line::<_, Taken>(stream)).await;
+    for locker in lockers {
+        locker
+            .finish("COMMIT;\n")
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let released_in_time = matches!(taken, Ok(Ok(_)));
+    tracing::info!(lsn = %position.lsn, held_ms = held_at.elapsed().as_millis() as u64, released_in_time, "BlueMind's tables were held for the standby's snapshot");
+    let answer = match checksum_all(readers).await {
+        Ok(databases) => OriginSums {
+            released_in_time,
+            databases,
+            tables: files,
+            error: String::new(),
+        },
+        Err(error) => OriginSums {
+            error,
+            ..Default::default()
+        },
+    };
+    write_json_line(stream, &answer)
+        .await
+        .map_err(|e| e.to_string())?;
+    use tokio::io::AsyncWriteExt;
+    stream.shutdown().await.map_err(|e| e.to_string())
+}
+
+/// Tells the target its request is admitted (what follows is the answer).
+async fn admit<S: AsyncWrite + Unpin>(stream: &mut S) -> Result<(), String> {
+    write_json_line(
+        stream,
+        &tunnel::TunnelReply {
+            ok: true,
+            error: String::new(),
+        },
+    )
+    .await
+    .map_err(|e| e.to_string())
+}
+
+/// Locks every table of `database` in SHARE mode (tries again while BlueMind's writers hold
+/// them) and exports a snapshot: the session holding the locks, the snapshot, the tables.
+async fn lock(
+    bluemind: &Connection,
+    database: &str,
+) -> Result<(crate::pg::Session, String, Vec<CurrentTable>), String> {
+    let mut last = String::new();
+    for attempt in 0..LOCK_ATTEMPTS {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(50 + 50 * attempt as u64)).await;
+        }
+        let mut session = bluemind
+            .session(database)
+            .await
+            .map_err(|e| e.to_string())?;
+        let locked = session
+            .line(
+                "BEGIN; SET LOCAL lock_timeout = '100ms'; SET LOCAL statement_timeout = '300ms';\n\
+                 DO $$ BEGIN EXECUTE coalesce((SELECT 'LOCK TABLE ' || pg_catalog.string_agg(pg_catalog.format('ONLY %I.%I', n.nspname, c.relname), ', ') || ' IN SHARE MODE' \
+                 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%'), 'SELECT 1'); END $$;\n\
+                 SET LOCAL statement_timeout = 0; SELECT pg_catalog.pg_export_snapshot();",
+            )
+            .await;
+        let snapshot = match locked {
+            Ok(s) => s,
+            Err(e) => {
+                last = e.to_string();
+                continue;
+            }
+        };
+        if snapshot.is_empty() || !snapshot.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            return Err(format!("unexpected snapshot name {snapshot:?}"));
+        }
+        let tables = session
+            .line(TABLES_SQL)
+            .await
+            .map_err(|e| format!("listing {database}'s tables: {e}"))?;
+        let tables = current_tables(database, &tables)?;
+        return Ok((session, snapshot, tables));
+    }
+    Err(format!(
+        "BlueMind's writers kept {database}'s tables busy ({LOCK_ATTEMPTS} attempts): {last}"
+    ))
+}
+
+/// Target side: takes a verified point with the origin this standby follows (see the
+/// module's doc). Returns what was compared; the point is recorded only when every table
+/// matched.
+pub async fn establish(
+    config: &AgentConfig,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<String, String> {
+    let state = crate::standby::following(config)
+        .filter(|s| s.logical.is_none() && !s.promoted)
+        .ok_or("this host is not a standby following an origin: no verified point to take")?;
+    // A point taken before is void from now on (the origin's gate slot is made anew).
+    crate::standby::set_following(
+        config,
+        Some(&crate::standby::Following {
+            verified: None,
+            ..state.clone()
+        }),
+    )?;
+    let origin = state.endpoint();
+    let owner = Connection::owner(&config.postgresql, state.bluemind_password.clone());
+    let timeout = Duration::from_secs(config.data_plane.connect_timeout_secs);
+    let request = TunnelRequest::VerifiedPoint {
+        grant: origin.grant_id.clone(),
+    };
+    let (mut stream, held): (_, Held) = tunnel::ask(
+        &origin,
+        tls,
+        &request,
+        timeout,
+        "the origin's verified point",
+    )
+    .await?;
+    let lsn = parse_lsn(&held.lsn)
+        .ok_or_else(|| format!("the origin's position {:?} is not an LSN", held.lsn))?;
+    let wanted = caught_up_at(lsn, held.segment_size);
+    let deadline = Instant::now() + HOLD - Duration::from_secs(1);
+    loop {
+        let replayed = owner
+            .psql("postgres", "SELECT pg_catalog.pg_last_wal_replay_lsn();\n")
+            .await
+            .map_err(|e| format!("asking the standby how far it replayed: {e}"))?;
+        if parse_lsn(&replayed).is_some_and(|r| r >= wanted) {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the standby did not replay the origin's {} in time (at {})",
+                held.lsn,
+                replayed.trim()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let databases = owner
+        .existing_databases(&config.postgresql.databases)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut sessions = Vec::new();
+    let mut replayed = String::new();
+    for db in &databases {
+        let mut session = owner.session(db).await.map_err(|e| e.to_string())?;
+        replayed = session
+            .line("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT pg_catalog.pg_last_wal_replay_lsn();")
+            .await
+            .map_err(|e| format!("taking {db}'s snapshot on the standby: {e}"))?;
+        sessions.push((db.clone(), session));
+    }
+    write_json_line(&mut stream, &Taken { replayed })
+        .await
+        .map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let ours = checksum_all(sessions);
+    let theirs = read_json_line::<_, OriginSums>(&mut stream);
+    let (ours, theirs) = tokio::join!(ours, theirs);
+    let ours = ours?;
+    let theirs = theirs.map_err(|e| format!("reading the origin's checksums: {e}"))?;
+    if !theirs.error.is_empty() {
+        return Err(format!("the origin's checksums: {}", theirs.error));
+    }
+    if !theirs.released_in_time {
+        return Err(
+            "the origin let go of its tables before this standby's snapshot: not a verified point"
+                .into(),
+        );
+    }
+    let compared = crate::databases::compare_manifests(&theirs.databases, &ours, 0);
+    let differing: Vec<String> = compared
+        .iter()
+        .flat_map(|d| {
+            d.tables
+                .iter()
+                .filter(|t| !t.equal)
+                .map(move |t| format!("{}.{}", d.name, t.table))
+        })
+        .collect();
+    if !differing.is_empty() {
+        return Err(format!(
+            "the standby differs from the origin at {}: {}",
+            held.lsn,
+            differing.join(", ")
+        ));
+    }
+    let tables: usize = compared.iter().map(|d| d.tables.len()).sum();
+    crate::standby::set_following(
+        config,
+        Some(&crate::standby::Following {
+            verified: Some(VerifiedPoint {
+                lsn: held.lsn.clone(),
+                tables: theirs.tables,
+            }),
+            ..state
+        }),
+    )?;
+    Ok(format!(
+        "verified point at {}: {tables} tables in {} databases equal ({} ms)",
+        held.lsn,
+        compared.len(),
+        started.elapsed().as_millis()
+    ))
+}
+
+/// Origin side of [`compare_changed`]: reads the WAL from `since` to the stopped origin's
+/// position, answers the [`Selection`] (admitted first), then the sums of the
+/// selected parts ([`SelectedSums`]).
+pub async fn serve_changed<S>(
+    config: &AgentConfig,
+    bluemind: &Connection,
+    since: &str,
+    verified: &[TableFile],
+    stream: &mut S,
+) -> Result<(), String>
+where
+    S: AsyncBufRead + AsyncWrite + Unpin,
+{
+    let start = parse_lsn(since).ok_or_else(|| format!("{since:?} is not an LSN"))?;
+    let admin = Connection::admin(&config.postgresql);
+    let until = crate::replication::wal_position(config).await?.lsn;
+    let end = parse_lsn(&until).ok_or_else(|| format!("{until:?} is not an LSN"))?;
+    // pg_waldump reads files: the WAL up to `until` must be written out.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let flushed = admin
+            .psql(
+                "postgres",
+                "SELECT pg_catalog.pg_current_wal_flush_lsn();\n",
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        if parse_lsn(&flushed).is_some_and(|f| f >= end) {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("the origin's WAL is not flushed up to {until}"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let named = if end > start {
+        named_blocks(config, &admin, since, &until).await?
+    } else {
+        BTreeSet::new()
+    };
+    let databases = bluemind
+        .existing_databases(&config.postgresql.databases)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut current = Vec::new();
+    for db in &databases {
+        let json = bluemind
+            .psql(db, TABLES_SQL)
+            .await
+            .map_err(|e| e.to_string())?;
+        current.extend(current_tables(db, &json)?);
+    }
+    let selection = Selection {
+        since: since.to_string(),
+        until,
+        tables: select(verified, &current, &named),
+        error: String::new(),
+    };
+    admit(stream).await?;
+    write_json_line(stream, &selection)
+        .await
+        .map_err(|e| e.to_string())?;
+    let answer = match sums(bluemind, &databases, &selection.tables).await {
+        Ok(databases) => SelectedSums {
+            databases,
+            error: String::new(),
+        },
+        Err(error) => SelectedSums {
+            error,
+            ..Default::default()
+        },
+    };
+    write_json_line(stream, &answer)
+        .await
+        .map_err(|e| e.to_string())?;
+    use tokio::io::AsyncWriteExt;
+    stream.shutdown().await.map_err(|e| e.to_string())
+}
+
+/// The heap blocks the origin's WAL names between `since` and `until` (`pg_waldump` of the
+/// server's own major, reading `pg_wal`).
+async fn named_blocks(
+    config: &AgentConfig,
+    admin: &Connection,
+    since: &str,
+    until: &str,
+) -> Result<BTreeSet<BlockRef>, String> {
+    let facts = admin
+        .psql(
+            "postgres",
+            "SELECT pg_catalog.current_setting('data_directory'), pg_catalog.current_setting('server_version_num')::int / 10000;\n",
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let (data_dir, major) = facts
+        .trim()
+        .split_once('\t')
+        .ok_or_else(|| format!("unexpected answer {facts:?}"))?;
+    let own = std::path::PathBuf::from(format!("/usr/lib/postgresql/{major}/bin/pg_waldump"));
+    let exe = if own.exists() {
+        own
+    } else {
+        crate::pg::bin_dir(&config.postgresql).join("pg_waldump")
+    };
+    let wal = std::path::Path::new(data_dir).join("pg_wal");
+    let mut argv: Vec<String> = config.postgresql.admin_command_prefix.clone();
+    argv.extend([
+        exe.display().to_string(),
+        "-p".into(),
+        wal.display().to_string(),
+        "-s".into(),
+        since.into(),
+        "-e".into(),
+        until.into(),
+    ]);
+    let mut child = tokio::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot start pg_waldump: {e}"))?;
+    let stdout = child.stdout.take().ok_or("pg_waldump has no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let mut named = BTreeSet::new();
+    while let Some(line) = lines.next_line().await.map_err(|e| e.to_string())? {
+        named.extend(block_refs(&line));
+    }
+    let out = child.wait_with_output().await.map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!(
+            "pg_waldump {since}..{until} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(named)
+}
+
+/// The sums of `selection`'s parts in each of `databases` (tables of other databases left
+/// out), by `conn`.
+async fn sums(
+    conn: &Connection,
+    databases: &[String],
+    selection: &[TableSelection],
+) -> Result<Vec<DatabaseManifest>, String> {
+    let mut manifests = Vec::new();
+    for db in databases {
+        let tables: Vec<&TableSelection> = selection.iter().filter(|t| &t.database == db).collect();
+        let out = if tables.is_empty() {
+            String::new()
+        } else {
+            conn.psql(db, &selection_sql(&tables))
+                .await
+                .map_err(|e| e.to_string())?
+        };
+        manifests.push(selection_manifest(db, &tables, &out)?);
+    }
+    Ok(manifests)
+}
+
+/// Target side of the downtime's gate, first half (started as soon as the origin stopped):
+/// asks the origin for the blocks changed since `verified`. `origin` carries the step's
+/// databases grant.
+pub async fn ask_changed(
+    config: &AgentConfig,
+    tls: Arc<rustls::ClientConfig>,
+    origin: &OriginEndpoint,
+    verified: &VerifiedPoint,
+) -> Result<(tunnel::Tunnel, Selection), String> {
+    let timeout = Duration::from_secs(config.data_plane.connect_timeout_secs);
+    let request = TunnelRequest::ChangedBlocks {
+        grant: origin.grant_id.clone(),
+        since: verified.lsn.clone(),
+        tables: verified.tables.clone(),
+    };
+    let (stream, selection): (_, Selection) = tunnel::ask(
+        origin,
+        tls,
+        &request,
+        timeout,
+        "the blocks changed since the verified point",
+    )
+    .await?;
+    if !selection.error.is_empty() {
+        return Err(selection.error);
+    }
+    Ok((stream, selection))
+}
+
+/// The gate's comparison: the origin's sums of what it selected, and this host's (its
+/// databases final); and a line saying what was covered.
+pub type Compared = (Vec<DatabaseManifest>, Vec<DatabaseManifest>, String);
+
+/// Target side of the downtime's gate, second half (this host's databases are final): sums
+/// the origin's selection here while the origin sends its own.
+pub async fn compare_selection(
+    config: &AgentConfig,
+    owner: &Connection,
+    mut stream: tunnel::Tunnel,
+    selection: Selection,
+) -> Result<Compared, String> {
+    let databases = owner
+        .existing_databases(&config.postgresql.databases)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut mine = Vec::new();
+    for db in &databases {
+        let json = owner
+            .psql(db, TABLES_SQL)
+            .await
+            .map_err(|e| e.to_string())?;
+        mine.extend(current_tables(db, &json)?);
+    }
+    let present: Vec<TableSelection> = selection
+        .tables
+        .iter()
+        .filter(|t| {
+            mine.iter().any(|m| {
+                m.file.database == t.database
+                    && m.file.schema == t.schema
+                    && m.file.table == t.table
+            })
+        })
+        .cloned()
+        .collect();
+    let ours = sums(owner, &databases, &present);
+    let theirs = read_json_line::<_, SelectedSums>(&mut stream);
+    let (ours, theirs) = tokio::join!(ours, theirs);
+    let mut ours = ours?;
+    let theirs = theirs.map_err(|e| format!("reading the origin's sums: {e}"))?;
+    if !theirs.error.is_empty() {
+        return Err(format!("the origin's sums: {}", theirs.error));
+    }
+    // A table only this host has differs from the origin (which has no such table).
+    for extra in mine.iter().filter(|m| {
+        !selection.tables.iter().any(|t| {
+            m.file.database == t.database && m.file.schema == t.schema && m.file.table == t.table
+        })
+    }) {
+        if let Some(db) = ours.iter_mut().find(|d| d.name == extra.file.database) {
+            db.tables.push(TableManifest {
+                table: format!("{}.{}", extra.file.schema, extra.file.table),
+                rows: 0,
+                checksum: "only on the target".into(),
+            });
+        }
+    }
+    let blocks: u64 = selection
+        .tables
+        .iter()
+        .filter_map(|t| t.blocks.as_ref())
+        .flatten()
+        .map(|(a, b)| (b - a) as u64)
+        .sum();
+    let full: Vec<String> = selection
+        .tables
+        .iter()
+        .filter(|t| t.blocks.is_none())
+        .map(|t| format!("{}.{}.{}", t.database, t.schema, t.table))
+        .collect();
+    let wal = parse_lsn(&selection.until)
+        .zip(parse_lsn(&selection.since))
+        .map_or(0, |(u, s)| u.saturating_sub(s));
+    let summary = format!(
+        "changes since the verified point {} ({} KiB of WAL): {blocks} blocks of {} tables compared{}",
+        selection.since,
+        wal / 1024,
+        selection.tables.len(),
+        if full.is_empty() {
+            String::new()
+        } else {
+            format!("; in full (rewritten or new): {}", full.join(", "))
+        }
+    );
+    Ok((theirs.databases, ours, summary))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waldump_lines_name_main_fork_blocks() {
+        let line = "rmgr: Heap        len (rec/tot):     80/    80, tx:        725, lsn: 0/027818B0, prev 0/0277F860, desc: UPDATE off 40 xmax 725 flags 0x00 ; new off 82 xmax 0, blkref #0: rel 1663/5/16384 blk 1666, blkref #1: rel 1663/5/16384 blk 833";
+        assert_eq!(
+            block_refs(line),
+            [
+                BlockRef {
+                    tablespace: 1663,
+                    database: 5,
+                    filenode: 16384,
+                    block: 1666
+                },
+                BlockRef {
+                    tablespace: 1663,
+                    database: 5,
+                    filenode: 16384,
+                    block: 833
+                },
+            ]
+        );
+        let fpw = "rmgr: Heap        len (rec/tot):     59/  8243, tx:        725, lsn: 0/0277C248, prev 0/0277BDE8, desc: LOCK off 5: xid 725: flags 0x00 LOCK_ONLY EXCL_LOCK , blkref #0: rel 1663/5/16384 blk 0 FPW";
+        assert_eq!(block_refs(fpw).len(), 1);
+        let vm = "rmgr: Heap2       len (rec/tot):     59/    59, tx:          0, lsn: 0/01, prev 0/00, desc: VISIBLE cutoff xid 0 flags 0x01, blkref #0: rel 1663/5/16384 fork vm blk 0, blkref #1: rel 1663/5/16384 blk 3";
+        assert_eq!(
+            block_refs(vm),
+            [BlockRef {
+                tablespace: 1663,
+                database: 5,
+                filenode: 16384,
+                block: 3
+            }]
+        );
+        for nothing in [
+            "rmgr: Transaction len (rec/tot):     34/    34, tx:        725, lsn: 0/02783A18, prev 0/027839D8, desc: COMMIT 2026-11-30 09:11:42.321088 UTC",
+            "blkref #0: rel 1663/5 blk 3",
+            "blkref #0: rel x/y/z blk 3",
+            "blkref #0: rel 1663/5/16384 blk nope",
+            "",
+        ] {
+            assert!(block_refs(nothing).is_empty(), "{nothing}");
+        }
+    }
+
+    #[test]
+    fn consecutive_blocks_make_one_range() {
+        let blocks: BTreeSet<u32> = [0, 1, 2, 5, 7, 8, u32::MAX].into_iter().collect();
+        assert_eq!(
+            ranges(&blocks),
+            [(0, 3), (5, 6), (7, 9), (u32::MAX, u32::MAX)]
+        );
+        assert!(ranges(&BTreeSet::new()).is_empty());
+    }
+
+    type Blocks = Option<Vec<(u32, u32)>>;
+
+    fn file(table: &str, filenode: u32) -> TableFile {
+        TableFile {
+            database: "bj".into(),
+            schema: "public".into(),
+            table: table.into(),
+            filenode,
+        }
+    }
+
+    fn current(table: &str, filenode: u32) -> CurrentTable {
+        CurrentTable {
+            file: file(table, filenode),
+            database_oid: 16384,
+            tablespace: 1663,
+        }
+    }
+
+    #[test]
+    fn unchanged_files_are_compared_in_their_named_blocks_and_others_in_full() {
+        let verified = [file("a", 100), file("b", 200), file("gone", 300)];
+        let now = [current("a", 100), current("b", 201), current("new", 400)];
+        let named: BTreeSet<BlockRef> = [
+            (100, 4),
+            (100, 5),
+            (100, 9),
+            // Another database's file with the same node: not a's.
+            (999, 77),
+        ]
+        .into_iter()
+        .map(|(filenode, block)| BlockRef {
+            tablespace: 1663,
+            database: if filenode == 999 { 1 } else { 16384 },
+            filenode: if filenode == 999 { 100 } else { filenode },
+            block,
+        })
+        .collect();
+        let chosen = select(&verified, &now, &named);
+        let by_name: Vec<(&str, Blocks)> = chosen
+            .iter()
+            .map(|t| (t.table.as_str(), t.blocks.clone()))
+            .collect();
+        assert_eq!(
+            by_name,
+            [
+                ("a", Some(vec![(4, 6), (9, 10)])),
+                ("b", None),
+                ("new", None),
+            ]
+        );
+        // A table unchanged and not named: compared in no block at all.
+        let quiet = select(&[file("a", 100)], &[current("a", 100)], &BTreeSet::new());
+        assert_eq!(quiet[0].blocks, Some(vec![]));
+    }
+
+    #[test]
+    fn selection_sql_quotes_the_origins_names_and_counts_blocks() {
+        let hostile = TableSelection {
+            database: "bj".into(),
+            schema: "public\"; DROP TABLE x; --".into(),
+            table: "t'".into(),
+            blocks: Some(vec![(3, 5)]),
+        };
+        let sql = selection_sql(&[&hostile]);
+        assert!(
+            sql.contains("ONLY \"public\"\"; DROP TABLE x; --\".\"t'\" t"),
+            "{sql}"
+        );
+        assert!(sql.contains("'public\"; DROP TABLE x; --.t'''"), "{sql}");
+        assert!(
+            sql.contains("t.ctid >= '(3,0)'::tid AND t.ctid < '(5,0)'::tid"),
+            "{sql}"
+        );
+        let many = TableSelection {
+            blocks: Some((0..2500).map(|b| (2 * b, 2 * b + 1)).collect()),
+            ..hostile.clone()
+        };
+        assert_eq!(selection_sql(&[&many]).lines().count(), 3);
+        let out = "public\"; DROP TABLE x; --.t'\t2\t-5\npublic\"; DROP TABLE x; --.t'\t1\t9223372036854775807\n";
+        let m = selection_manifest("bj", &[&many], out).unwrap();
+        assert_eq!(m.tables[0].rows, 3);
+        assert_eq!(m.tables[0].checksum, "h64 blocks 2500: 9223372036854775802");
+        let full = TableSelection {
+            blocks: None,
+            ..hostile
+        };
+        let m = selection_manifest("bj", &[&full], "").unwrap();
+        assert_eq!(
+            (m.tables[0].rows, m.tables[0].checksum.as_str()),
+            (0, "h64 full: 0")
+        );
+        assert!(selection_manifest("bj", &[&full], "garbage").is_err());
+    }
+
+    #[test]
+    fn the_gate_slot_is_named_after_the_grant() {
+        assert_eq!(gate_slot("AbC-123"), "bmfleet_gate_abc123");
+    }
+}
