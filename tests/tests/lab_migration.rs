@@ -368,6 +368,32 @@ fn three_instances_migrate_with_no_mail_lost() {
         final_passes.iter().any(|l| l.contains("journal_paths")),
         "{events}"
     );
+    // Each standby's databases were compared in full at its pre-window pass (the verified
+    // point), and its downtime compared only what changed since.
+    let verified = events
+        .lines()
+        .filter(|l| {
+            l.contains("{\"Succeeded\":{\"step\":\"PreWindowPass\"")
+                && l.contains("\"verified_point\":\"verified point at ")
+        })
+        .count();
+    assert!(verified >= 2, "{events}");
+    let log = std::fs::read_to_string(fleet.dir().join("orchestrator.log")).unwrap_or_default();
+    let gates = log
+        .lines()
+        .filter(|l| {
+            l.contains("the databases' gate") && l.contains("changes since the verified point")
+        })
+        .count();
+    assert_eq!(
+        gates,
+        2,
+        "{}",
+        log.lines()
+            .filter(|l| l.contains("gate"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     // Same PostgreSQL and C library on both hosts of every pair: the preflight chose a
     // standby, which followed its origin before the hot passes and was promoted in the
     // downtime — except pair 3, whose fleet entry asks for logical replication (its origin
