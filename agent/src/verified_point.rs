@@ -156,8 +156,14 @@ pub struct BlockRef {
 
 /// The main-fork blocks one line of `pg_waldump` names (`blkref #0: rel 1663/5/16384 blk 7`;
 /// other forks say `fork fsm` or `fork vm` and are left out: they hold no rows).
+///
+/// A page image logged only because hint bits changed (`FPI_FOR_HINT`: data checksums or
+/// `wal_log_hints`, e.g. the verified point's own reads) changes no row: left out.
 pub fn block_refs(line: &str) -> Vec<BlockRef> {
     let mut found = Vec::new();
+    if line.contains("desc: FPI_FOR_HINT") {
+        return found;
+    }
     for part in line.split("blkref #").skip(1) {
         let Some((_, rest)) = part.split_once(": rel ") else {
             continue;
@@ -474,11 +480,11 @@ where
         .existing_databases(&config.postgresql.databases)
         .await
         .map_err(|e| e.to_string())?;
+    let locked = lock_all(bluemind, &databases).await?;
     let mut lockers = Vec::new();
     let mut readers = Vec::new();
     let mut files = Vec::new();
-    for db in &databases {
-        let (locker, snapshot, tables) = lock(bluemind, db).await?;
+    for (db, (locker, snapshot, tables)) in databases.iter().zip(locked) {
         let mut reader = bluemind.session(db).await.map_err(|e| e.to_string())?;
         reader
             .line(&format!(
@@ -544,50 +550,64 @@ async fn admit<S: AsyncWrite + Unpin>(stream: &mut S) -> Result<(), String> {
     .map_err(|e| e.to_string())
 }
 
-/// Locks every table of `database` in SHARE mode (tries again while BlueMind's writers hold
-/// them) and exports a snapshot: the session holding the locks, the snapshot, the tables.
-async fn lock(
-    bluemind: &Connection,
-    database: &str,
-) -> Result<(crate::pg::Session, String, Vec<CurrentTable>), String> {
+/// A database's tables held: the session holding the locks, its exported snapshot, the
+/// tables.
+type Locked = (crate::pg::Session, String, Vec<CurrentTable>);
+
+/// Locks every table of every database in SHARE mode, all at once or none: an attempt that
+/// finds one busy (BlueMind writing) lets go of every lock it took, waits and tries again, so
+/// BlueMind's writers never wait more than one attempt (300 ms at most) on a busy day.
+async fn lock_all(bluemind: &Connection, databases: &[String]) -> Result<Vec<Locked>, String> {
     let mut last = String::new();
     for attempt in 0..LOCK_ATTEMPTS {
         if attempt > 0 {
             tokio::time::sleep(Duration::from_millis(50 + 50 * attempt as u64)).await;
         }
-        let mut session = bluemind
-            .session(database)
-            .await
-            .map_err(|e| e.to_string())?;
-        let locked = session
-            .line(
-                "BEGIN; SET LOCAL lock_timeout = '100ms'; SET LOCAL statement_timeout = '300ms';\n\
-                 DO $$ BEGIN EXECUTE coalesce((SELECT 'LOCK TABLE ' || pg_catalog.string_agg(pg_catalog.format('ONLY %I.%I', n.nspname, c.relname), ', ') || ' IN SHARE MODE' \
-                 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-                 WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%'), 'SELECT 1'); END $$;\n\
-                 SET LOCAL statement_timeout = 0; SELECT pg_catalog.pg_export_snapshot();",
-            )
-            .await;
-        let snapshot = match locked {
-            Ok(s) => s,
-            Err(e) => {
-                last = e.to_string();
-                continue;
+        let mut held = Vec::new();
+        for db in databases {
+            match lock(bluemind, db).await {
+                Ok(locked) => held.push(locked),
+                Err(e) => {
+                    last = e;
+                    break;
+                }
             }
-        };
-        if snapshot.is_empty() || !snapshot.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
-            return Err(format!("unexpected snapshot name {snapshot:?}"));
         }
-        let tables = session
-            .line(TABLES_SQL)
-            .await
-            .map_err(|e| format!("listing {database}'s tables: {e}"))?;
-        let tables = current_tables(database, &tables)?;
-        return Ok((session, snapshot, tables));
+        if held.len() == databases.len() {
+            return Ok(held);
+        }
+        // Dropping the sessions ends their transactions: the locks go.
     }
     Err(format!(
-        "BlueMind's writers kept {database}'s tables busy ({LOCK_ATTEMPTS} attempts): {last}"
+        "BlueMind's writers kept its tables busy ({LOCK_ATTEMPTS} attempts): {last}"
     ))
+}
+
+/// One attempt at locking every table of `database` in SHARE mode and exporting a snapshot.
+async fn lock(bluemind: &Connection, database: &str) -> Result<Locked, String> {
+    let mut session = bluemind
+        .session(database)
+        .await
+        .map_err(|e| e.to_string())?;
+    let snapshot = session
+        .line(
+            "BEGIN; SET LOCAL lock_timeout = '100ms'; SET LOCAL statement_timeout = '300ms';\n\
+             DO $$ BEGIN EXECUTE coalesce((SELECT 'LOCK TABLE ' || pg_catalog.string_agg(pg_catalog.format('ONLY %I.%I', n.nspname, c.relname), ', ') || ' IN SHARE MODE' \
+             FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%'), 'SELECT 1'); END $$;\n\
+             SET LOCAL statement_timeout = 0; SELECT pg_catalog.pg_export_snapshot();",
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    if snapshot.is_empty() || !snapshot.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+        return Err(format!("unexpected snapshot name {snapshot:?}"));
+    }
+    let tables = session
+        .line(TABLES_SQL)
+        .await
+        .map_err(|e| format!("listing {database}'s tables: {e}"))?;
+    let tables = current_tables(database, &tables)?;
+    Ok((session, snapshot, tables))
 }
 
 /// Target side: takes a verified point with the origin this standby follows (see the
@@ -1027,6 +1047,7 @@ mod tests {
             }]
         );
         for nothing in [
+            "rmgr: XLOG        len (rec/tot):     49/  8241, tx:          0, lsn: 0/0300A0B8, prev 0/0300A080, desc: FPI_FOR_HINT , blkref #0: rel 1663/5/16384 blk 12 FPW",
             "rmgr: Transaction len (rec/tot):     34/    34, tx:        725, lsn: 0/02783A18, prev 0/027839D8, desc: COMMIT 2026-11-30 09:11:42.321088 UTC",
             "blkref #0: rel 1663/5 blk 3",
             "blkref #0: rel x/y/z blk 3",
