@@ -158,6 +158,17 @@ impl Connection {
         cmd
     }
 
+    /// psql on `database`: SQL on stdin, unaligned tab-separated rows on stdout, stopping at
+    /// the first error.
+    fn psql_command(&self, database: &str) -> Command {
+        let mut cmd = self.command("psql", database);
+        cmd.args(["-X", "-q", "-A", "-t", "-F", "\t", "-v", "ON_ERROR_STOP=1"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd
+    }
+
     /// Runs SQL (given on stdin, so it never shows in argv) with psql; returns stdout.
     pub async fn psql(&self, database: &str, sql: &str) -> Result<String, PgError> {
         let err = |what: &str, detail: String| PgError {
@@ -166,11 +177,7 @@ impl Connection {
             detail,
         };
         let mut child = self
-            .command("psql", database)
-            .args(["-X", "-q", "-A", "-t", "-F", "\t", "-v", "ON_ERROR_STOP=1"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .psql_command(database)
             .spawn()
             .map_err(|e| err("cannot start", e.to_string()))?;
         if let Some(mut stdin) = child.stdin.take() {
@@ -201,11 +208,7 @@ impl Connection {
             detail,
         };
         let mut child = self
-            .command("psql", database)
-            .args(["-X", "-q", "-A", "-t", "-F", "\t", "-v", "ON_ERROR_STOP=1"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .psql_command(database)
             .spawn()
             .map_err(|e| err(e.to_string()))?;
         let stdin = child.stdin.take().ok_or_else(|| err("no stdin".into()))?;

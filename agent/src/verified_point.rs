@@ -530,10 +530,18 @@ where
             ..Default::default()
         },
     };
-    write_json_line(stream, &answer)
+    last_answer(stream, &answer).await
+}
+
+/// Sends the last answer and closes the sending side.
+async fn last_answer<S: AsyncWrite + Unpin, T: Serialize>(
+    stream: &mut S,
+    answer: &T,
+) -> Result<(), String> {
+    use tokio::io::AsyncWriteExt;
+    write_json_line(stream, answer)
         .await
         .map_err(|e| e.to_string())?;
-    use tokio::io::AsyncWriteExt;
     stream.shutdown().await.map_err(|e| e.to_string())
 }
 
@@ -803,11 +811,7 @@ where
             ..Default::default()
         },
     };
-    write_json_line(stream, &answer)
-        .await
-        .map_err(|e| e.to_string())?;
-    use tokio::io::AsyncWriteExt;
-    stream.shutdown().await.map_err(|e| e.to_string())
+    last_answer(stream, &answer).await
 }
 
 /// The heap blocks the origin's WAL names between `since` and `until` (`pg_waldump` of the
