@@ -69,13 +69,19 @@ pub struct VerifiedPoint {
     pub tables: Vec<TableFile>,
 }
 
-/// The origin's first answer: its tables are locked, its snapshots taken at `lsn`.
+/// The origin's first answer: its tables are locked, its snapshots taken at `lsn` (or why
+/// not: `error`, as the data plane's refusal after admission reads).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Held {
     /// `pg_current_wal_insert_lsn()` under the locks.
+    #[serde(default)]
     pub lsn: String,
     /// `wal_segment_size` in bytes.
+    #[serde(default)]
     pub segment_size: u64,
+    /// Why not.
+    #[serde(default)]
+    pub error: String,
 }
 
 /// The standby's answer: its snapshots are taken (at this replay position).
@@ -120,10 +126,13 @@ pub struct TableSelection {
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Selection {
     /// The WAL read: from the verified point…
+    #[serde(default)]
     pub since: String,
     /// …to the stopped origin's position.
+    #[serde(default)]
     pub until: String,
     /// Every table of BlueMind's databases, and what of it is compared.
+    #[serde(default)]
     pub tables: Vec<TableSelection>,
     /// Why not (the origin's refusal arrives as this).
     #[serde(default)]
@@ -480,6 +489,9 @@ where
         .existing_databases(&config.postgresql.databases)
         .await
         .map_err(|e| e.to_string())?;
+    // Admitted before the locks (they may take seconds on a busy day): what fails from here
+    // on reaches the target as the `error` of its `Held`.
+    admit(stream).await?;
     let locked = lock_all(bluemind, &databases).await?;
     let mut lockers = Vec::new();
     let mut readers = Vec::new();
@@ -499,12 +511,12 @@ where
     }
     let position = crate::replication::wal_position(config).await?;
     let held_at = Instant::now();
-    admit(stream).await?;
     write_json_line(
         stream,
         &Held {
             lsn: position.lsn.clone(),
             segment_size: position.segment_size,
+            error: String::new(),
         },
     )
     .await
@@ -650,6 +662,9 @@ pub async fn establish(
         "the origin's verified point",
     )
     .await?;
+    if !held.error.is_empty() {
+        return Err(format!("the origin: {}", held.error));
+    }
     let lsn = parse_lsn(&held.lsn)
         .ok_or_else(|| format!("the origin's position {:?} is not an LSN", held.lsn))?;
     let wanted = caught_up_at(lsn, held.segment_size);
@@ -753,6 +768,9 @@ where
     S: AsyncBufRead + AsyncWrite + Unpin,
 {
     let start = parse_lsn(since).ok_or_else(|| format!("{since:?} is not an LSN"))?;
+    // Admitted before reading the WAL (a busy day's takes a while): what fails from here on
+    // reaches the target as the `error` of its `Selection`.
+    admit(stream).await?;
     let admin = Connection::admin(&config.postgresql);
     let until = crate::replication::wal_position(config).await?.lsn;
     let end = parse_lsn(&until).ok_or_else(|| format!("{until:?} is not an LSN"))?;
@@ -797,7 +815,6 @@ where
         tables: select(verified, &current, &named),
         error: String::new(),
     };
-    admit(stream).await?;
     write_json_line(stream, &selection)
         .await
         .map_err(|e| e.to_string())?;
