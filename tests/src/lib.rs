@@ -320,12 +320,28 @@ pub mod lab_fleet;
 pub mod prometheus;
 pub mod ssh;
 
-/// A free loopback port (bound then released).
+/// A free loopback port for a server a test starts later by address.
+///
+/// Taken below the kernel's ephemeral range (`net.ipv4.ip_local_port_range`, 32768 and up by
+/// default), so that neither an outgoing connection nor another `bind(…:0)` can take it between
+/// this pick and the server's bind (a port bound then released inside that range can be: CI once
+/// failed on "Address already in use"). Each pick in this process is a new port, and one another
+/// process holds is skipped.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Test binaries of one run start at different offsets, so two of them rarely probe alike.
+    let start = (std::process::id() * 211) % SPAN;
+    for _ in 0..SPAN {
+        let port = FIRST + (start + NEXT.fetch_add(1, Ordering::SeqCst)) % SPAN;
+        let port = u16::try_from(port).expect("port below 32000");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port between {FIRST} and {}", FIRST + SPAN)
 }
 
 /// A directory the postgres user can traverse (tests run as root; PostgreSQL runs as postgres).

@@ -2,12 +2,12 @@
 //! configuration, no mail arriving), each hot-synced to its target, then the same day of mail
 //! (`--churn` of the messages new, deleted or re-flagged) on both origins, then:
 //! (a) BlueMind's manual procedure on pair 1 ([`crate::manual`]);
-//! (b) bmfleet on pair 2: the orchestrator's own engine, run in this process against the real
-//!     agents, with the churn applied right after its pre-window pass, so that its cold sync
-//!     faces the same changes as the manual one; the target's databases follow as a standby;
-//! (c) the same on pair 3 with the databases dumped and restored;
-//! (d) the same on pair 4 with the databases following by logical replication (its origin
-//!     runs with `wal_level = logical`).
+//! (b), (c), (d) bmfleet on pairs 2, 3, 4: the orchestrator's own engine, run in this process
+//!     against the real agents, with the churn applied right after its pre-window pass, so
+//!     that its cold sync faces the same changes as the manual one; by default the target's
+//!     databases follow as a standby, then are dumped and restored, then follow by logical
+//!     replication (its origin runs with `wal_level = logical`); `--paths` picks fewer (a
+//!     pair is built only for each path measured).
 //!
 //! Also measured on the same machine: the link's raw TCP throughput between two lab hosts,
 //! the manual `psql` restore time (together the physical floor), and the hot sync of the
@@ -49,6 +49,54 @@ pub struct Params {
     /// Drop the page cache right before each cold sync (as on a server whose data is not all
     /// in memory).
     pub cold_cache: bool,
+    /// bmfleet's database paths to measure, each on its own pair after the manual one.
+    pub paths: Vec<DbPath>,
+}
+
+/// How bmfleet moves the databases in one measured run (the fleet file's `db_sync`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DbPath {
+    /// The target's cluster follows as a physical standby.
+    Stream,
+    /// The databases are dumped and restored in the downtime.
+    Dump,
+    /// The target's databases follow by logical replication (the origin runs with
+    /// `wal_level = logical`).
+    Logical,
+}
+
+impl DbPath {
+    /// The fleet file's `db_sync` value.
+    fn db_sync(self) -> &'static str {
+        match self {
+            DbPath::Stream => "stream",
+            DbPath::Dump => "dump",
+            DbPath::Logical => "logical",
+        }
+    }
+
+    /// The report's row label.
+    fn label(self) -> &'static str {
+        match self {
+            DbPath::Stream => "databases following (standby)",
+            DbPath::Dump => "databases dumped and restored",
+            DbPath::Logical => "databases following (logical replication)",
+        }
+    }
+
+    /// What the progress line says.
+    fn describe(self) -> &'static str {
+        match self {
+            DbPath::Stream => "the target's databases following the origin's (db_sync = stream)",
+            DbPath::Dump => "the databases dumped and restored (db_sync = dump)",
+            DbPath::Logical => "the databases following by logical replication (db_sync = logical)",
+        }
+    }
+}
+
+/// The report's letter for the `i`-th measured path: (b), (c), (d).
+fn letter(i: usize) -> char {
+    char::from(b'b' + u8::try_from(i).unwrap_or(0))
 }
 
 /// Writes dirty pages and drops the page cache (root only).
@@ -413,18 +461,27 @@ pub fn run(params: Params) -> anyhow::Result<()> {
     if !nix::unistd::Uid::effective().is_root() {
         bail!("run as root: the benchmark builds network namespaces");
     }
+    if params.paths.is_empty() {
+        bail!("--paths names no database path to measure (stream, dump, logical)");
+    }
+    // Pair 1 for the manual procedure, one more per path.
+    let pairs = params.paths.len() + 1;
     println!(
-        "== building the lab: 4 identical instances, {} messages and {} rows per big table each",
+        "== building the lab: {pairs} identical instances, {} messages and {} rows per big table each",
         params.files, params.db_rows
     );
     let built = Instant::now();
     let fleet = Arc::new(LabFleet::build(LabParams {
         enroll: false,
-        pairs: 4,
+        pairs,
         messages: params.files,
         db_rows: params.db_rows,
         deliver_ms: 0,
-        logical_pair: Some(4),
+        logical_pair: params
+            .paths
+            .iter()
+            .position(|p| *p == DbPath::Logical)
+            .map(|i| i + 2),
         target_spool_mib: None,
     }));
     // This process runs the engine itself; the lab's orchestrator would only add its health
@@ -463,18 +520,15 @@ pub fn run(params: Params) -> anyhow::Result<()> {
     check_migrated(&fleet, "origin-1", "target-1").context("the manual procedure")?;
     drop(manual);
 
-    println!(
-        "== (b) bmfleet on pair 2: the orchestrator's engine against the real agents, the \
-         target's databases following the origin's (db_sync = stream)"
-    );
-    let b = bmfleet(&fleet, 2, &params, "stream")?;
-    println!("== (c) bmfleet on pair 3, the databases dumped and restored (db_sync = dump)");
-    let c = bmfleet(&fleet, 3, &params, "dump")?;
-    println!(
-        "== (d) bmfleet on pair 4, the databases following by logical replication (db_sync = logical)"
-    );
-    let d = bmfleet(&fleet, 4, &params, "logical")?;
-    for (run, pair) in [(&b, 2), (&c, 3), (&d, 4)] {
+    let mut runs = Vec::new();
+    for (i, &path) in params.paths.iter().enumerate() {
+        let pair = i + 2;
+        println!(
+            "== ({}) bmfleet on pair {pair}: the orchestrator's engine against the real agents, {}",
+            letter(i),
+            path.describe()
+        );
+        let run = bmfleet(&fleet, pair, &params, path.db_sync())?;
         if run.phase != Phase::Done {
             bail!(
                 "bmfleet ended in {:?} on pair {pair}: see {}",
@@ -490,15 +544,12 @@ pub fn run(params: Params) -> anyhow::Result<()> {
         }
         check_migrated(&fleet, &format!("origin-{pair}"), &format!("target-{pair}"))
             .with_context(|| format!("bmfleet on pair {pair}"))?;
+        println!("   downtime {:.2} s", run.downtime);
+        runs.push((path, run));
     }
-    println!(
-        "   downtime {:.2} s (standby), {:.2} s (dump), {:.2} s (logical)",
-        b.downtime, c.downtime, d.downtime
-    );
 
     let transfer = churn_a.bytes_written as f64 / link;
     let floor = transfer + cold.restore_secs;
-    let bmfleet_hot = b.first_pass.elapsed_ms as f64 / 1000.0;
     println!(
         "\n## Downtime, {} messages, {:.0} MiB of databases, {:.1}% churn, page cache {}\n",
         params.files,
@@ -513,21 +564,18 @@ pub fn run(params: Params) -> anyhow::Result<()> {
     println!("| | downtime |");
     println!("| --- | ---: |");
     println!("| (a) manual procedure | {:.2} s |", cold.downtime);
-    println!(
-        "| (b) bmfleet, databases following (standby) | {:.2} s |",
-        b.downtime
-    );
-    println!("| ratio (b)/(a) | {:.2} |", b.downtime / cold.downtime);
-    println!(
-        "| (c) bmfleet, databases dumped and restored | {:.2} s |",
-        c.downtime
-    );
-    println!("| ratio (c)/(a) | {:.2} |", c.downtime / cold.downtime);
-    println!(
-        "| (d) bmfleet, databases following (logical replication) | {:.2} s |",
-        d.downtime
-    );
-    println!("| ratio (d)/(a) | {:.2} |", d.downtime / cold.downtime);
+    for (i, (path, run)) in runs.iter().enumerate() {
+        let letter = letter(i);
+        println!(
+            "| ({letter}) bmfleet, {} | {:.2} s |",
+            path.label(),
+            run.downtime
+        );
+        println!(
+            "| ratio ({letter})/(a) | {:.3} |",
+            run.downtime / cold.downtime
+        );
+    }
     println!(
         "| physical floor: {:.2} MiB changed at {:.0} MiB/s ({:.3} s) + psql restore ({:.2} s) | {floor:.2} s |",
         mib(churn_a.bytes_written as f64),
@@ -535,15 +583,23 @@ pub fn run(params: Params) -> anyhow::Result<()> {
         transfer,
         cold.restore_secs
     );
-    println!("| ratio (b)/floor | {:.2} |", b.downtime / floor);
+    for (i, (_, run)) in runs.iter().enumerate() {
+        println!(
+            "| ratio ({})/floor | {:.2} |",
+            letter(i),
+            run.downtime / floor
+        );
+    }
     println!("\n### (a) manual, by step\n");
     print_steps(&cold.steps);
-    println!("\n### (b) bmfleet, by step (final pass, databases and config run in parallel)\n");
-    print_steps(&b.steps);
-    println!("\n### (c) bmfleet with a dump, by step\n");
-    print_steps(&c.steps);
-    println!("\n### (d) bmfleet with logical replication, by step\n");
-    print_steps(&d.steps);
+    for (i, (path, run)) in runs.iter().enumerate() {
+        println!(
+            "\n### ({}) bmfleet, {}, by step (final pass, databases and config run in parallel)\n",
+            letter(i),
+            path.label()
+        );
+        print_steps(&run.steps);
+    }
     let manual_files: f64 = cold
         .steps
         .iter()
@@ -560,11 +616,8 @@ pub fn run(params: Params) -> anyhow::Result<()> {
     println!("| | takes | |");
     println!("| --- | ---: | --- |");
     println!("| (a) manual: the rsyncs of the seven dirs | {manual_files:.2} s | |");
-    for (name, run) in [
-        ("(b) bmfleet final pass (standby run)", &b),
-        ("(c) bmfleet final pass (dump run)", &c),
-        ("(d) bmfleet final pass (logical run)", &d),
-    ] {
+    for (i, (path, run)) in runs.iter().enumerate() {
+        let name = format!("({}) bmfleet final pass ({})", letter(i), path.db_sync());
         let detail = run.final_pass.as_ref().map_or(String::new(), |f| {
             format!(
                 "{} entries listed, {} changed, {:.2} MiB{}{}",
@@ -585,6 +638,9 @@ pub fn run(params: Params) -> anyhow::Result<()> {
         });
         println!("| {name} | {:.2} s | {detail} |", step_secs(run));
     }
+    let bmfleet_hot = runs
+        .first()
+        .map_or(0.0, |(_, run)| run.first_pass.elapsed_ms as f64 / 1000.0);
     println!(
         "\n## Hot sync of the whole tree ({:.1} MiB, {} entries)\n",
         mib(size.bytes as f64),
@@ -619,9 +675,10 @@ pub fn run(params: Params) -> anyhow::Result<()> {
                 "bytes": churn_a.bytes_written },
             "link_bytes_per_second": link,
             "manual": {"downtime": cold.downtime, "restore": cold.restore_secs, "hot_sync": manual_hot, "steps": steps_json(&cold.steps)},
-            "bmfleet": {"downtime": b.downtime, "hot_pass": bmfleet_hot, "steps": steps_json(&b.steps)},
-            "bmfleet_dump": {"downtime": c.downtime, "steps": steps_json(&c.steps)},
-            "bmfleet_logical": {"downtime": d.downtime, "steps": steps_json(&d.steps)},
+            "bmfleet": runs.iter().map(|(path, run)| serde_json::json!({
+                "db_sync": path.db_sync(), "downtime": run.downtime,
+                "hot_pass": run.first_pass.elapsed_ms as f64 / 1000.0,
+                "steps": steps_json(&run.steps)})).collect::<Vec<_>>(),
             "cold_cache": params.cold_cache,
             "floor": floor,
         })

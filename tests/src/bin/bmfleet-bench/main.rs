@@ -48,6 +48,14 @@ enum Bench {
         /// Drop the page cache right before each cold sync.
         #[arg(long)]
         cold_cache: bool,
+        /// bmfleet's database paths to measure, comma-separated, each on its own pair.
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "stream,dump,logical"
+        )]
+        paths: Vec<downtime::DbPath>,
     },
     /// Peak memory of the manifest hashing one big file (and of reading it whole).
     Manifest {
@@ -66,11 +74,13 @@ fn main() -> anyhow::Result<()> {
             db_rows,
             churn,
             cold_cache,
+            paths,
         } => downtime::run(downtime::Params {
             files,
             db_rows,
             churn,
             cold_cache,
+            paths,
         }),
     }
 }
