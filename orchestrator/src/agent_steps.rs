@@ -193,8 +193,8 @@ async fn run_step(pool: &AgentPool, job: Job, now_ms: i64) -> StepResult {
         Step::Preflight => preflight(origin, target, &job)
             .await
             .map(|plan| StepOutput {
-                stats: None,
                 databases: Some(plan),
+                ..StepOutput::default()
             }),
         Step::FollowDatabases => follow_databases(origin, target, &job, now_ms).await,
         Step::HotPass => {
@@ -365,7 +365,10 @@ async fn move_databases(target: &AgentHandle, job: &Job, endpoint: OriginEndpoin
         tracing::info!(instance = %job.instance.name, gate = %reply.gate, "the databases' gate");
     }
     if reply.ok {
-        Ok(StepOutput::default())
+        Ok(StepOutput {
+            gate: reply.gate,
+            ..StepOutput::default()
+        })
     } else {
         Err(reply.error)
     }

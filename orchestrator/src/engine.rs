@@ -49,13 +49,15 @@ pub struct StepOutput {
     pub stats: Option<PassStats>,
     /// The preflight's choice of how the databases move.
     pub databases: Option<DbPlan>,
+    /// The databases' move: what their gate compared.
+    pub gate: String,
 }
 
 impl From<PassStats> for StepOutput {
     fn from(stats: PassStats) -> Self {
         StepOutput {
             stats: Some(stats),
-            databases: None,
+            ..StepOutput::default()
         }
     }
 }
@@ -274,6 +276,7 @@ impl Engine {
                     attempt,
                     stats: output.stats,
                     databases: output.databases,
+                    gate: output.gate,
                 },
                 Err(error) => Event::Failed {
                     step,

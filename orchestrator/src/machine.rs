@@ -308,6 +308,10 @@ pub enum Event {
         /// The preflight's choice of how the databases move.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         databases: Option<DbPlan>,
+        /// The databases' move: what their gate compared (the changes since the verified
+        /// point, or every table and why), for `bmctl fleet events`.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        gate: String,
     },
     /// A step's operation failed.
     Failed {
@@ -662,6 +666,7 @@ fn apply(c: &mut Ctx<'_>, event: &Event) -> Option<&'static str> {
             attempt,
             stats,
             databases,
+            ..
         } => {
             if c.i.running.get(step).map(|r| r.attempt) != Some(*attempt) {
                 return Some("not a step in flight (late or repeated result)");

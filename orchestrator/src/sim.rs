@@ -197,7 +197,11 @@ impl Hosts {
                 },
             }
         });
-        Ok(StepOutput { stats, databases })
+        Ok(StepOutput {
+            stats,
+            databases,
+            ..StepOutput::default()
+        })
     }
 }
 

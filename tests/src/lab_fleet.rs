@@ -877,11 +877,20 @@ fn api_auth(name: &str) -> String {
 /// Messages per mailbox of a big spool.
 const MAILBOX_MESSAGES: usize = 500;
 
+/// How many mailboxes a `messages`-message spool has.
+fn mailboxes(messages: usize) -> usize {
+    (messages / MAILBOX_MESSAGES).max(3)
+}
+
+/// Changes a day of mail makes in each mailbox it touches (10 new messages, 5 deleted, 5
+/// re-flagged): the day's changes reach `changes / 20` mailboxes whatever the spool's size, as a
+/// bigger server has more users, not busier ones.
+const CHANGES_PER_MAILBOX: usize = 20;
+
 /// The mailbox message `m` of a `messages`-message spool lives in: alice, bob and carol for
 /// small spools, then u0003, u0004, … so that no mailbox holds more than about 500 messages.
 fn mailbox(m: usize, messages: usize) -> String {
-    let mailboxes = (messages / MAILBOX_MESSAGES).max(3);
-    match m % mailboxes {
+    match m % mailboxes(messages) {
         i @ 0..=2 => ["alice", "bob", "carol"][i].to_string(),
         i => format!("u{i:04}"),
     }
@@ -980,18 +989,25 @@ pub struct Churn {
 
 /// A day of mail on a seeded spool of `messages` messages, the same on every host given the
 /// same arguments: `fraction` of the messages change, half as new messages, a quarter deleted,
-/// a quarter with new flags (cyrus rewrites the mailbox's index, not the message).
+/// a quarter with new flags (cyrus rewrites the mailbox's index, not the message), in
+/// [`CHANGES_PER_MAILBOX`]s per mailbox touched: the same number of changes on a bigger spool
+/// writes the same bytes.
 pub fn churn(root: &Path, messages: usize, fraction: f64) -> Churn {
     let spool = root.join("var/spool/cyrus/data/user");
     let changed = ((messages as f64 * fraction).round() as usize).max(4);
+    let mailboxes = mailboxes(messages);
+    let active = (changed / CHANGES_PER_MAILBOX).clamp(1, mailboxes);
     let mut out = Churn::default();
     let mut flagged = std::collections::BTreeSet::new();
-    // Spread over every mailbox, the same messages on every host: k ↦ k·p mod messages with
-    // a prime p is one-to-one (unless p divides messages).
     for k in 0..changed {
-        let m = (k * 1_000_003) % messages.max(1);
+        // Changes come in fours (two new messages, one deleted, one re-flagged), group j in
+        // mailbox j mod active; message m is that mailbox's (4·round + k mod 4)-th: one-to-one
+        // in k, the same messages on every host.
+        let (j, kind) = (k / 4, k % 4);
+        let (i, round) = (j % active, j / active);
+        let m = (i + mailboxes * (4 * round + kind)) % messages.max(1);
         let user = mailbox(m, messages);
-        match k % 4 {
+        match kind {
             0 | 1 => {
                 let n = messages + k;
                 let body = message(n);

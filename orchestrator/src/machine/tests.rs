@@ -25,6 +25,7 @@ fn ok(step: Step, attempt: u32) -> Event {
         attempt,
         stats: None,
         databases: None,
+        gate: String::new(),
     }
 }
 
@@ -39,6 +40,7 @@ fn preflight(stream: bool) -> Event {
             logical: false,
             why: "test".into(),
         }),
+        gate: String::new(),
     }
 }
 
@@ -56,6 +58,7 @@ fn pass(step: Step, attempt: u32, files_changed: u64) -> Event {
             ..Default::default()
         }),
         databases: None,
+        gate: String::new(),
     }
 }
 
@@ -752,7 +755,7 @@ proptest! {
                     let (step, attempt) = running[n % running.len()];
                     // A preflight chooses a standby or a dump at random.
                     let databases = (step == Step::Preflight).then(|| DbPlan { stream: files % 2 == 0, logical: files % 4 == 0, why: "x".into() });
-                    Event::Succeeded { step, attempt, stats: Some(PassStats { files_changed: files, bytes_changed: files, ..Default::default() }), databases }
+                    Event::Succeeded { step, attempt, stats: Some(PassStats { files_changed: files, bytes_changed: files, ..Default::default() }), databases, gate: String::new() }
                 }
                 Pick::Fail(n) if !running.is_empty() => {
                     let (step, attempt) = running[n % running.len()];

@@ -296,6 +296,8 @@ struct BmfleetRun {
     steps: Vec<Timed>,
     first_pass: PassStats,
     final_pass: Option<PassStats>,
+    /// What the databases' gate compared.
+    gate: String,
     churn: Churn,
 }
 
@@ -315,10 +317,10 @@ fn step_timings(
     state: &State,
     instance: &str,
     downtime_start_ms: i64,
-) -> anyhow::Result<(Vec<Timed>, Option<PassStats>, Option<PassStats>)> {
+) -> anyhow::Result<StepTimings> {
     let rows = state.transitions(Some(instance), 0, 100_000)?;
     let (mut started, mut timed) = (BTreeMap::<String, i64>::new(), Vec::new());
-    let (mut first_pass, mut final_pass) = (None, None);
+    let (mut first_pass, mut final_pass, mut gate) = (None, None, String::new());
     for row in rows {
         let event: serde_json::Value = serde_json::from_str(&row.event)?;
         if let Some(ok) = event.get("Succeeded") {
@@ -327,6 +329,7 @@ fn step_timings(
             match step.as_str() {
                 "HotPass" if first_pass.is_none() => first_pass = stats,
                 "FinalPass" => final_pass = stats,
+                "Databases" => gate = ok["gate"].as_str().unwrap_or_default().to_string(),
                 _ => {}
             }
             if let Some(start) = started.remove(&step) {
@@ -347,7 +350,24 @@ fn step_timings(
         }
     }
     timed.sort_by(|a, b| a.start.total_cmp(&b.start));
-    Ok((timed, first_pass, final_pass))
+    Ok(StepTimings {
+        timed,
+        first_pass,
+        final_pass,
+        gate,
+    })
+}
+
+/// What an instance's transitions say about its steps.
+struct StepTimings {
+    /// Each step that ran from the downtime's start on, in start order.
+    timed: Vec<Timed>,
+    /// The first hot pass's statistics.
+    first_pass: Option<PassStats>,
+    /// The final pass's statistics.
+    final_pass: Option<PassStats>,
+    /// What the databases' gate compared.
+    gate: String,
 }
 
 /// Runs the orchestrator's engine in this process (in the orchestrator's namespace) on pair
@@ -420,7 +440,7 @@ fn bmfleet(
                 finished.downtime_start_ms.unwrap_or(0),
                 finished.downtime_end_ms.unwrap_or(0),
             );
-            let (steps, first_pass, final_pass) = step_timings(&state, &instance, start)?;
+            let timings = step_timings(&state, &instance, start)?;
             let churn = churned
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -431,12 +451,14 @@ fn bmfleet(
                 phase: finished.phase,
                 downtime,
                 // The downtime's steps (post-migration and verify come after it).
-                steps: steps
+                steps: timings
+                    .timed
                     .into_iter()
                     .filter(|s| s.start + s.secs <= downtime + 0.001)
                     .collect(),
-                first_pass: first_pass.context("no hot pass recorded")?,
-                final_pass,
+                first_pass: timings.first_pass.context("no hot pass recorded")?,
+                final_pass: timings.final_pass,
+                gate: timings.gate,
                 churn,
             })
         })
@@ -599,6 +621,7 @@ pub fn run(params: Params) -> anyhow::Result<()> {
             path.label()
         );
         print_steps(&run.steps);
+        println!("\nThe databases' gate: {}", run.gate);
     }
     let manual_files: f64 = cold
         .steps
@@ -676,7 +699,7 @@ pub fn run(params: Params) -> anyhow::Result<()> {
             "link_bytes_per_second": link,
             "manual": {"downtime": cold.downtime, "restore": cold.restore_secs, "hot_sync": manual_hot, "steps": steps_json(&cold.steps)},
             "bmfleet": runs.iter().map(|(path, run)| serde_json::json!({
-                "db_sync": path.db_sync(), "downtime": run.downtime,
+                "db_sync": path.db_sync(), "downtime": run.downtime, "gate": run.gate,
                 "hot_pass": run.first_pass.elapsed_ms as f64 / 1000.0,
                 "steps": steps_json(&run.steps)})).collect::<Vec<_>>(),
             "cold_cache": params.cold_cache,
