@@ -30,7 +30,11 @@ pub async fn move_databases(
     format: DumpFormat,
     jobs: u32,
 ) -> MoveDatabasesReply {
-    reply(run(config, tls, origin, format, jobs).await, "the move")
+    let mut moved = reply(run(config, tls, origin, format, jobs).await, "the move");
+    if !moved.databases.is_empty() {
+        moved.gate = "every table compared (dump and restore)".into();
+    }
+    moved
 }
 
 /// The reply for what moved (ok when every table matches), or why nothing could be compared.

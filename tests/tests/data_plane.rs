@@ -1609,6 +1609,7 @@ async fn both_databases_move_identically_in_both_formats_and_the_password_stays_
             .into_inner();
         timings.push((format, started.elapsed()));
         assert!(reply.ok, "{format:?}: {reply:?}");
+        assert_eq!(reply.gate, "every table compared (dump and restore)");
         let names: Vec<_> = reply.databases.iter().map(|d| d.name.as_str()).collect();
         assert_eq!(names, ["bj", "bj-data"]);
         let tables: Vec<_> = reply
