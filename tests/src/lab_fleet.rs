@@ -989,9 +989,9 @@ pub struct Churn {
 
 /// A day of mail on a seeded spool of `messages` messages, the same on every host given the
 /// same arguments: `fraction` of the messages change, half as new messages, a quarter deleted,
-/// a quarter with new flags (cyrus rewrites the mailbox's index, not the message), in
-/// [`CHANGES_PER_MAILBOX`]s per mailbox touched: the same number of changes on a bigger spool
-/// writes the same bytes.
+/// a quarter with new flags (cyrus rewrites the mailbox's index, not the message),
+/// [`CHANGES_PER_MAILBOX`] changes in each mailbox touched: the same number of changes on a
+/// bigger spool writes the same bytes.
 pub fn churn(root: &Path, messages: usize, fraction: f64) -> Churn {
     let spool = root.join("var/spool/cyrus/data/user");
     let changed = ((messages as f64 * fraction).round() as usize).max(4);
