@@ -261,7 +261,7 @@ impl Lab {
     }
 
     /// Sends `signal` to the processes of `host` whose command line contains `needle`, and
-    /// waits (up to 10 s) until they are gone.
+    /// waits (up to 30 s) until they are gone, every thread of theirs.
     pub fn signal_matching(&self, host: &str, needle: &str, signal: nix::sys::signal::Signal) {
         let ns = self.host(host).ns.clone();
         let out = Command::new("ip")
@@ -281,12 +281,8 @@ impl Lab {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), signal);
         }
         for pid in pids {
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-            while Path::new(&format!("/proc/{pid}/cmdline")).exists()
-                && std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                    .is_ok_and(|s| !s.contains(") Z "))
-                && std::time::Instant::now() < deadline
-            {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while !gone(pid) && std::time::Instant::now() < deadline {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
         }
@@ -296,6 +292,18 @@ impl Lab {
     pub fn hosts(&self) -> &[LabHost] {
         &self.hosts
     }
+}
+
+/// Whether process `pid` is gone with all its threads: a killed process's main thread turns
+/// zombie before its other threads have exited, and its sockets stay open until the last one
+/// has (a restart binding the same port in between fails).
+fn gone(pid: i32) -> bool {
+    let zombie = match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.contains(") Z "),
+        Err(_) => return true,
+    };
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count());
+    zombie && threads <= 1
 }
 
 impl Drop for Lab {

@@ -566,13 +566,24 @@ impl LabFleet {
     /// Waits for the orchestrator's Fleet API (after a start or restart).
     pub fn wait_for_orchestrator(&self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !self.bmctl(&["fleet", "status"]).status.success() {
+        loop {
+            let out = self.bmctl(&["fleet", "status"]);
+            if out.status.success() {
+                return Ok(());
+            }
             if Instant::now() > deadline {
-                return Err("the orchestrator did not come up".into());
+                let log = std::fs::read_to_string(self.dir.path().join("orchestrator.log"))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                return Err(format!(
+                    "the orchestrator did not come up: bmctl said {}; the orchestrator's log ends:\n{}",
+                    String::from_utf8_lossy(&out.stderr).trim(),
+                    tail.join("\n")
+                ));
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        Ok(())
     }
 
     /// Applies the lab's fleet file.
