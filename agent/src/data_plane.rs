@@ -184,12 +184,25 @@ impl DataPlane {
                 Err(e) => Err(e.to_string()),
             },
             TunnelRequest::WalPosition { .. } => self.wal_position(&grant, &mut stream).await,
-            TunnelRequest::VerifiedPoint { .. } => match grant.require_replication() {
+            TunnelRequest::VerifiedPoint { per_block, .. } => match grant.require_replication() {
                 Ok(()) => {
                     crate::verified_point::serve_hold(
                         &self.config,
                         &self.bluemind_connection(),
                         &grant.id,
+                        per_block,
+                        &mut stream,
+                    )
+                    .await
+                }
+                Err(e) => Err(e.to_string()),
+            },
+            TunnelRequest::ChangedTotals { since, .. } => match grant.require_databases() {
+                Ok(()) => {
+                    crate::block_point::serve_totals(
+                        &self.config,
+                        &self.bluemind_connection(),
+                        &since,
                         &mut stream,
                     )
                     .await
@@ -555,10 +568,11 @@ impl DataPlane {
         for db in existing {
             extensions.extend(conn.extensions(&db).await.map_err(|e| e.to_string())?);
             databases.push(if names_only {
+                let sequences = conn.sequences(&db).await.map_err(|e| e.to_string())?;
                 pg::DatabaseManifest {
                     name: db,
                     tables: Vec::new(),
-                    sequences: Vec::new(),
+                    sequences,
                 }
             } else {
                 let mut manifest = conn

@@ -221,8 +221,8 @@ pub fn compare_manifests(
         .collect()
 }
 
-/// The origin's databases: names and credentials, with every table's rows and checksum when
-/// `checksums`.
+/// The origin's databases: names, sequence values and credentials, with every table's rows
+/// and checksum when `checksums`.
 pub async fn origin_manifest(
     config: &AgentConfig,
     tls: Arc<rustls::ClientConfig>,

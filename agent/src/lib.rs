@@ -12,6 +12,7 @@
 //!   [`pull`] (data dirs), [`databases`], [`config_set`]; [`pg`] for PostgreSQL.
 #![forbid(unsafe_code)]
 
+pub mod block_point;
 pub mod change_journal;
 pub mod command;
 pub mod config;

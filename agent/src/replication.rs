@@ -286,6 +286,7 @@ async fn remove(
     if !last.is_empty() {
         return Err(last);
     }
+    crate::block_point::forget(config, Some(&leftover.grant_id));
     if leftover.cap_set && reset_cap {
         admin
             .psql(

@@ -489,6 +489,9 @@ impl Agent for AgentService {
         let req = request.into_inner();
         let started = std::time::Instant::now();
         let outcome = match standby::following(&self.config) {
+            Some(state) if state.name == req.origin_name && state.logical.is_some() => {
+                crate::block_point::establish(&self.config, self.tunnel_tls.clone(), state).await
+            }
             Some(state) if state.name == req.origin_name => {
                 crate::verified_point::establish(&self.config, self.tunnel_tls.clone()).await
             }

@@ -64,8 +64,9 @@ pub struct Following {
     /// Following by logical replication (subscriptions), not as a physical standby.
     #[serde(default)]
     pub logical: Option<crate::subscription::LogicalFollow>,
-    /// The last verified point with the origin (a standby's, taken at the pre-window pass):
-    /// the downtime's gate compares only what changed since.
+    /// The last verified point with the origin (taken at the pre-window pass): the
+    /// downtime's gate compares only what changed since. A subscriber's holds only the
+    /// origin's position: each side keeps its own sums ([`crate::block_point`]).
     #[serde(default)]
     pub verified: Option<crate::verified_point::VerifiedPoint>,
 }
@@ -814,9 +815,7 @@ async fn promote_inner(
         ));
     }
     if state.logical.is_some() {
-        return crate::subscription::promote(config, tls, relay, origin, state)
-            .await
-            .map(|moved| (moved, "every table compared (logical replication)".into()));
+        return crate::subscription::promote(config, tls, relay, origin, state).await;
     }
     let owner = owner_connection(config, &state.bluemind_password);
     if state.promoted {

@@ -28,6 +28,7 @@ use bmfleet_proto::v1::{DatabaseMove, FollowDatabasesReply, OriginEndpoint};
 use serde::{Deserialize, Serialize};
 
 use crate::config::AgentConfig;
+use crate::data_plane::ManifestReply;
 use crate::pg::{ident, literal, Connection};
 use crate::publication::PublishTicket;
 use crate::standby::{self, Following, Relay};
@@ -341,11 +342,11 @@ async fn as_subscriber(
 
 /// How far the subscriptions are.
 #[derive(Debug, Default)]
-struct Progress {
+pub(crate) struct Progress {
     /// Tables whose initial copy is not finished.
-    not_ready: u64,
+    pub(crate) not_ready: u64,
     /// The lowest position a subscription reported to the origin (0: one has none yet).
-    lowest: Option<u64>,
+    pub(crate) lowest: Option<u64>,
     /// Errors copying or applying.
     errors: u64,
     /// Subscriptions without a running apply worker.
@@ -407,7 +408,7 @@ impl Watch {
     }
 }
 
-async fn progress(
+pub(crate) async fn progress(
     owner: &Connection,
     logical: &LogicalFollow,
     own_version: u32,
@@ -473,7 +474,9 @@ async fn wait_ready(
 }
 
 /// Catches the subscriptions up with the stopped origin, detaches them, sets the origin's
-/// sequence values and compares every table (`origin`: the databases grant of the step).
+/// sequence values and compares the databases (`origin`: the databases grant of the step):
+/// what changed on each side since the verified point when there is one
+/// ([`crate::block_point`]), else every table. Returns the comparison and what it covered.
 /// Called by [`standby::promote`] when what this host follows is a subscription.
 pub async fn promote(
     config: &AgentConfig,
@@ -481,62 +484,142 @@ pub async fn promote(
     relay: &Relay,
     origin: &OriginEndpoint,
     state: Following,
-) -> Result<Vec<DatabaseMove>, String> {
+) -> Result<(Vec<DatabaseMove>, String), String> {
     let started = Instant::now();
     let logical = state.logical.clone().ok_or("not a logical follow")?;
     let owner = Connection::owner(&config.postgresql, state.bluemind_password.clone());
-    let theirs = standby::origin_checksums(config, tls.clone(), origin);
-    if !state.promoted {
-        let own_version = owner
-            .server_version_num()
-            .await
-            .map_err(|e| e.to_string())?;
-        let (_, wanted) = standby::position_to_reach(config, tls.clone(), origin).await?;
-        let mut watch = Watch::default();
-        // Subscriptions already gone: an earlier request caught up and detached them, then
-        // stopped (the agent restarted); the comparison below is the proof either way.
-        let mut waiting = subscribed(config, &logical).await?;
-        while waiting {
-            let progress = progress(&owner, &logical, own_version).await?;
-            watch.check(&progress)?;
-            waiting = progress.not_ready > 0 || progress.lowest.is_none_or(|l| l < wanted);
-            if waiting {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-        tracing::info!(origin = %origin.name, caught_up_ms = started.elapsed().as_millis() as u64, "the subscriptions caught up");
-        // The data is final: detaching and this host's checksums run side by side.
-        let (detached, ours) = tokio::join!(
-            unsubscribe(config, &state),
+    if state.promoted {
+        // A repeated request (the agent restarted after the promotion): compare only.
+        let (theirs, ours) = tokio::join!(
+            crate::databases::origin_manifest(config, tls, origin, true),
             crate::databases::own_manifests(config, &owner)
         );
-        detached?;
-        let ours = ours?;
-        relay.stop();
-        let theirs_done = theirs
-            .await
-            .map_err(|e| format!("the origin's checksums stopped: {e}"))??;
-        set_sequences(&owner, &theirs_done).await?;
-        finish(config, &logical).await?;
-        standby::set_following(
-            config,
-            Some(&Following {
-                promoted: true,
-                ..state.clone()
-            }),
-        )?;
-        return Ok(crate::databases::compare_all(
-            &theirs_done,
-            &ours,
-            started.elapsed().as_millis() as u64,
+        crate::block_point::release_own_wal(config, &state.grant_id).await?;
+        return Ok((
+            crate::databases::compare_all(&theirs?, &ours?, 0),
+            "every table compared (a repeated request)".into(),
         ));
     }
-    // A repeated request (the agent restarted after the promotion): compare only.
-    let ours = crate::databases::own_manifests(config, &owner).await?;
-    let theirs = theirs
+    // The origin is stopped: its half of the gate starts now, beside the catch-up.
+    let half = match &state.verified {
+        Some(point) => {
+            let (config, tls, origin, since) = (
+                config.clone(),
+                tls.clone(),
+                origin.clone(),
+                point.lsn.clone(),
+            );
+            Half::Totals(tokio::spawn(async move {
+                let (totals, names) = tokio::join!(
+                    crate::block_point::ask_totals(&config, tls.clone(), &origin, &since),
+                    crate::databases::origin_manifest(&config, tls, &origin, false)
+                );
+                Ok((totals, names?))
+            }))
+        }
+        None => Half::Full(standby::origin_checksums(config, tls.clone(), origin)),
+    };
+    let own_version = owner
+        .server_version_num()
         .await
-        .map_err(|e| format!("the origin's checksums stopped: {e}"))??;
-    Ok(crate::databases::compare_all(&theirs, &ours, 0))
+        .map_err(|e| e.to_string())?;
+    let (_, wanted) = standby::position_to_reach(config, tls.clone(), origin).await?;
+    let mut watch = Watch::default();
+    // Subscriptions already gone: an earlier request caught up and detached them, then
+    // stopped (the agent restarted); the comparison below is the proof either way.
+    let mut waiting = subscribed(config, &logical).await?;
+    while waiting {
+        let progress = progress(&owner, &logical, own_version).await?;
+        watch.check(&progress)?;
+        waiting = progress.not_ready > 0 || progress.lowest.is_none_or(|l| l < wanted);
+        if waiting {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let caught_up_ms = started.elapsed().as_millis() as u64;
+    tracing::info!(origin = %origin.name, caught_up_ms, "the subscriptions caught up");
+    // The data is final: detaching and this host's half of the gate run side by side.
+    let (theirs, compared, gate) = match half {
+        Half::Full(theirs) => {
+            let (detached, ours) = tokio::join!(
+                unsubscribe(config, &state),
+                crate::databases::own_manifests(config, &owner)
+            );
+            detached?;
+            let ours = ours?;
+            let theirs = theirs
+                .await
+                .map_err(|e| format!("the origin's checksums stopped: {e}"))??;
+            let compared = crate::databases::compare_all(&theirs, &ours, caught_up_ms);
+            (
+                theirs,
+                compared,
+                "every table compared: no verified point".to_string(),
+            )
+        }
+        Half::Totals(asked) => {
+            let asked = asked
+                .await
+                .map_err(|e| format!("asking the origin's totals stopped: {e}"))?;
+            let (detached, compared) = tokio::join!(unsubscribe(config, &state), async {
+                let (totals, names) = asked?;
+                let totals = totals?;
+                let compared = crate::block_point::compare_totals(config, &owner, totals).await?;
+                Ok::<_, String>((names, compared))
+            });
+            detached?;
+            match compared {
+                Ok((names, (theirs, ours, covered))) => {
+                    tracing::info!(origin = %origin.name, %covered, "the databases' gate");
+                    let compared =
+                        crate::databases::compare_manifests(&theirs, &ours, caught_up_ms);
+                    (names, compared, covered)
+                }
+                Err(why) => {
+                    tracing::warn!(origin = %origin.name, %why, "the gate on the changes since the verified point failed: every table is compared");
+                    let (theirs, ours) = tokio::join!(
+                        crate::databases::origin_manifest(config, tls, origin, true),
+                        crate::databases::own_manifests(config, &owner)
+                    );
+                    let theirs = theirs?;
+                    let compared = crate::databases::compare_all(&theirs, &ours?, caught_up_ms);
+                    let gate = format!("every table compared: the changes since the verified point could not be ({why})");
+                    (theirs, compared, gate)
+                }
+            }
+        }
+    };
+    relay.stop();
+    set_sequences(&owner, &theirs).await?;
+    finish(config, &logical).await?;
+    standby::set_following(
+        config,
+        Some(&Following {
+            promoted: true,
+            ..state.clone()
+        }),
+    )?;
+    crate::block_point::release_own_wal(config, &state.grant_id).await?;
+    Ok((compared, gate))
+}
+
+/// The origin's totals (or why not) and its sequences' values.
+type OriginTotals = tokio::task::JoinHandle<
+    Result<
+        (
+            Result<crate::block_point::PointTotals, String>,
+            ManifestReply,
+        ),
+        String,
+    >,
+>;
+
+/// The origin's half of the downtime's gate, under way during the catch-up.
+enum Half {
+    /// Its totals since the verified point, and its sequences' values.
+    Totals(OriginTotals),
+    /// Every table's checksum (and the sequences' values).
+    Full(tokio::task::JoinHandle<Result<ManifestReply, String>>),
 }
 
 /// Sets every sequence the origin has (by name, found in this host's own catalog) to the
@@ -698,6 +781,7 @@ pub async fn end(config: &AgentConfig, relay: &Relay, state: &Following) -> Resu
     unsubscribe(config, state).await?;
     relay.stop();
     drop_role(config, logical).await?;
+    crate::block_point::release_own_wal(config, &state.grant_id).await?;
     let admin = Connection::admin(&config.postgresql);
     for (database, _) in &logical.subscriptions {
         let aside = literal(&aside_name(database));

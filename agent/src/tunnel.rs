@@ -58,7 +58,8 @@ pub enum TunnelRequest {
     DatabaseManifest {
         /// The grant id.
         grant: String,
-        /// Only the databases' names and the credentials, no table checksums.
+        /// Only the databases' names, their sequences' values and the credentials, no table
+        /// checksums.
         #[serde(default)]
         names_only: bool,
     },
@@ -90,6 +91,18 @@ pub enum TunnelRequest {
     VerifiedPoint {
         /// The grant id (replication).
         grant: String,
+        /// A subscriber's point (`block_point`): the origin sums block by block and keeps
+        /// the sums; the totals are answered.
+        #[serde(default)]
+        per_block: bool,
+    },
+    /// The downtime's gate after a subscriber's point: the origin's totals now, from the
+    /// point it kept (`block_point::PointTotals`).
+    ChangedTotals {
+        /// The grant id (databases).
+        grant: String,
+        /// The point's WAL position on the origin.
+        since: String,
     },
     /// The downtime's gate: the blocks the origin's WAL names since a verified point
     /// (`Selection`), then the origin's sums of them (`SelectedSums`).
@@ -115,7 +128,8 @@ impl TunnelRequest {
             | TunnelRequest::Publish { grant }
             | TunnelRequest::Replication { grant }
             | TunnelRequest::WalPosition { grant }
-            | TunnelRequest::VerifiedPoint { grant }
+            | TunnelRequest::VerifiedPoint { grant, .. }
+            | TunnelRequest::ChangedTotals { grant, .. }
             | TunnelRequest::ChangedBlocks { grant, .. } => grant,
         }
     }
@@ -133,6 +147,7 @@ impl TunnelRequest {
             TunnelRequest::WalPosition { .. } => "wal-position",
             TunnelRequest::VerifiedPoint { .. } => "verified-point",
             TunnelRequest::ChangedBlocks { .. } => "changed-blocks",
+            TunnelRequest::ChangedTotals { .. } => "changed-totals",
         }
     }
 }

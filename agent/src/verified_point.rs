@@ -41,7 +41,7 @@ use crate::tunnel::{self, read_json_line, write_json_line, TunnelRequest};
 use bmfleet_proto::v1::OriginEndpoint;
 
 /// How long the origin holds BlueMind's tables for the standby's snapshot.
-const HOLD: Duration = Duration::from_secs(5);
+pub(crate) const HOLD: Duration = Duration::from_secs(5);
 /// Attempts at locking BlueMind's tables (each gives up after 300 ms).
 const LOCK_ATTEMPTS: u32 = 20;
 /// TID ranges per statement of a block comparison.
@@ -312,6 +312,36 @@ pub fn selection_manifest(
     tables: &[&TableSelection],
     out: &str,
 ) -> Result<DatabaseManifest, String> {
+    let sums = selection_sums(out)?;
+    let mut manifest = DatabaseManifest {
+        name: database.to_string(),
+        tables: Vec::new(),
+        sequences: Vec::new(),
+    };
+    for t in tables {
+        let name = format!("{}.{}", t.schema, t.table);
+        let (rows, sum) = sums.get(&name).copied().unwrap_or_default();
+        let what = match &t.blocks {
+            None => "full".to_string(),
+            Some(r) => format!("blocks {}", blocks_in(r)),
+        };
+        manifest.tables.push(TableManifest {
+            table: name,
+            rows,
+            checksum: format!("h64 {what}: {sum}"),
+        });
+    }
+    manifest.tables.sort_by(|a, b| a.table.cmp(&b.table));
+    Ok(manifest)
+}
+
+/// How many blocks `ranges` cover.
+pub fn blocks_in(ranges: &[(u32, u32)]) -> u64 {
+    ranges.iter().map(|(a, b)| u64::from(b - a)).sum()
+}
+
+/// [`selection_sql`]'s lines added up: `schema.table` → (rows, sum).
+pub fn selection_sums(out: &str) -> Result<BTreeMap<String, (u64, i128)>, String> {
     let mut sums: BTreeMap<String, (u64, i128)> = BTreeMap::new();
     for line in out.lines().filter(|l| !l.is_empty()) {
         let mut parts = line.split('\t');
@@ -329,29 +359,7 @@ pub fn selection_manifest(
         entry.0 += rows;
         entry.1 += sum;
     }
-    let mut manifest = DatabaseManifest {
-        name: database.to_string(),
-        tables: Vec::new(),
-        sequences: Vec::new(),
-    };
-    for t in tables {
-        let name = format!("{}.{}", t.schema, t.table);
-        let (rows, sum) = sums.get(&name).copied().unwrap_or_default();
-        let what = match &t.blocks {
-            None => "full".to_string(),
-            Some(r) => format!(
-                "blocks {}",
-                r.iter().map(|(a, b)| (b - a) as u64).sum::<u64>()
-            ),
-        };
-        manifest.tables.push(TableManifest {
-            table: name,
-            rows,
-            checksum: format!("h64 {what}: {sum}"),
-        });
-    }
-    manifest.tables.sort_by(|a, b| a.table.cmp(&b.table));
-    Ok(manifest)
+    Ok(sums)
 }
 
 /// The SQL listing every table of a database with its file and its database's oid and default
@@ -393,7 +401,7 @@ fn current_tables(database: &str, json: &str) -> Result<Vec<CurrentTable>, Strin
 }
 
 /// BlueMind's databases on this host, and every table of theirs, as `conn` sees them.
-async fn tables_here(
+pub(crate) async fn tables_here(
     config: &AgentConfig,
     conn: &Connection,
 ) -> Result<(Vec<String>, Vec<CurrentTable>), String> {
@@ -469,10 +477,14 @@ pub fn gate_slot(grant_id: &str) -> String {
 /// Origin side of [`establish`]: keeps the WAL, locks BlueMind's tables, takes the snapshots,
 /// then (admitted) answers [`Held`], waits for the standby's [`Taken`] (at most
 /// [`HOLD`]), lets go of the locks and answers [`OriginSums`].
+///
+/// `per_block` (a subscriber's point, [`crate::block_point`]): the sums are taken block by
+/// block and kept here; the totals are answered.
 pub async fn serve_hold<S>(
     config: &AgentConfig,
     bluemind: &Connection,
     grant_id: &str,
+    per_block: bool,
     stream: &mut S,
 ) -> Result<(), String>
 where
@@ -514,14 +526,7 @@ where
     let mut readers = Vec::new();
     let mut files = Vec::new();
     for (db, (locker, snapshot, tables)) in databases.iter().zip(locked) {
-        let mut reader = bluemind.session(db).await.map_err(|e| e.to_string())?;
-        reader
-            .line(&format!(
-                "BEGIN ISOLATION LEVEL REPEATABLE READ; SET TRANSACTION SNAPSHOT {}; SELECT 1;",
-                literal(&snapshot)
-            ))
-            .await
-            .map_err(|e| format!("importing {db}'s snapshot: {e}"))?;
+        let reader = import_snapshot(bluemind, db, &snapshot).await?;
         files.extend(tables.into_iter().map(|t| t.file));
         lockers.push(locker);
         readers.push((db.clone(), reader));
@@ -547,7 +552,13 @@ where
     }
     let released_in_time = matches!(taken, Ok(Ok(_)));
     tracing::info!(lsn = %position.lsn, held_ms = held_at.elapsed().as_millis() as u64, released_in_time, "BlueMind's tables were held for the standby's snapshot");
-    let answer = match checksum_all(readers).await {
+    let sums = if per_block {
+        crate::block_point::origin_point(config, grant_id, &position.lsn, readers, files.clone())
+            .await
+    } else {
+        checksum_all(readers).await
+    };
+    let answer = match sums {
         Ok(databases) => OriginSums {
             released_in_time,
             databases,
@@ -562,8 +573,25 @@ where
     last_answer(stream, &answer).await
 }
 
+/// A session of `database` in the snapshot another session exported.
+pub(crate) async fn import_snapshot(
+    conn: &Connection,
+    database: &str,
+    snapshot: &str,
+) -> Result<crate::pg::Session, String> {
+    let mut reader = conn.session(database).await.map_err(|e| e.to_string())?;
+    reader
+        .line(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ; SET TRANSACTION SNAPSHOT {}; SELECT 1;",
+            literal(snapshot)
+        ))
+        .await
+        .map_err(|e| format!("importing {database}'s snapshot: {e}"))?;
+    Ok(reader)
+}
+
 /// Sends the last answer and closes the sending side.
-async fn last_answer<S: AsyncWrite + Unpin, T: Serialize>(
+pub(crate) async fn last_answer<S: AsyncWrite + Unpin, T: Serialize>(
     stream: &mut S,
     answer: &T,
 ) -> Result<(), String> {
@@ -575,7 +603,7 @@ async fn last_answer<S: AsyncWrite + Unpin, T: Serialize>(
 }
 
 /// Tells the target its request is admitted (what follows is the answer).
-async fn admit<S: AsyncWrite + Unpin>(stream: &mut S) -> Result<(), String> {
+pub(crate) async fn admit<S: AsyncWrite + Unpin>(stream: &mut S) -> Result<(), String> {
     write_json_line(
         stream,
         &tunnel::TunnelReply {
@@ -589,12 +617,15 @@ async fn admit<S: AsyncWrite + Unpin>(stream: &mut S) -> Result<(), String> {
 
 /// A database's tables held: the session holding the locks, its exported snapshot, the
 /// tables.
-type Locked = (crate::pg::Session, String, Vec<CurrentTable>);
+pub(crate) type Locked = (crate::pg::Session, String, Vec<CurrentTable>);
 
 /// Locks every table of every database in SHARE mode, all at once or none: an attempt that
 /// finds one busy (BlueMind writing) lets go of every lock it took, waits and tries again, so
 /// BlueMind's writers never wait more than one attempt (300 ms at most) on a busy day.
-async fn lock_all(bluemind: &Connection, databases: &[String]) -> Result<Vec<Locked>, String> {
+pub(crate) async fn lock_all(
+    bluemind: &Connection,
+    databases: &[String],
+) -> Result<Vec<Locked>, String> {
     let mut last = String::new();
     for attempt in 0..LOCK_ATTEMPTS {
         if attempt > 0 {
@@ -670,6 +701,7 @@ pub async fn establish(
     let timeout = Duration::from_secs(config.data_plane.connect_timeout_secs);
     let request = TunnelRequest::VerifiedPoint {
         grant: origin.grant_id.clone(),
+        per_block: false,
     };
     let (mut stream, held): (_, Held) = tunnel::ask(
         &origin,
@@ -784,36 +816,11 @@ pub async fn serve_changed<S>(
 where
     S: AsyncBufRead + AsyncWrite + Unpin,
 {
-    let start = parse_lsn(since).ok_or_else(|| format!("{since:?} is not an LSN"))?;
+    parse_lsn(since).ok_or_else(|| format!("{since:?} is not an LSN"))?;
     // Admitted before reading the WAL (a busy day's takes a while): what fails from here on
     // reaches the target as the `error` of its `Selection`.
     admit(stream).await?;
-    let admin = Connection::admin(&config.postgresql);
-    let until = crate::replication::wal_position(config).await?.lsn;
-    let end = parse_lsn(&until).ok_or_else(|| format!("{until:?} is not an LSN"))?;
-    // pg_waldump reads files: the WAL up to `until` must be written out.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let flushed = admin
-            .psql(
-                "postgres",
-                "SELECT pg_catalog.pg_current_wal_flush_lsn();\n",
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        if parse_lsn(&flushed).is_some_and(|f| f >= end) {
-            break;
-        }
-        if Instant::now() > deadline {
-            return Err(format!("the origin's WAL is not flushed up to {until}"));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let named = if end > start {
-        named_blocks(config, &admin, since, &until).await?
-    } else {
-        BTreeSet::new()
-    };
+    let (until, named) = blocks_named_since(config, since).await?;
     let (databases, current) = tables_here(config, bluemind).await?;
     let selection = Selection {
         since: since.to_string(),
@@ -837,7 +844,42 @@ where
     last_answer(stream, &answer).await
 }
 
-/// The heap blocks the origin's WAL names between `since` and `until` (`pg_waldump` of the
+/// This host's WAL position now, and the heap blocks its WAL names from `since` to it
+/// (written out first: `pg_waldump` reads files).
+pub(crate) async fn blocks_named_since(
+    config: &AgentConfig,
+    since: &str,
+) -> Result<(String, BTreeSet<BlockRef>), String> {
+    let start = parse_lsn(since).ok_or_else(|| format!("{since:?} is not an LSN"))?;
+    let admin = Connection::admin(&config.postgresql);
+    let until = crate::replication::wal_position(config).await?.lsn;
+    let end = parse_lsn(&until).ok_or_else(|| format!("{until:?} is not an LSN"))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let flushed = admin
+            .psql(
+                "postgres",
+                "SELECT pg_catalog.pg_current_wal_flush_lsn();\n",
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        if parse_lsn(&flushed).is_some_and(|f| f >= end) {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("the WAL here is not flushed up to {until}"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let named = if end > start {
+        named_blocks(config, &admin, since, &until).await?
+    } else {
+        BTreeSet::new()
+    };
+    Ok((until, named))
+}
+
+/// The heap blocks this host's WAL names between `since` and `until` (`pg_waldump` of the
 /// server's own major, reading `pg_wal`).
 async fn named_blocks(
     config: &AgentConfig,
@@ -999,9 +1041,8 @@ pub async fn compare_selection(
     let blocks: u64 = selection
         .tables
         .iter()
-        .filter_map(|t| t.blocks.as_ref())
-        .flatten()
-        .map(|(a, b)| (b - a) as u64)
+        .filter_map(|t| t.blocks.as_deref())
+        .map(blocks_in)
         .sum();
     let full: Vec<String> = selection
         .tables

@@ -212,9 +212,9 @@ async fn run_step(pool: &AgentPool, job: Job, now_ms: i64) -> StepResult {
                     .map(StepOutput::from)
             })
             .await?;
-            // The last live moment: a standby's databases are compared in full here, so that
-            // the downtime's gate compares only what changed since.
-            if job.promote_databases && !job.logical_databases {
+            // The last live moment: a standby's or a subscriber's databases are compared in
+            // full here, so that the downtime's gate compares only what changed since.
+            if job.promote_databases {
                 let verified = verify_following(target, &job).await;
                 if let Some(stats) = output.stats.as_mut() {
                     stats.verified_point = verified;

@@ -423,11 +423,11 @@ impl LabFleet {
             let standby = self.sql(
                 target,
                 "postgres",
-                "SELECT pg_is_in_recovery() || ', ' || (SELECT count(*) FROM pg_subscription) || ' subscriptions, ' || (SELECT count(*) FROM pg_roles WHERE rolname LIKE 'bmfleet_%') || ' roles'",
+                "SELECT pg_is_in_recovery() || ', ' || (SELECT count(*) FROM pg_subscription) || ' subscriptions, ' || (SELECT count(*) FROM pg_roles WHERE rolname LIKE 'bmfleet_%') || ' roles, ' || (SELECT count(*) FROM pg_replication_slots) || ' slots'",
             );
             let publications = self.sql(origin, "bj", "SELECT count(*) FROM pg_publication");
             if left.trim() == "0 slots, 0 roles"
-                && standby.trim() == "false, 0 subscriptions, 0 roles"
+                && standby.trim() == "false, 0 subscriptions, 0 roles, 0 slots"
                 && publications.trim() == "0"
             {
                 return Ok(());
@@ -435,7 +435,7 @@ impl LabFleet {
             if Instant::now() > deadline {
                 return Err(format!(
                     "{origin} keeps {} and {} publications; {target} in recovery, subscriptions, \
-                     roles: {}",
+                     roles, slots: {}",
                     left.trim(),
                     publications.trim(),
                     standby.trim()

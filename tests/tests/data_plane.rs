@@ -1248,14 +1248,29 @@ async fn the_origin_refuses_the_config_set_and_databases_outside_the_grant() {
         Err(e) => panic!("{e}"),
         Ok(_) => panic!("admitted a dump outside the grant"),
     }
-    // Nor a verified point (replication) or the changed blocks (databases) under a data-dirs
-    // grant.
+    // Nor a verified point (replication), a subscriber's, the changed blocks or the totals
+    // since a point (databases) under a data-dirs grant.
     for (request, scope) in [
         (
             TunnelRequest::VerifiedPoint {
                 grant: "grant-0004-refusals".into(),
+                per_block: false,
             },
             "replication",
+        ),
+        (
+            TunnelRequest::VerifiedPoint {
+                grant: "grant-0004-refusals".into(),
+                per_block: true,
+            },
+            "replication",
+        ),
+        (
+            TunnelRequest::ChangedTotals {
+                grant: "grant-0004-refusals".into(),
+                since: "0/0".into(),
+            },
+            "databases",
         ),
         (
             TunnelRequest::ChangedBlocks {
@@ -2904,6 +2919,189 @@ async fn a_subscription_across_majors_follows_writes_up_to_the_stop_and_takes_ov
         .sql("postgres", "SHOW server_version;")
         .starts_with("16."));
 
+    revoke_and_check_origin_clean(&mut p, &origin_pg).await;
+}
+
+/// A subscriber following `origin_pg` across majors, with `t_big` (100,000 rows, no primary
+/// key) besides the logical origin's tables; both sides vacuumed (frozen) after the initial
+/// copy, as hours of hot phase would leave them.
+async fn subscriber_with_a_big_table(
+    origin_pg: &PgCluster,
+    target_pg: &PgCluster,
+    password: &str,
+) -> Pair {
+    let mut p = logical_pair(origin_pg, target_pg, password).await;
+    p.grant_with(replication_grant("grant-0500-replication"))
+        .await;
+    let reply = follow_logically(&mut p, "m1/follow/l1", "grant-0500-replication").await;
+    assert!(reply.ok, "{}", reply.error);
+    for (pg, db) in [
+        (origin_pg, "bj"),
+        (target_pg, "bj"),
+        (origin_pg, "bj-data"),
+        (target_pg, "bj-data"),
+    ] {
+        pg.sql(db, "VACUUM (FREEZE);");
+    }
+    p
+}
+
+/// The number after `label` in `text`.
+fn number_after(text: &str, label: &str) -> u64 {
+    text.split(label)
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no number after {label:?} in {text}"))
+}
+
+// Multi-threaded: the agents serve while the test waits on blocking SQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_subscribers_verified_point_each_side_sums_only_the_blocks_its_own_wal_names() {
+    let password = format!("pw-{}-lpoint", bmfleet_agent::server::now_ms());
+    let origin_pg = logical_origin(&password);
+    origin_pg.sql(
+        "bj",
+        "SET ROLE bj; CREATE TABLE t_big (k int, v text); \
+         INSERT INTO t_big SELECT i, md5(i::text) FROM generate_series(1, 100000) i;",
+    );
+    let target_pg = PgCluster::start_from(bmfleet_tests::PG16_BIN.into());
+    let mut p = subscriber_with_a_big_table(&origin_pg, &target_pg, &password).await;
+
+    // BlueMind keeps writing while the point is taken: its tables are held for a moment,
+    // never refused (every batch must succeed).
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = bluemind_writes(&origin_pg, stop.clone(), |i| {
+        format!(
+            "SET ROLE bj; BEGIN; INSERT INTO t_nopk VALUES ({k}, 'p{i}'); \
+             INSERT INTO t_mailbox (login, quota) VALUES ('p{i}', {i}); COMMIT;",
+            k = 200_000 + i
+        )
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let verified = verify(&mut p).await;
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let batches = writer.join().unwrap();
+    assert!(verified.ok, "{}", verified.error);
+    assert!(batches > 2, "{batches} write batches");
+    assert!(
+        verified.summary.starts_with("verified point at "),
+        "{}",
+        verified.summary
+    );
+    // Each side keeps its own WAL from its point on.
+    for pg in [&origin_pg, &target_pg] {
+        assert_eq!(
+            pg.sql(
+                "postgres",
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'bmfleet_gate_%';"
+            )
+            .trim(),
+            "1"
+        );
+    }
+
+    // The day's changes after the point: a few rows of the big table updated, deleted and
+    // inserted (the apply writes them on the target: its own WAL names its own blocks); a
+    // table emptied by TRUNCATE (new files on both sides).
+    origin_pg.sql(
+        "bj",
+        "SET ROLE bj; UPDATE t_big SET v = 'changed' WHERE k IN (10, 50000, 99999); \
+         DELETE FROM t_big WHERE k = 20; INSERT INTO t_big VALUES (-1, 'new'); \
+         TRUNCATE t_uniq; INSERT INTO t_uniq VALUES (7, 'seven');",
+    );
+    let blocks_of_big: u64 = origin_pg
+        .sql("bj", "SELECT pg_relation_size('t_big') / 8192;")
+        .trim()
+        .parse()
+        .unwrap();
+
+    let moved = promote(&mut p, "m1/db/logical", "grant-0501-databases").await;
+    assert!(moved.ok, "{}: {:?}", moved.error, moved.databases);
+    assert!(
+        moved
+            .gate
+            .starts_with("changes since the verified point: on the origin "),
+        "{}",
+        moved.gate
+    );
+    // Each side summed again a handful of blocks, not the big table's hundreds; the
+    // truncated table in full.
+    let on_origin = number_after(&moved.gate, "on the origin ");
+    let here = number_after(&moved.gate, "; here ");
+    assert!(
+        (3..=40).contains(&on_origin) && (3..=40).contains(&here) && blocks_of_big > 500,
+        "{on_origin} and {here} of {blocks_of_big} blocks: {}",
+        moved.gate
+    );
+    assert!(
+        moved.gate.contains("in full: bj.public.t_uniq"),
+        "{}",
+        moved.gate
+    );
+    let big = table(&moved, "public.t_big");
+    assert!(big.equal && big.origin_rows == 100_000 - 1 + 1, "{big:?}");
+    // And what the gate says holds: the databases are equal (counted here, in full).
+    for (db, sql) in [
+        (
+            "bj",
+            "SELECT count(*), md5(string_agg(k || v, ',' ORDER BY k, v)) FROM t_big;",
+        ),
+        (
+            "bj",
+            "SELECT count(*), md5(string_agg(k || v, ',' ORDER BY k)) FROM t_uniq;",
+        ),
+        (
+            "bj",
+            "SELECT count(*), md5(string_agg(k || v, ',' ORDER BY k, v)) FROM t_nopk;",
+        ),
+        ("bj", "SELECT count(*), max(id) FROM t_mailbox;"),
+        ("bj-data", "SELECT count(*), sum(size) FROM t_message_body;"),
+    ] {
+        assert_eq!(origin_pg.sql(db, sql), target_pg.sql(db, sql), "{sql}");
+    }
+    // The target keeps no WAL for a gate any more; the origin's slot goes with the grants.
+    assert_eq!(
+        target_pg
+            .sql("postgres", "SELECT count(*) FROM pg_replication_slots;")
+            .trim(),
+        "0"
+    );
+    revoke_and_check_origin_clean(&mut p, &origin_pg).await;
+}
+
+// Multi-threaded: the agents serve while the test waits on blocking SQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_changed_on_the_subscriber_alone_after_the_point_fails_the_gate() {
+    let password = format!("pw-{}-ltamper", bmfleet_agent::server::now_ms());
+    let origin_pg = logical_origin(&password);
+    origin_pg.sql(
+        "bj",
+        "SET ROLE bj; CREATE TABLE t_big (k int, v text); \
+         INSERT INTO t_big SELECT i, md5(i::text) FROM generate_series(1, 100000) i;",
+    );
+    let target_pg = PgCluster::start_from(bmfleet_tests::PG16_BIN.into());
+    let mut p = subscriber_with_a_big_table(&origin_pg, &target_pg, &password).await;
+    let verified = verify(&mut p).await;
+    assert!(verified.ok, "{}", verified.error);
+    // One row rewritten on the target only, in a block the origin never touches again; and
+    // an ordinary change on the origin.
+    target_pg.sql("bj", "UPDATE t_big SET v = 'tampered' WHERE k = 77;");
+    origin_pg.sql(
+        "bj",
+        "SET ROLE bj; UPDATE t_big SET v = 'changed' WHERE k = 90000;",
+    );
+
+    let moved = promote(&mut p, "m1/db/logical", "grant-0501-databases").await;
+    assert!(
+        moved.gate.starts_with("changes since the verified point"),
+        "{}",
+        moved.gate
+    );
+    let big = table(&moved, "public.t_big");
+    assert!(!big.equal, "{big:?}");
+    assert!(!moved.ok, "{:?}", moved.databases);
     revoke_and_check_origin_clean(&mut p, &origin_pg).await;
 }
 

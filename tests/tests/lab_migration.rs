@@ -368,8 +368,8 @@ fn three_instances_migrate_with_no_mail_lost() {
         final_passes.iter().any(|l| l.contains("journal_paths")),
         "{events}"
     );
-    // Each standby's databases were compared in full at its pre-window pass (the verified
-    // point), and its downtime compared only what changed since.
+    // Each standby's and the subscriber's databases were compared in full at the pre-window
+    // pass (the verified point), and the downtime compared only what changed since.
     let verified = events
         .lines()
         .filter(|l| {
@@ -377,9 +377,9 @@ fn three_instances_migrate_with_no_mail_lost() {
                 && l.contains("\"verified_point\":\"verified point at ")
         })
         .count();
-    assert!(verified >= 2, "{events}");
-    // Both standbys' downtime compared only the changes since that point, and said so in
-    // the Databases step's event.
+    assert!(verified >= 3, "{events}");
+    // Every pair's downtime compared only the changes since that point, and said so in the
+    // Databases step's event (the subscriber: each side its own changes).
     let gates = events
         .lines()
         .filter(|l| {
@@ -387,7 +387,16 @@ fn three_instances_migrate_with_no_mail_lost() {
                 && l.contains("changes since the verified point")
         })
         .count();
-    assert_eq!(gates, 2, "{events}");
+    assert_eq!(gates, 3, "{events}");
+    assert_eq!(
+        events
+            .lines()
+            .filter(|l| l.contains("{\"Succeeded\":{\"step\":\"Databases\"")
+                && l.contains("changes since the verified point: on the origin "))
+            .count(),
+        1,
+        "{events}"
+    );
     // Same PostgreSQL and C library on both hosts of every pair: the preflight chose a
     // standby, which followed its origin before the hot passes and was promoted in the
     // downtime — except pair 3, whose fleet entry asks for logical replication (its origin
