@@ -335,8 +335,23 @@ pub async fn release_own_wal(config: &AgentConfig, grant_id: &str) -> Result<(),
 
 /// Target side: takes a verified point with the origin this host subscribes to (see the
 /// module's doc). Returns what was compared; the point is recorded only when every table
-/// matched.
+/// matched, and this host keeps its WAL only then.
 pub async fn establish(
+    config: &AgentConfig,
+    tls: Arc<rustls::ClientConfig>,
+    state: Following,
+) -> Result<String, String> {
+    let grant_id = state.grant_id.clone();
+    let taken = establish_inner(config, tls, state).await;
+    if taken.is_err() {
+        if let Err(e) = release_own_wal(config, &grant_id).await {
+            tracing::warn!(error = %e, "no verified point, and this host's gate slot stays");
+        }
+    }
+    taken
+}
+
+async fn establish_inner(
     config: &AgentConfig,
     tls: Arc<rustls::ClientConfig>,
     state: Following,
@@ -490,7 +505,9 @@ pub async fn totals_since(
     conn: &Connection,
     point: &BlockPoint,
 ) -> Result<(Vec<DatabaseManifest>, String), String> {
+    let started = Instant::now();
     let (until, named) = crate::verified_point::blocks_named_since(config, &point.lsn).await?;
+    let read_ms = started.elapsed().as_millis();
     let (databases, current) = crate::verified_point::tables_here(config, conn).await?;
     let selection = select(&point.files(), &current, &named);
     let mut now = BTreeMap::new();
@@ -519,9 +536,10 @@ pub async fn totals_since(
         .zip(parse_lsn(&point.lsn))
         .map_or(0, |(u, s)| u.saturating_sub(s));
     let covered = format!(
-        "{blocks} blocks ({} KiB of WAL since {}){}",
+        "{blocks} blocks ({} KiB of WAL since {} read in {read_ms} ms, {} ms in all){}",
         wal / 1024,
         point.lsn,
+        started.elapsed().as_millis(),
         if full.is_empty() {
             String::new()
         } else {
@@ -593,19 +611,13 @@ pub async fn ask_totals(
 }
 
 /// Target side of the downtime's gate, second half (this host's databases final): this
-/// host's totals from its own point, against the origin's. Returns both and what was covered.
-pub async fn compare_totals(
+/// host's totals from its own point, and what was summed again.
+pub async fn own_totals(
     config: &AgentConfig,
     owner: &Connection,
-    theirs: PointTotals,
-) -> Result<crate::verified_point::Compared, String> {
+) -> Result<(Vec<DatabaseManifest>, String), String> {
     let point = load(config, TARGET_FILE)?;
-    let (ours, covered) = totals_since(config, owner, &point).await?;
-    let summary = format!(
-        "changes since the verified point: on the origin {}; here {}",
-        theirs.covered, covered
-    );
-    Ok((theirs.databases, ours, summary))
+    totals_since(config, owner, &point).await
 }
 
 #[cfg(test)]

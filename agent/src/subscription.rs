@@ -558,18 +558,26 @@ pub async fn promote(
             )
         }
         Half::Totals(asked) => {
-            let asked = asked
-                .await
-                .map_err(|e| format!("asking the origin's totals stopped: {e}"))?;
-            let (detached, compared) = tokio::join!(unsubscribe(config, &state), async {
-                let (totals, names) = asked?;
-                let totals = totals?;
-                let compared = crate::block_point::compare_totals(config, &owner, totals).await?;
-                Ok::<_, String>((names, compared))
-            });
+            let (detached, ours, asked) = tokio::join!(
+                unsubscribe(config, &state),
+                crate::block_point::own_totals(config, &owner),
+                asked
+            );
             detached?;
-            match compared {
-                Ok((names, (theirs, ours, covered))) => {
+            let gate = asked
+                .map_err(|e| format!("asking the origin's totals stopped: {e}"))
+                .and_then(|a| a)
+                .and_then(|(totals, names)| {
+                    let theirs = totals?;
+                    let (ours, here) = ours?;
+                    let covered = format!(
+                        "changes since the verified point: on the origin {}; here {here}; caught up in {caught_up_ms} ms",
+                        theirs.covered
+                    );
+                    Ok((names, theirs.databases, ours, covered))
+                });
+            match gate {
+                Ok((names, theirs, ours, covered)) => {
                     tracing::info!(origin = %origin.name, %covered, "the databases' gate");
                     let compared =
                         crate::databases::compare_manifests(&theirs, &ours, caught_up_ms);
@@ -599,7 +607,11 @@ pub async fn promote(
             ..state.clone()
         }),
     )?;
-    crate::block_point::release_own_wal(config, &state.grant_id).await?;
+    // The point is used: this host keeps no WAL for it any more (the instance's end tries
+    // again if this fails).
+    if let Err(e) = crate::block_point::release_own_wal(config, &state.grant_id).await {
+        tracing::warn!(error = %e, "the gate slot stays until the instance ends");
+    }
     Ok((compared, gate))
 }
 

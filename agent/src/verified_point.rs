@@ -163,14 +163,41 @@ pub struct BlockRef {
     pub block: u32,
 }
 
+/// The `Heap2` records that change no row any snapshot sees (`heap2_identify` in
+/// PostgreSQL's `heapdesc.c`: up to 16 `PRUNE`, `VACUUM`, `FREEZE_PAGE`; 17 on the three
+/// `PRUNE_*`; all `VISIBLE`).
+pub const CLEANUP_RECORDS: [&str; 7] = [
+    "PRUNE",
+    "VACUUM",
+    "FREEZE_PAGE",
+    "VISIBLE",
+    "PRUNE_ON_ACCESS",
+    "PRUNE_VACUUM_SCAN",
+    "PRUNE_VACUUM_CLEANUP",
+];
+
+/// Whether a `pg_waldump` line is one of [`CLEANUP_RECORDS`].
+fn is_cleanup(line: &str) -> bool {
+    let Some(rest) = line.strip_prefix("rmgr: Heap2 ") else {
+        return false;
+    };
+    rest.split_once("desc: ")
+        .and_then(|(_, desc)| desc.split([' ', ',']).next())
+        .is_some_and(|id| CLEANUP_RECORDS.contains(&id))
+}
+
 /// The main-fork blocks one line of `pg_waldump` names (`blkref #0: rel 1663/5/16384 blk 7`;
 /// other forks say `fork fsm` or `fork vm` and are left out: they hold no rows).
 ///
 /// A page image logged only because hint bits changed (`FPI_FOR_HINT`: data checksums or
-/// `wal_log_hints`, e.g. the verified point's own reads) changes no row: left out.
+/// `wal_log_hints`, e.g. the verified point's own reads) changes no row: left out. So are
+/// vacuum's and pruning's records ([`CLEANUP_RECORDS`]): they remove only tuples no snapshot
+/// sees, freeze tuples every snapshot sees, or set visibility flags; a row deleted after the
+/// point had its block named by the deletion itself. (Autovacuum of a freshly copied table
+/// names every block of it.)
 pub fn block_refs(line: &str) -> Vec<BlockRef> {
     let mut found = Vec::new();
-    if line.contains("desc: FPI_FOR_HINT") {
+    if line.contains("desc: FPI_FOR_HINT") || is_cleanup(line) {
         return found;
     }
     for part in line.split("blkref #").skip(1) {
@@ -1093,18 +1120,29 @@ mod tests {
         );
         let fpw = "rmgr: Heap        len (rec/tot):     59/  8243, tx:        725, lsn: 0/0277C248, prev 0/0277BDE8, desc: LOCK off 5: xid 725: flags 0x00 LOCK_ONLY EXCL_LOCK , blkref #0: rel 1663/5/16384 blk 0 FPW";
         assert_eq!(block_refs(fpw).len(), 1);
-        let vm = "rmgr: Heap2       len (rec/tot):     59/    59, tx:          0, lsn: 0/01, prev 0/00, desc: VISIBLE cutoff xid 0 flags 0x01, blkref #0: rel 1663/5/16384 fork vm blk 0, blkref #1: rel 1663/5/16384 blk 3";
-        assert_eq!(
-            block_refs(vm),
-            [BlockRef {
-                tablespace: 1663,
-                database: 5,
-                filenode: 16384,
-                block: 3
-            }]
-        );
+        let vm = "rmgr: Heap        len (rec/tot):     59/    59, tx:        726, lsn: 0/01, prev 0/00, desc: DELETE xmax: 726, off: 2, infobits: [KEYS_UPDATED], flags: 0x01, blkref #0: rel 1663/5/16384 fork vm blk 0, blkref #1: rel 1663/5/16384 blk 3";
+        let multi = "rmgr: Heap2       len (rec/tot):   1160/  1160, tx:        727, lsn: 0/02, prev 0/01, desc: MULTI_INSERT ntuples: 61, flags: 0x00, blkref #0: rel 1663/5/16384 blk 3";
+        for line in [vm, multi] {
+            assert_eq!(
+                block_refs(line),
+                [BlockRef {
+                    tablespace: 1663,
+                    database: 5,
+                    filenode: 16384,
+                    block: 3
+                }],
+                "{line}"
+            );
+        }
         for nothing in [
             "rmgr: XLOG        len (rec/tot):     49/  8241, tx:          0, lsn: 0/0300A0B8, prev 0/0300A080, desc: FPI_FOR_HINT , blkref #0: rel 1663/5/16384 blk 12 FPW",
+            // Vacuum and pruning (15/16, then 17's names).
+            "rmgr: Heap2       len (rec/tot):     59/    59, tx:          0, lsn: 0/01, prev 0/00, desc: VISIBLE snapshotConflictHorizon: 0, flags: 0x03, blkref #0: rel 1663/5/16384 fork vm blk 0, blkref #1: rel 1663/5/16384 blk 3",
+            "rmgr: Heap2       len (rec/tot):     62/    62, tx:          0, lsn: 0/02, prev 0/01, desc: PRUNE snapshotConflictHorizon: 731, nredirected: 0, ndead: 2, isCatalogRel: F, nunused: 0, redirected: [], dead: [4, 5], unused: [], blkref #0: rel 1663/5/16384 blk 7",
+            "rmgr: Heap2       len (rec/tot):     58/    58, tx:          0, lsn: 0/03, prev 0/02, desc: PRUNE latestRemovedXid 731 nredirected 0 ndead 2, blkref #0: rel 1663/5/16384 blk 7",
+            "rmgr: Heap2       len (rec/tot):     54/    54, tx:          0, lsn: 0/04, prev 0/03, desc: VACUUM nunused: 2, unused: [4, 5], blkref #0: rel 1663/5/16384 blk 7",
+            "rmgr: Heap2       len (rec/tot):     64/  8260, tx:          0, lsn: 0/05, prev 0/04, desc: FREEZE_PAGE snapshotConflictHorizon: 730, nplans: 1, isCatalogRel: F, plans: [{ xmax: 0, infomask: 2304, infomask2: 2, ntuples: 61, offsets: [1, 2] }], blkref #0: rel 1663/5/16384 blk 8 FPW",
+            "rmgr: Heap2       len (rec/tot):     70/    70, tx:          0, lsn: 0/06, prev 0/05, desc: PRUNE_VACUUM_SCAN snapshotConflictHorizon: 731, isCatalogRel: F, nplans: 0, nredirected: 0, ndead: 0, nunused: 2, unused: [4, 5], blkref #0: rel 1663/5/16384 blk 7",
             "rmgr: Transaction len (rec/tot):     34/    34, tx:        725, lsn: 0/02783A18, prev 0/027839D8, desc: COMMIT 2026-11-30 09:11:42.321088 UTC",
             "blkref #0: rel 1663/5 blk 3",
             "blkref #0: rel x/y/z blk 3",
