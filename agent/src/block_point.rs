@@ -34,10 +34,10 @@ use tokio::io::{AsyncBufRead, AsyncWrite};
 
 use crate::config::AgentConfig;
 use crate::pg::{literal, Connection, DatabaseManifest, TableManifest};
-use crate::standby::{caught_up_at, parse_lsn, Following};
+use crate::standby::{parse_lsn, Following};
 use crate::tunnel::{self, read_json_line, write_json_line, TunnelRequest};
 use crate::verified_point::{
-    blocks_in, gate_slot, select, selection_sql, selection_sums, Held, OriginSums, TableFile,
+    blocks_in, gate_slot, select, selection_sql, selection_sums, OriginSums, TableFile,
     TableSelection, Taken,
 };
 use bmfleet_proto::v1::OriginEndpoint;
@@ -375,26 +375,8 @@ async fn establish_inner(
         .server_version_num()
         .await
         .map_err(|e| e.to_string())?;
-    let origin = state.endpoint();
-    let timeout = Duration::from_secs(config.data_plane.connect_timeout_secs);
-    let request = TunnelRequest::VerifiedPoint {
-        grant: origin.grant_id.clone(),
-        per_block: true,
-    };
-    let (mut stream, held): (_, Held) = tunnel::ask(
-        &origin,
-        tls,
-        &request,
-        timeout,
-        "the origin's verified point",
-    )
-    .await?;
-    if !held.error.is_empty() {
-        return Err(format!("the origin: {}", held.error));
-    }
-    let lsn = parse_lsn(&held.lsn)
-        .ok_or_else(|| format!("the origin's position {:?} is not an LSN", held.lsn))?;
-    let wanted = caught_up_at(lsn, held.segment_size);
+    let (mut stream, held, wanted) =
+        crate::verified_point::ask_hold(config, tls, &state.endpoint(), true).await?;
     let deadline = Instant::now() + crate::verified_point::HOLD - Duration::from_secs(1);
     loop {
         let progress = crate::subscription::progress(&owner, &logical, own_version).await?;
@@ -449,33 +431,13 @@ async fn establish_inner(
         lsn: own.lsn,
         tables: ours?,
     };
-    let theirs = theirs.map_err(|e| format!("reading the origin's sums: {e}"))?;
-    if !theirs.error.is_empty() {
-        return Err(format!("the origin's sums: {}", theirs.error));
-    }
-    if !theirs.released_in_time {
-        return Err(
-            "the origin let go of its tables before this host's snapshot: not a verified point"
-                .into(),
-        );
-    }
-    let compared = crate::databases::compare_manifests(&theirs.databases, &ours.totals(), 0);
-    let differing: Vec<String> = compared
-        .iter()
-        .flat_map(|d| {
-            d.tables
-                .iter()
-                .filter(|t| !t.equal)
-                .map(move |t| format!("{}.{}", d.name, t.table))
-        })
-        .collect();
-    if !differing.is_empty() {
-        return Err(format!(
-            "the subscriber differs from the origin at {}: {}",
-            held.lsn,
-            differing.join(", ")
-        ));
-    }
+    let theirs = crate::verified_point::origin_sums(theirs)?;
+    let compared = crate::verified_point::compare_at(
+        &held,
+        &theirs.databases,
+        &ours.totals(),
+        "the subscriber",
+    )?;
     save(config, TARGET_FILE, &ours)?;
     let blocks: usize = ours.tables.iter().map(|t| t.blocks.len()).sum();
     crate::standby::set_following(

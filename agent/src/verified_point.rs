@@ -723,27 +723,8 @@ pub async fn establish(
             ..state.clone()
         }),
     )?;
-    let origin = state.endpoint();
     let owner = Connection::owner(&config.postgresql, state.bluemind_password.clone());
-    let timeout = Duration::from_secs(config.data_plane.connect_timeout_secs);
-    let request = TunnelRequest::VerifiedPoint {
-        grant: origin.grant_id.clone(),
-        per_block: false,
-    };
-    let (mut stream, held): (_, Held) = tunnel::ask(
-        &origin,
-        tls,
-        &request,
-        timeout,
-        "the origin's verified point",
-    )
-    .await?;
-    if !held.error.is_empty() {
-        return Err(format!("the origin: {}", held.error));
-    }
-    let lsn = parse_lsn(&held.lsn)
-        .ok_or_else(|| format!("the origin's position {:?} is not an LSN", held.lsn))?;
-    let wanted = caught_up_at(lsn, held.segment_size);
+    let (mut stream, held, wanted) = ask_hold(config, tls, &state.endpoint(), false).await?;
     let deadline = Instant::now() + HOLD - Duration::from_secs(1);
     loop {
         let replayed = owner
@@ -784,33 +765,8 @@ pub async fn establish(
     let theirs = read_json_line::<_, OriginSums>(&mut stream);
     let (ours, theirs) = tokio::join!(ours, theirs);
     let ours = ours?;
-    let theirs = theirs.map_err(|e| format!("reading the origin's checksums: {e}"))?;
-    if !theirs.error.is_empty() {
-        return Err(format!("the origin's checksums: {}", theirs.error));
-    }
-    if !theirs.released_in_time {
-        return Err(
-            "the origin let go of its tables before this standby's snapshot: not a verified point"
-                .into(),
-        );
-    }
-    let compared = crate::databases::compare_manifests(&theirs.databases, &ours, 0);
-    let differing: Vec<String> = compared
-        .iter()
-        .flat_map(|d| {
-            d.tables
-                .iter()
-                .filter(|t| !t.equal)
-                .map(move |t| format!("{}.{}", d.name, t.table))
-        })
-        .collect();
-    if !differing.is_empty() {
-        return Err(format!(
-            "the standby differs from the origin at {}: {}",
-            held.lsn,
-            differing.join(", ")
-        ));
-    }
+    let theirs = origin_sums(theirs)?;
+    let compared = compare_at(&held, &theirs.databases, &ours, "the standby")?;
     let tables: usize = compared.iter().map(|d| d.tables.len()).sum();
     crate::standby::set_following(
         config,
@@ -828,6 +784,83 @@ pub async fn establish(
         compared.len(),
         started.elapsed().as_millis()
     ))
+}
+
+/// Asks the origin (under the replication grant of `origin`) to hold its tables for a
+/// verified point (`per_block`: a subscriber's); returns the tunnel, the origin's [`Held`]
+/// and the position this host must have applied to hold the same rows.
+pub(crate) async fn ask_hold(
+    config: &AgentConfig,
+    tls: Arc<rustls::ClientConfig>,
+    origin: &OriginEndpoint,
+    per_block: bool,
+) -> Result<(tunnel::Tunnel, Held, u64), String> {
+    let timeout = Duration::from_secs(config.data_plane.connect_timeout_secs);
+    let request = TunnelRequest::VerifiedPoint {
+        grant: origin.grant_id.clone(),
+        per_block,
+    };
+    let (stream, held): (_, Held) = tunnel::ask(
+        origin,
+        tls,
+        &request,
+        timeout,
+        "the origin's verified point",
+    )
+    .await?;
+    if !held.error.is_empty() {
+        return Err(format!("the origin: {}", held.error));
+    }
+    let lsn = parse_lsn(&held.lsn)
+        .ok_or_else(|| format!("the origin's position {:?} is not an LSN", held.lsn))?;
+    let wanted = caught_up_at(lsn, held.segment_size);
+    Ok((stream, held, wanted))
+}
+
+/// The origin's [`OriginSums`] as read, or why they make no verified point.
+pub(crate) fn origin_sums(
+    read: Result<OriginSums, tunnel::LineError>,
+) -> Result<OriginSums, String> {
+    let theirs = read.map_err(|e| format!("reading the origin's sums: {e}"))?;
+    if !theirs.error.is_empty() {
+        return Err(format!("the origin's sums: {}", theirs.error));
+    }
+    if !theirs.released_in_time {
+        return Err(
+            "the origin let go of its tables before this host's snapshot: not a verified point"
+                .into(),
+        );
+    }
+    Ok(theirs)
+}
+
+/// Both sides' sums at the point compared: every table equal, or which differ (`here`
+/// names this host).
+pub(crate) fn compare_at(
+    held: &Held,
+    theirs: &[DatabaseManifest],
+    ours: &[DatabaseManifest],
+    here: &str,
+) -> Result<Vec<bmfleet_proto::v1::DatabaseMove>, String> {
+    let compared = crate::databases::compare_manifests(theirs, ours, 0);
+    let differing: Vec<String> = compared
+        .iter()
+        .flat_map(|d| {
+            d.tables
+                .iter()
+                .filter(|t| !t.equal)
+                .map(move |t| format!("{}.{}", d.name, t.table))
+        })
+        .collect();
+    if differing.is_empty() {
+        Ok(compared)
+    } else {
+        Err(format!(
+            "{here} differs from the origin at {}: {}",
+            held.lsn,
+            differing.join(", ")
+        ))
+    }
 }
 
 /// Origin side of [`compare_changed`]: reads the WAL from `since` to the stopped origin's
