@@ -301,22 +301,6 @@ pub async fn origin_point(
     Ok(point.totals())
 }
 
-/// This host's gate slot: it keeps this host's own WAL from the point on.
-async fn keep_own_wal(config: &AgentConfig, grant_id: &str) -> Result<(), String> {
-    let slot = literal(&gate_slot(grant_id));
-    Connection::admin(&config.postgresql)
-        .psql(
-            "postgres",
-            &format!(
-                "SELECT pg_catalog.pg_drop_replication_slot(slot_name) FROM pg_catalog.pg_replication_slots WHERE slot_name = {slot};\n\
-                 SELECT pg_catalog.pg_create_physical_replication_slot({slot}, true);\n"
-            ),
-        )
-        .await
-        .map(|_| ())
-        .map_err(|e| format!("keeping this host's WAL for the gate: {e}"))
-}
-
 /// Drops this host's gate slot (the point is used or void) and forgets its point.
 pub async fn release_own_wal(config: &AgentConfig, grant_id: &str) -> Result<(), String> {
     forget(config, None);
@@ -369,7 +353,7 @@ async fn establish_inner(
         }),
     )?;
     forget(config, None);
-    keep_own_wal(config, &state.grant_id).await?;
+    crate::verified_point::keep_wal(config, &state.grant_id).await?;
     let owner = Connection::owner(&config.postgresql, state.bluemind_password.clone());
     let own_version = owner
         .server_version_num()

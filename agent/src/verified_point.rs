@@ -501,6 +501,22 @@ pub fn gate_slot(grant_id: &str) -> String {
     slot.replacen("bmfleet_slot_", "bmfleet_gate_", 1)
 }
 
+/// This host's gate slot for `grant_id`, made anew: it keeps this host's WAL from now on.
+pub(crate) async fn keep_wal(config: &AgentConfig, grant_id: &str) -> Result<(), String> {
+    let slot = literal(&gate_slot(grant_id));
+    Connection::admin(&config.postgresql)
+        .psql(
+            "postgres",
+            &format!(
+                "SELECT pg_catalog.pg_drop_replication_slot(slot_name) FROM pg_catalog.pg_replication_slots WHERE slot_name = {slot};\n\
+                 SELECT pg_catalog.pg_create_physical_replication_slot({slot}, true);\n"
+            ),
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("keeping this host's WAL for the gate: {e}"))
+}
+
 /// Origin side of [`establish`]: keeps the WAL, locks BlueMind's tables, takes the snapshots,
 /// then (admitted) answers [`Held`], waits for the standby's [`Taken`] (at most
 /// [`HOLD`]), lets go of the locks and answers [`OriginSums`].
@@ -517,7 +533,6 @@ pub async fn serve_hold<S>(
 where
     S: AsyncBufRead + AsyncWrite + Unpin,
 {
-    let admin = Connection::admin(&config.postgresql);
     if bluemind
         .server_version_num()
         .await
@@ -530,17 +545,7 @@ where
                 .into(),
         );
     }
-    let slot = literal(&gate_slot(grant_id));
-    admin
-        .psql(
-            "postgres",
-            &format!(
-                "SELECT pg_catalog.pg_drop_replication_slot(slot_name) FROM pg_catalog.pg_replication_slots WHERE slot_name = {slot};\n\
-                 SELECT pg_catalog.pg_create_physical_replication_slot({slot}, true);\n"
-            ),
-        )
-        .await
-        .map_err(|e| format!("keeping the WAL for the gate: {e}"))?;
+    keep_wal(config, grant_id).await?;
     let databases = bluemind
         .existing_databases(&config.postgresql.databases)
         .await

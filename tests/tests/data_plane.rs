@@ -2922,19 +2922,23 @@ async fn a_subscription_across_majors_follows_writes_up_to_the_stop_and_takes_ov
     revoke_and_check_origin_clean(&mut p, &origin_pg).await;
 }
 
-/// A subscriber following `origin_pg` (with `t_big` besides the logical origin's tables)
-/// across majors.
-async fn subscriber_with_a_big_table(
-    origin_pg: &PgCluster,
-    target_pg: &PgCluster,
-    password: &str,
-) -> Pair {
-    let mut p = logical_pair(origin_pg, target_pg, password).await;
+/// A logical origin (with `t_big`, 100,000 rows without a primary key, besides its other
+/// tables) and a subscriber following it across majors.
+async fn subscriber_with_a_big_table(tag: &str) -> (PgCluster, PgCluster, Pair) {
+    let password = format!("pw-{}-{tag}", bmfleet_agent::server::now_ms());
+    let origin_pg = logical_origin(&password);
+    origin_pg.sql(
+        "bj",
+        "SET ROLE bj; CREATE TABLE t_big (k int, v text); \
+         INSERT INTO t_big SELECT i, md5(i::text) FROM generate_series(1, 100000) i;",
+    );
+    let target_pg = PgCluster::start_from(bmfleet_tests::PG16_BIN.into());
+    let mut p = logical_pair(&origin_pg, &target_pg, &password).await;
     p.grant_with(replication_grant("grant-0500-replication"))
         .await;
     let reply = follow_logically(&mut p, "m1/follow/l1", "grant-0500-replication").await;
     assert!(reply.ok, "{}", reply.error);
-    p
+    (origin_pg, target_pg, p)
 }
 
 /// The number after `label` in `text`.
@@ -2949,15 +2953,7 @@ fn number_after(text: &str, label: &str) -> u64 {
 // Multi-threaded: the agents serve while the test waits on blocking SQL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_subscribers_verified_point_each_side_sums_only_the_blocks_its_own_wal_names() {
-    let password = format!("pw-{}-lpoint", bmfleet_agent::server::now_ms());
-    let origin_pg = logical_origin(&password);
-    origin_pg.sql(
-        "bj",
-        "SET ROLE bj; CREATE TABLE t_big (k int, v text); \
-         INSERT INTO t_big SELECT i, md5(i::text) FROM generate_series(1, 100000) i;",
-    );
-    let target_pg = PgCluster::start_from(bmfleet_tests::PG16_BIN.into());
-    let mut p = subscriber_with_a_big_table(&origin_pg, &target_pg, &password).await;
+    let (origin_pg, target_pg, mut p) = subscriber_with_a_big_table("lpoint").await;
 
     // BlueMind keeps writing while the point is taken: its tables are held for a moment,
     // never refused (every batch must succeed).
@@ -3074,15 +3070,7 @@ async fn after_a_subscribers_verified_point_each_side_sums_only_the_blocks_its_o
 // Multi-threaded: the agents serve while the test waits on blocking SQL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_changed_on_the_subscriber_alone_after_the_point_fails_the_gate() {
-    let password = format!("pw-{}-ltamper", bmfleet_agent::server::now_ms());
-    let origin_pg = logical_origin(&password);
-    origin_pg.sql(
-        "bj",
-        "SET ROLE bj; CREATE TABLE t_big (k int, v text); \
-         INSERT INTO t_big SELECT i, md5(i::text) FROM generate_series(1, 100000) i;",
-    );
-    let target_pg = PgCluster::start_from(bmfleet_tests::PG16_BIN.into());
-    let mut p = subscriber_with_a_big_table(&origin_pg, &target_pg, &password).await;
+    let (origin_pg, target_pg, mut p) = subscriber_with_a_big_table("ltamper").await;
     let verified = verify(&mut p).await;
     assert!(verified.ok, "{}", verified.error);
     // One row rewritten on the target only, in a block the origin never touches again; and
