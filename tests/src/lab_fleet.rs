@@ -32,6 +32,9 @@ pub struct LabParams {
     /// The pair whose databases follow by logical replication (`db_sync = "logical"`; its
     /// origin runs with `wal_level = logical`); the others take the standby.
     pub logical_pair: Option<usize>,
+    /// The logical pair's target runs PostgreSQL 16 ([`crate::PG16_BIN`]) instead of
+    /// Debian's 15: a move across majors.
+    pub subscriber_pg16: bool,
     /// Each target's `/var/spool` (the spool and five more data dirs) is a filesystem of its
     /// own this many MiB big (ext4 on a loop device), which the chaos campaign fills up.
     pub target_spool_mib: Option<u64>,
@@ -46,6 +49,7 @@ impl Default for LabParams {
             deliver_ms: 40,
             enroll: false,
             logical_pair: Some(3),
+            subscriber_pg16: false,
             target_spool_mib: None,
         }
     }
@@ -228,7 +232,11 @@ impl LabFleet {
                 .and_then(|n| n.parse().ok())
                 .unwrap_or(0);
             let root = dir.path().join(name);
-            let pg = PgCluster::start_in(Some(&host.ns));
+            let pg = if params.subscriber_pg16 && !origin && params.logical_pair == Some(pair) {
+                PgCluster::start_in_from(Some(&host.ns), crate::PG16_BIN.into())
+            } else {
+                PgCluster::start_in(Some(&host.ns))
+            };
             if let (false, Some(mib)) = (origin, params.target_spool_mib) {
                 let image = dir.path().join(format!("{name}-spool.img"));
                 mounts.push(LoopMount::new(&image, &root.join("var/spool"), mib));
@@ -842,6 +850,7 @@ start = {pf_start}
 stop = {pf_stop}
 status = {pf_status}
 [postgresql]
+bin_dir = "{pg_bin}"
 host = "127.0.0.1"
 port = 5432
 admin_host = "{socket}"
@@ -863,6 +872,7 @@ announce_period_ms = 4000
         pf_stop = service("postfix", "stop"),
         pf_status = service("postfix", "status"),
         api = api_auth(name),
+        pg_bin = standby.bin_dir.clone().unwrap_or_default().display(),
         pg_data = standby.data_dir.unwrap_or_default().display(),
         pg_start = toml_list(&standby.server_start),
         pg_stop = toml_list(&standby.server_stop),

@@ -396,6 +396,11 @@ impl PgCluster {
         Self::start_with(None, bin)
     }
 
+    /// [`PgCluster::start_from`] inside a network namespace.
+    pub fn start_in_from(netns: Option<&str>, bin: PathBuf) -> Self {
+        Self::start_with(netns, bin)
+    }
+
     fn start_with(netns: Option<&str>, bin: PathBuf) -> Self {
         let dir = open_tempdir();
         let user = postgres_user();

@@ -320,7 +320,11 @@ fn a_bluemind_api_that_hangs_or_errs_is_retried_until_the_post_migration_succeed
 #[test]
 fn three_instances_migrate_with_no_mail_lost() {
     let _one = one_lab();
-    let fleet = LabFleet::build(LabParams::default());
+    // Pair 3 moves across PostgreSQL majors (15 to 16), by logical replication.
+    let fleet = LabFleet::build(LabParams {
+        subscriber_pg16: true,
+        ..LabParams::default()
+    });
     let started = std::time::Instant::now();
     let outcomes = fleet
         .migrate(Duration::from_secs(300), |_| {})
@@ -416,6 +420,12 @@ fn three_instances_migrate_with_no_mail_lost() {
         .filter(|l| l.contains("\"stream\":true,\"logical\":true"))
         .count();
     assert_eq!(logical, 1, "{events}");
+    assert!(
+        fleet
+            .sql("target-3", "postgres", "SHOW server_version")
+            .starts_with("16."),
+        "pair 3 moves across majors"
+    );
     for i in 1..=3 {
         fleet
             .wait_replication_gone(

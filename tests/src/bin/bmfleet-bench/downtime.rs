@@ -51,6 +51,8 @@ pub struct Params {
     pub cold_cache: bool,
     /// bmfleet's database paths to measure, each on its own pair after the manual one.
     pub paths: Vec<DbPath>,
+    /// The logical path's target runs PostgreSQL 16 (a move across majors).
+    pub subscriber_pg16: bool,
 }
 
 /// How bmfleet moves the databases in one measured run (the fleet file's `db_sync`).
@@ -504,6 +506,7 @@ pub fn run(params: Params) -> anyhow::Result<()> {
             .iter()
             .position(|p| *p == DbPath::Logical)
             .map(|i| i + 2),
+        subscriber_pg16: params.subscriber_pg16,
         target_spool_mib: None,
     }));
     // This process runs the engine itself; the lab's orchestrator would only add its health
@@ -573,7 +576,7 @@ pub fn run(params: Params) -> anyhow::Result<()> {
     let transfer = churn_a.bytes_written as f64 / link;
     let floor = transfer + cold.restore_secs;
     println!(
-        "\n## Downtime, {} messages, {:.0} MiB of databases, {:.1}% churn, page cache {}\n",
+        "\n## Downtime, {} messages, {:.0} MiB of databases, {:.1}% churn, page cache {}{}\n",
         params.files,
         mib(size.database_bytes as f64),
         params.churn * 100.0,
@@ -581,6 +584,11 @@ pub fn run(params: Params) -> anyhow::Result<()> {
             "dropped before the cold sync"
         } else {
             "warm"
+        },
+        if params.subscriber_pg16 {
+            ", the logical path's target on PostgreSQL 16"
+        } else {
+            ""
         }
     );
     println!("| | downtime |");
@@ -703,6 +711,7 @@ pub fn run(params: Params) -> anyhow::Result<()> {
                 "hot_pass": run.first_pass.elapsed_ms as f64 / 1000.0,
                 "steps": steps_json(&run.steps)})).collect::<Vec<_>>(),
             "cold_cache": params.cold_cache,
+            "subscriber_pg16": params.subscriber_pg16,
             "floor": floor,
         })
     );

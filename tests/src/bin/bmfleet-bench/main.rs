@@ -56,6 +56,10 @@ enum Bench {
             default_value = "stream,dump,logical"
         )]
         paths: Vec<downtime::DbPath>,
+        /// The logical path's target runs PostgreSQL 16 (pgserver's, as `deploy/setup.sh`
+        /// installs it for the tests) against the origin's 15: a move across majors.
+        #[arg(long)]
+        subscriber_pg16: bool,
     },
     /// Peak memory of the manifest hashing one big file (and of reading it whole).
     Manifest {
@@ -75,12 +79,14 @@ fn main() -> anyhow::Result<()> {
             churn,
             cold_cache,
             paths,
+            subscriber_pg16,
         } => downtime::run(downtime::Params {
             files,
             db_rows,
             churn,
             cold_cache,
             paths,
+            subscriber_pg16,
         }),
     }
 }
