@@ -133,7 +133,7 @@ impl BlockPoint {
                         && p.file.table == t.table
                 });
                 for b in point.map(|p| p.blocks.as_slice()).unwrap_or_default() {
-                    if !ranges.iter().any(|(lo, hi)| (*lo..*hi).contains(&b.block)) {
+                    if !in_ranges(ranges, b.block) {
                         rows += i128::from(b.rows);
                         sum += b.sum;
                     }
@@ -152,6 +152,14 @@ impl BlockPoint {
     fn files(&self) -> Vec<TableFile> {
         self.tables.iter().map(|t| t.file.clone()).collect()
     }
+}
+
+/// Whether `block` lies in one of `ranges` (ascending, disjoint `[start, end)`, as
+/// [`crate::verified_point::ranges`] makes them): a binary search, the downtime runs it for
+/// every block of every table the WAL names.
+fn in_ranges(ranges: &[(u32, u32)], block: u32) -> bool {
+    let after = ranges.partition_point(|(_, end)| *end <= block);
+    ranges.get(after).is_some_and(|(start, _)| *start <= block)
 }
 
 fn total(schema: &str, table: &str, rows: u64, sum: i128) -> TableManifest {
@@ -685,6 +693,25 @@ mod tests {
             p.totals_after(&untouched, &BTreeMap::new())[0].tables,
             [total("public", "t_big", 6, 3 + i128::from(i64::MAX))]
         );
+    }
+
+    #[test]
+    fn a_block_is_found_in_sorted_ranges() {
+        let ranges = [(1, 2), (7, 10), (20, 21)];
+        for (block, inside) in [
+            (0, false),
+            (1, true),
+            (2, false),
+            (6, false),
+            (7, true),
+            (9, true),
+            (10, false),
+            (20, true),
+            (21, false),
+        ] {
+            assert_eq!(in_ranges(&ranges, block), inside, "{block}");
+        }
+        assert!(!in_ranges(&[], 0));
     }
 
     #[test]

@@ -2187,6 +2187,29 @@ async fn verify(p: &mut Pair) -> bmfleet_proto::v1::VerifyFollowingReply {
         .into_inner()
 }
 
+/// Takes a verified point while BlueMind writes `batch`es on `origin_pg`: the point is taken
+/// and every batch succeeds (BlueMind's tables are held for a moment, never refused).
+async fn verify_while_bluemind_writes(
+    p: &mut Pair,
+    origin_pg: &PgCluster,
+    batch: impl Fn(u32) -> String + Send + 'static,
+) {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = bluemind_writes(origin_pg, stop.clone(), batch);
+    std::thread::sleep(Duration::from_millis(300));
+    let verified = verify(p).await;
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let batches = writer.join().unwrap();
+    assert!(verified.ok, "{}", verified.error);
+    assert!(batches > 2, "{batches} write batches");
+    assert!(
+        verified.summary.starts_with("verified point at "),
+        "{}",
+        verified.summary
+    );
+}
+
 /// A standby following `origin_pg`'s databases (with `t_big`, 100,000 rows, and `t_other`),
 /// its relay streaming.
 async fn standby_pair(origin_pg: &PgCluster, target_pg: &PgCluster, tag: &str) -> Pair {
@@ -2239,25 +2262,13 @@ async fn after_a_verified_point_the_downtime_compares_only_the_changed_blocks() 
 
     // BlueMind keeps writing while the point is taken: its tables are held for a moment,
     // never refused (every batch must succeed).
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = bluemind_writes(&origin_pg, stop.clone(), |i| {
+    verify_while_bluemind_writes(&mut p, &origin_pg, |i| {
         format!(
             "SET ROLE bj; BEGIN; INSERT INTO t_other VALUES ({i}); \
              INSERT INTO t_mailbox (domain_id, login, quota) VALUES (1, 'v{i}', {i}); COMMIT;"
         )
-    });
-    std::thread::sleep(Duration::from_millis(300));
-    let verified = verify(&mut p).await;
-    std::thread::sleep(Duration::from_millis(300));
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let batches = writer.join().unwrap();
-    assert!(verified.ok, "{}", verified.error);
-    assert!(batches > 2, "{batches} write batches");
-    assert!(
-        verified.summary.starts_with("verified point at "),
-        "{}",
-        verified.summary
-    );
+    })
+    .await;
     assert_eq!(
         origin_pg
             .sql(
@@ -2957,26 +2968,14 @@ async fn after_a_subscribers_verified_point_each_side_sums_only_the_blocks_its_o
 
     // BlueMind keeps writing while the point is taken: its tables are held for a moment,
     // never refused (every batch must succeed).
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = bluemind_writes(&origin_pg, stop.clone(), |i| {
+    verify_while_bluemind_writes(&mut p, &origin_pg, |i| {
         format!(
             "SET ROLE bj; BEGIN; INSERT INTO t_nopk VALUES ({k}, 'p{i}'); \
              INSERT INTO t_mailbox (login, quota) VALUES ('p{i}', {i}); COMMIT;",
             k = 200_000 + i
         )
-    });
-    std::thread::sleep(Duration::from_millis(300));
-    let verified = verify(&mut p).await;
-    std::thread::sleep(Duration::from_millis(300));
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let batches = writer.join().unwrap();
-    assert!(verified.ok, "{}", verified.error);
-    assert!(batches > 2, "{batches} write batches");
-    assert!(
-        verified.summary.starts_with("verified point at "),
-        "{}",
-        verified.summary
-    );
+    })
+    .await;
     // Each side keeps its own WAL from its point on.
     for pg in [&origin_pg, &target_pg] {
         assert_eq!(
