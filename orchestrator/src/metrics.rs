@@ -51,6 +51,13 @@ struct InstanceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WindowLabels {
+    server: String,
+    /// `opened` or `closed`.
+    event: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct InstancePhaseLabels {
     server: String,
     phase: String,
@@ -103,6 +110,7 @@ pub struct Metrics {
     downtime: Histogram,
     instance_downtime: Family<InstanceLabels, FloatGauge>,
     instance_down: Family<InstanceLabels, Gauge>,
+    windows: Family<WindowLabels, Counter>,
     projected: Family<InstanceLabels, FloatGauge>,
     window_end: Family<InstanceLabels, FloatGauge>,
     budget: Family<InstanceLabels, FloatGauge>,
@@ -141,6 +149,7 @@ impl Metrics {
             downtime: seconds_histogram(),
             instance_downtime: Family::default(),
             instance_down: Family::default(),
+            windows: Family::default(),
             projected: Family::default(),
             window_end: Family::default(),
             budget: Family::default(),
@@ -184,6 +193,12 @@ impl Metrics {
             "bmfleet_instance_down",
             "1 while the instance is in its downtime window",
             m.instance_down.clone(),
+        );
+        registry.register(
+            "bmfleet_instance_windows",
+            "Downtime windows opened and closed per instance (a window shorter than a scrape \
+             interval never shows in bmfleet_instance_down; it shows here)",
+            m.windows.clone(),
         );
         registry.register(
             "bmfleet_instance_projected_downtime_seconds",
@@ -431,14 +446,28 @@ impl Metrics {
         self.not_converging
             .get_or_create(&labels)
             .set(i64::from(i.not_converging));
-        // A downtime window closes: one observation for the fleet histogram.
-        if let Some(before) = seen.insert(name, i.phase) {
-            if before.is_down() && !i.phase.is_down() {
-                if let (Some(s), Some(e)) = (i.downtime_start_ms, i.downtime_end_ms) {
-                    self.downtime.observe((e - s) as f64 / 1000.0);
-                }
+        // Both counters exist from the instance's first transition on, at 0, so that the
+        // first window's opening is an increase Prometheus sees. (A family's guard is never
+        // held across another `get_or_create`: creating takes its write lock.)
+        let was_down = seen.get(&name).map(|b| b.is_down());
+        let opens = was_down == Some(false) && i.phase.is_down();
+        let closes = was_down == Some(true) && !i.phase.is_down();
+        for (event, now) in [("opened", opens), ("closed", closes)] {
+            let counter = self.windows.get_or_create(&WindowLabels {
+                server: name.clone(),
+                event: event.into(),
+            });
+            if now {
+                counter.inc();
             }
         }
+        // A downtime window closes: one observation for the fleet histogram.
+        if closes {
+            if let (Some(s), Some(e)) = (i.downtime_start_ms, i.downtime_end_ms) {
+                self.downtime.observe((e - s) as f64 / 1000.0);
+            }
+        }
+        seen.insert(name, i.phase);
     }
 
     /// Brings the downtime of every instance that is down now to `now_ms`.
@@ -478,4 +507,68 @@ pub fn serve(
         },
         address,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FLEET: &str = r#"[fleet]
+name = "night-1"
+
+[[fleet.windows]]
+days = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+start = "00:00"
+end = "23:59"
+timezone = "UTC"
+
+[[instance]]
+name = "mail-01"
+origin = "origin-1"
+target = "target-1"
+service_ip = "198.18.0.101/24"
+"#;
+
+    /// The value of the series `line_start` (name and labels) in `text`.
+    fn value(text: &str, line_start: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(line_start))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    #[test]
+    fn a_window_shorter_than_a_scrape_still_counts_as_opened_and_closed() {
+        let fleet = FleetFile::parse(FLEET, "fleet.toml").unwrap();
+        let m = Metrics::new();
+        let mut i = Instance::default();
+        let at = |m: &Metrics, i: &Instance, ms: i64| {
+            m.transition(&fleet, std::slice::from_ref(i), "mail-01", &Event::Tick, ms)
+        };
+        let opened = r#"bmfleet_instance_windows_total{server="mail-01",event="opened"}"#;
+        let closed = r#"bmfleet_instance_windows_total{server="mail-01",event="closed"}"#;
+        i.phase = Phase::PreWindowPass;
+        at(&m, &i, 1_000);
+        let before = m.encode();
+        assert_eq!(value(&before, opened), Some(0.0), "{before}");
+        assert_eq!(value(&before, closed), Some(0.0), "{before}");
+        // Down and up again between two scrapes.
+        i.phase = Phase::ColdSync;
+        i.downtime_start_ms = Some(2_000);
+        at(&m, &i, 2_000);
+        i.phase = Phase::Cutover;
+        at(&m, &i, 2_100);
+        i.phase = Phase::PostMigration;
+        i.downtime_end_ms = Some(2_300);
+        at(&m, &i, 2_300);
+        let after = m.encode();
+        let down = r#"bmfleet_instance_down{server="mail-01"}"#;
+        assert_eq!(value(&after, down), Some(0.0), "{after}");
+        assert_eq!(value(&after, opened), Some(1.0), "{after}");
+        assert_eq!(value(&after, closed), Some(1.0), "{after}");
+        assert_eq!(
+            value(&after, "bmfleet_downtime_seconds_count"),
+            Some(1.0),
+            "{after}"
+        );
+    }
 }

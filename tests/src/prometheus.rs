@@ -55,10 +55,19 @@ pub fn command(base: Command, config: &Path, dir: &Path, listen: &str) -> Comman
     cmd
 }
 
-/// The series `expr` returns now from the Prometheus at `address`, or why it did not answer.
-pub fn query(address: &str, expr: &str) -> Result<Vec<serde_json::Value>, String> {
-    let answer: serde_json::Value = ureq::get(&format!("http://{address}/api/v1/query"))
-        .query("query", expr)
+/// The series the Prometheus at `address` answers on `api` (`query`, `query_range`) for `expr`
+/// and `params`, or why it did not answer.
+fn ask(
+    address: &str,
+    api: &str,
+    expr: &str,
+    params: &[(&str, String)],
+) -> Result<Vec<serde_json::Value>, String> {
+    let mut request = ureq::get(&format!("http://{address}/api/v1/{api}")).query("query", expr);
+    for (k, v) in params {
+        request = request.query(k, v);
+    }
+    let answer: serde_json::Value = request
         .call()
         .map_err(|e| format!("{expr}: {e}"))?
         .into_json()
@@ -70,6 +79,29 @@ pub fn query(address: &str, expr: &str) -> Result<Vec<serde_json::Value>, String
         .as_array()
         .cloned()
         .unwrap_or_default())
+}
+
+/// The series `expr` returns now from the Prometheus at `address`, or why it did not answer.
+pub fn query(address: &str, expr: &str) -> Result<Vec<serde_json::Value>, String> {
+    ask(address, "query", expr, &[])
+}
+
+/// The series `expr` returns at any step of `step_secs` between the Unix times `start` and
+/// `end` (what a Grafana panel or annotation over that span shows), or why Prometheus did
+/// not answer.
+pub fn query_range(
+    address: &str,
+    expr: &str,
+    start: f64,
+    end: f64,
+    step_secs: u64,
+) -> Result<Vec<serde_json::Value>, String> {
+    let params = [
+        ("start", format!("{start:.3}")),
+        ("end", format!("{end:.3}")),
+        ("step", format!("{step_secs}s")),
+    ];
+    ask(address, "query_range", expr, &params)
 }
 
 /// Every `expr` of the Grafana dashboard (panels' targets and annotations).
