@@ -26,7 +26,7 @@
 //! with `search_path` pinned to `pg_catalog`; what the origin names (schemas, tables) reaches
 //! SQL only quoted, and block numbers only as numbers.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,6 +46,10 @@ pub(crate) const HOLD: Duration = Duration::from_secs(5);
 const LOCK_ATTEMPTS: u32 = 20;
 /// TID ranges per statement of a block comparison.
 const RANGES_PER_STATEMENT: usize = 1000;
+/// Block ranges one selection names at most, across its tables: past it the closest ranges
+/// are merged (the blocks between them compared too), so that a busy day's selection stays
+/// one data-plane line ([`tunnel::MAX_LINE`]) instead of falling back to every table.
+const MAX_SELECTED_RANGES: usize = 1500;
 
 /// One table's file when the verified point was taken.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -280,7 +284,7 @@ pub fn select(
             .or_default()
             .insert(r.block);
     }
-    current
+    let mut selection: Vec<TableSelection> = current
         .iter()
         .map(|c| {
             let unchanged = verified.iter().any(|v| v == &c.file);
@@ -297,7 +301,43 @@ pub fn select(
                 blocks,
             }
         })
-        .collect()
+        .collect();
+    coalesce(&mut selection, MAX_SELECTED_RANGES);
+    selection
+}
+
+/// Merges the ranges of `selection` separated by the smallest gaps until at most `max` are
+/// left (or one per table): the merged ranges cover every block they did, plus the gaps.
+pub(crate) fn coalesce(selection: &mut [TableSelection], max: usize) {
+    let total: usize = selection
+        .iter()
+        .filter_map(|t| t.blocks.as_ref().map(Vec::len))
+        .sum();
+    if total <= max {
+        return;
+    }
+    // Every gap as (its blocks, table, index of the range after it).
+    let mut gaps: Vec<(u32, usize, usize)> = selection
+        .iter()
+        .enumerate()
+        .filter_map(|(t, s)| s.blocks.as_ref().map(|r| (t, r)))
+        .flat_map(|(t, r)| (1..r.len()).map(move |i| (r[i].0 - r[i - 1].1, t, i)))
+        .collect();
+    gaps.sort_unstable();
+    let mut merge: HashSet<(usize, usize)> = HashSet::new();
+    merge.extend(gaps.iter().take(total - max).map(|&(_, t, i)| (t, i)));
+    for (t, s) in selection.iter_mut().enumerate() {
+        if let Some(r) = s.blocks.as_mut() {
+            let mut out: Vec<(u32, u32)> = Vec::with_capacity(r.len());
+            for (i, &range) in r.iter().enumerate() {
+                match out.last_mut() {
+                    Some(last) if merge.contains(&(t, i)) => last.1 = range.1,
+                    _ => out.push(range),
+                }
+            }
+            *r = out;
+        }
+    }
 }
 
 /// The SQL that sums the selected parts of one database's tables: one line per statement,
@@ -1255,6 +1295,89 @@ mod tests {
         // A table unchanged and not named: compared in no block at all.
         let quiet = select(&[file("a", 100)], &[current("a", 100)], &BTreeSet::new());
         assert_eq!(quiet[0].blocks, Some(vec![]));
+    }
+
+    #[test]
+    fn too_many_ranges_are_merged_across_the_smallest_gaps() {
+        let table = |name: &str, blocks: Blocks| TableSelection {
+            database: "bj".into(),
+            schema: "public".into(),
+            table: name.into(),
+            blocks,
+        };
+        let mut chosen = vec![
+            table("a", Some(vec![(0, 1), (3, 4), (10, 11)])),
+            table("full", None),
+            table("b", Some(vec![(100, 101), (102, 103)])),
+        ];
+        coalesce(&mut chosen, 5);
+        assert_eq!(chosen[0].blocks, Some(vec![(0, 1), (3, 4), (10, 11)]));
+        coalesce(&mut chosen, 3);
+        let blocks: Vec<Blocks> = chosen.iter().map(|t| t.blocks.clone()).collect();
+        assert_eq!(
+            blocks,
+            [Some(vec![(0, 4), (10, 11)]), None, Some(vec![(100, 103)])]
+        );
+        // Never fewer than one range per table.
+        coalesce(&mut chosen, 0);
+        assert_eq!(chosen[0].blocks, Some(vec![(0, 11)]));
+        assert_eq!(chosen[2].blocks, Some(vec![(100, 103)]));
+    }
+
+    #[test]
+    fn a_busy_days_selection_of_long_named_tables_stays_one_data_plane_line() {
+        // BlueMind's 104 tables with the longest names PostgreSQL allows, each with 500
+        // scattered blocks named near the top of the block numbers.
+        let long = |c: char, n: usize| format!("{c}{n:03}").repeat(16)[..63].to_string();
+        let mut verified = Vec::new();
+        let mut now = Vec::new();
+        let mut named = BTreeSet::new();
+        for n in 0..104u32 {
+            let f = TableFile {
+                database: long('d', 0),
+                schema: long('s', 0),
+                table: long('t', n as usize),
+                filenode: 20_000 + n,
+            };
+            verified.push(f.clone());
+            now.push(CurrentTable {
+                file: f,
+                database_oid: 16384,
+                tablespace: 1663,
+            });
+            for k in 0..500u32 {
+                named.insert(BlockRef {
+                    tablespace: 1663,
+                    database: 16384,
+                    filenode: 20_000 + n,
+                    block: 4_000_000_000 + 7 * k * (n + 1),
+                });
+            }
+        }
+        let chosen = select(&verified, &now, &named);
+        let ranges: usize = chosen
+            .iter()
+            .filter_map(|t| t.blocks.as_ref())
+            .map(Vec::len)
+            .sum();
+        assert_eq!(ranges, MAX_SELECTED_RANGES);
+        // Every named block is still compared.
+        for r in &named {
+            let t = &chosen[(r.filenode - 20_000) as usize];
+            let covered = t
+                .blocks
+                .as_ref()
+                .is_some_and(|b| b.iter().any(|(lo, hi)| (*lo..*hi).contains(&r.block)));
+            assert!(covered, "{r:?}");
+        }
+        let line = serde_json::to_vec(&Selection {
+            since: "FFFFFFFF/FFFFFFFF".into(),
+            until: "FFFFFFFF/FFFFFFFF".into(),
+            tables: chosen,
+            error: String::new(),
+        })
+        .unwrap();
+        assert!(line.len() < tunnel::MAX_LINE, "{} bytes", line.len());
     }
 
     #[test]
