@@ -556,10 +556,11 @@ fn parse_cidr(text: &str) -> Result<(IpAddr, u8), String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    const BASE: &str = r#"[fleet]
+    /// A fleet of one instance, `mail-01` (other modules' tests use it too).
+    pub(crate) const BASE: &str = r#"[fleet]
 name = "night-1"
 max_concurrent_downtime = 2
 

@@ -513,22 +513,6 @@ pub fn serve(
 mod tests {
     use super::*;
 
-    const FLEET: &str = r#"[fleet]
-name = "night-1"
-
-[[fleet.windows]]
-days = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
-start = "00:00"
-end = "23:59"
-timezone = "UTC"
-
-[[instance]]
-name = "mail-01"
-origin = "origin-1"
-target = "target-1"
-service_ip = "198.18.0.101/24"
-"#;
-
     /// The value of the series `line_start` (name and labels) in `text`.
     fn value(text: &str, line_start: &str) -> Option<f64> {
         text.lines()
@@ -538,7 +522,7 @@ service_ip = "198.18.0.101/24"
 
     #[test]
     fn a_window_shorter_than_a_scrape_still_counts_as_opened_and_closed() {
-        let fleet = FleetFile::parse(FLEET, "fleet.toml").unwrap();
+        let fleet = FleetFile::parse(crate::fleet::tests::BASE, "fleet.toml").unwrap();
         let m = Metrics::new();
         let mut i = Instance::default();
         let at = |m: &Metrics, i: &Instance, ms: i64| {
