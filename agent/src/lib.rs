@@ -1,40 +1,30 @@
 //! The bmfleet agent: runs on every origin and target host and offers typed migration
 //! operations to the orchestrator (never a shell passthrough).
 //!
-//! - [`config`]: the TOML configuration (`data_root`, identity, service commands).
-//! - [`facts`]: what the host is (versions, data dirs, users).
-//! - [`services`]: stopping and starting BlueMind's services.
-//! - [`operations`]: the journal that makes every mutating call run at most once per id.
-//! - [`server`]: the gRPC service and its mutual-TLS listener; [`metrics`]: its own
-//!   Prometheus metrics.
-//! - Data plane, origin side: [`grants`], [`rsync_args`], [`data_plane`].
-//! - Data plane, target side: [`tunnel`] (also the `bmfleet-agent tunnel` remote shell),
-//!   [`pull`] (data dirs), [`databases`], [`config_set`]; [`pg`] for PostgreSQL.
+//! The crate is grouped in rooms, and arrows go one way: the top ([`server`], the gRPC
+//! service, and [`data_plane`], the data plane's listener with its one table of verbs) calls
+//! the rooms; rooms call the plane's framing ([`plane`]) and the database room's connection
+//! builder ([`db::pg`]); nothing calls back up. Shared below everything: [`config`],
+//! [`command`], [`metrics`], [`operations`].
+//!
+//! - [`plane`]: the data plane's wire (requests, replies, framing, the client) and its
+//!   grants; what every other room speaks to cross hosts.
+//! - [`files`]: data dirs and the config set: pulls, the rsync argument screen, manifests,
+//!   the change journal.
+//! - [`db`]: PostgreSQL: the hardened connection builder, dump and restore, the physical
+//!   standby, logical replication, verified points and the downtime's gate.
+//! - [`host`]: this host: facts, services, the served marker, the service IP's cutover.
+//! - [`bluemind`]: BlueMind's own API (post-migration calls).
 #![forbid(unsafe_code)]
 
-pub mod block_point;
-pub mod change_journal;
+pub mod bluemind;
 pub mod command;
 pub mod config;
-pub mod config_set;
-pub mod cutover;
 pub mod data_plane;
-pub mod databases;
-pub mod facts;
-pub mod grants;
-pub mod manifest;
+pub mod db;
+pub mod files;
+pub mod host;
 pub mod metrics;
 pub mod operations;
-pub mod pg;
-pub mod post_migration;
-pub mod publication;
-pub mod pull;
-pub mod replication;
-pub mod rsync_args;
-pub mod served;
+pub mod plane;
 pub mod server;
-pub mod services;
-pub mod standby;
-pub mod subscription;
-pub mod tunnel;
-pub mod verified_point;

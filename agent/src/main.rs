@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bmfleet_agent::config::AgentConfig;
-use bmfleet_agent::pull::env;
-use bmfleet_agent::tunnel::{self, TunnelRequest};
+use bmfleet_agent::files::pull::env;
+use bmfleet_agent::plane::tunnel::{self, TunnelRequest};
 use bmfleet_proto::identity::Role;
 use bmfleet_proto::process::{init_daemon, shutdown_signal};
 use bmfleet_proto::tls::{LocalIdentity, TlsFiles};

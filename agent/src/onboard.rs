@@ -324,7 +324,7 @@ pub async fn configure(args: ConfigureArgs) -> anyhow::Result<()> {
     if let Some(pg) = postgresql.as_table_mut() {
         if !pg.contains_key("bin_dir") {
             // The agent's own choice (the newest installed major), pinned in the file.
-            let bin = bmfleet_agent::pg::bin_dir(&Default::default());
+            let bin = bmfleet_agent::db::pg::bin_dir(&Default::default());
             if bin.join("pg_dump").exists() {
                 found.push(format!("PostgreSQL client programs in {}", bin.display()));
                 pg.insert("bin_dir".into(), path(&bin));
@@ -385,7 +385,7 @@ pub async fn configure(args: ConfigureArgs) -> anyhow::Result<()> {
     }
     out += &toml::to_string(&table).context("cannot render the configuration")?;
     let config = AgentConfig::parse(&out, &args.out)?;
-    let version = bmfleet_agent::facts::bluemind_version(&config).await;
+    let version = bmfleet_agent::host::facts::bluemind_version(&config).await;
     if version.is_empty() {
         found.push("no BlueMind version (facts.bluemind_version_command found none)".into());
     } else {

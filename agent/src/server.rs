@@ -24,10 +24,13 @@ use tonic::{Request, Response, Status};
 
 use crate::config::AgentConfig;
 use crate::data_plane::DataPlane;
-use crate::grants::{Grant, GrantStore};
+use crate::db::{databases, standby};
+use crate::files::{config_set, pull};
+use crate::host::{cutover, facts, served, services};
 use crate::metrics::{AgentMetrics, Outcome};
 use crate::operations::{once, once_unless, Journal};
-use crate::{config_set, cutover, databases, facts, pull, served, services, standby};
+use crate::plane::grants::now_ms;
+use crate::plane::grants::{Grant, GrantStore};
 
 /// File name of the agent's database (operation journal and grants) inside the state dir.
 pub const JOURNAL_FILE: &str = "operations.db";
@@ -51,7 +54,7 @@ pub enum AgentError {
     Journal(#[from] crate::operations::JournalError),
     /// The grant store could not be opened.
     #[error(transparent)]
-    Grants(#[from] crate::grants::GrantStoreError),
+    Grants(#[from] crate::plane::grants::GrantStoreError),
     /// The data-plane listener could not be bound.
     #[error("cannot listen for the data plane on {address}: {source}")]
     DataListen {
@@ -73,14 +76,6 @@ pub enum AgentError {
     Serve(#[from] tonic::transport::Error),
 }
 
-/// Now, Unix milliseconds (the agent's only clock read, at its edge).
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
 /// The Agent API of one host.
 pub struct AgentService {
     config: Arc<AgentConfig>,
@@ -91,7 +86,7 @@ pub struct AgentService {
     tunnel_tls: Arc<rustls::ClientConfig>,
     metrics: Arc<AgentMetrics>,
     /// Origin side: the change journals of the instances it serves.
-    changes: Arc<crate::change_journal::ChangeJournals>,
+    changes: Arc<crate::files::change_journal::ChangeJournals>,
     /// Target side: the relay of a standby that follows its origin.
     relay: Arc<standby::Relay>,
 }
@@ -151,7 +146,7 @@ impl AgentService {
     fn clean_replication(&self) {
         let (config, grants) = (self.config.clone(), self.grants.clone());
         tokio::spawn(async move {
-            crate::replication::clean_leftovers(&config, &grants, now_ms()).await;
+            crate::db::leftovers::clean_leftovers(&config, &grants, now_ms()).await;
         });
     }
 
@@ -260,7 +255,7 @@ impl Agent for AgentService {
                 .map(|p| self.config.host_path(p))
                 .collect();
             let changes = self.changes.clone();
-            let key = crate::change_journal::key(&grant.migration, &grant.target_name);
+            let key = crate::files::change_journal::key(&grant.migration, &grant.target_name);
             let _ = tokio::task::spawn_blocking(move || changes.ensure(&key, roots)).await;
         }
         Ok(Response::new(GrantReply {
@@ -292,7 +287,7 @@ impl Agent for AgentService {
         };
         if req.grant_id.is_empty() {
             // The instance ended: its journal stops.
-            self.changes.stop(&crate::change_journal::key(
+            self.changes.stop(&crate::files::change_journal::key(
                 &req.migration,
                 &req.target_name,
             ));
@@ -316,7 +311,7 @@ impl Agent for AgentService {
             req.paths.clone()
         };
         for p in &paths {
-            let path = crate::rsync_args::clean_absolute(p)
+            let path = crate::files::rsync_args::clean_absolute(p)
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
             if let Some(reason) = self.config.refuse_data_path(&path) {
                 return Err(Status::permission_denied(format!("pull refused: {reason}")));
@@ -416,7 +411,7 @@ impl Agent for AgentService {
                 };
             }
             if req.promote {
-                standby::promote(&config, tls, &relay, &origin).await
+                crate::db::follower::promote(&config, tls, &relay, &origin).await
             } else {
                 databases::move_databases(&config, tls, &origin, format, req.jobs).await
             }
@@ -449,7 +444,7 @@ impl Agent for AgentService {
                 };
             }
             if req.logical {
-                crate::subscription::follow(&config, tls, &relay, &origin).await
+                crate::db::subscription::follow(&config, tls, &relay, &origin).await
             } else {
                 standby::follow(&config, tls, &relay, &origin).await
             }
@@ -468,17 +463,19 @@ impl Agent for AgentService {
         request: Request<EndFollowingRequest>,
     ) -> Result<Response<EndFollowingReply>, Status> {
         let req = request.into_inner();
-        let reply = match standby::end_following(&self.config, &self.relay, &req.origin_name).await
-        {
-            Ok(ended) => EndFollowingReply {
-                ended,
-                error: String::new(),
-            },
-            Err(error) => EndFollowingReply {
-                ended: false,
-                error,
-            },
-        };
+        let reply =
+            match crate::db::follower::end_following(&self.config, &self.relay, &req.origin_name)
+                .await
+            {
+                Ok(ended) => EndFollowingReply {
+                    ended,
+                    error: String::new(),
+                },
+                Err(error) => EndFollowingReply {
+                    ended: false,
+                    error,
+                },
+            };
         Ok(Response::new(reply))
     }
 
@@ -488,12 +485,18 @@ impl Agent for AgentService {
     ) -> Result<Response<VerifyFollowingReply>, Status> {
         let req = request.into_inner();
         let started = std::time::Instant::now();
-        let outcome = match standby::following(&self.config) {
+        let outcome = match crate::db::follow::following(&self.config) {
             Some(state) if state.name == req.origin_name && state.logical.is_some() => {
-                crate::block_point::establish(&self.config, self.tunnel_tls.clone(), state).await
+                crate::db::gate::block_point::establish(
+                    &self.config,
+                    self.tunnel_tls.clone(),
+                    state,
+                )
+                .await
             }
             Some(state) if state.name == req.origin_name => {
-                crate::verified_point::establish(&self.config, self.tunnel_tls.clone()).await
+                crate::db::gate::verified_point::establish(&self.config, self.tunnel_tls.clone())
+                    .await
             }
             Some(state) => Err(format!(
                 "this host follows {}, not {}",
@@ -534,12 +537,14 @@ impl Agent for AgentService {
         let id = req.operation_id.clone();
         let run = async move {
             let version = facts::bluemind_version(&config).await;
-            tokio::task::spawn_blocking(move || crate::post_migration::run(&config, &req, &version))
-                .await
-                .unwrap_or_else(|e| PostMigrationReply {
-                    error: format!("post-migration task: {e}"),
-                    ..Default::default()
-                })
+            tokio::task::spawn_blocking(move || {
+                crate::bluemind::post_migration::run(&config, &req, &version)
+            })
+            .await
+            .unwrap_or_else(|e| PostMigrationReply {
+                error: format!("post-migration task: {e}"),
+                ..Default::default()
+            })
         };
         self.journaled(&id, "post_migration", &encoded, run).await
     }
@@ -559,7 +564,7 @@ impl Agent for AgentService {
             req.paths
         };
         for p in &paths {
-            crate::rsync_args::clean_absolute(p)
+            crate::files::rsync_args::clean_absolute(p)
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
         }
         let (list, since) = (req.entries, req.content_since_unix_ms);
@@ -567,10 +572,10 @@ impl Agent for AgentService {
             paths
                 .iter()
                 .map(|p| {
-                    crate::manifest::of_dir(
+                    crate::files::manifest::of_dir(
                         p,
                         &config.host_path(std::path::Path::new(p)),
-                        &[crate::pull::PARTIAL_DIR],
+                        &[crate::files::pull::PARTIAL_DIR],
                         list,
                         since,
                     )
@@ -748,7 +753,7 @@ async fn copy_config(config: &AgentConfig, origin: &OriginEndpoint) -> CopyConfi
     ]
     .iter()
     .map(|s| s.to_string())
-    .chain([crate::rsync_args::timeout_option()])
+    .chain([crate::files::rsync_args::timeout_option()])
     .collect();
     let dest = format!("{}/", staging.path().display());
     let run = match pull::rsync_through_tunnel(

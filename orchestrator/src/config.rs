@@ -1,6 +1,7 @@
 //! The orchestrator's configuration file (TOML).
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use bmfleet_proto::config_file::{self, ConfigError};
@@ -40,7 +41,7 @@ pub struct OrchestratorConfig {
     pub agent: Vec<AgentEntry>,
     /// Enrollment with one-time join tokens; absent: no enrollment listener.
     #[serde(default)]
-    pub enrollment: Option<crate::enrollment::EnrollmentConfig>,
+    pub enrollment: Option<EnrollmentConfig>,
 }
 
 /// One agent: the name its certificate must carry and where it listens.
@@ -188,5 +189,47 @@ address = "198.18.0.2:7443"
             .unwrap_err()
             .to_string();
         assert!(err.contains("adress") && err.contains("line 10"), "{err}");
+    }
+}
+
+/// The `[enrollment]` section of the orchestrator's configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollmentConfig {
+    /// Where the Enrollment service listens (TLS without client certificates).
+    pub listen: SocketAddr,
+    /// host:port hosts dial to enroll (default: `listen`); `bmctl fleet enroll` writes it
+    /// into each host's command line.
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// The fleet's PKI directory (`bmctl fleet pki init`): its CA key signs the requests.
+    pub pki_dir: PathBuf,
+    /// Validity of an enrolled agent's certificate, days.
+    #[serde(default = "default_certificate_days")]
+    pub certificate_days: u32,
+    /// Lifetime of a join token when the operator asks none, seconds.
+    #[serde(default = "default_token_ttl")]
+    pub token_ttl_secs: u32,
+    /// The longest lifetime an operator may ask, seconds.
+    #[serde(default = "default_token_max_ttl")]
+    pub token_max_ttl_secs: u32,
+}
+
+fn default_certificate_days() -> u32 {
+    365
+}
+fn default_token_ttl() -> u32 {
+    900
+}
+fn default_token_max_ttl() -> u32 {
+    86_400
+}
+
+impl EnrollmentConfig {
+    /// The address hosts dial.
+    pub fn enroll_address(&self) -> String {
+        self.advertise
+            .clone()
+            .unwrap_or_else(|| self.listen.to_string())
     }
 }

@@ -12,8 +12,6 @@
 //!   --revoke` work on it. A re-enrollment of a name revokes its previous certificate.
 //! - Every attempt, refused ones included, is audited (caller "-", its address).
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use bmfleet_proto::admission::Limits;
@@ -22,54 +20,13 @@ use bmfleet_proto::pki::{self, IssueRequest};
 use bmfleet_proto::tls::{accept_tls, bounded_server, LocalIdentity, Policy, TrustStore};
 use bmfleet_proto::v1::enrollment_server::{Enrollment, EnrollmentServer};
 use bmfleet_proto::v1::{EnrollReply, EnrollRequest};
-use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
 use crate::clock::Clock;
+use crate::config::EnrollmentConfig;
+use crate::error::OrchestratorError;
 use crate::state::{AuditRecord, State, StoredToken};
-
-/// The `[enrollment]` section of the orchestrator's configuration.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EnrollmentConfig {
-    /// Where the Enrollment service listens (TLS without client certificates).
-    pub listen: SocketAddr,
-    /// host:port hosts dial to enroll (default: `listen`); `bmctl fleet enroll` writes it
-    /// into each host's command line.
-    #[serde(default)]
-    pub advertise: Option<String>,
-    /// The fleet's PKI directory (`bmctl fleet pki init`): its CA key signs the requests.
-    pub pki_dir: PathBuf,
-    /// Validity of an enrolled agent's certificate, days.
-    #[serde(default = "default_certificate_days")]
-    pub certificate_days: u32,
-    /// Lifetime of a join token when the operator asks none, seconds.
-    #[serde(default = "default_token_ttl")]
-    pub token_ttl_secs: u32,
-    /// The longest lifetime an operator may ask, seconds.
-    #[serde(default = "default_token_max_ttl")]
-    pub token_max_ttl_secs: u32,
-}
-
-fn default_certificate_days() -> u32 {
-    365
-}
-fn default_token_ttl() -> u32 {
-    900
-}
-fn default_token_max_ttl() -> u32 {
-    86_400
-}
-
-impl EnrollmentConfig {
-    /// The address hosts dial.
-    pub fn enroll_address(&self) -> String {
-        self.advertise
-            .clone()
-            .unwrap_or_else(|| self.listen.to_string())
-    }
-}
 
 /// The version prefix of a join token.
 const TOKEN_PREFIX: &str = "bmj1";
@@ -226,9 +183,9 @@ pub fn serve(
     identity: &LocalIdentity,
     state: Arc<State>,
     clock: Arc<dyn Clock>,
-) -> Result<tokio::task::JoinHandle<()>, crate::OrchestratorError> {
+) -> Result<tokio::task::JoinHandle<()>, OrchestratorError> {
     let address = config.listen;
-    let bind_err = |source| crate::OrchestratorError::Enrollment {
+    let bind_err = |source| OrchestratorError::Enrollment {
         address: address.to_string(),
         source,
     };

@@ -17,8 +17,8 @@ use crate::agents::AgentPool;
 use crate::clock::Clock;
 use crate::conductor::{Conductor, ConductorError};
 use crate::config::AgentEntry;
+use crate::config::EnrollmentConfig;
 use crate::engine::Command;
-use crate::enrollment::EnrollmentConfig;
 use std::collections::HashMap;
 
 use crate::state::{AuditRecord, State};

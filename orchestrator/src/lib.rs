@@ -17,6 +17,7 @@ pub mod config;
 pub mod db_sync;
 pub mod engine;
 pub mod enrollment;
+pub mod error;
 pub mod eta;
 pub mod fleet;
 pub mod fleet_api;
@@ -45,38 +46,7 @@ use crate::config::OrchestratorConfig;
 use crate::fleet_api::FleetApi;
 use crate::state::State;
 
-/// Why the orchestrator could not start or stopped serving.
-#[derive(Debug, thiserror::Error)]
-pub enum OrchestratorError {
-    /// Identity files unusable.
-    #[error(transparent)]
-    Tls(#[from] bmfleet_proto::tls::TlsError),
-    /// The state database is unusable.
-    #[error(transparent)]
-    State(#[from] state::StateError),
-    /// The metrics listener could not be bound.
-    #[error("cannot serve metrics on {address}: {source}")]
-    Metrics {
-        /// The address.
-        address: String,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The stored fleet could not be resumed.
-    #[error("resuming the applied fleet: {0}")]
-    Resume(#[from] conductor::ConductorError),
-    /// The enrollment listener could not be bound.
-    #[error("cannot serve enrollment on {address}: {source}")]
-    Enrollment {
-        /// The address.
-        address: String,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The gRPC server failed.
-    #[error("serving the Fleet API: {0}")]
-    Serve(#[from] tonic::transport::Error),
-}
+pub use error::OrchestratorError;
 
 /// Who runs the migration steps.
 pub enum StepRunner {

@@ -635,7 +635,7 @@ fn check_outcomes(
                 for dir in bmfleet_proto::BLUEMIND_DATA_DIRS {
                     let rel = dir.trim_start_matches('/');
                     let manifest = |host: &str| {
-                        bmfleet_agent::manifest::of_dir(
+                        bmfleet_agent::files::manifest::of_dir(
                             dir,
                             &fleet.root(host).join(rel),
                             &[],

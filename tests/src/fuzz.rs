@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use bmfleet_agent::tunnel::TunnelRequest;
+use bmfleet_agent::plane::tunnel::TunnelRequest;
 
 /// An input that computes longer than this is a finding (a hang in the making).
 pub const SLOW: Duration = Duration::from_secs(2);
@@ -260,7 +260,8 @@ pub fn targets() -> Vec<Target> {
                 runtime().block_on(async {
                     let mut source = input;
                     let mut sink = Vec::new();
-                    let _ = bmfleet_agent::tunnel::receive_framed(&mut source, &mut sink).await;
+                    let _ =
+                        bmfleet_agent::plane::tunnel::receive_framed(&mut source, &mut sink).await;
                 });
             },
         },
@@ -268,8 +269,8 @@ pub fn targets() -> Vec<Target> {
             name: "manifests",
             dictionary: JSON_WORDS,
             run: |input| {
-                let _ = serde_json::from_slice::<bmfleet_agent::manifest::PathState>(input);
-                let _ = serde_json::from_slice::<bmfleet_agent::data_plane::ManifestReply>(input);
+                let _ = serde_json::from_slice::<bmfleet_agent::files::manifest::PathState>(input);
+                let _ = serde_json::from_slice::<bmfleet_agent::db::compare::ManifestReply>(input);
             },
         },
         Target {
@@ -296,8 +297,9 @@ pub fn targets() -> Vec<Target> {
                     parts.next().unwrap_or_default(),
                     parts.next().unwrap_or_default(),
                 );
-                let _ = bmfleet_agent::post_migration::networks(value);
-                let _ = bmfleet_agent::post_migration::replace_address(value, origin, target);
+                let _ = bmfleet_agent::bluemind::post_migration::networks(value);
+                let _ =
+                    bmfleet_agent::bluemind::post_migration::replace_address(value, origin, target);
             },
         },
         Target {
@@ -307,10 +309,12 @@ pub fn targets() -> Vec<Target> {
                 // What the agent reads in BlueMind's answers: a LoginResponse, a TaskRef, a
                 // SystemConf (then its mynetworks value, as the "mynetworks" target does).
                 if let Ok(answer) = serde_json::from_slice::<serde_json::Value>(input) {
-                    let _ = bmfleet_agent::post_migration::login_key(&answer);
-                    let _ = bmfleet_agent::post_migration::task_id("/api/x", &answer);
-                    if let Ok(value) = bmfleet_agent::post_migration::mynetworks_of(&answer) {
-                        let _ = bmfleet_agent::post_migration::networks(&value);
+                    let _ = bmfleet_agent::bluemind::post_migration::login_key(&answer);
+                    let _ = bmfleet_agent::bluemind::post_migration::task_id("/api/x", &answer);
+                    if let Ok(value) =
+                        bmfleet_agent::bluemind::post_migration::mynetworks_of(&answer)
+                    {
+                        let _ = bmfleet_agent::bluemind::post_migration::networks(&value);
                     }
                 }
             },
@@ -347,10 +351,10 @@ pub fn targets() -> Vec<Target> {
 /// The origin's argv check, and what it must guarantee when it accepts: rebuilt, the paths are
 /// the clean absolute ones it checked.
 fn check_argv(argv: &[String]) {
-    if let Ok(args) = bmfleet_agent::rsync_args::parse_sender(argv) {
+    if let Ok(args) = bmfleet_agent::files::rsync_args::parse_sender(argv) {
         for p in &args.paths {
             assert!(
-                bmfleet_agent::rsync_args::clean_absolute(p).is_ok(),
+                bmfleet_agent::files::rsync_args::clean_absolute(p).is_ok(),
                 "accepted an unclean path {p:?}"
             );
         }

@@ -506,11 +506,11 @@ impl LabFleet {
             .root(host)
             .join("var/lib/bmfleet-agent")
             .join(bmfleet_agent::server::JOURNAL_FILE);
-        let store = bmfleet_agent::grants::GrantStore::open(&db).expect("grant store");
+        let store = bmfleet_agent::plane::grants::GrantStore::open(&db).expect("grant store");
         let until = std::time::Instant::now() + wait;
         loop {
             let valid = store
-                .valid(bmfleet_agent::server::now_ms())
+                .valid(bmfleet_agent::plane::grants::now_ms())
                 .expect("grants");
             if valid.is_empty() || std::time::Instant::now() > until {
                 return valid;
@@ -825,7 +825,7 @@ fn agent_base_toml(
     };
     let socket = pg.dir().join("run").display().to_string();
     let standby = pg.standby_settings();
-    let psql = bmfleet_agent::pg::bin_dir(&Default::default())
+    let psql = bmfleet_agent::db::pg::bin_dir(&Default::default())
         .join("psql")
         .display()
         .to_string();

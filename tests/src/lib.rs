@@ -387,7 +387,7 @@ impl PgCluster {
     pub fn start_in(netns: Option<&str>) -> Self {
         Self::start_with(
             netns,
-            bmfleet_agent::pg::bin_dir(&PostgresConfig::default()),
+            bmfleet_agent::db::pg::bin_dir(&PostgresConfig::default()),
         )
     }
 

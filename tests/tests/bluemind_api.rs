@@ -99,7 +99,7 @@ impl Host {
             mynetworks: mynetworks.into(),
         };
         let version = std::fs::read_to_string(self.path("etc/bm/bm-core.version")).unwrap();
-        bmfleet_agent::post_migration::run(&self.config, &req, version.trim())
+        bmfleet_agent::bluemind::post_migration::run(&self.config, &req, version.trim())
     }
 
     /// Every call the stand-in received.
@@ -133,7 +133,9 @@ impl Host {
     }
 
     fn stored_networks(&self) -> std::collections::BTreeSet<String> {
-        bmfleet_agent::post_migration::networks(self.stored()["mynetworks"].as_str().unwrap())
+        bmfleet_agent::bluemind::post_migration::networks(
+            self.stored()["mynetworks"].as_str().unwrap(),
+        )
     }
 
     fn maps_rebuilt(&self) -> usize {
@@ -202,7 +204,7 @@ fn a_migrated_server_keeps_its_relay_networks_and_gets_the_targets_address() {
     // BlueMind re-adds its server's own address.
     assert!(kept.contains(&format!("{SERVICE_IP}/32")), "{kept:?}");
     assert_eq!(
-        bmfleet_agent::post_migration::networks(&reply.mynetworks_after),
+        bmfleet_agent::bluemind::post_migration::networks(&reply.mynetworks_after),
         kept
     );
     // The maps were rebuilt by BlueMind after the repair, not merely asked for.
@@ -267,7 +269,7 @@ fn an_explicit_value_is_posted_as_is_and_checked_after() {
     let reply = host.run("auto", &wanted);
     assert!(reply.ok, "{}", reply.error);
     let kept = host.stored_networks();
-    for n in bmfleet_agent::post_migration::networks(&wanted) {
+    for n in bmfleet_agent::bluemind::post_migration::networks(&wanted) {
         assert!(kept.contains(&n), "{n} in {kept:?}");
     }
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bmfleet_agent::config::{AgentConfig, PostgresConfig};
-use bmfleet_agent::tunnel::{self, TunnelError, TunnelRequest};
+use bmfleet_agent::plane::tunnel::{self, TunnelError, TunnelRequest};
 use bmfleet_proto::identity::Role;
 use bmfleet_proto::tls::{LocalIdentity, TlsFiles};
 use bmfleet_proto::v1::agent_client::AgentClient;
@@ -130,7 +130,7 @@ impl Pair {
             config_set: false,
             databases: false,
             replication: false,
-            expires_at_unix_ms: bmfleet_agent::server::now_ms() + expires_in_ms,
+            expires_at_unix_ms: bmfleet_agent::plane::grants::now_ms() + expires_in_ms,
         })
         .await;
     }
@@ -353,7 +353,7 @@ fn snapshot(root: &Path) -> BTreeMap<Vec<u8>, Entry> {
             .as_os_str()
             .as_bytes()
             .to_vec();
-        if rel.starts_with(bmfleet_agent::pull::PARTIAL_DIR.as_bytes()) {
+        if rel.starts_with(bmfleet_agent::files::pull::PARTIAL_DIR.as_bytes()) {
             continue;
         }
         let m = e.path().symlink_metadata().unwrap();
@@ -735,10 +735,10 @@ async fn xattrs_acls_and_sparse_files_arrive_and_the_manifest_sees_them() {
     );
     // The verification manifest covers them: equal now, different without the ACL.
     let manifest = |root: &Path| {
-        bmfleet_agent::manifest::of_dir(
+        bmfleet_agent::files::manifest::of_dir(
             SPOOL,
             &spool(root),
-            &[bmfleet_agent::pull::PARTIAL_DIR],
+            &[bmfleet_agent::files::pull::PARTIAL_DIR],
             false,
             0,
         )
@@ -992,7 +992,7 @@ async fn an_agent_grants_and_receives_only_its_data_dirs() {
                 config_set: false,
                 databases: false,
                 replication: false,
-                expires_at_unix_ms: bmfleet_agent::server::now_ms() + 600_000,
+                expires_at_unix_ms: bmfleet_agent::plane::grants::now_ms() + 600_000,
             })
             .await
             .unwrap_err();
@@ -1370,7 +1370,7 @@ async fn the_config_set_is_copied_with_modes_and_owners_and_maps_are_rebuilt() {
         config_set: true,
         databases: false,
         replication: false,
-        expires_at_unix_ms: bmfleet_agent::server::now_ms() + 600_000,
+        expires_at_unix_ms: bmfleet_agent::plane::grants::now_ms() + 600_000,
     })
     .await;
     let reply = p
@@ -1450,7 +1450,7 @@ async fn a_hostile_origin_cannot_write_outside_the_targets_config_patterns() {
                 config_set: true,
                 databases: false,
                 replication: false,
-                expires_at_unix_ms: bmfleet_agent::server::now_ms() + 600_000,
+                expires_at_unix_ms: bmfleet_agent::plane::grants::now_ms() + 600_000,
             },
         )
         .await;
@@ -1579,7 +1579,7 @@ fn watch_command_lines(
 #[tokio::test]
 async fn both_databases_move_identically_in_both_formats_and_the_password_stays_hidden() {
     let (origin_pg, target_pg) = (PgCluster::start(), PgCluster::start());
-    let password = format!("pw-{}-generated", bmfleet_agent::server::now_ms());
+    let password = format!("pw-{}-generated", bmfleet_agent::plane::grants::now_ms());
     origin_databases(&origin_pg, &password);
     // BlueMind's installer makes bj a superuser: the restore runs without that, and bj gets it
     // back after.
@@ -1598,7 +1598,7 @@ async fn both_databases_move_identically_in_both_formats_and_the_password_stays_
         config_set: false,
         databases: true,
         replication: false,
-        expires_at_unix_ms: bmfleet_agent::server::now_ms() + 600_000,
+        expires_at_unix_ms: bmfleet_agent::plane::grants::now_ms() + 600_000,
     })
     .await;
 
@@ -1690,26 +1690,27 @@ async fn both_databases_move_identically_in_both_formats_and_the_password_stays_
         );
     }
     // The target's role now has the origin's password (the copied bm.ini will say so).
-    let login =
-        std::process::Command::new(bmfleet_agent::pg::bin_dir(&Default::default()).join("psql"))
-            .args([
-                "-X",
-                "-A",
-                "-t",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &target_pg.port.to_string(),
-                "-U",
-                "bj",
-                "-d",
-                "bj",
-                "-c",
-                "SELECT current_user",
-            ])
-            .env("PGPASSWORD", &password)
-            .output()
-            .unwrap();
+    let login = std::process::Command::new(
+        bmfleet_agent::db::pg::bin_dir(&Default::default()).join("psql"),
+    )
+    .args([
+        "-X",
+        "-A",
+        "-t",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &target_pg.port.to_string(),
+        "-U",
+        "bj",
+        "-d",
+        "bj",
+        "-c",
+        "SELECT current_user",
+    ])
+    .env("PGPASSWORD", &password)
+    .output()
+    .unwrap();
     assert_eq!(
         String::from_utf8_lossy(&login.stdout).trim(),
         "bj",
@@ -1797,7 +1798,7 @@ async fn a_hostile_origin_cannot_run_code_or_touch_other_databases_on_the_target
              ALTER FUNCTION public.evil(int) OWNER TO bj; \
              SET ROLE bj; CREATE TABLE t (id int CHECK (public.evil(id) > 0)); INSERT INTO t VALUES (1);",
             port = target_pg.port,
-            payload = bmfleet_agent::pg::literal(&attack.payload()),
+            payload = bmfleet_agent::db::pg::literal(&attack.payload()),
         ),
     );
     target_pg.sql("postgres", "CREATE ROLE bj LOGIN; CREATE DATABASE victim; ");
@@ -1819,7 +1820,7 @@ async fn a_hostile_origin_cannot_run_code_or_touch_other_databases_on_the_target
         config_set: false,
         databases: true,
         replication: false,
-        expires_at_unix_ms: bmfleet_agent::server::now_ms() + 600_000,
+        expires_at_unix_ms: bmfleet_agent::plane::grants::now_ms() + 600_000,
     };
     let moved = |endpoint: OriginEndpoint, op: &'static str| {
         let mut target = p.target.clone();
@@ -1863,7 +1864,7 @@ async fn a_hostile_origin_cannot_run_code_or_touch_other_databases_on_the_target
     // 2. A "pg_dump" of the origin's choosing serves plain SQL with psql meta-commands.
     let bin = p.dir.path().join("hostile-bin");
     std::fs::create_dir_all(&bin).unwrap();
-    let real = bmfleet_agent::pg::bin_dir(&Default::default());
+    let real = bmfleet_agent::db::pg::bin_dir(&Default::default());
     std::os::unix::fs::symlink(real.join("psql"), bin.join("psql")).unwrap();
     write(
         &bin.join("pg_dump"),
@@ -1890,7 +1891,7 @@ async fn a_hostile_origin_cannot_run_code_or_touch_other_databases_on_the_target
 
 #[tokio::test]
 async fn table_checksums_ignore_row_order_and_tell_a_changed_row() {
-    use bmfleet_agent::pg::{Checksum, Connection};
+    use bmfleet_agent::db::pg::{Checksum, Connection};
     let pg = PgCluster::start();
     pg.sql("postgres", "CREATE DATABASE a; CREATE DATABASE b;");
     let table = "CREATE TABLE t (id int, v text, f float8); \
@@ -1929,7 +1930,7 @@ fn databases_grant(id: &str) -> GrantRequest {
         target_name: "target-1".into(),
         migration: "m1".into(),
         databases: true,
-        expires_at_unix_ms: bmfleet_agent::server::now_ms() + 600_000,
+        expires_at_unix_ms: bmfleet_agent::plane::grants::now_ms() + 600_000,
         ..Default::default()
     }
 }
@@ -1941,7 +1942,7 @@ fn replication_grant(id: &str) -> GrantRequest {
         target_name: "target-1".into(),
         migration: "m1".into(),
         replication: true,
-        expires_at_unix_ms: bmfleet_agent::server::now_ms() + 600_000,
+        expires_at_unix_ms: bmfleet_agent::plane::grants::now_ms() + 600_000,
         ..Default::default()
     }
 }
@@ -2020,7 +2021,7 @@ fn bluemind_writes(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_follows_writes_up_to_the_stop_and_is_promoted_equal_to_the_origin() {
     let (origin_pg, target_pg) = (PgCluster::start(), PgCluster::start());
-    let password = format!("pw-{}-standby", bmfleet_agent::server::now_ms());
+    let password = format!("pw-{}-standby", bmfleet_agent::plane::grants::now_ms());
     origin_databases(&origin_pg, &password);
     origin_pg.sql(
         "bj",
@@ -2213,7 +2214,7 @@ async fn verify_while_bluemind_writes(
 /// A standby following `origin_pg`'s databases (with `t_big`, 100,000 rows, and `t_other`),
 /// its relay streaming.
 async fn standby_pair(origin_pg: &PgCluster, target_pg: &PgCluster, tag: &str) -> Pair {
-    let password = format!("pw-{}-{tag}", bmfleet_agent::server::now_ms());
+    let password = format!("pw-{}-{tag}", bmfleet_agent::plane::grants::now_ms());
     origin_databases(origin_pg, &password);
     origin_pg.sql(
         "bj",
@@ -2783,7 +2784,7 @@ async fn revoke_and_check_origin_clean(p: &mut Pair, origin_pg: &PgCluster) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_across_majors_follows_writes_up_to_the_stop_and_takes_over_equal() {
     let _ = std::fs::remove_file("/tmp/bmfleet-logical-pwned");
-    let password = format!("pw-{}-logical", bmfleet_agent::server::now_ms());
+    let password = format!("pw-{}-logical", bmfleet_agent::plane::grants::now_ms());
     let origin_pg = logical_origin(&password);
     let target_pg = PgCluster::start_from(bmfleet_tests::PG16_BIN.into());
     let mut p = logical_pair(&origin_pg, &target_pg, &password).await;
@@ -2936,7 +2937,7 @@ async fn a_subscription_across_majors_follows_writes_up_to_the_stop_and_takes_ov
 /// A logical origin (with `t_big`, 100,000 rows without a primary key, besides its other
 /// tables) and a subscriber following it across majors.
 async fn subscriber_with_a_big_table(tag: &str) -> (PgCluster, PgCluster, Pair) {
-    let password = format!("pw-{}-{tag}", bmfleet_agent::server::now_ms());
+    let password = format!("pw-{}-{tag}", bmfleet_agent::plane::grants::now_ms());
     let origin_pg = logical_origin(&password);
     origin_pg.sql(
         "bj",
@@ -3096,7 +3097,7 @@ async fn a_row_changed_on_the_subscriber_alone_after_the_point_fails_the_gate() 
 async fn a_subscription_ended_without_takeover_gives_the_target_its_own_databases_back() {
     // The same major on both sides (PostgreSQL 15: its subscriptions are made by a superuser,
     // which the role stops being before they are enabled).
-    let password = format!("pw-{}-logical15", bmfleet_agent::server::now_ms());
+    let password = format!("pw-{}-logical15", bmfleet_agent::plane::grants::now_ms());
     let origin_pg = logical_origin(&password);
     let target_pg = PgCluster::start();
     let mut p = logical_pair(&origin_pg, &target_pg, &password).await;

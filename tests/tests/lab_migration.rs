@@ -312,7 +312,8 @@ fn a_bluemind_api_that_hangs_or_errs_is_retried_until_the_post_migration_succeed
         &std::fs::read_to_string(bm.join("standin-configuration.json")).unwrap(),
     )
     .unwrap();
-    let kept = bmfleet_agent::post_migration::networks(stored["mynetworks"].as_str().unwrap());
+    let kept =
+        bmfleet_agent::bluemind::post_migration::networks(stored["mynetworks"].as_str().unwrap());
     assert!(kept.contains("198.18.0.3/32"), "{kept:?}");
     assert!(!kept.contains("198.18.0.2/32"), "{kept:?}");
 }
@@ -545,7 +546,9 @@ fn three_instances_migrate_with_no_mail_lost() {
             &std::fs::read_to_string(target.join("etc/bm/standin-configuration.json")).unwrap(),
         )
         .unwrap();
-        let kept = bmfleet_agent::post_migration::networks(stored["mynetworks"].as_str().unwrap());
+        let kept = bmfleet_agent::bluemind::post_migration::networks(
+            stored["mynetworks"].as_str().unwrap(),
+        );
         assert!(kept.contains(CUSTOMER_RELAY), "pair {i}: {kept:?}");
         assert!(
             kept.contains(&format!("{target_host}/32")),

@@ -198,12 +198,14 @@ address = "{agent}"
             name: "origin-1".into(),
             grant_id: "grant-made-up-0000".into(),
         };
-        let request = bmfleet_agent::tunnel::TunnelRequest::DatabaseManifest {
+        let request = bmfleet_agent::plane::tunnel::TunnelRequest::DatabaseManifest {
             grant: endpoint.grant_id.clone(),
             names_only: true,
         };
-        match bmfleet_agent::tunnel::open(&endpoint, tls, &request, Duration::from_secs(10)).await {
-            Err(bmfleet_agent::tunnel::TunnelError::Refused { reason, .. })
+        match bmfleet_agent::plane::tunnel::open(&endpoint, tls, &request, Duration::from_secs(10))
+            .await
+        {
+            Err(bmfleet_agent::plane::tunnel::TunnelError::Refused { reason, .. })
                 if reason.contains("no grant") =>
             {
                 Ok(())

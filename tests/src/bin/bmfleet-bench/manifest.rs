@@ -45,7 +45,7 @@ pub fn run(gib: u64) -> anyhow::Result<()> {
     let mut streamed = Vec::new();
     for _ in 0..3 {
         let started = Instant::now();
-        streamed = bmfleet_agent::manifest::content_digest(Path::new(&path))
+        streamed = bmfleet_agent::files::manifest::content_digest(Path::new(&path))
             .map_err(anyhow::Error::msg)?;
         times.push(started.elapsed().as_secs_f64());
     }

@@ -270,7 +270,7 @@ impl<'a> Manual<'a> {
     /// `dropdb DB; createdb DB` as postgres on the target.
     fn recreate(&self, db: &str) -> anyhow::Result<()> {
         let pg = self.fleet.pg(&self.target);
-        let bin = bmfleet_agent::pg::bin_dir(&Default::default());
+        let bin = bmfleet_agent::db::pg::bin_dir(&Default::default());
         for (program, owner) in [("dropdb", None), ("createdb", Some("bj"))] {
             let mut cmd = Command::new("runuser");
             cmd.args(["-u", "postgres", "--"])

@@ -11,15 +11,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bmfleet_proto::v1::{
-    DatabaseMove, DumpFormat, MoveDatabasesReply, OriginEndpoint, TableComparison,
-};
+use bmfleet_proto::v1::{DatabaseMove, DumpFormat, MoveDatabasesReply, OriginEndpoint};
 use tokio::io::AsyncWriteExt;
 
 use crate::config::AgentConfig;
-use crate::data_plane::ManifestReply;
-use crate::pg::{ident, literal, Checksum, Connection, DatabaseManifest};
-use crate::tunnel::{self, receive_framed, TunnelRequest};
+use crate::db::compare::ManifestReply;
+use crate::db::compare::{compare, origin_manifest, reply};
+use crate::db::pg::{ident, literal, Checksum, Connection, DatabaseManifest};
+use crate::plane::tunnel::{self, receive_framed, TunnelRequest};
 
 /// Moves every BlueMind database present on the origin. Never fails as a call: the reply
 /// says what moved and what did not.
@@ -35,30 +34,6 @@ pub async fn move_databases(
         moved.gate = "every table compared (dump and restore)".into();
     }
     moved
-}
-
-/// The reply for what moved (ok when every table matches), or why nothing could be compared.
-pub fn reply(moved: Result<Vec<DatabaseMove>, String>, what: &str) -> MoveDatabasesReply {
-    match moved {
-        Ok(databases) => {
-            let ok = databases.iter().all(|d| d.tables.iter().all(|t| t.equal));
-            MoveDatabasesReply {
-                ok,
-                error: if ok {
-                    String::new()
-                } else {
-                    format!("tables differ between origin and target after {what}")
-                },
-                databases,
-                ..Default::default()
-            }
-        }
-        Err(error) => MoveDatabasesReply {
-            ok: false,
-            error,
-            ..Default::default()
-        },
-    }
 }
 
 async fn run(
@@ -80,7 +55,7 @@ async fn run(
         .collect();
     let admin = Connection::admin(pg_config);
     let owner = &pg_config.user;
-    let verifier = crate::pg::scram_verifier(&found.password)?;
+    let verifier = crate::db::pg::scram_verifier(&found.password)?;
     let demoted = prepare_owner(&admin, owner, &verifier).await?;
     let moved = move_all(config, tls, origin, &found, &names, format, jobs).await;
     if let Some(attributes) = demoted {
@@ -153,96 +128,6 @@ async fn move_all(
             m
         })
         .collect())
-}
-
-/// Every table of this host's BlueMind databases (as its own configuration names them), as
-/// the owner role: the target's half of the comparison.
-pub async fn own_manifests(
-    config: &AgentConfig,
-    owner: &Connection,
-) -> Result<Vec<DatabaseManifest>, String> {
-    let names = owner
-        .existing_databases(&config.postgresql.databases)
-        .await
-        .map_err(|e| e.to_string())?;
-    let checksum = Checksum::for_origin(
-        owner
-            .server_version_num()
-            .await
-            .map_err(|e| e.to_string())?,
-    );
-    let mut manifests = Vec::new();
-    for name in &names {
-        manifests.push(
-            owner
-                .manifest(name, checksum)
-                .await
-                .map_err(|e| e.to_string())?,
-        );
-    }
-    Ok(manifests)
-}
-
-/// The origin's tables compared with this host's, database by database (`elapsed_ms`: how
-/// long the move took).
-pub fn compare_all(
-    theirs: &ManifestReply,
-    ours: &[DatabaseManifest],
-    elapsed_ms: u64,
-) -> Vec<DatabaseMove> {
-    compare_manifests(&theirs.databases, ours, elapsed_ms)
-}
-
-/// The origin's databases compared with this host's, database by database.
-pub fn compare_manifests(
-    theirs: &[DatabaseManifest],
-    ours: &[DatabaseManifest],
-    elapsed_ms: u64,
-) -> Vec<DatabaseMove> {
-    theirs
-        .iter()
-        .map(|origin_db| {
-            let empty = DatabaseManifest {
-                name: origin_db.name.clone(),
-                tables: Vec::new(),
-                sequences: Vec::new(),
-            };
-            let target_db = ours
-                .iter()
-                .find(|d| d.name == origin_db.name)
-                .unwrap_or(&empty);
-            DatabaseMove {
-                name: origin_db.name.clone(),
-                dump_bytes: 0,
-                elapsed_ms,
-                tables: compare(origin_db, target_db),
-            }
-        })
-        .collect()
-}
-
-/// The origin's databases: names, sequence values and credentials, with every table's rows
-/// and checksum when `checksums`.
-pub async fn origin_manifest(
-    config: &AgentConfig,
-    tls: Arc<rustls::ClientConfig>,
-    origin: &OriginEndpoint,
-    checksums: bool,
-) -> Result<ManifestReply, String> {
-    let timeout = Duration::from_secs(config.data_plane.connect_timeout_secs);
-    let request = TunnelRequest::DatabaseManifest {
-        grant: origin.grant_id.clone(),
-        names_only: !checksums,
-    };
-    let (_, manifest) = tunnel::ask(
-        origin,
-        tls,
-        &request,
-        timeout,
-        "the origin's database manifest",
-    )
-    .await?;
-    Ok(manifest)
 }
 
 /// Makes the owner role ready to restore: created if missing (LOGIN, nothing more), its
@@ -500,37 +385,10 @@ fn finish_restore(
     Ok(bytes)
 }
 
-/// Table by table: rows and checksums on both sides; a table missing on one side differs.
-pub fn compare(origin: &DatabaseManifest, target: &DatabaseManifest) -> Vec<TableComparison> {
-    let mut names: Vec<&str> = origin
-        .tables
-        .iter()
-        .chain(target.tables.iter())
-        .map(|t| t.table.as_str())
-        .collect();
-    names.sort();
-    names.dedup();
-    names
-        .into_iter()
-        .map(|name| {
-            let o = origin.tables.iter().find(|t| t.table == name);
-            let t = target.tables.iter().find(|t| t.table == name);
-            TableComparison {
-                table: name.to_string(),
-                origin_rows: o.map_or(0, |x| x.rows),
-                target_rows: t.map_or(0, |x| x.rows),
-                origin_checksum: o.map(|x| x.checksum.clone()).unwrap_or_default(),
-                target_checksum: t.map(|x| x.checksum.clone()).unwrap_or_default(),
-                equal: matches!((o, t), (Some(a), Some(b)) if a.rows == b.rows && a.checksum == b.checksum),
-            }
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pg::TableManifest;
+    use crate::db::pg::TableManifest;
 
     fn db(tables: &[(&str, u64, &str)]) -> DatabaseManifest {
         DatabaseManifest {

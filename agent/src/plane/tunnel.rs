@@ -112,7 +112,7 @@ pub enum TunnelRequest {
         /// The verified point's WAL position.
         since: String,
         /// Its tables' files.
-        tables: Vec<crate::verified_point::TableFile>,
+        tables: Vec<crate::plane::tunnel::TableFile>,
     },
 }
 
@@ -472,4 +472,17 @@ mod tests {
             read_json_line(&mut BufReader::new(&b"{\"ok\":true}"[..])).await;
         assert!(matches!(r, Err(LineError::Closed)));
     }
+}
+
+/// One table's file when the verified point was taken.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableFile {
+    /// The database.
+    pub database: String,
+    /// Its schema.
+    pub schema: String,
+    /// The table.
+    pub table: String,
+    /// `pg_relation_filenode`.
+    pub filenode: u32,
 }

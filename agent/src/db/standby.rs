@@ -27,14 +27,16 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bmfleet_proto::v1::{DatabaseMove, FollowDatabasesReply, MoveDatabasesReply, OriginEndpoint};
-use serde::{Deserialize, Serialize};
+use bmfleet_proto::v1::{DatabaseMove, FollowDatabasesReply, OriginEndpoint};
 use tokio::task::JoinHandle;
 
 use crate::config::AgentConfig;
-use crate::pg::{literal, Connection};
-use crate::replication::{FollowTicket, WalPosition};
-use crate::tunnel::{self, receive_framed, TunnelRequest};
+use crate::db::compare::origin_checksums;
+use crate::db::follow::{follow_reply, following, set_following, Following};
+use crate::db::pg::{literal, Connection};
+use crate::db::replication::FollowTicket;
+use crate::db::wal::{major, parse_lsn, position_to_reach};
+use crate::plane::tunnel::{self, receive_framed, TunnelRequest};
 
 /// The configuration files a cluster keeps in its data directory; the target's own are used.
 const OWN_FILES: [&str; 4] = [
@@ -46,74 +48,6 @@ const OWN_FILES: [&str; 4] = [
 
 /// The port in the relay socket's name (`.s.PGSQL.5432`).
 pub const RELAY_PORT: u16 = 5432;
-
-/// What this host follows, kept in the state dir across restarts.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Following {
-    /// The origin's data plane (address, name) and the replication grant.
-    pub address: String,
-    /// The origin's name.
-    pub name: String,
-    /// The replication grant.
-    pub grant_id: String,
-    /// BlueMind's database password (the owner role's, from the origin).
-    pub bluemind_password: String,
-    /// Promoted already (a repeated promotion only compares; the instance's end forgets it).
-    #[serde(default)]
-    pub promoted: bool,
-    /// Following by logical replication (subscriptions), not as a physical standby.
-    #[serde(default)]
-    pub logical: Option<crate::subscription::LogicalFollow>,
-    /// The last verified point with the origin (taken at the pre-window pass): the
-    /// downtime's gate compares only what changed since. A subscriber's holds only the
-    /// origin's position: each side keeps its own sums ([`crate::block_point`]).
-    #[serde(default)]
-    pub verified: Option<crate::verified_point::VerifiedPoint>,
-}
-
-impl Following {
-    /// The origin's data plane under the replication grant.
-    pub fn endpoint(&self) -> OriginEndpoint {
-        OriginEndpoint {
-            address: self.address.clone(),
-            name: self.name.clone(),
-            grant_id: self.grant_id.clone(),
-        }
-    }
-}
-
-fn state_path(config: &AgentConfig) -> PathBuf {
-    config.state_dir.join("standby.json")
-}
-
-/// What this host follows, if it does.
-pub fn following(config: &AgentConfig) -> Option<Following> {
-    let text = std::fs::read_to_string(state_path(config)).ok()?;
-    serde_json::from_str(&text).ok()
-}
-
-/// Records (or, with `None`, forgets) what this host follows.
-pub fn set_following(config: &AgentConfig, state: Option<&Following>) -> Result<(), String> {
-    let path = state_path(config);
-    match state {
-        None => match std::fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(format!("removing {}: {e}", path.display()))
-            }
-            _ => Ok(()),
-        },
-        Some(state) => {
-            let json = serde_json::to_vec(state).map_err(|e| e.to_string())?;
-            let tmp = path.with_extension("json.tmp");
-            std::fs::write(&tmp, json)
-                .and_then(|()| {
-                    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
-                })
-                .and_then(|()| std::fs::rename(&tmp, &path))
-                .map_err(|e| format!("writing {}: {e}", path.display()))
-        }
-    }
-}
 
 /// The relay from the standby's WAL receiver to the origin (one listener at a time).
 #[derive(Default)]
@@ -240,11 +174,6 @@ fn data_dir_major(dir: &Path) -> Result<u32, String> {
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// The major of a `server_version_num` (150004 → 15).
-pub fn major(server_version_num: u32) -> u32 {
-    server_version_num / 10_000
-}
-
 async fn server(config: &AgentConfig, start: bool) -> Result<(), String> {
     let pg = &config.postgresql;
     let (what, argv) = if start {
@@ -268,7 +197,12 @@ async fn pg_ctl(config: &AgentConfig, args: &[&str]) -> Result<(), String> {
     let pg = &config.postgresql;
     let dir = data_dir(config)?;
     let mut argv = pg.admin_command_prefix.clone();
-    argv.push(crate::pg::bin_dir(pg).join("pg_ctl").display().to_string());
+    argv.push(
+        crate::db::pg::bin_dir(pg)
+            .join("pg_ctl")
+            .display()
+            .to_string(),
+    );
     argv.extend(args.iter().map(|a| a.to_string()));
     argv.extend(["-D".to_string(), dir.display().to_string()]);
     let result = crate::command::run("postgresql", &argv, Duration::from_secs(300)).await;
@@ -289,24 +223,6 @@ pub async fn follow(
 ) -> FollowDatabasesReply {
     let started = Instant::now();
     follow_reply(started, follow_inner(config, tls, relay, origin).await)
-}
-
-/// The reply to a follow that started at `started`: the bytes copied, or why it failed.
-pub fn follow_reply(started: Instant, followed: Result<u64, String>) -> FollowDatabasesReply {
-    let elapsed_ms = started.elapsed().as_millis() as u64;
-    match followed {
-        Ok(bytes) => FollowDatabasesReply {
-            ok: true,
-            base_backup_bytes: bytes,
-            elapsed_ms,
-            ..Default::default()
-        },
-        Err(error) => FollowDatabasesReply {
-            error,
-            elapsed_ms,
-            ..Default::default()
-        },
-    }
 }
 
 async fn follow_inner(
@@ -409,7 +325,7 @@ async fn follow_inner(
 }
 
 /// Stops following and puts this host's own cluster (the set-aside directory) back, started.
-async fn put_back(config: &AgentConfig, relay: &Relay) -> Result<(), String> {
+pub async fn put_back(config: &AgentConfig, relay: &Relay) -> Result<(), String> {
     let dir = data_dir(config)?;
     let aside = aside_dir(&dir);
     // Without the set-aside cluster, the data dir may be the only copy: it stays.
@@ -431,33 +347,6 @@ async fn put_back(config: &AgentConfig, relay: &Relay) -> Result<(), String> {
     std::fs::rename(&aside, &dir)
         .map_err(|e| format!("putting {} back as {}: {e}", aside.display(), dir.display()))?;
     server(config, true).await
-}
-
-/// The instance ended without a promotion: a standby of `origin_name` stops following and
-/// this host's own cluster comes back. Returns whether there was one.
-pub async fn end_following(
-    config: &AgentConfig,
-    relay: &Relay,
-    origin_name: &str,
-) -> Result<bool, String> {
-    match following(config) {
-        // Promoted: the cluster is the instance's now; only the record goes.
-        Some(state) if state.name == origin_name && state.promoted => {
-            set_following(config, None)?;
-            Ok(false)
-        }
-        Some(state) if state.name == origin_name && state.logical.is_some() => {
-            crate::subscription::end(config, relay, &state).await?;
-            tracing::info!(origin = %origin_name, "the subscriptions ended; this host's own databases are back");
-            Ok(true)
-        }
-        Some(state) if state.name == origin_name => {
-            put_back(config, relay).await?;
-            tracing::info!(origin = %origin_name, "the standby stopped following; this host's own cluster is back");
-            Ok(true)
-        }
-        _ => Ok(false),
-    }
 }
 
 /// The agent is the last word on its disk: a cluster holding databases other than
@@ -720,112 +609,25 @@ fn owner_connection(config: &AgentConfig, password: &str) -> Connection {
     Connection::owner(&config.postgresql, password.to_string())
 }
 
-/// An LSN ("16/B374D848") as a number.
-pub fn parse_lsn(text: &str) -> Option<u64> {
-    let (high, low) = text.trim().split_once('/')?;
-    let high = u64::from_str_radix(high, 16).ok()?;
-    let low = u64::from_str_radix(low, 16).ok()?;
-    (high <= u32::MAX as u64 && low <= u32::MAX as u64).then_some((high << 32) | low)
-}
-
-/// WAL pages (XLOG_BLCKSZ) and their headers' sizes (short, and long at a segment's start).
-const WAL_PAGE: u64 = 8192;
-const SHORT_PAGE_HEADER: u64 = 24;
-const LONG_PAGE_HEADER: u64 = 40;
-
-/// The replay position that proves a standby has everything the origin inserted before
-/// `insert_lsn`. An insert position right after a page header means the last record ended at
-/// the page's boundary (PostgreSQL's `XLogBytePosToRecPtr` skips the header), and a standby's
-/// replay position is a record's end: the boundary itself.
-pub fn caught_up_at(insert_lsn: u64, segment_size: u64) -> u64 {
-    if segment_size > 0 && insert_lsn % segment_size == LONG_PAGE_HEADER {
-        insert_lsn - LONG_PAGE_HEADER
-    } else if insert_lsn % WAL_PAGE == SHORT_PAGE_HEADER {
-        insert_lsn - SHORT_PAGE_HEADER
-    } else {
-        insert_lsn
-    }
-}
-
-/// The stopped origin's half of the comparison, started at once (it runs beside the
-/// catch-up).
-pub fn origin_checksums(
-    config: &AgentConfig,
-    tls: Arc<rustls::ClientConfig>,
-    origin: &OriginEndpoint,
-) -> JoinHandle<Result<crate::data_plane::ManifestReply, String>> {
-    let (config, origin) = (config.clone(), origin.clone());
-    tokio::spawn(
-        async move { crate::databases::origin_manifest(&config, tls, &origin, true).await },
-    )
-}
-
-/// The stopped origin's WAL insert position, and the position a follower must reach to hold
-/// everything written before it ([`caught_up_at`]).
-pub async fn position_to_reach(
-    config: &AgentConfig,
-    tls: Arc<rustls::ClientConfig>,
-    origin: &OriginEndpoint,
-) -> Result<(WalPosition, u64), String> {
-    let timeout = Duration::from_secs(config.data_plane.connect_timeout_secs);
-    let request = TunnelRequest::WalPosition {
-        grant: origin.grant_id.clone(),
-    };
-    let (_, position): (_, WalPosition) =
-        tunnel::ask(origin, tls, &request, timeout, "the origin's WAL position").await?;
-    let insert = parse_lsn(&position.lsn)
-        .ok_or_else(|| format!("the origin's WAL position {:?} is not an LSN", position.lsn))?;
-    let wanted = caught_up_at(insert, position.segment_size);
-    Ok((position, wanted))
-}
-
 /// Catches the standby up with the stopped origin, promotes it, and compares every table
-/// with the origin's. `origin` carries the databases grant of the step.
+/// with the origin's (`state`: what this host follows, a physical standby of `origin`).
 pub async fn promote(
     config: &AgentConfig,
     tls: Arc<rustls::ClientConfig>,
     relay: &Relay,
     origin: &OriginEndpoint,
-) -> MoveDatabasesReply {
-    let (moved, gate) = match promote_inner(config, tls, relay, origin).await {
-        Ok((moved, gate)) => (Ok(moved), gate),
-        Err(e) => (Err(e), String::new()),
-    };
-    MoveDatabasesReply {
-        gate,
-        ..crate::databases::reply(moved, "the promotion")
-    }
-}
-
-async fn promote_inner(
-    config: &AgentConfig,
-    tls: Arc<rustls::ClientConfig>,
-    relay: &Relay,
-    origin: &OriginEndpoint,
+    state: Following,
 ) -> Result<(Vec<DatabaseMove>, String), String> {
     let started = Instant::now();
-    let state = following(config).ok_or(
-        "this host does not follow an origin (FollowDatabases did not run or was undone): \
-         its databases cannot be promoted",
-    )?;
-    if state.name != origin.name {
-        return Err(format!(
-            "this host follows {}, not {}",
-            state.name, origin.name
-        ));
-    }
-    if state.logical.is_some() {
-        return crate::subscription::promote(config, tls, relay, origin, state).await;
-    }
     let owner = owner_connection(config, &state.bluemind_password);
     if state.promoted {
         // A repeated request (the agent restarted after promoting): compare only.
         let (theirs, ours) = tokio::join!(
-            crate::databases::origin_manifest(config, tls, origin, true),
-            crate::databases::own_manifests(config, &owner)
+            crate::db::compare::origin_manifest(config, tls, origin, true),
+            crate::db::compare::own_manifests(config, &owner)
         );
         return Ok((
-            crate::databases::compare_all(&theirs?, &ours?, 0),
+            crate::db::compare::compare_all(&theirs?, &ours?, 0),
             "every table compared (a repeated request)".into(),
         ));
     }
@@ -840,7 +642,7 @@ async fn promote_inner(
                 verified.clone(),
             );
             Gate::Changed(tokio::spawn(async move {
-                crate::verified_point::ask_changed(&config, tls, &origin, &verified).await
+                crate::db::gate::verified_point::ask_changed(&config, tls, &origin, &verified).await
             }))
         }
         None => Gate::Full(origin_checksums(config, tls.clone(), origin)),
@@ -880,8 +682,10 @@ async fn promote_inner(
                     let (stream, selection) = asked
                         .await
                         .map_err(|e| format!("asking for the changed blocks stopped: {e}"))??;
-                    crate::verified_point::compare_selection(config, &owner, stream, selection)
-                        .await
+                    crate::db::gate::verified_point::compare_selection(
+                        config, &owner, stream, selection,
+                    )
+                    .await
                 }
             );
             promoted?;
@@ -890,7 +694,7 @@ async fn promote_inner(
                 Ok((theirs, ours, covered)) => {
                     tracing::info!(origin = %origin.name, %covered, "the databases' gate");
                     return Ok((
-                        crate::databases::compare_manifests(&theirs, &ours, caught_up_ms),
+                        crate::db::compare::compare_manifests(&theirs, &ours, caught_up_ms),
                         covered,
                     ));
                 }
@@ -898,11 +702,11 @@ async fn promote_inner(
                     tracing::warn!(origin = %origin.name, %why, "the gate on the changes since the verified point failed: every table is compared");
                     let fallback = format!("every table compared: the changes since the verified point could not be ({why})");
                     let (theirs, ours) = tokio::join!(
-                        crate::databases::origin_manifest(config, tls, origin, true),
-                        crate::databases::own_manifests(config, &owner)
+                        crate::db::compare::origin_manifest(config, tls, origin, true),
+                        crate::db::compare::own_manifests(config, &owner)
                     );
                     return Ok((
-                        crate::databases::compare_all(&theirs?, &ours?, caught_up_ms),
+                        crate::db::compare::compare_all(&theirs?, &ours?, caught_up_ms),
                         fallback,
                     ));
                 }
@@ -913,7 +717,7 @@ async fn promote_inner(
     // This host's checksums run beside the promotion (sessions outlive it).
     let (promoted, ours) = tokio::join!(
         promote_and_settle(config, relay, &state, already_promoted),
-        crate::databases::own_manifests(config, &owner)
+        crate::db::compare::own_manifests(config, &owner)
     );
     promoted?;
     let ours = ours?;
@@ -922,7 +726,7 @@ async fn promote_inner(
         .await
         .map_err(|e| format!("the origin's checksums stopped: {e}"))??;
     Ok((
-        crate::databases::compare_all(&theirs, &ours, caught_up_ms),
+        crate::db::compare::compare_all(&theirs, &ours, caught_up_ms),
         "every table compared: no verified point".into(),
     ))
 }
@@ -930,9 +734,19 @@ async fn promote_inner(
 /// The origin's half of the downtime's comparison, under way during the catch-up.
 enum Gate {
     /// The blocks changed since the verified point (the tunnel then carries the sums).
-    Changed(JoinHandle<Result<(crate::tunnel::Tunnel, crate::verified_point::Selection), String>>),
+    Changed(
+        JoinHandle<
+            Result<
+                (
+                    crate::plane::tunnel::Tunnel,
+                    crate::db::gate::verified_point::Selection,
+                ),
+                String,
+            >,
+        >,
+    ),
     /// Every table's checksum.
-    Full(JoinHandle<Result<crate::data_plane::ManifestReply, String>>),
+    Full(JoinHandle<Result<crate::db::compare::ManifestReply, String>>),
 }
 
 /// Promotes the standby (`pg_ctl promote`, a signal), puts the target's own settings back
@@ -949,11 +763,11 @@ async fn promote_and_settle(
     relay.stop();
     // The copy holds the origin's catalog, with the replication role the origin made for this
     // grant (LOGIN REPLICATION, a password the origin knows): it goes.
-    let (role, _) = crate::replication::names(&state.grant_id);
+    let (role, _) = crate::db::wal::names(&state.grant_id);
     Connection::admin(&config.postgresql)
         .psql(
             "postgres",
-            &format!("DROP ROLE IF EXISTS {};\n", crate::pg::ident(&role)),
+            &format!("DROP ROLE IF EXISTS {};\n", crate::db::pg::ident(&role)),
         )
         .await
         .map_err(|e| format!("dropping the origin's replication role here: {e}"))?;
@@ -992,27 +806,6 @@ pub fn resume(config: &AgentConfig, tls: Arc<rustls::ClientConfig>, relay: &Rela
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn lsns_parse() {
-        assert_eq!(parse_lsn("0/3000148"), Some(0x0300_0148));
-        assert_eq!(parse_lsn("16/B374D848"), Some((0x16 << 32) | 0xB374_D848));
-        assert_eq!(parse_lsn("nope"), None);
-        assert_eq!(parse_lsn("1/"), None);
-    }
-
-    #[test]
-    fn an_insert_position_after_a_page_header_means_its_boundary() {
-        let seg = 16 << 20;
-        // Mid-page: exact.
-        assert_eq!(caught_up_at(0x0300_0148, seg), 0x0300_0148);
-        // Right after a short page header.
-        assert_eq!(caught_up_at(0x0300_2018, seg), 0x0300_2000);
-        // Right after a segment's long header.
-        assert_eq!(caught_up_at(0x0400_0028, seg), 0x0400_0000);
-        // Offset 40 in a page that does not start a segment is a real position.
-        assert_eq!(caught_up_at(0x0300_2028, seg), 0x0300_2028);
-    }
 
     fn tar_of(entries: &[(&str, tar::EntryType, &[u8])]) -> Vec<u8> {
         let mut builder = tar::Builder::new(Vec::new());

@@ -25,27 +25,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bmfleet_proto::v1::{DatabaseMove, FollowDatabasesReply, OriginEndpoint};
-use serde::{Deserialize, Serialize};
 
 use crate::config::AgentConfig;
-use crate::data_plane::ManifestReply;
-use crate::pg::{ident, literal, Connection};
-use crate::publication::PublishTicket;
-use crate::standby::{self, Following, Relay};
-use crate::tunnel::{self, TunnelRequest};
-
-/// A logical follow, kept with the standby state.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct LogicalFollow {
-    /// The subscriptions' owner.
-    pub role: String,
-    /// (database, subscription).
-    pub subscriptions: Vec<(String, String)>,
-    /// The owner role's attributes taken away while it applies the origin's rows (given back
-    /// at the end).
-    #[serde(default)]
-    pub owner_attributes: Option<String>,
-}
+use crate::db::compare::ManifestReply;
+use crate::db::follow::{progress, Following, LogicalFollow, Progress};
+use crate::db::pg::{ident, literal, Connection};
+use crate::db::publication::PublishTicket;
+use crate::db::standby::{self, Relay};
+use crate::plane::tunnel::{self, TunnelRequest};
 
 /// A database's name while the target's own copy is set aside.
 fn aside_name(database: &str) -> String {
@@ -54,7 +41,7 @@ fn aside_name(database: &str) -> String {
 
 /// The subscription role's and a subscription's names for a grant.
 fn names(grant_id: &str, database_index: usize) -> (String, String) {
-    let (role, _) = crate::replication::names(grant_id);
+    let (role, _) = crate::db::wal::names(grant_id);
     let id = role.trim_start_matches("bmfleet_repl_").to_string();
     (
         format!("bmfleet_sub_{id}"),
@@ -70,7 +57,7 @@ pub async fn follow(
     relay: &Relay,
     origin: &OriginEndpoint,
 ) -> FollowDatabasesReply {
-    standby::follow_reply(
+    crate::db::follow::follow_reply(
         Instant::now(),
         follow_inner(config, tls, relay, origin).await,
     )
@@ -82,7 +69,7 @@ async fn follow_inner(
     relay: &Relay,
     origin: &OriginEndpoint,
 ) -> Result<u64, String> {
-    match standby::following(config) {
+    match crate::db::follow::following(config) {
         Some(state) if state.logical.is_none() && !state.promoted => {
             return Err(format!(
                 "this host's cluster is a standby of {}: it cannot subscribe as well",
@@ -113,24 +100,24 @@ async fn follow_inner(
         "the origin's publication ticket",
     )
     .await?;
-    if standby::major(own_version) < standby::major(ticket.server_version_num) {
+    if crate::db::wal::major(own_version) < crate::db::wal::major(ticket.server_version_num) {
         return Err(format!(
             "the origin runs PostgreSQL {} and this host {}: a subscriber must be the same \
              major or newer",
-            standby::major(ticket.server_version_num),
-            standby::major(own_version)
+            crate::db::wal::major(ticket.server_version_num),
+            crate::db::wal::major(own_version)
         ));
     }
     // The target's own names; the origin only says which of them it publishes.
-    let databases: Vec<(usize, &crate::publication::PublishedDatabase)> = pg
+    let databases: Vec<(usize, &crate::db::publication::PublishedDatabase)> = pg
         .databases
         .iter()
         .filter_map(|d| ticket.databases.iter().find(|p| &p.name == d))
         .enumerate()
         .collect();
     let (role, _) = names(&origin.grant_id, 0);
-    let verifier = crate::pg::scram_verifier(&ticket.bluemind_password)?;
-    let owner_attributes = crate::databases::prepare_owner(&admin, &pg.user, &verifier).await?;
+    let verifier = crate::db::pg::scram_verifier(&ticket.bluemind_password)?;
+    let owner_attributes = crate::db::databases::prepare_owner(&admin, &pg.user, &verifier).await?;
     let state = Following {
         address: origin.address.clone(),
         name: origin.name.clone(),
@@ -148,7 +135,7 @@ async fn follow_inner(
         verified: None,
     };
     // Recorded first: whatever happens next, the instance's end undoes it.
-    standby::set_following(config, Some(&state))?;
+    crate::db::follow::set_following(config, Some(&state))?;
     let subscribed = async {
         let mut schema_bytes = 0;
         for (_, db) in &databases {
@@ -159,7 +146,7 @@ async fn follow_inner(
                 .filter(|e| e.database == db.name)
                 .map(|e| (e.name.clone(), e.schema.clone()))
                 .collect();
-            crate::databases::recreate(config, &db.name, &extensions).await?;
+            crate::db::databases::recreate(config, &db.name, &extensions).await?;
             schema_bytes += restore_schema(config, tls.clone(), origin, &ticket, &db.name).await?;
         }
         relay.start(config, tls.clone(), &state)?;
@@ -182,7 +169,7 @@ async fn follow_inner(
 
 /// The target's own database set aside (renamed) the first time; on a later attempt the
 /// set-aside one is the target's own and the database here a previous copy, which
-/// [`crate::databases::recreate`] replaces.
+/// [`crate::db::databases::recreate`] replaces.
 async fn set_aside(admin: &Connection, database: &str) -> Result<(), String> {
     let (db, aside) = (literal(database), literal(&aside_name(database)));
     let sql = format!(
@@ -224,7 +211,7 @@ async fn restore_schema(
         .await
         .map_err(|e| e.to_string())?;
     let owner = Connection::owner(&config.postgresql, ticket.bluemind_password.clone());
-    crate::databases::restore_streamed(&owner, database, &mut stream)
+    crate::db::databases::restore_streamed(&owner, database, &mut stream)
         .await
         .map_err(|e| format!("the schema of {database}: {e}"))
 }
@@ -241,7 +228,7 @@ async fn subscribe(
     let admin = Connection::admin(pg);
     let logical = state.logical.as_ref().ok_or("not a logical follow")?;
     let role = ident(&logical.role);
-    let before_16 = standby::major(own_version) < 16;
+    let before_16 = crate::db::wal::major(own_version) < 16;
     let mut sql = format!(
         "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = {name}) THEN CREATE ROLE {role}; END IF; END $$;\n\
          ALTER ROLE {role} WITH LOGIN PASSWORD NULL NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS {power};\n\
@@ -340,19 +327,6 @@ async fn as_subscriber(
         .map_err(|e| format!("{database}: {e}"))
 }
 
-/// How far the subscriptions are.
-#[derive(Debug, Default)]
-pub(crate) struct Progress {
-    /// Tables whose initial copy is not finished.
-    pub(crate) not_ready: u64,
-    /// The lowest position a subscription reported to the origin (0: one has none yet).
-    pub(crate) lowest: Option<u64>,
-    /// Errors copying or applying.
-    errors: u64,
-    /// Subscriptions without a running apply worker.
-    stopped: u64,
-}
-
 /// How long the subscriptions may go without a running worker, or keep meeting errors
 /// without getting anywhere, before following (or catching up) fails.
 const WORKER_GRACE: Duration = Duration::from_secs(30);
@@ -408,52 +382,6 @@ impl Watch {
     }
 }
 
-pub(crate) async fn progress(
-    owner: &Connection,
-    logical: &LogicalFollow,
-    own_version: u32,
-) -> Result<Progress, String> {
-    let mut p = Progress::default();
-    for (database, subscription) in &logical.subscriptions {
-        let sub = literal(subscription);
-        let error_count = if standby::major(own_version) >= 15 {
-            format!("(SELECT apply_error_count + sync_error_count FROM pg_catalog.pg_stat_subscription_stats WHERE subname = {sub})")
-        } else {
-            "0".to_string()
-        };
-        let out = owner
-            .psql(
-                database,
-                &format!(
-                    "SELECT (SELECT count(*) FROM pg_catalog.pg_subscription_rel r JOIN pg_catalog.pg_subscription s ON s.oid = r.srsubid WHERE s.subname = {sub} AND r.srsubstate <> 'r'),\n\
-                            (SELECT latest_end_lsn FROM pg_catalog.pg_stat_subscription WHERE subname = {sub} AND relid IS NULL),\n\
-                            COALESCE({error_count}, 0),\n\
-                            (SELECT count(*) FROM pg_catalog.pg_stat_subscription WHERE subname = {sub} AND relid IS NULL AND pid IS NOT NULL);\n"
-                ),
-            )
-            .await
-            .map_err(|e| format!("asking {database}'s subscription how far it is: {e}"))?;
-        let fields: Vec<&str> = out.trim().split('\t').collect();
-        let number = |n: usize, default: u64| {
-            fields
-                .get(n)
-                .and_then(|f| f.parse().ok())
-                .unwrap_or(default)
-        };
-        p.not_ready += number(0, 1);
-        let position = fields
-            .get(1)
-            .and_then(|f| standby::parse_lsn(f))
-            .unwrap_or(0);
-        p.lowest = Some(p.lowest.map_or(position, |l| l.min(position)));
-        p.errors += number(2, 0);
-        if number(3, 0) == 0 {
-            p.stopped += 1;
-        }
-    }
-    Ok(p)
-}
-
 /// Waits until every table has had its initial copy.
 async fn wait_ready(
     config: &AgentConfig,
@@ -476,7 +404,7 @@ async fn wait_ready(
 /// Catches the subscriptions up with the stopped origin, detaches them, sets the origin's
 /// sequence values and compares the databases (`origin`: the databases grant of the step):
 /// what changed on each side since the verified point when there is one
-/// ([`crate::block_point`]), else every table. Returns the comparison and what it covered.
+/// ([`crate::db::gate::block_point`]), else every table. Returns the comparison and what it covered.
 /// Called by [`standby::promote`] when what this host follows is a subscription.
 pub async fn promote(
     config: &AgentConfig,
@@ -491,16 +419,17 @@ pub async fn promote(
     if state.promoted {
         // A repeated request (the agent restarted after the promotion): compare only.
         let (theirs, ours) = tokio::join!(
-            crate::databases::origin_manifest(config, tls, origin, true),
-            crate::databases::own_manifests(config, &owner)
+            crate::db::compare::origin_manifest(config, tls, origin, true),
+            crate::db::compare::own_manifests(config, &owner)
         );
         // As after the first promotion: a slot that stays is the instance's end's to drop,
         // never a reason to fail a move that is done.
-        if let Err(e) = crate::block_point::release_own_wal(config, &state.grant_id).await {
+        if let Err(e) = crate::db::gate::block_point::release_own_wal(config, &state.grant_id).await
+        {
             tracing::warn!(error = %e, "the gate slot stays until the instance ends");
         }
         return Ok((
-            crate::databases::compare_all(&theirs?, &ours?, 0),
+            crate::db::compare::compare_all(&theirs?, &ours?, 0),
             "every table compared (a repeated request)".into(),
         ));
     }
@@ -515,19 +444,23 @@ pub async fn promote(
             );
             Half::Totals(tokio::spawn(async move {
                 let (totals, names) = tokio::join!(
-                    crate::block_point::ask_totals(&config, tls.clone(), &origin, &since),
-                    crate::databases::origin_manifest(&config, tls, &origin, false)
+                    crate::db::gate::block_point::ask_totals(&config, tls.clone(), &origin, &since),
+                    crate::db::compare::origin_manifest(&config, tls, &origin, false)
                 );
                 Ok((totals, names?))
             }))
         }
-        None => Half::Full(standby::origin_checksums(config, tls.clone(), origin)),
+        None => Half::Full(crate::db::compare::origin_checksums(
+            config,
+            tls.clone(),
+            origin,
+        )),
     };
     let own_version = owner
         .server_version_num()
         .await
         .map_err(|e| e.to_string())?;
-    let (_, wanted) = standby::position_to_reach(config, tls.clone(), origin).await?;
+    let (_, wanted) = crate::db::wal::position_to_reach(config, tls.clone(), origin).await?;
     let mut watch = Watch::default();
     // Subscriptions already gone: an earlier request caught up and detached them, then
     // stopped (the agent restarted); the comparison below is the proof either way.
@@ -547,14 +480,14 @@ pub async fn promote(
         Half::Full(theirs) => {
             let (detached, ours) = tokio::join!(
                 unsubscribe(config, &state),
-                crate::databases::own_manifests(config, &owner)
+                crate::db::compare::own_manifests(config, &owner)
             );
             detached?;
             let ours = ours?;
             let theirs = theirs
                 .await
                 .map_err(|e| format!("the origin's checksums stopped: {e}"))??;
-            let compared = crate::databases::compare_all(&theirs, &ours, caught_up_ms);
+            let compared = crate::db::compare::compare_all(&theirs, &ours, caught_up_ms);
             (
                 theirs,
                 compared,
@@ -564,7 +497,7 @@ pub async fn promote(
         Half::Totals(asked) => {
             let (detached, ours, asked) = tokio::join!(
                 unsubscribe(config, &state),
-                crate::block_point::own_totals(config, &owner),
+                crate::db::gate::block_point::own_totals(config, &owner),
                 asked
             );
             detached?;
@@ -584,17 +517,17 @@ pub async fn promote(
                 Ok((names, theirs, ours, covered)) => {
                     tracing::info!(origin = %origin.name, %covered, "the databases' gate");
                     let compared =
-                        crate::databases::compare_manifests(&theirs, &ours, caught_up_ms);
+                        crate::db::compare::compare_manifests(&theirs, &ours, caught_up_ms);
                     (names, compared, covered)
                 }
                 Err(why) => {
                     tracing::warn!(origin = %origin.name, %why, "the gate on the changes since the verified point failed: every table is compared");
                     let (theirs, ours) = tokio::join!(
-                        crate::databases::origin_manifest(config, tls, origin, true),
-                        crate::databases::own_manifests(config, &owner)
+                        crate::db::compare::origin_manifest(config, tls, origin, true),
+                        crate::db::compare::own_manifests(config, &owner)
                     );
                     let theirs = theirs?;
-                    let compared = crate::databases::compare_all(&theirs, &ours?, caught_up_ms);
+                    let compared = crate::db::compare::compare_all(&theirs, &ours?, caught_up_ms);
                     let gate = format!("every table compared: the changes since the verified point could not be ({why})");
                     (theirs, compared, gate)
                 }
@@ -604,7 +537,7 @@ pub async fn promote(
     relay.stop();
     set_sequences(&owner, &theirs).await?;
     finish(config, &logical).await?;
-    standby::set_following(
+    crate::db::follow::set_following(
         config,
         Some(&Following {
             promoted: true,
@@ -613,7 +546,7 @@ pub async fn promote(
     )?;
     // The point is used: this host keeps no WAL for it any more (the instance's end tries
     // again if this fails).
-    if let Err(e) = crate::block_point::release_own_wal(config, &state.grant_id).await {
+    if let Err(e) = crate::db::gate::block_point::release_own_wal(config, &state.grant_id).await {
         tracing::warn!(error = %e, "the gate slot stays until the instance ends");
     }
     Ok((compared, gate))
@@ -623,7 +556,7 @@ pub async fn promote(
 type OriginTotals = tokio::task::JoinHandle<
     Result<
         (
-            Result<crate::block_point::PointTotals, String>,
+            Result<crate::db::gate::block_point::PointTotals, String>,
             ManifestReply,
         ),
         String,
@@ -643,7 +576,7 @@ enum Half {
 /// host's catalog, values are numbers.
 async fn set_sequences(
     owner: &Connection,
-    theirs: &crate::data_plane::ManifestReply,
+    theirs: &crate::db::compare::ManifestReply,
 ) -> Result<(), String> {
     for db in &theirs.databases {
         let rows: Vec<String> = db
@@ -797,7 +730,7 @@ pub async fn end(config: &AgentConfig, relay: &Relay, state: &Following) -> Resu
     unsubscribe(config, state).await?;
     relay.stop();
     drop_role(config, logical).await?;
-    crate::block_point::release_own_wal(config, &state.grant_id).await?;
+    crate::db::gate::block_point::release_own_wal(config, &state.grant_id).await?;
     let admin = Connection::admin(&config.postgresql);
     for (database, _) in &logical.subscriptions {
         let aside = literal(&aside_name(database));
@@ -835,7 +768,7 @@ pub async fn end(config: &AgentConfig, relay: &Relay, state: &Following) -> Resu
             .await
             .map_err(|e| format!("putting {database} back: {e}"))?;
     }
-    standby::set_following(config, None)
+    crate::db::follow::set_following(config, None)
 }
 
 #[cfg(test)]

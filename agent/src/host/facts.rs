@@ -25,7 +25,7 @@ pub async fn gather(config: &AgentConfig, agent_name: &str, measure_usage: bool)
         ),
     );
     // One psql for both (Facts runs at every health check).
-    let admin = crate::pg::Connection::admin(&config.postgresql);
+    let admin = crate::db::pg::Connection::admin(&config.postgresql);
     let server = tokio::time::timeout(
         timeout,
         admin.psql(
@@ -83,7 +83,7 @@ pub async fn gather(config: &AgentConfig, agent_name: &str, measure_usage: bool)
                 all
             })
             .unwrap_or_default(),
-        served: crate::served::get(&config.state_dir).is_some(),
+        served: crate::host::served::get(&config.state_dir).is_some(),
         libc_version: libc_version().await,
         standby_unavailable: config.postgresql.standby_unavailable().unwrap_or_default(),
         postgresql_version_num,

@@ -3,13 +3,42 @@
 //! serves nothing without one. Grants arrive over the orchestrator's mutual-TLS channel, so
 //! their authenticity is that channel's; they are kept in SQLite across restarts.
 
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::sync::Mutex;
 
 use bmfleet_proto::v1::GrantRequest;
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::rsync_args::clean_absolute;
+/// A path that is not a clean absolute path.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("refused: path {0:?} must be absolute, without '.', '..', '\\\\' or NUL")]
+pub struct NotClean(pub String);
+
+/// Checks that `p` is absolute, free of `.` and `..` components (rsync reads `/./` as where a
+/// relative path starts), backslashes and NUL, and returns it as a path.
+pub fn clean_absolute(p: &str) -> Result<PathBuf, NotClean> {
+    let path = Path::new(p);
+    let clean = path.is_absolute()
+        && !p.contains('\\')
+        && !p.contains('\0')
+        && !p.split('/').any(|c| c == "." || c == "..")
+        && path
+            .components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+    if clean {
+        Ok(path.to_path_buf())
+    } else {
+        Err(NotClean(p.to_string()))
+    }
+}
+
+/// Now, Unix milliseconds (the agent's only clock read, at its edge).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
 
 /// A grant as the origin keeps it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,6 +59,20 @@ pub struct Grant {
     pub replication: bool,
     /// Expiry, Unix ms.
     pub expires_at_ms: i64,
+}
+
+/// What a grant may cover; each data-plane verb needs one of a list of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Some data dirs (and the change journal of them).
+    DataDirs,
+    /// The configuration file set.
+    ConfigSet,
+    /// The databases: dumps, manifests, the downtime's gate.
+    Databases,
+    /// Following the cluster: a base backup, a publication, the replication relay, a
+    /// verified point.
+    Replication,
 }
 
 /// Why the origin refuses to serve a request.
@@ -169,6 +212,30 @@ impl Grant {
         } else {
             Err(self.out_of_scope("following the cluster (replication)".into()))
         }
+    }
+
+    /// Checks one scope.
+    pub fn require(&self, scope: Scope) -> Result<(), Refusal> {
+        match scope {
+            Scope::DataDirs => self.require_data_dirs(),
+            Scope::ConfigSet => self.require_config_set(),
+            Scope::Databases => self.require_databases(),
+            Scope::Replication => self.require_replication(),
+        }
+    }
+
+    /// Checks that the grant covers one of `scopes` (the first one's refusal otherwise).
+    pub fn require_any(&self, scopes: &[Scope]) -> Result<(), Refusal> {
+        let mut refusal = None;
+        for scope in scopes {
+            match self.require(*scope) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    refusal.get_or_insert(e);
+                }
+            }
+        }
+        Err(refusal.unwrap_or_else(|| self.out_of_scope("anything (no scope named)".into())))
     }
 
     /// Maps a requested BlueMind path to its host path under `data_root`, refusing anything

@@ -134,7 +134,7 @@ pub fn pass_options(bwlimit_kib: u32) -> Vec<String> {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    options.push(crate::rsync_args::timeout_option());
+    options.push(crate::files::rsync_args::timeout_option());
     if bwlimit_kib > 0 {
         options.push(format!("--bwlimit={bwlimit_kib}"));
     }
@@ -271,7 +271,7 @@ pub async fn run_rsync(
 
 /// Where a BlueMind data dir lives on this host (created when missing).
 pub fn destination(config: &AgentConfig, path: &str) -> Result<PathBuf, String> {
-    let clean = crate::rsync_args::clean_absolute(path).map_err(|e| e.to_string())?;
+    let clean = crate::files::rsync_args::clean_absolute(path).map_err(|e| e.to_string())?;
     let dest = config.host_path(&clean);
     std::fs::create_dir_all(&dest).map_err(|e| format!("cannot create {}: {e}", dest.display()))?;
     Ok(dest)
@@ -376,16 +376,16 @@ async fn journal_items(
     manifest: bool,
 ) -> Result<Vec<String>, String> {
     let timeout = Duration::from_secs(config.data_plane.connect_timeout_secs);
-    let request = crate::tunnel::TunnelRequest::Changes {
+    let request = crate::plane::tunnel::TunnelRequest::Changes {
         grant: origin.grant_id.clone(),
         since: since.to_string(),
         manifest,
     };
-    let mut stream = crate::tunnel::open(origin, tls, &request, timeout)
+    let mut stream = crate::plane::tunnel::open(origin, tls, &request, timeout)
         .await
         .map_err(|e| e.to_string())?;
     let mut data = Capped(Vec::new());
-    let (outcome, _) = crate::tunnel::receive_framed(&mut stream, &mut data)
+    let (outcome, _) = crate::plane::tunnel::receive_framed(&mut stream, &mut data)
         .await
         .map_err(|e| format!("reading the origin's journal: {e}"))?;
     if !outcome.ok {
@@ -411,7 +411,7 @@ fn journal_paths_fit(
 ) -> Result<(), String> {
     let mut checked = std::collections::HashSet::new();
     for path in paths {
-        let clean = crate::rsync_args::clean_absolute(path).map_err(|e| e.to_string())?;
+        let clean = crate::files::rsync_args::clean_absolute(path).map_err(|e| e.to_string())?;
         let Some(dir) = dirs
             .iter()
             .map(|d| Path::new(d.trim_end_matches('/')))
@@ -524,7 +524,7 @@ async fn journal_pass(
     let theirs = match journal_items(config, tls, origin, since, true).await {
         Ok(items) => items
             .iter()
-            .map(|i| serde_json::from_str::<crate::manifest::PathState>(i))
+            .map(|i| serde_json::from_str::<crate::files::manifest::PathState>(i))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("the origin's path states: {e}")),
         Err(why) => Err(why),
@@ -552,7 +552,7 @@ async fn journal_pass(
         }
         listed
             .iter()
-            .map(|p| crate::manifest::path_state(p, &root.host_path(Path::new(p))))
+            .map(|p| crate::files::manifest::path_state(p, &root.host_path(Path::new(p))))
             .collect::<Result<Vec<_>, String>>()
     })
     .await

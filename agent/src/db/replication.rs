@@ -19,8 +19,9 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::config::AgentConfig;
-use crate::grants::{Grant, GrantStore, Leftover};
-use crate::pg::{ident, literal, Connection};
+use crate::db::pg::{ident, literal, Connection};
+use crate::db::wal::{names, wal_level};
+use crate::plane::grants::{Grant, GrantStore, Leftover};
 
 /// What the target needs to follow this origin (sent after admission, before the base
 /// backup's frames).
@@ -36,26 +37,6 @@ pub struct FollowTicket {
     pub server_version_num: u32,
     /// BlueMind's database password (the standby's owner role has it: it is the origin's).
     pub bluemind_password: String,
-}
-
-/// The origin's WAL position, asked once its services stopped.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct WalPosition {
-    /// `pg_current_wal_insert_lsn()`.
-    pub lsn: String,
-    /// `wal_segment_size` in bytes.
-    pub segment_size: u64,
-}
-
-/// The role and slot names of a grant: `bmfleet_` and the grant id's first characters.
-pub fn names(grant_id: &str) -> (String, String) {
-    let id: String = grant_id
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric())
-        .map(|c| c.to_ascii_lowercase())
-        .take(32)
-        .collect();
-    (format!("bmfleet_repl_{id}"), format!("bmfleet_slot_{id}"))
 }
 
 fn random_password() -> Result<String, String> {
@@ -105,16 +86,6 @@ pub async fn prepare(
     })
 }
 
-/// The origin's `wal_level`.
-pub async fn wal_level(admin: &Connection) -> Result<String, String> {
-    Ok(admin
-        .psql("postgres", "SHOW wal_level;")
-        .await
-        .map_err(|e| e.to_string())?
-        .trim()
-        .to_string())
-}
-
 /// The replication role of a grant, made (and recorded) for a standby or a subscription.
 pub struct Made {
     /// The role.
@@ -154,7 +125,7 @@ pub async fn make_role(
     };
     grants.put_leftover(&leftover).map_err(|e| e.to_string())?;
     let password = random_password()?;
-    let verifier = crate::pg::scram_verifier(&password)?;
+    let verifier = crate::db::pg::scram_verifier(&password)?;
     let valid_until = time::OffsetDateTime::from_unix_timestamp(grant.expires_at_ms / 1000)
         .ok()
         .and_then(|t| {
@@ -178,7 +149,7 @@ pub async fn make_role(
         role,
         password,
         server_version_num,
-        bluemind_password: crate::pg::bluemind_password(
+        bluemind_password: crate::db::pg::bluemind_password(
             &config.host_path(std::path::Path::new("/etc/bm/bm.ini")),
             &config.postgresql.password,
         ),
@@ -220,121 +191,6 @@ pub async fn cap_wal(
     Ok(())
 }
 
-/// Removes from the cluster what replication grants that are gone made. A leftover whose
-/// removal fails is kept for the next call (at the next grant, revocation or start).
-pub async fn clean_leftovers(config: &AgentConfig, grants: &GrantStore, now_ms: i64) {
-    let (orphans, live) = match grants.orphan_leftovers(now_ms) {
-        Ok(found) => found,
-        Err(e) => {
-            tracing::error!(error = %e, "reading the replication leftovers");
-            return;
-        }
-    };
-    let admin = Connection::admin(&config.postgresql);
-    for leftover in orphans {
-        match remove(config, &admin, &leftover, !live).await {
-            Ok(()) => {
-                tracing::info!(grant = %leftover.grant_id, role = %leftover.role, slot = %leftover.slot, "replication slot and role removed");
-                if let Err(e) = grants.forget_leftover(&leftover.grant_id) {
-                    tracing::error!(error = %e, "forgetting a replication leftover");
-                }
-            }
-            Err(e) => {
-                tracing::warn!(grant = %leftover.grant_id, error = %e, "removing a replication slot and role failed; asked again later")
-            }
-        }
-    }
-}
-
-async fn remove(
-    config: &AgentConfig,
-    admin: &Connection,
-    leftover: &Leftover,
-    reset_cap: bool,
-) -> Result<(), String> {
-    let (role, slot) = (literal(&leftover.role), literal(&leftover.slot));
-    if !leftover.logical.is_empty() {
-        crate::publication::remove(config, leftover).await?;
-    }
-    // The walsender holds the slot: stop it (and any session of the role) first; its end
-    // takes a moment, so the drop is retried.
-    let terminate = format!(
-        "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity WHERE usename = {role};\n\
-         SELECT pg_catalog.pg_terminate_backend(active_pid) FROM pg_catalog.pg_replication_slots WHERE slot_name = {slot} AND active_pid IS NOT NULL;\n"
-    );
-    let drop = format!(
-        "SELECT pg_catalog.pg_drop_replication_slot(slot_name) FROM pg_catalog.pg_replication_slots WHERE slot_name IN ({slot}, {gate});\n\
-         DROP ROLE IF EXISTS {};\n",
-        ident(&leftover.role),
-        gate = literal(&crate::verified_point::gate_slot(&leftover.grant_id)),
-    );
-    let mut last = String::new();
-    for _ in 0..50 {
-        admin
-            .psql("postgres", &terminate)
-            .await
-            .map_err(|e| e.to_string())?;
-        match admin.psql("postgres", &drop).await {
-            Ok(_) => {
-                last.clear();
-                break;
-            }
-            Err(e) => last = e.to_string(),
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    if !last.is_empty() {
-        return Err(last);
-    }
-    crate::block_point::forget(config, Some(&leftover.grant_id));
-    if leftover.cap_set && reset_cap {
-        admin
-            .psql(
-                "postgres",
-                "ALTER SYSTEM RESET max_slot_wal_keep_size;\nSELECT pg_catalog.pg_reload_conf();\n",
-            )
-            .await
-            .map_err(|e| format!("resetting max_slot_wal_keep_size: {e}"))?;
-    }
-    Ok(())
-}
-
-/// The origin's WAL insert position (its services stopped: nothing more will be written).
-pub async fn wal_position(config: &AgentConfig) -> Result<WalPosition, String> {
-    let out = Connection::admin(&config.postgresql)
-        .psql(
-            "postgres",
-            "SELECT pg_catalog.pg_current_wal_insert_lsn(), pg_catalog.current_setting('wal_segment_size');\n",
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-    let (lsn, size) = out
-        .trim()
-        .split_once('\t')
-        .ok_or_else(|| format!("unexpected WAL position {out:?}"))?;
-    Ok(WalPosition {
-        lsn: lsn.to_string(),
-        segment_size: parse_size(size).ok_or_else(|| format!("wal_segment_size {size:?}"))?,
-    })
-}
-
-/// A PostgreSQL size setting as `current_setting` shows it ("16MB", "1GB", "8192").
-fn parse_size(text: &str) -> Option<u64> {
-    let text = text.trim();
-    let digits = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let number: u64 = text[..digits].parse().ok()?;
-    let unit = match &text[digits..] {
-        "" | "B" => 1,
-        "kB" => 1 << 10,
-        "MB" => 1 << 20,
-        "GB" => 1 << 30,
-        _ => return None,
-    };
-    number.checked_mul(unit)
-}
-
 /// Relays an admitted standby connection to the cluster's own address (`postgresql.host`:
 /// a socket dir when it starts with `/`) until either side closes.
 pub async fn relay_to_server<S>(config: &AgentConfig, stream: &mut S) -> Result<(), String>
@@ -362,29 +218,5 @@ where
             tracing::info!(error = %e, "replication relay ended");
             Ok(())
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_are_postgres_identifiers_of_the_grant() {
-        let (role, slot) = names("0123456789ABCDEF-xyz");
-        assert_eq!(role, "bmfleet_repl_0123456789abcdefxyz");
-        assert_eq!(slot, "bmfleet_slot_0123456789abcdefxyz");
-        let (role, _) = names(&"a".repeat(100));
-        assert!(role.len() <= 63);
-    }
-
-    #[test]
-    fn sizes_parse_as_postgres_shows_them() {
-        assert_eq!(parse_size("16MB"), Some(16 << 20));
-        assert_eq!(parse_size("1GB"), Some(1 << 30));
-        assert_eq!(parse_size("8192"), Some(8192));
-        assert_eq!(parse_size("64kB"), Some(64 << 10));
-        assert_eq!(parse_size("lots"), None);
-        assert_eq!(parse_size("16TB"), None);
     }
 }

@@ -1,7 +1,7 @@
 //! The origin's side of logical replication (across PostgreSQL majors).
 //!
 //! Under a grant with the replication scope, the origin prepares, in each of BlueMind's
-//! databases present here: the replication role of [`crate::replication::make_role`] with
+//! databases present here: the replication role of [`crate::db::replication::make_role`] with
 //! `SELECT` on the published tables (for the initial copy), a publication of every table
 //! (`FOR TABLE …`, made by BlueMind's own role, which owns them: no superuser needed), a
 //! logical slot per database made by this host's administrator, and a replica identity for
@@ -20,8 +20,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::config::AgentConfig;
-use crate::grants::{Grant, GrantStore, Leftover};
-use crate::pg::{ident, literal, Connection, Extension};
+use crate::db::pg::{ident, literal, Connection, Extension};
+use crate::plane::grants::{Grant, GrantStore, Leftover};
 
 /// What the target needs to subscribe (one JSON line).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -128,7 +128,7 @@ pub fn published(tables: &[TableInfo]) -> Vec<&TableInfo> {
 
 /// The publication, slot and role-derived names of a grant in database number `index`.
 pub fn names(grant_id: &str, index: usize) -> (String, String) {
-    let (role, _) = crate::replication::names(grant_id);
+    let (role, _) = crate::db::wal::names(grant_id);
     let id = role.trim_start_matches("bmfleet_repl_");
     (
         format!("bmfleet_pub_{id}"),
@@ -179,7 +179,7 @@ fn bluemind_role(config: &AgentConfig) -> Connection {
     let pg_config = &config.postgresql;
     Connection::bluemind(
         pg_config,
-        crate::pg::bluemind_password(
+        crate::db::pg::bluemind_password(
             &config.host_path(std::path::Path::new("/etc/bm/bm.ini")),
             &pg_config.password,
         ),
@@ -200,7 +200,7 @@ pub async fn prepare(
 ) -> Result<PublishTicket, String> {
     let pg_config = &config.postgresql;
     let admin = Connection::admin(pg_config);
-    let level = crate::replication::wal_level(&admin).await?;
+    let level = crate::db::wal::wal_level(&admin).await?;
     if level != "logical" {
         return Err(format!(
             "the origin's wal_level is {level}: logical replication needs logical (ALTER SYSTEM \
@@ -251,7 +251,8 @@ pub async fn prepare(
     };
     let json = |r: &Published| serde_json::to_string(r).map_err(|e| e.to_string());
     let mut made =
-        crate::replication::make_role(config, grants, grant, String::new(), json(&record)?).await?;
+        crate::db::replication::make_role(config, grants, grant, String::new(), json(&record)?)
+            .await?;
     let mut extensions = Vec::new();
     for (n, (name, publication, slot, tables)) in found.iter().enumerate() {
         // Recorded before changed.
@@ -276,7 +277,7 @@ pub async fn prepare(
         make_slot(&admin, name, slot).await?;
         extensions.extend(owner.extensions(name).await.map_err(|e| e.to_string())?);
     }
-    crate::replication::cap_wal(config, grants, &mut made.leftover).await?;
+    crate::db::replication::cap_wal(config, grants, &mut made.leftover).await?;
     tracing::info!(grant = %grant.id, target = %grant.target_name, role = %made.role, databases = found.len(), "publications ready");
     Ok(PublishTicket {
         role: made.role,

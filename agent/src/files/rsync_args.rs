@@ -5,7 +5,7 @@
 //! Only the sender (a pull from this host) is served; every option that could write to the
 //! origin, read files outside the grant, or hide the paths from this check is refused.
 
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 /// Short flags the sender may receive (before `e.` in the flag cluster).
 /// Refused among others: `L` and `k` (follow symlinks out of the tree), `s` (paths sent
@@ -240,22 +240,9 @@ fn parse_rest(rest: &[&str]) -> Result<SenderArgs, ArgError> {
     })
 }
 
-/// Checks that `p` is absolute, free of `.` and `..` components (rsync reads `/./` as where a
-/// relative path starts), backslashes and NUL, and returns it as a path.
+/// [`crate::plane::grants::clean_absolute`], refused as an rsync argument.
 pub fn clean_absolute(p: &str) -> Result<PathBuf, ArgError> {
-    let path = Path::new(p);
-    let clean = path.is_absolute()
-        && !p.contains('\\')
-        && !p.contains('\0')
-        && !p.split('/').any(|c| c == "." || c == "..")
-        && path
-            .components()
-            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
-    if clean {
-        Ok(path.to_path_buf())
-    } else {
-        Err(ArgError::Path(p.to_string()))
-    }
+    crate::plane::grants::clean_absolute(p).map_err(|_| ArgError::Path(p.to_string()))
 }
 
 #[cfg(test)]

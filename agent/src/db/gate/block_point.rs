@@ -2,7 +2,7 @@
 //! gate re-sums only the blocks each side's own WAL names since.
 //!
 //! A physical standby's tables are the origin's files, block for block: the gate compares the
-//! same blocks on both sides ([`crate::verified_point`]). A logical subscriber's are other
+//! same blocks on both sides ([`crate::db::gate::verified_point`]). A logical subscriber's are other
 //! files, its rows elsewhere, so each side keeps its own account instead:
 //!
 //! 1. Live, at the pre-window pass ([`establish`]): the target keeps its own WAL from now on
@@ -33,13 +33,14 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufRead, AsyncWrite};
 
 use crate::config::AgentConfig;
-use crate::pg::{literal, Connection, DatabaseManifest, TableManifest};
-use crate::standby::{parse_lsn, Following};
-use crate::tunnel::{self, read_json_line, write_json_line, TunnelRequest};
-use crate::verified_point::{
-    blocks_in, gate_slot, select, selection_sql, selection_sums, OriginSums, TableFile,
-    TableSelection, Taken,
+use crate::db::follow::Following;
+use crate::db::gate::verified_point::{
+    blocks_in, select, selection_sql, selection_sums, OriginSums, TableSelection, Taken,
 };
+use crate::db::pg::{literal, Connection, DatabaseManifest, TableManifest};
+use crate::db::wal::{gate_slot, parse_lsn};
+use crate::plane::tunnel::TableFile;
+use crate::plane::tunnel::{self, read_json_line, write_json_line, TunnelRequest};
 use bmfleet_proto::v1::OriginEndpoint;
 
 /// The origin's point (for the replication grant it was taken under), in its state dir.
@@ -155,7 +156,7 @@ impl BlockPoint {
 }
 
 /// Whether `block` lies in one of `ranges` (ascending, disjoint `[start, end)`, as
-/// [`crate::verified_point::ranges`] makes them): a binary search, the downtime runs it for
+/// [`crate::db::gate::verified_point::ranges`] makes them): a binary search, the downtime runs it for
 /// every block of every table the WAL names.
 fn in_ranges(ranges: &[(u32, u32)], block: u32) -> bool {
     let after = ranges.partition_point(|(_, end)| *end <= block);
@@ -234,7 +235,7 @@ pub fn parse_block_sums(
 /// Every table's sums block by block in each session's snapshot (the sessions at once),
 /// each session's transaction ended.
 pub async fn block_sums(
-    sessions: Vec<(String, crate::pg::Session)>,
+    sessions: Vec<(String, crate::db::pg::Session)>,
     files: &[TableFile],
 ) -> Result<Vec<TableBlocks>, String> {
     let running: Vec<_> = sessions
@@ -297,7 +298,7 @@ pub async fn origin_point(
     config: &AgentConfig,
     grant_id: &str,
     lsn: &str,
-    readers: Vec<(String, crate::pg::Session)>,
+    readers: Vec<(String, crate::db::pg::Session)>,
     files: Vec<TableFile>,
 ) -> Result<Vec<DatabaseManifest>, String> {
     let point = BlockPoint {
@@ -353,7 +354,7 @@ async fn establish_inner(
         .clone()
         .ok_or("this host does not subscribe to an origin")?;
     // A point taken before is void from now on.
-    crate::standby::set_following(
+    crate::db::follow::set_following(
         config,
         Some(&Following {
             verified: None,
@@ -361,17 +362,17 @@ async fn establish_inner(
         }),
     )?;
     forget(config, None);
-    crate::verified_point::keep_wal(config, &state.grant_id).await?;
+    crate::db::gate::verified_point::keep_wal(config, &state.grant_id).await?;
     let owner = Connection::owner(&config.postgresql, state.bluemind_password.clone());
     let own_version = owner
         .server_version_num()
         .await
         .map_err(|e| e.to_string())?;
     let (mut stream, held, wanted) =
-        crate::verified_point::ask_hold(config, tls, &state.endpoint(), true).await?;
-    let deadline = Instant::now() + crate::verified_point::HOLD - Duration::from_secs(1);
+        crate::db::gate::verified_point::ask_hold(config, tls, &state.endpoint(), true).await?;
+    let deadline = Instant::now() + crate::db::gate::verified_point::HOLD - Duration::from_secs(1);
     loop {
-        let progress = crate::subscription::progress(&owner, &logical, own_version).await?;
+        let progress = crate::db::follow::progress(&owner, &logical, own_version).await?;
         if progress.not_ready == 0 && progress.lowest.is_some_and(|l| l >= wanted) {
             break;
         }
@@ -389,17 +390,18 @@ async fn establish_inner(
         .existing_databases(&config.postgresql.databases)
         .await
         .map_err(|e| e.to_string())?;
-    let locked = crate::verified_point::lock_all(&owner, &databases).await?;
+    let locked = crate::db::gate::verified_point::lock_all(&owner, &databases).await?;
     let mut lockers = Vec::new();
     let mut readers = Vec::new();
     let mut files = Vec::new();
     for (db, (locker, snapshot, tables)) in databases.iter().zip(locked) {
-        let reader = crate::verified_point::import_snapshot(&owner, db, &snapshot).await?;
+        let reader =
+            crate::db::gate::verified_point::import_snapshot(&owner, db, &snapshot).await?;
         files.extend(tables.into_iter().map(|t| t.file));
         lockers.push(locker);
         readers.push((db.clone(), reader));
     }
-    let own = crate::replication::wal_position(config).await?;
+    let own = crate::db::wal::wal_position(config).await?;
     for locker in lockers {
         locker
             .finish("COMMIT;\n")
@@ -423,8 +425,8 @@ async fn establish_inner(
         lsn: own.lsn,
         tables: ours?,
     };
-    let theirs = crate::verified_point::origin_sums(theirs)?;
-    let compared = crate::verified_point::compare_at(
+    let theirs = crate::db::gate::verified_point::origin_sums(theirs)?;
+    let compared = crate::db::gate::verified_point::compare_at(
         &held,
         &theirs.databases,
         &ours.totals(),
@@ -432,10 +434,10 @@ async fn establish_inner(
     )?;
     save(config, TARGET_FILE, &ours)?;
     let blocks: usize = ours.tables.iter().map(|t| t.blocks.len()).sum();
-    crate::standby::set_following(
+    crate::db::follow::set_following(
         config,
         Some(&Following {
-            verified: Some(crate::verified_point::VerifiedPoint {
+            verified: Some(crate::db::follow::VerifiedPoint {
                 lsn: held.lsn.clone(),
                 tables: Vec::new(),
             }),
@@ -460,9 +462,10 @@ pub async fn totals_since(
     point: &BlockPoint,
 ) -> Result<(Vec<DatabaseManifest>, String), String> {
     let started = Instant::now();
-    let (until, named) = crate::verified_point::blocks_named_since(config, &point.lsn).await?;
+    let (until, named) =
+        crate::db::gate::verified_point::blocks_named_since(config, &point.lsn).await?;
     let read_ms = started.elapsed().as_millis();
-    let (databases, current) = crate::verified_point::tables_here(config, conn).await?;
+    let (databases, current) = crate::db::gate::verified_point::tables_here(config, conn).await?;
     let selection = select(&point.files(), &current, &named);
     let mut now = BTreeMap::new();
     for db in &databases {
@@ -521,7 +524,7 @@ where
             point.lsn
         ));
     }
-    crate::verified_point::admit(stream).await?;
+    crate::plane::answer::admit(stream).await?;
     let answer = match totals_since(config, bluemind, &point).await {
         Ok((databases, covered)) => PointTotals {
             databases,
@@ -533,7 +536,7 @@ where
             ..Default::default()
         },
     };
-    crate::verified_point::last_answer(stream, &answer).await
+    crate::db::gate::verified_point::last_answer(stream, &answer).await
 }
 
 /// Target side of the downtime's gate, first half (started as soon as the origin stopped):

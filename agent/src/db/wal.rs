@@ -1,0 +1,184 @@
+//! Write-ahead log positions and the names a grant gives what it makes in a cluster: shared
+//! by the origin's replication and the target's standby, subscriber and gate. No I/O but
+//! the origin's own WAL position query and the target's question for it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bmfleet_proto::v1::OriginEndpoint;
+use serde::{Deserialize, Serialize};
+
+use crate::config::AgentConfig;
+use crate::db::pg::Connection;
+use crate::plane::tunnel::{self, TunnelRequest};
+
+/// The origin's WAL position, asked once its services stopped.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WalPosition {
+    /// `pg_current_wal_insert_lsn()`.
+    pub lsn: String,
+    /// `wal_segment_size` in bytes.
+    pub segment_size: u64,
+}
+
+/// The role and slot names of a grant: `bmfleet_` and the grant id's first characters.
+pub fn names(grant_id: &str) -> (String, String) {
+    let id: String = grant_id
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .map(|c| c.to_ascii_lowercase())
+        .take(32)
+        .collect();
+    (format!("bmfleet_repl_{id}"), format!("bmfleet_slot_{id}"))
+}
+
+/// The origin's `wal_level`.
+pub async fn wal_level(admin: &Connection) -> Result<String, String> {
+    Ok(admin
+        .psql("postgres", "SHOW wal_level;")
+        .await
+        .map_err(|e| e.to_string())?
+        .trim()
+        .to_string())
+}
+
+/// The origin's WAL insert position (its services stopped: nothing more will be written).
+pub async fn wal_position(config: &AgentConfig) -> Result<WalPosition, String> {
+    let out = Connection::admin(&config.postgresql)
+        .psql(
+            "postgres",
+            "SELECT pg_catalog.pg_current_wal_insert_lsn(), pg_catalog.current_setting('wal_segment_size');\n",
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let (lsn, size) = out
+        .trim()
+        .split_once('\t')
+        .ok_or_else(|| format!("unexpected WAL position {out:?}"))?;
+    Ok(WalPosition {
+        lsn: lsn.to_string(),
+        segment_size: parse_size(size).ok_or_else(|| format!("wal_segment_size {size:?}"))?,
+    })
+}
+
+/// A PostgreSQL size setting as `current_setting` shows it ("16MB", "1GB", "8192").
+fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let number: u64 = text[..digits].parse().ok()?;
+    let unit = match &text[digits..] {
+        "" | "B" => 1,
+        "kB" => 1 << 10,
+        "MB" => 1 << 20,
+        "GB" => 1 << 30,
+        _ => return None,
+    };
+    number.checked_mul(unit)
+}
+
+/// The major of a `server_version_num` (150004 → 15).
+pub fn major(server_version_num: u32) -> u32 {
+    server_version_num / 10_000
+}
+
+/// An LSN ("16/B374D848") as a number.
+pub fn parse_lsn(text: &str) -> Option<u64> {
+    let (high, low) = text.trim().split_once('/')?;
+    let high = u64::from_str_radix(high, 16).ok()?;
+    let low = u64::from_str_radix(low, 16).ok()?;
+    (high <= u32::MAX as u64 && low <= u32::MAX as u64).then_some((high << 32) | low)
+}
+
+/// WAL pages (XLOG_BLCKSZ) and their headers' sizes (short, and long at a segment's start).
+const WAL_PAGE: u64 = 8192;
+
+const SHORT_PAGE_HEADER: u64 = 24;
+
+const LONG_PAGE_HEADER: u64 = 40;
+
+/// The replay position that proves a standby has everything the origin inserted before
+/// `insert_lsn`. An insert position right after a page header means the last record ended at
+/// the page's boundary (PostgreSQL's `XLogBytePosToRecPtr` skips the header), and a standby's
+/// replay position is a record's end: the boundary itself.
+pub fn caught_up_at(insert_lsn: u64, segment_size: u64) -> u64 {
+    if segment_size > 0 && insert_lsn % segment_size == LONG_PAGE_HEADER {
+        insert_lsn - LONG_PAGE_HEADER
+    } else if insert_lsn % WAL_PAGE == SHORT_PAGE_HEADER {
+        insert_lsn - SHORT_PAGE_HEADER
+    } else {
+        insert_lsn
+    }
+}
+
+/// The stopped origin's WAL insert position, and the position a follower must reach to hold
+/// everything written before it ([`caught_up_at`]).
+pub async fn position_to_reach(
+    config: &AgentConfig,
+    tls: Arc<rustls::ClientConfig>,
+    origin: &OriginEndpoint,
+) -> Result<(WalPosition, u64), String> {
+    let timeout = Duration::from_secs(config.data_plane.connect_timeout_secs);
+    let request = TunnelRequest::WalPosition {
+        grant: origin.grant_id.clone(),
+    };
+    let (_, position): (_, WalPosition) =
+        tunnel::ask(origin, tls, &request, timeout, "the origin's WAL position").await?;
+    let insert = parse_lsn(&position.lsn)
+        .ok_or_else(|| format!("the origin's WAL position {:?} is not an LSN", position.lsn))?;
+    let wanted = caught_up_at(insert, position.segment_size);
+    Ok((position, wanted))
+}
+
+/// The gate's replication slot for `grant_id` (kept WAL from the verified point on; dropped
+/// with the grant's other leftovers).
+pub fn gate_slot(grant_id: &str) -> String {
+    let (_, slot) = crate::db::wal::names(grant_id);
+    slot.replacen("bmfleet_slot_", "bmfleet_gate_", 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_postgres_identifiers_of_the_grant() {
+        let (role, slot) = names("0123456789ABCDEF-xyz");
+        assert_eq!(role, "bmfleet_repl_0123456789abcdefxyz");
+        assert_eq!(slot, "bmfleet_slot_0123456789abcdefxyz");
+        let (role, _) = names(&"a".repeat(100));
+        assert!(role.len() <= 63);
+    }
+
+    #[test]
+    fn sizes_parse_as_postgres_shows_them() {
+        assert_eq!(parse_size("16MB"), Some(16 << 20));
+        assert_eq!(parse_size("1GB"), Some(1 << 30));
+        assert_eq!(parse_size("8192"), Some(8192));
+        assert_eq!(parse_size("64kB"), Some(64 << 10));
+        assert_eq!(parse_size("lots"), None);
+        assert_eq!(parse_size("16TB"), None);
+    }
+
+    #[test]
+    fn lsns_parse() {
+        assert_eq!(parse_lsn("0/3000148"), Some(0x0300_0148));
+        assert_eq!(parse_lsn("16/B374D848"), Some((0x16 << 32) | 0xB374_D848));
+        assert_eq!(parse_lsn("nope"), None);
+        assert_eq!(parse_lsn("1/"), None);
+    }
+
+    #[test]
+    fn an_insert_position_after_a_page_header_means_its_boundary() {
+        let seg = 16 << 20;
+        // Mid-page: exact.
+        assert_eq!(caught_up_at(0x0300_0148, seg), 0x0300_0148);
+        // Right after a short page header.
+        assert_eq!(caught_up_at(0x0300_2018, seg), 0x0300_2000);
+        // Right after a segment's long header.
+        assert_eq!(caught_up_at(0x0400_0028, seg), 0x0400_0000);
+        // Offset 40 in a page that does not start a segment is a real position.
+        assert_eq!(caught_up_at(0x0300_2028, seg), 0x0300_2028);
+    }
+}
