@@ -223,7 +223,9 @@ impl DataPlane {
                 db::base_backup(config, &self.grants, grant, stream).await
             }
             TunnelRequest::Publish { .. } => db::publish(config, &self.grants, grant, stream).await,
-            TunnelRequest::Replication { .. } => db::relay(config, stream).await,
+            TunnelRequest::Replication { .. } => {
+                db::relay(config, &self.grants, grant, stream).await
+            }
             TunnelRequest::WalPosition { .. } => db::wal_position(config, stream).await,
             TunnelRequest::VerifiedPoint { per_block, .. } => {
                 db::verified_point(

@@ -2401,6 +2401,127 @@ async fn when_the_wal_since_the_verified_point_is_gone_the_downtime_compares_eve
     assert_eq!(origin_pg.sql("bj", sql), target_pg.sql("bj", sql));
 }
 
+/// Opens the relay under `grant` as the real target and sends one startup packet with
+/// `params`; returns what came back (the relay's or the cluster's first answer).
+async fn relay_startup(p: &Pair, grant: &str, params: &[(&str, &str)]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tls = LocalIdentity::load(&p.target_files, Role::Agent)
+        .unwrap()
+        .client_config(Role::Agent)
+        .unwrap();
+    let mut relayed = tunnel::open(
+        &p.endpoint(grant),
+        tls,
+        &TunnelRequest::Replication {
+            grant: grant.into(),
+        },
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("the relay admits the grant's target");
+    let params: Vec<(String, String)> = params
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    relayed
+        .write_all(&bmfleet_agent::db::startup::packet(&params))
+        .await
+        .unwrap();
+    let mut answer = vec![0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(10), relayed.read(&mut answer))
+        .await
+        .expect("an answer")
+        .unwrap();
+    String::from_utf8_lossy(&answer[..n]).into_owned()
+}
+
+/// A compromised target holds BlueMind's password (bm.ini) and its replication grant: through
+/// the relay it reaches only its own grant's replication login, never a SQL session as `bj`
+/// or `postgres`, and nothing it sends reaches the origin's cluster.
+#[tokio::test]
+async fn a_hostile_target_gets_only_its_grants_replication_login_through_the_relay() {
+    let (origin_pg, target_pg) = (PgCluster::start(), PgCluster::start());
+    let p = standby_pair(&origin_pg, &target_pg, "relay").await;
+    let (role, _) = bmfleet_agent::db::wal::names("grant-0300-replication");
+    let sessions = |pg: &PgCluster| {
+        pg.sql(
+            "postgres",
+            "SELECT count(*) FROM pg_stat_activity WHERE usename IN ('bj', 'postgres') AND backend_type = 'client backend' AND pid <> pg_backend_pid();",
+        )
+        .trim()
+        .to_string()
+    };
+    let before = sessions(&origin_pg);
+    for (params, why) in [
+        (
+            vec![("user", "bj"), ("database", "bj")],
+            "only the grant's replication role",
+        ),
+        (
+            vec![
+                ("user", "bj"),
+                ("database", "bj"),
+                ("replication", "database"),
+            ],
+            "only the grant's replication role",
+        ),
+        (
+            vec![("user", "postgres"), ("database", "postgres")],
+            "only the grant's replication role",
+        ),
+        (
+            vec![("user", role.as_str()), ("database", "bj")],
+            "not a replication connection",
+        ),
+        (
+            vec![
+                ("user", role.as_str()),
+                ("database", "bj"),
+                ("replication", "database"),
+            ],
+            "did not publish",
+        ),
+        (
+            vec![
+                ("user", role.as_str()),
+                ("replication", "true"),
+                ("options", "-c session_preload_libraries=/tmp/x.so"),
+            ],
+            "session_preload_libraries",
+        ),
+    ] {
+        let answer = relay_startup(&p, "grant-0300-replication", &params).await;
+        assert!(
+            answer.starts_with('E')
+                && answer.contains("bmfleet relay: refused")
+                && answer.contains(why),
+            "{params:?}: {answer:?}"
+        );
+    }
+    // Nothing reached the cluster: no session as bj or postgres, the table as it was, the
+    // standby still streaming.
+    assert_eq!(sessions(&origin_pg), before);
+    assert_eq!(
+        origin_pg.sql("bj", "SELECT count(*) FROM t_big;").trim(),
+        "100000"
+    );
+    wait_sql(
+        &origin_pg,
+        "postgres",
+        "SELECT count(*) FROM pg_stat_replication WHERE application_name = 'bmfleet' AND state = 'streaming';",
+        "1",
+    );
+    // The grant's own replication login does reach the cluster (its password is the
+    // standby's): the cluster itself answers, asking for authentication.
+    let answer = relay_startup(
+        &p,
+        "grant-0300-replication",
+        &[("user", role.as_str()), ("replication", "true")],
+    )
+    .await;
+    assert!(answer.starts_with('R'), "{answer:?}");
+}
+
 #[tokio::test]
 async fn following_is_refused_out_of_scope_and_a_failed_follow_leaves_the_cluster_as_it_was() {
     let (origin_pg, target_pg) = (PgCluster::start(), PgCluster::start());

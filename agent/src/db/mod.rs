@@ -4,7 +4,7 @@
 //! for databases that came from another host. Below everything here: [`wal`] (positions and
 //! the names a grant gives what it makes), [`follow`] (what this host follows), [`compare`]
 //! (both sides' manifests). The origin's side: [`replication`] (a grant's role, slot and the
-//! relay), [`publication`], [`leftovers`], and the handlers of the database verbs
+//! relay, whose screen on the startup packet is [`startup`]), [`publication`], [`leftovers`], and the handlers of the database verbs
 //! ([`serve`]). The target's side: [`databases`] (dump and restore), [`standby`],
 //! [`subscription`], [`follower`] (promotion and the follow's end, whichever kind), and
 //! the gate on what changed ([`gate`]). Called by the top (the gRPC service, the data
@@ -21,5 +21,6 @@ pub mod publication;
 pub mod replication;
 pub mod serve;
 pub mod standby;
+pub mod startup;
 pub mod subscription;
 pub mod wal;

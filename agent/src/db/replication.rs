@@ -16,7 +16,9 @@
 //! hosts).
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::db::startup;
 
 use crate::config::AgentConfig;
 use crate::db::pg::{ident, literal, Connection};
@@ -191,24 +193,46 @@ pub async fn cap_wal(
     Ok(())
 }
 
-/// Relays an admitted standby connection to the cluster's own address (`postgresql.host`:
-/// a socket dir when it starts with `/`) until either side closes.
-pub async fn relay_to_server<S>(config: &AgentConfig, stream: &mut S) -> Result<(), String>
+/// Relays an admitted replication connection to the cluster's own address
+/// (`postgresql.host`: a socket dir when it starts with `/`) until either side closes, once
+/// its startup packet passed [`startup::screen`] for the grant (anything else is refused
+/// with a PostgreSQL error before the cluster sees a byte).
+pub async fn relay_to_server<S>(
+    config: &AgentConfig,
+    allowed: &startup::Allowed<'_>,
+    stream: &mut S,
+) -> Result<(), String>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let startup = match read_startup(stream, allowed).await {
+        Ok(packet) => packet,
+        Err(why) => {
+            let _ = stream.write_all(&startup::refusal(&why)).await;
+            let _ = stream.shutdown().await;
+            return Err(format!("replication relay refused {why}"));
+        }
+    };
     let pg = &config.postgresql;
     let copied = if pg.host.starts_with('/') {
         let path = std::path::Path::new(&pg.host).join(format!(".s.PGSQL.{}", pg.port));
         let mut server = tokio::net::UnixStream::connect(&path)
             .await
             .map_err(|e| format!("connecting to PostgreSQL at {}: {e}", path.display()))?;
+        server
+            .write_all(&startup)
+            .await
+            .map_err(|e| format!("relaying the startup packet: {e}"))?;
         tokio::io::copy_bidirectional(stream, &mut server).await
     } else {
         let mut server = tokio::net::TcpStream::connect((pg.host.as_str(), pg.port))
             .await
             .map_err(|e| format!("connecting to PostgreSQL at {}:{}: {e}", pg.host, pg.port))?;
         let _ = server.set_nodelay(true);
+        server
+            .write_all(&startup)
+            .await
+            .map_err(|e| format!("relaying the startup packet: {e}"))?;
         tokio::io::copy_bidirectional(stream, &mut server).await
     };
     match copied {
@@ -219,4 +243,42 @@ where
             Ok(())
         }
     }
+}
+
+/// Reads the client's first packets: encryption requests answered `N`, then the startup
+/// message, screened; returns the packet to send on.
+async fn read_startup<S>(stream: &mut S, allowed: &startup::Allowed<'_>) -> Result<Vec<u8>, String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    for _ in 0..3 {
+        let mut length = [0u8; 4];
+        stream
+            .read_exact(&mut length)
+            .await
+            .map_err(|e| format!("a startup packet that did not come ({e})"))?;
+        let length = u32::from_be_bytes(length) as usize;
+        if !(8..=startup::MAX_STARTUP).contains(&length) {
+            return Err(format!("a startup packet of {length} bytes"));
+        }
+        let mut body = vec![0u8; length - 4];
+        stream
+            .read_exact(&mut body)
+            .await
+            .map_err(|e| format!("a startup packet cut short ({e})"))?;
+        match startup::parse(&body)? {
+            startup::First::Encryption => {
+                stream
+                    .write_all(b"N")
+                    .await
+                    .map_err(|e| format!("answering an encryption request: {e}"))?;
+            }
+            startup::First::Startup(params) => {
+                let kind = startup::screen(&params, allowed)?;
+                tracing::info!(?kind, role = %allowed.role, "replication relay: startup admitted");
+                return Ok(startup::packet(&params));
+            }
+        }
+    }
+    Err("a client that keeps asking for encryption".into())
 }

@@ -29,10 +29,26 @@ pub fn bluemind_connection(config: &AgentConfig) -> pg::Connection {
     pg::Connection::bluemind(pg_config, password)
 }
 
-/// A standby's or a subscriber's replication connection, relayed to the local cluster.
-pub async fn relay(config: &AgentConfig, stream: &mut Stream) -> Result<(), String> {
+/// A standby's or a subscriber's replication connection, relayed to the local cluster: only
+/// a replication startup of the grant's own role passes ([`crate::db::startup`]); logical
+/// only when the grant published.
+pub async fn relay(
+    config: &AgentConfig,
+    grants: &GrantStore,
+    grant: &Grant,
+    stream: &mut Stream,
+) -> Result<(), String> {
+    let made = grants
+        .leftover(&grant.id)
+        .map_err(|e| e.to_string())?
+        .ok_or("refused: this grant made no replication role here (no base backup or publication asked yet)")?;
+    let allowed = crate::db::startup::Allowed {
+        role: &made.role,
+        logical: !made.logical.is_empty(),
+        databases: &config.postgresql.databases,
+    };
     admit(stream).await?;
-    replication::relay_to_server(config, stream).await
+    replication::relay_to_server(config, &allowed, stream).await
 }
 
 /// Streams one database as a custom-format archive (`pg_dump -Fc`): an archive carries

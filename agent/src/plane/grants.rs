@@ -501,6 +501,27 @@ impl GrantStore {
         ))
     }
 
+    /// What grant `grant_id` made in the cluster, if anything yet.
+    pub fn leftover(&self, grant_id: &str) -> Result<Option<Leftover>, GrantStoreError> {
+        self.conn()
+            .query_row(
+                "SELECT grant_id, role, slot, cap_set, logical FROM replication_leftovers
+                 WHERE grant_id = ?1",
+                params![grant_id],
+                |r| {
+                    Ok(Leftover {
+                        grant_id: r.get(0)?,
+                        role: r.get(1)?,
+                        slot: r.get(2)?,
+                        cap_set: r.get(3)?,
+                        logical: r.get(4)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
     /// Forgets a leftover once it is removed from the cluster.
     pub fn forget_leftover(&self, grant_id: &str) -> Result<(), GrantStoreError> {
         self.conn()
