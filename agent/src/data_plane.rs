@@ -230,7 +230,7 @@ impl DataPlane {
             TunnelRequest::VerifiedPoint { per_block, .. } => {
                 db::verified_point(
                     config,
-                    &db::bluemind_connection(config),
+                    &crate::db::pg::Connection::bluemind_here(config),
                     &grant.id,
                     per_block,
                     stream,
@@ -238,13 +238,18 @@ impl DataPlane {
                 .await
             }
             TunnelRequest::ChangedTotals { since, .. } => {
-                block_point::serve_totals(config, &db::bluemind_connection(config), &since, stream)
-                    .await
+                block_point::serve_totals(
+                    config,
+                    &crate::db::pg::Connection::bluemind_here(config),
+                    &since,
+                    stream,
+                )
+                .await
             }
             TunnelRequest::ChangedBlocks { since, tables, .. } => {
                 verified_point::serve_changed(
                     config,
-                    &db::bluemind_connection(config),
+                    &crate::db::pg::Connection::bluemind_here(config),
                     &since,
                     &tables,
                     stream,

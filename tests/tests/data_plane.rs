@@ -1977,7 +1977,7 @@ async fn promote(p: &mut Pair, operation: &str, grant: &str) -> MoveDatabasesRep
 
 /// Polls `sql` on `pg` until it prints `want` (10 s at most).
 fn wait_sql(pg: &PgCluster, db: &str, sql: &str, want: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let got = pg.sql(db, sql);
         if got.trim() == want {

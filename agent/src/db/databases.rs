@@ -86,10 +86,10 @@ async fn move_all(
     for (index, name) in names.iter().enumerate() {
         let (config, tls, origin) = (config.clone(), tls.clone(), origin.clone());
         let how = Restore {
+            password: found.password.clone(),
             format,
             jobs,
             checksum: Checksum::for_origin(found.server_version_num),
-            password: found.password.clone(),
             extensions: found
                 .extensions
                 .iter()
@@ -191,14 +191,39 @@ pub async fn prepare_owner(
     Ok((!held.is_empty()).then(|| held.join(" ")))
 }
 
+/// Gives this host's owner role BlueMind's password (the origin's, from its bm.ini: the config
+/// copy brings that file, and BlueMind logs in with it).
+pub async fn set_owner_password(config: &AgentConfig, password: &str) -> Result<(), String> {
+    let verifier = crate::db::pg::scram_verifier(password)?;
+    Connection::admin(&config.postgresql)
+        .psql(
+            "postgres",
+            &format!(
+                "ALTER ROLE {} WITH PASSWORD {};\n",
+                ident(&config.postgresql.user),
+                literal(&verifier)
+            ),
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| {
+            format!(
+                "setting {}'s password on the target: {e}",
+                config.postgresql.user
+            )
+        })
+}
+
 /// How one database is restored and checked.
 #[derive(Clone)]
 struct Restore {
+    /// The owner's password (the origin's, now set on this host's owner role): the restore
+    /// logs in as the owner, into a database made here, whose role and settings are this
+    /// host's own (an archive restored without `--create` carries no database or role setting).
+    password: String,
     format: DumpFormat,
     jobs: u32,
     checksum: Checksum,
-    /// The owner's password (the origin's, now set on the target's owner role).
-    password: String,
     /// The origin database's extensions (name, schema).
     extensions: Vec<(String, String)>,
 }
@@ -273,7 +298,7 @@ async fn move_one(
     let mut stream = tunnel::open(origin, tls, &request, timeout)
         .await
         .map_err(|e| e.to_string())?;
-    let owner = Connection::owner(pg_config, how.password.clone());
+    let owner = Connection::bluemind(pg_config, how.password.clone());
     let dump_bytes = match how.format {
         DumpFormat::Streamed => restore_streamed(&owner, name, &mut stream).await?,
         DumpFormat::Parallel => {

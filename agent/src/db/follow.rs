@@ -22,8 +22,6 @@ pub struct Following {
     pub name: String,
     /// The replication grant.
     pub grant_id: String,
-    /// BlueMind's database password (the owner role's, from the origin).
-    pub bluemind_password: String,
     /// Promoted already (a repeated promotion only compares; the instance's end forgets it).
     #[serde(default)]
     pub promoted: bool,

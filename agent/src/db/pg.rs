@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
-use crate::config::PostgresConfig;
+use crate::config::{AgentConfig, PostgresConfig};
 
 /// The newest `/usr/lib/postgresql/N/bin`, or the configured dir.
 pub fn bin_dir(config: &PostgresConfig) -> PathBuf {
@@ -62,8 +62,8 @@ pub struct Connection {
     port: u16,
     user: String,
     password: Option<String>,
-    /// Session settings (PGOPTIONS), e.g. a pinned search_path.
-    options: Option<String>,
+    /// Session settings (PGOPTIONS): [`PINNED`] and more.
+    options: String,
 }
 
 impl std::fmt::Debug for Connection {
@@ -88,8 +88,24 @@ pub struct PgError {
     pub detail: String,
 }
 
+/// Settings every connection of the agent pins from the client side (`PGOPTIONS`). A
+/// client's settings override what `ALTER DATABASE … SET` and `ALTER ROLE … SET` left in a
+/// catalog, and a catalog may have come from another host: functions and operators resolve
+/// in `pg_catalog` only, string literals are standard (the agent's quoting relies on it), no
+/// library loads for a session, and values print the same on both hosts (the checksums
+/// compare their text).
+const PINNED: &str = "-c search_path=pg_catalog -c standard_conforming_strings=on \
+     -c local_preload_libraries= -c DateStyle=ISO,MDY -c IntervalStyle=postgres \
+     -c extra_float_digits=3 -c TimeZone=UTC -c bytea_output=hex";
+
+/// What only a superuser may pin on top of [`PINNED`]: no library a catalog names loads at
+/// login, and the session acts as its login role unless the agent says otherwise.
+const PINNED_SUPERUSER: &str = "-c session_preload_libraries=";
+
 impl Connection {
-    /// BlueMind's user, with `password`.
+    /// BlueMind's user, logging in with `password`: on this origin's own cluster, or into a
+    /// database a target made itself and restores a dump into (the role and its settings are
+    /// the target's own there). Never on a cluster that came from another host.
     pub fn bluemind(config: &PostgresConfig, password: String) -> Self {
         Connection {
             prefix: Vec::new(),
@@ -98,21 +114,21 @@ impl Connection {
             port: config.port,
             user: config.user.clone(),
             password: Some(password),
-            options: None,
+            options: PINNED.into(),
         }
     }
 
-    /// BlueMind's user in a database that came from another host: `search_path` pinned to
-    /// `pg_catalog`, so that the SQL the agent runs there (restore, checksums) resolves only
-    /// PostgreSQL's own functions and operators, never ones the database brought along.
-    pub fn owner(config: &PostgresConfig, password: String) -> Self {
-        Connection {
-            options: Some("-c search_path=pg_catalog".into()),
-            ..Self::bluemind(config, password)
-        }
+    /// BlueMind's user on this host's own cluster, its password read from this host's
+    /// `/etc/bm/bm.ini` (the configured one when there is none).
+    pub fn bluemind_here(config: &AgentConfig) -> Self {
+        let pg = &config.postgresql;
+        let password =
+            bluemind_password(&config.host_path(Path::new("/etc/bm/bm.ini")), &pg.password);
+        Self::bluemind(pg, password)
     }
 
-    /// The administrator (peer or trust authentication through the command prefix).
+    /// The administrator (peer or trust authentication through the command prefix), every
+    /// login-time setting of its role and of the database neutralised.
     pub fn admin(config: &PostgresConfig) -> Self {
         Connection {
             prefix: config.admin_command_prefix.clone(),
@@ -121,7 +137,21 @@ impl Connection {
             port: config.port,
             user: config.admin_user.clone(),
             password: None,
-            options: None,
+            options: format!("{PINNED} {PINNED_SUPERUSER} -c role=none"),
+        }
+    }
+
+    /// BlueMind's owner role in databases that came from another host (a restore, a
+    /// standby's copy, a subscriber's databases): the administrator's login, neutralised as
+    /// in [`Connection::admin`], acting as the owner role (`role`, as `SET ROLE` does). No
+    /// password is needed, none of the owner role's own login-time settings applies (a
+    /// non-superuser login could not clear `session_preload_libraries`), and every statement
+    /// runs with the owner's privileges, never a superuser's.
+    pub fn owner(config: &PostgresConfig) -> Self {
+        let admin = Self::admin(config);
+        Connection {
+            options: format!("{PINNED} {PINNED_SUPERUSER} -c role={}", config.user),
+            ..admin
         }
     }
 
@@ -151,10 +181,7 @@ impl Connection {
         if let Some(pw) = &self.password {
             cmd.env("PGPASSWORD", pw);
         }
-        match &self.options {
-            Some(o) => cmd.env("PGOPTIONS", o),
-            None => cmd.env_remove("PGOPTIONS"),
-        };
+        cmd.env("PGOPTIONS", &self.options);
         cmd
     }
 

@@ -32,8 +32,6 @@ pub struct PublishTicket {
     pub password: String,
     /// The origin's `server_version_num`.
     pub server_version_num: u32,
-    /// BlueMind's database password (the target's owner role gets it).
-    pub bluemind_password: String,
     /// The databases published (BlueMind's, present here).
     pub databases: Vec<PublishedDatabase>,
     /// Their extensions (the target creates those of its own list).
@@ -174,18 +172,6 @@ fn parse_tables(out: &str) -> Vec<TableInfo> {
         .collect()
 }
 
-/// BlueMind's own role on this host (it owns the tables), with its password from bm.ini.
-fn bluemind_role(config: &AgentConfig) -> Connection {
-    let pg_config = &config.postgresql;
-    Connection::bluemind(
-        pg_config,
-        crate::db::pg::bluemind_password(
-            &config.host_path(std::path::Path::new("/etc/bm/bm.ini")),
-            &pg_config.password,
-        ),
-    )
-}
-
 fn qualified(schema: &str, table: &str) -> String {
     format!("{}.{}", ident(schema), ident(table))
 }
@@ -207,7 +193,7 @@ pub async fn prepare(
              SET wal_level = logical, then a restart of its PostgreSQL), or use db_sync = \"dump\""
         ));
     }
-    let owner = bluemind_role(config);
+    let owner = Connection::bluemind_here(config);
     let present = owner
         .existing_databases(&pg_config.databases)
         .await
@@ -283,7 +269,6 @@ pub async fn prepare(
         role: made.role,
         password: made.password,
         server_version_num: made.server_version_num,
-        bluemind_password: made.bluemind_password,
         databases: found
             .into_iter()
             .map(|(name, publication, slot, _)| PublishedDatabase {
@@ -407,7 +392,7 @@ pub async fn remove(config: &AgentConfig, leftover: &Leftover) -> Result<(), Str
         )
         .await
         .map_err(|e| e.to_string())?;
-    let owner = bluemind_role(config);
+    let owner = Connection::bluemind_here(config);
     let present = admin
         .existing_databases(
             &record

@@ -37,11 +37,10 @@ pub struct FollowTicket {
     pub slot: String,
     /// The origin's `server_version_num`.
     pub server_version_num: u32,
-    /// BlueMind's database password (the standby's owner role has it: it is the origin's).
-    pub bluemind_password: String,
 }
 
-fn random_password() -> Result<String, String> {
+/// A fresh random password (48 hex digits).
+pub fn random_password() -> Result<String, String> {
     use ring::rand::SecureRandom;
     let mut bytes = [0u8; 24];
     ring::rand::SystemRandom::new()
@@ -84,7 +83,6 @@ pub async fn prepare(
         password: made.password,
         slot,
         server_version_num: made.server_version_num,
-        bluemind_password: made.bluemind_password,
     })
 }
 
@@ -96,8 +94,6 @@ pub struct Made {
     pub password: String,
     /// The origin's `server_version_num`.
     pub server_version_num: u32,
-    /// BlueMind's database password on this host.
-    pub bluemind_password: String,
     /// The record of what the grant made.
     pub leftover: Leftover,
 }
@@ -151,10 +147,6 @@ pub async fn make_role(
         role,
         password,
         server_version_num,
-        bluemind_password: crate::db::pg::bluemind_password(
-            &config.host_path(std::path::Path::new("/etc/bm/bm.ini")),
-            &config.postgresql.password,
-        ),
         leftover,
     })
 }

@@ -19,16 +19,6 @@ use crate::plane::answer::{admit, stream_output, Stream};
 use crate::plane::grants::{Grant, GrantStore};
 use crate::plane::tunnel::{read_json_line, write_json_line};
 
-/// BlueMind's own connection on this origin (its password read from its bm.ini).
-pub fn bluemind_connection(config: &AgentConfig) -> pg::Connection {
-    let pg_config = &config.postgresql;
-    let password = pg::bluemind_password(
-        &config.host_path(Path::new("/etc/bm/bm.ini")),
-        &pg_config.password,
-    );
-    pg::Connection::bluemind(pg_config, password)
-}
-
 /// A standby's or a subscriber's replication connection, relayed to the local cluster: only
 /// a replication startup of the grant's own role passes ([`crate::db::startup`]); logical
 /// only when the grant published.
@@ -65,7 +55,7 @@ pub async fn dump(
             "refused: {database} is not one of BlueMind's databases"
         ));
     }
-    let mut pg_dump = bluemind_connection(config).command("pg_dump", database);
+    let mut pg_dump = pg::Connection::bluemind_here(config).command("pg_dump", database);
     // Uncompressed: the archive crosses the data plane once, and compressing it would
     // spend the origin's CPU inside the downtime.
     pg_dump.args(["--no-sync", "-F", "c", "-Z", "0"]);
@@ -133,7 +123,7 @@ pub async fn manifest(
     names_only: bool,
     stream: &mut Stream,
 ) -> Result<(), String> {
-    let conn = bluemind_connection(config);
+    let conn = pg::Connection::bluemind_here(config);
     let existing = conn
         .existing_databases(&config.postgresql.databases)
         .await

@@ -290,7 +290,6 @@ async fn follow_inner(
         address: origin.address.clone(),
         name: origin.name.clone(),
         grant_id: origin.grant_id.clone(),
-        bluemind_password: ticket.bluemind_password.clone(),
         promoted: false,
         logical: None,
         verified: None,
@@ -308,7 +307,7 @@ async fn follow_inner(
         set_following(config, Some(&state))?;
         relay.start(config, tls.clone(), &state)?;
         server(config, true).await?;
-        wait_standby(config, &ticket.bluemind_password).await?;
+        wait_standby(config).await?;
         Ok::<u64, String>(bytes)
     }
     .await;
@@ -566,8 +565,8 @@ fn append_owned(path: &Path, text: &str, uid: u32, gid: u32) -> Result<(), Strin
 }
 
 /// Waits until the standby accepts connections (as the owner role) and is in recovery.
-async fn wait_standby(config: &AgentConfig, password: &str) -> Result<(), String> {
-    let owner = owner_connection(config, password);
+async fn wait_standby(config: &AgentConfig) -> Result<(), String> {
+    let owner = Connection::owner(&config.postgresql);
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let answer = owner
@@ -604,11 +603,6 @@ fn still_starting(detail: &str) -> bool {
     .any(|m| detail.contains(m))
 }
 
-/// BlueMind's owner role (the origin's password) with `search_path` pinned.
-fn owner_connection(config: &AgentConfig, password: &str) -> Connection {
-    Connection::owner(&config.postgresql, password.to_string())
-}
-
 /// Catches the standby up with the stopped origin, promotes it, and compares every table
 /// with the origin's (`state`: what this host follows, a physical standby of `origin`).
 pub async fn promote(
@@ -619,7 +613,7 @@ pub async fn promote(
     state: Following,
 ) -> Result<(Vec<DatabaseMove>, String), String> {
     let started = Instant::now();
-    let owner = owner_connection(config, &state.bluemind_password);
+    let owner = Connection::owner(&config.postgresql);
     if state.promoted {
         // A repeated request (the agent restarted after promoting): compare only.
         let (theirs, ours) = tokio::join!(

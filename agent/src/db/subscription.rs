@@ -116,13 +116,14 @@ async fn follow_inner(
         .enumerate()
         .collect();
     let (role, _) = names(&origin.grant_id, 0);
-    let verifier = crate::db::pg::scram_verifier(&ticket.bluemind_password)?;
+    // A password nobody knows until the promotion sets the origin's (the databases grant's
+    // manifest carries it): the replication ticket never does.
+    let verifier = crate::db::pg::scram_verifier(&crate::db::replication::random_password()?)?;
     let owner_attributes = crate::db::databases::prepare_owner(&admin, &pg.user, &verifier).await?;
     let state = Following {
         address: origin.address.clone(),
         name: origin.name.clone(),
         grant_id: origin.grant_id.clone(),
-        bluemind_password: ticket.bluemind_password.clone(),
         promoted: false,
         logical: Some(LogicalFollow {
             role: role.clone(),
@@ -147,7 +148,7 @@ async fn follow_inner(
                 .map(|e| (e.name.clone(), e.schema.clone()))
                 .collect();
             crate::db::databases::recreate(config, &db.name, &extensions).await?;
-            schema_bytes += restore_schema(config, tls.clone(), origin, &ticket, &db.name).await?;
+            schema_bytes += restore_schema(config, tls.clone(), origin, &db.name).await?;
         }
         relay.start(config, tls.clone(), &state)?;
         subscribe(config, &state, &ticket, own_version).await?;
@@ -198,7 +199,6 @@ async fn restore_schema(
     config: &AgentConfig,
     tls: Arc<rustls::ClientConfig>,
     origin: &OriginEndpoint,
-    ticket: &PublishTicket,
     database: &str,
 ) -> Result<u64, String> {
     let timeout = Duration::from_secs(config.data_plane.connect_timeout_secs);
@@ -210,7 +210,7 @@ async fn restore_schema(
     let mut stream = tunnel::open(origin, tls, &request, timeout)
         .await
         .map_err(|e| e.to_string())?;
-    let owner = Connection::owner(&config.postgresql, ticket.bluemind_password.clone());
+    let owner = Connection::owner(&config.postgresql);
     crate::db::databases::restore_streamed(&owner, database, &mut stream)
         .await
         .map_err(|e| format!("the schema of {database}: {e}"))
@@ -389,7 +389,7 @@ async fn wait_ready(
     own_version: u32,
 ) -> Result<(), String> {
     let logical = state.logical.as_ref().ok_or("not a logical follow")?;
-    let owner = Connection::owner(&config.postgresql, state.bluemind_password.clone());
+    let owner = Connection::owner(&config.postgresql);
     let mut watch = Watch::default();
     loop {
         let progress = progress(&owner, logical, own_version).await?;
@@ -415,7 +415,7 @@ pub async fn promote(
 ) -> Result<(Vec<DatabaseMove>, String), String> {
     let started = Instant::now();
     let logical = state.logical.clone().ok_or("not a logical follow")?;
-    let owner = Connection::owner(&config.postgresql, state.bluemind_password.clone());
+    let owner = Connection::owner(&config.postgresql);
     if state.promoted {
         // A repeated request (the agent restarted after the promotion): compare only.
         let (theirs, ours) = tokio::join!(
@@ -536,6 +536,7 @@ pub async fn promote(
     };
     relay.stop();
     set_sequences(&owner, &theirs).await?;
+    crate::db::databases::set_owner_password(config, &theirs.password).await?;
     finish(config, &logical).await?;
     crate::db::follow::set_following(
         config,

@@ -363,7 +363,7 @@ async fn establish_inner(
     )?;
     forget(config, None);
     crate::db::gate::verified_point::keep_wal(config, &state.grant_id).await?;
-    let owner = Connection::owner(&config.postgresql, state.bluemind_password.clone());
+    let owner = Connection::owner(&config.postgresql);
     let own_version = owner
         .server_version_num()
         .await

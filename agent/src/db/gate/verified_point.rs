@@ -641,7 +641,7 @@ pub async fn establish(
             ..state.clone()
         }),
     )?;
-    let owner = Connection::owner(&config.postgresql, state.bluemind_password.clone());
+    let owner = Connection::owner(&config.postgresql);
     let (mut stream, held, wanted) = ask_hold(config, tls, &state.endpoint(), false).await?;
     let deadline = Instant::now() + HOLD - Duration::from_secs(1);
     loop {
