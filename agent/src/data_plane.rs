@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use bmfleet_proto::admission::{Admission, Limits};
 use bmfleet_proto::identity::{peer_identity, Role};
-use bmfleet_proto::tls::{accept_tls, Policy};
+use bmfleet_proto::tls::{accept_tls, Policy, TrustStore};
+use rustls::pki_types::CertificateDer;
 use tokio::io::BufReader;
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
@@ -41,7 +42,13 @@ pub struct DataPlane {
     pub relays: Admission<String>,
     /// The change journals of the instances this origin serves.
     pub changes: Arc<ChangeJournals>,
+    /// The fleet's trust, as in force now: a relay ends when its target's certificate is
+    /// revoked.
+    pub trust: Arc<TrustStore>,
 }
+
+/// How often a relayed connection checks that its grant and its target's certificate hold.
+const RELAY_CHECK: Duration = Duration::from_millis(500);
 
 /// Which admission pool a verb's connection counts in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,13 +118,14 @@ impl DataPlane {
     async fn handle(&self, conn: Connection) {
         let peer = conn.get_ref().get_ref().0.peer_addr().ok();
         crate::plane::tunnel::keep_alive(conn.get_ref().get_ref().0);
-        let caller = conn
+        let chain: Vec<CertificateDer<'static>> = conn
             .get_ref()
             .get_ref()
             .1
             .peer_certificates()
-            .and_then(|c| c.first())
-            .map(|c| peer_identity(c));
+            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+            .unwrap_or_default();
+        let caller = chain.first().map(peer_identity);
         let mut stream = BufReader::new(conn);
         let request: TunnelRequest =
             match tokio::time::timeout(HEADER_TIMEOUT, read_json_line(&mut stream)).await {
@@ -179,7 +187,19 @@ impl DataPlane {
                 return;
             }
         };
-        match self.answer(&grant, request, &mut stream).await {
+        // A relay lasts as long as its grant and its target's certificate, not longer.
+        let outcome = match verb.pool {
+            Pool::Children => self.answer(&grant, request, &mut stream).await,
+            Pool::Relays => tokio::select! {
+                outcome = self.answer(&grant, request, &mut stream) => outcome,
+                why = self.lapsed(&grant, &caller.name, &chain) => {
+                    tracing::warn!(?peer, caller = %caller.name, grant = %grant.id, %why, "data plane: relay closed");
+                    self.metrics.tunnel(kind, "closed");
+                    return;
+                }
+            },
+        };
+        match outcome {
             Ok(()) => {
                 self.metrics.tunnel(kind, "served");
                 tracing::info!(?peer, caller = %caller.name, grant = %grant.id, "data plane: served")
@@ -188,6 +208,29 @@ impl DataPlane {
                 self.metrics.tunnel(kind, "failed");
                 tracing::warn!(?peer, caller = %caller.name, grant = %grant.id, %reason, "data plane: refused or failed");
                 let _ = refuse(&mut stream, reason).await;
+            }
+        }
+    }
+
+    /// Returns (why) once `grant` no longer admits `caller` (revoked, expired) or the
+    /// caller's certificate is no longer trusted (revoked by a reloaded list, expired).
+    async fn lapsed(
+        &self,
+        grant: &Grant,
+        caller: &str,
+        chain: &[CertificateDer<'static>],
+    ) -> String {
+        loop {
+            tokio::time::sleep(RELAY_CHECK).await;
+            match self.grants.admit(&grant.id, caller, now_ms()) {
+                Err(AdmitError::Refused(e)) => return format!("the grant no longer holds ({e})"),
+                Err(AdmitError::Store(e)) => {
+                    tracing::error!(error = %e, "grant store failed while checking a relay")
+                }
+                Ok(_) => {}
+            }
+            if !self.trust.still_trusts_client(chain) {
+                return format!("{caller}'s certificate is no longer trusted (revoked or expired)");
             }
         }
     }

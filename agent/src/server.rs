@@ -89,6 +89,8 @@ pub struct AgentService {
     changes: Arc<crate::files::change_journal::ChangeJournals>,
     /// Target side: the relay of a standby that follows its origin.
     relay: Arc<standby::Relay>,
+    /// The fleet's trust (roots less the revocation list, reloaded on SIGHUP).
+    trust: Arc<bmfleet_proto::tls::TrustStore>,
 }
 
 fn origin_of(endpoint: Option<OriginEndpoint>) -> Result<OriginEndpoint, Status> {
@@ -132,6 +134,7 @@ impl AgentService {
             metrics: Arc::new(AgentMetrics::new()),
             changes: Arc::default(),
             relay: Arc::default(),
+            trust: identity.trust(),
         })
     }
 
@@ -164,6 +167,7 @@ impl AgentService {
             children: bmfleet_proto::admission::Admission::new(Limits::CHILDREN),
             relays: bmfleet_proto::admission::Admission::new(Limits::RELAYS),
             changes: self.changes.clone(),
+            trust: self.trust.clone(),
         })
     }
 }

@@ -493,6 +493,30 @@ mod tests {
     }
 
     #[test]
+    fn a_trust_store_stops_trusting_a_client_once_its_revocation_is_reloaded() {
+        let dir = tempfile::tempdir().unwrap();
+        init_dir(dir.path()).unwrap();
+        let files =
+            issue_into_dir(dir.path(), &IssueRequest::new("target-1", Role::Agent, 30)).unwrap();
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        // A list in force already (another agent revoked).
+        issue_into_dir(dir.path(), &IssueRequest::new("origin-0", Role::Agent, 30)).unwrap();
+        let (crl, _) = revoke_in_dir(dir.path(), "origin-0").unwrap();
+        let roots = crate::tls::load_roots(&dir.path().join(CA_CERT_FILE)).unwrap();
+        let trust = crate::tls::TrustStore::new(roots, Some(crl)).unwrap();
+        assert!(trust.still_trusts_client(&chain));
+        assert!(!trust.still_trusts_client(&[]));
+        revoke_in_dir(dir.path(), "target-1").unwrap();
+        // Trusted until the list in force is re-read.
+        assert!(trust.still_trusts_client(&chain));
+        trust.reload().unwrap();
+        assert!(!trust.still_trusts_client(&chain));
+    }
+
+    #[test]
     fn a_signed_request_gets_the_requested_name_and_role_only() {
         let dir = tempfile::tempdir().unwrap();
         init_dir(dir.path()).unwrap();

@@ -171,6 +171,21 @@ impl TrustStore {
         Ok(revoked)
     }
 
+    /// Whether a client's certificate chain (as its handshake presented it) is still trusted
+    /// now: unexpired and not revoked by the revocation list in force (re-read by
+    /// [`TrustStore::reload`]). A connection admitted earlier asks this to outlive neither.
+    pub fn still_trusts_client(
+        &self,
+        chain: &[rustls::pki_types::CertificateDer<'static>],
+    ) -> bool {
+        let Some((end_entity, intermediates)) = chain.split_first() else {
+            return false;
+        };
+        self.client()
+            .verify_client_cert(end_entity, intermediates, UnixTime::now())
+            .is_ok()
+    }
+
     fn client(&self) -> Arc<dyn rustls::server::danger::ClientCertVerifier> {
         self.current
             .read()

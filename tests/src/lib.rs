@@ -573,7 +573,10 @@ impl PgCluster {
     /// Runs SQL as the administrator: psql's unaligned output, or its error.
     pub fn try_sql(&self, database: &str, sql: &str) -> Result<String, String> {
         use std::io::Write;
+        // A hostile cluster's copy may make every login load a library: the tests' own
+        // administrator clears it, as the agent's does.
         let mut child = Command::new("runuser")
+            .env("PGOPTIONS", "-c session_preload_libraries=")
             .args(["-u", "postgres", "--"])
             .arg(self.bin.join("psql"))
             .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h"])

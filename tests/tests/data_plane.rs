@@ -2401,9 +2401,135 @@ async fn when_the_wal_since_the_verified_point_is_gone_the_downtime_compares_eve
     assert_eq!(origin_pg.sql("bj", sql), target_pg.sql("bj", sql));
 }
 
+/// A PostgreSQL library whose `_PG_init` appends to `bmfleet-planted-loaded` in the
+/// backend's working directory (its cluster's data directory), built for `pg`'s major.
+fn planted_library(dir: &Path, pg: &PgCluster) -> PathBuf {
+    let version: u32 = pg
+        .sql("postgres", "SHOW server_version_num;")
+        .trim()
+        .parse()
+        .unwrap();
+    let source = dir.join("planted.c");
+    std::fs::write(
+        &source,
+        format!(
+            "#include <fcntl.h>\n#include <unistd.h>\n\
+             typedef struct {{ int version, funcmaxargs, indexmaxkeys, namedatalen, float8byval; char abi_extra[32]; }} Pg_abi_values;\n\
+             typedef struct {{ int len; Pg_abi_values abi_fields; }} Pg_magic_struct;\n\
+             const Pg_magic_struct *Pg_magic_func(void) {{\n\
+               static const Pg_magic_struct data = {{ sizeof(Pg_magic_struct), {{ {}, 100, 32, 64, 1, \"PostgreSQL\" }} }};\n\
+               return &data;\n}}\n\
+             void _PG_init(void) {{\n\
+               int fd = open(\"bmfleet-planted-loaded\", O_WRONLY | O_CREAT | O_APPEND, 0644);\n\
+               if (fd >= 0) {{ if (write(fd, \"x\", 1) < 0) {{}} close(fd); }}\n}}\n",
+            version / 100
+        ),
+    )
+    .unwrap();
+    let library = dir.join("planted.so");
+    let built = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&library)
+        .arg(&source)
+        .output()
+        .expect("cc (gcc) builds the planted library");
+    assert!(built.status.success(), "{built:?}");
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&library, std::fs::Permissions::from_mode(0o755)).unwrap();
+    library
+}
+
+/// A plain login as the administrator on `pg`, without the tests' own neutralising options.
+fn plain_login(pg: &PgCluster) -> std::process::Output {
+    std::process::Command::new("runuser")
+        .env_remove("PGOPTIONS")
+        .args(["-u", "postgres", "--"])
+        .arg(pg.agent_settings().bin_dir.unwrap().join("psql"))
+        .arg("-X")
+        .arg("-h")
+        .arg(pg.socket_dir())
+        .args([
+            "-p",
+            &pg.port.to_string(),
+            "-d",
+            "postgres",
+            "-c",
+            "SELECT 1",
+        ])
+        .output()
+        .unwrap()
+}
+
+/// A compromised origin plants login-time settings and an operator in what its standby
+/// copies: every login as `bj` or `postgres` loads a library it shipped (as a data pass
+/// would), BlueMind's database resolves `public` first and its `=` on names writes a row.
+/// The target agent's sessions in the copy (the verified point, the catch-up, the promotion
+/// and its comparison, the replication role's drop) load nothing and run none of it.
+#[tokio::test]
+async fn a_hostile_origins_login_settings_and_operators_never_run_in_the_target_agents_sessions() {
+    let (origin_pg, target_pg) = (PgCluster::start(), PgCluster::start());
+    let mut p = standby_pair(&origin_pg, &target_pg, "planted").await;
+    let shipped = tempfile::tempdir().unwrap();
+    let library = planted_library(shipped.path(), &origin_pg);
+    origin_pg.sql(
+        "bj",
+        &format!(
+            "SET ROLE bj; CREATE TABLE public.pwned (who text); \
+             GRANT INSERT ON public.pwned TO PUBLIC; \
+             CREATE FUNCTION public.planted_eq(name, name) RETURNS boolean LANGUAGE sql \
+               AS $$ INSERT INTO public.pwned (who) VALUES (current_user) RETURNING $1::text = $2::text $$; \
+             CREATE OPERATOR public.= (LEFTARG = name, RIGHTARG = name, FUNCTION = public.planted_eq); \
+             RESET ROLE; ALTER DATABASE bj SET search_path = public, pg_catalog; \
+             ALTER DATABASE postgres SET search_path = public, pg_catalog; \
+             ALTER ROLE bj SET session_preload_libraries = '{0}'; \
+             ALTER ROLE postgres SET session_preload_libraries = '{0}';",
+            library.display()
+        ),
+    );
+    let loaded = |pg: &PgCluster| pg.dir().join("data/bmfleet-planted-loaded").exists();
+    // The library works: a plain login on the origin loads it.
+    assert!(plain_login(&origin_pg).status.success());
+    assert!(loaded(&origin_pg));
+    let verified = verify(&mut p).await;
+    assert!(verified.ok, "{}", verified.error);
+    origin_pg.sql(
+        "bj",
+        "SET ROLE bj; UPDATE t_big SET v = 'after the point' WHERE k = 7;",
+    );
+    let moved = promote(&mut p, "m1/db/promote", "grant-0301-databases").await;
+    assert!(moved.ok, "{}: {:?}", moved.error, moved.databases);
+    assert!(table(&moved, "public.t_big").equal);
+    // Nothing the origin planted ran in the target agent's sessions: no library loaded in the
+    // target's cluster, no row written by the operator, the replication role dropped all the
+    // same, the settings still in the copy (not the agent's to change).
+    assert!(
+        !loaded(&target_pg),
+        "the target agent's sessions loaded the planted library"
+    );
+    assert_eq!(
+        target_pg
+            .sql("bj", "SELECT count(*) FROM public.pwned;")
+            .trim(),
+        "0"
+    );
+    assert_eq!(
+        target_pg
+            .sql(
+                "postgres",
+                "SELECT count(*) FROM pg_catalog.pg_roles WHERE rolname LIKE 'bmfleet_repl_%';"
+            )
+            .trim(),
+        "0"
+    );
+    // The copy does carry the settings: a plain login on the target loads the library.
+    assert!(plain_login(&target_pg).status.success());
+    assert!(loaded(&target_pg));
+}
+
 /// Opens the relay under `grant` as the real target and sends one startup packet with
-/// `params`; returns what came back (the relay's or the cluster's first answer).
-async fn relay_startup(p: &Pair, grant: &str, params: &[(&str, &str)]) -> String {
+/// `params`; returns what came back (the relay's or the cluster's first answer) and the
+/// connection.
+async fn relay_startup(p: &Pair, grant: &str, params: &[(&str, &str)]) -> (String, tunnel::Tunnel) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let tls = LocalIdentity::load(&p.target_files, Role::Agent)
         .unwrap()
@@ -2432,7 +2558,7 @@ async fn relay_startup(p: &Pair, grant: &str, params: &[(&str, &str)]) -> String
         .await
         .expect("an answer")
         .unwrap();
-    String::from_utf8_lossy(&answer[..n]).into_owned()
+    (String::from_utf8_lossy(&answer[..n]).into_owned(), relayed)
 }
 
 /// A compromised target holds BlueMind's password (bm.ini) and its replication grant: through
@@ -2490,7 +2616,7 @@ async fn a_hostile_target_gets_only_its_grants_replication_login_through_the_rel
             "session_preload_libraries",
         ),
     ] {
-        let answer = relay_startup(&p, "grant-0300-replication", &params).await;
+        let (answer, _) = relay_startup(&p, "grant-0300-replication", &params).await;
         assert!(
             answer.starts_with('E')
                 && answer.contains("bmfleet relay: refused")
@@ -2513,13 +2639,30 @@ async fn a_hostile_target_gets_only_its_grants_replication_login_through_the_rel
     );
     // The grant's own replication login does reach the cluster (its password is the
     // standby's): the cluster itself answers, asking for authentication.
-    let answer = relay_startup(
+    let (answer, mut relayed) = relay_startup(
         &p,
         "grant-0300-replication",
         &[("user", role.as_str()), ("replication", "true")],
     )
     .await;
     assert!(answer.starts_with('R'), "{answer:?}");
+    // The grant revoked, the relay ends (the cluster would wait a minute for the password).
+    let mut p = p;
+    p.origin
+        .revoke_grant(bmfleet_proto::v1::RevokeGrantRequest {
+            target_name: "target-1".into(),
+            migration: "m1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_to_end(&mut relayed, &mut rest),
+    )
+    .await;
+    assert!(ended.is_ok(), "the relay outlived its grant");
 }
 
 #[tokio::test]

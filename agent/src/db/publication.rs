@@ -435,7 +435,7 @@ pub async fn remove(config: &AgentConfig, leftover: &Leftover) -> Result<(), Str
             .psql(
                 &db.name,
                 &format!(
-                    "DO $$ BEGIN IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = {name}) THEN EXECUTE 'DROP OWNED BY ' || pg_catalog.quote_ident({name}); END IF; END $$;\n",
+                    "DO $$ BEGIN IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) {name}) THEN EXECUTE 'DROP OWNED BY ' OPERATOR(pg_catalog.||) pg_catalog.quote_ident({name}); END IF; END $$;\n",
                     name = literal(&leftover.role)
                 ),
             )
