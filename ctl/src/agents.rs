@@ -51,6 +51,10 @@ pub enum AgentsCommand {
         /// Lifetime, seconds (default: the orchestrator's).
         #[arg(long, default_value_t = 0)]
         ttl: u32,
+        /// The name is an enrolled agent's: the token replaces its certificate (the old one is
+        /// revoked at enrollment).
+        #[arg(long)]
+        reenroll: bool,
     },
 }
 
@@ -59,12 +63,14 @@ pub async fn token(
     connection: &Connection,
     name: &str,
     ttl_secs: u32,
+    reenroll: bool,
 ) -> anyhow::Result<IssueJoinTokenReply> {
     let mut client = connection.client()?;
     Ok(connection
         .call(client.issue_join_token(IssueJoinTokenRequest {
             name: name.to_string(),
             ttl_secs,
+            reenroll,
         }))
         .await?
         .into_inner())
@@ -187,8 +193,9 @@ pub async fn run(command: AgentsCommand) -> anyhow::Result<()> {
             connection,
             name,
             ttl,
+            reenroll,
         } => {
-            let reply = token(&connection, &name, ttl).await?;
+            let reply = token(&connection, &name, ttl, reenroll).await?;
             eprintln!(
                 "join token for {name}, valid until {}; on the host: \
                  bmfleet-agent enroll --name {name} --orchestrator {} < token-file",

@@ -387,6 +387,7 @@ async fn enroll_host(
     host: Host,
     connection: Arc<Connection>,
     control_dir: PathBuf,
+    reenroll: bool,
     progress: impl Fn(&str, &str),
 ) -> anyhow::Result<String> {
     let binary = std::fs::read(&host.agent_binary)
@@ -478,7 +479,7 @@ async fn enroll_host(
         )
         .await?;
     if check.contains("exit=3") {
-        let token = crate::agents::token(&connection, &host.name, 0)
+        let token = crate::agents::token(&connection, &host.name, 0, reenroll)
             .await
             .with_context(|| format!("{}: no join token", host.name))?;
         progress(&host.name, "enrolling");
@@ -689,11 +690,12 @@ pub async fn enroll(
     inventory: Inventory,
     only: &[String],
     parallel: usize,
+    reenroll: bool,
 ) -> anyhow::Result<()> {
     let hosts = inventory.hosts(only)?;
     let connection = Arc::new(connection);
     let outcomes = each_host(hosts, parallel, |host, control| {
-        enroll_host(host, connection.clone(), control, progress)
+        enroll_host(host, connection.clone(), control, reenroll, progress)
     })
     .await;
     summary("enrolled", &outcomes)

@@ -174,6 +174,10 @@ enum FleetCommand {
         connection: Connection,
         #[command(flatten)]
         hosts: Hosts,
+        /// Hosts whose agent is enrolled already but lost its identity (reinstalled) get a
+        /// new certificate; the old one is revoked. Without it they are refused.
+        #[arg(long)]
+        reenroll: bool,
     },
     /// After Done: stop and remove the agents of an instance's hosts over SSH, revoke their
     /// certificates and remove them from the orchestrator.
@@ -396,9 +400,13 @@ async fn main() -> ExitCode {
             output,
         } => status::audit(&connection, limit, before, output).await,
         FleetCommand::Agents { command } => agents::run(command).await,
-        FleetCommand::Enroll { connection, hosts } => match hosts.inventory() {
+        FleetCommand::Enroll {
+            connection,
+            hosts,
+            reenroll,
+        } => match hosts.inventory() {
             Ok(inventory) => {
-                enroll::enroll(connection, inventory, &hosts.only, hosts.parallel).await
+                enroll::enroll(connection, inventory, &hosts.only, hosts.parallel, reenroll).await
             }
             Err(e) => Err(e),
         },

@@ -56,8 +56,8 @@ pub struct FleetApi {
     enrollment: Option<EnrollmentConfig>,
     orchestrator_name: String,
     audit_policy: AuditPolicy,
-    /// Refused calls written per caller in the current minute: (minute, written, skipped).
-    refusals: std::sync::Mutex<HashMap<String, (i64, u32, u32)>>,
+    /// Refused calls itemized per caller and minute.
+    refusals: crate::refusals::Ledger,
     last_prune_ms: std::sync::atomic::AtomicI64,
 }
 
@@ -127,31 +127,9 @@ impl FleetApi {
             enrollment: parts.enrollment,
             orchestrator_name,
             audit_policy,
-            refusals: std::sync::Mutex::default(),
+            refusals: crate::refusals::Ledger::new(REFUSALS_PER_MINUTE),
             last_prune_ms: std::sync::atomic::AtomicI64::new(0),
         }
-    }
-
-    /// Whether a refused call of `caller` at `now_ms` is itemized; when it is the first of a
-    /// new minute, how many of the previous minute were not.
-    fn itemize_refusal(&self, caller: &str, now_ms: i64) -> Option<u32> {
-        let minute = now_ms.div_euclid(60_000);
-        let mut refusals = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
-        if refusals.len() > 10_000 {
-            refusals.retain(|_, (m, _, _)| *m == minute);
-        }
-        let entry = refusals.entry(caller.to_string()).or_insert((minute, 0, 0));
-        let mut skipped_before = 0;
-        if entry.0 != minute {
-            skipped_before = entry.2;
-            *entry = (minute, 0, 0);
-        }
-        if entry.1 >= REFUSALS_PER_MINUTE {
-            entry.2 += 1;
-            return None;
-        }
-        entry.1 += 1;
-        Some(skipped_before)
     }
 
     /// Deletes audit entries past their retention, at most once an hour.
@@ -282,7 +260,7 @@ impl FleetApi {
         let now = self.clock.now_ms();
         let mut detail = detail;
         if outcome == "denied" {
-            match self.itemize_refusal(&format!("{who} ({role})"), now) {
+            match self.refusals.itemize(&format!("{who} ({role})"), now) {
                 None => return result.map(Response::new),
                 Some(0) => {}
                 Some(skipped) => detail.push_str(&format!(
@@ -526,7 +504,10 @@ impl Fleet for FleetApi {
         request: Request<IssueJoinTokenRequest>,
     ) -> Result<Response<IssueJoinTokenReply>, Status> {
         let req = request.get_ref();
-        let arguments = format!("{{\"name\":{:?},\"ttl_secs\":{}}}", req.name, req.ttl_secs);
+        let arguments = format!(
+            "{{\"name\":{:?},\"ttl_secs\":{},\"reenroll\":{}}}",
+            req.name, req.ttl_secs, req.reenroll
+        );
         self.audited(&request, "IssueJoinToken", arguments, || {
             let config = self.enrollment.as_ref().ok_or_else(|| {
                 Status::failed_precondition(
@@ -536,6 +517,13 @@ impl Fleet for FleetApi {
             })?;
             bmfleet_proto::identity::validate_name(&req.name)
                 .map_err(|m| Status::invalid_argument(format!("name: {m}")))?;
+            bmfleet_proto::pki::check_enrollable(
+                &config.pki_dir,
+                &req.name,
+                req.reenroll,
+                &[self.orchestrator_name.as_str()],
+            )
+            .map_err(|e| Status::failed_precondition(format!("name {}: {e}", req.name)))?;
             let ttl = match req.ttl_secs {
                 0 => config.token_ttl_secs,
                 n if n > config.token_max_ttl_secs => {
@@ -552,6 +540,7 @@ impl Fleet for FleetApi {
                 &by,
                 self.clock.now_ms(),
                 i64::from(ttl) * 1000,
+                req.reenroll,
             )?;
             self.state
                 .store_join_token(&token.stored)

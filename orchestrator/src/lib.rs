@@ -25,6 +25,7 @@ pub mod health;
 pub mod machine;
 pub mod metrics;
 pub mod plan;
+pub mod refusals;
 pub mod scheduler;
 pub mod sim;
 pub mod state;

@@ -107,6 +107,8 @@ pub struct StoredToken {
     pub issued_by: String,
     /// It is refused from then on.
     pub expires_ms: i64,
+    /// It may replace the certificate of an agent of that name (the operator said so).
+    pub reenroll: bool,
 }
 
 /// Why a join token was refused.
@@ -237,7 +239,8 @@ impl State {
                  issued_by TEXT NOT NULL,
                  expires_ms INTEGER NOT NULL,
                  used_ms INTEGER,
-                 used_from TEXT
+                 used_from TEXT,
+                 reenroll INTEGER NOT NULL DEFAULT 0
              );
              CREATE TABLE IF NOT EXISTS audit (
                  id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -251,6 +254,17 @@ impl State {
              );",
         )
         .map_err(err)?;
+        // A state DB made before re-enrollment was a token's own choice.
+        let has_reenroll = conn
+            .prepare("SELECT 1 FROM pragma_table_info('join_tokens') WHERE name = 'reenroll'")
+            .and_then(|mut s| s.exists([]))
+            .map_err(err)?;
+        if !has_reenroll {
+            conn.execute_batch(
+                "ALTER TABLE join_tokens ADD COLUMN reenroll INTEGER NOT NULL DEFAULT 0;",
+            )
+            .map_err(err)?;
+        }
         Ok(State {
             conn: Mutex::new(conn),
             path: display,
@@ -363,43 +377,47 @@ impl State {
     pub fn store_join_token(&self, token: &StoredToken) -> Result<(), StateError> {
         self.conn()
             .execute(
-                "INSERT INTO join_tokens (id, secret_sha256, name, issued_ms, issued_by, expires_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO join_tokens (id, secret_sha256, name, issued_ms, issued_by, expires_ms, reenroll)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 params![
                     token.id,
                     token.secret_sha256.to_vec(),
                     token.name,
                     token.issued_ms,
                     token.issued_by,
-                    token.expires_ms
+                    token.expires_ms,
+                    token.reenroll
                 ],
             )
             .map(|_| ())
             .map_err(|e| self.err(e))
     }
 
-    /// Redeems a join token: it must exist, hold this secret, be unused and unexpired. It is
-    /// marked used in the same transaction (a second redemption, even concurrent, is refused).
-    /// Returns the name it was issued for.
-    pub fn redeem_join_token(
+    /// Redeems a join token: it must exist, hold this secret, be unused and unexpired; then
+    /// `accept` (given the name it was issued for and whether it may re-enroll) must take
+    /// what the host sent. Only then is the token marked used, in the same transaction (a
+    /// second redemption, even concurrent, is refused): a request `accept` refuses leaves
+    /// the token as it was.
+    pub fn redeem_join_token<T, E>(
         &self,
         id: &str,
         secret_sha256: &[u8; 32],
         from: &str,
         now_ms: i64,
-    ) -> Result<Result<String, TokenRefusal>, StateError> {
+        accept: impl FnOnce(&str, bool) -> Result<T, E>,
+    ) -> Result<Result<Result<T, E>, TokenRefusal>, StateError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(|e| self.err(e))?;
-        type TokenRow = (Vec<u8>, String, i64, Option<i64>, Option<String>);
+        type TokenRow = (Vec<u8>, String, i64, Option<i64>, Option<String>, bool);
         let row: Option<TokenRow> = tx
             .query_row(
-                "SELECT secret_sha256, name, expires_ms, used_ms, used_from FROM join_tokens WHERE id = ?1",
+                "SELECT secret_sha256, name, expires_ms, used_ms, used_from, reenroll FROM join_tokens WHERE id = ?1",
                 params![id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
             )
             .optional()
             .map_err(|e| self.err(e))?;
-        let Some((hash, name, expires_ms, used_ms, used_from)) = row else {
+        let Some((hash, name, expires_ms, used_ms, used_from, reenroll)) = row else {
             return Ok(Err(TokenRefusal::Unknown));
         };
         // Compared in constant time: the id is public, the secret is not.
@@ -421,13 +439,18 @@ impl State {
         if now_ms >= expires_ms {
             return Ok(Err(TokenRefusal::Expired { at_ms: expires_ms }));
         }
+        let accepted = match accept(&name, reenroll) {
+            Ok(accepted) => accepted,
+            // Not spent: the transaction goes without a change.
+            Err(refused) => return Ok(Ok(Err(refused))),
+        };
         tx.execute(
             "UPDATE join_tokens SET used_ms = ?2, used_from = ?3 WHERE id = ?1 AND used_ms IS NULL",
             params![id, now_ms, from],
         )
         .map_err(|e| self.err(e))?;
         tx.commit().map_err(|e| self.err(e))?;
-        Ok(Ok(name))
+        Ok(Ok(Ok(accepted)))
     }
 
     /// The facts last stored for an agent.

@@ -18,6 +18,9 @@ use rcgen::{
 };
 use time::{Duration, OffsetDateTime};
 
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+
 use crate::identity::{validate_name, Role, FLEET_ORGANIZATION};
 
 /// CA certificate file name inside a PKI directory.
@@ -319,24 +322,105 @@ pub fn signing_request(name: &str) -> Result<(String, String), PkiError> {
 /// The enrollment's signing: signs `csr_pem` for `req` with the CA of `dir` and writes the
 /// certificate there as `NAME.pem` (so that `pki revoke NAME` works on it). A previous
 /// certificate of that name is revoked first (the host re-keyed). Returns the certificate and
-/// whether an earlier one was revoked.
-pub fn sign_into_dir(
+/// Names a join token may never carry: the PKI dir's own files (`ca.pem`, `crl.pem`) and
+/// every private key's name (`NAME-key.pem`).
+fn reserved_file(name: &str) -> bool {
+    matches!(name, "ca" | "crl" | "private") || name.ends_with("-key")
+}
+
+/// Whether `name` may be enrolled as an agent into `dir`: a new name, or (with `reenroll`,
+/// the operator's explicit choice) one whose `NAME.pem` is an agent's certificate. The PKI
+/// dir's own files, `reserved` names (the orchestrator's), and any name whose `NAME.pem` is
+/// not an agent's certificate (an operator's, the orchestrator's, anything unreadable) are
+/// refused. Returns whether an agent's certificate would be replaced.
+pub fn check_enrollable(
+    dir: &Path,
+    name: &str,
+    reenroll: bool,
+    reserved: &[&str],
+) -> Result<bool, PkiError> {
+    validate_name(name).map_err(PkiError::Invalid)?;
+    if reserved_file(name) || reserved.contains(&name) {
+        return Err(PkiError::Invalid(format!(
+            "{name:?} is not an agent's name: it is reserved for the fleet's own files or \
+             identities (the CA, the revocation list, private keys, the orchestrator)"
+        )));
+    }
+    let path = dir.join(format!("{name}.pem"));
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(source) => return Err(PkiError::Io { path, source }),
+    };
+    let der = CertificateDer::from_pem_slice(text.as_bytes()).ok();
+    let role = der
+        .as_ref()
+        .and_then(|der| crate::identity::peer_identity(der).ok())
+        .map(|id| id.role);
+    // A revoked agent's (a decommissioned host's) name is free again.
+    let revoked = || -> Result<bool, PkiError> {
+        let serial = der
+            .as_ref()
+            .and_then(|d| x509_parser::parse_x509_certificate(d.as_ref()).ok())
+            .map(|(_, c)| c.raw_serial().to_vec());
+        Ok(serial.is_some_and(|s| read_revoked(dir).is_ok_and(|r| r.iter().any(|(x, _)| *x == s))))
+    };
+    match role {
+        Some(Role::Agent) if revoked()? => Ok(false),
+        Some(Role::Agent) if reenroll => Ok(true),
+        Some(Role::Agent) => Err(PkiError::Invalid(format!(
+            "an agent named {name:?} is enrolled already; to replace its certificate (a \
+             reinstalled host), ask a token that re-enrolls it (--reenroll)"
+        ))),
+        Some(role) => Err(PkiError::Invalid(format!(
+            "{} holds the certificate of {name:?} with role {role}: a join token never \
+             replaces it",
+            path.display()
+        ))),
+        None => Err(PkiError::Invalid(format!(
+            "{} is not a fleet certificate: a join token never replaces it",
+            path.display()
+        ))),
+    }
+}
+
+/// Signs an agent's request for `req.name` (checked as [`check_enrollable`] does) without
+/// writing anything: the certificate's PEM, and whether it replaces an agent's.
+pub fn sign_agent_request(
     dir: &Path,
     csr_pem: &str,
     req: &IssueRequest,
+    reenroll: bool,
+    reserved: &[&str],
 ) -> Result<(String, bool), PkiError> {
-    let ca = FleetCa::load(dir)?;
-    let cert_pem = ca.sign_request(csr_pem, req)?;
-    let path = dir.join(format!("{}.pem", req.name));
-    let replaced = path.exists();
-    if replaced {
-        revoke_in_dir(dir, &req.name)?;
+    if req.role != Role::Agent {
+        return Err(PkiError::Invalid("only agents enroll".into()));
     }
-    let temporary = dir.join(format!(".{}.pem.new", req.name));
+    let replaces = check_enrollable(dir, &req.name, reenroll, reserved)?;
+    let ca = FleetCa::load(dir)?;
+    Ok((ca.sign_request(csr_pem, req)?, replaces))
+}
+
+/// Installs an agent's signed certificate as `NAME.pem`, revoking the one it replaces
+/// (checked again: the dir may have changed since it was signed). Returns whether one was
+/// replaced.
+pub fn install_agent_cert(
+    dir: &Path,
+    name: &str,
+    cert_pem: &str,
+    reenroll: bool,
+    reserved: &[&str],
+) -> Result<bool, PkiError> {
+    let replaced = check_enrollable(dir, name, reenroll, reserved)?;
+    let path = dir.join(format!("{name}.pem"));
+    if replaced {
+        revoke_in_dir(dir, name)?;
+    }
+    let temporary = dir.join(format!(".{name}.pem.new"));
     let _ = std::fs::remove_file(&temporary);
-    write_new_file(&temporary, &cert_pem, 0o644)?;
+    write_new_file(&temporary, cert_pem, 0o644)?;
     std::fs::rename(&temporary, &path).map_err(|source| PkiError::Io { path, source })?;
-    Ok((cert_pem, replaced))
+    Ok(replaced)
 }
 
 /// `bmctl fleet pki revoke`: adds `name`'s certificate to the PKI directory's revocation list.
@@ -457,9 +541,76 @@ fn write_new_file(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError
 mod tests {
     use super::*;
     use crate::identity::peer_identity;
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::CertificateDer;
     use std::os::unix::fs::PermissionsExt;
+
+    /// An enrollment that may re-enroll: signed, then installed.
+    fn sign_into_dir(
+        dir: &Path,
+        csr_pem: &str,
+        req: &IssueRequest,
+    ) -> Result<(String, bool), PkiError> {
+        let (cert, _) = sign_agent_request(dir, csr_pem, req, true, &[])?;
+        let replaced = install_agent_cert(dir, &req.name, &cert, true, &[])?;
+        Ok((cert, replaced))
+    }
+
+    #[test]
+    fn a_join_token_never_names_the_fleets_own_files_or_another_roles_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        init_dir(dir.path()).unwrap();
+        for (name, role) in [
+            ("orchestrator", Role::Orchestrator),
+            ("op-1", Role::Operator),
+            ("origin-1", Role::Agent),
+        ] {
+            issue_into_dir(dir.path(), &IssueRequest::new(name, role, 30)).unwrap();
+        }
+        let before: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().is_file())
+            .map(|e| (e.path(), std::fs::read(e.path()).unwrap()))
+            .collect();
+        let reserved = ["orchestrator"];
+        for (name, reenroll, why) in [
+            ("ca", true, "reserved"),
+            ("crl", true, "reserved"),
+            ("origin-1-key", true, "reserved"),
+            ("orchestrator", true, "reserved"),
+            ("op-1", true, "role operator"),
+            ("origin-1", false, "enrolled already"),
+        ] {
+            let error = check_enrollable(dir.path(), name, reenroll, &reserved)
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(why), "{name}: {error}");
+            let (_, csr) = signing_request(name).unwrap();
+            let req = IssueRequest::new(name, Role::Agent, 30);
+            assert!(sign_agent_request(dir.path(), &csr, &req, reenroll, &reserved).is_err());
+            assert!(install_agent_cert(dir.path(), name, "x", reenroll, &reserved).is_err());
+        }
+        // A planted non-certificate under an agent's name is not replaced either.
+        std::fs::write(dir.path().join("target-7.pem"), "not a certificate").unwrap();
+        let error = check_enrollable(dir.path(), "target-7", true, &reserved).unwrap_err();
+        assert!(
+            error.to_string().contains("not a fleet certificate"),
+            "{error}"
+        );
+        std::fs::remove_file(dir.path().join("target-7.pem")).unwrap();
+        // Nothing was written, revoked or replaced.
+        for (path, content) in &before {
+            assert_eq!(&std::fs::read(path).unwrap(), content, "{}", path.display());
+        }
+        assert!(
+            !dir.path().join(CRL_FILE).exists() || read_revoked(dir.path()).unwrap().is_empty()
+        );
+        // A new agent, and an enrolled one when re-enrolling is asked, are fine; a revoked
+        // (decommissioned) agent's name is free again.
+        assert!(!check_enrollable(dir.path(), "target-1", false, &reserved).unwrap());
+        assert!(check_enrollable(dir.path(), "origin-1", true, &reserved).unwrap());
+        revoke_in_dir(dir.path(), "origin-1").unwrap();
+        assert!(!check_enrollable(dir.path(), "origin-1", false, &reserved).unwrap());
+    }
 
     #[test]
     fn issued_certificate_carries_name_and_role() {

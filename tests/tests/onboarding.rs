@@ -216,6 +216,50 @@ fn six_hosts_enrolled_from_nothing_then_migrated_then_decommissioned() {
         text(&out)
     );
     assert!(!scratch.join("e/agent.pem").exists());
+    // The refused request did not spend the token: the host it was issued for enrolls.
+    let out = enroll_by_hand(&fleet, "spare-3", &other, &scratch.join("e3"));
+    assert!(out.status.success(), "{}", text(&out));
+
+    // A token never names another identity of the PKI dir: the orchestrator, an operator,
+    // the CA or the revocation list, a private key's file, or an enrolled agent (unless the
+    // operator asks to re-enroll it). Nothing there changes.
+    let pki = fleet.dir().join("pki");
+    let files = |dir: &std::path::Path| -> Vec<(String, Vec<u8>)> {
+        let mut all: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().is_file())
+            .map(|e| {
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    std::fs::read(e.path()).unwrap(),
+                )
+            })
+            .collect();
+        all.sort();
+        all
+    };
+    let before = files(&pki);
+    for (name, why) in [
+        ("orchestrator", "reserved"),
+        ("ca", "reserved"),
+        ("crl", "reserved"),
+        ("target-2-key", "reserved"),
+        ("operator", "role operator"),
+        ("target-2", "enrolled already"),
+    ] {
+        let out = fleet.bmctl(&["fleet", "agents", "token", name]);
+        assert!(!out.status.success(), "{name}: {}", text(&out));
+        assert!(text(&out).contains(why), "{name}: {}", text(&out));
+    }
+    assert_eq!(files(&pki), before, "a refused token changed the PKI dir");
+    // Re-enrolling an agent is the operator's explicit choice; its old certificate is
+    // revoked at enrollment.
+    let out = fleet.bmctl(&["fleet", "agents", "token", "spare-1", "--reenroll"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let again = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let out = enroll_by_hand(&fleet, "spare-1", &again, &scratch.join("f"));
+    assert!(out.status.success(), "{}", text(&out));
     let audit = fleet.bmctl(&["fleet", "audit", "--limit", "200"]);
     assert!(
         String::from_utf8_lossy(&audit.stdout)
@@ -267,8 +311,8 @@ fn six_hosts_enrolled_from_nothing_then_migrated_then_decommissioned() {
     let crl = std::fs::read(fleet.dir().join("pki/crl.pem")).unwrap();
     let (_, pem) = x509_parser::pem::parse_x509_pem(&crl).unwrap();
     let (_, crl) = x509_parser::parse_x509_crl(&pem.contents).unwrap();
-    // spare-1 was not re-enrolled: only the decommissioned pair is revoked.
-    assert_eq!(crl.iter_revoked_certificates().count(), 2);
+    // spare-1's first certificate (re-enrolled) and the decommissioned pair are revoked.
+    assert_eq!(crl.iter_revoked_certificates().count(), 3);
     // The migrated server still serves its address, without bmfleet.
     let addresses = fleet
         .lab
