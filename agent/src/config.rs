@@ -56,6 +56,10 @@ pub struct AgentConfig {
     /// these names); another orchestrator-role certificate is refused.
     #[serde(default = "default_orchestrators")]
     pub orchestrators: Vec<String>,
+    /// The addresses the orchestrator connects from: the Agent API keeps places for them
+    /// outside its connection cap, so strangers filling it cannot lock the orchestrator out.
+    #[serde(default)]
+    pub orchestrator_addresses: Vec<std::net::IpAddr>,
 }
 
 fn default_orchestrators() -> Vec<String> {

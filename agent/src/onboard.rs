@@ -229,6 +229,10 @@ pub struct ConfigureArgs {
     /// The orchestrator names this agent obeys.
     #[arg(long, default_value = "orchestrator")]
     orchestrator_name: Vec<String>,
+    /// An address the orchestrator connects from (repeatable): the Agent API keeps places
+    /// for it whatever strangers hold.
+    #[arg(long)]
+    orchestrator_address: Vec<std::net::IpAddr>,
     /// Where the Agent API listens.
     #[arg(long, default_value = "0.0.0.0:7443")]
     listen: String,
@@ -303,6 +307,17 @@ pub async fn configure(args: ConfigureArgs) -> anyhow::Result<()> {
             args.orchestrator_name.iter().map(|n| text(n)).collect(),
         )),
     );
+    if !args.orchestrator_address.is_empty() {
+        set(
+            "orchestrator_addresses",
+            Some(toml::Value::Array(
+                args.orchestrator_address
+                    .iter()
+                    .map(|a| text(&a.to_string()))
+                    .collect(),
+            )),
+        );
+    }
     let files = identity_files(&args.tls_dir);
     let mut tls = toml::Table::new();
     tls.insert("ca".into(), path(&files.ca));

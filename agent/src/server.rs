@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bmfleet_proto::admission::Limits;
 use bmfleet_proto::identity::Role;
-use bmfleet_proto::tls::{accept_tls, bounded_server, LocalIdentity, Policy, RoleGate};
+use bmfleet_proto::tls::{accept_tls_reserving, bounded_server, LocalIdentity, Policy, RoleGate};
 use bmfleet_proto::v1::agent_server::{Agent, AgentServer};
 use bmfleet_proto::v1::{
     ClearServedReply, ClearServedRequest, CopyConfigReply, CopyConfigRequest, DumpFormat,
@@ -839,6 +839,7 @@ pub async fn serve(
     bmfleet_proto::process::reload_on_sighup(identity.trust());
     let (data_listen, metrics_listen) = (config.data_listen, config.metrics_listen);
     let orchestrators = config.orchestrators.clone();
+    let reserved = config.orchestrator_addresses.clone();
     let service = AgentService::new(config, &identity)?;
     service.resume();
     if let Some(address) = metrics_listen {
@@ -876,13 +877,14 @@ pub async fn serve(
     let served = bounded_server()
         .add_service(AgentServer::with_interceptor(service, gate))
         .serve_with_incoming_shutdown(
-            accept_tls(
+            accept_tls_reserving(
                 listener,
                 tls,
                 Policy {
                     limits: Limits::API,
                     role: Some(Role::Orchestrator),
                 },
+                reserved,
             ),
             shutdown,
         )

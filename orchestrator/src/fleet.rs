@@ -681,6 +681,11 @@ service_ip = "198.18.0.101/24"
                 "contains the system tree /var/lib/bmfleet",
             ),
             (
+                "extra_dirs = [\"/var/lib/bmfleet-agent/journal\"]\n",
+                "instance[0].extra_dirs[0]",
+                "inside the system tree /var/lib/bmfleet-agent",
+            ),
+            (
                 "interface = \"-eth0\"\n",
                 "instance[0].interface",
                 "not an interface name",

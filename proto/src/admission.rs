@@ -48,6 +48,9 @@ impl Limits {
 pub struct Admission<K: Hash + Eq + Clone = IpAddr> {
     limits: Limits,
     held: Arc<Mutex<Held<K>>>,
+    /// Peers admitted outside the total (each still within its own maximum): whatever
+    /// strangers hold, they find a place.
+    reserved: Arc<Vec<K>>,
 }
 
 struct Held<K> {
@@ -68,12 +71,16 @@ impl<K> Default for Held<K> {
 pub struct Ticket<K: Hash + Eq + Clone = IpAddr> {
     peer: K,
     held: Arc<Mutex<Held<K>>>,
+    /// It counts in the total (not a reserved peer's).
+    counted: bool,
 }
 
 impl<K: Hash + Eq + Clone> Drop for Ticket<K> {
     fn drop(&mut self) {
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        held.total = held.total.saturating_sub(1);
+        if self.counted {
+            held.total = held.total.saturating_sub(1);
+        }
         if let Some(n) = held.per_peer.get_mut(&self.peer) {
             *n -= 1;
             if *n == 0 {
@@ -97,16 +104,23 @@ pub enum Refused {
 impl<K: Hash + Eq + Clone> Admission<K> {
     /// An empty listener with `limits`.
     pub fn new(limits: Limits) -> Self {
+        Self::reserving(limits, Vec::new())
+    }
+
+    /// As [`Admission::new`], with `reserved` peers admitted outside the total.
+    pub fn reserving(limits: Limits, reserved: Vec<K>) -> Self {
         Admission {
             limits,
             held: Arc::default(),
+            reserved: Arc::new(reserved),
         }
     }
 
     /// A place for one more connection from `peer`, if the limits allow it.
     pub fn admit(&self, peer: K) -> Result<Ticket<K>, Refused> {
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        if held.total >= self.limits.max_connections {
+        let counted = !self.reserved.contains(&peer);
+        if counted && held.total >= self.limits.max_connections {
             return Err(Refused::Full(self.limits.max_connections));
         }
         let from_peer = held.per_peer.entry(peer.clone()).or_default();
@@ -114,10 +128,13 @@ impl<K: Hash + Eq + Clone> Admission<K> {
             return Err(Refused::PeerFull(self.limits.max_per_peer));
         }
         *from_peer += 1;
-        held.total += 1;
+        if counted {
+            held.total += 1;
+        }
         Ok(Ticket {
             peer,
             held: self.held.clone(),
+            counted,
         })
     }
 }
@@ -221,5 +238,45 @@ mod tests {
         assert_eq!(a.admit(y).err(), Some(Refused::Full(3)));
         drop(t1);
         assert!(a.admit(y).is_ok());
+    }
+
+    #[test]
+    fn a_reserved_peer_finds_a_place_whatever_strangers_hold() {
+        let orchestrator: IpAddr = "198.18.0.1".parse().unwrap();
+        let a = Admission::reserving(
+            Limits {
+                max_connections: 4,
+                max_per_peer: 2,
+            },
+            vec![orchestrator],
+        );
+        // Strangers from two addresses fill the listener.
+        let strangers: Vec<IpAddr> =
+            vec!["198.18.0.7".parse().unwrap(), "198.18.0.8".parse().unwrap()];
+        let held: Vec<_> = strangers
+            .iter()
+            .flat_map(|s| [a.admit(*s).unwrap(), a.admit(*s).unwrap()])
+            .collect();
+        assert_eq!(
+            a.admit("198.18.0.9".parse().unwrap()).err(),
+            Some(Refused::Full(4))
+        );
+        // The orchestrator still gets in, within its own per-peer maximum.
+        let o1 = a.admit(orchestrator).unwrap();
+        let _o2 = a.admit(orchestrator).unwrap();
+        assert_eq!(a.admit(orchestrator).err(), Some(Refused::PeerFull(2)));
+        // Its places do not count in the total: a stranger's place freed is a stranger's.
+        drop(o1);
+        drop(held);
+        let _again: Vec<_> = (0..4)
+            .map(|i| {
+                a.admit(strangers[i % 2])
+                    .or_else(|_| a.admit("198.18.0.9".parse().unwrap()))
+            })
+            .collect();
+        assert_eq!(
+            a.admit("198.18.0.10".parse().unwrap()).err(),
+            Some(Refused::Full(4))
+        );
     }
 }

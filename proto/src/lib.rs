@@ -35,7 +35,7 @@ pub const BLUEMIND_DATA_DIRS: [&str; 7] = [
 
 /// Trees no data dir may be, contain or lie inside: a slip here would copy a host's system
 /// onto another (`/` contains them all).
-pub const SYSTEM_TREES: [&str; 14] = [
+pub const SYSTEM_TREES: [&str; 15] = [
     "/etc",
     "/root",
     "/usr",
@@ -50,6 +50,7 @@ pub const SYSTEM_TREES: [&str; 14] = [
     "/run",
     "/home",
     "/var/lib/bmfleet",
+    "/var/lib/bmfleet-agent",
 ];
 
 /// Why `dir` may not be synced between hosts as a data dir, if it may not: not a clean
@@ -116,6 +117,8 @@ mod tests {
             "/root/.ssh",
             "/usr",
             "/var/lib/bmfleet/state",
+            "/var/lib/bmfleet-agent",
+            "/var/lib/bmfleet-agent/grants",
             "/var/lib",
             "/var",
             "relative",

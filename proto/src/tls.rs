@@ -587,9 +587,21 @@ pub fn accept_tls(
     config: Arc<rustls::ServerConfig>,
     policy: Policy,
 ) -> TlsIncoming {
+    accept_tls_reserving(listener, config, policy, Vec::new())
+}
+
+/// As [`accept_tls`], with places kept for `reserved` addresses (the orchestrator's, on an
+/// agent): connections from them are admitted outside the total, so strangers filling the
+/// listener cannot lock them out.
+pub fn accept_tls_reserving(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    policy: Policy,
+    reserved: Vec<std::net::IpAddr>,
+) -> TlsIncoming {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    let admission = crate::admission::Admission::new(policy.limits);
+    let admission = crate::admission::Admission::reserving(policy.limits, reserved);
     tokio::spawn(async move {
         loop {
             let (tcp, peer) = tokio::select! {

@@ -253,7 +253,15 @@ impl LabFleet {
                 pg.sql("bj", &SCHEMA.replace("ROWS", &rows));
                 pg.sql("bj-data", &DATA_SCHEMA.replace("ROWS", &rows));
             }
-            let base = agent_base_toml(&root, name, &pg, origin, &params);
+            let orchestrator_ip = lab.host("orch").ip;
+            let base = agent_base_toml(
+                &root,
+                name,
+                &pg,
+                origin,
+                &params,
+                &orchestrator_ip.to_string(),
+            );
             if let Some(ssh) = &ssh {
                 write(&dir.path().join(format!("{name}-base.toml")), base);
                 ssh.start(&lab, name, "orch").expect("sshd");
@@ -815,6 +823,7 @@ fn agent_base_toml(
     pg: &PgCluster,
     origin: bool,
     params: &LabParams,
+    orchestrator_ip: &str,
 ) -> String {
     let standin = binary("bluemind-standin").display().to_string();
     let service = |s: &str, action: &str| {
@@ -833,6 +842,7 @@ fn agent_base_toml(
         r#"listen = "0.0.0.0:7443"
 data_listen = "0.0.0.0:7444"
 metrics_listen = "0.0.0.0:9465"
+orchestrator_addresses = ["{orchestrator_ip}"]
 data_root = "{root}"
 state_dir = "{root}/var/lib/bmfleet-agent"
 [facts]

@@ -170,6 +170,7 @@ pub fn agent_config(tls: TlsFiles, dir: &Path, services: Vec<ServiceCommands>) -
         network: NetworkConfig::default(),
         bluemind_api: Default::default(),
         orchestrators: vec!["orchestrator".into()],
+        orchestrator_addresses: Vec::new(),
     }
 }
 
