@@ -96,7 +96,9 @@ fn standby(origin: &FactsReply) -> DbPlan {
         stream: true,
         logical: false,
         why: format!(
-            "standby: PostgreSQL {} and {} on both hosts",
+            "standby: PostgreSQL {} and {} on both hosts (a copy of the origin's whole \
+             cluster: its roles, settings and functions run in the target's PostgreSQL service \
+             account; db_sync = \"logical\" or \"dump\" keep them out)",
             major(origin.postgresql_version_num),
             origin.libc_version
         ),
@@ -307,6 +309,13 @@ mod tests {
                 (Ok(path), Ok(plan)) => {
                     assert_eq!((plan.stream, plan.logical), path, "row {n}: {plan:?}");
                     assert!(!plan.why.is_empty());
+                    // The standby's reason says what it gives the origin.
+                    assert_eq!(
+                        plan.why.contains("target's PostgreSQL service account"),
+                        path == (true, false),
+                        "row {n}: {}",
+                        plan.why
+                    );
                 }
                 (Err(needle), Err(e)) => assert!(e.contains(needle), "row {n}: {e}"),
                 (expected, got) => panic!("row {n}: expected {expected:?}, got {got:?}"),
