@@ -156,6 +156,21 @@ pub fn rules_for(fleet: &FleetFile) -> Rules {
     }
 }
 
+/// A fresh run identity: 16 random hex digits (an apply's operations can never take
+/// another's ids).
+fn new_run_id() -> String {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 8];
+    if ring::rand::SystemRandom::new().fill(&mut bytes).is_err() {
+        // No system randomness: the clock's nanoseconds, still never an earlier run's.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        return format!("{:016x}", nanos as u64);
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 impl Engine {
     /// An engine for `fleet`, resuming every instance from `store` where it stood.
     pub fn open(
@@ -177,7 +192,11 @@ impl Engine {
                     .unwrap_or_default()
             })
             .collect();
-        let state = store.fleet_state()?;
+        let mut state = store.fleet_state()?;
+        if state.run.is_empty() {
+            state.run = new_run_id();
+            store.save_fleet_state(&state)?;
+        }
         let bwlimit = fleet
             .instances
             .iter()
@@ -217,8 +236,9 @@ impl Engine {
 
     fn operation_id(&self, n: usize, step: Step, attempt: u32) -> String {
         format!(
-            "{}/{}/{}/{}",
+            "{}/{}/{}/{}/{}",
             self.fleet.policy.name,
+            self.state.run,
             self.fleet.instances[n].name,
             step.as_str(),
             attempt

@@ -21,6 +21,11 @@ pub struct FleetState {
     /// re-attached after a restart is sent with the same limit, so it is the identical request.
     #[serde(default)]
     pub hot_pass_kib: std::collections::BTreeMap<String, u32>,
+    /// This apply's run identity (random, made when the applied fleet's engine first opens;
+    /// a new apply, a remigration or an empty state DB make another): every operation and
+    /// grant id carries it, so an agent never answers a new run from an earlier one's replies.
+    #[serde(default)]
+    pub run: String,
 }
 
 /// What the scheduler lets happen now.

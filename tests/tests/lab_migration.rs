@@ -677,6 +677,89 @@ fn a_served_target_is_never_overwritten_by_a_reapply_or_a_forgetful_orchestrator
     );
 }
 
+/// A provider rolls a migrated server back by hand (the origin serves again, with its IP),
+/// mail and rows arrive there, and the same fleet file is applied again with `--remigrate`:
+/// the second run is a migration of its own — nothing is answered from the first run's
+/// replies: the new mail and row reach the target, the service IP moves again, and the
+/// downtime is a real one.
+#[test]
+fn a_remigration_after_a_rollback_by_hand_migrates_again() {
+    let _one = one_lab();
+    let fleet = LabFleet::build(LabParams {
+        pairs: 1,
+        ..LabParams::default()
+    });
+    let outcomes = fleet.migrate(Duration::from_secs(300), |_| {}).unwrap();
+    assert_eq!(outcomes[0].phase, "Done", "{outcomes:?}");
+    // The rollback, by hand: the target stops serving and lets the IP go, the origin takes
+    // it back and starts its services.
+    let ip = format!("{}/24", service_ip(1));
+    for service in ["postfix", "bluemind"] {
+        assert!(fleet.service("target-1", service, "stop").status.success());
+    }
+    fleet
+        .lab
+        .ip("target-1", &["address", "del", &ip, "dev", "eth0"]);
+    fleet
+        .lab
+        .ip("origin-1", &["address", "add", &ip, "dev", "eth0"]);
+    for service in ["bluemind", "postfix"] {
+        assert!(fleet.service("origin-1", service, "start").status.success());
+    }
+    assert!(
+        banner(&fleet, 1).contains("origin-1"),
+        "{}",
+        banner(&fleet, 1)
+    );
+    // What the origin gets while it serves again.
+    let mail = "var/spool/cyrus/data/user/alice/after-rollback.";
+    let content = b"Subject: after the rollback\r\n\r\nonly on the origin so far\r\n";
+    std::fs::write(fleet.root("origin-1").join(mail), content).unwrap();
+    fleet.sql(
+        "origin-1",
+        "bj",
+        "INSERT INTO t_mailbox (domain_id, login, quota) VALUES (1, 'after-rollback', 1);",
+    );
+    let row = "SELECT count(*) FROM t_mailbox WHERE login = 'after-rollback';";
+    assert_eq!(fleet.sql("target-1", "bj", row).trim(), "0");
+
+    let file = fleet.dir().join("fleet.toml");
+    let out = fleet.bmctl(&[
+        "fleet",
+        "apply",
+        file.to_str().unwrap(),
+        "--remigrate",
+        "mail-1",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let outcomes = fleet.follow(Duration::from_secs(300), |_| {}).unwrap();
+    assert_eq!(outcomes[0].phase, "Done", "{outcomes:?}");
+    assert!(outcomes[0].downtime_seconds > 0.0, "{outcomes:?}");
+    // It moved: the mail and the row are on the target, the IP is the target's only, and
+    // the target answers on it.
+    assert_eq!(
+        std::fs::read(fleet.root("target-1").join(mail)).unwrap(),
+        content.to_vec()
+    );
+    assert_eq!(fleet.sql("target-1", "bj", row).trim(), "1");
+    let has_ip = |host: &str| {
+        fleet
+            .lab
+            .ip(host, &["-brief", "address", "show", "eth0"])
+            .contains(&ip)
+    };
+    assert!(has_ip("target-1") && !has_ip("origin-1"));
+    assert!(
+        banner(&fleet, 1).contains("target-1"),
+        "{}",
+        banner(&fleet, 1)
+    );
+}
+
 /// Every file below `dir` with its size and content digest.
 fn walk(dir: &std::path::Path) -> Vec<String> {
     let mut out = Vec::new();
