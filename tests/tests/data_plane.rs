@@ -2352,6 +2352,35 @@ async fn after_a_verified_point_the_downtime_compares_only_the_changed_blocks() 
     );
 }
 
+/// An idle origin whose WAL was switched to a new segment right before the stop: its insert
+/// position is just past the new segment's header, which nothing flushes until the next
+/// record. The gate reads up to the boundary instead of waiting for it (it waited 10 s, then
+/// compared every table).
+// Multi-threaded: the agents serve while the test waits on blocking SQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_origin_after_a_segment_switch_passes_the_gate_without_waiting() {
+    let (origin_pg, target_pg) = (PgCluster::start(), PgCluster::start());
+    let mut p = standby_pair(&origin_pg, &target_pg, "idle").await;
+    let verified = verify(&mut p).await;
+    assert!(verified.ok, "{}", verified.error);
+    origin_pg.sql(
+        "bj",
+        "SET ROLE bj; UPDATE t_big SET v = 'before the switch' WHERE k = 3;",
+    );
+    origin_pg.sql("postgres", "SELECT pg_switch_wal();");
+    let moved = promote(&mut p, "m1/db/promote", "grant-0301-databases").await;
+    assert!(moved.ok, "{}: {:?}", moved.error, moved.databases);
+    assert!(
+        moved.gate.starts_with("changes since the verified point"),
+        "{}",
+        moved.gate
+    );
+    let big = table(&moved, "public.t_big");
+    assert!(big.equal, "{big:?}");
+    let sql = "SELECT v FROM t_big WHERE k = 3;";
+    assert_eq!(target_pg.sql("bj", sql).trim(), "before the switch");
+}
+
 // Multi-threaded: the agents serve while the test waits on blocking SQL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_the_wal_since_the_verified_point_is_gone_the_downtime_compares_every_table() {

@@ -83,6 +83,11 @@ pub fn major(server_version_num: u32) -> u32 {
     server_version_num / 10_000
 }
 
+/// A number as an LSN ("16/B374D848").
+pub fn lsn_text(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
+}
+
 /// An LSN ("16/B374D848") as a number.
 pub fn parse_lsn(text: &str) -> Option<u64> {
     let (high, low) = text.trim().split_once('/')?;
@@ -164,6 +169,10 @@ mod tests {
     #[test]
     fn lsns_parse() {
         assert_eq!(parse_lsn("0/3000148"), Some(0x0300_0148));
+        for lsn in [0, 0x0300_0148, (0x16 << 32) | 0xB374_D848] {
+            assert_eq!(parse_lsn(&lsn_text(lsn)), Some(lsn));
+        }
+        assert_eq!(lsn_text(0x0800_0000), "0/8000000");
         assert_eq!(parse_lsn("16/B374D848"), Some((0x16 << 32) | 0xB374_D848));
         assert_eq!(parse_lsn("nope"), None);
         assert_eq!(parse_lsn("1/"), None);

@@ -830,8 +830,13 @@ pub(crate) async fn blocks_named_since(
 ) -> Result<(String, BTreeSet<BlockRef>), String> {
     let start = parse_lsn(since).ok_or_else(|| format!("{since:?} is not an LSN"))?;
     let admin = Connection::admin(&config.postgresql);
-    let until = crate::db::wal::wal_position(config).await?.lsn;
-    let end = parse_lsn(&until).ok_or_else(|| format!("{until:?} is not an LSN"))?;
+    let position = crate::db::wal::wal_position(config).await?;
+    let insert =
+        parse_lsn(&position.lsn).ok_or_else(|| format!("{:?} is not an LSN", position.lsn))?;
+    // An insert position right after a page header (an idle cluster after a segment switch)
+    // is the boundary: nothing is written past it until the next record, so nothing waits.
+    let end = caught_up_at(insert, position.segment_size);
+    let until = crate::db::wal::lsn_text(end);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let flushed = admin
