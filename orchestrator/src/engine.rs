@@ -284,8 +284,9 @@ impl Engine {
         let port = self.port.clone();
         let tx = self.results_tx.clone();
         // A retry waits a little (2 s, 4 s, … up to a minute): a restarting agent gets the
-        // time to come back.
-        let backoff = (attempt > 1).then(|| self.clock.sleep(retry_backoff_ms(attempt)));
+        // time to come back. Only a retry: the next hot pass after a good one starts at once.
+        let failures = self.instances[n].failures.get(&step).copied().unwrap_or(0);
+        let backoff = (failures > 0).then(|| self.clock.sleep(retry_backoff_ms(failures + 1)));
         tokio::spawn(async move {
             if let Some(wait) = backoff {
                 wait.await;

@@ -227,6 +227,10 @@ pub struct Instance {
     pub running: BTreeMap<Step, Running>,
     /// Attempts made per step (operation ids never repeat across attempts).
     pub attempts: BTreeMap<Step, u32>,
+    /// Failed attempts of each step since its last success: what retries count and what a
+    /// retry waits for (a hot pass after a good one is not a retry).
+    #[serde(default)]
+    pub failures: BTreeMap<Step, u32>,
     /// Steps done in the current cold sync.
     pub cold_done: BTreeSet<Step>,
     /// Hot passes completed.
@@ -267,6 +271,7 @@ impl Default for Instance {
             pause_requested: false,
             running: BTreeMap::new(),
             attempts: BTreeMap::new(),
+            failures: BTreeMap::new(),
             cold_done: BTreeSet::new(),
             hot_passes: 0,
             last_pass: None,
@@ -452,6 +457,13 @@ impl Ctx<'_> {
         self.actions.push(Action::Run { step, attempt });
     }
 
+    /// Counts a failed attempt of `step`; returns its failures since its last success.
+    fn count_failure(&mut self, step: Step) -> u32 {
+        let failures = self.i.failures.entry(step).or_insert(0);
+        *failures += 1;
+        *failures
+    }
+
     fn phase(&mut self, phase: Phase) {
         self.i.phase = phase;
         if phase.is_final() {
@@ -462,7 +474,7 @@ impl Ctx<'_> {
     /// Retries `step` if allowed; else fails the instance as its phase requires.
     fn failed(&mut self, step: Step, error: String) {
         self.i.last_error = Some(format!("{}: {error}", step.as_str()));
-        let attempts = self.i.attempts.get(&step).copied().unwrap_or(0);
+        let failures = self.count_failure(step);
         // Stopping the origin again is only allowed while the window is still open.
         let in_window =
             step != Step::StopOrigin || self.i.window_end_ms.is_some_and(|end| self.now < end);
@@ -471,7 +483,7 @@ impl Ctx<'_> {
         } else {
             self.rules.timing.retries
         };
-        let may_retry = step.retryable() && attempts <= retries && in_window;
+        let may_retry = step.retryable() && failures <= retries && in_window;
         if may_retry {
             self.run(step);
             return;
@@ -672,6 +684,7 @@ fn apply(c: &mut Ctx<'_>, event: &Event) -> Option<&'static str> {
                 return Some("not a step in flight (late or repeated result)");
             }
             c.i.running.remove(step);
+            c.i.failures.remove(step);
             c.succeeded(*step, stats.clone(), databases.clone());
         }
         Event::Failed {
@@ -746,8 +759,7 @@ fn fail(c: &mut Ctx<'_>, step: Step, error: String) {
     match c.i.phase {
         // Hot phases: the origin is untouched and serving; retry, else fail.
         Phase::Preflight | Phase::HotSync | Phase::PreWindowPass => {
-            let attempts = c.i.attempts.get(&step).copied().unwrap_or(0);
-            if attempts <= c.rules.timing.hot_retries {
+            if c.count_failure(step) <= c.rules.timing.hot_retries {
                 c.i.last_error = Some(format!("{}: {error}", step.as_str()));
                 c.run(step);
             } else {

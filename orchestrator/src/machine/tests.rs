@@ -341,6 +341,23 @@ fn every_transition() {
             vec![],
         ),
         row(
+            "a hot pass failing after good ones is retried: passes are not retries",
+            {
+                let mut e = to_hot();
+                e.extend([
+                    Event::GrantHotPass,
+                    pass(Step::HotPass, 1, 500),
+                    Event::GrantHotPass,
+                    pass(Step::HotPass, 2, 500),
+                    Event::GrantHotPass,
+                ]);
+                e
+            },
+            fail(Step::HotPass, 3),
+            HotSync,
+            vec![run(Step::HotPass, 4)],
+        ),
+        row(
             "hot pass fails",
             {
                 let mut e = to_hot();
