@@ -20,13 +20,14 @@ struct PlanJson {
     start_local: Option<String>,
     projected_downtime_secs: i64,
     downtime_budget_secs: u64,
-    /// "standby", "dump", or "auto"/"stream" still to be decided at preflight.
+    /// "standby", "logical", "dump", or "auto"/"stream"/… still to be decided at preflight.
     databases: String,
     databases_why: String,
     note: String,
 }
 
-/// How `spec`'s databases would move, from the agents' last facts: ("standby" | "dump", why);
+/// How `spec`'s databases would move, from the agents' last facts: ("standby" | "logical" |
+/// "dump", why);
 /// a `stream` instance that cannot is a problem.
 fn databases_path(
     status: &bmfleet_proto::v1::StatusReply,
@@ -42,8 +43,7 @@ fn databases_path(
     };
     match (facts(&spec.origin), facts(&spec.target)) {
         (Some(o), Some(t)) => match bmfleet_orchestrator::db_sync::choose(spec.db_sync, o, t) {
-            Ok(plan) if plan.stream => ("standby".into(), plan.why),
-            Ok(plan) => ("dump".into(), plan.why),
+            Ok(plan) => (plan.path().into(), plan.why),
             Err(e) => {
                 problems.push(format!("instance {}: {e}", spec.name));
                 ("refused".into(), e)

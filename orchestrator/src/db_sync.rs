@@ -308,6 +308,12 @@ mod tests {
             match (expected, got) {
                 (Ok(path), Ok(plan)) => {
                     assert_eq!((plan.stream, plan.logical), path, "row {n}: {plan:?}");
+                    let shown = match path {
+                        (true, true) => "logical",
+                        (true, false) => "standby",
+                        _ => "dump",
+                    };
+                    assert_eq!(plan.path(), shown, "row {n}");
                     assert!(!plan.why.is_empty());
                     // The standby's reason says what it gives the origin.
                     assert_eq!(

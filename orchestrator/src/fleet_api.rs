@@ -207,11 +207,11 @@ impl FleetApi {
                 paused: !i.phase.is_final()
                     && (i.phase == crate::machine::Phase::Paused || fleet_paused),
                 pause_pending: i.pause_requested,
-                databases: match &i.databases {
-                    Some(d) if d.stream => "standby".into(),
-                    Some(_) => "dump".into(),
-                    None => String::new(),
-                },
+                databases: i
+                    .databases
+                    .as_ref()
+                    .map(|d| d.path().to_string())
+                    .unwrap_or_default(),
                 databases_why: i
                     .databases
                     .as_ref()

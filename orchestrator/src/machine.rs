@@ -181,6 +181,17 @@ pub struct DbPlan {
     pub why: String,
 }
 
+impl DbPlan {
+    /// The path taken, as status and plan show it: `standby`, `logical` or `dump`.
+    pub fn path(&self) -> &'static str {
+        match (self.stream, self.logical) {
+            (true, true) => "logical",
+            (true, false) => "standby",
+            (false, _) => "dump",
+        }
+    }
+}
+
 /// What the machine believes about the two hosts, from the steps that succeeded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct World {

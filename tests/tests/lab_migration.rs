@@ -421,6 +421,26 @@ fn three_instances_migrate_with_no_mail_lost() {
         .filter(|l| l.contains("\"stream\":true,\"logical\":true"))
         .count();
     assert_eq!(logical, 1, "{events}");
+    // The status says the path each took.
+    let paths: Vec<(String, String)> = fleet
+        .instances()
+        .iter()
+        .map(|i| {
+            (
+                i["name"].as_str().unwrap_or_default().to_string(),
+                i["databases"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    let wanted: Vec<(String, String)> = [
+        ("mail-1", "standby"),
+        ("mail-2", "standby"),
+        ("mail-3", "logical"),
+    ]
+    .iter()
+    .map(|(n, p)| (n.to_string(), p.to_string()))
+    .collect();
+    assert_eq!(paths, wanted);
     assert!(
         fleet
             .sql("target-3", "postgres", "SHOW server_version")
