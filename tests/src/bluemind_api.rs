@@ -120,7 +120,7 @@ fn answer(state: &Mutex<ApiState>, mut request: tiny_http::Request, port: u16) {
         let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
         let key_valid = valid_key(&s, &key);
         let answer = if injected_500 {
-            fault(500, "FAILURE", "injected internal error")
+            fault("FAILURE", "injected internal error")
         } else {
             handle(&mut s, &method, &url, &key, &body)
         };
@@ -151,10 +151,32 @@ fn answer(state: &Mutex<ApiState>, mut request: tiny_http::Request, port: u16) {
 
 type Answer = (u16, Option<Value>);
 
-/// A ServerFault as BlueMind's REST layer answers it (HttpStatusCode.java maps the error code
-/// to the HTTP status).
-fn fault(status: u16, code: &str, message: &str) -> Answer {
-    (status, Some(json!({"errorCode": code, "message": message})))
+/// A ServerFault raised inside a service, as BlueMind's REST layer answers it
+/// (net.bluemind.core.rest.base.codec.JsonObjectCodec.replyFault: PERMISSION_DENIED 403,
+/// NOT_FOUND 404, anything else 500; the body is `buildFault`'s errorCode, errorType and
+/// message).
+fn fault(code: &str, message: &str) -> Answer {
+    let status = match code {
+        "PERMISSION_DENIED" => 403,
+        "NOT_FOUND" => 404,
+        _ => 500,
+    };
+    (
+        status,
+        Some(json!({"errorCode": code, "errorType": "ServerFault", "message": message})),
+    )
+}
+
+/// A key that names no session (RestServiceMethodHandler.call: `RestResponse.invalidSession`,
+/// HTTP 401 with an AUTHENTICATION_FAIL fault), checked once the route is found.
+fn invalid_session(key: &str) -> Answer {
+    let message = format!("session id {key} is not valid");
+    (
+        401,
+        Some(
+            json!({"errorCode": "AUTHENTICATION_FAIL", "errorType": "ServerFault", "message": message}),
+        ),
+    )
 }
 
 fn ok(v: Value) -> Answer {
@@ -175,20 +197,27 @@ fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
 
 fn handle(s: &mut ApiState, method: &str, url: &str, key: &str, body: &str) -> Answer {
     let (path, query) = url.split_once('?').unwrap_or((url, ""));
+    let new_firewall = read(&s.root, "etc/bm/bm-core.version").starts_with('5');
+    // RestRootHandler.doCall looks the route up first: a path no service serves fails before
+    // any session is looked at.
+    if !routed(method, path, new_firewall) {
+        return no_route(path);
+    }
     if method == "POST" && path == "/api/auth/login" {
         return login(s, query, body);
     }
+    if key.is_empty() {
+        // An anonymous context: the services refuse it (PERMISSION_DENIED).
+        return fault("PERMISSION_DENIED", "anonymous calls are not allowed");
+    }
     if !valid_key(s, key) {
-        // A call without a live session is refused (PERMISSION_DENIED: HTTP 403,
-        // HttpStatusCode.java).
-        return fault(403, "PERMISSION_DENIED", "missing or invalid X-BM-ApiKey");
+        return invalid_session(key);
     }
     if s.keys.get(key) == Some(&true) {
         // Authentication.java builds an Expired session's context with the password marked
         // expired: it may change the password and nothing else.
-        return fault(403, "PERMISSION_DENIED", "password expired");
+        return fault("PERMISSION_DENIED", "password expired");
     }
-    let new_firewall = read(&s.root, "etc/bm/bm-core.version").starts_with('5');
     match (method, path) {
         // IAuthentication.java: @POST @Path("logout"); the session is dropped.
         ("POST", "/api/auth/logout") => {
@@ -214,7 +243,7 @@ fn handle(s: &mut ApiState, method: &str, url: &str, key: &str, body: &str) -> A
             let (id, sub) = rest.split_once('/').unwrap_or((rest, ""));
             let fail_all = s.root.join("etc/bm/standin-task-fails").exists();
             let Some(task) = s.tasks.get_mut(id) else {
-                return fault(404, "NOT_FOUND", &format!("task {id} not found"));
+                return fault("NOT_FOUND", &format!("task {id} not found"));
             };
             match sub {
                 "" => {
@@ -226,9 +255,15 @@ fn handle(s: &mut ApiState, method: &str, url: &str, key: &str, body: &str) -> A
                         _ => "Success",
                     };
                     let shown = if task.polls == 1 { 1 } else { task.logs.len() };
+                    // TasksManager.executeTask ends a task that completed with
+                    // `end(true, "", null)`: its last entry is then "".
+                    let last = match state {
+                        "Success" => Some(String::new()),
+                        _ => task.logs.get(shown.saturating_sub(1)).cloned(),
+                    };
                     ok(json!({
                         "steps": task.logs.len(), "progress": shown,
-                        "lastLogEntry": task.logs.get(shown.saturating_sub(1)),
+                        "lastLogEntry": last,
                         "state": state, "result": null,
                     }))
                 }
@@ -239,21 +274,43 @@ fn handle(s: &mut ApiState, method: &str, url: &str, key: &str, body: &str) -> A
                         .unwrap_or(0);
                     ok(json!(task.logs.iter().skip(offset).collect::<Vec<_>>()))
                 }
-                _ => no_route(method, path),
+                _ => no_route(path),
             }
         }
         ("GET", "/api/configuration") => ok(json!({ "values": configuration(&s.root) })),
         ("POST", "/api/configuration") => update_configuration(&s.root, body),
-        _ => no_route(method, path),
+        _ => no_route(path),
     }
 }
 
-/// RestRootHandler.java: a path no service serves is a NOT_FOUND fault (HTTP 404).
-fn no_route(method: &str, path: &str) -> Answer {
-    fault(
-        404,
-        "NOT_FOUND",
-        &format!("no service registered on {method} {path}"),
+/// The routes this stand-in serves (BlueMind's: IAuthentication, ISecurityMgmt or
+/// IInternalFirewallMgmt by version, IMailDeliveryMgmt, ITask, ISystemConfiguration).
+fn routed(method: &str, path: &str, new_firewall: bool) -> bool {
+    match (method, path) {
+        ("POST", "/api/auth/login" | "/api/auth/logout") => true,
+        ("POST", "/api/system/security/_updatefirewallrules") => !new_firewall,
+        ("POST", "/internal-api/system/firewall/_updatefirewallrules") => new_firewall,
+        ("POST", "/api/system/maildelivery/mgmt/_repair") => true,
+        ("GET", "/api/configuration") | ("POST", "/api/configuration") => true,
+        ("GET", p) => p.strip_prefix("/api/tasks/").is_some_and(|rest| {
+            !rest.is_empty() && matches!(rest.split_once('/'), None | Some((_, "_currentLogs")))
+        }),
+        _ => false,
+    }
+}
+
+/// A path no service serves: RestRootHandler.doCall fails it with `ServerFault("no service
+/// registered on path " + path, NOT_FOUND)`, and RestHttpProxyHandler's failure handler
+/// answers HTTP 500 with `JsonUtils.asString(new ServerFault(e.getMessage(), UNKNOWN))` (the
+/// exception as Jackson writes it: its code and message among its properties).
+fn no_route(path: &str) -> Answer {
+    let message = format!("no service registered on path {path}");
+    (
+        500,
+        Some(json!({
+            "cause": null, "stackTrace": [], "code": "UNKNOWN", "message": message,
+            "localizedMessage": message, "suppressed": [],
+        })),
     )
 }
 
@@ -352,7 +409,7 @@ fn configuration(root: &Path) -> BTreeMap<String, String> {
 /// the key: SystemConf.merge), store. Answers no body.
 fn update_configuration(root: &Path, body: &str) -> Answer {
     let Ok(modifications) = serde_json::from_str::<BTreeMap<String, Option<String>>>(body) else {
-        return fault(400, "INVALID_PARAMETER", "a map of strings is expected");
+        return fault("INVALID_PARAMETER", "a map of strings is expected");
     };
     let mut modifications = modifications;
     let previous = configuration(root);
@@ -372,11 +429,11 @@ fn update_configuration(root: &Path, body: &str) -> Answer {
     if let Some(value) = modifications.get("mynetworks") {
         let value = value.clone().unwrap_or_default();
         if value.is_empty() {
-            return fault(400, "INVALID_PARAMETER", "mynetworks must not be empty");
+            return fault("INVALID_PARAMETER", "mynetworks must not be empty");
         }
         for part in sanitized_parts(&value) {
             if let Err(message) = validate_network(&part, &value) {
-                return fault(400, "INVALID_PARAMETER", &message);
+                return fault("INVALID_PARAMETER", &message);
             }
         }
     }
@@ -390,9 +447,9 @@ fn update_configuration(root: &Path, body: &str) -> Answer {
     match serde_json::to_string(&stored) {
         Ok(text) => match std::fs::write(root.join("etc/bm/standin-configuration.json"), text) {
             Ok(()) => (200, None),
-            Err(e) => fault(500, "FAILURE", &e.to_string()),
+            Err(e) => fault("FAILURE", &e.to_string()),
         },
-        Err(e) => fault(500, "FAILURE", &e.to_string()),
+        Err(e) => fault("FAILURE", &e.to_string()),
     }
 }
 

@@ -24,18 +24,36 @@ use crate::config::AgentConfig;
 #[derive(Debug)]
 pub struct ApiError(pub String);
 
-/// Whether a failed call found no route (RestRootHandler: "no service registered", HTTP 404).
-fn missing_route(e: &ureq::Error) -> bool {
-    matches!(e, ureq::Error::Status(404, _))
+/// A failed call, its answer read: no service on that path, or anything else.
+enum Failed {
+    /// No route: BlueMind's RestRootHandler.doCall fails a path no service serves with the
+    /// fault "no service registered on path …", which RestHttpProxyHandler's failure handler
+    /// answers as HTTP 500 (net.bluemind.core.rest.base / core.rest.http.vertx); a 404 from a
+    /// proxy in front counts too.
+    MissingRoute(ApiError),
+    /// Any other failure.
+    Other(ApiError),
 }
 
-fn call_error(method: &str, path: &str, e: ureq::Error) -> ApiError {
+/// What a failed call of `method path` means.
+fn failed(method: &str, path: &str, e: ureq::Error) -> Failed {
     match e {
         ureq::Error::Status(code, response) => {
             let body = response.into_string().unwrap_or_default();
-            ApiError(format!("{method} {path}: HTTP {code}: {body}"))
+            let error = ApiError(format!("{method} {path}: HTTP {code}: {body}"));
+            if code == 404 || (code == 500 && body.contains("no service registered on path")) {
+                Failed::MissingRoute(error)
+            } else {
+                Failed::Other(error)
+            }
         }
-        other => ApiError(format!("{method} {path}: {other}")),
+        other => Failed::Other(ApiError(format!("{method} {path}: {other}"))),
+    }
+}
+
+fn call_error(method: &str, path: &str, e: ureq::Error) -> ApiError {
+    match failed(method, path, e) {
+        Failed::MissingRoute(error) | Failed::Other(error) => error,
     }
 }
 
@@ -140,8 +158,10 @@ impl Api {
                     .map_err(|e| ApiError(format!("GET {path}: {e}")))?;
                 logs.extend(lines);
             }
-            Err(e) if missing_route(&e) => {}
-            Err(e) => return Err(call_error("GET", &path, e)),
+            Err(e) => match failed("GET", &path, e) {
+                Failed::MissingRoute(_) => {}
+                Failed::Other(error) => return Err(error),
+            },
         }
         Ok(logs)
     }
@@ -266,11 +286,13 @@ fn firewall(
     for path in paths {
         let started = match api.post_raw(path, serde_json::Value::Null) {
             Ok(started) => started,
-            Err(e) if missing_route(&e) => {
-                last = Some(call_error("POST", path, *e));
-                continue;
-            }
-            Err(e) => return Err(call_error("POST", path, *e)),
+            Err(e) => match failed("POST", path, *e) {
+                Failed::MissingRoute(error) => {
+                    last = Some(error);
+                    continue;
+                }
+                Failed::Other(error) => return Err(error),
+            },
         };
         let id = task_id(path, &started)?;
         let status = api.wait_task(path, &id, deadline)?;
