@@ -277,7 +277,27 @@ pub async fn configure(args: ConfigureArgs) -> anyhow::Result<()> {
         .map_err(|m| anyhow::anyhow!("--name: {m}"))?;
     if args.out.exists() && !args.force {
         AgentConfig::load(&args.out)?;
-        println!("kept {} (exists; --force replaces it)", args.out.display());
+        // Kept, but the fleet's revocation list wired in once there is one (`bmctl fleet
+        // enroll` writes it beside the CA on every run).
+        let crl = args.tls_dir.join("crl.pem");
+        let text = std::fs::read_to_string(&args.out)
+            .with_context(|| format!("cannot read {}", args.out.display()))?;
+        let mut table: toml::Table = text
+            .parse()
+            .with_context(|| format!("{} is not TOML", args.out.display()))?;
+        let tls = table.get_mut("tls").and_then(|t| t.as_table_mut());
+        if let Some(tls) = tls.filter(|t| !t.contains_key("crl") && crl.exists()) {
+            tls.insert("crl".into(), toml::Value::String(crl.display().to_string()));
+            let updated = toml::to_string(&table).context("writing agent.toml")?;
+            write_atomically(&args.out, updated.as_bytes(), 0o640)?;
+            AgentConfig::load(&args.out)?;
+            println!(
+                "wrote {} (the revocation list wired in)",
+                args.out.display()
+            );
+        } else {
+            println!("kept {} (exists; --force replaces it)", args.out.display());
+        }
         return Ok(());
     }
     let mut table: toml::Table = match &args.base {

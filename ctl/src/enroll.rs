@@ -465,6 +465,25 @@ async fn enroll_host(
             Some(&ca_pem),
         )
         .await?;
+    // The fleet's revocation list (beside the CA in the PKI dir), kept current on every run:
+    // configure wires it into agent.toml, the agent reads it again when it changes.
+    let crl_path = connection.ca.with_file_name("crl.pem");
+    if let Ok(crl) = std::fs::read(&crl_path) {
+        let written = remote
+            .run(
+                "writing the revocation list",
+                &format!(
+                    "cat > {d}/crl.pem.new && \
+                     if cmp -s {d}/crl.pem.new {d}/crl.pem; then rm {d}/crl.pem.new; echo same; \
+                     else mv {d}/crl.pem.new {d}/crl.pem; echo changed; fi"
+                ),
+                Some(&crl),
+            )
+            .await?;
+        if written.trim() == "changed" {
+            changed.push("revocation list updated");
+        }
+    }
     let enroll = format!(
         "{bin} enroll --name {name} --orchestrator-name {orch} --dir {d}",
         name = quote(&host.name),
@@ -533,7 +552,9 @@ async fn enroll_host(
         changed.push("agent.toml written");
     }
     progress(&host.name, "starting the agent");
-    let restart = changed.contains(&"agent installed") || changed.contains(&"agent.toml written");
+    let restart = changed.contains(&"agent installed")
+        || changed.contains(&"agent.toml written")
+        || changed.contains(&"revocation list updated");
     if host.systemd {
         remote
             .run(

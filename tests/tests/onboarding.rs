@@ -260,6 +260,33 @@ fn six_hosts_enrolled_from_nothing_then_migrated_then_decommissioned() {
     let again = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let out = enroll_by_hand(&fleet, "spare-1", &again, &scratch.join("f"));
     assert!(out.status.success(), "{}", text(&out));
+    // The fleet has a revocation list now: a re-run of enroll wires it into the host's
+    // agent.toml and keeps its copy current.
+    let out = fleet.bmctl(&[
+        "fleet",
+        "enroll",
+        "--inventory",
+        &inventory,
+        "--only",
+        "target-2",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("revocation list updated"),
+        "{}",
+        text(&out)
+    );
+    let tls = fleet.root("target-2").join("etc/bmfleet/tls");
+    assert_eq!(
+        std::fs::read(tls.join("crl.pem")).unwrap(),
+        std::fs::read(pki.join("crl.pem")).unwrap()
+    );
+    let config =
+        std::fs::read_to_string(fleet.root("target-2").join("etc/bmfleet/agent.toml")).unwrap();
+    assert!(
+        config.contains(&format!("crl = \"{}\"", tls.join("crl.pem").display())),
+        "{config}"
+    );
     let audit = fleet.bmctl(&["fleet", "audit", "--limit", "200"]);
     assert!(
         String::from_utf8_lossy(&audit.stdout)
