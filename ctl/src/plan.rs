@@ -79,7 +79,39 @@ fn agent_problems(status: &bmfleet_proto::v1::StatusReply, fleet: &FleetFile) ->
                      {name} {} --data-address HOST:PORT`",
                     spec.name, a.address
                 )),
-                Some(_) => {}
+                Some(a) => {
+                    // What preflight would refuse, from the agent's last facts.
+                    let Some(facts) = a.facts.as_ref() else {
+                        continue;
+                    };
+                    if !origin && facts.served {
+                        problems.push(format!(
+                            "instance {}: target {name} has served (its own marker is set): it \
+                             is never synced over; `bmctl fleet apply --remigrate {}` migrates \
+                             again once the origin serves",
+                            spec.name, spec.name
+                        ));
+                    }
+                    if !origin && !facts.interfaces.iter().any(|i| i == &spec.interface) {
+                        problems.push(format!(
+                            "instance {}: target {name} has no interface {} for the service IP \
+                             (it has {})",
+                            spec.name,
+                            spec.interface,
+                            facts.interfaces.join(", ")
+                        ));
+                    }
+                    for dir in &spec.extra_dirs {
+                        if !facts.data_dirs.iter().any(|d| &d.path == dir) {
+                            problems.push(format!(
+                                "instance {}: {name} does not list {dir} among its data dirs: \
+                                 add it to facts.extra_data_dirs in its agent.toml, or remove \
+                                 it from the instance",
+                                spec.name
+                            ));
+                        }
+                    }
+                }
             }
         }
     }

@@ -46,7 +46,11 @@ pub enum ConductorError {
     #[error(transparent)]
     Invalid(#[from] crate::fleet::FleetFileError),
     /// The fleet names agents the orchestrator does not know.
-    #[error("the fleet file names agents that are not in the orchestrator's configuration: {0}")]
+    #[error(
+        "the fleet file names agents the orchestrator does not know: {0} (enroll them with \
+         `bmctl fleet enroll`, register them with `bmctl fleet agents add`, or list them in its \
+         configuration)"
+    )]
     UnknownAgents(String),
     /// A fleet is already being migrated.
     #[error(
@@ -161,9 +165,16 @@ impl Conductor {
                 Some((
                     i.name.clone(),
                     format!(
-                        "{} ({} from {} to {}, migration {}, at {} ms): its target has served; \
+                        "{} ({} from {} to {}, migration {}, at {}): its target has served; \
                          `bmctl fleet apply --remigrate {}` migrates it again",
-                        i.name, h.outcome, h.origin, h.target, h.migration, h.at_ms, i.name
+                        i.name,
+                        h.outcome,
+                        h.origin,
+                        h.target,
+                        h.migration,
+                        jiff::Timestamp::from_millisecond(h.at_ms)
+                            .map_or_else(|_| format!("{} ms", h.at_ms), |t| t.to_string()),
+                        i.name
                     ),
                 ))
             })

@@ -93,6 +93,19 @@ pub enum Command {
     Approve,
 }
 
+impl std::fmt::Display for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::Pause(Some(name)) => write!(f, "pause of {name}"),
+            Command::Pause(None) => write!(f, "pause of the fleet"),
+            Command::Resume(Some(name)) => write!(f, "resume of {name}"),
+            Command::Resume(None) => write!(f, "resume of the fleet"),
+            Command::Abort(name) => write!(f, "abort of {name}"),
+            Command::Approve => write!(f, "approval of the fleet after its canaries"),
+        }
+    }
+}
+
 /// What one transition looked like, for observers (metrics, tests).
 pub struct Transition<'a> {
     /// When, Unix ms.

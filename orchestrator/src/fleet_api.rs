@@ -227,7 +227,7 @@ impl FleetApi {
     }
 
     fn command(&self, command: Command) -> Result<CommandReply, Status> {
-        let detail = format!("{command:?} accepted");
+        let detail = format!("{command} accepted");
         self.conductor.command(command).map_err(refused)?;
         Ok(CommandReply { detail })
     }

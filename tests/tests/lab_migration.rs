@@ -643,6 +643,17 @@ fn a_served_target_is_never_overwritten_by_a_reapply_or_a_forgetful_orchestrator
         "{refused}"
     );
     assert!(refused.contains("--remigrate mail-1"), "{refused}");
+    // `plan` says it too, from the target agent's own facts, with the time as a time.
+    let file = fleet.dir().join("fleet.toml");
+    let out = fleet.bmctl(&["fleet", "plan", file.to_str().unwrap()]);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("target target-1 has served"), "{said}");
+    assert!(!refused.contains(" ms)"), "{refused}");
 
     // 2. An orchestrator with a fresh database: the target agent refuses to be synced into.
     fleet.restart_orchestrator_forgetting();
@@ -658,7 +669,6 @@ fn a_served_target_is_never_overwritten_by_a_reapply_or_a_forgetful_orchestrator
 
     // 3. An explicit re-migration must prove the direction: here the target holds the
     // service IP and the origin does not, so it is refused, and the marker stays.
-    let file = fleet.dir().join("fleet.toml");
     let out = fleet.bmctl(&[
         "fleet",
         "apply",
