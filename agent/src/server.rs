@@ -325,6 +325,7 @@ impl Agent for AgentService {
             bwlimit_kib: req.bwlimit_kib,
             compress: req.compress,
             journal_since: req.journal_since.clone(),
+            carry_since: req.carry_since.clone(),
             tls: Some(self.tunnel_tls.clone()),
         };
         let (tx, rx) = mpsc::channel::<Result<PullEvent, Status>>(16);

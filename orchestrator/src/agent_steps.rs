@@ -713,6 +713,12 @@ async fn sync_pass(
                 .as_deref()
                 .map(grant_id)
                 .unwrap_or_default(),
+            // A live pass carries what changed since the last good pass began.
+            carry_since: job
+                .carry_operation
+                .as_deref()
+                .map(grant_id)
+                .unwrap_or_default(),
         })
         .await
         .map_err(|s| describe_status(&s))?

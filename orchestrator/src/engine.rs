@@ -35,6 +35,9 @@ pub struct Job {
     /// The final pass: the operation id of the full pass that preceded it (the pre-window
     /// pass's last attempt), from whose start the origin's change journal counts.
     pub full_pass_operation: Option<String>,
+    /// A live pass (hot after the first, pre-window): the last good pass's operation, whose
+    /// start the origin's journal marked; what changed since is carried comparing contents.
+    pub carry_operation: Option<String>,
     /// The databases step promotes the standby that follows the origin (the preflight chose
     /// streaming) instead of dumping.
     pub promote_databases: bool,
@@ -285,6 +288,11 @@ impl Engine {
                 })
                 .flatten()
                 .map(|a| self.operation_id(n, Step::PreWindowPass, a)),
+            carry_operation: (matches!(step, Step::HotPass | Step::PreWindowPass)
+                && self.fleet.policy.final_pass_journal)
+                .then_some(self.instances[n].last_good_pass)
+                .flatten()
+                .map(|(s, a)| self.operation_id(n, s, a)),
             promote_databases: self.instances[n]
                 .databases
                 .as_ref()

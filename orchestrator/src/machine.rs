@@ -242,6 +242,10 @@ pub struct Instance {
     /// retry waits for (a hot pass after a good one is not a retry).
     #[serde(default)]
     pub failures: BTreeMap<Step, u32>,
+    /// The last live pass that succeeded (hot or pre-window) and its attempt: the next live
+    /// pass carries, comparing contents, what the origin's journal saw change since it began.
+    #[serde(default)]
+    pub last_good_pass: Option<(Step, u32)>,
     /// Steps done in the current cold sync.
     pub cold_done: BTreeSet<Step>,
     /// Hot passes completed.
@@ -283,6 +287,7 @@ impl Default for Instance {
             running: BTreeMap::new(),
             attempts: BTreeMap::new(),
             failures: BTreeMap::new(),
+            last_good_pass: None,
             cold_done: BTreeSet::new(),
             hot_passes: 0,
             last_pass: None,
@@ -696,6 +701,9 @@ fn apply(c: &mut Ctx<'_>, event: &Event) -> Option<&'static str> {
             }
             c.i.running.remove(step);
             c.i.failures.remove(step);
+            if matches!(step, Step::HotPass | Step::PreWindowPass) {
+                c.i.last_good_pass = Some((*step, *attempt));
+            }
             c.succeeded(*step, stats.clone(), databases.clone());
         }
         Event::Failed {

@@ -159,6 +159,7 @@ impl Pair {
                 paths: vec![],
                 compress: false,
                 journal_since: String::new(),
+                carry_since: String::new(),
             })
             .await
             .expect("pull")
@@ -489,6 +490,101 @@ async fn a_pull_makes_identical_trees_and_the_next_moves_only_the_changes() {
 /// A final pass asking for the origin's journal: only the paths changed since the previous
 /// full pass began are listed, moved (deletions and new trees included) and verified — a
 /// rewrite keeping size and modification time included, which rsync's quick check skips.
+/// Rewrites `path` in place keeping its size and modification time (a Cyrus index record
+/// rewritten within the second of its copy).
+fn rewrite_in_place(path: &Path, seed: u8) {
+    let before = std::fs::metadata(path).unwrap();
+    let mut content = std::fs::read(path).unwrap();
+    content[0] ^= seed;
+    std::fs::write(path, &content).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(before.modified().unwrap())
+        .unwrap();
+}
+
+/// A rewrite that keeps size and time escapes a walk's quick check: the next live pass
+/// carries what the origin's journal saw change since the last good pass began, and when
+/// the journal cannot tell (the agent restarted), walks again comparing contents.
+#[tokio::test]
+async fn a_same_size_rewrite_between_live_passes_is_carried_by_the_next_pass() {
+    let mut p = Pair::new(None, None).await;
+    make_spool(&p.origin_root());
+    p.grant("grant-0001-hot-pass-1", "target-1", &[SPOOL], 600_000)
+        .await;
+    let (first, _) = p.pull("m1/hot/1", "grant-0001-hot-pass-1", 0).await;
+    assert!(first.ok, "{first:?}");
+    let index = spool(&p.origin_root()).join("data/user/alice/cyrus.index");
+    let copy = spool(&p.target_root()).join("data/user/alice/cyrus.index");
+    rewrite_in_place(&index, 0xff);
+    let pass = |op: &str, origin: OriginEndpoint, carry: &str| PullRequest {
+        operation_id: op.into(),
+        origin: Some(origin),
+        path: String::new(),
+        bwlimit_kib: 0,
+        paths: vec![SPOOL.into()],
+        compress: true,
+        journal_since: String::new(),
+        carry_since: carry.into(),
+    };
+    // A walk alone misses it.
+    p.grant("grant-0002-hot-pass-2", "target-1", &[SPOOL], 600_000)
+        .await;
+    let req = pass("m1/hot/2", p.endpoint("grant-0002-hot-pass-2"), "");
+    let walked = p.pull_request(req).await;
+    assert!(walked.ok, "{walked:?}");
+    assert_ne!(
+        std::fs::read(&copy).unwrap(),
+        std::fs::read(&index).unwrap()
+    );
+    // The next live pass carries it.
+    p.grant("grant-0003-hot-pass-3", "target-1", &[SPOOL], 600_000)
+        .await;
+    let req = pass(
+        "m1/hot/3",
+        p.endpoint("grant-0003-hot-pass-3"),
+        "grant-0001-hot-pass-1",
+    );
+    let carried = p.pull_request(req).await;
+    assert!(carried.ok, "{carried:?}");
+    let stats = carried.stats.unwrap();
+    assert!(
+        stats.journal_paths >= 1 && stats.journal_fallback.is_empty(),
+        "{stats:?}"
+    );
+    let diff = differences(
+        &snapshot(&spool(&p.target_root())),
+        &snapshot(&spool(&p.origin_root())),
+    );
+    assert!(diff.is_empty(), "{}", diff.join("\n"));
+    // The journal cannot tell (as after an agent restart): the pass walks again comparing
+    // contents, and says so.
+    rewrite_in_place(&index, 0x0f);
+    p.grant("grant-0004-hot-pass-4", "target-1", &[SPOOL], 600_000)
+        .await;
+    let req = pass(
+        "m1/hot/4",
+        p.endpoint("grant-0004-hot-pass-4"),
+        "grant-never-marked",
+    );
+    let compared = p.pull_request(req).await;
+    assert!(compared.ok, "{compared:?}");
+    let stats = compared.stats.unwrap();
+    assert!(
+        stats
+            .journal_fallback
+            .contains("every file compared by content"),
+        "{stats:?}"
+    );
+    let diff = differences(
+        &snapshot(&spool(&p.target_root())),
+        &snapshot(&spool(&p.origin_root())),
+    );
+    assert!(diff.is_empty(), "{}", diff.join("\n"));
+}
+
 #[tokio::test]
 async fn a_journal_pass_moves_only_what_changed_and_what_the_quick_check_misses() {
     let mut p = Pair::new(None, None).await;
@@ -549,6 +645,7 @@ async fn a_journal_pass_moves_only_what_changed_and_what_the_quick_check_misses(
         paths: vec![SPOOL.into()],
         compress: false,
         journal_since: since.into(),
+        carry_since: String::new(),
     };
     let fallback = journal_pass("m1/final/0", "grant-never-marked");
     let final_pass = journal_pass("m1/final/1", "grant-0001-pre-window");
@@ -637,6 +734,7 @@ async fn one_run_for_several_dirs_keeps_hard_links_across_them_and_touches_nothi
         paths: vec![SPOOL.into(), lib.into()],
         compress: false,
         journal_since: String::new(),
+        carry_since: String::new(),
     };
     let first = two_dirs();
     let event = p.pull_request(first).await;
@@ -699,6 +797,7 @@ async fn xattrs_acls_and_sparse_files_arrive_and_the_manifest_sees_them() {
             paths: vec![],
             compress: true,
             journal_since: String::new(),
+            carry_since: String::new(),
         })
         .await;
     assert!(event.ok, "{event:?}");
@@ -802,6 +901,7 @@ async fn an_interrupted_pull_is_stopped_at_both_ends_and_the_next_converges() {
             paths: vec![],
             compress: false,
             journal_since: String::new(),
+            carry_since: String::new(),
         })
         .await
         .unwrap()
@@ -1012,6 +1112,7 @@ async fn an_agent_grants_and_receives_only_its_data_dirs() {
             paths: vec![],
             compress: false,
             journal_since: String::new(),
+            carry_since: String::new(),
         })
         .await
         .unwrap_err();

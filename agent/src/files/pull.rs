@@ -328,6 +328,9 @@ pub struct PassOptions {
     /// Move only what the origin's change journal recorded since the full pass under this
     /// grant id began (empty: walk everything).
     pub journal_since: String,
+    /// A live pass after another: walk everything, then carry (every listed file sent) what
+    /// the journal recorded since the full pass under this grant id began (empty: walk only).
+    pub carry_since: String,
     /// The target's identity toward the origin's data plane (the journal's queries).
     pub tls: Option<Arc<rustls::ClientConfig>>,
 }
@@ -441,6 +444,28 @@ enum JournalPass {
     Fallback(String),
 }
 
+/// The dirs (here) holding a listed path that are not listed themselves, with their
+/// modification times now.
+fn unlisted_parents(
+    config: &AgentConfig,
+    paths: &[String],
+) -> Vec<(PathBuf, std::time::SystemTime)> {
+    let listed: std::collections::HashSet<&str> = paths.iter().map(String::as_str).collect();
+    let parents: std::collections::BTreeSet<&str> = paths
+        .iter()
+        .filter_map(|p| p.rsplit_once('/').map(|(dir, _)| dir))
+        .filter(|dir| !dir.is_empty() && !listed.contains(dir))
+        .collect();
+    parents
+        .into_iter()
+        .filter_map(|dir| {
+            let host = config.host_path(Path::new(dir));
+            let time = std::fs::symlink_metadata(&host).ok()?.modified().ok()?;
+            Some((host, time))
+        })
+        .collect()
+}
+
 /// A journal pass: the origin's journal paths moved (`--files-from`, deletions included,
 /// every listed file sent whatever its size and time), then each verified against the
 /// origin's own manifest line for it.
@@ -449,13 +474,14 @@ async fn journal_pass(
     origin: &OriginEndpoint,
     dirs: &[String],
     how: &PassOptions,
+    since: &str,
+    verify: bool,
     progress: &mpsc::Sender<PullEvent>,
 ) -> JournalPass {
     let started = Instant::now();
     let Some(tls) = how.tls.clone() else {
         return JournalPass::Fallback("no identity to query the origin's journal".into());
     };
-    let since = &how.journal_since;
     let paths = match journal_items(config, tls.clone(), origin, since, false).await {
         Ok(p) => p,
         Err(why) => return JournalPass::Fallback(why),
@@ -503,10 +529,19 @@ async fn journal_pass(
             Err(e) => return failed(e, None),
         };
         run.command.env(env::JOURNAL_SINCE, since);
+        // rsync writes a changed file through a temporary one renamed into place, which
+        // touches its dir here; a dir the journal does not list did not change on the origin:
+        // its time here is put back.
+        let unlisted = unlisted_parents(config, &paths);
         let outcome = match run_rsync(run, progress).await {
             Ok(o) => o,
             Err(e) => return failed(e, None),
         };
+        for (dir, time) in &unlisted {
+            if let Ok(d) = std::fs::File::open(dir) {
+                let _ = d.set_modified(*time);
+            }
+        }
         stats = outcome.stats;
         if outcome.cancelled {
             return failed(CANCELLED.into(), Some(stats));
@@ -518,9 +553,24 @@ async fn journal_pass(
             );
         }
     }
-    // Verification: every journal path, here and on the origin (contents included). The
-    // dirs take the origin's modification times first (rsync without recursion sets a dir's
-    // time before the entries it then adds or deletes in it).
+    let done = |mut stats: SyncStats| {
+        stats.journal = true;
+        stats.journal_paths = paths.len() as u64;
+        stats.elapsed_ms = started.elapsed().as_millis() as u64;
+        JournalPass::Done(PullEvent {
+            stats: Some(stats),
+            done: true,
+            exit_code: 0,
+            ok: true,
+            error: String::new(),
+            replayed: false,
+        })
+    };
+    // The dirs take the origin's modification times (rsync without recursion sets a dir's
+    // time before the entries it then adds or deletes in it); then, unless this is a live
+    // pass's carry (the origin goes on writing: a later pass carries what changes after this
+    // one, and the final pass verifies), every journal path is verified, here and on the
+    // origin (contents included).
     let theirs = match journal_items(config, tls, origin, since, true).await {
         Ok(items) => items
             .iter()
@@ -550,6 +600,9 @@ async fn journal_pass(
                 }
             }
         }
+        if !verify {
+            return Ok(Vec::new());
+        }
         listed
             .iter()
             .map(|p| crate::files::manifest::path_state(p, &root.host_path(Path::new(p))))
@@ -562,6 +615,9 @@ async fn journal_pass(
         Ok(states) => states,
         Err(why) => return failed(format!("verifying the journal pass: {why}"), Some(stats)),
     };
+    if !verify {
+        return done(stats);
+    }
     if ours != theirs {
         let first = ours
             .iter()
@@ -576,17 +632,7 @@ async fn journal_pass(
             Some(stats),
         );
     }
-    stats.journal = true;
-    stats.journal_paths = paths.len() as u64;
-    stats.elapsed_ms = started.elapsed().as_millis() as u64;
-    JournalPass::Done(PullEvent {
-        stats: Some(stats),
-        done: true,
-        exit_code: 0,
-        ok: true,
-        error: String::new(),
-        replayed: false,
-    })
+    done(stats)
 }
 
 /// One pass pulling the data dirs `paths` from the origin in one rsync run (relative to the
@@ -613,16 +659,93 @@ pub async fn pull(
             return failed(e);
         }
     }
-    let mut fallback = String::new();
     if !how.journal_since.is_empty() {
-        match journal_pass(config, origin, paths, &how, progress).await {
+        // The final pass: only what the journal saw change since the pre-window pass began.
+        match journal_pass(
+            config,
+            origin,
+            paths,
+            &how,
+            &how.journal_since,
+            true,
+            progress,
+        )
+        .await
+        {
             JournalPass::Done(event) => return event,
             JournalPass::Fallback(why) => {
-                tracing::info!(origin = %origin.name, reason = %why, "the change journal cannot list the changes: walking everything");
-                fallback = why;
+                tracing::warn!(origin = %origin.name, reason = %why, "the change journal cannot list the changes: walking everything, comparing contents");
+                let walked = walk(config, origin, paths, &how, true, progress).await;
+                return with_fallback(walked, format!("{why}: every file compared by content"));
             }
         }
     }
+    let walked = walk(config, origin, paths, &how, false, progress).await;
+    if how.carry_since.is_empty() || !walked.ok {
+        return walked;
+    }
+    // A live pass after another: what the walk's quick check may have missed (a rewrite that
+    // kept its size and time) since the last good pass began, carried with every listed file
+    // sent.
+    match journal_pass(
+        config,
+        origin,
+        paths,
+        &how,
+        &how.carry_since,
+        false,
+        progress,
+    )
+    .await
+    {
+        JournalPass::Done(carried) if carried.ok => with_carried(walked, carried.stats),
+        JournalPass::Done(failed) => failed,
+        JournalPass::Fallback(why) => {
+            tracing::warn!(origin = %origin.name, reason = %why, "the change journal cannot list what changed since the last pass: walking again, comparing contents");
+            let walked = walk(config, origin, paths, &how, true, progress).await;
+            with_fallback(walked, format!("{why}: every file compared by content"))
+        }
+    }
+}
+
+/// A pass's statistics saying why the journal could not be used.
+fn with_fallback(mut event: PullEvent, why: String) -> PullEvent {
+    event
+        .stats
+        .get_or_insert_with(SyncStats::default)
+        .journal_fallback = why;
+    event
+}
+
+/// A walk's statistics with a carry's added (entries and bytes it moved, the paths it
+/// carried).
+fn with_carried(mut walked: PullEvent, carried: Option<SyncStats>) -> PullEvent {
+    if let (Some(stats), Some(carried)) = (walked.stats.as_mut(), carried) {
+        stats.files_changed += carried.files_changed;
+        stats.bytes_changed += carried.bytes_changed;
+        stats.journal_paths = carried.journal_paths;
+        stats.elapsed_ms += carried.elapsed_ms;
+    }
+    walked
+}
+
+/// One rsync run over every data dir (`-R`: paths relative to the data root, hard links
+/// across dirs kept, one tunnel); `by_content`: every file's contents compared (`--checksum`),
+/// not its size and time.
+async fn walk(
+    config: &AgentConfig,
+    origin: &OriginEndpoint,
+    paths: &[String],
+    how: &PassOptions,
+    by_content: bool,
+    progress: &mpsc::Sender<PullEvent>,
+) -> PullEvent {
+    let failed = |error: String| PullEvent {
+        done: true,
+        exit_code: -1,
+        error,
+        ..Default::default()
+    };
     let ancestors = Ancestors::record(config, paths);
     let sources: Vec<String> = paths
         .iter()
@@ -635,6 +758,9 @@ pub async fn pull(
     let dest = format!("{}/", config.data_root.display());
     let mut options = pass_options(how.bwlimit_kib);
     options.extend(["-R".to_string(), "--no-implied-dirs".to_string()]);
+    if by_content {
+        options.push("--checksum".to_string());
+    }
     if how.compress {
         // zlib level 1 where the origin's rsync predates zstd: zeros and mail compress well,
         // for little CPU.
@@ -651,10 +777,8 @@ pub async fn pull(
         Ok(outcome) => {
             // 24: some files vanished on the origin during the pass (it is live): not an error.
             let ok = !outcome.cancelled && matches!(outcome.exit_code, 0 | 24);
-            let mut stats = outcome.stats;
-            stats.journal_fallback = fallback;
             PullEvent {
-                stats: Some(stats),
+                stats: Some(outcome.stats),
                 done: true,
                 exit_code: outcome.exit_code,
                 ok,
