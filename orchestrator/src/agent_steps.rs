@@ -274,7 +274,7 @@ async fn run_step(pool: &AgentPool, job: Job, now_ms: i64) -> StepResult {
             service_ip(host, &job, true).await
         }
         Step::PostMigration => post_migration(origin, target, &job).await,
-        Step::Verify => verify(&job).await,
+        Step::Verify => verify(origin, target, &job).await,
     }
 }
 
@@ -409,21 +409,23 @@ async fn copy_config(
 /// Both agents answer, the BlueMind versions match, PostgreSQL answers on both, the target
 /// has room for the origin's data and the spool's users, and its services are stopped.
 /// Returns how the databases will move (a standby when both hosts allow it).
+/// An agent's facts, asked now.
+async fn facts(a: &AgentHandle, usage: bool) -> Result<bmfleet_proto::v1::FactsReply, String> {
+    a.client
+        .clone()
+        .facts(FactsRequest {
+            measure_usage: usage,
+        })
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|s| format!("{} does not answer: {}", a.name, describe_status(&s)))
+}
+
 async fn preflight(
     origin: &AgentHandle,
     target: &AgentHandle,
     job: &Job,
 ) -> Result<DbPlan, String> {
-    async fn facts(a: &AgentHandle, usage: bool) -> Result<bmfleet_proto::v1::FactsReply, String> {
-        a.client
-            .clone()
-            .facts(FactsRequest {
-                measure_usage: usage,
-            })
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| format!("{} does not answer: {}", a.name, describe_status(&s)))
-    }
     let (o, t) = tokio::join!(facts(origin, true), facts(target, false));
     let (o, t) = (o?, t?);
     let mut problems = Vec::new();
@@ -858,8 +860,35 @@ async fn compare_manifests(
 }
 
 /// The service IP answers IMAP and SMTP, seen from the orchestrator.
-async fn verify(job: &Job) -> StepResult {
+/// Done's evidence, gathered now from both hosts: the target holds the service IP and the
+/// origin does not (each agent's own addresses), then IMAP and SMTP answer on the IP.
+async fn verify(origin: &AgentHandle, target: &AgentHandle, job: &Job) -> StepResult {
     use tokio::io::AsyncReadExt;
+    let ip = job.instance.service_ip.to_string();
+    let (o, t) = tokio::join!(facts(origin, false), facts(target, false));
+    let (o, t) = (o?, t?);
+    let holds = |f: &bmfleet_proto::v1::FactsReply| f.addresses.iter().any(|a| a == &ip);
+    match (holds(&o), holds(&t)) {
+        (false, true) => {}
+        (true, true) => {
+            return Err(format!(
+                "both {} and {} hold the service IP {ip}: who answers cannot be told",
+                origin.name, target.name
+            ))
+        }
+        (true, false) => {
+            return Err(format!(
+                "the origin {} holds the service IP {ip}, not the target {}",
+                origin.name, target.name
+            ))
+        }
+        (false, false) => {
+            return Err(format!(
+                "neither {} nor {} holds the service IP {ip}",
+                origin.name, target.name
+            ))
+        }
+    }
     for (port, greeting) in [(143u16, "* OK"), (25, "220")] {
         let address = std::net::SocketAddr::new(job.instance.service_ip, port);
         let answer = tokio::time::timeout(std::time::Duration::from_secs(10), async {

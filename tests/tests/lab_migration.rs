@@ -474,6 +474,36 @@ fn three_instances_migrate_with_no_mail_lost() {
                 "pair {i}: {rel}"
             );
         }
+        // Every file of the origin's spool is on the target with the same contents — the
+        // indexes the stand-in rewrote in place all through the hot phase, keeping their size
+        // and time, included.
+        let files = |root: &std::path::Path| -> Vec<(String, Vec<u8>)> {
+            let base = root.join("var/spool/cyrus");
+            let mut all: Vec<(String, Vec<u8>)> = walkdir::WalkDir::new(&base)
+                .into_iter()
+                .flatten()
+                .filter(|e| e.file_type().is_file())
+                .map(|e| {
+                    let rel = e.path().strip_prefix(&base).unwrap().display().to_string();
+                    (rel, std::fs::read(e.path()).unwrap())
+                })
+                .collect();
+            all.sort();
+            all
+        };
+        let (theirs, ours) = (files(&origin), files(&target));
+        let differing: Vec<&String> = theirs
+            .iter()
+            .zip(ours.iter())
+            .filter(|(a, b)| a != b)
+            .map(|(a, _)| &a.0)
+            .collect();
+        assert!(
+            theirs.len() == ours.len() && differing.is_empty(),
+            "pair {i}: {} files on the origin, {} on the target; differing by content: {differing:?}",
+            theirs.len(),
+            ours.len()
+        );
         // The service IP answers from the target, seen from another host.
         let banner = banner(&fleet, i);
         assert!(

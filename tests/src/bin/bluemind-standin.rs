@@ -10,7 +10,8 @@
 //!   in `DIR/var/log/standin-api.jsonl`.
 //! - serve, postfix: SMTP banner on 25, and mail keeps arriving: a message every
 //!   `--deliver-ms` into the cyrus spool (every fifth one hard-linked into a second mailbox),
-//!   each listed in `DIR/var/log/standin-delivered.log`.
+//!   each listed in `DIR/var/log/standin-delivered.log`, and the mailbox's `cyrus.index`
+//!   rewritten in place keeping its size and modification time.
 
 use std::io::Write;
 use std::net::TcpListener;
@@ -254,7 +255,41 @@ fn deliver(root: &Path, every: Duration) -> ! {
                 let _ = log.write_all(lines.as_bytes());
             }
         }
+        // Files rewritten in place, keeping their size and (within the second) their
+        // modification time, as Cyrus rewrites an index record: what a walk's quick check
+        // cannot see. The mailbox's index at every delivery, and each message once, about a
+        // second after it arrived (so that some are rewritten only during the hot phase).
+        rewrite_in_place(&spool.join(user).join("cyrus.index"), n);
+        // (Not the messages linked into a second mailbox: a journal pass cannot move one
+        // name of a file that has several, and would walk everything.)
+        if let Some(k) = n.checked_sub(25).filter(|k| *k > 0 && !k.is_multiple_of(5)) {
+            let owner = ["alice", "bob", "carol"][(k % 3) as usize];
+            rewrite_in_place(&spool.join(owner).join(format!("standin-{k}.")), n);
+        }
         std::thread::sleep(every);
+    }
+}
+
+/// Changes one byte of `path` (chosen by `n`) keeping its size and modification time.
+fn rewrite_in_place(path: &Path, n: u64) {
+    let Ok(before) = std::fs::metadata(path) else {
+        return;
+    };
+    let Ok(mut content) = std::fs::read(path) else {
+        return;
+    };
+    if content.is_empty() {
+        return;
+    }
+    let at = (n as usize).wrapping_mul(7919) % content.len();
+    content[at] = content[at].wrapping_add(1);
+    if std::fs::write(path, &content).is_ok() {
+        if let (Ok(file), Ok(time)) = (
+            std::fs::File::options().write(true).open(path),
+            before.modified(),
+        ) {
+            let _ = file.set_modified(time);
+        }
     }
 }
 
