@@ -18,7 +18,7 @@ use bmfleet_proto::v1::{
 
 use crate::agents::{AgentHandle, AgentPool};
 use crate::clock::Clock;
-use crate::engine::{AgentPort, Job, StepOutput, StepResult};
+use crate::engine::{AgentPort, Job, StepError, StepOutput, StepResult};
 use crate::fleet::InstanceSpec;
 use crate::machine::{DbPlan, PassStats, Step};
 
@@ -187,15 +187,27 @@ async fn retry_until<F, Fut>(
 }
 
 async fn run_step(pool: &AgentPool, job: Job, now_ms: i64) -> StepResult {
-    let origin = &agent(pool, &job.instance.origin)?;
-    let target = &agent(pool, &job.instance.target)?;
-    match job.step {
-        Step::Preflight => preflight(origin, target, &job)
+    if job.step == Step::Preflight {
+        let origin = &agent(pool, &job.instance.origin)?;
+        let target = &agent(pool, &job.instance.target)?;
+        return preflight(origin, target, &job)
             .await
             .map(|plan| StepOutput {
                 databases: Some(plan),
                 ..StepOutput::default()
-            }),
+            });
+    }
+    Ok(other_step(pool, job, now_ms).await?)
+}
+
+/// A step's outcome below [`run_step`]: a retryable failure's message.
+type Done = Result<StepOutput, String>;
+
+async fn other_step(pool: &AgentPool, job: Job, now_ms: i64) -> Done {
+    let origin = &agent(pool, &job.instance.origin)?;
+    let target = &agent(pool, &job.instance.target)?;
+    match job.step {
+        Step::Preflight => Err("the preflight runs apart".into()),
         Step::FollowDatabases => follow_databases(origin, target, &job, now_ms).await,
         Step::HotPass => {
             granted(origin, &job, now_ms, Scope::DataDirs, |endpoint| async {
@@ -289,7 +301,7 @@ async fn follow_databases(
     target: &AgentHandle,
     job: &Job,
     now_ms: i64,
-) -> StepResult {
+) -> Done {
     let endpoint = grant(origin, job, now_ms, Scope::Replication).await?;
     let reply = target
         .client
@@ -347,7 +359,7 @@ async fn verify_following(target: &AgentHandle, job: &Job) -> String {
     }
 }
 
-async fn move_databases(target: &AgentHandle, job: &Job, endpoint: OriginEndpoint) -> StepResult {
+async fn move_databases(target: &AgentHandle, job: &Job, endpoint: OriginEndpoint) -> Done {
     let reply = target
         .client
         .clone()
@@ -379,7 +391,7 @@ async fn copy_config(
     target: &AgentHandle,
     job: &Job,
     endpoint: OriginEndpoint,
-) -> StepResult {
+) -> Done {
     let reply = target
         .client
         .clone()
@@ -425,12 +437,16 @@ async fn preflight(
     origin: &AgentHandle,
     target: &AgentHandle,
     job: &Job,
-) -> Result<DbPlan, String> {
+) -> Result<DbPlan, StepError> {
     let (o, t) = tokio::join!(facts(origin, true), facts(target, false));
     let (o, t) = (o?, t?);
+    // What a retry may mend (an agent or PostgreSQL that does not answer yet, services
+    // still stopping, space being freed), and what only an operator can (`operator`): then
+    // the preflight fails at once.
     let mut problems = Vec::new();
+    let mut operator = Vec::new();
     if origin.data_address.is_none() {
-        problems.push(format!(
+        operator.push(format!(
             "agent {} has no data_address (where targets pull from): add it to its [[agent]] \
              entry, or register it with `bmctl fleet agents add {} ADDRESS --data-address HOST:PORT`",
             origin.name, origin.name
@@ -444,7 +460,7 @@ async fn preflight(
     };
     let (ov, tv) = (version(&o), version(&t));
     if ov.is_empty() || ov != tv {
-        problems.push(format!(
+        operator.push(format!(
             "BlueMind versions differ (origin {ov:?}, target {tv:?}): install the origin's version on the target"
         ));
     }
@@ -467,11 +483,11 @@ async fn preflight(
     }
     let plan = crate::db_sync::choose(job.instance.db_sync, &o, &t);
     if let Err(e) = &plan {
-        problems.push(e.clone());
+        operator.push(e.clone());
     }
     let interface = &job.instance.interface;
     if !t.interfaces.iter().any(|i| i == interface) {
-        problems.push(format!(
+        operator.push(format!(
             "the target has no interface {interface} for the service IP (it has {}): set the \
              instance's interface in the fleet file",
             t.interfaces.join(", ")
@@ -481,7 +497,7 @@ async fn preflight(
     for dir in &job.instance.extra_dirs {
         for (name, f) in [(&origin.name, &o), (&target.name, &t)] {
             if !f.data_dirs.iter().any(|d| &d.path == dir) {
-                problems.push(format!(
+                operator.push(format!(
                     "{name} does not list {dir} among its data dirs: add it to \
                      facts.extra_data_dirs in its agent.toml, or remove it from the instance"
                 ));
@@ -489,7 +505,7 @@ async fn preflight(
         }
     }
     for u in t.spool_users.iter().filter(|u| !u.exists) {
-        problems.push(format!(
+        operator.push(format!(
             "user {} does not exist on the target: install BlueMind's packages there",
             u.name
         ));
@@ -512,36 +528,40 @@ async fn preflight(
         // Migrating onto a host that served: prove the direction first (the origin serves
         // and holds the service IP, the target holds neither).
         if !o.addresses.contains(&service_ip) {
-            problems.push(format!(
+            operator.push(format!(
                 "--remigrate: the origin {} does not hold the service IP {service_ip}: it is \
                  not the side that serves; check which host has the newest mail",
                 origin.name
             ));
         }
         if t.addresses.contains(&service_ip) {
-            problems.push(format!(
+            operator.push(format!(
                 "--remigrate: the target {} holds the service IP {service_ip}: it serves; \
                  nothing is synced over a serving host",
                 target.name
             ));
         }
         if !service_status(origin).await?.ok {
-            problems.push(format!(
+            operator.push(format!(
                 "--remigrate: services do not all run on the origin {}: it is not the side \
                  that serves",
                 origin.name
             ));
         }
     } else if t.served {
-        problems.push(format!(
+        operator.push(format!(
             "the target {} has served since bmfleet started its services: it is never synced \
              into again; `bmctl fleet apply --remigrate {}` migrates onto it after proving \
              the direction",
             target.name, job.instance.name
         ));
     }
+    if !operator.is_empty() {
+        operator.extend(problems);
+        return Err(StepError::permanent(operator.join("; ")));
+    }
     if !problems.is_empty() {
-        return Err(problems.join("; "));
+        return Err(problems.join("; ").into());
     }
     if job.instance.remigrate && t.served {
         let cleared = target
@@ -559,7 +579,7 @@ async fn preflight(
             .into_inner();
         tracing::warn!(instance = %job.instance.name, target = %target.name, since = cleared.since_unix_ms, set_by = %cleared.set_by, "re-migration: the target's served marker was cleared");
     }
-    plan
+    plan.map_err(StepError::from)
 }
 
 /// The services' status on `agent` (read-only: no operation id).
@@ -606,10 +626,10 @@ async fn granted<F, Fut>(
     now_ms: i64,
     scope: Scope,
     body: F,
-) -> StepResult
+) -> Done
 where
     F: FnOnce(OriginEndpoint) -> Fut,
-    Fut: Future<Output = StepResult>,
+    Fut: Future<Output = Done>,
 {
     let endpoint = grant(origin, job, now_ms, scope).await?;
     let result = body(endpoint.clone()).await;
@@ -766,7 +786,7 @@ fn profile_name(profile: crate::fleet::Profile) -> &'static str {
     }
 }
 
-async fn post_migration(origin: &AgentHandle, target: &AgentHandle, job: &Job) -> StepResult {
+async fn post_migration(origin: &AgentHandle, target: &AgentHandle, job: &Job) -> Done {
     let reply = target
         .client
         .clone()
@@ -862,7 +882,7 @@ async fn compare_manifests(
 /// The service IP answers IMAP and SMTP, seen from the orchestrator.
 /// Done's evidence, gathered now from both hosts: the target holds the service IP and the
 /// origin does not (each agent's own addresses), then IMAP and SMTP answer on the IP.
-async fn verify(origin: &AgentHandle, target: &AgentHandle, job: &Job) -> StepResult {
+async fn verify(origin: &AgentHandle, target: &AgentHandle, job: &Job) -> Done {
     use tokio::io::AsyncReadExt;
     let ip = job.instance.service_ip.to_string();
     let (o, t) = tokio::join!(facts(origin, false), facts(target, false));
@@ -908,7 +928,7 @@ async fn verify(origin: &AgentHandle, target: &AgentHandle, job: &Job) -> StepRe
 }
 
 /// Moves the service IP on one host: take (add and announce) or release.
-async fn service_ip(host: &AgentHandle, job: &Job, take: bool) -> StepResult {
+async fn service_ip(host: &AgentHandle, job: &Job, take: bool) -> Done {
     let request = IpRequest {
         operation_id: job.operation_id.clone(),
         address: format!("{}/{}", job.instance.service_ip, job.instance.prefix),
@@ -929,7 +949,7 @@ async fn service_ip(host: &AgentHandle, job: &Job, take: bool) -> StepResult {
     }
 }
 
-async fn services(agent: &AgentHandle, job: &Job, action: ServiceAction) -> StepResult {
+async fn services(agent: &AgentHandle, job: &Job, action: ServiceAction) -> Done {
     let reply = agent
         .client
         .clone()

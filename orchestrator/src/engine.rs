@@ -65,8 +65,42 @@ impl From<PassStats> for StepOutput {
     }
 }
 
+/// Why a step failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepError {
+    /// What an operator reads.
+    pub message: String,
+    /// No retry can change it: the step is not retried.
+    pub permanent: bool,
+}
+
+impl StepError {
+    /// A failure only an operator can mend (the step is not retried).
+    pub fn permanent(message: String) -> Self {
+        StepError {
+            message,
+            permanent: true,
+        }
+    }
+}
+
+impl From<String> for StepError {
+    fn from(message: String) -> Self {
+        StepError {
+            message,
+            permanent: false,
+        }
+    }
+}
+
+impl From<&str> for StepError {
+    fn from(message: &str) -> Self {
+        message.to_string().into()
+    }
+}
+
 /// How a step ended.
-pub type StepResult = Result<StepOutput, String>;
+pub type StepResult = Result<StepOutput, StepError>;
 
 /// The orchestrator's way of making agents do a step (gRPC to real agents, or a simulation).
 pub trait AgentPort: Send + Sync + 'static {
@@ -323,7 +357,8 @@ impl Engine {
                 Err(error) => Event::Failed {
                     step,
                     attempt,
-                    error,
+                    error: error.message,
+                    permanent: error.permanent,
                 },
             };
             let _ = tx.send((n, event));

@@ -342,6 +342,10 @@ pub enum Event {
         attempt: u32,
         /// Why.
         error: String,
+        /// No retry can change it (the target has served, an interface is missing): an
+        /// operator must act, so the step is not retried.
+        #[serde(default)]
+        permanent: bool,
     },
     /// Time passed: deadlines are checked.
     Tick,
@@ -488,7 +492,7 @@ impl Ctx<'_> {
     }
 
     /// Retries `step` if allowed; else fails the instance as its phase requires.
-    fn failed(&mut self, step: Step, error: String) {
+    fn failed(&mut self, step: Step, error: String, permanent: bool) {
         self.i.last_error = Some(format!("{}: {error}", step.as_str()));
         let failures = self.count_failure(step);
         // Stopping the origin again is only allowed while the window is still open.
@@ -499,7 +503,7 @@ impl Ctx<'_> {
         } else {
             self.rules.timing.retries
         };
-        let may_retry = step.retryable() && failures <= retries && in_window;
+        let may_retry = step.retryable() && failures <= retries && in_window && !permanent;
         if may_retry {
             self.run(step);
             return;
@@ -710,12 +714,13 @@ fn apply(c: &mut Ctx<'_>, event: &Event) -> Option<&'static str> {
             step,
             attempt,
             error,
+            permanent,
         } => {
             if c.i.running.get(step).map(|r| r.attempt) != Some(*attempt) {
                 return Some("not a step in flight (late or repeated result)");
             }
             c.i.running.remove(step);
-            fail(c, *step, error.clone());
+            fail(c, *step, error.clone(), *permanent);
         }
         Event::Tick => {
             let expired: Vec<Step> =
@@ -729,7 +734,12 @@ fn apply(c: &mut Ctx<'_>, event: &Event) -> Option<&'static str> {
             }
             for step in expired {
                 if c.i.running.remove(&step).is_some() {
-                    fail(c, step, "no answer before the step's deadline".into());
+                    fail(
+                        c,
+                        step,
+                        "no answer before the step's deadline".into(),
+                        false,
+                    );
                 }
             }
         }
@@ -774,11 +784,11 @@ fn apply(c: &mut Ctx<'_>, event: &Event) -> Option<&'static str> {
     None
 }
 
-fn fail(c: &mut Ctx<'_>, step: Step, error: String) {
+fn fail(c: &mut Ctx<'_>, step: Step, error: String, permanent: bool) {
     match c.i.phase {
         // Hot phases: the origin is untouched and serving; retry, else fail.
         Phase::Preflight | Phase::HotSync | Phase::PreWindowPass => {
-            if c.count_failure(step) <= c.rules.timing.hot_retries {
+            if c.count_failure(step) <= c.rules.timing.hot_retries && !permanent {
                 c.i.last_error = Some(format!("{}: {error}", step.as_str()));
                 c.run(step);
             } else {
@@ -787,7 +797,7 @@ fn fail(c: &mut Ctx<'_>, step: Step, error: String) {
                 c.phase(Phase::Failed);
             }
         }
-        _ => c.failed(step, error),
+        _ => c.failed(step, error, permanent),
     }
 }
 

@@ -172,14 +172,11 @@ impl Hosts {
             Some(Failure::Hang) => std::future::pending::<()>().await,
             Some(Failure::Always) => {
                 tokio::time::sleep(Duration::from_millis(ms / 2)).await;
-                return Err(format!("simulated failure of {}", job.step.as_str()));
+                return Err(format!("simulated failure of {}", job.step.as_str()).into());
             }
             Some(Failure::Once) if job.attempt == 1 => {
                 tokio::time::sleep(Duration::from_millis(ms / 2)).await;
-                return Err(format!(
-                    "simulated transient failure of {}",
-                    job.step.as_str()
-                ));
+                return Err(format!("simulated transient failure of {}", job.step.as_str()).into());
             }
             _ => {}
         }
@@ -222,7 +219,7 @@ impl AgentPort for SimAgents {
             tokio::spawn(async move { cell.get_or_init(|| hosts.execute(job)).await.clone() });
         Box::pin(async move {
             run.await
-                .unwrap_or_else(|e| Err(format!("simulated agent: {e}")))
+                .unwrap_or_else(|e| Err(format!("simulated agent: {e}").into()))
         })
     }
 }

@@ -99,6 +99,20 @@ async fn a_missing_interface_or_an_unlisted_extra_dir_stops_the_instance_at_pref
         error.contains("agent origin-1 has no data_address"),
         "{error}"
     );
+    // Only an operator can mend these: the instance fails at once, not after its retries.
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = fleet.status(StatusRequest {}).await.unwrap().into_inner();
+        if status.instances[0].phase == "Failed" {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "still {} after a refusal for good",
+            status.instances[0].phase
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // Nothing was synced.
     assert!(!dir.path().join("t/root/var/spool/cyrus").exists());
 }

@@ -67,6 +67,17 @@ fn fail(step: Step, attempt: u32) -> Event {
         step,
         attempt,
         error: "boom".into(),
+        permanent: false,
+    }
+}
+
+/// A failure only an operator can mend.
+fn fail_for_good(step: Step, attempt: u32) -> Event {
+    Event::Failed {
+        step,
+        attempt,
+        error: "the target has served".into(),
+        permanent: true,
     }
 }
 
@@ -339,6 +350,20 @@ fn every_transition() {
             pass(Step::HotPass, 3, 500),
             Converged,
             vec![],
+        ),
+        row(
+            "a preflight refused for good is not retried",
+            vec![Event::Begin],
+            fail_for_good(Step::Preflight, 1),
+            Failed,
+            vec![],
+        ),
+        row(
+            "a cold step failing for good rolls back at once",
+            to_data(),
+            fail_for_good(Step::Databases, 1),
+            RollingBack,
+            vec![run(Step::RollbackStartOrigin, 1)],
         ),
         row(
             "a hot pass failing after good ones is retried: passes are not retries",
@@ -776,7 +801,7 @@ proptest! {
                 }
                 Pick::Fail(n) if !running.is_empty() => {
                     let (step, attempt) = running[n % running.len()];
-                    Event::Failed { step, attempt, error: "x".into() }
+                    Event::Failed { step, attempt, error: "x".into(), permanent: false }
                 }
                 Pick::Advance(d) => { now += d; Event::Tick }
                 Pick::Pause => Event::Pause,
