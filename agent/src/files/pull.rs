@@ -645,12 +645,6 @@ pub async fn pull(
     how: PassOptions,
     progress: &mpsc::Sender<PullEvent>,
 ) -> PullEvent {
-    let failed = |error: String| PullEvent {
-        done: true,
-        exit_code: -1,
-        error,
-        ..Default::default()
-    };
     if paths.is_empty() {
         return failed("no data dir to pull".into());
     }
@@ -729,6 +723,16 @@ fn with_carried(mut walked: PullEvent, carried: Option<SyncStats>) -> PullEvent 
     walked
 }
 
+/// A pass that ended before or without rsync, with `error`.
+fn failed(error: String) -> PullEvent {
+    PullEvent {
+        done: true,
+        exit_code: -1,
+        error,
+        ..Default::default()
+    }
+}
+
 /// One rsync run over every data dir (`-R`: paths relative to the data root, hard links
 /// across dirs kept, one tunnel); `by_content`: every file's contents compared (`--checksum`),
 /// not its size and time.
@@ -740,12 +744,6 @@ async fn walk(
     by_content: bool,
     progress: &mpsc::Sender<PullEvent>,
 ) -> PullEvent {
-    let failed = |error: String| PullEvent {
-        done: true,
-        exit_code: -1,
-        error,
-        ..Default::default()
-    };
     let ancestors = Ancestors::record(config, paths);
     let sources: Vec<String> = paths
         .iter()
