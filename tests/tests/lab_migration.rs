@@ -763,6 +763,28 @@ fn a_remigration_after_a_rollback_by_hand_migrates_again() {
     fleet
         .lab
         .ip("origin-1", &["address", "add", &ip, "dev", "eth0"]);
+    // The neighbours still map the IP to the target's card: announced, and the third host's
+    // stale entry dropped (it asks again).
+    let announced = fleet
+        .lab
+        .command("origin-1", "arping")
+        .args([
+            "-q",
+            "-U",
+            "-c",
+            "2",
+            "-i",
+            "eth0",
+            "-S",
+            &service_ip(1),
+            &service_ip(1),
+        ])
+        .status()
+        .unwrap();
+    assert!(announced.code().is_some_and(|c| c <= 1), "{announced:?}");
+    fleet
+        .lab
+        .ip("orch", &["neigh", "flush", "to", &service_ip(1)]);
     for service in ["bluemind", "postfix"] {
         assert!(fleet.service("origin-1", service, "start").status.success());
     }
