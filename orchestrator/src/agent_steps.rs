@@ -207,6 +207,7 @@ async fn other_step(pool: &AgentPool, job: Job, now_ms: i64) -> Done {
     let origin = &agent(pool, &job.instance.origin)?;
     let target = &agent(pool, &job.instance.target)?;
     match job.step {
+        // `run_step` runs it apart: its refusals may be for good.
         Step::Preflight => Err("the preflight runs apart".into()),
         Step::FollowDatabases => follow_databases(origin, target, &job, now_ms).await,
         Step::HotPass => {

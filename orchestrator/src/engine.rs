@@ -207,16 +207,12 @@ pub fn rules_for(fleet: &FleetFile) -> Rules {
 }
 
 /// A fresh run identity: 16 random hex digits (an apply's operations can never take
-/// another's ids).
-fn new_run_id() -> String {
+/// another's ids); without system randomness, the clock's milliseconds.
+fn new_run_id(now_ms: i64) -> String {
     use ring::rand::SecureRandom;
     let mut bytes = [0u8; 8];
     if ring::rand::SystemRandom::new().fill(&mut bytes).is_err() {
-        // No system randomness: the clock's nanoseconds, still never an earlier run's.
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        return format!("{:016x}", nanos as u64);
+        return format!("t{now_ms:x}");
     }
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -244,7 +240,7 @@ impl Engine {
             .collect();
         let mut state = store.fleet_state()?;
         if state.run.is_empty() {
-            state.run = new_run_id();
+            state.run = new_run_id(clock.now_ms());
             store.save_fleet_state(&state)?;
         }
         let bwlimit = fleet
