@@ -338,17 +338,22 @@ impl Engine {
         // time to come back. Only a retry: the next hot pass after a good one starts at once.
         let failures = self.instances[n].failures.get(&step).copied().unwrap_or(0);
         let backoff = (failures > 0).then(|| self.clock.sleep(retry_backoff_ms(failures + 1)));
+        let clock = self.clock.clone();
         tokio::spawn(async move {
             if let Some(wait) = backoff {
                 wait.await;
             }
-            let event = match port.run(job).await {
+            let started = clock.now_ms();
+            let result = port.run(job).await;
+            let elapsed_ms = u64::try_from(clock.now_ms() - started).unwrap_or(0);
+            let event = match result {
                 Ok(output) => Event::Succeeded {
                     step,
                     attempt,
                     stats: output.stats,
                     databases: output.databases,
                     gate: output.gate,
+                    elapsed_ms,
                 },
                 Err(error) => Event::Failed {
                     step,

@@ -333,6 +333,9 @@ pub enum Event {
         /// point, or every table and why), for `bmctl fleet events`.
         #[serde(default, skip_serializing_if = "String::is_empty")]
         gate: String,
+        /// How long the step ran, ms (its share of a downtime, in `bmctl fleet events`).
+        #[serde(default)]
+        elapsed_ms: u64,
     },
     /// A step's operation failed.
     Failed {

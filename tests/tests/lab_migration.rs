@@ -393,6 +393,23 @@ fn three_instances_migrate_with_no_mail_lost() {
         })
         .count();
     assert_eq!(gates, 3, "{events}");
+    // Each step's event says how long it ran: the Databases step's share of the downtime.
+    let databases_ms: Vec<u64> = events
+        .lines()
+        .filter(|l| l.contains("{\"Succeeded\":{\"step\":\"Databases\""))
+        .filter_map(|l| {
+            let at = l.find("\"elapsed_ms\":")? + "\"elapsed_ms\":".len();
+            l[at..]
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert!(
+        databases_ms.len() == 3 && databases_ms.iter().all(|ms| *ms > 0),
+        "{events}"
+    );
     assert_eq!(
         events
             .lines()
