@@ -21,7 +21,7 @@ use tokio_stream::StreamExt;
 use crate::config::AgentConfig;
 use crate::db::gate::{block_point, verified_point};
 use crate::files::change_journal::ChangeJournals;
-use crate::plane::answer::{refuse, Stream};
+use crate::plane::answer::{refuse, Connection, Stream};
 use crate::plane::grants::{now_ms, AdmitError, Grant, GrantStore, Scope};
 use crate::plane::tunnel::{read_json_line, TunnelRequest};
 
@@ -93,9 +93,6 @@ pub fn verb(request: &TunnelRequest) -> Verb {
     };
     Verb { scopes, pool }
 }
-
-type Connection =
-    bmfleet_proto::admission::Admitted<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>;
 
 impl DataPlane {
     /// Serves the data plane on `listener` with the agent's TLS server configuration.

@@ -279,17 +279,23 @@ pub async fn configure(args: ConfigureArgs) -> anyhow::Result<()> {
         AgentConfig::load(&args.out)?;
         // Kept, but the fleet's revocation list wired in once there is one (`bmctl fleet
         // enroll` writes it beside the CA on every run).
+        // One line added under `[tls]`: the operator's file, comments included, stays.
         let crl = args.tls_dir.join("crl.pem");
         let text = std::fs::read_to_string(&args.out)
             .with_context(|| format!("cannot read {}", args.out.display()))?;
-        let mut table: toml::Table = text
+        let table: toml::Table = text
             .parse()
             .with_context(|| format!("{} is not TOML", args.out.display()))?;
-        let tls = table.get_mut("tls").and_then(|t| t.as_table_mut());
-        if let Some(tls) = tls.filter(|t| !t.contains_key("crl") && crl.exists()) {
-            tls.insert("crl".into(), toml::Value::String(crl.display().to_string()));
-            let updated = toml::to_string(&table).context("writing agent.toml")?;
-            write_atomically(&args.out, updated.as_bytes(), 0o640)?;
+        let wired = table
+            .get("tls")
+            .and_then(|t| t.as_table())
+            .is_some_and(|t| t.contains_key("crl"));
+        let header = text.lines().position(|l| l.trim() == "[tls]");
+        if let (false, true, Some(at)) = (wired, crl.exists(), header) {
+            let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+            let value = toml::Value::String(crl.display().to_string());
+            lines.insert(at + 1, format!("crl = {value}"));
+            write_atomically(&args.out, (lines.join("\n") + "\n").as_bytes(), 0o640)?;
             AgentConfig::load(&args.out)?;
             println!(
                 "wrote {} (the revocation list wired in)",

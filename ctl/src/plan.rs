@@ -57,60 +57,63 @@ fn databases_path(
 }
 
 /// What the orchestrator's agents lack for `fleet`: agents it does not know, origins without
-/// a data address.
+/// a data address, a target that has served (once per agent); an interface or an extra dir an
+/// instance asks and its agent lacks (per instance).
 fn agent_problems(status: &bmfleet_proto::v1::StatusReply, fleet: &FleetFile) -> Vec<String> {
     let mut problems = Vec::new();
     let mut seen = std::collections::BTreeSet::new();
     for spec in &fleet.instances {
         for (name, origin) in [(&spec.origin, true), (&spec.target, false)] {
-            if !seen.insert((name.clone(), origin)) {
+            let Some(a) = status.agents.iter().find(|a| &a.name == name) else {
+                if seen.insert((name.clone(), origin)) {
+                    problems.push(format!(
+                        "instance {}: the orchestrator does not know agent {name} (register it: \
+                         `bmctl fleet enroll` or `bmctl fleet agents add`, or list it in its \
+                         configuration)",
+                        spec.name
+                    ));
+                }
                 continue;
+            };
+            // What is the agent's own, said once per agent.
+            if seen.insert((name.clone(), origin)) {
+                if origin && a.data_address.is_empty() {
+                    problems.push(format!(
+                        "instance {}: origin agent {name} has no data_address (where its target \
+                         pulls from): add it to its [[agent]] entry or `bmctl fleet agents add \
+                         {name} {} --data-address HOST:PORT`",
+                        spec.name, a.address
+                    ));
+                }
+                if !origin && a.facts.as_ref().is_some_and(|f| f.served) {
+                    problems.push(format!(
+                        "instance {}: target {name} has served (its own marker is set): it \
+                         is never synced over; `bmctl fleet apply --remigrate {}` migrates \
+                         again once the origin serves",
+                        spec.name, spec.name
+                    ));
+                }
             }
-            match status.agents.iter().find(|a| &a.name == name) {
-                None => problems.push(format!(
-                    "instance {}: the orchestrator does not know agent {name} (register it: \
-                     `bmctl fleet enroll` or `bmctl fleet agents add`, or list it in its \
-                     configuration)",
-                    spec.name
-                )),
-                Some(a) if origin && a.data_address.is_empty() => problems.push(format!(
-                    "instance {}: origin agent {name} has no data_address (where its target \
-                     pulls from): add it to its [[agent]] entry or `bmctl fleet agents add \
-                     {name} {} --data-address HOST:PORT`",
-                    spec.name, a.address
-                )),
-                Some(a) => {
-                    // What preflight would refuse, from the agent's last facts.
-                    let Some(facts) = a.facts.as_ref() else {
-                        continue;
-                    };
-                    if !origin && facts.served {
-                        problems.push(format!(
-                            "instance {}: target {name} has served (its own marker is set): it \
-                             is never synced over; `bmctl fleet apply --remigrate {}` migrates \
-                             again once the origin serves",
-                            spec.name, spec.name
-                        ));
-                    }
-                    if !origin && !facts.interfaces.iter().any(|i| i == &spec.interface) {
-                        problems.push(format!(
-                            "instance {}: target {name} has no interface {} for the service IP \
-                             (it has {})",
-                            spec.name,
-                            spec.interface,
-                            facts.interfaces.join(", ")
-                        ));
-                    }
-                    for dir in &spec.extra_dirs {
-                        if !facts.data_dirs.iter().any(|d| &d.path == dir) {
-                            problems.push(format!(
-                                "instance {}: {name} does not list {dir} among its data dirs: \
-                                 add it to facts.extra_data_dirs in its agent.toml, or remove \
-                                 it from the instance",
-                                spec.name
-                            ));
-                        }
-                    }
+            // What each instance asks of it: what preflight would refuse, from its last facts.
+            let Some(facts) = a.facts.as_ref() else {
+                continue;
+            };
+            if !origin && !facts.interfaces.iter().any(|i| i == &spec.interface) {
+                problems.push(format!(
+                    "instance {}: target {name} has no interface {} for the service IP (it has \
+                     {})",
+                    spec.name,
+                    spec.interface,
+                    facts.interfaces.join(", ")
+                ));
+            }
+            for dir in &spec.extra_dirs {
+                if !facts.data_dirs.iter().any(|d| &d.path == dir) {
+                    problems.push(format!(
+                        "instance {}: {name} does not list {dir} among its data dirs: add it to \
+                         facts.extra_data_dirs in its agent.toml, or remove it from the instance",
+                        spec.name
+                    ));
                 }
             }
         }

@@ -146,7 +146,7 @@ impl EnrollmentApi {
             .redeem_join_token(id, &sha256(secret), from, now, |name, reenroll| {
                 let issue = IssueRequest::new(name, Role::Agent, self.config.certificate_days);
                 pki::sign_agent_request(dir, &req.csr_pem, &issue, reenroll, &reserved)
-                    .map(|(cert, _)| (name.to_string(), cert, reenroll))
+                    .map(|cert| (name.to_string(), cert, reenroll))
             })
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|refusal| Status::unauthenticated(refusal.to_string()))?

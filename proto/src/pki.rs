@@ -385,20 +385,19 @@ pub fn check_enrollable(
 }
 
 /// Signs an agent's request for `req.name` (checked as [`check_enrollable`] does) without
-/// writing anything: the certificate's PEM, and whether it replaces an agent's.
+/// writing anything: the certificate's PEM.
 pub fn sign_agent_request(
     dir: &Path,
     csr_pem: &str,
     req: &IssueRequest,
     reenroll: bool,
     reserved: &[&str],
-) -> Result<(String, bool), PkiError> {
+) -> Result<String, PkiError> {
     if req.role != Role::Agent {
         return Err(PkiError::Invalid("only agents enroll".into()));
     }
-    let replaces = check_enrollable(dir, &req.name, reenroll, reserved)?;
-    let ca = FleetCa::load(dir)?;
-    Ok((ca.sign_request(csr_pem, req)?, replaces))
+    check_enrollable(dir, &req.name, reenroll, reserved)?;
+    FleetCa::load(dir)?.sign_request(csr_pem, req)
 }
 
 /// Installs an agent's signed certificate as `NAME.pem`, revoking the one it replaces
@@ -549,7 +548,7 @@ mod tests {
         csr_pem: &str,
         req: &IssueRequest,
     ) -> Result<(String, bool), PkiError> {
-        let (cert, _) = sign_agent_request(dir, csr_pem, req, true, &[])?;
+        let cert = sign_agent_request(dir, csr_pem, req, true, &[])?;
         let replaced = install_agent_cert(dir, &req.name, &cert, true, &[])?;
         Ok((cert, replaced))
     }

@@ -11,8 +11,11 @@ use tokio::process::Command;
 
 use crate::plane::tunnel::{end_framed, send_framed, write_json_line, TunnelReply};
 
+/// An admitted data-plane connection.
+pub type Connection = Admitted<tokio_rustls::server::TlsStream<TcpStream>>;
+
 /// An admitted data-plane connection, as a verb's handler reads and writes it.
-pub type Stream = BufReader<Admitted<tokio_rustls::server::TlsStream<TcpStream>>>;
+pub type Stream = BufReader<Connection>;
 
 /// Tells the client its request is admitted (what follows is the answer).
 pub async fn admit<S: AsyncWrite + Unpin>(stream: &mut S) -> Result<(), String> {
