@@ -10,12 +10,13 @@ use bmfleet_proto::identity::Role;
 use bmfleet_proto::tls::{accept_tls_reserving, bounded_server, LocalIdentity, Policy, RoleGate};
 use bmfleet_proto::v1::agent_server::{Agent, AgentServer};
 use bmfleet_proto::v1::{
-    ClearServedReply, ClearServedRequest, CopyConfigReply, CopyConfigRequest, DumpFormat,
-    EndFollowingReply, EndFollowingRequest, FactsReply, FactsRequest, FollowDatabasesReply,
-    FollowDatabasesRequest, GrantReply, GrantRequest, IpReply, IpRequest, ManifestReply,
-    ManifestRequest, MoveDatabasesReply, MoveDatabasesRequest, OriginEndpoint, PostMigrationReply,
-    PostMigrationRequest, PullEvent, PullRequest, RevokeGrantRequest, ServiceAction, ServicesReply,
-    ServicesRequest, VerifyFollowingReply, VerifyFollowingRequest,
+    ClearServedReply, ClearServedRequest, ConnectionReply, ConnectionRequest, CopyConfigReply,
+    CopyConfigRequest, DumpFormat, EndFollowingReply, EndFollowingRequest, FactsReply,
+    FactsRequest, FollowDatabasesReply, FollowDatabasesRequest, GrantReply, GrantRequest, IpReply,
+    IpRequest, ManifestReply, ManifestRequest, MoveDatabasesReply, MoveDatabasesRequest,
+    OriginEndpoint, PostMigrationReply, PostMigrationRequest, PullEvent, PullRequest,
+    RevokeGrantRequest, ServiceAction, ServicesReply, ServicesRequest, VerifyFollowingReply,
+    VerifyFollowingRequest,
 };
 use prost::Message;
 use tokio::net::TcpListener;
@@ -26,7 +27,7 @@ use crate::config::AgentConfig;
 use crate::data_plane::DataPlane;
 use crate::db::{databases, standby};
 use crate::files::{config_set, pull};
-use crate::host::{cutover, facts, served, services};
+use crate::host::{connections, cutover, facts, served, services};
 use crate::metrics::{AgentMetrics, Outcome};
 use crate::operations::{once, once_unless, Journal};
 use crate::plane::grants::now_ms;
@@ -634,6 +635,25 @@ impl Agent for AgentService {
             was_set: was.is_some(),
             since_unix_ms: was.as_ref().map_or(0, |m| m.since_ms),
             set_by: was.map(|m| m.operation_id).unwrap_or_default(),
+        }))
+    }
+
+    async fn connection(
+        &self,
+        request: Request<ConnectionRequest>,
+    ) -> Result<Response<ConnectionReply>, Status> {
+        let req = request.into_inner();
+        let parse = |what: &str, text: &str| {
+            text.parse::<std::net::SocketAddr>().map_err(|e| {
+                Status::invalid_argument(format!("connection: {what} `{text}` is not ip:port: {e}"))
+            })
+        };
+        let (local, remote) = (parse("local", &req.local)?, parse("remote", &req.remote)?);
+        let state = connections::held(local, remote)
+            .map_err(|e| Status::internal(format!("cannot read this host's TCP table: {e}")))?;
+        Ok(Response::new(ConnectionReply {
+            held: state.is_some(),
+            state: state.unwrap_or_default(),
         }))
     }
 }

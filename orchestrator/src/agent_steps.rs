@@ -10,10 +10,10 @@ use std::sync::Arc;
 
 use bmfleet_proto::error_chain::describe_status;
 use bmfleet_proto::v1::{
-    ClearServedRequest, CopyConfigRequest, DumpFormat, EndFollowingRequest, FactsRequest,
-    FollowDatabasesRequest, GrantRequest, IpRequest, ManifestRequest, MoveDatabasesRequest,
-    OriginEndpoint, PostMigrationRequest, PullRequest, RevokeGrantRequest, ServiceAction,
-    ServicesRequest, VerifyFollowingRequest,
+    ClearServedRequest, ConnectionRequest, CopyConfigRequest, DumpFormat, EndFollowingRequest,
+    FactsRequest, FollowDatabasesRequest, GrantRequest, IpRequest, ManifestRequest,
+    MoveDatabasesRequest, OriginEndpoint, PostMigrationRequest, PullRequest, RevokeGrantRequest,
+    ServiceAction, ServicesRequest, VerifyFollowingRequest,
 };
 
 use crate::agents::{AgentHandle, AgentPool};
@@ -880,9 +880,11 @@ async fn compare_manifests(
     ))
 }
 
-/// The service IP answers IMAP and SMTP, seen from the orchestrator.
 /// Done's evidence, gathered now from both hosts: the target holds the service IP and the
-/// origin does not (each agent's own addresses), then IMAP and SMTP answer on the IP.
+/// origin does not (each agent's own addresses); IMAP and SMTP answer on the IP; and each
+/// answer came from the target (while the orchestrator holds the connection open, the
+/// target's kernel lists it and the origin's does not). A banner alone proves nothing: the
+/// origin could print the same one.
 async fn verify(origin: &AgentHandle, target: &AgentHandle, job: &Job) -> Done {
     use tokio::io::AsyncReadExt;
     let ip = job.instance.service_ip.to_string();
@@ -912,11 +914,11 @@ async fn verify(origin: &AgentHandle, target: &AgentHandle, job: &Job) -> Done {
     }
     for (port, greeting) in [(143u16, "* OK"), (25, "220")] {
         let address = std::net::SocketAddr::new(job.instance.service_ip, port);
-        let answer = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        let (conn, answer) = tokio::time::timeout(std::time::Duration::from_secs(10), async {
             let mut conn = tokio::net::TcpStream::connect(address).await?;
             let mut buf = vec![0u8; 512];
             let n = conn.read(&mut buf).await?;
-            Ok::<_, std::io::Error>(String::from_utf8_lossy(&buf[..n]).into_owned())
+            Ok::<_, std::io::Error>((conn, String::from_utf8_lossy(&buf[..n]).into_owned()))
         })
         .await
         .map_err(|_| format!("{address} did not answer within 10 s"))?
@@ -924,8 +926,50 @@ async fn verify(origin: &AgentHandle, target: &AgentHandle, job: &Job) -> Done {
         if !answer.starts_with(greeting) {
             return Err(format!("{address} answered {answer:?}, not {greeting:?}"));
         }
+        let ours = conn
+            .local_addr()
+            .map_err(|e| format!("{address}: this end's address: {e}"))?;
+        let (o, t) = tokio::join!(
+            connection(origin, address, ours),
+            connection(target, address, ours)
+        );
+        match (o?, t?) {
+            (None, Some(_)) => {}
+            (Some(state), _) => {
+                return Err(format!(
+                    "the origin {} holds the connection {ours} → {address} ({state}): the answer came from the origin",
+                    origin.name
+                ))
+            }
+            (None, None) => {
+                return Err(format!(
+                    "the answer on {address} came from neither {} nor {}: neither host's kernel holds the connection from {ours} (another host answers on the service IP, or a NAT between the orchestrator and the hosts rewrites its address)",
+                    origin.name, target.name
+                ))
+            }
+        }
+        drop(conn);
     }
     Ok(StepOutput::default())
+}
+
+/// The state of the TCP connection `local` ↔ `remote` in `host`'s kernel, if it holds one.
+async fn connection(
+    host: &AgentHandle,
+    local: std::net::SocketAddr,
+    remote: std::net::SocketAddr,
+) -> Result<Option<String>, String> {
+    let reply = host
+        .client
+        .clone()
+        .connection(ConnectionRequest {
+            local: local.to_string(),
+            remote: remote.to_string(),
+        })
+        .await
+        .map_err(|s| format!("{}: {}", host.name, describe_status(&s)))?
+        .into_inner();
+    Ok(reply.held.then_some(reply.state))
 }
 
 /// Moves the service IP on one host: take (add and announce) or release.

@@ -568,6 +568,62 @@ impl LabFleet {
         text
     }
 
+    /// Runs one step of instance `mail-{i}` from the orchestrator's host, in-process (the
+    /// orchestrator's own code and identity, the real agents), outside any migration: Verify
+    /// after a migration, say, to see it refuse a world it must not accept.
+    pub fn run_step(
+        &self,
+        i: usize,
+        step: bmfleet_orchestrator::machine::Step,
+    ) -> bmfleet_orchestrator::engine::StepResult {
+        use bmfleet_orchestrator::engine::{AgentPort, Job};
+        use std::sync::Arc;
+        let fleet = bmfleet_orchestrator::fleet::FleetFile::parse(&self.fleet_file(), "lab")
+            .expect("the lab's fleet file");
+        let instance = fleet.instances[i - 1].clone();
+        self.lab.run_in("orch", || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async {
+                let identity =
+                    bmfleet_proto::tls::LocalIdentity::load(&self.orchestrator, Role::Orchestrator)
+                        .expect("the orchestrator's identity");
+                let pool = Arc::new(
+                    bmfleet_orchestrator::agents::AgentPool::new(
+                        &identity,
+                        &self.agents,
+                        Duration::from_secs(30),
+                    )
+                    .expect("agent pool"),
+                );
+                let clock: Arc<dyn bmfleet_orchestrator::clock::Clock> =
+                    Arc::new(bmfleet_orchestrator::clock::SystemClock);
+                let agents = bmfleet_orchestrator::agent_steps::GrpcAgents::new(
+                    pool,
+                    clock,
+                    Arc::new(bmfleet_orchestrator::metrics::Metrics::new()),
+                );
+                agents
+                    .run(Job {
+                        migration: "lab".into(),
+                        step,
+                        attempt: 1,
+                        operation_id: format!("lab-test/{}/{}/1", instance.name, step.as_str()),
+                        instance,
+                        bwlimit_kib: 0,
+                        deadline_ms: 0,
+                        full_pass_operation: None,
+                        carry_operation: None,
+                        promote_databases: false,
+                        logical_databases: false,
+                    })
+                    .await
+            })
+        })
+    }
+
     /// Applies the lab's fleet file and follows `bmctl fleet status` until every instance is
     /// finished; `progress` gets each status table.
     pub fn migrate(

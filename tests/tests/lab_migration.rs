@@ -877,3 +877,101 @@ fn walk(dir: &std::path::Path) -> Vec<String> {
     }
     out
 }
+
+/// Verify proves who answers, not only that something answers: after a migration, a third
+/// host takes the service IP's traffic from the orchestrator (an impostor with the same
+/// banners, the orchestrator's neighbour entry pointing at it, as an ARP spoofer or a lying
+/// origin would arrange). The target still holds the IP and its agent says so; Verify fails
+/// because the target's kernel holds no connection from the orchestrator. With the impostor
+/// gone, the same Verify passes.
+#[test]
+fn verify_fails_when_the_answer_on_the_service_ip_is_not_the_targets() {
+    use bmfleet_orchestrator::machine::Step;
+    use std::io::Write;
+    let _one = one_lab();
+    let fleet = LabFleet::build(LabParams {
+        pairs: 1,
+        ..LabParams::default()
+    });
+    let outcomes = fleet.migrate(Duration::from_secs(300), |_| {}).unwrap();
+    assert_eq!(outcomes[0].phase, "Done", "{outcomes:?}");
+    fleet.run_step(1, Step::Verify).expect("Verify after Done");
+
+    // The impostor: the switch holds the service IP too and answers both banners.
+    let ip = service_ip(1);
+    fleet.lab.ip(
+        "switch",
+        &["address", "add", &format!("{ip}/32"), "dev", "br0"],
+    );
+    let listeners = fleet.lab.run_in("switch", || {
+        [143u16, 25].map(|port| std::net::TcpListener::bind((ip.as_str(), port)).unwrap())
+    });
+    for (listener, greeting) in listeners
+        .into_iter()
+        .zip(["* OK impostor\r\n", "220 impostor\r\n"])
+    {
+        std::thread::spawn(move || {
+            for mut conn in listener.incoming().flatten() {
+                let _ = conn.write_all(greeting.as_bytes());
+                // Held open: the orchestrator asks the agents while it holds its end.
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_secs(30));
+                    drop(conn);
+                });
+            }
+        });
+    }
+    let impostor_mac = fleet
+        .lab
+        .ip("switch", &["-brief", "link", "show", "br0"])
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .to_string();
+    fleet.lab.ip(
+        "orch",
+        &[
+            "neigh",
+            "replace",
+            &ip,
+            "lladdr",
+            &impostor_mac,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ],
+    );
+    let seen = fleet.lab.run_in("orch", || {
+        use std::io::Read;
+        let mut c = std::net::TcpStream::connect((ip.as_str(), 143)).unwrap();
+        let mut buf = [0u8; 64];
+        let n = c.read(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    });
+    assert!(seen.starts_with("* OK impostor"), "{seen}");
+    let refused = fleet
+        .run_step(1, Step::Verify)
+        .expect_err("Verify must fail while the impostor answers");
+    assert!(
+        refused
+            .message
+            .contains("came from neither origin-1 nor target-1"),
+        "{refused:?}"
+    );
+
+    // The impostor gone, the orchestrator asks again: Verify passes.
+    fleet.lab.ip("orch", &["neigh", "del", &ip, "dev", "eth0"]);
+    fleet.lab.ip(
+        "switch",
+        &["address", "del", &format!("{ip}/32"), "dev", "br0"],
+    );
+    assert!(
+        banner(&fleet, 1).contains("target-1"),
+        "{}",
+        banner(&fleet, 1)
+    );
+    fleet
+        .run_step(1, Step::Verify)
+        .expect("Verify with the target answering");
+}

@@ -3,6 +3,7 @@
 //! ([`cutover`]). Called by the gRPC service; calls the database room's connection builder
 //! only (facts read PostgreSQL's version).
 
+pub mod connections;
 pub mod cutover;
 pub mod facts;
 pub mod served;
