@@ -327,6 +327,7 @@ impl Agent for AgentService {
             compress: req.compress,
             journal_since: req.journal_since.clone(),
             carry_since: req.carry_since.clone(),
+            first_pass: req.first_pass,
             tls: Some(self.tunnel_tls.clone()),
         };
         let (tx, rx) = mpsc::channel::<Result<PullEvent, Status>>(16);

@@ -742,6 +742,9 @@ async fn sync_pass(
                 .as_deref()
                 .map(grant_id)
                 .unwrap_or_default(),
+            // A hot pass with nothing to carry from is the run's first good one to come: the
+            // target compares contents if it holds an older copy.
+            first_pass: job.step == Step::HotPass && job.carry_operation.is_none(),
         })
         .await
         .map_err(|s| describe_status(&s))?

@@ -25,6 +25,9 @@ pub struct LabParams {
     pub db_rows: u64,
     /// A new message arrives on each running origin every this many ms.
     pub deliver_ms: u64,
+    /// Each running origin's BlueMind commits a transaction on each of its databases every
+    /// this many ms (0: none).
+    pub db_write_ms: u64,
     /// Agents are not installed: every host runs sshd instead, the orchestrator has none
     /// configured and serves enrollment, and `enroll_inventory` describes the hosts for
     /// `bmctl fleet enroll`.
@@ -47,6 +50,7 @@ impl Default for LabParams {
             messages: 300,
             db_rows: 2000,
             deliver_ms: 40,
+            db_write_ms: 150,
             enroll: false,
             logical_pair: Some(3),
             subscriber_pg16: false,
@@ -863,6 +867,15 @@ fn standin_args(
     ];
     if origin && service == "postfix" {
         args.extend(["--deliver-ms".into(), params.deliver_ms.to_string()]);
+    }
+    if origin && service == "bluemind" && params.db_write_ms > 0 {
+        let psql = bmfleet_agent::db::pg::bin_dir(&Default::default()).join("psql");
+        args.extend([
+            "--write-ms".into(),
+            params.db_write_ms.to_string(),
+            "--psql".into(),
+            psql.display().to_string(),
+        ]);
     }
     args
 }

@@ -320,6 +320,7 @@ pub mod lab;
 pub mod lab_fleet;
 pub mod prometheus;
 pub mod ssh;
+pub mod world;
 
 /// A free loopback port for a server a test starts later by address.
 ///

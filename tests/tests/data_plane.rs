@@ -160,6 +160,7 @@ impl Pair {
                 compress: false,
                 journal_since: String::new(),
                 carry_since: String::new(),
+                first_pass: false,
             })
             .await
             .expect("pull")
@@ -528,6 +529,7 @@ async fn a_same_size_rewrite_between_live_passes_is_carried_by_the_next_pass() {
         compress: true,
         journal_since: String::new(),
         carry_since: carry.into(),
+        first_pass: false,
     };
     // A walk alone misses it.
     p.grant("grant-0002-hot-pass-2", "target-1", &[SPOOL], 600_000)
@@ -576,6 +578,66 @@ async fn a_same_size_rewrite_between_live_passes_is_carried_by_the_next_pass() {
         stats
             .journal_fallback
             .contains("every file compared by content"),
+        "{stats:?}"
+    );
+    let diff = differences(
+        &snapshot(&spool(&p.target_root())),
+        &snapshot(&spool(&p.origin_root())),
+    );
+    assert!(diff.is_empty(), "{}", diff.join("\n"));
+}
+
+/// A remigration's first pass finds the previous run's copy on the target: a file the origin
+/// rewrote in place since, keeping its size and time, passes a walk's quick check, so the run's
+/// first pass into dirs that hold data compares every file's contents, and says so.
+#[tokio::test]
+async fn a_first_pass_into_an_older_copy_compares_contents() {
+    let mut p = Pair::new(None, None).await;
+    make_spool(&p.origin_root());
+    p.grant("grant-0001-first-run", "target-1", &[SPOOL], 600_000)
+        .await;
+    let (first, _) = p.pull("m1/hot/1", "grant-0001-first-run", 0).await;
+    assert!(first.ok, "{first:?}");
+    // Between the runs (the origin served again), a rewrite keeping size and time.
+    let index = spool(&p.origin_root()).join("data/user/alice/cyrus.index");
+    let copy = spool(&p.target_root()).join("data/user/alice/cyrus.index");
+    rewrite_in_place(&index, 0x5a);
+    let first_pass = |op: &str, origin: OriginEndpoint, first: bool| PullRequest {
+        operation_id: op.into(),
+        origin: Some(origin),
+        paths: vec![SPOOL.into()],
+        first_pass: first,
+        ..Default::default()
+    };
+    // Not flagged as a first pass, a walk misses it (what the flag is for).
+    p.grant("grant-0002-second-run", "target-1", &[SPOOL], 600_000)
+        .await;
+    let walked = p
+        .pull_request(first_pass(
+            "m2/hot/1",
+            p.endpoint("grant-0002-second-run"),
+            false,
+        ))
+        .await;
+    assert!(walked.ok, "{walked:?}");
+    assert_ne!(
+        std::fs::read(&copy).unwrap(),
+        std::fs::read(&index).unwrap()
+    );
+    // The run's first pass compares contents.
+    let compared = p
+        .pull_request(first_pass(
+            "m2/hot/1b",
+            p.endpoint("grant-0002-second-run"),
+            true,
+        ))
+        .await;
+    assert!(compared.ok, "{compared:?}");
+    let stats = compared.stats.unwrap();
+    assert!(
+        stats
+            .journal_fallback
+            .contains("held data before the run's first pass"),
         "{stats:?}"
     );
     let diff = differences(
@@ -646,6 +708,7 @@ async fn a_journal_pass_moves_only_what_changed_and_what_the_quick_check_misses(
         compress: false,
         journal_since: since.into(),
         carry_since: String::new(),
+        first_pass: false,
     };
     let fallback = journal_pass("m1/final/0", "grant-never-marked");
     let final_pass = journal_pass("m1/final/1", "grant-0001-pre-window");
@@ -735,6 +798,7 @@ async fn one_run_for_several_dirs_keeps_hard_links_across_them_and_touches_nothi
         compress: false,
         journal_since: String::new(),
         carry_since: String::new(),
+        first_pass: false,
     };
     let first = two_dirs();
     let event = p.pull_request(first).await;
@@ -798,6 +862,7 @@ async fn xattrs_acls_and_sparse_files_arrive_and_the_manifest_sees_them() {
             compress: true,
             journal_since: String::new(),
             carry_since: String::new(),
+            first_pass: false,
         })
         .await;
     assert!(event.ok, "{event:?}");
@@ -902,6 +967,7 @@ async fn an_interrupted_pull_is_stopped_at_both_ends_and_the_next_converges() {
             compress: false,
             journal_since: String::new(),
             carry_since: String::new(),
+            first_pass: false,
         })
         .await
         .unwrap()
@@ -954,14 +1020,12 @@ async fn the_bandwidth_limit_is_honoured() {
     assert!(event.ok, "{event:?}");
     let expected = size as f64 / (f64::from(limit_kib) * 1024.0);
     eprintln!("bwlimit {limit_kib} KiB/s: {size} bytes in {elapsed:.2}s, expected {expected:.2}s (ratio {:.2})", elapsed / expected);
-    // A generous bound: the limit must clearly act, and not be wildly exceeded.
+    // The limit acts: the pass cannot be faster than the limit allows (a loaded machine only
+    // makes it slower, so this cannot flake). How close to the limit a pass runs is a speed
+    // matter, not a correctness one: no upper bound here (speed lives in the benchmarks).
     assert!(
         elapsed >= expected * 0.8,
         "too fast for the limit: {elapsed:.2}s < 0.8 × {expected:.2}s"
-    );
-    assert!(
-        elapsed <= expected * 3.0 + 5.0,
-        "far slower than the limit: {elapsed:.2}s"
     );
     assert!(
         progress >= 2,
@@ -1113,6 +1177,7 @@ async fn an_agent_grants_and_receives_only_its_data_dirs() {
             compress: false,
             journal_since: String::new(),
             carry_since: String::new(),
+            first_pass: false,
         })
         .await
         .unwrap_err();

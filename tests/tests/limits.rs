@@ -48,6 +48,16 @@ async fn flood(to: SocketAddr, n: usize) -> Vec<tokio::net::TcpStream> {
     held
 }
 
+/// Every flood must have held more connections than any listener lets one peer keep (32),
+/// or it tested nothing.
+fn flooded(held: &[tokio::net::TcpStream], port: &str) {
+    assert!(
+        held.len() > 32,
+        "the flood of {port} held only {} connections",
+        held.len()
+    );
+}
+
 /// Waits until `check` holds (the daemons are starting), at most 30 s.
 async fn eventually<F, Fut>(what: &str, mut check: F)
 where
@@ -260,13 +270,14 @@ async fn flooded_ports_still_answer_their_callers() {
     eventually("metrics answer", || d.metrics()).await;
 
     let held = flood(d.agent, FLOOD).await;
-    assert!(!held.is_empty());
+    flooded(&held, "the Agent API");
     d.facts()
         .await
         .expect("the Agent API answers the orchestrator during a flood");
     drop(held);
 
     let held = flood(d.data, FLOOD).await;
+    flooded(&held, "the data plane");
     d.data_plane()
         .await
         .expect("the data plane answers a target during a flood");
@@ -274,12 +285,14 @@ async fn flooded_ports_still_answer_their_callers() {
     drop(held);
 
     let held = flood(d.metrics, FLOOD).await;
+    flooded(&held, "the metrics port");
     d.metrics()
         .await
         .expect("a scrape is answered during a flood");
     drop(held);
 
     let held = flood(d.fleet, FLOOD).await;
+    flooded(&held, "the Fleet API");
     d.fleet_status()
         .await
         .expect("the Fleet API answers an operator during a flood");

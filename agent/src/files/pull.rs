@@ -331,6 +331,8 @@ pub struct PassOptions {
     /// A live pass after another: walk everything, then carry (every listed file sent) what
     /// the journal recorded since the full pass under this grant id began (empty: walk only).
     pub carry_since: String,
+    /// The run's first pass: into dirs that already hold data, compare every file's contents.
+    pub first_pass: bool,
     /// The target's identity toward the origin's data plane (the journal's queries).
     pub tls: Option<Arc<rustls::ClientConfig>>,
 }
@@ -674,6 +676,20 @@ pub async fn pull(
             }
         }
     }
+    if how.first_pass {
+        // Nothing to carry from: an older copy here (a remigration's, a failed attempt's) may
+        // hold files the origin rewrote in place since, keeping their size and time.
+        if let Some(held) = holds_data(config, paths) {
+            tracing::info!(origin = %origin.name, dir = %held, "the first pass finds data here already: comparing every file's contents");
+            let walked = walk(config, origin, paths, &how, true, progress).await;
+            return with_fallback(
+                walked,
+                format!(
+                    "{held} held data before the run's first pass: every file compared by content"
+                ),
+            );
+        }
+    }
     let walked = walk(config, origin, paths, &how, false, progress).await;
     if how.carry_since.is_empty() || !walked.ok {
         return walked;
@@ -702,7 +718,17 @@ pub async fn pull(
     }
 }
 
-/// A pass's statistics saying why the journal could not be used.
+/// The first of `paths` whose directory here holds an entry already, if any.
+fn holds_data(config: &AgentConfig, paths: &[String]) -> Option<String> {
+    paths.iter().find_map(|p| {
+        let dir = destination(config, p).ok()?;
+        let mut entries = std::fs::read_dir(dir).ok()?;
+        entries.next().is_some().then(|| p.clone())
+    })
+}
+
+/// A pass's statistics saying why it compared every file's contents (the journal could not
+/// be used, or the first pass found an older copy).
 fn with_fallback(mut event: PullEvent, why: String) -> PullEvent {
     event
         .stats

@@ -11,7 +11,18 @@
 //! - serve, postfix: SMTP banner on 25, and mail keeps arriving: a message every
 //!   `--deliver-ms` into the cyrus spool (every fifth one hard-linked into a second mailbox),
 //!   each listed in `DIR/var/log/standin-delivered.log`, and the mailbox's `cyrus.index`
-//!   rewritten in place keeping its size and modification time.
+//!   rewritten in place keeping its size and modification time; every seventh delivery also
+//!   expunges an older message (listed in `DIR/var/log/standin-expunged.log`).
+//! - serve, bluemind, with `--write-ms`: BlueMind's core writes its databases as it runs: one
+//!   transaction on `bj` and one on `bj-data` every `--write-ms`, through a connection that
+//!   logs in as `bj` with bm.ini's password (as BlueMind's core does): a mailbox inserted, a
+//!   handful of calendar events updated at scattered places and one deleted, ACL rows of a
+//!   table without a primary key rewritten, a sequence advanced without a row, a message body
+//!   inserted, one updated, and an earlier one deleted. Each committed mailbox is listed in
+//!   `DIR/var/log/standin-db.log` once its transaction committed.
+//!
+//! A stop (SIGTERM) is graceful, as a real service's: the message being delivered and the
+//! transaction in flight finish, then the process exits; nothing is written after.
 
 use std::io::Write;
 use std::net::TcpListener;
@@ -34,6 +45,12 @@ struct Args {
     /// Milliseconds between two arriving messages (postfix; 0: none).
     #[arg(long, default_value_t = 0)]
     deliver_ms: u64,
+    /// Milliseconds between two transactions on each BlueMind database (bluemind; 0: none).
+    #[arg(long, default_value_t = 0)]
+    write_ms: u64,
+    /// psql, for the database writes.
+    #[arg(long, default_value = "psql")]
+    psql: PathBuf,
     #[arg(value_enum)]
     action: Action,
 }
@@ -127,7 +144,11 @@ fn start(args: &Args) -> ExitCode {
             "--service",
             service_name(args.service),
         ])
-        .args(["--deliver-ms", &args.deliver_ms.to_string(), "serve"])
+        .args(["--deliver-ms", &args.deliver_ms.to_string()])
+        .args(["--write-ms", &args.write_ms.to_string()])
+        .arg("--psql")
+        .arg(&args.psql)
+        .arg("serve")
         .stdin(Stdio::null())
         .stdout(Stdio::null());
     match log {
@@ -189,12 +210,30 @@ fn banner(port: u16, text: String) -> std::io::Result<()> {
 }
 
 fn serve(args: &Args) -> ExitCode {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    // SIGTERM and SIGINT are waited for below: every thread started from here inherits the
+    // mask, so the signal never interrupts a delivery or a transaction halfway.
+    let mut stop_signals = nix::sys::signal::SigSet::empty();
+    stop_signals.add(nix::sys::signal::Signal::SIGTERM);
+    stop_signals.add(nix::sys::signal::Signal::SIGINT);
+    if let Err(e) = stop_signals.thread_block() {
+        eprintln!("serve: cannot block the stop signals: {e}");
+        return ExitCode::FAILURE;
+    }
+    let stopping = Arc::new(AtomicBool::new(false));
     let name = args.name.clone();
+    let mut workers = Vec::new();
     let result = match args.service {
         Service::Postfix => {
             banner(25, format!("220 {name} ESMTP BlueMind stand-in\r\n")).map(|_| {
                 if args.deliver_ms > 0 {
-                    deliver(&args.root, Duration::from_millis(args.deliver_ms));
+                    let (root, every, stopping) = (
+                        args.root.clone(),
+                        Duration::from_millis(args.deliver_ms),
+                        stopping.clone(),
+                    );
+                    workers.push(std::thread::spawn(move || deliver(&root, every, &stopping)));
                 }
             })
         }
@@ -212,25 +251,41 @@ fn serve(args: &Args) -> ExitCode {
             )
         })
         .and_then(|_| api(&args.root, 8090))
-        .and_then(|_| api(&args.root, 8080)),
+        .and_then(|_| api(&args.root, 8080))
+        .map(|_| {
+            if args.write_ms > 0 {
+                let (root, psql, every, stopping) = (
+                    args.root.clone(),
+                    args.psql.clone(),
+                    Duration::from_millis(args.write_ms),
+                    stopping.clone(),
+                );
+                workers.push(std::thread::spawn(move || {
+                    write_databases(&root, &psql, every, &stopping)
+                }));
+            }
+        }),
     };
     if let Err(e) = result {
         eprintln!("serve: {e}");
         return ExitCode::FAILURE;
     }
-    loop {
-        std::thread::park();
+    let _ = stop_signals.wait();
+    stopping.store(true, Ordering::SeqCst);
+    for worker in workers {
+        let _ = worker.join();
     }
+    ExitCode::SUCCESS
 }
 
-/// Mail keeps arriving while the service runs.
-fn deliver(root: &Path, every: Duration) -> ! {
+/// Mail keeps arriving while the service runs (until `stopping`).
+fn deliver(root: &Path, every: Duration, stopping: &std::sync::atomic::AtomicBool) {
     let spool = root.join("var/spool/cyrus/data/user");
     let log_path = root.join("var/log/standin-delivered.log");
     let mut n = std::fs::read_to_string(&log_path)
         .map(|t| t.lines().count())
         .unwrap_or(0) as u64;
-    loop {
+    while !stopping.load(std::sync::atomic::Ordering::SeqCst) {
         n += 1;
         let user = ["alice", "bob", "carol"][(n % 3) as usize];
         let rel = format!("var/spool/cyrus/data/user/{user}/standin-{n}.");
@@ -247,13 +302,7 @@ fn deliver(root: &Path, every: Duration) -> ! {
                     lines += &(other + "\n");
                 }
             }
-            if let Ok(mut log) = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&log_path)
-            {
-                let _ = log.write_all(lines.as_bytes());
-            }
+            append(&log_path, &lines);
         }
         // Files rewritten in place, keeping their size and (within the second) their
         // modification time, as Cyrus rewrites an index record: what a walk's quick check
@@ -266,8 +315,165 @@ fn deliver(root: &Path, every: Duration) -> ! {
             let owner = ["alice", "bob", "carol"][(k % 3) as usize];
             rewrite_in_place(&spool.join(owner).join(format!("standin-{k}.")), n);
         }
+        // A client expunges: every seventh delivery removes an older message of one mailbox
+        // (never one linked into a second mailbox), and its index is rewritten again.
+        if let Some(k) = n
+            .checked_sub(40)
+            .filter(|k| *k > 0 && n.is_multiple_of(7) && !k.is_multiple_of(5))
+        {
+            let owner = ["alice", "bob", "carol"][(k % 3) as usize];
+            let rel = format!("var/spool/cyrus/data/user/{owner}/standin-{k}.");
+            if std::fs::remove_file(root.join(&rel)).is_ok() {
+                append(&root.join("var/log/standin-expunged.log"), &(rel + "\n"));
+                rewrite_in_place(&spool.join(owner).join("cyrus.index"), n + 1);
+            }
+        }
         std::thread::sleep(every);
     }
+}
+
+/// Appends `text` to the log at `path`.
+fn append(path: &Path, text: &str) {
+    if let Ok(mut log) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = log.write_all(text.as_bytes());
+    }
+}
+
+/// One BlueMind database's connection: a psql session fed transaction by transaction.
+struct Session {
+    child: std::process::Child,
+    input: std::process::ChildStdin,
+    output: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Session {
+    /// Logs in as bm.ini's `login` with its `password` on 127.0.0.1:5432 (BlueMind's own
+    /// connection; `host` in bm.ini is the service IP, which moves).
+    fn open(root: &Path, psql: &Path, database: &str) -> std::io::Result<Session> {
+        let ini = std::fs::read_to_string(root.join("etc/bm/bm.ini"))?;
+        let value = |key: &str| {
+            ini.lines()
+                .filter_map(|l| l.split_once('='))
+                .find(|(k, _)| k.trim() == key)
+                .map(|(_, v)| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        let mut child = Command::new(psql)
+            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+            .arg(format!(
+                "host=127.0.0.1 port=5432 user={} dbname={database}",
+                value("login")
+            ))
+            .env("PGPASSWORD", value("password"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let (Some(input), Some(output)) = (child.stdin.take(), child.stdout.take()) else {
+            return Err(std::io::Error::other("psql without pipes"));
+        };
+        Ok(Session {
+            child,
+            input,
+            output: std::io::BufReader::new(output),
+        })
+    }
+
+    /// Runs `sql` (a whole transaction) and waits until psql says it committed.
+    fn commit(&mut self, sql: &str, n: u64) -> std::io::Result<()> {
+        use std::io::BufRead;
+        writeln!(self.input, "{sql}\n\\echo committed {n}")?;
+        self.input.flush()?;
+        let done = format!("committed {n}");
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if self.output.read_line(&mut line)? == 0 {
+                return Err(std::io::Error::other("psql ended (see the stand-in's log)"));
+            }
+            if line.trim_end() == done {
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// BlueMind's core writing its databases while it runs (until `stopping`): see the module's
+/// documentation. A session that fails is opened again a second later.
+fn write_databases(
+    root: &Path,
+    psql: &Path,
+    every: Duration,
+    stopping: &std::sync::atomic::AtomicBool,
+) {
+    let ledger = root.join("var/log/standin-db.log");
+    let mut n = std::fs::read_to_string(&ledger)
+        .map(|t| t.lines().count())
+        .unwrap_or(0) as u64;
+    let mut sessions: Option<(Session, Session)> = None;
+    while !stopping.load(std::sync::atomic::Ordering::SeqCst) {
+        if sessions.is_none() {
+            match Session::open(root, psql, "bj")
+                .and_then(|bj| Ok((bj, Session::open(root, psql, "bj-data")?)))
+            {
+                Ok(s) => sessions = Some(s),
+                Err(e) => {
+                    eprintln!("database writer: {e}");
+                    std::thread::sleep(Duration::from_secs(1));
+                    continue;
+                }
+            }
+        }
+        let Some((bj, data)) = sessions.as_mut() else {
+            continue;
+        };
+        n += 1;
+        let result = bj.commit(&bj_transaction(n), n).and_then(|_| {
+            append(&ledger, &format!("writer-{n}\n"));
+            data.commit(&data_transaction(n), n)
+        });
+        if let Err(e) = result {
+            eprintln!("database writer, transaction {n}: {e}");
+            sessions = None;
+            std::thread::sleep(Duration::from_secs(1));
+            continue;
+        }
+        std::thread::sleep(every);
+    }
+}
+
+/// Transaction `n` on bj: what BlueMind's core does to it as mail and clients come and go.
+fn bj_transaction(n: u64) -> String {
+    format!(
+        "BEGIN;\n\
+         INSERT INTO t_mailbox (domain_id, login, quota, settings) VALUES (1 + {n} % 5, 'writer-{n}', {n}, jsonb_build_object('n', {n}));\n\
+         UPDATE t_calendar_event SET summary = summary || ' ~{n}' WHERE id IN (SELECT 1 + ({n} * 7919 + k * 104729) % m FROM (SELECT max(id) AS m FROM t_calendar_event) s, generate_series(0, 7) k);\n\
+         DELETE FROM t_calendar_event WHERE id = (SELECT 1 + ({n} * 15485863) % max(id) FROM t_calendar_event);\n\
+         UPDATE t_container_acl SET verb = CASE verb WHEN 'Read' THEN 'Write' ELSE 'Read' END WHERE container_id = (SELECT ({n} * 31) % (max(container_id) + 1) FROM t_container_acl);\n\
+         SELECT nextval('t_calendar_event_id_seq');\n\
+         COMMIT;"
+    )
+}
+
+/// Transaction `n` on bj-data: a message body arrives, one is rewritten, an earlier one goes.
+fn data_transaction(n: u64) -> String {
+    format!(
+        "BEGIN;\n\
+         INSERT INTO t_message_body VALUES (md5('writer-{n}'), {n}, 'written live {n}');\n\
+         UPDATE t_message_body SET preview = preview || ' ~{n}' WHERE guid = md5(({n} * 7919 % 1000 + 1)::text);\n\
+         DELETE FROM t_message_body WHERE guid = md5('writer-' || ({n} - 5)) AND {n} % 3 = 0;\n\
+         COMMIT;"
+    )
 }
 
 /// Changes one byte of `path` (chosen by `n`) keeping its size and modification time.

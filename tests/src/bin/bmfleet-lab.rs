@@ -169,8 +169,18 @@ fn main() -> ExitCode {
     );
     let mut all_ok = true;
     let mut json = Vec::new();
-    for o in &outcomes {
-        let verified = o.phase == "Done";
+    for (i, o) in outcomes.iter().enumerate() {
+        // Verified from outside bmfleet: the target alone holds and answers on the service
+        // IP, and its files, tables and sequences equal the origin's by content.
+        let checked = if o.phase == "Done" {
+            fleet.check_migrated(i + 1)
+        } else {
+            Err(format!("{} ended {}", o.name, o.phase))
+        };
+        if let Err(e) = &checked {
+            eprintln!("demo: {e}");
+        }
+        let verified = checked.is_ok();
         all_ok &= verified;
         println!(
             "{:<10} {:<10} {:>11.2}s {:>14} {:>9}",

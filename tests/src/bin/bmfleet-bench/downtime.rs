@@ -501,6 +501,7 @@ pub fn run(params: Params) -> anyhow::Result<()> {
         messages: params.files,
         db_rows: params.db_rows,
         deliver_ms: 0,
+        db_write_ms: 0,
         logical_pair: params
             .paths
             .iter()

@@ -1,0 +1,403 @@
+//! The world after a lab migration, seen from outside bmfleet: which host holds the service
+//! IP, whom the switch maps it to, who answers on it, and the data on the host that serves —
+//! compared with the origin's by content (every file's bytes, every table's rows, every
+//! sequence), and checked against what the origin's writers recorded (the stand-in's delivery,
+//! expunge and database ledgers). Nothing here asks bmfleet.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use sha2::Digest;
+
+use crate::lab_fleet::{service_ip, LabFleet};
+
+/// Databases a lab instance holds.
+const DATABASES: [&str; 2] = ["bj", "bj-data"];
+
+impl LabFleet {
+    /// What answers on pair `i`'s service IP's IMAP port, seen from the orchestrator's host
+    /// (the stand-in's banner names its host); an error when nothing answers.
+    pub fn banner(&self, i: usize) -> Result<String, String> {
+        let ip = service_ip(i);
+        self.lab.run_in("orch", || {
+            use std::io::Read;
+            let address: std::net::SocketAddr =
+                format!("{ip}:143").parse().map_err(|e| format!("{e}"))?;
+            let mut c = std::net::TcpStream::connect_timeout(&address, Duration::from_secs(5))
+                .map_err(|e| format!("{address}: {e}"))?;
+            c.set_read_timeout(Some(Duration::from_secs(5)))
+                .map_err(|e| e.to_string())?;
+            let mut buf = [0u8; 256];
+            let n = c.read(&mut buf).map_err(|e| format!("{address}: {e}"))?;
+            Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+        })
+    }
+
+    /// Waits (up to 15 s: announcements repeat over seconds) until the switch maps pair `i`'s
+    /// service IP to `host`'s MAC.
+    pub fn wait_for_neighbour(&self, i: usize, host: &str) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let mac = self.lab.mac(host);
+        loop {
+            let seen = self.lab.switch_neighbour(&service_ip(i));
+            if seen.as_deref() == Some(mac.as_str()) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "the switch maps {} to {seen:?}, not {host}'s {mac}",
+                    service_ip(i)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Whether `host` has pair `i`'s service IP on its card.
+    pub fn holds_service_ip(&self, host: &str, i: usize) -> bool {
+        self.lab
+            .ip(host, &["-brief", "address", "show", "eth0"])
+            .split_whitespace()
+            .any(|a| a == format!("{}/24", service_ip(i)))
+    }
+
+    /// Every table of `host`'s BlueMind databases (`db.schema.table` → rows and the md5 of
+    /// every row's text in a stable order) and every sequence (`db.seq:schema.name` → its
+    /// last value).
+    pub fn database_digest(&self, host: &str) -> BTreeMap<String, String> {
+        let mut digest = BTreeMap::new();
+        for db in DATABASES {
+            let query = self.sql(
+                host,
+                db,
+                "SELECT string_agg(format('SELECT %L || '' '' || count(*) || '' '' || \
+                 md5(coalesce(string_agg(t::text, E''\\n'' ORDER BY t::text COLLATE \"C\"), '''')) \
+                 FROM %I.%I t', schemaname || '.' || tablename, schemaname, tablename), \
+                 ' UNION ALL ' ORDER BY schemaname, tablename) FROM pg_catalog.pg_tables \
+                 WHERE schemaname NOT IN ('pg_catalog', 'information_schema');",
+            );
+            let query = query.trim();
+            if !query.is_empty() {
+                for line in self.sql(host, db, &format!("{query};")).lines() {
+                    if let Some((table, rows)) = line.split_once(' ') {
+                        digest.insert(format!("{db}.{table}"), rows.to_string());
+                    }
+                }
+            }
+            let sequences = self.sql(
+                host,
+                db,
+                "SELECT schemaname || '.' || sequencename || ' ' || coalesce(last_value::text, 'unused') \
+                 FROM pg_catalog.pg_sequences ORDER BY 1;",
+            );
+            for line in sequences.lines() {
+                if let Some((name, value)) = line.split_once(' ') {
+                    digest.insert(format!("{db}.seq:{name}"), value.to_string());
+                }
+            }
+        }
+        digest
+    }
+
+    /// Every entry of `host`'s seven BlueMind data dirs: a file's SHA-256, a symlink's
+    /// target, "dir" for a directory.
+    pub fn data_digest(&self, host: &str) -> BTreeMap<String, String> {
+        let root = self.root(host);
+        let mut digest = BTreeMap::new();
+        for dir in bmfleet_proto::BLUEMIND_DATA_DIRS {
+            let base = root.join(dir.trim_start_matches('/'));
+            for entry in walkdir::WalkDir::new(&base).into_iter().flatten() {
+                let rel = entry
+                    .path()
+                    .strip_prefix(&root)
+                    .unwrap_or(entry.path())
+                    .display()
+                    .to_string();
+                let kind = entry.file_type();
+                let value = if kind.is_symlink() {
+                    std::fs::read_link(entry.path())
+                        .map(|t| format!("-> {}", t.display()))
+                        .unwrap_or_else(|e| format!("unreadable link: {e}"))
+                } else if kind.is_dir() {
+                    "dir".into()
+                } else {
+                    match std::fs::read(entry.path()) {
+                        Ok(bytes) => format!("{:x}", sha2::Sha256::digest(&bytes)),
+                        Err(e) => format!("unreadable: {e}"),
+                    }
+                };
+                digest.insert(rel, value);
+            }
+        }
+        digest
+    }
+
+    /// The messages `origin`'s mail stand-in delivered and no client expunged since
+    /// (paths under the data root), and the ones expunged.
+    pub fn mail_ledger(&self, origin: &str) -> (Vec<String>, Vec<String>) {
+        let read = |log: &str| -> Vec<String> {
+            std::fs::read_to_string(self.root(origin).join("var/log").join(log))
+                .unwrap_or_default()
+                .lines()
+                .map(str::to_string)
+                .collect()
+        };
+        let expunged = read("standin-expunged.log");
+        let gone: std::collections::BTreeSet<&String> = expunged.iter().collect();
+        let kept = read("standin-delivered.log")
+            .into_iter()
+            .filter(|m| !gone.contains(m))
+            .collect();
+        (kept, expunged)
+    }
+
+    /// The mailboxes `origin`'s BlueMind stand-in committed (its database ledger).
+    pub fn rows_committed(&self, origin: &str) -> Vec<String> {
+        std::fs::read_to_string(self.root(origin).join("var/log/standin-db.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The writers' rows `host` holds: which of `logins` are in its `t_mailbox`.
+    fn committed_rows_missing(&self, host: &str, logins: &[String]) -> Vec<String> {
+        let present: std::collections::BTreeSet<String> = self
+            .sql(
+                host,
+                "bj",
+                "SELECT login FROM t_mailbox WHERE login LIKE 'writer-%';",
+            )
+            .lines()
+            .map(str::to_string)
+            .collect();
+        logins
+            .iter()
+            .filter(|l| !present.contains(*l))
+            .cloned()
+            .collect()
+    }
+
+    /// Who serves pair `i` as the world sees it: `host` alone holds the service IP, the
+    /// switch maps it to `host`'s card, and `host` answers on it.
+    fn check_serves(&self, i: usize, host: &str, other: &str) -> Vec<String> {
+        let mut problems = Vec::new();
+        if !self.holds_service_ip(host, i) {
+            problems.push(format!("{host} does not hold {}", service_ip(i)));
+        }
+        if self.holds_service_ip(other, i) {
+            problems.push(format!("{other} still holds {}", service_ip(i)));
+        }
+        if let Err(e) = self.wait_for_neighbour(i, host) {
+            problems.push(e);
+        }
+        match self.banner(i) {
+            Ok(b) if b.contains(host) => {}
+            Ok(b) => problems.push(format!("{} answers {b:?}, not {host}", service_ip(i))),
+            Err(e) => problems.push(format!("nothing answers on {}: {e}", service_ip(i))),
+        }
+        problems
+    }
+
+    /// Pair `i` migrated, seen from outside: the target alone holds the service IP, the
+    /// switch maps it to the target's card, the target answers; every file of the seven data
+    /// dirs is on the target with the origin's bytes, every table's rows and every sequence
+    /// equal; every message delivered and not expunged is there, none expunged is, and every
+    /// row the origin's BlueMind committed is in the target's database.
+    pub fn check_migrated(&self, i: usize) -> Result<(), String> {
+        let (origin, target) = (format!("origin-{i}"), format!("target-{i}"));
+        let mut problems = self.check_serves(i, &target, &origin);
+        let (theirs, ours) = (self.database_digest(&origin), self.database_digest(&target));
+        let differing: Vec<String> = theirs
+            .keys()
+            .chain(ours.keys())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .filter(|k| !same_database_entry(k, theirs.get(*k), ours.get(*k)))
+            .map(|k| format!("{k}: origin {:?}, target {:?}", theirs.get(k), ours.get(k)))
+            .collect();
+        if !differing.is_empty() {
+            problems.push(format!("databases differ: {differing:?}"));
+        }
+        if !theirs.keys().any(|k| k.starts_with("bj.public.")) {
+            problems.push(format!("{origin} has no BlueMind table: {theirs:?}"));
+        }
+        let (theirs, ours) = (self.data_digest(&origin), self.data_digest(&target));
+        let differing: Vec<&String> = theirs
+            .keys()
+            .chain(ours.keys())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .filter(|k| theirs.get(*k) != ours.get(*k))
+            .collect();
+        if !differing.is_empty() {
+            problems.push(format!(
+                "{} of {} data entries differ (origin {}, target {}), first: {:?}",
+                differing.len(),
+                theirs.len(),
+                theirs.len(),
+                ours.len(),
+                differing.iter().take(5).collect::<Vec<_>>()
+            ));
+        }
+        let (kept, expunged) = self.mail_ledger(&origin);
+        let missing: Vec<&String> = kept
+            .iter()
+            .filter(|m| !self.root(&target).join(m).exists())
+            .collect();
+        if !missing.is_empty() {
+            problems.push(format!("messages missing on the target: {missing:?}"));
+        }
+        let back: Vec<&String> = expunged
+            .iter()
+            .filter(|m| self.root(&target).join(m).exists())
+            .collect();
+        if !back.is_empty() {
+            problems.push(format!("expunged messages back on the target: {back:?}"));
+        }
+        let rows = self.rows_committed(&origin);
+        let missing = self.committed_rows_missing(&target, &rows);
+        if !missing.is_empty() {
+            problems.push(format!(
+                "{} of {} committed mailboxes missing on the target: {:?}",
+                missing.len(),
+                rows.len(),
+                missing.iter().take(5).collect::<Vec<_>>()
+            ));
+        }
+        finish(i, problems)
+    }
+
+    /// Pair `i` not migrated and intact, seen from outside: the origin alone holds the
+    /// service IP, the switch maps it to the origin's card, the origin answers; every message
+    /// it delivered and no client expunged is in its spool, and every row its BlueMind
+    /// committed is in its database.
+    pub fn check_origin_serves(&self, i: usize) -> Result<(), String> {
+        let (origin, target) = (format!("origin-{i}"), format!("target-{i}"));
+        let mut problems = self.check_serves(i, &origin, &target);
+        let (kept, _) = self.mail_ledger(&origin);
+        let missing: Vec<&String> = kept
+            .iter()
+            .filter(|m| !self.root(&origin).join(m).exists())
+            .collect();
+        if !missing.is_empty() {
+            problems.push(format!("messages vanished from the origin: {missing:?}"));
+        }
+        let rows = self.rows_committed(&origin);
+        let missing = self.committed_rows_missing(&origin, &rows);
+        if !missing.is_empty() {
+            problems.push(format!(
+                "committed mailboxes vanished from the origin: {missing:?}"
+            ));
+        }
+        finish(i, problems)
+    }
+}
+
+impl LabFleet {
+    /// Every grant pair `i`'s origin registered for its target (from the origin agent's
+    /// log), presented again on the origin's data plane by the target, with the target's
+    /// own certificate: each must be refused as unknown or expired (within 10 s: the
+    /// orchestrator withdraws an instance's grants right after its last transition). Returns
+    /// how many were tried (none: the origin never granted anything to the target), or an
+    /// error naming the grants still admitted.
+    pub fn old_grants_refused(&self, i: usize) -> Result<usize, String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.try_old_grants(i) {
+                Err(e) if Instant::now() < deadline && e.contains("not refused") => {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn try_old_grants(&self, i: usize) -> Result<usize, String> {
+        use bmfleet_agent::plane::tunnel::{self, TunnelError, TunnelRequest};
+        let (origin, target) = (format!("origin-{i}"), format!("target-{i}"));
+        let log = std::fs::read_to_string(self.dir().join(format!("{origin}.log")))
+            .map_err(|e| format!("{origin}'s log: {e}"))?;
+        let mut grants: Vec<String> = log
+            .lines()
+            .filter(|l| l.contains("grant registered") && l.contains(&format!("target={target}")))
+            .filter_map(|l| {
+                let at = l.find(" grant=")? + " grant=".len();
+                l[at..].split_whitespace().next().map(str::to_string)
+            })
+            .collect();
+        grants.sort();
+        grants.dedup();
+        if grants.is_empty() {
+            return Ok(0);
+        }
+        let config =
+            bmfleet_agent::config::AgentConfig::load(&self.dir().join(format!("{target}.toml")))
+                .map_err(|e| e.to_string())?;
+        let identity = bmfleet_proto::tls::LocalIdentity::load(
+            &config.tls,
+            bmfleet_proto::identity::Role::Agent,
+        )
+        .map_err(|e| e.to_string())?;
+        let tls = identity
+            .client_config(bmfleet_proto::identity::Role::Agent)
+            .map_err(|e| e.to_string())?;
+        let endpoint = bmfleet_proto::v1::OriginEndpoint {
+            name: origin.clone(),
+            address: format!("198.18.0.{}:7444", 2 * i),
+            ..Default::default()
+        };
+        let admitted: Vec<String> = self.lab.run_in(&target, || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(runtime.block_on(async {
+                let mut admitted = Vec::new();
+                for grant in &grants {
+                    let request = TunnelRequest::WalPosition {
+                        grant: grant.clone(),
+                    };
+                    match tunnel::open(&endpoint, tls.clone(), &request, Duration::from_secs(10))
+                        .await
+                    {
+                        Err(TunnelError::Refused { reason, .. })
+                            if reason.contains("no grant") || reason.contains("expired") => {}
+                        other => admitted.push(format!("{grant}: {:?}", other.map(|_| "admitted"))),
+                    }
+                }
+                admitted
+            }))
+        })?;
+        if admitted.is_empty() {
+            Ok(grants.len())
+        } else {
+            Err(format!(
+                "pair {i}: old grants not refused as unknown or expired: {admitted:?}"
+            ))
+        }
+    }
+}
+
+/// Whether the target's entry of the database digest matches the origin's: a table's rows
+/// exactly; a sequence at the origin's value or ahead of it. A promoted physical standby's
+/// sequences run up to 32 values ahead: PostgreSQL WAL-logs a sequence that many values in
+/// advance (`SEQ_LOG_VALS`, src/backend/commands/sequence.c), and a standby replays the
+/// logged value. Ahead never hands out an id twice; behind would.
+fn same_database_entry(key: &str, origin: Option<&String>, target: Option<&String>) -> bool {
+    match (origin, target) {
+        (Some(o), Some(t)) if key.contains(".seq:") => match (o.parse::<i64>(), t.parse::<i64>()) {
+            (Ok(o), Ok(t)) => t >= o && t - o <= 32,
+            _ => o == t,
+        },
+        (o, t) => o == t,
+    }
+}
+
+fn finish(i: usize, problems: Vec<String>) -> Result<(), String> {
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("pair {i}: {}", problems.join("; ")))
+    }
+}
