@@ -16,6 +16,7 @@ packages=(
   acl              # setfacl/getfacl: the tests' POSIX ACLs
   tzdata           # maintenance windows in IANA time zones
   prometheus       # promtool (rules, metrics checks) and a real Prometheus for the tests
+  netplan.io       # netplan generate reads the service IP's netplan file on a lab target
   gcc              # rusqlite builds SQLite from source
   libc6-dev
   pkg-config

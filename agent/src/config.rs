@@ -106,8 +106,9 @@ pub struct NetworkConfig {
     pub announce_count: u32,
     /// …spread over this many milliseconds (the first one right away).
     pub announce_period_ms: u64,
-    /// Where the address is made persistent: "ifupdown" (Debian's
-    /// /etc/network/interfaces.d, under data_root) or "none".
+    /// Where the address is made persistent, under data_root: "auto" (netplan, else
+    /// systemd-networkd, else ifupdown, whichever the host runs; host/persistence.rs),
+    /// "ifupdown", "networkd", "netplan", or "none" (the operator keeps it).
     pub persist: String,
 }
 
@@ -118,7 +119,7 @@ impl Default for NetworkConfig {
             arping: "arping".into(),
             announce_count: 5,
             announce_period_ms: 10_000,
-            persist: "ifupdown".into(),
+            persist: "auto".into(),
         }
     }
 }
@@ -455,10 +456,12 @@ impl AgentConfig {
                 ));
             }
         }
-        if !["ifupdown", "none"].contains(&self.network.persist.as_str()) {
+        if !["auto", "ifupdown", "networkd", "netplan", "none"]
+            .contains(&self.network.persist.as_str())
+        {
             return Err(invalid(
                 "network.persist".into(),
-                "must be \"ifupdown\" or \"none\"",
+                "must be \"auto\", \"ifupdown\", \"networkd\", \"netplan\" or \"none\"",
             ));
         }
         if self.services.command_timeout_secs == 0 || self.facts.command_timeout_secs == 0 {

@@ -23,6 +23,9 @@ struct PlanJson {
     /// "standby", "logical", "dump", or "auto"/"stream"/… still to be decided at preflight.
     databases: String,
     databases_why: String,
+    /// The service IP's card on each side, "origin → target" (named in the file, or found
+    /// in the agents' facts).
+    interfaces: String,
     note: String,
 }
 
@@ -98,13 +101,18 @@ fn agent_problems(status: &bmfleet_proto::v1::StatusReply, fleet: &FleetFile) ->
             let Some(facts) = a.facts.as_ref() else {
                 continue;
             };
-            if !origin && !facts.interfaces.iter().any(|i| i == &spec.interface) {
+            let card = if origin {
+                bmfleet_orchestrator::interfaces::origin_card(spec, facts)
+            } else {
+                bmfleet_orchestrator::interfaces::target_card(spec, facts)
+            };
+            if let Err(e) = card {
+                problems.push(format!("instance {}: {e}", spec.name));
+            }
+            if !origin && !facts.network_persistence_unavailable.is_empty() {
                 problems.push(format!(
-                    "instance {}: target {name} has no interface {} for the service IP (it has \
-                     {})",
-                    spec.name,
-                    spec.interface,
-                    facts.interfaces.join(", ")
+                    "instance {}: target {name} cannot keep the service IP across a reboot: {}",
+                    spec.name, facts.network_persistence_unavailable
                 ));
             }
             for dir in &spec.extra_dirs {
@@ -121,18 +129,52 @@ fn agent_problems(status: &bmfleet_proto::v1::StatusReply, fleet: &FleetFile) ->
     problems
 }
 
+/// Each instance's service-IP cards, "origin → target": from the agents' last facts when
+/// the orchestrator has them, else as the file names them ("found by the agent" when not).
+fn interfaces(status: Option<&bmfleet_proto::v1::StatusReply>, fleet: &FleetFile) -> Vec<String> {
+    let facts = |name: &str| {
+        status?
+            .agents
+            .iter()
+            .find(|a| a.name == name)
+            .and_then(|a| a.facts.as_ref())
+    };
+    fleet
+        .instances
+        .iter()
+        .map(|spec| {
+            let origin = match facts(&spec.origin) {
+                Some(f) => bmfleet_orchestrator::interfaces::origin_card(spec, f).ok(),
+                None => spec.origin_interface.clone(),
+            };
+            let target = match facts(&spec.target) {
+                Some(f) => bmfleet_orchestrator::interfaces::target_card(spec, f).ok(),
+                None => spec.target_interface.clone(),
+            };
+            let show = |c: Option<String>| c.unwrap_or_else(|| "?".into());
+            format!("{} → {}", show(origin), show(target))
+        })
+        .collect()
+}
+
 /// The orchestrator's measured passes for the instances of `fleet`, in file order, and what
 /// its agents lack for the fleet.
 async fn measured(
     connection: &Connection,
     fleet: &FleetFile,
-) -> anyhow::Result<(Vec<Instance>, Vec<String>, Vec<(String, String)>)> {
+) -> anyhow::Result<(
+    Vec<Instance>,
+    Vec<String>,
+    Vec<(String, String)>,
+    Vec<String>,
+)> {
     let mut client = connection.client()?;
     let status = connection
         .call(client.status(bmfleet_proto::v1::StatusRequest {}))
         .await?
         .into_inner();
     let mut problems = agent_problems(&status, fleet);
+    let cards = interfaces(Some(&status), fleet);
     let databases = fleet
         .instances
         .iter()
@@ -159,7 +201,7 @@ async fn measured(
             i
         })
         .collect();
-    Ok((measured, problems, databases))
+    Ok((measured, problems, databases, cards))
 }
 
 /// Prints the plan of `file`, or fails naming the line and field at fault.
@@ -169,7 +211,7 @@ pub async fn run(
     output: Output,
 ) -> anyhow::Result<()> {
     let fleet = FleetFile::load(file)?;
-    let (measured, problems, databases) = match &connection {
+    let (measured, problems, databases, cards) = match &connection {
         Some(c) => match measured(c, &fleet).await {
             Ok(m) => {
                 eprintln!(
@@ -184,6 +226,11 @@ pub async fn run(
             }
         },
         None => Default::default(),
+    };
+    let cards = if cards.is_empty() {
+        interfaces(None, &fleet)
+    } else {
+        cards
     };
     let rows = plan(&fleet, jiff::Timestamp::now(), &measured);
     let json: Vec<PlanJson> = rows
@@ -208,6 +255,7 @@ pub async fn run(
                 downtime_budget_secs: r.budget_secs,
                 databases,
                 databases_why,
+                interfaces: spec.and_then(|n| cards.get(n).cloned()).unwrap_or_default(),
                 note: r.note.clone(),
             }
         })
@@ -226,6 +274,7 @@ pub async fn run(
                         format!("{}s", r.projected_downtime_secs),
                         format!("{}s", r.downtime_budget_secs),
                         r.databases.clone(),
+                        r.interfaces.clone(),
                         r.note.clone(),
                     ]
                 })
@@ -241,6 +290,7 @@ pub async fn run(
                         "PROJECTED",
                         "BUDGET",
                         "DB",
+                        "CARDS",
                         "NOTE"
                     ],
                     &cells

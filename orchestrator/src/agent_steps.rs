@@ -486,13 +486,20 @@ async fn preflight(
     if let Err(e) = &plan {
         operator.push(e.clone());
     }
-    let interface = &job.instance.interface;
-    if !t.interfaces.iter().any(|i| i == interface) {
+    if !t.network_persistence_unavailable.is_empty() {
         operator.push(format!(
-            "the target has no interface {interface} for the service IP (it has {}): set the \
-             instance's interface in the fleet file",
-            t.interfaces.join(", ")
+            "the target {} cannot keep the service IP across a reboot: {}",
+            target.name, t.network_persistence_unavailable
         ));
+    }
+    // Each side's card for the service IP: named in the fleet file, or found on the host.
+    for card in [
+        crate::interfaces::origin_card(&job.instance, &o),
+        crate::interfaces::target_card(&job.instance, &t),
+    ] {
+        if let Err(e) = card {
+            operator.push(e);
+        }
     }
     // Each agent is the last word on its disk: an extra dir it does not list is refused.
     for dir in &job.instance.extra_dirs {
@@ -980,7 +987,13 @@ async fn service_ip(host: &AgentHandle, job: &Job, take: bool) -> Done {
     let request = IpRequest {
         operation_id: job.operation_id.clone(),
         address: format!("{}/{}", job.instance.service_ip, job.instance.prefix),
-        interface: job.instance.interface.clone(),
+        // The card named for this side in the fleet file; none: the host finds its own.
+        interface: if host.name == job.instance.origin {
+            job.instance.origin_interface.clone()
+        } else {
+            job.instance.target_interface.clone()
+        }
+        .unwrap_or_default(),
     };
     let mut client = host.client.clone();
     let reply = if take {

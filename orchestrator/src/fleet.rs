@@ -62,9 +62,6 @@ fn d_failures() -> u32 {
 fn d_budget() -> u64 {
     900
 }
-fn d_interface() -> String {
-    "eth0".into()
-}
 fn d_profile() -> Spanned<String> {
     Spanned::new(0..0, "auto".into())
 }
@@ -163,6 +160,8 @@ struct RawInstance {
     target: Spanned<String>,
     service_ip: Spanned<String>,
     interface: Option<Spanned<String>>,
+    origin_interface: Option<Spanned<String>>,
+    target_interface: Option<Spanned<String>>,
     #[serde(default = "d_profile")]
     bluemind: Spanned<String>,
     #[serde(default)]
@@ -288,8 +287,12 @@ pub struct InstanceSpec {
     pub service_ip: IpAddr,
     /// Prefix length of the service IP.
     pub prefix: u8,
-    /// Interface carrying the service IP.
-    pub interface: String,
+    /// The origin's card carrying the service IP (None: the one that holds it).
+    pub origin_interface: Option<String>,
+    /// The target's card for the service IP (None: the one with an address of the target's
+    /// own in the service IP's subnet). Cards are named per host: `eth0` on the old
+    /// distribution, `ens18` on the new one.
+    pub target_interface: Option<String>,
     /// BlueMind version family.
     pub profile: Profile,
     /// Maintenance windows (the fleet's unless overridden).
@@ -440,14 +443,21 @@ impl FleetFile {
                     ));
                 }
             }
-            let interface = match &r.interface {
+            // `interface` names both sides' card; `origin_interface` / `target_interface`
+            // one side's (and win over it); none: each agent finds its own.
+            let card = |side: &Option<Spanned<String>>, name: &str| match side
+                .as_ref()
+                .or(r.interface.as_ref())
+            {
                 Some(i) => {
-                    validate_interface(i.get_ref())
-                        .map_err(|m| err(i.span(), field("interface"), m))?;
-                    i.get_ref().clone()
+                    let which = if side.is_some() { name } else { "interface" };
+                    validate_interface(i.get_ref()).map_err(|m| err(i.span(), field(which), m))?;
+                    Ok(Some(i.get_ref().clone()))
                 }
-                None => d_interface(),
+                None => Ok(None),
             };
+            let origin_interface = card(&r.origin_interface, "origin_interface")?;
+            let target_interface = card(&r.target_interface, "target_interface")?;
             let (ip, prefix) = parse_cidr(r.service_ip.get_ref())
                 .map_err(|m| err(r.service_ip.span(), field("service_ip"), m))?;
             if let Some((other, line)) =
@@ -500,7 +510,8 @@ impl FleetFile {
                 target: r.target.into_inner(),
                 service_ip: ip,
                 prefix,
-                interface,
+                origin_interface,
+                target_interface,
                 profile,
                 windows,
                 downtime_budget_secs: r
@@ -698,6 +709,16 @@ service_ip = "198.18.0.101/24"
             (
                 "interface = \"a-very-long-name0\"\n",
                 "instance[0].interface",
+                "1 to 15",
+            ),
+            (
+                "target_interface = \"ens18/x\"\n",
+                "instance[0].target_interface",
+                "contains '/'",
+            ),
+            (
+                "origin_interface = \"\"\n",
+                "instance[0].origin_interface",
                 "1 to 15",
             ),
         ];

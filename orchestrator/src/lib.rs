@@ -22,6 +22,7 @@ pub mod eta;
 pub mod fleet;
 pub mod fleet_api;
 pub mod health;
+pub mod interfaces;
 pub mod machine;
 pub mod metrics;
 pub mod plan;

@@ -12,6 +12,7 @@ pub mod config_file;
 pub mod error_chain;
 pub mod identity;
 pub mod metrics_http;
+pub mod network;
 pub mod pki;
 pub mod process;
 pub mod tls;

@@ -160,9 +160,7 @@ fn millis(rng: &mut SeededRng, from: u64, to: u64) -> Duration {
 /// Which lab hosts hold which service IPs now (one `ip` run over every namespace).
 fn holders(fleet: &LabFleet) -> BTreeMap<String, Vec<String>> {
     let out = Command::new("ip")
-        .args([
-            "-all", "netns", "exec", "ip", "-4", "-br", "addr", "show", "dev", "eth0",
-        ])
+        .args(["-all", "netns", "exec", "ip", "-4", "-br", "addr", "show"])
         .output();
     let text = out
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
@@ -210,11 +208,13 @@ fn minute_windows(from: jiff::Timestamp, minutes: i64) -> Vec<(String, String)> 
 /// Cuts `hosts` off (their links down) for `pause`.
 fn partition(fleet: &LabFleet, hosts: &[String], pause: Duration) {
     for h in hosts {
-        fleet.lab.ip(h, &["link", "set", "eth0", "down"]);
+        fleet
+            .lab
+            .ip(h, &["link", "set", &fleet.lab.card(h), "down"]);
     }
     std::thread::sleep(pause);
     for h in hosts {
-        fleet.lab.ip(h, &["link", "set", "eth0", "up"]);
+        fleet.lab.ip(h, &["link", "set", &fleet.lab.card(h), "up"]);
     }
 }
 
@@ -415,9 +415,10 @@ pub fn run(params: ChaosParams, mut progress: impl FnMut(&str)) -> ChaosReport {
                             continue;
                         }
                         let on = |host: String| {
-                            let text = fleet
-                                .lab
-                                .ip(&host, &["-4", "-br", "addr", "show", "dev", "eth0"]);
+                            let text = fleet.lab.ip(
+                                &host,
+                                &["-4", "-br", "addr", "show", "dev", &fleet.lab.card(&host)],
+                            );
                             text.split_whitespace()
                                 .any(|w| w.split('/').next() == Some(service_ip(i).as_str()))
                         };

@@ -17,8 +17,11 @@ pub struct LabHost {
     pub name: String,
     /// Its network namespace.
     pub ns: String,
-    /// Its address on eth0.
+    /// Its address on its card.
     pub ip: Ipv4Addr,
+    /// Its card's name (`eth0` unless renamed: hosts of a newer distribution name theirs
+    /// otherwise).
+    pub card: String,
 }
 
 /// A lab of hosts on one bridge.
@@ -81,6 +84,7 @@ impl Lab {
                 name: name.to_string(),
                 ns: ns.clone(),
                 ip: Ipv4Addr::new(198, 18, 0, n as u8 + 1),
+                card: "eth0".into(),
             });
             let port = format!("p{n}");
             ip(&["-n", &ns, "link", "set", "lo", "up"]);
@@ -101,6 +105,27 @@ impl Lab {
             ip(&["-n", &ns, "link", "set", "eth0", "up"]);
         }
         lab
+    }
+
+    /// Renames `host`'s card (down, renamed, up: its address stays), as a newer
+    /// distribution names it (`ens18`).
+    pub fn rename_card(&mut self, host: &str, card: &str) {
+        let Some(h) = self.hosts.iter_mut().find(|h| h.name == host) else {
+            return;
+        };
+        let ns = h.ns.clone();
+        ip(&["-n", &ns, "link", "set", &h.card, "down"]);
+        ip(&["-n", &ns, "link", "set", &h.card, "name", card]);
+        ip(&["-n", &ns, "link", "set", card, "up"]);
+        h.card = card.to_string();
+    }
+
+    /// `host`'s card's name.
+    pub fn card(&self, host: &str) -> String {
+        self.hosts
+            .iter()
+            .find(|h| h.name == host)
+            .map_or_else(|| "eth0".to_string(), |h| h.card.clone())
     }
 
     /// A host by name.
@@ -183,7 +208,7 @@ impl Lab {
         let Some(index) = index else { return };
         let port = format!("p{index}");
         for (ns, dev) in [
-            (&self.hosts[index].ns, "eth0"),
+            (&self.hosts[index].ns, self.hosts[index].card.as_str()),
             (&self.switch, port.as_str()),
         ] {
             let mut tc = Command::new("ip");
@@ -199,9 +224,9 @@ impl Lab {
         }
     }
 
-    /// The MAC address of `host`'s eth0.
+    /// The MAC address of `host`'s card.
     pub fn mac(&self, host: &str) -> String {
-        let out = self.ip(host, &["-o", "link", "show", "eth0"]);
+        let out = self.ip(host, &["-o", "link", "show", &self.card(host)]);
         out.split_whitespace()
             .skip_while(|w| *w != "link/ether")
             .nth(1)

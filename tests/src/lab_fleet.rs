@@ -41,6 +41,9 @@ pub struct LabParams {
     /// Each target's `/var/spool` (the spool and five more data dirs) is a filesystem of its
     /// own this many MiB big (ext4 on a loop device), which the chaos campaign fills up.
     pub target_spool_mib: Option<u64>,
+    /// The pair whose target is of a newer distribution: its card is `ens18` (the origin's
+    /// `eth0`) and netplan keeps its addresses; the others use ifupdown on both sides.
+    pub renamed_target_card: Option<usize>,
 }
 
 impl Default for LabParams {
@@ -55,6 +58,7 @@ impl Default for LabParams {
             logical_pair: Some(3),
             subscriber_pg16: false,
             target_spool_mib: None,
+            renamed_target_card: Some(3),
         }
     }
 }
@@ -214,7 +218,10 @@ impl LabFleet {
             names.push(format!("target-{i}"));
         }
         let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
-        let lab = Lab::new(&name_refs);
+        let mut lab = Lab::new(&name_refs);
+        if let Some(pair) = params.renamed_target_card.filter(|p| *p <= params.pairs) {
+            lab.rename_card(&format!("target-{pair}"), RENAMED_CARD);
+        }
         let dir = open_tempdir();
         let pki = TestPki::new();
         // Enrollment signs with a PKI directory's CA, as `bmctl fleet pki init` makes it.
@@ -1167,6 +1174,9 @@ pub fn churn_databases(pg: &PgCluster, rows: u64, fraction: f64) {
     );
 }
 
+/// The card of the renamed target (LabParams::renamed_target_card).
+pub const RENAMED_CARD: &str = "ens18";
+
 /// Synthetic BlueMind data and configuration on one host.
 fn seed_host(
     root: &Path,
@@ -1178,6 +1188,27 @@ fn seed_host(
 ) {
     for d in bmfleet_proto::BLUEMIND_DATA_DIRS {
         std::fs::create_dir_all(root.join(d.trim_start_matches('/'))).expect("data dir");
+    }
+    // The host's network configuration: Debian's ifupdown, or on the newer target of the
+    // renamed pair netplan for its `ens18` (as Ubuntu's installer writes it).
+    let address = format!(
+        "198.18.0.{}/24",
+        if origin { 2 * pair } else { 2 * pair + 1 }
+    );
+    if !origin && params.renamed_target_card == Some(pair) {
+        write(
+            &root.join("etc/netplan/50-cloud-init.yaml"),
+            format!(
+                "network:\n  version: 2\n  ethernets:\n    {RENAMED_CARD}:\n      addresses:\n        - {address}\n"
+            ),
+        );
+    } else {
+        write(
+            &root.join("etc/network/interfaces"),
+            format!(
+                "source /etc/network/interfaces.d/*\n\nauto lo\niface lo inet loopback\n\nauto eth0\niface eth0 inet static\n    address {address}\n"
+            ),
+        );
     }
     write(
         &root.join("etc/bm/bm-core.version"),

@@ -167,7 +167,12 @@ pub fn agent_config(tls: TlsFiles, dir: &Path, services: Vec<ServiceCommands>) -
         },
         postgresql: PostgresConfig::default(),
         config_set: ConfigSetConfig::default(),
-        network: NetworkConfig::default(),
+        // A temp dir has no network configuration of its own: the stanza goes to ifupdown's
+        // place (the systems' own choice is tested in the agent and the lab).
+        network: NetworkConfig {
+            persist: "ifupdown".into(),
+            ..NetworkConfig::default()
+        },
         bluemind_api: Default::default(),
         orchestrators: vec!["orchestrator".into()],
         orchestrator_addresses: Vec::new(),

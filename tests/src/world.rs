@@ -56,7 +56,7 @@ impl LabFleet {
     /// Whether `host` has pair `i`'s service IP on its card.
     pub fn holds_service_ip(&self, host: &str, i: usize) -> bool {
         self.lab
-            .ip(host, &["-brief", "address", "show", "eth0"])
+            .ip(host, &["-brief", "address", "show", &self.lab.card(host)])
             .split_whitespace()
             .any(|a| a == format!("{}/24", service_ip(i)))
     }

@@ -2398,12 +2398,28 @@ async fn standby_pair(origin_pg: &PgCluster, target_pg: &PgCluster, tag: &str) -
         .await;
     let reply = follow(&mut p, "m1/follow/1", "grant-0300-replication").await;
     assert!(reply.ok, "{}", reply.error);
-    wait_sql(
-        origin_pg,
-        "postgres",
-        "SELECT count(*) FROM pg_stat_replication WHERE application_name = 'bmfleet' AND state = 'streaming';",
-        "1",
-    );
+    let streaming = std::panic::catch_unwind(|| {
+        wait_sql(
+            origin_pg,
+            "postgres",
+            "SELECT count(*) FROM pg_stat_replication WHERE application_name = 'bmfleet' AND state = 'streaming';",
+            "1",
+        )
+    });
+    if let Err(e) = streaming {
+        let tail = |pg: &PgCluster| {
+            let log = std::fs::read_to_string(pg.dir().join("log")).unwrap_or_default();
+            log.lines().rev().take(15).collect::<Vec<_>>().join("\n")
+        };
+        eprintln!(
+            "the standby never streamed; the target's log (newest first):\n{}\nthe origin's:\n{}\norigin's walsenders: {}\ntarget's walreceiver: {}",
+            tail(target_pg),
+            tail(origin_pg),
+            origin_pg.sql("postgres", "SELECT application_name, state, client_addr, sent_lsn FROM pg_stat_replication; SELECT pid, usename, application_name, backend_type, state FROM pg_stat_activity WHERE backend_type <> 'client backend';"),
+            target_pg.sql("postgres", "SELECT status, sender_host, sender_port, conninfo FROM pg_stat_wal_receiver;"),
+        );
+        std::panic::resume_unwind(e);
+    }
     p
 }
 

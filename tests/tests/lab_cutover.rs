@@ -35,7 +35,7 @@ impl CutoverLab {
                 &config,
                 format!(
                     "listen = \"0.0.0.0:7443\"\ndata_root = \"{root}\"\nstate_dir = \"{root}/var/lib/bmfleet-agent\"\n\
-                     [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[network]\nannounce_count = 3\nannounce_period_ms = 600\n",
+                     [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n[network]\nannounce_count = 3\nannounce_period_ms = 600\npersist = \"ifupdown\"\n",
                     files.ca.display(),
                     files.cert.display(),
                     files.key.display(),

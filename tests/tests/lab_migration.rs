@@ -312,6 +312,35 @@ fn three_instances_migrate_with_no_mail_lost() {
         subscriber_pg16: true,
         ..LabParams::default()
     });
+    // `plan` shows each side's card as the agents found it (the fleet file names none):
+    // pair 3's target names its card ens18.
+    let plan_file = fleet.dir().join("plan.toml");
+    std::fs::write(&plan_file, fleet.fleet_file()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let plan = loop {
+        let out = fleet.bmctl(&["fleet", "plan", plan_file.to_str().unwrap()]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() && !text.contains('?') {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    for (instance, cards) in [
+        ("mail-1", "eth0 → eth0"),
+        ("mail-2", "eth0 → eth0"),
+        ("mail-3", "eth0 → ens18"),
+    ] {
+        assert!(
+            plan.lines()
+                .any(|l| l.starts_with(instance) && l.contains(cards)),
+            "{instance} {cards}:\n{plan}"
+        );
+    }
     let started = std::time::Instant::now();
     let outcomes = fleet
         .migrate(Duration::from_secs(300), |_| {})
@@ -575,11 +604,46 @@ fn three_instances_migrate_with_no_mail_lost() {
                 .all(|c| c["api_key_valid"] == true),
             "{calls:?}"
         );
-        // The target's network configuration holds the service IP.
-        let persisted =
-            std::fs::read_to_string(target.join("etc/network/interfaces.d/bmfleet-service-ip"))
-                .unwrap();
-        assert!(persisted.contains(&format!("address {}/24", service_ip(i))));
+        // The target's network configuration keeps the service IP on the target's own card:
+        // pair 3's newer target names it ens18 and runs netplan, whose own generator must
+        // render the address beside the card's (netplan appends the sequences of two files).
+        if i == 3 {
+            let netplan =
+                std::fs::read_to_string(target.join("etc/netplan/90-bmfleet-service-ip.yaml"))
+                    .unwrap();
+            assert!(netplan.contains("    ens18:\n"), "{netplan}");
+            assert!(!target
+                .join("etc/network/interfaces.d/bmfleet-service-ip")
+                .exists());
+            bmfleet_tests::tool(
+                "netplan",
+                &["generate", "--root-dir", target.to_str().unwrap()],
+            );
+            let rendered = std::fs::read_to_string(
+                target.join("run/systemd/network/10-netplan-ens18.network"),
+            )
+            .unwrap();
+            assert!(
+                rendered.contains("Address=198.18.0.7/24")
+                    && rendered.contains(&format!("Address={}/24", service_ip(i))),
+                "{rendered}"
+            );
+            assert!(fleet
+                .lab
+                .ip("target-3", &["-brief", "address", "show", "ens18"])
+                .contains(&format!("{}/24", service_ip(i))));
+        } else {
+            let persisted =
+                std::fs::read_to_string(target.join("etc/network/interfaces.d/bmfleet-service-ip"))
+                    .unwrap();
+            assert!(
+                persisted.contains(&format!(
+                    "iface eth0 inet static\n    address {}/24",
+                    service_ip(i)
+                )),
+                "{persisted}"
+            );
+        }
     }
 }
 

@@ -12,7 +12,8 @@ use bmfleet_proto::v1::{ApplyRequest, StatusRequest};
 use bmfleet_tests::{agent_config, serve_agent, serve_orchestrator, TestPki};
 
 #[tokio::test]
-async fn a_missing_interface_or_an_unlisted_extra_dir_stops_the_instance_at_preflight() {
+async fn a_missing_interface_an_unlisted_extra_dir_or_no_network_system_stops_the_instance_at_preflight(
+) {
     let pki = TestPki::new();
     let dir = tempfile::tempdir().unwrap();
     let origin = serve_agent(agent_config(
@@ -21,12 +22,14 @@ async fn a_missing_interface_or_an_unlisted_extra_dir_stops_the_instance_at_pref
         vec![],
     ))
     .await;
-    let target = serve_agent(agent_config(
+    // The target keeps no network configuration the agent knows (its root is empty).
+    let mut target_config = agent_config(
         pki.issue("target-1", Role::Agent),
         &dir.path().join("t"),
         vec![],
-    ))
-    .await;
+    );
+    target_config.network.persist = "auto".into();
+    let target = serve_agent(target_config).await;
     let entry = |name: &str, addr: std::net::SocketAddr| AgentEntry {
         name: name.into(),
         address: addr.to_string(),
@@ -85,7 +88,13 @@ async fn a_missing_interface_or_an_unlisted_extra_dir_stops_the_instance_at_pref
     };
     let error = &instance.last_error;
     assert!(
-        error.contains("the target has no interface nonexistent0"),
+        error.contains("the target target-1 has no interface nonexistent0")
+            && error.contains("the origin origin-1 has no interface nonexistent0"),
+        "{error}"
+    );
+    assert!(
+        error.contains("the target target-1 cannot keep the service IP across a reboot")
+            && error.contains("no supported network configuration system"),
         "{error}"
     );
     assert!(

@@ -4,16 +4,13 @@
 //! configuration.
 
 use std::net::IpAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use bmfleet_proto::v1::IpReply;
 
 use crate::command;
 use crate::config::AgentConfig;
-
-/// The persisted interfaces file, under data_root.
-pub const IFUPDOWN_FILE: &str = "etc/network/interfaces.d/bmfleet-service-ip";
+use crate::host::persistence;
 
 /// A checked `address/prefix` on an interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,31 +85,51 @@ async fn present(config: &AgentConfig, ip: &ServiceIp) -> Result<bool, String> {
     Ok(out.lines().any(|l| format!("{l} ").contains(&needle)))
 }
 
-fn persisted_path(config: &AgentConfig) -> PathBuf {
-    config.data_root.join(IFUPDOWN_FILE)
+/// The card an empty `interface` means on this host: for a release, the interface that
+/// holds `address` (None: no card holds it); for a take, the one with an address of this
+/// host's own in its subnet (bmfleet_proto::network).
+fn choose_interface(address: &str, interface: &str, take: bool) -> Result<Option<String>, String> {
+    if !interface.is_empty() {
+        return Ok(Some(interface.to_string()));
+    }
+    let bad = || format!("'{address}' is not an address with its prefix length");
+    let (ip, prefix) = address.split_once('/').ok_or_else(bad)?;
+    let ip: IpAddr = ip.parse().map_err(|_| bad())?;
+    let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+    let cards = crate::host::facts::interface_addresses();
+    if take {
+        return bmfleet_proto::network::service_interface(ip, prefix, &cards).map(Some);
+    }
+    Ok(cards.into_iter().find_map(|(name, addresses)| {
+        addresses
+            .iter()
+            .any(|a| a.split('/').next() == Some(&ip.to_string()))
+            .then_some(name)
+    }))
 }
 
-/// The ifupdown stanza that brings the service IP up at boot.
-pub fn ifupdown_stanza(ip: &ServiceIp) -> String {
-    let family = if ip.ip.is_ipv4() { "inet" } else { "inet6" };
-    format!(
-        "# Written by bmfleet: the BlueMind service IP, moved here from the origin host.\n\
-         auto {iface}\n\
-         iface {iface} {family} static\n    address {cidr}\n",
-        iface = ip.interface,
-        cidr = ip.cidr()
-    )
-}
-
-/// Removes the service IP (and its persisted configuration). Idempotent.
+/// Removes the service IP (and its persisted configuration). Idempotent; an empty
+/// `interface`: whichever card holds it.
 pub async fn release(config: &AgentConfig, address: &str, interface: &str) -> IpReply {
-    let ip = match ServiceIp::parse(address, interface) {
-        Ok(ip) => ip,
+    let held_on = match choose_interface(address, interface, false) {
+        Ok(card) => card,
         Err(e) => return failed(e),
     };
     let mut reply = IpReply {
         ok: true,
         ..Default::default()
+    };
+    let Some(interface) = held_on else {
+        // No card holds it: only the persisted configuration may be left.
+        if let Err(e) = persistence::remove(config) {
+            return failed(e);
+        }
+        tracing::info!(address, "service IP released (no card held it)");
+        return reply;
+    };
+    let ip = match ServiceIp::parse(address, &interface) {
+        Ok(ip) => ip,
+        Err(e) => return failed(e),
     };
     match present(config, &ip).await {
         Err(e) => return failed(e),
@@ -132,20 +149,22 @@ pub async fn release(config: &AgentConfig, address: &str, interface: &str) -> Ip
         }
         Ok(false) => {}
     }
-    let file = persisted_path(config);
-    if file.exists() {
-        if let Err(e) = std::fs::remove_file(&file) {
-            return failed(format!("cannot remove {}: {e}", file.display()));
-        }
+    if let Err(e) = persistence::remove(config) {
+        return failed(e);
     }
     tracing::info!(address = %ip.cidr(), interface = %ip.interface, changed = reply.changed, "service IP released");
     reply
 }
 
 /// Adds, announces and persists the service IP. Idempotent; the first announcement is sent
-/// before answering, the others follow over the configured period.
+/// before answering, the others follow over the configured period. An empty `interface`:
+/// the card with an address of this host's own in the service IP's subnet.
 pub async fn take(config: &AgentConfig, address: &str, interface: &str) -> IpReply {
-    let ip = match ServiceIp::parse(address, interface) {
+    let interface = match choose_interface(address, interface, true) {
+        Ok(card) => card.unwrap_or_default(),
+        Err(e) => return failed(e),
+    };
+    let ip = match ServiceIp::parse(address, &interface) {
         Ok(ip) => ip,
         Err(e) => return failed(e),
     };
@@ -174,15 +193,11 @@ pub async fn take(config: &AgentConfig, address: &str, interface: &str) -> IpRep
         }
         Ok(true) => {}
     }
-    if config.network.persist == "ifupdown" {
-        let file = persisted_path(config);
-        let written = file
-            .parent()
-            .map_or(Ok(()), std::fs::create_dir_all)
-            .and_then(|_| std::fs::write(&file, ifupdown_stanza(&ip)));
-        if let Err(e) = written {
-            return failed(format!("cannot write {}: {e}", file.display()));
-        }
+    // Kept across a reboot in the host's own network configuration, on this host's card.
+    match persistence::write(config, &ip.interface, &ip.cidr()) {
+        Ok(Some(file)) => tracing::info!(file = %file.display(), "service IP persisted"),
+        Ok(None) => {}
+        Err(e) => return failed(format!("the address is up but cannot be persisted: {e}")),
     }
     {
         if let Err(e) = announce(config, &ip).await {
@@ -335,14 +350,5 @@ mod tests {
         assert_eq!(p.len(), 32);
         assert_eq!(&p[..8], &[136, 0, 0, 0, 0x20, 0, 0, 0]);
         assert_eq!(&p[24..], &[2, 1, 2, 0, 0, 0, 0, 9]);
-    }
-
-    #[test]
-    fn the_persisted_stanza_is_debian_ifupdown() {
-        let ip = ServiceIp::parse("198.18.0.100/24", "eth0").unwrap();
-        assert_eq!(
-            ifupdown_stanza(&ip),
-            "# Written by bmfleet: the BlueMind service IP, moved here from the origin host.\nauto eth0\niface eth0 inet static\n    address 198.18.0.100/24\n"
-        );
     }
 }

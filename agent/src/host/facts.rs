@@ -16,6 +16,7 @@ use crate::config::AgentConfig;
 /// Gathers the host's facts; `measure_usage` walks every data dir.
 pub async fn gather(config: &AgentConfig, agent_name: &str, measure_usage: bool) -> FactsReply {
     let timeout = Duration::from_secs(config.facts.command_timeout_secs);
+    let persistence = crate::host::persistence::system(config);
     let (bluemind, postgresql) = tokio::join!(
         version("BlueMind", &config.facts.bluemind_version_command, timeout),
         version(
@@ -83,6 +84,15 @@ pub async fn gather(config: &AgentConfig, agent_name: &str, measure_usage: bool)
                 all
             })
             .unwrap_or_default(),
+        interface_addresses: interface_addresses()
+            .into_iter()
+            .map(|(name, addresses)| bmfleet_proto::v1::InterfaceFact { name, addresses })
+            .collect(),
+        network_persistence: persistence
+            .as_ref()
+            .map(|s| s.as_str().to_string())
+            .unwrap_or_default(),
+        network_persistence_unavailable: persistence.err().unwrap_or_default(),
         served: crate::host::served::get(&config.state_dir).is_some(),
         libc_version: libc_version().await,
         standby_unavailable: config.postgresql.standby_unavailable().unwrap_or_default(),
@@ -204,6 +214,37 @@ fn spool_user(name: &str) -> SpoolUser {
             gid: 0,
         },
     }
+}
+
+/// Every interface of this host with its addresses as "address/prefix", in name order.
+pub fn interface_addresses() -> Vec<(String, Vec<String>)> {
+    let mut by_name: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    let Ok(list) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    for entry in list {
+        let (Some(address), netmask) = (entry.address, entry.netmask) else {
+            continue;
+        };
+        let with_prefix = if let Some(v4) = address.as_sockaddr_in() {
+            let bits = netmask
+                .and_then(|m| m.as_sockaddr_in().map(|m| u32::from(m.ip()).count_ones()))
+                .unwrap_or(32);
+            format!("{}/{bits}", v4.ip())
+        } else if let Some(v6) = address.as_sockaddr_in6() {
+            let bits = netmask
+                .and_then(|m| m.as_sockaddr_in6().map(|m| u128::from(m.ip()).count_ones()))
+                .unwrap_or(128);
+            format!("{}/{bits}", v6.ip())
+        } else {
+            continue;
+        };
+        by_name
+            .entry(entry.interface_name)
+            .or_default()
+            .push(with_prefix);
+    }
+    by_name.into_iter().collect()
 }
 
 #[cfg(test)]

@@ -6,5 +6,6 @@
 pub mod connections;
 pub mod cutover;
 pub mod facts;
+pub mod persistence;
 pub mod served;
 pub mod services;

@@ -120,6 +120,10 @@ fn main() -> ExitCode {
         db_rows,
         deliver_ms: 40,
         enroll,
+        // Pair 3 is a distribution change as the manual means it: its target is newer (its
+        // card is ens18, netplan keeps its addresses, it runs PostgreSQL 16) and its
+        // databases cross the major by logical replication.
+        subscriber_pg16: true,
         ..LabParams::default()
     });
     if enroll {
