@@ -168,8 +168,8 @@ fn main() -> ExitCode {
     );
     println!("== summary");
     println!(
-        "{:<10} {:<10} {:>12} {:>14} {:>9}",
-        "INSTANCE", "PHASE", "DOWNTIME", "BYTES MOVED", "VERIFIED"
+        "{:<10} {:<10} {:>12} {:>14} {:>9} {:>9} {:>9}",
+        "INSTANCE", "PHASE", "DOWNTIME", "BYTES MOVED", "ROWS", "MAIL", "VERIFIED"
     );
     let mut all_ok = true;
     let mut json = Vec::new();
@@ -186,15 +186,35 @@ fn main() -> ExitCode {
         }
         let verified = checked.is_ok();
         all_ok &= verified;
+        // What the origin's stand-ins wrote while the migration ran (the origin's BlueMind
+        // committing rows, mail arriving and expunged), all compared on the target.
+        let origin = format!("origin-{}", i + 1);
+        let rows = fleet.rows_committed(&origin).len();
+        let (kept, expunged) = fleet.mail_ledger(&origin);
+        let writer_errors =
+            std::fs::read_to_string(fleet.root(&origin).join("var/log/standin-bluemind.log"))
+                .unwrap_or_default();
+        if !writer_errors.trim().is_empty() {
+            eprintln!("demo: {origin}'s BlueMind stand-in said:\n{writer_errors}");
+        }
         println!(
-            "{:<10} {:<10} {:>11.2}s {:>14} {:>9}",
-            o.name, o.phase, o.downtime_seconds, o.bytes_moved, verified
+            "{:<10} {:<10} {:>11.2}s {:>14} {:>9} {:>9} {:>9}",
+            o.name,
+            o.phase,
+            o.downtime_seconds,
+            o.bytes_moved,
+            rows,
+            format!("{}-{}", kept.len() + expunged.len(), expunged.len()),
+            verified
         );
         json.push(serde_json::json!({
             "name": o.name,
             "phase": o.phase,
             "downtime_seconds": o.downtime_seconds,
             "bytes_moved": o.bytes_moved,
+            "rows_written": rows,
+            "mail_delivered": kept.len() + expunged.len(),
+            "mail_expunged": expunged.len(),
             "verified": verified,
         }));
     }
