@@ -17,6 +17,7 @@ packages=(
   tzdata           # maintenance windows in IANA time zones
   prometheus       # promtool (rules, metrics checks) and a real Prometheus for the tests
   netplan.io       # netplan generate reads the service IP's netplan file on a lab target
+  cyrus-imapd      # BlueMind's mail engine, real in the lab (its own mount namespace per host)
   gcc              # rusqlite builds SQLite from source
   libc6-dev
   pkg-config
@@ -30,10 +31,18 @@ done
 if ((${#missing[@]})); then
   echo "setup: installing ${missing[*]}"
   apt-get update -qq
+  # No daemon of these packages starts on this host (the lab starts its own, in namespaces):
+  # invoke-rc.d asks policy-rc.d, which refuses while the packages install.
+  policy=/usr/sbin/policy-rc.d
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy"
+    chmod 755 "$policy"
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  # The tests start their own Prometheus; none should keep running on its own.
+  # The tests start their own Prometheus and Cyrus; none should keep running on its own.
   if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
-    systemctl disable --now prometheus >/dev/null 2>&1 || true
+    systemctl disable --now prometheus cyrus-imapd >/dev/null 2>&1 || true
   fi
 fi
 

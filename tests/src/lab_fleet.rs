@@ -41,6 +41,10 @@ pub struct LabParams {
     /// Each target's `/var/spool` (the spool and five more data dirs) is a filesystem of its
     /// own this many MiB big (ext4 on a loop device), which the chaos campaign fills up.
     pub target_spool_mib: Option<u64>,
+    /// A real Cyrus IMAP (Debian's cyrus-imapd) serves every host's mail instead of the IMAP
+    /// banner, in a mount namespace where the host's root holds BlueMind's paths; mail
+    /// arrives through its LMTP socket and clients flag, move and expunge over IMAP.
+    pub real_cyrus: bool,
     /// The pair whose target is of a newer distribution: its card is `ens18` (the origin's
     /// `eth0`) and netplan keeps its addresses; the others use ifupdown on both sides.
     pub renamed_target_card: Option<usize>,
@@ -59,6 +63,7 @@ impl Default for LabParams {
             subscriber_pg16: false,
             target_spool_mib: None,
             renamed_target_card: Some(3),
+            real_cyrus: false,
         }
     }
 }
@@ -875,6 +880,9 @@ fn standin_args(
     if origin && service == "postfix" {
         args.extend(["--deliver-ms".into(), params.deliver_ms.to_string()]);
     }
+    if params.real_cyrus {
+        args.push("--cyrus".into());
+    }
     if origin && service == "bluemind" && params.db_write_ms > 0 {
         let psql = bmfleet_agent::db::pg::bin_dir(&Default::default()).join("psql");
         args.extend([
@@ -1174,6 +1182,40 @@ pub fn churn_databases(pg: &PgCluster, rows: u64, fraction: f64) {
     );
 }
 
+/// A real Cyrus's configuration as BlueMind lays it out (partition in /var/spool/cyrus/data,
+/// its databases in /var/lib/cyrus, sieve scripts in /var/spool/sieve); any password is
+/// accepted (`alwaystrue`: the lab's clients are the test's own), plain LOGIN allowed.
+const CYRUS_IMAPD_CONF: &str = "configdirectory: /var/lib/cyrus
+partition-default: /var/spool/cyrus/data
+sievedir: /var/spool/sieve
+admins: cyrus
+allowplaintext: yes
+sasl_pwcheck_method: alwaystrue
+sasl_mech_list: PLAIN LOGIN
+unixhierarchysep: yes
+altnamespace: yes
+lmtpsocket: /run/cyrus/socket/lmtp
+idlesocket: /run/cyrus/socket/idle
+notifysocket: /run/cyrus/socket/notify
+autocreate_post: yes
+autocreate_quota: 0
+virtdomains: off
+";
+
+/// Cyrus's services: IMAP on every address of the host, LMTP on its unix socket.
+const CYRUS_CONF: &str = "START {
+  recover cmd=\"ctl_cyrusdb -r\"
+}
+SERVICES {
+  imap cmd=\"imapd\" listen=\"143\" prefork=0 maxchild=50
+  lmtpunix cmd=\"lmtpd\" listen=\"/run/cyrus/socket/lmtp\" prefork=0 maxchild=20
+}
+EVENTS {
+}
+DAEMON {
+}
+";
+
 /// The card of the renamed target (LabParams::renamed_target_card).
 pub const RENAMED_CARD: &str = "ens18";
 
@@ -1263,11 +1305,16 @@ fn seed_host(
             "origin libdb bytes",
         );
     }
-    write(
-        &root.join("etc/imapd.conf"),
-        "partition-default: /var/spool/cyrus/data\n",
-    );
-    write(&root.join("etc/cyrus.conf"), "SERVICES {}\n");
+    if params.real_cyrus {
+        write(&root.join("etc/imapd.conf"), CYRUS_IMAPD_CONF);
+        write(&root.join("etc/cyrus.conf"), CYRUS_CONF);
+    } else {
+        write(
+            &root.join("etc/imapd.conf"),
+            "partition-default: /var/spool/cyrus/data\n",
+        );
+        write(&root.join("etc/cyrus.conf"), "SERVICES {}\n");
+    }
     // The rest of the manual's configuration list.
     for (file, text) in [
         ("etc/bm-hps/hps.ini", "[hps]\nport = 8079\n"),
@@ -1283,7 +1330,10 @@ fn seed_host(
     }
     seed_spool(root, params.messages);
     seed_odd_files(root);
-    write(&root.join("var/lib/cyrus/mailboxes.db"), vec![7u8; 4096]);
+    if !params.real_cyrus {
+        // A stand-in for Cyrus's mailbox list (a real Cyrus makes its own).
+        write(&root.join("var/lib/cyrus/mailboxes.db"), vec![7u8; 4096]);
+    }
     write(
         &root.join("var/spool/sieve/alice/default.sieve"),
         "require \"fileinto\";\nkeep;\n",
@@ -1301,4 +1351,13 @@ fn seed_host(
         &root.join("var/spool/bm-filehosting/share/file.txt"),
         "shared file\n",
     );
+    if params.real_cyrus {
+        // Cyrus's own trees are its service account's, as the package leaves them.
+        for dir in ["var/spool/cyrus", "var/lib/cyrus", "var/spool/sieve"] {
+            crate::tool(
+                "chown",
+                &["-R", "cyrus:mail", root.join(dir).to_str().expect("path")],
+            );
+        }
+    }
 }

@@ -323,6 +323,7 @@ pub mod chaos;
 pub mod fuzz;
 pub mod lab;
 pub mod lab_fleet;
+pub mod mail;
 pub mod prometheus;
 pub mod ssh;
 pub mod world;

@@ -33,6 +33,63 @@ impl LabFleet {
         })
     }
 
+    /// Which of pair `i`'s hosts answers on its service IP's IMAP port, seen from the
+    /// orchestrator's host: the connection is held open while each host's kernel is asked
+    /// whether it holds it (its TCP table, read inside its network namespace). Any server
+    /// may answer: a real Cyrus's banner names no lab host.
+    pub fn who_answers(&self, i: usize) -> Result<String, String> {
+        use std::io::Read;
+        let ip = service_ip(i);
+        let service: std::net::SocketAddr =
+            format!("{ip}:143").parse().map_err(|e| format!("{e}"))?;
+        let (conn, ours) = self.lab.run_in("orch", || {
+            let mut c = std::net::TcpStream::connect_timeout(&service, Duration::from_secs(5))
+                .map_err(|e| format!("{service}: {e}"))?;
+            c.set_read_timeout(Some(Duration::from_secs(5)))
+                .map_err(|e| e.to_string())?;
+            let mut buf = [0u8; 512];
+            let n = c.read(&mut buf).map_err(|e| format!("{service}: {e}"))?;
+            if !buf[..n].starts_with(b"* OK") {
+                return Err(format!(
+                    "{service} greeted {:?}",
+                    String::from_utf8_lossy(&buf[..n])
+                ));
+            }
+            let ours = c.local_addr().map_err(|e| e.to_string())?;
+            Ok((c, ours))
+        })?;
+        let holders: Vec<String> = [format!("origin-{i}"), format!("target-{i}")]
+            .into_iter()
+            .filter(|host| {
+                // iproute2's ss inside the host's namespace (a thread that entered it would
+                // still read its process's /proc/net).
+                self.lab
+                    .command(host, "ss")
+                    .args([
+                        "-Htn",
+                        "state",
+                        "all",
+                        "src",
+                        &service.to_string(),
+                        "dst",
+                        &ours.to_string(),
+                    ])
+                    .output()
+                    .is_ok_and(|o| o.status.success() && !o.stdout.trim_ascii().is_empty())
+            })
+            .collect();
+        drop(conn);
+        match holders.as_slice() {
+            [one] => Ok(one.clone()),
+            [] => Err(format!(
+                "neither host of pair {i} holds the connection {ours} → {service}"
+            )),
+            both => Err(format!(
+                "both {both:?} hold the connection {ours} → {service}"
+            )),
+        }
+    }
+
     /// Waits (up to 15 s: announcements repeat over seconds) until the switch maps pair `i`'s
     /// service IP to `host`'s MAC.
     pub fn wait_for_neighbour(&self, i: usize, host: &str) -> Result<(), String> {
@@ -191,10 +248,10 @@ impl LabFleet {
         if let Err(e) = self.wait_for_neighbour(i, host) {
             problems.push(e);
         }
-        match self.banner(i) {
-            Ok(b) if b.contains(host) => {}
-            Ok(b) => problems.push(format!("{} answers {b:?}, not {host}", service_ip(i))),
-            Err(e) => problems.push(format!("nothing answers on {}: {e}", service_ip(i))),
+        match self.who_answers(i) {
+            Ok(h) if h == host => {}
+            Ok(h) => problems.push(format!("{h} answers on {}, not {host}", service_ip(i))),
+            Err(e) => problems.push(format!("who answers on {}: {e}", service_ip(i))),
         }
         problems
     }
@@ -222,7 +279,24 @@ impl LabFleet {
         if !theirs.keys().any(|k| k.starts_with("bj.public.")) {
             problems.push(format!("{origin} has no BlueMind table: {theirs:?}"));
         }
-        let (theirs, ours) = (self.data_digest(&origin), self.data_digest(&target));
+        // A real Cyrus serving on the target rewrites its own state as it runs (recovery at
+        // start, indexes as clients read): its files are checked through IMAP instead
+        // (check_mail) and by Cyrus itself (chk_cyrus).
+        let live = |digest: BTreeMap<String, String>| -> BTreeMap<String, String> {
+            if !self.params.real_cyrus {
+                return digest;
+            }
+            digest
+                .into_iter()
+                .filter(|(k, _)| {
+                    !k.starts_with("var/lib/cyrus") && !k.starts_with("var/spool/cyrus/data/uuid")
+                })
+                .collect()
+        };
+        let (theirs, ours) = (
+            live(self.data_digest(&origin)),
+            live(self.data_digest(&target)),
+        );
         let differing: Vec<&String> = theirs
             .keys()
             .chain(ours.keys())
@@ -391,6 +465,156 @@ fn same_database_entry(key: &str, origin: Option<&String>, target: Option<&Strin
             _ => o == t,
         },
         (o, t) => o == t,
+    }
+}
+
+/// What the real mail stack of a pair shows after its migration.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MailCount {
+    /// Messages Cyrus accepted over LMTP on the origin.
+    pub delivered: usize,
+    /// Of them, expunged by a client.
+    pub expunged: usize,
+    /// Flagged by a client.
+    pub flagged: usize,
+    /// Moved to Archive by a client.
+    pub moved: usize,
+    /// Served by the target: each delivered and not expunged message once, in its folder,
+    /// with its flags.
+    pub served: usize,
+}
+
+impl LabFleet {
+    /// Pair `i`'s mail as its clients left it (the origin's mail ledger: every delivery,
+    /// flag, move and expunge Cyrus confirmed) against what the host serving the IP serves
+    /// over IMAP now: every message delivered and not expunged exactly once, in its folder,
+    /// with its flags; no expunged one; nothing else.
+    pub fn check_mail(&self, i: usize) -> Result<MailCount, String> {
+        let ledger = std::fs::read_to_string(
+            self.root(&format!("origin-{i}"))
+                .join("var/log/standin-mail.log"),
+        )
+        .map_err(|e| format!("pair {i}: no mail ledger: {e}"))?;
+        // Message-ID → (user, folder, flagged, expunged).
+        let mut wanted: BTreeMap<String, (String, &str, bool, bool)> = BTreeMap::new();
+        let mut count = MailCount::default();
+        for line in ledger.lines() {
+            let mut words = line.split_whitespace();
+            let (Some(act), Some(id), Some(user)) = (words.next(), words.next(), words.next())
+            else {
+                continue;
+            };
+            match act {
+                "deliver" => {
+                    count.delivered += 1;
+                    wanted.insert(id.to_string(), (user.to_string(), "INBOX", false, false));
+                }
+                "flag" => {
+                    count.flagged += 1;
+                    wanted.entry(id.to_string()).and_modify(|w| w.2 = true);
+                }
+                "move" => {
+                    count.moved += 1;
+                    wanted.entry(id.to_string()).and_modify(|w| w.1 = "Archive");
+                }
+                "expunge" => {
+                    count.expunged += 1;
+                    wanted.entry(id.to_string()).and_modify(|w| w.3 = true);
+                }
+                _ => {}
+            }
+        }
+        let address: std::net::SocketAddr = format!("{}:143", service_ip(i))
+            .parse()
+            .map_err(|e| format!("{e}"))?;
+        let mut problems = Vec::new();
+        for user in ["alice", "bob", "carol"] {
+            let served = self
+                .lab
+                .run_in("orch", || crate::mail::served(address, user))?;
+            for (id, (owner, folder, flagged, expunged)) in
+                wanted.iter().filter(|(_, w)| w.0 == user)
+            {
+                let _ = owner;
+                let seen = served.get(id).cloned().unwrap_or_default();
+                match (expunged, seen.as_slice()) {
+                    (true, []) => {}
+                    (true, _) => {
+                        problems.push(format!("{user}: expunged {id} served again: {seen:?}"))
+                    }
+                    (false, [(f, flags)]) => {
+                        count.served += 1;
+                        if f != folder {
+                            problems.push(format!("{user}: {id} in {f}, not {folder}"));
+                        }
+                        if *flagged != flags.iter().any(|x| x == "\\Flagged") {
+                            problems
+                                .push(format!("{user}: {id} flags {flags:?}, flagged: {flagged}"));
+                        }
+                    }
+                    (false, []) => problems.push(format!("{user}: {id} lost")),
+                    (false, several) => problems.push(format!(
+                        "{user}: {id} served {} times: {several:?}",
+                        several.len()
+                    )),
+                }
+            }
+            for id in served.keys() {
+                if !wanted.contains_key(id) {
+                    problems.push(format!("{user}: {id} served but never delivered"));
+                }
+            }
+        }
+        if count.delivered == 0 || problems.is_empty() {
+            if count.delivered == 0 {
+                return Err(format!("pair {i}: no mail was delivered through Cyrus"));
+            }
+            Ok(count)
+        } else {
+            Err(format!(
+                "pair {i}: {} problems: {}",
+                problems.len(),
+                problems
+                    .iter()
+                    .take(10)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ))
+        }
+    }
+}
+
+impl LabFleet {
+    /// Cyrus's own consistency check on `host` (chk_cyrus over the default partition, run as
+    /// `cyrus` inside the mount namespace of the host's running Cyrus): what it reports.
+    pub fn chk_cyrus(&self, host: &str) -> Result<String, String> {
+        let ns = &self.lab.host(host).ns;
+        let pids = crate::tool("ip", &["netns", "pids", ns]);
+        let master = pids
+            .split_whitespace()
+            .find(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|c| c.trim() == "cyrmaster")
+            })
+            .ok_or_else(|| format!("no Cyrus runs on {host}"))?;
+        let out = std::process::Command::new("nsenter")
+            .args([
+                "--target", master, "--mount", "--net", "runuser", "-u", "cyrus", "--",
+            ])
+            .args(["/usr/lib/cyrus/bin/chk_cyrus", "-P", "default"])
+            .output()
+            .map_err(|e| format!("chk_cyrus: {e}"))?;
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if out.status.success() {
+            Ok(said)
+        } else {
+            Err(format!("chk_cyrus on {host} exited {}: {said}", out.status))
+        }
     }
 }
 

@@ -949,3 +949,42 @@ fn verify_fails_when_the_answer_on_the_service_ip_is_not_the_targets() {
         .run_step(1, Step::Verify)
         .expect("Verify with the target answering");
 }
+
+/// A real Cyrus IMAP (Debian's cyrus-imapd, BlueMind's mail engine) serves the origin while
+/// mail arrives through its LMTP socket and clients flag, move and expunge over IMAP all
+/// through the hot phase — Cyrus rewriting its indexes and databases in place while the
+/// passes run. After the migration the target's own Cyrus, started on the migrated spool and
+/// the copied configuration, serves through the service IP every message delivered and not
+/// expunged exactly once, in its folder, with its flags; and Cyrus's own check finds nothing.
+#[test]
+fn a_real_cyrus_serves_every_message_once_with_the_clients_flags_after_the_migration() {
+    let _one = one_lab();
+    let fleet = LabFleet::build(LabParams {
+        pairs: 1,
+        real_cyrus: true,
+        deliver_ms: 60,
+        ..LabParams::default()
+    });
+    let outcomes = fleet.migrate(Duration::from_secs(300), |_| {}).unwrap();
+    assert_eq!(
+        outcomes[0].phase,
+        "Done",
+        "{outcomes:?}\n{}",
+        events(&fleet, &[])
+    );
+    migrated(&fleet, 1);
+    let mail = fleet.check_mail(1).unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("{mail:?}");
+    assert!(
+        mail.flagged > 0 && mail.moved > 0 && mail.expunged > 0,
+        "the clients did not act during the migration: {mail:?}"
+    );
+    assert_eq!(mail.served, mail.delivered - mail.expunged, "{mail:?}");
+    let checked = fleet
+        .chk_cyrus("target-1")
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        !checked.to_lowercase().contains("error") && !checked.contains("missing"),
+        "{checked}"
+    );
+}

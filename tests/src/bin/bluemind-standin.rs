@@ -21,6 +21,13 @@
 //!   inserted, one updated, and an earlier one deleted. Each committed mailbox is listed in
 //!   `DIR/var/log/standin-db.log` once its transaction committed.
 //!
+//! - with `--cyrus`: a real Cyrus IMAP (Debian's cyrus-imapd) instead of the IMAP banner, in a
+//!   mount namespace of its own where this host's root holds BlueMind's paths
+//!   (`/var/spool/cyrus`, `/var/lib/cyrus`, `/var/spool/sieve`, `/run/cyrus`,
+//!   `/etc/imapd.conf`, `/etc/cyrus.conf`); the mail stand-in then delivers through Cyrus's
+//!   LMTP socket and acts as mail clients over IMAP (flags, moves to Archive, expunges), each
+//!   act listed in `DIR/var/log/standin-mail.log` once Cyrus confirmed it.
+//!
 //! A stop (SIGTERM) is graceful, as a real service's: the message being delivered and the
 //! transaction in flight finish, then the process exits; nothing is written after.
 
@@ -51,6 +58,9 @@ struct Args {
     /// psql, for the database writes.
     #[arg(long, default_value = "psql")]
     psql: PathBuf,
+    /// A real Cyrus IMAP serves the mail (bluemind), and mail goes through it (postfix).
+    #[arg(long)]
+    cyrus: bool,
     #[arg(value_enum)]
     action: Action,
 }
@@ -148,6 +158,7 @@ fn start(args: &Args) -> ExitCode {
         .args(["--write-ms", &args.write_ms.to_string()])
         .arg("--psql")
         .arg(&args.psql)
+        .args(args.cyrus.then_some("--cyrus"))
         .arg("serve")
         .stdin(Stdio::null())
         .stdout(Stdio::null());
@@ -224,23 +235,35 @@ fn serve(args: &Args) -> ExitCode {
     let stopping = Arc::new(AtomicBool::new(false));
     let name = args.name.clone();
     let mut workers = Vec::new();
+    let mut cyrus: Option<std::process::Child> = None;
     let result = match args.service {
         Service::Postfix => {
             banner(25, format!("220 {name} ESMTP BlueMind stand-in\r\n")).map(|_| {
                 if args.deliver_ms > 0 {
-                    let (root, every, stopping) = (
+                    let (root, every, stopping, cyrus) = (
                         args.root.clone(),
                         Duration::from_millis(args.deliver_ms),
                         stopping.clone(),
+                        args.cyrus,
                     );
-                    workers.push(std::thread::spawn(move || deliver(&root, every, &stopping)));
+                    workers.push(std::thread::spawn(move || {
+                        if cyrus {
+                            deliver_to_cyrus(&root, every, &stopping)
+                        } else {
+                            deliver(&root, every, &stopping)
+                        }
+                    }));
                 }
             })
         }
-        Service::Bluemind => banner(
-            143,
-            format!("* OK [CAPABILITY IMAP4rev1] {name} BlueMind stand-in ready\r\n"),
-        )
+        Service::Bluemind => (if args.cyrus {
+            start_cyrus(&args.root).map(|child| cyrus = Some(child))
+        } else {
+            banner(
+                143,
+                format!("* OK [CAPABILITY IMAP4rev1] {name} BlueMind stand-in ready\r\n"),
+            )
+        })
         .and_then(|_| {
             banner(
                 443,
@@ -274,6 +297,9 @@ fn serve(args: &Args) -> ExitCode {
     stopping.store(true, Ordering::SeqCst);
     for worker in workers {
         let _ = worker.join();
+    }
+    if let Some(child) = cyrus.as_mut() {
+        stop_cyrus(child);
     }
     ExitCode::SUCCESS
 }
@@ -326,6 +352,133 @@ fn deliver(root: &Path, every: Duration, stopping: &std::sync::atomic::AtomicBoo
             if std::fs::remove_file(root.join(&rel)).is_ok() {
                 append(&root.join("var/log/standin-expunged.log"), &(rel + "\n"));
                 rewrite_in_place(&spool.join(owner).join("cyrus.index"), n + 1);
+            }
+        }
+        std::thread::sleep(every);
+    }
+}
+
+/// Starts Cyrus's master in a mount namespace of its own where `root` holds BlueMind's
+/// paths (util-linux `unshare`, then `cyrmaster` in the foreground: the stand-in's child).
+fn start_cyrus(root: &Path) -> std::io::Result<std::process::Child> {
+    let quote = |p: &Path| format!("'{}'", p.display().to_string().replace('\'', "'\\''"));
+    let mut script = String::from("set -e\n");
+    for dir in [
+        "var/spool/cyrus",
+        "var/lib/cyrus",
+        "var/spool/sieve",
+        "run/cyrus",
+    ] {
+        let here = root.join(dir);
+        script += &format!(
+            "mkdir -p {h} /{dir}\nmount --bind {h} /{dir}\n",
+            h = quote(&here)
+        );
+    }
+    script += "mkdir -p /run/cyrus/socket /var/lib/cyrus/proc\nchown cyrus:mail /run/cyrus /run/cyrus/socket /var/lib/cyrus /var/spool/cyrus /var/spool/sieve /var/lib/cyrus/proc\n";
+    for file in ["etc/imapd.conf", "etc/cyrus.conf"] {
+        script += &format!("mount --bind {} /{file}\n", quote(&root.join(file)));
+    }
+    script += "exec /usr/sbin/cyrmaster -p /run/cyrus/master.pid\n";
+    let child = Command::new("unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .stdin(Stdio::null())
+        .spawn()?;
+    Ok(child)
+}
+
+/// Stops Cyrus's master (SIGTERM: it stops its services) and waits for it.
+fn stop_cyrus(child: &mut std::process::Child) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Mail arriving through Cyrus while the service runs (until `stopping`): message n goes to
+/// one of the lab's users over LMTP; clients then flag an earlier one, move another to
+/// Archive and expunge a third over IMAP, as Cyrus's index rewrites in place demand of the
+/// passes. Every act Cyrus confirmed is listed in var/log/standin-mail.log: `deliver ID
+/// USER`, `flag ID USER`, `move ID USER`, `expunge ID USER`.
+fn deliver_to_cyrus(root: &Path, every: Duration, stopping: &std::sync::atomic::AtomicBool) {
+    use bmfleet_tests::mail::{lmtp_deliver, Imap};
+    let log = root.join("var/log/standin-mail.log");
+    let mut n = std::fs::read_to_string(&log)
+        .map(|t| t.lines().filter(|l| l.starts_with("deliver ")).count())
+        .unwrap_or(0) as u64;
+    let socket = root.join("run/cyrus/socket/lmtp");
+    let user_of = |k: u64| ["alice", "bob", "carol"][(k % 3) as usize];
+    let id_of = |k: u64| {
+        format!(
+            "<{k}.{}@sender.lab.example>",
+            root.display().to_string().len()
+        )
+    };
+    let imap: std::net::SocketAddr = ([127, 0, 0, 1], 143).into();
+    while !stopping.load(std::sync::atomic::Ordering::SeqCst) {
+        n += 1;
+        let (user, id) = (user_of(n), id_of(n));
+        let message = format!(
+            "From: sender@sender.lab.example\r\nTo: {user}@lab.example\r\nMessage-ID: {id}\r\nSubject: arrived #{n}\r\n\r\nbody {n}\r\n"
+        );
+        match lmtp_deliver(&socket, "sender@sender.lab.example", &[user], &message) {
+            Ok(()) => append(&log, &format!("deliver {id} {user}\n")),
+            Err(e) => {
+                eprintln!("delivery {n}: {e}");
+                n -= 1;
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            }
+        }
+        // A client acts on an earlier message of the same user (k ≡ n mod 3).
+        let act = |k: u64, what: &str| -> Result<(), String> {
+            let (user, id) = (user_of(k), id_of(k));
+            let mut session = Imap::login(imap, user, "lab")?;
+            session.command("SELECT INBOX")?;
+            let Some(uid) = session.uid_of(&id)? else {
+                return Ok(());
+            };
+            match what {
+                "flag" => session.command(&format!("UID STORE {uid} +FLAGS (\\Flagged)"))?,
+                "move" => {
+                    // Made at the first move (it exists afterwards: the refusal is fine).
+                    let _ = session.command("CREATE Archive");
+                    session.command(&format!("UID MOVE {uid} Archive"))?
+                }
+                _ => {
+                    session.command(&format!("UID STORE {uid} +FLAGS (\\Deleted)"))?;
+                    session.command("EXPUNGE")?
+                }
+            };
+            append(&log, &format!("{what} {id} {user}\n"));
+            Ok(())
+        };
+        // Every fourth delivery: message n-3 flagged, n-6 moved, n-9 expunged (k ≡ 1, 2, 3
+        // mod 4: each message gets at most one act).
+        if n.is_multiple_of(4) {
+            for (back, what) in [(3, "flag"), (6, "move"), (9, "expunge")] {
+                if n > back {
+                    if let Err(e) = act(n - back, what) {
+                        eprintln!("{what} of message {}: {e}", n - back);
+                    }
+                }
             }
         }
         std::thread::sleep(every);

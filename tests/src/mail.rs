@@ -1,0 +1,222 @@
+//! Talking to a real Cyrus IMAP as mail clients and Postfix do: LMTP delivery over Cyrus's
+//! unix socket (RFC 2033) and a minimal IMAP client (RFC 9051: LOGIN, SELECT, UID SEARCH,
+//! UID STORE, UID MOVE, EXPUNGE, FETCH of flags and Message-ID). The lab's mail stand-in
+//! drives Cyrus with them while passes run; the checks read what the target serves with them.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::Path;
+use std::time::Duration;
+
+/// Delivers `message` to `users` through the LMTP unix socket at `socket`; every recipient
+/// must be accepted.
+pub fn lmtp_deliver(
+    socket: &Path,
+    from: &str,
+    users: &[&str],
+    message: &str,
+) -> Result<(), String> {
+    let stream = std::os::unix::net::UnixStream::connect(socket)
+        .map_err(|e| format!("LMTP {}: {e}", socket.display()))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
+    let mut reader = BufReader::new(stream);
+    let reply = |reader: &mut BufReader<std::os::unix::net::UnixStream>| -> Result<String, String> {
+        // A reply's last line has a space after its code.
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
+                return Err(format!("LMTP closed after {all:?}"));
+            }
+            all += &line;
+            if line.len() < 4 || line.as_bytes()[3] == b' ' {
+                return Ok(all);
+            }
+        }
+    };
+    let expect = |got: String, code: &str| {
+        if got.starts_with(code) {
+            Ok(())
+        } else {
+            Err(format!("LMTP: wanted {code}, got {got:?}"))
+        }
+    };
+    expect(reply(&mut reader)?, "220")?;
+    let mut send = |line: &str| writer.write_all(line.as_bytes()).map_err(|e| e.to_string());
+    send("LHLO lab.example\r\n")?;
+    expect(reply(&mut reader)?, "250")?;
+    send(&format!("MAIL FROM:<{from}>\r\n"))?;
+    expect(reply(&mut reader)?, "250")?;
+    for user in users {
+        send(&format!("RCPT TO:<{user}>\r\n"))?;
+        expect(reply(&mut reader)?, "250")?;
+    }
+    send("DATA\r\n")?;
+    expect(reply(&mut reader)?, "354")?;
+    let body = message.replace("\r\n.", "\r\n..");
+    send(&format!("{body}\r\n.\r\n"))?;
+    for _ in users {
+        expect(reply(&mut reader)?, "250")?;
+    }
+    let _ = send("QUIT\r\n");
+    Ok(())
+}
+
+/// An IMAP session, logged in.
+pub struct Imap {
+    reader: BufReader<std::net::TcpStream>,
+    writer: std::net::TcpStream,
+    tag: u32,
+}
+
+impl Imap {
+    /// Connects to `address` (the banner read) and logs `user` in with `password`.
+    pub fn login(
+        address: std::net::SocketAddr,
+        user: &str,
+        password: &str,
+    ) -> Result<Imap, String> {
+        let stream = std::net::TcpStream::connect_timeout(&address, Duration::from_secs(5))
+            .map_err(|e| format!("IMAP {address}: {e}"))?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(15)))
+            .map_err(|e| e.to_string())?;
+        let writer = stream.try_clone().map_err(|e| e.to_string())?;
+        let mut imap = Imap {
+            reader: BufReader::new(stream),
+            writer,
+            tag: 0,
+        };
+        let mut banner = String::new();
+        imap.reader
+            .read_line(&mut banner)
+            .map_err(|e| format!("IMAP {address} banner: {e}"))?;
+        if !banner.starts_with("* OK") {
+            return Err(format!("IMAP {address} greeted {banner:?}"));
+        }
+        imap.command(&format!("LOGIN {user} {password}"))?;
+        Ok(imap)
+    }
+
+    /// Runs one command; returns its untagged responses (literals inlined) or the
+    /// server's refusal.
+    pub fn command(&mut self, command: &str) -> Result<String, String> {
+        self.tag += 1;
+        let tag = format!("a{}", self.tag);
+        self.writer
+            .write_all(format!("{tag} {command}\r\n").as_bytes())
+            .map_err(|e| e.to_string())?;
+        let mut out = String::new();
+        loop {
+            let mut line = String::new();
+            if self
+                .reader
+                .read_line(&mut line)
+                .map_err(|e| e.to_string())?
+                == 0
+            {
+                return Err(format!("IMAP closed during {command:?}"));
+            }
+            // A literal {n} at the line's end: n bytes follow, then the line goes on.
+            if let Some(n) = line
+                .trim_end()
+                .strip_suffix('}')
+                .and_then(|l| l.rsplit_once('{'))
+                .and_then(|(_, n)| n.parse::<usize>().ok())
+            {
+                out += &line;
+                let mut literal = vec![0u8; n];
+                self.reader
+                    .read_exact(&mut literal)
+                    .map_err(|e| e.to_string())?;
+                out += &String::from_utf8_lossy(&literal);
+                continue;
+            }
+            if let Some(status) = line.strip_prefix(&format!("{tag} ")) {
+                return if status.starts_with("OK") {
+                    Ok(out)
+                } else {
+                    Err(format!("IMAP {command:?}: {}", status.trim_end()))
+                };
+            }
+            out += &line;
+        }
+    }
+
+    /// The UID of the message with `message_id` in the selected mailbox, if any.
+    pub fn uid_of(&mut self, message_id: &str) -> Result<Option<u32>, String> {
+        let found = self.command(&format!("UID SEARCH HEADER Message-ID \"{message_id}\""))?;
+        Ok(found
+            .lines()
+            .find_map(|l| l.strip_prefix("* SEARCH"))
+            .and_then(|uids| uids.split_whitespace().next()?.parse().ok()))
+    }
+
+    /// Every message of `folder`: Message-ID → its flags (sorted, `\Recent` left out), and
+    /// how many messages carried each Message-ID.
+    pub fn messages(&mut self, folder: &str) -> Result<Vec<(String, Vec<String>)>, String> {
+        let selected = self.command(&format!("SELECT {folder}"))?;
+        let exists = selected
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("* ")?
+                    .strip_suffix(" EXISTS\r")
+                    .or_else(|| l.strip_prefix("* ")?.strip_suffix(" EXISTS"))
+            })
+            .and_then(|n| n.trim().parse::<u32>().ok())
+            .unwrap_or(0);
+        if exists == 0 {
+            return Ok(Vec::new());
+        }
+        let fetched = self.command("FETCH 1:* (FLAGS BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])")?;
+        let mut out = Vec::new();
+        for item in fetched.split("\r\n* ").map(|i| i.trim_start_matches("* ")) {
+            let flags = item
+                .split_once("FLAGS (")
+                .and_then(|(_, rest)| rest.split_once(')'))
+                .map(|(f, _)| {
+                    let mut f: Vec<String> = f
+                        .split_whitespace()
+                        .filter(|x| *x != "\\Recent")
+                        .map(str::to_string)
+                        .collect();
+                    f.sort();
+                    f
+                })
+                .unwrap_or_default();
+            let id = item.lines().find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("message-id")
+                    .then(|| value.trim().to_string())
+            });
+            if let Some(id) = id {
+                out.push((id, flags));
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for Imap {
+    fn drop(&mut self) {
+        let _ = self.writer.write_all(b"zz LOGOUT\r\n");
+    }
+}
+
+/// What a user's mailboxes hold: Message-ID → every (folder, flags) it appears as.
+pub type Served = BTreeMap<String, Vec<(String, Vec<String>)>>;
+
+/// Reads `user`'s INBOX and Archive at `address`.
+pub fn served(address: std::net::SocketAddr, user: &str) -> Result<Served, String> {
+    let mut imap = Imap::login(address, user, "lab")?;
+    let mut all = Served::new();
+    for folder in ["INBOX", "Archive"] {
+        for (id, flags) in imap.messages(folder)? {
+            all.entry(id).or_default().push((folder.to_string(), flags));
+        }
+    }
+    Ok(all)
+}
