@@ -324,6 +324,7 @@ pub mod fuzz;
 pub mod lab;
 pub mod lab_fleet;
 pub mod mail;
+pub mod probe;
 pub mod prometheus;
 pub mod ssh;
 pub mod world;

@@ -79,10 +79,20 @@ impl Imap {
         user: &str,
         password: &str,
     ) -> Result<Imap, String> {
-        let stream = std::net::TcpStream::connect_timeout(&address, Duration::from_secs(5))
+        Self::login_within(address, user, password, Duration::from_secs(5))
+    }
+
+    /// As [`Imap::login`], connecting within `limit` and each read within three times it.
+    pub fn login_within(
+        address: std::net::SocketAddr,
+        user: &str,
+        password: &str,
+        limit: Duration,
+    ) -> Result<Imap, String> {
+        let stream = std::net::TcpStream::connect_timeout(&address, limit)
             .map_err(|e| format!("IMAP {address}: {e}"))?;
         stream
-            .set_read_timeout(Some(Duration::from_secs(15)))
+            .set_read_timeout(Some(limit * 3))
             .map_err(|e| e.to_string())?;
         let writer = stream.try_clone().map_err(|e| e.to_string())?;
         let mut imap = Imap {

@@ -314,32 +314,33 @@ impl LabFleet {
                 differing.iter().take(5).collect::<Vec<_>>()
             ));
         }
-        let (kept, expunged) = self.mail_ledger(&origin);
-        let missing: Vec<&String> = kept
-            .iter()
-            .filter(|m| !self.root(&target).join(m).exists())
-            .collect();
+        self.check_writers(&origin, &target, &mut problems);
+        finish(i, problems)
+    }
+
+    /// What `origin`'s writers recorded, as `host` holds it: every message delivered and not
+    /// expunged there, no expunged one, every committed row.
+    fn check_writers(&self, origin: &str, host: &str, problems: &mut Vec<String>) {
+        let (kept, expunged) = self.mail_ledger(origin);
+        let here = |m: &&String| self.root(host).join(m).exists();
+        let missing: Vec<&String> = kept.iter().filter(|m| !here(m)).collect();
         if !missing.is_empty() {
-            problems.push(format!("messages missing on the target: {missing:?}"));
+            problems.push(format!("messages missing on {host}: {missing:?}"));
         }
-        let back: Vec<&String> = expunged
-            .iter()
-            .filter(|m| self.root(&target).join(m).exists())
-            .collect();
+        let back: Vec<&String> = expunged.iter().filter(here).collect();
         if !back.is_empty() {
-            problems.push(format!("expunged messages back on the target: {back:?}"));
+            problems.push(format!("expunged messages back on {host}: {back:?}"));
         }
-        let rows = self.rows_committed(&origin);
-        let missing = self.committed_rows_missing(&target, &rows);
+        let rows = self.rows_committed(origin);
+        let missing = self.committed_rows_missing(host, &rows);
         if !missing.is_empty() {
             problems.push(format!(
-                "{} of {} committed mailboxes missing on the target: {:?}",
+                "{} of {} committed mailboxes missing on {host}: {:?}",
                 missing.len(),
                 rows.len(),
                 missing.iter().take(5).collect::<Vec<_>>()
             ));
         }
-        finish(i, problems)
     }
 
     /// Pair `i` not migrated and intact, seen from outside: the origin alone holds the
@@ -349,21 +350,7 @@ impl LabFleet {
     pub fn check_origin_serves(&self, i: usize) -> Result<(), String> {
         let (origin, target) = (format!("origin-{i}"), format!("target-{i}"));
         let mut problems = self.check_serves(i, &origin, &target);
-        let (kept, _) = self.mail_ledger(&origin);
-        let missing: Vec<&String> = kept
-            .iter()
-            .filter(|m| !self.root(&origin).join(m).exists())
-            .collect();
-        if !missing.is_empty() {
-            problems.push(format!("messages vanished from the origin: {missing:?}"));
-        }
-        let rows = self.rows_committed(&origin);
-        let missing = self.committed_rows_missing(&origin, &rows);
-        if !missing.is_empty() {
-            problems.push(format!(
-                "committed mailboxes vanished from the origin: {missing:?}"
-            ));
-        }
+        self.check_writers(&origin, &origin, &mut problems);
         finish(i, problems)
     }
 }

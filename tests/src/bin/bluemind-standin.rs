@@ -610,9 +610,9 @@ fn bj_transaction(n: u64) -> String {
     format!(
         "BEGIN;\n\
          INSERT INTO t_mailbox (domain_id, login, quota, settings) VALUES (1 + {n} % 5, 'writer-{n}', {n}, jsonb_build_object('n', {n}));\n\
-         UPDATE t_calendar_event SET summary = summary || ' ~{n}' WHERE id IN (SELECT 1 + ({n} * 7919 + k * 104729) % m FROM (SELECT max(id) AS m FROM t_calendar_event) s, generate_series(0, 7) k);\n\
-         DELETE FROM t_calendar_event WHERE id = (SELECT 1 + ({n} * 15485863) % max(id) FROM t_calendar_event);\n\
-         UPDATE t_container_acl SET verb = CASE verb WHEN 'Read' THEN 'Write' ELSE 'Read' END WHERE container_id = (SELECT ({n} * 31) % (max(container_id) + 1) FROM t_container_acl);\n\
+         UPDATE t_calendar_event SET summary = summary || ' ~{n}' WHERE id IN (SELECT 1 + ({n}::bigint * 7919 + k * 104729) % m FROM (SELECT max(id) AS m FROM t_calendar_event) s, generate_series(0, 7) k);\n\
+         DELETE FROM t_calendar_event WHERE id = (SELECT 1 + ({n}::bigint * 15485863) % max(id) FROM t_calendar_event);\n\
+         UPDATE t_container_acl SET verb = CASE verb WHEN 'Read' THEN 'Write' ELSE 'Read' END WHERE container_id = (SELECT ({n}::bigint * 31) % (max(container_id) + 1) FROM t_container_acl);\n\
          SELECT nextval('t_calendar_event_id_seq');\n\
          COMMIT;"
     )
@@ -623,7 +623,7 @@ fn data_transaction(n: u64) -> String {
     format!(
         "BEGIN;\n\
          INSERT INTO t_message_body VALUES (md5('writer-{n}'), {n}, 'written live {n}');\n\
-         UPDATE t_message_body SET preview = preview || ' ~{n}' WHERE guid = md5(({n} * 7919 % 1000 + 1)::text);\n\
+         UPDATE t_message_body SET preview = preview || ' ~{n}' WHERE guid = md5(({n}::bigint * 7919 % 1000 + 1)::text);\n\
          DELETE FROM t_message_body WHERE guid = md5('writer-' || ({n} - 5)) AND {n} % 3 = 0;\n\
          COMMIT;"
     )

@@ -150,8 +150,15 @@ fn main() -> ExitCode {
     }
     println!("== fleet file\n{}", fleet.fleet_file());
     println!("== bmctl fleet apply, then bmctl fleet status until every instance is finished");
-    let result = fleet.migrate(Duration::from_secs(timeout_secs), |table| {
-        println!("{table}")
+    // Mail clients probe every service IP from outside meanwhile (an IMAP login every 100 ms).
+    let stop_probes = std::sync::atomic::AtomicBool::new(false);
+    let (result, client_seen) = std::thread::scope(|scope| {
+        let probes = scope.spawn(|| bmfleet_tests::probe::client_downtimes(&fleet, &stop_probes));
+        let result = fleet.migrate(Duration::from_secs(timeout_secs), |table| {
+            println!("{table}")
+        });
+        stop_probes.store(true, std::sync::atomic::Ordering::SeqCst);
+        (result, probes.join().unwrap_or_default())
     });
     let outcomes = match result {
         Ok(o) => o,
@@ -173,6 +180,7 @@ fn main() -> ExitCode {
     );
     let mut all_ok = true;
     let mut json = Vec::new();
+    let mut mail_lines = Vec::new();
     for (i, o) in outcomes.iter().enumerate() {
         // Verified from outside bmfleet: the target alone holds and answers on the service
         // IP, and its files, tables and sequences equal the origin's by content.
@@ -184,13 +192,41 @@ fn main() -> ExitCode {
         if let Err(e) = &checked {
             eprintln!("demo: {e}");
         }
-        let verified = checked.is_ok();
+        // With a real Cyrus, the mail as its clients left it, read through the service IP
+        // with IMAP on the target.
+        let mail = if fleet.params.real_cyrus {
+            fleet.check_mail(i + 1).map(Some)
+        } else {
+            Ok(None)
+        };
+        if let Err(e) = &mail {
+            eprintln!("demo: {e}");
+        }
+        let verified = checked.is_ok() && mail.is_ok();
         all_ok &= verified;
+        let seen = client_seen.get(i).and_then(|v| v.downtime);
+        let seen_text = seen.map_or("none".to_string(), |d| format!("{:.2} s", d.as_secs_f64()));
+        mail_lines.push(match &mail {
+            Ok(Some(m)) => format!(
+                "{}: delivered {} (expunged {}), served {} once each, lost 0, duplicated 0, flags kept {f} of {f}, moves kept {v} of {v}; client-seen downtime {seen_text} (orchestrator {:.2} s)",
+                o.name,
+                m.delivered,
+                m.expunged,
+                m.served,
+                o.downtime_seconds,
+                f = m.flagged,
+                v = m.moved,
+            ),
+            Ok(None) => format!(
+                "{}: client-seen downtime {seen_text} (orchestrator {:.2} s)",
+                o.name, o.downtime_seconds
+            ),
+            Err(e) => format!("{}: {e}", o.name),
+        });
         // What the origin's stand-ins wrote while the migration ran (the origin's BlueMind
         // committing rows, mail arriving and expunged), all compared on the target.
         let origin = format!("origin-{}", i + 1);
         let rows = fleet.rows_committed(&origin).len();
-        let (kept, expunged) = fleet.mail_ledger(&origin);
         let writer_errors =
             std::fs::read_to_string(fleet.root(&origin).join("var/log/standin-bluemind.log"))
                 .unwrap_or_default();
@@ -204,7 +240,13 @@ fn main() -> ExitCode {
             o.downtime_seconds,
             o.bytes_moved,
             rows,
-            format!("{}-{}", kept.len() + expunged.len(), expunged.len()),
+            match &mail {
+                Ok(Some(m)) => format!("{}-{}", m.delivered, m.expunged),
+                _ => {
+                    let (kept, expunged) = fleet.mail_ledger(&origin);
+                    format!("{}-{}", kept.len() + expunged.len(), expunged.len())
+                }
+            },
             verified
         );
         json.push(serde_json::json!({
@@ -213,10 +255,22 @@ fn main() -> ExitCode {
             "downtime_seconds": o.downtime_seconds,
             "bytes_moved": o.bytes_moved,
             "rows_written": rows,
-            "mail_delivered": kept.len() + expunged.len(),
-            "mail_expunged": expunged.len(),
+            "client_seen_downtime_seconds": seen.map(|d| d.as_secs_f64()),
+            "mail": mail.as_ref().ok().and_then(|m| m.as_ref()).map(|m| serde_json::json!({
+                "delivered": m.delivered,
+                "expunged": m.expunged,
+                "served": m.served,
+                "flagged": m.flagged,
+                "moved": m.moved,
+                "lost": 0,
+                "duplicated": 0,
+            })),
             "verified": verified,
         }));
+    }
+    println!("== mail clients, from outside (an IMAP session on each service IP every 100 ms)");
+    for line in &mail_lines {
+        println!("{line}");
     }
     drop(fleet);
     println!("== lab torn down");
