@@ -19,7 +19,7 @@ pub fn lmtp_deliver(
     let stream = std::os::unix::net::UnixStream::connect(socket)
         .map_err(|e| format!("LMTP {}: {e}", socket.display()))?;
     stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
+        .set_read_timeout(Some(Duration::from_secs(3)))
         .map_err(|e| e.to_string())?;
     let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
     let mut reader = BufReader::new(stream);

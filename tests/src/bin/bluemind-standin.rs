@@ -197,7 +197,8 @@ fn stop(args: &Args) -> ExitCode {
             nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGTERM,
         );
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // Long enough for the transaction in flight and every Cyrus process to end.
+        let deadline = Instant::now() + Duration::from_secs(60);
         while running_pid(args).is_some() {
             if Instant::now() > deadline {
                 eprintln!("pid {pid} did not stop");
@@ -395,18 +396,46 @@ fn start_cyrus(root: &Path) -> std::io::Result<std::process::Child> {
     Ok(child)
 }
 
-/// Stops Cyrus's master (SIGTERM: it stops its services) and waits for it.
+/// Stops Cyrus as a service manager would: SIGTERM to its master, then every process left in
+/// its mount namespace (an imapd finishing a command outlives the master), until none is
+/// left (SIGKILL after 10 s): nothing of Cyrus writes once the stop returns.
 fn stop_cyrus(child: &mut std::process::Child) {
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
+    let signal = |pid: i32, sig| {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+    };
+    let namespace = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+    let master = child.id().to_string();
+    let ours = namespace(&master);
+    let ours_too = namespace("self");
+    signal(child.id() as i32, nix::sys::signal::Signal::SIGTERM);
+    let left = || -> Vec<i32> {
+        let (Some(cyrus), false) = (&ours, ours == ours_too) else {
+            return Vec::new();
+        };
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+            .filter(|pid| namespace(&pid.to_string()).as_ref() == Some(cyrus))
+            .collect()
+    };
     let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
+    loop {
+        let _ = child.try_wait();
+        let pids = left();
+        if pids.is_empty() {
+            break;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        let sig = if Instant::now() < deadline {
+            nix::sys::signal::Signal::SIGTERM
+        } else {
+            nix::sys::signal::Signal::SIGKILL
+        };
+        for pid in pids {
+            signal(pid, sig);
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
     let _ = child.kill();
     let _ = child.wait();
@@ -450,7 +479,8 @@ fn deliver_to_cyrus(root: &Path, every: Duration, stopping: &std::sync::atomic::
         // A client acts on an earlier message of the same user (k ≡ n mod 3).
         let act = |k: u64, what: &str| -> Result<(), String> {
             let (user, id) = (user_of(k), id_of(k));
-            let mut session = Imap::login(imap, user, "lab")?;
+            // Short waits: a stop of Cyrus must not hold this service's own stop.
+            let mut session = Imap::login_within(imap, user, "lab", Duration::from_secs(1))?;
             session.command("SELECT INBOX")?;
             let Some(uid) = session.uid_of(&id)? else {
                 return Ok(());

@@ -1,4 +1,4 @@
-//! `bmfleet-lab demo [--pairs N] [--messages N] [--db-rows N] [--preinstalled]`: builds the network lab (N
+//! `bmfleet-lab demo [--pairs N] [--messages N] [--db-rows N] [--preinstalled] [--real-cyrus]`: builds the network lab (N
 //! BlueMind origin/target pairs and an orchestrator), enrolls every host's agent over SSH
 //! (`bmctl fleet enroll`), migrates the whole fleet with bmctl,
 //! prints a per-instance summary, tears the lab down, and exits 0 only if every instance is
@@ -38,6 +38,11 @@ enum Mode {
         /// and starts every agent first).
         #[arg(long)]
         preinstalled: bool,
+        /// Every host's mail served by a real Cyrus IMAP (Debian's cyrus-imapd) instead of
+        /// the stand-in's banner: mail through its LMTP socket, clients flagging, moving and
+        /// expunging over IMAP; each instance's mail then checked through IMAP after Done.
+        #[arg(long)]
+        real_cyrus: bool,
     },
     /// The chaos campaign: pairs migrating while faults land at random moments (orchestrator
     /// SIGKILL/SIGTERM, agent SIGKILL, partitions, BlueMind API errors, PostgreSQL crashes,
@@ -73,45 +78,54 @@ enum Mode {
 }
 
 fn main() -> ExitCode {
-    let (pairs, messages, db_rows, timeout_secs, preinstalled) = match Args::parse().command {
-        Mode::Demo {
-            pairs,
-            messages,
-            db_rows,
-            timeout_secs,
-            preinstalled,
-        } => (pairs, messages, db_rows, timeout_secs, preinstalled),
-        Mode::Chaos {
-            pairs,
-            seed,
-            faults,
-            max_partition_secs,
-            messages,
-            stagger_secs,
-            max_gap_ms,
-            budget_secs,
-        } => {
-            let params = bmfleet_tests::chaos::ChaosParams {
+    let (pairs, messages, db_rows, timeout_secs, preinstalled, real_cyrus) =
+        match Args::parse().command {
+            Mode::Demo {
+                pairs,
+                messages,
+                db_rows,
+                timeout_secs,
+                preinstalled,
+                real_cyrus,
+            } => (
+                pairs,
+                messages,
+                db_rows,
+                timeout_secs,
+                preinstalled,
+                real_cyrus,
+            ),
+            Mode::Chaos {
                 pairs,
                 seed,
                 faults,
-                messages,
                 max_partition_secs,
+                messages,
                 stagger_secs,
                 max_gap_ms,
                 budget_secs,
-                ..Default::default()
-            };
-            println!("== chaos: {pairs} pairs, {faults} faults, seed {seed}");
-            let report = bmfleet_tests::chaos::run(params, |line| println!("{line}"));
-            println!("{}", report.table(seed));
-            return if report.violations.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            };
-        }
-    };
+            } => {
+                let params = bmfleet_tests::chaos::ChaosParams {
+                    pairs,
+                    seed,
+                    faults,
+                    messages,
+                    max_partition_secs,
+                    stagger_secs,
+                    max_gap_ms,
+                    budget_secs,
+                    ..Default::default()
+                };
+                println!("== chaos: {pairs} pairs, {faults} faults, seed {seed}");
+                let report = bmfleet_tests::chaos::run(params, |line| println!("{line}"));
+                println!("{}", report.table(seed));
+                return if report.violations.is_empty() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                };
+            }
+        };
     let enroll = !preinstalled;
     println!("== building the lab: {pairs} origin/target pairs, {messages} messages and {db_rows} rows each");
     let fleet = LabFleet::build(LabParams {
@@ -124,6 +138,7 @@ fn main() -> ExitCode {
         // card is ens18, netplan keeps its addresses, it runs PostgreSQL 16) and its
         // databases cross the major by logical replication.
         subscriber_pg16: true,
+        real_cyrus,
         ..LabParams::default()
     });
     if enroll {
