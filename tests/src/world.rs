@@ -15,22 +15,28 @@ use crate::lab_fleet::{service_ip, LabFleet};
 const DATABASES: [&str; 2] = ["bj", "bj-data"];
 
 impl LabFleet {
-    /// What answers on pair `i`'s service IP's IMAP port, seen from the orchestrator's host
-    /// (the stand-in's banner names its host); an error when nothing answers.
-    pub fn banner(&self, i: usize) -> Result<String, String> {
-        let ip = service_ip(i);
+    /// A connection from the orchestrator's host to pair `i`'s service IP's IMAP port, with
+    /// the greeting read.
+    fn greeted(&self, i: usize) -> Result<(std::net::TcpStream, String), String> {
+        use std::io::Read;
+        let address: std::net::SocketAddr = format!("{}:143", service_ip(i))
+            .parse()
+            .map_err(|e| format!("{e}"))?;
         self.lab.run_in("orch", || {
-            use std::io::Read;
-            let address: std::net::SocketAddr =
-                format!("{ip}:143").parse().map_err(|e| format!("{e}"))?;
             let mut c = std::net::TcpStream::connect_timeout(&address, Duration::from_secs(5))
                 .map_err(|e| format!("{address}: {e}"))?;
             c.set_read_timeout(Some(Duration::from_secs(5)))
                 .map_err(|e| e.to_string())?;
-            let mut buf = [0u8; 256];
+            let mut buf = [0u8; 512];
             let n = c.read(&mut buf).map_err(|e| format!("{address}: {e}"))?;
-            Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+            Ok((c, String::from_utf8_lossy(&buf[..n]).into_owned()))
         })
+    }
+
+    /// What answers on pair `i`'s service IP's IMAP port, seen from the orchestrator's host
+    /// (the stand-in's banner names its host); an error when nothing answers.
+    pub fn banner(&self, i: usize) -> Result<String, String> {
+        self.greeted(i).map(|(_, banner)| banner)
     }
 
     /// Which of pair `i`'s hosts answers on its service IP's IMAP port, seen from the
@@ -38,26 +44,12 @@ impl LabFleet {
     /// whether it holds it (its TCP table, read inside its network namespace). Any server
     /// may answer: a real Cyrus's banner names no lab host.
     pub fn who_answers(&self, i: usize) -> Result<String, String> {
-        use std::io::Read;
-        let ip = service_ip(i);
-        let service: std::net::SocketAddr =
-            format!("{ip}:143").parse().map_err(|e| format!("{e}"))?;
-        let (conn, ours) = self.lab.run_in("orch", || {
-            let mut c = std::net::TcpStream::connect_timeout(&service, Duration::from_secs(5))
-                .map_err(|e| format!("{service}: {e}"))?;
-            c.set_read_timeout(Some(Duration::from_secs(5)))
-                .map_err(|e| e.to_string())?;
-            let mut buf = [0u8; 512];
-            let n = c.read(&mut buf).map_err(|e| format!("{service}: {e}"))?;
-            if !buf[..n].starts_with(b"* OK") {
-                return Err(format!(
-                    "{service} greeted {:?}",
-                    String::from_utf8_lossy(&buf[..n])
-                ));
-            }
-            let ours = c.local_addr().map_err(|e| e.to_string())?;
-            Ok((c, ours))
-        })?;
+        let (conn, greeting) = self.greeted(i)?;
+        let service = conn.peer_addr().map_err(|e| e.to_string())?;
+        if !greeting.starts_with("* OK") {
+            return Err(format!("{service} greeted {greeting:?}"));
+        }
+        let ours = conn.local_addr().map_err(|e| e.to_string())?;
         let holders: Vec<String> = [format!("origin-{i}"), format!("target-{i}")]
             .into_iter()
             .filter(|host| {
@@ -519,10 +511,7 @@ impl LabFleet {
             let served = self
                 .lab
                 .run_in("orch", || crate::mail::served(address, user))?;
-            for (id, (owner, folder, flagged, expunged)) in
-                wanted.iter().filter(|(_, w)| w.0 == user)
-            {
-                let _ = owner;
+            for (id, (_, folder, flagged, expunged)) in wanted.iter().filter(|(_, w)| w.0 == user) {
                 let seen = served.get(id).cloned().unwrap_or_default();
                 match (expunged, seen.as_slice()) {
                     (true, []) => {}
@@ -552,10 +541,9 @@ impl LabFleet {
                 }
             }
         }
-        if count.delivered == 0 || problems.is_empty() {
-            if count.delivered == 0 {
-                return Err(format!("pair {i}: no mail was delivered through Cyrus"));
-            }
+        if count.delivered == 0 {
+            Err(format!("pair {i}: no mail was delivered through Cyrus"))
+        } else if problems.is_empty() {
             Ok(count)
         } else {
             Err(format!(
