@@ -220,7 +220,21 @@ fn main() -> ExitCode {
         let verified = checked.is_ok() && mail.is_ok();
         all_ok &= verified;
         let seen = client_seen.get(i).and_then(|v| v.downtime);
-        let seen_text = seen.map_or("none".to_string(), |d| format!("{:.2} s", d.as_secs_f64()));
+        // The longest outage, and every outage as "start+length" seconds since the probes began.
+        let outages: Vec<String> = client_seen
+            .get(i)
+            .map(|v| {
+                v.outages
+                    .iter()
+                    .map(|(at, lasted)| {
+                        format!("{:.1}+{:.2}", at.as_secs_f64(), lasted.as_secs_f64())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let seen_text = seen.map_or("none".to_string(), |d| {
+            format!("{:.2} s [outages {}]", d.as_secs_f64(), outages.join(", "))
+        });
         mail_lines.push(match &mail {
             Ok(Some(m)) => format!(
                 "{}: delivered {} (expunged {}), served {} once each, lost 0, duplicated 0, flags kept {f} of {f}, moves kept {v} of {v}; client-seen downtime {seen_text} (orchestrator {:.2} s)",
