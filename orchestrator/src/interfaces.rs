@@ -23,17 +23,12 @@ pub fn origin_card(spec: &InstanceSpec, origin: &FactsReply) -> Result<String, S
     if let Some(name) = &spec.origin_interface {
         return named(name, origin, "origin");
     }
-    let ip = spec.service_ip.to_string();
-    cards(origin)
-        .into_iter()
-        .find(|(_, addresses)| addresses.iter().any(|a| a.split('/').next() == Some(&ip)))
-        .map(|(name, _)| name)
-        .ok_or_else(|| {
-            format!(
-                "no card of the origin {} holds the service IP {ip}: name it with origin_interface in the fleet file",
-                origin.agent_name
-            )
-        })
+    bmfleet_proto::network::interface_holding(spec.service_ip, &cards(origin)).ok_or_else(|| {
+        format!(
+            "no card of the origin {} holds the service IP {}: name it with origin_interface in the fleet file",
+            origin.agent_name, spec.service_ip
+        )
+    })
 }
 
 /// The target's card: the one named, if the target has it; else the one with an address of

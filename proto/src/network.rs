@@ -20,6 +20,22 @@ pub fn in_subnet(a: IpAddr, net: IpAddr, prefix: u8) -> bool {
     (a >> shift) == (net >> shift)
 }
 
+/// The interface among `interfaces` (name, its addresses as "address/prefix") that holds
+/// `ip` itself, if any: where a service IP is to be released from.
+pub fn interface_holding(ip: IpAddr, interfaces: &[(String, Vec<String>)]) -> Option<String> {
+    interfaces
+        .iter()
+        .find(|(_, addresses)| {
+            addresses.iter().any(|cidr| {
+                cidr.split('/')
+                    .next()
+                    .and_then(|a| a.parse::<IpAddr>().ok())
+                    == Some(ip)
+            })
+        })
+        .map(|(name, _)| name.clone())
+}
+
 /// The interface the service IP `ip`/`prefix` belongs on among `interfaces` (name, its
 /// addresses as "address/prefix"): the one with an address other than the service IP in that
 /// subnet. An error names the candidates when there are none or several.
@@ -72,11 +88,16 @@ mod tests {
         let hosts = cards(&[
             ("lo", &["127.0.0.1/8", "::1/128"]),
             ("ens18", &["198.18.0.7/24", "fe80::1/64"]),
-            ("ens19", &["10.0.0.7/24"]),
+            ("ens19", &["198.19.0.7/24"]),
         ]);
         assert_eq!(service_interface(ip, 24, &hosts).unwrap(), "ens18");
+        assert_eq!(interface_holding(ip, &hosts), None);
         // The service IP itself is not the host's own address.
         let only_service = cards(&[("eth0", &["198.18.0.101/24"]), ("eth1", &["198.18.1.1/24"])]);
+        assert_eq!(
+            interface_holding(ip, &only_service).as_deref(),
+            Some("eth0")
+        );
         assert!(service_interface(ip, 24, &only_service)
             .unwrap_err()
             .contains("no interface"));

@@ -100,12 +100,7 @@ fn choose_interface(address: &str, interface: &str, take: bool) -> Result<Option
     if take {
         return bmfleet_proto::network::service_interface(ip, prefix, &cards).map(Some);
     }
-    Ok(cards.into_iter().find_map(|(name, addresses)| {
-        addresses
-            .iter()
-            .any(|a| a.split('/').next() == Some(&ip.to_string()))
-            .then_some(name)
-    }))
+    Ok(bmfleet_proto::network::interface_holding(ip, &cards))
 }
 
 /// Removes the service IP (and its persisted configuration). Idempotent; an empty

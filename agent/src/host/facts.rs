@@ -17,6 +17,7 @@ use crate::config::AgentConfig;
 pub async fn gather(config: &AgentConfig, agent_name: &str, measure_usage: bool) -> FactsReply {
     let timeout = Duration::from_secs(config.facts.command_timeout_secs);
     let persistence = crate::host::persistence::system(config);
+    let cards = interface_addresses();
     let (bluemind, postgresql) = tokio::join!(
         version("BlueMind", &config.facts.bluemind_version_command, timeout),
         version(
@@ -69,22 +70,18 @@ pub async fn gather(config: &AgentConfig, agent_name: &str, measure_usage: bool)
                     .collect()
             })
             .unwrap_or_default(),
-        addresses: nix::ifaddrs::getifaddrs()
-            .map(|list| {
-                let mut all: Vec<String> = list
-                    .filter_map(|a| a.address)
-                    .filter_map(|a| {
-                        a.as_sockaddr_in()
-                            .map(|v4| v4.ip().to_string())
-                            .or_else(|| a.as_sockaddr_in6().map(|v6| v6.ip().to_string()))
-                    })
-                    .collect();
-                all.sort();
-                all.dedup();
-                all
-            })
-            .unwrap_or_default(),
-        interface_addresses: interface_addresses()
+        addresses: {
+            // Every address, from the same reading as the cards' (without the prefixes).
+            let mut all: Vec<String> = cards
+                .iter()
+                .flat_map(|(_, addresses)| addresses.iter())
+                .filter_map(|a| a.split('/').next().map(str::to_string))
+                .collect();
+            all.sort();
+            all.dedup();
+            all
+        },
+        interface_addresses: cards
             .into_iter()
             .map(|(name, addresses)| bmfleet_proto::v1::InterfaceFact { name, addresses })
             .collect(),

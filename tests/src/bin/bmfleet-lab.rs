@@ -17,33 +17,37 @@ struct Args {
     command: Mode,
 }
 
+/// `bmfleet-lab demo`'s options.
+#[derive(clap::Args)]
+struct Demo {
+    /// Origin/target pairs.
+    #[arg(long, default_value_t = 3)]
+    pairs: usize,
+    /// Messages per origin spool.
+    #[arg(long, default_value_t = 2000)]
+    messages: usize,
+    /// Rows of the biggest table per origin database.
+    #[arg(long, default_value_t = 50_000)]
+    db_rows: u64,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 900)]
+    timeout_secs: u64,
+    /// Start with every agent installed and listed in the orchestrator's configuration
+    /// (by default the hosts run only sshd, and `bmctl fleet enroll` installs, enrolls
+    /// and starts every agent first).
+    #[arg(long)]
+    preinstalled: bool,
+    /// Every host's mail served by a real Cyrus IMAP (Debian's cyrus-imapd) instead of
+    /// the stand-in's banner: mail through its LMTP socket, clients flagging, moving and
+    /// expunging over IMAP; each instance's mail then checked through IMAP after Done.
+    #[arg(long)]
+    real_cyrus: bool,
+}
+
 #[derive(Subcommand)]
 enum Mode {
     /// Build the lab, migrate every instance, report, tear down.
-    Demo {
-        /// Origin/target pairs.
-        #[arg(long, default_value_t = 3)]
-        pairs: usize,
-        /// Messages per origin spool.
-        #[arg(long, default_value_t = 2000)]
-        messages: usize,
-        /// Rows of the biggest table per origin database.
-        #[arg(long, default_value_t = 50_000)]
-        db_rows: u64,
-        /// Give up after this many seconds.
-        #[arg(long, default_value_t = 900)]
-        timeout_secs: u64,
-        /// Start with every agent installed and listed in the orchestrator's configuration
-        /// (by default the hosts run only sshd, and `bmctl fleet enroll` installs, enrolls
-        /// and starts every agent first).
-        #[arg(long)]
-        preinstalled: bool,
-        /// Every host's mail served by a real Cyrus IMAP (Debian's cyrus-imapd) instead of
-        /// the stand-in's banner: mail through its LMTP socket, clients flagging, moving and
-        /// expunging over IMAP; each instance's mail then checked through IMAP after Done.
-        #[arg(long)]
-        real_cyrus: bool,
-    },
+    Demo(Demo),
     /// The chaos campaign: pairs migrating while faults land at random moments (orchestrator
     /// SIGKILL/SIGTERM, agent SIGKILL, partitions, BlueMind API errors, PostgreSQL crashes,
     /// full disks, slow links, windows closing during a cold sync); invariants checked while
@@ -78,54 +82,46 @@ enum Mode {
 }
 
 fn main() -> ExitCode {
-    let (pairs, messages, db_rows, timeout_secs, preinstalled, real_cyrus) =
-        match Args::parse().command {
-            Mode::Demo {
-                pairs,
-                messages,
-                db_rows,
-                timeout_secs,
-                preinstalled,
-                real_cyrus,
-            } => (
-                pairs,
-                messages,
-                db_rows,
-                timeout_secs,
-                preinstalled,
-                real_cyrus,
-            ),
-            Mode::Chaos {
+    let Demo {
+        pairs,
+        messages,
+        db_rows,
+        timeout_secs,
+        preinstalled,
+        real_cyrus,
+    } = match Args::parse().command {
+        Mode::Demo(demo) => demo,
+        Mode::Chaos {
+            pairs,
+            seed,
+            faults,
+            max_partition_secs,
+            messages,
+            stagger_secs,
+            max_gap_ms,
+            budget_secs,
+        } => {
+            let params = bmfleet_tests::chaos::ChaosParams {
                 pairs,
                 seed,
                 faults,
-                max_partition_secs,
                 messages,
+                max_partition_secs,
                 stagger_secs,
                 max_gap_ms,
                 budget_secs,
-            } => {
-                let params = bmfleet_tests::chaos::ChaosParams {
-                    pairs,
-                    seed,
-                    faults,
-                    messages,
-                    max_partition_secs,
-                    stagger_secs,
-                    max_gap_ms,
-                    budget_secs,
-                    ..Default::default()
-                };
-                println!("== chaos: {pairs} pairs, {faults} faults, seed {seed}");
-                let report = bmfleet_tests::chaos::run(params, |line| println!("{line}"));
-                println!("{}", report.table(seed));
-                return if report.violations.is_empty() {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::FAILURE
-                };
-            }
-        };
+                ..Default::default()
+            };
+            println!("== chaos: {pairs} pairs, {faults} faults, seed {seed}");
+            let report = bmfleet_tests::chaos::run(params, |line| println!("{line}"));
+            println!("{}", report.table(seed));
+            return if report.violations.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
+        }
+    };
     let enroll = !preinstalled;
     println!("== building the lab: {pairs} origin/target pairs, {messages} messages and {db_rows} rows each");
     let fleet = LabFleet::build(LabParams {
