@@ -49,6 +49,9 @@ pub struct AgentConfig {
     /// Moving the service IP.
     #[serde(default)]
     pub network: NetworkConfig,
+    /// The host's Postfix queue: drained before a stop, carried to the target at cold sync.
+    #[serde(default)]
+    pub mail_queue: MailQueueConfig,
     /// BlueMind's API, for the post-migration steps.
     #[serde(default)]
     pub bluemind_api: BlueMindApiConfig,
@@ -261,6 +264,35 @@ impl Default for ConfigSetConfig {
             .map(|p| p.to_string())
             .collect(),
             postmap_command: argv(&["postmap"]),
+        }
+    }
+}
+
+/// The host's Postfix queue (mail accepted and not yet delivered). Before the services stop,
+/// the queue is flushed and given `drain_secs` to deliver into Cyrus while it still runs;
+/// what is left (deferred, held, in flight) is carried to the target at cold sync, put in
+/// place with `postsuper -s` (Postfix's structure check, the documented step after queue
+/// files were restored from another machine) and flushed once the target's services run.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MailQueueConfig {
+    /// Postfix's `queue_directory`, a BlueMind path (under `data_root`).
+    pub dir: PathBuf,
+    /// `postqueue` (`-f` and `-j` are appended); empty: no drain and no flush.
+    pub postqueue_command: Vec<String>,
+    /// `postsuper` (`-s` is appended); empty: carried files are not structure-checked.
+    pub postsuper_command: Vec<String>,
+    /// The longest wait for the queue to drain before a stop, seconds.
+    pub drain_secs: u64,
+}
+
+impl Default for MailQueueConfig {
+    fn default() -> Self {
+        MailQueueConfig {
+            dir: PathBuf::from("/var/spool/postfix"),
+            postqueue_command: argv(&["postqueue"]),
+            postsuper_command: argv(&["postsuper"]),
+            drain_secs: 10,
         }
     }
 }

@@ -26,7 +26,8 @@ use tonic::{Request, Response, Status};
 use crate::config::AgentConfig;
 use crate::data_plane::DataPlane;
 use crate::db::{databases, standby};
-use crate::files::{config_set, pull};
+use crate::files::rsync_args::{CONFIG_SET_TOKEN, MAIL_QUEUE_TOKEN};
+use crate::files::{config_set, mail_queue, pull};
 use crate::host::{connections, cutover, facts, served, services};
 use crate::metrics::{AgentMetrics, Outcome};
 use crate::operations::{once, once_unless, Journal};
@@ -220,7 +221,25 @@ impl Agent for AgentService {
                     };
                 }
             }
-            services::run(&config.services, action).await
+            match action {
+                // Mail Postfix accepted goes into Cyrus while both still run (bounded); the
+                // rest is carried at cold sync.
+                ServiceAction::Stop => {
+                    let drained = mail_queue::drain(&config).await;
+                    ServicesReply {
+                        mail_queue: Some(drained),
+                        ..services::run(&config.services, action).await
+                    }
+                }
+                // Carried mail deferred on the origin is tried now, not after its back-off.
+                _ => {
+                    let mut reply = services::run(&config.services, action).await;
+                    if reply.ok {
+                        reply.mail_queue = Some(mail_queue::flush(&config).await);
+                    }
+                    reply
+                }
+            }
         };
         self.journaled(&req.operation_id, &kind, &req.encode_to_vec(), run)
             .await
@@ -754,7 +773,51 @@ impl AgentService {
     }
 }
 
-/// Copies the configuration file set in one transfer, then rebuilds the postfix maps.
+/// Pulls what the origin lists for `token` (its config set or its mail queue) into `dest` in
+/// one rsync transfer; its statistics, or why it failed (with them when rsync ran).
+async fn pull_listed(
+    config: &AgentConfig,
+    origin: &OriginEndpoint,
+    token: &str,
+    dest: &std::path::Path,
+) -> Result<bmfleet_proto::v1::SyncStats, (Option<bmfleet_proto::v1::SyncStats>, String)> {
+    let options: Vec<String> = [
+        "-aAX",
+        "-r",
+        "-R",
+        &format!("--files-from=:{token}"),
+        "--from0",
+        "--stats",
+        "--out-format=%i %l %n",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([crate::files::rsync_args::timeout_option()])
+    .collect();
+    let dest = format!("{}/", dest.display());
+    let run =
+        pull::rsync_through_tunnel(config, origin, &options, &["origin:/".to_string()], &dest)
+            .map_err(|e| (None, e))?;
+    // Nobody listens for progress of these copies; keep the receiver so it is not cancelled.
+    let (progress, _keep) = mpsc::channel(1);
+    let outcome = pull::run_rsync(run, &progress)
+        .await
+        .map_err(|e| (None, e))?;
+    if outcome.exit_code != 0 {
+        return Err((
+            Some(outcome.stats),
+            format!(
+                "rsync exited with {}: {}",
+                outcome.exit_code,
+                outcome.stderr.trim()
+            ),
+        ));
+    }
+    Ok(outcome.stats)
+}
+
+/// Copies the configuration file set in one transfer, rebuilds the postfix maps, then
+/// carries the origin's Postfix queue (both services stopped: this is the cold sync).
 async fn copy_config(config: &AgentConfig, origin: &OriginEndpoint) -> CopyConfigReply {
     let failed = |error: String| CopyConfigReply {
         ok: false,
@@ -768,47 +831,10 @@ async fn copy_config(config: &AgentConfig, origin: &OriginEndpoint) -> CopyConfi
         Ok(d) => d,
         Err(e) => return failed(format!("cannot make the config staging dir: {e}")),
     };
-    let options: Vec<String> = [
-        "-aAX",
-        "-r",
-        "-R",
-        "--files-from=:bmfleet-config-set",
-        "--from0",
-        "--stats",
-        "--out-format=%i %l %n",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain([crate::files::rsync_args::timeout_option()])
-    .collect();
-    let dest = format!("{}/", staging.path().display());
-    let run = match pull::rsync_through_tunnel(
-        config,
-        origin,
-        &options,
-        &["origin:/".to_string()],
-        &dest,
-    ) {
-        Ok(r) => r,
-        Err(e) => return failed(e),
+    let stats = match pull_listed(config, origin, CONFIG_SET_TOKEN, staging.path()).await {
+        Ok(stats) => Some(stats),
+        Err((stats, e)) => return CopyConfigReply { stats, ..failed(e) },
     };
-    // Nobody listens for progress of a config copy; keep the receiver so it is not cancelled.
-    let (progress, _keep) = mpsc::channel(1);
-    let outcome = match pull::run_rsync(run, &progress).await {
-        Ok(o) => o,
-        Err(e) => return failed(e),
-    };
-    if outcome.exit_code != 0 {
-        return CopyConfigReply {
-            stats: Some(outcome.stats),
-            ..failed(format!(
-                "rsync exited with {}: {}",
-                outcome.exit_code,
-                outcome.stderr.trim()
-            ))
-        };
-    }
-    let stats = Some(outcome.stats);
     let screened = match config_set::screen(&config.config_set.patterns, staging.path()) {
         Ok(s) => s,
         Err(e) => return CopyConfigReply { stats, ..failed(e) },
@@ -824,28 +850,57 @@ async fn copy_config(config: &AgentConfig, origin: &OriginEndpoint) -> CopyConfi
     if let Err(e) = config_set::install(config, staging.path(), &screened, timeout).await {
         return CopyConfigReply { stats, ..failed(e) };
     }
-    let refused: Vec<String> = screened.refused.iter().map(|f| format!("/{f}")).collect();
+    let mut refused: Vec<String> = screened.refused.iter().map(|f| format!("/{f}")).collect();
     let files: Vec<String> = screened.accepted.iter().map(|f| format!("/{f}")).collect();
-    match config_set::rebuild_postfix_maps(
+    let maps = match config_set::rebuild_postfix_maps(
         &config.data_root,
         &config.config_set.postmap_command,
         timeout,
     )
     .await
     {
-        Ok(maps) => CopyConfigReply {
-            ok: true,
-            files,
-            refused,
-            maps_rebuilt: maps.iter().map(|m| m.db.display().to_string()).collect(),
-            stats,
-            ..Default::default()
-        },
-        Err(e) => CopyConfigReply {
-            stats,
-            refused,
-            ..failed(e)
-        },
+        Ok(maps) => maps,
+        Err(e) => {
+            return CopyConfigReply {
+                stats,
+                refused,
+                ..failed(e)
+            }
+        }
+    };
+    let maps_rebuilt: Vec<String> = maps.iter().map(|m| m.db.display().to_string()).collect();
+    let done = |refused, error: String| CopyConfigReply {
+        ok: error.is_empty(),
+        files: files.clone(),
+        maps_rebuilt: maps_rebuilt.clone(),
+        refused,
+        stats: stats.clone(),
+        error,
+        ..Default::default()
+    };
+    // The mail the origin's Postfix had not delivered at the stop: into this host's queue.
+    let queue = match tempfile::tempdir_in(&config.state_dir) {
+        Ok(d) => d,
+        Err(e) => return done(refused, format!("cannot make the queue staging dir: {e}")),
+    };
+    if let Err((_, e)) = pull_listed(config, origin, MAIL_QUEUE_TOKEN, queue.path()).await {
+        return done(refused, format!("carrying the mail queue: {e}"));
+    }
+    let carried = match mail_queue::install(config, queue.path()) {
+        Ok(c) => c,
+        Err(e) => return done(refused, format!("carrying the mail queue: {e}")),
+    };
+    if !carried.refused.is_empty() {
+        tracing::warn!(origin = %origin.name, refused = ?carried.refused, "the origin sent entries that are not queue files: not installed");
+    }
+    refused.extend(carried.refused);
+    if let Err(e) = mail_queue::structure_check(config, timeout).await {
+        return done(refused, e);
+    }
+    CopyConfigReply {
+        queue_files: carried.installed,
+        queue_files_already: carried.already,
+        ..done(refused, String::new())
     }
 }
 

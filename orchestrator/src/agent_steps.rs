@@ -413,10 +413,45 @@ async fn copy_config(
         );
     }
     if reply.ok {
-        Ok(StepOutput::default())
+        Ok(StepOutput {
+            mail_queue: format!(
+                "{} queue files carried into {}'s Postfix queue{}",
+                reply.queue_files.len(),
+                target.name,
+                match reply.queue_files_already {
+                    0 => String::new(),
+                    n => format!(" ({n} already there from an earlier attempt)"),
+                }
+            ),
+            ..StepOutput::default()
+        })
     } else {
         Err(reply.error)
     }
+}
+
+/// What a stop's drain or a start's flush left in a host's Postfix queue, in words.
+fn describe_queue(host: &str, state: &bmfleet_proto::v1::MailQueueState) -> String {
+    let mut left: Vec<String> = state
+        .messages
+        .iter()
+        .map(|(queue, n)| format!("{queue} {n}"))
+        .collect();
+    left.sort();
+    format!(
+        "{host}'s Postfix queue after {} ms: {}{}",
+        state.waited_ms,
+        if left.is_empty() {
+            "empty".to_string()
+        } else {
+            left.join(", ")
+        },
+        if state.note.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", state.note)
+        }
+    )
 }
 
 /// Both agents answer, the BlueMind versions match, PostgreSQL answers on both, the target
@@ -1022,7 +1057,14 @@ async fn services(agent: &AgentHandle, job: &Job, action: ServiceAction) -> Done
         .map_err(|s| format!("{}: {}", agent.name, describe_status(&s)))?
         .into_inner();
     if reply.ok {
-        return Ok(StepOutput::default());
+        return Ok(StepOutput {
+            mail_queue: reply
+                .mail_queue
+                .as_ref()
+                .map(|q| describe_queue(&agent.name, q))
+                .unwrap_or_default(),
+            ..StepOutput::default()
+        });
     }
     let failed = reply
         .commands

@@ -54,6 +54,8 @@ pub struct StepOutput {
     pub databases: Option<DbPlan>,
     /// The databases' move: what their gate compared.
     pub gate: String,
+    /// The mail queue: drained before the stop, or carried at cold sync.
+    pub mail_queue: String,
 }
 
 impl From<PassStats> for StepOutput {
@@ -353,6 +355,7 @@ impl Engine {
                     stats: output.stats,
                     databases: output.databases,
                     gate: output.gate,
+                    mail_queue: output.mail_queue,
                     elapsed_ms,
                 },
                 Err(error) => Event::Failed {

@@ -333,6 +333,10 @@ pub enum Event {
         /// point, or every table and why), for `bmctl fleet events`.
         #[serde(default, skip_serializing_if = "String::is_empty")]
         gate: String,
+        /// The mail queue: what the origin's drain left before the stop, what the Config
+        /// step carried into the target's queue, for `bmctl fleet events`.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        mail_queue: String,
         /// How long the step ran, ms (its share of a downtime, in `bmctl fleet events`).
         #[serde(default)]
         elapsed_ms: u64,

@@ -521,7 +521,10 @@ fn validate_network(part: &str, whole: &str) -> Result<(), String> {
 
 /// DirtyMapEvent.java (throttled) → PostfixMapUpdater.refreshMaps: ServerMaps.writeFlatMaps
 /// writes each `MAP-flat`, then the updateMaps.sh template runs `postmap MAP-flat` and
-/// `mv -f MAP-flat.db MAP.db` for each map, and reloads postfix.
+/// `mv -f MAP-flat.db MAP.db` for each map, and reloads postfix. Beside a real Postfix (the
+/// lab's real mail stack: its queue is there) the real `postmap` builds the map (Postfix's
+/// daemons reopen a changed table by themselves); beside the stand-in a marked copy stands
+/// for it.
 fn schedule_map_rebuild(root: &Path) {
     if root.join("etc/bm/standin-maps-stuck").exists() {
         return;
@@ -533,12 +536,24 @@ fn schedule_map_rebuild(root: &Path) {
     std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(delay));
         let postfix = root.join("etc/postfix");
+        let real = root.join("var/spool/postfix").is_dir();
         for map in POSTFIX_MAPS {
             let flat = postfix.join(format!("{map}-flat"));
             let Ok(content) = std::fs::read(&flat) else {
                 continue;
             };
             let built = postfix.join(format!("{map}-flat.db"));
+            if real {
+                let rebuilt = std::fs::write(&flat, &content).is_ok()
+                    && std::process::Command::new("postmap")
+                        .arg(&flat)
+                        .status()
+                        .is_ok_and(|s| s.success());
+                if rebuilt {
+                    let _ = std::fs::rename(&built, postfix.join(format!("{map}.db")));
+                }
+                continue;
+            }
             let mut db = format!("{REBUILT_MAP_MARK} {map}\n").into_bytes();
             db.extend_from_slice(&content);
             if std::fs::write(&flat, &content).is_ok() && std::fs::write(&built, db).is_ok() {

@@ -41,10 +41,12 @@ pub struct LabParams {
     /// Each target's `/var/spool` (the spool and five more data dirs) is a filesystem of its
     /// own this many MiB big (ext4 on a loop device), which the chaos campaign fills up.
     pub target_spool_mib: Option<u64>,
-    /// A real Cyrus IMAP (Debian's cyrus-imapd) serves every host's mail instead of the IMAP
-    /// banner, in a mount namespace where the host's root holds BlueMind's paths; mail
-    /// arrives through its LMTP socket and clients flag, move and expunge over IMAP.
-    pub real_cyrus: bool,
+    /// The real mail stack: on every host Debian's Postfix takes the mail and hands it to
+    /// Debian's Cyrus IMAP over LMTP, each in a mount namespace where the host's root holds
+    /// BlueMind's paths (instead of the stand-in's banners and deliveries); a sender host
+    /// ("sender") relays the internet's mail to the service IPs with its own Postfix
+    /// ([`crate::mail_traffic`] submits it and acts as the mail clients).
+    pub real_mail: bool,
     /// The pair whose target is of a newer distribution: its card is `ens18` (the origin's
     /// `eth0`) and netplan keeps its addresses; the others use ifupdown on both sides.
     pub renamed_target_card: Option<usize>,
@@ -63,7 +65,7 @@ impl Default for LabParams {
             subscriber_pg16: false,
             target_spool_mib: None,
             renamed_target_card: Some(3),
-            real_cyrus: false,
+            real_mail: false,
         }
     }
 }
@@ -222,6 +224,9 @@ impl LabFleet {
             names.push(format!("origin-{i}"));
             names.push(format!("target-{i}"));
         }
+        if params.real_mail {
+            names.push(SENDER.to_string());
+        }
         let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
         let mut lab = Lab::new(&name_refs);
         if let Some(pair) = params.renamed_target_card.filter(|p| *p <= params.pairs) {
@@ -239,7 +244,7 @@ impl LabFleet {
         let mut mounts = Vec::new();
         let mut agents_toml = String::new();
         let mut agents = Vec::new();
-        for name in names.iter().skip(1) {
+        for name in names.iter().skip(1).filter(|n| *n != SENDER) {
             let host = lab.host(name).clone();
             let origin = name.starts_with("origin");
             let pair: usize = name
@@ -304,7 +309,7 @@ impl LabFleet {
                         "eth0",
                     ],
                 );
-                for service in ["postfix", "bluemind"] {
+                for service in ["bluemind", "postfix"] {
                     let out = lab
                         .command(name, binary("bluemind-standin"))
                         .args(standin_args(&root, name, service, origin, &params))
@@ -316,6 +321,9 @@ impl LabFleet {
                         "{name} {service}: {}",
                         String::from_utf8_lossy(&out.stderr)
                     );
+                    if service == "bluemind" && params.real_mail {
+                        create_mailboxes(&lab, name);
+                    }
                 }
             }
             let entry = AgentEntry {
@@ -334,6 +342,29 @@ impl LabFleet {
             }
             agents.push(entry);
             pgs.push(pg);
+        }
+        if params.real_mail {
+            let root = dir.path().join(SENDER);
+            seed_sender(&root, params.pairs);
+            let out = lab
+                .command(SENDER, binary("bluemind-standin"))
+                .arg("--root")
+                .arg(&root)
+                .args([
+                    "--name",
+                    SENDER,
+                    "--service",
+                    "postfix",
+                    "--real-mail",
+                    "start",
+                ])
+                .output()
+                .expect("stand-in");
+            assert!(
+                out.status.success(),
+                "the sender's Postfix: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         // The switch has talked to every service IP (as a router would have).
         lab.run_in("switch", || {
@@ -880,8 +911,8 @@ fn standin_args(
     if origin && service == "postfix" {
         args.extend(["--deliver-ms".into(), params.deliver_ms.to_string()]);
     }
-    if params.real_cyrus {
-        args.push("--cyrus".into());
+    if params.real_mail {
+        args.push("--real-mail".into());
     }
     if origin && service == "bluemind" && params.db_write_ms > 0 {
         let psql = bmfleet_agent::db::pg::bin_dir(&Default::default()).join("psql");
@@ -916,6 +947,41 @@ fn agent_base_toml(
         argv.push(action.into());
         toml_list(&argv)
     };
+    // With the real mail stack Postfix stops first (after its queue drained into Cyrus) and
+    // starts last (Cyrus takes its LMTP deliveries from the start).
+    let order: &[&str] = if params.real_mail {
+        &["postfix", "bluemind"]
+    } else {
+        &["bluemind", "postfix"]
+    };
+    let services: String = order
+        .iter()
+        .map(|s| {
+            format!(
+                "[[services.service]]\nname = \"{s}\"\nstart = {}\nstop = {}\nstatus = {}\n",
+                service(s, "start"),
+                service(s, "stop"),
+                service(s, "status")
+            )
+        })
+        .collect();
+    // Real Postfix: its queue commands run in the host's mail namespace, its maps are
+    // rebuilt by the real postmap. The stand-ins have no queue.
+    let mail = if params.real_mail {
+        let in_namespace = |program: &str| {
+            let mut argv = vec![standin.clone()];
+            argv.extend(standin_args(root, name, "postfix", origin, params));
+            argv.extend(["exec".into(), "--".into(), program.into()]);
+            toml_list(&argv)
+        };
+        format!(
+            "[config_set]\npostmap_command = [\"postmap\"]\n[mail_queue]\npostqueue_command = {}\npostsuper_command = {}\ndrain_secs = 5\n",
+            in_namespace("postqueue"),
+            in_namespace("postsuper")
+        )
+    } else {
+        "[config_set]\npostmap_command = [\"sh\", \"-c\", \"printf 'rebuilt from %s\\n' \\\"$0\\\" > \\\"$0.db\\\"\"]\n[mail_queue]\npostqueue_command = []\npostsuper_command = []\n".to_string()
+    };
     let socket = pg.dir().join("run").display().to_string();
     let standby = pg.standby_settings();
     let psql = bmfleet_agent::db::pg::bin_dir(&Default::default())
@@ -933,17 +999,7 @@ state_dir = "{root}/var/lib/bmfleet-agent"
 bluemind_version_command = ["cat", "{root}/etc/bm/bm-core.version"]
 postgresql_version_command = ["runuser", "-u", "postgres", "--", "{psql}", "-h", "{socket}", "-p", "5432", "-XAtc", "SHOW server_version"]
 spool_users = ["root"]
-[[services.service]]
-name = "bluemind"
-start = {bm_start}
-stop = {bm_stop}
-status = {bm_status}
-[[services.service]]
-name = "postfix"
-start = {pf_start}
-stop = {pf_stop}
-status = {pf_status}
-[postgresql]
+{services}[postgresql]
 bin_dir = "{pg_bin}"
 host = "127.0.0.1"
 port = 5432
@@ -952,19 +1008,11 @@ data_dir = "{pg_data}"
 server_start = {pg_start}
 server_stop = {pg_stop}
 relay_dir = "{pg_relay}"
-[config_set]
-postmap_command = ["sh", "-c", "printf 'rebuilt from %s\n' \"$0\" > \"$0.db\""]
-[network]
+{mail}[network]
 announce_count = 4
 announce_period_ms = 4000
 {api}"#,
         root = root.display(),
-        bm_start = service("bluemind", "start"),
-        bm_stop = service("bluemind", "stop"),
-        bm_status = service("bluemind", "status"),
-        pf_start = service("postfix", "start"),
-        pf_stop = service("postfix", "stop"),
-        pf_status = service("postfix", "status"),
         api = api_auth(name),
         pg_bin = standby.bin_dir.clone().unwrap_or_default().display(),
         pg_data = standby.data_dir.unwrap_or_default().display(),
@@ -1022,13 +1070,18 @@ fn message(m: usize) -> String {
 /// hard-linked into the shared mailbox (cyrus's single-instance store), and a `cyrus.index`
 /// per mailbox (64 bytes of flags per message). Messages arrived over the past year (their
 /// modification times), as in a real spool.
-fn seed_spool(root: &Path, messages: usize) {
+fn seed_spool(root: &Path, messages: usize, real_mail: bool) {
     use std::io::Write;
     let now = std::time::SystemTime::now();
     let spool = root.join("var/spool/cyrus/data/user");
     let mut counts = std::collections::BTreeMap::<String, usize>::new();
     for m in 0..messages {
-        let user = mailbox(m, messages);
+        // Beside a real Cyrus, the old spool lies in dirs of its own (Cyrus writes its users'
+        // mailboxes itself).
+        let user = match real_mail {
+            true => format!("seed-{}", mailbox(m, messages)),
+            false => mailbox(m, messages),
+        };
         let dir = spool.join(&user);
         let count = counts.entry(user).or_insert(0);
         if *count == 0 {
@@ -1048,7 +1101,9 @@ fn seed_spool(root: &Path, messages: usize) {
         }
     }
     for (user, count) in counts {
-        write(&spool.join(user).join("cyrus.index"), vec![0u8; 64 * count]);
+        if !real_mail {
+            write(&spool.join(user).join("cyrus.index"), vec![0u8; 64 * count]);
+        }
     }
 }
 
@@ -1216,6 +1271,244 @@ DAEMON {
 }
 ";
 
+/// The sender host's name (the internet beside the fleet, with the real mail stack).
+pub const SENDER: &str = "sender";
+
+/// The sender's address: the lab's last host (after the orchestrator and the pairs).
+pub fn sender_ip(pairs: usize) -> String {
+    format!("198.18.0.{}", 2 * pairs + 2)
+}
+
+/// The mail domain of pair `i`'s instance (its users: alice, bob, carol).
+pub fn mail_domain(i: usize) -> String {
+    format!("mail-{i}.lab.example")
+}
+
+/// The users of every lab instance's mail.
+pub const MAIL_USERS: [&str; 3] = ["alice", "bob", "carol"];
+
+/// The recipient every lab instance's Postfix holds (`check_recipient_access` … HOLD): its
+/// mail stays in the hold queue, and must still be there after a migration.
+pub const HELD_USER: &str = "held";
+
+/// A domain whose mail server is down: the lab instances' transport sends it to an address
+/// no host holds, so its mail stays deferred in the queue.
+pub const UNREACHABLE_DOMAIN: &str = "unreachable.example";
+
+/// The parts of Debian's Postfix package under /etc/postfix that `postfix check` reads
+/// (as every host has them, whatever BlueMind configured).
+fn debian_postfix_files(root: &Path) {
+    std::fs::create_dir_all(root.join("etc/postfix")).expect("etc/postfix");
+    for file in [
+        "postfix-files",
+        "dynamicmaps.cf",
+        "postfix-files.d",
+        "dynamicmaps.cf.d",
+    ] {
+        let from = Path::new("/etc/postfix").join(file);
+        if from.exists() {
+            crate::tool(
+                "cp",
+                &[
+                    "-a",
+                    from.to_str().expect("path"),
+                    root.join("etc/postfix").to_str().expect("path"),
+                ],
+            );
+        }
+    }
+}
+
+/// The lab users' mailboxes on `host`'s running Cyrus, made by its administrator as BlueMind
+/// makes a user's (before any mail or login: Cyrus's own autocreation on the first delivery
+/// and the first login, racing each other, would make two).
+fn create_mailboxes(lab: &Lab, host: &str) {
+    let made: Result<(), String> = lab.run_in(host, || {
+        let mut admin = crate::mail::Imap::login(([127, 0, 0, 1], 143).into(), "cyrus", "lab")?;
+        for user in MAIL_USERS.iter().chain([&HELD_USER]) {
+            admin.command(&format!("CREATE user/{user}"))?;
+        }
+        Ok(())
+    });
+    made.unwrap_or_else(|e| panic!("{host}'s mailboxes: {e}"));
+}
+
+/// A target as Debian's postfix package leaves it: a main.cf of the distribution's (replaced
+/// by the origin's at cold sync) and the queue's directories, made by Postfix itself
+/// (`postfix check` in the host's mail namespace), owned by its account.
+fn postfix_package_install(root: &Path, name: &str) {
+    write(
+        &root.join("etc/postfix/main.cf"),
+        format!("compatibility_level = 3.6\nmyhostname = {name}.lab.example\nmydestination = $myhostname, localhost\n{POSTFIX_LAB_SETTINGS}"),
+    );
+    write(&root.join("etc/postfix/master.cf"), POSTFIX_MASTER_CF);
+    std::fs::create_dir_all(root.join("var/lib/postfix")).expect("postfix data dir");
+    crate::tool(
+        "chown",
+        &[
+            "postfix",
+            root.join("var/lib/postfix").to_str().expect("path"),
+        ],
+    );
+    let out = Command::new(binary("bluemind-standin"))
+        .arg("--root")
+        .arg(root)
+        .args([
+            "--name",
+            name,
+            "--service",
+            "postfix",
+            "--real-mail",
+            "exec",
+            "--",
+        ])
+        .args(["postfix", "check"])
+        .output()
+        .expect("stand-in");
+    assert!(
+        out.status.success(),
+        "postfix check on {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Postfix's services, as Debian's master.cf lists them but none chrooted (the lab's queue
+/// is bound into a mount namespace; a chroot would need its own copies of the host's files).
+const POSTFIX_MASTER_CF: &str = "smtp      inet  n       -       n       -       -       smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+lmtp      unix  -       -       n       -       -       lmtp
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+";
+
+/// What keeps the lab's Postfixes inside the lab: no DNS (numeric next hops only), no
+/// client name lookups, nothing relayed beyond the transport maps, logs in a file.
+const POSTFIX_LAB_SETTINGS: &str = "
+# The lab: no DNS, nothing sent beyond the lab's hosts, logs in a file.
+inet_protocols = ipv4
+smtp_dns_support_level = disabled
+lmtp_dns_support_level = disabled
+smtpd_peername_lookup = no
+default_transport = retry:the lab relays nowhere else
+maillog_file = /var/log/postfix/mail.log
+";
+
+/// An origin's Postfix as BlueMind configures it: main.cf from BlueMind's template
+/// (parent/mailbackend/net.bluemind.backend.postfix/templates/main.cf in BlueMind's sources)
+/// and its maps as `-flat` files rebuilt by postmap (PostfixPaths.java: `/etc/postfix/*-flat`),
+/// the transport naming each mailbox's LMTP (TransportMap.java writes `lmtp:HOST:2400`,
+/// BlueMind's own LMTP in front of Cyrus; in the lab, Cyrus's LMTP socket). Left out: TLS,
+/// SASL, the milter and the tcp maps, which BlueMind's core serves.
+fn seed_postfix(root: &Path, pair: usize, pairs: usize) {
+    let domain = mail_domain(pair);
+    write(
+        &root.join("etc/postfix/main.cf"),
+        format!(
+            "smtpd_banner = $myhostname ESMTP $mail_name (BlueMind)
+biff = no
+compatibility_level = 2
+append_dot_mydomain = no
+myhostname = mail-{pair}.example.net
+myorigin = $myhostname
+relayhost =
+alias_maps =
+local_recipient_maps =
+mydestination = localhost, $myhostname
+mynetworks = 127.0.0.0/8
+virtual_transport = error:mailbox does not exist
+virtual_mailbox_domains = hash:/etc/postfix/virtual_domains
+virtual_mailbox_maps = hash:/etc/postfix/virtual_mailbox
+virtual_alias_maps = hash:/etc/postfix/virtual_alias
+transport_maps = hash:/etc/postfix/transport, hash:/etc/postfix/master_relay_transport
+recipient_delimiter = +
+smtpd_recipient_restrictions = check_recipient_access hash:/etc/postfix/hold_recipients, permit_mynetworks, reject_unauth_destination
+disable_vrfy_command = yes
+smtputf8_enable = no
+{POSTFIX_LAB_SETTINGS}"
+        ),
+    );
+    write(&root.join("etc/postfix/master.cf"), POSTFIX_MASTER_CF);
+    let users: Vec<String> = MAIL_USERS
+        .iter()
+        .chain([&HELD_USER])
+        .map(|u| format!("{u}@{domain}"))
+        .collect();
+    let lines =
+        |value: &str| -> String { users.iter().map(|u| format!("{u} {value}\n")).collect() };
+    for (map, text) in [
+        ("virtual_domains", format!("{domain} OK\n")),
+        ("virtual_mailbox", lines("OK")),
+        (
+            "virtual_alias",
+            format!("postmaster@{domain} alice@{domain}\n"),
+        ),
+        ("transport", lines("lmtp:unix:/run/cyrus/socket/lmtp")),
+        (
+            "master_relay_transport",
+            format!(
+                "{UNREACHABLE_DOMAIN} smtp:[198.18.1.254]\nsender.lab.example smtp:[{}]\n",
+                sender_ip(pairs)
+            ),
+        ),
+        ("hold_recipients", format!("{HELD_USER}@{domain} HOLD\n")),
+    ] {
+        let flat = root.join(format!("etc/postfix/{map}-flat"));
+        write(&flat, text);
+        crate::tool("postmap", &[flat.to_str().expect("path")]);
+        std::fs::rename(
+            root.join(format!("etc/postfix/{map}-flat.db")),
+            root.join(format!("etc/postfix/{map}.db")),
+        )
+        .expect("postmap's map");
+    }
+}
+
+/// The sender host's Postfix: mail submitted on its loopback is relayed to each instance's
+/// service IP, and mail that could not go is retried every second or two (so that a window's
+/// deferred mail reaches the target within seconds of the cutover).
+fn seed_sender(root: &Path, pairs: usize) {
+    debian_postfix_files(root);
+    write(
+        &root.join("etc/postfix/main.cf"),
+        format!(
+            "compatibility_level = 3.6
+myhostname = sender.lab.example
+mydestination =
+mynetworks = 127.0.0.0/8
+relay_domains =
+smtpd_relay_restrictions = permit_mynetworks, reject
+transport_maps = texthash:/etc/postfix/transport
+queue_run_delay = 1s
+minimal_backoff_time = 1s
+maximal_backoff_time = 2s
+smtp_connect_timeout = 2s
+{POSTFIX_LAB_SETTINGS}"
+        ),
+    );
+    write(&root.join("etc/postfix/master.cf"), POSTFIX_MASTER_CF);
+    let transport: String = (1..=pairs)
+        .map(|i| format!("{} smtp:[{}]\n", mail_domain(i), service_ip(i)))
+        .collect();
+    write(&root.join("etc/postfix/transport"), transport);
+}
+
 /// The card of the renamed target (LabParams::renamed_target_card).
 pub const RENAMED_CARD: &str = "ens18";
 
@@ -1261,6 +1554,13 @@ fn seed_host(
         format!("token-of-{name}\n"),
     );
     write(&root.join("etc/bm/admin0.pw"), format!("admin-{name}\n"));
+    if params.real_mail {
+        // Every host runs its distribution's Postfix package.
+        debian_postfix_files(root);
+        if !origin {
+            postfix_package_install(root, name);
+        }
+    }
     if !origin {
         return;
     }
@@ -1281,31 +1581,35 @@ fn seed_host(
             2 * pair
         ),
     );
-    write(
-        &root.join("etc/postfix/main.cf"),
-        format!("myhostname = mail-{pair}.example.net\n"),
-    );
-    write(
-        &root.join("etc/postfix/master.cf"),
-        "smtp inet n - y - - smtpd\n",
-    );
-    for map in [
-        "transport",
-        "virtual_domains",
-        "virtual_alias",
-        "virtual_mailbox",
-        "master_relay_transport",
-    ] {
+    if params.real_mail {
+        seed_postfix(root, pair, params.pairs);
+    } else {
         write(
-            &root.join(format!("etc/postfix/{map}-flat")),
-            format!("example.net {map}\n"),
+            &root.join("etc/postfix/main.cf"),
+            format!("myhostname = mail-{pair}.example.net\n"),
         );
         write(
-            &root.join(format!("etc/postfix/{map}.db")),
-            "origin libdb bytes",
+            &root.join("etc/postfix/master.cf"),
+            "smtp inet n - y - - smtpd\n",
         );
+        for map in [
+            "transport",
+            "virtual_domains",
+            "virtual_alias",
+            "virtual_mailbox",
+            "master_relay_transport",
+        ] {
+            write(
+                &root.join(format!("etc/postfix/{map}-flat")),
+                format!("example.net {map}\n"),
+            );
+            write(
+                &root.join(format!("etc/postfix/{map}.db")),
+                "origin libdb bytes",
+            );
+        }
     }
-    if params.real_cyrus {
+    if params.real_mail {
         write(&root.join("etc/imapd.conf"), CYRUS_IMAPD_CONF);
         write(&root.join("etc/cyrus.conf"), CYRUS_CONF);
     } else {
@@ -1328,9 +1632,9 @@ fn seed_host(
     ] {
         write(&root.join(file), format!("{text}# {name}\n"));
     }
-    seed_spool(root, params.messages);
+    seed_spool(root, params.messages, params.real_mail);
     seed_odd_files(root);
-    if !params.real_cyrus {
+    if !params.real_mail {
         // A stand-in for Cyrus's mailbox list (a real Cyrus makes its own).
         write(&root.join("var/lib/cyrus/mailboxes.db"), vec![7u8; 4096]);
     }
@@ -1351,7 +1655,7 @@ fn seed_host(
         &root.join("var/spool/bm-filehosting/share/file.txt"),
         "shared file\n",
     );
-    if params.real_cyrus {
+    if params.real_mail {
         // Cyrus's own trees are its service account's, as the package leaves them.
         for dir in ["var/spool/cyrus", "var/lib/cyrus", "var/spool/sieve"] {
             crate::tool(

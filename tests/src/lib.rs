@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bmfleet_agent::config::{
-    AgentConfig, ConfigSetConfig, DataPlaneConfig, FactsConfig, NetworkConfig, PostgresConfig,
-    ServiceCommands, ServicesConfig,
+    AgentConfig, ConfigSetConfig, DataPlaneConfig, FactsConfig, MailQueueConfig, NetworkConfig,
+    PostgresConfig, ServiceCommands, ServicesConfig,
 };
 use bmfleet_proto::identity::Role;
 use bmfleet_proto::pki::{FleetCa, IssueRequest};
@@ -173,6 +173,13 @@ pub fn agent_config(tls: TlsFiles, dir: &Path, services: Vec<ServiceCommands>) -
             persist: "ifupdown".into(),
             ..NetworkConfig::default()
         },
+        // No Postfix runs for a temp dir: no drain, no flush, no structure check (the tests
+        // that carry a queue set their own).
+        mail_queue: MailQueueConfig {
+            postqueue_command: Vec::new(),
+            postsuper_command: Vec::new(),
+            ..MailQueueConfig::default()
+        },
         bluemind_api: Default::default(),
         orchestrators: vec!["orchestrator".into()],
         orchestrator_addresses: Vec::new(),
@@ -324,6 +331,7 @@ pub mod fuzz;
 pub mod lab;
 pub mod lab_fleet;
 pub mod mail;
+pub mod mail_traffic;
 pub mod probe;
 pub mod prometheus;
 pub mod ssh;
@@ -356,7 +364,12 @@ pub fn free_port() -> u16 {
 /// A directory the postgres user can traverse (tests run as root; PostgreSQL runs as postgres).
 pub fn open_tempdir() -> tempfile::TempDir {
     use std::os::unix::fs::PermissionsExt;
-    let dir = tempfile::tempdir().expect("temp dir");
+    let mut dir = tempfile::tempdir().expect("temp dir");
+    // For a post-mortem by hand: the logs and trees stay (the processes and namespaces go).
+    if std::env::var_os("BMFLEET_KEEP_LAB").is_some() {
+        eprintln!("kept for BMFLEET_KEEP_LAB: {}", dir.path().display());
+        dir.disable_cleanup(true);
+    }
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     dir
 }

@@ -1,68 +1,91 @@
-//! Talking to a real Cyrus IMAP as mail clients and Postfix do: LMTP delivery over Cyrus's
-//! unix socket (RFC 2033) and a minimal IMAP client (RFC 9051: LOGIN, SELECT, UID SEARCH,
-//! UID STORE, UID MOVE, EXPUNGE, FETCH of flags and Message-ID). The lab's mail stand-in
-//! drives Cyrus with them while passes run; the checks read what the target serves with them.
+//! Talking to the real mail stack as the internet and mail clients do: SMTP submission
+//! (RFC 5321) and a minimal IMAP client (RFC 9051: LOGIN, SELECT, UID SEARCH, UID STORE,
+//! UID MOVE, EXPUNGE, FETCH of flags and Message-ID). The lab's traffic
+//! ([`crate::mail_traffic`]) drives Postfix and Cyrus with them while passes run; the checks
+//! read what the target serves with them.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::Path;
 use std::time::Duration;
 
-/// Delivers `message` to `users` through the LMTP unix socket at `socket`; every recipient
-/// must be accepted.
-pub fn lmtp_deliver(
-    socket: &Path,
-    from: &str,
-    users: &[&str],
-    message: &str,
-) -> Result<(), String> {
-    let stream = std::os::unix::net::UnixStream::connect(socket)
-        .map_err(|e| format!("LMTP {}: {e}", socket.display()))?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(3)))
-        .map_err(|e| e.to_string())?;
-    let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
-    let mut reader = BufReader::new(stream);
-    let reply = |reader: &mut BufReader<std::os::unix::net::UnixStream>| -> Result<String, String> {
-        // A reply's last line has a space after its code.
+/// An SMTP session (RFC 5321) with a mail server, greeted and EHLO said: messages are
+/// submitted one after the other on it.
+pub struct Smtp {
+    reader: BufReader<std::net::TcpStream>,
+    writer: std::net::TcpStream,
+}
+
+impl Smtp {
+    /// Connects to `address` within `limit` (each reply within three times it).
+    pub fn connect(address: std::net::SocketAddr, limit: Duration) -> Result<Smtp, String> {
+        let stream = std::net::TcpStream::connect_timeout(&address, limit)
+            .map_err(|e| format!("SMTP {address}: {e}"))?;
+        stream
+            .set_read_timeout(Some(limit * 3))
+            .map_err(|e| e.to_string())?;
+        let writer = stream.try_clone().map_err(|e| e.to_string())?;
+        let mut smtp = Smtp {
+            reader: BufReader::new(stream),
+            writer,
+        };
+        smtp.expect("220")?;
+        smtp.say("EHLO generator.sender.lab.example")?;
+        smtp.expect("250")?;
+        Ok(smtp)
+    }
+
+    fn say(&mut self, line: &str) -> Result<(), String> {
+        self.writer
+            .write_all(format!("{line}\r\n").as_bytes())
+            .map_err(|e| format!("SMTP: {e}"))
+    }
+
+    /// Reads one reply (a multi-line reply's last line has a space after its code) and
+    /// requires its code.
+    fn expect(&mut self, code: &str) -> Result<String, String> {
         let mut all = String::new();
         loop {
             let mut line = String::new();
-            if reader.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
-                return Err(format!("LMTP closed after {all:?}"));
+            if self
+                .reader
+                .read_line(&mut line)
+                .map_err(|e| format!("SMTP: {e}"))?
+                == 0
+            {
+                return Err(format!("SMTP closed after {all:?}"));
             }
             all += &line;
             if line.len() < 4 || line.as_bytes()[3] == b' ' {
-                return Ok(all);
+                break;
             }
         }
-    };
-    let expect = |got: String, code: &str| {
-        if got.starts_with(code) {
-            Ok(())
+        if all.starts_with(code) {
+            Ok(all)
         } else {
-            Err(format!("LMTP: wanted {code}, got {got:?}"))
+            Err(format!("SMTP: wanted {code}, got {:?}", all.trim()))
         }
-    };
-    expect(reply(&mut reader)?, "220")?;
-    let mut send = |line: &str| writer.write_all(line.as_bytes()).map_err(|e| e.to_string());
-    send("LHLO lab.example\r\n")?;
-    expect(reply(&mut reader)?, "250")?;
-    send(&format!("MAIL FROM:<{from}>\r\n"))?;
-    expect(reply(&mut reader)?, "250")?;
-    for user in users {
-        send(&format!("RCPT TO:<{user}>\r\n"))?;
-        expect(reply(&mut reader)?, "250")?;
     }
-    send("DATA\r\n")?;
-    expect(reply(&mut reader)?, "354")?;
-    let body = message.replace("\r\n.", "\r\n..");
-    send(&format!("{body}\r\n.\r\n"))?;
-    for _ in users {
-        expect(reply(&mut reader)?, "250")?;
+
+    /// Submits `message` from `from` to `to`: Ok once the server took responsibility for it
+    /// (its 250 after the data).
+    pub fn send(&mut self, from: &str, to: &str, message: &str) -> Result<(), String> {
+        self.say(&format!("MAIL FROM:<{from}>"))?;
+        self.expect("250")?;
+        self.say(&format!("RCPT TO:<{to}>"))?;
+        self.expect("250")?;
+        self.say("DATA")?;
+        self.expect("354")?;
+        let body = message.replace("\r\n.", "\r\n..");
+        self.say(&format!("{body}\r\n."))?;
+        self.expect("250")?;
+        Ok(())
     }
-    let _ = send("QUIT\r\n");
-    Ok(())
+}
+
+impl Drop for Smtp {
+    fn drop(&mut self) {
+        let _ = self.writer.write_all(b"QUIT\r\n");
+    }
 }
 
 /// An IMAP session, logged in.

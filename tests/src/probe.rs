@@ -31,7 +31,7 @@ pub struct ClientView {
 /// each pair's client saw.
 pub fn client_downtimes(fleet: &LabFleet, stop: &AtomicBool) -> Vec<ClientView> {
     let pairs = fleet.params.pairs;
-    let login = fleet.params.real_cyrus;
+    let login = fleet.params.real_mail;
     fleet.lab.run_in("orch", || {
         let started = Instant::now();
         let mut outages = vec![Outage::default(); pairs];

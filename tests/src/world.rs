@@ -272,16 +272,24 @@ impl LabFleet {
             problems.push(format!("{origin} has no BlueMind table: {theirs:?}"));
         }
         // A real Cyrus serving on the target rewrites its own state as it runs (recovery at
-        // start, indexes as clients read): its files are checked through IMAP instead
-        // (check_mail) and by Cyrus itself (chk_cyrus).
+        // start, indexes as clients read) and its users' mailboxes keep taking mail and acts
+        // after the cutover: those are checked through IMAP instead (check_mail) and by Cyrus
+        // itself (chk_cyrus); the rest of the spool by content.
+        let live_mailboxes: Vec<String> = crate::lab_fleet::MAIL_USERS
+            .iter()
+            .chain([&crate::lab_fleet::HELD_USER])
+            .map(|u| format!("var/spool/cyrus/data/user/{u}/"))
+            .collect();
         let live = |digest: BTreeMap<String, String>| -> BTreeMap<String, String> {
-            if !self.params.real_cyrus {
+            if !self.params.real_mail {
                 return digest;
             }
             digest
                 .into_iter()
                 .filter(|(k, _)| {
-                    !k.starts_with("var/lib/cyrus") && !k.starts_with("var/spool/cyrus/data/uuid")
+                    !k.starts_with("var/lib/cyrus")
+                        && !k.starts_with("var/spool/cyrus/data/uuid")
+                        && !live_mailboxes.iter().any(|m| k.starts_with(m.as_str()))
                 })
                 .collect()
         };
@@ -450,32 +458,46 @@ fn same_database_entry(key: &str, origin: Option<&String>, target: Option<&Strin
 /// What the real mail stack of a pair shows after its migration.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MailCount {
-    /// Messages Cyrus accepted over LMTP on the origin.
+    /// Messages the sender's Postfix accepted for the instance.
+    pub sent: usize,
+    /// Of them, served exactly once by the host serving the IP (expunged ones not counted).
     pub delivered: usize,
-    /// Of them, expunged by a client.
+    /// Expunged by a client (served nowhere, as they should be).
     pub expunged: usize,
-    /// Flagged by a client.
-    pub flagged: usize,
-    /// Moved to Archive by a client.
+    /// Served more than once.
+    pub duplicated: usize,
+    /// Served nowhere and never expunged.
+    pub lost: usize,
+    /// Messages whose last flag act (flag or unflag) the target serves as the client left it.
+    pub flags_kept: usize,
+    /// Messages with a flag act.
+    pub flags_set: usize,
+    /// Messages moved to Archive by a client.
     pub moved: usize,
-    /// Served by the target: each delivered and not expunged message once, in its folder,
-    /// with its flags.
-    pub served: usize,
+    /// Acts whose answer never came (either outcome is right for them).
+    pub unsure: usize,
+}
+
+/// One message as its clients left it.
+#[derive(Debug, Clone)]
+struct Wanted {
+    user: String,
+    folder: &'static str,
+    flagged: Option<bool>,
+    expunged: bool,
+    unsure: bool,
 }
 
 impl LabFleet {
-    /// Pair `i`'s mail as its clients left it (the origin's mail ledger: every delivery,
-    /// flag, move and expunge Cyrus confirmed) against what the host serving the IP serves
-    /// over IMAP now: every message delivered and not expunged exactly once, in its folder,
-    /// with its flags; no expunged one; nothing else.
+    /// Pair `i`'s mail as the internet sent it and its clients left it (the traffic's ledger:
+    /// every message the sender's Postfix accepted, every flag, unflag, move and expunge Cyrus
+    /// confirmed), against what the host serving the IP serves over IMAP now: every message
+    /// sent and not expunged exactly once, in its folder, with its flags; no expunged one;
+    /// nothing else. Any difference is an error naming the first ones.
     pub fn check_mail(&self, i: usize) -> Result<MailCount, String> {
-        let ledger = std::fs::read_to_string(
-            self.root(&format!("origin-{i}"))
-                .join("var/log/standin-mail.log"),
-        )
-        .map_err(|e| format!("pair {i}: no mail ledger: {e}"))?;
-        // Message-ID → (user, folder, flagged, expunged).
-        let mut wanted: BTreeMap<String, (String, &str, bool, bool)> = BTreeMap::new();
+        let ledger = std::fs::read_to_string(crate::mail_traffic::ledger_path(self, i))
+            .map_err(|e| format!("pair {i}: no mail ledger: {e}"))?;
+        let mut wanted: BTreeMap<String, Wanted> = BTreeMap::new();
         let mut count = MailCount::default();
         for line in ledger.lines() {
             let mut words = line.split_whitespace();
@@ -483,71 +505,100 @@ impl LabFleet {
             else {
                 continue;
             };
+            if act == "deliver" {
+                count.sent += 1;
+                wanted.insert(
+                    id.to_string(),
+                    Wanted {
+                        user: user.to_string(),
+                        folder: "INBOX",
+                        flagged: None,
+                        expunged: false,
+                        unsure: false,
+                    },
+                );
+                continue;
+            }
+            let Some(w) = wanted.get_mut(id) else {
+                continue;
+            };
             match act {
-                "deliver" => {
-                    count.delivered += 1;
-                    wanted.insert(id.to_string(), (user.to_string(), "INBOX", false, false));
-                }
-                "flag" => {
-                    count.flagged += 1;
-                    wanted.entry(id.to_string()).and_modify(|w| w.2 = true);
-                }
+                "flag" => w.flagged = Some(true),
+                "unflag" => w.flagged = Some(false),
                 "move" => {
                     count.moved += 1;
-                    wanted.entry(id.to_string()).and_modify(|w| w.1 = "Archive");
+                    w.folder = "Archive";
                 }
-                "expunge" => {
-                    count.expunged += 1;
-                    wanted.entry(id.to_string()).and_modify(|w| w.3 = true);
+                "expunge" => w.expunged = true,
+                _ => {
+                    count.unsure += 1;
+                    w.unsure = true;
                 }
-                _ => {}
             }
         }
         let address: std::net::SocketAddr = format!("{}:143", service_ip(i))
             .parse()
             .map_err(|e| format!("{e}"))?;
         let mut problems = Vec::new();
-        for user in ["alice", "bob", "carol"] {
+        for user in crate::lab_fleet::MAIL_USERS {
             let served = self
                 .lab
                 .run_in("orch", || crate::mail::served(address, user))?;
-            for (id, (_, folder, flagged, expunged)) in wanted.iter().filter(|(_, w)| w.0 == user) {
+            for (id, w) in wanted.iter().filter(|(_, w)| w.user == user) {
                 let seen = served.get(id).cloned().unwrap_or_default();
-                match (expunged, seen.as_slice()) {
-                    (true, []) => {}
-                    (true, _) => {
+                if w.flagged.is_some() && !w.expunged {
+                    count.flags_set += 1;
+                }
+                match (w.expunged, w.unsure, seen.as_slice()) {
+                    (true, _, []) => count.expunged += 1,
+                    (true, false, _) => {
                         problems.push(format!("{user}: expunged {id} served again: {seen:?}"))
                     }
-                    (false, [(f, flags)]) => {
-                        count.served += 1;
-                        if f != folder {
-                            problems.push(format!("{user}: {id} in {f}, not {folder}"));
+                    (_, true, [_]) => count.delivered += 1,
+                    (_, true, []) => count.expunged += 1,
+                    (false, false, [(folder, flags)]) => {
+                        count.delivered += 1;
+                        if folder != w.folder {
+                            problems.push(format!("{user}: {id} in {folder}, not {}", w.folder));
                         }
-                        if *flagged != flags.iter().any(|x| x == "\\Flagged") {
-                            problems
-                                .push(format!("{user}: {id} flags {flags:?}, flagged: {flagged}"));
+                        let flagged = flags.iter().any(|x| x == "\\Flagged");
+                        match w.flagged {
+                            Some(f) if f == flagged => count.flags_kept += 1,
+                            Some(f) => {
+                                problems.push(format!("{user}: {id} flags {flags:?}, flagged: {f}"))
+                            }
+                            None if flagged => {
+                                problems.push(format!("{user}: {id} flagged by nobody"))
+                            }
+                            None => {}
                         }
                     }
-                    (false, []) => problems.push(format!("{user}: {id} lost")),
-                    (false, several) => problems.push(format!(
-                        "{user}: {id} served {} times: {several:?}",
-                        several.len()
-                    )),
+                    (false, false, []) => {
+                        count.lost += 1;
+                        problems.push(format!("{user}: {id} lost"));
+                    }
+                    (_, _, several) => {
+                        count.duplicated += 1;
+                        problems.push(format!(
+                            "{user}: {id} served {} times: {several:?}",
+                            several.len()
+                        ));
+                    }
                 }
             }
             for id in served.keys() {
                 if !wanted.contains_key(id) {
-                    problems.push(format!("{user}: {id} served but never delivered"));
+                    problems.push(format!("{user}: {id} served but never sent"));
                 }
             }
         }
-        if count.delivered == 0 {
-            Err(format!("pair {i}: no mail was delivered through Cyrus"))
+        if count.sent == 0 {
+            Err(format!("pair {i}: no mail was sent"))
         } else if problems.is_empty() {
             Ok(count)
         } else {
             Err(format!(
-                "pair {i}: {} problems: {}",
+                "pair {i}: {} problems ({count:?}): {}",
                 problems.len(),
                 problems
                     .iter()
@@ -557,6 +608,151 @@ impl LabFleet {
                     .join("; ")
             ))
         }
+    }
+}
+
+/// A message in a Postfix queue, as `postqueue -j` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Queued {
+    /// deferred, hold, active, incoming, maildrop.
+    pub queue: String,
+    /// Its recipients.
+    pub recipients: Vec<String>,
+}
+
+impl LabFleet {
+    /// Mail that must stay in pair `i`'s queue through the migration: submitted on the
+    /// origin itself (as BlueMind's webmail submits), one message to a domain whose server
+    /// is down (deferred) and one to the recipient Postfix holds.
+    pub fn queue_mail_at_origin(&self, i: usize) -> Result<(), String> {
+        let domain = crate::lab_fleet::mail_domain(i);
+        self.lab.run_in(&format!("origin-{i}"), || {
+            let mut smtp =
+                crate::mail::Smtp::connect(([127, 0, 0, 1], 25).into(), Duration::from_secs(2))?;
+            for to in [
+                format!("bob@{}", crate::lab_fleet::UNREACHABLE_DOMAIN),
+                format!("{}@{domain}", crate::lab_fleet::HELD_USER),
+            ] {
+                let message = format!(
+                    "From: alice@{domain}\r\nTo: {to}\r\nMessage-ID: <queued-{i}-{to}>\r\nSubject: stays queued\r\n\r\nbody\r\n"
+                );
+                smtp.send(&format!("alice@{domain}"), &to, &message)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// What the running Postfix of `host` holds (`postqueue -j` in its mail namespace).
+    pub fn postqueue(&self, host: &str) -> Result<Vec<Queued>, String> {
+        let root = self.root(host);
+        let out = self
+            .lab
+            .command(host, crate::binary("bluemind-standin"))
+            .arg("--root")
+            .arg(&root)
+            .args([
+                "--name",
+                host,
+                "--service",
+                "postfix",
+                "--real-mail",
+                "exec",
+                "--",
+            ])
+            .args(["postqueue", "-j"])
+            .output()
+            .map_err(|e| format!("postqueue on {host}: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "postqueue -j on {host}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let mut queued = Vec::new();
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let v: serde_json::Value =
+                serde_json::from_str(line).map_err(|e| format!("postqueue -j: {e}: {line}"))?;
+            queued.push(Queued {
+                queue: v["queue_name"].as_str().unwrap_or_default().to_string(),
+                recipients: v["recipients"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|r| r["address"].as_str().map(str::to_string))
+                    .collect(),
+            });
+        }
+        queued.sort();
+        Ok(queued)
+    }
+
+    /// The mail that must stay queued for pair `i` ([`LabFleet::queue_mail_at_origin`]).
+    pub fn must_stay_queued(&self, i: usize) -> Vec<Queued> {
+        let mut queued = vec![
+            Queued {
+                queue: "deferred".into(),
+                recipients: vec![format!("bob@{}", crate::lab_fleet::UNREACHABLE_DOMAIN)],
+            },
+            Queued {
+                queue: "hold".into(),
+                recipients: vec![format!(
+                    "{}@{}",
+                    crate::lab_fleet::HELD_USER,
+                    crate::lab_fleet::mail_domain(i)
+                )],
+            },
+        ];
+        queued.sort();
+        queued
+    }
+
+    /// Pair `i`'s queues after its migration: the target's Postfix holds exactly the mail that
+    /// must stay queued (carried from the origin: nothing stranded, nothing else left), the
+    /// stopped origin's queue only its copies of it (kept until nobody can roll back), and
+    /// the sender's Postfix has delivered everything (waits up to `within` for the relays).
+    pub fn check_queues(&self, i: usize, within: Duration) -> Result<(), String> {
+        let (origin, target) = (format!("origin-{i}"), format!("target-{i}"));
+        let wanted = self.must_stay_queued(i);
+        let deadline = Instant::now() + within;
+        loop {
+            let (on_target, on_sender) = (self.postqueue(&target)?, self.postqueue(SENDER_HOST)?);
+            let for_pair: Vec<&Queued> = on_sender
+                .iter()
+                .filter(|q| {
+                    q.recipients
+                        .iter()
+                        .any(|r| r.ends_with(&format!("@{}", crate::lab_fleet::mail_domain(i))))
+                })
+                .collect();
+            if on_target == wanted && for_pair.is_empty() {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(format!(
+                    "pair {i}: {target}'s queue holds {on_target:?} (wanted {wanted:?}); the sender still holds {for_pair:?}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        // The origin is stopped: its queue read on disk.
+        let files = |queue: &str| {
+            walkdir::WalkDir::new(self.root(&origin).join("var/spool/postfix").join(queue))
+                .into_iter()
+                .flatten()
+                .filter(|e| e.file_type().is_file())
+                .count()
+        };
+        let on_origin: Vec<(&str, usize)> = ["maildrop", "incoming", "active", "deferred", "hold"]
+            .into_iter()
+            .map(|q| (q, files(q)))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        if on_origin != [("deferred", 1), ("hold", 1)] {
+            return Err(format!(
+                "pair {i}: the stopped {origin}'s queue holds {on_origin:?}, not its copies of the mail that stays queued"
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -592,6 +788,9 @@ impl LabFleet {
         }
     }
 }
+
+/// The sender host's name.
+const SENDER_HOST: &str = crate::lab_fleet::SENDER;
 
 fn finish(i: usize, problems: Vec<String>) -> Result<(), String> {
     if problems.is_empty() {

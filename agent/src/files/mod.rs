@@ -8,6 +8,7 @@
 
 pub mod change_journal;
 pub mod config_set;
+pub mod mail_queue;
 pub mod manifest;
 pub mod pull;
 pub mod rsync_args;

@@ -46,6 +46,10 @@ pub const CONFIG_SET_TOKEN: &str = "bmfleet-config-set";
 /// The `--files-from` value that asks for the paths the origin's change journal recorded
 /// since a full pass (the origin lists them itself, from its own journal).
 pub const JOURNAL_TOKEN: &str = "bmfleet-journal";
+
+/// The `--files-from` value that asks for the origin's Postfix queue files (listed by the
+/// origin from its own queue directory; served under a config-set grant, at cold sync).
+pub const MAIL_QUEUE_TOKEN: &str = "bmfleet-mail-queue";
 /// Why a sender invocation is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ArgError {
@@ -92,6 +96,8 @@ pub struct SenderArgs {
     pub config_set: bool,
     /// `--files-from` named the change journal's paths.
     pub journal: bool,
+    /// `--files-from` named the Postfix queue's files.
+    pub mail_queue: bool,
     /// `-R`: the paths are sent relative (with their directories), so the origin passes
     /// them as `ROOT/./PATH`.
     pub relative: bool,
@@ -135,6 +141,7 @@ fn parse_rest(rest: &[&str]) -> Result<SenderArgs, ArgError> {
     let mut options = Vec::new();
     let mut config_set = false;
     let mut journal = false;
+    let mut mail_queue = false;
     let mut relative = false;
     let mut i = 0;
     while i < rest.len() && rest[i] != "." {
@@ -162,14 +169,20 @@ fn parse_rest(rest: &[&str]) -> Result<SenderArgs, ArgError> {
                 }
             };
             if name == "--files-from" {
+                // One list per transfer.
+                let first = !(config_set || journal || mail_queue);
                 let token = match value.as_deref() {
-                    Some(CONFIG_SET_TOKEN) if !journal => {
+                    Some(CONFIG_SET_TOKEN) if first => {
                         config_set = true;
                         CONFIG_SET_TOKEN
                     }
-                    Some(JOURNAL_TOKEN) if !config_set => {
+                    Some(JOURNAL_TOKEN) if first => {
                         journal = true;
                         JOURNAL_TOKEN
+                    }
+                    Some(MAIL_QUEUE_TOKEN) if first => {
+                        mail_queue = true;
+                        MAIL_QUEUE_TOKEN
                     }
                     _ => {
                         return Err(ArgError::Value {
@@ -236,6 +249,7 @@ fn parse_rest(rest: &[&str]) -> Result<SenderArgs, ArgError> {
         paths,
         config_set,
         journal,
+        mail_queue,
         relative,
     })
 }
@@ -291,7 +305,12 @@ mod tests {
             "rsync --server --sender -logDtpRe.LsfxCIvu --files-from bmfleet-config-set . /",
         ))
         .unwrap();
-        assert!(parsed.config_set);
+        assert!(parsed.config_set && !parsed.mail_queue);
+        let queue = parse_sender(&argv(
+            "rsync --server --sender -logDtpRe.LsfxCIvu --files-from bmfleet-mail-queue --from0 . /",
+        ))
+        .unwrap();
+        assert!(queue.mail_queue && !queue.config_set && !queue.journal);
         assert_eq!(
             parsed.server_argv(&["/lab/o1/".into()], Some(Path::new("/run/list"))),
             argv("rsync --server --sender -logDtpRe.LsfxCIvu --files-from /run/list --timeout=600 . /lab/o1/")

@@ -12,8 +12,8 @@ use tokio::process::Command;
 
 use crate::config::AgentConfig;
 use crate::files::change_journal::{self, ChangeJournals};
-use crate::files::config_set;
 use crate::files::rsync_args::parse_sender;
+use crate::files::{config_set, mail_queue};
 use crate::plane::answer::{admit, Stream};
 use crate::plane::grants::Grant;
 use crate::plane::tunnel::TunnelReply;
@@ -170,12 +170,20 @@ pub async fn rsync(
         std::fs::write(list_file.path(), text)
             .map_err(|e| format!("cannot write the file list: {e}"))?;
         (vec![format!("{}/", root.display())], Some(list_file.path()))
-    } else if args.config_set {
+    } else if args.config_set || args.mail_queue {
+        // The Postfix queue travels with the configuration, at cold sync, under its grant.
         grant.require_config_set().map_err(|e| e.to_string())?;
         if args.paths != ["/"] {
-            return Err("refused: the configuration file set is pulled from \"/\" only".into());
+            return Err(
+                "refused: the configuration file set and the mail queue are pulled from \"/\" only"
+                    .into(),
+            );
         }
-        let entries = config_set::list(&config.config_set.patterns, root);
+        let entries = if args.mail_queue {
+            mail_queue::list(config)
+        } else {
+            config_set::list(&config.config_set.patterns, root)
+        };
         list_file = tempfile::NamedTempFile::new_in(&config.state_dir)
             .map_err(|e| format!("cannot write the file list: {e}"))?;
         std::fs::write(list_file.path(), config_set::list_text(&entries))

@@ -1,6 +1,7 @@
 //! BlueMind stand-in for the lab (BlueMind itself cannot be installed here).
 //!
 //! `bluemind-standin --root DIR --name HOST --service bluemind|postfix start|stop|status|serve`
+//! `bluemind-standin --root DIR --name HOST --service postfix --real-mail exec -- COMMAND…`
 //!
 //! - start: starts `serve` in the background (idempotent); refuses when
 //!   `DIR/etc/bm/standin-refuse-start` exists (injected failure).
@@ -21,12 +22,14 @@
 //!   inserted, one updated, and an earlier one deleted. Each committed mailbox is listed in
 //!   `DIR/var/log/standin-db.log` once its transaction committed.
 //!
-//! - with `--cyrus`: a real Cyrus IMAP (Debian's cyrus-imapd) instead of the IMAP banner, in a
-//!   mount namespace of its own where this host's root holds BlueMind's paths
-//!   (`/var/spool/cyrus`, `/var/lib/cyrus`, `/var/spool/sieve`, `/run/cyrus`,
-//!   `/etc/imapd.conf`, `/etc/cyrus.conf`); the mail stand-in then delivers through Cyrus's
-//!   LMTP socket and acts as mail clients over IMAP (flags, moves to Archive, expunges), each
-//!   act listed in `DIR/var/log/standin-mail.log` once Cyrus confirmed it.
+//! - with `--real-mail` (the lab's real mail stack): instead of the banners and the stand-in's
+//!   deliveries, Debian's real daemons in a mount namespace of their own where this host's root
+//!   holds BlueMind's mail paths (`/etc/postfix`, `/var/spool/postfix`, `/var/lib/postfix`,
+//!   `/var/log/postfix`, `/var/spool/cyrus`, `/var/lib/cyrus`, `/var/spool/sieve`,
+//!   `/run/cyrus`, `/etc/imapd.conf`, `/etc/cyrus.conf`): bluemind runs Cyrus IMAP's
+//!   `cyrmaster`, postfix runs Postfix's `master` (which hands mail to Cyrus over LMTP, as
+//!   the host's `/etc/postfix` says). `exec` runs a command (postqueue, postsuper) in such a
+//!   namespace, as the agent's mail queue commands do on the lab's hosts.
 //!
 //! A stop (SIGTERM) is graceful, as a real service's: the message being delivered and the
 //! transaction in flight finish, then the process exits; nothing is written after.
@@ -58,11 +61,15 @@ struct Args {
     /// psql, for the database writes.
     #[arg(long, default_value = "psql")]
     psql: PathBuf,
-    /// A real Cyrus IMAP serves the mail (bluemind), and mail goes through it (postfix).
+    /// The real mail stack: a real Cyrus IMAP serves the mail (bluemind), a real Postfix
+    /// takes it (postfix), each in the host's mail namespace.
     #[arg(long)]
-    cyrus: bool,
+    real_mail: bool,
     #[arg(value_enum)]
     action: Action,
+    /// With `exec`: the command to run in the host's mail namespace (after `--`).
+    #[arg(last = true)]
+    command: Vec<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -77,6 +84,9 @@ enum Action {
     Stop,
     Status,
     Serve,
+    /// Runs a command (postqueue, postsuper, chk_cyrus…) in the host's mail namespace, where
+    /// BlueMind's mail paths are the host root's; exits with its status.
+    Exec,
 }
 
 fn service_name(s: Service) -> &'static str {
@@ -119,6 +129,7 @@ fn main() -> ExitCode {
         Action::Start => start(&args),
         Action::Stop => stop(&args),
         Action::Serve => serve(&args),
+        Action::Exec => exec(&args),
     }
 }
 
@@ -158,7 +169,7 @@ fn start(args: &Args) -> ExitCode {
         .args(["--write-ms", &args.write_ms.to_string()])
         .arg("--psql")
         .arg(&args.psql)
-        .args(args.cyrus.then_some("--cyrus"))
+        .args(args.real_mail.then_some("--real-mail"))
         .arg("serve")
         .stdin(Stdio::null())
         .stdout(Stdio::null());
@@ -188,6 +199,18 @@ fn start(args: &Args) -> ExitCode {
         std::thread::sleep(Duration::from_millis(50));
     }
     eprintln!("{} did not come up", service_name(args.service));
+    // What it said, and what a real Postfix logged.
+    for log in [
+        format!("var/log/standin-{}.log", service_name(args.service)),
+        "var/log/postfix/mail.log".to_string(),
+    ] {
+        let text = std::fs::read_to_string(args.root.join(&log)).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        eprintln!(
+            "{log}:\n{}",
+            lines[lines.len().saturating_sub(20)..].join("\n")
+        );
+    }
     ExitCode::FAILURE
 }
 
@@ -209,6 +232,21 @@ fn stop(args: &Args) -> ExitCode {
     }
     let _ = std::fs::remove_file(pidfile(args));
     ExitCode::SUCCESS
+}
+
+fn exec(args: &Args) -> ExitCode {
+    if args.command.is_empty() {
+        eprintln!("exec: name the command after --");
+        return ExitCode::FAILURE;
+    }
+    match in_mail_namespace(&args.root, "exec \"$@\"\n", &args.command).status() {
+        Ok(s) if s.success() => ExitCode::SUCCESS,
+        Ok(s) => ExitCode::from(s.code().unwrap_or(1).clamp(1, 255) as u8),
+        Err(e) => {
+            eprintln!("exec: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn banner(port: u16, text: String) -> std::io::Result<()> {
@@ -236,29 +274,25 @@ fn serve(args: &Args) -> ExitCode {
     let stopping = Arc::new(AtomicBool::new(false));
     let name = args.name.clone();
     let mut workers = Vec::new();
-    let mut cyrus: Option<std::process::Child> = None;
+    let mut daemon: Option<std::process::Child> = None;
     let result = match args.service {
+        Service::Postfix if args.real_mail => {
+            start_postfix(&args.root).map(|child| daemon = Some(child))
+        }
         Service::Postfix => {
             banner(25, format!("220 {name} ESMTP BlueMind stand-in\r\n")).map(|_| {
                 if args.deliver_ms > 0 {
-                    let (root, every, stopping, cyrus) = (
+                    let (root, every, stopping) = (
                         args.root.clone(),
                         Duration::from_millis(args.deliver_ms),
                         stopping.clone(),
-                        args.cyrus,
                     );
-                    workers.push(std::thread::spawn(move || {
-                        if cyrus {
-                            deliver_to_cyrus(&root, every, &stopping)
-                        } else {
-                            deliver(&root, every, &stopping)
-                        }
-                    }));
+                    workers.push(std::thread::spawn(move || deliver(&root, every, &stopping)));
                 }
             })
         }
-        Service::Bluemind => (if args.cyrus {
-            start_cyrus(&args.root).map(|child| cyrus = Some(child))
+        Service::Bluemind => (if args.real_mail {
+            start_cyrus(&args.root).map(|child| daemon = Some(child))
         } else {
             banner(
                 143,
@@ -299,8 +333,8 @@ fn serve(args: &Args) -> ExitCode {
     for worker in workers {
         let _ = worker.join();
     }
-    if let Some(child) = cyrus.as_mut() {
-        stop_cyrus(child);
+    if let Some(child) = daemon.as_mut() {
+        stop_mail_daemon(child);
     }
     ExitCode::SUCCESS
 }
@@ -359,47 +393,76 @@ fn deliver(root: &Path, every: Duration, stopping: &std::sync::atomic::AtomicBoo
     }
 }
 
-/// Starts Cyrus's master in a mount namespace of its own where `root` holds BlueMind's
-/// paths (util-linux `unshare`, then `cyrmaster` in the foreground: the stand-in's child).
-fn start_cyrus(root: &Path) -> std::io::Result<std::process::Child> {
+/// BlueMind's mail paths, bound from the host's root in a real mail daemon's mount namespace
+/// (directories; created when missing).
+const MAIL_DIRS: [&str; 8] = [
+    "var/spool/cyrus",
+    "var/lib/cyrus",
+    "var/spool/sieve",
+    "run/cyrus",
+    "etc/postfix",
+    "var/spool/postfix",
+    "var/lib/postfix",
+    "var/log/postfix",
+];
+
+/// Configuration files bound the same way when the host has them.
+const MAIL_FILES: [&str; 2] = ["etc/imapd.conf", "etc/cyrus.conf"];
+
+/// The shell lines that make this mount namespace see `root`'s mail paths at BlueMind's.
+fn mail_namespace_script(root: &Path) -> String {
     let quote = |p: &Path| format!("'{}'", p.display().to_string().replace('\'', "'\\''"));
     let mut script = String::from("set -e\n");
-    for dir in [
-        "var/spool/cyrus",
-        "var/lib/cyrus",
-        "var/spool/sieve",
-        "run/cyrus",
-    ] {
-        let here = root.join(dir);
+    for dir in MAIL_DIRS {
         script += &format!(
             "mkdir -p {h} /{dir}\nmount --bind {h} /{dir}\n",
-            h = quote(&here)
+            h = quote(&root.join(dir))
         );
     }
-    script += "mkdir -p /run/cyrus/socket /var/lib/cyrus/proc\nchown cyrus:mail /run/cyrus /run/cyrus/socket /var/lib/cyrus /var/spool/cyrus /var/spool/sieve /var/lib/cyrus/proc\n";
-    for file in ["etc/imapd.conf", "etc/cyrus.conf"] {
-        script += &format!("mount --bind {} /{file}\n", quote(&root.join(file)));
+    for file in MAIL_FILES {
+        if root.join(file).exists() {
+            script += &format!("mount --bind {} /{file}\n", quote(&root.join(file)));
+        }
     }
-    script += "exec /usr/sbin/cyrmaster -p /run/cyrus/master.pid\n";
-    let child = Command::new("unshare")
-        .args([
-            "--mount",
-            "--propagation",
-            "private",
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ])
-        .stdin(Stdio::null())
-        .spawn()?;
-    Ok(child)
+    script
 }
 
-/// Stops Cyrus as a service manager would: SIGTERM to its master, then every process left in
-/// its mount namespace (an imapd finishing a command outlives the master), until none is
-/// left (SIGKILL after 10 s): nothing of Cyrus writes once the stop returns.
-fn stop_cyrus(child: &mut std::process::Child) {
+/// Runs `script` (after the mail paths' binds) in a mount namespace of its own (util-linux
+/// `unshare`); `args` are its `$@`.
+fn in_mail_namespace(root: &Path, script: &str, args: &[String]) -> Command {
+    let mut command = Command::new("unshare");
+    command
+        .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg(mail_namespace_script(root) + script)
+        .arg("sh")
+        .args(args);
+    command
+}
+
+/// Starts Cyrus's master in the host's mail namespace (`cyrmaster` in the foreground: the
+/// stand-in's child).
+fn start_cyrus(root: &Path) -> std::io::Result<std::process::Child> {
+    let script = "mkdir -p /run/cyrus/socket /var/lib/cyrus/proc\n\
+        chown cyrus:mail /run/cyrus /run/cyrus/socket /var/lib/cyrus /var/spool/cyrus /var/spool/sieve /var/lib/cyrus/proc\n\
+        exec /usr/sbin/cyrmaster -p /run/cyrus/master.pid\n";
+    in_mail_namespace(root, script, &[])
+        .stdin(Stdio::null())
+        .spawn()
+}
+
+/// Starts Postfix's master in the host's mail namespace, as `postfix start` does (its
+/// integrity check creates what the queue lacks), but in the foreground: the stand-in's child.
+fn start_postfix(root: &Path) -> std::io::Result<std::process::Child> {
+    let script = "chown postfix /var/lib/postfix\n/usr/sbin/postfix check\nexec /usr/lib/postfix/sbin/master -d\n";
+    in_mail_namespace(root, script, &[])
+        .stdin(Stdio::null())
+        .spawn()
+}
+
+/// Stops a mail daemon as a service manager would: SIGTERM to its master, then every process
+/// left in its mount namespace (an imapd finishing a command outlives the master), until none
+/// is left (SIGKILL after 10 s): nothing of it writes once the stop returns.
+fn stop_mail_daemon(child: &mut std::process::Child) {
     let signal = |pid: i32, sig| {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
     };
@@ -439,80 +502,6 @@ fn stop_cyrus(child: &mut std::process::Child) {
     }
     let _ = child.kill();
     let _ = child.wait();
-}
-
-/// Mail arriving through Cyrus while the service runs (until `stopping`): message n goes to
-/// one of the lab's users over LMTP; clients then flag an earlier one, move another to
-/// Archive and expunge a third over IMAP, as Cyrus's index rewrites in place demand of the
-/// passes. Every act Cyrus confirmed is listed in var/log/standin-mail.log: `deliver ID
-/// USER`, `flag ID USER`, `move ID USER`, `expunge ID USER`.
-fn deliver_to_cyrus(root: &Path, every: Duration, stopping: &std::sync::atomic::AtomicBool) {
-    use bmfleet_tests::mail::{lmtp_deliver, Imap};
-    let log = root.join("var/log/standin-mail.log");
-    let mut n = std::fs::read_to_string(&log)
-        .map(|t| t.lines().filter(|l| l.starts_with("deliver ")).count())
-        .unwrap_or(0) as u64;
-    let socket = root.join("run/cyrus/socket/lmtp");
-    let user_of = |k: u64| ["alice", "bob", "carol"][(k % 3) as usize];
-    let id_of = |k: u64| {
-        format!(
-            "<{k}.{}@sender.lab.example>",
-            root.display().to_string().len()
-        )
-    };
-    let imap: std::net::SocketAddr = ([127, 0, 0, 1], 143).into();
-    while !stopping.load(std::sync::atomic::Ordering::SeqCst) {
-        n += 1;
-        let (user, id) = (user_of(n), id_of(n));
-        let message = format!(
-            "From: sender@sender.lab.example\r\nTo: {user}@lab.example\r\nMessage-ID: {id}\r\nSubject: arrived #{n}\r\n\r\nbody {n}\r\n"
-        );
-        match lmtp_deliver(&socket, "sender@sender.lab.example", &[user], &message) {
-            Ok(()) => append(&log, &format!("deliver {id} {user}\n")),
-            Err(e) => {
-                eprintln!("delivery {n}: {e}");
-                n -= 1;
-                std::thread::sleep(Duration::from_millis(200));
-                continue;
-            }
-        }
-        // A client acts on an earlier message of the same user (k ≡ n mod 3).
-        let act = |k: u64, what: &str| -> Result<(), String> {
-            let (user, id) = (user_of(k), id_of(k));
-            // Short waits: a stop of Cyrus must not hold this service's own stop.
-            let mut session = Imap::login_within(imap, user, "lab", Duration::from_secs(1))?;
-            session.command("SELECT INBOX")?;
-            let Some(uid) = session.uid_of(&id)? else {
-                return Ok(());
-            };
-            match what {
-                "flag" => session.command(&format!("UID STORE {uid} +FLAGS (\\Flagged)"))?,
-                "move" => {
-                    // Made at the first move (it exists afterwards: the refusal is fine).
-                    let _ = session.command("CREATE Archive");
-                    session.command(&format!("UID MOVE {uid} Archive"))?
-                }
-                _ => {
-                    session.command(&format!("UID STORE {uid} +FLAGS (\\Deleted)"))?;
-                    session.command("EXPUNGE")?
-                }
-            };
-            append(&log, &format!("{what} {id} {user}\n"));
-            Ok(())
-        };
-        // Every fourth delivery: message n-3 flagged, n-6 moved, n-9 expunged (k ≡ 1, 2, 3
-        // mod 4: each message gets at most one act).
-        if n.is_multiple_of(4) {
-            for (back, what) in [(3, "flag"), (6, "move"), (9, "expunge")] {
-                if n > back {
-                    if let Err(e) = act(n - back, what) {
-                        eprintln!("{what} of message {}: {e}", n - back);
-                    }
-                }
-            }
-        }
-        std::thread::sleep(every);
-    }
 }
 
 /// Appends `text` to the log at `path`.

@@ -1,8 +1,9 @@
-//! `bmfleet-lab demo [--pairs N] [--messages N] [--db-rows N] [--preinstalled] [--real-cyrus]`: builds the network lab (N
-//! BlueMind origin/target pairs and an orchestrator), enrolls every host's agent over SSH
-//! (`bmctl fleet enroll`), migrates the whole fleet with bmctl,
-//! prints a per-instance summary, tears the lab down, and exits 0 only if every instance is
-//! Done and verified. The last line of output is one JSON object.
+//! `bmfleet-lab demo [--pairs N] [--messages N] [--db-rows N] [--preinstalled] [--stand-in-mail]`:
+//! builds the network lab (N BlueMind origin/target pairs, an orchestrator, and a sender host
+//! with the real mail stack), enrolls every host's agent over SSH (`bmctl fleet enroll`),
+//! migrates the whole fleet with bmctl while mail is sent and read, prints a per-instance
+//! summary and mail line, tears the lab down, and exits 0 only if every instance is Done and
+//! verified (its mail too). The last line of output is one JSON object.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -37,11 +38,12 @@ struct Demo {
     /// and starts every agent first).
     #[arg(long)]
     preinstalled: bool,
-    /// Every host's mail served by a real Cyrus IMAP (Debian's cyrus-imapd) instead of
-    /// the stand-in's banner: mail through its LMTP socket, clients flagging, moving and
-    /// expunging over IMAP; each instance's mail then checked through IMAP after Done.
+    /// The stand-in's mail (banners, messages written straight into the spool) instead of
+    /// the real mail stack (Debian's Postfix and Cyrus IMAP on every host, the internet's
+    /// mail sent from a sender host, clients acting over IMAP, every message checked through
+    /// the service IP after Done).
     #[arg(long)]
-    real_cyrus: bool,
+    stand_in_mail: bool,
 }
 
 #[derive(Subcommand)]
@@ -88,7 +90,7 @@ fn main() -> ExitCode {
         db_rows,
         timeout_secs,
         preinstalled,
-        real_cyrus,
+        stand_in_mail,
     } = match Args::parse().command {
         Mode::Demo(demo) => demo,
         Mode::Chaos {
@@ -134,7 +136,7 @@ fn main() -> ExitCode {
         // card is ens18, netplan keeps its addresses, it runs PostgreSQL 16) and its
         // databases cross the major by logical replication.
         subscriber_pg16: true,
-        real_cyrus,
+        real_mail: !stand_in_mail,
         ..LabParams::default()
     });
     if enroll {
@@ -160,17 +162,25 @@ fn main() -> ExitCode {
         }
     }
     println!("== fleet file\n{}", fleet.fleet_file());
+    if fleet.params.real_mail {
+        // Mail that must stay queued through the migration (deferred, held) on each origin.
+        for i in 1..=pairs {
+            if let Err(e) = fleet.queue_mail_at_origin(i) {
+                eprintln!("demo: origin-{i}'s Postfix: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+        println!("== the internet sends mail to every instance through the sender's Postfix (10 a second), clients act over IMAP");
+    }
     println!("== bmctl fleet apply, then bmctl fleet status until every instance is finished");
     // Mail clients probe every service IP from outside meanwhile (an IMAP login every 100 ms).
-    let stop_probes = std::sync::atomic::AtomicBool::new(false);
-    let (result, client_seen) = std::thread::scope(|scope| {
-        let probes = scope.spawn(|| bmfleet_tests::probe::client_downtimes(&fleet, &stop_probes));
-        let result = fleet.migrate(Duration::from_secs(timeout_secs), |table| {
-            println!("{table}")
-        });
-        stop_probes.store(true, std::sync::atomic::Ordering::SeqCst);
-        (result, probes.join().unwrap_or_default())
-    });
+    let watched = bmfleet_tests::mail_traffic::migrate_watched(
+        &fleet,
+        Duration::from_secs(timeout_secs),
+        Duration::from_secs(5),
+        |table| println!("{table}"),
+    );
+    let (result, client_seen) = (watched.outcomes, watched.seen);
     let outcomes = match result {
         Ok(o) => o,
         Err(e) => {
@@ -203,10 +213,13 @@ fn main() -> ExitCode {
         if let Err(e) = &checked {
             eprintln!("demo: {e}");
         }
-        // With a real Cyrus, the mail as its clients left it, read through the service IP
-        // with IMAP on the target.
-        let mail = if fleet.params.real_cyrus {
-            fleet.check_mail(i + 1).map(Some)
+        // With the real mail stack, the mail as the internet sent it and its clients left
+        // it, read through the service IP with IMAP on the target; the queues as they must be.
+        let mail = if fleet.params.real_mail {
+            fleet
+                .check_queues(i + 1, Duration::from_secs(60))
+                .and_then(|_| fleet.check_mail(i + 1))
+                .map(Some)
         } else {
             Ok(None)
         };
@@ -233,13 +246,16 @@ fn main() -> ExitCode {
         });
         mail_lines.push(match &mail {
             Ok(Some(m)) => format!(
-                "{}: delivered {} (expunged {}), served {} once each, lost 0, duplicated 0, flags kept {f} of {f}, moves kept {v} of {v}; client-seen downtime {seen_text} (orchestrator {:.2} s)",
+                "{}: sent {}, delivered {} once each (+{} expunged by clients), duplicated {}, lost {}, flags kept {} of {}, moves kept {v} of {v}, deferred and held mail carried to the target's queue; client-seen downtime {seen_text} (orchestrator {:.2} s)",
                 o.name,
+                m.sent,
                 m.delivered,
                 m.expunged,
-                m.served,
+                m.duplicated,
+                m.lost,
+                m.flags_kept,
+                m.flags_set,
                 o.downtime_seconds,
-                f = m.flagged,
                 v = m.moved,
             ),
             Ok(None) => format!(
@@ -266,7 +282,7 @@ fn main() -> ExitCode {
             o.bytes_moved,
             rows,
             match &mail {
-                Ok(Some(m)) => format!("{}-{}", m.delivered, m.expunged),
+                Ok(Some(m)) => format!("{}/{}", m.delivered, m.sent),
                 _ => {
                     let (kept, expunged) = fleet.mail_ledger(&origin);
                     format!("{}-{}", kept.len() + expunged.len(), expunged.len())
@@ -282,18 +298,20 @@ fn main() -> ExitCode {
             "rows_written": rows,
             "client_seen_downtime_seconds": seen.map(|d| d.as_secs_f64()),
             "mail": mail.as_ref().ok().and_then(|m| m.as_ref()).map(|m| serde_json::json!({
+                "sent": m.sent,
                 "delivered": m.delivered,
                 "expunged": m.expunged,
-                "served": m.served,
-                "flagged": m.flagged,
+                "duplicated": m.duplicated,
+                "lost": m.lost,
+                "flags_kept": m.flags_kept,
+                "flags_set": m.flags_set,
                 "moved": m.moved,
-                "lost": 0,
-                "duplicated": 0,
+                "unsure": m.unsure,
             })),
             "verified": verified,
         }));
     }
-    println!("== mail clients, from outside (an IMAP session on each service IP every 100 ms)");
+    println!("== mail, from outside (what the sender's Postfix accepted against what each service IP serves over IMAP; a probe logs in every 100 ms)");
     for line in &mail_lines {
         println!("{line}");
     }

@@ -510,7 +510,7 @@ pub fn run(params: Params) -> anyhow::Result<()> {
         subscriber_pg16: params.subscriber_pg16,
         target_spool_mib: None,
         renamed_target_card: None,
-        real_cyrus: false,
+        real_mail: false,
     }));
     // This process runs the engine itself; the lab's orchestrator would only add its health
     // checks' walks of the data dirs to the measurements.
