@@ -18,6 +18,7 @@ packages=(
   prometheus       # promtool (rules, metrics checks) and a real Prometheus for the tests
   netplan.io       # netplan generate reads the service IP's netplan file on a lab target
   cyrus-imapd      # BlueMind's mail engine, real in the lab (its own mount namespace per host)
+  postfix          # BlueMind's MTA, real in the lab (queue carried by the agent, a sender host)
   gcc              # rusqlite builds SQLite from source
   libc6-dev
   pkg-config
@@ -39,10 +40,13 @@ if ((${#missing[@]})); then
     chmod 755 "$policy"
     trap 'rm -f /usr/sbin/policy-rc.d' EXIT
   fi
+  # Postfix asks how it is used: local only (never started here: the lab runs its own, in
+  # namespaces); its main.cf is what postmap reads when the tests rebuild maps.
+  echo "postfix postfix/main_mailer_type select Local only" | debconf-set-selections
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  # The tests start their own Prometheus and Cyrus; none should keep running on its own.
+  # The tests start their own Prometheus, Cyrus and Postfix; none should keep running on its own.
   if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
-    systemctl disable --now prometheus cyrus-imapd >/dev/null 2>&1 || true
+    systemctl disable --now prometheus cyrus-imapd postfix >/dev/null 2>&1 || true
   fi
 fi
 
@@ -70,7 +74,8 @@ if ! "$PG16/bin/postgres" --version 2>/dev/null | grep -q ' 16\.'; then
   echo "setup: installing PostgreSQL 16 test binaries in $PG16 (PyPI pgserver 0.1.4)"
   python3 -m pip --version >/dev/null 2>&1 || {
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3 python3-pip >/dev/null
+    # Postfix asks how it is used: as nothing on this host (the lab runs its own, in namespaces).
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3 python3-pip >/dev/null
   }
   wheel_dir=$(mktemp -d)
   python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.11 \

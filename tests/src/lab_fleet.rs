@@ -444,7 +444,7 @@ impl LabFleet {
             binary("bmfleet-agent").display(),
             ssh.ssh_config.display()
         );
-        for host in self.lab.hosts().iter().skip(1) {
+        for host in self.lab.hosts().iter().skip(1).filter(|h| h.name != SENDER) {
             let root = self.root(&host.name);
             text += &format!(
                 "\n[[host]]\nssh = \"root@{ip}\"\nname = \"{name}\"\nrole = \"{role}\"\n\
@@ -821,6 +821,7 @@ impl LabFleet {
         self.wait_for_orchestrator()?;
         let deadline = Instant::now() + timeout;
         let mut last_table = String::new();
+        let mut failures = 0;
         loop {
             let table =
                 String::from_utf8_lossy(&self.bmctl(&["fleet", "status"]).stdout).into_owned();
@@ -829,8 +830,23 @@ impl LabFleet {
                 last_table = table;
             }
             let out = self.bmctl(&["fleet", "status", "--output", "json"]);
-            let v: serde_json::Value =
-                serde_json::from_slice(&out.stdout).map_err(|e| format!("status: {e}"))?;
+            // A status call may fail while the lab's machine is busy; ten in a row end it.
+            let v: serde_json::Value = match serde_json::from_slice(&out.stdout) {
+                Ok(v) => {
+                    failures = 0;
+                    v
+                }
+                Err(e) => {
+                    failures += 1;
+                    let said = String::from_utf8_lossy(&out.stderr).trim().to_string();
+                    eprintln!("bmctl fleet status failed ({failures}): {e}: {said}");
+                    if failures >= 10 {
+                        return Err(format!("status: {e}: {said}"));
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
+                    continue;
+                }
+            };
             let instances = v["instances"].as_array().cloned().unwrap_or_default();
             let finished = |p: &str| matches!(p, "Done" | "RolledBack" | "Failed" | "Aborted");
             if !instances.is_empty()

@@ -1606,7 +1606,9 @@ async fn a_hostile_origin_cannot_write_outside_the_targets_config_patterns() {
                     "/etc/cron.d".into(),
                     "/root/.ssh".into(),
                     "/etc".into(),
-                ]
+                ];
+                // Its "mail queue" is its whole root: it sends /hold/… and /deferred/….
+                c.mail_queue.dir = "/".into();
             },
             GrantRequest {
                 grant_id: "grant-0007-config".into(),
@@ -1630,6 +1632,8 @@ async fn a_hostile_origin_cannot_write_outside_the_targets_config_patterns() {
         0o600,
     );
     write(&o.join("etc/passwd"), b"evil::0:0::/:/bin/sh\n", 0o644);
+    write(&o.join("hold/passwd"), b"evil::0:0::/:/bin/sh\n", 0o644);
+    write(&o.join("deferred/A/Q1"), b"a queue file\n", 0o4700);
     let t = p.target_root();
     write(&t.join("etc/passwd"), b"root:x:0:0::/root:/bin/sh\n", 0o644);
     std::fs::set_permissions(t.join("etc"), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -1661,7 +1665,16 @@ async fn a_hostile_origin_cannot_write_outside_the_targets_config_patterns() {
         t.join("etc/bm/bm-tool").metadata().unwrap().mode() & 0o7777,
         0o755
     );
-    for refused in ["/etc/cron.d", "/etc/passwd", "/root"] {
+    // The target's queue is its own queue dir: what the origin calls its queue lands nowhere.
+    assert!(!t.join("hold").exists() && !t.join("deferred").exists());
+    assert!(reply.queue_files.is_empty(), "{reply:?}");
+    for refused in [
+        "/etc/cron.d",
+        "/etc/passwd",
+        "/root",
+        "/hold/passwd",
+        "/deferred/A/Q1",
+    ] {
         assert!(
             reply.refused.iter().any(|r| r == refused),
             "{refused} not reported: {:?}",

@@ -971,6 +971,7 @@ fn every_message_sent_during_the_migration_is_served_once_by_real_postfix_and_cy
         "{outcomes:?}\n{}",
         events(&fleet, &[])
     );
+    eprintln!("{}", events(&fleet, &[]));
     migrated(&fleet, 1);
     fleet
         .check_queues(1, Duration::from_secs(60))

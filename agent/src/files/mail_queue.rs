@@ -41,10 +41,12 @@ fn queue_dir(config: &AgentConfig) -> PathBuf {
     config.host_path(&config.mail_queue.dir)
 }
 
-/// Regular files under `dir` (recursively, symlinks not followed), as paths relative to `base`.
+/// Regular files under `dir` (recursively, no symlink followed, `dir` itself included: a
+/// queue dir that is a symlink holds nothing), as paths relative to `base`.
 fn files_under(dir: &Path, base: &Path) -> Vec<PathBuf> {
     walkdir::WalkDir::new(dir)
         .follow_links(false)
+        .follow_root_links(false)
         .sort_by_file_name()
         .into_iter()
         .flatten()
@@ -187,6 +189,7 @@ pub fn install(config: &AgentConfig, staging: &Path) -> Result<Carried, String> 
     for entry in walkdir::WalkDir::new(staging)
         .min_depth(1)
         .follow_links(false)
+        .follow_root_links(false)
         .sort_by_file_name()
         .into_iter()
         .flatten()
@@ -323,6 +326,8 @@ mod tests {
         put(&q.join("flush/example.net"), "fast flush log");
         std::fs::create_dir_all(q.join("active")).unwrap();
         std::os::unix::fs::symlink("/etc/shadow", q.join("active/LINK")).unwrap();
+        // A queue dir that is a symlink lists nothing of where it points.
+        std::os::unix::fs::symlink("/etc", q.join("incoming")).unwrap();
         let config = host(dir.path());
         assert_eq!(
             list(&config),
@@ -348,6 +353,7 @@ mod tests {
         put(&q.join("hold/D4E5F6"), "held message");
         put(&staging.join("etc/cron.d/evil"), "* * * * * root sh");
         std::os::unix::fs::symlink("/etc/shadow", q.join("hold/LINK")).unwrap();
+        std::os::unix::fs::symlink("/etc", q.join("incoming")).unwrap();
         std::fs::set_permissions(
             q.join("hold/D4E5F6"),
             std::fs::Permissions::from_mode(0o4700),
@@ -365,7 +371,11 @@ mod tests {
         );
         assert_eq!(
             carried.refused,
-            ["/etc/cron.d/evil", "/var/spool/postfix/hold/LINK"]
+            [
+                "/etc/cron.d/evil",
+                "/var/spool/postfix/hold/LINK",
+                "/var/spool/postfix/incoming"
+            ]
         );
         assert!(!root.join("etc/cron.d/evil").exists());
         assert!(root
@@ -380,15 +390,12 @@ mod tests {
         let again = install(&config, &staging).unwrap();
         assert_eq!((again.installed.len(), again.already), (0, 2));
         // A name the target's queue holds with other content is never overwritten.
-        put(&q.join("incoming/X1"), "one message");
-        put(
-            &root.join("var/spool/postfix/incoming/X1"),
-            "another message",
-        );
+        put(&q.join("active/X1"), "one message");
+        put(&root.join("var/spool/postfix/active/X1"), "another message");
         let error = install(&config, &staging).unwrap_err();
         assert!(error.contains("would replace"), "{error}");
         assert_eq!(
-            std::fs::read_to_string(root.join("var/spool/postfix/incoming/X1")).unwrap(),
+            std::fs::read_to_string(root.join("var/spool/postfix/active/X1")).unwrap(),
             "another message"
         );
     }

@@ -36,6 +36,7 @@
 
 use std::io::Write;
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -172,7 +173,9 @@ fn start(args: &Args) -> ExitCode {
         .args(args.real_mail.then_some("--real-mail"))
         .arg("serve")
         .stdin(Stdio::null())
-        .stdout(Stdio::null());
+        .stdout(Stdio::null())
+        // A daemon: not in the process group of whoever started it.
+        .process_group(0);
     match log {
         Ok(f) => cmd.stderr(f),
         Err(_) => cmd.stderr(Stdio::null()),
@@ -424,6 +427,9 @@ fn mail_namespace_script(root: &Path) -> String {
             script += &format!("mount --bind {} /{file}\n", quote(&root.join(file)));
         }
     }
+    // Postfix's commands (postsuper…) log as its account, straight into maillog_file when its
+    // log daemon is not running (as on a stopped host): the file must exist and be theirs.
+    script += "[ -e /var/log/postfix/mail.log ] || install -o postfix -m 0600 /dev/null /var/log/postfix/mail.log\n";
     script
 }
 
@@ -440,22 +446,26 @@ fn in_mail_namespace(root: &Path, script: &str, args: &[String]) -> Command {
 }
 
 /// Starts Cyrus's master in the host's mail namespace (`cyrmaster` in the foreground: the
-/// stand-in's child).
+/// stand-in's child), leading a process group of its own as under a service manager: its
+/// shutdown signals its whole group (another host's Cyrus in a shared group died with it).
 fn start_cyrus(root: &Path) -> std::io::Result<std::process::Child> {
     let script = "mkdir -p /run/cyrus/socket /var/lib/cyrus/proc\n\
         chown cyrus:mail /run/cyrus /run/cyrus/socket /var/lib/cyrus /var/spool/cyrus /var/spool/sieve /var/lib/cyrus/proc\n\
         exec /usr/sbin/cyrmaster -p /run/cyrus/master.pid\n";
     in_mail_namespace(root, script, &[])
         .stdin(Stdio::null())
+        .process_group(0)
         .spawn()
 }
 
 /// Starts Postfix's master in the host's mail namespace, as `postfix start` does (its
-/// integrity check creates what the queue lacks), but in the foreground: the stand-in's child.
+/// integrity check creates what the queue lacks), but in the foreground: the stand-in's child,
+/// leading its own process group (`postfix stop` ends with a kill of the master's group).
 fn start_postfix(root: &Path) -> std::io::Result<std::process::Child> {
     let script = "chown postfix /var/lib/postfix\n/usr/sbin/postfix check\nexec /usr/lib/postfix/sbin/master -d\n";
     in_mail_namespace(root, script, &[])
         .stdin(Stdio::null())
+        .process_group(0)
         .spawn()
 }
 
