@@ -49,6 +49,9 @@ pub struct ChaosParams {
     pub budget_secs: u64,
     /// Size of each target's `/var/spool` filesystem, MiB.
     pub spool_mib: u64,
+    /// The real mail stack (Postfix and Cyrus on every host, the sender's mail and the IMAP
+    /// clients all through the campaign, every message counted at the end).
+    pub real_mail: bool,
 }
 
 impl Default for ChaosParams {
@@ -65,6 +68,7 @@ impl Default for ChaosParams {
             deadline_secs: 1800,
             budget_secs: 20,
             spool_mib: 256,
+            real_mail: true,
         }
     }
 }
@@ -106,6 +110,9 @@ pub struct ChaosReport {
     /// Per alert rule: the instances whose downtime had to raise it, and the instances it was
     /// raised for (Prometheus's own record). A missing or an unexpected one is a violation.
     pub alerts: BTreeMap<&'static str, (BTreeSet<String>, BTreeSet<String>)>,
+    /// With the real mail stack: every instance's mail counted through the IMAP of whoever
+    /// serves it, summed (a lost or duplicated message is also a violation).
+    pub mail: Option<crate::world::MailCount>,
 }
 
 impl ChaosReport {
@@ -141,6 +148,12 @@ impl ChaosReport {
         );
         for (alert, (expected, seen)) in &self.alerts {
             out += &format!("| {alert} | raised for {seen:?}, needed for {expected:?} |\n");
+        }
+        if let Some(m) = &self.mail {
+            out += &format!(
+                "| mail (all instances) | sent {}, delivered once {}, expunged by clients {}, duplicated {}, lost {}, flags kept {} of {}, moves {}, acts without an answer {} |\n",
+                m.sent, m.delivered, m.expunged, m.duplicated, m.lost, m.flags_kept, m.flags_set, m.moved, m.unsure
+            );
         }
         for f in &self.failures {
             out += &format!("\nFailed: {f}");
@@ -353,9 +366,18 @@ pub fn run(params: ChaosParams, mut progress: impl FnMut(&str)) -> ChaosReport {
         deliver_ms: 40,
         enroll: false,
         target_spool_mib: Some(params.spool_mib),
+        real_mail: params.real_mail,
         ..LabParams::default()
     });
     let mut report = ChaosReport::default();
+    if params.real_mail {
+        for i in 1..=params.pairs {
+            if let Err(e) = fleet.queue_mail_at_origin(i) {
+                report.violations.push(format!("origin-{i}'s Postfix: {e}"));
+                return report;
+            }
+        }
+    }
     if let Err(e) = start_prometheus(&fleet) {
         report.violations.push(e);
         return report;
@@ -380,8 +402,13 @@ pub fn run(params: ChaosParams, mut progress: impl FnMut(&str)) -> ChaosReport {
     }
     let started = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
+    let stop_mail = AtomicBool::new(false);
     let violations = Arc::new(Mutex::new(Vec::<String>::new()));
     let samples = std::thread::scope(|scope| {
+        // The internet's mail and the IMAP clients, all through the campaign.
+        let traffic = params.real_mail.then(|| {
+            scope.spawn(|| crate::mail_traffic::run(&fleet, Duration::from_millis(100), &stop_mail))
+        });
         // The service IP is never on both hosts of a pair, sampled 10 times a second. One
         // sample reads the namespaces one after the other, not at one instant: a cutover
         // between the origin's read and the target's would show both. So a pair seen on both
@@ -447,6 +474,7 @@ pub fn run(params: ChaosParams, mut progress: impl FnMut(&str)) -> ChaosReport {
             .hosts()
             .iter()
             .skip(1)
+            .filter(|h| h.name != crate::lab_fleet::SENDER)
             .map(|h| h.name.clone())
             .collect();
         let finished = |fleet: &LabFleet| {
@@ -574,6 +602,12 @@ pub fn run(params: ChaosParams, mut progress: impl FnMut(&str)) -> ChaosReport {
         let outcomes = fleet.follow(Duration::from_secs(params.deadline_secs), |_| {});
         stop.store(true, Ordering::Relaxed);
         let samples = sampler.join().unwrap_or((0, 0, 0));
+        if let Some(traffic) = traffic {
+            // Mail keeps coming a little after the last instance finished.
+            std::thread::sleep(Duration::from_secs(5));
+            stop_mail.store(true, Ordering::SeqCst);
+            let _ = traffic.join();
+        }
         match outcomes {
             Err(e) => report.violations.push(e),
             Ok(outcomes) => {
@@ -634,6 +668,13 @@ fn check_outcomes(
                 // Every data dir's attributes (mode, owner, xattrs and ACLs), read by the
                 // harness itself, not asked of the agents.
                 for dir in bmfleet_proto::BLUEMIND_DATA_DIRS {
+                    // A real Cyrus keeps writing its dirs on the target once it serves: they
+                    // are checked through IMAP below.
+                    if fleet.params.real_mail
+                        && ["/var/spool/cyrus", "/var/lib/cyrus"].contains(&dir)
+                    {
+                        continue;
+                    }
                     let rel = dir.trim_start_matches('/');
                     let manifest = |host: &str| {
                         bmfleet_agent::files::manifest::of_dir(
@@ -700,6 +741,22 @@ fn check_outcomes(
             other => report
                 .violations
                 .push(format!("{}: ended in {other}", o.name)),
+        }
+        // The mail, from outside: whoever serves holds every message sent once, with the
+        // clients' flags and folders, and the queue that must stay.
+        if fleet.params.real_mail {
+            match fleet
+                .check_queues(pair, Duration::from_secs(60))
+                .and_then(|_| fleet.check_mail(pair))
+            {
+                Ok(m) => {
+                    let sum = report.mail.get_or_insert_with(Default::default);
+                    sum.add(&m);
+                }
+                Err(e) => report
+                    .violations
+                    .push(format!("{}: {} but {e}", o.name, o.phase)),
+            }
         }
         // Every grant the origin ever registered for the target, tried on its data plane.
         if let Err(e) = fleet.old_grants_refused(pair) {

@@ -478,6 +478,21 @@ pub struct MailCount {
     pub unsure: usize,
 }
 
+impl MailCount {
+    /// Adds another instance's counts.
+    pub fn add(&mut self, other: &MailCount) {
+        self.sent += other.sent;
+        self.delivered += other.delivered;
+        self.expunged += other.expunged;
+        self.duplicated += other.duplicated;
+        self.lost += other.lost;
+        self.flags_kept += other.flags_kept;
+        self.flags_set += other.flags_set;
+        self.moved += other.moved;
+        self.unsure += other.unsure;
+    }
+}
+
 /// One message as its clients left it.
 #[derive(Debug, Clone)]
 struct Wanted {
@@ -706,18 +721,26 @@ impl LabFleet {
         queued
     }
 
-    /// Pair `i`'s queues after its migration: the target's Postfix holds exactly the mail that
-    /// must stay queued (carried from the origin: nothing stranded, nothing else left), the
-    /// sender's Postfix has delivered everything for the pair (waits up to `within` for the
-    /// relays), and the origin's Postfix stays stopped (its copies never leave twice). Mail
+    /// Pair `i`'s queues after its migration (or rollback): the serving host's Postfix holds
+    /// exactly the mail that must stay queued (after a migration carried from the origin:
+    /// nothing stranded, nothing else left), the sender's Postfix has delivered everything for
+    /// the pair (waits up to `within` for the relays), and the other host's Postfix stays
+    /// stopped (the origin's copies never leave twice). Mail
     /// the origin's queue held at the stop and that was not to stay queued is checked where
     /// it must be: served once through IMAP ([`LabFleet::check_mail`]).
     pub fn check_queues(&self, i: usize, within: Duration) -> Result<(), String> {
         let (origin, target) = (format!("origin-{i}"), format!("target-{i}"));
+        // Whoever serves holds the queue (the target after a migration, the origin after a
+        // rollback); the other's Postfix stays stopped.
+        let (serving, other) = if self.holds_service_ip(&target, i) {
+            (target, origin)
+        } else {
+            (origin, target)
+        };
         let wanted = self.must_stay_queued(i);
         let deadline = Instant::now() + within;
         loop {
-            let (on_target, on_sender) = (self.postqueue(&target)?, self.postqueue(SENDER_HOST)?);
+            let (on_target, on_sender) = (self.postqueue(&serving)?, self.postqueue(SENDER_HOST)?);
             let for_pair: Vec<&Queued> = on_sender
                 .iter()
                 .filter(|q| {
@@ -729,18 +752,18 @@ impl LabFleet {
             if on_target == wanted && for_pair.is_empty() {
                 break;
             }
-            if std::time::Instant::now() > deadline {
+            if Instant::now() > deadline {
                 return Err(format!(
-                    "pair {i}: {target}'s queue holds {on_target:?} (wanted {wanted:?}); the sender still holds {for_pair:?}"
+                    "pair {i}: {serving}'s queue holds {on_target:?} (wanted {wanted:?}); the sender still holds {for_pair:?}"
                 ));
             }
             std::thread::sleep(Duration::from_millis(500));
         }
-        // The origin's Postfix stays stopped: what it still holds (its copies, kept for a
-        // rollback) never leaves a second time.
-        if self.service(&origin, "postfix", "status").status.success() {
+        // The other host's Postfix stays stopped: what it still holds (the origin's copies,
+        // kept for a rollback) never leaves a second time.
+        if self.service(&other, "postfix", "status").status.success() {
             return Err(format!(
-                "pair {i}: {origin}'s Postfix runs again after the migration"
+                "pair {i}: {other}'s Postfix runs, and {serving} serves"
             ));
         }
         Ok(())

@@ -1,7 +1,8 @@
-//! A short, fixed-seed chaos campaign: two pairs migrate while the orchestrator and agents are
-//! killed, a link slowed, a target's disk filled, a cold sync outlives its window and its
-//! budget, a pair is cut off; every invariant of the campaign must hold, alerts included (the
-//! harness of `bmfleet-lab chaos` cannot rot).
+//! A short, fixed-seed chaos campaign on the real mail stack: two pairs migrate while mail
+//! flows and clients act, the orchestrator and agents are killed, a link slowed, a target's
+//! disk filled, a cold sync outlives its window and its budget, a pair is cut off; every
+//! invariant of the campaign must hold, alerts and every message included (the harness of
+//! `bmfleet-lab chaos` cannot rot).
 
 use bmfleet_tests::chaos::{run, ChaosParams};
 
@@ -25,6 +26,12 @@ fn a_short_chaos_campaign_keeps_every_invariant() {
     assert!(report.samples > 50, "{table}");
     assert_eq!(report.phases.values().sum::<usize>(), 2, "{table}");
     assert!(report.faults.len() >= 3, "{table}");
+    // The real mail stack ran all through it: every message counted where it is served.
+    let mail = report.mail.expect("the campaign counted the mail");
+    assert!(
+        mail.sent > 0 && mail.delivered > 0 && (mail.lost, mail.duplicated) == (0, 0),
+        "{table}"
+    );
     // The seed's schedule starts with a slow link and a full disk (then a window closing, a
     // PostgreSQL crash, kills and partitions: a fault that finds nothing to act on, such as
     // no cold sync within 30 s for the window, is skipped, which shifts the rest).

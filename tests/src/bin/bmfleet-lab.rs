@@ -80,6 +80,10 @@ enum Mode {
         /// Every instance's downtime budget, seconds.
         #[arg(long, default_value_t = 20)]
         budget_secs: u64,
+        /// The stand-in's mail instead of the real mail stack (Postfix, Cyrus, the sender's
+        /// mail and the IMAP clients, every message counted at the end).
+        #[arg(long)]
+        stand_in_mail: bool,
     },
 }
 
@@ -102,6 +106,7 @@ fn main() -> ExitCode {
             stagger_secs,
             max_gap_ms,
             budget_secs,
+            stand_in_mail,
         } => {
             let params = bmfleet_tests::chaos::ChaosParams {
                 pairs,
@@ -112,6 +117,7 @@ fn main() -> ExitCode {
                 stagger_secs,
                 max_gap_ms,
                 budget_secs,
+                real_mail: !stand_in_mail,
                 ..Default::default()
             };
             println!("== chaos: {pairs} pairs, {faults} faults, seed {seed}");
