@@ -508,7 +508,8 @@ impl LabFleet {
     /// every message the sender's Postfix accepted, every flag, unflag, move and expunge Cyrus
     /// confirmed), against what the host serving the IP serves over IMAP now: every message
     /// sent and not expunged exactly once, in its folder, with its flags; no expunged one;
-    /// nothing else. Any difference is an error naming the first ones.
+    /// nothing else; and Cyrus's own check of the serving host's spool finds nothing. Any
+    /// difference is an error naming the first ones.
     pub fn check_mail(&self, i: usize) -> Result<MailCount, String> {
         let ledger = std::fs::read_to_string(crate::mail_traffic::ledger_path(self, i))
             .map_err(|e| format!("pair {i}: no mail ledger: {e}"))?;
@@ -606,6 +607,14 @@ impl LabFleet {
                     problems.push(format!("{user}: {id} served but never sent"));
                 }
             }
+        }
+        // Cyrus's own check of the spool it serves from.
+        let serving = match self.holds_service_ip(&format!("target-{i}"), i) {
+            true => format!("target-{i}"),
+            false => format!("origin-{i}"),
+        };
+        if let Err(e) = self.chk_cyrus(&serving) {
+            problems.push(e);
         }
         if count.sent == 0 {
             Err(format!("pair {i}: no mail was sent"))
@@ -772,8 +781,9 @@ impl LabFleet {
 
 impl LabFleet {
     /// Cyrus's own consistency check on `host` (chk_cyrus over the default partition, run as
-    /// `cyrus` inside the mount namespace of the host's running Cyrus): what it reports.
-    pub fn chk_cyrus(&self, host: &str) -> Result<String, String> {
+    /// `cyrus` inside the mount namespace of the host's running Cyrus): Ok when it exits 0
+    /// and reports no error and nothing missing.
+    pub fn chk_cyrus(&self, host: &str) -> Result<(), String> {
         let ns = &self.lab.host(host).ns;
         let pids = crate::tool("ip", &["netns", "pids", ns]);
         let master = pids
@@ -795,10 +805,12 @@ impl LabFleet {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        if out.status.success() {
-            Ok(said)
-        } else {
+        if !out.status.success() {
             Err(format!("chk_cyrus on {host} exited {}: {said}", out.status))
+        } else if said.to_lowercase().contains("error") || said.contains("missing") {
+            Err(format!("chk_cyrus on {host}: {said}"))
+        } else {
+            Ok(())
         }
     }
 }

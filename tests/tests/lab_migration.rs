@@ -942,7 +942,7 @@ fn verify_fails_when_the_answer_on_the_service_ip_is_not_the_targets() {
 /// migration, through the service IP, the target serves every message the sender accepted
 /// exactly once (none lost in the window: the sender retried it to the target), in its
 /// folder with its flags; the target's queue holds exactly the deferred and held mail
-/// (carried, not stranded); Cyrus's own check finds nothing.
+/// (carried, not stranded); Cyrus's own check finds nothing (check_mail runs it).
 #[test]
 fn every_message_sent_during_the_migration_is_served_once_by_real_postfix_and_cyrus() {
     let _one = one_lab();
@@ -971,7 +971,6 @@ fn every_message_sent_during_the_migration_is_served_once_by_real_postfix_and_cy
         "{outcomes:?}\n{}",
         events(&fleet, &[])
     );
-    eprintln!("{}", events(&fleet, &[]));
     migrated(&fleet, 1);
     fleet
         .check_queues(1, Duration::from_secs(60))
@@ -984,11 +983,4 @@ fn every_message_sent_during_the_migration_is_served_once_by_real_postfix_and_cy
     );
     assert_eq!((mail.lost, mail.duplicated), (0, 0), "{mail:?}");
     assert_eq!(mail.sent, watched.traffic.sent[0], "{mail:?}");
-    let checked = fleet
-        .chk_cyrus("target-1")
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(
-        !checked.to_lowercase().contains("error") && !checked.contains("missing"),
-        "{checked}"
-    );
 }

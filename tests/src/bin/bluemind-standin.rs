@@ -415,7 +415,9 @@ const MAIL_FILES: [&str; 2] = ["etc/imapd.conf", "etc/cyrus.conf"];
 /// The shell lines that make this mount namespace see `root`'s mail paths at BlueMind's.
 fn mail_namespace_script(root: &Path) -> String {
     let quote = |p: &Path| format!("'{}'", p.display().to_string().replace('\'', "'\\''"));
-    let mut script = String::from("set -e\n");
+    // /run and /var/log of this namespace are its own (nothing is created on the host's).
+    let mut script =
+        String::from("set -e\nmount -t tmpfs lab-run /run\nmount -t tmpfs lab-log /var/log\n");
     for dir in MAIL_DIRS {
         script += &format!(
             "mkdir -p {h} /{dir}\nmount --bind {h} /{dir}\n",

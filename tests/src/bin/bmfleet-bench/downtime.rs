@@ -532,50 +532,68 @@ pub fn run(params: Params) -> anyhow::Result<()> {
         mib(link)
     );
 
-    println!("== (a) manual procedure on pair 1: hot sync (7 × rsync -avH --delete over ssh)");
-    let manual = Manual::prepare(&fleet, "origin-1", "target-1")?;
-    let manual_hot = manual.hot_sync()?;
-    println!("   {manual_hot:.1} s");
-    churn_databases(fleet.pg("origin-1"), params.db_rows, params.churn);
-    let churn_a = churn(&fleet.root("origin-1"), params.files, params.churn);
-    println!("   churn: {churn_a:?}");
-    if params.cold_cache {
-        drop_page_cache()?;
-    }
-    println!("   cold sync and server replacement");
-    let cold: ColdRun = manual.cold_sync_and_cutover(&service_ip(1))?;
-    println!("   downtime {:.2} s", cold.downtime);
-    check_migrated(&fleet, "origin-1", "target-1").context("the manual procedure")?;
-    drop(manual);
-
-    let mut runs = Vec::new();
-    for (i, &path) in params.paths.iter().enumerate() {
-        let pair = i + 2;
-        println!(
-            "== ({}) bmfleet on pair {pair}: the orchestrator's engine against the real agents, {}",
-            letter(i),
-            path.describe()
-        );
-        let run = bmfleet(&fleet, pair, &params, path.db_sync())?;
-        if run.phase != Phase::Done {
-            bail!(
-                "bmfleet ended in {:?} on pair {pair}: see {}",
-                run.phase,
-                fleet.dir().display()
+    // A mail client on the orchestrator's host asks every service IP for an IMAP greeting
+    // every 100 ms all through the runs: each pair's longest outage is what its clients saw.
+    let stop_probes = std::sync::atomic::AtomicBool::new(false);
+    let (measured, seen) = std::thread::scope(|scope| {
+        let probes = scope.spawn(|| bmfleet_tests::probe::client_downtimes(&fleet, &stop_probes));
+        let measured = (|| -> anyhow::Result<_> {
+            println!(
+                "== (a) manual procedure on pair 1: hot sync (7 × rsync -avH --delete over ssh)"
             );
-        }
-        if run.churn != churn_a {
-            bail!(
-                "the origins did not get the same churn: {churn_a:?} vs {:?}",
-                run.churn
-            );
-        }
-        check_migrated(&fleet, &format!("origin-{pair}"), &format!("target-{pair}"))
-            .with_context(|| format!("bmfleet on pair {pair}"))?;
-        println!("   downtime {:.2} s", run.downtime);
-        runs.push((path, run));
-    }
+            let manual = Manual::prepare(&fleet, "origin-1", "target-1")?;
+            let manual_hot = manual.hot_sync()?;
+            println!("   {manual_hot:.1} s");
+            churn_databases(fleet.pg("origin-1"), params.db_rows, params.churn);
+            let churn_a = churn(&fleet.root("origin-1"), params.files, params.churn);
+            println!("   churn: {churn_a:?}");
+            if params.cold_cache {
+                drop_page_cache()?;
+            }
+            println!("   cold sync and server replacement");
+            let cold: ColdRun = manual.cold_sync_and_cutover(&service_ip(1))?;
+            println!("   downtime {:.2} s", cold.downtime);
+            check_migrated(&fleet, "origin-1", "target-1").context("the manual procedure")?;
+            drop(manual);
 
+            let mut runs = Vec::new();
+            for (i, &path) in params.paths.iter().enumerate() {
+                let pair = i + 2;
+                println!(
+                    "== ({}) bmfleet on pair {pair}: the orchestrator's engine against the real agents, {}",
+                    letter(i),
+                    path.describe()
+                );
+                let run = bmfleet(&fleet, pair, &params, path.db_sync())?;
+                if run.phase != Phase::Done {
+                    bail!(
+                        "bmfleet ended in {:?} on pair {pair}: see {}",
+                        run.phase,
+                        fleet.dir().display()
+                    );
+                }
+                if run.churn != churn_a {
+                    bail!(
+                        "the origins did not get the same churn: {churn_a:?} vs {:?}",
+                        run.churn
+                    );
+                }
+                check_migrated(&fleet, &format!("origin-{pair}"), &format!("target-{pair}"))
+                    .with_context(|| format!("bmfleet on pair {pair}"))?;
+                println!("   downtime {:.2} s", run.downtime);
+                runs.push((path, run));
+            }
+            Ok((cold, churn_a, runs, manual_hot))
+        })();
+        stop_probes.store(true, std::sync::atomic::Ordering::SeqCst);
+        (measured, probes.join().unwrap_or_default())
+    });
+    let (cold, churn_a, runs, manual_hot) = measured?;
+    let client = |pair: usize| {
+        seen.get(pair - 1)
+            .and_then(|v| v.downtime)
+            .map_or("none".to_string(), |d| format!("{:.2} s", d.as_secs_f64()))
+    };
     let transfer = churn_a.bytes_written as f64 / link;
     let floor = transfer + cold.restore_secs;
     println!(
@@ -594,15 +612,20 @@ pub fn run(params: Params) -> anyhow::Result<()> {
             ""
         }
     );
-    println!("| | downtime |");
-    println!("| --- | ---: |");
-    println!("| (a) manual procedure | {:.2} s |", cold.downtime);
+    println!("| | downtime | a mail client saw |");
+    println!("| --- | ---: | ---: |");
+    println!(
+        "| (a) manual procedure | {:.2} s | {} |",
+        cold.downtime,
+        client(1)
+    );
     for (i, (path, run)) in runs.iter().enumerate() {
         let letter = letter(i);
         println!(
-            "| ({letter}) bmfleet, {} | {:.2} s |",
+            "| ({letter}) bmfleet, {} | {:.2} s | {} |",
             path.label(),
-            run.downtime
+            run.downtime,
+            client(i + 2)
         );
         println!(
             "| ratio ({letter})/(a) | {:.3} |",
@@ -708,9 +731,11 @@ pub fn run(params: Params) -> anyhow::Result<()> {
                 "new": churn_a.new, "deleted": churn_a.deleted, "flagged": churn_a.flagged,
                 "bytes": churn_a.bytes_written },
             "link_bytes_per_second": link,
-            "manual": {"downtime": cold.downtime, "restore": cold.restore_secs, "hot_sync": manual_hot, "steps": steps_json(&cold.steps)},
-            "bmfleet": runs.iter().map(|(path, run)| serde_json::json!({
+            "manual": {"downtime": cold.downtime, "restore": cold.restore_secs, "hot_sync": manual_hot, "steps": steps_json(&cold.steps),
+                "client_seen": seen.first().and_then(|v| v.downtime).map(|d| d.as_secs_f64())},
+            "bmfleet": runs.iter().enumerate().map(|(i, (path, run))| serde_json::json!({
                 "db_sync": path.db_sync(), "downtime": run.downtime, "gate": run.gate,
+                "client_seen": seen.get(i + 1).and_then(|v| v.downtime).map(|d| d.as_secs_f64()),
                 "hot_pass": run.first_pass.elapsed_ms as f64 / 1000.0,
                 "steps": steps_json(&run.steps)})).collect::<Vec<_>>(),
             "cold_cache": params.cold_cache,
