@@ -356,18 +356,20 @@ impl Default for ServicesConfig {
                 status: argv(status),
             };
         ServicesConfig {
+            // Postfix stops first (its queue drained into Cyrus, which still runs) and starts
+            // last (Cyrus takes its deliveries from the start).
             service: vec![
-                service(
-                    "bluemind",
-                    &["bmctl", "start"],
-                    &["bmctl", "stop"],
-                    &["bmctl", "status"],
-                ),
                 service(
                     "postfix",
                     &["service", "postfix", "start"],
                     &["service", "postfix", "stop"],
                     &["service", "postfix", "status"],
+                ),
+                service(
+                    "bluemind",
+                    &["bmctl", "start"],
+                    &["bmctl", "stop"],
+                    &["bmctl", "status"],
                 ),
             ],
             command_timeout_secs: 600,
@@ -588,7 +590,8 @@ key = "/pki/a-key.pem"
             .iter()
             .map(|s| s.stop.join(" "))
             .collect();
-        assert_eq!(stop, ["bmctl stop", "service postfix stop"]);
+        // Postfix first: its queue drains into Cyrus, which stops after it.
+        assert_eq!(stop, ["service postfix stop", "bmctl stop"]);
         assert_eq!(
             c.host_path(Path::new("/var/spool/cyrus")),
             PathBuf::from("/var/spool/cyrus")

@@ -812,6 +812,15 @@ async fn sync_pass(
         journal_paths: s.journal.then_some(s.journal_paths),
         journal_fallback: s.journal_fallback,
         verified_point: String::new(),
+        phases: s.journal.then(|| {
+            Box::new(crate::machine::PassPhases {
+                connect_ms: s.connect_ms,
+                list_ms: s.list_ms,
+                transfer_ms: s.transfer_ms,
+                verify_origin_ms: s.verify_origin_ms,
+                verify_here_ms: s.verify_here_ms,
+            })
+        }),
     })
 }
 

@@ -165,6 +165,26 @@ pub struct PassStats {
     /// compared), or `none: …` and why (the downtime then compares every table).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub verified_point: String,
+    /// A journal pass's time by phase (its fixed costs, for the downtime's accounting).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phases: Option<Box<PassPhases>>,
+}
+
+/// A journal pass's time by phase, ms: the data plane's connections opened (TLS, admission),
+/// the origin's journal asked for its paths, the transfer, the origin's path states, this
+/// host's path states.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PassPhases {
+    /// Opening the pass's data-plane connections.
+    pub connect_ms: u64,
+    /// The origin's journal listing the paths.
+    pub list_ms: u64,
+    /// The rsync transfer.
+    pub transfer_ms: u64,
+    /// The origin's path states.
+    pub verify_origin_ms: u64,
+    /// This host's path states.
+    pub verify_here_ms: u64,
 }
 
 /// How an instance's databases move, decided at its preflight.

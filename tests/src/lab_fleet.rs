@@ -310,17 +310,11 @@ impl LabFleet {
                     ],
                 );
                 for service in ["bluemind", "postfix"] {
-                    let out = lab
-                        .command(name, binary("bluemind-standin"))
+                    let mut start = lab.command(name, binary("bluemind-standin"));
+                    start
                         .args(standin_args(&root, name, service, origin, &params))
-                        .arg("start")
-                        .output()
-                        .expect("stand-in");
-                    assert!(
-                        out.status.success(),
-                        "{name} {service}: {}",
-                        String::from_utf8_lossy(&out.stderr)
-                    );
+                        .arg("start");
+                    run_standin(start, &format!("{name} {service}"));
                     if service == "bluemind" && params.real_mail {
                         create_mailboxes(&lab, name);
                     }
@@ -346,25 +340,16 @@ impl LabFleet {
         if params.real_mail {
             let root = dir.path().join(SENDER);
             seed_sender(&root, params.pairs);
-            let out = lab
-                .command(SENDER, binary("bluemind-standin"))
-                .arg("--root")
-                .arg(&root)
-                .args([
-                    "--name",
-                    SENDER,
-                    "--service",
-                    "postfix",
-                    "--real-mail",
-                    "start",
-                ])
-                .output()
-                .expect("stand-in");
-            assert!(
-                out.status.success(),
-                "the sender's Postfix: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            let mut start = lab.command(SENDER, binary("bluemind-standin"));
+            start.arg("--root").arg(&root).args([
+                "--name",
+                SENDER,
+                "--service",
+                "postfix",
+                "--real-mail",
+                "start",
+            ]);
+            run_standin(start, "the sender's Postfix");
         }
         // The switch has talked to every service IP (as a router would have).
         lab.run_in("switch", || {
@@ -1230,25 +1215,58 @@ pub fn churn(root: &Path, messages: usize, fraction: f64) -> Churn {
 /// `fraction` of the rows of bj-data's biggest table new, as many of bj's events updated and
 /// a tenth of that deleted, a few mailboxes added, `fraction` of the ACL rows (a table
 /// without a primary key) updated and a tenth of that deleted.
-pub fn churn_databases(pg: &PgCluster, rows: u64, fraction: f64) {
+/// Where a day's database changes land in the tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DbChurn {
+    /// Together: the first rows updated, the last deleted, new ones appended (few blocks).
+    Clustered,
+    /// Scattered over every table's blocks, as BlueMind's flag and folder updates are: every
+    /// n-th row updated, every n-th deleted, new ones appended (most blocks touched).
+    Scattered,
+}
+
+/// A day of BlueMind database changes on `pg`'s bj and bj-data: `fraction` of the rows
+/// (at least 10) inserted, updated and deleted, where `profile` puts them.
+pub fn churn_databases(pg: &PgCluster, rows: u64, fraction: f64, profile: DbChurn) {
     let changed = ((rows as f64 * fraction).round() as u64).max(10);
+    // Scattered: every `step`-th row, across the whole table.
+    let step = (rows / changed).max(1);
+    let (updated, deleted, acl_updated, acl_deleted, bodies_updated) = match profile {
+        DbChurn::Clustered => (
+            format!("id <= {changed}"),
+            format!("id > {rows} - {}", changed / 10),
+            format!("container_id < {}", (changed / 30).max(1)),
+            format!(
+                "container_id >= {rows} / 30 - {}",
+                (changed / 30).max(1) / 10
+            ),
+            "false".to_string(),
+        ),
+        DbChurn::Scattered => (
+            format!("id % {step} = 1"),
+            format!("id % {} = 2", step * 10),
+            format!("container_id % {step} = 3"),
+            format!("container_id % {} = 4", step * 10),
+            // Every step-th body, by its key's hash (bodies have no serial id).
+            format!("('x' || substr(guid, 1, 8))::bit(32)::int % {step} = 0"),
+        ),
+    };
     pg.sql(
         "bj-data",
         &format!(
             "SET ROLE bj; INSERT INTO t_message_body SELECT md5('day' || i), i % 100000, 'new ' || i \
-             FROM generate_series(1, {changed}) i;"
+             FROM generate_series(1, {changed}) i; \
+             UPDATE t_message_body SET preview = preview || ' (read)' WHERE {bodies_updated};"
         ),
     );
     pg.sql(
         "bj",
         &format!(
-            "SET ROLE bj; UPDATE t_calendar_event SET summary = summary || ' (moved)' WHERE id <= {changed}; \
-             DELETE FROM t_calendar_event WHERE id > {rows} - {gone}; \
+            "SET ROLE bj; UPDATE t_calendar_event SET summary = summary || ' (moved)' WHERE {updated}; \
+             DELETE FROM t_calendar_event WHERE {deleted}; \
              INSERT INTO t_mailbox (domain_id, login, quota) SELECT 1, 'day' || i, 0 FROM generate_series(1, 10) i; \
-             UPDATE t_container_acl SET verb = 'Write' WHERE container_id < {acl}; \
-             DELETE FROM t_container_acl WHERE container_id >= {rows} / 30 - {acl} / 10;",
-            gone = changed / 10,
-            acl = (changed / 30).max(1)
+             UPDATE t_container_acl SET verb = 'Write' WHERE {acl_updated}; \
+             DELETE FROM t_container_acl WHERE {acl_deleted};"
         ),
     );
 }
@@ -1366,7 +1384,8 @@ fn postfix_package_install(root: &Path, name: &str) {
             root.join("var/lib/postfix").to_str().expect("path"),
         ],
     );
-    let out = Command::new(binary("bluemind-standin"))
+    let mut check = Command::new(binary("bluemind-standin"));
+    check
         .arg("--root")
         .arg(root)
         .args([
@@ -1378,12 +1397,16 @@ fn postfix_package_install(root: &Path, name: &str) {
             "exec",
             "--",
         ])
-        .args(["postfix", "check"])
-        .output()
-        .expect("stand-in");
+        .args(["postfix", "check"]);
+    run_standin(check, &format!("postfix check on {name}"));
+}
+
+/// Runs a stand-in command of the lab's setup, which must succeed (`what` names it).
+fn run_standin(mut command: Command, what: &str) {
+    let out = command.output().expect("stand-in");
     assert!(
         out.status.success(),
-        "postfix check on {name}: {}",
+        "{what}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
 }

@@ -15,19 +15,27 @@ pub struct Smtp {
     writer: std::net::TcpStream,
 }
 
+/// A connection to `address` made within `limit`, each read within three times it: its
+/// reading and writing halves.
+fn connect(
+    protocol: &str,
+    address: std::net::SocketAddr,
+    limit: Duration,
+) -> Result<(BufReader<std::net::TcpStream>, std::net::TcpStream), String> {
+    let stream = std::net::TcpStream::connect_timeout(&address, limit)
+        .map_err(|e| format!("{protocol} {address}: {e}"))?;
+    stream
+        .set_read_timeout(Some(limit * 3))
+        .map_err(|e| e.to_string())?;
+    let writer = stream.try_clone().map_err(|e| e.to_string())?;
+    Ok((BufReader::new(stream), writer))
+}
+
 impl Smtp {
     /// Connects to `address` within `limit` (each reply within three times it).
     pub fn connect(address: std::net::SocketAddr, limit: Duration) -> Result<Smtp, String> {
-        let stream = std::net::TcpStream::connect_timeout(&address, limit)
-            .map_err(|e| format!("SMTP {address}: {e}"))?;
-        stream
-            .set_read_timeout(Some(limit * 3))
-            .map_err(|e| e.to_string())?;
-        let writer = stream.try_clone().map_err(|e| e.to_string())?;
-        let mut smtp = Smtp {
-            reader: BufReader::new(stream),
-            writer,
-        };
+        let (reader, writer) = connect("SMTP", address, limit)?;
+        let mut smtp = Smtp { reader, writer };
         smtp.expect("220")?;
         smtp.say("EHLO generator.sender.lab.example")?;
         smtp.expect("250")?;
@@ -112,14 +120,9 @@ impl Imap {
         password: &str,
         limit: Duration,
     ) -> Result<Imap, String> {
-        let stream = std::net::TcpStream::connect_timeout(&address, limit)
-            .map_err(|e| format!("IMAP {address}: {e}"))?;
-        stream
-            .set_read_timeout(Some(limit * 3))
-            .map_err(|e| e.to_string())?;
-        let writer = stream.try_clone().map_err(|e| e.to_string())?;
+        let (reader, writer) = connect("IMAP", address, limit)?;
         let mut imap = Imap {
-            reader: BufReader::new(stream),
+            reader,
             writer,
             tag: 0,
         };

@@ -94,10 +94,7 @@ pub async fn drain(config: &AgentConfig) -> MailQueueState {
         let flush = command::run("postqueue", &argv, Duration::from_secs(10)).await;
         if !command::succeeded(&flush) {
             // Postfix is down: nothing delivers now; the queue is carried as it is.
-            state.note = format!(
-                "not drained: postqueue -f failed ({})",
-                command::failure_summary(&flush)
-            );
+            state.note = format!("not drained: {}", last_words(&flush));
         } else {
             let bound = Duration::from_secs(settings.drain_secs);
             let mut empty_in_a_row = 0;
@@ -142,7 +139,7 @@ pub async fn flush(config: &AgentConfig) -> MailQueueState {
         if command::succeeded(&flush) {
             "flushed".into()
         } else {
-            format!("postqueue -f failed: {}", command::failure_summary(&flush))
+            format!("not flushed: {}", last_words(&flush))
         }
     };
     MailQueueState {
@@ -150,6 +147,17 @@ pub async fn flush(config: &AgentConfig) -> MailQueueState {
         waited_ms: started.elapsed().as_millis() as u64,
         note,
     }
+}
+
+/// A failed postqueue's last line of complaint (Postfix's `fatal: …` says why), or its exit.
+fn last_words(result: &bmfleet_proto::v1::CommandResult) -> String {
+    result
+        .stderr_tail
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .map(|l| l.trim().to_string())
+        .unwrap_or_else(|| command::failure_summary(result))
 }
 
 /// What a carry installed.

@@ -372,13 +372,15 @@ impl tokio::io::AsyncWrite for Capped {
 }
 
 /// Asks the origin for its journal's paths since `since` (or their manifest lines): the
-/// items, or why the journal cannot give them.
+/// items, or why the journal cannot give them. `connect_ms` gains the time the connection
+/// took to open (TLS and the origin's admission).
 async fn journal_items(
     config: &AgentConfig,
     tls: Arc<rustls::ClientConfig>,
     origin: &OriginEndpoint,
     since: &str,
     manifest: bool,
+    connect_ms: &mut u64,
 ) -> Result<Vec<String>, String> {
     let timeout = Duration::from_secs(config.data_plane.connect_timeout_secs);
     let request = crate::plane::tunnel::TunnelRequest::Changes {
@@ -386,9 +388,11 @@ async fn journal_items(
         since: since.to_string(),
         manifest,
     };
+    let opening = Instant::now();
     let mut stream = crate::plane::tunnel::open(origin, tls, &request, timeout)
         .await
         .map_err(|e| e.to_string())?;
+    *connect_ms += opening.elapsed().as_millis() as u64;
     let mut data = Capped(Vec::new());
     let (outcome, _) = crate::plane::tunnel::receive_framed(&mut stream, &mut data)
         .await
@@ -484,10 +488,23 @@ async fn journal_pass(
     let Some(tls) = how.tls.clone() else {
         return JournalPass::Fallback("no identity to query the origin's journal".into());
     };
-    let paths = match journal_items(config, tls.clone(), origin, since, false).await {
+    // Each phase's time, for the pass's statistics.
+    let mut phases = SyncStats::default();
+    let listing = Instant::now();
+    let paths = match journal_items(
+        config,
+        tls.clone(),
+        origin,
+        since,
+        false,
+        &mut phases.connect_ms,
+    )
+    .await
+    {
         Ok(p) => p,
         Err(why) => return JournalPass::Fallback(why),
     };
+    phases.list_ms = listing.elapsed().as_millis() as u64;
     if let Err(why) = journal_paths_fit(config, dirs, &paths) {
         return JournalPass::Fallback(why);
     }
@@ -535,6 +552,7 @@ async fn journal_pass(
         // touches its dir here; a dir the journal does not list did not change on the origin:
         // its time here is put back.
         let unlisted = unlisted_parents(config, &paths);
+        let transferring = Instant::now();
         let outcome = match run_rsync(run, progress).await {
             Ok(o) => o,
             Err(e) => return failed(e, None),
@@ -545,6 +563,7 @@ async fn journal_pass(
             }
         }
         stats = outcome.stats;
+        phases.transfer_ms = transferring.elapsed().as_millis() as u64;
         if outcome.cancelled {
             return failed(CANCELLED.into(), Some(stats));
         }
@@ -555,10 +574,23 @@ async fn journal_pass(
             );
         }
     }
-    let done = |mut stats: SyncStats| {
+    let done = |mut stats: SyncStats, phases: &SyncStats| {
         stats.journal = true;
         stats.journal_paths = paths.len() as u64;
         stats.elapsed_ms = started.elapsed().as_millis() as u64;
+        (
+            stats.connect_ms,
+            stats.list_ms,
+            stats.transfer_ms,
+            stats.verify_origin_ms,
+            stats.verify_here_ms,
+        ) = (
+            phases.connect_ms,
+            phases.list_ms,
+            phases.transfer_ms,
+            phases.verify_origin_ms,
+            phases.verify_here_ms,
+        );
         JournalPass::Done(PullEvent {
             stats: Some(stats),
             done: true,
@@ -573,7 +605,9 @@ async fn journal_pass(
     // pass's carry (the origin goes on writing: a later pass carries what changes after this
     // one, and the final pass verifies), every journal path is verified, here and on the
     // origin (contents included).
-    let theirs = match journal_items(config, tls, origin, since, true).await {
+    let asking = Instant::now();
+    let theirs = match journal_items(config, tls, origin, since, true, &mut phases.connect_ms).await
+    {
         Ok(items) => items
             .iter()
             .map(|i| serde_json::from_str::<crate::files::manifest::PathState>(i))
@@ -585,6 +619,8 @@ async fn journal_pass(
         Ok(t) => t,
         Err(why) => return failed(format!("verifying the journal pass: {why}"), Some(stats)),
     };
+    phases.verify_origin_ms = asking.elapsed().as_millis() as u64;
+    let here = Instant::now();
     let root = config.clone();
     let listed = paths.clone();
     let origin_dirs = theirs.clone();
@@ -617,8 +653,9 @@ async fn journal_pass(
         Ok(states) => states,
         Err(why) => return failed(format!("verifying the journal pass: {why}"), Some(stats)),
     };
+    phases.verify_here_ms = here.elapsed().as_millis() as u64;
     if !verify {
-        return done(stats);
+        return done(stats, &phases);
     }
     if ours != theirs {
         let first = ours
@@ -634,7 +671,7 @@ async fn journal_pass(
             Some(stats),
         );
     }
-    done(stats)
+    done(stats, &phases)
 }
 
 /// One pass pulling the data dirs `paths` from the origin in one rsync run (relative to the

@@ -34,7 +34,9 @@ use bmfleet_orchestrator::state::State;
 use bmfleet_proto::identity::Role;
 use bmfleet_proto::tls::LocalIdentity;
 use bmfleet_proto::BLUEMIND_DATA_DIRS;
-use bmfleet_tests::lab_fleet::{churn, churn_databases, service_ip, Churn, LabFleet, LabParams};
+use bmfleet_tests::lab_fleet::{
+    churn, churn_databases, service_ip, Churn, DbChurn, LabFleet, LabParams,
+};
 
 use crate::manual::{ColdRun, Manual, Timed};
 
@@ -53,6 +55,8 @@ pub struct Params {
     pub paths: Vec<DbPath>,
     /// The logical path's target runs PostgreSQL 16 (a move across majors).
     pub subscriber_pg16: bool,
+    /// Where the day's database changes land.
+    pub db_churn: DbChurn,
 }
 
 /// How bmfleet moves the databases in one measured run (the fleet file's `db_sync`).
@@ -385,7 +389,8 @@ fn bmfleet(
     let (messages, fraction) = (params.files, params.churn);
     let databases = {
         let (fleet, origin, rows) = (fleet.clone(), format!("origin-{pair}"), params.db_rows);
-        Arc::new(move || churn_databases(fleet.pg(&origin), rows, fraction))
+        let profile = params.db_churn;
+        Arc::new(move || churn_databases(fleet.pg(&origin), rows, fraction, profile))
     };
     fleet.lab.run_in("orch", || {
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -544,7 +549,12 @@ pub fn run(params: Params) -> anyhow::Result<()> {
             let manual = Manual::prepare(&fleet, "origin-1", "target-1")?;
             let manual_hot = manual.hot_sync()?;
             println!("   {manual_hot:.1} s");
-            churn_databases(fleet.pg("origin-1"), params.db_rows, params.churn);
+            churn_databases(
+                fleet.pg("origin-1"),
+                params.db_rows,
+                params.churn,
+                params.db_churn,
+            );
             let churn_a = churn(&fleet.root("origin-1"), params.files, params.churn);
             println!("   churn: {churn_a:?}");
             if params.cold_cache {
@@ -597,10 +607,11 @@ pub fn run(params: Params) -> anyhow::Result<()> {
     let transfer = churn_a.bytes_written as f64 / link;
     let floor = transfer + cold.restore_secs;
     println!(
-        "\n## Downtime, {} messages, {:.0} MiB of databases, {:.1}% churn, page cache {}{}\n",
+        "\n## Downtime, {} messages, {:.0} MiB of databases, {:.1}% churn ({:?} in the tables), page cache {}{}\n",
         params.files,
         mib(size.database_bytes as f64),
         params.churn * 100.0,
+        params.db_churn,
         if params.cold_cache {
             "dropped before the cold sync"
         } else {
@@ -690,8 +701,20 @@ pub fn run(params: Params) -> anyhow::Result<()> {
                     String::new()
                 } else {
                     format!(", fell back: {}", f.journal_fallback)
-                }
-            )
+                },
+            ) + &f.phases.as_ref().map_or(String::new(), |p| {
+                format!(
+                    "; by phase: connections {} ms, journal list {} ms, transfer {} ms, origin's states {} ms, states here {} ms, the rest {} ms",
+                    p.connect_ms,
+                    p.list_ms,
+                    p.transfer_ms,
+                    p.verify_origin_ms,
+                    p.verify_here_ms,
+                    f.elapsed_ms.saturating_sub(
+                        p.list_ms + p.transfer_ms + p.verify_origin_ms + p.verify_here_ms
+                    )
+                )
+            })
         });
         println!("| {name} | {:.2} s | {detail} |", step_secs(run));
     }
@@ -739,6 +762,7 @@ pub fn run(params: Params) -> anyhow::Result<()> {
                 "hot_pass": run.first_pass.elapsed_ms as f64 / 1000.0,
                 "steps": steps_json(&run.steps)})).collect::<Vec<_>>(),
             "cold_cache": params.cold_cache,
+            "db_churn": format!("{:?}", params.db_churn).to_lowercase(),
             "subscriber_pg16": params.subscriber_pg16,
             "floor": floor,
         })

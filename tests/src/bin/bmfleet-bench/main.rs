@@ -1,7 +1,7 @@
 //! bmfleet's benchmarks (not part of CI; BENCHMARKS.md has the commands and the results).
 //!
 //! - `bmfleet-bench orchestrator [--pairs N]`: one orchestrator, N simulated pairs.
-//! - `bmfleet-bench downtime [--files N] [--db-rows N] [--churn F] [--cold-cache]`: the
+//! - `bmfleet-bench downtime [--files N] [--db-rows N] [--churn F] [--db-churn clustered|scattered] [--cold-cache]`: the
 //!   manual procedure vs bmfleet (databases following the origin, and dumped) on identical
 //!   lab instances, with the physical floor and the tunnel's throughput against rsync over ssh.
 //! - `bmfleet-bench manifest [--gib N]`: the agent's peak memory hashing an N GiB file.
@@ -60,6 +60,11 @@ enum Bench {
         /// installs it for the tests) against the origin's 15: a move across majors.
         #[arg(long)]
         subscriber_pg16: bool,
+        /// Where the day's database changes land: `clustered` (the first rows updated, the
+        /// last deleted) or `scattered` (every n-th row of every table, as BlueMind's flag
+        /// and folder updates are).
+        #[arg(long, value_enum, default_value = "clustered")]
+        db_churn: bmfleet_tests::lab_fleet::DbChurn,
     },
     /// Peak memory of the manifest hashing one big file (and of reading it whole).
     Manifest {
@@ -80,6 +85,7 @@ fn main() -> anyhow::Result<()> {
             cold_cache,
             paths,
             subscriber_pg16,
+            db_churn,
         } => downtime::run(downtime::Params {
             files,
             db_rows,
@@ -87,6 +93,7 @@ fn main() -> anyhow::Result<()> {
             cold_cache,
             paths,
             subscriber_pg16,
+            db_churn,
         }),
     }
 }
