@@ -231,7 +231,8 @@ impl Agent for AgentService {
                         ..services::run(&config.services, action).await
                     }
                 }
-                // Carried mail deferred on the origin is tried now, not after its back-off.
+                // Start: carried mail deferred on the origin is tried now, not after its
+                // back-off.
                 _ => {
                     let mut reply = services::run(&config.services, action).await;
                     if reply.ok {
@@ -894,8 +895,13 @@ async fn copy_config(config: &AgentConfig, origin: &OriginEndpoint) -> CopyConfi
         tracing::warn!(origin = %origin.name, refused = ?carried.refused, "the origin sent entries that are not queue files: not installed");
     }
     refused.extend(carried.refused);
-    if let Err(e) = mail_queue::structure_check(config, timeout).await {
-        return done(refused, e);
+    // Postfix's structure check when the queue holds carried files (nothing else of the
+    // target's Postfix is touched when the origin's queue was empty).
+    let carried_any = !carried.installed.is_empty() || carried.already > 0;
+    if carried_any {
+        if let Err(e) = mail_queue::structure_check(config, timeout).await {
+            return done(refused, e);
+        }
     }
     CopyConfigReply {
         queue_files: carried.installed,
