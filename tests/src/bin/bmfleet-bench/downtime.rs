@@ -57,6 +57,8 @@ pub struct Params {
     pub subscriber_pg16: bool,
     /// Where the day's database changes land.
     pub db_churn: DbChurn,
+    /// When the day's changes land on bmfleet's origins.
+    pub day_lands: DayLands,
 }
 
 /// How bmfleet moves the databases in one measured run (the fleet file's `db_sync`).
@@ -239,12 +241,25 @@ fn link_throughput(fleet: &LabFleet, from: &str, to: &str) -> anyhow::Result<f64
     })
 }
 
-/// The real agents, with the day's mail landing on the origin right after the pre-window
-/// pass (the engine then stops the origin: its cold sync faces exactly these changes).
+/// When the day's changes land on a bmfleet origin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DayLands {
+    /// All in the last second: right after the pre-window pass, before the stop (the cold
+    /// sync faces exactly what the manual procedure's faces: the worst case).
+    LastSecond,
+    /// While the service still runs: right before the pre-window pass (which carries the
+    /// files and takes the databases' verified point), as a day's mail arrives before its
+    /// window; the cold sync then faces only what changes after.
+    Live,
+}
+
+/// The real agents, with the day's mail landing on the origin around the pre-window pass
+/// ([`DayLands`]); the engine then stops the origin.
 struct ChurnAfterPreWindowPass {
     agents: GrpcAgents,
     pending: Arc<Mutex<Option<ChurnJob>>>,
     churned: Arc<Mutex<Option<Churn>>>,
+    lands: DayLands,
 }
 
 /// The day of mail still to come: [`churn`]'s arguments, and the databases'.
@@ -257,30 +272,39 @@ struct ChurnJob {
     cold_cache: bool,
 }
 
+/// The day of mail lands (once: the first call takes the job).
+async fn land(pending: Arc<Mutex<Option<ChurnJob>>>, churned: Arc<Mutex<Option<Churn>>>) {
+    let job = pending.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let Some(j) = job else { return };
+    let day = move || {
+        (j.databases)();
+        let c = churn(&j.root, j.messages, j.fraction);
+        if j.cold_cache {
+            if let Err(e) = drop_page_cache() {
+                eprintln!("{e:#}");
+            }
+        }
+        c
+    };
+    if let Ok(c) = tokio::task::spawn_blocking(day).await {
+        *churned.lock().unwrap_or_else(|p| p.into_inner()) = Some(c);
+    }
+}
+
 impl AgentPort for ChurnAfterPreWindowPass {
     fn run(&self, job: Job) -> Pin<Box<dyn Future<Output = StepResult> + Send>> {
         let step = job.step;
         let run = self.agents.run(job);
         let (pending, churned) = (self.pending.clone(), self.churned.clone());
+        let before = self.lands == DayLands::Live && step == Step::PreWindowPass;
         Box::pin(async move {
+            // Live: the day lands before the pass (whose future is not polled yet).
+            if before {
+                land(pending.clone(), churned.clone()).await;
+            }
             let result = run.await;
-            if step == Step::PreWindowPass && result.is_ok() {
-                let job = pending.lock().unwrap_or_else(|p| p.into_inner()).take();
-                if let Some(j) = job {
-                    let day = move || {
-                        (j.databases)();
-                        let c = churn(&j.root, j.messages, j.fraction);
-                        if j.cold_cache {
-                            if let Err(e) = drop_page_cache() {
-                                eprintln!("{e:#}");
-                            }
-                        }
-                        c
-                    };
-                    if let Ok(c) = tokio::task::spawn_blocking(day).await {
-                        *churned.lock().unwrap_or_else(|p| p.into_inner()) = Some(c);
-                    }
-                }
+            if !before && step == Step::PreWindowPass && result.is_ok() {
+                land(pending, churned).await;
             }
             result
         })
@@ -420,6 +444,7 @@ fn bmfleet(
                     cold_cache: params.cold_cache,
                 }))),
                 churned: churned.clone(),
+                lands: params.day_lands,
             });
             let conductor = Conductor::new(state.clone(), clock, port, pool.clone(), metrics);
             conductor.apply(
@@ -607,11 +632,12 @@ pub fn run(params: Params) -> anyhow::Result<()> {
     let transfer = churn_a.bytes_written as f64 / link;
     let floor = transfer + cold.restore_secs;
     println!(
-        "\n## Downtime, {} messages, {:.0} MiB of databases, {:.1}% churn ({:?} in the tables), page cache {}{}\n",
+        "\n## Downtime, {} messages, {:.0} MiB of databases, {:.1}% churn ({:?} in the tables, landing {:?} for bmfleet), page cache {}{}\n",
         params.files,
         mib(size.database_bytes as f64),
         params.churn * 100.0,
         params.db_churn,
+        params.day_lands,
         if params.cold_cache {
             "dropped before the cold sync"
         } else {
@@ -763,6 +789,7 @@ pub fn run(params: Params) -> anyhow::Result<()> {
                 "steps": steps_json(&run.steps)})).collect::<Vec<_>>(),
             "cold_cache": params.cold_cache,
             "db_churn": format!("{:?}", params.db_churn).to_lowercase(),
+            "day_lands": format!("{:?}", params.day_lands),
             "subscriber_pg16": params.subscriber_pg16,
             "floor": floor,
         })

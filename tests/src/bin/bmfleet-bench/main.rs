@@ -65,6 +65,11 @@ enum Bench {
         /// and folder updates are).
         #[arg(long, value_enum, default_value = "clustered")]
         db_churn: bmfleet_tests::lab_fleet::DbChurn,
+        /// When the day's changes land on bmfleet's origins: `last-second` (right after the
+        /// pre-window pass: the cold sync faces all of them, as the manual procedure's does)
+        /// or `live` (right before it, while the service runs).
+        #[arg(long, value_enum, default_value = "last-second")]
+        day_lands: downtime::DayLands,
     },
     /// Peak memory of the manifest hashing one big file (and of reading it whole).
     Manifest {
@@ -86,6 +91,7 @@ fn main() -> anyhow::Result<()> {
             paths,
             subscriber_pg16,
             db_churn,
+            day_lands,
         } => downtime::run(downtime::Params {
             files,
             db_rows,
@@ -94,6 +100,7 @@ fn main() -> anyhow::Result<()> {
             paths,
             subscriber_pg16,
             db_churn,
+            day_lands,
         }),
     }
 }
