@@ -817,8 +817,9 @@ async fn pull_listed(
     Ok(outcome.stats)
 }
 
-/// Copies the configuration file set in one transfer, rebuilds the postfix maps, then
-/// carries the origin's Postfix queue (both services stopped: this is the cold sync).
+/// Copies the configuration file set in one transfer and the origin's Postfix queue in
+/// another beside it (both services stopped: this is the cold sync), installs the set,
+/// rebuilds the postfix maps, then puts the queue in place.
 async fn copy_config(config: &AgentConfig, origin: &OriginEndpoint) -> CopyConfigReply {
     let failed = |error: String| CopyConfigReply {
         ok: false,
@@ -828,11 +829,22 @@ async fn copy_config(config: &AgentConfig, origin: &OriginEndpoint) -> CopyConfi
     // The origin lists the set; it lands in a private staging dir first, and only what this
     // host's own patterns name is installed from there (a hostile origin's /etc/cron.d or
     // /root/.ssh stays in staging, reported, and is deleted with it).
-    let staging = match tempfile::tempdir_in(&config.state_dir) {
-        Ok(d) => d,
-        Err(e) => return failed(format!("cannot make the config staging dir: {e}")),
+    // The Postfix queue comes in its own staging dir, in a transfer that runs beside the
+    // config set's (both are in the downtime).
+    let (staging, queue) = match (
+        tempfile::tempdir_in(&config.state_dir),
+        tempfile::tempdir_in(&config.state_dir),
+    ) {
+        (Ok(s), Ok(q)) => (s, q),
+        (Err(e), _) | (_, Err(e)) => {
+            return failed(format!("cannot make the config staging dirs: {e}"))
+        }
     };
-    let stats = match pull_listed(config, origin, CONFIG_SET_TOKEN, staging.path()).await {
+    let (set, queued) = tokio::join!(
+        pull_listed(config, origin, CONFIG_SET_TOKEN, staging.path()),
+        pull_listed(config, origin, MAIL_QUEUE_TOKEN, queue.path())
+    );
+    let stats = match set {
         Ok(stats) => Some(stats),
         Err((stats, e)) => return CopyConfigReply { stats, ..failed(e) },
     };
@@ -880,11 +892,7 @@ async fn copy_config(config: &AgentConfig, origin: &OriginEndpoint) -> CopyConfi
         ..Default::default()
     };
     // The mail the origin's Postfix had not delivered at the stop: into this host's queue.
-    let queue = match tempfile::tempdir_in(&config.state_dir) {
-        Ok(d) => d,
-        Err(e) => return done(refused, format!("cannot make the queue staging dir: {e}")),
-    };
-    if let Err((_, e)) = pull_listed(config, origin, MAIL_QUEUE_TOKEN, queue.path()).await {
+    if let Err((_, e)) = queued {
         return done(refused, format!("carrying the mail queue: {e}"));
     }
     let carried = match mail_queue::install(config, queue.path()) {
