@@ -278,7 +278,7 @@ impl Default for ConfigSetConfig {
 pub struct MailQueueConfig {
     /// Postfix's `queue_directory`, a BlueMind path (under `data_root`).
     pub dir: PathBuf,
-    /// `postqueue` (`-f` and `-j` are appended); empty: no drain and no flush.
+    /// `postqueue` (`-f` is appended); empty: no drain and no flush.
     pub postqueue_command: Vec<String>,
     /// `postsuper` (`-s` is appended); empty: carried files are not structure-checked.
     pub postsuper_command: Vec<String>,

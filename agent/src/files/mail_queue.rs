@@ -77,9 +77,10 @@ pub fn list(config: &AgentConfig) -> Vec<String> {
         .collect()
 }
 
-/// Flushes the queue and waits, at most `drain_secs`, until nothing is left on its way to
-/// delivery (maildrop, incoming and active empty twice in a row, 50 ms apart). Never fails a
-/// stop: what it could not drain is carried. Returns the queue as the drain left it.
+/// Flushes the queue and waits, at most `drain_secs`, until every message that was on its way
+/// to delivery when the drain began (in maildrop, incoming or active) has left those queues
+/// (delivered, or deferred again). Never fails a stop: what it could not drain is carried.
+/// Returns the queue as the drain left it.
 pub async fn drain(config: &AgentConfig) -> MailQueueState {
     let started = Instant::now();
     let settings = &config.mail_queue;
@@ -96,21 +97,27 @@ pub async fn drain(config: &AgentConfig) -> MailQueueState {
             // Postfix is down: nothing delivers now; the queue is carried as it is.
             state.note = format!("not drained: {}", last_words(&flush));
         } else {
+            // The messages on their way when the drain began (by queue id: a message keeps
+            // its file name from incoming to active); mail arriving meanwhile does not make
+            // a busy server wait the whole bound.
             let bound = Duration::from_secs(settings.drain_secs);
-            let mut empty_in_a_row = 0;
-            loop {
+            let on_their_way = |config: &AgentConfig| -> BTreeSet<std::ffi::OsString> {
                 let dir = queue_dir(config);
-                let moving: usize = MOVING_QUEUES
+                MOVING_QUEUES
                     .iter()
-                    .map(|q| files_under(&dir.join(q), &dir).len())
-                    .sum();
-                empty_in_a_row = if moving == 0 { empty_in_a_row + 1 } else { 0 };
-                if empty_in_a_row >= 2 {
+                    .flat_map(|q| files_under(&dir.join(q), &dir))
+                    .filter_map(|p| p.file_name().map(|n| n.to_os_string()))
+                    .collect()
+            };
+            let waited_for = on_their_way(config);
+            loop {
+                let left = on_their_way(config).intersection(&waited_for).count();
+                if left == 0 {
                     break;
                 }
                 if started.elapsed() >= bound {
                     state.note = format!(
-                        "{moving} messages still on their way after {} s: carried",
+                        "{left} messages still on their way after {} s: carried",
                         settings.drain_secs
                     );
                     break;
@@ -350,6 +357,43 @@ mod tests {
             counted,
             BTreeMap::from([("deferred".to_string(), 1), ("hold".to_string(), 1)])
         );
+    }
+
+    #[tokio::test]
+    async fn a_drain_waits_for_the_mail_on_its_way_not_for_mail_arriving_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = dir.path().join("var/spool/postfix");
+        put(&q.join("active/A1"), "on its way");
+        put(&q.join("deferred/D/D1"), "deferred");
+        let mut config = host(dir.path());
+        // Postfix's flush request, answered by a program that says yes.
+        config.mail_queue.postqueue_command = vec!["true".into()];
+        config.mail_queue.drain_secs = 5;
+        let (active, incoming) = (q.join("active/A1"), q.join("incoming/B2"));
+        let postfix = tokio::spawn(async move {
+            // A new message arrives and stays; the one on its way is delivered.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            put(&incoming, "arrived meanwhile");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            std::fs::remove_file(active).unwrap();
+        });
+        let state = drain(&config).await;
+        postfix.await.unwrap();
+        // Not the bound (no note), and not before the message on its way left (the queue as
+        // the drain left it has no active message, but the one that arrived meanwhile).
+        assert_eq!(state.note, "", "{state:?}");
+        assert_eq!(
+            state.messages,
+            std::collections::HashMap::from([
+                ("deferred".to_string(), 1),
+                ("incoming".to_string(), 1)
+            ])
+        );
+        // Postfix down (its flush refused): nothing waited for, the queue counted as it is.
+        config.mail_queue.postqueue_command = vec!["false".into()];
+        let state = drain(&config).await;
+        assert!(state.note.starts_with("not drained"), "{state:?}");
+        assert_eq!(state.messages.len(), 2, "{state:?}");
     }
 
     #[test]
