@@ -1325,6 +1325,11 @@ pub const MAIL_USERS: [&str; 3] = ["alice", "bob", "carol"];
 /// mail stays in the hold queue, and must still be there after a migration.
 pub const HELD_USER: &str = "held";
 
+/// Every lab instance's mailboxes besides its users': the held recipient's, and the
+/// postmaster's (Postfix's own notices, e.g. of a full disk, go there, as an administrator's
+/// alias sends them).
+pub const SERVICE_MAILBOXES: [&str; 2] = [HELD_USER, "postmaster"];
+
 /// A domain whose mail server is down: the lab instances' transport sends it to an address
 /// no host holds, so its mail stays deferred in the queue.
 pub const UNREACHABLE_DOMAIN: &str = "unreachable.example";
@@ -1359,7 +1364,7 @@ fn debian_postfix_files(root: &Path) {
 fn create_mailboxes(lab: &Lab, host: &str) {
     let made: Result<(), String> = lab.run_in(host, || {
         let mut admin = crate::mail::Imap::login(([127, 0, 0, 1], 143).into(), "cyrus", "lab")?;
-        for user in MAIL_USERS.iter().chain([&HELD_USER]) {
+        for user in MAIL_USERS.iter().chain(&SERVICE_MAILBOXES) {
             admin.command(&format!("CREATE user/{user}"))?;
         }
         Ok(())
@@ -1486,7 +1491,7 @@ smtputf8_enable = no
     write(&root.join("etc/postfix/master.cf"), POSTFIX_MASTER_CF);
     let users: Vec<String> = MAIL_USERS
         .iter()
-        .chain([&HELD_USER])
+        .chain(&SERVICE_MAILBOXES)
         .map(|u| format!("{u}@{domain}"))
         .collect();
     let lines =
@@ -1496,7 +1501,7 @@ smtputf8_enable = no
         ("virtual_mailbox", lines("OK")),
         (
             "virtual_alias",
-            format!("postmaster@{domain} alice@{domain}\n"),
+            format!("postmaster@mail-{pair}.example.net postmaster@{domain}\n"),
         ),
         ("transport", lines("lmtp:unix:/run/cyrus/socket/lmtp")),
         (

@@ -277,7 +277,7 @@ impl LabFleet {
         // itself (chk_cyrus); the rest of the spool by content.
         let live_mailboxes: Vec<String> = crate::lab_fleet::MAIL_USERS
             .iter()
-            .chain([&crate::lab_fleet::HELD_USER])
+            .chain(&crate::lab_fleet::SERVICE_MAILBOXES)
             .map(|u| format!("var/spool/cyrus/data/user/{u}/"))
             .collect();
         let live = |digest: BTreeMap<String, String>| -> BTreeMap<String, String> {
