@@ -3613,6 +3613,40 @@ async fn a_subscription_ended_without_takeover_gives_the_target_its_own_database
         "{}",
         refused.error
     );
+    // A retried step (another attempt: another grant, another role) replaces the first
+    // attempt's subscriptions and its role (a chaos campaign found the first role left).
+    let first_role = target_pg
+        .sql(
+            "postgres",
+            "SELECT string_agg(rolname, ',') FROM pg_roles WHERE rolname LIKE 'bmfleet_%';",
+        )
+        .trim()
+        .to_string();
+    p.grant_with(replication_grant("grant-0502-replication"))
+        .await;
+    let again = follow_logically(&mut p, "m1/follow/l2c", "grant-0502-replication").await;
+    assert!(again.ok, "{}", again.error);
+    let roles = target_pg
+        .sql(
+            "postgres",
+            "SELECT count(*) || ' ' || string_agg(rolname, ',') FROM pg_roles WHERE rolname LIKE 'bmfleet_%';",
+        )
+        .trim()
+        .to_string();
+    assert!(
+        roles.starts_with("1 ") && !roles.contains(&first_role),
+        "{roles} (first attempt's: {first_role})"
+    );
+    origin_pg.sql(
+        "bj",
+        "SET ROLE bj; INSERT INTO t_nopk VALUES (-6, 'after the retry');",
+    );
+    wait_sql(
+        &target_pg,
+        "bj",
+        "SELECT v FROM t_nopk WHERE k = -6;",
+        "after the retry",
+    );
 
     // The instance ends (rolled back, aborted): the target's own databases come back.
     let ended = p

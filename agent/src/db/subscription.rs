@@ -76,9 +76,14 @@ async fn follow_inner(
                 state.name
             ))
         }
-        // A previous attempt's subscriptions go first (their databases stay set aside).
-        Some(state) if state.logical.is_some() && !state.promoted => {
-            unsubscribe(config, &state).await?;
+        // A previous attempt's subscriptions go first (their databases stay set aside), then
+        // its role (its name is its grant's: a retried step has another), the owner's
+        // attributes put back as that attempt found them.
+        Some(state) if !state.promoted => {
+            if let Some(previous) = &state.logical {
+                unsubscribe(config, &state).await?;
+                drop_role(config, previous).await?;
+            }
         }
         _ => {}
     }
