@@ -410,6 +410,15 @@ async fn journal_items(
         .collect()
 }
 
+/// The origin's path states (its journal's manifest lines).
+fn parse_states(items: &[String]) -> Result<Vec<crate::files::manifest::PathState>, String> {
+    items
+        .iter()
+        .map(|i| serde_json::from_str::<crate::files::manifest::PathState>(i))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("the origin's path states: {e}"))
+}
+
 /// Whether the journal's `paths` may be moved into this host: each inside one of the pulled
 /// data dirs, clean, and with no symbolic link between its data dir and it here (rsync would
 /// follow it out of the tree). Why not, otherwise.
@@ -491,18 +500,29 @@ async fn journal_pass(
     // Each phase's time, for the pass's statistics.
     let mut phases = SyncStats::default();
     let listing = Instant::now();
-    let paths = match journal_items(
+    // The final pass (`verify`: the origin's services are stopped, its files stay as they
+    // are) asks once for the paths' states, the paths with them; a file the origin changed
+    // after all would differ here after the transfer and fail the pass. A live carry asks for
+    // the paths only (its states, read after the transfer, give the dirs their times).
+    let listed = journal_items(
         config,
         tls.clone(),
         origin,
         since,
-        false,
+        verify,
         &mut phases.connect_ms,
     )
-    .await
-    {
-        Ok(p) => p,
-        Err(why) => return JournalPass::Fallback(why),
+    .await;
+    let (paths, early_states) = match (listed, verify) {
+        (Ok(items), true) => match parse_states(&items) {
+            Ok(states) => (
+                states.iter().map(|s| s.path.clone()).collect(),
+                Some(states),
+            ),
+            Err(why) => return JournalPass::Fallback(why),
+        },
+        (Ok(paths), false) => (paths, None),
+        (Err(why), _) => return JournalPass::Fallback(why),
     };
     phases.list_ms = listing.elapsed().as_millis() as u64;
     if let Err(why) = journal_paths_fit(config, dirs, &paths) {
@@ -606,14 +626,11 @@ async fn journal_pass(
     // one, and the final pass verifies), every journal path is verified, here and on the
     // origin (contents included).
     let asking = Instant::now();
-    let theirs = match journal_items(config, tls, origin, since, true, &mut phases.connect_ms).await
-    {
-        Ok(items) => items
-            .iter()
-            .map(|i| serde_json::from_str::<crate::files::manifest::PathState>(i))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("the origin's path states: {e}")),
-        Err(why) => Err(why),
+    let theirs = match early_states {
+        Some(states) => Ok(states),
+        None => journal_items(config, tls, origin, since, true, &mut phases.connect_ms)
+            .await
+            .and_then(|items| parse_states(&items)),
     };
     let theirs = match theirs {
         Ok(t) => t,
