@@ -969,16 +969,10 @@ fn agent_base_toml(
     // Real Postfix: its queue commands run in the host's mail namespace, its maps are
     // rebuilt by the real postmap. The stand-ins have no queue.
     let mail = if params.real_mail {
-        let in_namespace = |program: &str| {
-            let mut argv = vec![standin.clone()];
-            argv.extend(standin_args(root, name, "postfix", origin, params));
-            argv.extend(["exec".into(), "--".into(), program.into()]);
-            toml_list(&argv)
-        };
         format!(
             "[config_set]\npostmap_command = [\"postmap\"]\n[mail_queue]\npostqueue_command = {}\npostsuper_command = {}\ndrain_secs = 5\n",
-            in_namespace("postqueue"),
-            in_namespace("postsuper")
+            toml_list(&mail_exec_argv(root, name, &["postqueue"])),
+            toml_list(&mail_exec_argv(root, name, &["postsuper"]))
         )
     } else {
         "[config_set]\npostmap_command = [\"sh\", \"-c\", \"printf 'rebuilt from %s\\n' \\\"$0\\\" > \\\"$0.db\\\"\"]\n[mail_queue]\npostqueue_command = []\npostsuper_command = []\n".to_string()
@@ -1389,11 +1383,23 @@ fn postfix_package_install(root: &Path, name: &str) {
             root.join("var/lib/postfix").to_str().expect("path"),
         ],
     );
-    let mut check = Command::new(binary("bluemind-standin"));
-    check
-        .arg("--root")
-        .arg(root)
-        .args([
+    let argv = mail_exec_argv(root, name, &["postfix", "check"]);
+    let mut check = Command::new(&argv[0]);
+    check.args(&argv[1..]);
+    run_standin(check, &format!("postfix check on {name}"));
+}
+
+/// The argv running `command` in host `name`'s mail namespace, where its `root` holds
+/// BlueMind's mail paths (`bluemind-standin … exec --`): as the agent's mail queue commands
+/// and the checks run Postfix's and Cyrus's tools on a lab host.
+pub fn mail_exec_argv(root: &Path, name: &str, command: &[&str]) -> Vec<String> {
+    let mut argv = vec![
+        binary("bluemind-standin").display().to_string(),
+        "--root".into(),
+        root.display().to_string(),
+    ];
+    argv.extend(
+        [
             "--name",
             name,
             "--service",
@@ -1401,9 +1407,12 @@ fn postfix_package_install(root: &Path, name: &str) {
             "--real-mail",
             "exec",
             "--",
-        ])
-        .args(["postfix", "check"]);
-    run_standin(check, &format!("postfix check on {name}"));
+        ]
+        .iter()
+        .chain(command)
+        .map(|w| w.to_string()),
+    );
+    argv
 }
 
 /// Runs a stand-in command of the lab's setup, which must succeed (`what` names it).

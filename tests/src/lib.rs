@@ -361,6 +361,19 @@ pub fn free_port() -> u16 {
     panic!("no free loopback port between {FIRST} and {}", FIRST + SPAN)
 }
 
+/// Appends `text` to the file at `path` (made when missing); a ledger line lost to an I/O
+/// error shows in the checks that read it.
+pub fn append(path: &Path, text: &str) {
+    use std::io::Write;
+    if let Ok(mut log) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = log.write_all(text.as_bytes());
+    }
+}
+
 /// A directory the postgres user can traverse (tests run as root; PostgreSQL runs as postgres).
 pub fn open_tempdir() -> tempfile::TempDir {
     use std::os::unix::fs::PermissionsExt;

@@ -8,12 +8,12 @@
 //! confirmed: `deliver ID USER`, `flag`, `unflag`, `move`, `expunge`, and `unsure ID USER`
 //! for an act whose answer never came (its outcome unknown to the client too).
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::append;
 use crate::lab_fleet::{mail_domain, service_ip, LabFleet, MAIL_USERS, SENDER};
 use crate::mail::{Imap, Smtp};
 
@@ -31,16 +31,6 @@ pub struct TrafficReport {
 /// One instance's ledger file.
 pub fn ledger_path(fleet: &LabFleet, i: usize) -> PathBuf {
     fleet.dir().join(format!("mail-ledger-{i}.log"))
-}
-
-fn append(path: &PathBuf, line: &str) {
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-    {
-        let _ = writeln!(f, "{line}");
-    }
 }
 
 /// A message the sender accepted: its Message-ID, user and when.
@@ -123,7 +113,7 @@ fn generate(
         };
         match result {
             Ok(()) => {
-                append(&ledgers[k], &format!("deliver {id} {user}"));
+                append(&ledgers[k], &format!("deliver {id} {user}\n"));
                 if let Ok(mut list) = sent[k].lock() {
                     list.push(Sent {
                         id,
@@ -188,7 +178,7 @@ fn act(
                     eprintln!("client of pair {}: {unsure}", k + 1);
                     append(
                         &ledgers[k],
-                        &format!("unsure {} {}", message.id, message.user),
+                        &format!("unsure {} {}\n", message.id, message.user),
                     );
                     next[k] += 1;
                 }
@@ -204,7 +194,12 @@ fn act(
 /// One client session on pair `i`'s service IP doing `steps` to `message`: Ok(true) done
 /// (each step logged), Ok(false) not possible now (service down, message not arrived), Err
 /// when a step was sent and its answer never came.
-fn act_on(i: usize, message: &Sent, steps: &[&str], ledger: &PathBuf) -> Result<bool, String> {
+fn act_on(
+    i: usize,
+    message: &Sent,
+    steps: &[&str],
+    ledger: &std::path::Path,
+) -> Result<bool, String> {
     let Ok(address) = format!("{}:143", service_ip(i)).parse::<std::net::SocketAddr>() else {
         return Ok(false);
     };
@@ -232,7 +227,7 @@ fn act_on(i: usize, message: &Sent, steps: &[&str], ledger: &PathBuf) -> Result<
                 .and_then(|_| session.command("EXPUNGE")),
         };
         done.map_err(|e| format!("{step} of {}: {e}", message.id))?;
-        append(ledger, &format!("{step} {} {}", message.id, message.user));
+        append(ledger, &format!("{step} {} {}\n", message.id, message.user));
     }
     Ok(true)
 }

@@ -668,23 +668,8 @@ impl LabFleet {
 
     /// What the running Postfix of `host` holds (`postqueue -j` in its mail namespace).
     pub fn postqueue(&self, host: &str) -> Result<Vec<Queued>, String> {
-        let root = self.root(host);
         let out = self
-            .lab
-            .command(host, crate::binary("bluemind-standin"))
-            .arg("--root")
-            .arg(&root)
-            .args([
-                "--name",
-                host,
-                "--service",
-                "postfix",
-                "--real-mail",
-                "exec",
-                "--",
-            ])
-            .args(["postqueue", "-j"])
-            .output()
+            .mail_exec(host, &["postqueue", "-j"])
             .map_err(|e| format!("postqueue on {host}: {e}"))?;
         if !out.status.success() {
             return Err(format!(
@@ -780,25 +765,30 @@ impl LabFleet {
 }
 
 impl LabFleet {
+    /// Runs `command` in `host`'s mail namespace (its root's BlueMind mail paths), in the
+    /// host's network namespace.
+    fn mail_exec(&self, host: &str, command: &[&str]) -> std::io::Result<std::process::Output> {
+        let argv = crate::lab_fleet::mail_exec_argv(&self.root(host), host, command);
+        self.lab.command(host, &argv[0]).args(&argv[1..]).output()
+    }
+
     /// Cyrus's own consistency check on `host` (chk_cyrus over the default partition, run as
-    /// `cyrus` inside the mount namespace of the host's running Cyrus): Ok when it exits 0
-    /// and reports no error and nothing missing.
+    /// `cyrus` in the host's mail namespace): Ok when it exits 0 and reports no error and
+    /// nothing missing.
     pub fn chk_cyrus(&self, host: &str) -> Result<(), String> {
-        let ns = &self.lab.host(host).ns;
-        let pids = crate::tool("ip", &["netns", "pids", ns]);
-        let master = pids
-            .split_whitespace()
-            .find(|pid| {
-                std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                    .is_ok_and(|c| c.trim() == "cyrmaster")
-            })
-            .ok_or_else(|| format!("no Cyrus runs on {host}"))?;
-        let out = std::process::Command::new("nsenter")
-            .args([
-                "--target", master, "--mount", "--net", "runuser", "-u", "cyrus", "--",
-            ])
-            .args(["/usr/lib/cyrus/bin/chk_cyrus", "-P", "default"])
-            .output()
+        let out = self
+            .mail_exec(
+                host,
+                &[
+                    "runuser",
+                    "-u",
+                    "cyrus",
+                    "--",
+                    "/usr/lib/cyrus/bin/chk_cyrus",
+                    "-P",
+                    "default",
+                ],
+            )
             .map_err(|e| format!("chk_cyrus: {e}"))?;
         let said = format!(
             "{}{}",

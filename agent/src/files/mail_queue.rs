@@ -90,12 +90,9 @@ pub async fn drain(config: &AgentConfig) -> MailQueueState {
     } else if !queue_dir(config).is_dir() {
         state.note = format!("no queue at {}: nothing to drain", settings.dir.display());
     } else {
-        let mut argv = settings.postqueue_command.clone();
-        argv.push("-f".into());
-        let flush = command::run("postqueue", &argv, Duration::from_secs(10)).await;
-        if !command::succeeded(&flush) {
+        if let Err(why) = postqueue_flush(config).await {
             // Postfix is down: nothing delivers now; the queue is carried as it is.
-            state.note = format!("not drained: {}", last_words(&flush));
+            state.note = format!("not drained: {why}");
         } else {
             // The messages on their way when the drain began (by queue id: a message keeps
             // its file name from incoming to active); mail arriving meanwhile does not make
@@ -140,13 +137,9 @@ pub async fn flush(config: &AgentConfig) -> MailQueueState {
     let note = if settings.postqueue_command.is_empty() || !queue_dir(config).is_dir() {
         String::new()
     } else {
-        let mut argv = settings.postqueue_command.clone();
-        argv.push("-f".into());
-        let flush = command::run("postqueue", &argv, Duration::from_secs(10)).await;
-        if command::succeeded(&flush) {
-            "flushed".into()
-        } else {
-            format!("not flushed: {}", last_words(&flush))
+        match postqueue_flush(config).await {
+            Ok(()) => "flushed".into(),
+            Err(why) => format!("not flushed: {why}"),
         }
     };
     MailQueueState {
@@ -156,15 +149,22 @@ pub async fn flush(config: &AgentConfig) -> MailQueueState {
     }
 }
 
-/// A failed postqueue's last line of complaint (Postfix's `fatal: …` says why), or its exit.
-fn last_words(result: &bmfleet_proto::v1::CommandResult) -> String {
-    result
+/// `postqueue -f`: asks the running Postfix to try every queued message now. Its refusal is
+/// its last line of complaint (Postfix's `fatal: …` says why), or its exit.
+async fn postqueue_flush(config: &AgentConfig) -> Result<(), String> {
+    let mut argv = config.mail_queue.postqueue_command.clone();
+    argv.push("-f".into());
+    let result = command::run("postqueue", &argv, Duration::from_secs(10)).await;
+    if command::succeeded(&result) {
+        return Ok(());
+    }
+    Err(result
         .stderr_tail
         .lines()
         .rev()
         .find(|l| !l.trim().is_empty())
         .map(|l| l.trim().to_string())
-        .unwrap_or_else(|| command::failure_summary(result))
+        .unwrap_or_else(|| command::failure_summary(&result)))
 }
 
 /// What a carry installed.

@@ -35,6 +35,8 @@
 //! transaction in flight finish, then the process exits; nothing is written after.
 
 use std::io::Write;
+
+use bmfleet_tests::append;
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -514,17 +516,6 @@ fn stop_mail_daemon(child: &mut std::process::Child) {
     }
     let _ = child.kill();
     let _ = child.wait();
-}
-
-/// Appends `text` to the log at `path`.
-fn append(path: &Path, text: &str) {
-    if let Ok(mut log) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-    {
-        let _ = log.write_all(text.as_bytes());
-    }
 }
 
 /// One BlueMind database's connection: a psql session fed transaction by transaction.

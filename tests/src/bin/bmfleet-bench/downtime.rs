@@ -255,7 +255,7 @@ pub enum DayLands {
 
 /// The real agents, with the day's mail landing on the origin around the pre-window pass
 /// ([`DayLands`]); the engine then stops the origin.
-struct ChurnAfterPreWindowPass {
+struct ChurnAroundPreWindowPass {
     agents: GrpcAgents,
     pending: Arc<Mutex<Option<ChurnJob>>>,
     churned: Arc<Mutex<Option<Churn>>>,
@@ -291,7 +291,7 @@ async fn land(pending: Arc<Mutex<Option<ChurnJob>>>, churned: Arc<Mutex<Option<C
     }
 }
 
-impl AgentPort for ChurnAfterPreWindowPass {
+impl AgentPort for ChurnAroundPreWindowPass {
     fn run(&self, job: Job) -> Pin<Box<dyn Future<Output = StepResult> + Send>> {
         let step = job.step;
         let run = self.agents.run(job);
@@ -434,7 +434,7 @@ fn bmfleet(
             let metrics = Arc::new(Metrics::new());
             let clock: Arc<dyn Clock> = Arc::new(SystemClock);
             let churned = Arc::new(Mutex::new(None));
-            let port = Arc::new(ChurnAfterPreWindowPass {
+            let port = Arc::new(ChurnAroundPreWindowPass {
                 agents: GrpcAgents::new(pool.clone(), clock.clone(), metrics.clone()),
                 pending: Arc::new(Mutex::new(Some(ChurnJob {
                     root: origin_root,
