@@ -103,8 +103,6 @@ impl Default for BlueMindApiConfig {
 pub struct NetworkConfig {
     /// The ip program (iproute2).
     pub ip: String,
-    /// The arping program (Debian's arping).
-    pub arping: String,
     /// Gratuitous ARP announcements after taking the IP…
     pub announce_count: u32,
     /// …spread over this many milliseconds (the first one right away).
@@ -119,7 +117,6 @@ impl Default for NetworkConfig {
     fn default() -> Self {
         NetworkConfig {
             ip: "ip".into(),
-            arping: "arping".into(),
             announce_count: 5,
             announce_period_ms: 10_000,
             persist: "auto".into(),

@@ -252,6 +252,12 @@ where
             released_in_time,
             databases,
             tables: files,
+            // Its reads pruned pages: where the follower's replay must go (and flushed, so
+            // that it gets there without waiting for the WAL writer).
+            end_lsn: crate::db::wal::wal_position(config)
+                .await
+                .map(|p| p.lsn)
+                .unwrap_or_default(),
             error: String::new(),
         },
         Err(error) => OriginSums {

@@ -33,7 +33,7 @@ use tokio::task::JoinHandle;
 use crate::config::AgentConfig;
 use crate::db::compare::origin_checksums;
 use crate::db::follow::{follow_reply, following, set_following, Following};
-use crate::db::pg::{literal, Connection};
+use crate::db::pg::{literal, Connection, Session};
 use crate::db::replication::FollowTicket;
 use crate::db::wal::{major, parse_lsn, position_to_reach};
 use crate::plane::tunnel::{self, receive_framed, TunnelRequest};
@@ -641,14 +641,19 @@ pub async fn promote(
         }
         None => Gate::Full(origin_checksums(config, tls.clone(), origin)),
     };
-    let (position, wanted) = position_to_reach(config, tls.clone(), origin).await?;
+    // One session watches the replay and the promotion (a psql started per look cost
+    // ~25 ms each), opened while the origin is asked for its position.
+    let (position, watch) = tokio::join!(
+        position_to_reach(config, tls.clone(), origin),
+        owner.session("postgres")
+    );
+    let (position, wanted) = position?;
+    let mut watch = watch.map_err(|e| format!("watching the standby's replay: {e}"))?;
+    let position_ms = started.elapsed().as_millis();
     let mut last_seen = String::new();
     let already_promoted = loop {
-        let out = owner
-            .psql(
-                "postgres",
-                "SELECT pg_catalog.pg_is_in_recovery(), pg_catalog.pg_last_wal_replay_lsn();\n",
-            )
+        let out = watch
+            .line("SELECT pg_catalog.pg_is_in_recovery(), pg_catalog.pg_last_wal_replay_lsn();")
             .await
             .map_err(|e| format!("asking the standby how far it replayed: {e}"))?;
         let (recovery, replayed) = out.trim().split_once('\t').unwrap_or((out.trim(), ""));
@@ -664,28 +669,40 @@ pub async fn promote(
             tracing::info!(replayed, wanted = %position.lsn, "the standby catches up");
             last_seen = replayed.to_string();
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     };
     let caught_up_ms = started.elapsed().as_millis() as u64;
     // Replayed up to the origin's last write: the data is final.
     let theirs = match gate {
         Gate::Changed(asked) => {
             let (promoted, compared) = tokio::join!(
-                promote_and_settle(config, relay, &state, already_promoted),
                 async {
+                    promote_and_settle(config, relay, &state, already_promoted, watch).await?;
+                    Ok::<_, String>(started.elapsed().as_millis())
+                },
+                async {
+                    // This host's tables are read while the origin still reads its WAL.
+                    let (asked, here) = tokio::join!(
+                        asked,
+                        crate::db::gate::verified_point::tables_here(config, &owner)
+                    );
                     let (stream, selection) = asked
-                        .await
                         .map_err(|e| format!("asking for the changed blocks stopped: {e}"))??;
-                    crate::db::gate::verified_point::compare_selection(
-                        config, &owner, stream, selection,
+                    let compared = crate::db::gate::verified_point::compare_selection(
+                        &owner, here?, stream, selection,
                     )
-                    .await
+                    .await;
+                    compared.map(|c| (c, started.elapsed().as_millis()))
                 }
             );
-            promoted?;
-            tracing::info!(origin = %origin.name, caught_up_ms, "the standby is promoted");
+            let promoted_ms = promoted?;
+            tracing::info!(origin = %origin.name, caught_up_ms, promoted_ms, "the standby is promoted");
             match compared {
-                Ok((theirs, ours, covered)) => {
+                Ok(((theirs, ours, covered), compared_ms)) => {
+                    // Where the step's time went, from its start: the gate's own account.
+                    let covered = format!(
+                        "{covered}; the origin's last position known at {position_ms} ms, replayed at {caught_up_ms} ms, promoted at {promoted_ms} ms, compared at {compared_ms} ms"
+                    );
                     tracing::info!(origin = %origin.name, %covered, "the databases' gate");
                     return Ok((
                         crate::db::compare::compare_manifests(&theirs, &ours, caught_up_ms),
@@ -710,7 +727,7 @@ pub async fn promote(
     };
     // This host's checksums run beside the promotion (sessions outlive it).
     let (promoted, ours) = tokio::join!(
-        promote_and_settle(config, relay, &state, already_promoted),
+        promote_and_settle(config, relay, &state, already_promoted, watch),
         crate::db::compare::own_manifests(config, &owner)
     );
     promoted?;
@@ -750,30 +767,34 @@ async fn promote_and_settle(
     relay: &Relay,
     state: &Following,
     already_promoted: bool,
+    watch: Session,
 ) -> Result<(), String> {
     if !already_promoted {
-        pg_ctl(config, &["promote", "-w", "-t", "300"]).await?;
+        // pg_ctl's own wait looks every 100 ms: the signal alone, then a closer look.
+        pg_ctl(config, &["promote", "-W"]).await?;
+        wait_promoted(watch).await?;
     }
     relay.stop();
     // The copy holds the origin's catalog, with the replication role the origin made for this
     // grant (LOGIN REPLICATION, a password the origin knows): it goes.
+    // The target's own settings come back beside it.
     let (role, _) = crate::db::wal::names(&state.grant_id);
-    Connection::admin(&config.postgresql)
-        .psql(
-            "postgres",
-            &format!("DROP ROLE IF EXISTS {};\n", crate::db::pg::ident(&role)),
-        )
-        .await
-        .map_err(|e| format!("dropping the origin's replication role here: {e}"))?;
+    let admin = Connection::admin(&config.postgresql);
+    let drop_role = format!("DROP ROLE IF EXISTS {};\n", crate::db::pg::ident(&role));
     let dir = data_dir(config)?;
     let aside = aside_dir(&dir);
-    let (uid, gid) = cluster_owner(config)?;
-    let auto = dir.join("postgresql.auto.conf");
-    let _ = std::fs::remove_file(&auto);
-    if aside.join("postgresql.auto.conf").exists() {
-        copy_owned(&aside.join("postgresql.auto.conf"), &auto, uid, gid)?;
-    }
-    pg_ctl(config, &["reload"]).await?;
+    let own_settings = async {
+        let (uid, gid) = cluster_owner(config)?;
+        let auto = dir.join("postgresql.auto.conf");
+        let _ = std::fs::remove_file(&auto);
+        if aside.join("postgresql.auto.conf").exists() {
+            copy_owned(&aside.join("postgresql.auto.conf"), &auto, uid, gid)?;
+        }
+        pg_ctl(config, &["reload"]).await
+    };
+    let (dropped, reloaded) = tokio::join!(admin.psql("postgres", &drop_role), own_settings);
+    dropped.map_err(|e| format!("dropping the origin's replication role here: {e}"))?;
+    reloaded?;
     set_following(
         config,
         Some(&Following {
@@ -781,10 +802,43 @@ async fn promote_and_settle(
             ..state.clone()
         }),
     )?;
-    if let Err(e) = std::fs::remove_dir_all(&aside) {
-        tracing::warn!(dir = %aside.display(), error = %e, "removing the set-aside cluster failed");
-    }
+    // The set-aside cluster goes: renamed at once (no later follow may take a half-removed
+    // copy for this host's own cluster), removed off the downtime's critical path.
+    let mut discarded = aside.clone().into_os_string();
+    discarded.push(".discarded");
+    let discarded = PathBuf::from(discarded);
+    let _ = std::fs::remove_dir_all(&discarded);
+    let gone = if std::fs::rename(&aside, &discarded).is_ok() {
+        discarded
+    } else {
+        aside
+    };
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = std::fs::remove_dir_all(&gone) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(dir = %gone.display(), error = %e, "removing the set-aside cluster failed");
+            }
+        }
+    });
     Ok(())
+}
+
+/// Waits (up to 300 s, looking every 5 ms in `watch`) until the cluster has left recovery.
+async fn wait_promoted(mut watch: Session) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let out = watch
+            .line("SELECT pg_catalog.pg_is_in_recovery();")
+            .await
+            .map_err(|e| format!("asking the promoted standby whether it left recovery: {e}"))?;
+        if out.trim() == "f" {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err("the standby was promoted but did not leave recovery within 300 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// Whether `config`'s relay should run at start (this host follows an origin).

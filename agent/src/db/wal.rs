@@ -42,23 +42,59 @@ pub async fn wal_level(admin: &Connection) -> Result<String, String> {
         .to_string())
 }
 
-/// The origin's WAL insert position (its services stopped: nothing more will be written).
+/// The origin's WAL insert position (its services stopped: nothing more will be written),
+/// flushed: what it names is on disk, hence on its way to the followers.
+///
+/// The same transaction takes a transaction id and commits synchronously (whatever the
+/// cluster's `synchronous_commit`: BlueMind's runs with `off`), so that its commit flushes
+/// the WAL past that position: the last records the origin inserted without a flush (its
+/// asynchronous commits, the background writer's snapshot of running transactions, pruned
+/// pages) reach its followers now, not when the WAL writer next wakes (200 ms, seconds once
+/// it hibernates) — a follower's catch-up in the downtime waited for it. The next statement
+/// reads the flush position (checked; waited for up to 10 s if it is short).
 pub async fn wal_position(config: &AgentConfig) -> Result<WalPosition, String> {
-    let out = Connection::admin(&config.postgresql)
+    let admin = Connection::admin(&config.postgresql);
+    let out = admin
         .psql(
             "postgres",
-            "SELECT pg_catalog.pg_current_wal_insert_lsn(), pg_catalog.current_setting('wal_segment_size');\n",
+            "BEGIN; SET LOCAL synchronous_commit = on;\n\
+             SELECT pg_catalog.pg_current_wal_insert_lsn(), pg_catalog.current_setting('wal_segment_size'), pg_catalog.txid_current();\n\
+             COMMIT;\n\
+             SELECT pg_catalog.pg_current_wal_flush_lsn();\n",
         )
         .await
         .map_err(|e| e.to_string())?;
-    let (lsn, size) = out
-        .trim()
-        .split_once('\t')
+    let mut lines = out.lines();
+    let first = lines.next().unwrap_or_default();
+    let mut columns = first.trim().split('\t');
+    let (lsn, size) = columns
+        .next()
+        .zip(columns.next())
         .ok_or_else(|| format!("unexpected WAL position {out:?}"))?;
-    Ok(WalPosition {
+    let position = WalPosition {
         lsn: lsn.to_string(),
         segment_size: parse_size(size).ok_or_else(|| format!("wal_segment_size {size:?}"))?,
-    })
+    };
+    let end = parse_lsn(lsn)
+        .map(|l| caught_up_at(l, position.segment_size))
+        .ok_or_else(|| format!("the WAL position {lsn:?} is not an LSN"))?;
+    let mut flushed = lines.next().and_then(parse_lsn);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while flushed.is_none_or(|f| f < end) {
+        if std::time::Instant::now() > deadline {
+            return Err(format!("the WAL here is not flushed up to {lsn}"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let out = admin
+            .psql(
+                "postgres",
+                "SELECT pg_catalog.pg_current_wal_flush_lsn();\n",
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        flushed = parse_lsn(&out);
+    }
+    Ok(position)
 }
 
 /// A PostgreSQL size setting as `current_setting` shows it ("16MB", "1GB", "8192").

@@ -195,7 +195,7 @@ pub async fn take(config: &AgentConfig, address: &str, interface: &str) -> IpRep
         Err(e) => return failed(format!("the address is up but cannot be persisted: {e}")),
     }
     {
-        if let Err(e) = announce(config, &ip).await {
+        if let Err(e) = announce(&ip).await {
             return failed(format!("the address is up but was not announced: {e}"));
         }
         let (count, period) = (
@@ -203,12 +203,12 @@ pub async fn take(config: &AgentConfig, address: &str, interface: &str) -> IpRep
             config.network.announce_period_ms,
         );
         if count > 1 {
-            let (config, ip) = (config.clone(), ip.clone());
+            let ip = ip.clone();
             let gap = Duration::from_millis(period / u64::from(count));
             tokio::spawn(async move {
                 for _ in 1..count {
                     tokio::time::sleep(gap).await;
-                    if let Err(e) = announce(&config, &ip).await {
+                    if let Err(e) = announce(&ip).await {
                         tracing::warn!(error = %e, "repeated announcement failed");
                     }
                 }
@@ -220,44 +220,64 @@ pub async fn take(config: &AgentConfig, address: &str, interface: &str) -> IpRep
 }
 
 /// One announcement: a gratuitous ARP for IPv4, an unsolicited neighbour advertisement for
-/// IPv6.
-async fn announce(config: &AgentConfig, ip: &ServiceIp) -> Result<(), String> {
-    let IpAddr::V4(_) = ip.ip else {
-        let (ip, interface) = (ip.ip, ip.interface.clone());
-        return tokio::task::spawn_blocking(move || match ip {
-            IpAddr::V6(v6) => advertise_v6(v6, &interface),
-            IpAddr::V4(_) => Ok(()),
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-    };
-    let addr = ip.ip.to_string();
-    run(&[
-        config.network.arping.clone(),
-        "-q".into(),
-        "-U".into(),
-        "-c".into(),
-        "1".into(),
-        // Wait 50 ms for the (never coming) reply, not arping's default second: the
-        // announcement is on the downtime's critical path.
-        "-W".into(),
-        "0.05".into(),
-        "-i".into(),
-        ip.interface.clone(),
-        "-S".into(),
-        addr.clone(),
-        addr,
-    ])
-    .await
-    .map(|_| ())
-    // arping exits 1 when nobody answers, which an unsolicited announcement never expects.
-    .or_else(|e| {
-        if e.contains("exited with code 1") {
-            Ok(())
-        } else {
-            Err(e)
-        }
+/// IPv6. Sent from this process (a packet socket, a raw ICMPv6 socket): no program to start
+/// and no reply to wait for on the downtime's critical path.
+async fn announce(ip: &ServiceIp) -> Result<(), String> {
+    let (ip, interface) = (ip.ip, ip.interface.clone());
+    tokio::task::spawn_blocking(move || match ip {
+        IpAddr::V4(v4) => announce_v4(v4, &interface),
+        IpAddr::V6(v6) => advertise_v6(v6, &interface),
     })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+/// An ARP announcement (RFC 5227 §2.3, as `arping -U` sends it): a broadcast Ethernet frame
+/// holding an ARP request whose sender and target protocol addresses are both `ip`, from
+/// `mac`; padded to Ethernet's 60-byte minimum.
+pub fn arp_announcement(ip: std::net::Ipv4Addr, mac: [u8; 6]) -> Vec<u8> {
+    let mut frame = vec![0xff; 6];
+    frame.extend_from_slice(&mac);
+    // EtherType ARP; hardware Ethernet, protocol IPv4, lengths 6 and 4, operation request.
+    frame.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    frame.extend_from_slice(&mac);
+    frame.extend_from_slice(&ip.octets());
+    frame.extend_from_slice(&[0; 6]);
+    frame.extend_from_slice(&ip.octets());
+    frame.resize(60, 0);
+    frame
+}
+
+/// Sends one ARP announcement for `ip` on `interface` (a packet socket; the card's own MAC
+/// and link broadcast address as the kernel lists them).
+fn announce_v4(ip: std::net::Ipv4Addr, interface: &str) -> Result<(), String> {
+    use nix::sys::socket::{sendto, socket, AddressFamily, MsgFlags, SockFlag, SockType};
+    use std::os::fd::AsRawFd;
+    let err = |what: &str, e: nix::Error| format!("ARP announcement on {interface} ({what}): {e}");
+    let (mac, broadcast) = nix::ifaddrs::getifaddrs()
+        .map_err(|e| err("listing the cards", e))?
+        .filter(|card| card.interface_name == interface)
+        .find_map(|card| {
+            let mac = card.address?.as_link_addr()?.addr()?;
+            let broadcast = *card.broadcast?.as_link_addr()?;
+            Some((mac, broadcast))
+        })
+        .ok_or_else(|| format!("ARP announcement: {interface} has no link-layer address"))?;
+    let socket = socket(
+        AddressFamily::Packet,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| err("socket", e))?;
+    sendto(
+        socket.as_raw_fd(),
+        &arp_announcement(ip, mac),
+        &broadcast,
+        MsgFlags::empty(),
+    )
+    .map_err(|e| err("send", e))?;
+    Ok(())
 }
 
 /// An unsolicited neighbour advertisement (RFC 4861 §7.2.6): ICMPv6 type 136 with the
@@ -337,6 +357,26 @@ mod tests {
         assert!(ServiceIp::parse("198.18.0.100/33", "eth0").is_err());
         assert!(ServiceIp::parse("198.18.0.100/24", "eth0; rm -rf /").is_err());
         assert!(ServiceIp::parse("2001:db8::1/64", "eth0").is_ok());
+    }
+
+    #[test]
+    fn an_arp_announcement_names_the_address_as_sender_and_target() {
+        let mac = [2, 0, 0, 0, 0, 9];
+        let f = arp_announcement("198.18.0.101".parse().unwrap(), mac);
+        assert_eq!(f.len(), 60);
+        assert_eq!(&f[..6], &[0xff; 6], "broadcast");
+        assert_eq!(&f[6..12], &mac);
+        assert_eq!(&f[12..14], &[0x08, 0x06], "EtherType ARP");
+        assert_eq!(
+            &f[14..22],
+            &[0, 1, 8, 0, 6, 4, 0, 1],
+            "Ethernet/IPv4 request"
+        );
+        assert_eq!(&f[22..28], &mac, "sender hardware address");
+        assert_eq!(&f[28..32], &[198, 18, 0, 101], "sender protocol address");
+        assert_eq!(&f[32..38], &[0; 6]);
+        assert_eq!(&f[38..42], &[198, 18, 0, 101], "target protocol address");
+        assert!(f[42..].iter().all(|b| *b == 0), "padding");
     }
 
     #[test]

@@ -88,6 +88,10 @@ pub struct OriginSums {
     /// Every table's file.
     #[serde(default)]
     pub tables: Vec<TableFile>,
+    /// The origin's WAL insert position once its sums were read (flushed): its reads pruned
+    /// pages, whose records a standby replays only once its own snapshots are gone.
+    #[serde(default)]
+    pub end_lsn: String,
     /// Why it failed.
     #[serde(default)]
     pub error: String,
@@ -457,12 +461,13 @@ pub(crate) async fn tables_here(
         .existing_databases(&config.postgresql.databases)
         .await
         .map_err(|e| e.to_string())?;
-    let mut tables = Vec::new();
-    for db in &databases {
+    // One session per database, side by side (the downtime's gate waits for them).
+    let each = databases.iter().map(|db| async move {
         let json = conn.psql(db, TABLES_SQL).await.map_err(|e| e.to_string())?;
-        tables.extend(current_tables(db, &json)?);
-    }
-    Ok((databases, tables))
+        current_tables(db, &json)
+    });
+    let tables = futures_util::future::try_join_all(each).await?;
+    Ok((databases, tables.into_iter().flatten().collect()))
 }
 
 /// A whole-table checksum of every table, as [`crate::db::pg::Connection::manifest`] computes it,
@@ -686,6 +691,7 @@ pub async fn establish(
     let theirs = origin_sums(theirs)?;
     let compared = compare_at(&held, &theirs.databases, &ours, "the standby")?;
     let tables: usize = compared.iter().map(|d| d.tables.len()).sum();
+    let replay_ms = replay_past(&owner, &theirs.end_lsn, held.segment_size).await;
     crate::db::follow::set_following(
         config,
         Some(&crate::db::follow::Following {
@@ -697,11 +703,37 @@ pub async fn establish(
         }),
     )?;
     Ok(format!(
-        "verified point at {}: {tables} tables in {} databases equal ({} ms)",
+        "verified point at {}: {tables} tables in {} databases equal ({} ms; then {replay_ms} ms replaying the origin's pruning)",
         held.lsn,
         compared.len(),
         started.elapsed().as_millis()
     ))
+}
+
+/// Waits (up to 10 s, live) until the standby replayed the origin's `end_lsn`: the pages
+/// the origin's reads pruned (records whose replay waited for this host's snapshots, with
+/// the startup process's back-off of up to a second) then cost the downtime's catch-up
+/// nothing. Best effort: the catch-up in the downtime waits for whatever is left. Returns
+/// the time it took.
+async fn replay_past(owner: &Connection, end_lsn: &str, segment_size: u64) -> u128 {
+    let started = Instant::now();
+    let Some(end) = parse_lsn(end_lsn).map(|l| caught_up_at(l, segment_size)) else {
+        return 0;
+    };
+    while started.elapsed() < Duration::from_secs(10) {
+        let replayed = owner
+            .psql("postgres", "SELECT pg_catalog.pg_last_wal_replay_lsn();\n")
+            .await;
+        match replayed {
+            Ok(r) if parse_lsn(&r).is_some_and(|r| r >= end) => break,
+            Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            Err(e) => {
+                tracing::warn!(error = %e, "asking the standby how far it replayed");
+                break;
+            }
+        }
+    }
+    started.elapsed().as_millis()
 }
 
 /// Asks the origin (under the replication grant of `origin`) to hold its tables for a
@@ -798,8 +830,10 @@ where
     // Admitted before reading the WAL (a busy day's takes a while): what fails from here on
     // reaches the target as the `error` of its `Selection`.
     admit(stream).await?;
-    let (until, named) = blocks_named_since(config, since).await?;
-    let (databases, current) = tables_here(config, bluemind).await?;
+    let ((until, named), (databases, current)) = tokio::try_join!(
+        blocks_named_since(config, since),
+        tables_here(config, bluemind)
+    )?;
     let selection = Selection {
         since: since.to_string(),
         until,
@@ -830,53 +864,42 @@ pub(crate) async fn blocks_named_since(
 ) -> Result<(String, BTreeSet<BlockRef>), String> {
     let start = parse_lsn(since).ok_or_else(|| format!("{since:?} is not an LSN"))?;
     let admin = Connection::admin(&config.postgresql);
-    let position = crate::db::wal::wal_position(config).await?;
+    // Flushed (pg_waldump reads files); where pg_waldump and the WAL are, beside it.
+    let (position, facts) = tokio::join!(crate::db::wal::wal_position(config), wal_facts(&admin));
+    let position = position?;
     let insert =
         parse_lsn(&position.lsn).ok_or_else(|| format!("{:?} is not an LSN", position.lsn))?;
     // An insert position right after a page header (an idle cluster after a segment switch)
     // is the boundary: nothing is written past it until the next record, so nothing waits.
     let end = caught_up_at(insert, position.segment_size);
     let until = crate::db::wal::lsn_text(end);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let flushed = admin
-            .psql(
-                "postgres",
-                "SELECT pg_catalog.pg_current_wal_flush_lsn();\n",
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        if parse_lsn(&flushed).is_some_and(|f| f >= end) {
-            break;
-        }
-        if Instant::now() > deadline {
-            return Err(format!("the WAL here is not flushed up to {until}"));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     let named = if end > start {
-        named_blocks(config, &admin, since, &until).await?
+        named_blocks(config, &facts?, since, &until).await?
     } else {
         BTreeSet::new()
     };
     Ok((until, named))
 }
 
-/// The heap blocks this host's WAL names between `since` and `until` (`pg_waldump` of the
-/// server's own major, reading `pg_wal`).
-async fn named_blocks(
-    config: &AgentConfig,
-    admin: &Connection,
-    since: &str,
-    until: &str,
-) -> Result<BTreeSet<BlockRef>, String> {
-    let facts = admin
+/// The server's data directory and major, as `data_dir\tmajor`.
+async fn wal_facts(admin: &Connection) -> Result<String, String> {
+    admin
         .psql(
             "postgres",
             "SELECT pg_catalog.current_setting('data_directory'), pg_catalog.current_setting('server_version_num')::int / 10000;\n",
         )
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())
+}
+
+/// The heap blocks this host's WAL names between `since` and `until` (`pg_waldump` of the
+/// server's own major, reading `pg_wal`; `facts` from [`wal_facts`]).
+async fn named_blocks(
+    config: &AgentConfig,
+    facts: &str,
+    since: &str,
+    until: &str,
+) -> Result<BTreeSet<BlockRef>, String> {
     let (data_dir, major) = facts
         .trim()
         .split_once('\t')
@@ -930,19 +953,19 @@ async fn sums(
     databases: &[String],
     selection: &[TableSelection],
 ) -> Result<Vec<DatabaseManifest>, String> {
-    let mut manifests = Vec::new();
-    for db in databases {
+    // One session per database, side by side.
+    let each = databases.iter().map(|db| async move {
         let tables: Vec<&TableSelection> = selection.iter().filter(|t| &t.database == db).collect();
-        let out = if tables.is_empty() {
+        // Nothing selected (no block changed since the verified point): no session at all.
+        let sql = selection_sql(&tables);
+        let out = if sql.is_empty() {
             String::new()
         } else {
-            conn.psql(db, &selection_sql(&tables))
-                .await
-                .map_err(|e| e.to_string())?
+            conn.psql(db, &sql).await.map_err(|e| e.to_string())?
         };
-        manifests.push(selection_manifest(db, &tables, &out)?);
-    }
-    Ok(manifests)
+        selection_manifest(db, &tables, &out)
+    });
+    futures_util::future::try_join_all(each).await
 }
 
 /// Target side of the downtime's gate, first half (started as soon as the origin stopped):
@@ -978,15 +1001,19 @@ pub async fn ask_changed(
 /// databases final); and a line saying what was covered.
 pub type Compared = (Vec<DatabaseManifest>, Vec<DatabaseManifest>, String);
 
-/// Target side of the downtime's gate, second half (this host's databases are final): sums
-/// the origin's selection here while the origin sends its own.
+/// This host's tables as [`compare_selection`] needs them (`tables_here` by `owner`), read
+/// once its databases are final, while the origin still reads its WAL.
+pub type TablesHere = (Vec<String>, Vec<CurrentTable>);
+
+/// Target side of the downtime's gate, second half (this host's databases are final, `here`
+/// read since): sums the origin's selection here while the origin sends its own.
 pub async fn compare_selection(
-    config: &AgentConfig,
     owner: &Connection,
+    here: TablesHere,
     mut stream: tunnel::Tunnel,
     selection: Selection,
 ) -> Result<Compared, String> {
-    let (databases, mine) = tables_here(config, owner).await?;
+    let (databases, mine) = here;
     let present: Vec<TableSelection> = selection
         .tables
         .iter()

@@ -4,12 +4,14 @@
 //! - `bmfleet-bench downtime [--files N] [--db-rows N] [--churn F] [--db-churn clustered|scattered] [--cold-cache]`: the
 //!   manual procedure vs bmfleet (databases following the origin, and dumped) on identical
 //!   lab instances, with the physical floor and the tunnel's throughput against rsync over ssh.
+//! - `bmfleet-bench summarize FILE…`: medians, ratios and growths of saved `downtime` runs.
 //! - `bmfleet-bench manifest [--gib N]`: the agent's peak memory hashing an N GiB file.
 
 mod downtime;
 mod manifest;
 mod manual;
 mod orchestrator;
+mod summarize;
 
 use clap::{Parser, Subcommand};
 
@@ -71,6 +73,12 @@ enum Bench {
         #[arg(long, value_enum, default_value = "last-second")]
         day_lands: downtime::DayLands,
     },
+    /// Medians of saved `downtime` runs (one run's output per file), as ratios per run, and
+    /// each downtime's growth with the day's changes.
+    Summarize {
+        /// Files holding one `downtime` run's output each.
+        files: Vec<std::path::PathBuf>,
+    },
     /// Peak memory of the manifest hashing one big file (and of reading it whole).
     Manifest {
         /// The file's size, GiB.
@@ -83,6 +91,7 @@ fn main() -> anyhow::Result<()> {
     match Args::parse().command {
         Bench::Orchestrator { pairs, max_down } => orchestrator::run(pairs, max_down),
         Bench::Manifest { gib } => manifest::run(gib),
+        Bench::Summarize { files } => summarize::run(&files),
         Bench::Downtime {
             files,
             db_rows,

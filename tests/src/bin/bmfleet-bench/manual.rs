@@ -114,6 +114,16 @@ pub struct ColdRun {
     pub restore_secs: f64,
 }
 
+/// The step that stops the services on both hosts (part of the physical floor).
+pub const STOP_STEP: &str = "bmctl stop + postfix stop (origin and target)";
+/// The step that moves the service IP (part of the physical floor).
+pub const IP_STEP: &str = "origin lets the IP go, target takes it";
+/// The step that announces it with `arping`, which waits for the reply an unsolicited ARP
+/// never gets (not part of the floor: one frame's sending is).
+pub const ANNOUNCE_STEP: &str = "arping announces the move";
+/// The step that starts the services on the target (part of the physical floor).
+pub const START_STEP: &str = "services start on the target";
+
 /// The manual procedure between one origin and its target.
 pub struct Manual<'a> {
     fleet: &'a LabFleet,
@@ -309,7 +319,7 @@ impl<'a> Manual<'a> {
     /// services' stop to their start on the target.
     pub fn cold_sync_and_cutover(&self, service_ip: &str) -> anyhow::Result<ColdRun> {
         let mut steps = Steps::new();
-        steps.run("bmctl stop + postfix stop (origin and target)", || {
+        steps.run(STOP_STEP, || {
             self.services(&self.origin, "stop")?;
             self.services(&self.target, "stop")
         })?;
@@ -350,15 +360,17 @@ impl<'a> Manual<'a> {
             )?;
         }
         let with_prefix = format!("{service_ip}/24");
-        steps.run("origin lets the IP go, target takes it", || {
+        steps.run(IP_STEP, || {
             let mut del = Command::new("ip");
             del.args(["addr", "del", &with_prefix, "dev", "eth0"]);
             self.exec(&self.origin, "ip addr del", del)?;
             let mut add = Command::new("ip");
             add.args(["addr", "add", &with_prefix, "dev", "eth0"]);
-            self.exec(&self.target, "ip addr add", add)?;
-            // The neighbours learn the move (as bmfleet's agent announces it); unsolicited ARP
-            // gets no reply, which arping reports as exit status 1.
+            self.exec(&self.target, "ip addr add", add)
+        })?;
+        steps.run(ANNOUNCE_STEP, || {
+            // The neighbours learn the move (bmfleet's agent sends the same frame itself);
+            // unsolicited ARP gets no reply, which arping reports as exit status 1.
             let mut arping = Command::new("arping");
             arping.args([
                 "-q", "-U", "-c", "1", "-W", "0.05", "-i", "eth0", "-S", service_ip, service_ip,
@@ -369,9 +381,7 @@ impl<'a> Manual<'a> {
                 .context("arping")
                 .map(drop)
         })?;
-        steps.run("services start on the target", || {
-            self.services(&self.target, "start")
-        })?;
+        steps.run(START_STEP, || self.services(&self.target, "start"))?;
         Ok(ColdRun {
             downtime: steps.elapsed(),
             steps: steps.done,
