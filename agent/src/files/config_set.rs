@@ -251,8 +251,9 @@ pub async fn rebuild_postfix_maps(
         })
         .collect();
     flats.sort();
-    let mut rebuilt = Vec::new();
-    for flat in flats {
+    // Each map is its own file: all of them at once (the step is in the downtime).
+    let postfix = &postfix;
+    let each = flats.into_iter().map(|flat| async move {
         let mut argv = postmap.to_vec();
         argv.push(flat.display().to_string());
         let result = command::run("postmap", &argv, timeout).await;
@@ -273,9 +274,9 @@ pub async fn rebuild_postfix_maps(
         let db = postfix.join(format!("{name}.db"));
         std::fs::rename(&built, &db)
             .map_err(|e| format!("postmap wrote no {}: {e}", built.display()))?;
-        rebuilt.push(RebuiltMap { flat, db });
-    }
-    Ok(rebuilt)
+        Ok(RebuiltMap { flat, db })
+    });
+    futures_util::future::try_join_all(each).await
 }
 
 #[cfg(test)]
