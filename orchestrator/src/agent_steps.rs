@@ -20,7 +20,7 @@ use crate::agents::{AgentHandle, AgentPool};
 use crate::clock::Clock;
 use crate::engine::{AgentPort, Job, StepError, StepOutput, StepResult};
 use crate::fleet::InstanceSpec;
-use crate::machine::{DbPlan, PassStats, Step};
+use crate::machine::{round_operation, DbPlan, PassStats, Step};
 
 use bmfleet_proto::BLUEMIND_DATA_DIRS as DATA_DIRS;
 
@@ -218,23 +218,7 @@ async fn other_step(pool: &AgentPool, job: Job, now_ms: i64) -> Done {
             })
             .await
         }
-        Step::PreWindowPass => {
-            let mut output = granted(origin, &job, now_ms, Scope::DataDirs, |endpoint| async {
-                sync_pass(target, &job, endpoint)
-                    .await
-                    .map(StepOutput::from)
-            })
-            .await?;
-            // The last live moment: a standby's or a subscriber's databases are compared in
-            // full here, so that the downtime's gate compares only what changed since.
-            if job.promote_databases {
-                let verified = verify_following(target, &job).await;
-                if let Some(stats) = output.stats.as_mut() {
-                    stats.verified_point = verified;
-                }
-            }
-            Ok(output)
-        }
+        Step::PreWindowPass => pre_window_pass(origin, target, &job, now_ms).await,
         Step::FinalPass => {
             let stats = granted(origin, &job, now_ms, Scope::DataDirs, |endpoint| async {
                 sync_pass(target, &job, endpoint)
@@ -331,9 +315,69 @@ async fn follow_databases(
     }
 }
 
+/// A pre-window round that took longer than this is followed by another: what changed
+/// while it ran would otherwise all be the downtime's.
+const PRE_WINDOW_ROUND_MS: u64 = 2_000;
+/// Rounds of a pre-window pass at most (a server whose changes outrun the rounds goes into
+/// its window with what the last one left).
+const PRE_WINDOW_ROUNDS: u32 = 4;
+
+/// The pre-window pass, right before the stop, in rounds: each carries what the origin's
+/// journal saw change since the previous one began and, when the target's databases follow,
+/// advances the verified point (their full comparison, live, so that the downtime's gate
+/// compares only what changed since). A round that took more than [`PRE_WINDOW_ROUND_MS`]
+/// (a day of changes carried, a busy verified point) is followed by another, up to
+/// [`PRE_WINDOW_ROUNDS`]: the downtime then faces what changed during the last, short one.
+/// Round k's operation is [`round_operation`]'s, so no round's reply stands in for another's
+/// and the final pass counts the journal from the last round's start.
+async fn pre_window_pass(
+    origin: &AgentHandle,
+    target: &AgentHandle,
+    job: &Job,
+    now_ms: i64,
+) -> Done {
+    let mut round = job.clone();
+    let mut total = PassStats::default();
+    for k in 1..=PRE_WINDOW_ROUNDS {
+        let stats = granted(origin, &round, now_ms, Scope::DataDirs, |endpoint| async {
+            sync_pass(target, &round, endpoint)
+                .await
+                .map(StepOutput::from)
+        })
+        .await?
+        .stats
+        .unwrap_or_default();
+        let (verified, verify_ms) = if job.promote_databases {
+            verify_following(target, &round).await
+        } else {
+            (String::new(), 0)
+        };
+        let took = stats.elapsed_ms + verify_ms;
+        total = PassStats {
+            files_scanned: total.files_scanned + stats.files_scanned,
+            files_changed: total.files_changed + stats.files_changed,
+            bytes_changed: total.bytes_changed + stats.bytes_changed,
+            scan_ms: total.scan_ms + stats.scan_ms,
+            elapsed_ms: total.elapsed_ms + took,
+            verified_point: verified,
+            rounds: k,
+            ..stats
+        };
+        if took <= PRE_WINDOW_ROUND_MS {
+            break;
+        }
+        if k < PRE_WINDOW_ROUNDS {
+            tracing::info!(instance = %job.instance.name, round = k, took_ms = took, files = stats.files_changed, "the pre-window round took long: another one carries what changed meanwhile");
+            round.carry_operation = Some(round.operation_id.clone());
+            round.operation_id = round_operation(&job.operation_id, k + 1);
+        }
+    }
+    Ok(total.into())
+}
+
 /// Asks the target for a verified point with the origin its standby follows; what it says
-/// (taken, or why not: then the downtime compares every table).
-async fn verify_following(target: &AgentHandle, job: &Job) -> String {
+/// (taken, or why not: then the downtime compares every table) and how long it took, ms.
+async fn verify_following(target: &AgentHandle, job: &Job) -> (String, u64) {
     let reply = target
         .client
         .clone()
@@ -347,15 +391,15 @@ async fn verify_following(target: &AgentHandle, job: &Job) -> String {
     match reply {
         Ok(r) if r.ok => {
             tracing::info!(instance = %job.instance.name, summary = %r.summary, "verified point taken");
-            r.summary
+            (r.summary, r.elapsed_ms)
         }
         Ok(r) => {
             tracing::warn!(instance = %job.instance.name, error = %r.error, "no verified point: the downtime compares every table");
-            format!("none: {}", r.error)
+            (format!("none: {}", r.error), r.elapsed_ms)
         }
         Err(e) => {
             tracing::warn!(instance = %job.instance.name, error = %e, "no verified point: the downtime compares every table");
-            format!("none: {e}")
+            (format!("none: {e}"), 0)
         }
     }
 }
@@ -821,6 +865,7 @@ async fn sync_pass(
                 verify_here_ms: s.verify_here_ms,
             })
         }),
+        rounds: 0,
     })
 }
 

@@ -293,6 +293,17 @@ impl Engine {
         )
     }
 
+    /// The operation of a live pass that succeeded whose start the origin's journal marked
+    /// last: a pre-window pass's last round.
+    fn pass_operation(&self, n: usize, step: Step, attempt: u32) -> String {
+        let id = self.operation_id(n, step, attempt);
+        if step == Step::PreWindowPass {
+            crate::machine::round_operation(&id, self.instances[n].pre_window_rounds)
+        } else {
+            id
+        }
+    }
+
     fn dispatch(&self, n: usize, step: Step, attempt: u32) {
         let job = Job {
             migration: self.fleet.policy.name.clone(),
@@ -319,12 +330,12 @@ impl Engine {
                         .copied()
                 })
                 .flatten()
-                .map(|a| self.operation_id(n, Step::PreWindowPass, a)),
+                .map(|a| self.pass_operation(n, Step::PreWindowPass, a)),
             carry_operation: (matches!(step, Step::HotPass | Step::PreWindowPass)
                 && self.fleet.policy.final_pass_journal)
                 .then_some(self.instances[n].last_good_pass)
                 .flatten()
-                .map(|(s, a)| self.operation_id(n, s, a)),
+                .map(|(s, a)| self.pass_operation(n, s, a)),
             promote_databases: self.instances[n]
                 .databases
                 .as_ref()

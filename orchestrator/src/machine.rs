@@ -168,6 +168,23 @@ pub struct PassStats {
     /// A journal pass's time by phase (its fixed costs, for the downtime's accounting).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phases: Option<Box<PassPhases>>,
+    /// The pre-window pass: its rounds (each carried what changed during the one before and
+    /// advanced the verified point); 0 for other passes.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub rounds: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// The operation id of a pre-window pass's round `round` (the first is the step's own).
+pub fn round_operation(operation_id: &str, round: u32) -> String {
+    if round <= 1 {
+        operation_id.to_string()
+    } else {
+        format!("{operation_id}/round-{round}")
+    }
 }
 
 /// A journal pass's time by phase, ms: the data plane's connections opened (TLS, admission),
@@ -266,6 +283,10 @@ pub struct Instance {
     /// pass carries, comparing contents, what the origin's journal saw change since it began.
     #[serde(default)]
     pub last_good_pass: Option<(Step, u32)>,
+    /// The rounds of the last pre-window pass that succeeded: the final pass counts the
+    /// origin's journal from its last round's start.
+    #[serde(default)]
+    pub pre_window_rounds: u32,
     /// Steps done in the current cold sync.
     pub cold_done: BTreeSet<Step>,
     /// Hot passes completed.
@@ -308,6 +329,7 @@ impl Default for Instance {
             attempts: BTreeMap::new(),
             failures: BTreeMap::new(),
             last_good_pass: None,
+            pre_window_rounds: 0,
             cold_done: BTreeSet::new(),
             hot_passes: 0,
             last_pass: None,
@@ -734,6 +756,9 @@ fn apply(c: &mut Ctx<'_>, event: &Event) -> Option<&'static str> {
             c.i.failures.remove(step);
             if matches!(step, Step::HotPass | Step::PreWindowPass) {
                 c.i.last_good_pass = Some((*step, *attempt));
+            }
+            if *step == Step::PreWindowPass {
+                c.i.pre_window_rounds = stats.as_ref().map_or(1, |s| s.rounds.max(1));
             }
             c.succeeded(*step, stats.clone(), databases.clone());
         }

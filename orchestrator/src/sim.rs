@@ -43,6 +43,8 @@ pub struct Script {
     /// Instances whose mail pours in as fast as passes copy it: every pass changes as many
     /// files as the first, so they never converge.
     pub churning: HashSet<String>,
+    /// Rounds every pre-window pass reports (0: the field left unset, as a pass of one).
+    pub pre_window_rounds: u32,
 }
 
 impl Default for Script {
@@ -69,6 +71,7 @@ impl Default for Script {
             ms_per_file: 2.0,
             failures: HashMap::new(),
             churning: HashSet::new(),
+            pre_window_rounds: 0,
         }
     }
 }
@@ -85,6 +88,18 @@ struct Hosts {
     passes: Mutex<HashMap<String, u32>>,
     executed: Mutex<Vec<String>>,
     limits: Mutex<Vec<(Step, u32)>>,
+    journals: Mutex<Vec<JournalOrigins>>,
+}
+
+/// What a sync step was told to count the origin's change journal from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalOrigins {
+    /// The step's operation.
+    pub operation_id: String,
+    /// The final pass: the pass whose start the journal counts from.
+    pub full_pass_operation: Option<String>,
+    /// A live pass: the last good pass it carries from.
+    pub carry_operation: Option<String>,
 }
 
 impl SimAgents {
@@ -97,6 +112,7 @@ impl SimAgents {
                 passes: Mutex::new(HashMap::new()),
                 executed: Mutex::new(Vec::new()),
                 limits: Mutex::new(Vec::new()),
+                journals: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -107,6 +123,15 @@ impl SimAgents {
             .executed
             .lock()
             .map(|e| e.clone())
+            .unwrap_or_default()
+    }
+
+    /// What every sync step that ran counted the origin's journal from, in order.
+    pub fn journal_origins(&self) -> Vec<JournalOrigins> {
+        self.inner
+            .journals
+            .lock()
+            .map(|j| j.clone())
             .unwrap_or_default()
     }
 
@@ -160,7 +185,17 @@ impl Hosts {
                 if let Ok(mut l) = self.limits.lock() {
                     l.push((job.step, job.bwlimit_kib));
                 }
-                let (ms, stats) = self.pass(&job);
+                if let Ok(mut j) = self.journals.lock() {
+                    j.push(JournalOrigins {
+                        operation_id: job.operation_id.clone(),
+                        full_pass_operation: job.full_pass_operation.clone(),
+                        carry_operation: job.carry_operation.clone(),
+                    });
+                }
+                let (ms, mut stats) = self.pass(&job);
+                if job.step == Step::PreWindowPass {
+                    stats.rounds = self.script.pre_window_rounds;
+                }
                 (ms, Some(stats))
             }
             step => (

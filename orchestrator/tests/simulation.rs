@@ -320,6 +320,42 @@ impl Run {
     }
 }
 
+#[tokio::test(start_paused = true)]
+async fn the_final_pass_counts_the_journal_from_the_pre_window_pass_last_round() {
+    let fleet = FleetFile::parse(&fleet_text(1, 0, 0, 1), "sim.toml").unwrap();
+    for (rounds, suffix) in [(0, ""), (1, ""), (3, "/round-3")] {
+        let agents = SimAgents::new(Script {
+            pre_window_rounds: rounds,
+            ..Script::default()
+        });
+        let run = simulate(&fleet, None, agents.clone()).await;
+        assert_eq!(run.stop, Stop::AllFinal);
+        let journals = agents.journal_origins();
+        let pre_window = journals
+            .iter()
+            .find(|j| j.operation_id.contains("/pre-window-pass/"))
+            .expect("a pre-window pass ran");
+        let last_hot = journals
+            .iter()
+            .rfind(|j| j.operation_id.contains("/hot-pass/"))
+            .expect("hot passes ran");
+        // The pre-window pass carries from the last hot pass.
+        assert_eq!(
+            pre_window.carry_operation.as_deref(),
+            Some(last_hot.operation_id.as_str())
+        );
+        let final_pass = journals
+            .iter()
+            .find(|j| j.operation_id.contains("/final-pass/"))
+            .expect("a final pass ran");
+        assert_eq!(
+            final_pass.full_pass_operation,
+            Some(format!("{}{suffix}", pre_window.operation_id)),
+            "{rounds} rounds"
+        );
+    }
+}
+
 /// Runs a fleet to its end (or `limit` transitions).
 async fn simulate(fleet: &FleetFile, limit: Option<u64>, agents: SimAgents) -> Run {
     let dir = tempfile::tempdir().unwrap();

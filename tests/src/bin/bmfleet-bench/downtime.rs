@@ -251,6 +251,9 @@ pub enum DayLands {
     /// files and takes the databases' verified point), as a day's mail arrives before its
     /// window; the cold sync then faces only what changes after.
     Live,
+    /// While the pre-window pass runs: the day starts landing with its first round (as mail
+    /// keeps arriving until the stop); its later rounds carry what landed meanwhile.
+    During,
 }
 
 /// The real agents, with the day's mail landing on the origin around the pre-window pass
@@ -297,10 +300,15 @@ impl AgentPort for ChurnAroundPreWindowPass {
         let run = self.agents.run(job);
         let (pending, churned) = (self.pending.clone(), self.churned.clone());
         let before = self.lands == DayLands::Live && step == Step::PreWindowPass;
+        let during = self.lands == DayLands::During && step == Step::PreWindowPass;
         Box::pin(async move {
             // Live: the day lands before the pass (whose future is not polled yet).
             if before {
                 land(pending.clone(), churned.clone()).await;
+            }
+            if during {
+                let ((), result) = tokio::join!(land(pending, churned), run);
+                return result;
             }
             let result = run.await;
             if !before && step == Step::PreWindowPass && result.is_ok() {
@@ -326,6 +334,7 @@ struct BmfleetRun {
     steps: Vec<Timed>,
     first_pass: PassStats,
     final_pass: Option<PassStats>,
+    pre_window: Option<PassStats>,
     /// What the databases' gate compared.
     gate: String,
     churn: Churn,
@@ -351,6 +360,7 @@ fn step_timings(
     let rows = state.transitions(Some(instance), 0, 100_000)?;
     let (mut started, mut timed) = (BTreeMap::<String, i64>::new(), Vec::new());
     let (mut first_pass, mut final_pass, mut gate) = (None, None, String::new());
+    let mut pre_window = None;
     for row in rows {
         let event: serde_json::Value = serde_json::from_str(&row.event)?;
         if let Some(ok) = event.get("Succeeded") {
@@ -359,6 +369,7 @@ fn step_timings(
             match step.as_str() {
                 "HotPass" if first_pass.is_none() => first_pass = stats,
                 "FinalPass" => final_pass = stats,
+                "PreWindowPass" => pre_window = stats,
                 "Databases" => gate = ok["gate"].as_str().unwrap_or_default().to_string(),
                 _ => {}
             }
@@ -384,6 +395,7 @@ fn step_timings(
         timed,
         first_pass,
         final_pass,
+        pre_window,
         gate,
     })
 }
@@ -396,6 +408,8 @@ struct StepTimings {
     first_pass: Option<PassStats>,
     /// The final pass's statistics.
     final_pass: Option<PassStats>,
+    /// The (last) pre-window pass's statistics: its rounds, its verified point.
+    pre_window: Option<PassStats>,
     /// What the databases' gate compared.
     gate: String,
 }
@@ -490,6 +504,7 @@ fn bmfleet(
                     .collect(),
                 first_pass: timings.first_pass.context("no hot pass recorded")?,
                 final_pass: timings.final_pass,
+                pre_window: timings.pre_window,
                 gate: timings.gate,
                 churn,
             })
@@ -764,6 +779,16 @@ pub fn run(params: Params) -> anyhow::Result<()> {
             path.label()
         );
         print_steps(&run.steps, run.downtime);
+        if let Some(p) = &run.pre_window {
+            println!(
+                "\nThe pre-window pass (live): {} round(s), {} files and {:.2} MiB carried in {:.2} s; the last verified point: {}",
+                p.rounds,
+                p.files_changed,
+                mib(p.bytes_changed as f64),
+                p.elapsed_ms as f64 / 1000.0,
+                p.verified_point
+            );
+        }
         println!("\nThe databases' gate: {}", run.gate);
     }
     let manual_files: f64 = cold
@@ -859,6 +884,9 @@ pub fn run(params: Params) -> anyhow::Result<()> {
                 "db_sync": path.db_sync(), "downtime": run.downtime, "gate": run.gate,
                 "floor": floor.total(), "floor_databases": floor.databases,
                 "floor_stop_ip_start": floor.stop_ip_start, "floor_transfer": floor.transfer,
+                "pre_window": run.pre_window.as_ref().map(|p| serde_json::json!({
+                    "rounds": p.rounds, "files": p.files_changed, "bytes": p.bytes_changed,
+                    "seconds": p.elapsed_ms as f64 / 1000.0, "verified_point": p.verified_point})),
                 "final_pass": run.final_pass.as_ref().map(|f| serde_json::json!({
                     "paths": f.journal_paths, "files": f.files_changed, "bytes": f.bytes_changed,
                     "phases": f.phases})),

@@ -68,8 +68,9 @@ enum Bench {
         #[arg(long, value_enum, default_value = "clustered")]
         db_churn: bmfleet_tests::lab_fleet::DbChurn,
         /// When the day's changes land on bmfleet's origins: `last-second` (right after the
-        /// pre-window pass: the cold sync faces all of them, as the manual procedure's does)
-        /// or `live` (right before it, while the service runs).
+        /// pre-window pass: the cold sync faces all of them, as the manual procedure's does),
+        /// `live` (right before it, while the service runs) or `during` (while it runs: its
+        /// later rounds carry what landed meanwhile).
         #[arg(long, value_enum, default_value = "last-second")]
         day_lands: downtime::DayLands,
     },
