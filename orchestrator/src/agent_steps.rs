@@ -210,24 +210,12 @@ async fn other_step(pool: &AgentPool, job: Job, now_ms: i64) -> Done {
         // `run_step` runs it apart: its refusals may be for good.
         Step::Preflight => Err("the preflight runs apart".into()),
         Step::FollowDatabases => follow_databases(origin, target, &job, now_ms).await,
-        Step::HotPass => {
-            granted(origin, &job, now_ms, Scope::DataDirs, |endpoint| async {
-                sync_pass(target, &job, endpoint)
-                    .await
-                    .map(StepOutput::from)
-            })
+        Step::HotPass => granted_pass(origin, target, &job, now_ms)
             .await
-        }
+            .map(Into::into),
         Step::PreWindowPass => pre_window_pass(origin, target, &job, now_ms).await,
         Step::FinalPass => {
-            let stats = granted(origin, &job, now_ms, Scope::DataDirs, |endpoint| async {
-                sync_pass(target, &job, endpoint)
-                    .await
-                    .map(StepOutput::from)
-            })
-            .await?
-            .stats
-            .unwrap_or_default();
+            let stats = granted_pass(origin, target, &job, now_ms).await?;
             // Services are stopped on both sides: the trees must now be equal. A journal pass
             // was verified by the target against the origin, path by path (contents
             // included); a walk is compared here.
@@ -315,19 +303,16 @@ async fn follow_databases(
     }
 }
 
-/// A pre-window round that took longer than this is followed by another: what changed
-/// while it ran would otherwise all be the downtime's.
-const PRE_WINDOW_ROUND_MS: u64 = 2_000;
-/// Rounds of a pre-window pass at most (a server whose changes outrun the rounds goes into
-/// its window with what the last one left).
-const PRE_WINDOW_ROUNDS: u32 = 4;
-
 /// The pre-window pass, right before the stop, in rounds: each carries what the origin's
 /// journal saw change since the previous one began and, when the target's databases follow,
 /// advances the verified point (their full comparison, live, so that the downtime's gate
-/// compares only what changed since). A round that took more than [`PRE_WINDOW_ROUND_MS`]
-/// (a day of changes carried, a busy verified point) is followed by another, up to
-/// [`PRE_WINDOW_ROUNDS`]: the downtime then faces what changed during the last, short one.
+/// compares only what changed since). A round that took more than the fleet's
+/// `pre_window_round_secs` (2 s: a day carried, a verified point with much to compare, or
+/// just a big server's walk and full comparison) is followed by another that carries what
+/// landed meanwhile, up to `pre_window_rounds` (4; a server whose changes outrun them goes
+/// into its window with what the last one left): the downtime then faces what changed
+/// during the last one. A round that carried nothing does not end them: the databases may
+/// have changed meanwhile, and only the next verified point would say.
 /// Round k's operation is [`round_operation`]'s, so no round's reply stands in for another's
 /// and the final pass counts the journal from the last round's start.
 async fn pre_window_pass(
@@ -338,15 +323,9 @@ async fn pre_window_pass(
 ) -> Done {
     let mut round = job.clone();
     let mut total = PassStats::default();
-    for k in 1..=PRE_WINDOW_ROUNDS {
-        let stats = granted(origin, &round, now_ms, Scope::DataDirs, |endpoint| async {
-            sync_pass(target, &round, endpoint)
-                .await
-                .map(StepOutput::from)
-        })
-        .await?
-        .stats
-        .unwrap_or_default();
+    let rounds = job.pre_window_rounds.max(1);
+    for k in 1..=rounds {
+        let stats = granted_pass(origin, target, &round, now_ms).await?;
         let (verified, verify_ms) = if job.promote_databases {
             verify_following(target, &round).await
         } else {
@@ -363,16 +342,30 @@ async fn pre_window_pass(
             rounds: k,
             ..stats
         };
-        if took <= PRE_WINDOW_ROUND_MS {
+        if took <= job.pre_window_round_ms {
             break;
         }
-        if k < PRE_WINDOW_ROUNDS {
+        if k < rounds {
             tracing::info!(instance = %job.instance.name, round = k, took_ms = took, files = stats.files_changed, "the pre-window round took long: another one carries what changed meanwhile");
             round.carry_operation = Some(round.operation_id.clone());
             round.operation_id = round_operation(&job.operation_id, k + 1);
         }
     }
     Ok(total.into())
+}
+
+/// One pass of `job` (a hot, pre-window or final pass), under a data-dirs grant of its own.
+async fn granted_pass(
+    origin: &AgentHandle,
+    target: &AgentHandle,
+    job: &Job,
+    now_ms: i64,
+) -> Result<PassStats, String> {
+    let output = granted(origin, job, now_ms, Scope::DataDirs, |endpoint| async {
+        sync_pass(target, job, endpoint).await.map(StepOutput::from)
+    })
+    .await?;
+    Ok(output.stats.unwrap_or_default())
 }
 
 /// Asks the target for a verified point with the origin its standby follows; what it says

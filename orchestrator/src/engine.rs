@@ -43,6 +43,10 @@ pub struct Job {
     pub promote_databases: bool,
     /// The databases follow by logical replication (FollowDatabases subscribes).
     pub logical_databases: bool,
+    /// A pre-window pass: a round that took longer than this (ms) is followed by another…
+    pub pre_window_round_ms: u64,
+    /// …up to this many rounds.
+    pub pre_window_rounds: u32,
 }
 
 /// What a step that succeeded reports.
@@ -344,6 +348,8 @@ impl Engine {
                 .databases
                 .as_ref()
                 .is_some_and(|d| d.logical),
+            pre_window_round_ms: self.fleet.policy.pre_window_round_secs.saturating_mul(1000),
+            pre_window_rounds: self.fleet.policy.pre_window_rounds,
         };
         let port = self.port.clone();
         let tx = self.results_tx.clone();

@@ -62,6 +62,12 @@ fn d_failures() -> u32 {
 fn d_budget() -> u64 {
     900
 }
+fn d_round_secs() -> u64 {
+    2
+}
+fn d_rounds() -> Spanned<u32> {
+    Spanned::new(0..0, 4)
+}
 fn d_profile() -> Spanned<String> {
     Spanned::new(0..0, "auto".into())
 }
@@ -98,6 +104,10 @@ struct RawPolicy {
     rates: Rates,
     #[serde(default = "d_true")]
     final_pass_journal: bool,
+    #[serde(default = "d_round_secs")]
+    pre_window_round_secs: u64,
+    #[serde(default = "d_rounds")]
+    pre_window_rounds: Spanned<u32>,
     #[serde(default)]
     db_sync: Option<Spanned<String>>,
 }
@@ -270,6 +280,11 @@ pub struct Policy {
     /// The final pass moves only what the origin's change journal recorded since the
     /// pre-window pass (when the journal can prove it is complete); false: it walks everything.
     pub final_pass_journal: bool,
+    /// A pre-window round that took longer than this (seconds) is followed by another (0:
+    /// every round is, up to `pre_window_rounds`).
+    pub pre_window_round_secs: u64,
+    /// Rounds of a pre-window pass at most (1: a single pass).
+    pub pre_window_rounds: u32,
     /// How databases reach their targets (instances may say otherwise).
     pub db_sync: DbSync,
 }
@@ -373,6 +388,13 @@ impl FleetFile {
                 "must be at least 1, or no instance could ever be migrated".into(),
             ));
         }
+        if !(1..=10).contains(p.pre_window_rounds.get_ref()) {
+            return Err(err(
+                p.pre_window_rounds.span(),
+                "fleet.pre_window_rounds".into(),
+                "must be from 1 (a single pass) to 10".into(),
+            ));
+        }
         let parse_windows =
             |raw: &[Spanned<RawWindow>], field: &str| -> Result<Vec<Window>, FleetFileError> {
                 raw.iter()
@@ -398,6 +420,8 @@ impl FleetFile {
             failure_budget: p.failure_budget,
             downtime_budget_secs: p.downtime_budget_secs,
             final_pass_journal: p.final_pass_journal,
+            pre_window_round_secs: p.pre_window_round_secs,
+            pre_window_rounds: *p.pre_window_rounds.get_ref(),
             db_sync: match &p.db_sync {
                 Some(d) => DbSync::parse(d.get_ref())
                     .map_err(|m| err(d.span(), "fleet.db_sync".into(), m))?,
@@ -604,6 +628,30 @@ service_ip = "198.18.0.101/24"
         assert_eq!(i.windows.len(), 1);
         assert_eq!(i.downtime_budget_secs, 900);
         assert_eq!(i.profile, Profile::Auto);
+        assert_eq!(
+            (f.policy.pre_window_round_secs, f.policy.pre_window_rounds),
+            (2, 4)
+        );
+    }
+
+    #[test]
+    fn pre_window_rounds_out_of_range_are_refused_with_their_line() {
+        for bad in ["0", "11"] {
+            let text = BASE.replacen(
+                "max_concurrent_downtime = 2\n",
+                &format!("max_concurrent_downtime = 2\npre_window_rounds = {bad}\n"),
+                1,
+            );
+            let e = FleetFile::parse(&text, "fleet.toml").unwrap_err();
+            assert_eq!(e.field, "fleet.pre_window_rounds", "{e}");
+            assert!(e.message.contains("from 1"), "{e}");
+            let line = text
+                .lines()
+                .position(|l| l.starts_with("pre_window_rounds"))
+                .unwrap()
+                + 1;
+            assert_eq!(e.line, line, "{e}");
+        }
     }
 
     #[test]

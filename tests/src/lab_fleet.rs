@@ -577,10 +577,12 @@ impl LabFleet {
         self.fleet_file_with_windows(&[("00:00", "12:00"), ("12:00", "00:00")])
     }
 
-    /// The lab's fleet file with these daily windows ("HH:MM" start and end, UTC).
+    /// The lab's fleet file with these daily windows ("HH:MM" start and end, UTC). Its
+    /// pre-window pass always runs two rounds (`pre_window_round_secs = 0`,
+    /// `pre_window_rounds = 2`): every lab migration goes through the rounds' path.
     pub fn fleet_file_with_windows(&self, windows: &[(&str, &str)]) -> String {
         let mut text = String::from(
-            "[fleet]\nname = \"lab\"\nmax_concurrent_downtime = 2\nmin_stagger_secs = 1\ncanary_count = 1\ncanary_approval = false\n",
+            "[fleet]\nname = \"lab\"\nmax_concurrent_downtime = 2\nmin_stagger_secs = 1\ncanary_count = 1\ncanary_approval = false\npre_window_round_secs = 0\npre_window_rounds = 2\n",
         );
         for (start, end) in windows {
             text += &format!(
@@ -650,6 +652,8 @@ impl LabFleet {
                         carry_operation: None,
                         promote_databases: false,
                         logical_databases: false,
+                        pre_window_round_ms: 2_000,
+                        pre_window_rounds: 1,
                     })
                     .await
             })

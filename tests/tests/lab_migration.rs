@@ -983,4 +983,14 @@ fn every_message_sent_during_the_migration_is_served_once_by_real_postfix_and_cy
     );
     assert_eq!((mail.lost, mail.duplicated), (0, 0), "{mail:?}");
     assert_eq!(mail.sent, watched.traffic.sent[0], "{mail:?}");
+    // Mail kept arriving through the pre-window pass: it ran in rounds, each carrying what
+    // landed during the one before, and every message still arrived exactly once.
+    let events = events(&fleet, &[]);
+    let rounds: Vec<u64> = events
+        .lines()
+        .filter(|l| l.contains("{\"Succeeded\":{\"step\":\"PreWindowPass\""))
+        .filter_map(|l| l.split("\"rounds\":").nth(1))
+        .filter_map(|r| r.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .collect();
+    assert!(rounds.iter().any(|r| *r >= 2), "{rounds:?}\n{events}");
 }
