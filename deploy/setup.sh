@@ -7,7 +7,7 @@ packages=(
   rsync            # the data plane's transfer engine
   postgresql       # BlueMind's databases (bj, bj-data), dumped and restored for real
   iproute2         # ip netns / veth / bridge for the lab, service IP moves
-  arping           # gratuitous ARP after the service IP moves
+  arping           # the lab's ARP checks, and the manual procedure's announcement in the bench
   openssh-server   # the lab hosts' sshd: enrollment and the manual procedure's transport
   openssh-client   # bmctl fleet enroll drives the system ssh (openssh crate)
   systemd          # systemd-analyze verify of the packaged units (not started here)
@@ -19,6 +19,7 @@ packages=(
   netplan.io       # netplan generate reads the service IP's netplan file on a lab target
   cyrus-imapd      # BlueMind's mail engine, real in the lab (its own mount namespace per host)
   postfix          # BlueMind's MTA, real in the lab (queue carried by the agent, a sender host)
+  chromium-headless-shell  # Debian's headless Chromium: renders the migration report in a test
   gcc              # rusqlite builds SQLite from source
   libc6-dev
   pkg-config

@@ -5,6 +5,7 @@ mod control;
 mod enroll;
 mod pki;
 mod plan;
+mod report;
 mod status;
 
 use std::path::PathBuf;
@@ -194,6 +195,22 @@ enum FleetCommand {
         hosts: Hosts,
     },
     /// The audit log of Fleet API calls.
+    /// The migration report: per instance its timeline, downtime and its split, bytes and
+    /// files moved, the databases' gate, the final checks' evidence, BlueMind's tasks,
+    /// problems and what came of them, operator acts; the fleet's windows drawn on a time
+    /// axis (HTML).
+    Report {
+        #[command(flatten)]
+        connection: Connection,
+        /// Only these instances (default: every instance of the applied fleet).
+        instances: Vec<String>,
+        /// html (one self-contained file), md or json.
+        #[arg(long, value_enum, default_value_t = report::Format::Html)]
+        format: report::Format,
+        /// Write it here (default: standard output).
+        #[arg(long)]
+        output: Option<std::path::PathBuf>,
+    },
     Audit {
         #[command(flatten)]
         connection: Connection,
@@ -393,6 +410,12 @@ async fn main() -> ExitCode {
             watch,
             output,
         } => status::status(&connection, output, instance, watch).await,
+        FleetCommand::Report {
+            connection,
+            instances,
+            format,
+            output,
+        } => report::report(&connection, instances, format, output).await,
         FleetCommand::Audit {
             connection,
             limit,

@@ -16,6 +16,8 @@ struct StatusJson {
     approved: bool,
     fleet_eta_unix_ms: Option<i64>,
     instances: Vec<InstanceJson>,
+    notifications_undelivered: u64,
+    notifications_error: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -227,6 +229,8 @@ async fn fetch(connection: &Connection) -> anyhow::Result<StatusJson> {
         approved: reply.approved,
         fleet_eta_unix_ms: non_zero(reply.fleet_eta_unix_ms),
         instances: reply.instances.iter().map(InstanceJson::from).collect(),
+        notifications_undelivered: reply.notifications_undelivered,
+        notifications_error: non_empty(&reply.notifications_error),
     })
 }
 
@@ -341,6 +345,16 @@ fn render(json: &StatusJson) -> String {
         if json.fleet_paused { ", paused" } else { "" },
         if json.approved { ", approved after canaries" } else { "" },
     );
+    if json.notifications_undelivered > 0 {
+        out += &format!(
+            "notifications: {} not delivered yet (retried){}\n",
+            json.notifications_undelivered,
+            json.notifications_error
+                .as_ref()
+                .map(|e| format!("; the oldest: {e}"))
+                .unwrap_or_default()
+        );
+    }
     out
 }
 
@@ -568,6 +582,8 @@ mod tests {
             fleet_paused: false,
             approved: false,
             fleet_eta_unix_ms: None,
+            notifications_undelivered: 0,
+            notifications_error: None,
             instances: vec![
                 instance("HotSync", false, true),
                 instance("Converged", true, false),

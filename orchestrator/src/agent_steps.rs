@@ -219,10 +219,17 @@ async fn other_step(pool: &AgentPool, job: Job, now_ms: i64) -> Done {
             // Services are stopped on both sides: the trees must now be equal. A journal pass
             // was verified by the target against the origin, path by path (contents
             // included); a walk is compared here.
-            if stats.journal_paths.is_none() {
-                compare_manifests(origin, target, &job, now_ms - CONTENT_CHECK_MS).await?;
-            }
-            Ok(stats.into())
+            let evidence = match stats.journal_paths {
+                None => compare_manifests(origin, target, &job, now_ms - CONTENT_CHECK_MS).await?,
+                Some(paths) => format!(
+                    "{paths} paths the origin's journal saw change since the last pre-window round, each verified by {} against {}'s state of it (contents included)",
+                    target.name, origin.name
+                ),
+            };
+            Ok(StepOutput {
+                evidence,
+                ..stats.into()
+            })
         }
         Step::StopOrigin => services(origin, &job, ServiceAction::Stop).await,
         Step::StopTarget | Step::RollbackStopTarget => {
@@ -894,7 +901,15 @@ async fn post_migration(origin: &AgentHandle, target: &AgentHandle, job: &Job) -
         .map_err(|s| format!("{}: {}", target.name, describe_status(&s)))?
         .into_inner();
     if reply.ok {
-        Ok(StepOutput::default())
+        let mut done = reply.tasks.clone();
+        done.push(format!(
+            "mynetworks {} → {}",
+            reply.mynetworks_before, reply.mynetworks_after
+        ));
+        Ok(StepOutput {
+            evidence: format!("BlueMind on {}: {}", target.name, done.join("; ")),
+            ..StepOutput::default()
+        })
     } else {
         Err(format!("BlueMind API on {}: {}", target.name, reply.error))
     }
@@ -908,14 +923,15 @@ async fn post_migration(origin: &AgentHandle, target: &AgentHandle, job: &Job) -
 /// quick check does, and rsync checksummed each of them when it transferred it.
 const CONTENT_CHECK_MS: i64 = 3_600_000;
 
-/// Both sides' manifests of the data dirs are equal; where not, the first differing entry is
-/// named. Files modified since `content_since_ms` are compared by content too.
+/// Both sides' manifests of the data dirs are equal (then what they hold, per dir); where
+/// not, the first differing entry is named. Files modified since `content_since_ms` are
+/// compared by content too.
 async fn compare_manifests(
     origin: &AgentHandle,
     target: &AgentHandle,
     job: &Job,
     content_since_ms: i64,
-) -> Result<(), String> {
+) -> Result<String, String> {
     let paths: Vec<String> = DATA_DIRS
         .iter()
         .map(|d| d.to_string())
@@ -945,7 +961,21 @@ async fn compare_manifests(
     let (o, t) = (o?, t?);
     let Some((a, _)) = o.iter().zip(&t).find(|(a, b)| a != b) else {
         return if o.len() == t.len() {
-            Ok(())
+            let dirs: Vec<String> = o
+                .iter()
+                .map(|d| {
+                    format!(
+                        "{} {} files {} bytes checksum {}",
+                        d.path, d.files, d.bytes, d.checksum
+                    )
+                })
+                .collect();
+            Ok(format!(
+                "the data dirs of {} and {} are equal: {}",
+                origin.name,
+                target.name,
+                dirs.join("; ")
+            ))
         } else {
             Err("the manifests list different dirs".into())
         };
@@ -1004,6 +1034,10 @@ async fn verify(origin: &AgentHandle, target: &AgentHandle, job: &Job) -> Done {
             ))
         }
     }
+    let mut evidence = vec![format!(
+        "the service IP {ip} is on {} and not on {}",
+        target.name, origin.name
+    )];
     for (port, greeting) in [(143u16, "* OK"), (25, "220")] {
         let address = std::net::SocketAddr::new(job.instance.service_ip, port);
         let (conn, answer) = tokio::time::timeout(std::time::Duration::from_secs(10), async {
@@ -1026,7 +1060,12 @@ async fn verify(origin: &AgentHandle, target: &AgentHandle, job: &Job) -> Done {
             connection(target, address, ours)
         );
         match (o?, t?) {
-            (None, Some(_)) => {}
+            (None, Some(state)) => evidence.push(format!(
+                "{address} answered {:?} on a connection from {ours} that {}'s kernel holds ({state}) and {}'s does not",
+                answer.lines().next().unwrap_or_default().chars().take(80).collect::<String>(),
+                target.name,
+                origin.name
+            )),
             (Some(state), _) => {
                 return Err(format!(
                     "the origin {} holds the connection {ours} → {address} ({state}): the answer came from the origin",
@@ -1042,7 +1081,10 @@ async fn verify(origin: &AgentHandle, target: &AgentHandle, job: &Job) -> Done {
         }
         drop(conn);
     }
-    Ok(StepOutput::default())
+    Ok(StepOutput {
+        evidence: evidence.join("; "),
+        ..StepOutput::default()
+    })
 }
 
 /// The state of the TCP connection `local` ↔ `remote` in `host`'s kernel, if it holds one.

@@ -85,6 +85,7 @@ pub struct Conductor {
     agents: Arc<AgentPool>,
     applied: Mutex<Option<Applied>>,
     metrics: Arc<crate::metrics::Metrics>,
+    receivers: Vec<String>,
 }
 
 impl Conductor {
@@ -103,7 +104,14 @@ impl Conductor {
             agents: pool,
             applied: Mutex::new(None),
             metrics,
+            receivers: Vec::new(),
         }
+    }
+
+    /// The receivers (`[[notify]]`) fleet files may name.
+    pub fn with_receivers(mut self, names: Vec<String>) -> Self {
+        self.receivers = names;
+        self
     }
 
     fn applied(&self) -> std::sync::MutexGuard<'_, Option<Applied>> {
@@ -132,6 +140,7 @@ impl Conductor {
         remigrate: &[String],
     ) -> Result<AppliedFleet, ConductorError> {
         let fleet = FleetFile::parse(text, file_name)?;
+        fleet.check_receivers(&self.receivers, file_name)?;
         let unknown: Vec<String> = fleet
             .instances
             .iter()

@@ -42,6 +42,40 @@ pub struct OrchestratorConfig {
     /// Enrollment with one-time join tokens; absent: no enrollment listener.
     #[serde(default)]
     pub enrollment: Option<EnrollmentConfig>,
+    /// Who hears about the migrations: receivers fleet files name (`notify = ["name"]`).
+    /// Here, not in fleet files: a webhook's secret and a command to run on this host are the
+    /// orchestrator host's to give.
+    #[serde(default)]
+    pub notify: Vec<ReceiverConfig>,
+}
+
+/// A receiver of notifications: an HTTPS webhook (a JSON body signed with HMAC-SHA256 over
+/// a shared secret) or a command (argv, no shell; the JSON on its standard input).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiverConfig {
+    /// The name fleet files use.
+    pub name: String,
+    /// `https://host[:port]/path`: POSTed each notification.
+    #[serde(default)]
+    pub webhook: Option<String>,
+    /// The file holding the webhook's shared secret (the signature's key), read at start.
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    /// CA certificates (PEM) the webhook's server certificate must chain to (default:
+    /// Debian's bundle, /etc/ssl/certs/ca-certificates.crt).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// A program and its arguments, run once per notification (absolute path).
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    /// One delivery's deadline, seconds.
+    #[serde(default = "default_notify_timeout")]
+    pub timeout_secs: u64,
+}
+
+fn default_notify_timeout() -> u64 {
+    10
 }
 
 /// One agent: the name its certificate must carry and where it listens.
@@ -133,6 +167,46 @@ impl OrchestratorConfig {
                 ));
             }
         }
+        let mut receivers = HashMap::new();
+        for (i, r) in config.notify.iter().enumerate() {
+            let field = |f: &str| format!("notify[{i}].{f}");
+            validate_name(&r.name).map_err(|m| invalid(field("name"), m))?;
+            if let Some(first) = receivers.insert(r.name.as_str(), i) {
+                return Err(invalid(
+                    field("name"),
+                    format!("'{}' is already notify[{first}]", r.name),
+                ));
+            }
+            match (&r.webhook, &r.command) {
+                (Some(url), None) => {
+                    crate::notify::WebhookUrl::parse(url)
+                        .map_err(|m| invalid(field("webhook"), m))?;
+                    if r.secret_file.is_none() {
+                        return Err(invalid(
+                            field("secret_file"),
+                            "a webhook needs a shared secret (the receiver checks the signature with it)".into(),
+                        ));
+                    }
+                }
+                (None, Some(argv)) => {
+                    if !argv.first().is_some_and(|p| p.starts_with('/')) {
+                        return Err(invalid(
+                            field("command"),
+                            "give the program's absolute path first, then its arguments".into(),
+                        ));
+                    }
+                }
+                _ => {
+                    return Err(invalid(
+                        field("webhook"),
+                        "give a receiver either a webhook or a command".into(),
+                    ))
+                }
+            }
+            if r.timeout_secs == 0 {
+                return Err(invalid(field("timeout_secs"), "must be at least 1".into()));
+            }
+        }
         Ok(config)
     }
 }
@@ -180,6 +254,36 @@ address = "198.18.0.2:7443"
             err.contains("agent[1].name") && err.contains("agent[0]"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn receivers_are_checked() {
+        let ok = format!(
+            "{BASE}[[notify]]\nname = \"portal\"\nwebhook = \"https://hooks.example.net:8443/bmfleet\"\nsecret_file = \"/etc/bmfleet/portal.secret\"\n[[notify]]\nname = \"mailer\"\ncommand = [\"/usr/local/bin/notify\", \"--fleet\"]\n"
+        );
+        let c = OrchestratorConfig::parse(&ok, Path::new("o.toml")).unwrap();
+        assert_eq!(c.notify.len(), 2);
+        for (bad, field) in [
+            (
+                "name = \"x\"\nwebhook = \"http://h/x\"\nsecret_file = \"/s\"\n",
+                "notify[0].webhook",
+            ),
+            (
+                "name = \"x\"\nwebhook = \"https://h/x\"\n",
+                "notify[0].secret_file",
+            ),
+            (
+                "name = \"x\"\ncommand = [\"notify\"]\n",
+                "notify[0].command",
+            ),
+            ("name = \"x\"\n", "notify[0].webhook"),
+        ] {
+            let text = format!("{BASE}[[notify]]\n{bad}");
+            let err = OrchestratorConfig::parse(&text, Path::new("o.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(field), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -60,6 +60,9 @@ pub struct StepOutput {
     pub gate: String,
     /// The mail queue: drained before the stop, or carried at cold sync.
     pub mail_queue: String,
+    /// What the step saw that proves it did its work (the final pass's comparison, the
+    /// BlueMind tasks the post-migration ran, the final checks' answers), for the report.
+    pub evidence: String,
 }
 
 impl From<PassStats> for StepOutput {
@@ -373,6 +376,7 @@ impl Engine {
                     databases: output.databases,
                     gate: output.gate,
                     mail_queue: output.mail_queue,
+                    evidence: output.evidence,
                     elapsed_ms,
                 },
                 Err(error) => Event::Failed {

@@ -30,6 +30,9 @@ pub enum OrchestratorError {
         /// Why.
         source: std::io::Error,
     },
+    /// A notification receiver cannot be used (its secret or CA file).
+    #[error("notifications: {0}")]
+    Notify(String),
     /// The gRPC server failed.
     #[error("serving the Fleet API: {0}")]
     Serve(#[from] tonic::transport::Error),

@@ -110,6 +110,14 @@ struct RawPolicy {
     pre_window_rounds: Spanned<u32>,
     #[serde(default)]
     db_sync: Option<Spanned<String>>,
+    #[serde(default)]
+    notify: Vec<Spanned<String>>,
+    #[serde(default = "d_notify_hours")]
+    notify_hours_before: u64,
+}
+
+fn d_notify_hours() -> u64 {
+    24
 }
 
 #[derive(Deserialize, Clone)]
@@ -186,6 +194,21 @@ struct RawInstance {
     db_sync: Option<Spanned<String>>,
     #[serde(default)]
     estimate: Estimate,
+    #[serde(default)]
+    notify: Vec<Spanned<String>>,
+    #[serde(default)]
+    contact: Option<toml::Table>,
+}
+
+/// A receiver named in the fleet file, with the line that names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedAt {
+    /// The receiver's name (the orchestrator's `[[notify]]`).
+    pub name: String,
+    /// Where the file names it.
+    pub line: usize,
+    /// The field naming it.
+    pub field: String,
 }
 
 /// How an instance's databases reach its target.
@@ -287,6 +310,11 @@ pub struct Policy {
     pub pre_window_rounds: u32,
     /// How databases reach their targets (instances may say otherwise).
     pub db_sync: DbSync,
+    /// Receivers told about every instance (and about the fleet: its failure budget spent,
+    /// the approval it awaits).
+    pub notify: Vec<NamedAt>,
+    /// A window is announced this many hours before it opens.
+    pub notify_hours_before: u64,
 }
 
 /// One instance to migrate.
@@ -325,6 +353,10 @@ pub struct InstanceSpec {
     pub remigrate: bool,
     /// Expected sizes, for plans.
     pub estimate: Estimate,
+    /// Receivers told about this instance besides the fleet's.
+    pub notify: Vec<NamedAt>,
+    /// The customer's contact fields, passed to receivers untouched.
+    pub contact: Option<serde_json::Value>,
 }
 
 /// A checked fleet file.
@@ -429,6 +461,8 @@ impl FleetFile {
             },
             windows: std::sync::Arc::new(parse_windows(&p.windows, "fleet.windows")?),
             rates: p.rates,
+            notify: named(text, &p.notify, "fleet.notify"),
+            notify_hours_before: p.notify_hours_before,
         };
         let mut names: HashMap<String, usize> = HashMap::new();
         let mut agents: HashMap<String, (String, usize)> = HashMap::new();
@@ -550,9 +584,57 @@ impl FleetFile {
                 },
                 remigrate: false,
                 estimate: r.estimate,
+                notify: named(text, &r.notify, &field("notify")),
+                contact: r
+                    .contact
+                    .map(|c| serde_json::to_value(c).unwrap_or_default()),
             });
         }
         Ok(FleetFile { policy, instances })
+    }
+}
+
+/// Receiver names with their lines.
+fn named(text: &str, names: &[Spanned<String>], field: &str) -> Vec<NamedAt> {
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| NamedAt {
+            name: n.get_ref().clone(),
+            line: line_of(text, n.span().start),
+            field: format!("{field}[{i}]"),
+        })
+        .collect()
+}
+
+impl FleetFile {
+    /// Every receiver the file names is one the orchestrator has (`known`), or the error
+    /// names the first that is not, with its line.
+    pub fn check_receivers(&self, known: &[String], file: &str) -> Result<(), FleetFileError> {
+        let all = self
+            .policy
+            .notify
+            .iter()
+            .chain(self.instances.iter().flat_map(|i| &i.notify));
+        for n in all {
+            if !known.contains(&n.name) {
+                return Err(FleetFileError {
+                    file: file.to_string(),
+                    line: n.line,
+                    field: n.field.clone(),
+                    message: format!(
+                        "no receiver '{}' in the orchestrator's configuration ([[notify]]: {})",
+                        n.name,
+                        if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 }
 

@@ -9,7 +9,8 @@ use bmfleet_proto::v1::fleet_server::Fleet;
 use bmfleet_proto::v1::{
     AddAgentRequest, AgentStatus, ApplyRequest, ApproveRequest, AuditReply, AuditRequest,
     CommandReply, EventsReply, EventsRequest, FleetEvent, InstanceStatus, IssueJoinTokenReply,
-    IssueJoinTokenRequest, RemoveAgentRequest, StatusReply, StatusRequest, TargetRequest,
+    IssueJoinTokenRequest, RemoveAgentRequest, ReportReply, ReportRequest, StatusReply,
+    StatusRequest, TargetRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -361,6 +362,10 @@ impl Fleet for FleetApi {
         self.audited(&request, "Status", "{}".into(), || {
             let fleet_state = self.state.fleet_state().map_err(Self::internal)?;
             let (instances, fleet_eta_unix_ms) = self.instances()?;
+            let (notifications_undelivered, notifications_error) = self
+                .state
+                .undelivered_notifications()
+                .map_err(Self::internal)?;
             Ok(StatusReply {
                 orchestrator: self.orchestrator_name.clone(),
                 generated_at_unix_ms: self.clock.now_ms(),
@@ -374,6 +379,8 @@ impl Fleet for FleetApi {
                 approved: fleet_state.approved,
                 instances,
                 fleet_eta_unix_ms,
+                notifications_undelivered,
+                notifications_error,
             })
         })
     }
@@ -479,6 +486,69 @@ impl Fleet for FleetApi {
                     })
                     .collect(),
             })
+        })
+    }
+
+    async fn report(
+        &self,
+        request: Request<ReportRequest>,
+    ) -> Result<Response<ReportReply>, Status> {
+        let wanted = request.get_ref().instances.clone();
+        let arguments = format!("{{\"instances\":{wanted:?}}}");
+        self.audited(&request, "Report", arguments, || {
+            let (statuses, _) = self.instances()?;
+            if let Some(unknown) = wanted
+                .iter()
+                .find(|w| !statuses.iter().any(|s| &s.name == *w))
+            {
+                return Err(Status::not_found(format!(
+                    "no instance {unknown} in the applied fleet"
+                )));
+            }
+            let statuses: Vec<InstanceStatus> = statuses
+                .into_iter()
+                .filter(|s| wanted.is_empty() || wanted.contains(&s.name))
+                .collect();
+            // This fleet's record: an earlier fleet's transitions and acts on the same names
+            // stay in the database, for history, and are not this migration's.
+            let applied = self
+                .state
+                .fleet_applied_ms()
+                .map_err(Self::internal)?
+                .unwrap_or(0);
+            let mut transitions = Vec::new();
+            for s in &statuses {
+                transitions.extend(
+                    self.state
+                        .transitions(Some(&s.name), 0, u32::MAX)
+                        .map_err(Self::internal)?
+                        .into_iter()
+                        .filter(|t| t.at_ms >= applied),
+                );
+            }
+            let audit: Vec<_> = self
+                .state
+                .audit_log(u32::MAX, 0)
+                .map_err(Self::internal)?
+                .into_iter()
+                .filter(|a| a.at_unix_ms >= applied)
+                .collect();
+            let migration = self
+                .conductor
+                .fleet()
+                .map(|f| f.policy.name)
+                .unwrap_or_default();
+            let report = crate::report::build(
+                &migration,
+                &self.orchestrator_name,
+                self.clock.now_ms(),
+                &statuses,
+                &transitions,
+                &audit,
+            );
+            let report_json = serde_json::to_string(&report)
+                .map_err(|e| Status::internal(format!("the report: {e}")))?;
+            Ok(ReportReply { report_json })
         })
     }
 

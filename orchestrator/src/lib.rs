@@ -25,8 +25,10 @@ pub mod health;
 pub mod interfaces;
 pub mod machine;
 pub mod metrics;
+pub mod notify;
 pub mod plan;
 pub mod refusals;
+pub mod report;
 pub mod scheduler;
 pub mod sim;
 pub mod state;
@@ -110,14 +112,36 @@ pub async fn run_with(
         )),
         StepRunner::Simulated(agents) => Arc::new(agents),
     };
-    let conductor = Arc::new(conductor::Conductor::new(
-        state.clone(),
-        clock.clone(),
-        port,
-        pool.clone(),
-        metrics.clone(),
-    ));
+    let receivers = config
+        .notify
+        .iter()
+        .map(notify::Receiver::load)
+        .collect::<Result<Vec<_>, String>>()
+        .map_err(OrchestratorError::Notify)?;
+    let conductor = Arc::new(
+        conductor::Conductor::new(
+            state.clone(),
+            clock.clone(),
+            port,
+            pool.clone(),
+            metrics.clone(),
+        )
+        .with_receivers(receivers.iter().map(|r| r.name.clone()).collect()),
+    );
     conductor.resume_stored()?;
+    let notifier = {
+        let conductor = conductor.clone();
+        tokio::spawn(
+            notify::Notifier {
+                state: state.clone(),
+                fleet: Arc::new(move || conductor.fleet()),
+                receivers,
+                clock: clock.clone(),
+                metrics: metrics.clone(),
+            }
+            .run(),
+        )
+    };
     let health = tokio::spawn(health::run(
         pool.clone(),
         metrics.clone(),
@@ -169,6 +193,7 @@ pub async fn run_with(
         )
         .await;
     health.abort();
+    notifier.abort();
     if let Some(e) = enrollment {
         e.abort();
     }

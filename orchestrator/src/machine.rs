@@ -348,6 +348,9 @@ impl Default for Instance {
 }
 
 /// What happened to an instance.
+// A step's success carries what it reports (stats, gate, evidence): one event per step, made
+// once and stored as JSON, never held in bulk; boxing would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Event {
     /// The scheduler starts the instance.
@@ -379,6 +382,10 @@ pub enum Event {
         /// step carried into the target's queue, for `bmctl fleet events`.
         #[serde(default, skip_serializing_if = "String::is_empty")]
         mail_queue: String,
+        /// What the step saw that proves it did its work (the final pass's comparison, the
+        /// BlueMind tasks of the post-migration, the final checks' answers), for the report.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        evidence: String,
         /// How long the step ran, ms (its share of a downtime, in `bmctl fleet events`).
         #[serde(default)]
         elapsed_ms: u64,

@@ -102,6 +102,12 @@ fn rpc_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 4.0, 10))
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NotifyLabels {
+    receiver: String,
+    outcome: String,
+}
+
 /// The orchestrator's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -126,6 +132,8 @@ pub struct Metrics {
     rpc: Family<RpcLabels, Histogram, fn() -> Histogram>,
     fleet_paused: Gauge,
     fleet_budget_spent: Gauge,
+    notifications_undelivered: Gauge,
+    notification_attempts: Family<NotifyLabels, Counter>,
     // The last phase seen per instance, to count phase changes once.
     seen: Mutex<HashMap<String, Phase>>,
     // When each instance that is down now went down, Unix ms: its downtime grows at every
@@ -165,6 +173,8 @@ impl Metrics {
             rpc: Family::new_with_constructor(rpc_histogram),
             fleet_paused: Gauge::default(),
             fleet_budget_spent: Gauge::default(),
+            notifications_undelivered: Gauge::default(),
+            notification_attempts: Family::default(),
             seen: Mutex::new(HashMap::new()),
             down_since: Mutex::new(std::collections::BTreeMap::new()),
             registry: Registry::default(),
@@ -275,6 +285,16 @@ impl Metrics {
             "1 when the failure budget stops new cold syncs",
             m.fleet_budget_spent.clone(),
         );
+        registry.register(
+            "bmfleet_notifications_undelivered",
+            "Notifications in the outbox not delivered yet (retried with back-off)",
+            m.notifications_undelivered.clone(),
+        );
+        registry.register(
+            "bmfleet_notification_attempts",
+            "Deliveries tried, by receiver and outcome",
+            m.notification_attempts.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -294,6 +314,22 @@ impl Metrics {
             outcome: if ok { "ok" } else { "error" }.into(),
         };
         self.rpc.get_or_create(&labels).observe(seconds);
+    }
+
+    /// Records a delivery attempt to `receiver`.
+    pub fn notification_attempt(&self, receiver: &str, ok: bool) {
+        self.notification_attempts
+            .get_or_create(&NotifyLabels {
+                receiver: receiver.into(),
+                outcome: if ok { "delivered" } else { "failed" }.into(),
+            })
+            .inc();
+    }
+
+    /// Records how many notifications wait for delivery.
+    pub fn notifications_undelivered(&self, count: u64) {
+        self.notifications_undelivered
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 
     /// Records the fleet-wide flags.

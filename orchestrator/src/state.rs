@@ -29,6 +29,29 @@ pub struct TransitionRow {
     pub actions: String,
 }
 
+/// A notification in the outbox, for one receiver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRow {
+    /// Its row.
+    pub id: i64,
+    /// The idempotency key.
+    pub key: String,
+    /// The receiver's name.
+    pub receiver: String,
+    /// What it is about (`cutover_done`…).
+    pub kind: String,
+    /// The instance ("" for the fleet).
+    pub instance: String,
+    /// The JSON body.
+    pub body: String,
+    /// Attempts so far.
+    pub attempts: u32,
+    /// When it was delivered (None: not yet).
+    pub delivered_ms: Option<i64>,
+    /// Why the last attempt failed.
+    pub last_error: String,
+}
+
 /// A stored value as JSON (these types always serialise).
 fn json<T: serde::Serialize>(value: &T) -> String {
     serde_json::to_string(value).unwrap_or_default()
@@ -241,6 +264,24 @@ impl State {
                  used_ms INTEGER,
                  used_from TEXT,
                  reenroll INTEGER NOT NULL DEFAULT 0
+             );
+             CREATE TABLE IF NOT EXISTS notify_cursor (
+                 id INTEGER PRIMARY KEY CHECK (id = 1),
+                 transition_id INTEGER NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS notify_outbox (
+                 id INTEGER PRIMARY KEY AUTOINCREMENT,
+                 key TEXT NOT NULL,
+                 receiver TEXT NOT NULL,
+                 kind TEXT NOT NULL,
+                 instance TEXT NOT NULL,
+                 body TEXT NOT NULL,
+                 created_ms INTEGER NOT NULL,
+                 attempts INTEGER NOT NULL DEFAULT 0,
+                 next_ms INTEGER NOT NULL,
+                 delivered_ms INTEGER,
+                 last_error TEXT NOT NULL DEFAULT '',
+                 UNIQUE (key, receiver)
              );
              CREATE TABLE IF NOT EXISTS audit (
                  id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -550,6 +591,198 @@ impl State {
     pub fn fleet_file(&self) -> Result<Option<String>, StateError> {
         self.conn()
             .query_row("SELECT text FROM fleet_file WHERE id = 1", [], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// The last transition the notifier read (0: none).
+    pub fn notify_cursor(&self) -> Result<i64, StateError> {
+        self.conn()
+            .query_row(
+                "SELECT transition_id FROM notify_cursor WHERE id = 1",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .map(|c| c.unwrap_or(0))
+            .map_err(|e| self.err(e))
+    }
+
+    /// Up to `limit` transitions after `after_id`, oldest first.
+    pub fn transitions_from(
+        &self,
+        after_id: i64,
+        limit: u32,
+    ) -> Result<Vec<TransitionRow>, StateError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT id, at_ms, instance, event, phase, actions FROM transitions
+                 WHERE id > ?1 ORDER BY id LIMIT ?2",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params![after_id, limit], |r| {
+                Ok(TransitionRow {
+                    id: r.get(0)?,
+                    at_ms: r.get(1)?,
+                    instance: r.get(2)?,
+                    event: r.get(3)?,
+                    phase: r.get(4)?,
+                    actions: r.get(5)?,
+                })
+            })
+            .and_then(|rows| rows.collect())
+            .map_err(|e| self.err(e))?;
+        Ok(rows)
+    }
+
+    /// `instance`'s phase before transition `before_id`, since `since_ms` (None: it had none).
+    pub fn previous_phase(
+        &self,
+        instance: &str,
+        before_id: i64,
+        since_ms: i64,
+    ) -> Result<Option<String>, StateError> {
+        self.conn()
+            .query_row(
+                "SELECT phase FROM transitions WHERE instance = ?1 AND id < ?2 AND at_ms >= ?3
+                 ORDER BY id DESC LIMIT 1",
+                params![instance, before_id, since_ms],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Puts `notices` in the outbox (once per key and receiver: a notice derived again is
+    /// not queued twice) and moves the cursor to `cursor`, in one transaction.
+    pub fn enqueue_notices(
+        &self,
+        notices: &[crate::notify::Notice],
+        cursor: i64,
+        now_ms: i64,
+    ) -> Result<(), StateError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        for n in notices {
+            for receiver in &n.receivers {
+                tx.execute(
+                    "INSERT OR IGNORE INTO notify_outbox (key, receiver, kind, instance, body, created_ms, next_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
+                    params![n.key, receiver, n.kind.as_str(), n.instance, n.body.to_string(), now_ms],
+                )
+                .map_err(|e| self.err(e))?;
+            }
+        }
+        tx.execute(
+            "INSERT OR REPLACE INTO notify_cursor (id, transition_id) VALUES (1, ?1)",
+            params![cursor],
+        )
+        .map_err(|e| self.err(e))?;
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    fn outbox_rows(
+        &self,
+        filter: &str,
+        args: &[&dyn rusqlite::ToSql],
+    ) -> Result<Vec<OutboxRow>, StateError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT id, key, receiver, kind, instance, body, attempts, delivered_ms, last_error
+                 FROM notify_outbox {filter}"
+            ))
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(args, |r| {
+                Ok(OutboxRow {
+                    id: r.get(0)?,
+                    key: r.get(1)?,
+                    receiver: r.get(2)?,
+                    kind: r.get(3)?,
+                    instance: r.get(4)?,
+                    body: r.get(5)?,
+                    attempts: r.get(6)?,
+                    delivered_ms: r.get(7)?,
+                    last_error: r.get(8)?,
+                })
+            })
+            .and_then(|rows| rows.collect())
+            .map_err(|e| self.err(e))?;
+        Ok(rows)
+    }
+
+    /// Undelivered notifications whose next attempt is due, oldest first.
+    pub fn due_notifications(&self, now_ms: i64, limit: u32) -> Result<Vec<OutboxRow>, StateError> {
+        self.outbox_rows(
+            "WHERE delivered_ms IS NULL AND next_ms <= ?1 ORDER BY id LIMIT ?2",
+            &[&now_ms, &limit],
+        )
+    }
+
+    /// Every notification of the outbox, oldest first.
+    pub fn notifications(&self) -> Result<Vec<OutboxRow>, StateError> {
+        self.outbox_rows("ORDER BY id", &[])
+    }
+
+    /// Marks a notification delivered.
+    pub fn notification_delivered(&self, id: i64, now_ms: i64) -> Result<(), StateError> {
+        self.conn()
+            .execute(
+                "UPDATE notify_outbox SET delivered_ms = ?2, attempts = attempts + 1, last_error = '' WHERE id = ?1",
+                params![id, now_ms],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Records a failed attempt and when to try again.
+    pub fn notification_failed(
+        &self,
+        id: i64,
+        next_ms: i64,
+        error: &str,
+    ) -> Result<(), StateError> {
+        self.conn()
+            .execute(
+                "UPDATE notify_outbox SET attempts = attempts + 1, next_ms = ?2, last_error = ?3 WHERE id = ?1",
+                params![id, next_ms, error],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// How many notifications wait for delivery, and the oldest one's last error
+    /// ("receiver key: error"; empty when none failed yet).
+    pub fn undelivered_notifications(&self) -> Result<(u64, String), StateError> {
+        let conn = self.conn();
+        let count: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM notify_outbox WHERE delivered_ms IS NULL",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.err(e))?;
+        let error: Option<String> = conn
+            .query_row(
+                "SELECT receiver || ' ' || key || ': ' || last_error FROM notify_outbox
+                 WHERE delivered_ms IS NULL AND last_error != '' ORDER BY id LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.err(e))?;
+        Ok((u64::try_from(count).unwrap_or(0), error.unwrap_or_default()))
+    }
+
+    /// When the stored fleet file was applied, Unix ms.
+    pub fn fleet_applied_ms(&self) -> Result<Option<i64>, StateError> {
+        self.conn()
+            .query_row("SELECT applied_ms FROM fleet_file WHERE id = 1", [], |r| {
+                r.get(0)
+            })
             .optional()
             .map_err(|e| self.err(e))
     }

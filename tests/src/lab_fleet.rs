@@ -775,6 +775,17 @@ impl LabFleet {
         start_orchestrator(&self.lab, self.dir.path());
     }
 
+    /// Appends `toml` to the orchestrator's configuration and restarts it with it.
+    pub fn extend_orchestrator_config(&self, toml: &str) {
+        let path = self.dir.path().join("orchestrator.toml");
+        let mut text = std::fs::read_to_string(&path).expect("orchestrator.toml");
+        text.push_str(toml);
+        std::fs::write(&path, text).expect("orchestrator.toml");
+        self.restart_orchestrator();
+        self.wait_for_orchestrator()
+            .unwrap_or_else(|e| panic!("the orchestrator did not come back: {e}"));
+    }
+
     /// Kills the orchestrator and starts it again with an empty state database (a new
     /// orchestrator that remembers nothing of earlier migrations).
     pub fn restart_orchestrator_forgetting(&self) {

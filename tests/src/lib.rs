@@ -326,6 +326,7 @@ pub fn tool(program: &str, args: &[&str]) -> String {
 }
 
 pub mod bluemind_api;
+pub mod browser;
 pub mod chaos;
 pub mod fuzz;
 pub mod lab;
@@ -334,6 +335,7 @@ pub mod mail;
 pub mod mail_traffic;
 pub mod probe;
 pub mod prometheus;
+pub mod receiver;
 pub mod ssh;
 pub mod world;
 

@@ -53,7 +53,7 @@ fn window_closing_soon() -> (String, String, i64) {
 
 fn fleet_file(start: &str, end: &str) -> String {
     let mut text = format!(
-        "[fleet]\nname = \"alerts\"\nmax_parallel_hot_syncs = 10\nmax_concurrent_downtime = 5\nmin_stagger_secs = 1\n\
+        "[fleet]\nname = \"alerts\"\nnotify = [\"pager\"]\nmax_parallel_hot_syncs = 10\nmax_concurrent_downtime = 5\nmin_stagger_secs = 1\n\
          canary_count = 0\ncanary_approval = false\nfailure_budget = 2\nmax_passes = 3\ndowntime_budget_secs = 600\n\
          [fleet.rates]\nservices_secs = 1.0\n\
          [[fleet.windows]]\ndays = [\"mon\",\"tue\",\"wed\",\"thu\",\"fri\",\"sat\",\"sun\"]\nstart = \"{start}\"\nend = \"{end}\"\ntimezone = \"UTC\"\n"
@@ -127,7 +127,8 @@ fn every_alert_rule_returns_series_when_the_fleet_goes_wrong() {
     let config = OrchestratorConfig::parse(
         &format!(
             "listen = \"127.0.0.1:0\"\nmetrics_listen = \"{metrics}\"\nstate_db = \"{}\"\nhealth_interval_secs = 1\nrpc_timeout_secs = 1\n\
-             [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n{agents}",
+             [tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n{agents}\
+             [[notify]]\nname = \"pager\"\ncommand = [\"/bin/false\"]\n",
             dir.path().join("state.db").display(),
             orchestrator.ca.display(),
             orchestrator.cert.display(),
@@ -181,7 +182,7 @@ fn every_alert_rule_returns_series_when_the_fleet_goes_wrong() {
     let deadline = Instant::now()
         + Duration::from_secs((end_unix - jiff::Timestamp::now().as_second()).max(0) as u64 + 60);
     let mut waiting = prometheus::alert_rules();
-    assert_eq!(waiting.len(), 9, "{waiting:?}");
+    assert_eq!(waiting.len(), 10, "{waiting:?}");
     while !waiting.is_empty() {
         waiting.retain(|(_, expr)| prometheus::query(&api, expr).map_or(true, |r| r.is_empty()));
         if waiting.is_empty() {

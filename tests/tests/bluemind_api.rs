@@ -183,6 +183,28 @@ fn a_migrated_server_keeps_its_relay_networks_and_gets_the_targets_address() {
     assert!(reply.ok, "{}", reply.error);
     assert_eq!(reply.steps, ["firewall", "mail-maintenance", "mynetworks"]);
     assert_eq!(reply.mynetworks_before, customer_networks());
+    // Each task the reply names is one BlueMind gave and the agent followed to its end.
+    assert_eq!(reply.tasks.len(), 2, "{:?}", reply.tasks);
+    assert!(reply.tasks[0]
+        .starts_with("POST /internal-api/system/firewall/_updatefirewallrules: task "));
+    assert!(reply.tasks[1].starts_with("POST /api/system/maildelivery/mgmt/_repair: task "));
+    let polled: Vec<String> = host
+        .calls()
+        .iter()
+        .filter_map(|c| c["url"].as_str().map(str::to_string))
+        .collect();
+    for task in &reply.tasks {
+        let id = task
+            .split(": task ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .unwrap();
+        assert!(task.contains(&format!("task {id} Success")), "{task}");
+        assert!(
+            polled.contains(&format!("/api/tasks/{id}")),
+            "{id} never polled: {polled:?}"
+        );
+    }
     let posted = host.posted();
     assert_eq!(
         posted.iter().map(|(u, _)| u.as_str()).collect::<Vec<_>>(),

@@ -188,6 +188,138 @@ fn an_orchestrator_killed_during_a_hot_pass_costs_no_attempt() {
     migrated(&fleet, 1);
 }
 
+/// Notifications: a customer portal's HTTPS webhook (its own CA; it checks every signature,
+/// refuses the first two tries of each notice, and refuses everything while the orchestrator
+/// is killed and restarted in the downtime) and a command hook. Every notice arrives, signed,
+/// with one idempotency key however often it was sent, and the same notices reach the hook.
+#[test]
+fn notifications_reach_a_webhook_and_a_hook_across_an_orchestrator_crash() {
+    let _one = one_lab();
+    let fleet = LabFleet::build(LabParams {
+        pairs: 1,
+        messages: 300,
+        ..LabParams::default()
+    });
+    let secret = "a shared secret the portal holds";
+    let listener = fleet
+        .lab
+        .run_in("orch", || std::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let portal = bmfleet_tests::receiver::Receiver::start(listener, secret, fleet.dir());
+    let hooked = fleet.dir().join("hook.jsonl");
+    fleet.extend_orchestrator_config(&format!(
+        "[[notify]]\nname = \"portal\"\nwebhook = \"https://localhost:{}/bmfleet/events\"\nsecret_file = \"{}\"\nca_file = \"{}\"\n\
+         [[notify]]\nname = \"ops\"\ncommand = [\"/bin/sh\", \"-c\", \"cat >> {} && echo >> {}\"]\n",
+        portal.port,
+        portal.secret_file.display(),
+        portal.ca_file.display(),
+        hooked.display(),
+        hooked.display(),
+    ));
+    // A receiver the orchestrator does not have is refused with its line.
+    let text = fleet.fleet_file().replacen(
+        "[fleet]\n",
+        "[fleet]\nnotify = [\"portal\", \"pager\"]\n",
+        1,
+    );
+    let refused = fleet.apply_text(&text).unwrap_err();
+    assert!(
+        refused.contains(":2: fleet.notify[1]") && refused.contains("no receiver 'pager'"),
+        "{refused}"
+    );
+    let text = fleet
+        .fleet_file()
+        .replacen("[fleet]\n", "[fleet]\nnotify = [\"portal\"]\n", 1)
+        + "notify = [\"ops\"]\ncontact = { email = \"it@customer.example\", ticket = 4711 }\n";
+    portal.hold(true);
+    fleet.apply_text(&text).unwrap();
+    wait_for(&fleet, "the downtime", |i| {
+        i["phase"] == "ColdSync" || i["phase"] == "Cutover" || i["phase"] == "StartServices"
+    });
+    // Killed while the portal refuses everything: the notices wait in the outbox.
+    fleet.restart_orchestrator();
+    portal.hold(false);
+    all_done(&fleet);
+    let wanted = ["window_scheduled", "downtime_starting", "cutover_done"];
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let delivered: Vec<String> = portal
+            .requests()
+            .iter()
+            .filter(|r| r.status == 200)
+            .map(|r| r.kind.clone())
+            .collect();
+        let hook = std::fs::read_to_string(&hooked).unwrap_or_default();
+        if wanted.iter().all(|k| delivered.iter().any(|d| d == k))
+            && wanted
+                .iter()
+                .all(|k| hook.contains(&format!("\"kind\":\"{k}\"")))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "delivered {delivered:?}; the hook got:\n{hook}\n{}",
+            String::from_utf8_lossy(&fleet.bmctl(&["fleet", "status"]).stdout)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let requests = portal.requests();
+    assert!(requests.iter().all(|r| r.signed), "{requests:?}");
+    for kind in wanted {
+        let of_kind: Vec<&bmfleet_tests::receiver::Request> =
+            requests.iter().filter(|r| r.kind == kind).collect();
+        // Retried (the first two tries refused), never with another key.
+        assert!(of_kind.len() >= 3, "{kind}: {of_kind:?}");
+        assert!(
+            of_kind
+                .iter()
+                .all(|r| r.key == of_kind[0].key && r.body == of_kind[0].body),
+            "{kind}: {of_kind:?}"
+        );
+        let body = &of_kind[0].body;
+        assert_eq!(body["instance"], "mail-1");
+        assert_eq!(body["key"], of_kind[0].key);
+        assert_eq!(body["contact"]["ticket"], 4711, "contact passed through");
+    }
+    let done = requests.iter().find(|r| r.kind == "cutover_done").unwrap();
+    let status = &fleet.instances()[0];
+    assert_eq!(
+        done.body["downtime_ms"].as_i64(),
+        Some(
+            status["downtime_end_unix_ms"].as_i64().unwrap()
+                - status["downtime_start_unix_ms"].as_i64().unwrap()
+        )
+    );
+    // The hook got the same notices, with the same keys.
+    let hook: Vec<serde_json::Value> = std::fs::read_to_string(&hooked)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for kind in wanted {
+        let web = requests.iter().find(|r| r.kind == kind).unwrap();
+        assert!(
+            hook.iter()
+                .any(|h| h["kind"] == kind && h["key"] == web.key.as_str()),
+            "{kind}: {hook:?}"
+        );
+    }
+    // Nothing left undelivered.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = fleet.bmctl(&["fleet", "status", "--output", "json"]);
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        if status["notifications_undelivered"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{status}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    migrated(&fleet, 1);
+}
+
 #[test]
 fn an_orchestrator_killed_as_each_step_runs_costs_no_attempt() {
     let _one = one_lab();
@@ -313,6 +445,106 @@ fn a_bluemind_api_that_hangs_or_errs_is_retried_until_the_post_migration_succeed
     assert!(kept.contains("198.18.0.3/32"), "{kept:?}");
     assert!(!kept.contains("198.18.0.2/32"), "{kept:?}");
     migrated(&fleet, 1);
+}
+
+/// `bmctl fleet report` of a finished fleet: the JSON holds each instance's evidence; the
+/// HTML, rendered by Debian's headless Chromium to a PNG, shows each instance's downtime as
+/// the status has it and draws each one's window on the time axis.
+fn the_report_shows_each_instance_in_a_real_browser(fleet: &LabFleet) {
+    let statuses = fleet.instances();
+    let dir = fleet.dir();
+    let (html, md, json) = (
+        dir.join("report.html"),
+        dir.join("report.md"),
+        dir.join("report.json"),
+    );
+    for (format, path) in [("html", &html), ("md", &md), ("json", &json)] {
+        let out = fleet.bmctl(&[
+            "fleet",
+            "report",
+            "--format",
+            format,
+            "--output",
+            path.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "bmctl fleet report --format {format}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("report written to"));
+    }
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let md = std::fs::read_to_string(&md).unwrap();
+    let rendered = bmfleet_tests::browser::render(&html, &dir.join("report.png"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        rendered.png.starts_with(b"\x89PNG\r\n\x1a\n") && rendered.png.len() > 10_000,
+        "the screenshot is no PNG of a page ({} bytes)",
+        rendered.png.len()
+    );
+    assert_eq!(
+        rendered.dom.matches("class=\"window\"").count(),
+        statuses.len(),
+        "one window drawn per instance:\n{}",
+        rendered.dom
+    );
+    for (n, status) in statuses.iter().enumerate() {
+        let name = status["name"].as_str().unwrap();
+        let ms = status["downtime_end_unix_ms"].as_i64().unwrap()
+            - status["downtime_start_unix_ms"].as_i64().unwrap();
+        let shown = format!("{:.3} s", ms as f64 / 1000.0);
+        assert!(
+            rendered
+                .dom
+                .contains(&format!("id=\"downtime-{name}\">{shown}</td>")),
+            "{name}'s downtime {shown} is not on the page:\n{}",
+            rendered.dom
+        );
+        assert!(md.contains(&format!("| {name} |")), "{md}");
+        let r = &report["instances"][n];
+        assert_eq!(r["name"], name);
+        assert_eq!(r["downtime_ms"], ms);
+        let split: Vec<&str> = r["downtime_split"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["step"].as_str().unwrap())
+            .collect();
+        for step in [
+            "stop-origin",
+            "final-pass",
+            "databases",
+            "config",
+            "target-take-ip",
+            "start-target",
+        ] {
+            assert!(split.contains(&step), "{name}: {step} not in {split:?}");
+        }
+        let checks = r["checks"].to_string();
+        assert!(
+            checks.contains("kernel holds") && checks.contains(":143 answered"),
+            "{name}: {checks}"
+        );
+        let tasks = r["post_migration"].as_str().unwrap();
+        assert!(
+            tasks.contains("POST /api/system/maildelivery/mgmt/_repair: task ")
+                && tasks.contains(" Success"),
+            "{name}: {tasks}"
+        );
+        assert!(
+            r["database_gate"]
+                .as_str()
+                .unwrap()
+                .contains("changes since the verified point"),
+            "{name}: {}",
+            r["database_gate"]
+        );
+    }
+    assert_eq!(report["totals"]["done"], statuses.len());
+    let acts = report["fleet_acts"].to_string();
+    assert!(acts.contains("\"Apply\""), "{acts}");
 }
 
 #[test]
@@ -479,6 +711,7 @@ fn three_instances_migrate_with_no_mail_lost() {
     .map(|(n, p)| (n.to_string(), p.to_string()))
     .collect();
     assert_eq!(paths, wanted);
+    the_report_shows_each_instance_in_a_real_browser(&fleet);
     assert!(
         fleet
             .sql("target-3", "postgres", "SHOW server_version")

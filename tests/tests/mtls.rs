@@ -190,6 +190,7 @@ async fn fleet_api_refuses_an_agent_certificate_and_audits_it() {
         tls: pki.issue("orchestrator", Role::Orchestrator),
         agent: vec![],
         enrollment: None,
+        notify: Vec::new(),
     };
     let orchestrator = serve_orchestrator(config).await;
     let fleet_client = |files: &bmfleet_proto::tls::TlsFiles, role: Role| {

@@ -49,6 +49,7 @@ async fn a_missing_interface_an_unlisted_extra_dir_or_no_network_system_stops_th
             entry("target-1", target.addr),
         ],
         enrollment: None,
+        notify: Vec::new(),
     })
     .await;
     let operator =

@@ -276,12 +276,9 @@ fn firewall_paths(profile: &str, host_version: &str) -> [&'static str; 2] {
 
 /// Regenerates the firewall: the path the version suggests, the other one when the server has
 /// no such route; then the task's log must name no host that "failed updated"
-/// (RulesUpdater.java logs it and still ends the task Success). Returns the path used.
-fn firewall(
-    api: &Api,
-    paths: [&'static str; 2],
-    deadline: Duration,
-) -> Result<&'static str, ApiError> {
+/// (RulesUpdater.java logs it and still ends the task Success). Returns the task that ran
+/// ("POST path: task ID Success").
+fn firewall(api: &Api, paths: [&'static str; 2], deadline: Duration) -> Result<String, ApiError> {
     let mut last = None;
     for path in paths {
         let started = match api.post_raw(path, serde_json::Value::Null) {
@@ -309,7 +306,7 @@ fn firewall(
                 failed.join("; ")
             )));
         }
-        return Ok(path);
+        return Ok(format!("POST {path}: task {id} Success"));
     }
     Err(last.unwrap_or_else(|| ApiError("no firewall path".into())))
 }
@@ -336,8 +333,9 @@ fn map_stamps(postfix: &Path) -> Vec<(PathBuf, Option<(u64, SystemTime)>)> {
 
 /// Repairs mail delivery, then waits until BlueMind actually rebuilt every postfix map on this
 /// host: the task only publishes an event (PostfixMgmt.java) that a throttled listener
-/// (DirtyMapEvent.java) turns into new maps later.
-fn mail_maintenance(api: &Api, postfix: &Path, deadline: Duration) -> Result<usize, ApiError> {
+/// (DirtyMapEvent.java) turns into new maps later. Returns the task that ran and what it
+/// rebuilt.
+fn mail_maintenance(api: &Api, postfix: &Path, deadline: Duration) -> Result<String, ApiError> {
     let path = "/api/system/maildelivery/mgmt/_repair";
     let before = map_stamps(postfix);
     if before.is_empty() {
@@ -361,7 +359,10 @@ fn mail_maintenance(api: &Api, postfix: &Path, deadline: Duration) -> Result<usi
             .map(|(db, _)| db.display().to_string())
             .collect();
         if stale.is_empty() {
-            return Ok(before.len());
+            return Ok(format!(
+                "POST {path}: task {id} Success, {} postfix maps rebuilt",
+                before.len()
+            ));
         }
         if Instant::now() > until {
             return Err(ApiError(format!(
@@ -489,9 +490,11 @@ fn steps(
     reply: &mut PostMigrationReply,
 ) -> Result<(), ApiError> {
     let deadline = Duration::from_secs(config.bluemind_api.task_timeout_secs);
-    firewall(api, firewall_paths(&req.profile, host_version), deadline)?;
+    let task = firewall(api, firewall_paths(&req.profile, host_version), deadline)?;
+    reply.tasks.push(task);
     reply.steps.push("firewall".into());
-    mail_maintenance(api, &config.host_path(Path::new("/etc/postfix")), deadline)?;
+    let task = mail_maintenance(api, &config.host_path(Path::new("/etc/postfix")), deadline)?;
+    reply.tasks.push(task);
     reply.steps.push("mail-maintenance".into());
     reply.mynetworks_before = read_mynetworks(api)?;
     let wanted = if req.mynetworks.is_empty() {

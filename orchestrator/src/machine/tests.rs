@@ -27,6 +27,7 @@ fn ok(step: Step, attempt: u32) -> Event {
         databases: None,
         gate: String::new(),
         mail_queue: String::new(),
+        evidence: String::new(),
         elapsed_ms: 0,
     }
 }
@@ -44,6 +45,7 @@ fn preflight(stream: bool) -> Event {
         }),
         gate: String::new(),
         mail_queue: String::new(),
+        evidence: String::new(),
         elapsed_ms: 0,
     }
 }
@@ -64,6 +66,7 @@ fn pass(step: Step, attempt: u32, files_changed: u64) -> Event {
         databases: None,
         gate: String::new(),
         mail_queue: String::new(),
+        evidence: String::new(),
         elapsed_ms: 0,
     }
 }
@@ -803,7 +806,7 @@ proptest! {
                     let (step, attempt) = running[n % running.len()];
                     // A preflight chooses a standby or a dump at random.
                     let databases = (step == Step::Preflight).then(|| DbPlan { stream: files % 2 == 0, logical: files % 4 == 0, why: "x".into() });
-                    Event::Succeeded { step, attempt, stats: Some(PassStats { files_changed: files, bytes_changed: files, ..Default::default() }), databases, gate: String::new(), mail_queue: String::new(), elapsed_ms: 0 }
+                    Event::Succeeded { step, attempt, stats: Some(PassStats { files_changed: files, bytes_changed: files, ..Default::default() }), databases, gate: String::new(), mail_queue: String::new(), evidence: String::new(), elapsed_ms: 0 }
                 }
                 Pick::Fail(n) if !running.is_empty() => {
                     let (step, attempt) = running[n % running.len()];

@@ -200,6 +200,37 @@ fn main() -> ExitCode {
         "== transitions\n{}",
         String::from_utf8_lossy(&events.stdout)
     );
+    // The migration report, kept after the lab goes (the lab's directory does not stay).
+    let report_dir = std::env::current_dir()
+        .unwrap_or_default()
+        .join("target/lab-report");
+    for (format, file) in [("html", "report.html"), ("md", "report.md")] {
+        let path = report_dir.join(file);
+        let written = std::fs::create_dir_all(&report_dir)
+            .map_err(|e| e.to_string())
+            .and_then(|_| {
+                let out = fleet.bmctl(&[
+                    "fleet",
+                    "report",
+                    "--format",
+                    format,
+                    "--output",
+                    &path.display().to_string(),
+                ]);
+                if out.status.success() {
+                    Ok(())
+                } else {
+                    Err(String::from_utf8_lossy(&out.stderr).into_owned())
+                }
+            });
+        match written {
+            Ok(()) => println!(
+                "== the migration report ({format}) is written to {}",
+                path.display()
+            ),
+            Err(e) => eprintln!("demo: bmctl fleet report --format {format}: {e}"),
+        }
+    }
     println!("== summary");
     println!(
         "{:<10} {:<10} {:>12} {:>14} {:>9} {:>9} {:>9}",
