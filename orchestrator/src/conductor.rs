@@ -85,7 +85,7 @@ pub struct Conductor {
     agents: Arc<AgentPool>,
     applied: Mutex<Option<Applied>>,
     metrics: Arc<crate::metrics::Metrics>,
-    receivers: Vec<String>,
+    receivers: Arc<Vec<crate::notify::Receiver>>,
 }
 
 impl Conductor {
@@ -104,13 +104,13 @@ impl Conductor {
             agents: pool,
             applied: Mutex::new(None),
             metrics,
-            receivers: Vec::new(),
+            receivers: Arc::new(Vec::new()),
         }
     }
 
-    /// The receivers (`[[notify]]`) fleet files may name.
-    pub fn with_receivers(mut self, names: Vec<String>) -> Self {
-        self.receivers = names;
+    /// The receivers (`[[notify]]`) fleet files may name, and ask as window gates.
+    pub fn with_receivers(mut self, receivers: Arc<Vec<crate::notify::Receiver>>) -> Self {
+        self.receivers = receivers;
         self
     }
 
@@ -140,7 +140,8 @@ impl Conductor {
         remigrate: &[String],
     ) -> Result<AppliedFleet, ConductorError> {
         let fleet = FleetFile::parse(text, file_name)?;
-        fleet.check_receivers(&self.receivers, file_name)?;
+        let names: Vec<String> = self.receivers.iter().map(|r| r.name.clone()).collect();
+        fleet.check_receivers(&names, file_name)?;
         let unknown: Vec<String> = fleet
             .instances
             .iter()
@@ -214,6 +215,18 @@ impl Conductor {
             self.clock.clone(),
             rules_for(&fleet),
         )?;
+        let (receivers, gated, clock) = (self.receivers.clone(), fleet.clone(), self.clock.clone());
+        engine.set_gate(Arc::new(move |name, spec, window_end_ms| {
+            let (receivers, fleet, now) = (receivers.clone(), gated.clone(), clock.now_ms());
+            Box::pin(async move {
+                match receivers.iter().find(|r| r.name == name) {
+                    Some(r) => r.ask_gate(&fleet, &spec, window_end_ms, now).await,
+                    None => Err(format!(
+                        "no window gate {name} in the orchestrator's configuration"
+                    )),
+                }
+            })
+        }));
         let (metrics, observed) = (self.metrics.clone(), fleet.clone());
         engine.observe(Box::new(move |t| {
             metrics.transition(&observed, t.instances, &t.instance.name, t.event, t.now_ms);

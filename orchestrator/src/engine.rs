@@ -169,6 +169,14 @@ pub struct Transition<'a> {
 /// Called after every transition.
 pub type Observer = Box<dyn FnMut(&Transition<'_>) + Send>;
 
+/// Asks the window gate named (the receiver's name) whether an instance's downtime may begin
+/// now, its window ending at the given time (Unix ms): Ok lets it, Err holds it with why.
+pub type GateAsk = Arc<
+    dyn Fn(String, InstanceSpec, i64) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>>
+        + Send
+        + Sync,
+>;
+
 /// Why the engine returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stop {
@@ -196,6 +204,12 @@ pub struct Engine {
     bwlimit: Vec<u32>,
     observer: Option<Observer>,
     tick_ms: u64,
+    gate: Option<GateAsk>,
+    gate_tx: mpsc::UnboundedSender<(usize, i64, Result<(), String>)>,
+    gate_rx: mpsc::UnboundedReceiver<(usize, i64, Result<(), String>)>,
+    // Instances whose gate is being asked, and those it let go (until their window's end).
+    gating: std::collections::HashSet<usize>,
+    gate_passed: std::collections::HashMap<usize, i64>,
 }
 
 /// How long attempt `attempt` of a step waits before it runs, ms.
@@ -258,7 +272,13 @@ impl Engine {
             .map(|i| state.hot_pass_kib.get(&i.name).copied().unwrap_or(0))
             .collect();
         let (results_tx, results_rx) = mpsc::unbounded_channel();
+        let (gate_tx, gate_rx) = mpsc::unbounded_channel();
         Ok(Engine {
+            gate: None,
+            gate_tx,
+            gate_rx,
+            gating: Default::default(),
+            gate_passed: Default::default(),
             fleet,
             instances,
             state,
@@ -277,6 +297,85 @@ impl Engine {
     /// Calls `observer` after every transition.
     pub fn observe(&mut self, observer: Observer) {
         self.observer = Some(observer);
+    }
+
+    /// Asks `gate` before each downtime of an instance that names a window gate.
+    pub fn set_gate(&mut self, gate: GateAsk) {
+        self.gate = Some(gate);
+    }
+
+    /// Whether instance `n` may open its cold sync now that the scheduler lets it: without a
+    /// gate, yes; with one, once it said yes for this window (asked once at a time; a
+    /// refusal holds the instance, audited).
+    fn gate_lets(&mut self, n: usize, window_end_ms: i64, now: i64) -> bool {
+        let Some(name) = self.fleet.instances[n]
+            .gate
+            .as_ref()
+            .map(|g| g.name.clone())
+        else {
+            return true;
+        };
+        if self.gate_passed.get(&n).is_some_and(|end| now < *end) {
+            self.gate_passed.remove(&n);
+            return true;
+        }
+        let Some(ask) = self.gate.clone() else {
+            // The conductor checked that every gate exists: without any, hold.
+            let _ = self.gate_tx.send((
+                n,
+                window_end_ms,
+                Err(format!("the window gate {name} is not configured")),
+            ));
+            self.gating.insert(n);
+            return false;
+        };
+        if self.gating.insert(n) {
+            let (tx, spec) = (self.gate_tx.clone(), self.fleet.instances[n].clone());
+            tokio::spawn(async move {
+                let answer = ask(name, spec, window_end_ms).await;
+                let _ = tx.send((n, window_end_ms, answer));
+            });
+        }
+        false
+    }
+
+    /// A gate's answer: let the instance go at the scheduler's next turn, or hold it.
+    fn gate_answered(
+        &mut self,
+        n: usize,
+        window_end_ms: i64,
+        answer: Result<(), String>,
+    ) -> Result<u64, StateError> {
+        self.gating.remove(&n);
+        let spec = &self.fleet.instances[n];
+        let gate = spec
+            .gate
+            .as_ref()
+            .map(|g| g.name.clone())
+            .unwrap_or_default();
+        let now = self.clock.now_ms();
+        let record = crate::state::AuditRecord {
+            who: format!("gate {gate}"),
+            role: "hook".into(),
+            method: "Gate".into(),
+            arguments:
+                serde_json::json!({"instance": spec.name, "window_end_unix_ms": window_end_ms})
+                    .to_string(),
+            outcome: if answer.is_ok() { "ok" } else { "denied" }.into(),
+            detail: answer.as_ref().err().cloned().unwrap_or_default(),
+        };
+        self.store.audit(&record, now)?;
+        match answer {
+            Ok(()) => {
+                tracing::info!(instance = %spec.name, gate = %gate, "the window gate lets the downtime begin");
+                self.gate_passed.insert(n, window_end_ms);
+                Ok(0)
+            }
+            Err(reason) => {
+                tracing::warn!(instance = %spec.name, gate = %gate, %reason, "the window gate holds the instance");
+                Ok(u64::from(self.apply(n, Event::Hold { reason })?))
+            }
+        }
     }
 
     /// How often deadlines and windows are looked at when nothing happens.
@@ -501,7 +600,12 @@ impl Engine {
                         .insert(self.fleet.instances[n].name.clone(), kib);
                     (n, Event::GrantHotPass)
                 }
-                Grant::ColdSync(n, end) => (n, Event::GrantColdSync { window_end_ms: end }),
+                Grant::ColdSync(n, end) => {
+                    if !self.gate_lets(n, end, now) {
+                        continue;
+                    }
+                    (n, Event::GrantColdSync { window_end_ms: end })
+                }
             };
             changed += u64::from(self.apply(n, event)?);
         }
@@ -620,6 +724,9 @@ impl Engine {
             tokio::select! {
                 Some((n, event)) = self.results_rx.recv() => {
                     transitions += u64::from(self.apply(n, event)?);
+                }
+                Some((n, end, answer)) = self.gate_rx.recv() => {
+                    transitions += self.gate_answered(n, end, answer)?;
                 }
                 command = commands.recv() => match command {
                     Some(c) => transitions += self.command(c)?,

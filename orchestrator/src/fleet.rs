@@ -114,6 +114,8 @@ struct RawPolicy {
     notify: Vec<Spanned<String>>,
     #[serde(default = "d_notify_hours")]
     notify_hours_before: u64,
+    #[serde(default)]
+    gate: Option<Spanned<String>>,
 }
 
 fn d_notify_hours() -> u64 {
@@ -198,6 +200,8 @@ struct RawInstance {
     notify: Vec<Spanned<String>>,
     #[serde(default)]
     contact: Option<toml::Table>,
+    #[serde(default)]
+    gate: Option<Spanned<String>>,
 }
 
 /// A receiver named in the fleet file, with the line that names it.
@@ -315,6 +319,9 @@ pub struct Policy {
     pub notify: Vec<NamedAt>,
     /// A window is announced this many hours before it opens.
     pub notify_hours_before: u64,
+    /// The receiver asked before each instance's downtime begins (its refusal holds the
+    /// instance); none: windows open without asking.
+    pub gate: Option<NamedAt>,
 }
 
 /// One instance to migrate.
@@ -357,6 +364,8 @@ pub struct InstanceSpec {
     pub notify: Vec<NamedAt>,
     /// The customer's contact fields, passed to receivers untouched.
     pub contact: Option<serde_json::Value>,
+    /// The window gate asked before its downtime (the fleet's unless it names its own).
+    pub gate: Option<NamedAt>,
 }
 
 /// A checked fleet file.
@@ -463,6 +472,11 @@ impl FleetFile {
             rates: p.rates,
             notify: named(text, &p.notify, "fleet.notify"),
             notify_hours_before: p.notify_hours_before,
+            gate: p.gate.as_ref().map(|g| NamedAt {
+                name: g.get_ref().clone(),
+                line: line_of(text, g.span().start),
+                field: "fleet.gate".into(),
+            }),
         };
         let mut names: HashMap<String, usize> = HashMap::new();
         let mut agents: HashMap<String, (String, usize)> = HashMap::new();
@@ -588,6 +602,14 @@ impl FleetFile {
                 contact: r
                     .contact
                     .map(|c| serde_json::to_value(c).unwrap_or_default()),
+                gate: match &r.gate {
+                    Some(g) => Some(NamedAt {
+                        name: g.get_ref().clone(),
+                        line: line_of(text, g.span().start),
+                        field: field("gate"),
+                    }),
+                    None => policy.gate.clone(),
+                },
             });
         }
         Ok(FleetFile { policy, instances })
@@ -615,7 +637,9 @@ impl FleetFile {
             .policy
             .notify
             .iter()
-            .chain(self.instances.iter().flat_map(|i| &i.notify));
+            .chain(self.instances.iter().flat_map(|i| &i.notify))
+            .chain(self.policy.gate.iter())
+            .chain(self.instances.iter().filter_map(|i| i.gate.as_ref()));
         for n in all {
             if !known.contains(&n.name) {
                 return Err(FleetFileError {

@@ -126,7 +126,7 @@ pub async fn run_with(
             pool.clone(),
             metrics.clone(),
         )
-        .with_receivers(receivers.iter().map(|r| r.name.clone()).collect()),
+        .with_receivers(Arc::new(receivers.clone())),
     );
     conductor.resume_stored()?;
     let notifier = {

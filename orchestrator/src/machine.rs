@@ -407,6 +407,12 @@ pub enum Event {
     Tick,
     /// An operator holds the instance.
     Pause,
+    /// The fleet's window gate refused its downtime (or could not be asked): held as an
+    /// operator's pause holds it, with why, until an operator resumes it.
+    Hold {
+        /// The gate's answer.
+        reason: String,
+    },
     /// An operator releases it.
     Resume,
     /// An operator withdraws it (rolls back if it is down).
@@ -810,6 +816,10 @@ fn apply(c: &mut Ctx<'_>, event: &Event) -> Option<&'static str> {
         }
         Event::Pause if matches!(phase, Phase::HotSync | Phase::Preflight) => {
             c.i.pause_requested = true
+        }
+        Event::Hold { reason } if phase == Phase::Converged => {
+            c.i.last_error = Some(reason.clone());
+            c.pause_now()
         }
         Event::Resume if phase == Phase::Paused => {
             c.i.phase = c.i.paused_from.take().unwrap_or(Phase::Pending);

@@ -324,6 +324,7 @@ impl WebhookUrl {
 }
 
 /// A receiver ready to deliver.
+#[derive(Clone)]
 pub struct Receiver {
     /// Its name.
     pub name: String,
@@ -331,6 +332,7 @@ pub struct Receiver {
     timeout: Duration,
 }
 
+#[derive(Clone)]
 enum How {
     Webhook {
         url: WebhookUrl,
@@ -421,6 +423,42 @@ impl Receiver {
             }
             How::Command(argv) => run_command(argv, row).await,
         }
+    }
+}
+
+impl Receiver {
+    /// Asks this receiver, as a window gate, whether `instance`'s downtime may begin now: a
+    /// 2xx answer or exit status 0 lets it; anything else (a refusal, no answer, a failure to
+    /// ask) holds it, with why.
+    pub async fn ask_gate(
+        &self,
+        fleet: &FleetFile,
+        spec: &InstanceSpec,
+        window_end_ms: i64,
+        now_ms: i64,
+    ) -> Result<(), String> {
+        let kind = "window_gate";
+        let key = format!("{}/{}/{kind}/{now_ms}", fleet.policy.name, spec.name);
+        let mut body = instance_body(fleet, spec, Kind::DowntimeStarting, &key, now_ms);
+        body["kind"] = json!(kind);
+        body["window_end_unix_ms"] = json!(window_end_ms);
+        let row = OutboxRow {
+            id: 0,
+            key,
+            receiver: self.name.clone(),
+            kind: kind.into(),
+            instance: spec.name.clone(),
+            body: body.to_string(),
+            attempts: 0,
+            delivered_ms: None,
+            last_error: String::new(),
+        };
+        self.deliver(&row).await.map_err(|e| {
+            format!(
+                "the window gate {} refused {}'s downtime: {e}",
+                self.name, spec.name
+            )
+        })
     }
 }
 

@@ -172,7 +172,8 @@ pub struct OperatorAct {
 }
 
 /// Fleet API calls that change something (the rest only read).
-const ACTS: [&str; 5] = ["Apply", "Pause", "Resume", "Abort", "Approve"];
+/// (and the window gates' answers, audited as `Gate`).
+const ACTS: [&str; 6] = ["Apply", "Pause", "Resume", "Abort", "Approve", "Gate"];
 
 /// Builds the report of `statuses` (the instances asked for, in the fleet file's order) from
 /// their transitions and the audit log.

@@ -414,3 +414,109 @@ async fn the_eta_halfway_through_is_within_a_fifth_of_the_actual_remaining_time(
         times.len()
     );
 }
+
+/// The window gate: asked before each downtime; its refusal holds the instance (paused, with
+/// why, audited) and no downtime begins; once an operator resumes it, the gate is asked again
+/// and, letting it go, the migration finishes.
+#[tokio::test(start_paused = true)]
+async fn a_window_gates_refusal_holds_the_instance_until_it_lets_it_go() {
+    let text =
+        fleet_text(1, 0, 5, 1).replacen("[fleet]\n", "[fleet]\ngate = \"change-board\"\n", 1);
+    let fleet = FleetFile::parse(&text, "sim.toml").unwrap();
+    assert_eq!(
+        fleet.instances[0].gate.as_ref().unwrap().name,
+        "change-board"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(State::open(&dir.path().join("state.db")).unwrap());
+    let clock = Arc::new(SimulatedClock::starting_at(start_ms()));
+    let mut engine = Engine::open(
+        fleet.clone(),
+        store.clone(),
+        Arc::new(SimAgents::new(Script::default())),
+        clock.clone(),
+        rules_for(&fleet),
+    )
+    .unwrap();
+    let asked = Arc::new(Mutex::new(Vec::<(String, String)>::new()));
+    let approve = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let (asked, approve) = (asked.clone(), approve.clone());
+        engine.set_gate(Arc::new(move |gate, spec, _end| {
+            asked.lock().unwrap().push((gate, spec.name.clone()));
+            let yes = approve.load(std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async move {
+                if yes {
+                    Ok(())
+                } else {
+                    Err("CHG-4711 is not approved".to_string())
+                }
+            })
+        }));
+    }
+    let downs = Arc::new(Mutex::new(Vec::new()));
+    {
+        let downs = downs.clone();
+        engine.observe(Box::new(move |t| {
+            if let Event::GrantColdSync { .. } = t.event {
+                downs.lock().unwrap().push(t.now_ms);
+            }
+        }));
+    }
+    let (commands, rx) = mpsc::unbounded_channel();
+    let handle = tokio::spawn(async move {
+        let stop = engine.run(rx, None).await.unwrap();
+        (engine, stop)
+    });
+    // Refused: held, with why; no downtime began.
+    let deadline = clock.now_ms() + 48 * 3_600_000;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+        let held = store
+            .instances()
+            .unwrap()
+            .into_iter()
+            .any(|(_, i)| i.phase == Phase::Paused);
+        if held {
+            break;
+        }
+        assert!(clock.now_ms() < deadline, "never held");
+    }
+    let (_, i) = store.instances().unwrap().remove(0);
+    assert!(
+        i.last_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("CHG-4711 is not approved"),
+        "{i:?}"
+    );
+    assert!(downs.lock().unwrap().is_empty());
+    assert_eq!(
+        asked.lock().unwrap().clone(),
+        [("change-board".to_string(), "mail-000".to_string())]
+    );
+    let audit = store.audit_log(100, 0).unwrap();
+    assert!(
+        audit.iter().any(|a| a.method == "Gate"
+            && a.who == "gate change-board"
+            && a.outcome == "denied"
+            && a.detail.contains("CHG-4711")),
+        "{audit:?}"
+    );
+    // Resumed after the change was approved: asked again, let go, migrated.
+    approve.store(true, std::sync::atomic::Ordering::SeqCst);
+    commands.send(Command::Resume(None)).unwrap();
+    commands
+        .send(Command::Resume(Some("mail-000".into())))
+        .unwrap();
+    let (engine, stop) = handle.await.unwrap();
+    assert_eq!(stop, Stop::AllFinal);
+    assert_eq!(engine.instances()[0].phase, Phase::Done);
+    assert_eq!(asked.lock().unwrap().len(), 2);
+    assert_eq!(downs.lock().unwrap().len(), 1);
+    assert!(store
+        .audit_log(100, 0)
+        .unwrap()
+        .iter()
+        .any(|a| a.method == "Gate" && a.outcome == "ok"));
+}

@@ -718,6 +718,23 @@ fn every_transition() {
 }
 
 #[test]
+fn a_gate_refusal_holds_a_converged_instance_until_it_is_resumed() {
+    let i = after(&to_converged());
+    let hold = Event::Hold {
+        reason: "the window gate change-board refused: CHG-4711 not approved".into(),
+    };
+    let o = handle(&i, &hold, 1000, &RULES);
+    assert_eq!(o.instance.phase, Phase::Paused);
+    assert!(o.actions.is_empty());
+    assert_eq!(
+        o.instance.last_error.as_deref(),
+        Some("the window gate change-board refused: CHG-4711 not approved")
+    );
+    let o = handle(&o.instance, &Event::Resume, 2000, &RULES);
+    assert_eq!(o.instance.phase, Phase::Converged);
+}
+
+#[test]
 fn downtime_runs_from_origin_stop_to_target_start() {
     let mut i = after(&to_start());
     assert_eq!(i.downtime_start_ms, Some(1000));
@@ -741,6 +758,12 @@ fn events_that_do_not_fit_are_ignored_and_change_nothing() {
         (to_data(), Event::Pause),
         (to_post(), Event::Abort),
         (to_converged(), Event::Tick),
+        (
+            to_hot(),
+            Event::Hold {
+                reason: "refused".into(),
+            },
+        ),
     ];
     for (from, event) in cases {
         let i = after(&from);
