@@ -204,6 +204,7 @@ impl Agent for AgentService {
         }
         let kind = format!("services/{}", action.as_str_name());
         let (config, operation_id) = (self.config.clone(), req.operation_id.clone());
+        let read_wal = req.wal_position;
         let run = async move {
             tracing::info!(operation_id = %operation_id, action = action.as_str_name(), "services");
             if action == ServiceAction::Start {
@@ -226,10 +227,26 @@ impl Agent for AgentService {
                 // rest is carried at cold sync.
                 ServiceAction::Stop => {
                     let drained = mail_queue::drain(&config).await;
-                    ServicesReply {
+                    let mut reply = ServicesReply {
                         mail_queue: Some(drained),
                         ..services::run(&config.services, action).await
+                    };
+                    // Nothing writes any more: the position a follower must reach, read here
+                    // and now rather than asked by the target once the downtime's steps run.
+                    if reply.ok && read_wal {
+                        match crate::db::wal::wal_position(&config).await {
+                            Ok(p) => {
+                                reply.wal_position = Some(bmfleet_proto::v1::WalPosition {
+                                    lsn: p.lsn,
+                                    segment_size: p.segment_size,
+                                })
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "the WAL position after the stop could not be read: the follower will ask")
+                            }
+                        }
                     }
+                    reply
                 }
                 // Start: carried mail deferred on the origin is tried now, not after its
                 // back-off.
@@ -425,6 +442,7 @@ impl Agent for AgentService {
         let req = request.into_inner();
         let origin = origin_of(req.origin.clone())?;
         let format = DumpFormat::try_from(req.format).unwrap_or(DumpFormat::Streamed);
+        let (promote, known, jobs) = (req.promote, req.origin_wal_position.clone(), req.jobs);
         let (config, tls, relay) = (
             self.config.clone(),
             self.tunnel_tls.clone(),
@@ -437,10 +455,10 @@ impl Agent for AgentService {
                     ..Default::default()
                 };
             }
-            if req.promote {
-                crate::db::follower::promote(&config, tls, &relay, &origin).await
+            if promote {
+                crate::db::follower::promote(&config, tls, &relay, &origin, known.as_ref()).await
             } else {
-                databases::move_databases(&config, tls, &origin, format, req.jobs).await
+                databases::move_databases(&config, tls, &origin, format, jobs).await
             }
         };
         self.journaled(

@@ -84,6 +84,7 @@ pub async fn events(
     let mut client = connection.client()?;
     let mut after_id = 0;
     let mut first = true;
+    let mut shown: Vec<String> = Vec::new();
     loop {
         let reply = connection
             .call(client.events(EventsRequest {
@@ -114,6 +115,44 @@ pub async fn events(
                     e.actions
                 ),
             }
+        }
+        // What the receivers have not got yet (printed once, and again when it changes).
+        let undelivered: Vec<String> = reply
+            .undelivered
+            .iter()
+            .map(|n| match output {
+                Output::Json => serde_json::json!({
+                    "undelivered_notification": {
+                        "key": n.key, "receiver": n.receiver, "kind": n.kind,
+                        "instance": n.instance, "attempts": n.attempts,
+                        "last_error": n.last_error, "created_unix_ms": n.created_unix_ms,
+                    }
+                })
+                .to_string(),
+                Output::Table => format!(
+                    "{}  {}  notification {} to {} not delivered ({} tries): {}",
+                    utc(n.created_unix_ms),
+                    if n.instance.is_empty() {
+                        "(fleet)"
+                    } else {
+                        &n.instance
+                    },
+                    n.kind,
+                    n.receiver,
+                    n.attempts,
+                    if n.last_error.is_empty() {
+                        "not tried yet"
+                    } else {
+                        &n.last_error
+                    }
+                ),
+            })
+            .collect();
+        if undelivered != shown {
+            for line in &undelivered {
+                println!("{line}");
+            }
+            shown = undelivered;
         }
         first = false;
         if !follow {

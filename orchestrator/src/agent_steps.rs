@@ -231,7 +231,11 @@ async fn other_step(pool: &AgentPool, job: Job, now_ms: i64) -> Done {
                 ..stats.into()
             })
         }
-        Step::StopOrigin => services(origin, &job, ServiceAction::Stop).await,
+        Step::StopOrigin => {
+            // The follower's catch-up needs the stopped origin's position: read at once.
+            let read_wal = job.promote_databases;
+            services_reading_wal(origin, &job, ServiceAction::Stop, read_wal).await
+        }
         Step::StopTarget | Step::RollbackStopTarget => {
             services(target, &job, ServiceAction::Stop).await
         }
@@ -414,6 +418,7 @@ async fn move_databases(target: &AgentHandle, job: &Job, endpoint: OriginEndpoin
             format: DumpFormat::Streamed.into(),
             jobs: 0,
             promote: job.promote_databases,
+            origin_wal_position: job.origin_wal.clone(),
         })
         .await
         .map_err(|s| describe_status(&s))?
@@ -677,6 +682,7 @@ async fn service_status(agent: &AgentHandle) -> Result<bmfleet_proto::v1::Servic
         .services(ServicesRequest {
             operation_id: String::new(),
             action: ServiceAction::Status.into(),
+            wal_position: false,
         })
         .await
         .map(|r| r.into_inner())
@@ -720,7 +726,12 @@ where
 {
     let endpoint = grant(origin, job, now_ms, scope).await?;
     let result = body(endpoint.clone()).await;
-    revoke(origin, &endpoint.grant_id).await;
+    // Withdrawn beside what follows, not before it: in the downtime a round trip to the
+    // origin (and its grant store's write) would delay every next step. Until it lands the
+    // grant serves only this step's own target, for what it already had; it expires with the
+    // step anyway.
+    let (origin, grant_id) = (origin.clone(), endpoint.grant_id.clone());
+    tokio::spawn(async move { revoke(&origin, &grant_id).await });
     result
 }
 
@@ -1135,12 +1146,23 @@ async fn service_ip(host: &AgentHandle, job: &Job, take: bool) -> Done {
 }
 
 async fn services(agent: &AgentHandle, job: &Job, action: ServiceAction) -> Done {
+    services_reading_wal(agent, job, action, false).await
+}
+
+/// [`services`], and with `read_wal` (a stop) the host's WAL position once stopped.
+async fn services_reading_wal(
+    agent: &AgentHandle,
+    job: &Job,
+    action: ServiceAction,
+    read_wal: bool,
+) -> Done {
     let reply = agent
         .client
         .clone()
         .services(ServicesRequest {
             operation_id: job.operation_id.clone(),
             action: action.into(),
+            wal_position: read_wal,
         })
         .await
         .map_err(|s| format!("{}: {}", agent.name, describe_status(&s)))?
@@ -1152,6 +1174,12 @@ async fn services(agent: &AgentHandle, job: &Job, action: ServiceAction) -> Done
                 .as_ref()
                 .map(|q| describe_queue(&agent.name, q))
                 .unwrap_or_default(),
+            evidence: reply
+                .wal_position
+                .as_ref()
+                .map(|w| format!("{}'s WAL position once stopped: {}", agent.name, w.lsn))
+                .unwrap_or_default(),
+            origin_wal: reply.wal_position,
             ..StepOutput::default()
         });
     }

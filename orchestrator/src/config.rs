@@ -78,6 +78,57 @@ fn default_notify_timeout() -> u64 {
     10
 }
 
+/// A checked `https://host[:port]/path`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookUrl {
+    /// The host (a name or an address) the certificate must name.
+    pub host: String,
+    /// Its port (443 unless given).
+    pub port: u16,
+    /// The path and query ("/" when none).
+    pub path: String,
+}
+
+impl WebhookUrl {
+    /// Parses a webhook's URL: HTTPS only (the network is hostile).
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let rest = url
+            .strip_prefix("https://")
+            .ok_or_else(|| format!("'{url}' is not an https:// URL (webhooks go over TLS only)"))?;
+        let (authority, path) = match rest.find('/') {
+            Some(at) => (&rest[..at], &rest[at..]),
+            None => (rest, "/"),
+        };
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let (host, after) = v6
+                .split_once(']')
+                .ok_or_else(|| format!("'{url}': unclosed [ in the host"))?;
+            (host, after.strip_prefix(':'))
+        } else {
+            match authority.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (authority, None),
+            }
+        };
+        let port = match port {
+            Some(p) => p
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| format!("'{url}': bad port '{p}'"))?,
+            None => 443,
+        };
+        if host.is_empty() || authority.contains('@') || path.contains(['\r', '\n', ' ']) {
+            return Err(format!("'{url}' is not a usable URL"));
+        }
+        Ok(WebhookUrl {
+            host: host.to_string(),
+            port,
+            path: path.to_string(),
+        })
+    }
+}
+
 /// One agent: the name its certificate must carry and where it listens.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -179,8 +230,7 @@ impl OrchestratorConfig {
             }
             match (&r.webhook, &r.command) {
                 (Some(url), None) => {
-                    crate::notify::WebhookUrl::parse(url)
-                        .map_err(|m| invalid(field("webhook"), m))?;
+                    WebhookUrl::parse(url).map_err(|m| invalid(field("webhook"), m))?;
                     if r.secret_file.is_none() {
                         return Err(invalid(
                             field("secret_file"),

@@ -47,6 +47,9 @@ pub struct Job {
     pub pre_window_round_ms: u64,
     /// …up to this many rounds.
     pub pre_window_rounds: u32,
+    /// The Databases step: the origin's WAL position its agent read at StopOrigin (none: the
+    /// target asks the origin, as after an orchestrator restart).
+    pub origin_wal: Option<bmfleet_proto::v1::WalPosition>,
 }
 
 /// What a step that succeeded reports.
@@ -63,6 +66,8 @@ pub struct StepOutput {
     /// What the step saw that proves it did its work (the final pass's comparison, the
     /// BlueMind tasks the post-migration ran, the final checks' answers), for the report.
     pub evidence: String,
+    /// StopOrigin: the origin's WAL position once stopped, for the Databases step.
+    pub origin_wal: Option<bmfleet_proto::v1::WalPosition>,
 }
 
 impl From<PassStats> for StepOutput {
@@ -210,6 +215,10 @@ pub struct Engine {
     // Instances whose gate is being asked, and those it let go (until their window's end).
     gating: std::collections::HashSet<usize>,
     gate_passed: std::collections::HashMap<usize, i64>,
+    // Each instance's origin WAL position read at its last StopOrigin (in memory: after a
+    // restart the target asks the origin again).
+    stop_wal:
+        Arc<std::sync::Mutex<std::collections::HashMap<usize, bmfleet_proto::v1::WalPosition>>>,
 }
 
 /// How long attempt `attempt` of a step waits before it runs, ms.
@@ -279,6 +288,7 @@ impl Engine {
             gate_rx,
             gating: Default::default(),
             gate_passed: Default::default(),
+            stop_wal: Default::default(),
             fleet,
             instances,
             state,
@@ -452,7 +462,21 @@ impl Engine {
                 .is_some_and(|d| d.logical),
             pre_window_round_ms: self.fleet.policy.pre_window_round_secs.saturating_mul(1000),
             pre_window_rounds: self.fleet.policy.pre_window_rounds,
+            origin_wal: None,
         };
+        let mut job = job;
+        let stop_wal = self.stop_wal.clone();
+        {
+            let mut known = stop_wal.lock().unwrap_or_else(|p| p.into_inner());
+            match step {
+                // A new stop: the previous one's position is no one's any more.
+                Step::StopOrigin => {
+                    known.remove(&n);
+                }
+                Step::Databases => job.origin_wal = known.get(&n).cloned(),
+                _ => {}
+            }
+        }
         let port = self.port.clone();
         let tx = self.results_tx.clone();
         // A retry waits a little (2 s, 4 s, … up to a minute): a restarting agent gets the
@@ -467,6 +491,19 @@ impl Engine {
             let started = clock.now_ms();
             let result = port.run(job).await;
             let elapsed_ms = u64::try_from(clock.now_ms() - started).unwrap_or(0);
+            if let (
+                Step::StopOrigin,
+                Ok(StepOutput {
+                    origin_wal: Some(wal),
+                    ..
+                }),
+            ) = (step, &result)
+            {
+                stop_wal
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(n, wal.clone());
+            }
             let event = match result {
                 Ok(output) => Event::Succeeded {
                     step,

@@ -10,7 +10,7 @@ use bmfleet_proto::v1::{
     AddAgentRequest, AgentStatus, ApplyRequest, ApproveRequest, AuditReply, AuditRequest,
     CommandReply, EventsReply, EventsRequest, FleetEvent, InstanceStatus, IssueJoinTokenReply,
     IssueJoinTokenRequest, RemoveAgentRequest, ReportReply, ReportRequest, StatusReply,
-    StatusRequest, TargetRequest,
+    StatusRequest, TargetRequest, UndeliveredNotification,
 };
 use tonic::{Request, Response, Status};
 
@@ -473,7 +473,24 @@ impl Fleet for FleetApi {
                 .state
                 .transitions(instance, req.after_id, limit)
                 .map_err(Self::internal)?;
+            let undelivered = self
+                .state
+                .undelivered()
+                .map_err(Self::internal)?
+                .into_iter()
+                .filter(|n| instance.is_none_or(|i| n.instance == i || n.instance.is_empty()))
+                .map(|n| UndeliveredNotification {
+                    key: n.key,
+                    receiver: n.receiver,
+                    kind: n.kind,
+                    instance: n.instance,
+                    attempts: n.attempts,
+                    last_error: n.last_error,
+                    created_unix_ms: n.created_ms,
+                })
+                .collect();
             Ok(EventsReply {
+                undelivered,
                 events: rows
                     .into_iter()
                     .map(|r| FleetEvent {

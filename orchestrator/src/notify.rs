@@ -17,11 +17,11 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::clock::Clock;
-use crate::config::ReceiverConfig;
+use crate::config::{ReceiverConfig, WebhookUrl};
 use crate::fleet::{FleetFile, InstanceSpec};
 use crate::machine::{Event, Instance, Phase};
 use crate::scheduler::FleetState;
-use crate::state::{OutboxRow, State, StateError, TransitionRow};
+use crate::state::{OutboxRow, Queued, State, StateError, TransitionRow};
 
 /// What a notice is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -264,63 +264,26 @@ pub fn from_fleet(
     notices
 }
 
+/// Notices as the outbox stores them.
+pub fn queued(notices: &[Notice]) -> Vec<Queued> {
+    notices
+        .iter()
+        .map(|n| Queued {
+            key: n.key.clone(),
+            kind: n.kind.as_str().into(),
+            instance: n.instance.clone(),
+            body: n.body.to_string(),
+            receivers: n.receivers.clone(),
+        })
+        .collect()
+}
+
 /// `sha256=` and the hex HMAC-SHA256 of `body` under `secret`: the signature header's value.
 pub fn sign(secret: &[u8], body: &[u8]) -> String {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
     let tag = ring::hmac::sign(&key, body);
     let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
     format!("sha256={hex}")
-}
-
-/// A checked `https://host[:port]/path`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WebhookUrl {
-    /// The host (a name or an address) the certificate must name.
-    pub host: String,
-    /// Its port (443 unless given).
-    pub port: u16,
-    /// The path and query ("/" when none).
-    pub path: String,
-}
-
-impl WebhookUrl {
-    /// Parses a webhook's URL: HTTPS only (the network is hostile).
-    pub fn parse(url: &str) -> Result<Self, String> {
-        let rest = url
-            .strip_prefix("https://")
-            .ok_or_else(|| format!("'{url}' is not an https:// URL (webhooks go over TLS only)"))?;
-        let (authority, path) = match rest.find('/') {
-            Some(at) => (&rest[..at], &rest[at..]),
-            None => (rest, "/"),
-        };
-        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-            let (host, after) = v6
-                .split_once(']')
-                .ok_or_else(|| format!("'{url}': unclosed [ in the host"))?;
-            (host, after.strip_prefix(':'))
-        } else {
-            match authority.rsplit_once(':') {
-                Some((h, p)) => (h, Some(p)),
-                None => (authority, None),
-            }
-        };
-        let port = match port {
-            Some(p) => p
-                .parse::<u16>()
-                .ok()
-                .filter(|p| *p > 0)
-                .ok_or_else(|| format!("'{url}': bad port '{p}'"))?,
-            None => 443,
-        };
-        if host.is_empty() || authority.contains('@') || path.contains(['\r', '\n', ' ']) {
-            return Err(format!("'{url}' is not a usable URL"));
-        }
-        Ok(WebhookUrl {
-            host: host.to_string(),
-            port,
-            path: path.to_string(),
-        })
-    }
 }
 
 /// A receiver ready to deliver.
@@ -452,6 +415,7 @@ impl Receiver {
             attempts: 0,
             delivered_ms: None,
             last_error: String::new(),
+            created_ms: now_ms,
         };
         self.deliver(&row).await.map_err(|e| {
             format!(
@@ -632,7 +596,8 @@ impl Notifier {
             now,
         ));
         let new_cursor = rows.last().map_or(cursor, |r| r.id);
-        self.state.enqueue_notices(&notices, new_cursor, now)
+        self.state
+            .enqueue_notices(&queued(&notices), new_cursor, now)
     }
 
     /// Tries every due delivery once.

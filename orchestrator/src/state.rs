@@ -29,6 +29,21 @@ pub struct TransitionRow {
     pub actions: String,
 }
 
+/// A notice to put in the outbox, once for each of its receivers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queued {
+    /// The idempotency key.
+    pub key: String,
+    /// What it is about.
+    pub kind: String,
+    /// The instance ("" for the fleet).
+    pub instance: String,
+    /// The JSON body.
+    pub body: String,
+    /// Who gets it.
+    pub receivers: Vec<String>,
+}
+
 /// A notification in the outbox, for one receiver.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxRow {
@@ -48,6 +63,8 @@ pub struct OutboxRow {
     pub attempts: u32,
     /// When it was delivered (None: not yet).
     pub delivered_ms: Option<i64>,
+    /// When it was queued.
+    pub created_ms: i64,
     /// Why the last attempt failed.
     pub last_error: String,
 }
@@ -659,7 +676,7 @@ impl State {
     /// not queued twice) and moves the cursor to `cursor`, in one transaction.
     pub fn enqueue_notices(
         &self,
-        notices: &[crate::notify::Notice],
+        notices: &[Queued],
         cursor: i64,
         now_ms: i64,
     ) -> Result<(), StateError> {
@@ -670,7 +687,7 @@ impl State {
                 tx.execute(
                     "INSERT OR IGNORE INTO notify_outbox (key, receiver, kind, instance, body, created_ms, next_ms)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
-                    params![n.key, receiver, n.kind.as_str(), n.instance, n.body.to_string(), now_ms],
+                    params![n.key, receiver, n.kind, n.instance, n.body, now_ms],
                 )
                 .map_err(|e| self.err(e))?;
             }
@@ -691,7 +708,7 @@ impl State {
         let conn = self.conn();
         let mut stmt = conn
             .prepare(&format!(
-                "SELECT id, key, receiver, kind, instance, body, attempts, delivered_ms, last_error
+                "SELECT id, key, receiver, kind, instance, body, attempts, delivered_ms, last_error, created_ms
                  FROM notify_outbox {filter}"
             ))
             .map_err(|e| self.err(e))?;
@@ -707,6 +724,7 @@ impl State {
                     attempts: r.get(6)?,
                     delivered_ms: r.get(7)?,
                     last_error: r.get(8)?,
+                    created_ms: r.get(9)?,
                 })
             })
             .and_then(|rows| rows.collect())
@@ -725,6 +743,11 @@ impl State {
     /// Every notification of the outbox, oldest first.
     pub fn notifications(&self) -> Result<Vec<OutboxRow>, StateError> {
         self.outbox_rows("ORDER BY id", &[])
+    }
+
+    /// The notifications not delivered yet, oldest first.
+    pub fn undelivered(&self) -> Result<Vec<OutboxRow>, StateError> {
+        self.outbox_rows("WHERE delivered_ms IS NULL ORDER BY id", &[])
     }
 
     /// Marks a notification delivered.

@@ -654,6 +654,7 @@ impl LabFleet {
                         logical_databases: false,
                         pre_window_round_ms: 2_000,
                         pre_window_rounds: 1,
+                        origin_wal: None,
                     })
                     .await
             })

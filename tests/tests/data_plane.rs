@@ -1194,6 +1194,7 @@ async fn a_target_that_served_refuses_every_sync_until_the_marker_is_cleared() {
         .services(bmfleet_proto::v1::ServicesRequest {
             operation_id: "m1/mail-01/start-target/1".into(),
             action: bmfleet_proto::v1::ServiceAction::Start.into(),
+            wal_position: false,
         })
         .await
         .unwrap();
@@ -1234,6 +1235,7 @@ async fn a_target_that_served_refuses_every_sync_until_the_marker_is_cleared() {
             format: DumpFormat::Streamed.into(),
             jobs: 1,
             promote: false,
+            origin_wal_position: None,
         })
         .await
         .unwrap()
@@ -1797,6 +1799,7 @@ async fn both_databases_move_identically_in_both_formats_and_the_password_stays_
                 format: format.into(),
                 jobs: 2,
                 promote: false,
+                origin_wal_position: None,
             })
             .await
             .unwrap()
@@ -2011,6 +2014,7 @@ async fn a_hostile_origin_cannot_run_code_or_touch_other_databases_on_the_target
                     format: DumpFormat::Streamed.into(),
                     jobs: 1,
                     promote: false,
+                    origin_wal_position: None,
                 })
                 .await
                 .unwrap()

@@ -236,6 +236,21 @@ fn notifications_reach_a_webhook_and_a_hook_across_an_orchestrator_crash() {
     wait_for(&fleet, "the downtime", |i| {
         i["phase"] == "ColdSync" || i["phase"] == "Cutover" || i["phase"] == "StartServices"
     });
+    // While the portal refuses everything, the events and the status say what waits.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let shown = events(&fleet, &["mail-1"]);
+        let status =
+            String::from_utf8_lossy(&fleet.bmctl(&["fleet", "status"]).stdout).into_owned();
+        if shown.contains("notification downtime_starting to portal not delivered")
+            && shown.contains("503")
+            && status.contains("not delivered yet")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{shown}\n{status}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
     // Killed while the portal refuses everything: the notices wait in the outbox.
     fleet.restart_orchestrator();
     portal.hold(false);
@@ -711,6 +726,35 @@ fn three_instances_migrate_with_no_mail_lost() {
     .map(|(n, p)| (n.to_string(), p.to_string()))
     .collect();
     assert_eq!(paths, wanted);
+    // Each standby's catch-up waited for the position the origin's agent read right after the
+    // stop (passed on by the orchestrator), not for one asked once the downtime's steps ran.
+    for (i, _) in paths.iter().filter(|(_, p)| p == "standby") {
+        let of = |step: &str| {
+            events
+                .lines()
+                .find(|l| {
+                    l.contains(&format!("  {i}  "))
+                        && l.contains(&format!("{{\"Succeeded\":{{\"step\":\"{step}\""))
+                })
+                .unwrap_or_else(|| panic!("{i}: no {step}:\n{events}"))
+                .to_string()
+        };
+        let stop = of("StopOrigin");
+        let marker = "WAL position once stopped: ";
+        let lsn: String = stop
+            [stop.find(marker).unwrap_or_else(|| panic!("{stop}")) + marker.len()..]
+            .chars()
+            .take_while(|c| c.is_ascii_hexdigit() || *c == '/')
+            .collect();
+        assert!(lsn.contains('/'), "{stop}");
+        let databases = of("Databases");
+        assert!(
+            databases.contains(&format!(
+                "the origin's last position {lsn} (read by its agent at the stop)"
+            )),
+            "{i}: {lsn}\n{databases}"
+        );
+    }
     the_report_shows_each_instance_in_a_real_browser(&fleet);
     assert!(
         fleet

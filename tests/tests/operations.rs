@@ -44,6 +44,7 @@ fn request(id: &str, action: ServiceAction) -> ServicesRequest {
     ServicesRequest {
         operation_id: id.to_string(),
         action: action.into(),
+        wal_position: false,
     }
 }
 

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use bmfleet_proto::v1::{DatabaseMove, MoveDatabasesReply, OriginEndpoint};
+use bmfleet_proto::v1::{DatabaseMove, MoveDatabasesReply, OriginEndpoint, WalPosition};
 
 use crate::config::AgentConfig;
 use crate::db::follow::{following, set_following};
@@ -19,8 +19,9 @@ pub async fn promote(
     tls: Arc<rustls::ClientConfig>,
     relay: &Relay,
     origin: &OriginEndpoint,
+    known: Option<&WalPosition>,
 ) -> MoveDatabasesReply {
-    let (moved, gate) = match promote_inner(config, tls, relay, origin).await {
+    let (moved, gate) = match promote_inner(config, tls, relay, origin, known).await {
         Ok((moved, gate)) => (Ok(moved), gate),
         Err(e) => (Err(e), String::new()),
     };
@@ -35,6 +36,7 @@ async fn promote_inner(
     tls: Arc<rustls::ClientConfig>,
     relay: &Relay,
     origin: &OriginEndpoint,
+    known: Option<&WalPosition>,
 ) -> Result<(Vec<DatabaseMove>, String), String> {
     let state = following(config).ok_or(
         "this host does not follow an origin (FollowDatabases did not run or was undone): \
@@ -47,9 +49,9 @@ async fn promote_inner(
         ));
     }
     if state.logical.is_some() {
-        subscription::promote(config, tls, relay, origin, state).await
+        subscription::promote(config, tls, relay, origin, state, known).await
     } else {
-        standby::promote(config, tls, relay, origin, state).await
+        standby::promote(config, tls, relay, origin, state, known).await
     }
 }
 

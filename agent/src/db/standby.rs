@@ -35,7 +35,7 @@ use crate::db::compare::origin_checksums;
 use crate::db::follow::{follow_reply, following, set_following, Following};
 use crate::db::pg::{literal, Connection, Session};
 use crate::db::replication::FollowTicket;
-use crate::db::wal::{major, parse_lsn, position_to_reach};
+use crate::db::wal::{major, parse_lsn, stop_position};
 use crate::plane::tunnel::{self, receive_framed, TunnelRequest};
 
 /// The configuration files a cluster keeps in its data directory; the target's own are used.
@@ -611,6 +611,7 @@ pub async fn promote(
     relay: &Relay,
     origin: &OriginEndpoint,
     state: Following,
+    known: Option<&bmfleet_proto::v1::WalPosition>,
 ) -> Result<(Vec<DatabaseMove>, String), String> {
     let started = Instant::now();
     let owner = Connection::owner(&config.postgresql);
@@ -642,9 +643,10 @@ pub async fn promote(
         None => Gate::Full(origin_checksums(config, tls.clone(), origin)),
     };
     // One session watches the replay and the promotion (a psql started per look cost
-    // ~25 ms each), opened while the origin is asked for its position.
+    // ~25 ms each), opened while the origin is asked for its position (unless its agent read
+    // it at the stop).
     let (position, watch) = tokio::join!(
-        position_to_reach(config, tls.clone(), origin),
+        stop_position(config, tls.clone(), origin, known),
         owner.session("postgres")
     );
     let (position, wanted) = position?;
@@ -701,7 +703,9 @@ pub async fn promote(
                 Ok(((theirs, ours, covered), compared_ms)) => {
                     // Where the step's time went, from its start: the gate's own account.
                     let covered = format!(
-                        "{covered}; the origin's last position known at {position_ms} ms, replayed at {caught_up_ms} ms, promoted at {promoted_ms} ms, compared at {compared_ms} ms"
+                        "{covered}; the origin's last position {lsn} ({source}) known at {position_ms} ms, replayed at {caught_up_ms} ms, promoted at {promoted_ms} ms, compared at {compared_ms} ms",
+                        lsn = position.lsn,
+                        source = if known.is_some() { "read by its agent at the stop" } else { "asked now" },
                     );
                     tracing::info!(origin = %origin.name, %covered, "the databases' gate");
                     return Ok((

@@ -417,6 +417,7 @@ pub async fn promote(
     relay: &Relay,
     origin: &OriginEndpoint,
     state: Following,
+    known: Option<&bmfleet_proto::v1::WalPosition>,
 ) -> Result<(Vec<DatabaseMove>, String), String> {
     let started = Instant::now();
     let logical = state.logical.clone().ok_or("not a logical follow")?;
@@ -465,7 +466,7 @@ pub async fn promote(
         .server_version_num()
         .await
         .map_err(|e| e.to_string())?;
-    let (_, wanted) = crate::db::wal::position_to_reach(config, tls.clone(), origin).await?;
+    let (_, wanted) = crate::db::wal::stop_position(config, tls.clone(), origin, known).await?;
     let mut watch = Watch::default();
     // Subscriptions already gone: an earlier request caught up and detached them, then
     // stopped (the agent restarted); the comparison below is the proof either way.

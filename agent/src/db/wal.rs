@@ -155,7 +155,7 @@ pub fn caught_up_at(insert_lsn: u64, segment_size: u64) -> u64 {
 
 /// The stopped origin's WAL insert position, and the position a follower must reach to hold
 /// everything written before it ([`caught_up_at`]).
-pub async fn position_to_reach(
+async fn position_to_reach(
     config: &AgentConfig,
     tls: Arc<rustls::ClientConfig>,
     origin: &OriginEndpoint,
@@ -170,6 +170,29 @@ pub async fn position_to_reach(
         .ok_or_else(|| format!("the origin's WAL position {:?} is not an LSN", position.lsn))?;
     let wanted = caught_up_at(insert, position.segment_size);
     Ok((position, wanted))
+}
+
+/// The stopped origin's position and the one a follower must reach: `known` (read by the
+/// origin's own agent right after its stop, passed on by the orchestrator) when given, else
+/// asked now over the data plane.
+pub async fn stop_position(
+    config: &AgentConfig,
+    tls: Arc<rustls::ClientConfig>,
+    origin: &OriginEndpoint,
+    known: Option<&bmfleet_proto::v1::WalPosition>,
+) -> Result<(WalPosition, u64), String> {
+    let Some(known) = known else {
+        return position_to_reach(config, tls, origin).await;
+    };
+    let insert = parse_lsn(&known.lsn)
+        .ok_or_else(|| format!("the origin's WAL position {:?} is not an LSN", known.lsn))?;
+    Ok((
+        WalPosition {
+            lsn: known.lsn.clone(),
+            segment_size: known.segment_size,
+        },
+        caught_up_at(insert, known.segment_size),
+    ))
 }
 
 /// The gate's replication slot for `grant_id` (kept WAL from the verified point on; dropped

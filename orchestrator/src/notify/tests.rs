@@ -215,9 +215,11 @@ fn the_outbox_queues_a_notice_once_and_retries_with_back_off() {
         &FleetState::default(),
         NOON,
     );
-    state.enqueue_notices(&notices, 5, NOON).unwrap();
+    state.enqueue_notices(&queued(&notices), 5, NOON).unwrap();
     // Derived again after a restart: nothing more.
-    state.enqueue_notices(&notices, 5, NOON + 1).unwrap();
+    state
+        .enqueue_notices(&queued(&notices), 5, NOON + 1)
+        .unwrap();
     assert_eq!(state.notify_cursor().unwrap(), 5);
     let all = state.notifications().unwrap();
     // mail-01: portal and mailer; mail-02: portal.
