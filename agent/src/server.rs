@@ -461,13 +461,15 @@ impl Agent for AgentService {
                 databases::move_databases(&config, tls, &origin, format, jobs).await
             }
         };
-        self.journaled(
-            &req.operation_id,
-            "move_databases",
-            &req.encode_to_vec(),
-            run,
-        )
-        .await
+        // The origin's stop position is a hint (without it the origin is asked): the same
+        // operation sent again without it (an orchestrator restarted since) is the same one.
+        let fingerprint = MoveDatabasesRequest {
+            origin_wal_position: None,
+            ..req.clone()
+        }
+        .encode_to_vec();
+        self.journaled(&req.operation_id, "move_databases", &fingerprint, run)
+            .await
     }
 
     async fn follow_databases(

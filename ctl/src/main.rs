@@ -210,6 +210,10 @@ enum FleetCommand {
         /// Write it here (default: standard output).
         #[arg(long)]
         output: Option<std::path::PathBuf>,
+        /// Checks made outside bmfleet to show beside each instance's own (a JSON object:
+        /// instance name → list of lines, e.g. a mail check's counts).
+        #[arg(long)]
+        attach: Option<std::path::PathBuf>,
     },
     Audit {
         #[command(flatten)]
@@ -415,7 +419,8 @@ async fn main() -> ExitCode {
             instances,
             format,
             output,
-        } => report::report(&connection, instances, format, output).await,
+            attach,
+        } => report::report(&connection, instances, format, output, attach).await,
         FleetCommand::Audit {
             connection,
             limit,

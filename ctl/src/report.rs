@@ -29,14 +29,40 @@ pub async fn report(
     instances: Vec<String>,
     format: Format,
     output: Option<PathBuf>,
+    attach: Option<PathBuf>,
 ) -> anyhow::Result<()> {
+    // Read first: a bad file is refused before anything is asked.
+    let attached: std::collections::BTreeMap<String, Vec<String>> = match &attach {
+        Some(path) => serde_json::from_str(
+            &std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?,
+        )
+        .with_context(|| {
+            format!(
+                "{}: expected a JSON object of instance names to lists of lines",
+                path.display()
+            )
+        })?,
+        None => Default::default(),
+    };
     let mut client = connection.client()?;
     let reply = connection
         .call(client.report(ReportRequest { instances }))
         .await?
         .into_inner();
-    let report: FleetReport = serde_json::from_str(&reply.report_json)
+    let mut report: FleetReport = serde_json::from_str(&reply.report_json)
         .context("the orchestrator's report is not one this bmctl reads")?;
+    if let Some(unknown) = attached
+        .keys()
+        .find(|name| !report.instances.iter().any(|i| &i.name == *name))
+    {
+        anyhow::bail!("the attached checks name {unknown}, which is not in the report");
+    }
+    for i in &mut report.instances {
+        for line in attached.get(&i.name).into_iter().flatten() {
+            i.checks.push(format!("checked outside bmfleet: {line}"));
+        }
+    }
     let text = match format {
         Format::Html => html(&report),
         Format::Md => markdown(&report),

@@ -29,6 +29,18 @@ pub struct TransitionRow {
     pub actions: String,
 }
 
+/// A `transitions` row (id, at_ms, instance, event, phase, actions).
+fn transition_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TransitionRow> {
+    Ok(TransitionRow {
+        id: r.get(0)?,
+        at_ms: r.get(1)?,
+        instance: r.get(2)?,
+        event: r.get(3)?,
+        phase: r.get(4)?,
+        actions: r.get(5)?,
+    })
+}
+
 /// A notice to put in the outbox, once for each of its receivers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Queued {
@@ -639,16 +651,7 @@ impl State {
             )
             .map_err(|e| self.err(e))?;
         let rows = stmt
-            .query_map(params![after_id, limit], |r| {
-                Ok(TransitionRow {
-                    id: r.get(0)?,
-                    at_ms: r.get(1)?,
-                    instance: r.get(2)?,
-                    event: r.get(3)?,
-                    phase: r.get(4)?,
-                    actions: r.get(5)?,
-                })
-            })
+            .query_map(params![after_id, limit], transition_row)
             .and_then(|rows| rows.collect())
             .map_err(|e| self.err(e))?;
         Ok(rows)
@@ -967,16 +970,7 @@ impl State {
             )
             .map_err(|e| self.err(e))?;
         let rows = stmt
-            .query_map(params![instance, after_id, limit], |r| {
-                Ok(TransitionRow {
-                    id: r.get(0)?,
-                    at_ms: r.get(1)?,
-                    instance: r.get(2)?,
-                    event: r.get(3)?,
-                    phase: r.get(4)?,
-                    actions: r.get(5)?,
-                })
-            })
+            .query_map(params![instance, after_id, limit], transition_row)
             .and_then(|rows| rows.collect())
             .map_err(|e| self.err(e))?;
         Ok(rows)

@@ -473,6 +473,17 @@ fn the_report_shows_each_instance_in_a_real_browser(fleet: &LabFleet) {
         dir.join("report.md"),
         dir.join("report.json"),
     );
+    // A check made outside bmfleet, shown beside its own; one naming no instance is refused.
+    let attach = dir.join("outside.json");
+    std::fs::write(&attach, r#"{"mail-2": ["mail: 7 sent, 7 delivered once"]}"#).unwrap();
+    let stray = dir.join("stray.json");
+    std::fs::write(&stray, r#"{"mail-9": ["?"]}"#).unwrap();
+    let out = fleet.bmctl(&["fleet", "report", "--attach", stray.to_str().unwrap()]);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("mail-9"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for (format, path) in [("html", &html), ("md", &md), ("json", &json)] {
         let out = fleet.bmctl(&[
             "fleet",
@@ -481,6 +492,8 @@ fn the_report_shows_each_instance_in_a_real_browser(fleet: &LabFleet) {
             format,
             "--output",
             path.to_str().unwrap(),
+            "--attach",
+            attach.to_str().unwrap(),
         ]);
         assert!(
             out.status.success(),
@@ -557,6 +570,10 @@ fn the_report_shows_each_instance_in_a_real_browser(fleet: &LabFleet) {
             r["database_gate"]
         );
     }
+    assert!(
+        md.contains("Check: checked outside bmfleet: mail: 7 sent, 7 delivered once"),
+        "{md}"
+    );
     assert_eq!(report["totals"]["done"], statuses.len());
     let acts = report["fleet_acts"].to_string();
     assert!(acts.contains("\"Apply\""), "{acts}");

@@ -252,3 +252,48 @@ async fn the_agent_counts_its_operations_in_its_own_metrics() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The origin's stop position in a databases move is a hint: the same operation re-sent
+/// without it (by an orchestrator restarted since, which no longer has it) is answered as the
+/// same operation, not refused as another one; a different move under the id still is.
+#[tokio::test]
+async fn a_databases_move_resent_without_the_stop_position_is_the_same_operation() {
+    use bmfleet_proto::v1::{MoveDatabasesRequest, OriginEndpoint, WalPosition};
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let config = agent_config(pki.issue("origin-1", Role::Agent), dir.path(), Vec::new());
+    let (_agent, mut client) = agent_and_client(&pki, config).await;
+    let request = |hint: Option<WalPosition>, promote: bool| MoveDatabasesRequest {
+        operation_id: "m1/mail-01/databases/1".into(),
+        origin: Some(OriginEndpoint {
+            address: "127.0.0.1:9".into(),
+            name: "origin-2".into(),
+            grant_id: "g1".into(),
+        }),
+        promote,
+        origin_wal_position: hint,
+        ..Default::default()
+    };
+    let hint = WalPosition {
+        lsn: "0/3000148".into(),
+        segment_size: 16 << 20,
+    };
+    let first = client
+        .move_databases(request(Some(hint), true))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!first.ok, "this host follows nothing: {first:?}");
+    let again = client
+        .move_databases(request(None, true))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.replayed, "{again:?}");
+    assert_eq!(again.error, first.error);
+    let other = client
+        .move_databases(request(None, false))
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), tonic::Code::AlreadyExists);
+}

@@ -200,37 +200,6 @@ fn main() -> ExitCode {
         "== transitions\n{}",
         String::from_utf8_lossy(&events.stdout)
     );
-    // The migration report, kept after the lab goes (the lab's directory does not stay).
-    let report_dir = std::env::current_dir()
-        .unwrap_or_default()
-        .join("target/lab-report");
-    for (format, file) in [("html", "report.html"), ("md", "report.md")] {
-        let path = report_dir.join(file);
-        let written = std::fs::create_dir_all(&report_dir)
-            .map_err(|e| e.to_string())
-            .and_then(|_| {
-                let out = fleet.bmctl(&[
-                    "fleet",
-                    "report",
-                    "--format",
-                    format,
-                    "--output",
-                    &path.display().to_string(),
-                ]);
-                if out.status.success() {
-                    Ok(())
-                } else {
-                    Err(String::from_utf8_lossy(&out.stderr).into_owned())
-                }
-            });
-        match written {
-            Ok(()) => println!(
-                "== the migration report ({format}) is written to {}",
-                path.display()
-            ),
-            Err(e) => eprintln!("demo: bmctl fleet report --format {format}: {e}"),
-        }
-    }
     println!("== summary");
     println!(
         "{:<10} {:<10} {:>12} {:>14} {:>9} {:>9} {:>9}",
@@ -239,6 +208,7 @@ fn main() -> ExitCode {
     let mut all_ok = true;
     let mut json = Vec::new();
     let mut mail_lines = Vec::new();
+    let mut outside: std::collections::BTreeMap<String, Vec<String>> = Default::default();
     for (i, o) in outcomes.iter().enumerate() {
         // Verified from outside bmfleet: the target alone holds and answers on the service
         // IP, and its files, tables and sequences equal the origin's by content.
@@ -301,6 +271,14 @@ fn main() -> ExitCode {
             ),
             Err(e) => format!("{}: {e}", o.name),
         });
+        let files_tables = match &checked {
+            Ok(()) => "the target alone holds and answers on the service IP; every data file, table and sequence equals the origin's by content".to_string(),
+            Err(e) => format!("FAILED: {e}"),
+        };
+        outside.insert(
+            o.name.clone(),
+            vec![files_tables, mail_lines.last().cloned().unwrap_or_default()],
+        );
         // What the origin's stand-ins wrote while the migration ran (the origin's BlueMind
         // committing rows, mail arriving and expunged), all compared on the target.
         let origin = format!("origin-{}", i + 1);
@@ -347,6 +325,44 @@ fn main() -> ExitCode {
             })),
             "verified": verified,
         }));
+    }
+    // The migration report, kept after the lab goes (the lab's directory does not stay).
+    let report_dir = std::env::current_dir()
+        .unwrap_or_default()
+        .join("target/lab-report");
+    // The checks made from outside, beside bmfleet's own evidence in the report.
+    let attached = fleet.dir().join("outside-checks.json");
+    if let Err(e) = std::fs::write(&attached, serde_json::json!(outside).to_string()) {
+        eprintln!("demo: {e}");
+    }
+    for (format, file) in [("html", "report.html"), ("md", "report.md")] {
+        let path = report_dir.join(file);
+        let written = std::fs::create_dir_all(&report_dir)
+            .map_err(|e| e.to_string())
+            .and_then(|_| {
+                let out = fleet.bmctl(&[
+                    "fleet",
+                    "report",
+                    "--format",
+                    format,
+                    "--output",
+                    &path.display().to_string(),
+                    "--attach",
+                    &attached.display().to_string(),
+                ]);
+                if out.status.success() {
+                    Ok(())
+                } else {
+                    Err(String::from_utf8_lossy(&out.stderr).into_owned())
+                }
+            });
+        match written {
+            Ok(()) => println!(
+                "== the migration report ({format}) is written to {}",
+                path.display()
+            ),
+            Err(e) => eprintln!("demo: bmctl fleet report --format {format}: {e}"),
+        }
     }
     println!("== mail, from outside (what the sender's Postfix accepted against what each service IP serves over IMAP; a probe logs in every 100 ms)");
     for line in &mail_lines {
