@@ -20,6 +20,7 @@ packages=(
   cyrus-imapd      # BlueMind's mail engine, real in the lab (its own mount namespace per host)
   postfix          # BlueMind's MTA, real in the lab (queue carried by the agent, a sender host)
   chromium-headless-shell  # Debian's headless Chromium: renders the migration report in a test
+  fonts-liberation # the report's text in that browser (Chromium only recommends it)
   gcc              # rusqlite builds SQLite from source
   libc6-dev
   pkg-config

@@ -226,15 +226,38 @@ impl Agent for AgentService {
                 // Mail Postfix accepted goes into Cyrus while both still run (bounded); the
                 // rest is carried at cold sync.
                 ServiceAction::Stop => {
-                    let drained = mail_queue::drain(&config).await;
-                    let mut reply = ServicesReply {
-                        mail_queue: Some(drained),
-                        ..services::run(&config.services, action).await
-                    };
+                    // The session that reads the WAL position is started and connected while
+                    // the services stop.
+                    let (session, mut reply) = tokio::join!(
+                        async {
+                            if read_wal {
+                                Some(
+                                    crate::db::pg::Connection::admin(&config.postgresql)
+                                        .session("postgres")
+                                        .await,
+                                )
+                            } else {
+                                None
+                            }
+                        },
+                        async {
+                            let drained = mail_queue::drain(&config).await;
+                            ServicesReply {
+                                mail_queue: Some(drained),
+                                ..services::run(&config.services, action).await
+                            }
+                        }
+                    );
                     // Nothing writes any more: the position a follower must reach, read here
                     // and now rather than asked by the target once the downtime's steps run.
                     if reply.ok && read_wal {
-                        match crate::db::wal::wal_position(&config).await {
+                        let read = match session {
+                            Some(Ok(session)) => {
+                                crate::db::wal::wal_position_on(&config, session).await
+                            }
+                            _ => crate::db::wal::wal_position(&config).await,
+                        };
+                        match read {
                             Ok(p) => {
                                 reply.wal_position = Some(bmfleet_proto::v1::WalPosition {
                                     lsn: p.lsn,

@@ -55,15 +55,34 @@ pub async fn wal_level(admin: &Connection) -> Result<String, String> {
 pub async fn wal_position(config: &AgentConfig) -> Result<WalPosition, String> {
     let admin = Connection::admin(&config.postgresql);
     let out = admin
-        .psql(
-            "postgres",
-            "BEGIN; SET LOCAL synchronous_commit = on;\n\
-             SELECT pg_catalog.pg_current_wal_insert_lsn(), pg_catalog.current_setting('wal_segment_size'), pg_catalog.txid_current();\n\
-             COMMIT;\n\
-             SELECT pg_catalog.pg_current_wal_flush_lsn();\n",
-        )
+        .psql("postgres", POSITION_SQL)
         .await
         .map_err(|e| e.to_string())?;
+    settled(&admin, &out).await
+}
+
+/// [`wal_position`] on an administrator's session opened beforehand (while the services
+/// stopped): no psql to start and connect once they have.
+pub async fn wal_position_on(
+    config: &AgentConfig,
+    session: crate::db::pg::Session,
+) -> Result<WalPosition, String> {
+    let out = session
+        .finish(POSITION_SQL)
+        .await
+        .map_err(|e| e.to_string())?;
+    settled(&Connection::admin(&config.postgresql), &out).await
+}
+
+/// The insert position in a transaction that commits synchronously, then the flush position.
+const POSITION_SQL: &str = "BEGIN; SET LOCAL synchronous_commit = on;\n\
+     SELECT pg_catalog.pg_current_wal_insert_lsn(), pg_catalog.current_setting('wal_segment_size'), pg_catalog.txid_current();\n\
+     COMMIT;\n\
+     SELECT pg_catalog.pg_current_wal_flush_lsn();\n";
+
+/// The position [`POSITION_SQL`] printed, once the flush position is past it (asked again
+/// every 20 ms, for up to 10 s, while it is not).
+async fn settled(admin: &Connection, out: &str) -> Result<WalPosition, String> {
     let mut lines = out.lines();
     let first = lines.next().unwrap_or_default();
     let mut columns = first.trim().split('\t');
