@@ -421,7 +421,7 @@ impl Engine {
     }
 
     fn dispatch(&self, n: usize, step: Step, attempt: u32) {
-        let job = Job {
+        let mut job = Job {
             migration: self.fleet.policy.name.clone(),
             instance: self.fleet.instances[n].clone(),
             step,
@@ -464,7 +464,6 @@ impl Engine {
             pre_window_rounds: self.fleet.policy.pre_window_rounds,
             origin_wal: None,
         };
-        let mut job = job;
         let stop_wal = self.stop_wal.clone();
         {
             let mut known = stop_wal.lock().unwrap_or_else(|p| p.into_inner());

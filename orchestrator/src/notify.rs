@@ -514,20 +514,15 @@ async fn run_command(argv: &[String], row: &OutboxRow) -> Result<(), String> {
     if out.status.success() {
         Ok(())
     } else {
+        // The end of what it said, where the reason usually is (its last 300 characters).
         let stderr = String::from_utf8_lossy(&out.stderr);
-        Err(format!(
-            "{program} exited {}: {}",
-            out.status,
-            stderr
-                .trim()
-                .chars()
-                .rev()
-                .take(300)
-                .collect::<String>()
-                .chars()
-                .rev()
-                .collect::<String>()
-        ))
+        let stderr = stderr.trim();
+        let tail = stderr
+            .char_indices()
+            .rev()
+            .nth(299)
+            .map_or(stderr, |(at, _)| &stderr[at..]);
+        Err(format!("{program} exited {}: {tail}", out.status))
     }
 }
 
