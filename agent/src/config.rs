@@ -169,7 +169,8 @@ pub struct PostgresConfig {
     pub admin_host: String,
     /// Administrator's role.
     pub admin_user: String,
-    /// Runs the administrator's commands as the OS user peer authentication expects.
+    /// Runs the administrator's commands as the OS user peer authentication expects
+    /// (`runuser -u USER --` is carried out by the agent itself: [`crate::command::prefixed`]).
     pub admin_command_prefix: Vec<String>,
     /// The extensions a target's administrator may create before a restore (BlueMind's need
     /// a superuser; the restore itself runs as `user`): only those the origin's database has,

@@ -903,7 +903,7 @@ async fn copy_config(config: &AgentConfig, origin: &OriginEndpoint) -> CopyConfi
         );
     }
     let timeout = std::time::Duration::from_secs(config.services.command_timeout_secs);
-    if let Err(e) = config_set::install(config, staging.path(), &screened, timeout).await {
+    if let Err(e) = config_set::install(config, staging.path(), &screened).await {
         return CopyConfigReply { stats, ..failed(e) };
     }
     let mut refused: Vec<String> = screened.refused.iter().map(|f| format!("/{f}")).collect();

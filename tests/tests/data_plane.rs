@@ -1513,6 +1513,23 @@ async fn the_config_set_is_copied_with_modes_and_owners_and_maps_are_rebuilt() {
     .unwrap();
     write(&o.join("var/lib/bm-ca/cacert.pem"), b"ca", 0o644);
     write(&o.join("etc/shadow"), b"root:not-part-of-the-set", 0o600);
+    // Extended attributes and an ACL arrive; a link arrives as a link.
+    let ini = o.join("etc/bm/bm.ini");
+    tool(
+        "setfattr",
+        &["-n", "user.bm.origin", "-v", "kept", ini.to_str().unwrap()],
+    );
+    tool("setfacl", &["-m", "u:nobody:r", ini.to_str().unwrap()]);
+    std::os::unix::fs::symlink("bm.ini", o.join("etc/bm/current.ini")).unwrap();
+    // The target's cyrus.conf already holds the origin's content, with a mode and an
+    // attribute of its own: the file stays (same inode) and takes the origin's attributes.
+    let cyrus_here = p.target_root().join("etc/cyrus.conf");
+    write(&cyrus_here, b"SERVICES {}\n", 0o600);
+    tool(
+        "setfattr",
+        &["-n", "user.stale", "-v", "x", cyrus_here.to_str().unwrap()],
+    );
+    let cyrus_inode = cyrus_here.metadata().unwrap().ino();
     // The target's freshly installed admin0.pw: same size and same mtime as the origin's,
     // other content (rsync's quick check would skip it).
     write(&o.join("etc/bm/admin0.pw"), b"admin-origin-1\n", 0o600);
@@ -1582,6 +1599,34 @@ async fn the_config_set_is_copied_with_modes_and_owners_and_maps_are_rebuilt() {
         !t.join("etc/shadow").exists(),
         "a file outside the config set was copied"
     );
+    let attributes = |path: &Path| {
+        let out = std::process::Command::new("getfattr")
+            .args(["-d", "-m", "-", "--absolute-names"])
+            .arg(path)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .skip(1)
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let wanted = attributes(&ini);
+    assert!(
+        wanted
+            .iter()
+            .any(|a| a.starts_with("system.posix_acl_access"))
+            && wanted.iter().any(|a| a == "user.bm.origin=\"kept\""),
+        "{wanted:?}"
+    );
+    assert_eq!(attributes(&t.join("etc/bm/bm.ini")), wanted);
+    assert_eq!(
+        std::fs::read_link(t.join("etc/bm/current.ini")).unwrap(),
+        Path::new("bm.ini")
+    );
+    let cyrus = t.join("etc/cyrus.conf").metadata().unwrap();
+    assert_eq!((cyrus.ino(), cyrus.mode() & 0o7777), (cyrus_inode, 0o644));
+    assert!(attributes(&t.join("etc/cyrus.conf")).is_empty());
     // The maps were rebuilt on the target, not carried over from the origin's libdb.
     let transport = std::fs::read_to_string(t.join("etc/postfix/transport.db")).unwrap();
     assert_eq!(

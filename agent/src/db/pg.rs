@@ -159,8 +159,7 @@ impl Connection {
     /// when empty).
     pub fn command(&self, program: &str, database: &str) -> Command {
         let exe = self.bin.join(program);
-        let mut argv: Vec<String> = self.prefix.clone();
-        argv.push(exe.display().to_string());
+        let mut argv: Vec<String> = vec![exe.display().to_string()];
         argv.extend([
             "-h".into(),
             self.host.clone(),
@@ -174,10 +173,8 @@ impl Connection {
         if !database.is_empty() {
             argv.extend(["-d".into(), database.to_string()]);
         }
-        let mut cmd = Command::new(&argv[0]);
-        cmd.args(&argv[1..])
-            .kill_on_drop(true)
-            .env_remove("PGPASSWORD");
+        let mut cmd = crate::command::prefixed(&self.prefix, &argv);
+        cmd.kill_on_drop(true).env_remove("PGPASSWORD");
         if let Some(pw) = &self.password {
             cmd.env("PGPASSWORD", pw);
         }

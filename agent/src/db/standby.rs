@@ -196,16 +196,19 @@ async fn server(config: &AgentConfig, start: bool) -> Result<(), String> {
 async fn pg_ctl(config: &AgentConfig, args: &[&str]) -> Result<(), String> {
     let pg = &config.postgresql;
     let dir = data_dir(config)?;
-    let mut argv = pg.admin_command_prefix.clone();
-    argv.push(
-        crate::db::pg::bin_dir(pg)
-            .join("pg_ctl")
-            .display()
-            .to_string(),
-    );
+    let mut argv = vec![crate::db::pg::bin_dir(pg)
+        .join("pg_ctl")
+        .display()
+        .to_string()];
     argv.extend(args.iter().map(|a| a.to_string()));
     argv.extend(["-D".to_string(), dir.display().to_string()]);
-    let result = crate::command::run("postgresql", &argv, Duration::from_secs(300)).await;
+    let result = crate::command::run_behind(
+        "postgresql",
+        &pg.admin_command_prefix,
+        &argv,
+        Duration::from_secs(300),
+    )
+    .await;
     if crate::command::succeeded(&result) {
         Ok(())
     } else {

@@ -61,6 +61,25 @@ pub async fn wal_position(config: &AgentConfig) -> Result<WalPosition, String> {
     settled(&admin, &out).await
 }
 
+/// [`wal_position`], and in the same psql the one-row answer of `then` (statements of the
+/// administrator's in the `postgres` database).
+pub async fn wal_position_and(
+    config: &AgentConfig,
+    then: &str,
+) -> Result<(WalPosition, String), String> {
+    let admin = Connection::admin(&config.postgresql);
+    let out = admin
+        .psql("postgres", &format!("{POSITION_SQL}{then}"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let answer = out
+        .lines()
+        .nth(2)
+        .ok_or_else(|| format!("no answer after the WAL position in {out:?}"))?
+        .to_string();
+    Ok((settled(&admin, &out).await?, answer))
+}
+
 /// [`wal_position`] on an administrator's session opened beforehand (while the services
 /// stopped): no psql to start and connect once they have.
 pub async fn wal_position_on(

@@ -19,21 +19,24 @@
 //! rsync makes it equal to the origin's, present or not).
 
 use std::collections::{HashMap, VecDeque};
-use std::io::ErrorKind;
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 /// More changed paths than this and the journal gives up (the full walk is as cheap then).
 pub const MAX_PATHS: usize = 2_000_000;
 /// Marks kept (the newest).
 const MAX_MARKS: usize = 64;
-/// How long the reader sleeps when the queue is empty.
-const IDLE: Duration = Duration::from_millis(20);
+/// How long the reader waits in `poll` at most when the queue is empty (ms).
+const IDLE: u16 = 1000;
 
 fn mask() -> WatchMask {
     WatchMask::CREATE
@@ -99,6 +102,8 @@ pub struct ChangeJournal {
     absent: Vec<PathBuf>,
     state: Arc<Mutex<State>>,
     drain: Mutex<mpsc::Sender<Drain>>,
+    /// Wakes the reader (waiting in `poll` for events) when a drain is asked.
+    wake: Option<UnixStream>,
 }
 
 /// The paths a final pass moves, or why the journal cannot give them.
@@ -218,7 +223,9 @@ impl Reader {
         true
     }
 
-    fn run(mut self, requests: mpsc::Receiver<Drain>) {
+    /// Reads events as they come (waiting in `poll` on the inotify descriptor and on
+    /// `wake`) and answers each drain request once the queue is empty.
+    fn run(mut self, requests: mpsc::Receiver<Drain>, wake: UnixStream) {
         let mut buffer = vec![0u8; 64 * 1024];
         let mut waiting: Vec<Drain> = Vec::new();
         loop {
@@ -234,7 +241,17 @@ impl Reader {
                 for d in waiting.drain(..) {
                     let _ = d.send(());
                 }
-                std::thread::sleep(IDLE);
+                // Nothing queued: wait for the next event or drain request (a request is
+                // answered at once, not after a sleep: the final pass asks twice).
+                let mut fds = [
+                    PollFd::new(self.inotify.as_fd(), PollFlags::POLLIN),
+                    PollFd::new(wake.as_fd(), PollFlags::POLLIN),
+                ];
+                if poll(&mut fds, PollTimeout::from(IDLE)).is_err() {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let mut byte = [0u8; 64];
+                while matches!((&wake).read(&mut byte), Ok(n) if n > 0) {}
             }
         }
     }
@@ -246,14 +263,24 @@ impl ChangeJournal {
     pub fn start(roots: Vec<PathBuf>) -> ChangeJournal {
         let state = Arc::new(Mutex::new(State::default()));
         let (tx, rx) = mpsc::channel();
+        let pair = UnixStream::pair().and_then(|(a, b)| {
+            a.set_nonblocking(true)?;
+            b.set_nonblocking(true)?;
+            Ok((a, b))
+        });
+        let (wake, woken) = match pair {
+            Ok((a, b)) => (Some(a), Ok(b)),
+            Err(e) => (None, Err(e)),
+        };
         let journal = ChangeJournal {
             roots: roots.clone(),
             absent: roots.iter().filter(|r| !r.is_dir()).cloned().collect(),
             state: state.clone(),
             drain: Mutex::new(tx),
+            wake,
         };
-        match Inotify::init() {
-            Ok(inotify) => {
+        match Inotify::init().and_then(|i| Ok((i, woken?))) {
+            Ok((inotify, woken)) => {
                 let mut reader = Reader {
                     inotify,
                     dirs: HashMap::new(),
@@ -265,7 +292,7 @@ impl ChangeJournal {
                         reader.watch_tree(root, false);
                     }
                 }
-                std::thread::spawn(move || reader.run(rx));
+                std::thread::spawn(move || reader.run(rx, woken));
             }
             Err(e) => {
                 journal.lock().broken = Some(format!("inotify is not available: {e}"));
@@ -288,6 +315,10 @@ impl ChangeJournal {
             .unwrap_or_else(|p| p.into_inner())
             .send(tx)
             .is_ok();
+        if let Some(mut wake) = self.wake.as_ref() {
+            // Full of earlier wake-ups: the reader wakes anyway.
+            let _ = wake.write(&[1]);
+        }
         sent && rx.recv_timeout(Duration::from_secs(30)).is_ok()
     }
 

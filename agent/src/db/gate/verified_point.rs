@@ -863,10 +863,9 @@ pub(crate) async fn blocks_named_since(
     since: &str,
 ) -> Result<(String, BTreeSet<BlockRef>), String> {
     let start = parse_lsn(since).ok_or_else(|| format!("{since:?} is not an LSN"))?;
-    let admin = Connection::admin(&config.postgresql);
-    // Flushed (pg_waldump reads files); where pg_waldump and the WAL are, beside it.
-    let (position, facts) = tokio::join!(crate::db::wal::wal_position(config), wal_facts(&admin));
-    let position = position?;
+    // Flushed (pg_waldump reads files); where pg_waldump and the WAL are, in the same psql
+    // (a process fewer on cores the downtime's other steps share).
+    let (position, facts) = crate::db::wal::wal_position_and(config, FACTS_SQL).await?;
     let insert =
         parse_lsn(&position.lsn).ok_or_else(|| format!("{:?} is not an LSN", position.lsn))?;
     // An insert position right after a page header (an idle cluster after a segment switch)
@@ -874,7 +873,7 @@ pub(crate) async fn blocks_named_since(
     let end = caught_up_at(insert, position.segment_size);
     let until = crate::db::wal::lsn_text(end);
     let named = if end > start {
-        named_blocks(config, &facts?, since, &until).await?
+        named_blocks(config, &facts, since, &until).await?
     } else {
         BTreeSet::new()
     };
@@ -882,18 +881,10 @@ pub(crate) async fn blocks_named_since(
 }
 
 /// The server's data directory and major, as `data_dir\tmajor`.
-async fn wal_facts(admin: &Connection) -> Result<String, String> {
-    admin
-        .psql(
-            "postgres",
-            "SELECT pg_catalog.current_setting('data_directory'), pg_catalog.current_setting('server_version_num')::int / 10000;\n",
-        )
-        .await
-        .map_err(|e| e.to_string())
-}
+const FACTS_SQL: &str = "SELECT pg_catalog.current_setting('data_directory'), pg_catalog.current_setting('server_version_num')::int / 10000;\n";
 
 /// The heap blocks this host's WAL names between `since` and `until` (`pg_waldump` of the
-/// server's own major, reading `pg_wal`; `facts` from [`wal_facts`]).
+/// server's own major, reading `pg_wal`; `facts` as [`FACTS_SQL`] answers).
 async fn named_blocks(
     config: &AgentConfig,
     facts: &str,
@@ -911,8 +902,7 @@ async fn named_blocks(
         crate::db::pg::bin_dir(&config.postgresql).join("pg_waldump")
     };
     let wal = std::path::Path::new(data_dir).join("pg_wal");
-    let mut argv: Vec<String> = config.postgresql.admin_command_prefix.clone();
-    argv.extend([
+    let argv: Vec<String> = vec![
         exe.display().to_string(),
         "-p".into(),
         wal.display().to_string(),
@@ -920,9 +910,8 @@ async fn named_blocks(
         since.into(),
         "-e".into(),
         until.into(),
-    ]);
-    let mut child = tokio::process::Command::new(&argv[0])
-        .args(&argv[1..])
+    ];
+    let mut child = crate::command::prefixed(&config.postgresql.admin_command_prefix, &argv)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
