@@ -452,22 +452,61 @@ fn current_tables(database: &str, json: &str) -> Result<Vec<CurrentTable>, Strin
         .collect())
 }
 
-/// BlueMind's databases on this host, and every table of theirs, as `conn` sees them.
+/// BlueMind's databases on this host, and every table of theirs, as `conn` sees them: one
+/// psql that finds which of them exist and reconnects to each (a psql process costs more
+/// CPU to start than its queries take, on cores the downtime's other steps share).
 pub(crate) async fn tables_here(
     config: &AgentConfig,
     conn: &Connection,
 ) -> Result<(Vec<String>, Vec<CurrentTable>), String> {
-    let databases = conn
-        .existing_databases(&config.postgresql.databases)
+    let wanted = &config.postgresql.databases;
+    let out = conn
+        .psql("postgres", &tables_script(wanted))
         .await
         .map_err(|e| e.to_string())?;
-    // One session per database, side by side (the downtime's gate waits for them).
-    let each = databases.iter().map(|db| async move {
-        let json = conn.psql(db, TABLES_SQL).await.map_err(|e| e.to_string())?;
-        current_tables(db, &json)
-    });
-    let tables = futures_util::future::try_join_all(each).await?;
-    Ok((databases, tables.into_iter().flatten().collect()))
+    tables_answer(wanted, &out)
+}
+
+/// The psql script of [`tables_here`]: which of `wanted` exist (`\gset`), then for each that
+/// does a marker line, a reconnection to it and [`TABLES_SQL`].
+fn tables_script(wanted: &[String]) -> String {
+    let mut script = String::new();
+    for (i, db) in wanted.iter().enumerate() {
+        script.push_str(&format!(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_database WHERE datname = {}) AS bmfleet_db{i} \\gset\n",
+            literal(db)
+        ));
+    }
+    for (i, db) in wanted.iter().enumerate() {
+        // A meta-command's argument: single-quoted, quotes doubled, backslashes escaped.
+        let name = db.replace('\\', "\\\\").replace('\'', "''");
+        script.push_str(&format!(
+            "\\if :bmfleet_db{i}\n\\echo {TABLES_MARKER} {i}\n\\c '{name}'\n{TABLES_SQL}\n\\endif\n"
+        ));
+    }
+    script
+}
+
+/// The line [`tables_script`] prints before a database's tables.
+const TABLES_MARKER: &str = "bmfleet-database";
+
+/// Reads what [`tables_script`] printed: the databases of `wanted` that exist, in order, and
+/// their tables.
+fn tables_answer(wanted: &[String], out: &str) -> Result<(Vec<String>, Vec<CurrentTable>), String> {
+    let (mut databases, mut tables) = (Vec::new(), Vec::new());
+    let mut lines = out.lines().filter(|l| !l.trim().is_empty());
+    while let Some(line) = lines.next() {
+        let db = line
+            .strip_prefix(TABLES_MARKER)
+            .and_then(|i| wanted.get(i.trim().parse::<usize>().ok()?))
+            .ok_or_else(|| format!("unexpected line {line:?} among the tables"))?;
+        let json = lines
+            .next()
+            .ok_or_else(|| format!("no tables of {db} in the answer"))?;
+        tables.extend(current_tables(db, json)?);
+        databases.push(db.clone());
+    }
+    Ok((databases, tables))
 }
 
 /// A whole-table checksum of every table, as [`crate::db::pg::Connection::manifest`] computes it,
@@ -1069,6 +1108,30 @@ pub async fn compare_selection(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_psql_lists_the_tables_of_the_databases_that_exist() {
+        let wanted = vec!["bj".to_string(), "bj-data".to_string(), "it's".to_string()];
+        let script = tables_script(&wanted);
+        assert!(script.contains("\\c 'bj-data'\n") && script.contains("\\c 'it''s'\n"));
+        assert_eq!(script.matches("\\gset").count(), 3);
+        // bj-data does not exist here: no marker for it.
+        let out = "bmfleet-database 0\n{\"oid\": 16384, \"tablespace\": 1663, \"tables\": [[\"public\", \"t_mailbox\", 16400, 0]]}\n\
+                   bmfleet-database 2\n{\"oid\": 16390, \"tablespace\": 1663, \"tables\": []}\n";
+        let (databases, tables) = tables_answer(&wanted, out).unwrap();
+        assert_eq!(databases, ["bj", "it's"]);
+        assert_eq!(tables.len(), 1);
+        assert_eq!(
+            (
+                tables[0].file.database.as_str(),
+                tables[0].file.table.as_str(),
+                tables[0].file.filenode
+            ),
+            ("bj", "t_mailbox", 16400)
+        );
+        assert!(tables_answer(&wanted, "bmfleet-database 7\n{}\n").is_err());
+        assert!(tables_answer(&wanted, "bmfleet-database 0\n").is_err());
+    }
 
     #[test]
     fn waldump_lines_name_main_fork_blocks() {
