@@ -268,6 +268,17 @@ impl DataPlane {
             }
             TunnelRequest::WalPosition { .. } => db::wal_position(config, stream).await,
             TunnelRequest::VerifiedPoint { per_block, .. } => {
+                // The stop may follow the point: the position read at it and the gate's
+                // queries run on sessions started now, while the point's sums run (not
+                // after them, beside the stop).
+                let (admin, bluemind) = (
+                    crate::db::pg::Connection::admin(&config.postgresql),
+                    crate::db::pg::Connection::bluemind_here(config),
+                );
+                tokio::spawn(async move {
+                    admin.warm("postgres", 2).await;
+                    bluemind.warm("postgres", 1).await;
+                });
                 db::verified_point(
                     config,
                     &crate::db::pg::Connection::bluemind_here(config),

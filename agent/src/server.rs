@@ -233,7 +233,7 @@ impl Agent for AgentService {
                             if read_wal {
                                 Some(
                                     crate::db::pg::Connection::admin(&config.postgresql)
-                                        .session("postgres")
+                                        .warm_session("postgres")
                                         .await,
                                 )
                             } else {
@@ -555,6 +555,10 @@ impl Agent for AgentService {
     ) -> Result<Response<VerifyFollowingReply>, Status> {
         let req = request.into_inner();
         let started = std::time::Instant::now();
+        // The downtime may follow the point: its catch-up watch and its gate's tables read
+        // on sessions started now, while the point is taken (not after it, in the downtime).
+        let owner = crate::db::pg::Connection::owner(&self.config.postgresql);
+        tokio::spawn(async move { owner.warm("postgres", 2).await });
         let outcome = match crate::db::follow::following(&self.config) {
             Some(state) if state.name == req.origin_name && state.logical.is_some() => {
                 crate::db::gate::block_point::establish(

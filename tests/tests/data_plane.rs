@@ -2118,6 +2118,58 @@ async fn a_hostile_origin_cannot_run_code_or_touch_other_databases_on_the_target
 }
 
 #[tokio::test]
+async fn a_warmed_psql_session_answers_and_one_whose_backend_ended_is_replaced() {
+    use bmfleet_agent::db::pg::Connection;
+    let pg = PgCluster::start();
+    let admin = Connection::admin(&pg.agent_settings());
+    admin.warm("postgres", 2).await;
+    let others = "SELECT pid FROM pg_catalog.pg_stat_activity \
+                  WHERE backend_type = 'client backend' AND pid <> pg_catalog.pg_backend_pid() ORDER BY pid";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let warmed: Vec<String> = loop {
+        let pids: Vec<String> = pg
+            .sql("postgres", others)
+            .lines()
+            .map(str::to_string)
+            .collect();
+        if pids.len() == 2 || Instant::now() > deadline {
+            break pids;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(warmed.len(), 2, "two warmed sessions connected: {warmed:?}");
+    // Taken for a query: a warmed session answers (its backend is one of them).
+    let first = admin
+        .psql_warm("postgres", "SELECT pg_catalog.pg_backend_pid();")
+        .await
+        .unwrap();
+    assert!(
+        warmed.contains(&first.trim().to_string()),
+        "{first} not in {warmed:?}"
+    );
+    // The other's backend ends (as a server restart ends it): a fresh psql answers instead.
+    let other = warmed.iter().find(|p| **p != first.trim()).unwrap();
+    pg.sql(
+        "postgres",
+        &format!("SELECT pg_catalog.pg_terminate_backend({other});"),
+    );
+    let second = admin
+        .psql_warm("postgres", "SELECT pg_catalog.pg_backend_pid();")
+        .await
+        .unwrap();
+    let second = second.trim().to_string();
+    assert!(
+        !second.is_empty() && !warmed.contains(&second),
+        "{second} in {warmed:?}"
+    );
+    // None is left waiting: one was taken, the other ended.
+    assert!(
+        pg.sql("postgres", others).trim().is_empty(),
+        "no session left waiting"
+    );
+}
+
+#[tokio::test]
 async fn table_checksums_ignore_row_order_and_tell_a_changed_row() {
     use bmfleet_agent::db::pg::{Checksum, Connection};
     let pg = PgCluster::start();

@@ -245,6 +245,78 @@ impl Connection {
         })
     }
 
+    /// Starts psql sessions on `database` now (up to `count` waiting), connected and idle, for
+    /// [`Connection::warm_session`] and [`Connection::psql_warm`] to take in the downtime (a
+    /// psql's start costs more CPU than its queries, on cores the downtime's steps share).
+    /// Kept for [`WARM_TTL`] at most; a session that cannot start is simply not there.
+    pub async fn warm(&self, database: &str, count: usize) {
+        let key = self.warm_key(database);
+        let there = warm_pool().iter().filter(|w| w.key == key).count();
+        for _ in there..count {
+            match self.session(database).await {
+                Ok(session) => warm_pool().push(Warm {
+                    key: key.clone(),
+                    session,
+                    since: std::time::Instant::now(),
+                }),
+                Err(e) => tracing::debug!(error = %e, "a psql session could not be warmed"),
+            }
+        }
+        // Unused ones end with their time.
+        tokio::spawn(async {
+            tokio::time::sleep(WARM_TTL).await;
+            warm_pool().retain(|w| w.since.elapsed() < WARM_TTL);
+        });
+    }
+
+    /// A session on `database` warmed ahead ([`Connection::warm`]) that still runs, or a new one.
+    pub async fn warm_session(&self, database: &str) -> Result<Session, PgError> {
+        match self.take_warm(database) {
+            Some(session) => Ok(session),
+            None => self.session(database).await,
+        }
+    }
+
+    /// [`Connection::psql`] on a session warmed ahead when there is one. For statements that
+    /// read, or may run twice: a warmed session that fails (its server restarted meanwhile)
+    /// is followed by a fresh psql.
+    pub async fn psql_warm(&self, database: &str, sql: &str) -> Result<String, PgError> {
+        if let Some(session) = self.take_warm(database) {
+            match session.finish(sql).await {
+                Ok(out) => return Ok(out),
+                Err(e) => {
+                    tracing::info!(error = %e, "a warmed psql session failed: a fresh one runs it")
+                }
+            }
+        }
+        self.psql(database, sql).await
+    }
+
+    fn take_warm(&self, database: &str) -> Option<Session> {
+        let key = self.warm_key(database);
+        let mut pool = warm_pool();
+        pool.retain_mut(|w| {
+            w.since.elapsed() < WARM_TTL && w.session.child.try_wait().is_ok_and(|s| s.is_none())
+        });
+        let at = pool.iter().position(|w| w.key == key)?;
+        Some(pool.swap_remove(at).session)
+    }
+
+    /// What makes two sessions interchangeable: the same program, server, login, password,
+    /// settings and database.
+    fn warm_key(&self, database: &str) -> String {
+        format!(
+            "{:?}\0{}\0{}\0{}\0{}\0{:?}\0{}\0{database}",
+            self.prefix,
+            self.bin.display(),
+            self.host,
+            self.port,
+            self.user,
+            self.password,
+            self.options
+        )
+    }
+
     /// Which of `wanted` exist on the server.
     pub async fn existing_databases(&self, wanted: &[String]) -> Result<Vec<String>, PgError> {
         let out = self
@@ -366,6 +438,22 @@ impl Connection {
         manifest.tables.sort_by(|a, b| a.table.cmp(&b.table));
         Ok(manifest)
     }
+}
+
+/// How long a session warmed ahead ([`Connection::warm`]) waits to be taken.
+pub const WARM_TTL: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// A session warmed ahead, and for which connection and database.
+struct Warm {
+    key: String,
+    session: Session,
+    since: std::time::Instant,
+}
+
+/// The sessions warmed ahead, in this agent.
+fn warm_pool() -> std::sync::MutexGuard<'static, Vec<Warm>> {
+    static POOL: std::sync::Mutex<Vec<Warm>> = std::sync::Mutex::new(Vec::new());
+    POOL.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// An interactive psql session ([`Connection::session`]). Dropping it kills psql, which ends

@@ -650,7 +650,7 @@ pub async fn promote(
     // it at the stop).
     let (position, watch) = tokio::join!(
         stop_position(config, tls.clone(), origin, known),
-        owner.session("postgres")
+        owner.warm_session("postgres")
     );
     let (position, wanted) = position?;
     let mut watch = watch.map_err(|e| format!("watching the standby's replay: {e}"))?;

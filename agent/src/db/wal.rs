@@ -69,7 +69,7 @@ pub async fn wal_position_and(
 ) -> Result<(WalPosition, String), String> {
     let admin = Connection::admin(&config.postgresql);
     let out = admin
-        .psql("postgres", &format!("{POSITION_SQL}{then}"))
+        .psql_warm("postgres", &format!("{POSITION_SQL}{then}"))
         .await
         .map_err(|e| e.to_string())?;
     let answer = out

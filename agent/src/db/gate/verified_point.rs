@@ -461,7 +461,7 @@ pub(crate) async fn tables_here(
 ) -> Result<(Vec<String>, Vec<CurrentTable>), String> {
     let wanted = &config.postgresql.databases;
     let out = conn
-        .psql("postgres", &tables_script(wanted))
+        .psql_warm("postgres", &tables_script(wanted))
         .await
         .map_err(|e| e.to_string())?;
     tables_answer(wanted, &out)
