@@ -247,7 +247,9 @@ impl Reader {
                     PollFd::new(self.inotify.as_fd(), PollFlags::POLLIN),
                     PollFd::new(wake.as_fd(), PollFlags::POLLIN),
                 ];
-                if poll(&mut fds, PollTimeout::from(IDLE)).is_err() {
+                // A broken reader (its descriptor failing) must not spin on it.
+                if poll(&mut fds, PollTimeout::from(IDLE)).is_err() || self.state().broken.is_some()
+                {
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 let mut byte = [0u8; 64];
