@@ -2170,6 +2170,45 @@ async fn a_warmed_psql_session_answers_and_one_whose_backend_ended_is_replaced()
 }
 
 #[tokio::test]
+async fn a_wal_position_read_leaves_nothing_unflushed_behind_it() {
+    let pg = PgCluster::start();
+    let pki = TestPki::new();
+    let dir = open_tempdir();
+    let mut config = agent_config(pki.issue("origin-1", Role::Agent), dir.path(), vec![]);
+    config.postgresql = pg.agent_settings();
+    // BlueMind's commits are asynchronous (the lab's cluster runs with synchronous_commit off).
+    pg.sql(
+        "postgres",
+        "CREATE TABLE written (n int); INSERT INTO written SELECT generate_series(1, 1000);",
+    );
+    let unflushed = || {
+        // Read only: no record of its own.
+        let out = pg.sql(
+            "postgres",
+            "SELECT pg_catalog.pg_current_wal_insert_lsn(), pg_catalog.pg_current_wal_flush_lsn();",
+        );
+        let (insert, flush) = out.trim().split_once('|').expect("two positions");
+        let lsn = |t: &str| bmfleet_agent::db::wal::parse_lsn(t).expect("an LSN");
+        // A page header the next record would start after is not a record.
+        let end = bmfleet_agent::db::wal::caught_up_at(lsn(insert), 16 << 20);
+        end.saturating_sub(lsn(flush))
+    };
+    for read in 1..=3 {
+        let position = bmfleet_agent::db::wal::wal_position(&config)
+            .await
+            .expect("the position");
+        // What the read names is flushed, and so is what the read itself wrote: the next read
+        // (the gate's, right after the stop's) has nothing to wait for.
+        let left = unflushed();
+        assert!(
+            left == 0,
+            "read {read} at {}: {left} bytes of WAL inserted but not flushed after it",
+            position.lsn
+        );
+    }
+}
+
+#[tokio::test]
 async fn table_checksums_ignore_row_order_and_tell_a_changed_row() {
     use bmfleet_agent::db::pg::{Checksum, Connection};
     let pg = PgCluster::start();

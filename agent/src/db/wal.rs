@@ -45,13 +45,17 @@ pub async fn wal_level(admin: &Connection) -> Result<String, String> {
 /// The origin's WAL insert position (its services stopped: nothing more will be written),
 /// flushed: what it names is on disk, hence on its way to the followers.
 ///
-/// The same transaction takes a transaction id and commits synchronously (whatever the
-/// cluster's `synchronous_commit`: BlueMind's runs with `off`), so that its commit flushes
-/// the WAL past that position: the last records the origin inserted without a flush (its
-/// asynchronous commits, the background writer's snapshot of running transactions, pruned
-/// pages) reach its followers now, not when the WAL writer next wakes (200 ms, seconds once
-/// it hibernates) — a follower's catch-up in the downtime waited for it. The next statement
-/// reads the flush position (checked; waited for up to 10 s if it is short).
+/// The same transaction writes a record (a transactional logical message, a no-op for
+/// physical followers and for subscriptions that do not ask for messages) and commits
+/// synchronously (whatever the cluster's `synchronous_commit`: BlueMind's runs with `off`),
+/// so that its commit flushes the WAL past that position: the last records the origin
+/// inserted without a flush (its asynchronous commits, the background writer's snapshot of
+/// running transactions, pruned pages) reach its followers now, not when the WAL writer
+/// next wakes (200 ms, seconds once it hibernates) — a follower's catch-up in the downtime
+/// waited for it. A transaction that only took an xid would not do: PostgreSQL commits one
+/// that wrote no other record asynchronously (`RecordTransactionCommit`), and its unflushed
+/// commit record made the next read wait for the WAL writer. The next statement reads the
+/// flush position (checked; waited for up to 10 s if it is short).
 pub async fn wal_position(config: &AgentConfig) -> Result<WalPosition, String> {
     let admin = Connection::admin(&config.postgresql);
     let out = admin
@@ -95,7 +99,8 @@ pub async fn wal_position_on(
 
 /// The insert position in a transaction that commits synchronously, then the flush position.
 const POSITION_SQL: &str = "BEGIN; SET LOCAL synchronous_commit = on;\n\
-     SELECT pg_catalog.pg_current_wal_insert_lsn(), pg_catalog.current_setting('wal_segment_size'), pg_catalog.txid_current();\n\
+     SELECT pg_catalog.pg_current_wal_insert_lsn(), pg_catalog.current_setting('wal_segment_size'), \
+     pg_catalog.pg_logical_emit_message(true, 'bmfleet', 'position') IS NOT NULL;\n\
      COMMIT;\n\
      SELECT pg_catalog.pg_current_wal_flush_lsn();\n";
 

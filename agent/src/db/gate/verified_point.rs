@@ -126,6 +126,10 @@ pub struct Selection {
     /// Why not (the origin's refusal arrives as this).
     #[serde(default)]
     pub error: String,
+    /// Where the origin's time went before it answered (milliseconds from its admission):
+    /// WAL read (position and `pg_waldump`), and its tables listed, side by side.
+    #[serde(default)]
+    pub origin_ms: (u64, u64),
 }
 
 /// The origin's sums over a selection (or why not: `error`).
@@ -869,15 +873,24 @@ where
     // Admitted before reading the WAL (a busy day's takes a while): what fails from here on
     // reaches the target as the `error` of its `Selection`.
     admit(stream).await?;
-    let ((until, named), (databases, current)) = tokio::try_join!(
-        blocks_named_since(config, since),
-        tables_here(config, bluemind)
+    let started = Instant::now();
+    let took = || started.elapsed().as_millis() as u64;
+    let ((until, named, wal_ms), (databases, current, tables_ms)) = tokio::try_join!(
+        async {
+            let (until, named) = blocks_named_since(config, since).await?;
+            Ok::<_, String>((until, named, took()))
+        },
+        async {
+            let (databases, current) = tables_here(config, bluemind).await?;
+            Ok((databases, current, took()))
+        }
     )?;
     let selection = Selection {
         since: since.to_string(),
         until,
         tables: select(verified, &current, &named),
         error: String::new(),
+        origin_ms: (wal_ms, tables_ms),
     };
     write_json_line(stream, &selection)
         .await
@@ -1091,8 +1104,9 @@ pub async fn compare_selection(
     let wal = parse_lsn(&selection.until)
         .zip(parse_lsn(&selection.since))
         .map_or(0, |(u, s)| u.saturating_sub(s));
+    let (wal_ms, tables_ms) = selection.origin_ms;
     let summary = format!(
-        "changes since the verified point {} ({} KiB of WAL): {blocks} blocks of {} tables compared{}",
+        "changes since the verified point {} ({} KiB of WAL): {blocks} blocks of {} tables compared{} (the origin read its WAL in {wal_ms} ms and listed its tables in {tables_ms} ms)",
         selection.since,
         wal / 1024,
         selection.tables.len(),
@@ -1332,6 +1346,7 @@ mod tests {
             until: "FFFFFFFF/FFFFFFFF".into(),
             tables: chosen,
             error: String::new(),
+            origin_ms: (u64::MAX, u64::MAX),
         })
         .unwrap();
         assert!(line.len() < tunnel::MAX_LINE, "{} bytes", line.len());
