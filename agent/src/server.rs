@@ -556,9 +556,14 @@ impl Agent for AgentService {
         let req = request.into_inner();
         let started = std::time::Instant::now();
         // The downtime may follow the point: its catch-up watch and its gate's tables read
-        // on sessions started now, while the point is taken (not after it, in the downtime).
+        // on sessions started now, while the point is taken (not after it, in the downtime),
+        // and the promotion's last statements on an administrator's.
         let owner = crate::db::pg::Connection::owner(&self.config.postgresql);
-        tokio::spawn(async move { owner.warm("postgres", 2).await });
+        let admin = crate::db::pg::Connection::admin(&self.config.postgresql);
+        tokio::spawn(async move {
+            owner.warm("postgres", 2).await;
+            admin.warm("postgres", 1).await;
+        });
         let outcome = match crate::db::follow::following(&self.config) {
             Some(state) if state.name == req.origin_name && state.logical.is_some() => {
                 crate::db::gate::block_point::establish(

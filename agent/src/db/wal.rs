@@ -66,14 +66,15 @@ pub async fn wal_position(config: &AgentConfig) -> Result<WalPosition, String> {
 }
 
 /// [`wal_position`], and in the same psql the one-row answer of `then` (statements of the
-/// administrator's in the `postgres` database).
+/// administrator's in the `postgres` database). When everything inserted is flushed already
+/// (an origin whose stop read its position), the position is only read: nothing written.
 pub async fn wal_position_and(
     config: &AgentConfig,
     then: &str,
 ) -> Result<(WalPosition, String), String> {
     let admin = Connection::admin(&config.postgresql);
     let out = admin
-        .psql_warm("postgres", &format!("{POSITION_SQL}{then}"))
+        .psql_warm("postgres", &format!("{READ_SQL}{then}"))
         .await
         .map_err(|e| e.to_string())?;
     let answer = out
@@ -81,7 +82,11 @@ pub async fn wal_position_and(
         .nth(2)
         .ok_or_else(|| format!("no answer after the WAL position in {out:?}"))?
         .to_string();
-    Ok((settled(&admin, &out).await?, answer))
+    let (position, end, flushed) = read_answer(&out)?;
+    if flushed.is_some_and(|f| f >= end) {
+        return Ok((position, answer));
+    }
+    Ok((wal_position(config).await?, answer))
 }
 
 /// [`wal_position`] on an administrator's session opened beforehand (while the services
@@ -97,6 +102,10 @@ pub async fn wal_position_on(
     settled(&Connection::admin(&config.postgresql), &out).await
 }
 
+/// The insert position, then the flush position: read, nothing written.
+const READ_SQL: &str = "SELECT pg_catalog.pg_current_wal_insert_lsn(), pg_catalog.current_setting('wal_segment_size');\n\
+     SELECT pg_catalog.pg_current_wal_flush_lsn();\n";
+
 /// The insert position in a transaction that commits synchronously, then the flush position.
 const POSITION_SQL: &str = "BEGIN; SET LOCAL synchronous_commit = on;\n\
      SELECT pg_catalog.pg_current_wal_insert_lsn(), pg_catalog.current_setting('wal_segment_size'), \
@@ -104,9 +113,9 @@ const POSITION_SQL: &str = "BEGIN; SET LOCAL synchronous_commit = on;\n\
      COMMIT;\n\
      SELECT pg_catalog.pg_current_wal_flush_lsn();\n";
 
-/// The position [`POSITION_SQL`] printed, once the flush position is past it (asked again
-/// every 20 ms, for up to 10 s, while it is not).
-async fn settled(admin: &Connection, out: &str) -> Result<WalPosition, String> {
+/// What [`POSITION_SQL`] or [`READ_SQL`] printed: the position, the replay position that
+/// holds everything before it ([`caught_up_at`]) and the flush position.
+fn read_answer(out: &str) -> Result<(WalPosition, u64, Option<u64>), String> {
     let mut lines = out.lines();
     let first = lines.next().unwrap_or_default();
     let mut columns = first.trim().split('\t');
@@ -121,11 +130,20 @@ async fn settled(admin: &Connection, out: &str) -> Result<WalPosition, String> {
     let end = parse_lsn(lsn)
         .map(|l| caught_up_at(l, position.segment_size))
         .ok_or_else(|| format!("the WAL position {lsn:?} is not an LSN"))?;
-    let mut flushed = lines.next().and_then(parse_lsn);
+    Ok((position, end, lines.next().and_then(parse_lsn)))
+}
+
+/// The position [`POSITION_SQL`] printed, once the flush position is past it (asked again
+/// every 20 ms, for up to 10 s, while it is not).
+async fn settled(admin: &Connection, out: &str) -> Result<WalPosition, String> {
+    let (position, end, mut flushed) = read_answer(out)?;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while flushed.is_none_or(|f| f < end) {
         if std::time::Instant::now() > deadline {
-            return Err(format!("the WAL here is not flushed up to {lsn}"));
+            return Err(format!(
+                "the WAL here is not flushed up to {}",
+                position.lsn
+            ));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
         let out = admin
