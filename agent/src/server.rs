@@ -690,7 +690,7 @@ impl Agent for AgentService {
                     ..Default::default()
                 };
             }
-            copy_config(&config, &origin).await
+            copy_config(&config, &origin, req.origin_queue_empty).await
         };
         self.journaled(&req.operation_id, "copy_config", &req.encode_to_vec(), run)
             .await
@@ -872,7 +872,11 @@ async fn pull_listed(
 /// Copies the configuration file set in one transfer and the origin's Postfix queue in
 /// another beside it (both services stopped: this is the cold sync), installs the set,
 /// rebuilds the postfix maps, then puts the queue in place.
-async fn copy_config(config: &AgentConfig, origin: &OriginEndpoint) -> CopyConfigReply {
+async fn copy_config(
+    config: &AgentConfig,
+    origin: &OriginEndpoint,
+    origin_queue_empty: bool,
+) -> CopyConfigReply {
     let failed = |error: String| CopyConfigReply {
         ok: false,
         error,
@@ -882,7 +886,8 @@ async fn copy_config(config: &AgentConfig, origin: &OriginEndpoint) -> CopyConfi
     // host's own patterns name is installed from there (a hostile origin's /etc/cron.d or
     // /root/.ssh stays in staging, reported, and is deleted with it).
     // The Postfix queue comes in its own staging dir, in a transfer that runs beside the
-    // config set's (both are in the downtime).
+    // config set's (both are in the downtime), unless the origin's stop found no message in
+    // it (a transfer fewer in the downtime).
     let (staging, queue) = match (
         tempfile::tempdir_in(&config.state_dir),
         tempfile::tempdir_in(&config.state_dir),
@@ -894,7 +899,13 @@ async fn copy_config(config: &AgentConfig, origin: &OriginEndpoint) -> CopyConfi
     };
     let (set, queued) = tokio::join!(
         pull_listed(config, origin, CONFIG_SET_TOKEN, staging.path()),
-        pull_listed(config, origin, MAIL_QUEUE_TOKEN, queue.path())
+        async {
+            if origin_queue_empty {
+                Ok(bmfleet_proto::v1::SyncStats::default())
+            } else {
+                pull_listed(config, origin, MAIL_QUEUE_TOKEN, queue.path()).await
+            }
+        }
     );
     let stats = match set {
         Ok(stats) => Some(stats),

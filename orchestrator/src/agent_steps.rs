@@ -448,6 +448,7 @@ async fn copy_config(
         .copy_config(CopyConfigRequest {
             operation_id: job.operation_id.clone(),
             origin: Some(endpoint),
+            origin_queue_empty: job.origin_queue_empty,
         })
         .await
         .map_err(|s| describe_status(&s))?
@@ -1180,6 +1181,11 @@ async fn services_reading_wal(
                 .map(|w| format!("{}'s WAL position once stopped: {}", agent.name, w.lsn))
                 .unwrap_or_default(),
             origin_wal: reply.wal_position,
+            // No message in any of its queues once stopped (not known: pulled).
+            origin_queue_empty: reply
+                .mail_queue
+                .as_ref()
+                .is_some_and(|q| q.messages.values().all(|n| *n == 0)),
             ..StepOutput::default()
         });
     }

@@ -50,6 +50,9 @@ pub struct Job {
     /// The Databases step: the origin's WAL position its agent read at StopOrigin (none: the
     /// target asks the origin, as after an orchestrator restart).
     pub origin_wal: Option<bmfleet_proto::v1::WalPosition>,
+    /// The Config step: the origin's Postfix queue held no message at its StopOrigin (false
+    /// when not known, as after an orchestrator restart: the queue is pulled).
+    pub origin_queue_empty: bool,
 }
 
 /// What a step that succeeded reports.
@@ -68,6 +71,8 @@ pub struct StepOutput {
     pub evidence: String,
     /// StopOrigin: the origin's WAL position once stopped, for the Databases step.
     pub origin_wal: Option<bmfleet_proto::v1::WalPosition>,
+    /// StopOrigin: its Postfix queue held no message, for the Config step.
+    pub origin_queue_empty: bool,
 }
 
 impl From<PassStats> for StepOutput {
@@ -215,10 +220,18 @@ pub struct Engine {
     // Instances whose gate is being asked, and those it let go (until their window's end).
     gating: std::collections::HashSet<usize>,
     gate_passed: std::collections::HashMap<usize, i64>,
-    // Each instance's origin WAL position read at its last StopOrigin (in memory: after a
-    // restart the target asks the origin again).
-    stop_wal:
-        Arc<std::sync::Mutex<std::collections::HashMap<usize, bmfleet_proto::v1::WalPosition>>>,
+    // What each instance's origin said at its last StopOrigin (in memory: after a restart
+    // the target asks the origin for its position again and pulls its queue).
+    stop_facts: Arc<std::sync::Mutex<std::collections::HashMap<usize, StopFacts>>>,
+}
+
+/// What an origin's stop reported that the downtime's next steps use.
+#[derive(Debug, Clone, Default)]
+struct StopFacts {
+    /// Its WAL position once stopped (for the Databases step).
+    wal: Option<bmfleet_proto::v1::WalPosition>,
+    /// Its Postfix queue held no message (for the Config step).
+    queue_empty: bool,
 }
 
 /// How long attempt `attempt` of a step waits before it runs, ms.
@@ -288,7 +301,7 @@ impl Engine {
             gate_rx,
             gating: Default::default(),
             gate_passed: Default::default(),
-            stop_wal: Default::default(),
+            stop_facts: Default::default(),
             fleet,
             instances,
             state,
@@ -463,16 +476,20 @@ impl Engine {
             pre_window_round_ms: self.fleet.policy.pre_window_round_secs.saturating_mul(1000),
             pre_window_rounds: self.fleet.policy.pre_window_rounds,
             origin_wal: None,
+            origin_queue_empty: false,
         };
-        let stop_wal = self.stop_wal.clone();
+        let stop_facts = self.stop_facts.clone();
         {
-            let mut known = stop_wal.lock().unwrap_or_else(|p| p.into_inner());
+            let mut known = stop_facts.lock().unwrap_or_else(|p| p.into_inner());
             match step {
-                // A new stop: the previous one's position is no one's any more.
+                // A new stop: the previous one's facts are no one's any more.
                 Step::StopOrigin => {
                     known.remove(&n);
                 }
-                Step::Databases => job.origin_wal = known.get(&n).cloned(),
+                Step::Databases => job.origin_wal = known.get(&n).and_then(|f| f.wal.clone()),
+                Step::Config => {
+                    job.origin_queue_empty = known.get(&n).is_some_and(|f| f.queue_empty)
+                }
                 _ => {}
             }
         }
@@ -490,18 +507,14 @@ impl Engine {
             let started = clock.now_ms();
             let result = port.run(job).await;
             let elapsed_ms = u64::try_from(clock.now_ms() - started).unwrap_or(0);
-            if let (
-                Step::StopOrigin,
-                Ok(StepOutput {
-                    origin_wal: Some(wal),
-                    ..
-                }),
-            ) = (step, &result)
-            {
-                stop_wal
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(n, wal.clone());
+            if let (Step::StopOrigin, Ok(output)) = (step, &result) {
+                stop_facts.lock().unwrap_or_else(|p| p.into_inner()).insert(
+                    n,
+                    StopFacts {
+                        wal: output.origin_wal.clone(),
+                        queue_empty: output.origin_queue_empty,
+                    },
+                );
             }
             let event = match result {
                 Ok(output) => Event::Succeeded {

@@ -655,6 +655,7 @@ impl LabFleet {
                         pre_window_round_ms: 2_000,
                         pre_window_rounds: 1,
                         origin_wal: None,
+                        origin_queue_empty: false,
                     })
                     .await
             })

@@ -1219,6 +1219,7 @@ async fn a_target_that_served_refuses_every_sync_until_the_marker_is_cleared() {
         .copy_config(CopyConfigRequest {
             operation_id: "m1/config/after-start".into(),
             origin: Some(p.endpoint("grant-0004-refusals")),
+            origin_queue_empty: false,
         })
         .await
         .unwrap()
@@ -1563,6 +1564,7 @@ async fn the_config_set_is_copied_with_modes_and_owners_and_maps_are_rebuilt() {
         .copy_config(CopyConfigRequest {
             operation_id: "m1/config/1".into(),
             origin: Some(p.endpoint("grant-0006-config")),
+            origin_queue_empty: false,
         })
         .await
         .unwrap()
@@ -1641,6 +1643,56 @@ async fn the_config_set_is_copied_with_modes_and_owners_and_maps_are_rebuilt() {
 }
 
 #[tokio::test]
+async fn the_origins_queue_is_pulled_unless_its_stop_found_it_empty() {
+    let mut p = Pair::new(None, None).await;
+    let o = p.origin_root();
+    write(&o.join("etc/bm/bm.ini"), b"[global]\n", 0o640);
+    write(
+        &o.join("var/spool/postfix/deferred/A/A1B2C3"),
+        b"a deferred message\n",
+        0o700,
+    );
+    p.grant_with(GrantRequest {
+        grant_id: "grant-0008-config".into(),
+        target_name: "target-1".into(),
+        migration: "m1".into(),
+        paths: vec![],
+        config_set: true,
+        databases: false,
+        replication: false,
+        expires_at_unix_ms: bmfleet_agent::plane::grants::now_ms() + 600_000,
+    })
+    .await;
+    let queued = p.target_root().join("var/spool/postfix/deferred/A/A1B2C3");
+    let copy = |operation: &str, origin_queue_empty: bool| {
+        let request = CopyConfigRequest {
+            operation_id: operation.into(),
+            origin: Some(p.endpoint("grant-0008-config")),
+            origin_queue_empty,
+        };
+        let mut target = p.target.clone();
+        async move { target.copy_config(request).await.unwrap().into_inner() }
+    };
+    // The stop said the queue was empty: the config set arrives, the queue is not pulled.
+    let reply = copy("m1/config/queue-empty", true).await;
+    assert!(reply.ok, "{reply:?}");
+    assert_eq!(
+        std::fs::read(p.target_root().join("etc/bm/bm.ini")).unwrap(),
+        b"[global]\n"
+    );
+    assert!(reply.queue_files.is_empty(), "{reply:?}");
+    assert!(!queued.exists(), "the queue was pulled");
+    // Not said (an orchestrator restarted since the stop, or messages were there): pulled.
+    let reply = copy("m1/config/queue-unknown", false).await;
+    assert!(reply.ok, "{reply:?}");
+    assert_eq!(
+        reply.queue_files,
+        vec!["/var/spool/postfix/deferred/A/A1B2C3".to_string()]
+    );
+    assert_eq!(std::fs::read(&queued).unwrap(), b"a deferred message\n");
+}
+
+#[tokio::test]
 async fn a_hostile_origin_cannot_write_outside_the_targets_config_patterns() {
     // The origin's agent.toml is the origin's: a compromised host lists /etc/cron.d and
     // /root/.ssh in its own patterns. The target installs only what its patterns name.
@@ -1690,6 +1742,7 @@ async fn a_hostile_origin_cannot_write_outside_the_targets_config_patterns() {
         .copy_config(CopyConfigRequest {
             operation_id: "m1/config/hostile".into(),
             origin: Some(endpoint),
+            origin_queue_empty: false,
         })
         .await
         .unwrap()
