@@ -717,24 +717,23 @@ impl Engine {
     }
 
     fn stop_reason(&self) -> Option<Stop> {
-        if self.instances.iter().all(|i| i.phase.is_final()) {
-            return Some(Stop::AllFinal);
-        }
-        let policy = &self.fleet.policy;
-        let failed = self
-            .instances
-            .iter()
-            .filter(|i| matches!(i.phase, Phase::Failed | Phase::RolledBack))
-            .count();
-        let budget_spent = policy.failure_budget > 0 && failed >= policy.failure_budget as usize;
-        let busy = self.instances.iter().any(|i| {
-            !i.running.is_empty()
+        // One walk over the instances (this runs at every turn of the loop).
+        let (mut all_final, mut failed, mut busy) = (true, 0usize, false);
+        for i in &self.instances {
+            all_final &= i.phase.is_final();
+            failed += usize::from(matches!(i.phase, Phase::Failed | Phase::RolledBack));
+            busy |= !i.running.is_empty()
                 || i.phase.is_down()
                 || matches!(
                     i.phase,
                     Phase::Pending | Phase::Preflight | Phase::HotSync | Phase::PreWindowPass
-                )
-        });
+                );
+        }
+        if all_final {
+            return Some(Stop::AllFinal);
+        }
+        let policy = &self.fleet.policy;
+        let budget_spent = policy.failure_budget > 0 && failed >= policy.failure_budget as usize;
         (budget_spent && !busy).then_some(Stop::Stalled)
     }
 
@@ -773,6 +772,14 @@ impl Engine {
             tokio::select! {
                 Some((n, event)) = self.results_rx.recv() => {
                     transitions += u64::from(self.apply(n, event)?);
+                    // The results that arrived meanwhile are applied before the next
+                    // schedule, which walks every instance: once per batch, not per result.
+                    while transitions < limit {
+                        let Ok((n, event)) = self.results_rx.try_recv() else {
+                            break;
+                        };
+                        transitions += u64::from(self.apply(n, event)?);
+                    }
                 }
                 Some((n, end, answer)) = self.gate_rx.recv() => {
                     transitions += self.gate_answered(n, end, answer)?;
