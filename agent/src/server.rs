@@ -692,7 +692,15 @@ impl Agent for AgentService {
             }
             copy_config(&config, &origin, req.origin_queue_empty).await
         };
-        self.journaled(&req.operation_id, "copy_config", &req.encode_to_vec(), run)
+        // Whether the origin's queue was empty is a hint (without it the queue is pulled):
+        // the same operation sent again without it (an orchestrator restarted since) is the
+        // same one.
+        let fingerprint = CopyConfigRequest {
+            origin_queue_empty: false,
+            ..req.clone()
+        }
+        .encode_to_vec();
+        self.journaled(&req.operation_id, "copy_config", &fingerprint, run)
             .await
     }
 

@@ -1548,17 +1548,7 @@ async fn the_config_set_is_copied_with_modes_and_owners_and_maps_are_rebuilt() {
             .set_modified(mtime)
             .unwrap();
     }
-    p.grant_with(GrantRequest {
-        grant_id: "grant-0006-config".into(),
-        target_name: "target-1".into(),
-        migration: "m1".into(),
-        paths: vec![],
-        config_set: true,
-        databases: false,
-        replication: false,
-        expires_at_unix_ms: bmfleet_agent::plane::grants::now_ms() + 600_000,
-    })
-    .await;
+    p.grant_with(config_grant("grant-0006-config")).await;
     let reply = p
         .target
         .copy_config(CopyConfigRequest {
@@ -1652,17 +1642,7 @@ async fn the_origins_queue_is_pulled_unless_its_stop_found_it_empty() {
         b"a deferred message\n",
         0o700,
     );
-    p.grant_with(GrantRequest {
-        grant_id: "grant-0008-config".into(),
-        target_name: "target-1".into(),
-        migration: "m1".into(),
-        paths: vec![],
-        config_set: true,
-        databases: false,
-        replication: false,
-        expires_at_unix_ms: bmfleet_agent::plane::grants::now_ms() + 600_000,
-    })
-    .await;
+    p.grant_with(config_grant("grant-0008-config")).await;
     let queued = p.target_root().join("var/spool/postfix/deferred/A/A1B2C3");
     let copy = |operation: &str, origin_queue_empty: bool| {
         let request = CopyConfigRequest {
@@ -1709,16 +1689,7 @@ async fn a_hostile_origin_cannot_write_outside_the_targets_config_patterns() {
                 // Its "mail queue" is its whole root: it sends /hold/… and /deferred/….
                 c.mail_queue.dir = "/".into();
             },
-            GrantRequest {
-                grant_id: "grant-0007-config".into(),
-                target_name: "target-1".into(),
-                migration: "m1".into(),
-                paths: vec![],
-                config_set: true,
-                databases: false,
-                replication: false,
-                expires_at_unix_ms: bmfleet_agent::plane::grants::now_ms() + 600_000,
-            },
+            config_grant("grant-0007-config"),
         )
         .await;
     let o = p.origin_root();
@@ -2293,6 +2264,18 @@ async fn table_checksums_ignore_row_order_and_tell_a_changed_row() {
         admin.manifest("a", Checksum::Md5).await.unwrap().tables[0].checksum,
         "two methods never compare equal"
     );
+}
+
+/// A config-set grant of the pair's migration.
+fn config_grant(id: &str) -> GrantRequest {
+    GrantRequest {
+        grant_id: id.into(),
+        target_name: "target-1".into(),
+        migration: "m1".into(),
+        config_set: true,
+        expires_at_unix_ms: bmfleet_agent::plane::grants::now_ms() + 600_000,
+        ..Default::default()
+    }
 }
 
 /// A databases grant of the pair's migration.

@@ -297,3 +297,38 @@ async fn a_databases_move_resent_without_the_stop_position_is_the_same_operation
         .unwrap_err();
     assert_eq!(other.code(), tonic::Code::AlreadyExists);
 }
+
+/// Whether the origin's queue was empty at its stop is a hint too: a config copy re-sent
+/// without it is the same operation; another copy under the id is refused.
+#[tokio::test]
+async fn a_config_copy_resent_without_the_queue_hint_is_the_same_operation() {
+    use bmfleet_proto::v1::{CopyConfigRequest, OriginEndpoint};
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let config = agent_config(pki.issue("origin-1", Role::Agent), dir.path(), Vec::new());
+    let (_agent, mut client) = agent_and_client(&pki, config).await;
+    let request = |queue_empty: bool, grant: &str| CopyConfigRequest {
+        operation_id: "m1/mail-01/config/1".into(),
+        origin: Some(OriginEndpoint {
+            address: "127.0.0.1:9".into(),
+            name: "origin-2".into(),
+            grant_id: grant.into(),
+        }),
+        origin_queue_empty: queue_empty,
+    };
+    let first = client
+        .copy_config(request(true, "g1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!first.ok, "no origin answers: {first:?}");
+    let again = client
+        .copy_config(request(false, "g1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.replayed, "{again:?}");
+    assert_eq!(again.error, first.error);
+    let other = client.copy_config(request(false, "g2")).await.unwrap_err();
+    assert_eq!(other.code(), tonic::Code::AlreadyExists);
+}
