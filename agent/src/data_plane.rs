@@ -271,22 +271,16 @@ impl DataPlane {
                 // The stop may follow the point: the position read at it and the gate's
                 // queries run on sessions started now, while the point's sums run (not
                 // after them, beside the stop).
-                let (admin, bluemind) = (
+                let bluemind = crate::db::pg::Connection::bluemind_here(config);
+                let (admin, warmed) = (
                     crate::db::pg::Connection::admin(&config.postgresql),
-                    crate::db::pg::Connection::bluemind_here(config),
+                    bluemind.clone(),
                 );
                 tokio::spawn(async move {
                     admin.warm("postgres", 2).await;
-                    bluemind.warm("postgres", 1).await;
+                    warmed.warm("postgres", 1).await;
                 });
-                db::verified_point(
-                    config,
-                    &crate::db::pg::Connection::bluemind_here(config),
-                    &grant.id,
-                    per_block,
-                    stream,
-                )
-                .await
+                db::verified_point(config, &bluemind, &grant.id, per_block, stream).await
             }
             TunnelRequest::ChangedTotals { since, .. } => {
                 block_point::serve_totals(

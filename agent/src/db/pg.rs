@@ -252,6 +252,9 @@ impl Connection {
     pub async fn warm(&self, database: &str, count: usize) {
         let key = self.warm_key(database);
         let there = warm_pool().iter().filter(|w| w.key == key).count();
+        if there >= count {
+            return;
+        }
         for _ in there..count {
             match self.session(database).await {
                 Ok(session) => warm_pool().push(Warm {
@@ -265,7 +268,7 @@ impl Connection {
         // Unused ones end with their time.
         tokio::spawn(async {
             tokio::time::sleep(WARM_TTL).await;
-            warm_pool().retain(|w| w.since.elapsed() < WARM_TTL);
+            expire(&mut warm_pool());
         });
     }
 
@@ -295,9 +298,7 @@ impl Connection {
     fn take_warm(&self, database: &str) -> Option<Session> {
         let key = self.warm_key(database);
         let mut pool = warm_pool();
-        pool.retain_mut(|w| {
-            w.since.elapsed() < WARM_TTL && w.session.child.try_wait().is_ok_and(|s| s.is_none())
-        });
+        expire(&mut pool);
         let at = pool.iter().position(|w| w.key == key)?;
         Some(pool.swap_remove(at).session)
     }
@@ -448,6 +449,13 @@ struct Warm {
     key: String,
     session: Session,
     since: std::time::Instant,
+}
+
+/// Drops the warmed sessions whose time is up or whose psql has ended.
+fn expire(pool: &mut Vec<Warm>) {
+    pool.retain_mut(|w| {
+        w.since.elapsed() < WARM_TTL && w.session.child.try_wait().is_ok_and(|s| s.is_none())
+    });
 }
 
 /// The sessions warmed ahead, in this agent.
