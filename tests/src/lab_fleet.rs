@@ -21,6 +21,8 @@ pub struct LabParams {
     pub pairs: usize,
     /// Messages per origin spool.
     pub messages: usize,
+    /// How big they are.
+    pub message_sizes: MessageSizes,
     /// Rows of the biggest table per origin.
     pub db_rows: u64,
     /// A new message arrives on each running origin every this many ms.
@@ -57,6 +59,7 @@ impl Default for LabParams {
         LabParams {
             pairs: 3,
             messages: 300,
+            message_sizes: MessageSizes::Small,
             db_rows: 2000,
             deliver_ms: 40,
             db_write_ms: 150,
@@ -1071,18 +1074,70 @@ fn mailbox(m: usize, messages: usize) -> String {
     }
 }
 
-fn message(m: usize) -> String {
-    format!(
-        "From: a@example.net\r\nSubject: {m}\r\n\r\n{}\r\n",
-        "x".repeat(200 + m % 900)
-    )
+/// How big a spool's messages are.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum MessageSizes {
+    /// 0.2–1.1 KB of text each: many files, few bytes (the tests' and BENCHMARKS.md's
+    /// instance).
+    #[default]
+    Small,
+    /// As a mail server's are, about 15 KB on average: 80 % of 2–12 KB (text, HTML), 18 % of
+    /// 12–40 KB (small attachments), 2 % of 40–400 KB (documents, photos), with bodies of
+    /// base64-like lines that do not compress (as attachments do not).
+    Realistic,
+}
+
+/// splitmix64: a well-spread 64-bit value for `x` (the same on every host).
+fn spread(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Message `m`'s text (the same on every host).
+fn message(m: usize, sizes: MessageSizes) -> Vec<u8> {
+    let head = format!("From: a@example.net\r\nSubject: {m}\r\n\r\n");
+    let body = match sizes {
+        MessageSizes::Small => 200 + m % 900,
+        MessageSizes::Realistic => {
+            let r = spread(m as u64);
+            let (class, within) = (r % 100, (r >> 8) as usize);
+            match class {
+                0..=79 => 2_000 + within % 10_000,
+                80..=97 => 12_000 + within % 28_000,
+                _ => 40_000 + within % 360_000,
+            }
+        }
+    };
+    let mut text = head.into_bytes();
+    text.reserve(body + body / 76 * 2 + 2);
+    match sizes {
+        MessageSizes::Small => text.extend(std::iter::repeat_n(b'x', body)),
+        MessageSizes::Realistic => {
+            const ALPHABET: &[u8; 64] =
+                b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+            let mut state = spread(!(m as u64));
+            for i in 0..body {
+                if i % 8 == 0 {
+                    state = spread(state);
+                }
+                text.push(ALPHABET[((state >> ((i % 8) * 6)) & 63) as usize]);
+                if i % 76 == 75 {
+                    text.extend_from_slice(b"\r\n");
+                }
+            }
+        }
+    }
+    text.extend_from_slice(b"\r\n");
+    text
 }
 
 /// A cyrus-like spool: `messages` messages spread over mailboxes, every seventh one also
 /// hard-linked into the shared mailbox (cyrus's single-instance store), and a `cyrus.index`
 /// per mailbox (64 bytes of flags per message). Messages arrived over the past year (their
 /// modification times), as in a real spool.
-fn seed_spool(root: &Path, messages: usize, real_mail: bool) {
+fn seed_spool(root: &Path, messages: usize, sizes: MessageSizes, real_mail: bool) {
     use std::io::Write;
     let now = std::time::SystemTime::now();
     let spool = root.join("var/spool/cyrus/data/user");
@@ -1103,7 +1158,7 @@ fn seed_spool(root: &Path, messages: usize, real_mail: bool) {
         let path = dir.join(format!("{m}."));
         let age = 365 * 86_400 * (messages - m) as u64 / messages as u64;
         let mut file = std::fs::File::create(&path).expect("message");
-        file.write_all(message(m).as_bytes()).expect("message");
+        file.write_all(&message(m, sizes)).expect("message");
         file.set_modified(now - Duration::from_secs(age))
             .expect("mtime");
         if m % 7 == 0 {
@@ -1173,8 +1228,8 @@ pub struct Churn {
 /// same arguments: `fraction` of the messages change, half as new messages, a quarter deleted,
 /// a quarter with new flags (cyrus rewrites the mailbox's index, not the message),
 /// [`CHANGES_PER_MAILBOX`] changes in each mailbox touched: the same number of changes on a
-/// bigger spool writes the same bytes.
-pub fn churn(root: &Path, messages: usize, fraction: f64) -> Churn {
+/// bigger spool writes the same bytes. New messages are of `sizes`, as the seeded ones are.
+pub fn churn(root: &Path, messages: usize, sizes: MessageSizes, fraction: f64) -> Churn {
     let spool = root.join("var/spool/cyrus/data/user");
     let changed = ((messages as f64 * fraction).round() as usize).max(4);
     let mailboxes = mailboxes(messages);
@@ -1192,7 +1247,7 @@ pub fn churn(root: &Path, messages: usize, fraction: f64) -> Churn {
         match kind {
             0 | 1 => {
                 let n = messages + k;
-                let body = message(n);
+                let body = message(n, sizes);
                 write(&spool.join(&user).join(format!("{n}.")), &body);
                 out.new += 1;
                 out.files_written += 1;
@@ -1702,7 +1757,12 @@ fn seed_host(
     ] {
         write(&root.join(file), format!("{text}# {name}\n"));
     }
-    seed_spool(root, params.messages, params.real_mail);
+    seed_spool(
+        root,
+        params.messages,
+        params.message_sizes,
+        params.real_mail,
+    );
     seed_odd_files(root);
     if !params.real_mail {
         // A stand-in for Cyrus's mailbox list (a real Cyrus makes its own).

@@ -35,7 +35,7 @@ use bmfleet_proto::identity::Role;
 use bmfleet_proto::tls::LocalIdentity;
 use bmfleet_proto::BLUEMIND_DATA_DIRS;
 use bmfleet_tests::lab_fleet::{
-    churn, churn_databases, service_ip, Churn, DbChurn, LabFleet, LabParams,
+    churn, churn_databases, service_ip, Churn, DbChurn, LabFleet, LabParams, MessageSizes,
 };
 
 use crate::manual::{ColdRun, Manual, Timed, IP_STEP, START_STEP, STOP_STEP};
@@ -44,6 +44,8 @@ use crate::manual::{ColdRun, Manual, Timed, IP_STEP, START_STEP, STOP_STEP};
 pub struct Params {
     /// Messages per spool.
     pub files: usize,
+    /// How big they are.
+    pub message_sizes: MessageSizes,
     /// Rows of the biggest table of each database.
     pub db_rows: u64,
     /// Fraction of messages (and of database rows) changed after the hot sync.
@@ -269,6 +271,7 @@ struct ChurnAroundPreWindowPass {
 struct ChurnJob {
     root: std::path::PathBuf,
     messages: usize,
+    sizes: MessageSizes,
     fraction: f64,
     /// The day's database changes on the origin's cluster ([`churn_databases`]).
     databases: Arc<dyn Fn() + Send + Sync>,
@@ -281,7 +284,7 @@ async fn land(pending: Arc<Mutex<Option<ChurnJob>>>, churned: Arc<Mutex<Option<C
     let Some(j) = job else { return };
     let day = move || {
         (j.databases)();
-        let c = churn(&j.root, j.messages, j.fraction);
+        let c = churn(&j.root, j.messages, j.sizes, j.fraction);
         if j.cold_cache {
             if let Err(e) = drop_page_cache() {
                 eprintln!("{e:#}");
@@ -453,6 +456,7 @@ fn bmfleet(
                 pending: Arc::new(Mutex::new(Some(ChurnJob {
                     root: origin_root,
                     messages,
+                    sizes: params.message_sizes,
                     fraction,
                     databases,
                     cold_cache: params.cold_cache,
@@ -609,6 +613,7 @@ pub fn run(params: Params) -> anyhow::Result<()> {
         enroll: false,
         pairs,
         messages: params.files,
+        message_sizes: params.message_sizes,
         db_rows: params.db_rows,
         deliver_ms: 0,
         db_write_ms: 0,
@@ -660,7 +665,12 @@ pub fn run(params: Params) -> anyhow::Result<()> {
                 params.churn,
                 params.db_churn,
             );
-            let churn_a = churn(&fleet.root("origin-1"), params.files, params.churn);
+            let churn_a = churn(
+                &fleet.root("origin-1"),
+                params.files,
+                params.message_sizes,
+                params.churn,
+            );
             println!("   churn: {churn_a:?}");
             if params.cold_cache {
                 drop_page_cache()?;
@@ -715,8 +725,10 @@ pub fn run(params: Params) -> anyhow::Result<()> {
         .map(|(path, run)| floor_of(*path, run, &cold, transfer))
         .collect();
     println!(
-        "\n## Downtime, {} messages, {:.0} MiB of databases, {:.1}% churn ({:?} in the tables, landing {:?} for bmfleet), page cache {}{}\n",
+        "\n## Downtime, {} messages ({:?} sizes, {:.0} MiB of files), {:.0} MiB of databases, {:.1}% churn ({:?} in the tables, landing {:?} for bmfleet), page cache {}{}\n",
         params.files,
+        params.message_sizes,
+        mib(size.bytes as f64),
         mib(size.database_bytes as f64),
         params.churn * 100.0,
         params.db_churn,

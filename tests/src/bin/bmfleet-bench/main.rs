@@ -1,7 +1,7 @@
 //! bmfleet's benchmarks (not part of CI; BENCHMARKS.md has the commands and the results).
 //!
 //! - `bmfleet-bench orchestrator [--pairs N]`: one orchestrator, N simulated pairs.
-//! - `bmfleet-bench downtime [--files N] [--db-rows N] [--churn F] [--db-churn clustered|scattered] [--cold-cache]`: the
+//! - `bmfleet-bench downtime [--files N] [--message-sizes small|realistic] [--db-rows N] [--churn F] [--db-churn clustered|scattered] [--cold-cache]`: the
 //!   manual procedure vs bmfleet (databases following the origin, and dumped) on identical
 //!   lab instances, with the physical floor and the tunnel's throughput against rsync over ssh.
 //! - `bmfleet-bench summarize FILE…`: medians, ratios and growths of saved `downtime` runs.
@@ -39,6 +39,11 @@ enum Bench {
         /// Messages in each origin's cyrus spool (every seventh also hard-linked).
         #[arg(long, default_value_t = 200_000)]
         files: usize,
+        /// How big the messages are: `small` (0.2–1.1 KB, BENCHMARKS.md's instance) or
+        /// `realistic` (about 15 KB on average, 2 % of them 40–400 KB: a 3 GB spool for
+        /// 200,000 messages).
+        #[arg(long, value_enum, default_value = "small")]
+        message_sizes: bmfleet_tests::lab_fleet::MessageSizes,
         /// Rows of each of the two biggest tables (bj and bj-data); 1,200,000 rows make
         /// about 250 MB of databases.
         #[arg(long, default_value_t = 1_200_000)]
@@ -95,6 +100,7 @@ fn main() -> anyhow::Result<()> {
         Bench::Summarize { files } => summarize::run(&files),
         Bench::Downtime {
             files,
+            message_sizes,
             db_rows,
             churn,
             cold_cache,
@@ -104,6 +110,7 @@ fn main() -> anyhow::Result<()> {
             day_lands,
         } => downtime::run(downtime::Params {
             files,
+            message_sizes,
             db_rows,
             churn,
             cold_cache,
