@@ -905,6 +905,7 @@ async fn copy_config(
             return failed(format!("cannot make the config staging dirs: {e}"))
         }
     };
+    let started = std::time::Instant::now();
     let (set, queued) = tokio::join!(
         pull_listed(config, origin, CONFIG_SET_TOKEN, staging.path()),
         async {
@@ -919,6 +920,7 @@ async fn copy_config(
         Ok(stats) => Some(stats),
         Err((stats, e)) => return CopyConfigReply { stats, ..failed(e) },
     };
+    let pulled_ms = started.elapsed().as_millis();
     let screened = match config_set::screen(&config.config_set.patterns, staging.path()) {
         Ok(s) => s,
         Err(e) => return CopyConfigReply { stats, ..failed(e) },
@@ -952,6 +954,7 @@ async fn copy_config(
             }
         }
     };
+    let maps_ms = started.elapsed().as_millis();
     let maps_rebuilt: Vec<String> = maps.iter().map(|m| m.db.display().to_string()).collect();
     let done = |refused, error: String| CopyConfigReply {
         ok: error.is_empty(),
@@ -982,6 +985,14 @@ async fn copy_config(
             return done(refused, e);
         }
     }
+    // Where the step's time went (it is in the downtime), from its start.
+    tracing::info!(
+        origin = %origin.name,
+        pulled_ms,
+        maps_ms,
+        done_ms = started.elapsed().as_millis(),
+        "the config set is installed"
+    );
     CopyConfigReply {
         queue_files: carried.installed,
         queue_files_already: carried.already,
