@@ -34,7 +34,8 @@ fn with_choices(mut fleet: FleetFile, choices: &AppliedChoices) -> FleetFile {
 }
 
 struct Applied {
-    fleet: FleetFile,
+    fleet: Arc<FleetFile>,
+    snapshot: Arc<crate::engine::Snapshot>,
     commands: mpsc::UnboundedSender<Command>,
     task: JoinHandle<()>,
 }
@@ -229,20 +230,11 @@ impl Conductor {
         }));
         let (metrics, observed) = (self.metrics.clone(), fleet.clone());
         engine.observe(Box::new(move |t| {
-            metrics.transition(&observed, t.instances, &t.instance.name, t.event, t.now_ms);
-            let failed = t
-                .instances
-                .iter()
-                .filter(|i| {
-                    matches!(
-                        i.phase,
-                        crate::machine::Phase::Failed | crate::machine::Phase::RolledBack
-                    )
-                })
-                .count();
+            metrics.transition(&observed, t.instances, t.index, t.n, t.event, t.now_ms);
             let budget = observed.policy.failure_budget as usize;
-            metrics.fleet(t.fleet.paused, budget > 0 && failed >= budget);
+            metrics.fleet(t.fleet.paused, budget > 0 && t.index.failed() >= budget);
         }));
+        let snapshot = engine.snapshot();
         let (commands, rx) = mpsc::unbounded_channel();
         let name = fleet.policy.name.clone();
         let task = tokio::spawn(async move {
@@ -252,7 +244,8 @@ impl Conductor {
             }
         });
         if let Some(old) = self.applied().replace(Applied {
-            fleet,
+            fleet: Arc::new(fleet),
+            snapshot,
             commands,
             task,
         }) {
@@ -261,9 +254,17 @@ impl Conductor {
         Ok(())
     }
 
-    /// The applied fleet, if any.
-    pub fn fleet(&self) -> Option<FleetFile> {
+    /// The applied fleet, if any (shared: a fleet of thousands is not copied per reader).
+    pub fn fleet(&self) -> Option<Arc<FleetFile>> {
         self.applied().as_ref().map(|a| a.fleet.clone())
+    }
+
+    /// The applied fleet and its instances' states as its engine holds them now (no read of
+    /// the state DB: status answers while the engine works).
+    pub fn states(&self) -> Option<(Arc<FleetFile>, Vec<crate::machine::Instance>)> {
+        let applied = self.applied();
+        let applied = applied.as_ref()?;
+        Some((applied.fleet.clone(), applied.snapshot.instances()))
     }
 
     /// Passes an operator's command to the engine.

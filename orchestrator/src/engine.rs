@@ -13,7 +13,7 @@ use crate::clock::Clock;
 use crate::fleet::{FleetFile, InstanceSpec};
 use crate::machine::{self, Action, DbPlan, Event, Instance, PassStats, Phase, Rules, Step};
 use crate::scheduler::{self, FleetState, Grant};
-use crate::state::{HistoryEntry, State, StateError};
+use crate::state::{HistoryEntry, State, StateError, TransitionRecord};
 
 /// One step for an agent to run.
 #[derive(Debug, Clone)]
@@ -168,10 +168,14 @@ pub struct Transition<'a> {
     pub now_ms: i64,
     /// Which instance.
     pub instance: &'a InstanceSpec,
+    /// Its position in the fleet file.
+    pub n: usize,
     /// The event.
     pub event: &'a Event,
     /// Every instance's state after it.
     pub instances: &'a [Instance],
+    /// The same, grouped by phase.
+    pub index: &'a scheduler::Index,
     /// The fleet-wide state after it.
     pub fleet: &'a FleetState,
 }
@@ -200,6 +204,30 @@ pub enum Stop {
     Shutdown,
 }
 
+/// The instances' states as the engine holds them, for readers outside its task (the Fleet
+/// API's status): kept current transition by transition, read without the state DB.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    instances: std::sync::RwLock<Vec<Instance>>,
+}
+
+impl Snapshot {
+    /// Every instance's state now, in fleet-file order.
+    pub fn instances(&self) -> Vec<Instance> {
+        self.instances
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set(&self, n: usize, instance: &Instance) {
+        let mut all = self.instances.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(slot) = all.get_mut(n) {
+            *slot = instance.clone();
+        }
+    }
+}
+
 /// The engine of one fleet.
 pub struct Engine {
     fleet: FleetFile,
@@ -223,6 +251,15 @@ pub struct Engine {
     // What each instance's origin said at its last StopOrigin (in memory: after a restart
     // the target asks the origin for its position again and pulls its queue).
     stop_facts: Arc<std::sync::Mutex<std::collections::HashMap<usize, StopFacts>>>,
+    // The fleet state changed since it was last written (it is written with the next
+    // transition, not with every one).
+    fleet_dirty: bool,
+    // The instances grouped as the scheduler looks at them, kept current by `apply`.
+    index: scheduler::Index,
+    // When each running step must have answered: (deadline, instance), soonest first. An
+    // entry outlives its step (looked at, then dropped, when its time comes).
+    deadlines: std::collections::BinaryHeap<std::cmp::Reverse<(i64, usize)>>,
+    snapshot: Arc<Snapshot>,
 }
 
 /// What an origin's stop reported that the downtime's next steps use.
@@ -271,19 +308,22 @@ impl Engine {
         clock: Arc<dyn Clock>,
         rules: Rules,
     ) -> Result<Self, StateError> {
-        let stored = store.instances()?;
-        let instances = fleet
+        let mut stored: std::collections::HashMap<String, Instance> =
+            store.instances()?.into_iter().collect();
+        let instances: Vec<Instance> = fleet
             .instances
             .iter()
-            .map(|spec| {
-                stored
-                    .iter()
-                    .find(|(name, _)| *name == spec.name)
-                    .map(|(_, i)| i.clone())
-                    .unwrap_or_default()
-            })
+            .map(|spec| stored.remove(&spec.name).unwrap_or_default())
             .collect();
         let mut state = store.fleet_state()?;
+        // The limits in the instances' rows; a state DB from before kept them in the fleet
+        // state, which the first save leaves out.
+        let mut limits = store.hot_pass_limits()?;
+        let legacy = std::mem::take(&mut state.hot_pass_kib);
+        let fleet_dirty = !legacy.is_empty();
+        for (name, kib) in legacy {
+            limits.entry(name).or_insert(kib);
+        }
         if state.run.is_empty() {
             state.run = new_run_id(clock.now_ms());
             store.save_fleet_state(&state)?;
@@ -291,17 +331,34 @@ impl Engine {
         let bwlimit = fleet
             .instances
             .iter()
-            .map(|i| state.hot_pass_kib.get(&i.name).copied().unwrap_or(0))
+            .map(|i| limits.get(&i.name).copied().unwrap_or(0))
             .collect();
         let (results_tx, results_rx) = mpsc::unbounded_channel();
         let (gate_tx, gate_rx) = mpsc::unbounded_channel();
+        let index = scheduler::Index::new(&fleet.instances, &instances);
+        let deadlines = instances
+            .iter()
+            .enumerate()
+            .flat_map(|(n, i): (usize, &Instance)| {
+                i.running
+                    .values()
+                    .map(move |r| std::cmp::Reverse((r.deadline_ms, n)))
+            })
+            .collect();
+        let snapshot = Arc::new(Snapshot {
+            instances: std::sync::RwLock::new(instances.clone()),
+        });
         Ok(Engine {
+            snapshot,
+            index,
+            deadlines,
             gate: None,
             gate_tx,
             gate_rx,
             gating: Default::default(),
             gate_passed: Default::default(),
             stop_facts: Default::default(),
+            fleet_dirty,
             fleet,
             instances,
             state,
@@ -409,6 +466,11 @@ impl Engine {
     /// The instances' current states, in fleet-file order.
     pub fn instances(&self) -> &[Instance] {
         &self.instances
+    }
+
+    /// The same, for readers outside the engine's task.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.clone()
     }
 
     fn operation_id(&self, n: usize, step: Step, attempt: u32) -> String {
@@ -548,21 +610,35 @@ impl Engine {
         }
         if let Event::GrantColdSync { .. } = event {
             self.state.last_cold_start_ms = Some(now);
+            self.fleet_dirty = true;
         }
         let spec = &self.fleet.instances[n];
-        self.store.save_transition(
-            &spec.name,
-            &event,
-            &outcome.instance,
-            &outcome.actions,
-            &self.state,
-            now,
-        )?;
+        self.store.save_transition(&TransitionRecord {
+            name: &spec.name,
+            event: &event,
+            instance: &outcome.instance,
+            actions: &outcome.actions,
+            fleet: self.fleet_dirty.then_some(&self.state),
+            hot_pass_kib: self.bwlimit[n],
+            now_ms: now,
+        })?;
+        self.fleet_dirty = false;
         if outcome.instance.phase != self.instances[n].phase {
             tracing::info!(instance = %spec.name, from = ?self.instances[n].phase, to = ?outcome.instance.phase, "transition");
         }
         let ended = outcome.instance.phase.is_final() && !self.instances[n].phase.is_final();
+        self.index.update(n, &self.instances[n], &outcome.instance);
+        for r in outcome.instance.running.values() {
+            if self.instances[n]
+                .running
+                .values()
+                .all(|was| was.deadline_ms != r.deadline_ms)
+            {
+                self.deadlines.push(std::cmp::Reverse((r.deadline_ms, n)));
+            }
+        }
         self.instances[n] = outcome.instance;
+        self.snapshot.set(n, &self.instances[n]);
         if ended {
             self.store.record_outcome(&HistoryEntry {
                 at_ms: now,
@@ -585,8 +661,10 @@ impl Engine {
             observer(&Transition {
                 now_ms: now,
                 instance: &self.fleet.instances[n],
+                n,
                 event: &event,
                 instances: &self.instances,
+                index: &self.index,
                 fleet: &self.state,
             });
         }
@@ -635,6 +713,7 @@ impl Engine {
             &self.fleet.policy,
             &self.fleet.instances,
             &self.instances,
+            &self.index,
             &self.state,
             now,
         );
@@ -642,11 +721,8 @@ impl Engine {
             let (n, event) = match grant {
                 Grant::Begin(n) => (n, Event::Begin),
                 Grant::HotPass(n, kib) => {
+                    // Persisted with the transition that starts the pass (the instance's row).
                     self.bwlimit[n] = kib;
-                    // Persisted with the transition that starts the pass.
-                    self.state
-                        .hot_pass_kib
-                        .insert(self.fleet.instances[n].name.clone(), kib);
                     (n, Event::GrantHotPass)
                 }
                 Grant::ColdSync(n, end) => {
@@ -658,12 +734,23 @@ impl Engine {
             };
             changed += u64::from(self.apply(n, event)?);
         }
-        for n in 0..self.instances.len() {
-            let due = self.instances[n]
+        // The steps whose time is up, from the deadline queue (not a walk of the fleet).
+        let mut due = Vec::new();
+        while let Some(&std::cmp::Reverse((at, n))) = self.deadlines.peek() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop();
+            due.push(n);
+        }
+        due.sort_unstable();
+        due.dedup();
+        for n in due {
+            let still = self.instances[n]
                 .running
                 .values()
                 .any(|r| now >= r.deadline_ms);
-            if due {
+            if still {
                 changed += u64::from(self.apply(n, Event::Tick)?);
             }
         }
@@ -676,26 +763,17 @@ impl Engine {
     fn sleep_ms(&self) -> u64 {
         let now = self.clock.now_ms();
         let mut wake = now + self.tick_ms as i64;
-        // The windows of the converged instances, each distinct list once (most instances
-        // share the fleet's): this runs at every turn of the loop.
-        let mut windows: Vec<&[crate::windows::Window]> = Vec::new();
-        for (spec, _) in self
-            .fleet
-            .instances
-            .iter()
-            .zip(&self.instances)
-            .filter(|(_, i)| i.phase == Phase::Converged)
-        {
-            if !windows
-                .iter()
-                .any(|w| crate::windows::same(w, &spec.windows))
-            {
-                windows.push(&spec.windows);
-            }
-        }
-        if windows.is_empty() {
+        if self.index.in_phase(Phase::Converged) == 0 {
             return self.tick_ms;
         }
+        // Every distinct list of windows of the fleet (most instances share the fleet's):
+        // waking at an opening no converged instance waits for costs one turn of the loop.
+        let windows: Vec<&[crate::windows::Window]> = self
+            .index
+            .window_lists()
+            .iter()
+            .map(|&n| self.fleet.instances[n].windows.as_slice())
+            .collect();
         if let Some(last) = self.state.last_cold_start_ms {
             let stagger_end = last + self.fleet.policy.min_stagger_secs as i64 * 1000;
             if stagger_end > now {
@@ -717,24 +795,13 @@ impl Engine {
     }
 
     fn stop_reason(&self) -> Option<Stop> {
-        // One walk over the instances (this runs at every turn of the loop).
-        let (mut all_final, mut failed, mut busy) = (true, 0usize, false);
-        for i in &self.instances {
-            all_final &= i.phase.is_final();
-            failed += usize::from(matches!(i.phase, Phase::Failed | Phase::RolledBack));
-            busy |= !i.running.is_empty()
-                || i.phase.is_down()
-                || matches!(
-                    i.phase,
-                    Phase::Pending | Phase::Preflight | Phase::HotSync | Phase::PreWindowPass
-                );
-        }
-        if all_final {
+        if self.index.all_final() {
             return Some(Stop::AllFinal);
         }
         let policy = &self.fleet.policy;
-        let budget_spent = policy.failure_budget > 0 && failed >= policy.failure_budget as usize;
-        (budget_spent && !busy).then_some(Stop::Stalled)
+        let budget_spent =
+            policy.failure_budget > 0 && self.index.failed() >= policy.failure_budget as usize;
+        (budget_spent && !self.index.busy()).then_some(Stop::Stalled)
     }
 
     /// Runs until every instance is finished, nothing can move, `max_transitions` transitions

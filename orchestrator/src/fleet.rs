@@ -377,8 +377,25 @@ pub struct FleetFile {
     pub instances: Vec<InstanceSpec>,
 }
 
-fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].matches('\n').count() + 1
+/// Where a text's lines start: the line of any offset in a binary search (a fleet of 10,000
+/// instances names one per field it checks).
+struct Lines(Vec<usize>);
+
+impl Lines {
+    fn of(text: &str) -> Self {
+        Lines(
+            text.bytes()
+                .enumerate()
+                .filter(|(_, b)| *b == b'\n')
+                .map(|(i, _)| i)
+                .collect(),
+        )
+    }
+
+    /// The 1-based line of byte `offset`.
+    fn line(&self, offset: usize) -> usize {
+        self.0.partition_point(|&newline| newline < offset) + 1
+    }
 }
 
 impl FleetFile {
@@ -395,9 +412,10 @@ impl FleetFile {
 
     /// Parses and checks fleet file text; `file` is used in messages.
     pub fn parse(text: &str, file: &str) -> Result<Self, FleetFileError> {
+        let lines = Lines::of(text);
         let err = |span: std::ops::Range<usize>, field: String, message: String| FleetFileError {
             file: file.to_string(),
-            line: line_of(text, span.start),
+            line: lines.line(span.start),
             field,
             message,
         };
@@ -470,11 +488,11 @@ impl FleetFile {
             },
             windows: std::sync::Arc::new(parse_windows(&p.windows, "fleet.windows")?),
             rates: p.rates,
-            notify: named(text, &p.notify, "fleet.notify"),
+            notify: named(&lines, &p.notify, "fleet.notify"),
             notify_hours_before: p.notify_hours_before,
             gate: p.gate.as_ref().map(|g| NamedAt {
                 name: g.get_ref().clone(),
-                line: line_of(text, g.span().start),
+                line: lines.line(g.span().start),
                 field: "fleet.gate".into(),
             }),
         };
@@ -487,11 +505,15 @@ impl FleetFile {
             let name = r.name.get_ref().clone();
             bmfleet_proto::identity::validate_name(&name)
                 .map_err(|m| err(r.name.span(), field("name"), m))?;
-            if let Some(line) = names.insert(name.clone(), line_of(text, r.name.span().start)) {
+            // Where each was first seen, as an offset: its line is looked up only for an error.
+            if let Some(at) = names.insert(name.clone(), r.name.span().start) {
                 return Err(err(
                     r.name.span(),
                     field("name"),
-                    format!("'{name}' is already the name of the instance at line {line}"),
+                    format!(
+                        "'{name}' is already the name of the instance at line {}",
+                        lines.line(at)
+                    ),
                 ));
             }
             if r.origin.get_ref() == r.target.get_ref() {
@@ -505,13 +527,16 @@ impl FleetFile {
                 let a = agent.get_ref().clone();
                 bmfleet_proto::identity::validate_name(&a)
                     .map_err(|m| err(agent.span(), field(what), m))?;
-                if let Some((other, line)) =
-                    agents.insert(a.clone(), (name.clone(), line_of(text, agent.span().start)))
+                if let Some((other, at)) =
+                    agents.insert(a.clone(), (name.clone(), agent.span().start))
                 {
                     return Err(err(
                         agent.span(),
                         field(what),
-                        format!("agent '{a}' is already used by instance '{other}' (line {line}): an agent serves one instance"),
+                        format!(
+                            "agent '{a}' is already used by instance '{other}' (line {}): an agent serves one instance",
+                            lines.line(at)
+                        ),
                     ));
                 }
             }
@@ -532,13 +557,14 @@ impl FleetFile {
             let target_interface = card(&r.target_interface, "target_interface")?;
             let (ip, prefix) = parse_cidr(r.service_ip.get_ref())
                 .map_err(|m| err(r.service_ip.span(), field("service_ip"), m))?;
-            if let Some((other, line)) =
-                ips.insert(ip, (name.clone(), line_of(text, r.service_ip.span().start)))
-            {
+            if let Some((other, at)) = ips.insert(ip, (name.clone(), r.service_ip.span().start)) {
                 return Err(err(
                     r.service_ip.span(),
                     field("service_ip"),
-                    format!("{ip} is already the service IP of instance '{other}' (line {line})"),
+                    format!(
+                        "{ip} is already the service IP of instance '{other}' (line {})",
+                        lines.line(at)
+                    ),
                 ));
             }
             let profile = match r.bluemind.get_ref().as_str() {
@@ -598,14 +624,14 @@ impl FleetFile {
                 },
                 remigrate: false,
                 estimate: r.estimate,
-                notify: named(text, &r.notify, &field("notify")),
+                notify: named(&lines, &r.notify, &field("notify")),
                 contact: r
                     .contact
                     .map(|c| serde_json::to_value(c).unwrap_or_default()),
                 gate: match &r.gate {
                     Some(g) => Some(NamedAt {
                         name: g.get_ref().clone(),
-                        line: line_of(text, g.span().start),
+                        line: lines.line(g.span().start),
                         field: field("gate"),
                     }),
                     None => policy.gate.clone(),
@@ -617,13 +643,13 @@ impl FleetFile {
 }
 
 /// Receiver names with their lines.
-fn named(text: &str, names: &[Spanned<String>], field: &str) -> Vec<NamedAt> {
+fn named(lines: &Lines, names: &[Spanned<String>], field: &str) -> Vec<NamedAt> {
     names
         .iter()
         .enumerate()
         .map(|(i, n)| NamedAt {
             name: n.get_ref().clone(),
-            line: line_of(text, n.span().start),
+            line: lines.line(n.span().start),
             field: format!("{field}[{i}]"),
         })
         .collect()

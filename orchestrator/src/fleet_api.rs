@@ -157,21 +157,12 @@ impl FleetApi {
 
     /// Every instance's status, and the fleet's expected finish (Unix ms, 0 unknown).
     fn instances(&self) -> Result<(Vec<InstanceStatus>, i64), Status> {
-        let Some(fleet) = self.conductor.fleet() else {
+        // The engine's own snapshot, not the state DB: the engine writes it at every
+        // transition, and a fleet of thousands would wait for it.
+        let Some((fleet, states)) = self.conductor.states() else {
             return Ok((Vec::new(), 0));
         };
-        let mut stored: std::collections::HashMap<String, crate::machine::Instance> = self
-            .state
-            .instances()
-            .map_err(Self::internal)?
-            .into_iter()
-            .collect();
         let fleet_paused = self.state.fleet_state().map_err(Self::internal)?.paused;
-        let states: Vec<crate::machine::Instance> = fleet
-            .instances
-            .iter()
-            .map(|spec| stored.remove(&spec.name).unwrap_or_default())
-            .collect();
         let now = self.clock.now_ms();
         let etas = crate::eta::finishes(&fleet, &states, now);
         let fleet_eta = etas
@@ -373,7 +364,7 @@ impl Fleet for FleetApi {
                 migration: self
                     .conductor
                     .fleet()
-                    .map(|f| f.policy.name)
+                    .map(|f| f.policy.name.clone())
                     .unwrap_or_default(),
                 fleet_paused: fleet_state.paused,
                 approved: fleet_state.approved,
@@ -553,7 +544,7 @@ impl Fleet for FleetApi {
             let migration = self
                 .conductor
                 .fleet()
-                .map(|f| f.policy.name)
+                .map(|f| f.policy.name.clone())
                 .unwrap_or_default();
             let report = crate::report::build(
                 &migration,

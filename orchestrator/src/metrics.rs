@@ -346,34 +346,36 @@ impl Metrics {
         &self,
         fleet: &FleetFile,
         instances: &[Instance],
-        changed: &str,
+        index: &crate::scheduler::Index,
+        changed: usize,
         event: &Event,
         now_ms: i64,
     ) {
-        let mut counts = [0i64; PHASES.len()];
-        for i in instances {
-            if let Some(k) = PHASES.iter().position(|p| *p == i.phase) {
-                counts[k] += 1;
-            }
-        }
-        for (phase, count) in PHASES.iter().zip(counts) {
+        for phase in PHASES {
             self.instances
                 .get_or_create(&PhaseLabels {
                     phase: format!("{phase:?}"),
                 })
-                .set(count);
+                .set(index.in_phase(phase) as i64);
         }
+        let Some(name) = fleet.instances.get(changed).map(|s| s.name.as_str()) else {
+            return;
+        };
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         let mut since = self.down_since.lock().unwrap_or_else(|p| p.into_inner());
-        // Instances never seen (a fleet just applied) get theirs too.
-        let fill = seen.len() < fleet.instances.len() || !seen.contains_key(changed);
-        let touched: Vec<usize> = fleet
-            .instances
-            .iter()
-            .enumerate()
-            .filter(|(_, spec)| spec.name == changed || (fill && !seen.contains_key(&spec.name)))
-            .map(|(n, _)| n)
-            .collect();
+        // Instances never seen (a fleet just applied) get theirs too: the fleet is walked
+        // only then.
+        let touched: Vec<usize> = if seen.len() < fleet.instances.len() {
+            fleet
+                .instances
+                .iter()
+                .enumerate()
+                .filter(|(n, spec)| *n == changed || !seen.contains_key(&spec.name))
+                .map(|(n, _)| n)
+                .collect()
+        } else {
+            vec![changed]
+        };
         for n in touched {
             if let (Some(spec), Some(i)) = (fleet.instances.get(n), instances.get(n)) {
                 self.instance_gauges(fleet, spec, i, now_ms, &mut seen, &mut since);
@@ -392,7 +394,7 @@ impl Metrics {
                     "hot"
                 };
                 let labels = PassLabels {
-                    server: changed.into(),
+                    server: name.into(),
                     kind: kind.into(),
                 };
                 self.pass_bytes
@@ -561,8 +563,11 @@ mod tests {
         let fleet = FleetFile::parse(crate::fleet::tests::BASE, "fleet.toml").unwrap();
         let m = Metrics::new();
         let mut i = Instance::default();
+        assert_eq!(fleet.instances[0].name, "mail-01");
         let at = |m: &Metrics, i: &Instance, ms: i64| {
-            m.transition(&fleet, std::slice::from_ref(i), "mail-01", &Event::Tick, ms)
+            let index =
+                crate::scheduler::Index::new(&fleet.instances[..1], std::slice::from_ref(i));
+            m.transition(&fleet, std::slice::from_ref(i), &index, 0, &Event::Tick, ms)
         };
         let opened = r#"bmfleet_instance_windows_total{server="mail-01",event="opened"}"#;
         let closed = r#"bmfleet_instance_windows_total{server="mail-01",event="closed"}"#;

@@ -536,7 +536,7 @@ pub struct Notifier {
     /// The state database (transitions in, outbox out).
     pub state: Arc<State>,
     /// The applied fleet, when there is one.
-    pub fleet: Arc<dyn Fn() -> Option<FleetFile> + Send + Sync>,
+    pub fleet: Arc<dyn Fn() -> Option<Arc<FleetFile>> + Send + Sync>,
     /// The receivers of the orchestrator's configuration.
     pub receivers: Vec<Receiver>,
     /// Time.

@@ -12,6 +12,24 @@ use crate::config::AgentEntry;
 use crate::machine::{Action, Event, Instance};
 use crate::scheduler::FleetState;
 
+/// One transition as [`State::save_transition`] writes it.
+pub struct TransitionRecord<'a> {
+    /// The instance's name.
+    pub name: &'a str,
+    /// The event.
+    pub event: &'a Event,
+    /// The instance's state after it.
+    pub instance: &'a Instance,
+    /// The actions about to run.
+    pub actions: &'a [Action],
+    /// The fleet-wide state, when the transition changed it.
+    pub fleet: Option<&'a FleetState>,
+    /// The bandwidth limit of the instance's hot passes (KiB/s, 0: none).
+    pub hot_pass_kib: u32,
+    /// When, Unix ms.
+    pub now_ms: i64,
+}
+
 /// One stored transition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TransitionRow {
@@ -332,6 +350,18 @@ impl State {
         if !has_reenroll {
             conn.execute_batch(
                 "ALTER TABLE join_tokens ADD COLUMN reenroll INTEGER NOT NULL DEFAULT 0;",
+            )
+            .map_err(err)?;
+        }
+        // A state DB made when the hot passes' bandwidth limits were kept in the fleet state
+        // (rewritten whole at every transition): each instance's is now in its own row.
+        let has_kib = conn
+            .prepare("SELECT 1 FROM pragma_table_info('instances') WHERE name = 'hot_pass_kib'")
+            .and_then(|mut s| s.exists([]))
+            .map_err(err)?;
+        if !has_kib {
+            conn.execute_batch(
+                "ALTER TABLE instances ADD COLUMN hot_pass_kib INTEGER NOT NULL DEFAULT 0;",
             )
             .map_err(err)?;
         }
@@ -905,6 +935,20 @@ impl State {
             .map_err(|e| self.err(e))
     }
 
+    /// The bandwidth limit (KiB/s) each instance's last hot pass was granted, by name (the
+    /// instances without one are left out).
+    pub fn hot_pass_limits(&self) -> Result<std::collections::HashMap<String, u32>, StateError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT name, hot_pass_kib FROM instances WHERE hot_pass_kib > 0")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .and_then(|rows| rows.collect())
+            .map_err(|e| self.err(e))?;
+        Ok(rows)
+    }
+
     /// Every stored instance state, by name.
     pub fn instances(&self) -> Result<Vec<(String, Instance)>, StateError> {
         let conn = self.conn();
@@ -921,34 +965,29 @@ impl State {
             .collect())
     }
 
-    /// Writes one transition durably: the instance's new state, the event and the actions
-    /// about to run, and the fleet state, in one transaction. Called before the actions run.
-    pub fn save_transition(
-        &self,
-        name: &str,
-        event: &Event,
-        instance: &Instance,
-        actions: &[Action],
-        fleet: &FleetState,
-        now_ms: i64,
-    ) -> Result<(), StateError> {
+    /// Writes one transition durably: the instance's new state (and its hot pass's bandwidth
+    /// limit), the event and the actions about to run, and the fleet state when it changed,
+    /// in one transaction. Called before the actions run.
+    pub fn save_transition(&self, t: &TransitionRecord<'_>) -> Result<(), StateError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(|e| self.err(e))?;
         tx.execute(
-            "INSERT OR REPLACE INTO instances (name, state, updated_ms) VALUES (?1, ?2, ?3)",
-            params![name, json(instance), now_ms],
+            "INSERT OR REPLACE INTO instances (name, state, updated_ms, hot_pass_kib) VALUES (?1, ?2, ?3, ?4)",
+            params![t.name, json(t.instance), t.now_ms, t.hot_pass_kib],
         )
         .map_err(|e| self.err(e))?;
         tx.execute(
             "INSERT INTO transitions (at_ms, instance, event, phase, actions) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![now_ms, name, json(event), format!("{:?}", instance.phase), json(&actions)],
+            params![t.now_ms, t.name, json(t.event), format!("{:?}", t.instance.phase), json(&t.actions)],
         )
         .map_err(|e| self.err(e))?;
-        tx.execute(
-            "INSERT OR REPLACE INTO fleet_state (id, state) VALUES (1, ?1)",
-            params![json(fleet)],
-        )
-        .map_err(|e| self.err(e))?;
+        if let Some(fleet) = t.fleet {
+            tx.execute(
+                "INSERT OR REPLACE INTO fleet_state (id, state) VALUES (1, ?1)",
+                params![json(fleet)],
+            )
+            .map_err(|e| self.err(e))?;
+        }
         tx.commit().map_err(|e| self.err(e))
     }
 

@@ -244,9 +244,18 @@ async fn the_next_cold_sync_starts_when_the_stagger_ends_not_at_the_next_tick() 
     assert_eq!(grants[1] - grants[0], 60_000, "{grants:?}");
 }
 
-/// Runs one instance to its end, stopping and re-opening the engine after every transition.
-async fn run_with_restarts(script: Script, dir: &std::path::Path) -> (Phase, Vec<String>, usize) {
-    let fleet = FleetFile::parse(&fleet_text(1, 0, 3, 1), "sim.toml").unwrap();
+/// Runs one instance to its end, stopping and re-opening the engine after every transition
+/// (`bandwidth_mib`: the fleet's bandwidth budget, 0 none); the agents keep what they ran.
+async fn run_with_restarts(
+    script: Script,
+    dir: &std::path::Path,
+    bandwidth_mib: u32,
+) -> (Phase, SimAgents, usize) {
+    let text = fleet_text(1, 0, 3, 1).replace(
+        "downtime_budget_secs = 1800\n",
+        &format!("downtime_budget_secs = 1800\nbandwidth_budget_mib = {bandwidth_mib}\n"),
+    );
+    let fleet = FleetFile::parse(&text, "sim.toml").unwrap();
     let agents = SimAgents::new(script);
     let clock: Arc<dyn Clock> = Arc::new(SimulatedClock::starting_at(start_ms()));
     let db = dir.join("state.db");
@@ -264,7 +273,7 @@ async fn run_with_restarts(script: Script, dir: &std::path::Path) -> (Phase, Vec
         let (_commands, rx) = mpsc::unbounded_channel();
         match engine.run(rx, Some(1)).await.unwrap() {
             Stop::TransitionLimit => restarts += 1,
-            Stop::AllFinal => return (engine.instances()[0].phase, agents.executed(), restarts),
+            Stop::AllFinal => return (engine.instances()[0].phase, agents, restarts),
             other => panic!("unexpected stop {other:?}"),
         }
     }
@@ -273,7 +282,8 @@ async fn run_with_restarts(script: Script, dir: &std::path::Path) -> (Phase, Vec
 #[tokio::test(start_paused = true)]
 async fn a_restart_at_every_step_boundary_finishes_the_same_and_runs_nothing_twice() {
     let dir = tempfile::tempdir().unwrap();
-    let (phase, executed, restarts) = run_with_restarts(Script::default(), dir.path()).await;
+    let (phase, agents, restarts) = run_with_restarts(Script::default(), dir.path(), 0).await;
+    let executed = agents.executed();
     assert_eq!(phase, Phase::Done);
     assert!(restarts >= 15, "only {restarts} step boundaries");
     let unique: HashSet<_> = executed.iter().collect();
@@ -289,7 +299,8 @@ async fn a_restart_at_every_step_boundary_finishes_the_same_and_runs_nothing_twi
     script
         .failures
         .insert(("mail-000".into(), Step::StartTarget), Failure::Always);
-    let (phase, executed, _) = run_with_restarts(script, dir.path()).await;
+    let (phase, agents, _) = run_with_restarts(script, dir.path(), 0).await;
+    let executed = agents.executed();
     assert_eq!(phase, Phase::RolledBack);
     assert!(
         executed
@@ -302,6 +313,34 @@ async fn a_restart_at_every_step_boundary_finishes_the_same_and_runs_nothing_twi
         unique.len(),
         executed.len(),
         "an operation ran twice: {executed:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pass_resent_after_a_restart_keeps_the_bandwidth_limit_it_was_granted() {
+    // The limit lives in the instance's stored row: every live pass, sent by an engine opened
+    // from the state DB after the grant (the engine is re-opened after every transition),
+    // carries the one its grant gave (80 MiB/s over at most 40 hot syncs: 2 MiB/s).
+    let dir = tempfile::tempdir().unwrap();
+    let (phase, agents, restarts) = run_with_restarts(Script::default(), dir.path(), 80).await;
+    assert_eq!(phase, Phase::Done);
+    assert!(restarts >= 15, "only {restarts} step boundaries");
+    let limits = agents.bandwidth_limits();
+    for step in [Step::HotPass, Step::PreWindowPass] {
+        let of_step: Vec<u32> = limits
+            .iter()
+            .filter(|(s, _)| *s == step)
+            .map(|(_, k)| *k)
+            .collect();
+        assert!(!of_step.is_empty(), "{step:?} never ran: {limits:?}");
+        assert!(of_step.iter().all(|k| *k == 2048), "{step:?}: {of_step:?}");
+    }
+    // And the fleet state is no longer where the limits are kept.
+    let store = State::open(&dir.path().join("state.db")).unwrap();
+    assert!(store.fleet_state().unwrap().hot_pass_kib.is_empty());
+    assert_eq!(
+        store.hot_pass_limits().unwrap().get("mail-000").copied(),
+        Some(2048)
     );
 }
 
