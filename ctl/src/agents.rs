@@ -114,7 +114,7 @@ pub async fn run(command: AgentsCommand) -> anyhow::Result<()> {
         AgentsCommand::List { connection, output } => {
             let mut client = connection.client()?;
             let status = connection
-                .call(client.status(StatusRequest {}))
+                .call(client.status(StatusRequest::default()))
                 .await?
                 .into_inner();
             match output {

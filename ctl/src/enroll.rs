@@ -614,7 +614,7 @@ async fn wait_up(connection: &Connection, name: &str, timeout: Duration) -> anyh
     let mut client = connection.client()?;
     loop {
         if let Ok(status) = connection
-            .call(client.status(bmfleet_proto::v1::StatusRequest {}))
+            .call(client.status(bmfleet_proto::v1::StatusRequest::default()))
             .await
         {
             if let Some(a) = status.get_ref().agents.iter().find(|a| a.name == name) {
@@ -775,7 +775,7 @@ pub async fn decommission(
     }
     let mut client = connection.client()?;
     let status = connection
-        .call(client.status(bmfleet_proto::v1::StatusRequest {}))
+        .call(client.status(bmfleet_proto::v1::StatusRequest::default()))
         .await?
         .into_inner();
     let mut agents = Vec::new();

@@ -158,6 +158,10 @@ enum FleetCommand {
         /// Refresh every 2 s in place (Ctrl-C to stop).
         #[arg(long)]
         watch: bool,
+        /// List every instance and agent in the table (by default, at most 50 of each: those
+        /// that most need a look first; the totals always cover the whole fleet).
+        #[arg(long)]
+        all: bool,
         /// Output format.
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
@@ -412,8 +416,9 @@ async fn main() -> ExitCode {
             connection,
             instance,
             watch,
+            all,
             output,
-        } => status::status(&connection, output, instance, watch).await,
+        } => status::status(&connection, output, instance, watch, all).await,
         FleetCommand::Report {
             connection,
             instances,

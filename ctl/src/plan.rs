@@ -170,7 +170,7 @@ async fn measured(
 )> {
     let mut client = connection.client()?;
     let status = connection
-        .call(client.status(bmfleet_proto::v1::StatusRequest {}))
+        .call(client.status(bmfleet_proto::v1::StatusRequest::default()))
         .await?
         .into_inner();
     let mut problems = agent_problems(&status, fleet);

@@ -18,6 +18,13 @@ struct StatusJson {
     instances: Vec<InstanceJson>,
     notifications_undelivered: u64,
     notifications_error: Option<String>,
+    /// Every instance of the fleet (`instances` may list fewer), by phase.
+    instances_total: u32,
+    phases: std::collections::BTreeMap<String, u32>,
+    bytes_moved_total: u64,
+    /// Every agent (`agents` may list fewer), and how many are up.
+    agents_total: u32,
+    agents_up: u32,
 }
 
 #[derive(Serialize)]
@@ -214,10 +221,13 @@ fn duration(ms: i64) -> String {
     }
 }
 
-async fn fetch(connection: &Connection) -> anyhow::Result<StatusJson> {
+/// How many instances (and agents) the table lists: those that most need a look first.
+const TABLE_LIMIT: u32 = 50;
+
+async fn fetch(connection: &Connection, limit: u32) -> anyhow::Result<StatusJson> {
     let mut client = connection.client()?;
     let reply = connection
-        .call(client.status(StatusRequest {}))
+        .call(client.status(StatusRequest { limit }))
         .await?
         .into_inner();
     Ok(StatusJson {
@@ -231,6 +241,15 @@ async fn fetch(connection: &Connection) -> anyhow::Result<StatusJson> {
         instances: reply.instances.iter().map(InstanceJson::from).collect(),
         notifications_undelivered: reply.notifications_undelivered,
         notifications_error: non_empty(&reply.notifications_error),
+        instances_total: reply.instances_total,
+        phases: reply
+            .phases
+            .iter()
+            .map(|p| (p.phase.clone(), p.count))
+            .collect(),
+        bytes_moved_total: reply.bytes_moved_total,
+        agents_total: reply.agents_total,
+        agents_up: reply.agents_up,
     })
 }
 
@@ -252,7 +271,6 @@ fn render(json: &StatusJson) -> String {
             ]
         })
         .collect();
-    let up = json.agents.iter().filter(|a| a.up).count();
     let mut out = table(
         &[
             "AGENT",
@@ -266,9 +284,15 @@ fn render(json: &StatusJson) -> String {
         &rows,
     );
     out += &format!(
-        "{up}/{} agents up (orchestrator {})\n",
-        json.agents.len(),
-        json.orchestrator
+        "{}/{} agents up (orchestrator {}){}\n",
+        json.agents_up,
+        json.agents_total,
+        json.orchestrator,
+        if json.agents.len() < json.agents_total as usize {
+            format!("; {} listed, those down or erring first", json.agents.len())
+        } else {
+            String::new()
+        }
     );
     let Some(migration) = &json.migration else {
         return out;
@@ -325,16 +349,25 @@ fn render(json: &StatusJson) -> String {
         ],
         &rows,
     );
-    let count = |phases: &[&str]| {
-        json.instances
+    let count =
+        |phases: &[&str]| -> u32 { phases.iter().filter_map(|p| json.phases.get(*p)).sum() };
+    let moved = json.bytes_moved_total;
+    if json.instances.len() < json.instances_total as usize {
+        let by_phase: Vec<String> = json
+            .phases
             .iter()
-            .filter(|i| phases.contains(&i.phase.as_str()))
-            .count()
-    };
-    let moved: u64 = json.instances.iter().map(|i| i.bytes_moved).sum();
+            .map(|(phase, n)| format!("{phase} {n}"))
+            .collect();
+        out += &format!(
+            "{} of {} instances listed: those that most need a look (down, failed, erring, paused, running) first; by phase: {}; `bmctl fleet status --all` lists every one\n",
+            json.instances.len(),
+            json.instances_total,
+            by_phase.join(", ")
+        );
+    }
     out += &format!(
         "fleet {migration}: {} instances, {} done, {} down, {} rolled back, {} failed; {moved} B moved; {}{}{}\n",
-        json.instances.len(),
+        json.instances_total,
         count(&["Done"]),
         count(&["ColdSync", "Cutover", "StartServices", "RollingBack"]),
         count(&["RolledBack"]),
@@ -364,12 +397,18 @@ pub async fn status(
     output: Output,
     instance: Option<String>,
     watch: bool,
+    all: bool,
 ) -> anyhow::Result<()> {
     if let Some(name) = instance {
         return history(connection, &name, output).await;
     }
+    // The table lists the instances that most need a look; JSON (and --all) every one.
+    let limit = match output {
+        Output::Table if !all => TABLE_LIMIT,
+        _ => 0,
+    };
     loop {
-        let json = fetch(connection).await?;
+        let json = fetch(connection, limit).await?;
         match output {
             Output::Json => println!("{}", serde_json::to_string_pretty(&json)?),
             // Refresh in place: clear the screen, then draw.
@@ -589,6 +628,13 @@ mod tests {
                 instance("Converged", true, false),
                 instance("Pending", false, false),
             ],
+            instances_total: 3,
+            phases: [("HotSync", 1), ("Converged", 1), ("Pending", 1)]
+                .map(|(p, n)| (p.to_string(), n))
+                .into(),
+            bytes_moved_total: 0,
+            agents_total: 0,
+            agents_up: 0,
         };
         let text = render(&json);
         let line = |name: &str| {

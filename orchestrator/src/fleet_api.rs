@@ -9,7 +9,7 @@ use bmfleet_proto::v1::fleet_server::Fleet;
 use bmfleet_proto::v1::{
     AddAgentRequest, AgentStatus, ApplyRequest, ApproveRequest, AuditReply, AuditRequest,
     CommandReply, EventsReply, EventsRequest, FleetEvent, InstanceStatus, IssueJoinTokenReply,
-    IssueJoinTokenRequest, RemoveAgentRequest, ReportReply, ReportRequest, StatusReply,
+    IssueJoinTokenRequest, PhaseCount, RemoveAgentRequest, ReportReply, ReportRequest, StatusReply,
     StatusRequest, TargetRequest, UndeliveredNotification,
 };
 use tonic::{Request, Response, Status};
@@ -115,6 +115,54 @@ fn target(req: &TargetRequest) -> Result<Option<String>, Status> {
     }
 }
 
+/// The applied fleet's instances as `status` reports them.
+#[derive(Debug, Default)]
+struct Instances {
+    /// The statuses shown (all, or the `limit` that most need a look), in fleet-file order.
+    statuses: Vec<InstanceStatus>,
+    /// When the whole fleet is expected to be finished (0: unknown).
+    fleet_eta_unix_ms: i64,
+    /// Every instance, shown or not.
+    total: u32,
+    /// How many are in each phase (phases with none left out).
+    phases: Vec<PhaseCount>,
+    /// Bytes moved by every instance's passes.
+    bytes_moved: u64,
+}
+
+/// How much an instance needs an operator's look, most first: down, failed or rolled back,
+/// with an error or not converging, paused, running a step, waiting, then the rest.
+fn attention(i: &crate::machine::Instance) -> u8 {
+    use crate::machine::Phase;
+    if i.phase.is_down() {
+        0
+    } else if matches!(i.phase, Phase::Failed | Phase::RolledBack) {
+        1
+    } else if (i.last_error.is_some() && i.phase != Phase::Done) || i.not_converging {
+        2
+    } else if i.phase == Phase::Paused || i.pause_requested {
+        3
+    } else if !i.running.is_empty() {
+        4
+    } else if !i.phase.is_final() && i.phase != Phase::Pending {
+        5
+    } else {
+        6
+    }
+}
+
+/// The instances a status of at most `limit` lists (0: every one): those that most need a
+/// look ([`attention`]), then the first in the fleet file; in fleet-file order.
+fn listed(states: &[crate::machine::Instance], limit: usize) -> Vec<usize> {
+    let mut shown: Vec<usize> = (0..states.len()).collect();
+    if limit > 0 && shown.len() > limit {
+        shown.sort_by_key(|&n| (attention(&states[n]), n));
+        shown.truncate(limit);
+        shown.sort_unstable();
+    }
+    shown
+}
+
 impl FleetApi {
     /// A Fleet API over `parts`, answering as `orchestrator_name`.
     pub fn new(parts: Parts, orchestrator_name: String, audit_policy: AuditPolicy) -> Self {
@@ -155,12 +203,13 @@ impl FleetApi {
         }
     }
 
-    /// Every instance's status, and the fleet's expected finish (Unix ms, 0 unknown).
-    fn instances(&self) -> Result<(Vec<InstanceStatus>, i64), Status> {
+    /// The applied fleet's instances: the status of at most `limit` of them (0: every one),
+    /// those that most need a look first ([`attention`]), and what covers them all.
+    fn instances(&self, limit: usize) -> Result<Instances, Status> {
         // The engine's own snapshot, not the state DB: the engine writes it at every
         // transition, and a fleet of thousands would wait for it.
         let Some((fleet, states)) = self.conductor.states() else {
-            return Ok((Vec::new(), 0));
+            return Ok(Instances::default());
         };
         let fleet_paused = self.state.fleet_state().map_err(Self::internal)?.paused;
         let now = self.clock.now_ms();
@@ -170,13 +219,17 @@ impl FleetApi {
             .copied()
             .collect::<Option<Vec<_>>>()
             .and_then(|e| e.into_iter().max());
-        let statuses = fleet
-            .instances
-            .iter()
-            .zip(states)
-            .zip(etas)
-            .map(|((spec, i), eta)| InstanceStatus {
-                progress_percent: u32::from(crate::eta::progress_percent(&i)),
+        let mut phases = [0u32; crate::metrics::PHASES.len()];
+        for i in &states {
+            if let Some(k) = crate::metrics::PHASES.iter().position(|p| *p == i.phase) {
+                phases[k] += 1;
+            }
+        }
+        let shown = listed(&states, limit);
+        let status = |n: usize| {
+            let (spec, i, eta) = (&fleet.instances[n], &states[n], etas[n]);
+            InstanceStatus {
+                progress_percent: u32::from(crate::eta::progress_percent(i)),
                 eta_unix_ms: eta.unwrap_or(0),
                 window_end_unix_ms: i.window_end_ms.unwrap_or(0),
                 name: spec.name.clone(),
@@ -213,9 +266,23 @@ impl FleetApi {
                 last_pass_scan_ms: i.last_pass.as_ref().map_or(0, |p| p.scan_ms),
                 last_pass_elapsed_ms: i.last_pass.as_ref().map_or(0, |p| p.elapsed_ms),
                 bytes_moved: i.bytes_moved,
-            })
-            .collect();
-        Ok((statuses, fleet_eta.unwrap_or(0)))
+            }
+        };
+        Ok(Instances {
+            statuses: shown.into_iter().map(status).collect(),
+            fleet_eta_unix_ms: fleet_eta.unwrap_or(0),
+            total: states.len() as u32,
+            phases: crate::metrics::PHASES
+                .iter()
+                .zip(phases)
+                .filter(|(_, count)| *count > 0)
+                .map(|(phase, count)| PhaseCount {
+                    phase: format!("{phase:?}"),
+                    count,
+                })
+                .collect(),
+            bytes_moved: states.iter().map(|i| i.bytes_moved).sum(),
+        })
     }
 
     fn command(&self, command: Command) -> Result<CommandReply, Status> {
@@ -350,17 +417,42 @@ impl Fleet for FleetApi {
         &self,
         request: Request<StatusRequest>,
     ) -> Result<Response<StatusReply>, Status> {
-        self.audited(&request, "Status", "{}".into(), || {
+        let limit = request.get_ref().limit as usize;
+        let arguments = if limit > 0 {
+            format!("{{\"limit\":{limit}}}")
+        } else {
+            "{}".into()
+        };
+        self.audited(&request, "Status", arguments, || {
             let fleet_state = self.state.fleet_state().map_err(Self::internal)?;
-            let (instances, fleet_eta_unix_ms) = self.instances()?;
+            let instances = self.instances(limit)?;
             let (notifications_undelivered, notifications_error) = self
                 .state
                 .undelivered_notifications()
                 .map_err(Self::internal)?;
+            let mut agents = self.agent_statuses()?;
+            let (agents_total, agents_up) = (
+                agents.len() as u32,
+                agents.iter().filter(|a| a.up).count() as u32,
+            );
+            if limit > 0 && agents.len() > limit {
+                // Those down or erring first, then by name.
+                agents.sort_by(|a, b| {
+                    (a.up && a.last_error.is_empty(), &a.name)
+                        .cmp(&(b.up && b.last_error.is_empty(), &b.name))
+                });
+                agents.truncate(limit);
+                agents.sort_by(|a, b| a.name.cmp(&b.name));
+            }
             Ok(StatusReply {
                 orchestrator: self.orchestrator_name.clone(),
                 generated_at_unix_ms: self.clock.now_ms(),
-                agents: self.agent_statuses()?,
+                agents,
+                agents_total,
+                agents_up,
+                instances_total: instances.total,
+                phases: instances.phases,
+                bytes_moved_total: instances.bytes_moved,
                 migration: self
                     .conductor
                     .fleet()
@@ -368,8 +460,8 @@ impl Fleet for FleetApi {
                     .unwrap_or_default(),
                 fleet_paused: fleet_state.paused,
                 approved: fleet_state.approved,
-                instances,
-                fleet_eta_unix_ms,
+                instances: instances.statuses,
+                fleet_eta_unix_ms: instances.fleet_eta_unix_ms,
                 notifications_undelivered,
                 notifications_error,
             })
@@ -504,7 +596,7 @@ impl Fleet for FleetApi {
         let wanted = request.get_ref().instances.clone();
         let arguments = format!("{{\"instances\":{wanted:?}}}");
         self.audited(&request, "Report", arguments, || {
-            let (statuses, _) = self.instances()?;
+            let statuses = self.instances(0)?.statuses;
             if let Some(unknown) = wanted
                 .iter()
                 .find(|w| !statuses.iter().any(|s| &s.name == *w))
@@ -742,5 +834,49 @@ impl Fleet for FleetApi {
             }
             Ok(CommandReply { detail })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::machine::{Instance, Phase, Running, Step};
+
+    #[test]
+    fn a_limited_status_lists_what_needs_a_look_first_in_fleet_order() {
+        // 200 instances: mostly done or waiting, a few down, failed, erring, paused, running.
+        let mut states: Vec<Instance> = (0..200)
+            .map(|n| Instance {
+                phase: if n % 2 == 0 {
+                    Phase::Done
+                } else {
+                    Phase::Converged
+                },
+                ..Instance::default()
+            })
+            .collect();
+        let set = |states: &mut Vec<Instance>, n: usize, phase: Phase| states[n].phase = phase;
+        set(&mut states, 150, Phase::ColdSync);
+        set(&mut states, 7, Phase::Cutover);
+        set(&mut states, 120, Phase::Failed);
+        set(&mut states, 121, Phase::RolledBack);
+        states[99].last_error = Some("rsync exited with 23".into());
+        set(&mut states, 180, Phase::Paused);
+        states[60].phase = Phase::HotSync;
+        states[60].running.insert(
+            Step::HotPass,
+            Running {
+                attempt: 1,
+                deadline_ms: 0,
+            },
+        );
+        let shown = listed(&states, 8);
+        // Down, failed/rolled back, erring, paused, running: 7 of them, then the first
+        // waiting one (a converged instance before any done one), in fleet order.
+        assert_eq!(shown, vec![1, 7, 60, 99, 120, 121, 150, 180]);
+        assert_eq!(listed(&states, 0).len(), 200, "0 lists every one");
+        assert_eq!(listed(&states, 500).len(), 200);
+        // A limit below what is down still shows the down ones first.
+        assert_eq!(listed(&states, 2), vec![7, 150]);
     }
 }

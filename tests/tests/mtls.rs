@@ -206,7 +206,7 @@ async fn fleet_api_refuses_an_agent_certificate_and_audits_it() {
     };
     let agent_files = pki.issue("origin-1", Role::Agent);
     let status = fleet_client(&agent_files, Role::Agent)
-        .status(StatusRequest {})
+        .status(StatusRequest::default())
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::PermissionDenied);
@@ -220,7 +220,7 @@ async fn fleet_api_refuses_an_agent_certificate_and_audits_it() {
 
     let operator = pki.issue("alice", Role::Operator);
     let mut alice = fleet_client(&operator, Role::Operator);
-    alice.status(StatusRequest {}).await.unwrap();
+    alice.status(StatusRequest::default()).await.unwrap();
     let log = alice
         .audit(bmfleet_proto::v1::AuditRequest {
             limit: 10,
@@ -254,7 +254,7 @@ async fn fleet_api_refuses_an_agent_certificate_and_audits_it() {
     // arguments are cut: the audit log stays readable.
     let mut intruder = fleet_client(&agent_files, Role::Agent);
     for _ in 0..100 {
-        let _ = intruder.status(StatusRequest {}).await;
+        let _ = intruder.status(StatusRequest::default()).await;
     }
     let huge = "x".repeat(3_900_000);
     for _ in 0..10 {

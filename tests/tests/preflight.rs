@@ -79,7 +79,11 @@ async fn a_missing_interface_an_unlisted_extra_dir_or_no_network_system_stops_th
         .unwrap();
     let until = Instant::now() + Duration::from_secs(60);
     let instance = loop {
-        let status = fleet.status(StatusRequest {}).await.unwrap().into_inner();
+        let status = fleet
+            .status(StatusRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
         let i = status.instances[0].clone();
         if !i.last_error.is_empty() {
             break i;
@@ -112,7 +116,11 @@ async fn a_missing_interface_an_unlisted_extra_dir_or_no_network_system_stops_th
     // Only an operator can mend these: the instance fails at once, not after its retries.
     let until = Instant::now() + Duration::from_secs(30);
     loop {
-        let status = fleet.status(StatusRequest {}).await.unwrap().into_inner();
+        let status = fleet
+            .status(StatusRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
         if status.instances[0].phase == "Failed" {
             break;
         }

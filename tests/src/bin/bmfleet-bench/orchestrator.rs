@@ -147,6 +147,14 @@ fn bmctl_latency(
                 );
                 samples.1.push(ms);
             } else {
+                // The table lists at most 50 instances (those that most need a look) and
+                // counts all of them.
+                let table = String::from_utf8_lossy(&out.stdout);
+                let n = fleet.instances.len();
+                anyhow::ensure!(
+                    n <= 50 || table.contains(&format!("50 of {n} instances listed")),
+                    "bmctl's table does not say it lists 50 of {n}:\n{table}"
+                );
                 samples.0.push(ms);
             }
         }
