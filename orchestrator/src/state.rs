@@ -342,28 +342,20 @@ impl State {
              );",
         )
         .map_err(err)?;
-        // A state DB made before re-enrollment was a token's own choice.
-        let has_reenroll = conn
-            .prepare("SELECT 1 FROM pragma_table_info('join_tokens') WHERE name = 'reenroll'")
-            .and_then(|mut s| s.exists([]))
-            .map_err(err)?;
-        if !has_reenroll {
-            conn.execute_batch(
-                "ALTER TABLE join_tokens ADD COLUMN reenroll INTEGER NOT NULL DEFAULT 0;",
-            )
-            .map_err(err)?;
-        }
-        // A state DB made when the hot passes' bandwidth limits were kept in the fleet state
-        // (rewritten whole at every transition): each instance's is now in its own row.
-        let has_kib = conn
-            .prepare("SELECT 1 FROM pragma_table_info('instances') WHERE name = 'hot_pass_kib'")
-            .and_then(|mut s| s.exists([]))
-            .map_err(err)?;
-        if !has_kib {
-            conn.execute_batch(
-                "ALTER TABLE instances ADD COLUMN hot_pass_kib INTEGER NOT NULL DEFAULT 0;",
-            )
-            .map_err(err)?;
+        // Columns a state DB made by an earlier version lacks: re-enrollment became a token's
+        // own choice; the hot passes' bandwidth limits were kept in the fleet state
+        // (rewritten whole at every transition) before each instance's own row.
+        for (table, column) in [("join_tokens", "reenroll"), ("instances", "hot_pass_kib")] {
+            let has = conn
+                .prepare("SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2")
+                .and_then(|mut s| s.exists(params![table, column]))
+                .map_err(err)?;
+            if !has {
+                conn.execute_batch(&format!(
+                    "ALTER TABLE {table} ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0;"
+                ))
+                .map_err(err)?;
+            }
         }
         Ok(State {
             conn: Mutex::new(conn),

@@ -188,6 +188,19 @@ async fn the_failure_budget_stops_new_cold_syncs() {
     assert_eq!(c.get("Converged").copied(), Some(n - 2), "{c:?}");
 }
 
+/// Every hot and pre-window pass ran (at least once), each with `kib` KiB/s.
+fn live_passes_limited_to(limits: &[(Step, u32)], kib: u32) {
+    for step in [Step::HotPass, Step::PreWindowPass] {
+        let of_step: Vec<u32> = limits
+            .iter()
+            .filter(|(s, _)| *s == step)
+            .map(|(_, k)| *k)
+            .collect();
+        assert!(!of_step.is_empty(), "{step:?} never ran: {limits:?}");
+        assert!(of_step.iter().all(|k| *k == kib), "{step:?}: {of_step:?}");
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_bandwidth_budget_throttles_the_live_passes_not_the_final_one() {
     let text = fleet_text(3, 0, 0, 3).replace(
@@ -205,15 +218,7 @@ async fn the_bandwidth_budget_throttles_the_live_passes_not_the_final_one() {
         .all(|i| i.phase == Phase::Done));
     let limits = agents.bandwidth_limits();
     // 80 MiB/s shared by at most 40 hot syncs: 2 MiB/s each.
-    for step in [Step::HotPass, Step::PreWindowPass] {
-        let of_step: Vec<u32> = limits
-            .iter()
-            .filter(|(s, _)| *s == step)
-            .map(|(_, k)| *k)
-            .collect();
-        assert!(!of_step.is_empty(), "{step:?} never ran");
-        assert!(of_step.iter().all(|k| *k == 2048), "{step:?}: {of_step:?}");
-    }
+    live_passes_limited_to(&limits, 2048);
     let final_passes: Vec<u32> = limits
         .iter()
         .filter(|(s, _)| *s == Step::FinalPass)
@@ -325,16 +330,7 @@ async fn a_pass_resent_after_a_restart_keeps_the_bandwidth_limit_it_was_granted(
     let (phase, agents, restarts) = run_with_restarts(Script::default(), dir.path(), 80).await;
     assert_eq!(phase, Phase::Done);
     assert!(restarts >= 15, "only {restarts} step boundaries");
-    let limits = agents.bandwidth_limits();
-    for step in [Step::HotPass, Step::PreWindowPass] {
-        let of_step: Vec<u32> = limits
-            .iter()
-            .filter(|(s, _)| *s == step)
-            .map(|(_, k)| *k)
-            .collect();
-        assert!(!of_step.is_empty(), "{step:?} never ran: {limits:?}");
-        assert!(of_step.iter().all(|k| *k == 2048), "{step:?}: {of_step:?}");
-    }
+    live_passes_limited_to(&agents.bandwidth_limits(), 2048);
     // And the fleet state is no longer where the limits are kept.
     let store = State::open(&dir.path().join("state.db")).unwrap();
     assert!(store.fleet_state().unwrap().hot_pass_kib.is_empty());

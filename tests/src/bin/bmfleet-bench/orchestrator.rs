@@ -45,6 +45,12 @@ fn rusage() -> (f64, i64) {
     }
 }
 
+/// Bytes the allocator has handed out and not had back (glibc's `mallinfo2`).
+fn heap_in_use() -> usize {
+    // SAFETY: mallinfo2 only reads the allocator's counters.
+    unsafe { libc::mallinfo2() }.uordblks
+}
+
 /// Milliseconds at the `p` quantile of sorted `samples`.
 fn quantile(samples: &[f64], p: f64) -> f64 {
     samples
@@ -177,7 +183,7 @@ pub fn run(pairs: usize, max_down: u32) -> anyhow::Result<()> {
         .build()?;
     let started = Instant::now();
     let samples = Arc::new(Mutex::new(Vec::<f64>::new()));
-    let (stop, transitions, span_ms, instances) = runtime.block_on(async {
+    let (stop, transitions, span_ms, instances, engine_heap) = runtime.block_on(async {
         let start: i64 = "2026-12-07T12:00:00Z"
             .parse::<jiff::Timestamp>()?
             .as_millisecond();
@@ -222,11 +228,20 @@ pub fn run(pairs: usize, max_down: u32) -> anyhow::Result<()> {
         let (_commands, rx) = tokio::sync::mpsc::unbounded_channel();
         let stop = engine.run(rx, None).await?;
         let transitions = *count.lock().unwrap_or_else(|p| p.into_inner());
+        let instances = engine.instances().to_vec();
+        // The orchestrator's own share of the heap: what freeing the engine (its instances,
+        // index, queues, observer; the state DB's handle is kept) gives back. The simulated
+        // agents (a journal of every operation, as 20,000 agents would keep on their hosts)
+        // stay.
+        let with_engine = heap_in_use();
+        drop(engine);
+        let engine_heap = with_engine.saturating_sub(heap_in_use());
         Ok::<_, anyhow::Error>((
             stop,
             transitions,
             clock.now_ms() - start,
-            engine.instances().to_vec(),
+            instances,
+            engine_heap,
         ))
     })?;
     let wall = started.elapsed().as_secs_f64();
@@ -244,7 +259,14 @@ pub fn run(pairs: usize, max_down: u32) -> anyhow::Result<()> {
     );
     println!("wall time             {wall:.2} s");
     println!("CPU time              {cpu:.2} s");
-    println!("peak RSS              {:.1} MiB", rss_kib as f64 / 1024.0);
+    println!(
+        "peak RSS              {:.1} MiB (the simulated agents' journals included)",
+        rss_kib as f64 / 1024.0
+    );
+    println!(
+        "engine's heap         {:.1} MiB at the end of the night (what freeing it gives back)",
+        engine_heap as f64 / 1048576.0
+    );
     println!(
         "status computation    p50 {:.1} ms, p95 {:.1} ms, max {:.1} ms ({} samples)",
         pct(0.5),
@@ -273,6 +295,7 @@ pub fn run(pairs: usize, max_down: u32) -> anyhow::Result<()> {
         serde_json::json!({
             "pairs": pairs, "done": done, "stop": format!("{stop:?}"), "transitions": transitions,
             "wall_seconds": wall, "cpu_seconds": cpu, "peak_rss_mib": rss_kib as f64 / 1024.0,
+            "engine_heap_mib": engine_heap as f64 / 1048576.0,
             "status_ms": {"p50": pct(0.5), "p95": pct(0.95), "max": pct(1.0)},
             "bmctl_status_ms": {"p50": quantile(&table, 0.5), "p95": quantile(&table, 0.95)},
             "bmctl_status_json_ms": {"p50": quantile(&json, 0.5), "p95": quantile(&json, 0.95)},
