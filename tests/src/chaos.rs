@@ -387,13 +387,27 @@ pub fn run(params: ChaosParams, mut progress: impl FnMut(&str)) -> ChaosReport {
         .iter()
         .map(|(a, b)| (a.as_str(), b.as_str()))
         .collect();
-    let text = fleet.fleet_file_with_windows(&windows).replace(
-        "min_stagger_secs = 1\n",
-        &format!(
-            "min_stagger_secs = {}\ndowntime_budget_secs = {}\n",
-            params.stagger_secs, params.budget_secs
-        ),
-    ) + "\n[fleet.rates]\nservices_secs = 2.0\n";
+    // No canary: a canary that rolls back (a legitimate outcome of a window cut during its
+    // cold sync) holds every other instance for an operator, by design, so the campaign
+    // would check nothing more; here every instance's outcome is checked on its own. The
+    // canary's hold is the scheduler's tests' and the simulation's.
+    let text = fleet
+        .fleet_file_with_windows(&windows)
+        .replace(
+            "min_stagger_secs = 1\n",
+            &format!(
+                "min_stagger_secs = {}\ndowntime_budget_secs = {}\n",
+                params.stagger_secs, params.budget_secs
+            ),
+        )
+        .replace("canary_count = 1\n", "canary_count = 0\n")
+        + "\n[fleet.rates]\nservices_secs = 2.0\n";
+    if !text.contains("canary_count = 0\n") || !text.contains("downtime_budget_secs") {
+        report.violations.push(format!(
+            "the lab's fleet file changed its policy lines: {text}"
+        ));
+        return report;
+    }
     if let Err(e) = fleet.apply_text(&text) {
         report
             .violations

@@ -2330,9 +2330,10 @@ async fn promote(p: &mut Pair, operation: &str, grant: &str) -> MoveDatabasesRep
         .into_inner()
 }
 
-/// Polls `sql` on `pg` until it prints `want` (10 s at most).
+/// Polls `sql` on `pg` until it prints `want` (60 s at most: the test binary runs its
+/// clusters side by side on the CI's two cores).
 fn wait_sql(pg: &PgCluster, db: &str, sql: &str, want: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let got = pg.sql(db, sql);
         if got.trim() == want {
@@ -2604,7 +2605,7 @@ async fn standby_pair(origin_pg: &PgCluster, target_pg: &PgCluster, tag: &str) -
             "the standby never streamed; the target's log (newest first):\n{}\nthe origin's:\n{}\norigin's walsenders: {}\ntarget's walreceiver: {}",
             tail(target_pg),
             tail(origin_pg),
-            origin_pg.sql("postgres", "SELECT application_name, state, client_addr, sent_lsn FROM pg_stat_replication; SELECT pid, usename, application_name, backend_type, state FROM pg_stat_activity WHERE backend_type <> 'client backend';"),
+            origin_pg.sql("postgres", "SELECT application_name, state, client_addr, sent_lsn, replay_lsn, pg_current_wal_flush_lsn() FROM pg_stat_replication; SELECT pid, usename, application_name, backend_type, state FROM pg_stat_activity WHERE backend_type <> 'client backend';"),
             target_pg.sql("postgres", "SELECT status, sender_host, sender_port, conninfo FROM pg_stat_wal_receiver;"),
         );
         std::panic::resume_unwind(e);
