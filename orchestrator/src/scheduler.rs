@@ -118,6 +118,8 @@ pub struct Index {
     unfinished: BTreeSet<usize>,
     hot_slots_held: usize,
     running: usize,
+    /// Instances inside their downtime ([`Phase::is_down`]).
+    down: usize,
     /// One instance of each distinct list of windows (most instances share the fleet's).
     window_lists: Vec<usize>,
 }
@@ -143,6 +145,7 @@ impl Index {
             unfinished: BTreeSet::new(),
             hot_slots_held: 0,
             running: 0,
+            down: 0,
         };
         for (n, i) in instances.iter().enumerate() {
             index.count(n, i, true);
@@ -165,6 +168,9 @@ impl Index {
         }
         if !i.running.is_empty() {
             step(&mut self.running);
+        }
+        if i.phase.is_down() {
+            step(&mut self.down);
         }
         let set = match i.phase {
             Phase::Pending => Some(&mut self.pending),
@@ -203,11 +209,8 @@ impl Index {
     /// without a window (starting, hot passes).
     pub fn busy(&self) -> bool {
         self.running > 0
+            || self.down > 0
             || self.in_phases(&[
-                Phase::ColdSync,
-                Phase::Cutover,
-                Phase::StartServices,
-                Phase::RollingBack,
                 Phase::Pending,
                 Phase::Preflight,
                 Phase::HotSync,
@@ -278,13 +281,7 @@ pub fn decide(
         }
     }
     let mut last_start = fleet.last_cold_start_ms;
-    let mut down = index.in_phases(&[
-        Phase::ColdSync,
-        Phase::Cutover,
-        Phase::StartServices,
-        Phase::RollingBack,
-        Phase::PreWindowPass,
-    ]);
+    let mut down = index.down + index.in_phase(Phase::PreWindowPass);
     // What every converged instance's permission shares is read once: a fleet of thousands
     // asks at every event.
     let mut shared = Shared::new(policy, specs, instances, index);
