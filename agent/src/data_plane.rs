@@ -77,6 +77,7 @@ pub fn verb(request: &TunnelRequest) -> Verb {
         // Which one of the two is checked against rsync's argv by the handler.
         TunnelRequest::Rsync { .. } => (&[DataDirs, ConfigSet], Children),
         TunnelRequest::Changes { .. } => (&[DataDirs], Children),
+        TunnelRequest::ConfigManifest { .. } => (&[ConfigSet], Children),
         // A subscriber's schema comes under its replication grant; data only under databases.
         TunnelRequest::DumpDatabase {
             schema_only: true, ..
@@ -251,6 +252,9 @@ impl DataPlane {
             TunnelRequest::Changes {
                 since, manifest, ..
             } => files::changes(config, &self.changes, grant, &since, manifest, stream).await,
+            TunnelRequest::ConfigManifest { .. } => {
+                files::config_manifest(config, grant, stream).await
+            }
             TunnelRequest::DumpDatabase {
                 database,
                 schema_only,

@@ -26,8 +26,7 @@ use tonic::{Request, Response, Status};
 use crate::config::AgentConfig;
 use crate::data_plane::DataPlane;
 use crate::db::{databases, standby};
-use crate::files::rsync_args::{CONFIG_SET_TOKEN, MAIL_QUEUE_TOKEN};
-use crate::files::{config_set, mail_queue, pull};
+use crate::files::{config_copy, mail_queue, pull};
 use crate::host::{connections, cutover, facts, served, services};
 use crate::metrics::{AgentMetrics, Outcome};
 use crate::operations::{once, once_unless, Journal};
@@ -681,7 +680,7 @@ impl Agent for AgentService {
     ) -> Result<Response<CopyConfigReply>, Status> {
         let req = request.into_inner();
         let origin = origin_of(req.origin.clone())?;
-        let config = self.config.clone();
+        let (config, tls) = (self.config.clone(), self.tunnel_tls.clone());
         let run = async move {
             if let Err(error) = served::refuse_sync(&config.state_dir, "copying the configuration")
             {
@@ -690,7 +689,11 @@ impl Agent for AgentService {
                     ..Default::default()
                 };
             }
-            copy_config(&config, &origin, req.origin_queue_empty).await
+            if req.stage {
+                config_copy::stage(&config, &origin).await
+            } else {
+                config_copy::copy(&config, Some(tls), &origin, req.origin_queue_empty).await
+            }
         };
         // Whether the origin's queue was empty is a hint (without it the queue is pulled):
         // the same operation sent again without it (an orchestrator restarted since) is the
@@ -831,172 +834,6 @@ impl AgentService {
             }
         };
         self.journaled(&req.operation_id, kind, &encoded, run).await
-    }
-}
-
-/// Pulls what the origin lists for `token` (its config set or its mail queue) into `dest` in
-/// one rsync transfer; its statistics, or why it failed (with them when rsync ran).
-async fn pull_listed(
-    config: &AgentConfig,
-    origin: &OriginEndpoint,
-    token: &str,
-    dest: &std::path::Path,
-) -> Result<bmfleet_proto::v1::SyncStats, (Option<bmfleet_proto::v1::SyncStats>, String)> {
-    let options: Vec<String> = [
-        "-aAX",
-        "-r",
-        "-R",
-        &format!("--files-from=:{token}"),
-        "--from0",
-        "--stats",
-        "--out-format=%i %l %n",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain([crate::files::rsync_args::timeout_option()])
-    .collect();
-    let dest = format!("{}/", dest.display());
-    let run =
-        pull::rsync_through_tunnel(config, origin, &options, &["origin:/".to_string()], &dest)
-            .map_err(|e| (None, e))?;
-    // Nobody listens for progress of these copies; keep the receiver so it is not cancelled.
-    let (progress, _keep) = mpsc::channel(1);
-    let outcome = pull::run_rsync(run, &progress)
-        .await
-        .map_err(|e| (None, e))?;
-    if outcome.exit_code != 0 {
-        return Err((
-            Some(outcome.stats),
-            format!(
-                "rsync exited with {}: {}",
-                outcome.exit_code,
-                outcome.stderr.trim()
-            ),
-        ));
-    }
-    Ok(outcome.stats)
-}
-
-/// Copies the configuration file set in one transfer and the origin's Postfix queue in
-/// another beside it (both services stopped: this is the cold sync), installs the set,
-/// rebuilds the postfix maps, then puts the queue in place.
-async fn copy_config(
-    config: &AgentConfig,
-    origin: &OriginEndpoint,
-    origin_queue_empty: bool,
-) -> CopyConfigReply {
-    let failed = |error: String| CopyConfigReply {
-        ok: false,
-        error,
-        ..Default::default()
-    };
-    // The origin lists the set; it lands in a private staging dir first, and only what this
-    // host's own patterns name is installed from there (a hostile origin's /etc/cron.d or
-    // /root/.ssh stays in staging, reported, and is deleted with it).
-    // The Postfix queue comes in its own staging dir, in a transfer that runs beside the
-    // config set's (both are in the downtime), unless the origin's stop found no message in
-    // it (a transfer fewer in the downtime).
-    let (staging, queue) = match (
-        tempfile::tempdir_in(&config.state_dir),
-        tempfile::tempdir_in(&config.state_dir),
-    ) {
-        (Ok(s), Ok(q)) => (s, q),
-        (Err(e), _) | (_, Err(e)) => {
-            return failed(format!("cannot make the config staging dirs: {e}"))
-        }
-    };
-    let started = std::time::Instant::now();
-    let (set, queued) = tokio::join!(
-        pull_listed(config, origin, CONFIG_SET_TOKEN, staging.path()),
-        async {
-            if origin_queue_empty {
-                Ok(bmfleet_proto::v1::SyncStats::default())
-            } else {
-                pull_listed(config, origin, MAIL_QUEUE_TOKEN, queue.path()).await
-            }
-        }
-    );
-    let stats = match set {
-        Ok(stats) => Some(stats),
-        Err((stats, e)) => return CopyConfigReply { stats, ..failed(e) },
-    };
-    let pulled_ms = started.elapsed().as_millis();
-    let screened = match config_set::screen(&config.config_set.patterns, staging.path()) {
-        Ok(s) => s,
-        Err(e) => return CopyConfigReply { stats, ..failed(e) },
-    };
-    if !screened.refused.is_empty() {
-        tracing::warn!(
-            origin = %origin.name,
-            refused = ?screened.refused,
-            "the origin sent config entries outside this host's config_set patterns: not installed"
-        );
-    }
-    let timeout = std::time::Duration::from_secs(config.services.command_timeout_secs);
-    if let Err(e) = config_set::install(config, staging.path(), &screened).await {
-        return CopyConfigReply { stats, ..failed(e) };
-    }
-    let mut refused: Vec<String> = screened.refused.iter().map(|f| format!("/{f}")).collect();
-    let files: Vec<String> = screened.accepted.iter().map(|f| format!("/{f}")).collect();
-    let maps = match config_set::rebuild_postfix_maps(
-        &config.data_root,
-        &config.config_set.postmap_command,
-        timeout,
-    )
-    .await
-    {
-        Ok(maps) => maps,
-        Err(e) => {
-            return CopyConfigReply {
-                stats,
-                refused,
-                ..failed(e)
-            }
-        }
-    };
-    let maps_ms = started.elapsed().as_millis();
-    let maps_rebuilt: Vec<String> = maps.iter().map(|m| m.db.display().to_string()).collect();
-    let done = |refused, error: String| CopyConfigReply {
-        ok: error.is_empty(),
-        files: files.clone(),
-        maps_rebuilt: maps_rebuilt.clone(),
-        refused,
-        stats: stats.clone(),
-        error,
-        ..Default::default()
-    };
-    // The mail the origin's Postfix had not delivered at the stop: into this host's queue.
-    if let Err((_, e)) = queued {
-        return done(refused, format!("carrying the mail queue: {e}"));
-    }
-    let carried = match mail_queue::install(config, queue.path()) {
-        Ok(c) => c,
-        Err(e) => return done(refused, format!("carrying the mail queue: {e}")),
-    };
-    if !carried.refused.is_empty() {
-        tracing::warn!(origin = %origin.name, refused = ?carried.refused, "the origin sent entries that are not queue files: not installed");
-    }
-    refused.extend(carried.refused);
-    // Postfix's structure check when the queue holds carried files (nothing else of the
-    // target's Postfix is touched when the origin's queue was empty).
-    let carried_any = !carried.installed.is_empty() || carried.already > 0;
-    if carried_any {
-        if let Err(e) = mail_queue::structure_check(config, timeout).await {
-            return done(refused, e);
-        }
-    }
-    // Where the step's time went (it is in the downtime), from its start.
-    tracing::info!(
-        origin = %origin.name,
-        pulled_ms,
-        maps_ms,
-        done_ms = started.elapsed().as_millis(),
-        "the config set is installed"
-    );
-    CopyConfigReply {
-        queue_files: carried.installed,
-        queue_files_already: carried.already,
-        ..done(refused, String::new())
     }
 }
 

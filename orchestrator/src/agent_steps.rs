@@ -362,7 +362,51 @@ async fn pre_window_pass(
             round.operation_id = round_operation(&job.operation_id, k + 1);
         }
     }
+    stage_config(origin, target, job, now_ms).await;
     Ok(total.into())
+}
+
+/// Stages the origin's configuration set on the target while the service still runs, under
+/// a config-set grant and an operation of its own: the window's `Config` step then compares
+/// the origin's set with it instead of pulling it. A failed staging costs only that (the
+/// window pulls the set), so it does not fail the pass.
+async fn stage_config(origin: &AgentHandle, target: &AgentHandle, job: &Job, now_ms: i64) {
+    let mut staging = job.clone();
+    staging.operation_id = format!("{}/config-staged", job.operation_id);
+    let staged = granted(
+        origin,
+        &staging,
+        now_ms,
+        Scope::ConfigSet,
+        |endpoint| async {
+            let reply = target
+                .client
+                .clone()
+                .copy_config(CopyConfigRequest {
+                    operation_id: staging.operation_id.clone(),
+                    origin: Some(endpoint),
+                    origin_queue_empty: true,
+                    stage: true,
+                })
+                .await
+                .map_err(|s| describe_status(&s))?
+                .into_inner();
+            if reply.ok {
+                Ok(StepOutput::default())
+            } else {
+                Err(reply.error)
+            }
+        },
+    )
+    .await;
+    match staged {
+        Ok(_) => {
+            tracing::info!(instance = %job.instance.name, "the configuration set is staged on the target")
+        }
+        Err(e) => {
+            tracing::warn!(instance = %job.instance.name, error = %e, "the configuration set could not be staged: the window pulls it")
+        }
+    }
 }
 
 /// One pass of `job` (a hot, pre-window or final pass), under a data-dirs grant of its own.
@@ -449,6 +493,7 @@ async fn copy_config(
             operation_id: job.operation_id.clone(),
             origin: Some(endpoint),
             origin_queue_empty: job.origin_queue_empty,
+            stage: false,
         })
         .await
         .map_err(|s| describe_status(&s))?
@@ -473,6 +518,7 @@ async fn copy_config(
                     n => format!(" ({n} already there from an earlier attempt)"),
                 }
             ),
+            evidence: format!("configuration set: {}", reply.set_from),
             ..StepOutput::default()
         })
     } else {

@@ -625,7 +625,8 @@ pub fn accept_tls_reserving(
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
                 let _ = tcp.set_nodelay(true);
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let accepting = acceptor.accept(tcp).into_fallible();
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, accepting).await {
                     Ok(Ok(tls)) => {
                         let role = tls
                             .get_ref()
@@ -640,13 +641,37 @@ pub fn accept_tls_reserving(
                         }
                         let _ = tx.send(Ok(conn)).await;
                     }
-                    Ok(Err(e)) => log_refused(peer, &e),
+                    Ok(Err((e, tcp))) => {
+                        log_refused(peer, &e);
+                        linger(tcp).await;
+                    }
                     Err(_) => tracing::warn!(%peer, "TLS handshake timed out"),
                 }
             });
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// After a refused handshake (its alert written): the write side is closed and what the
+/// client already sent (with TLS 1.3 its certificate is judged after its Finished, often with
+/// its first request behind it) is read away, a second at most, before the socket closes.
+/// Closed with unread bytes, the kernel would send a reset, and a reset can discard the alert
+/// before the client reads it: the client would learn only "connection closed", not why.
+async fn linger(mut tcp: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tcp.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let mut read = 0usize;
+        while read < 1 << 20 {
+            match tcp.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => read += n,
+            }
+        }
+    })
+    .await;
 }
 
 fn log_refused(peer: SocketAddr, e: &std::io::Error) {

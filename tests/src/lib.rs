@@ -19,7 +19,6 @@ use bmfleet_proto::tls::{client_config, connect, load_roots, LocalIdentity, TlsF
 use bmfleet_proto::v1::agent_client::AgentClient;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
 /// A fleet CA in a temporary directory, issuing identities as files.
@@ -93,12 +92,14 @@ fn unique() -> u64 {
     NEXT.fetch_add(1, Ordering::SeqCst)
 }
 
-/// A server task on loopback, stopped when dropped.
+/// A server on loopback, on a runtime of its own (as the real one is a process of its own: a
+/// test that blocks its thread, waiting on psql say, does not stop it), stopped when dropped.
 pub struct Served {
     /// Where it listens.
     pub addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
+    kill: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Served {
@@ -107,39 +108,59 @@ impl Served {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
+        if let Some(thread) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
     }
 }
 
 impl Drop for Served {
     fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
+        if let Some(kill) = self.kill.take() {
+            let _ = kill.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 }
 
 async fn serve_on_loopback<F, Fut, E>(run: F) -> Served
 where
-    F: FnOnce(TcpListener, oneshot::Receiver<()>) -> Fut,
+    F: FnOnce(TcpListener, oneshot::Receiver<()>) -> Fut + Send + 'static,
     Fut: Future<Output = Result<(), E>> + Send + 'static,
     E: std::fmt::Display,
 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
+    listener.set_nonblocking(true).expect("nonblocking");
     let (stop, stopped) = oneshot::channel();
-    let fut = run(listener, stopped);
-    let task = tokio::spawn(async move {
-        if let Err(e) = fut.await {
-            panic!("server failed: {e}");
-        }
+    let (kill, killed) = oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("a runtime for the server");
+        runtime.block_on(async move {
+            let listener = TcpListener::from_std(listener).expect("listener");
+            tokio::select! {
+                outcome = run(listener, stopped) => {
+                    if let Err(e) = outcome {
+                        panic!("server failed: {e}");
+                    }
+                }
+                _ = killed => {}
+            }
+        });
+        // What the server spawned ends with its runtime.
+        runtime.shutdown_background();
     });
     Served {
         addr,
         stop: Some(stop),
-        task: Some(task),
+        kill: Some(kill),
+        thread: Some(thread),
     }
 }
 

@@ -1220,6 +1220,7 @@ async fn a_target_that_served_refuses_every_sync_until_the_marker_is_cleared() {
             operation_id: "m1/config/after-start".into(),
             origin: Some(p.endpoint("grant-0004-refusals")),
             origin_queue_empty: false,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -1418,8 +1419,14 @@ async fn the_origin_refuses_the_config_set_and_databases_outside_the_grant() {
         Ok(_) => panic!("admitted a dump outside the grant"),
     }
     // Nor a verified point (replication), a subscriber's, the changed blocks or the totals
-    // since a point (databases) under a data-dirs grant.
+    // since a point (databases), nor the config set's states, under a data-dirs grant.
     for (request, scope) in [
+        (
+            TunnelRequest::ConfigManifest {
+                grant: "grant-0004-refusals".into(),
+            },
+            "configuration file set",
+        ),
         (
             TunnelRequest::VerifiedPoint {
                 grant: "grant-0004-refusals".into(),
@@ -1464,6 +1471,20 @@ async fn the_origin_refuses_the_config_set_and_databases_outside_the_grant() {
 
 #[tokio::test]
 async fn the_config_set_is_copied_with_modes_and_owners_and_maps_are_rebuilt() {
+    config_set_copied(false).await;
+}
+
+/// Staged while the service ran, unchanged since: the window installs the staged copy after
+/// comparing it path by path with the origin's set, every attribute as a pull gives it.
+#[tokio::test]
+async fn a_config_set_staged_live_and_unchanged_is_installed_as_a_pull_installs_it() {
+    config_set_copied(true).await;
+}
+
+/// The config set's copy (`staged`: staged live first, the origin's set unchanged since):
+/// contents, modes, owners, times, extended attributes, ACLs and links as the origin's, what
+/// lies outside the patterns left out, the maps rebuilt here.
+async fn config_set_copied(staged: bool) {
     let mut p = Pair::new(None, None).await;
     let o = p.origin_root();
     let (uid, gid) = nobody();
@@ -1549,18 +1570,47 @@ async fn the_config_set_is_copied_with_modes_and_owners_and_maps_are_rebuilt() {
             .unwrap();
     }
     p.grant_with(config_grant("grant-0006-config")).await;
+    let t = p.target_root();
+    let staged_place = p.target_config.state_dir.join("config-staged");
+    if staged {
+        let reply = p
+            .target
+            .copy_config(CopyConfigRequest {
+                operation_id: "m1/pre-window/config-staged".into(),
+                origin: Some(p.endpoint("grant-0006-config")),
+                stage: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(reply.ok, "{reply:?}");
+        // Staged, nothing installed yet.
+        assert!(staged_place.join("tree/etc/bm/bm.ini").exists());
+        assert!(!t.join("etc/bm/bm.ini").exists());
+    }
     let reply = p
         .target
         .copy_config(CopyConfigRequest {
             operation_id: "m1/config/1".into(),
             origin: Some(p.endpoint("grant-0006-config")),
             origin_queue_empty: false,
+            ..Default::default()
         })
         .await
         .unwrap()
         .into_inner();
     assert!(reply.ok, "{reply:?}");
-    let t = p.target_root();
+    assert_eq!(
+        reply
+            .set_from
+            .starts_with("the copy staged before the window"),
+        staged,
+        "{}",
+        reply.set_from
+    );
+    // The staged copy (the origin's secrets) is gone once installed.
+    assert!(!staged_place.exists());
     for f in [
         "etc/bm/bm.ini",
         "etc/bm/admin0.pw",
@@ -1632,6 +1682,90 @@ async fn the_config_set_is_copied_with_modes_and_owners_and_maps_are_rebuilt() {
     assert_eq!(reply.maps_rebuilt.len(), 2);
 }
 
+/// What changed on the origin after the staging, even a rewrite of the same size and time
+/// and a file gone, makes the window pull the set again: the target installs what the
+/// origin holds at the stop, never the staged copy.
+#[tokio::test]
+async fn a_config_set_changed_after_its_staging_is_pulled_again_in_the_window() {
+    let mut p = Pair::new(None, None).await;
+    let o = p.origin_root();
+    let t = p.target_root();
+    let mtime = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_780_000_000);
+    let at = |path: &Path, content: &[u8]| {
+        write(path, content, 0o640);
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+    };
+    at(&o.join("etc/bm/bm.ini"), b"[global]\npassword = first\n");
+    at(&o.join("etc/bm/old.ini"), b"gone before the window\n");
+    at(
+        &o.join("etc/postfix/main.cf"),
+        b"mynetworks = 198.18.0.0/24\n",
+    );
+    p.grant_with(config_grant("grant-0009-config")).await;
+    let copy = |operation: &str, stage: bool| {
+        let request = CopyConfigRequest {
+            operation_id: operation.into(),
+            origin: Some(p.endpoint("grant-0009-config")),
+            origin_queue_empty: true,
+            stage,
+        };
+        let mut target = p.target.clone();
+        async move { target.copy_config(request).await.unwrap().into_inner() }
+    };
+    for (k, change) in ["rewritten", "gone", "mode"].iter().enumerate() {
+        let staged = copy(&format!("m1/pre-window/{k}/config-staged"), true).await;
+        assert!(staged.ok, "{staged:?}");
+        let wanted: &[u8] = match *change {
+            // Same size, same modification time, other content: a quick check misses it.
+            "rewritten" => {
+                at(&o.join("etc/bm/bm.ini"), b"[global]\npassword = secnd\n");
+                b"[global]\npassword = secnd\n"
+            }
+            "gone" => {
+                std::fs::remove_file(o.join("etc/bm/old.ini")).unwrap();
+                b"[global]\npassword = secnd\n"
+            }
+            _ => {
+                std::fs::set_permissions(
+                    o.join("etc/bm/bm.ini"),
+                    std::fs::Permissions::from_mode(0o600),
+                )
+                .unwrap();
+                b"[global]\npassword = secnd\n"
+            }
+        };
+        let reply = copy(&format!("m1/config/{k}"), false).await;
+        assert!(reply.ok, "{change}: {reply:?}");
+        assert!(
+            reply.set_from.starts_with("pulled in the window"),
+            "{change}: {}",
+            reply.set_from
+        );
+        assert_eq!(std::fs::read(t.join("etc/bm/bm.ini")).unwrap(), wanted);
+        let (a, b) = (
+            o.join("etc/bm/bm.ini").metadata().unwrap(),
+            t.join("etc/bm/bm.ini").metadata().unwrap(),
+        );
+        assert_eq!((a.mode(), a.mtime()), (b.mode(), b.mtime()), "{change}");
+    }
+    // Nothing changed since the last staging: the staged copy is installed.
+    let staged = copy("m1/pre-window/3/config-staged", true).await;
+    assert!(staged.ok, "{staged:?}");
+    let reply = copy("m1/config/3", false).await;
+    assert!(
+        reply.ok
+            && reply
+                .set_from
+                .starts_with("the copy staged before the window"),
+        "{reply:?}"
+    );
+}
+
 #[tokio::test]
 async fn the_origins_queue_is_pulled_unless_its_stop_found_it_empty() {
     let mut p = Pair::new(None, None).await;
@@ -1649,6 +1783,7 @@ async fn the_origins_queue_is_pulled_unless_its_stop_found_it_empty() {
             operation_id: operation.into(),
             origin: Some(p.endpoint("grant-0008-config")),
             origin_queue_empty,
+            ..Default::default()
         };
         let mut target = p.target.clone();
         async move { target.copy_config(request).await.unwrap().into_inner() }
@@ -1714,6 +1849,7 @@ async fn a_hostile_origin_cannot_write_outside_the_targets_config_patterns() {
             operation_id: "m1/config/hostile".into(),
             origin: Some(endpoint),
             origin_queue_empty: false,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -569,6 +569,19 @@ fn the_report_shows_each_instance_in_a_real_browser(fleet: &LabFleet) {
             "{name}: {}",
             r["database_gate"]
         );
+        // The config set was staged before the window, and the window's Config step
+        // installed that copy after comparing it with the origin's set.
+        let config = r["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .rfind(|s| s["step"] == "config" && s["outcome"] == "succeeded")
+            .map(|s| s["detail"].to_string())
+            .unwrap_or_default();
+        assert!(
+            config.contains("configuration set: the copy staged before the window"),
+            "{name}: {config}"
+        );
     }
     assert!(
         md.contains("Check: checked outside bmfleet: mail: 7 sent, 7 delivered once"),

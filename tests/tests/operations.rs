@@ -315,6 +315,7 @@ async fn a_config_copy_resent_without_the_queue_hint_is_the_same_operation() {
             grant_id: grant.into(),
         }),
         origin_queue_empty: queue_empty,
+        ..Default::default()
     };
     let first = client
         .copy_config(request(true, "g1"))

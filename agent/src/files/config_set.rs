@@ -1,11 +1,14 @@
 //! The BlueMind configuration file set: listed by the origin from its patterns (the target
 //! never names an origin file), copied in one rsync transfer, then the postfix maps are
-//! rebuilt on the target because `.db` maps are tied to the distribution's libdb.
+//! rebuilt on the target because `.db` maps are tied to the distribution's libdb. The target
+//! stages a copy while the service still runs; in the window it compares the origin's
+//! [`states`] with it ([`staged_equal`]) and pulls the set again only when they differ.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::command;
+use crate::files::manifest::{self, PathState};
 
 /// The entries matching `patterns` under `root`, as paths relative to `root`, sorted so that
 /// rsync's `--files-from` walks each parent dir once. Missing entries are skipped.
@@ -41,6 +44,85 @@ pub fn list(patterns: &[String], root: &Path) -> Vec<String> {
     entries.sort();
     entries.dedup();
     entries
+}
+
+/// The state of every path of the set `entries` under `root`: each entry and, for a dir,
+/// everything below it (symbolic links not followed), owners by name, in path order.
+pub fn states(entries: &[String], root: &Path) -> Result<Vec<PathState>, String> {
+    let mut states = Vec::new();
+    for entry in entries {
+        let top = root.join(entry);
+        for found in walkdir::WalkDir::new(&top).sort_by_file_name() {
+            let found = found.map_err(|e| format!("reading {}: {e}", top.display()))?;
+            let rel = found.path().strip_prefix(root).map_err(|e| e.to_string())?;
+            let rel = rel
+                .to_str()
+                .ok_or_else(|| format!("{} is not a UTF-8 name", rel.display()))?;
+            states.push(manifest::named_path_state(rel, found.path())?);
+        }
+    }
+    states.sort_by(|a, b| a.path.cmp(&b.path));
+    states.dedup_by(|a, b| a.path == b.path);
+    Ok(states)
+}
+
+/// Whether the copy staged in `tree` holds exactly the origin's set `theirs` (its
+/// [`states`]): the same paths, the dirs on the way to them apart, in the same states
+/// (contents, modes, owners by name, times, extended attributes). How many paths were
+/// compared, or the first difference. A dir's time is not compared but taken: rsync can set
+/// it before an entry lands in the dir (the journal pass meets the same), and the dir is
+/// installed with the origin's.
+pub fn staged_equal(theirs: &[PathState], tree: &Path) -> Result<usize, String> {
+    let mut listed = std::collections::BTreeMap::new();
+    let mut ancestors = std::collections::BTreeSet::new();
+    for state in theirs {
+        let path = Path::new(&state.path);
+        let clean = !state.path.is_empty()
+            && path
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !clean {
+            return Err(format!("the origin's set names {:?}", state.path));
+        }
+        listed.insert(state.path.as_str(), state);
+        ancestors.extend(path.ancestors().skip(1).filter_map(|a| a.to_str()));
+    }
+    let mut seen = 0;
+    for found in walkdir::WalkDir::new(tree).min_depth(1).sort_by_file_name() {
+        let found = found.map_err(|e| format!("reading the staged set: {e}"))?;
+        let rel = found.path().strip_prefix(tree).map_err(|e| e.to_string())?;
+        let rel = rel.to_str().unwrap_or_default();
+        match listed.get(rel) {
+            Some(wanted) => {
+                let mut here = manifest::named_path_state(rel, found.path())?;
+                if here.dir && wanted.dir && here.mtime != wanted.mtime {
+                    if let Some((secs, nanos)) = wanted.mtime {
+                        let time = std::time::UNIX_EPOCH
+                            + Duration::from_secs(u64::try_from(secs).unwrap_or(0))
+                            + Duration::from_nanos(u64::try_from(nanos).unwrap_or(0));
+                        std::fs::File::open(found.path())
+                            .and_then(|d| d.set_modified(time))
+                            .map_err(|e| format!("{}: {e}", found.path().display()))?;
+                        here.mtime = wanted.mtime;
+                    }
+                }
+                if here != **wanted {
+                    return Err(format!("staged {here:?}, on the origin {wanted:?}"));
+                }
+                seen += 1;
+            }
+            None if found.file_type().is_dir() && ancestors.contains(rel) => {}
+            None => return Err(format!("{rel} is staged but not in the origin's set")),
+        }
+    }
+    if seen != listed.len() {
+        return Err(format!(
+            "{} of the origin's {} paths are staged",
+            seen,
+            listed.len()
+        ));
+    }
+    Ok(seen)
 }
 
 /// The `--files-from` content for `entries` (NUL-separated, for `--from0`).
@@ -377,6 +459,61 @@ pub async fn rebuild_postfix_maps(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A staged copy equals the origin's set only path for path: an extra, a missing or a
+    /// changed path, or an origin naming a path outside the tree, is a difference.
+    #[test]
+    fn a_staged_copy_equals_only_the_very_set_the_origin_describes() {
+        let origin = tempfile::tempdir().unwrap();
+        let staged = tempfile::tempdir().unwrap();
+        for root in [origin.path(), staged.path()] {
+            std::fs::create_dir_all(root.join("etc/bm")).unwrap();
+            std::fs::create_dir_all(root.join("etc/postfix")).unwrap();
+            std::fs::write(root.join("etc/bm/bm.ini"), "password = x\n").unwrap();
+            std::fs::write(root.join("etc/postfix/main.cf"), "a = b\n").unwrap();
+            // rsync keeps times: both copies carry the same.
+            for f in ["etc/bm/bm.ini", "etc/postfix/main.cf", "etc/bm"] {
+                let t = std::time::UNIX_EPOCH + Duration::from_secs(1_780_000_000);
+                std::fs::File::open(root.join(f))
+                    .unwrap()
+                    .set_modified(t)
+                    .unwrap();
+            }
+        }
+        let entries = vec!["etc/bm".to_string(), "etc/postfix/main.cf".to_string()];
+        let theirs = states(&entries, origin.path()).unwrap();
+        assert_eq!(
+            theirs.iter().map(|s| s.path.as_str()).collect::<Vec<_>>(),
+            ["etc/bm", "etc/bm/bm.ini", "etc/postfix/main.cf"]
+        );
+        // The dirs on the way (etc, etc/postfix) are not part of the set. A dir's time is
+        // taken from the origin's.
+        std::fs::File::open(staged.path().join("etc/bm"))
+            .unwrap()
+            .set_modified(std::time::SystemTime::now())
+            .unwrap();
+        assert_eq!(staged_equal(&theirs, staged.path()), Ok(3));
+        assert_eq!(
+            std::fs::metadata(staged.path().join("etc/bm"))
+                .unwrap()
+                .modified()
+                .unwrap(),
+            std::time::UNIX_EPOCH + Duration::from_secs(1_780_000_000)
+        );
+        let mut hostile = theirs.clone();
+        hostile[1].path = "etc/bm/../../../shadow".into();
+        assert!(staged_equal(&hostile, staged.path()).is_err());
+        hostile[1].path = "/etc/bm/bm.ini".into();
+        assert!(staged_equal(&hostile, staged.path()).is_err());
+        std::fs::write(staged.path().join("etc/bm/extra.ini"), "").unwrap();
+        let extra = staged_equal(&theirs, staged.path()).unwrap_err();
+        assert!(extra.contains("etc/bm/extra.ini"), "{extra}");
+        std::fs::remove_file(staged.path().join("etc/bm/extra.ini")).unwrap();
+        std::fs::remove_file(staged.path().join("etc/postfix/main.cf")).unwrap();
+        assert!(staged_equal(&theirs, staged.path()).is_err());
+        std::fs::write(staged.path().join("etc/postfix/main.cf"), "a = c\n").unwrap();
+        assert!(staged_equal(&theirs, staged.path()).is_err());
+    }
 
     #[test]
     fn globs_match_only_the_last_component() {

@@ -79,8 +79,33 @@ pub fn of_dir(
 /// size is the filesystem's business (it never shrinks on ext4, and rsync does not keep it):
 /// not part of it.
 fn attributes(meta: &std::fs::Metadata, path: &Path) -> Result<String, String> {
+    owned_attributes(meta, path, meta.uid().to_string(), meta.gid().to_string())
+}
+
+/// [`attributes`] with the owner and group given.
+fn owned_attributes(
+    meta: &std::fs::Metadata,
+    path: &Path,
+    owner: String,
+    group: String,
+) -> Result<String, String> {
     let size = if meta.is_dir() { 0 } else { meta.len() };
-    Ok(format!("{:o} {} {} {size}", meta.mode(), meta.uid(), meta.gid()) + &xattrs(path)?)
+    Ok(format!("{:o} {owner} {group} {size}", meta.mode()) + &xattrs(path)?)
+}
+
+/// A file's owner and group by name on this host (the number when it has none): what rsync
+/// without `--numeric-ids` keeps from one host to another.
+fn owner_names(meta: &std::fs::Metadata) -> (String, String) {
+    use nix::unistd::{Gid, Group, Uid, User};
+    let user = User::from_uid(Uid::from_raw(meta.uid()))
+        .ok()
+        .flatten()
+        .map_or_else(|| meta.uid().to_string(), |u| u.name);
+    let group = Group::from_gid(Gid::from_raw(meta.gid()))
+        .ok()
+        .flatten()
+        .map_or_else(|| meta.gid().to_string(), |g| g.name);
+    (user, group)
 }
 
 /// A symbolic link's target, as bytes.
@@ -108,6 +133,16 @@ pub struct PathState {
 
 /// The state of `bluemind_path`, found at `host` on this host.
 pub fn path_state(bluemind_path: &str, host: &Path) -> Result<PathState, String> {
+    state_of(bluemind_path, host, false)
+}
+
+/// [`path_state`] with the owner and group by name: a copy rsync made on another host (owners
+/// mapped by name) compares equal to its original.
+pub fn named_path_state(bluemind_path: &str, host: &Path) -> Result<PathState, String> {
+    state_of(bluemind_path, host, true)
+}
+
+fn state_of(bluemind_path: &str, host: &Path, by_name: bool) -> Result<PathState, String> {
     let mut state = PathState {
         path: bluemind_path.to_string(),
         attributes: String::new(),
@@ -120,7 +155,12 @@ pub fn path_state(bluemind_path: &str, host: &Path) -> Result<PathState, String>
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(state),
         Err(e) => return Err(format!("{}: {e}", host.display())),
     };
-    state.attributes = attributes(&meta, host)?;
+    state.attributes = if by_name {
+        let (owner, group) = owner_names(&meta);
+        owned_attributes(&meta, host, owner, group)?
+    } else {
+        attributes(&meta, host)?
+    };
     state.dir = meta.is_dir();
     let digest = if meta.file_type().is_symlink() {
         link_target(host)?

@@ -7,6 +7,7 @@
 //! calls only the plane's framing and grants.
 
 pub mod change_journal;
+pub mod config_copy;
 pub mod config_set;
 pub mod mail_queue;
 pub mod manifest;

@@ -351,7 +351,7 @@ impl tokio::io::AsyncWrite for Capped {
     ) -> std::task::Poll<std::io::Result<usize>> {
         if self.0.len() as u64 + buf.len() as u64 > MAX_JOURNAL_BYTES {
             return std::task::Poll::Ready(Err(std::io::Error::other(
-                "the origin's journal answer is too long",
+                "the origin's answer is too long",
             )));
         }
         self.0.extend_from_slice(buf);
@@ -382,21 +382,48 @@ async fn journal_items(
     manifest: bool,
     connect_ms: &mut u64,
 ) -> Result<Vec<String>, String> {
-    let timeout = Duration::from_secs(config.data_plane.connect_timeout_secs);
     let request = crate::plane::tunnel::TunnelRequest::Changes {
         grant: origin.grant_id.clone(),
         since: since.to_string(),
         manifest,
     };
+    origin_items(config, tls, origin, &request, connect_ms).await
+}
+
+/// The origin's configuration set, each path's state (owners by name), for the staged copy's
+/// comparison.
+pub async fn config_states(
+    config: &AgentConfig,
+    tls: Arc<rustls::ClientConfig>,
+    origin: &OriginEndpoint,
+) -> Result<Vec<crate::files::manifest::PathState>, String> {
+    let request = crate::plane::tunnel::TunnelRequest::ConfigManifest {
+        grant: origin.grant_id.clone(),
+    };
+    let items = origin_items(config, tls, origin, &request, &mut 0).await?;
+    parse_states(&items)
+}
+
+/// Sends `request` to the origin and reads its NUL-separated UTF-8 items (at most
+/// [`Capped`]'s bytes), or why it could not tell. `connect_ms` gains the time the connection
+/// took to open (TLS and the origin's admission).
+async fn origin_items(
+    config: &AgentConfig,
+    tls: Arc<rustls::ClientConfig>,
+    origin: &OriginEndpoint,
+    request: &crate::plane::tunnel::TunnelRequest,
+    connect_ms: &mut u64,
+) -> Result<Vec<String>, String> {
+    let timeout = Duration::from_secs(config.data_plane.connect_timeout_secs);
     let opening = Instant::now();
-    let mut stream = crate::plane::tunnel::open(origin, tls, &request, timeout)
+    let mut stream = crate::plane::tunnel::open(origin, tls, request, timeout)
         .await
         .map_err(|e| e.to_string())?;
     *connect_ms += opening.elapsed().as_millis() as u64;
     let mut data = Capped(Vec::new());
     let (outcome, _) = crate::plane::tunnel::receive_framed(&mut stream, &mut data)
         .await
-        .map_err(|e| format!("reading the origin's journal: {e}"))?;
+        .map_err(|e| format!("reading the origin's {}: {e}", request.kind()))?;
     if !outcome.ok {
         return Err(outcome.error);
     }
@@ -404,8 +431,12 @@ async fn journal_items(
         .split(|b| *b == 0)
         .filter(|item| !item.is_empty())
         .map(|item| {
-            String::from_utf8(item.to_vec())
-                .map_err(|_| "the origin's journal holds a path that is not UTF-8".to_string())
+            String::from_utf8(item.to_vec()).map_err(|_| {
+                format!(
+                    "the origin's {} holds a name that is not UTF-8",
+                    request.kind()
+                )
+            })
         })
         .collect()
 }

@@ -115,7 +115,36 @@ pub async fn changes(
         }
     }
     admit(stream).await?;
-    let outcome = match listed {
+    send_items(listed, stream).await
+}
+
+/// Answers a `config_manifest` request: the state of every path of this host's
+/// configuration set (the entries its patterns list and everything below a listed dir),
+/// owners by name, as JSON data frames: what a target compares the copy it staged while the
+/// service ran against, in the window, instead of pulling the set again.
+pub async fn config_manifest(
+    config: &Arc<AgentConfig>,
+    grant: &Grant,
+    stream: &mut Stream,
+) -> Result<(), String> {
+    grant.require_config_set().map_err(|e| e.to_string())?;
+    let config = config.clone();
+    let states = tokio::task::spawn_blocking(move || {
+        let entries = config_set::list(&config.config_set.patterns, &config.data_root);
+        config_set::states(&entries, &config.data_root)?
+            .iter()
+            .map(|s| serde_json::to_string(s).map_err(|e| e.to_string()))
+            .collect::<Result<Vec<String>, String>>()
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    admit(stream).await?;
+    send_items(states, stream).await
+}
+
+/// Sends `items` NUL-separated as data frames, then the end frame (ok, or why not).
+async fn send_items(items: Result<Vec<String>, String>, stream: &mut Stream) -> Result<(), String> {
+    let outcome = match items {
         Ok(paths) => {
             let mut text = Vec::new();
             for p in &paths {

@@ -43,6 +43,12 @@ pub enum TunnelRequest {
         #[serde(default)]
         manifest: bool,
     },
+    /// The state of every path of the origin's configuration set (`manifest::PathState`,
+    /// owners by name, JSON) as data frames: what the target compares its staged copy with.
+    ConfigManifest {
+        /// The grant id (config set).
+        grant: String,
+    },
     /// Stream a dump of one database.
     DumpDatabase {
         /// The grant id.
@@ -122,6 +128,7 @@ impl TunnelRequest {
         match self {
             TunnelRequest::Rsync { grant, .. }
             | TunnelRequest::Changes { grant, .. }
+            | TunnelRequest::ConfigManifest { grant }
             | TunnelRequest::DumpDatabase { grant, .. }
             | TunnelRequest::DatabaseManifest { grant, .. }
             | TunnelRequest::BaseBackup { grant }
@@ -139,6 +146,7 @@ impl TunnelRequest {
         match self {
             TunnelRequest::Rsync { .. } => "rsync",
             TunnelRequest::Changes { .. } => "changes",
+            TunnelRequest::ConfigManifest { .. } => "config-manifest",
             TunnelRequest::DumpDatabase { .. } => "dump",
             TunnelRequest::DatabaseManifest { .. } => "manifest",
             TunnelRequest::BaseBackup { .. } => "base-backup",
