@@ -1572,34 +1572,24 @@ async fn config_set_copied(staged: bool) {
     p.grant_with(config_grant("grant-0006-config")).await;
     let t = p.target_root();
     let staged_place = p.target_config.state_dir.join("config-staged");
+    let copy = |operation: &str, stage: bool| {
+        let request = CopyConfigRequest {
+            operation_id: operation.into(),
+            origin: Some(p.endpoint("grant-0006-config")),
+            stage,
+            ..Default::default()
+        };
+        let mut target = p.target.clone();
+        async move { target.copy_config(request).await.unwrap().into_inner() }
+    };
     if staged {
-        let reply = p
-            .target
-            .copy_config(CopyConfigRequest {
-                operation_id: "m1/pre-window/config-staged".into(),
-                origin: Some(p.endpoint("grant-0006-config")),
-                stage: true,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let reply = copy("m1/pre-window/config-staged", true).await;
         assert!(reply.ok, "{reply:?}");
         // Staged, nothing installed yet.
         assert!(staged_place.join("tree/etc/bm/bm.ini").exists());
         assert!(!t.join("etc/bm/bm.ini").exists());
     }
-    let reply = p
-        .target
-        .copy_config(CopyConfigRequest {
-            operation_id: "m1/config/1".into(),
-            origin: Some(p.endpoint("grant-0006-config")),
-            origin_queue_empty: false,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let reply = copy("m1/config/1", false).await;
     assert!(reply.ok, "{reply:?}");
     assert_eq!(
         reply
