@@ -259,12 +259,18 @@ impl Conductor {
         self.applied().as_ref().map(|a| a.fleet.clone())
     }
 
-    /// The applied fleet and its instances' states as its engine holds them now (no read of
-    /// the state DB: status answers while the engine works).
-    pub fn states(&self) -> Option<(Arc<FleetFile>, Vec<crate::machine::Instance>)> {
-        let applied = self.applied();
-        let applied = applied.as_ref()?;
-        Some((applied.fleet.clone(), applied.snapshot.instances()))
+    /// Runs `read` on the applied fleet and its engine's snapshot of every instance, without
+    /// copying them (None without a fleet).
+    pub fn read_states<R>(
+        &self,
+        read: impl FnOnce(&FleetFile, &[crate::machine::Instance]) -> R,
+    ) -> Option<R> {
+        let (fleet, snapshot) = {
+            let applied = self.applied();
+            let applied = applied.as_ref()?;
+            (applied.fleet.clone(), applied.snapshot.clone())
+        };
+        Some(snapshot.read(|states| read(&fleet, states)))
     }
 
     /// Passes an operator's command to the engine.

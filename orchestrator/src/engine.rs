@@ -212,12 +212,10 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Every instance's state now, in fleet-file order.
-    pub fn instances(&self) -> Vec<Instance> {
-        self.instances
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    /// Runs `read` on every instance's state now, in fleet-file order, without copying them
+    /// (a fleet of thousands; the engine's next transition waits for it: keep it short).
+    pub fn read<R>(&self, read: impl FnOnce(&[Instance]) -> R) -> R {
+        read(&self.instances.read().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn set(&self, n: usize, instance: &Instance) {
