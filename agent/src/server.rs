@@ -692,7 +692,7 @@ impl Agent for AgentService {
             if req.stage {
                 config_copy::stage(&config, &origin).await
             } else {
-                config_copy::copy(&config, Some(tls), &origin, req.origin_queue_empty).await
+                config_copy::copy(&config, tls, &origin, req.origin_queue_empty).await
             }
         };
         // Whether the origin's queue was empty is a hint (without it the queue is pulled):

@@ -74,7 +74,7 @@ fn discard(place: &Path) -> std::io::Result<()> {
 /// why not.
 async fn staged_copy(
     config: &AgentConfig,
-    tls: Option<Arc<rustls::ClientConfig>>,
+    tls: Arc<rustls::ClientConfig>,
     origin: &OriginEndpoint,
 ) -> Result<(PathBuf, usize), String> {
     let place = config.state_dir.join(STAGED);
@@ -83,7 +83,6 @@ async fn staged_copy(
     if from != origin.name {
         return Err(format!("the staged set came from {from}"));
     }
-    let tls = tls.ok_or("no identity to ask the origin for its set")?;
     let theirs = pull::config_states(config, tls, origin).await?;
     let tree = place.join("tree");
     let compared = tree.clone();
@@ -95,12 +94,12 @@ async fn staged_copy(
 
 /// Pulls what the origin lists for `token` (its config set or its mail queue) into `dest` in
 /// one rsync transfer; its statistics, or why it failed (with them when rsync ran).
-pub async fn pull_listed(
+async fn pull_listed(
     config: &AgentConfig,
     origin: &OriginEndpoint,
     token: &str,
-    dest: &std::path::Path,
-) -> Result<bmfleet_proto::v1::SyncStats, (Option<bmfleet_proto::v1::SyncStats>, String)> {
+    dest: &Path,
+) -> Result<SyncStats, (Option<SyncStats>, String)> {
     let options: Vec<String> = [
         "-aAX",
         "-r",
@@ -142,7 +141,7 @@ pub async fn pull_listed(
 /// maps, then puts the queue in place.
 pub async fn copy(
     config: &AgentConfig,
-    tls: Option<Arc<rustls::ClientConfig>>,
+    tls: Arc<rustls::ClientConfig>,
     origin: &OriginEndpoint,
     origin_queue_empty: bool,
 ) -> CopyConfigReply {
@@ -192,7 +191,7 @@ pub async fn copy(
     };
     let (set, queued) = tokio::join!(set, async {
         if origin_queue_empty {
-            Ok(bmfleet_proto::v1::SyncStats::default())
+            Ok(SyncStats::default())
         } else {
             pull_listed(config, origin, MAIL_QUEUE_TOKEN, queue.path()).await
         }
